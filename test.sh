@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up .venv if needed, then run the whole test suite. CI runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, pytest" 2>/dev/null; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q -r requirements-dev.txt
+fi
+export PYTHONDONTWRITEBYTECODE=1
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,79 @@
+"""Shared fixtures: a fresh training root per test, one tiny model per session, leak checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture
+def tmp_root(tmp_path, monkeypatch) -> Path:
+    """An empty training root, also exported as TRAINING_ROOT for scripts run as subprocesses."""
+    root = tmp_path / "root"
+    root.mkdir()
+    monkeypatch.setenv("TRAINING_ROOT", str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """One tiny model per test session (built once; copy it, never write into it)."""
+    import training_engine
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    training_engine.build_tiny_model(out)
+    return out
+
+
+@pytest.fixture
+def initialized_root(tmp_root, tiny_model_dir) -> Path:
+    """A root after `training_daemon.py init --base <the session's tiny model>`."""
+    import training_daemon
+    training_daemon.init_root(tmp_root, base=str(tiny_model_dir))
+    return tmp_root
+
+
+def run_script(script: str, *args: str, root: Path | None = None, timeout: float = 120,
+               check: bool = False, env: dict | None = None):
+    """Run `python3 SCRIPT ARGS` from the repo in a fresh interpreter; returns CompletedProcess."""
+    import subprocess
+    full_env = dict(os.environ)
+    if root is not None:
+        full_env["TRAINING_ROOT"] = str(root)
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True,
+                          text=True, timeout=timeout, env=full_env, cwd=str(REPO))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fail a test that leaves threads or child processes running behind it."""
+    threads_before = {t.ident for t in threading.enumerate()}
+    yield
+    me = psutil.Process()
+    deadline = time.monotonic() + 5
+    while True:
+        extra_threads = [t for t in threading.enumerate()
+                         if t.ident not in threads_before and t.is_alive() and not t.daemon]
+        children = [c for c in me.children(recursive=True) if c.is_running()
+                    and c.status() != psutil.STATUS_ZOMBIE]
+        if (not extra_threads and not children) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for c in children:
+        c.kill()
+    assert not extra_threads, f"test leaked threads: {extra_threads}"
+    assert not children, f"test leaked processes: {[c.cmdline() for c in children]}"

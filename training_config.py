@@ -1,0 +1,260 @@
+"""config.json: every training parameter, its default and why, validation, and the lock.
+
+`config.json` in the training root holds the parameters below. The ones named in
+`locked` (at least the base model, max_length, learning_rate and dtype) are approved:
+their approved values live in `.config.lock`, and while a locked value differs from it
+the daemon refuses to train and the state tracker warns, naming `old -> new` and
+`python3 training_controller.py approve-config`.
+
+    from training_config import load_config, changed_locked
+    cfg = load_config(root)               # raises ConfigError listing every bad key
+    for name, old, new in changed_locked(root, cfg): ...
+
+Standard library only: control scripts import it and must stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainroot import GuardrailError, Paths, atomic_write_json, read_json, utc_now
+
+SCHEMA_VERSION = 1
+APPROVE_COMMAND = "python3 training_controller.py approve-config"
+
+
+class ConfigError(GuardrailError):
+    """An invalid config.json; `errors` lists every problem, each naming its key."""
+
+    def __init__(self, errors: list[str], where):
+        self.errors = list(errors)
+        what = "invalid config (" + "; ".join(self.errors) + ")"
+        super().__init__(what, where, f"Fix config.json, then run `{APPROVE_COMMAND}`"
+                         " if a locked parameter changed.")
+
+
+@dataclass(frozen=True)
+class Param:
+    default: object
+    kind: str            # int, float, bool, str, choice, path, list
+    why: str             # one line: why this default
+    low: float | None = None
+    high: float | None = None
+    choices: tuple = ()
+    nullable: bool = False
+
+
+PARAMS: dict[str, Param] = {
+    # -- the model --
+    "base_model": Param("tiny", "str", "identity of the model this run started from; locked so a "
+                        "different model never silently continues the run"),
+    "max_length": Param(256, "int", "tokens per packed row; 256 keeps CPU steps under a second "
+                        "on the tiny model", 8, 1_048_576),
+    "dtype": Param("float32", "choice", "float32 is exact and reproducible on CPU; bfloat16 "
+                   "(autocast) is faster on GPU and AMX CPUs", choices=("float32", "bfloat16", "float16")),
+    # -- the optimizer and schedule --
+    "learning_rate": Param(3e-4, "float", "a safe AdamW rate for small causal LMs; locked because "
+                           "a wrong one ruins weeks of training", 0.0, 1.0),
+    "batch_size": Param(8, "int", "packed rows per micro-batch; fits the tiny model in a few MB",
+                        1, 65_536),
+    "grad_accum_steps": Param(1, "int", "micro-batches per optimizer step; raise it to grow the "
+                              "effective batch without memory", 1, 65_536),
+    "lr_schedule": Param("constant_with_warmup", "choice", "continuous training has no end, so a "
+                         "decaying schedule would starve later files",
+                         choices=("constant_with_warmup", "cosine_with_restarts", "constant")),
+    "warmup_steps": Param(20, "int", "ramps the LR once at the start of the run, not per file",
+                          0, 10_000_000),
+    "cosine_cycle_steps": Param(1000, "int", "cycle length for cosine_with_restarts", 1, 10_000_000),
+    "weight_decay": Param(0.0, "float", "off by default: decaying toward zero fights fine-tuning "
+                          "from a pretrained model", 0.0, 1.0),
+    "max_grad_norm": Param(1.0, "float", "clips rare huge gradients from odd records; 0 turns it off",
+                           0.0, 1e6),
+    "adam_beta1": Param(0.9, "float", "AdamW's usual momentum", 0.0, 0.999999),
+    "adam_beta2": Param(0.999, "float", "AdamW's usual second-moment decay", 0.0, 0.999999),
+    "adam_eps": Param(1e-8, "float", "AdamW's usual epsilon", 0.0, 1.0),
+    "seed": Param(1234, "int", "fixes initial RNG so runs are reproducible", 0, 2**32 - 1),
+    "num_threads": Param(0, "int", "torch CPU threads; 0 means all cores (background work runs "
+                         "at idle priority instead of taking a core)", 0, 4096),
+    # -- data --
+    "loss_on_prompt": Param(False, "bool", "train only on responses of chat/prompt/instruction "
+                            "records, as instruction tuning expects"),
+    "allow_mixed_formats": Param(False, "bool", "one file, one format: a mixed file is usually "
+                                 "a mistake worth stopping for"),
+    "max_record_bytes": Param(64 * 1024 * 1024, "int", "longest line accepted; longer lines are "
+                              "errors rather than a memory blow-up", 1024, 1 << 34),
+    # -- checkpoints and safety --
+    "checkpoint_every_steps": Param(50, "int", "bounds work lost to a crash to 50 steps; 0 turns "
+                                    "the step trigger off", 0, 10_000_000),
+    "checkpoint_every_minutes": Param(10.0, "float", "bounds lost wall time on slow steps; 0 turns "
+                                      "the time trigger off", 0.0, 1e6),
+    "keep_checkpoints": Param(2, "int", "two, so a checkpoint torn by a crash has a good one "
+                              "beside it", 1, 1000),
+    "loss_spike_factor": Param(3.0, "float", "pause when a step's loss exceeds this many times "
+                               "the running average; 0 turns it off", 0.0, 1e6),
+    "loss_spike_window": Param(50, "int", "steps in the running average for the spike check",
+                               1, 1_000_000),
+    # -- versions and backups --
+    "keep_versions": Param(20, "int", "versions `prune` keeps besides tagged ones and the latest",
+                           1, 1_000_000),
+    "backup_dir": Param(None, "path", "where backups go (default ROOT/backups); put it on another "
+                        "disk, or it is not redundancy", nullable=True),
+    "backup_every_files": Param(10, "int", "automatic backup after this many trained files; 0 "
+                                "turns it off", 0, 1_000_000),
+    "backup_every_hours": Param(24.0, "float", "automatic backup when the last is older; 0 turns "
+                                "it off", 0.0, 1e6),
+    "keep_backups": Param(3, "int", "verified backups `prune` keeps", 1, 100_000),
+    # -- the daemon --
+    "settle_seconds": Param(1.0, "float", "a dropped file must keep its size and mtime this long "
+                            "before it is taken", 0.0, 3600.0),
+    "rescan_seconds": Param(5.0, "float", "inbox rescans catch what inotify missed", 0.1, 3600.0),
+    "max_attempts": Param(3, "int", "a file that crashes training this often goes to failed/",
+                          1, 1000),
+    "min_free_disk_mb": Param(100, "int", "margin kept free beyond one snapshot plus one "
+                              "checkpoint", 0, 1 << 30),
+    "monitor_port": Param(8080, "int", "live monitor on 127.0.0.1:PORT; 0 turns it off", 0, 65535),
+    "nproc_per_node": Param(1, "int", "processes per node; more than 1 runs under torchrun (DDP)",
+                            1, 1024),
+    "locked": Param(["base_model", "max_length", "learning_rate", "dtype"], "list",
+                    "parameters that need `approve-config` to change"),
+}
+
+REQUIRED_LOCKED = ("base_model", "max_length", "learning_rate", "dtype")
+
+
+def default_config(**overrides) -> dict:
+    """A fresh config: every parameter at its default, with `overrides` applied."""
+    cfg = {"schema_version": SCHEMA_VERSION}
+    for name, p in PARAMS.items():
+        cfg[name] = list(p.default) if isinstance(p.default, list) else p.default
+    cfg.update(overrides)
+    return cfg
+
+
+def _type_error(name: str, p: Param, value) -> str | None:
+    if value is None:
+        return None if p.nullable else f"{name}: must not be null"
+    if p.kind == "bool":
+        return None if isinstance(value, bool) else f"{name}: expected true or false, got {value!r}"
+    if p.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"{name}: expected an integer, got {value!r}"
+    elif p.kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{name}: expected a number, got {value!r}"
+        if value != value or value in (float("inf"), float("-inf")):
+            return f"{name}: expected a finite number, got {value!r}"
+    elif p.kind in ("str", "path"):
+        if not isinstance(value, str) or not value.strip():
+            return f"{name}: expected a non-empty string, got {value!r}"
+    elif p.kind == "choice":
+        if value not in p.choices:
+            return f"{name}: expected one of {', '.join(p.choices)}, got {value!r}"
+    if p.low is not None and isinstance(value, (int, float)) and not (p.low <= value <= p.high):
+        return f"{name}: {value!r} is out of range [{p.low:g}, {p.high:g}]"
+    return None
+
+
+def validate_config(cfg) -> list[str]:
+    """Every problem in a config document, each naming its key (empty list: valid)."""
+    if not isinstance(cfg, dict):
+        return [f"config: expected a JSON object, got {type(cfg).__name__}"]
+    errors = []
+    for key in cfg:
+        if key == "schema_version" or key in PARAMS:
+            continue
+        close = difflib.get_close_matches(key, PARAMS, n=1)
+        errors.append(f"{key}: unknown parameter" + (f" (did you mean {close[0]}?)" if close else ""))
+    for name, p in PARAMS.items():
+        if name not in cfg:
+            continue
+        value = cfg[name]
+        if p.kind == "list":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                errors.append(f"{name}: expected a list of parameter names, got {value!r}")
+                continue
+            for v in value:
+                if v not in PARAMS or v == "locked":
+                    errors.append(f"{name}: {v!r} is not a lockable parameter")
+            for v in REQUIRED_LOCKED:
+                if v not in value:
+                    errors.append(f"{name}: must include {v}")
+            continue
+        msg = _type_error(name, p, value)
+        if msg:
+            errors.append(msg)
+    return errors
+
+
+def load_config(root) -> dict:
+    """config.json merged over the defaults; raises ConfigError listing every problem."""
+    p = Paths(root)
+    if not p.config.exists():
+        raise GuardrailError("no config.json in the training root", p.root,
+                             f"Run `python3 training_daemon.py init --root {p.root}`.")
+    raw = read_json(p.config)
+    errors = validate_config(raw)
+    if errors:
+        raise ConfigError(errors, p.config)
+    cfg = default_config()
+    cfg.update(raw)
+    return cfg
+
+
+def backup_dir(root, cfg: dict) -> Path:
+    """Where backups go: config `backup_dir` (relative to the root) or ROOT/backups."""
+    p = Paths(root)
+    if not cfg.get("backup_dir"):
+        return p.default_backups
+    path = Path(os.path.expanduser(cfg["backup_dir"]))
+    return path if path.is_absolute() else p.root / path
+
+
+def read_approval(root) -> dict | None:
+    """The approval record in `.config.lock`, or None if the config was never approved."""
+    return read_json(Paths(root).config_lock, default=None)
+
+
+def approve(root, cfg: dict, by: str = "user") -> dict:
+    """Record the current values of the locked parameters as approved."""
+    record = {"schema_version": SCHEMA_VERSION, "approved_at": utc_now(), "approved_by": by,
+              "values": {name: cfg.get(name) for name in cfg.get("locked", REQUIRED_LOCKED)}}
+    atomic_write_json(Paths(root).config_lock, record)
+    return record
+
+
+def changed_locked(root, cfg: dict) -> list[tuple[str, object, object]]:
+    """Locked parameters whose value differs from the approved one: (name, old, new).
+
+    A never-approved config reports every locked parameter as changed from None.
+    """
+    approval = read_approval(root) or {"values": {}}
+    values = approval.get("values", {})
+    changes = []
+    for name in cfg.get("locked", REQUIRED_LOCKED):
+        old, new = values.get(name), cfg.get(name)
+        if name not in values or json.dumps(old) != json.dumps(new):
+            changes.append((name, old, new))
+    return changes
+
+
+def format_change(name: str, old, new) -> str:
+    return f"{name}: {json.dumps(old)} -> {json.dumps(new)}"
+
+
+def write_config(root, cfg: dict) -> None:
+    errors = validate_config(cfg)
+    if errors:
+        raise ConfigError(errors, Paths(root).config)
+    atomic_write_json(Paths(root).config, cfg)
+
+
+def describe_params() -> str:
+    """Markdown table of every parameter with its default and why (for docs/config.md)."""
+    rows = ["| parameter | default | why |", "|---|---|---|"]
+    for name, p in PARAMS.items():
+        rows.append(f"| `{name}` | `{json.dumps(p.default)}` | {p.why} |")
+    return "\n".join(rows) + "\n"

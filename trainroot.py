@@ -1,0 +1,428 @@
+"""Paths, locks and atomic writes for a training root (standard library only).
+
+Every script of Training Guardrails imports this module and nothing heavier for the
+plumbing they share: where the root is, what each runtime folder is called, how to hold
+a lock that names its holder, how to write a state file so a crash never leaves half of
+it, and the one error type whose message says what, where and which command fixes it.
+
+    from trainroot import resolve_root, paths, atomic_write_json, FileLock
+    p = paths(resolve_root(args.root))
+    with FileLock(p.lock("versions"), "snapshot"):
+        atomic_write_json(p.root / "x.json", {"ok": True})
+
+No policy lives here (version rules, queue order, retention): only mechanisms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BUSY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+SCRIPTS_DIR = Path(__file__).resolve().parent
+
+
+# --------------------------------------------------------------------------- errors
+
+class GuardrailError(Exception):
+    """An expected failure: `what`, `where` it happened, and the command that `fix`es it."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, what: str, where: str | os.PathLike | None = None,
+                 fix: str | None = None, exit_code: int | None = None):
+        self.what, self.where, self.fix = what, (str(where) if where else None), fix
+        if exit_code is not None:
+            self.exit_code = exit_code
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = self.what + (f", {self.where}" if self.where else "")
+        text += "."
+        return text + (f" {self.fix}" if self.fix else "")
+
+    def to_dict(self) -> dict:
+        return {"message": str(self), "what": self.what, "where": self.where,
+                "fix": self.fix, "exit_code": self.exit_code}
+
+
+class UsageError(GuardrailError):
+    exit_code = EXIT_USAGE
+
+
+class BusyError(GuardrailError):
+    exit_code = EXIT_BUSY
+
+
+# --------------------------------------------------------------------------- root and paths
+
+def resolve_root(arg: str | os.PathLike | None = None) -> Path:
+    """`--root DIR` > `$TRAINING_ROOT` > the folder holding the scripts."""
+    chosen = arg or os.environ.get("TRAINING_ROOT") or SCRIPTS_DIR
+    return Path(chosen).expanduser().resolve()
+
+
+class Paths:
+    """Named places inside one training root; nothing is created by naming it."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        r = self.root
+        self.config = r / "config.json"
+        self.config_lock = r / ".config.lock"
+        self.current_model = r / "current_model"
+        self.versions = r / "versions"
+        self.inbox = r / "inbox"
+        self.inbox_high = r / "inbox" / "high"
+        self.inbox_low = r / "inbox" / "low"
+        self.queue = r / "queue"
+        self.processing = r / "processing"
+        self.done = r / "done"
+        self.failed = r / "failed"
+        self.skipped = r / "skipped"
+        self.checkpoints = r / "checkpoints"
+        self.control = r / "control"
+        self.logs = r / "logs"
+        self.metrics = r / "metrics.jsonl"
+        self.system_state = r / ".system_state.json"
+        self.daemon_state = r / ".daemon_state.json"
+        self.staging = r / ".staging"
+        self.locks = r / ".locks"
+        self.default_backups = r / "backups"
+
+    def lock(self, name: str) -> Path:
+        """The lock file for one concern: `daemon`, `versions`, `config`, `backups`."""
+        return self.locks / f"{name}.lock"
+
+    def runtime_dirs(self) -> list[Path]:
+        return [self.versions, self.inbox, self.inbox_high, self.inbox_low, self.queue,
+                self.processing, self.done, self.failed, self.skipped, self.checkpoints,
+                self.control, self.logs, self.staging, self.locks]
+
+    def ensure(self) -> "Paths":
+        for d in self.runtime_dirs():
+            d.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def paths(root: str | os.PathLike | None = None) -> Paths:
+    return Paths(resolve_root(root))
+
+
+# --------------------------------------------------------------------------- time
+
+def utc_now() -> str:
+    """An ISO-8601 UTC timestamp with microseconds, e.g. 2026-11-28T17:20:01.123456Z."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> float:
+    """Seconds since the epoch for a timestamp written by `utc_now`."""
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=timezone.utc).timestamp()
+
+
+def age_seconds(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return max(0.0, time.time() - parse_time(text))
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------- atomic files
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory, or a rename inside it may not survive a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+    """Temp file in the same folder, fsync, `os.replace`, fsync the folder."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def atomic_write_json(path: str | os.PathLike, obj, mode: int = 0o644) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", mode)
+
+
+_MISSING = object()
+
+
+def read_json(path: str | os.PathLike, default=_MISSING):
+    """Parse a JSON file; a missing file gives `default` (or an error), a corrupt one an error."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if default is _MISSING:
+            raise GuardrailError("file not found", path) from None
+        return default
+    except (UnicodeDecodeError, IsADirectoryError, PermissionError) as exc:
+        raise GuardrailError(f"cannot read JSON ({exc.__class__.__name__})", path,
+                             "Inspect it, then restore it or move it aside.") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GuardrailError(
+            f"corrupt JSON (line {exc.lineno} column {exc.colno}: {exc.msg})", path,
+            "Inspect it, then restore it or move it aside.") from None
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line (for logs such as metrics.jsonl); a torn last line is tolerated by readers."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line.rstrip("\n") + "\n")
+        f.flush()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file in Python (hashlib is ~6x faster here than `sha256sum`)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def unique_path(directory: str | os.PathLike, name: str) -> Path:
+    """`directory/name`, or `stem-2.ext`, `stem-3.ext`, ... if taken: nothing is overwritten."""
+    directory = Path(directory)
+    candidate = directory / name
+    stem, dot, ext = name.partition(".")
+    n = 2
+    while os.path.lexists(candidate):
+        candidate = directory / f"{stem}-{n}{dot}{ext}"
+        n += 1
+    return candidate
+
+
+# --------------------------------------------------------------------------- renames
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> None:
+    """Swap two paths (non-empty folders too) in one atomic step: renameat2(RENAME_EXCHANGE).
+
+    Both must exist on the same filesystem. Raises OSError (ENOSYS/EINVAL) where the
+    kernel or filesystem lacks it; callers then use a rename dance with recovery.
+    """
+    a, b = Path(a), Path(b)
+    _renameat2(a, b, _RENAME_EXCHANGE)
+    fsync_dir(a.parent)
+    if b.parent != a.parent:
+        fsync_dir(b.parent)
+
+
+def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename that fails with FileExistsError instead of replacing `dst`."""
+    src, dst = Path(src), Path(dst)
+    try:
+        _renameat2(src, dst, _RENAME_NOREPLACE)
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            raise FileExistsError(errno.EEXIST, "destination exists", str(dst)) from None
+        if exc.errno not in (errno.ENOSYS, errno.EINVAL):
+            raise
+        # Fallback: link+unlink for files never replaces; folders get a checked rename.
+        if src.is_dir():
+            if os.path.lexists(dst):
+                raise FileExistsError(errno.EEXIST, "destination exists", str(dst)) from None
+            os.rename(src, dst)
+        else:
+            os.link(src, dst)
+            os.unlink(src)
+    fsync_dir(dst.parent)
+    if src.parent != dst.parent:
+        fsync_dir(src.parent)
+
+
+def move_unique(src: str | os.PathLike, directory: str | os.PathLike,
+                name: str | None = None) -> Path:
+    """Move `src` into `directory` under a free name; never overwrites; returns the new path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = name or Path(src).name
+    while True:
+        dst = unique_path(directory, name)
+        try:
+            rename_noreplace(src, dst)
+            return dst
+        except FileExistsError:
+            continue  # raced with another writer for that name: take the next one
+
+
+# --------------------------------------------------------------------------- locks
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class FileLock:
+    """An exclusive `flock` on a file that records the holder (pid, purpose, time).
+
+    The kernel drops the lock when the holder dies, even after `kill -9`, so a stale
+    lock file never blocks anyone; its recorded pid is only there to name the holder.
+    """
+
+    def __init__(self, path: str | os.PathLike, purpose: str = ""):
+        self.path, self.purpose, self._fd = Path(path), purpose, None
+
+    def acquire(self, timeout: float = 0.0) -> "FileLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    holder = read_lock_holder(self.path) or {}
+                    who = f"pid {holder.get('pid', '?')}"
+                    if holder.get("purpose"):
+                        who += f" ({holder['purpose']})"
+                    raise BusyError(f"busy: held by {who}", self.path,
+                                    "Wait for it to finish, or check it with "
+                                    "`python3 training_controller.py status`.") from None
+                time.sleep(0.05)
+        record = json.dumps({"pid": os.getpid(), "purpose": self.purpose,
+                             "since": utc_now()}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "FileLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def read_lock_holder(path: str | os.PathLike) -> dict | None:
+    """The recorded holder of a lock file if the lock is held right now, else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raw = os.pread(fd, 4096, 0)
+            try:
+                return json.loads(raw) if raw else {"pid": None}
+            except json.JSONDecodeError:
+                return {"pid": None}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- CLI helpers
+
+def add_common_args(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    """`--root DIR` and (optionally) `--json` on a parser or subparser."""
+    parser.add_argument("--root", metavar="DIR", default=argparse.SUPPRESS,
+                        help="training root (default: $TRAINING_ROOT, else the scripts' folder)")
+    if json_flag:
+        parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                            help="print exactly one JSON document on stdout")
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse, dispatch to `args.func(args)`, and turn errors into `Error: ...` and exit codes.
+
+    Each handler returns an int exit code (or None for 0). With `--json`, a failure
+    prints `{"ok": false, "error": ...}` on stdout as well as the plain line on stderr.
+    """
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed its usage message
+        return int(exc.code or 0) and EXIT_USAGE
+    for name, value in (("root", None), ("json", False)):
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    if not hasattr(args, "func"):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        code = args.func(args)
+        return EXIT_OK if code is None else int(code)
+    except GuardrailError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        if args.json:
+            print_json({"ok": False, "error": exc.to_dict()})
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("Error: interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
