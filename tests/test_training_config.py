@@ -1,0 +1,86 @@
+"""config.json validation (every error at once, each naming its key) and the locked-parameter approval."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import training_config as tc
+from trainroot import GuardrailError
+
+
+def test_defaults_are_valid_and_documented():
+    assert tc.validate_config(tc.default_config()) == []
+    for name, p in tc.PARAMS.items():
+        assert p.why and len(p.why) > 10, name
+    assert set(tc.REQUIRED_LOCKED) <= set(tc.default_config()["locked"])
+    assert "| `learning_rate` | `0.0003` |" in tc.describe_params()
+
+
+def test_every_error_reported_at_once_with_exact_messages():
+    cfg = tc.default_config(learning_rate="fast", batch_size=0, dtype="fp8", max_length=True,
+                            loss_on_prompt="yes", monitor_port=70000, weight_decay=float("nan"),
+                            backup_dir="", locked=["learning_rate", "warmup_steps", "nope"])
+    cfg["learnig_rate"] = 1e-3
+    cfg["completely_unknown"] = 1
+    assert tc.validate_config(cfg) == [
+        "learnig_rate: unknown parameter (did you mean learning_rate?)",
+        "completely_unknown: unknown parameter",
+        "max_length: expected an integer, got True",
+        "dtype: expected one of float32, bfloat16, float16, got 'fp8'",
+        "learning_rate: expected a number, got 'fast'",
+        "batch_size: 0 is out of range [1, 65536]",
+        "weight_decay: expected a finite number, got nan",
+        "loss_on_prompt: expected true or false, got 'yes'",
+        "backup_dir: expected a non-empty string, got ''",
+        "monitor_port: 70000 is out of range [0, 65535]",
+        "locked: 'nope' is not a lockable parameter",
+        "locked: must include base_model",
+        "locked: must include max_length",
+        "locked: must include dtype",
+    ]
+
+
+def test_load_config_raises_one_error_listing_all(tmp_root):
+    (tmp_root / "config.json").write_text(json.dumps({"batch_size": -1, "lr": 1}))
+    with pytest.raises(tc.ConfigError) as exc:
+        tc.load_config(tmp_root)
+    assert exc.value.errors == ["lr: unknown parameter", "batch_size: -1 is out of range [1, 65536]"]
+    assert str(exc.value) == (
+        f"invalid config (lr: unknown parameter; batch_size: -1 is out of range [1, 65536]), "
+        f"{tmp_root / 'config.json'}. Fix config.json, then run "
+        "`python3 training_controller.py approve-config` if a locked parameter changed.")
+
+
+def test_missing_config_names_init(tmp_root):
+    with pytest.raises(GuardrailError) as exc:
+        tc.load_config(tmp_root)
+    assert str(exc.value) == (f"no config.json in the training root, {tmp_root}. "
+                              f"Run `python3 training_daemon.py init --root {tmp_root}`.")
+
+
+def test_load_merges_defaults(tmp_root):
+    (tmp_root / "config.json").write_text(json.dumps({"batch_size": 4}))
+    cfg = tc.load_config(tmp_root)
+    assert cfg["batch_size"] == 4 and cfg["max_length"] == tc.PARAMS["max_length"].default
+
+
+def test_changed_locked_names_old_and_new(tmp_root):
+    cfg = tc.default_config()
+    assert [c[0] for c in tc.changed_locked(tmp_root, cfg)] == cfg["locked"]  # never approved
+    tc.approve(tmp_root, cfg)
+    assert tc.changed_locked(tmp_root, cfg) == []
+    cfg["learning_rate"] = 1e-3
+    cfg["batch_size"] = 64  # not locked: needs no approval
+    changes = tc.changed_locked(tmp_root, cfg)
+    assert changes == [("learning_rate", 3e-4, 1e-3)]
+    assert tc.format_change(*changes[0]) == "learning_rate: 0.0003 -> 0.001"
+    tc.approve(tmp_root, cfg)
+    assert tc.changed_locked(tmp_root, cfg) == []
+
+
+def test_backup_dir_relative_to_root(tmp_root):
+    assert tc.backup_dir(tmp_root, tc.default_config()) == tmp_root / "backups"
+    assert tc.backup_dir(tmp_root, tc.default_config(backup_dir="b2")) == tmp_root / "b2"
+    assert tc.backup_dir(tmp_root, tc.default_config(backup_dir="/mnt/x")).as_posix() == "/mnt/x"
