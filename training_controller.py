@@ -297,3 +297,316 @@ def is_training(root) -> bool:
     """True while a live daemon is training a file or stopping: others must not swap the model."""
     st = daemon_status(root)
     return st["alive"] and st["state"] in ("training", "stopping")
+
+
+# --------------------------------------------------------------------------- requests, end to end
+
+def _require_root(root) -> Paths:
+    p = Paths(resolve_root(root))
+    if not p.config.exists():
+        raise GuardrailError("not a training root (no config.json)", p.root,
+                             f"Run `python3 training_daemon.py init --root {p.root}`.")
+    return p
+
+
+def request(root, action: str, *, reason: str | None = None, options: dict | None = None,
+            wait: float | None = None) -> dict:
+    """Ask the daemon to `action`, or apply the no-daemon rule; with `wait`, block until done.
+
+    Returns `{ok, action, outcome, message, request, ack, waited_s}`. Outcomes:
+    `requested` (sent, not waited for), `done`/`noop` (the daemon's acknowledgement),
+    `kept` (pause with no daemon), `cleared` (resume dropped a kept pause), `nothing`
+    (no daemon: nothing to stop, skip or resume). Raises GuardrailError on a timeout
+    (naming what is pending) or a failed/rejected request.
+    """
+    root = resolve_root(root)
+    st = daemon_status(root)
+    result = {"ok": True, "action": action, "outcome": None, "message": "", "request": None,
+              "ack": None, "waited_s": None}
+    if not st["alive"]:
+        if action in ("stop", "skip"):
+            verb = "stop" if action == "stop" else "skip"
+            return dict(result, outcome="nothing",
+                        message=f"no daemon is running in {root}: nothing to {verb}")
+        if action == "pause":
+            kept = kept_pause(root)
+            if kept is None:
+                kept = submit_request(root, "pause", reason=reason, options=options)
+                message = "no daemon is running: the pause is kept and applies when it starts"
+            else:
+                message = (f"no daemon is running: a pause is already kept (request {kept['id']}, "
+                           f"since {kept['created_at']}) and applies when it starts")
+            return dict(result, outcome="kept", request=kept,
+                        message=message + "; undo it with `python3 training_controller.py resume`")
+        # resume with no daemon: drop every kept pause.
+        cleared = []
+        for req in pending_requests(root):
+            if req["action"] == "pause" and claim_request(root, req):
+                acknowledge(root, req, "cancelled", "resumed before a daemon started")
+                cleared.append(req["id"])
+        if not cleared:
+            return dict(result, outcome="nothing",
+                        message=f"no daemon is running and no pause is kept in {root}: nothing to resume")
+        return dict(result, outcome="cleared", request={"cleared": cleared},
+                    message=f"cleared the kept pause ({', '.join(cleared)}); the daemon will "
+                            f"train when it starts")
+    req = submit_request(root, action, reason=reason, options=options)
+    result["request"] = req
+    if wait is None:
+        return dict(result, outcome="requested",
+                    message=f"{action} requested (id {req['id']}) from the daemon (pid {st['pid']})")
+    return wait_for(root, req, wait, result)
+
+
+def _done_waiting(action: str, ack: dict, st: dict) -> bool:
+    if action == "stop":
+        return not st["alive"]
+    if action == "pause" and ack["outcome"] == "done":
+        return st["state"] == "paused" or not st["alive"]
+    return True
+
+
+def wait_for(root, req: dict, timeout: float, result: dict | None = None) -> dict:
+    """Poll until `req` is acknowledged and done (stop: daemon exited; pause: paused)."""
+    result = dict(result or {"ok": True, "action": req["action"], "request": req})
+    action, rid = req["action"], req["id"]
+    t0 = time.monotonic()
+    deadline = t0 + max(0.0, timeout)
+    while True:
+        ack = read_ack(root, rid)
+        st = daemon_status(root)
+        if ack is not None:
+            if ack["outcome"] in ("failed", "rejected", "cancelled"):
+                raise GuardrailError(f"{action} request {rid} {ack['outcome']}: "
+                                     f"{ack.get('message') or 'no reason given'}",
+                                     control_dirs(root)["acks"] / f"{rid}.json",
+                                     f"Check `{STATUS_CMD}` and the daemon log in logs/.")
+            if _done_waiting(action, ack, st):
+                return dict(result, outcome=ack["outcome"], ack=ack,
+                            waited_s=round(time.monotonic() - t0, 3),
+                            message=ack.get("message") or f"{action} done")
+        elif not st["alive"]:
+            return _daemon_gone(root, req, st, result, time.monotonic() - t0)
+        if time.monotonic() >= deadline:
+            raise GuardrailError(f"timed out after {timeout:g} s waiting for {action} request "
+                                 f"{rid}: {_pending_what(action, ack, st)}", req["path"],
+                                 f"The request stays pending; check `{STATUS_CMD}`.")
+        time.sleep(POLL_S)
+
+
+def _pending_what(action: str, ack: dict | None, st: dict) -> str:
+    if ack is None:
+        if not st["alive"]:
+            return "no daemon is running"
+        return f"not yet acknowledged by the daemon (pid {st['pid']}, state {st['state']})"
+    if action == "stop":
+        return f"acknowledged, but the daemon (pid {st['pid']}) has not exited"
+    return f"acknowledged, but the daemon is {st['state']}, not paused"
+
+
+def _daemon_gone(root, req: dict, st: dict, result: dict, waited: float) -> dict:
+    """The daemon exited before acknowledging `req`: settle the request ourselves."""
+    action, rid = req["action"], req["id"]
+    if claim_request(root, req):
+        if action == "stop" and st["state"] == "stopped":
+            ack = acknowledge(root, req, "done", "the daemon stopped before it read this request")
+            return dict(result, outcome="done", ack=ack, waited_s=round(waited, 3),
+                        message=ack["message"])
+        if action == "pause":
+            # Leave it: a pause with no daemon is kept for the next start.
+            rename_noreplace(control_dirs(root)["claimed"] / Path(req["path"]).name, req["path"])
+            return dict(result, outcome="kept", waited_s=round(waited, 3),
+                        message="the daemon exited before pausing: the pause is kept and "
+                                "applies when it starts")
+        acknowledge(root, req, "cancelled", f"the daemon exited ({st['state']}) before acting")
+    else:
+        ack = read_ack(root, rid)  # it claimed the request just before exiting
+        if ack is not None and ack["outcome"] in ("done", "noop"):
+            return dict(result, outcome=ack["outcome"], ack=ack, waited_s=round(waited, 3),
+                        message=ack.get("message") or f"{action} done")
+    if action == "stop":
+        raise GuardrailError(f"the daemon exited ({st['state']}) before acknowledging stop "
+                             f"request {rid}", Paths(root).daemon_state,
+                             f"Check `{STATUS_CMD}`; the next start resumes the file in processing/.")
+    raise GuardrailError(f"the daemon exited ({st['state']}) before acting on {action} request "
+                         f"{rid}", Paths(root).daemon_state,
+                         f"Check `{STATUS_CMD}`, then start the daemon again.")
+
+
+# --------------------------------------------------------------------------- approve-config
+
+def approve_config(root, *, confirm=None) -> dict:
+    """Approve the changed locked parameters; `confirm(changes) -> bool` asks a person.
+
+    Refuses while a file is training: the running file was started under the old values.
+    """
+    p = _require_root(root)
+    cfg = training_config.load_config(p.root)
+    changes = training_config.changed_locked(p.root, cfg)
+    doc = {"ok": True, "approved": False,
+           "changes": [{"name": n, "old": o, "new": v, "text": training_config.format_change(n, o, v)}
+                       for n, o, v in changes]}
+    if not changes:
+        return dict(doc, message="the config is already approved: no locked parameter changed")
+    if is_training(p.root):
+        listed = "; ".join(c["text"] for c in doc["changes"])
+        raise BusyError(f"cannot approve the config while a file is training ({listed})",
+                        p.processing,
+                        f"Stop it first: `{STOP_CMD} --wait`, then run "
+                        f"`{training_config.APPROVE_COMMAND} --yes`.")
+    if confirm is None or not confirm(doc["changes"]):
+        raise GuardrailError("approval not confirmed", p.config,
+                             f"Read the changes, then run `{training_config.APPROVE_COMMAND} --yes`.")
+    with FileLock(p.lock("config"), "approve-config").acquire(timeout=5):
+        record = training_config.approve(p.root, cfg, by="training_controller approve-config")
+    return dict(doc, approved=True, approved_at=record["approved_at"],
+                message=f"approved {len(changes)} changed locked parameter(s)")
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _out(args, doc: dict, lines: list[str]) -> int:
+    if args.json:
+        print_json(doc)
+    else:
+        for line in lines:
+            print(line)
+    return 0 if doc.get("ok", True) else EXIT_FAILURE
+
+
+def _request_cmd(args, action: str, options: dict | None = None) -> int:
+    _require_root(args.root)
+    res = request(args.root, action, reason=args.reason, options=options, wait=args.wait)
+    return _out(args, res, [res["message"]])
+
+
+def cmd_stop(args) -> int:
+    """Finish the current optimizer step, checkpoint, save current_model and exit the daemon."""
+    return _request_cmd(args, "stop")
+
+
+def cmd_pause(args) -> int:
+    """Checkpoint and idle until `resume` (with no daemon: kept for the next start)."""
+    return _request_cmd(args, "pause")
+
+
+def cmd_resume(args) -> int:
+    """Continue exactly where pause left off (with no daemon: clear a kept pause)."""
+    return _request_cmd(args, "resume")
+
+
+def cmd_skip(args) -> int:
+    """Abandon the current file after this step -> skipped/ (keeps the training; --discard undoes it)."""
+    return _request_cmd(args, "skip", {"discard": bool(args.discard)})
+
+
+def cmd_status(args) -> int:
+    """Daemon alive (pid, heartbeat), state, current file and progress, pending requests."""
+    st = daemon_status(resolve_root(args.root))
+    if args.json:
+        print_json(dict(st, ok=True))
+        return 0
+    rows = _status_rows(st)
+    if sys.stdout.isatty():
+        from rich.console import Console  # lazy: ~0.1 s, only for people at a terminal
+        from rich.table import Table
+        table = Table(show_header=False, box=None, pad_edge=False)
+        table.add_column(style="bold")
+        table.add_column()
+        for key, value in rows:
+            table.add_row(key, value)
+        Console().print(table)
+    else:
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
+def _status_rows(st: dict) -> list[tuple[str, str]]:
+    age = st["heartbeat_age_s"]
+    if st["alive"]:
+        daemon = f"alive, pid {st['pid']}, heartbeat " + (f"{age:.1f} s ago" if age is not None else "none yet")
+        if not st["responsive"]:
+            daemon += " (STALE: the daemon may be hung)"
+    else:
+        daemon = "not running" + (f" (last pid {st['last_pid']})" if st["last_pid"] else "")
+    rows = [("daemon", daemon), ("state", st["state"])]
+    if st["state"] == "dead":
+        rows.append(("warning", f"the daemon died while {st['reported_state']}; start it again to "
+                                f"resume: `python3 training_daemon.py run`"))
+    if st["paused_since"]:
+        rows.append(("paused", f"since {st['paused_since']}: {st['paused_reason'] or 'no reason given'}"))
+    cf = st["current_file"]
+    if cf:
+        rows.append(("file", f"{cf.get('name')} ({cf.get('priority', 'normal')})"))
+    pr = st["progress"] or {}
+    if pr:
+        parts = [f"step {pr.get('global_step')}"]
+        if pr.get("records_total"):
+            parts.append(f"records {pr.get('records_done')}/{pr['records_total']}")
+        for key, label in (("loss", "loss"), ("tokens_per_sec", "tok/s"), ("eta_seconds", "ETA s")):
+            if pr.get(key) is not None:
+                parts.append(f"{label} {pr[key]:.4g}" if isinstance(pr[key], float) else f"{label} {pr[key]}")
+        rows.append(("progress", ", ".join(parts)))
+    if st["kept_pause"]:
+        kp = st["kept_pause"]
+        rows.append(("kept pause", f"applies when the daemon starts (since {kp['created_at']}, "
+                                   f"{kp['reason'] or 'no reason given'}); clear it with "
+                                   f"`python3 training_controller.py resume`"))
+    for req in st["pending"]:
+        rows.append(("pending", f"{req['action']} {req['id']} ({req['age_s']:.1f} s old)"
+                                + (f": {req['reason']}" if req["reason"] else "")))
+    if st["last_error"]:
+        rows.append(("last error", str(st["last_error"])))
+    if st["state_file_error"]:
+        rows.append(("state file", st["state_file_error"]))
+    return rows
+
+
+def cmd_approve_config(args) -> int:
+    """Show each changed locked parameter `name: old -> new` and approve it (--yes or a TTY yes)."""
+    def confirm(changes):
+        if args.yes:
+            return True
+        if not sys.stdin.isatty():
+            return False
+        for c in changes:
+            print(c["text"])
+        return input("Approve these changes? [y/N] ").strip().lower() in ("y", "yes")
+
+    res = approve_config(args.root, confirm=confirm)
+    lines = [c["text"] for c in res["changes"]] if (args.yes or not sys.stdin.isatty()) else []
+    return _out(args, res, lines + [res["message"]])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="training_controller.py",
+                                     description=__doc__.split("\n\n")[0])
+    add_common_args(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, func in (("stop", cmd_stop), ("pause", cmd_pause), ("resume", cmd_resume),
+                       ("skip", cmd_skip), ("status", cmd_status),
+                       ("approve-config", cmd_approve_config)):
+        sp = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
+        add_common_args(sp)
+        sp.set_defaults(func=func)
+        if name in ("stop", "pause", "resume", "skip"):
+            sp.add_argument("--reason", metavar="TEXT", help="why (kept in the request and logs)")
+            sp.add_argument("--wait", nargs="?", type=float, const=DEFAULT_WAIT_S, default=None,
+                            metavar="SECONDS", help=f"block until done (default {DEFAULT_WAIT_S:g} s); "
+                                                    "exit 1 on timeout")
+        if name == "skip":
+            sp.add_argument("--discard", action="store_true",
+                            help="also undo the training done on this file (restore the version before it)")
+        if name == "approve-config":
+            sp.add_argument("--yes", action="store_true", help="approve without asking")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
