@@ -457,8 +457,11 @@ def approve_config(root, *, confirm=None) -> dict:
     if confirm is None or not confirm(doc["changes"]):
         raise GuardrailError("approval not confirmed", p.config,
                              f"Read the changes, then run `{training_config.APPROVE_COMMAND} --yes`.")
-    with FileLock(p.lock("config"), "approve-config").acquire(timeout=5):
+    lock = FileLock(p.lock("config"), "approve-config").acquire(timeout=5)
+    try:
         record = training_config.approve(p.root, cfg, by="training_controller approve-config")
+    finally:
+        lock.release()
     return dict(doc, approved=True, approved_at=record["approved_at"],
                 message=f"approved {len(changes)} changed locked parameter(s)")
 

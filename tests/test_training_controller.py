@@ -1,0 +1,345 @@
+"""training_controller: the control protocol, the CLI, and a real daemon obeying it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import training_config
+import training_controller as tc
+import trainroot
+from conftest import REPO, run_script
+
+STATUS = "python3 training_controller.py status"
+
+
+@pytest.fixture
+def root(tmp_root) -> Path:
+    """A root with an approved default config (enough for the controller; no model needed)."""
+    cfg = training_config.default_config()
+    training_config.write_config(tmp_root, cfg)
+    training_config.approve(tmp_root, cfg)
+    return tmp_root
+
+
+def ctl(capsys, *args) -> tuple[int, str, str]:
+    """Run `training_controller.main(args)` in this process; (exit code, stdout, stderr)."""
+    code = tc.main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def request_files(root: Path) -> list[str]:
+    control = root / "control"
+    return sorted(n for n in os.listdir(control) if n.endswith(".request.json")) \
+        if control.exists() else []
+
+
+# A stand-in daemon process speaking the protocol (the real one is tested further down): it
+# holds the daemon lock, writes .daemon_state.json, and claims and acknowledges requests.
+# mode "deaf" never reads control/; "obey" acts like the daemon would.
+FAKE_DAEMON = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[3])
+import trainroot, training_controller as tc
+root, mode = sys.argv[1], sys.argv[2]
+p = trainroot.Paths(root)
+lock = trainroot.FileLock(p.lock("daemon"), "run").acquire()
+started = trainroot.utc_now()
+state = {"schema_version": 1, "pid": os.getpid(), "started_at": started, "state": "training",
+         "paused_reason": None, "paused_since": None,
+         "current_file": {"name": "a.jsonl", "sha256": "0" * 64, "priority": "normal"},
+         "progress": {"global_step": 7, "step_in_file": 3, "records_done": 12, "records_total": 40,
+                      "tokens_per_sec": 1500.0, "loss": 2.5, "eta_seconds": 9.0},
+         "last_error": None}
+def write(**kw):
+    state.update(kw, heartbeat=trainroot.utc_now())
+    trainroot.atomic_write_json(p.daemon_state, state)
+write()
+print("ready", flush=True)
+end = time.monotonic() + 60
+while time.monotonic() < end:
+    time.sleep(0.05)
+    write()
+    if mode == "deaf":
+        continue
+    for req in tc.pending_requests(root, daemon_started_at=started):
+        if not tc.claim_request(root, req):
+            continue
+        action = req["action"]
+        if action == "stop":
+            write(state="stopped", current_file=None, progress=None)
+            tc.acknowledge(root, req, "done", "stopped at step 7")
+            lock.release()
+            sys.exit(0)
+        if action == "pause":
+            write(state="paused", paused_reason=req["reason"], paused_since=trainroot.utc_now())
+            tc.acknowledge(root, req, "done", "paused at step 7")
+        elif action == "resume":
+            write(state="training", paused_reason=None, paused_since=None)
+            tc.acknowledge(root, req, "done", "resumed")
+        elif action == "skip":
+            tc.acknowledge(root, req, "done", "skipped a.jsonl")
+"""
+
+
+@pytest.fixture
+def fake_daemon(root):
+    """Start a protocol-speaking stand-in daemon: `fake_daemon(mode)` returns its Popen."""
+    procs = []
+
+    def start(mode: str = "obey") -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", FAKE_DAEMON, str(root), mode, str(REPO)],
+                                stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "ready"
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+
+
+# --------------------------------------------------------------------------- protocol
+
+def test_import_does_not_load_torch_psutil_or_rich():
+    code = ("import sys, training_controller; "
+            "heavy = [m for m in ('torch', 'transformers', 'safetensors', 'psutil', 'rich', "
+            "'watchdog') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_submit_pending_claim_ack_round_trip(root):
+    a = tc.submit_request(root, "pause", reason="look at the loss")
+    b = tc.submit_request(root, "skip", options={"discard": True})
+    assert Path(a["path"]).name == f"{a['created_at'].replace('-', '').replace(':', '').replace('.', '')}-{a['id']}.request.json"
+    on_disk = json.loads(Path(b["path"]).read_text())
+    assert {k: on_disk[k] for k in ("id", "action", "reason", "options")} == \
+        {"id": b["id"], "action": "skip", "reason": None, "options": {"discard": True}}
+    assert [r["id"] for r in tc.pending_requests(root)] == [a["id"], b["id"]]
+    assert tc.read_ack(root, a["id"]) is None
+    assert tc.claim_request(root, a) is True
+    assert tc.claim_request(root, a) is False
+    assert (root / "control" / "claimed" / Path(a["path"]).name).exists()
+    ack = tc.acknowledge(root, a, "done", "paused at step 3")
+    assert tc.read_ack(root, a["id"]) == ack
+    assert (ack["id"], ack["action"], ack["outcome"], ack["message"]) == \
+        (a["id"], "pause", "done", "paused at step 3")
+    assert [r["id"] for r in tc.pending_requests(root)] == [b["id"]]
+    with pytest.raises(trainroot.GuardrailError, match="unknown control action 'halt'"):
+        tc.submit_request(root, "halt")
+
+
+CLAIMER = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[3])
+import training_controller as tc
+root, go = sys.argv[1], sys.argv[2]
+while not os.path.exists(go):
+    time.sleep(0.001)
+won = [r["id"] for r in tc.pending_requests(root) if tc.claim_request(root, r)]
+# a second pass catches requests the other claimer listed but had not claimed yet
+won += [r["id"] for r in tc.pending_requests(root) if tc.claim_request(root, r)]
+print(" ".join(won))
+"""
+
+
+def test_each_request_is_claimed_exactly_once_by_two_racing_processes(root):
+    ids = {tc.submit_request(root, "pause")["id"] for _ in range(60)}
+    go = root / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, str(root), str(go), str(REPO)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    time.sleep(0.5)  # both interpreters started and spinning on the go file
+    go.touch()
+    won = [set(p.communicate(timeout=60)[0].split()) for p in procs]
+    assert won[0] | won[1] == ids
+    assert won[0] & won[1] == set()
+    assert len(os.listdir(root / "control" / "claimed")) == 60
+    assert request_files(root) == []
+
+
+def test_malformed_control_files_are_moved_aside_with_a_reason_and_never_raise(root):
+    control = root / "control"
+    control.mkdir()
+    good = tc.submit_request(root, "stop")
+    (control / "20260101T000000000000Z-aa.request.json").write_text("{not json")
+    (control / "20260101T000000000001Z-bb.request.json").write_text(
+        json.dumps({"id": "bb", "action": "halt", "created_at": trainroot.utc_now(), "options": {}}))
+    (control / "20260101T000000000002Z-cc.request.json").write_bytes(b"\xff\xfe[]")
+    (control / "20260101T000000000003Z-dd.request.json").write_text("[1, 2]")
+    # read-only callers (status) see nothing moved
+    seen = []
+    assert [r["id"] for r in tc.pending_requests(root, rejected=seen, move_aside=False)] == [good["id"]]
+    assert len(seen) == 4 and len(request_files(root)) == 5
+    rejected = []
+    assert [r["id"] for r in tc.pending_requests(root, rejected=rejected)] == [good["id"]]
+    errors = {Path(r["path"]).name: r["error"] for r in rejected}
+    assert errors["20260101T000000000001Z-bb.request.json"] == \
+        "action: expected one of stop, pause, resume, skip, got 'halt'"
+    assert errors["20260101T000000000003Z-dd.request.json"] == "expected a JSON object, got list"
+    assert errors["20260101T000000000000Z-aa.request.json"].startswith("unreadable (JSONDecodeError")
+    assert errors["20260101T000000000002Z-cc.request.json"].startswith("unreadable (UnicodeDecodeError")
+    assert request_files(root) == [Path(good["path"]).name]
+    note = (control / "rejected" / "20260101T000000000001Z-bb.request.json.error.txt").read_text()
+    assert "rejected 20260101T000000000001Z-bb.request.json: action: expected one of" in note
+    assert len(os.listdir(control / "rejected")) == 8
+
+
+def test_a_stop_written_before_the_daemon_started_is_stale_but_a_kept_pause_is_not(root):
+    stop = tc.submit_request(root, "stop")
+    pause = tc.submit_request(root, "pause")
+    time.sleep(0.01)
+    started = trainroot.utc_now()
+    rejected = []
+    assert [r["id"] for r in tc.pending_requests(root, rejected=rejected,
+                                                 daemon_started_at=started)] == [pause["id"]]
+    assert rejected[0]["error"].startswith(f"stale: a stop written at {stop['created_at']}, before")
+    assert tc.read_ack(root, stop["id"])["outcome"] == "rejected"
+
+
+# --------------------------------------------------------------------------- with no daemon
+
+def test_stop_and_skip_with_no_daemon_say_so_and_leave_nothing_behind(root, capsys):
+    assert ctl(capsys, "stop", "--reason", "x") == \
+        (0, f"no daemon is running in {root}: nothing to stop\n", "")
+    code, out, _ = ctl(capsys, "skip", "--discard", "--wait", "--json")
+    assert code == 0 and json.loads(out)["outcome"] == "nothing"
+    assert not (root / "control").exists()
+
+
+def test_pause_with_no_daemon_is_kept_shown_by_status_and_cleared_by_resume(root, capsys):
+    code, out, _ = ctl(capsys, "pause", "--reason", "new data tomorrow", "--json")
+    kept = json.loads(out)
+    assert code == 0 and kept["outcome"] == "kept"
+    assert kept["message"] == ("no daemon is running: the pause is kept and applies when it starts; "
+                               "undo it with `python3 training_controller.py resume`")
+    code, out, _ = ctl(capsys, "pause")  # safe to repeat: still one kept pause
+    assert code == 0 and f"a pause is already kept (request {kept['request']['id']}" in out
+    assert len(request_files(root)) == 1
+    code, out, _ = ctl(capsys, "status", "--json")
+    st = json.loads(out)
+    assert (st["alive"], st["state"], st["kept_pause"]["id"], st["kept_pause"]["reason"]) == \
+        (False, "stopped", kept["request"]["id"], "new data tomorrow")
+    assert [p["action"] for p in st["pending"]] == ["pause"]
+    code, out, _ = ctl(capsys, "status")
+    assert "kept pause  applies when the daemon starts" in out
+    code, out, _ = ctl(capsys, "resume")
+    assert (code, out) == (0, f"cleared the kept pause ({kept['request']['id']}); the daemon will "
+                              "train when it starts\n")
+    assert request_files(root) == []
+    assert tc.read_ack(root, kept["request"]["id"])["outcome"] == "cancelled"
+    assert ctl(capsys, "resume") == (0, f"no daemon is running and no pause is kept in {root}: "
+                                        "nothing to resume\n", "")
+
+
+def test_two_controllers_at_once_with_no_daemon(root):
+    procs = [subprocess.Popen([sys.executable, str(REPO / "training_controller.py"), verb, "--json"],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+             for verb in ("pause", "pause", "stop", "skip")]
+    outs = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0]
+    assert [o["outcome"] for o in outs] == ["kept", "kept", "nothing", "nothing"]
+    # both may have written a pause in the same instant; one resume clears them all
+    assert 1 <= len(request_files(root)) <= 2
+    assert run_script("training_controller.py", "resume", root=root).returncode == 0
+    assert request_files(root) == []
+
+
+def test_status_of_a_daemon_that_died_while_training_says_dead(root, capsys):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    trainroot.atomic_write_json(root / ".daemon_state.json", {
+        "schema_version": 1, "pid": gone.pid, "started_at": trainroot.utc_now(),
+        "heartbeat": trainroot.utc_now(), "state": "training",
+        "current_file": {"name": "a.jsonl", "sha256": "0", "priority": "high"}, "progress": None})
+    code, out, _ = ctl(capsys, "status", "--json")
+    st = json.loads(out)
+    assert (st["alive"], st["state"], st["reported_state"], st["pid"], st["last_pid"]) == \
+        (False, "dead", "training", None, gone.pid)
+    assert tc.is_training(root) is False
+    code, out, _ = ctl(capsys, "status")
+    assert "the daemon died while training; start it again" in out
+
+
+# --------------------------------------------------------------------------- with a daemon process
+
+def test_wait_times_out_with_exit_1_naming_what_is_pending(root, fake_daemon, capsys):
+    daemon = fake_daemon("deaf")
+    assert tc.is_training(root) is True
+    code, out, err = ctl(capsys, "stop", "--wait", "0.3")
+    [req] = tc.pending_requests(root)
+    assert (code, out) == (1, "")
+    assert err == (f"Error: timed out after 0.3 s waiting for stop request {req['id']}: not yet "
+                   f"acknowledged by the daemon (pid {daemon.pid}, state training), {req['path']}. "
+                   f"The request stays pending; check `{STATUS}`.\n")
+    code, out, _ = ctl(capsys, "status", "--json")
+    st = json.loads(out)
+    assert (st["alive"], st["pid"], st["state"], st["responsive"]) == (True, daemon.pid, "training", True)
+    assert st["current_file"]["name"] == "a.jsonl" and st["progress"]["records_total"] == 40
+    assert [(p["id"], p["action"]) for p in st["pending"]] == [(req["id"], "stop")]
+
+
+def test_wait_returns_when_paused_resumed_skipped_and_stopped(root, fake_daemon, capsys):
+    daemon = fake_daemon("obey")
+    code, out, _ = ctl(capsys, "pause", "--reason", "check", "--wait", "10", "--json")
+    res = json.loads(out)
+    assert (code, res["outcome"], res["ack"]["message"]) == (0, "done", "paused at step 7")
+    st = tc.daemon_status(root)
+    assert (st["state"], st["paused_reason"]) == ("paused", "check")
+    code, out, _ = ctl(capsys, "resume", "--wait", "10")
+    assert (code, out) == (0, "resumed\n")
+    code, out, _ = ctl(capsys, "skip", "--discard", "--wait", "10", "--json")
+    assert code == 0 and json.loads(out)["request"]["options"] == {"discard": True}
+    code, out, _ = ctl(capsys, "stop", "--wait", "10")
+    assert (code, out) == (0, "stopped at step 7\n")
+    assert daemon.poll() == 0  # --wait returned only after the daemon exited
+    assert tc.daemon_status(root)["state"] == "stopped"
+    assert request_files(root) == []
+
+
+def test_two_controllers_stop_one_daemon_at_once(root, fake_daemon):
+    daemon = fake_daemon("obey")
+    procs = [subprocess.Popen([sys.executable, str(REPO / "training_controller.py"), "stop",
+                               "--wait", "20", "--json"], stdout=subprocess.PIPE, text=True, cwd=REPO)
+             for _ in range(2)]
+    outs = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert sorted(o["outcome"] for o in outs) == ["done", "done"]
+    assert daemon.wait(timeout=10) == 0
+    assert request_files(root) == []
+
+
+def test_approve_config_shows_changes_needs_yes_and_refuses_while_training(root, fake_daemon, capsys):
+    cfg = training_config.load_config(root)
+    cfg["learning_rate"] = 1e-4
+    training_config.write_config(root, cfg)
+    code, out, err = ctl(capsys, "approve-config")
+    assert (code, out) == (1, "")
+    assert err == ("Error: approval not confirmed, " + str(root / "config.json") + ". Read the "
+                   "changes, then run `python3 training_controller.py approve-config --yes`.\n")
+    daemon = fake_daemon("deaf")
+    code, out, err = ctl(capsys, "approve-config", "--yes")
+    assert code == 3
+    assert err == ("Error: cannot approve the config while a file is training (learning_rate: "
+                   "0.0003 -> 0.0001), " + str(root / "processing") + ". Stop it first: "
+                   "`python3 training_controller.py stop --wait`, then run "
+                   "`python3 training_controller.py approve-config --yes`.\n")
+    daemon.kill()
+    daemon.wait()
+
+    code, out, _ = ctl(capsys, "approve-config", "--yes")
+    assert (code, out) == (0, "learning_rate: 0.0003 -> 0.0001\napproved 1 changed locked parameter(s)\n")
+    assert training_config.changed_locked(root, cfg) == []
+    code, out, _ = ctl(capsys, "approve-config", "--yes", "--json")
+    assert code == 0 and json.loads(out)["changes"] == []
