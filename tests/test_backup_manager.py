@@ -1,0 +1,374 @@
+"""backup_manager.py: verified independent copies, corruption caught, disk full, kill -9, restore."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import backup_manager
+import training_config
+from conftest import REPO
+
+LIST = "python3 backup_manager.py list"
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _tree_hashes(folder: Path) -> dict:
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture
+def fake_root(tmp_root) -> Path:
+    """A root whose current_model is a small fake model folder (with a nested file)."""
+    cm = tmp_root / "current_model"
+    _write(cm / "config.json", b'{"model_type": "fake"}\n')
+    _write(cm / "model.safetensors", os.urandom(300_000))
+    _write(cm / "tokenizer" / "vocab.json", b'{"a": 0}\n')
+    _write(cm / "trainer_state.json", b'{"global_step": 7, "tokens_seen": 1234}\n')
+    return tmp_root
+
+
+def _cli(capsys, *argv) -> tuple[int, dict | str, str]:
+    code = backup_manager.main(list(argv))
+    out, err = capsys.readouterr()
+    if "--json" in argv:
+        return code, json.loads(out), err
+    return code, out, err
+
+
+def _backup(capsys, *argv) -> dict:
+    code, doc, err = _cli(capsys, "backup", "--json", *argv)
+    assert code == 0, err
+    return doc
+
+
+def _set_backup_dir(root: Path, folder: Path) -> None:
+    training_config.write_config(root, training_config.default_config(backup_dir=str(folder)))
+
+
+# --------------------------------------------------------------------------- create and list
+
+def test_backup_is_an_independent_verified_copy(fake_root, capsys):
+    before = _tree_hashes(fake_root / "current_model")
+    doc = _backup(capsys, "--note", "first")
+    folder = fake_root / "backups" / doc["id"]
+    assert backup_manager.ID_RE.fullmatch(doc["id"])
+    assert doc["status"] == "verified" and doc["source"] == "current_model"
+    assert doc["global_step"] == 7 and doc["tokens_seen"] == 1234 and doc["note"] == "first"
+    assert set(doc["files"]) == {"config.json", "model.safetensors", "tokenizer/vocab.json",
+                                 "trainer_state.json"}
+    assert doc["total_bytes"] == sum(f["size"] for f in doc["files"].values())
+    for rel, info in doc["files"].items():
+        src, copy = fake_root / "current_model" / rel, folder / rel
+        assert os.stat(copy).st_nlink == 1 and os.stat(copy).st_ino != os.stat(src).st_ino
+        assert hashlib.sha256(copy.read_bytes()).hexdigest() == info["sha256"] == before[rel]
+    record = json.loads((folder / "backup.json").read_text())
+    assert record["id"] == doc["id"] and record["schema_version"] == 1
+    assert _tree_hashes(fake_root / "current_model") == before
+    # same filesystem as current_model: warned in the result and in list --json
+    assert doc["same_filesystem"] is True and "same filesystem" in doc["warnings"][0]
+    code, listed, _ = _cli(capsys, "list", "--json")
+    assert code == 0 and listed["same_filesystem"] is True
+    assert [b["id"] for b in listed["backups"]] == [doc["id"]]
+    assert listed["backups"][0]["status"] == "verified"
+
+
+def test_ids_unique_within_one_second(fake_root, capsys, monkeypatch):
+    ids = [backup_manager.create_backup(fake_root)["id"] for _ in range(6)]
+    assert len(set(ids)) == 6
+    assert len({i.split("-")[0] for i in ids}) < 6  # some were made in the same second
+    listed = [b["id"] for b in backup_manager.list_backups(fake_root)]
+    assert sorted(listed) == sorted(ids)
+    # a clash of the random suffix within one second takes the next id, replacing nothing
+    drawn = iter(["b20261128T000000-aaaa", "b20261128T000000-aaaa", "b20261128T000000-bbbb"])
+    monkeypatch.setattr(backup_manager, "new_backup_id", lambda: next(drawn))
+    first = backup_manager.create_backup(fake_root, note="one")
+    second = backup_manager.create_backup(fake_root, note="two")
+    assert (first["id"], second["id"]) == ("b20261128T000000-aaaa", "b20261128T000000-bbbb")
+    assert json.loads((fake_root / "backups" / first["id"] / "backup.json").read_text())["note"] == "one"
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "b20261128T172301-3f9a/../x", "b20261128T172301-XYZ1",
+                                 ".staging-b20261128T172301-3f9a"])
+def test_ids_are_validated_on_input(fake_root, capsys, bad):
+    for argv in (["verify", bad], ["restore", bad]):
+        code, _, err = _cli(capsys, *argv)
+        assert code == 2
+        assert err.strip() == (f"Error: invalid backup id {bad!r} (IDs look like "
+                               f"b20261128T172301-3f9a). List backups with `{LIST}`.")
+
+
+def test_backup_of_a_version_and_invalid_source(fake_root, capsys):
+    v = fake_root / "versions" / "v001"
+    _write(v / "config.json", b"{}\n")
+    _write(v / "model.safetensors", b"w" * 5000)
+    _write(v / "version.json", b'{"id": "v001"}\n')
+    doc = _backup(capsys, "v001")
+    assert doc["source"] == "v001" and doc["version"] == "v001"
+    assert set(doc["files"]) == {"config.json", "model.safetensors"}
+    code, _, err = _cli(capsys, "backup", "../current_model")
+    assert code == 2 and err.startswith("Error: invalid source '../current_model'")
+
+
+# --------------------------------------------------------------------------- verify
+
+def _flip(path: Path) -> None:
+    os.chmod(path, 0o644)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    os.chmod(path, 0o644)
+    os.truncate(path, path.stat().st_size - 1)
+
+
+CORRUPTIONS = {
+    "flipped": (lambda f: _flip(f / "model.safetensors"),
+                "model.safetensors: sha256 mismatch"),
+    "truncated": (lambda f: _truncate(f / "model.safetensors"),
+                  "model.safetensors: truncated (299999 bytes, expected 300000)"),
+    "missing": (lambda f: (f / "tokenizer" / "vocab.json").unlink(),
+                "tokenizer/vocab.json: missing"),
+    "extra": (lambda f: _write(f / "tokenizer" / "extra.bin", b"x"),
+              "tokenizer/extra.bin: extra file, not in the backup's manifest"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_verify_catches_corruption(fake_root, capsys, kind):
+    doc = _backup(capsys)
+    folder = fake_root / "backups" / doc["id"]
+    code, result, _ = _cli(capsys, "verify", doc["id"], "--json")
+    assert code == 0 and result["ok"] is True
+    damage, problem = CORRUPTIONS[kind]
+    damage(folder)
+    code, result, err = _cli(capsys, "verify", "--all", "--json")
+    assert code == 1 and result["ok"] is False
+    assert len(result["backups"][0]["problems"]) == 1
+    assert result["backups"][0]["problems"][0].startswith(problem)
+    assert err.startswith(f"Error: backup {doc['id']} is corrupt ({problem}")
+    listed = backup_manager.list_backups(fake_root)
+    assert listed[0]["status"] == "corrupt" and backup_manager.latest_backup(fake_root) is None
+
+
+# --------------------------------------------------------------------------- disk full
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True)
+    return proc.returncode == 0
+
+
+def _assert_nothing_kept(root: Path, bdir: Path, before: dict) -> None:
+    assert backup_manager.list_backups(root) == []
+    assert [e for e in os.listdir(bdir) if e.startswith(".staging-")] == []
+    assert _tree_hashes(root / "current_model") == before
+
+
+def test_disk_full_on_a_small_tmpfs(fake_root, tmp_path, capsys):
+    mnt = tmp_path / "small"
+    if not _mount_tmpfs(mnt, "64k"):
+        pytest.skip("mount -t tmpfs not permitted here (test_disk_full_injected covers ENOSPC)")
+    try:
+        _set_backup_dir(fake_root, mnt)
+        # 40 files of 300 bytes pass the free-space check (12 kB < 64 kB) but each takes a
+        # 4 kB page on tmpfs, so the disk fills up for real in the middle of the copy.
+        for i in range(40):
+            _write(fake_root / "current_model" / "shards" / f"s{i:02d}.bin", os.urandom(300))
+        (fake_root / "current_model" / "model.safetensors").write_bytes(b"m" * 1000)
+        before = _tree_hashes(fake_root / "current_model")
+        code, doc, err = _cli(capsys, "backup", "--json")
+        assert code == 1 and doc["ok"] is False
+        assert err.startswith("Error: backup failed: no space left on device (")
+        assert err.rstrip().endswith(f"nothing was kept, {mnt}. Fix the cause, then run "
+                                     "`python3 backup_manager.py backup`.")
+        _assert_nothing_kept(fake_root, mnt, before)
+        # too small for the total: refused before writing anything
+        (fake_root / "current_model" / "model.safetensors").write_bytes(b"m" * 100_000)
+        code, _, err = _cli(capsys, "backup")
+        assert code == 1 and err.startswith("Error: not enough free space for a backup (")
+        # and it is not the same filesystem as current_model
+        assert backup_manager.same_filesystem(fake_root) is False
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_disk_full_injected(fake_root, capsys, monkeypatch):
+    """ENOSPC from the kernel's write(2), injected at that boundary for the backup's files."""
+    before = _tree_hashes(fake_root / "current_model")
+    bdir = fake_root / "backups"
+    real_write, written = os.write, [0]
+
+    def write(fd, data):
+        target = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else ""
+        if target.startswith(str(bdir)):
+            if written[0] + len(data) > 200_000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            written[0] += len(data)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(backup_manager.GuardrailError) as exc:
+        backup_manager.create_backup(fake_root)
+    monkeypatch.undo()
+    assert str(exc.value).startswith("backup failed: no space left on device (")
+    _assert_nothing_kept(fake_root, bdir, before)
+
+
+# --------------------------------------------------------------------------- kill -9
+
+def test_kill_9_during_backup_then_next_run_cleans_up(fake_root, capsys):
+    (fake_root / "current_model" / "model.safetensors").write_bytes(b"\0" * (160 << 20))
+    bdir = fake_root / "backups"
+    proc = subprocess.Popen([sys.executable, str(REPO / "backup_manager.py"), "backup"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, TRAINING_ROOT=str(fake_root)))
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            if bdir.is_dir() and any((bdir / e / "model.safetensors").exists()
+                                     for e in os.listdir(bdir) if e.startswith(".staging-")):
+                break
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL
+    leftovers = [e for e in os.listdir(bdir) if e.startswith(".staging-")]
+    assert len(leftovers) == 1
+    code, listed, _ = _cli(capsys, "list", "--json")
+    assert code == 0 and listed["backups"] == []
+    doc = _backup(capsys)
+    assert doc["cleaned_staging"] == leftovers
+    assert sorted(os.listdir(bdir)) == [doc["id"]]
+
+
+# --------------------------------------------------------------------------- restore
+
+def test_restore_refuses_a_corrupt_backup(fake_root, capsys):
+    doc = _backup(capsys)
+    folder = fake_root / "backups" / doc["id"]
+    _flip(folder / "model.safetensors")
+    before = _tree_hashes(fake_root / "current_model")
+    code, out, err = _cli(capsys, "restore", doc["id"])
+    assert code == 1
+    assert err.startswith(f"Error: backup {doc['id']} is corrupt (model.safetensors: sha256 "
+                          "mismatch (")
+    assert err.rstrip().endswith(
+        f"); nothing was restored, {folder}. List the others with `{LIST}` and check one "
+        "with `python3 backup_manager.py verify ID`.")
+    assert _tree_hashes(fake_root / "current_model") == before
+
+
+def test_restore_to_a_folder(fake_root, tmp_path, capsys):
+    doc = _backup(capsys)
+    busy = tmp_path / "busy"
+    _write(busy / "keep.txt", b"mine")
+    code, _, err = _cli(capsys, "restore", doc["id"], "--to", str(busy))
+    assert code == 1 and err.strip() == (
+        f"Error: target folder is not empty; restore never writes over files, {busy}. "
+        "Choose a new or empty folder with --to DIR.")
+    assert (busy / "keep.txt").read_bytes() == b"mine"
+    out = tmp_path / "empty"
+    out.mkdir()
+    code, result, _ = _cli(capsys, "restore", doc["id"], "--to", str(out), "--json")
+    assert code == 0 and result["restored_to"] == str(out)
+    restored = _tree_hashes(out)
+    manifest = json.loads(restored and (out / ".manifest.json").read_text())
+    restored.pop(".manifest.json")
+    assert restored == _tree_hashes(fake_root / "current_model")
+    assert set(manifest["files"]) == set(restored)
+
+
+def test_restore_keeps_prior_state_and_loads(initialized_root, capsys):
+    import model_versioner
+    root = initialized_root
+    doc = _backup(capsys)
+    backed_up = _tree_hashes(root / "current_model")
+    # "train": publish a changed current_model that is not a version yet
+    staged = root / ".staging" / "trained"
+    staged.mkdir(parents=True)
+    for f in (root / "current_model").iterdir():
+        if f.name != ".manifest.json":
+            (staged / f.name).write_bytes(f.read_bytes())
+    (staged / "trainer_state.json").write_text('{"global_step": 99, "tokens_seen": 9999}\n')
+    model_versioner.write_manifest(staged)
+    model_versioner.publish_model(root, staged)
+    assert model_versioner.current_version(root) is None
+    trained = _tree_hashes(root / "current_model")
+
+    code, result, err = _cli(capsys, "restore", doc["id"], "--json")
+    assert code == 0, err
+    kept = result["kept_version"]
+    assert kept and (root / "versions" / kept).is_dir()
+    kept_files = _tree_hashes(root / "versions" / kept)
+    assert all(kept_files[k] == v for k, v in trained.items() if k != ".manifest.json")
+    now = _tree_hashes(root / "current_model")
+    assert {k: v for k, v in now.items() if k != ".manifest.json"} == \
+        {k: v for k, v in backed_up.items() if k != ".manifest.json"}
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(root / "current_model", local_files_only=True)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+# --------------------------------------------------------------------------- prune, policy, priority
+
+def test_prune_keeps_newest_verified_and_dry_runs(fake_root, capsys):
+    ids = [backup_manager.create_backup(fake_root)["id"] for _ in range(3)]
+    _flip(fake_root / "backups" / ids[2] / "config.json")  # newest is silently corrupt
+    code, dry, _ = _cli(capsys, "prune", "--keep", "1", "--json")
+    assert code == 0 and dry["dry_run"] is True and dry["kept"] == [ids[2]]
+    assert sorted(os.listdir(fake_root / "backups")) == sorted(ids)  # nothing deleted
+    code, done, _ = _cli(capsys, "prune", "--keep", "1", "--yes", "--json")
+    assert code == 0 and done["kept"] == [ids[1]]  # re-verified: the corrupt one is not kept
+    assert sorted(done["deleted"]) == sorted([ids[0], ids[2]])
+    assert os.listdir(fake_root / "backups") == [ids[1]]
+    # never the last verified one
+    _flip(fake_root / "backups" / ids[1] / "config.json")
+    code, _, err = _cli(capsys, "prune", "--keep", "1", "--yes")
+    assert code == 1 and err.startswith("Error: no verified backup exists; prune deletes nothing")
+    assert os.listdir(fake_root / "backups") == [ids[1]]
+
+
+def test_backup_due_policy(fake_root):
+    cfg = training_config.default_config(backup_every_files=2, backup_every_hours=0)
+    assert backup_manager.backup_due(fake_root, cfg, 1) is False
+    assert backup_manager.backup_due(fake_root, cfg, 2) is True
+    hourly = training_config.default_config(backup_every_files=0, backup_every_hours=1.0)
+    assert backup_manager.backup_due(fake_root, hourly, 0) is True  # no backup yet
+    backup_manager.create_backup(fake_root)
+    assert backup_manager.backup_due(fake_root, hourly, 0) is False
+    off = training_config.default_config(backup_every_files=0, backup_every_hours=0)
+    assert backup_manager.backup_due(fake_root, off, 50) is False
+
+
+def test_set_idle_priority_applies_to_the_calling_thread():
+    seen = {}
+
+    def worker():
+        seen["ok"] = backup_manager.set_idle_priority()
+        seen["policy"] = os.sched_getscheduler(0)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == {"ok": True, "policy": os.SCHED_IDLE}
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the test's own thread is untouched
