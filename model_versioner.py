@@ -1,0 +1,1004 @@
+"""Immutable model versions, O(files) snapshots, and atomic swaps of `current_model/`.
+
+A version `versions/vNNN/` is a complete Hugging Face model folder whose files are hard
+links to the files `current_model/` had when it was taken, plus `version.json` (reason,
+parent, steps, data files, loss, config, sha256 manifest). Linking is safe only because
+nothing ever writes a file in `current_model/` or `versions/` in place: a new model is
+saved into `.staging/`, fsynced and swapped in with `renameat2(RENAME_EXCHANGE)` by
+`publish_model`; files are made read-only (0444) when published or versioned.
+
+    python3 model_versioner.py snapshot --note "before the risky data"
+    python3 model_versioner.py rollback            # undo the last training (itself undoable)
+    python3 model_versioner.py restore latest      # after `rm -rf current_model`
+    python3 model_versioner.py verify --all --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import re
+import shutil
+import stat
+import sys
+import threading
+import time
+from pathlib import Path
+
+from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
+                       atomic_write_json, exchange_paths, fsync_dir, pid_alive, print_json,
+                       read_json, rename_noreplace, resolve_root, run_cli, sha256_file, utc_now)
+
+SCHEMA_VERSION = 1
+MANIFEST = ".manifest.json"
+VERSION_FILE = "version.json"
+TAGS_FILE = "tags.json"
+READ_ONLY = 0o444
+VERSION_RE = re.compile(r"v(\d{1,9})")
+TAG_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+CMD = "python3 model_versioner.py"
+STOP_COMMAND = "python3 training_controller.py stop"
+DANCE_INTENT = "mv-dance.json"   # in ROOT/.staging/: a rename dance in progress
+PREFIX = "mv-"                   # ROOT/.staging/mv-* belongs to this module; recover() cleans it
+
+
+# --------------------------------------------------------------------------- ids
+
+def validate_version_id(text) -> str:
+    """`v3` / `v003` -> `v003`; anything else (paths, `..`, tags) raises UsageError."""
+    if isinstance(text, str):
+        m = VERSION_RE.fullmatch(text)
+        if m:
+            return f"v{int(m.group(1)):03d}"
+    raise UsageError(f"invalid version id {text!r} (expected vNNN such as v003, a tag, or latest)",
+                     None, f"Run `{CMD} list` to see the versions.")
+
+
+def _version_number(vid: str) -> int:
+    return int(vid[1:])
+
+
+# --------------------------------------------------------------------------- manifests
+
+def _walk(folder: Path, skip: tuple = (MANIFEST,)) -> list[str]:
+    """Every file under `folder` as a sorted posix relpath, except the names in `skip`."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in filenames:
+            rel = os.path.relpath(os.path.join(dirpath, name), folder).replace(os.sep, "/")
+            if rel not in skip:
+                out.append(rel)
+    return sorted(out)
+
+
+def read_manifest(model_dir) -> dict | None:
+    """The folder's `.manifest.json`, or None if it has none (a corrupt one raises)."""
+    doc = read_json(Path(model_dir) / MANIFEST, default=None)
+    if doc is not None and not (isinstance(doc, dict) and isinstance(doc.get("files"), dict)):
+        raise GuardrailError("not a manifest (no `files` object)", Path(model_dir) / MANIFEST,
+                             f"Rewrite it with `{CMD} snapshot` or restore a version.")
+    return doc
+
+
+def write_manifest(model_dir, *, global_step=None, tokens_seen=None, extra: dict | None = None) -> dict:
+    """Hash every file of a model folder (except the manifest) and write `.manifest.json` atomically.
+
+    `global_step`/`tokens_seen` default to the folder's `trainer_state.json`.
+    """
+    model_dir = Path(model_dir)
+    files = {}
+    for rel in _walk(model_dir):
+        path = model_dir / rel
+        files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    state = {}
+    if (global_step is None or tokens_seen is None) and (model_dir / "trainer_state.json").is_file():
+        with contextlib.suppress(GuardrailError):
+            state = read_json(model_dir / "trainer_state.json", default={}) or {}
+        state = state if isinstance(state, dict) else {}
+    doc = {"schema_version": SCHEMA_VERSION, "files": files,
+           "global_step": global_step if global_step is not None else state.get("global_step"),
+           "tokens_seen": tokens_seen if tokens_seen is not None else state.get("tokens_seen"),
+           "created_at": utc_now()}
+    doc.update(extra or {})
+    atomic_write_json(model_dir / MANIFEST, doc, mode=READ_ONLY)
+    return doc
+
+
+def _has_weights(names) -> bool:
+    return any(n.endswith(WEIGHT_SUFFIXES) or n.endswith(".index.json") for n in names)
+
+
+def check_model_dir(model_dir) -> list[str]:
+    """Cheap completeness check (no hashing): config.json and weights present, names and sizes
+    match the manifest. Returns the problems; empty if the folder looks complete."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return [f"{model_dir}: missing"]
+    names = _walk(model_dir, skip=(MANIFEST, VERSION_FILE))
+    problems = []
+    if "config.json" not in names:
+        problems.append("config.json: missing")
+    if not _has_weights(names):
+        problems.append("no weights file (*.safetensors or *.bin)")
+    try:
+        manifest = read_manifest(model_dir)
+    except GuardrailError as exc:
+        return problems + [str(exc)]
+    if manifest is None:
+        return problems + [f"{MANIFEST}: missing"]
+    listed = manifest["files"]
+    for rel, entry in listed.items():
+        try:
+            size = (model_dir / rel).stat().st_size
+        except OSError:
+            problems.append(f"{rel}: missing")
+            continue
+        if isinstance(entry, dict) and size != entry.get("size"):
+            problems.append(f"{rel}: size {size}, manifest says {entry.get('size')}")
+    problems += [f"{rel}: not in the manifest" for rel in names if rel not in listed]
+    return problems
+
+
+def verify_files(folder, manifest_files: dict) -> list[str]:
+    """Recompute every sha256 against `manifest_files`; returns one line per bad file."""
+    folder = Path(folder)
+    problems = []
+    for rel, entry in sorted(manifest_files.items()):
+        path = folder / rel
+        try:
+            size = path.stat().st_size
+        except OSError:
+            problems.append(f"{rel}: missing")
+            continue
+        if size != entry.get("size"):
+            problems.append(f"{rel}: size {size}, expected {entry.get('size')}")
+        elif sha256_file(path) != entry.get("sha256"):
+            problems.append(f"{rel}: sha256 mismatch (changed after it was recorded)")
+    known = set(manifest_files) | {MANIFEST, VERSION_FILE}
+    problems += [f"{rel}: not in the manifest" for rel in _walk(folder, skip=()) if rel not in known]
+    return problems
+
+
+# --------------------------------------------------------------------------- locking
+
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def _versions_lock(p: Paths, purpose: str, timeout: float = 30.0):
+    """The shared `versions` lock, re-entrant within one thread (publish inside restore)."""
+    depth = getattr(_held, "depth", 0)
+    if depth:
+        _held.depth = depth + 1
+        try:
+            yield
+        finally:
+            _held.depth -= 1
+        return
+    lock = FileLock(p.lock("versions"), purpose).acquire(timeout=timeout)
+    _held.depth = 1
+    try:
+        yield
+    finally:
+        _held.depth = 0
+        lock.release()
+
+
+def refuse_while_training(root) -> None:
+    """Raise BusyError while another live process (the daemon) is training or stopping.
+
+    The daemon itself may swap the model (its loss guard restores), so its own pid passes.
+    """
+    p = Paths(root)
+    try:
+        st = read_json(p.daemon_state, default=None)
+    except GuardrailError:
+        st = None  # unreadable: the controller's liveness check below still applies
+    st = st if isinstance(st, dict) else {}
+    pid, state = st.get("pid"), st.get("state")
+    try:
+        import training_controller
+        status = training_controller.daemon_status(p.root)
+        busy = status.get("alive") and status.get("state") in ("training", "stopping")
+        pid = status.get("pid") or pid
+    except ImportError:
+        busy = state in ("training", "stopping") and isinstance(pid, int) and pid_alive(pid)
+    if not busy or pid == os.getpid():
+        return
+    cur = st.get("current_file")
+    name = cur.get("name") if isinstance(cur, dict) else None
+    what = f"the daemon (pid {pid}) is training" + (f" {name}" if name else "")
+    raise BusyError(what, p.root, f"Stop it first with `{STOP_COMMAND}`, then run this again.")
+
+
+# --------------------------------------------------------------------------- reading versions
+
+def _version_dirs(p: Paths) -> list[str]:
+    try:
+        names = os.listdir(p.versions)
+    except FileNotFoundError:
+        return []
+    return sorted((n for n in names if VERSION_RE.fullmatch(n) and (p.versions / n).is_dir()),
+                  key=_version_number)
+
+
+def _load_record(p: Paths, vid: str) -> dict | None:
+    try:
+        doc = read_json(p.versions / vid / VERSION_FILE, default=None)
+    except GuardrailError:
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("manifest"), dict) else None
+
+
+def list_versions(root) -> list[dict]:
+    """Every complete version's record (oldest first); folders without a readable record are skipped."""
+    p = Paths(root)
+    return [rec for vid in _version_dirs(p) if (rec := _load_record(p, vid)) is not None]
+
+
+def latest_version(root) -> str | None:
+    p = Paths(root)
+    for vid in reversed(_version_dirs(p)):
+        if _load_record(p, vid) is not None:
+            return vid
+    return None
+
+
+def read_tags(root) -> dict:
+    try:
+        tags = read_json(Paths(root).versions / TAGS_FILE, default={})
+    except GuardrailError:
+        return {}
+    return {k: v for k, v in tags.items() if isinstance(v, str)} if isinstance(tags, dict) else {}
+
+
+def read_version(root, vid) -> dict:
+    """The record of version `vid`; raises if the id is invalid or the version is missing."""
+    p = Paths(root)
+    vid = validate_version_id(vid)
+    rec = _load_record(p, vid)
+    if rec is None:
+        raise GuardrailError(f"no version {vid}", p.versions / vid,
+                             f"Run `{CMD} list` to see the versions.")
+    return rec
+
+
+def resolve_version(root, text) -> str:
+    """A version id from `vNNN`, `latest`, or a tag name."""
+    if text == "latest":
+        vid = latest_version(root)
+        if vid is None:
+            raise GuardrailError("no versions yet", Paths(root).versions,
+                                 f"Take one with `{CMD} snapshot`.")
+        return vid
+    if isinstance(text, str) and TAG_RE.fullmatch(text) and not VERSION_RE.fullmatch(text):
+        tags = read_tags(root)
+        if text in tags:
+            return validate_version_id(tags[text])
+    return read_version(root, text)["id"]
+
+
+def _signature(folder: Path) -> dict | None:
+    """{relpath: (inode, size)} of a model folder (version.json excluded), None if unreadable."""
+    try:
+        return {rel: ((st := (folder / rel).stat()).st_ino, st.st_size)
+                for rel in _walk(folder, skip=(VERSION_FILE,))}
+    except OSError:
+        return None
+
+
+def _tree_version(p: Paths, folder: Path) -> str | None:
+    """Which version `folder` is (same inodes and sizes), newest first; None if none."""
+    try:
+        manifest_ino = (folder / MANIFEST).stat().st_ino
+    except OSError:
+        return None
+    sig = None
+    for vid in reversed(_version_dirs(p)):
+        try:
+            if (p.versions / vid / MANIFEST).stat().st_ino != manifest_ino:
+                continue
+        except OSError:
+            continue
+        sig = sig or _signature(folder)
+        if sig is not None and sig == _signature(p.versions / vid) and _load_record(p, vid):
+            return vid
+    return None
+
+
+def current_version(root) -> str | None:
+    """The version `current_model/` is right now (cheap: inodes and sizes), or None."""
+    p = Paths(root)
+    return _tree_version(p, p.current_model)
+
+
+# --------------------------------------------------------------------------- creating versions
+
+def _stamp() -> str:
+    return f"{time.time_ns()}-{os.getpid()}"
+
+
+def _fsync_tree(folder: Path) -> None:
+    for dirpath, _dirs, _files in os.walk(folder):
+        fsync_dir(dirpath)
+
+
+def _link_tree(src: Path, dst: Path, rels) -> None:
+    """Hard-link each relpath of `src` into `dst` (O(files), no bytes copied)."""
+    for rel in rels:
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(src / rel, target)
+
+
+def _chmod_read_only(folder: Path) -> None:
+    for rel in _walk(folder, skip=()):
+        path = folder / rel
+        if stat.S_IMODE(path.stat().st_mode) != READ_ONLY:
+            os.chmod(path, READ_ONLY)
+
+
+def _next_id(p: Paths) -> str:
+    numbers = [_version_number(v) for v in _version_dirs(p)]
+    pruned = p.versions / ".pruned"
+    if pruned.is_dir():
+        numbers += [_version_number(n[:-5]) for n in os.listdir(pruned)
+                    if n.endswith(".json") and VERSION_RE.fullmatch(n[:-5])]
+    return f"v{max(numbers, default=0) + 1:03d}"
+
+
+def _normalize_data_files(data_files) -> list[dict]:
+    out = []
+    for item in data_files or []:
+        if isinstance(item, dict):
+            out.append({"name": item.get("name"), "sha256": item.get("sha256")})
+        else:
+            path = Path(item)
+            out.append({"name": path.name, "sha256": sha256_file(path)})
+    return out
+
+
+def _ensure_current_manifest(p: Paths) -> dict:
+    """current_model's manifest, rewritten (hashing) only when missing or stale in names/sizes."""
+    cur = p.current_model
+    if not cur.is_dir():
+        raise GuardrailError("current_model is missing", cur,
+                             f"Bring it back with `{CMD} restore latest`.")
+    names = _walk(cur, skip=(MANIFEST,))
+    if "config.json" not in names or not _has_weights(names):
+        raise GuardrailError("current_model is incomplete (" + "; ".join(
+            check_model_dir(cur)) + ")", cur, f"Bring it back with `{CMD} restore latest`.")
+    try:
+        manifest = read_manifest(cur)
+    except GuardrailError:
+        manifest = None
+    if manifest is None or check_model_dir(cur):
+        # New file + rename: the old manifest's inode (maybe shared with a version) is untouched.
+        keep = {k: manifest[k] for k in ("parent_version",) if manifest and k in manifest}
+        manifest = write_manifest(cur, extra=keep)
+    return manifest
+
+
+def create_version(root, reason: str, *, note=None, data_files=None, loss=None,
+                   force: bool = False) -> tuple[str, bool]:
+    """Snapshot `current_model/` as a new immutable version; returns `(id, created)`.
+
+    No new version when current_model already equals the latest one (unless `force`).
+    Hard links + version.json in `versions/.staging-*`, fsync, rename to `vNNN`.
+    """
+    p = Paths(root)
+    with _versions_lock(p, f"snapshot ({reason})"):
+        return _create_version_locked(p, reason, note=note, data_files=data_files, loss=loss,
+                                      force=force)
+
+
+def _create_version_locked(p: Paths, reason, *, note=None, data_files=None, loss=None,
+                           force=False) -> tuple[str, bool]:
+    manifest = _ensure_current_manifest(p)
+    same = current_version(p.root)
+    latest = latest_version(p.root)
+    if same is not None and same == latest and not force:
+        return same, False
+    try:
+        cfg = read_json(p.config, default=None)
+    except GuardrailError:
+        cfg = None
+    p.versions.mkdir(parents=True, exist_ok=True)
+    staging = p.versions / f".staging-{_stamp()}"
+    staging.mkdir()
+    try:
+        rels = list(manifest["files"]) + [MANIFEST]
+        _link_tree(p.current_model, staging, rels)
+        _chmod_read_only(staging)  # shared inodes: current_model's files become 0444 too
+        problems = check_model_dir(staging)
+        if problems:  # current_model changed under us (someone bypassed the lock)
+            raise GuardrailError("current_model changed while it was being versioned ("
+                                 + "; ".join(problems) + ")", p.current_model,
+                                 f"Run `{CMD} snapshot` again.")
+        record = {"schema_version": SCHEMA_VERSION, "id": None, "created_at": utc_now(),
+                  "reason": reason, "note": note,
+                  "parent": same or manifest.get("parent_version") or latest,
+                  "global_step": manifest.get("global_step"),
+                  "tokens_seen": manifest.get("tokens_seen"),
+                  "data_files": _normalize_data_files(data_files), "loss": loss,
+                  "config": cfg, "manifest": manifest["files"]}
+        while True:
+            vid = _next_id(p)
+            record["id"] = vid
+            atomic_write_json(staging / VERSION_FILE, record, mode=READ_ONLY)
+            _fsync_tree(staging)
+            try:
+                rename_noreplace(staging, p.versions / vid)
+                return vid, True
+            except FileExistsError:
+                continue  # a folder appeared by hand under that name: take the next
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------- publishing
+
+def _exchange_available() -> bool:
+    # Tests set this to exercise the rename dance that kernels without renameat2 need.
+    return os.environ.get("GUARDRAILS_NO_RENAME_EXCHANGE") != "1"
+
+
+def publish_model(root, staged_dir, *, reason: str = "publish",
+                  keep_old: str = "if-unversioned") -> dict:
+    """Make a complete, fsynced folder the new `current_model/` in one atomic step.
+
+    The old tree is discarded when it equals a version; otherwise, with
+    keep_old="if-unversioned", it is first kept as a version (reason `superseded`);
+    keep_old="never" discards it (the trainer replacing its own intermediate save).
+    Returns `{method, previous_version, kept_version, parent_version}`.
+    """
+    if keep_old not in ("if-unversioned", "never"):
+        raise ValueError(f"keep_old must be 'if-unversioned' or 'never', not {keep_old!r}")
+    p = Paths(root)
+    with _versions_lock(p, f"publish ({reason})"):
+        return _publish_locked(p, Path(staged_dir), reason, keep_old)
+
+
+def _publish_locked(p: Paths, staged: Path, reason: str, keep_old: str) -> dict:
+    if read_manifest(staged) is None:
+        write_manifest(staged)
+    problems = check_model_dir(staged)
+    if problems:
+        raise GuardrailError("refusing to publish an incomplete model (" + "; ".join(problems)
+                             + ")", staged, "Save the model again into a fresh folder under "
+                             ".staging/ and publish that.")
+    p.staging.mkdir(parents=True, exist_ok=True)
+    work = p.staging / f"{PREFIX}publish-{_stamp()}"
+    os.rename(staged, work)  # ours now: recover() cleans it if we die
+    fsync_dir(p.staging)
+    cur = p.current_model
+    old_exists = os.path.lexists(cur)
+    previous = _tree_version(p, cur) if old_exists else None
+    kept = None
+    old_manifest = None
+    if old_exists and previous is None:
+        with contextlib.suppress(GuardrailError, OSError):
+            old_manifest = read_manifest(cur)
+        if keep_old == "if-unversioned":
+            if cur.is_dir() and not check_model_dir(cur):
+                kept, _ = _create_version_locked(p, "superseded", note=f"kept before: {reason}",
+                                                 force=True)
+            else:  # a broken tree is not a version, but it is not thrown away either
+                attic = p.root / ".attic" / f"current_model-{_stamp()}"
+                attic.mkdir(parents=True)
+                if cur.is_dir():
+                    _link_tree(cur, attic, _walk(cur, skip=()))
+                _fsync_tree(attic.parent)
+    parent = previous or kept or (old_manifest or {}).get("parent_version")
+    if _tree_version(p, work) is None:  # a version's own manifest is shared: leave it be
+        manifest = read_manifest(work)
+        if manifest.get("parent_version") != parent:
+            manifest["parent_version"] = parent
+            atomic_write_json(work / MANIFEST, manifest, mode=READ_ONLY)
+    _chmod_read_only(work)
+    _fsync_tree(work)
+    if not old_exists:
+        rename_noreplace(work, cur)
+        method = "rename"
+    else:
+        method = "exchange"
+        try:
+            if not _exchange_available():
+                raise OSError(errno.ENOSYS, "renameat2 disabled")
+            exchange_paths(work, cur)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EINVAL):
+                raise
+            print(f"model_versioner: renameat2 unavailable ({exc.strerror}); using the "
+                  "rename dance", file=sys.stderr)
+            method = "dance"
+            _rename_dance(p, work)
+        # `work` now holds the old tree: a version's links, a kept copy, or a discard.
+        shutil.rmtree(work, ignore_errors=True)
+    return {"method": method, "previous_version": previous, "kept_version": kept,
+            "parent_version": parent}
+
+
+def _rename_dance(p: Paths, work: Path) -> None:
+    """current_model -> aside, work -> current_model, aside -> work; recover() finishes it."""
+    aside = p.staging / f"{PREFIX}old-{_stamp()}"
+    intent = p.staging / DANCE_INTENT
+    atomic_write_json(intent, {"new": work.name, "old": aside.name, "created_at": utc_now()})
+    os.rename(p.current_model, aside)
+    fsync_dir(p.root)
+    fsync_dir(p.staging)
+    os.rename(work, p.current_model)
+    fsync_dir(p.root)
+    fsync_dir(p.staging)
+    os.unlink(intent)
+    os.rename(aside, work)
+
+
+def recover(root) -> dict:
+    """Start-up recovery: finish or undo a half-done rename dance, drop staging leftovers.
+
+    A busy lock means another command is mid-operation: nothing is touched then.
+    """
+    p = Paths(root)
+    actions = []
+    try:
+        lock_cm = _versions_lock(p, "recover", timeout=0)
+        lock_cm.__enter__()
+    except BusyError:
+        return {"skipped": "busy", "actions": []}
+    try:
+        intent = p.staging / DANCE_INTENT
+        if intent.exists():
+            try:
+                doc = read_json(intent)
+            except GuardrailError:
+                doc = {}
+            doc = doc if isinstance(doc, dict) else {}
+            new = p.staging / str(doc.get("new", "")) if doc.get("new") else None
+            old = p.staging / str(doc.get("old", "")) if doc.get("old") else None
+            if not os.path.lexists(p.current_model):
+                for src, word in ((new, "finished"), (old, "undid")):
+                    if src and src.is_dir() and not check_model_dir(src):
+                        os.rename(src, p.current_model)
+                        fsync_dir(p.root)
+                        actions.append(f"{word} an interrupted swap of current_model")
+                        break
+            os.unlink(intent)
+        for folder, prefix in ((p.staging, PREFIX), (p.versions, ".staging-")):
+            with contextlib.suppress(FileNotFoundError):
+                for name in sorted(os.listdir(folder)):
+                    if name.startswith(prefix):
+                        path = folder / name
+                        if path.is_dir() and not path.is_symlink():
+                            shutil.rmtree(path)
+                        else:
+                            path.unlink()
+                        actions.append(f"removed {path.relative_to(p.root)}")
+    finally:
+        lock_cm.__exit__(None, None, None)
+    return {"skipped": None, "actions": actions}
+
+
+# --------------------------------------------------------------------------- restore, rollback
+
+def restore_version(root, vid, reason: str = "restore") -> dict:
+    """Make current_model equal to version `vid`, keeping the present state as a version first.
+
+    Returns `{restored, previous_version, kept_version, changed, undo}`.
+    """
+    p = Paths(root)
+    refuse_while_training(p.root)
+    with _versions_lock(p, f"restore {vid}"):
+        vid = resolve_version(p.root, vid)
+        return _restore_locked(p, vid, "pre-rollback" if reason == "rollback" else "pre-restore")
+
+
+def _restore_locked(p: Paths, vid: str, keep_reason: str) -> dict:
+    rec = read_version(p.root, vid)
+    src = p.versions / vid
+    problems = check_model_dir(src)
+    if problems:
+        raise GuardrailError(f"version {vid} is damaged (" + "; ".join(problems) + ")", src,
+                             f"Check it with `{CMD} verify {vid}`, then restore another version.")
+    previous = current_version(p.root) if os.path.lexists(p.current_model) else None
+    if previous == vid:
+        return {"restored": vid, "previous_version": vid, "kept_version": None,
+                "changed": False, "undo": None}
+    kept = None
+    if os.path.lexists(p.current_model) and previous is None and not check_model_dir(p.current_model):
+        kept, _ = _create_version_locked(p, keep_reason, note=f"kept before restoring {vid}",
+                                         force=True)
+    p.staging.mkdir(parents=True, exist_ok=True)
+    stage = p.staging / f"{PREFIX}restore-{_stamp()}"
+    stage.mkdir()
+    _link_tree(src, stage, list(rec["manifest"]) + [MANIFEST])
+    result = _publish_locked(p, stage, f"restore {vid}", "if-unversioned")
+    before = previous or kept or result.get("kept_version")
+    return {"restored": vid, "previous_version": previous, "kept_version": kept or
+            result.get("kept_version"), "changed": True,
+            "undo": f"{CMD} restore {before}" if before else None}
+
+
+def rollback_target(root) -> str:
+    """The version taken before the last training of current_model (walks past pruned ones)."""
+    p = Paths(root)
+    cur = current_version(p.root)
+    if cur is not None:
+        start = read_version(p.root, cur).get("parent")
+    else:
+        try:
+            manifest = read_manifest(p.current_model) or {}
+        except GuardrailError:
+            manifest = {}
+        start = manifest.get("parent_version") or latest_version(p.root)
+    seen = set()
+    vid = start
+    while vid and vid not in seen:
+        seen.add(vid)
+        if _load_record(p, vid) is not None:
+            return vid
+        pruned = read_json(p.versions / ".pruned" / f"{vid}.json", default=None)
+        vid = pruned.get("parent") if isinstance(pruned, dict) else None
+    raise GuardrailError("nothing to roll back to (current_model has no earlier version)",
+                         p.versions, f"See what exists with `{CMD} list`.")
+
+
+def rollback(root) -> dict:
+    """Undo the last training: current_model becomes the version taken before it."""
+    p = Paths(root)
+    refuse_while_training(p.root)
+    with _versions_lock(p, "rollback"):
+        return _restore_locked(p, rollback_target(p.root), "pre-rollback")
+
+
+# --------------------------------------------------------------------------- tags, verify, prune, lineage
+
+def tag_version(root, vid, name: str) -> dict:
+    """Name a version in `versions/tags.json` (versions themselves are immutable)."""
+    p = Paths(root)
+    if not isinstance(name, str) or not TAG_RE.fullmatch(name) or VERSION_RE.fullmatch(name) \
+            or name in ("latest", "current"):
+        raise UsageError(f"invalid tag name {name!r} (letters, digits, . _ -; not vNNN or latest)")
+    with _versions_lock(p, f"tag {name}"):
+        vid = resolve_version(p.root, vid)
+        tags = read_tags(p.root)
+        if tags.get(name) not in (None, vid):
+            raise GuardrailError(f"tag {name} already names {tags[name]}", p.versions / TAGS_FILE,
+                                 f"Run `{CMD} untag {name}` first.")
+        tags[name] = vid
+        atomic_write_json(p.versions / TAGS_FILE, dict(sorted(tags.items())))
+    return {"tag": name, "version": vid}
+
+
+def untag(root, name: str) -> dict:
+    p = Paths(root)
+    with _versions_lock(p, f"untag {name}"):
+        tags = read_tags(p.root)
+        if name not in tags:
+            raise GuardrailError(f"no tag {name!r}", p.versions / TAGS_FILE,
+                                 f"Run `{CMD} list` to see the tags.")
+        vid = tags.pop(name)
+        atomic_write_json(p.versions / TAGS_FILE, tags)
+    return {"untagged": name, "version": vid}
+
+
+def verify_version(root, vid) -> list[str]:
+    """Recompute every checksum of a version; returns `vNNN/FILE: problem` lines."""
+    p = Paths(root)
+    rec = read_version(p.root, vid)
+    return [f"{rec['id']}/{line}" for line in verify_files(p.versions / rec["id"], rec["manifest"])]
+
+
+def backup_versions(root) -> dict:
+    """{version id: [backup folder names]} for every backup whose backup.json names a version."""
+    p = Paths(root)
+    try:
+        import training_config
+        cfg = read_json(p.config, default={})
+        where = training_config.backup_dir(p.root, cfg if isinstance(cfg, dict) else {})
+    except (GuardrailError, OSError, TypeError, ValueError):
+        where = p.default_backups
+    out: dict = {}
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir(where)):
+            try:
+                doc = read_json(Path(where) / name / "backup.json", default=None)
+            except GuardrailError:
+                continue
+            vid = doc.get("version") if isinstance(doc, dict) else None
+            if isinstance(vid, str) and VERSION_RE.fullmatch(vid):
+                out.setdefault(validate_version_id(vid), []).append(name)
+    return out
+
+
+def prune_plan(root, keep: int | None = None) -> dict:
+    """Which versions prune would delete, and why each other one is kept."""
+    p = Paths(root)
+    if keep is None:
+        try:
+            cfg = read_json(p.config, default={})
+            keep = int(cfg.get("keep_versions", 20)) if isinstance(cfg, dict) else 20
+        except (GuardrailError, TypeError, ValueError):
+            keep = 20
+    if keep < 1:
+        raise UsageError(f"--keep must be at least 1, got {keep}")
+    ids = [rec["id"] for rec in list_versions(p.root)]
+    reasons: dict = {vid: [] for vid in ids}
+    for vid in ids[-keep:]:
+        reasons[vid].append(f"newest {keep}")
+    for name, vid in read_tags(p.root).items():
+        if vid in reasons:
+            reasons[vid].append(f"tag {name}")
+    if ids:
+        reasons[ids[-1]].append("latest")
+    cur = current_version(p.root)
+    if cur in reasons:
+        reasons[cur].append("current_model")
+    with contextlib.suppress(GuardrailError, OSError):
+        parent = (read_manifest(p.current_model) or {}).get("parent_version")
+        if parent in reasons and cur is None:
+            reasons[parent].append("current_model was trained from it")
+    for vid, backups in backup_versions(p.root).items():
+        if vid in reasons:
+            reasons[vid].append("backup " + ", ".join(backups))
+    return {"keep": {v: r for v, r in reasons.items() if r},
+            "delete": [v for v, r in reasons.items() if not r]}
+
+
+def prune(root, keep: int | None = None, *, yes: bool = False) -> dict:
+    """Delete the versions the retention policy does not keep (dry run unless `yes`).
+
+    A pruned version's record stays in `versions/.pruned/` so `lineage` still works.
+    """
+    p = Paths(root)
+    with _versions_lock(p, "prune"):
+        plan = prune_plan(p.root, keep)
+        deleted = []
+        if yes:
+            (p.versions / ".pruned").mkdir(exist_ok=True)
+            for vid in plan["delete"]:
+                rec = _load_record(p, vid)
+                if rec is not None:
+                    rec = {k: v for k, v in rec.items() if k != "manifest"}
+                    atomic_write_json(p.versions / ".pruned" / f"{vid}.json", rec)
+                doomed = p.versions / f".staging-pruned-{vid}-{_stamp()}"
+                os.rename(p.versions / vid, doomed)  # gone from `list` at once
+                fsync_dir(p.versions)
+                shutil.rmtree(doomed)
+                deleted.append(vid)
+    return {"dry_run": not yes, "deleted": deleted, **plan}
+
+
+def lineage(root, vid) -> dict:
+    """Every data file, in order, trained into `vid` since v001 (following `parent` links)."""
+    p = Paths(root)
+    vid = resolve_version(p.root, vid)
+    chain, seen, missing = [], set(), []
+    cursor = vid
+    while cursor and cursor not in seen:
+        seen.add(cursor)
+        rec = _load_record(p, cursor)
+        if rec is None:
+            try:
+                rec = read_json(p.versions / ".pruned" / f"{cursor}.json", default=None)
+            except GuardrailError:
+                rec = None
+            if not isinstance(rec, dict):
+                missing.append(cursor)
+                break
+        chain.append(rec)
+        cursor = rec.get("parent")
+    chain.reverse()
+    files = [{**f, "version": rec.get("id")} for rec in chain for f in rec.get("data_files") or []]
+    return {"version": vid, "chain": [rec.get("id") for rec in chain], "data_files": files,
+            "incomplete_from": missing[0] if missing else None}
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _root(args) -> Path:
+    return resolve_root(args.root)
+
+
+def _summary(rec: dict, tags: dict, cur: str | None) -> dict:
+    files = rec.get("manifest") or {}
+    return {"id": rec.get("id"), "created_at": rec.get("created_at"), "reason": rec.get("reason"),
+            "note": rec.get("note"), "parent": rec.get("parent"),
+            "global_step": rec.get("global_step"), "tokens_seen": rec.get("tokens_seen"),
+            "loss": rec.get("loss"), "files": len(files),
+            "bytes": sum(e.get("size", 0) for e in files.values() if isinstance(e, dict)),
+            "data_files": [f.get("name") for f in rec.get("data_files") or []],
+            "tags": sorted(n for n, v in tags.items() if v == rec.get("id")),
+            "current": rec.get("id") == cur}
+
+
+def cmd_list(args) -> int:
+    """List every version, oldest first (* marks the one current_model equals)."""
+    root = _root(args)
+    tags, cur = read_tags(root), current_version(root)
+    rows = [_summary(rec, tags, cur) for rec in list_versions(root)]
+    if args.json:
+        print_json({"ok": True, "versions": rows, "current": cur, "latest": latest_version(root)})
+        return 0
+    if not rows:
+        print(f"No versions yet. Take one with `{CMD} snapshot`.")
+    for r in rows:
+        extra = " ".join(f"[{t}]" for t in r["tags"])
+        print(f"{'*' if r['current'] else ' '} {r['id']}  {r['created_at'][:19]}  "
+              f"step {r['global_step']}  {r['reason']}"
+              + (f"  note: {r['note']}" if r["note"] else "") + (f"  {extra}" if extra else ""))
+    if rows and cur is None:
+        print("  current_model is not a version yet (trained since, or changed).")
+    return 0
+
+
+def cmd_show(args) -> int:
+    """Show one version's record (V: vNNN, a tag or latest)."""
+    root = _root(args)
+    rec = read_version(root, resolve_version(root, args.version))
+    out = {**rec, "tags": sorted(n for n, v in read_tags(root).items() if v == rec["id"]),
+           "current": current_version(root) == rec["id"]}
+    if args.json:
+        print_json({"ok": True, "version": out})
+    else:
+        for key in ("id", "created_at", "reason", "note", "parent", "global_step", "tokens_seen",
+                    "loss", "tags", "current"):
+            print(f"{key:12} {out.get(key)}")
+        for f in rec.get("data_files") or []:
+            print(f"data_file    {f.get('name')}  {str(f.get('sha256'))[:12]}")
+        for rel, e in sorted(rec["manifest"].items()):
+            print(f"file         {rel}  {e.get('size')} B  {str(e.get('sha256'))[:12]}")
+    return 0
+
+
+def cmd_snapshot(args) -> int:
+    """Keep current_model as a new version (nothing new if it equals the latest)."""
+    vid, created = create_version(_root(args), "manual", note=args.note, force=args.force)
+    if args.json:
+        print_json({"ok": True, "version": vid, "created": created})
+    else:
+        print(f"Created version {vid}." if created else f"current_model already equals {vid}; "
+              "no new version (use --force to take one anyway).")
+    return 0
+
+
+def _print_restore(args, result: dict, verb: str) -> None:
+    if args.json:
+        print_json({"ok": True, **result})
+    elif not result["changed"]:
+        print(f"current_model already equals {result['restored']}; nothing to do.")
+    else:
+        kept = f" (the previous state was kept as {result['kept_version']})" \
+            if result["kept_version"] else ""
+        print(f"{verb} current_model to {result['restored']}{kept}.")
+        if result["undo"]:
+            print(f"Undo with `{result['undo']}`.")
+
+
+def cmd_rollback(args) -> int:
+    """Undo the last training: current_model becomes the version taken before it."""
+    _print_restore(args, rollback(_root(args)), "Rolled back")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    """Make current_model equal to version V (vNNN, a tag or latest); undoable."""
+    _print_restore(args, restore_version(_root(args), args.version), "Restored")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    """Recompute every checksum of V (default: the latest) or of --all versions; exit 1 if bad."""
+    root = _root(args)
+    if args.all:
+        ids = [rec["id"] for rec in list_versions(root)]
+    else:
+        ids = [resolve_version(root, args.version or "latest")]
+    results = {vid: verify_version(root, vid) for vid in ids}
+    bad = [line for lines in results.values() for line in lines]
+    if args.json:
+        print_json({"ok": not bad, "versions": {v: {"ok": not lines, "problems": lines}
+                                                 for v, lines in results.items()}})
+    else:
+        for vid, lines in results.items():
+            print(f"{vid}: {'ok' if not lines else 'BAD'}")
+    for line in bad:
+        print(f"Error: {line}, {Paths(root).versions}. Restore a good version with "
+              f"`{CMD} restore VNNN` (see `{CMD} list`).", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_tag(args) -> int:
+    """Give version V a name (kept by prune)."""
+    result = tag_version(_root(args), args.version, args.name)
+    print_json({"ok": True, **result}) if args.json else print(
+        f"Tagged {result['version']} as {result['tag']}.")
+    return 0
+
+
+def cmd_untag(args) -> int:
+    """Remove a tag (the version itself stays)."""
+    result = untag(_root(args), args.name)
+    print_json({"ok": True, **result}) if args.json else print(
+        f"Removed tag {result['untagged']} (was {result['version']}).")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    """Delete old versions beyond --keep N; tagged, latest, current and backed-up ones stay.
+    Dry run unless --yes."""
+    result = prune(_root(args), args.keep, yes=args.yes)
+    if args.json:
+        print_json({"ok": True, **result})
+        return 0
+    for vid, why in result["keep"].items():
+        print(f"keep    {vid}  ({', '.join(why)})")
+    for vid in result["delete"]:
+        print(f"{'deleted' if args.yes else 'delete '} {vid}")
+    if not args.yes and result["delete"]:
+        print(f"Dry run: nothing deleted. Run `{CMD} prune --yes` to delete these.")
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    """Every data file, in order, trained into V since v001."""
+    result = lineage(_root(args), args.version)
+    if args.json:
+        print_json({"ok": True, **result})
+        return 0
+    print(" -> ".join(result["chain"]))
+    for f in result["data_files"]:
+        print(f"{f['version']}  {f.get('name')}  {str(f.get('sha256'))[:12]}")
+    if result["incomplete_from"]:
+        print(f"(history before {result['incomplete_from']} is gone)")
+    return 0
+
+
+def cmd_recover(args) -> int:
+    """Finish or undo an interrupted swap and remove staging leftovers (the daemon runs this)."""
+    result = recover(_root(args))
+    print_json({"ok": True, **result}) if args.json else print(
+        "\n".join(result["actions"]) or "Nothing to recover.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="model_versioner.py", description=__doc__.split("\n")[0])
+    add_common_args(parser)
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    def add(name, func, *arguments):
+        sp = sub.add_parser(name, help=func.__doc__.split("\n")[0], description=func.__doc__)
+        add_common_args(sp)
+        for flags, kwargs in arguments:
+            sp.add_argument(*flags, **kwargs)
+        sp.set_defaults(func=func)
+
+    add("list", cmd_list)
+    add("show", cmd_show, (("version",), {"metavar": "V"}))
+    add("snapshot", cmd_snapshot, (("--note",), {}),
+        (("--force",), {"action": "store_true", "help": "a new version even if unchanged"}))
+    add("rollback", cmd_rollback)
+    add("restore", cmd_restore, (("version",), {"metavar": "V"}))
+    add("verify", cmd_verify, (("version",), {"metavar": "V", "nargs": "?"}),
+        (("--all",), {"action": "store_true"}))
+    add("tag", cmd_tag, (("version",), {"metavar": "V"}), (("name",), {"metavar": "NAME"}))
+    add("untag", cmd_untag, (("name",), {"metavar": "NAME"}))
+    add("prune", cmd_prune, (("--keep",), {"type": int, "metavar": "N"}),
+        (("--yes",), {"action": "store_true", "help": "really delete (default: dry run)"}))
+    add("lineage", cmd_lineage, (("version",), {"metavar": "V"}))
+    add("recover", cmd_recover)
+    return parser
+
+
+def main(argv=None) -> int:
+    return run_cli(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
