@@ -1,0 +1,484 @@
+"""The live monitor's read-only server: one page and two JSON documents, on 127.0.0.1 only.
+
+The daemon starts it in a thread (`start_in_thread(root, port)`); it can also run on its own.
+It serves nothing but `live_monitor_ui.html` (read from the folder beside this script, never
+from a path in the request), the state document (`state_tracker.build_state`, the same
+code as `state_tracker.py --json`) and metrics since a step. Routes are matched exactly,
+so no request can name a file; every other path is 404, every method but GET/HEAD is 405.
+
+    python3 monitor_server.py serve                      # http://127.0.0.1:8080/
+    python3 monitor_server.py serve --port 8090 --root ~/train
+    curl -s 'http://127.0.0.1:8080/api/metrics?since=1200&max_points=500'
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import bisect
+import errno
+import hashlib
+import json
+import os
+import re
+import sys
+import threading
+import time
+from array import array
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import trainroot
+from trainroot import GuardrailError, UsageError
+
+HOST = "127.0.0.1"          # never configurable: the page shows file names and paths
+PAGE_NAME = "live_monitor_ui.html"
+PAGE_PATH = trainroot.SCRIPTS_DIR / PAGE_NAME
+MAX_POINTS = 2000           # what the chart draws at most; more costs time and shows nothing
+MAX_POINTS_LIMIT = 10000    # what a client may ask for
+METRIC_FIELDS = ("time", "global_step", "file", "loss", "lr", "tokens_per_sec")
+STATE_TTL = 1.0             # seconds a built state document is reused (several open tabs)
+
+_STEP_RE = re.compile(rb'(?<!\\)"global_step"\s*:\s*(-?\d+)')
+_FILE_RE = re.compile(rb'(?<!\\)"file"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+# --------------------------------------------------------------------------- metrics index
+
+class MetricsIndex:
+    """Byte offset and global_step of every complete line of metrics.jsonl, kept up to date.
+
+    A request reads only the new bytes since the last one (the file is append-only), then
+    seeks to the few lines it returns, so a year of metrics costs what its new lines cost.
+    A file that shrank or was replaced (another inode) is indexed again from the start.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._reset(None)
+
+    def _reset(self, ino) -> None:
+        self.ino, self.scanned = ino, 0
+        self.steps, self.offsets = array("q"), array("q")
+        self.monotonic = True
+        self.boundaries: list[tuple[int, int, str]] = []   # (line index, step, file)
+        self._last_file: str | None = None
+
+    def refresh(self) -> None:
+        """Index the lines appended since the last call (a torn last line waits for its end)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._reset(None)
+            return
+        if st.st_ino != self.ino or st.st_size < self.scanned:
+            self._reset(st.st_ino)
+        if st.st_size == self.scanned:
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.scanned)
+            pos = self.scanned
+            while True:
+                block = f.read(8 << 20)
+                if not block:
+                    break
+                end = block.rfind(b"\n")
+                if end < 0:
+                    if len(block) < (8 << 20):
+                        break          # a torn last line: index it once it is complete
+                    # one enormous line: skip to its end rather than hold it in memory
+                    f.seek(pos)
+                    skipped = _skip_line(f)
+                    if skipped is None:
+                        break
+                    pos += skipped
+                    continue
+                self._index_block(block[:end + 1], pos)
+                pos += end + 1
+                f.seek(pos)
+        self.scanned = pos
+
+    def _index_block(self, block: bytes, base: int) -> None:
+        start = 0
+        steps, offsets = self.steps, self.offsets
+        while start < len(block):
+            nl = block.index(b"\n", start)
+            line = block[start:nl]
+            step, name = _parse_step_file(line)
+            if step is not None:
+                if steps and step < steps[-1]:
+                    self.monotonic = False
+                if name is not None and name != self._last_file:
+                    self.boundaries.append((len(steps), step, name))
+                    self._last_file = name
+                steps.append(step)
+                offsets.append(base + start)
+            start = nl + 1
+
+    def query(self, since: int | None, max_points: int) -> dict:
+        """Lines with global_step > since (all when since is None), at most max_points of them.
+
+        More matching lines than max_points are thinned evenly, always keeping the last,
+        so the chart keeps its shape and its newest point.
+        """
+        with self._lock:
+            self.refresh()
+            n = len(self.steps)
+            if since is None:
+                idx = range(n)
+            elif self.monotonic:
+                idx = range(bisect.bisect_right(self.steps, since), n)
+            else:
+                idx = [i for i in range(n) if self.steps[i] > since]
+            matched = len(idx)
+            stride = max(1, -(-matched // max_points))
+            chosen = list(idx[::stride]) if stride > 1 else list(idx)
+            if matched and chosen[-1] != idx[-1]:
+                chosen[-1] = idx[-1]
+            points = self._read(chosen)
+            first = idx[0] if matched else n
+            boundaries = [{"global_step": s, "file": f} for i, s, f in self.boundaries
+                          if (since is None or s > since) and i >= first]
+            return {"schema_version": 1, "since": since, "lines": n, "matched": matched,
+                    "stride": stride, "downsampled": stride > 1,
+                    "last_step": self.steps[-1] if n else None,
+                    "points": points, "boundaries": boundaries}
+
+    def _read(self, indices: list[int]) -> list[dict]:
+        out = []
+        if not indices:
+            return out
+        with open(self.path, "rb") as f:
+            for i in indices:
+                f.seek(self.offsets[i])
+                try:
+                    obj = json.loads(f.readline())
+                except ValueError:
+                    continue  # a corrupt line: the chart does without it
+                if isinstance(obj, dict):
+                    out.append({k: obj.get(k) for k in METRIC_FIELDS})
+        return out
+
+
+def _parse_step_file(line: bytes) -> tuple[int | None, str | None]:
+    """global_step and file of one metrics line; a regex first, json only when it fails."""
+    m = _STEP_RE.search(line)
+    if m is not None:
+        fm = _FILE_RE.search(line)
+        name = None
+        if fm is not None:
+            raw = fm.group(1)
+            name = raw.decode("utf-8", "replace") if b"\\" not in raw else \
+                json.loads(b'"' + raw + b'"')
+        return int(m.group(1)), name
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None, None
+    if not isinstance(obj, dict) or not isinstance(obj.get("global_step"), int):
+        return None, None
+    name = obj.get("file")
+    return obj["global_step"], name if isinstance(name, str) else None
+
+
+def _skip_line(f) -> int | None:
+    """Bytes up to and including the next newline from the current position, or None."""
+    total = 0
+    while True:
+        block = f.read(1 << 20)
+        if not block:
+            return None
+        nl = block.find(b"\n")
+        if nl >= 0:
+            return total + nl + 1
+        total += len(block)
+
+
+# --------------------------------------------------------------------------- the page
+
+def _csp_for(page: bytes) -> str:
+    """A Content-Security-Policy that allows exactly the page's own inline script and style."""
+    def hashes(tag: bytes) -> str:
+        found = re.findall(rb"<" + tag + rb"(?:\s[^>]*)?>(.*?)</" + tag + rb">", page, re.S)
+        return " ".join("'sha256-%s'" % base64.b64encode(hashlib.sha256(body).digest()).decode()
+                        for body in found) or "'none'"
+    return ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+            "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+            % (hashes(b"script"), hashes(b"style")))
+
+
+_page_cache: dict = {}
+
+
+def load_page() -> tuple[bytes, str]:
+    """The page's bytes and its CSP, re-read when the file changes (edits show on reload)."""
+    st = os.stat(PAGE_PATH)
+    key = (st.st_mtime_ns, st.st_size)
+    if _page_cache.get("key") != key:
+        body = PAGE_PATH.read_bytes()
+        _page_cache.update(key=key, body=body, csp=_csp_for(body))
+    return _page_cache["body"], _page_cache["csp"]
+
+
+# --------------------------------------------------------------------------- the server
+
+class MonitorServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer for one training root; binds 127.0.0.1 and nothing else."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, root: Path, port: int, state_ttl: float = STATE_TTL,
+                 idle_priority: bool = False):
+        self.root = Path(root).resolve()
+        self.metrics = MetricsIndex(trainroot.Paths(self.root).metrics)
+        self.state_ttl = state_ttl
+        self.idle_priority = idle_priority
+        self._state_lock = threading.Lock()
+        self._state_cache: tuple[float, bytes] | None = None
+        super().__init__((HOST, port), MonitorHandler)
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def state_json(self) -> bytes:
+        """The state document as JSON bytes, built at most once per `state_ttl` seconds."""
+        with self._state_lock:
+            now = time.monotonic()
+            if self._state_cache and now - self._state_cache[0] < self.state_ttl:
+                return self._state_cache[1]
+            import state_tracker  # lazily: the server starts even while it is being fixed
+            body = json.dumps(state_tracker.build_state(self.root), default=str).encode()
+            self._state_cache = (now, body)
+            return body
+
+    def process_request_thread(self, request, client_address):
+        if self.idle_priority:
+            _make_thread_idle()
+        super().process_request_thread(request, client_address)
+
+
+def _make_thread_idle() -> None:
+    """SCHED_IDLE for this thread only: one busy thread otherwise costs training ~64%."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass  # not Linux, or not permitted: the requests are short anyway
+
+
+class MonitorHandler(BaseHTTPRequestHandler):
+    """Exact routes, GET/HEAD only, security headers on every answer (errors included)."""
+
+    server: MonitorServer
+    server_version = "guardrails-monitor"
+    protocol_version = "HTTP/1.1"
+    timeout = 15                  # an idle keep-alive connection frees its thread
+    ROUTES = ("/", "/" + PAGE_NAME, "/api/state", "/api/metrics")
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def __getattr__(self, name: str):
+        # http.server looks up do_<METHOD>; every method but GET/HEAD gets a 405, not a 501.
+        if name.startswith("do_"):
+            return self._refuse_method
+        raise AttributeError(name)
+
+    def _refuse_method(self) -> None:
+        self.close_connection = True  # the body (if any) is never read
+        self._send(405, b'{"ok": false, "error": "method not allowed: use GET or HEAD"}\n',
+                   "application/json", extra={"Allow": "GET, HEAD"})
+
+    def _dispatch(self) -> None:
+        if not self._host_ok():
+            # A web page that rebinds its own name to 127.0.0.1 must not read our state.
+            return self._send(403, b'{"ok": false, "error": "forbidden host"}\n',
+                              "application/json")
+        path, _, query = self.path.partition("?")
+        if path not in self.ROUTES:
+            return self._send(404, b'{"ok": false, "error": "not found"}\n', "application/json")
+        if path == "/":
+            return self._send(302, b"", "text/plain", extra={"Location": "/" + PAGE_NAME})
+        if path == "/" + PAGE_NAME:
+            body, csp = load_page()
+            return self._send(200, body, "text/html; charset=utf-8",
+                              extra={"Content-Security-Policy": csp})
+        try:
+            if path == "/api/state":
+                body = self.server.state_json()
+            else:
+                since, max_points = _parse_metrics_query(query)
+                body = json.dumps(self.server.metrics.query(since, max_points)).encode()
+        except UsageError as exc:
+            return self._send_json_error(400, exc)
+        except GuardrailError as exc:
+            return self._send_json_error(500, exc)
+        except Exception as exc:  # noqa: BLE001 - the page shows it; the daemon keeps training
+            self.log_error("%s failed: %r", path, exc)
+            return self._send_json_error(500, GuardrailError(
+                f"{path} failed ({exc.__class__.__name__}: {exc})", self.server.root,
+                "Run `python3 state_tracker.py --check` to see the state."))
+        self._send(200, body, "application/json")
+
+    def _host_ok(self) -> bool:
+        host = (self.headers.get("Host") or "").strip().lower()
+        if not host:
+            return True  # HTTP/1.0 clients send none; the socket is loopback-only anyway
+        # The name only, not the port: an ssh tunnel may forward another local port here.
+        name = host if host.endswith("]") or ":" not in host else host.rpartition(":")[0]
+        return name in ("127.0.0.1", "localhost", "[::1]")
+
+    def _send_json_error(self, code: int, exc: GuardrailError) -> None:
+        body = json.dumps({"ok": False, "error": exc.to_dict()}).encode() + b"\n"
+        self._send(code, body, "application/json")
+
+    def _send(self, code: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("X-Frame-Options", "DENY")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("Cross-Origin-Resource-Policy", "same-origin")
+        extra = dict(extra or {})
+        extra.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+        for k, v in extra.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error(self, code, message=None, explain=None):
+        # Malformed requests (bad request line, too-long headers) get our headers too.
+        self.close_connection = True
+        text = json.dumps({"ok": False, "error": message or self.responses.get(code, ("",))[0]})
+        self._send(code, text.encode() + b"\n", "application/json")
+
+    def version_string(self) -> str:
+        return self.server_version  # no Python version in the answers
+
+    def log_message(self, fmt, *args) -> None:
+        pass  # a request log every 2 s per tab would drown the daemon's log; errors still go out
+
+    def log_error(self, fmt, *args) -> None:
+        sys.stderr.write("monitor: " + (fmt % args) + "\n")
+
+
+def _parse_metrics_query(query: str) -> tuple[int | None, int]:
+    from urllib.parse import parse_qs
+    try:
+        params = parse_qs(query, keep_blank_values=True, strict_parsing=False,
+                          max_num_fields=20)
+    except ValueError:
+        raise UsageError("too many query parameters", "/api/metrics") from None
+    since, max_points = None, MAX_POINTS
+    try:
+        if params.get("since", [""])[-1] not in ("", "-1"):
+            since = int(params["since"][-1])
+        if params.get("max_points", [""])[-1] != "":
+            max_points = int(params["max_points"][-1])
+    except ValueError:
+        raise UsageError("since and max_points must be integers", "/api/metrics",
+                         "Ask for /api/metrics?since=STEP&max_points=N.") from None
+    if not 1 <= max_points <= MAX_POINTS_LIMIT:
+        raise UsageError(f"max_points must be 1..{MAX_POINTS_LIMIT}", "/api/metrics")
+    return since, max_points
+
+
+# --------------------------------------------------------------------------- library API
+
+class MonitorHandle:
+    """A running monitor: `.url`, `.port`, `.stop()` (idempotent, joins its thread)."""
+
+    def __init__(self, server: MonitorServer, thread: threading.Thread):
+        self.server, self.thread = server, thread
+        self.port = server.port
+        self.url = f"http://{HOST}:{self.port}/{PAGE_NAME}"
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.server.shutdown()
+            self.thread.join(timeout=10)
+        self.server.server_close()
+
+
+def make_server(root, port: int, *, state_ttl: float = STATE_TTL,
+                idle_priority: bool = False) -> MonitorServer:
+    """Bind the server on 127.0.0.1:port (0 = any free port); a taken port is a GuardrailError."""
+    try:
+        return MonitorServer(Path(root), port, state_ttl=state_ttl, idle_priority=idle_priority)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            what = f"monitor not started: port {port} is already in use"
+        elif exc.errno == errno.EACCES:
+            what = f"monitor not started: no permission to listen on port {port}"
+        else:
+            what = f"monitor not started: cannot listen on port {port} ({exc.strerror})"
+        raise GuardrailError(what, f"{HOST}:{port}",
+                             "Set another `monitor_port` in config.json (0 turns the monitor "
+                             "off) or start the daemon with --no-monitor; training goes on "
+                             "without it.") from None
+
+
+def start_in_thread(root, port: int, *, state_ttl: float = STATE_TTL,
+                    idle_priority: bool = True) -> MonitorHandle:
+    """Serve the monitor for `root` from a daemon thread; returns a handle with `.stop()`.
+
+    Raises GuardrailError (with a fix command) when the port cannot be bound; the caller
+    logs it and keeps training. Request threads run at SCHED_IDLE so the page never slows
+    training down.
+    """
+    server = make_server(root, port, state_ttl=state_ttl, idle_priority=idle_priority)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                              name=f"monitor-{server.port}", daemon=True)
+    thread.start()
+    return MonitorHandle(server, thread)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def cmd_serve(args) -> int:
+    """Serve the live monitor on 127.0.0.1 until Ctrl+C (port: --port, else config's monitor_port)."""
+    root = trainroot.resolve_root(args.root)
+    port = args.port
+    if port is None:
+        try:
+            import training_config
+            port = int(training_config.load_config(root).get("monitor_port") or 8080)
+        except GuardrailError as exc:
+            print(f"monitor: config not read ({exc}); using port 8080", file=sys.stderr)
+            port = 8080
+    server = make_server(root, port)
+    print(f"monitor: http://{HOST}:{server.port}/{PAGE_NAME} (root {root}); Ctrl+C stops it",
+          file=sys.stderr, flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="monitor_server.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(metavar="COMMAND")
+    p = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
+    trainroot.add_common_args(p, json_flag=False)
+    p.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (0: any free one)")
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return trainroot.run_cli(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

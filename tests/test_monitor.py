@@ -1,0 +1,330 @@
+"""The live monitor: exact routes, refusals, incremental metrics, and the page in a real browser."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import monitor_server
+import trainroot
+from conftest import REPO
+
+ARTIFACTS = REPO / "test-artifacts"
+
+
+# --------------------------------------------------------------------------- helpers
+
+def request(port: int, method: str, target: str, headers: dict | None = None,
+            body: bytes | None = None):
+    """One raw HTTP request (the target is sent byte for byte, never normalised)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+        hdrs = {"Host": f"127.0.0.1:{port}", **(headers or {})}
+        for k, v in hdrs.items():
+            conn.putheader(k, v)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def get_json(port: int, target: str):
+    status, headers, body = request(port, "GET", target)
+    assert status == 200, (target, status, body)
+    assert headers["content-type"] == "application/json"
+    assert headers["cache-control"] == "no-store"
+    return json.loads(body)
+
+
+def metric_line(step: int, file: str, loss: float | None = None) -> str:
+    return json.dumps({"time": trainroot.utc_now(), "global_step": step, "file": file,
+                       "loss": loss if loss is not None else round(3.0 / (1 + step / 40), 4),
+                       "lr": 1e-4, "tokens_per_sec": 3400.0 + step % 7})
+
+
+def write_metrics(root: Path, steps, file_of=lambda s: f"part-{s // 100:02d}.jsonl") -> None:
+    with open(root / "metrics.jsonl", "a", encoding="utf-8") as f:
+        for s in steps:
+            f.write(metric_line(s, file_of(s)) + "\n")
+
+
+@pytest.fixture
+def server(tmp_root):
+    """A monitor on a free port over an empty root (state built fresh for every request)."""
+    handle = monitor_server.start_in_thread(tmp_root, 0, state_ttl=0.0, idle_priority=False)
+    yield handle
+    handle.stop()
+
+
+# --------------------------------------------------------------------------- binding
+
+def test_binds_127_0_0_1_only(server):
+    assert server.server.socket.getsockname() == ("127.0.0.1", server.port)
+    others = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+              if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    for addr in others:  # the port must not answer on any other interface
+        with pytest.raises(OSError):
+            socket.create_connection((addr, server.port), timeout=2).close()
+    listening = [c for c in psutil.Process().net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port]
+    assert [c.laddr.ip for c in listening] == ["127.0.0.1"]
+
+
+def test_taken_port_is_a_clear_error_and_the_caller_goes_on(tmp_root):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(trainroot.GuardrailError) as info:
+            monitor_server.start_in_thread(tmp_root, port)
+    assert str(info.value) == (
+        f"monitor not started: port {port} is already in use, 127.0.0.1:{port}. Set another "
+        "`monitor_port` in config.json (0 turns the monitor off) or start the daemon with "
+        "--no-monitor; training goes on without it.")
+
+
+def test_stop_is_idempotent_and_frees_the_port(tmp_root):
+    handle = monitor_server.start_in_thread(tmp_root, 0)
+    port = handle.port
+    handle.stop()
+    handle.stop()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    again = monitor_server.start_in_thread(tmp_root, port)  # the port is free again
+    again.stop()
+
+
+# --------------------------------------------------------------------------- the page
+
+def test_page_and_its_headers(server):
+    status, headers, body = request(server.port, "GET", "/live_monitor_ui.html")
+    assert status == 200
+    assert body == (REPO / "live_monitor_ui.html").read_bytes()
+    assert headers["content-type"] == "text/html; charset=utf-8"
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["x-frame-options"] == "DENY"
+    assert headers["server"] == "guardrails-monitor"
+    assert not [k for k in headers if k.startswith("access-control-")]
+    csp = headers["content-security-policy"]
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+    script = re.search(rb"<script>(.*?)</script>", body, re.S).group(1)
+    digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
+    assert f"script-src 'sha256-{digest}';" in csp
+    # self-contained: nothing loaded from anywhere else
+    assert not re.search(rb"""(src|href)=["']?(https?:)?//""", body)
+    assert b"@import" not in body and b"<link" not in body
+
+    status, head_headers, head_body = request(server.port, "HEAD", "/live_monitor_ui.html")
+    assert status == 200 and head_body == b""
+    assert head_headers["content-length"] == str(len(body))
+
+
+def test_slash_redirects_to_the_page(server):
+    status, headers, body = request(server.port, "GET", "/")
+    assert status == 302
+    assert headers["location"] == "/live_monitor_ui.html"
+
+
+# --------------------------------------------------------------------------- refusals
+
+TRAVERSALS = [
+    "/../config.json", "/%2e%2e/config.json", "/%2E%2E/%2E%2E/etc/passwd", "/..%2fconfig.json",
+    "/%2e%2e%2fconfig.json", "//etc/passwd", "/etc/passwd", "/%2fetc%2fpasswd",
+    "/live_monitor_ui.html/../config.json", "/api/state/../../config.json", "/./config.json",
+    "/config.json", "/metrics.jsonl", "/.daemon_state.json", "/monitor_server.py",
+    "/trainroot.py", "/tests/", "/api/", "/api/state/", "/api/metrics/", "/api",
+    "/live_monitor_ui.html%00.json", "/LIVE_MONITOR_UI.HTML", "\\..\\config.json",
+    "http://127.0.0.1/etc/passwd", "/....//config.json", "/%252e%252e/config.json",
+    "/current_model/config.json", "/inbox/", "*",
+]
+
+
+@pytest.mark.parametrize("target", TRAVERSALS)
+def test_no_other_path_is_served(server, tmp_root, target):
+    (tmp_root / "config.json").write_text('{"secret": "SENTINEL-config"}')
+    status, headers, body = request(server.port, "GET", target)
+    assert status == 404, (target, status, body)
+    assert json.loads(body) == {"ok": False, "error": "not found"}
+    assert b"SENTINEL" not in body and b"root:" not in body
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE",
+                                    "CONNECT", "PROPFIND", "MKCOL"])
+def test_only_get_and_head(server, tmp_root, method):
+    before = sorted(p.name for p in tmp_root.iterdir())
+    for target in ("/", "/live_monitor_ui.html", "/api/state", "/api/metrics", "/nope"):
+        status, headers, body = request(
+            server.port, method, target, body=b'{"action": "stop"}',
+            headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert status == 405, (method, target, status)
+        assert headers["allow"] == "GET, HEAD"
+        assert not [k for k in headers if k.startswith("access-control-")]
+        assert json.loads(body)["error"] == "method not allowed: use GET or HEAD"
+    assert sorted(p.name for p in tmp_root.iterdir()) == before
+
+
+def test_no_cors_headers_even_when_asked(server, tmp_root):
+    write_metrics(tmp_root, range(1, 4))
+    for target in ("/live_monitor_ui.html", "/api/metrics", "/nope"):
+        status, headers, _ = request(server.port, "GET", target,
+                                     headers={"Origin": "http://evil.example"})
+        assert status in (200, 404)
+        assert not [k for k in headers if k.startswith("access-control-")], headers
+
+
+def test_foreign_host_header_is_refused(server):
+    """A page that rebinds its own domain to 127.0.0.1 cannot read the state."""
+    for host in ("evil.example", "evil.example:%d" % server.port, "127.0.0.1.evil.example"):
+        status, _, body = request(server.port, "GET", "/api/metrics", headers={"Host": host})
+        assert status == 403 and b"forbidden host" in body
+    for host in ("localhost:%d" % server.port, "127.0.0.1:9999", "[::1]:%d" % server.port):
+        assert request(server.port, "GET", "/api/metrics", headers={"Host": host})[0] == 200
+
+
+def test_malformed_request_gets_the_same_headers(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(b"GET /api/state HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n")
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert b"X-Content-Type-Options: nosniff" in answer
+    assert b"Access-Control" not in answer
+
+
+# --------------------------------------------------------------------------- /api/metrics
+
+def test_metrics_empty_then_incremental(server, tmp_root):
+    doc = get_json(server.port, "/api/metrics")
+    assert (doc["lines"], doc["points"], doc["last_step"]) == (0, [], None)
+
+    write_metrics(tmp_root, range(1, 251))
+    doc = get_json(server.port, "/api/metrics")
+    assert [p["global_step"] for p in doc["points"]] == list(range(1, 251))
+    assert set(doc["points"][0]) == {"time", "global_step", "file", "loss", "lr", "tokens_per_sec"}
+    assert doc["boundaries"] == [{"global_step": 1, "file": "part-00.jsonl"},
+                                 {"global_step": 100, "file": "part-01.jsonl"},
+                                 {"global_step": 200, "file": "part-02.jsonl"}]
+    doc = get_json(server.port, "/api/metrics?since=240")
+    assert [p["global_step"] for p in doc["points"]] == list(range(241, 251))
+    assert (doc["matched"], doc["last_step"], doc["downsampled"]) == (10, 250, False)
+    assert doc["boundaries"] == []
+
+    # a torn last line is not served until it is complete
+    with open(tmp_root / "metrics.jsonl", "a") as f:
+        f.write(metric_line(251, "part-02.jsonl")[:20])
+    doc = get_json(server.port, "/api/metrics?since=250")
+    assert doc["points"] == [] and doc["last_step"] == 250
+    with open(tmp_root / "metrics.jsonl", "a") as f:
+        f.write(metric_line(251, "part-02.jsonl")[20:] + "\n")
+        f.write("not json at all\n")
+        f.write(metric_line(252, "part-02.jsonl") + "\n")
+    doc = get_json(server.port, "/api/metrics?since=250")
+    assert [p["global_step"] for p in doc["points"]] == [251, 252]
+
+    # a file that was replaced (shorter) is indexed again from its start
+    (tmp_root / "metrics.jsonl").unlink()
+    write_metrics(tmp_root, range(1, 6), file_of=lambda s: "again.jsonl")
+    doc = get_json(server.port, "/api/metrics?since=0")
+    assert [p["global_step"] for p in doc["points"]] == [1, 2, 3, 4, 5]
+    assert doc["boundaries"] == [{"global_step": 1, "file": "again.jsonl"}]
+
+
+def test_metrics_downsample_keeps_shape_and_last_point(server, tmp_root):
+    write_metrics(tmp_root, range(1, 10_001))
+    doc = get_json(server.port, "/api/metrics")
+    steps = [p["global_step"] for p in doc["points"]]
+    assert doc["matched"] == 10_000 and doc["downsampled"] and doc["stride"] == 5
+    assert len(steps) == 2000 and steps[0] == 1 and steps[-1] == 10_000
+    assert steps == sorted(steps)
+    assert len(doc["boundaries"]) == 101  # every file start, even between sampled points
+    doc = get_json(server.port, "/api/metrics?since=9000&max_points=100")
+    steps = [p["global_step"] for p in doc["points"]]
+    assert len(steps) == 100 and steps[0] == 9001 and steps[-1] == 10_000
+
+
+def test_metrics_steps_going_back_after_a_rollback(server, tmp_root):
+    write_metrics(tmp_root, [1, 2, 3, 4, 5, 3, 4, 5, 6])
+    doc = get_json(server.port, "/api/metrics?since=4")
+    assert [p["global_step"] for p in doc["points"]] == [5, 5, 6]
+
+
+@pytest.mark.parametrize("query", ["since=abc", "since=1.5", "max_points=0",
+                                   "max_points=100000", "max_points=x"])
+def test_metrics_bad_parameters(server, query):
+    status, headers, body = request(server.port, "GET", "/api/metrics?" + query)
+    assert status == 400
+    error = json.loads(body)["error"]
+    assert error["message"].startswith(("since and max_points must be integers",
+                                        "max_points must be 1..10000"))
+
+
+# --------------------------------------------------------------------------- /api/state
+
+def test_state_is_the_state_tracker_document(server, tmp_root):
+    state_tracker = pytest.importorskip("state_tracker")
+    write_metrics(tmp_root, range(1, 11))
+    doc = get_json(server.port, "/api/state")
+    expected = json.loads(json.dumps(state_tracker.build_state(tmp_root), default=str))
+    assert doc.keys() == expected.keys()
+    assert doc["schema_version"] == expected["schema_version"]
+    cli = subprocess.run([sys.executable, str(REPO / "state_tracker.py"), "--json",
+                          "--root", str(tmp_root)], capture_output=True, text=True, timeout=60)
+    assert json.loads(cli.stdout).keys() == doc.keys()
+    status, headers, body = request(server.port, "HEAD", "/api/state")
+    assert status == 200 and body == b"" and int(headers["content-length"]) > 2
+
+
+def test_state_failure_is_a_json_error_not_a_crash(tmp_root):
+    (tmp_root / "config.json").write_text("{broken")
+    handle = monitor_server.start_in_thread(tmp_root, 0, state_ttl=0.0)
+    try:
+        status, headers, body = request(handle.port, "GET", "/api/state")
+        if status == 200:
+            pytest.skip("state_tracker reports a corrupt config.json inside its document")
+        assert status == 500 and json.loads(body)["ok"] is False
+        assert request(handle.port, "GET", "/api/metrics")[0] == 200  # still serving
+    finally:
+        handle.stop()
+
+
+# --------------------------------------------------------------------------- CLI
+
+def test_cli_serve_until_interrupted(tmp_root):
+    proc = subprocess.Popen([sys.executable, str(REPO / "monitor_server.py"), "serve",
+                             "--root", str(tmp_root), "--port", "0"],
+                            stderr=subprocess.PIPE, text=True, cwd=str(REPO))
+    try:
+        line = proc.stderr.readline()
+        m = re.match(r"monitor: http://127\.0\.0\.1:(\d+)/live_monitor_ui\.html \(root (.+)\); "
+                     r"Ctrl\+C stops it$", line.strip())
+        assert m, line
+        assert m.group(2) == str(tmp_root.resolve())
+        port = int(m.group(1))
+        assert request(port, "GET", "/live_monitor_ui.html")[0] == 200
+        assert request(port, "POST", "/api/state")[0] == 405
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
