@@ -1,0 +1,766 @@
+"""What exists, what is wrong, and the one command that fixes it: `.system_state.json`.
+
+The first command an assistant (or a person) runs in every conversation. It reads only
+small JSON files, directory listings and file sizes — never model weights, never torch —
+and writes one document (`schema_version` 1, described by docs/system_state.schema.json)
+with a list of warnings, each with a stable code, a severity and the exact fix command.
+
+    python3 state_tracker.py --check          # readable report; exit 1 if anything is critical
+    python3 state_tracker.py --warnings       # only the warnings
+    python3 state_tracker.py --json           # the document on stdout
+    python3 state_tracker.py                  # refresh .system_state.json and print its path
+
+Exit codes: 0 when no warning is critical, 1 when one is (also for a bare refresh), 2 on
+usage errors. Full checksum verification stays in `python3 model_versioner.py verify`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import training_config
+from trainroot import (SCRIPTS_DIR, GuardrailError, Paths, add_common_args, age_seconds,
+                       atomic_write_json, print_json, read_json, read_lock_holder,
+                       resolve_root, run_cli, utc_now)
+
+SCHEMA_VERSION = 1
+STALL_AFTER_S = 120.0           # a training daemon writes its heartbeat about once a second
+PAUSED_LONG_S = 3600.0          # paused for an hour is worth a line in the report
+LOCK_HELD_LONG_S = 3600.0       # versions/config locks are held for seconds; backups minutes
+METRICS_TAIL_BYTES = 64 * 1024  # metrics.jsonl may be a year long: read only its tail
+MODEL_SPACE_FACTOR = 4          # next save (1x) + checkpoint weights (1x) + AdamW state (2x)
+LIST_LIMIT = 20                 # failed/skipped files listed in full (the count is exact)
+SEVERITIES = ("info", "warning", "critical")
+MODEL_META = {".manifest.json", "version.json", "backup.json"}
+QUEUE_PRIORITIES = ("high", "normal", "low")
+IGNORED_SUFFIXES = (".tmp", ".part", ".partial", "~", ".swp", ".record.json", ".error.txt",
+                    ".report.json")
+
+
+# --------------------------------------------------------------------------- small helpers
+
+def _cmd(root: Path, script_and_args: str) -> str:
+    """`python3 SCRIPT ARGS`, with `--root R` when R is not the scripts' own folder."""
+    text = f"python3 {script_and_args}"
+    if Path(root) != SCRIPTS_DIR:
+        text += f" --root {shlex.quote(str(root))}"
+    return text
+
+
+def _read(path: Path, problems: list | None = None):
+    """A small JSON document or None; a corrupt one is noted in `problems`, never raised."""
+    try:
+        return read_json(path, default=None)
+    except GuardrailError as exc:
+        if problems is not None:
+            problems.append(str(exc))
+        return None
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _data_names(path: Path) -> list[str]:
+    """Data files in a lifecycle folder: not hidden, not temporary, not a sidecar."""
+    return [n for n in _listdir(path) if not n.startswith(".") and not n.endswith(IGNORED_SUFFIXES)
+            and n != "4913" and (path / n).is_file()]
+
+
+def _round(x, nd=3):
+    return None if x is None else round(x, nd)
+
+
+def _pid_running(pid) -> bool:
+    """A live, non-zombie process. /proc answers in microseconds; psutil only off Linux."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    if Path("/proc/self/stat").exists():
+        try:
+            text = stat.read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        except PermissionError:
+            return True
+        return text.rpartition(")")[2].split()[0] not in ("Z", "X")
+    import psutil  # lazy: +55 ms, only where there is no /proc
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def _warn(warnings: list, code: str, severity: str, message: str, fix: str) -> None:
+    warnings.append({"code": code, "severity": severity, "message": message, "fix": fix})
+
+
+# --------------------------------------------------------------------------- sections
+
+def _config_section(root: Path, w: list) -> tuple[dict, dict]:
+    """(section, effective config): validity, approval and changed locked parameters."""
+    p = Paths(root)
+    sec = {"path": str(p.config), "exists": p.config.exists(), "valid": False, "errors": [],
+           "approved": False, "approved_at": None, "locked": [], "changes": []}
+    cfg = training_config.default_config()
+    if not sec["exists"]:
+        return sec, cfg
+    try:
+        cfg = training_config.load_config(root)
+        sec["valid"] = True
+    except training_config.ConfigError as exc:
+        sec["errors"] = exc.errors
+    except GuardrailError as exc:
+        sec["errors"] = [str(exc)]
+    if not sec["valid"]:
+        _warn(w, "CONFIG_INVALID", "critical",
+              f"config.json is invalid: {'; '.join(sec['errors'])}",
+              f"Fix the keys named above in {p.config}, then run `{_cmd(root, 'state_tracker.py --warnings')}`.")
+        return sec, training_config.default_config()
+    sec["locked"] = list(cfg.get("locked") or [])
+    try:
+        approval = training_config.read_approval(root)
+        changes = training_config.changed_locked(root, cfg)
+    except GuardrailError as exc:
+        approval, changes = None, [(n, None, cfg.get(n)) for n in sec["locked"]]
+        sec["errors"].append(str(exc))
+    sec["approved_at"] = (approval or {}).get("approved_at")
+    sec["changes"] = [{"name": n, "old": o, "new": v,
+                       "text": training_config.format_change(n, o, v)} for n, o, v in changes]
+    sec["approved"] = not changes
+    if changes:
+        listed = ", ".join(c["text"] for c in sec["changes"])
+        _warn(w, "CONFIG_UNAPPROVED", "critical",
+              f"locked config parameters changed without approval ({listed}); the daemon "
+              "will not train until they are approved or reverted",
+              f"Ask the user, then `{_cmd(root, 'training_controller.py approve-config --yes')}` "
+              "to approve, or put the old values back in config.json to revert.")
+    return sec, cfg
+
+
+def _model_check(folder: Path, manifest: dict | None) -> tuple[list[str], int, int]:
+    """Cheap completeness check of a model folder: (problems, size_bytes, file_count).
+
+    With a manifest: every listed file present with its recorded size. Always: a
+    config.json and weights (every shard an index names).
+    """
+    problems, size, count = [], 0, 0
+    files = (manifest or {}).get("files")
+    if isinstance(files, dict):
+        for rel, info in files.items():
+            try:
+                st = os.stat(folder / rel)
+            except OSError:
+                problems.append(f"{rel}: missing")
+                continue
+            want = info.get("size") if isinstance(info, dict) else None
+            if want is not None and st.st_size != want:
+                problems.append(f"{rel}: size {st.st_size}, manifest says {want}")
+            size += st.st_size
+            count += 1
+    else:
+        for entry in _listdir(folder):
+            try:
+                st = os.stat(folder / entry)
+            except OSError:
+                continue
+            if not entry.startswith(".") and os.path.isfile(folder / entry):
+                size += st.st_size
+                count += 1
+        problems.append(".manifest.json: missing or unreadable")
+    names = set(files) if isinstance(files, dict) else set(_listdir(folder))
+    if "config.json" not in names or not (folder / "config.json").exists():
+        problems.append("config.json: missing")
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = (_read(index) or {}).get("weight_map") or {}
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).exists():
+                problems.append(f"{shard}: missing (named by model.safetensors.index.json)")
+    elif not any((folder / n).exists() for n in ("model.safetensors", "pytorch_model.bin")):
+        problems.append("model.safetensors: missing")
+    return sorted(set(problems)), size, count
+
+
+def _manifest_key(files) -> str | None:
+    if not isinstance(files, dict) or not files:
+        return None
+    return json.dumps({k: (v or {}).get("sha256") for k, v in files.items()}, sort_keys=True)
+
+
+def _versions_section(root: Path, w: list) -> dict:
+    """Every versions/vNNN/version.json: count, latest, tags, unique bytes, cheap check."""
+    p = Paths(root)
+    sec = {"count": 0, "latest": None, "latest_created_at": None, "ids": [], "tagged": {},
+           "total_size_bytes": 0, "problems": [], "_records": {}}
+    seen_inodes = set()
+    for vid in _listdir(p.versions):
+        if not (vid.startswith("v") and vid[1:].isdigit()) or not (p.versions / vid).is_dir():
+            continue  # staging folders and tags.json
+        folder = p.versions / vid
+        read_problems: list = []
+        rec = _read(folder / "version.json", read_problems)
+        sec["ids"].append(vid)
+        if not isinstance(rec, dict):
+            sec["problems"].append({"id": vid, "problems": read_problems or ["version.json: missing"]})
+            continue
+        manifest = rec.get("manifest")
+        if not isinstance(manifest, dict):
+            manifest = (_read(folder / ".manifest.json") or {}).get("files")
+        problems, _, _ = _model_check(folder, {"files": manifest} if isinstance(manifest, dict) else None)
+        if problems:
+            sec["problems"].append({"id": vid, "problems": problems})
+        for rel in (manifest or {}):
+            try:
+                st = os.stat(folder / rel)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen_inodes:  # hard links share one copy
+                seen_inodes.add((st.st_dev, st.st_ino))
+                sec["total_size_bytes"] += st.st_size
+        sec["_records"][vid] = {"created_at": rec.get("created_at"), "reason": rec.get("reason"),
+                                "global_step": rec.get("global_step"),
+                                "key": _manifest_key(manifest)}
+    sec["count"] = len(sec["ids"])
+    if sec["ids"]:
+        sec["latest"] = sec["ids"][-1]
+        sec["latest_created_at"] = sec["_records"].get(sec["latest"], {}).get("created_at")
+    tags = _read(p.versions / "tags.json")
+    if isinstance(tags, dict):
+        sec["tagged"] = {str(k): v for k, v in tags.items() if isinstance(v, str)}
+    for bad in sec["problems"]:
+        _warn(w, "VERSION_DAMAGED", "warning",
+              f"version {bad['id']} fails the cheap check: {'; '.join(bad['problems'][:3])}",
+              f"`{_cmd(root, 'model_versioner.py verify ' + bad['id'])}` lists every bad file; "
+              f"restore from a backup with `{_cmd(root, 'backup_manager.py list')}` if you need it.")
+    return sec
+
+
+def _current_model_section(root: Path, versions: dict, w: list) -> dict:
+    p = Paths(root)
+    folder = p.current_model
+    sec = {"path": str(folder), "exists": folder.is_dir(), "complete": False, "problems": [],
+           "size_bytes": 0, "file_count": 0, "global_step": None, "tokens_seen": None,
+           "matches_version": None}
+    latest = versions.get("latest")
+    restore = _cmd(root, "model_versioner.py restore latest") if latest else None
+    if not sec["exists"]:
+        if latest:
+            _warn(w, "MODEL_MISSING", "critical",
+                  f"current_model/ does not exist; the latest version is {latest}",
+                  f"`{restore}` brings it back in under a second.")
+        return sec
+    manifest = _read(folder / ".manifest.json", sec["problems"])
+    problems, sec["size_bytes"], sec["file_count"] = _model_check(
+        folder, manifest if isinstance(manifest, dict) else None)
+    sec["problems"] += problems
+    sec["complete"] = not sec["problems"]
+    state = _read(folder / "trainer_state.json") or {}
+    if isinstance(state, dict):
+        sec["global_step"], sec["tokens_seen"] = state.get("global_step"), state.get("tokens_seen")
+    if isinstance(manifest, dict):
+        if sec["global_step"] is None:
+            sec["global_step"] = manifest.get("global_step")
+        if sec["tokens_seen"] is None:
+            sec["tokens_seen"] = manifest.get("tokens_seen")
+        key = _manifest_key(manifest.get("files"))
+        for vid in reversed(versions["ids"]):
+            if key and versions["_records"].get(vid, {}).get("key") == key:
+                sec["matches_version"] = vid
+                break
+    if not sec["complete"]:
+        fix = (f"`{restore}` puts the latest version back (the present folder is kept as a "
+               "version first)." if latest else
+               f"No version to restore: `{_cmd(root, 'backup_manager.py list')}`, then "
+               f"`{_cmd(root, 'backup_manager.py restore ID')}`.")
+        _warn(w, "MODEL_INCOMPLETE", "critical",
+              f"current_model/ is incomplete: {'; '.join(sec['problems'][:3])}", fix)
+    return sec
+
+
+def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
+    """The daemon, checked rather than trusted: its lock, its pid, its heartbeat."""
+    p = Paths(root)
+    problems: list = []
+    state = _read(p.daemon_state, problems)
+    if not isinstance(state, dict):
+        if state is not None:
+            problems.append(f"{p.daemon_state}: expected a JSON object")
+        state = {}
+    holder = read_lock_holder(p.lock("daemon"))
+    pid = (holder or {}).get("pid") or state.get("pid")
+    running = _pid_running(pid)
+    # The daemon holds its flock for life, so a held lock is proof; without it, a running
+    # pid with a fresh heartbeat is the best evidence (and a reused pid has none).
+    beat_age = age_seconds(state.get("heartbeat"))
+    alive = running and (holder is not None or (beat_age is not None and beat_age <= STALL_AFTER_S))
+    reported = state.get("state")
+    daemon = {"alive": alive, "pid": pid if alive else None, "last_pid": state.get("pid"),
+              "started_at": state.get("started_at"), "lock_holder": holder,
+              "state_file": str(p.daemon_state), "state_file_problems": problems}
+    processing = _data_names(p.processing)
+    if alive:
+        current = reported if reported in ("idle", "training", "paused", "stopping", "stopped") else "idle"
+    else:
+        current = "stopped" if reported in (None, "stopped") and not processing else "dead"
+        if reported in (None, "stopped", "idle") and not processing:
+            current = "stopped"
+    training = {"state": current, "reported_state": reported,
+                "current_file": state.get("current_file"),
+                "processing_file": processing[0] if processing else None,
+                "progress": state.get("progress") if isinstance(state.get("progress"), dict) else None,
+                "heartbeat": state.get("heartbeat"), "heartbeat_age_s": _round(beat_age, 1),
+                "stalled": bool(alive and current in ("training", "stopping")
+                                and (beat_age is None or beat_age > STALL_AFTER_S)),
+                "paused_since": state.get("paused_since"),
+                "paused_reason": state.get("paused_reason"),
+                "paused_for_s": None, "last_error": state.get("last_error")}
+    if current == "paused":
+        training["paused_for_s"] = _round(age_seconds(state.get("paused_since")), 1)
+    start = _cmd(root, "training_daemon.py run")
+    if not alive and (processing or reported in ("training", "stopping", "paused")):
+        what = f"processing/{processing[0]}" if processing else "its last file"
+        _warn(w, "DAEMON_DEAD", "critical",
+              f"the daemon is not running (last pid {state.get('pid')}, state said "
+              f"{reported or 'nothing'}) while {what} waits half-trained",
+              f"`{start}` resumes it from its last checkpoint (or "
+              "`systemctl --user restart training-guardrails` when installed as a service).")
+    if training["stalled"]:
+        _warn(w, "TRAINING_STALLED", "warning",
+              f"the daemon (pid {pid}) says {current} but its heartbeat is "
+              f"{'missing' if beat_age is None else f'{beat_age:.0f} s old'}",
+              f"`{_cmd(root, 'training_controller.py stop --wait 300')}`, then `{start}`; if "
+              f"the stop times out: `kill {pid}` and `{start}`.")
+    if current == "paused" and (training["paused_for_s"] or 0) > PAUSED_LONG_S:
+        hours = training["paused_for_s"] / 3600
+        _warn(w, "PAUSED_LONG", "warning",
+              f"training has been paused for {hours:.1f} h"
+              + (f" ({training['paused_reason']})" if training["paused_reason"] else ""),
+              f"`{_cmd(root, 'training_controller.py resume')}` once the reason is dealt with.")
+    if problems:
+        _warn(w, "DAEMON_STATE_UNREADABLE", "warning",
+              f"the daemon state file cannot be read: {problems[0]}",
+              f"The daemon rewrites it within a second of starting: `{start}`.")
+    return daemon, training
+
+
+def _queue_section(root: Path, daemon: dict, w: list) -> dict:
+    p = Paths(root)
+    counts = {pr: len(_data_names(p.queue / pr)) for pr in QUEUE_PRIORITIES}
+    inbox = sum(len(_data_names(d)) for d in (p.inbox, p.inbox_high, p.inbox_low))
+    sec = {"counts": counts, "queued": sum(counts.values()), "inbox": inbox,
+           "processing": (_data_names(p.processing) or [None])[0], "done": len(_data_names(p.done)),
+           "failed": [], "failed_count": 0, "skipped": [], "skipped_count": 0}
+    for kind in ("failed", "skipped"):
+        folder = getattr(p, kind)
+        names = _data_names(folder)
+        sec[f"{kind}_count"] = len(names)
+        entries = []
+        for name in names:
+            rec = _read(folder / f"{name}.record.json") or {}
+            rec = rec if isinstance(rec, dict) else {}
+            history = rec.get("history") or [{}]
+            entries.append({"name": name, "reason": rec.get("reason") or "(no record)",
+                            "at": (history[-1] or {}).get("at") if isinstance(history, list) else None})
+        entries.sort(key=lambda e: e["at"] or "", reverse=True)
+        sec[kind] = entries[:LIST_LIMIT]
+    if sec["failed_count"]:
+        first = sec["failed"][0]
+        _warn(w, "FILES_FAILED", "warning",
+              f"{sec['failed_count']} file(s) in failed/ wait for a decision; newest: "
+              f"{first['name']} ({first['reason']})",
+              f"Read the reason, fix the file, then `{_cmd(root, 'training_queue.py add ' + shlex.quote('failed/' + first['name']) + ' --move')}`; "
+              f"or file it away: `mkdir -p failed/reviewed && mv failed/{first['name']}* failed/reviewed/`.")
+    waiting = sec["queued"] + inbox
+    if waiting and not daemon["alive"] and not sec["processing"]:
+        _warn(w, "DAEMON_NOT_RUNNING", "info",
+              f"{waiting} file(s) wait in inbox/ and queue/ but no daemon is running",
+              f"`{_cmd(root, 'training_daemon.py run')}` trains them.")
+    return sec
+
+
+def _disk_section(root: Path, cfg: dict, model: dict, disk_usage, w: list) -> dict:
+    p = Paths(root)
+    where = p.current_model if model["exists"] else p.root
+    usage = disk_usage(where)
+    min_free = int(cfg.get("min_free_disk_mb") or 0) * 1024 * 1024
+    needed = model["size_bytes"] * MODEL_SPACE_FACTOR + min_free
+    sec = {"path": str(where), "free_bytes": usage.free, "total_bytes": usage.total,
+           "model_size_bytes": model["size_bytes"], "needed_bytes": needed,
+           "min_free_bytes": min_free, "enough": usage.free >= needed}
+    if not sec["enough"]:
+        _warn(w, "DISK_LOW", "critical",
+              f"{usage.free / 2**20:.0f} MiB free on the disk of {where}; the next snapshot and "
+              f"checkpoint need {needed / 2**20:.0f} MiB (model {model['size_bytes'] / 2**20:.1f} MiB "
+              f"x {MODEL_SPACE_FACTOR} + min_free_disk_mb)",
+              f"`{_cmd(root, 'model_versioner.py prune')}` shows what can go (then add --yes); "
+              f"`{_cmd(root, 'backup_manager.py prune')}` likewise; or free space on that disk.")
+    return sec
+
+
+def _backups_section(root: Path, cfg: dict, w: list) -> dict:
+    p = Paths(root)
+    bdir = training_config.backup_dir(root, cfg)
+    sec = {"dir": str(bdir), "count": 0, "verified_count": 0, "latest": None,
+           "latest_age_s": None, "same_filesystem": None, "problems": []}
+    records = []
+    for bid in _listdir(bdir):
+        if bid.startswith(".") or not (bdir / bid).is_dir():
+            continue  # .staging-* and .deleting-* are never backups
+        rec = _read(bdir / bid / "backup.json")
+        rec = rec if isinstance(rec, dict) else {"status": "unreadable"}
+        records.append({"id": bid, "created_at": rec.get("created_at"),
+                        "verified_at": rec.get("verified_at"), "status": rec.get("status"),
+                        "version": rec.get("version"), "global_step": rec.get("global_step")})
+    records.sort(key=lambda r: (r["created_at"] or "", r["id"]))
+    good = [r for r in records if r["status"] == "verified"]
+    sec["count"], sec["verified_count"] = len(records), len(good)
+    sec["problems"] = [{"id": r["id"], "status": r["status"]} for r in records
+                       if r["status"] != "verified"]
+    backup = _cmd(root, "backup_manager.py backup")
+    if good:
+        sec["latest"] = good[-1]
+        sec["latest_age_s"] = _round(age_seconds(good[-1]["created_at"]), 1)
+    hours = float(cfg.get("backup_every_hours") or 0)
+    too_old = max(2 * hours, 24.0) * 3600 if hours else 7 * 86400
+    if not good:
+        _warn(w, "BACKUP_NONE", "warning",
+              "there is no verified backup: a lost disk or a deleted folder would lose everything",
+              f"`{backup}`")
+    elif sec["latest_age_s"] is None or sec["latest_age_s"] > too_old:
+        days = (sec["latest_age_s"] or 0) / 86400
+        _warn(w, "BACKUP_OLD", "warning",
+              f"the latest verified backup ({good[-1]['id']}) is {days:.1f} days old",
+              f"`{backup}`")
+    for bad in sec["problems"]:
+        _warn(w, "BACKUP_UNVERIFIED", "warning",
+              f"backup {bad['id']} is {bad['status'] or 'without a status'}: it is not a good copy",
+              f"`{_cmd(root, 'backup_manager.py verify ' + bad['id'])}`; if it stays bad, make a "
+              f"new one with `{backup}`.")
+    try:
+        target = bdir
+        while not target.exists() and target != target.parent:
+            target = target.parent
+        model = p.current_model if p.current_model.exists() else p.root
+        sec["same_filesystem"] = os.stat(target).st_dev == os.stat(model).st_dev
+    except OSError as exc:
+        sec["problems"].append({"id": None, "status": f"cannot stat: {exc}"})
+    if sec["same_filesystem"]:
+        _warn(w, "BACKUP_SAME_FILESYSTEM", "warning",
+              f"backup_dir {bdir} is on the same filesystem as current_model: one failed disk "
+              "loses both",
+              f"Set \"backup_dir\" in config.json to a folder on another disk, then `{backup}`.")
+    return sec
+
+
+def _tail_lines(path: Path, nbytes: int = METRICS_TAIL_BYTES) -> list[str]:
+    """The complete lines in the last `nbytes` of a file (seek from the end)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - nbytes))
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    lines = data.split(b"\n")
+    if size > nbytes:
+        lines = lines[1:]  # the first one is cut
+    return [ln.decode("utf-8", "replace") for ln in lines if ln.strip()]
+
+
+def _loss_section(root: Path, cfg: dict, model: dict, training: dict, w: list) -> dict:
+    """Loss of the current history: lines after the last rewind, up to the live step."""
+    p = Paths(root)
+    points = []
+    for line in _tail_lines(p.metrics):
+        try:
+            doc = json.loads(line)
+            step, loss = int(doc["global_step"]), float(doc["loss"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line or a foreign one
+        points.append((step, loss, doc.get("file"), doc.get("time")))
+    # Keep the newest run of increasing steps: a rollback or restore rewinds global_step,
+    # and training undone that way must not count (nor warn) any more.
+    start = len(points)
+    while start > 0 and (start == len(points) or points[start - 1][0] < points[start][0]):
+        start -= 1
+    points = points[start:]
+    bound = model.get("global_step")
+    live = (training.get("progress") or {}).get("global_step")
+    if training.get("state") in ("training", "stopping", "paused") and isinstance(live, int):
+        bound = max(bound or 0, live)
+    if isinstance(bound, int):
+        points = [pt for pt in points if pt[0] <= bound]
+    window = int(cfg.get("loss_spike_window") or 50)
+    factor = float(cfg.get("loss_spike_factor") or 0)
+    sec = {"points": len(points), "last_step": None, "last_loss": None, "last_file": None,
+           "last_time": None, "mean": None, "trend": "unknown", "spike": False,
+           "spike_factor": factor, "recent": [round(pt[1], 5) for pt in points[-32:]]}
+    if not points:
+        return sec
+    finite = [pt for pt in points if pt[1] == pt[1] and abs(pt[1]) != float("inf")]
+    last = points[-1]
+    sec.update(last_step=last[0], last_loss=_round(last[1], 5), last_file=last[2], last_time=last[3])
+    before = [pt[1] for pt in finite[:-1]][-window:]
+    if before:
+        sec["mean"] = _round(sum(before) / len(before), 5)
+    recent = [pt[1] for pt in finite][-window:]
+    if len(recent) >= 8:
+        q = max(2, len(recent) // 4)
+        head, tail = sum(recent[:q]) / q, sum(recent[-q:]) / q
+        change = (tail - head) / head if head else 0.0
+        sec["trend"] = "falling" if change < -0.05 else "rising" if change > 0.05 else "flat"
+    bad = last[1] != last[1] or abs(last[1]) == float("inf")
+    if bad or (factor and sec["mean"] and len(before) >= 3 and last[1] > factor * sec["mean"]):
+        sec["spike"] = True
+        _warn(w, "LOSS_SPIKE", "warning",
+              f"loss {last[1]:.4g} at step {last[0]} ({last[2]}) is "
+              + ("not finite" if bad else f"{last[1] / sec['mean']:.1f}x the recent mean {sec['mean']:.4g}"),
+              f"If {last[2]} is bad data: `{_cmd(root, 'model_versioner.py rollback')}` undoes its "
+              "training; if it is fine, training goes on and this clears.")
+    return sec
+
+
+def _locks_section(root: Path, daemon: dict, w: list) -> list:
+    p = Paths(root)
+    out = []
+    for name in _listdir(p.locks):
+        if not name.endswith(".lock"):
+            continue
+        holder = read_lock_holder(p.locks / name)
+        if holder is None:
+            continue
+        lock = name[:-5]
+        pid = holder.get("pid")
+        age = age_seconds(holder.get("since"))
+        entry = {"name": lock, "pid": pid, "purpose": holder.get("purpose"),
+                 "since": holder.get("since"), "held_s": _round(age, 1),
+                 "holder_running": _pid_running(pid), "stale": False}
+        # A flock outlives its recorded pid only through an inherited descriptor (a child
+        # of a dead holder); non-daemon locks are held for seconds or minutes, not hours.
+        if not entry["holder_running"] or (lock != "daemon" and age and age > LOCK_HELD_LONG_S):
+            entry["stale"] = True
+            path = p.locks / name
+            _warn(w, "LOCK_STALE", "warning",
+                  f"lock {lock} is held by pid {pid} ({holder.get('purpose') or 'no purpose'})"
+                  + (" which is no longer running (a child inherited the lock)"
+                     if not entry["holder_running"] else f" for {age / 3600:.1f} h"),
+                  f"`fuser -v {shlex.quote(str(path))}` names the process that holds it; stop "
+                  "that process and the lock is released.")
+        out.append(entry)
+    return out
+
+
+# --------------------------------------------------------------------------- the document
+
+def build_state(root, *, disk_usage=shutil.disk_usage) -> dict:
+    """The whole state document (schema_version 1) for `root`; reads only small files.
+
+    `disk_usage` is the one boundary a test may replace (a full disk is hard to make).
+    """
+    started = time.perf_counter()
+    root = resolve_root(root)
+    p = Paths(root)
+    w: list = []
+    config, cfg = _config_section(root, w)
+    versions = _versions_section(root, w)
+    model = _current_model_section(root, versions, w)
+    if not p.config.exists() and not model["exists"] and not versions["count"]:
+        _warn(w, "NOT_INITIALIZED", "critical", f"{root} is not a training root yet",
+              f"`python3 training_daemon.py init --root {shlex.quote(str(root))}`")
+    elif not versions["count"] and model["exists"]:
+        _warn(w, "NO_VERSION", "critical",
+              "there is no version in versions/: nothing to go back to",
+              f"`{_cmd(root, 'model_versioner.py snapshot --note first')}`")
+    elif not p.config.exists():
+        _warn(w, "CONFIG_MISSING", "critical", f"{p.config} is missing; the daemon cannot train",
+              "Put config.json back (every version keeps a copy under \"config\" in its "
+              f"version.json; `{_cmd(root, 'model_versioner.py show ' + str(versions['latest']))}` "
+              "prints it), then approve it.")
+    elif model["complete"] and versions["count"] and model["matches_version"] is None:
+        _warn(w, "MODEL_NOT_VERSIONED", "info",
+              "current_model/ differs from every version (trained since the last snapshot)",
+              f"`{_cmd(root, 'model_versioner.py snapshot')}` keeps it as a version.")
+    daemon, training = _daemon_and_training(root, w)
+    queue = _queue_section(root, daemon, w)
+    disk = _disk_section(root, cfg, model, disk_usage, w)
+    backups = _backups_section(root, cfg, w)
+    loss = _loss_section(root, cfg, model, training, w)
+    locks = _locks_section(root, daemon, w)
+    del versions["_records"]
+    if any(x["code"] == "NOT_INITIALIZED" for x in w):  # everything else would be noise
+        w[:] = [x for x in w if x["code"] == "NOT_INITIALIZED"]
+    order = {s: i for i, s in enumerate(reversed(SEVERITIES))}
+    w.sort(key=lambda x: order[x["severity"]])
+    critical = sum(1 for x in w if x["severity"] == "critical")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "generated_at": utc_now(),
+        "root": str(root),
+        "ok": critical == 0,
+        "critical_count": critical,
+        "current_model": model, "versions": versions, "config": config,
+        "training": training, "daemon": daemon, "disk": disk, "queue": queue,
+        "backups": backups, "loss": loss, "locks": locks, "warnings": w,
+        "elapsed_ms": round((time.perf_counter() - started) * 1000, 2),
+    }
+
+
+def refresh(root) -> Path:
+    """Build the document and write `.system_state.json` atomically; its path."""
+    root = resolve_root(root)
+    state = build_state(root)
+    path = Paths(root).system_state
+    atomic_write_json(path, state)
+    return path
+
+
+def exit_code(state: dict) -> int:
+    """0 when no warning is critical, 1 when one is."""
+    return 0 if state.get("ok") else 1
+
+
+# --------------------------------------------------------------------------- report
+
+def _size(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _age(s) -> str:
+    if s is None:
+        return "-"
+    for limit, unit in ((120, "s"), (7200, "min"), (172800, "h")):
+        if s < limit:
+            return f"{s / {'s': 1, 'min': 60, 'h': 3600}[unit]:.0f} {unit}"
+    return f"{s / 86400:.1f} days"
+
+
+def report_rows(state: dict) -> list[tuple[str, str]]:
+    """(section, one line) pairs: the readable report, independent of how it is printed."""
+    m, v, c, t, d = (state[k] for k in ("current_model", "versions", "config", "training", "daemon"))
+    disk, q, b, loss = (state[k] for k in ("disk", "queue", "backups", "loss"))
+    model = ("missing" if not m["exists"] else
+             f"{'complete' if m['complete'] else 'INCOMPLETE'}, {_size(m['size_bytes'])}, "
+             f"step {m['global_step']}, {m['tokens_seen']} tokens, "
+             f"= {m['matches_version'] or 'no version'}")
+    tags = ", ".join(f"{k}={x}" for k, x in v["tagged"].items()) or "no tags"
+    changes = ", ".join(ch["text"] for ch in c["changes"])
+    conf = ("invalid" if c["exists"] and not c["valid"] else "missing" if not c["exists"] else
+            "approved" if c["approved"] else f"CHANGED: {changes}")
+    prog = t["progress"] or {}
+    train = t["state"]
+    if t["current_file"] or t["processing_file"]:
+        name = (t["current_file"] or {}).get("name") or t["processing_file"]
+        train += f", {name}"
+        if prog.get("records_total"):
+            train += f" {prog.get('records_done', 0)}/{prog['records_total']} records"
+    if t["heartbeat_age_s"] is not None:
+        train += f", heartbeat {_age(t['heartbeat_age_s'])} ago"
+    if t["stalled"]:
+        train += " (STALLED)"
+    latest = b["latest"]
+    backups = (f"{latest['id']} ({_age(b['latest_age_s'])} old, verified {latest['verified_at']})"
+               if latest else "none verified")
+    backups += f", {b['verified_count']}/{b['count']} good"
+    if b["same_filesystem"]:
+        backups += ", SAME DISK as the model"
+    trend = (f"{loss['last_loss']} at step {loss['last_step']} ({loss['trend']})"
+             if loss["last_step"] is not None else "no metrics yet")
+    return [
+        ("root", state["root"]),
+        ("model", model),
+        ("versions", f"{v['count']}, latest {v['latest'] or '-'}, {tags}, {_size(v['total_size_bytes'])}"),
+        ("config", conf),
+        ("daemon", f"alive, pid {d['pid']}" if d["alive"] else "not running"),
+        ("training", train),
+        ("disk", f"{_size(disk['free_bytes'])} free, next snapshot+checkpoint need "
+                 f"{_size(disk['needed_bytes'])}"),
+        ("queue", f"high {q['counts']['high']}, normal {q['counts']['normal']}, low "
+                  f"{q['counts']['low']}, inbox {q['inbox']}, done {q['done']}, failed "
+                  f"{q['failed_count']}, skipped {q['skipped_count']}"),
+        ("backups", backups),
+        ("loss", trend),
+    ]
+
+
+def print_report(state: dict, warnings_only: bool = False) -> None:
+    """A rich table when stdout is a terminal or rich is wanted; plain lines otherwise."""
+    from rich.console import Console  # lazy: ~60 ms, only for the human report
+    console = Console(highlight=False)
+    colours = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
+    if not warnings_only:
+        verdict = ("[bold green]OK[/]" if state["ok"] else
+                   f"[bold red]{state['critical_count']} CRITICAL[/]")
+        console.print(f"[bold]Training Guardrails state[/] — {verdict}  ({state['generated_at']})")
+        for key, line in report_rows(state):
+            console.print(f"  [bold]{key:<9}[/] ", end="")
+            console.print(line, markup=False)
+    if not state["warnings"]:
+        console.print("No warnings." if warnings_only else "[green]No warnings.[/]")
+        return
+    console.print(f"[bold]Warnings ({len(state['warnings'])})[/]")
+    for x in state["warnings"]:
+        console.print(f"  [{colours[x['severity']]}]{x['severity'].upper():<8} {x['code']}[/] ", end="")
+        console.print(x["message"], markup=False)
+        console.print("    fix: ", end="")
+        console.print(x["fix"], markup=False, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def cmd_state(args) -> int:
+    """Refresh .system_state.json (default), or print the report, the warnings or the JSON."""
+    root = resolve_root(args.root)
+    state = build_state(root)
+    if args.json:
+        print_json(state)
+    elif args.check or args.warnings:
+        print_report(state, warnings_only=args.warnings)
+    if not args.json:  # --json only reads; every other form also refreshes the file
+        path = Paths(root).system_state
+        try:
+            atomic_write_json(path, state)
+        except OSError as exc:
+            raise GuardrailError(f"cannot write the state file ({exc.strerror})", path,
+                                 "Free space or fix the permissions of the training root.") from exc
+        if not (args.check or args.warnings):
+            print(path)
+    return exit_code(state)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="state_tracker.py", description=__doc__.split("\n\n")[0],
+        epilog="Exit 0 when nothing is critical, 1 when a warning is critical, 2 on usage errors.")
+    add_common_args(parser)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="print a readable report with every warning")
+    mode.add_argument("--warnings", action="store_true", help="print only the warnings")
+    parser.set_defaults(func=cmd_state)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
