@@ -510,10 +510,13 @@ def verify_backup(root, bid: str) -> list[str]:
 # --------------------------------------------------------------------------- restore
 
 def _refuse_if_training(root) -> None:
+    """The same check model_versioner makes before it swaps current_model."""
     try:
         import model_versioner
-        fn = getattr(model_versioner, "refuse_if_training", None)
-    except ImportError:
+        fn = getattr(model_versioner, "refuse_while_training", None)
+    except ImportError as exc:
+        print(f"warning: model_versioner unavailable ({exc}); asking the controller",
+              file=sys.stderr)
         fn = None
     if fn is not None:
         fn(root)
@@ -542,10 +545,14 @@ def restore_backup(root, bid: str, to: str | os.PathLike | None = None) -> dict:
         return _restore_to(folder, rec, Path(to).expanduser().resolve())
     _refuse_if_training(p.root)
     import model_versioner
-    kept = None
-    if p.current_model.exists() and model_versioner.current_version(p.root) is None:
-        kept = model_versioner.create_version(p.root, "pre-backup-restore")
-        kept = kept.get("id") if isinstance(kept, dict) else kept
+    kept, previous = None, None
+    if p.current_model.exists():
+        previous = model_versioner.current_version(p.root)
+        if previous is None:  # keep the present state first, so this restore can be undone
+            made = model_versioner.create_version(p.root, "pre-backup-restore")
+            kept = made[0] if isinstance(made, (tuple, list)) else (
+                made.get("id") if isinstance(made, dict) else made)
+            previous = kept
     p.staging.mkdir(parents=True, exist_ok=True)
     staged = p.staging / f"backup-restore-{bid}-{secrets.token_hex(3)}"
     try:
@@ -558,7 +565,9 @@ def restore_backup(root, bid: str, to: str | os.PathLike | None = None) -> dict:
         if staged.exists():
             _discard(staged)
     return {"ok": True, "id": bid, "restored_to": str(p.current_model), "kept_version": kept,
-            "global_step": rec.get("global_step"), "version": rec.get("version")}
+            "previous_version": previous, "global_step": rec.get("global_step"),
+            "version": rec.get("version"),
+            "undo": f"python3 model_versioner.py restore {previous}" if previous else None}
 
 
 def _restore_to(folder: Path, rec: dict, to: Path) -> dict:
@@ -737,8 +746,10 @@ def cmd_restore(args) -> int:
     if args.json:
         print_json(result)
     else:
-        kept = f" (previous model kept as {result['kept_version']})" if result["kept_version"] else ""
-        print(f"restored backup {result['id']} to {result['restored_to']}{kept}")
+        print(f"restored backup {result['id']} to {result['restored_to']}")
+        if result.get("undo"):
+            print(f"the previous model is version {result['previous_version']}; "
+                  f"undo with `{result['undo']}`")
     return 0
 
 

@@ -18,6 +18,7 @@ import pytest
 import backup_manager
 import training_config
 from conftest import REPO
+from trainroot import utc_now
 
 LIST = "python3 backup_manager.py list"
 
@@ -278,6 +279,23 @@ def test_restore_refuses_a_corrupt_backup(fake_root, capsys):
     assert _tree_hashes(fake_root / "current_model") == before
 
 
+def test_restore_refuses_while_training(fake_root, capsys):
+    doc = _backup(capsys)
+    daemon = subprocess.Popen(["sleep", "30"])  # a live pid standing in for the daemon
+    try:
+        (fake_root / ".daemon_state.json").write_text(json.dumps(
+            {"schema_version": 1, "pid": daemon.pid, "state": "training",
+             "heartbeat": utc_now(), "current_file": {"name": "a.jsonl"}}))
+        before = _tree_hashes(fake_root / "current_model")
+        code, _, err = _cli(capsys, "restore", doc["id"])
+        assert code == 3
+        assert err.startswith(f"Error: the daemon (pid {daemon.pid}) is training a.jsonl, ")
+        assert _tree_hashes(fake_root / "current_model") == before
+    finally:
+        daemon.kill()
+        daemon.wait()
+
+
 def test_restore_to_a_folder(fake_root, tmp_path, capsys):
     doc = _backup(capsys)
     busy = tmp_path / "busy"
@@ -318,7 +336,10 @@ def test_restore_keeps_prior_state_and_loads(initialized_root, capsys):
     code, result, err = _cli(capsys, "restore", doc["id"], "--json")
     assert code == 0, err
     kept = result["kept_version"]
-    assert kept and (root / "versions" / kept).is_dir()
+    assert kept and result["previous_version"] == kept
+    assert result["undo"] == f"python3 model_versioner.py restore {kept}"
+    assert json.loads((root / "versions" / kept / "version.json").read_text())["reason"] == \
+        "pre-backup-restore"
     kept_files = _tree_hashes(root / "versions" / kept)
     assert all(kept_files[k] == v for k, v in trained.items() if k != ".manifest.json")
     now = _tree_hashes(root / "current_model")
