@@ -14,16 +14,29 @@ Only the training engine imports torch, and only lazily, once per daemon process
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
+import importlib
+import logging
+import logging.handlers
 import os
 import shutil
+import signal
+import stat
+import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
+import training_queue
 import trainroot
 from trainroot import GuardrailError, Paths, add_common_args, print_json, resolve_root
 
 STATUS_COMMAND = "python3 state_tracker.py --check"
+SCRIPTS = Path(__file__).resolve().parent
 
 
 # --------------------------------------------------------------------------- init
@@ -73,8 +86,6 @@ def init_root(root, base: str = "tiny") -> dict:
         if os.path.lexists(p.current_model):  # raced with another init
             raise GuardrailError("current_model already exists; init never replaces a model",
                                  p.current_model, f"Check it with `{STATUS_COMMAND}`.")
-        if not p.config.exists():
-            training_config.write_config(p.root, cfg)
         import model_versioner
         import training_engine  # the only torch import, paid here and only here
         staged = Path(tempfile.mkdtemp(prefix="init-", dir=p.staging))
@@ -83,15 +94,17 @@ def init_root(root, base: str = "tiny") -> dict:
             if src is None:
                 training_engine.build_tiny_model(model_dir)
             else:
-                training_engine.copy_base_model(src, model_dir)
+                training_engine.copy_base_model(src, model_dir)  # checks that it loads first
             _chmod_tree(model_dir)
             model_versioner.write_manifest(model_dir)
-            model_versioner.publish_model(p.root, model_dir)
+            if not p.config.exists():  # only once the model is built: a failed init leaves none
+                training_config.write_config(p.root, cfg)
+            model_versioner.publish_model(p.root, model_dir, reason="init")
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         version = model_versioner.create_version(p.root, "init")
         approval = training_config.approve(p.root, cfg, by="init")
-    vid = version["id"] if isinstance(version, dict) else str(version)
+    vid = _version_id(version)
     return {"ok": True, "root": str(p.root), "base_model": base_model,
             "current_model": str(p.current_model), "version": vid,
             "approved": approval["values"]}
@@ -110,6 +123,849 @@ def cmd_init(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- run: helpers
+
+OPTIMIZER_FACTOR = 3     # a checkpoint holds the weights plus AdamW's two moments
+STATE_EVERY_S = 1.0      # .daemon_state.json at most once a second
+CONTROL_EVERY_S = 0.2    # a directory scan of control/ at most this often while training
+IDLE_TICK_S = 0.25       # idle loop: control requests are seen well within a second
+_PRIORITY_DIRS = (("high", "inbox_high"), ("normal", "inbox"), ("low", "inbox_low"))
+
+
+def _open_for_writing(path: str) -> bool:
+    """True if some process has `path` open for writing (a read lease is refused then).
+
+    Linux only and cheap (three syscalls). Where leases are unsupported (NFS, another
+    owner without CAP_LEASE) it answers False and the settle interval alone decides.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    except OSError as exc:
+        return exc.errno in (errno.EAGAIN, errno.EBUSY)
+    finally:
+        os.close(fd)
+
+
+def _version_id(v) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, (tuple, list)):  # model_versioner.create_version: (id, created)
+        return v[0]
+    return v.get("id") if isinstance(v, dict) else str(v)
+
+
+def _trainer_state(model_dir: Path) -> dict:
+    try:
+        state = trainroot.read_json(model_dir / "trainer_state.json", default={})
+    except GuardrailError:
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(folder):
+        for n in filenames:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, n)).st_size
+    return total
+
+
+def _setup_logging(p: Paths) -> logging.Logger:
+    log = logging.getLogger("training_daemon")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    fh = logging.handlers.RotatingFileHandler(p.logs / "daemon.log", maxBytes=5 << 20,
+                                              backupCount=5, encoding="utf-8")
+    fh.setFormatter(fmt)
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(fmt)
+    log.addHandler(fh)
+    log.addHandler(sh)
+    return log
+
+
+class _Candidate:
+    __slots__ = ("priority", "sig", "since")
+
+    def __init__(self, priority: str, sig: tuple, since: float):
+        self.priority, self.sig, self.since = priority, sig, since
+
+
+class _Paused(Exception):
+    """Pre-flight failed: pause (or, with --once, exit 1) with this message."""
+
+    def __init__(self, error: GuardrailError):
+        super().__init__(str(error))
+        self.error = error
+
+
+# --------------------------------------------------------------------------- run: the daemon
+
+class Daemon:
+    """One daemon per root: intake from inbox/, one file at a time through the engine."""
+
+    def __init__(self, root, *, once: bool = False, monitor: bool = True):
+        self.p = Paths(resolve_root(root))
+        self.once, self.monitor_wanted = once, monitor
+        self.log = logging.getLogger("training_daemon")
+        self.started_at = trainroot.utc_now()
+        self.state, self.paused_reason, self.paused_since, self.pause_kind = "idle", None, None, None
+        self.current, self.progress, self.last_error = None, None, None
+        self.stop_signal: str | None = None      # SIGTERM/SIGINT: acts like `stop`
+        self.stop_request: dict | None = None    # a claimed `stop` to acknowledge at exit
+        self.pending: tuple[str, dict | None] | None = None  # action claimed while training
+        self.candidates: dict[str, _Candidate] = {}
+        self.hinted: set[str] = set()
+        self.hint_lock = threading.Lock()
+        self.wake = threading.Event()
+        self.done: dict[str, dict] = {}
+        self.backup_proc = None
+        self.backup_failed: str | None = None
+        self.exit_code = 0
+        self._state_written = 0.0
+        self._control_checked = 0.0
+        self._next_rescan = 0.0
+        self._import_thread: threading.Thread | None = None
+        self._engine = None
+        self._observer = None
+        self._monitor = None
+
+    # ---------------------------------------------------------------- state file
+
+    def write_state(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._state_written < STATE_EVERY_S:
+            return
+        self._state_written = now
+        doc = {"schema_version": 1, "pid": os.getpid(), "started_at": self.started_at,
+               "heartbeat": trainroot.utc_now(), "state": self.state,
+               "paused_reason": self.paused_reason, "paused_since": self.paused_since,
+               "current_file": self.current, "progress": self.progress,
+               "last_error": self.last_error}
+        try:
+            trainroot.atomic_write_json(self.p.daemon_state, doc)
+        except OSError as exc:  # a full disk must not kill the daemon; the tracker sees the age
+            self.log.warning("cannot write %s: %s", self.p.daemon_state, exc)
+
+    def set_state(self, state: str, reason: str | None = None, kind: str | None = None) -> None:
+        if state == "paused":
+            if self.state != "paused":
+                self.paused_since = trainroot.utc_now()
+            self.paused_reason, self.pause_kind = reason, kind
+            self.log.warning("paused: %s", reason)
+        else:
+            self.paused_reason = self.paused_since = self.pause_kind = None
+        self.state = state
+        self.write_state(force=True)
+
+    # ---------------------------------------------------------------- engine (lazy, once)
+
+    def preload_engine(self) -> None:
+        """Import torch/transformers in a thread while the inbox settles (start-up latency)."""
+        if self._import_thread is None and self._engine is None:
+            self._import_thread = threading.Thread(
+                target=lambda: importlib.import_module("training_engine"),
+                name="engine-import", daemon=True)
+            self._import_thread.start()
+
+    def engine(self):
+        if self._engine is None:
+            self._engine = importlib.import_module("training_engine")
+        return self._engine
+
+    # ---------------------------------------------------------------- control requests
+
+    def _requests(self) -> list[dict]:
+        import training_controller
+        try:
+            if not any(n.endswith(".request.json") for n in os.listdir(self.p.control)):
+                return []
+        except FileNotFoundError:
+            return []
+        return training_controller.pending_requests(self.p.root,
+                                                    daemon_started_at=self.started_at)
+
+    def ack(self, req: dict | None, outcome: str, message: str) -> None:
+        if req is None:
+            return
+        import training_controller
+        try:
+            training_controller.acknowledge(self.p.root, req, outcome, message)
+        except (OSError, GuardrailError) as exc:
+            self.log.warning("cannot acknowledge request %s: %s", req.get("id"), exc)
+        self.log.info("request %s %s: %s (%s)", req.get("id"), req.get("action"), outcome, message)
+
+    def _claim(self, req: dict) -> bool:
+        import training_controller
+        return training_controller.claim_request(self.p.root, req)
+
+    def control_idle(self) -> None:
+        """Act on requests while no file is training (idle or paused)."""
+        for req in self._requests():
+            if not self._claim(req):
+                continue
+            action = req["action"]
+            if action == "stop":
+                self.stop_request = req
+                return
+            if action == "pause":
+                if self.state == "paused":
+                    self.ack(req, "noop", f"already paused: {self.paused_reason}")
+                else:
+                    why = "paused by request" + (f": {req['reason']}" if req.get("reason") else "")
+                    self.set_state("paused", why, "request")
+                    self.ack(req, "done", "paused" + (" (checkpoint is durable)"
+                                                      if self._processing_file() else ""))
+            elif action == "resume":
+                if self.state == "paused":
+                    self.log.info("resumed (was: %s)", self.paused_reason)
+                    if self.pause_kind == "backup":
+                        self.backup_failed = None
+                    self.set_state("idle")
+                    self.ack(req, "done", "resumed")
+                else:
+                    self.ack(req, "noop", "not paused")
+            elif action == "skip":
+                data = self._processing_file()
+                if data is None:
+                    self.ack(req, "noop", "nothing is training")
+                else:
+                    discard = bool((req.get("options") or {}).get("discard"))
+                    self._finish_skipped(data, discard, "skipped by request"
+                                         + (f": {req['reason']}" if req.get("reason") else ""))
+                    self.ack(req, "done", f"{data.name} moved to skipped/"
+                             + (" and the version before it restored" if discard else ""))
+
+    def control_training(self):
+        """The engine's callback between micro-batches: None or stop/pause/skip."""
+        if self.stop_signal:
+            return "stop"
+        if self.pending:
+            return self.pending[0]
+        now = time.monotonic()
+        if now - self._control_checked < CONTROL_EVERY_S:
+            return None
+        self._control_checked = now
+        self.write_state()
+        if self.backup_failed is not None and self._poll_backup() is False:
+            self.pending = ("pause", None)
+            return "pause"
+        for req in self._requests():
+            action = req["action"]
+            if not self._claim(req):
+                continue
+            if action == "resume":
+                self.ack(req, "noop", "not paused: training")
+                continue
+            self.pending = (action, req)
+            self.log.info("request %s: %s at the next optimizer step", req["id"], action)
+            return action
+        return None
+
+    def on_progress(self, *args, **kw) -> None:
+        info = args[0] if args and isinstance(args[0], dict) else kw
+        rec_total = (self.current or {}).get("records")
+        prog = {"global_step": info.get("global_step"),
+                "step_in_file": info.get("step_in_file", info.get("steps")),
+                "records_done": info.get("records_done"), "records_total": rec_total,
+                "tokens_per_sec": info.get("tokens_per_sec"), "loss": info.get("loss"),
+                "eta_seconds": info.get("eta_seconds")}
+        if prog["eta_seconds"] is None and rec_total and info.get("records_done"):
+            elapsed = time.monotonic() - self._train_started
+            done = info["records_done"] - self._records_at_start
+            if done > 0 and elapsed > 0:
+                prog["eta_seconds"] = round((rec_total - info["records_done"]) * elapsed / done, 1)
+        self.progress = prog
+        self.write_state()
+        if self.stop_signal is None and not self.pending:
+            self.control_training()
+
+    # ---------------------------------------------------------------- inbox
+
+    def _start_observer(self) -> None:
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+        except ImportError as exc:
+            self.log.warning("watchdog unavailable (%s): rescanning every %ss only", exc,
+                             self.cfg["rescan_seconds"])
+            return
+        daemon = self
+
+        class Hints(FileSystemEventHandler):
+            def on_any_event(self, event):
+                if event.is_directory:
+                    return
+                path = getattr(event, "dest_path", None) or event.src_path
+                with daemon.hint_lock:
+                    daemon.hinted.add(os.fsdecode(path))
+                daemon.wake.set()
+
+        obs = Observer()
+        try:
+            for d in (self.p.inbox, self.p.inbox_high, self.p.inbox_low):
+                obs.schedule(Hints(), str(d), recursive=False)
+            obs.start()
+        except OSError as exc:  # inotify limits come back as ENOSPC (watchdog#673)
+            self.log.warning("inbox watcher failed (%s): rescanning every %ss only", exc,
+                             self.cfg["rescan_seconds"])
+            with contextlib.suppress(Exception):
+                obs.stop()
+            return
+        self._observer = obs
+
+    def _note(self, path: str, priority: str, now: float) -> None:
+        name = os.path.basename(path)
+        if training_queue.is_ignored(name):
+            return
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            self.candidates.pop(path, None)
+            return
+        if stat.S_ISDIR(st.st_mode):
+            return
+        sig = (st.st_size, st.st_mtime_ns, st.st_ino)
+        cand = self.candidates.get(path)
+        if cand is None or cand.sig != sig:
+            self.candidates[path] = _Candidate(priority, sig, now)
+            self.preload_engine()
+
+    def scan_inbox(self, full: bool) -> None:
+        now = time.monotonic()
+        with self.hint_lock:
+            hinted, self.hinted = self.hinted, set()
+        prio_of = {str(getattr(self.p, attr)): pr for pr, attr in _PRIORITY_DIRS}
+        if full:
+            for pr, attr in _PRIORITY_DIRS:
+                try:
+                    with os.scandir(getattr(self.p, attr)) as it:
+                        for entry in it:
+                            self._note(entry.path, pr, now)
+                except FileNotFoundError:
+                    getattr(self.p, attr).mkdir(parents=True, exist_ok=True)
+            for path in list(self.candidates):
+                if not os.path.lexists(path):
+                    del self.candidates[path]
+        else:
+            for path in hinted:
+                pr = prio_of.get(os.path.dirname(path))
+                if pr is not None:
+                    self._note(path, pr, now)
+
+    def intake(self) -> None:
+        """Claim every settled inbox file, validate it and queue it (or fail/skip it)."""
+        now = time.monotonic()
+        full = now >= self._next_rescan
+        if full:
+            self._next_rescan = now + self.cfg["rescan_seconds"]
+        self.scan_inbox(full)
+        settle = self.cfg["settle_seconds"]
+        ready = [(c.since, path) for path, c in self.candidates.items() if now - c.since >= settle]
+        ready.sort()
+        last_control = time.monotonic()
+        for _, path in ready:
+            cand = self.candidates.pop(path)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if (st.st_size, st.st_mtime_ns, st.st_ino) != cand.sig:
+                self.candidates[path] = _Candidate(cand.priority,
+                                                   (st.st_size, st.st_mtime_ns, st.st_ino), now)
+                continue
+            if stat.S_ISREG(st.st_mode) and _open_for_writing(path):
+                cand.since = time.monotonic()   # still being written: wait another interval
+                self.candidates[path] = cand
+                continue
+            self._ingest(path, cand.priority, st)
+            if time.monotonic() - last_control > 0.5:   # a burst must not hide a stop
+                last_control = time.monotonic()
+                self.write_state()
+                self.control_idle()
+                if self.stop_request or self.stop_signal:
+                    return
+
+    def _ingest(self, path: str, priority: str, st: os.stat_result) -> None:
+        name = os.path.basename(path)
+        incoming = self.p.queue / training_queue.INCOMING / priority
+        try:
+            claimed = trainroot.move_unique(path, incoming)
+        except FileNotFoundError:
+            return  # someone took it back first
+        self._enqueue_claimed(claimed, priority, name)
+
+    def _enqueue_claimed(self, claimed: Path, priority: str, name: str) -> None:
+        try:
+            rec = training_queue.enqueue(
+                self.p.root, claimed, priority=priority, move=True, cfg=self.cfg,
+                source="inbox", done=self.done, name=name,
+                not_regular=None if claimed.is_file() and not claimed.is_symlink()
+                else "not a regular file")
+        except Exception as exc:  # never lose it: whatever broke, the file stays claimed
+            self.log.exception("intake of %s failed; it stays in %s", name, claimed.parent)
+            self.last_error = f"intake of {name} failed: {exc}"
+            return
+        level = logging.INFO if rec["outcome"] == "queued" else logging.WARNING
+        self.log.log(level, "%s: %s (%s)%s", name, rec["outcome"], priority,
+                     f" - {rec['reason']}" if rec.get("reason") else "")
+
+    def recover_incoming(self) -> None:
+        """Files claimed from the inbox before a crash go through intake again."""
+        base = self.p.queue / training_queue.INCOMING
+        for pr in training_queue.PRIORITIES:
+            d = base / pr
+            if not d.is_dir():
+                continue
+            for n in sorted(os.listdir(d)):
+                if not training_queue.is_ignored(n):
+                    self._enqueue_claimed(d / n, pr, n)
+
+    # ---------------------------------------------------------------- pre-flight
+
+    def preflight(self, cfg: dict) -> None:
+        import model_versioner
+        import training_config
+        problems = model_versioner.check_model_dir(self.p.current_model)
+        if problems:
+            raise _Paused(GuardrailError(
+                "pre-flight: current_model is not usable (" + "; ".join(problems[:5]) + ")",
+                self.p.current_model, "Bring it back with `python3 model_versioner.py restore "
+                "latest`, then run `python3 training_controller.py resume`."))
+        changed = training_config.changed_locked(self.p.root, cfg)
+        if changed:
+            text = "; ".join(training_config.format_change(*c) for c in changed)
+            raise _Paused(GuardrailError(f"pre-flight: locked config changed ({text})",
+                                         self.p.config,
+                                         f"Run `{training_config.APPROVE_COMMAND}` to approve it, "
+                                         "or put the old values back."))
+        need = _folder_bytes(self.p.current_model) * (1 + OPTIMIZER_FACTOR) \
+            + cfg["min_free_disk_mb"] * (1 << 20)
+        free = shutil.disk_usage(self.p.root).free
+        if free < need:
+            raise _Paused(GuardrailError(
+                f"pre-flight: not enough free disk ({free >> 20} MB free, {need >> 20} MB "
+                "needed for a checkpoint and a new model)", self.p.root,
+                "Free space (e.g. `python3 model_versioner.py prune --yes`), then run "
+                "`python3 training_controller.py resume`."))
+
+    # ---------------------------------------------------------------- one file
+
+    def _processing_file(self) -> Path | None:
+        try:
+            names = sorted(n for n in os.listdir(self.p.processing)
+                           if not training_queue.is_ignored(n))
+        except FileNotFoundError:
+            return None
+        return self.p.processing / names[0] if names else None
+
+    def next_job(self) -> Path | None:
+        """The file to train now: the one in processing/ (resume), else the queue's head."""
+        data = self._processing_file()
+        if data is not None:
+            return data
+        for item in training_queue.list_queue(self.p.root):
+            rec = training_queue.read_record(item["path"])
+            prior = self.done.get(rec.get("sha256"))
+            if prior and not rec.get("force"):
+                reason = (f"already trained: same content as done/{prior.get('name')} "
+                          f"(into version {prior.get('version_after')})")
+                rec.update(reason=reason, duplicate_of=prior.get("name"),
+                           trained_into=prior.get("version_after"), outcome="skipped")
+                with contextlib.suppress(FileNotFoundError):
+                    training_queue.move_with_record(item["path"], self.p.skipped, rec, reason)
+                self.log.warning("%s: skipped - %s", item["name"], reason)
+                continue
+            return Path(item["path"])
+        return None
+
+    def process(self, data: Path) -> None:
+        """Pre-flight, snapshot, train, and move the file to done/ (or skipped/, failed/)."""
+        import model_versioner
+        import training_config
+        cfg = training_config.load_config(self.p.root)
+        self.preflight(cfg)  # raises _Paused
+        if data.parent != self.p.processing:
+            rec = training_queue.read_record(data)
+            rec["started_at"] = trainroot.utc_now()
+            data = training_queue.move_with_record(data, self.p.processing, rec, "training")
+        rec = training_queue.read_record(data)
+        if rec.get("in_training"):  # the last process died while training this file
+            rec["attempts"] = int(rec.get("attempts") or 0) + 1
+            rec["in_training"] = False
+            training_queue.update_record(data, **{k: rec[k] for k in ("attempts", "in_training")})
+            if rec["attempts"] >= cfg["max_attempts"]:
+                self._finish_failed(data, f"training crashed {rec['attempts']} times "
+                                          f"(max_attempts {cfg['max_attempts']})")
+                return
+            self.log.warning("%s: resuming after a crash (attempt %d of %d)", data.name,
+                             rec["attempts"] + 1, cfg["max_attempts"])
+        self.current = {"name": data.name, "sha256": rec.get("sha256"),
+                        "priority": rec.get("priority"), "records": rec.get("records")}
+        timings = dict(rec.get("timings") or {})
+        if not rec.get("version_before"):
+            t0 = time.monotonic()
+            before = model_versioner.create_version(self.p.root, f"pre-train:{data.name}")
+            timings["snapshot_s"] = round(time.monotonic() - t0, 4)
+            state = _trainer_state(self.p.current_model)
+            rec = training_queue.update_record(
+                data, version_before=_version_id(before), timings=timings,
+                global_step_before=state.get("global_step"),
+                tokens_seen_before=state.get("tokens_seen"))
+        if not rec.get("file_id"):
+            rec = training_queue.update_record(
+                data, file_id=f"{str(rec.get('sha256'))[:16]}-{rec.get('seq') or time.time_ns()}")
+        engine = self.engine()
+        self.set_state("training")
+        training_queue.update_record(data, in_training=True)
+        self.pending = None
+        self._train_started = time.monotonic()
+        self._records_at_start = 0
+        self.progress = None
+        try:
+            result = engine.train_file(self.p.root, data, file_id=rec["file_id"], config=cfg,
+                                       records_total=rec.get("records"),
+                                       control=self.control_training, progress=self.on_progress)
+        except GuardrailError as exc:
+            training_queue.update_record(data, in_training=False)
+            self.last_error = str(exc)
+            raise _Paused(exc) from None
+        except Exception as exc:
+            self.log.exception("training %s crashed", data.name)
+            rec = training_queue.read_record(data)
+            attempts = int(rec.get("attempts") or 0) + 1
+            training_queue.update_record(data, in_training=False, attempts=attempts,
+                                         last_error=f"{exc.__class__.__name__}: {exc}")
+            self.last_error = f"training {data.name} crashed: {exc.__class__.__name__}: {exc}"
+            if attempts >= cfg["max_attempts"]:
+                self._finish_failed(data, f"training crashed {attempts} times; last: "
+                                          f"{exc.__class__.__name__}: {exc}")
+            self.set_state("idle")
+            self.current = None
+            return
+        train_s = time.monotonic() - self._train_started
+        timings["train_s"] = round(float(timings.get("train_s") or 0) + train_s, 4)
+        training_queue.update_record(data, in_training=False, timings=timings)
+        self._after_training(data, result, cfg)
+
+    def _after_training(self, data: Path, result: dict, cfg: dict) -> None:
+        status = result.get("status")
+        action, req = self.pending or (None, None)
+        self.pending = None
+        self.log.info("%s: engine returned %s (%s)", data.name, status, result.get("message") or "")
+        if status == "completed":
+            self._finish_done(data, result)
+            if action == "skip":
+                self.ack(req, "noop", f"{data.name} finished before the skip took effect")
+            elif action == "pause":
+                self.set_state("paused", self._request_reason("paused by request", req), "request")
+                self.ack(req, "done", "paused after the file finished")
+            elif action == "stop":
+                self.stop_request = req
+        elif status == "stopped":
+            if action == "stop" and req is not None:
+                self.stop_request = req
+            self.log.info("%s: stopped at step %s; it stays in processing/ and resumes at the "
+                          "next start", data.name, result.get("global_step"))
+        elif status == "paused":
+            if req is None and self.backup_failed:
+                self.set_state("paused", self.backup_failed, "backup")
+            else:
+                self.set_state("paused", self._request_reason("paused by request", req), "request")
+                self.ack(req, "done", f"paused at step {result.get('global_step')}; checkpoint is durable")
+        elif status == "spike":
+            msg = f"loss spike in {data.name}: {result.get('message') or ''}".strip()
+            self.last_error = msg
+            self.set_state("paused", msg + ". Inspect the data, then `python3 training_controller.py "
+                           "resume` (or `skip --discard`)", "spike")
+            if action and req is not None and action != "pause":
+                self.ack(req, "noop", f"training paused on a loss spike before the {action}")
+            elif req is not None:
+                self.ack(req, "done", "paused (loss spike)")
+        elif status == "skipped":
+            discard = bool(((req or {}).get("options") or {}).get("discard"))
+            self._finish_skipped(data, discard, self._request_reason("skipped by request", req),
+                                 result)
+            self.ack(req, "done", f"{data.name} moved to skipped/"
+                     + (" and the version before it restored" if discard else ""))
+        elif status == "nan":
+            reason = f"loss became NaN/inf: {result.get('message') or ''}".strip()
+            self._restore_before(data)
+            self._finish_failed(data, reason, result)
+            if req is not None:
+                self.ack(req, "noop", f"{data.name} failed (NaN loss) before the {action}")
+        else:
+            raise GuardrailError(f"unknown training status {status!r}", data,
+                                 "Report this as a bug; the file stays in processing/.")
+        if self.state == "training":
+            self.set_state("idle")
+        if status != "stopped":
+            self.current = self.progress = None
+
+    @staticmethod
+    def _request_reason(base: str, req: dict | None) -> str:
+        return base + (f": {req['reason']}" if req and req.get("reason") else "")
+
+    def _restore_before(self, data: Path) -> None:
+        import model_versioner
+        rec = training_queue.read_record(data)
+        if rec.get("version_before"):
+            model_versioner.restore_version(self.p.root, rec["version_before"])
+            self.log.warning("%s: restored %s (the version before it)", data.name,
+                             rec["version_before"])
+
+    def _finish_done(self, data: Path, result: dict) -> None:
+        import model_versioner
+        rec = training_queue.read_record(data)
+        t0 = time.monotonic()
+        after = model_versioner.create_version(
+            self.p.root, f"post-train:{data.name}", loss=result.get("loss"),
+            data_files=[{"name": data.name, "sha256": rec.get("sha256")}])
+        state = _trainer_state(self.p.current_model)
+        timings = dict(rec.get("timings") or {})
+        timings["post_snapshot_s"] = round(time.monotonic() - t0, 4)
+        gs_before = rec.get("global_step_before") or 0
+        rec.update(outcome="done", finished_at=trainroot.utc_now(), version_after=_version_id(after),
+                   global_step_after=state.get("global_step", result.get("global_step")),
+                   tokens_seen_after=state.get("tokens_seen", result.get("tokens_seen")),
+                   steps=(state.get("global_step", result.get("global_step")) or 0) - gs_before,
+                   tokens=result.get("tokens"), loss=result.get("loss"), timings=timings)
+        rec.pop("in_training", None)
+        dst = training_queue.move_with_record(data, self.p.done, rec, "trained")
+        self.done[rec["sha256"]] = dict(rec, name=dst.name)
+        self.log.info("%s: done (%s -> %s, %s steps, loss %s)", dst.name, rec.get("version_before"),
+                      rec["version_after"], rec["steps"], rec.get("loss"))
+        self.maybe_backup(rec)
+
+    def _finish_failed(self, data: Path, reason: str, result: dict | None = None) -> None:
+        rec = training_queue.read_record(data)
+        rec.pop("in_training", None)
+        rec.update(outcome="failed", reason=reason, finished_at=trainroot.utc_now())
+        if result:
+            rec["result"] = result
+        dst = training_queue.move_with_record(data, self.p.failed, rec, reason)
+        self.last_error = f"{dst.name}: {reason}"
+        self.log.error("%s: failed - %s", dst.name, reason)
+
+    def _finish_skipped(self, data: Path, discard: bool, reason: str,
+                        result: dict | None = None) -> None:
+        if discard:
+            self._restore_before(data)
+        rec = training_queue.read_record(data)
+        rec.pop("in_training", None)
+        rec.update(outcome="skipped", reason=reason, discarded=discard,
+                   finished_at=trainroot.utc_now())
+        if result:
+            rec["result"] = result
+        dst = training_queue.move_with_record(data, self.p.skipped, rec, reason)
+        self.log.warning("%s: skipped - %s", dst.name, reason)
+        self.current = self.progress = None
+        if self.state == "paused" and self.pause_kind in ("request", "spike"):
+            pass  # a skip while paused keeps the pause: resume is a separate decision
+
+    # ---------------------------------------------------------------- backups
+
+    def maybe_backup(self, rec: dict) -> None:
+        """Start an automatic backup (child process, SCHED_IDLE) if the policy says so."""
+        if not (SCRIPTS / "backup_manager.py").exists() or self.backup_proc is not None:
+            return
+        import backup_manager
+        try:
+            latest = backup_manager.latest_backup(self.p.root)
+            since = latest.get("created_at") if latest else None
+            n = sum(1 for r in self.done.values()
+                    if since is None or (r.get("finished_at") or "") > since)
+            if not backup_manager.backup_due(self.p.root, self.cfg, n):
+                return
+        except GuardrailError as exc:
+            self.backup_failed = f"automatic backup check failed: {exc}"
+            return
+        src = rec.get("version_after") or "current_model"
+        cmd = [sys.executable, str(SCRIPTS / "backup_manager.py"), "backup", src, "--idle",
+               "--json", "--root", str(self.p.root), "--note", f"automatic after {rec['name']}"]
+        self.log.info("automatic backup of %s started", src)
+        self.backup_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            text=True, cwd=str(SCRIPTS))
+
+    def _poll_backup(self, wait: bool = False) -> bool | None:
+        """None while none has finished; True if one succeeded; False if one failed."""
+        proc = self.backup_proc
+        if proc is None:
+            return None if self.backup_failed is None else False
+        if not wait and proc.poll() is None:
+            return None
+        out, err = proc.communicate()
+        self.backup_proc = None
+        if proc.returncode == 0:
+            self.log.info("automatic backup done")
+            return True
+        lines = [ln for ln in (err or "").splitlines() if ln.startswith("Error:")]
+        msg = lines[-1][len("Error: "):] if lines else f"backup_manager exited {proc.returncode}"
+        self.backup_failed = (f"automatic backup failed: {msg} Training is paused until "
+                              "`python3 training_controller.py resume`")
+        self.last_error = self.backup_failed
+        self.log.error(self.backup_failed)
+        return False
+
+    # ---------------------------------------------------------------- the loop
+
+    def _has_work(self) -> bool:
+        return bool(self.candidates) or self._processing_file() is not None or \
+            bool(training_queue.list_queue(self.p.root))
+
+    def _start_monitor(self) -> None:
+        port = int(self.cfg.get("monitor_port") or 0)
+        if not self.monitor_wanted or port == 0 or not (SCRIPTS / "monitor_server.py").exists():
+            return
+        try:
+            import monitor_server
+            self._monitor = monitor_server.start_in_thread(self.p.root, port)
+            self.log.info("live monitor on %s", getattr(self._monitor, "url", f"port {port}"))
+        except Exception as exc:  # the monitor is optional: training goes on without it
+            self.log.warning("live monitor not started on port %s (%s); training continues. "
+                             "Set monitor_port in config.json to a free port, or 0 to turn it off.",
+                             port, exc)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signal.Signals(signum).name
+        self.wake.set()
+
+    def run(self) -> int:
+        import training_config
+        self.p.ensure()
+        lock = trainroot.FileLock(self.p.lock("daemon"), "training_daemon run")
+        try:
+            lock.acquire()
+        except trainroot.BusyError:
+            holder = trainroot.read_lock_holder(self.p.lock("daemon")) or {}
+            raise trainroot.BusyError(
+                f"another daemon is running on this root (pid {holder.get('pid', '?')})",
+                self.p.root, "Check it with `python3 training_controller.py status`; stop it with "
+                "`python3 training_controller.py stop --wait`.") from None
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        old[signal.SIGIO] = signal.signal(signal.SIGIO, signal.SIG_IGN)  # lease breaks (settle)
+        try:
+            self.cfg = training_config.load_config(self.p.root)
+            _setup_logging(self.p)
+            self.log.info("daemon %d started on %s%s", os.getpid(), self.p.root,
+                          " (--once)" if self.once else "")
+            self.write_state(force=True)
+            import model_versioner
+            for action in model_versioner.recover(self.p.root).get("actions", []):
+                self.log.info("recovery: %s", action)
+            for orphan in training_queue.recover(self.p.root):
+                self.log.info("removed orphan record %s", orphan)
+            self.done = training_queue.done_index(self.p.root)
+            self._start_observer()
+            self._start_monitor()
+            self.recover_incoming()
+            self.scan_inbox(full=True)
+            if self._has_work():
+                self.preload_engine()
+            self._loop()
+        finally:
+            self._shutdown(lock, old)
+        return self.exit_code
+
+    def _loop(self) -> None:
+        while True:
+            self.control_idle()
+            if self.stop_request or self.stop_signal:
+                return
+            if self._poll_backup() is False and self.state != "paused":
+                self.set_state("paused", self.backup_failed, "backup")
+                if self.once:
+                    raise GuardrailError(self.backup_failed, self.p.root,
+                                         "Fix the cause, then run `python3 backup_manager.py backup`.")
+            self.intake()
+            if self.stop_request or self.stop_signal:
+                return
+            if self.state == "paused":
+                if self.pause_kind == "preflight" and time.monotonic() >= self._next_rescan - 0.01:
+                    self._retry_preflight()
+                self.write_state()
+                self.wake.wait(IDLE_TICK_S)
+                self.wake.clear()
+                continue
+            job = self.next_job()
+            if job is not None:
+                try:
+                    self.process(job)
+                except _Paused as exc:
+                    if self.once:
+                        raise exc.error from None
+                    self.last_error = str(exc.error)
+                    self.set_state("paused", f"{exc.error}", "preflight")
+                continue
+            if self.once and not self.candidates:
+                if self.backup_proc is not None:
+                    self._poll_backup(wait=True)
+                    continue
+                return
+            self.write_state()
+            self.wake.wait(0.05 if self.candidates else IDLE_TICK_S)
+            self.wake.clear()
+
+    def _retry_preflight(self) -> None:
+        import training_config
+        try:
+            self.preflight(training_config.load_config(self.p.root))
+        except (_Paused, GuardrailError):
+            return
+        self.log.info("pre-flight passes again: continuing")
+        self.set_state("idle")
+
+    def _shutdown(self, lock, old_handlers) -> None:
+        self.state = "stopping"
+        if self._observer is not None:
+            with contextlib.suppress(Exception):
+                self._observer.stop()
+                self._observer.join(timeout=5)
+        if self._monitor is not None:
+            with contextlib.suppress(Exception):
+                self._monitor.stop()
+        if self.backup_proc is not None:
+            self._poll_backup(wait=True)
+        if self._import_thread is not None:
+            self._import_thread.join()
+        self.state = "stopped"
+        self.write_state(force=True)
+        why = self.stop_signal or (f"request {self.stop_request['id']}" if self.stop_request
+                                   else "queue empty" if self.once else "exit")
+        self.log.info("daemon %d stopped (%s)", os.getpid(), why)
+        if self.stop_request is not None:
+            self.ack(self.stop_request, "done", "stopped; checkpoint durable"
+                     + ("; the file in processing/ resumes at the next start"
+                        if self._processing_file() else ""))
+        lock.release()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        for h in list(self.log.handlers):
+            self.log.removeHandler(h)
+            h.close()
+
+
+def run_daemon(root, *, once: bool = False, monitor: bool = True) -> int:
+    """Run the daemon on `root` until stopped (or, with `once`, until the queue is empty)."""
+    return Daemon(root, once=once, monitor=monitor).run()
+
+
+def cmd_run(args) -> int:
+    """Watch inbox/ and train every file once (the default command); --once exits when empty."""
+    return run_daemon(resolve_root(args.root), once=args.once, monitor=not args.no_monitor)
+
+
 # --------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,10 +977,19 @@ def build_parser() -> argparse.ArgumentParser:
     p_init.add_argument("--base", default="tiny", metavar="tiny|PATH",
                         help="'tiny' builds a small model locally; PATH copies a local HF folder")
     p_init.set_defaults(func=cmd_init)
+    p_run = sub.add_parser("run", help=cmd_run.__doc__, description=cmd_run.__doc__)
+    add_common_args(p_run)
+    p_run.add_argument("--once", action="store_true",
+                       help="train everything queued (inbox included), then exit 0")
+    p_run.add_argument("--no-monitor", action="store_true", help="do not start the live monitor")
+    p_run.set_defaults(func=cmd_run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a in ("init", "run", "-h", "--help") for a in argv):
+        argv = ["run", *argv]  # `run` is the default command
     return trainroot.run_cli(build_parser(), argv)
 
 

@@ -1,0 +1,124 @@
+"""`training_daemon.py init`: a model that loads in plain transformers and trains; never twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_script
+
+pytestmark = pytest.mark.slow
+
+LOAD_AND_TRAIN = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path = sys.argv[1]
+tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+ids = torch.tensor([tok("hello guardrails")["input_ids"]])
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+model.train()
+loss0 = model(input_ids=ids, labels=ids).loss
+loss0.backward()
+opt.step()
+loss1 = model(input_ids=ids, labels=ids).loss
+print(json.dumps({"loss0": loss0.item(), "loss1": loss1.item(),
+                  "params": sum(p.numel() for p in model.parameters())}))
+"""
+
+
+def _tree(root: Path) -> dict:
+    """Every path under root with its size and mtime: to prove nothing changed."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        out[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
+    return out
+
+
+def test_init_tiny_builds_a_model_that_loads_and_trains_in_a_fresh_process(tmp_root):
+    proc = run_script("training_daemon.py", "init", "--json", root=tmp_root)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["ok"] and out["version"] == "v001" and out["base_model"] == "tiny"
+
+    cfg = json.loads((tmp_root / "config.json").read_text())
+    assert cfg["base_model"] == "tiny"
+    approval = json.loads((tmp_root / ".config.lock").read_text())
+    assert approval["values"]["base_model"] == "tiny"
+    assert approval["values"]["learning_rate"] == cfg["learning_rate"]
+    version = json.loads((tmp_root / "versions" / "v001" / "version.json").read_text())
+    assert version["reason"] == "init" and version["global_step"] == 0
+    manifest = json.loads((tmp_root / "current_model" / ".manifest.json").read_text())
+    assert "model.safetensors" in manifest["files"] and "config.json" in manifest["files"]
+
+    # Normal read permissions: readable by everyone (safetensors alone writes 0600), and
+    # read-only, because versions share these inodes through hard links.
+    for path in (tmp_root / "current_model").iterdir():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o444 == 0o444, f"{path.name} is {oct(mode)}"
+        assert mode & 0o022 == 0, f"{path.name} is {oct(mode)}"
+
+    done = subprocess.run([sys.executable, "-c", LOAD_AND_TRAIN, str(tmp_root / "current_model")],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 0, done.stderr
+    losses = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 100_000 <= losses["params"] <= 5_000_000
+    assert losses["loss1"] < losses["loss0"]  # one optimizer step moved the weights
+
+
+def test_init_twice_refuses_and_changes_nothing(initialized_root):
+    before = _tree(initialized_root)
+    proc = run_script("training_daemon.py", "init", root=initialized_root)
+    assert proc.returncode == 1
+    cm = initialized_root / "current_model"
+    assert proc.stderr.strip() == (
+        f"Error: current_model already exists; init never replaces a model, {cm}. "
+        "Check it with `python3 state_tracker.py --check`; to go back to a version use "
+        f"`python3 model_versioner.py restore V --root {initialized_root}`.")
+    assert _tree(initialized_root) == before
+
+
+def test_init_base_path_copies_a_local_model(tmp_root, tiny_model_dir):
+    proc = run_script("training_daemon.py", "init", "--base", str(tiny_model_dir), "--json",
+                      root=tmp_root)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["base_model"] == str(tiny_model_dir.resolve())
+    cm = tmp_root / "current_model"
+    for src in tiny_model_dir.iterdir():
+        if src.is_file():
+            assert (cm / src.name).read_bytes() == src.read_bytes(), src.name
+    assert json.loads((tmp_root / "config.json").read_text())["base_model"] == str(
+        tiny_model_dir.resolve())
+    # the source folder is untouched (copied, never moved or linked)
+    assert not (tiny_model_dir / ".manifest.json").exists()
+    assert all(p.stat().st_nlink == 1 for p in tiny_model_dir.iterdir() if p.is_file())
+
+
+def test_init_base_path_that_does_not_load_changes_nothing(tmp_root):
+    bad = tmp_root.parent / "not_a_model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    proc = run_script("training_daemon.py", "init", "--base", str(bad), root=tmp_root)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("Error: cannot load the model (")
+    assert not (tmp_root / "current_model").exists()
+    assert not (tmp_root / "versions" / "v001").exists()
+    assert not (tmp_root / "config.json").exists()
+
+
+def test_init_missing_base_path(tmp_root):
+    missing = tmp_root.parent / "nowhere"
+    proc = run_script("training_daemon.py", "init", "--base", str(missing), root=tmp_root)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"Error: base model folder not found, {missing}. Pass --base tiny or the path of a "
+        "local Hugging Face model folder.")
+    assert list(tmp_root.iterdir()) == []
