@@ -14,14 +14,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
+import random
 import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from trainroot import (GuardrailError, atomic_write_json, fsync_dir, run_cli)
+from trainroot import (GuardrailError, Paths, add_common_args, append_line, atomic_write_json,
+                       exchange_paths, fsync_dir, read_json, rename_noreplace, run_cli, utc_now)
+
+log = logging.getLogger("training_engine")
 
 TRAINER_STATE = "trainer_state.json"
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -159,6 +167,615 @@ def copy_base_model(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return dst
 
 
+# --------------------------------------------------------------------------- tokenizing
+
+class Encoder:
+    """Turns one validated record into (ids, labels); labels are -100 where no loss is taken.
+
+    `text` trains on everything; `prompt_completion` and `instruction` on the response;
+    `messages` is rendered with the tokenizer's chat template, turn by turn, training on
+    the assistant turns (header excluded); without a template, or when the template does
+    not render turns as prefixes of each other, validate_data's `segments` are the
+    documented plain fallback. `loss_on_prompt` trains on every token.
+    """
+
+    def __init__(self, tokenizer, *, loss_on_prompt: bool = False):
+        self.tokenizer = tokenizer
+        self.loss_on_prompt = loss_on_prompt
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise GuardrailError("the tokenizer has no EOS token", getattr(tokenizer, "name_or_path", ""),
+                                 "Use a model whose tokenizer defines eos_token.")
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self._byte_fast = self._is_byte_identity(tokenizer)
+        if self._byte_fast:
+            import re
+            specials = sorted(tokenizer.all_special_tokens, key=len, reverse=True)
+            self._special_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+            self._special_re = re.compile("(" + "|".join(re.escape(t) for t in specials) + ")")
+
+    @staticmethod
+    def _is_byte_identity(tokenizer) -> bool:
+        """True for the tiny byte tokenizer: ids are UTF-8 bytes, so encode() is the tokenizer."""
+        probe = "Az é\x00\n\t~ÿ🙂 <x>"
+        try:
+            return (len(tokenizer) == 259
+                    and tokenizer(probe, add_special_tokens=False)["input_ids"] == list(probe.encode("utf-8")))
+        except Exception:  # an odd tokenizer is simply not the fast path
+            return False
+
+    def ids(self, text: str) -> list[int]:
+        if not text:
+            return []
+        if self._byte_fast:  # ~17x faster than the tokenizer class, identical ids (FIELD-NOTES)
+            out: list[int] = []
+            for i, piece in enumerate(self._special_re.split(text)):
+                if i % 2:
+                    out.append(self._special_ids[piece])
+                elif piece:
+                    out.extend(piece.encode("utf-8"))
+            return out
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _render(self, messages, generation_prompt=False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
+
+    def chat_pieces(self, messages) -> list[tuple[str, bool]] | None:
+        """The rendered conversation cut into (text, trained) pieces, or None if it does not cut."""
+        pieces, prev = [], ""
+        for i, msg in enumerate(messages):
+            full = self._render(messages[:i + 1])
+            if msg.get("role") == "assistant":
+                head = self._render(messages[:i], generation_prompt=True) if i else ""
+                if not head.startswith(prev) or not full.startswith(head):
+                    return None
+                pieces += [(head[len(prev):], False), (full[len(head):], True)]
+            else:
+                if not full.startswith(prev):
+                    return None
+                pieces.append((full[len(prev):], False))
+            prev = full
+        return pieces
+
+    def encode(self, record) -> tuple[list[int], list[int]]:
+        pieces = None
+        if record.messages is not None and self.has_template:
+            pieces = self.chat_pieces(record.messages)
+        if pieces is None:
+            pieces = [(text, bool(trained)) for text, trained in record.segments]
+        ids: list[int] = []
+        labels: list[int] = []
+        any_trained = False
+        for text, trained in pieces:
+            part = self.ids(text)
+            ids.extend(part)
+            if trained or self.loss_on_prompt:
+                labels.extend(part)
+                any_trained = any_trained or bool(part)
+            else:
+                labels.extend([-100] * len(part))
+        ids.append(self.eos_id)  # EOS between examples; learned when the example is learned
+        labels.append(self.eos_id if any_trained else -100)
+        return ids, labels
+
+
+# --------------------------------------------------------------------------- packing
+
+class PackedStream:
+    """Streams a data file into full `max_length` rows, EOS between examples, never dropping.
+
+    Examples longer than a row continue in the next row; only the file's last row is
+    padded (pad id, label -100). Memory holds one record plus one row. `position()` is
+    exact and compact: the leftover of the packing buffer is always a suffix of the last
+    record read, so it is stored as (that record's offset and line, tokens already used)
+    and rebuilt on resume by re-tokenizing that one record.
+    """
+
+    def __init__(self, data_path, encoder: Encoder, max_length: int, pad_id: int, *,
+                 position: dict | None = None, allow_mixed: bool = False):
+        import validate_data
+        self.encoder, self.max_length, self.pad_id = encoder, max_length, pad_id
+        pos = dict(position or {})
+        self.records = int(pos.get("records", 0))
+        self.tokens = int(pos.get("tokens", 0))         # real tokens emitted in rows so far
+        self.rec_offset = int(pos.get("record_offset", 0))
+        self.rec_line = int(pos.get("record_line", 1))
+        self.next_offset = int(pos.get("next_offset", 0))
+        self.next_line = int(pos.get("next_line", 1))
+        self.rec_len, self.buf_ids, self.buf_labels = 0, [], []
+        skip = int(pos.get("skip_tokens", 0))
+        start_offset, start_line = self.next_offset, self.next_line
+        if skip:
+            start_offset, start_line = self.rec_offset, self.rec_line
+        self._it = validate_data.iter_records(Path(data_path), start_offset=start_offset,
+                                              start_line=start_line, allow_mixed=allow_mixed)
+        self.exhausted = False
+        if skip:  # rebuild the leftover buffer: the same record, minus the tokens already used
+            record = next(self._it, None)
+            if record is None or record.offset != self.rec_offset:
+                raise GuardrailError("checkpoint position does not match the data file", data_path,
+                                     "The file changed since the checkpoint; move the checkpoint "
+                                     "aside to restart the file.")
+            ids, labels = encoder.encode(record)
+            if len(ids) < skip:
+                raise GuardrailError("checkpoint position is past the end of its record", data_path,
+                                     "The tokenizer changed since the checkpoint; move the "
+                                     "checkpoint aside to restart the file.")
+            self.rec_len = len(ids)
+            self.buf_ids, self.buf_labels = ids[skip:], labels[skip:]
+            self.next_offset, self.next_line = record.next_offset, record.line + 1
+        self._pos = 0
+
+    def _pull(self) -> bool:
+        record = next(self._it, None)
+        if record is None:
+            self.exhausted = True
+            return False
+        ids, labels = self.encoder.encode(record)
+        if self._pos:  # drop what was already emitted before growing the buffer
+            del self.buf_ids[:self._pos], self.buf_labels[:self._pos]
+            self._pos = 0
+        self.buf_ids.extend(ids)
+        self.buf_labels.extend(labels)
+        self.rec_offset, self.rec_line, self.rec_len = record.offset, record.line, len(ids)
+        self.next_offset, self.next_line = record.next_offset, record.line + 1
+        self.records += 1
+        return True
+
+    def next_row(self) -> tuple[list[int], list[int], int] | None:
+        """(ids, labels, real_tokens) of the next row, or None at the end of the file."""
+        L = self.max_length
+        while len(self.buf_ids) - self._pos < L and not self.exhausted:
+            self._pull()
+        n = min(L, len(self.buf_ids) - self._pos)
+        if n <= 0:
+            return None
+        ids = self.buf_ids[self._pos:self._pos + n]
+        labels = self.buf_labels[self._pos:self._pos + n]
+        self._pos += n
+        if self._pos > 4 * L and self._pos * 2 > len(self.buf_ids):  # long record: compact now and then
+            del self.buf_ids[:self._pos], self.buf_labels[:self._pos]
+            self._pos = 0
+        self.tokens += n
+        if n < L:  # the file's last row: pad it (causal attention never looks right, so no mask)
+            ids += [self.pad_id] * (L - n)
+            labels += [-100] * (L - n)
+        return ids, labels, n
+
+    def position(self) -> dict:
+        leftover = len(self.buf_ids) - self._pos
+        pos = {"records": self.records, "tokens": self.tokens, "next_offset": self.next_offset,
+               "next_line": self.next_line, "record_offset": self.rec_offset,
+               "record_line": self.rec_line, "skip_tokens": 0, "leftover_tokens": leftover,
+               "exhausted": self.exhausted and leftover == 0}
+        if leftover:
+            if leftover > self.rec_len:  # cannot happen: rows are cut only after a record is read
+                raise RuntimeError("packing buffer spans more than one record")
+            pos["skip_tokens"] = self.rec_len - leftover
+        return pos
+
+
+def shard_rows(rows: list, rank: int, world_size: int) -> list:
+    """The rows this rank trains: every world_size-th, so each packed row is trained once."""
+    return rows[rank::world_size] if world_size > 1 else rows
+
+
+# --------------------------------------------------------------------------- schedule
+
+def lr_at(step: int, config: dict) -> float:
+    """Learning rate for optimizer step `step` (0-based) of the whole run: a function of the
+    global step only, so it continues exactly across files and resumes."""
+    base = float(config["learning_rate"])
+    warmup = int(config.get("warmup_steps", 0))
+    name = config.get("lr_schedule", "constant_with_warmup")
+    if name == "constant":
+        return base
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    if name == "cosine_with_restarts":
+        cycle = max(1, int(config.get("cosine_cycle_steps", 1000)))
+        t = ((step - warmup) % cycle) / cycle
+        return base * 0.5 * (1.0 + math.cos(math.pi * t))
+    return base
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_SCHEMA = 1
+
+
+def list_checkpoints(root) -> list[tuple[Path, dict]]:
+    """Complete checkpoints, newest first (by creation, not step: a rollback lowers steps)."""
+    folder = Paths(root).checkpoints
+    found = []
+    if folder.is_dir():
+        for d in folder.iterdir():
+            if not d.name.startswith("checkpoint-") or not (d / "meta.json").is_file():
+                continue
+            try:
+                meta = read_json(d / "meta.json")
+            except GuardrailError as exc:
+                log.warning("ignoring unreadable checkpoint %s: %s", d, exc)
+                continue
+            found.append((d, meta))
+    found.sort(key=lambda dm: (dm[1].get("created_ns", 0), dm[0].name), reverse=True)
+    return found
+
+
+def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: int = 2) -> Path:
+    """Write a checkpoint into .staging, fsync it, rename it into checkpoints/, prune old ones."""
+    from safetensors.torch import save_model
+    p = Paths(root)
+    p.staging.mkdir(parents=True, exist_ok=True)
+    p.checkpoints.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta, schema_version=CHECKPOINT_SCHEMA, created_at=utc_now(), created_ns=time.time_ns())
+    stage = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=p.staging))
+    try:
+        save_model(_unwrap(model), str(stage / "model.safetensors"))
+        opt = {"optimizer": optimizer.state_dict()}
+        if scaler is not None:
+            opt["scaler"] = scaler.state_dict()
+        torch.save(opt, stage / "optimizer.pt")  # a new file in staging: never over a file we need
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, stage / "rng.pt")
+        atomic_write_json(stage / "meta.json", meta)
+        fsync_tree(stage)
+        final = p.checkpoints / f"checkpoint-{meta['global_step']:08d}"
+        if os.path.lexists(final):  # same step again (end of file, or a rolled-back lineage)
+            exchange_paths(stage, final)
+        else:
+            rename_noreplace(stage, final)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+    prune_checkpoints(root, keep)
+    return final
+
+
+def prune_checkpoints(root, keep: int) -> list[str]:
+    """Keep the newest `keep` checkpoints plus the newest end-of-file one (optimizer carry)."""
+    p = Paths(root)
+    ckpts = list_checkpoints(root)
+    keepers = {d for d, _ in ckpts[:max(1, keep)]}
+    for d, meta in ckpts:
+        if meta.get("complete"):
+            keepers.add(d)
+            break
+    removed = []
+    for d, _ in ckpts:
+        if d in keepers:
+            continue
+        trash = Path(tempfile.mkdtemp(prefix="old-checkpoint-", dir=p.staging))
+        os.rename(d, trash / d.name)  # out of checkpoints/ in one step, then delete at leisure
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(d.name)
+    return removed
+
+
+def _load_checkpoint(ckpt: Path, model, optimizer, scaler=None) -> None:
+    from safetensors.torch import load_model
+    load_model(_unwrap(model), str(ckpt / "model.safetensors"), strict=True)
+    _load_optimizer(ckpt, optimizer, scaler)
+    rng = torch.load(ckpt / "rng.pt", weights_only=True)
+    random.setstate(_as_tuple(rng["python"]))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _load_optimizer(ckpt: Path, optimizer, scaler=None) -> None:
+    opt = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(opt["optimizer"])
+    if scaler is not None and "scaler" in opt:
+        scaler.load_state_dict(opt["scaler"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+# --------------------------------------------------------------------------- training
+
+def _device(config: dict):
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def load_current_model(root, device=None):
+    """current_model's weights (fp32 master copy), tokenizer and trainer_state.json."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    _quiet_transformers()
+    folder = Paths(root).current_model
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    if device is not None:
+        model.to(device)
+    state = read_json(folder / TRAINER_STATE, default={}) or {}
+    return model, tokenizer, {"global_step": int(state.get("global_step", 0)),
+                              "tokens_seen": int(state.get("tokens_seen", 0))}
+
+
+def publish_current_model(root, model, tokenizer, state: dict, *, reason: str) -> Path:
+    """Save into a fresh .staging folder, fsync, then swap it in with model_versioner."""
+    import model_versioner
+    p = Paths(root)
+    p.staging.mkdir(parents=True, exist_ok=True)
+    holder = Path(tempfile.mkdtemp(prefix="model-", dir=p.staging))
+    staged = holder / "model"
+    _unwrap(model).save_pretrained(staged)
+    tokenizer.save_pretrained(staged)
+    atomic_write_json(staged / TRAINER_STATE, state)
+    model_versioner.write_manifest(staged, global_step=state["global_step"],
+                                   tokens_seen=state["tokens_seen"])
+    fsync_tree(staged)
+    model_versioner.publish_model(p.root, staged, reason=reason, keep_old="never")
+    shutil.rmtree(holder, ignore_errors=True)  # whatever the publish left behind in staging
+    return p.current_model
+
+
+def _resume_checkpoint(root, file_id: str, state: dict):
+    """The newest checkpoint of this file that continues current_model's lineage, or None."""
+    for d, meta in list_checkpoints(root):
+        if meta.get("file_id") != file_id:
+            continue
+        start = int(meta.get("file_start_global_step", -1))
+        if start <= state["global_step"] <= int(meta.get("global_step", -1)):
+            return d, meta
+        log.warning("not resuming from %s: current_model is at step %d, outside its file's steps "
+                    "%d..%d (a rollback happened); restarting the file", d.name,
+                    state["global_step"], start, meta.get("global_step"))
+        return None
+    return None
+
+
+def _carry_checkpoint(root, state: dict):
+    """A checkpoint whose step and tokens equal current_model's: its optimizer carries over."""
+    for d, meta in list_checkpoints(root):
+        if (int(meta.get("global_step", -1)) == state["global_step"]
+                and int(meta.get("tokens_seen", -1)) == state["tokens_seen"]):
+            return d, meta
+    return None
+
+
+def train_file(root, data_path, *, file_id: str, config: dict, records_total: int | None = None,
+               control=None, progress=None, rank: int = 0, world_size: int = 1) -> dict:
+    """Train one data file into current_model; resume, checkpoints and guards included.
+
+    Returns {status: completed|stopped|paused|skipped|nan|spike, steps, global_step,
+    tokens_seen, records, tokens, loss, message, ...}. `control()` is called between
+    micro-batches (None, "stop", "pause" or "skip"); the engine acts at the next
+    optimizer-step boundary. Only rank 0 writes files (DDP later: rows are sharded with
+    `shard_rows`, counts summed with `_all_sum`).
+    """
+    import training_config
+    config = {**training_config.default_config(), **config}
+    p = Paths(root)
+    writer = rank == 0
+    threads = int(config.get("num_threads") or 0) or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    device = _device(config)
+    dtype_name = config.get("dtype", "float32")
+    amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype_name)
+    if amp_dtype is torch.float16 and device.type != "cuda":
+        raise GuardrailError("dtype float16 needs a CUDA GPU", p.config,
+                             "Set dtype to float32 or bfloat16 in config.json, then approve it.")
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
+
+    model, tokenizer, state = load_current_model(root, device)
+    model.train()
+    model.config.use_cache = False
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr_at(state["global_step"], config),
+                                  betas=(config["adam_beta1"], config["adam_beta2"]),
+                                  eps=config["adam_eps"], weight_decay=config["weight_decay"])
+    notes = []
+    position, loss_history, step_in_file = None, [], 0
+    file_start = state["global_step"]
+    resume = _resume_checkpoint(root, file_id, state)
+    if resume:
+        ckpt, meta = resume
+        _load_checkpoint(ckpt, model, optimizer, scaler)
+        state = {"global_step": int(meta["global_step"]), "tokens_seen": int(meta["tokens_seen"])}
+        position, step_in_file = meta["position"], int(meta.get("step_in_file", 0))
+        loss_history = list(meta.get("loss_history", []))
+        file_start = int(meta["file_start_global_step"])
+        notes.append(f"resumed from {ckpt.name} at step {state['global_step']}")
+        optimizer_source = "resumed"
+    else:
+        carry = _carry_checkpoint(root, state)
+        if carry:
+            _load_optimizer(carry[0], optimizer, scaler)
+            loss_history = list(carry[1].get("loss_history", []))
+            optimizer_source = f"carried from {carry[0].name}"
+        else:
+            optimizer_source = "fresh"
+            if state["global_step"]:
+                notes.append(f"optimizer started fresh at step {state['global_step']}: no "
+                             "checkpoint matches current_model (first file after init, restore "
+                             "or rollback)")
+        seed = int(config.get("seed", 0)) + state["global_step"]
+        random.seed(seed)
+        torch.manual_seed(seed)
+    for note in notes:
+        log.info("%s: %s", file_id, note)
+
+    encoder = Encoder(tokenizer, loss_on_prompt=bool(config.get("loss_on_prompt")))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else encoder.eos_id
+    max_length = int(config["max_length"])
+    batch_size, accum = int(config["batch_size"]), int(config["grad_accum_steps"])
+    stream = PackedStream(data_path, encoder, max_length, pad_id, position=position,
+                          allow_mixed=bool(config.get("allow_mixed_formats")))
+    spike_factor = float(config.get("loss_spike_factor") or 0)
+    spike_window = int(config.get("loss_spike_window", 50))
+    ckpt_steps = int(config.get("checkpoint_every_steps") or 0)
+    ckpt_minutes = float(config.get("checkpoint_every_minutes") or 0)
+    keep = int(config.get("keep_checkpoints", 2))
+    clip = float(config.get("max_grad_norm") or 0)
+
+    result = {"file_id": file_id, "steps": 0, "optimizer": optimizer_source}
+    last_loss = None
+    last_ckpt_time = time.monotonic()
+    dirty = False  # steps since the last checkpoint
+
+    def meta_now(complete=False) -> dict:
+        return {"file_id": file_id, "data_path": str(data_path), "global_step": state["global_step"],
+                "tokens_seen": state["tokens_seen"], "step_in_file": step_in_file,
+                "file_start_global_step": file_start, "position": stream.position(),
+                "complete": complete, "loss_history": loss_history[-spike_window:],
+                "scheduler": {"name": config.get("lr_schedule"), "global_step": state["global_step"],
+                              "next_lr": lr_at(state["global_step"], config)},
+                "world_size": world_size, "config": config}
+
+    def checkpoint(complete=False):
+        nonlocal dirty, last_ckpt_time
+        if writer:
+            save_checkpoint(root, model, optimizer, meta_now(complete), scaler=scaler, keep=keep)
+        dirty, last_ckpt_time = False, time.monotonic()
+
+    def model_state(status) -> dict:
+        return {"global_step": state["global_step"], "tokens_seen": state["tokens_seen"],
+                "file_id": file_id, "status": status, "updated_at": utc_now()}
+
+    def finish(status, message, *, publish=None):
+        if publish and writer:
+            publish_current_model(root, model, tokenizer, model_state(status), reason=publish)
+        pos = stream.position()
+        result.update(status=status, global_step=state["global_step"], tokens_seen=state["tokens_seen"],
+                      records=pos["records"], tokens=pos["tokens"], loss=last_loss,
+                      step_in_file=step_in_file, message="; ".join(notes + [message]))
+        return result
+
+    if position and position.get("exhausted") and resume and resume[1].get("complete"):
+        # Killed after the end-of-file checkpoint but before the publish: publish now.
+        return finish("completed", "file already trained; published its end state", publish="end-of-file")
+
+    pending = None
+    t_last = started = time.perf_counter()
+    records_at_start = stream.position()["records"]
+    while True:
+        if control and pending is None:  # asked at the boundary too, so a request never waits a step
+            pending = control()
+        if pending in ("stop", "pause"):
+            if dirty:
+                checkpoint()
+            status = "stopped" if pending == "stop" else "paused"
+            return finish(status, f"{status} at step {state['global_step']}", publish=pending)
+        if pending == "skip":
+            return finish("skipped", f"skipped at step {state['global_step']}; current_model "
+                          "keeps its state from before this file's unpublished steps")
+        micro = []
+        for _ in range(accum):
+            rows = []
+            for _ in range(batch_size * world_size):
+                row = stream.next_row()
+                if row is None:
+                    break
+                rows.append(row)
+            if not rows:
+                break
+            micro.append(shard_rows(rows, rank, world_size))
+        if not micro:
+            break
+        real_tokens = sum(r[2] for m in micro for r in m)
+        n_trained = sum(sum(1 for x in r[1][1:] if x != -100) for m in micro for r in m)
+        n_trained, real_tokens = _all_sum(n_trained, world_size), _all_sum(real_tokens, world_size)
+        lr = lr_at(state["global_step"], config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for rows in micro:
+            ids = torch.tensor([r[0] for r in rows], dtype=torch.long, device=device)
+            labels = torch.tensor([r[1] for r in rows], dtype=torch.long, device=device)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
+                                enabled=amp_dtype is not None):
+                logits = model(input_ids=ids, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                ignore_index=-100, reduction="sum") / max(1, n_trained)
+            (scaler.scale(loss) if scaler else loss).backward()
+            loss_sum += float(loss.detach())
+            if control:
+                pending = control() or pending
+        if not math.isfinite(loss_sum):
+            optimizer.zero_grad(set_to_none=True)
+            return finish("nan", f"non-finite loss ({loss_sum}) at step {state['global_step'] + 1}; "
+                          "current_model left as it was before this file")
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
+        if not math.isfinite(grad_norm) and not scaler:
+            optimizer.zero_grad(set_to_none=True)
+            return finish("nan", f"non-finite gradient norm at step {state['global_step'] + 1}; "
+                          "current_model left as it was before this file")
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["global_step"] += 1
+        state["tokens_seen"] += real_tokens
+        step_in_file += 1
+        result["steps"] += 1
+        dirty = True
+        last_loss = loss_sum if n_trained else None
+        spike = False
+        if last_loss is not None:
+            if spike_factor and len(loss_history) >= min(spike_window, 10):
+                avg = sum(loss_history[-spike_window:]) / len(loss_history[-spike_window:])
+                spike = last_loss > spike_factor * avg
+            if not spike:
+                loss_history.append(last_loss)
+                del loss_history[:-spike_window]
+        now = time.perf_counter()
+        tps = real_tokens / max(now - t_last, 1e-9)
+        t_last = now
+        if (ckpt_steps and state["global_step"] % ckpt_steps == 0) or \
+                (ckpt_minutes and time.monotonic() - last_ckpt_time >= ckpt_minutes * 60):
+            checkpoint()
+        if writer:
+            append_line(p.metrics, json.dumps({
+                "time": utc_now(), "global_step": state["global_step"], "file": file_id,
+                "loss": last_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": round(tps, 1),
+                "tokens_seen": state["tokens_seen"], "step_in_file": step_in_file}))
+        if progress:
+            pos = stream.position()
+            eta = None
+            if records_total and pos["records"]:
+                elapsed = max(now - started, 1e-9)
+                done_here = max(1, pos["records"] - records_at_start)
+                eta = max(0.0, (records_total - pos["records"]) * elapsed / done_here)
+            progress({"global_step": state["global_step"], "step_in_file": step_in_file,
+                      "records_done": pos["records"], "records_total": records_total,
+                      "tokens_per_sec": round(tps, 1), "loss": last_loss,
+                      "tokens_seen": state["tokens_seen"], "eta_seconds": eta})
+        if spike:
+            checkpoint()
+            return finish("spike", f"loss {last_loss:.4g} at step {state['global_step']} is over "
+                          f"{spike_factor:g}x the running average; paused for a person to look",
+                          publish="spike")
+
+    checkpoint(complete=True)  # the end state, so the next file carries the optimizer over
+    return finish("completed", f"trained to step {state['global_step']}", publish="end-of-file")
+
+
+def _all_sum(value: int, world_size: int) -> int:
+    """Sum a count over ranks (identity on one process; all_reduce under DDP)."""
+    if world_size <= 1:
+        return value
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
 # --------------------------------------------------------------------------- CLI
 
 def cmd_tiny(args) -> int:
@@ -175,6 +792,27 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    """Train one data file into ROOT/current_model (what the daemon does, for tests and benches)."""
+    import training_config
+    from trainroot import print_json, resolve_root
+    root = resolve_root(args.root)
+    config = training_config.load_config(root)
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        config[key] = json.loads(value)
+    errors = training_config.validate_config(config)
+    if errors:
+        raise training_config.ConfigError(errors, "--set")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    result = train_file(root, args.data, file_id=args.file_id or Path(args.data).name, config=config)
+    if args.json:
+        print_json(result)
+    else:
+        print(f"{result['status']}: {result['message']}")
+    return 0 if result["status"] in ("completed", "stopped", "paused", "skipped") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="training_engine.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +823,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help=cmd_check.__doc__)
     p.add_argument("model_dir")
     p.set_defaults(func=cmd_check)
+    p = sub.add_parser("train", help=cmd_train.__doc__)
+    add_common_args(p)
+    p.add_argument("data", help="a .jsonl data file")
+    p.add_argument("--file-id", help="identity for checkpoints (default: the file name)")
+    p.add_argument("--set", action="append", metavar="KEY=JSON",
+                   help="override a config parameter for this run, e.g. --set max_length=64")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -1,0 +1,401 @@
+"""training_engine: loss masks, packing, bitwise resume after kill -9, pause, NaN guard,
+schedule continuity, and a saved current_model that plain transformers loads and runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import training_config
+import training_engine as te
+from trainroot import Paths, read_json, sha256_file
+
+REPO = Path(__file__).resolve().parent.parent
+validate_data = pytest.importorskip("validate_data")  # the record parser the engine reads through
+
+FAST = dict(max_length=32, batch_size=2, grad_accum_steps=2, num_threads=1, warmup_steps=3,
+            checkpoint_every_steps=1, checkpoint_every_minutes=0.0, keep_checkpoints=2,
+            loss_spike_factor=0.0, learning_rate=3e-3)
+
+
+def make_root(path: Path, model_dir: Path, **overrides) -> tuple[Path, dict]:
+    """A training root as `init` makes it, with a small, fast config written to config.json."""
+    import training_daemon
+    training_daemon.init_root(path, base=str(model_dir))
+    cfg = training_config.default_config(**{**FAST, **overrides})
+    training_config.write_config(path, cfg)
+    return path, cfg
+
+
+def write_jsonl(path: Path, records) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def text_records(n: int, seed: int = 0, alphabet: str = "abcdefgh ") -> list[dict]:
+    rng = random.Random(seed)
+    return [{"text": f"{i}:" + "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 90)))}
+            for i in range(n)]
+
+
+def weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    import torch
+    assert a.keys() == b.keys()
+    unequal = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not unequal, f"tensors differ: {unequal}"
+
+
+def metrics(root: Path) -> list[dict]:
+    path = Paths(root).metrics
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
+
+
+def records_of(path: Path):
+    return list(validate_data.iter_records(path, allow_mixed=True))
+
+
+# --------------------------------------------------------------------------- the tiny model
+
+def test_tiny_model_files_are_shareable_and_loadable(tiny_model_dir):
+    names = sorted(os.listdir(tiny_model_dir))
+    assert "model.safetensors" in names and "tokenizer.json" in names
+    for name in names:
+        assert (tiny_model_dir / name).stat().st_mode & 0o777 == 0o644, name
+    assert read_json(tiny_model_dir / "trainer_state.json") == {"global_step": 0, "tokens_seen": 0}
+    info = te.check_loadable(tiny_model_dir)
+    assert info["model_type"] == "llama" and 100_000 < info["parameters"] < 1_000_000
+    assert info["has_chat_template"]
+
+
+def test_check_loadable_names_the_folder(tmp_path):
+    bad = tmp_path / "not-a-model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    with pytest.raises(te.GuardrailError) as exc:
+        te.check_loadable(bad)
+    assert str(exc.value).startswith("cannot load the model (")
+    assert f", {bad}. Point --base at a local Hugging Face causal-LM folder" in str(exc.value)
+
+
+# --------------------------------------------------------------------------- loss masks
+
+def test_loss_mask_of_each_format_at_exact_positions(tmp_path, tokenizer):
+    data = write_jsonl(tmp_path / "mixed.jsonl", [
+        {"text": "héllo"},
+        {"prompt": "Q?", "completion": " A."},
+        {"instruction": "Do", "input": "x", "output": "ok"},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+    ])
+    recs = records_of(data)
+    assert [r.format for r in recs] == ["text", "prompt_completion", "instruction", "messages"]
+    enc = te.Encoder(tokenizer)
+    eos = tokenizer.eos_token_id
+
+    ids, labels = enc.encode(recs[0])
+    assert ids == list("héllo".encode()) + [eos] and labels == ids
+
+    ids, labels = enc.encode(recs[1])
+    assert ids == list(b"Q? A.") + [eos]
+    assert labels == [-100, -100] + list(b" A.") + [eos]
+
+    ids, labels = enc.encode(recs[2])  # the prompt text is validate_data's; only `output` trains
+    trained = [t for t in labels if t != -100]
+    assert trained == list(b"ok") + [eos]
+    assert labels[-3:] == list(b"ok") + [eos] and all(t == -100 for t in labels[:-3])
+    prompt_text = "".join(text for text, on in recs[2].segments if not on)
+    assert ids[:-3] == list(prompt_text.encode())
+
+    ids, labels = enc.encode(recs[3])  # the chat template, assistant header untrained
+    untrained = "<|bos|>user\nhi<|eos|>\n<|bos|>assistant\n"
+    assert tokenizer.decode(ids[:len(ids) - 5]) == untrained
+    assert labels == [-100] * (len(ids) - 5) + ids[-5:]
+    assert tokenizer.decode(ids[-5:]) == "yo<|eos|>\n<|eos|>"
+
+    on_prompt = te.Encoder(tokenizer, loss_on_prompt=True)
+    for r in recs:
+        ids, labels = on_prompt.encode(r)
+        assert labels == ids
+
+
+def test_chat_without_template_uses_the_plain_segments(tmp_path, tokenizer):
+    data = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "yo"}]}])
+    rec = records_of(data)[0]
+    enc = te.Encoder(tokenizer)
+    enc.has_template = False
+    ids, labels = enc.encode(rec)
+    want_ids, want_labels = [], []
+    for text, on in rec.segments:
+        b = list(text.encode())
+        want_ids += b
+        want_labels += b if on else [-100] * len(b)
+    eos = tokenizer.eos_token_id
+    assert ids == want_ids + [eos] and labels == want_labels + [eos]
+    assert any(on for _, on in rec.segments) and any(not on for _, on in rec.segments)
+
+
+def test_byte_fast_path_matches_the_tokenizer(tokenizer):
+    enc = te.Encoder(tokenizer)
+    assert enc._byte_fast
+    slow = te.Encoder(tokenizer)
+    slow._byte_fast = False
+    for text in ["plain", "ünï 🙂\n\t", "a<|eos|>b<|bos|>", "<|pad|>", "<|eos", ""]:
+        assert enc.ids(text) == slow.ids(text), text
+
+
+# --------------------------------------------------------------------------- packing
+
+def test_packing_conserves_every_token_and_resumes_mid_record(tmp_path, tokenizer):
+    recs = text_records(40, seed=3)
+    recs[7] = {"text": "L" * 150}  # longer than 4 rows: split, never dropped or truncated
+    data = write_jsonl(tmp_path / "d.jsonl", recs)
+    enc = te.Encoder(tokenizer)
+    expected = []
+    for r in records_of(data):
+        expected += enc.encode(r)[0]
+    pad = tokenizer.pad_token_id
+
+    stream = te.PackedStream(data, enc, 32, pad)
+    rows, positions = [], []
+    while (row := stream.next_row()) is not None:
+        rows.append(row)
+        positions.append(stream.position())
+    assert all(len(ids) == 32 == len(labels) for ids, labels, _ in rows)
+    assert all(n == 32 for _, _, n in rows[:-1])  # only the file's last row is short
+    got = [t for ids, _, n in rows for t in ids[:n]]
+    assert got == expected  # count in == count out, same order
+    assert rows[-1][0][rows[-1][2]:] == [pad] * (32 - rows[-1][2])
+    assert positions[-1]["records"] == 40 and positions[-1]["exhausted"]
+    assert any(p["skip_tokens"] for p in positions)  # some cut fell inside a record
+
+    for k in [0, 5, len(rows) // 2, len(rows) - 2]:  # resume from every kind of cut
+        again = te.PackedStream(data, enc, 32, pad, position=positions[k])
+        rest = []
+        while (row := again.next_row()) is not None:
+            rest.append(row)
+        assert rest == rows[k + 1:], k
+
+
+# --------------------------------------------------------------------------- exact resume
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir):
+    """One uninterrupted run over the shared data file: the equality target."""
+    base = tmp_path_factory.mktemp("reference")
+    data = write_jsonl(base / "data.jsonl", text_records(120, seed=11))
+    root, cfg = make_root(base / "root", tiny_model_dir)
+    result = te.train_file(root, data, file_id="data.jsonl", config=cfg)
+    assert result["status"] == "completed" and result["steps"] > 20
+    return {"root": root, "data": data, "cfg": cfg, "result": result,
+            "weights": weights(Paths(root).current_model)}
+
+
+def _wait_for_step(proc, root: Path, step: int, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(m["global_step"] >= step for m in metrics(root)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early: {proc.returncode} {proc.stderr.read()}")
+        time.sleep(0.01)
+    raise AssertionError(f"trainer never reached step {step}")
+
+
+def test_bitwise_equal_after_kill_9_at_random_steps(tmp_path, tiny_model_dir, reference):
+    total = reference["result"]["global_step"]
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    kill_at = sorted(rng.sample(range(2, total - 3), 2))
+    root, cfg = make_root(tmp_path / "root", tiny_model_dir)
+    env = dict(os.environ, TRAINING_ROOT=str(root))
+    for step in kill_at:
+        proc = subprocess.Popen([sys.executable, str(REPO / "training_engine.py"), "train",
+                                 str(reference["data"]), "--json"], cwd=str(REPO), env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_for_step(proc, root, step)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.communicate()
+    assert Paths(root).checkpoints.is_dir() and list_steps(root)
+    result = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg)
+    assert result["status"] == "completed", (seed, result)
+    assert result["message"].startswith("resumed from checkpoint-"), result
+    assert result["global_step"] == total and result["tokens_seen"] == reference["result"]["tokens_seen"]
+    assert_bitwise_equal(weights(Paths(root).current_model), reference["weights"])
+    steps = [m["global_step"] for m in metrics(root)]
+    assert sorted(set(steps)) == list(range(1, total + 1)), f"seed {seed}, kills at {kill_at}"
+
+
+def list_steps(root: Path) -> list[int]:
+    return [int(m["global_step"]) for _, m in te.list_checkpoints(root)]
+
+
+def test_pause_then_resume_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, reference):
+    root, cfg = make_root(tmp_path / "root", tiny_model_dir, checkpoint_every_steps=0)
+    seen = {}
+
+    def control():
+        return "pause" if seen.get("step", 0) >= 7 else None
+
+    first = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg,
+                          control=control, progress=lambda d: seen.update(step=d["global_step"]))
+    assert first["status"] == "paused" and first["global_step"] == 7, first
+    state = read_json(Paths(root).current_model / "trainer_state.json")
+    assert state["global_step"] == 7 and state["status"] == "paused"
+    assert list_steps(root) == [7]
+    second = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg)
+    assert second["status"] == "completed" and second["steps"] == reference["result"]["steps"] - 7
+    assert_bitwise_equal(weights(Paths(root).current_model), reference["weights"])
+
+
+def test_stop_and_skip_act_at_a_step_boundary(tmp_path, tiny_model_dir, reference):
+    root, cfg = make_root(tmp_path / "root", tiny_model_dir, checkpoint_every_steps=0)
+    calls = []
+
+    def control():  # asks to stop in the middle of the first step's micro-batches
+        calls.append(1)
+        return "stop" if len(calls) == 2 else None
+
+    r = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg, control=control)
+    assert r["status"] == "stopped" and r["global_step"] == 1 and r["steps"] == 1
+    assert read_json(Paths(root).current_model / "trainer_state.json")["global_step"] == 1
+    before = sha256_file(Paths(root).current_model / "model.safetensors")
+    r = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg,
+                      control=lambda: "skip")
+    assert r["status"] == "skipped" and r["steps"] == 0
+    assert sha256_file(Paths(root).current_model / "model.safetensors") == before
+
+
+# --------------------------------------------------------------------------- guards
+
+def test_nan_loss_stops_the_file_and_leaves_current_model_alone(tmp_path, tiny_model_dir):
+    """A NaN planted in the embedding of '~', a byte only the 30th record uses: training runs
+    normally until the step that reads it (AdamW never touches an unused row), then the loss
+    is NaN. This is how a real NaN arrives: late, from data, after good steps."""
+    import torch
+    from safetensors.torch import save_file
+    broken = tmp_path / "broken"
+    te.copy_base_model(tiny_model_dir, broken)
+    w = weights(broken)
+    w["model.embed_tokens.weight"][ord("~")] = float("nan")
+    save_file(w, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    recs = text_records(60, seed=5)
+    recs[30] = {"text": "the ~ byte"}
+    data = write_jsonl(tmp_path / "nan.jsonl", recs)
+    root, cfg = make_root(tmp_path / "root", broken, checkpoint_every_steps=0)
+    cur = Paths(root).current_model
+    before = {n: sha256_file(cur / n) for n in os.listdir(cur)}
+    r = te.train_file(root, data, file_id="nan.jsonl", config=cfg)
+    assert r["status"] == "nan", r
+    assert 3 < r["global_step"] < 20
+    assert r["message"].startswith(f"non-finite loss (nan) at step {r['global_step'] + 1}; ")
+    assert {n: sha256_file(cur / n) for n in os.listdir(cur)} == before
+    assert torch.isfinite(torch.tensor([m["loss"] for m in metrics(root)])).all()
+
+
+def test_loss_spike_checkpoints_publishes_and_pauses(tmp_path, tiny_model_dir):
+    recs = [{"text": "ab" * 40} for _ in range(60)] + [{"text": "\x01\x7f\x05" * 30}] * 4
+    data = write_jsonl(tmp_path / "spike.jsonl", recs)
+    root, cfg = make_root(tmp_path / "root", tiny_model_dir, checkpoint_every_steps=0,
+                          loss_spike_factor=3.0, loss_spike_window=10, learning_rate=1e-2)
+    r = te.train_file(root, data, file_id="spike.jsonl", config=cfg)
+    assert r["status"] == "spike", r
+    assert "over 3x the running average" in r["message"]
+    assert read_json(Paths(root).current_model / "trainer_state.json")["global_step"] == r["global_step"]
+    assert list_steps(root) == [r["global_step"]]
+
+
+# --------------------------------------------------------------------------- across files
+
+def test_schedule_and_optimizer_continue_across_files(tmp_path, tiny_model_dir):
+    root, cfg = make_root(tmp_path / "root", tiny_model_dir, checkpoint_every_steps=0,
+                          lr_schedule="cosine_with_restarts", warmup_steps=4, cosine_cycle_steps=6)
+    a = write_jsonl(tmp_path / "a.jsonl", text_records(30, seed=1))
+    b = write_jsonl(tmp_path / "b.jsonl", text_records(30, seed=2))
+    ra = te.train_file(root, a, file_id="a", config=cfg)
+    rb = te.train_file(root, b, file_id="b", config=cfg)
+    assert ra["optimizer"] == "fresh" and rb["optimizer"] == f"carried from checkpoint-{ra['global_step']:08d}"
+    rows = metrics(root)
+    assert [m["global_step"] for m in rows] == list(range(1, rb["global_step"] + 1))
+    assert [m["lr"] for m in rows] == [te.lr_at(i, cfg) for i in range(rb["global_step"])]
+    assert [m["file"] for m in rows].count("b") == rb["steps"]
+    assert rb["tokens_seen"] == ra["tokens_seen"] + rb["tokens"]
+    state = read_json(Paths(root).current_model / "trainer_state.json")
+    assert (state["global_step"], state["tokens_seen"]) == (rb["global_step"], rb["tokens_seen"])
+    # the carried optimizer is the one that trained file a: its step count continues
+    import torch
+    opt = torch.load(Paths(root).checkpoints / f"checkpoint-{rb['global_step']:08d}" / "optimizer.pt",
+                     weights_only=True)["optimizer"]
+    assert int(next(iter(opt["state"].values()))["step"]) == rb["global_step"]
+
+
+def test_checkpoint_folders_are_complete_and_pruned(tmp_path, tiny_model_dir):
+    root, cfg = make_root(tmp_path / "root", tiny_model_dir, checkpoint_every_steps=2)
+    data = write_jsonl(tmp_path / "d.jsonl", text_records(30, seed=4))
+    r = te.train_file(root, data, file_id="d", config=cfg)
+    ckpts = te.list_checkpoints(root)
+    assert len(ckpts) == 2 and ckpts[0][1]["complete"] and ckpts[0][1]["global_step"] == r["global_step"]
+    folder, meta = ckpts[1]
+    assert folder.name == f"checkpoint-{meta['global_step']:08d}"
+    assert sorted(os.listdir(folder)) == ["meta.json", "model.safetensors", "optimizer.pt", "rng.pt"]
+    assert all((folder / n).stat().st_mode & 0o777 == 0o644 for n in os.listdir(folder))
+    for key in ("file_id", "position", "global_step", "tokens_seen", "config", "scheduler"):
+        assert key in meta
+    assert {"next_offset", "record_offset", "skip_tokens", "records"} <= meta["position"].keys()
+    assert not [n for n in os.listdir(Paths(root).staging) if "checkpoint" in n]
+    m = metrics(root)[-1]
+    assert {"time", "global_step", "file", "loss", "lr", "grad_norm", "tokens_per_sec",
+            "tokens_seen"} <= m.keys()
+
+
+def test_trained_model_loads_in_plain_transformers_and_generates(reference):
+    """A fresh interpreter, plain transformers: the published current_model loads and runs."""
+    code = ("import sys\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "d = sys.argv[1]\n"
+            "tok = AutoTokenizer.from_pretrained(d, local_files_only=True)\n"
+            "m = AutoModelForCausalLM.from_pretrained(d, local_files_only=True)\n"
+            "ids = tok('1:ab', return_tensors='pt')\n"
+            "out = m.generate(**ids, max_new_tokens=12, do_sample=False)\n"
+            "print(repr(tok.decode(out[0][ids['input_ids'].shape[1]:])))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(Paths(reference["root"]).current_model)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = eval(proc.stdout.strip())
+    assert isinstance(text, str) and len(text) > 0
+    assert set(text) & set("abcdefgh "), text  # it learned the data's alphabet
+
+
+def test_train_command_reports_a_missing_config(tmp_root):
+    proc = subprocess.run([sys.executable, str(REPO / "training_engine.py"), "train", "x.jsonl"],
+                          capture_output=True, text=True, timeout=60, cwd=str(REPO),
+                          env=dict(os.environ, TRAINING_ROOT=str(tmp_root)))
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"Error: no config.json in the training root, {tmp_root}. "
+                                   f"Run `python3 training_daemon.py init --root {tmp_root}`.")
