@@ -443,6 +443,9 @@ def _create_version_locked(p: Paths, reason, *, note=None, data_files=None, loss
 
 # --------------------------------------------------------------------------- publishing
 
+_warned_dance: list = []  # the fallback is logged once per process, not per publish
+
+
 def _exchange_available() -> bool:
     # Tests set this to exercise the rename dance that kernels without renameat2 need.
     return os.environ.get("GUARDRAILS_NO_RENAME_EXCHANGE") != "1"
@@ -514,8 +517,10 @@ def _publish_locked(p: Paths, staged: Path, reason: str, keep_old: str) -> dict:
         except OSError as exc:
             if exc.errno not in (errno.ENOSYS, errno.EINVAL):
                 raise
-            print(f"model_versioner: renameat2 unavailable ({exc.strerror}); using the "
-                  "rename dance", file=sys.stderr)
+            if not _warned_dance:
+                _warned_dance.append(True)
+                print(f"model_versioner: renameat2 unavailable ({exc.strerror}); using the "
+                      "rename dance", file=sys.stderr)
             method = "dance"
             _rename_dance(p, work)
         # `work` now holds the old tree: a version's links, a kept copy, or a discard.
@@ -898,7 +903,7 @@ def cmd_verify(args) -> int:
     if args.all:
         ids = [rec["id"] for rec in list_versions(root)]
     else:
-        ids = [resolve_version(root, args.version or "latest")]
+        ids = [resolve_version(root, "latest" if args.version is None else args.version)]
     results = {vid: verify_version(root, vid) for vid in ids}
     bad = [line for lines in results.values() for line in lines]
     if args.json:

@@ -1,0 +1,436 @@
+"""model_versioner: immutable versions, atomic publish, undoable rollback/restore, kill -9 safety."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import random
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import model_versioner as mv
+from conftest import REPO, run_script
+from trainroot import FileLock, Paths, fsync_dir, utc_now
+
+
+# --------------------------------------------------------------------------- fake models
+
+def make_model(folder: Path, gen: int, size: int = 4096) -> Path:
+    """A small HF-shaped folder: config.json + a real safetensors header + bytes tied to `gen`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "fake", "gen": gen}))
+    n = size // 4
+    header = json.dumps({"w": {"dtype": "F32", "shape": [n], "data_offsets": [0, n * 4]}}).encode()
+    body = struct.pack("<Q", len(header)) + header + bytes([gen % 251]) * (n * 4)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": gen * 10,
+                                                           "tokens_seen": gen * 1000}))
+    fsync_dir(folder)
+    return folder
+
+
+def model_gen(folder: Path) -> int:
+    """The generation a folder holds; fails if config and weights come from different saves."""
+    gen = json.loads((folder / "config.json").read_text())["gen"]
+    data = (folder / "model.safetensors").read_bytes()
+    (hlen,) = struct.unpack("<Q", data[:8])
+    assert set(data[8 + hlen:]) == {gen % 251}, f"{folder}: weights of another save than config"
+    return gen
+
+
+def train(root: Path, gen: int, keep_old: str = "if-unversioned") -> dict:
+    """What the trainer does: save into .staging/, then publish."""
+    staged = make_model(Paths(root).staging / f"save-{gen}-{time.time_ns()}", gen)
+    return mv.publish_model(root, staged, reason=f"train gen {gen}", keep_old=keep_old)
+
+
+@pytest.fixture
+def root(tmp_root) -> Path:
+    Paths(tmp_root).ensure()
+    train(tmp_root, 1)
+    assert mv.create_version(tmp_root, "init") == ("v001", True)
+    return tmp_root
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    code = mv.main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def files_state(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------- versions
+
+def test_snapshot_is_hard_linked_read_only_and_complete(root):
+    p = Paths(root)
+    v1 = p.versions / "v001"
+    rec = json.loads((v1 / "version.json").read_text())
+    assert rec["id"] == "v001" and rec["reason"] == "init" and rec["parent"] is None
+    assert rec["global_step"] == 10 and rec["tokens_seen"] == 1000
+    assert set(rec["manifest"]) == {"config.json", "model.safetensors", "trainer_state.json"}
+    for rel in rec["manifest"]:
+        assert (v1 / rel).stat().st_ino == (p.current_model / rel).stat().st_ino
+    for f in v1.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o444, f
+    assert mv.current_version(root) == "v001"
+    assert mv.create_version(root, "manual") == ("v001", False)  # unchanged: nothing new
+    assert mv.create_version(root, "manual", force=True) == ("v002", True)
+    assert mv.verify_version(root, "v002") == []
+
+
+def test_snapshot_cli_json_and_note(root, capsys):
+    train(root, 2)
+    code, out, _ = cli(capsys, "snapshot", "--note", "before risky data", "--json")
+    assert code == 0
+    vid = json.loads(out)["version"]
+    rec = mv.read_version(root, vid)
+    assert rec["note"] == "before risky data" and rec["parent"] == "v001"
+    code, out, _ = cli(capsys, "snapshot", "--json")
+    assert json.loads(out) == {"ok": True, "version": vid, "created": False}
+
+
+def test_publish_never_touches_version_files(root):
+    """Versions share inodes with current_model: a publish must replace by rename, never write."""
+    mv.create_version(root, "manual", force=True)
+    p = Paths(root)
+    before = files_state(p.versions)
+    res = train(root, 2)                              # v001-equal tree is discarded
+    assert res["method"] == "exchange" and res["kept_version"] is None
+    res = train(root, 3)                              # unversioned gen 2 is kept first
+    assert res["kept_version"] == "v003"
+    assert mv.read_version(root, "v003")["reason"] == "superseded"
+    assert model_gen(p.versions / "v003") == 2
+    res = train(root, 4, keep_old="never")            # the trainer replacing its own save
+    assert res["kept_version"] is None and res["parent_version"] == "v003"
+    after = files_state(p.versions)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert model_gen(p.current_model) == 4 and mv.check_model_dir(p.current_model) == []
+    for f in p.current_model.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o444, f
+    assert not any(n.startswith("mv-") for n in os.listdir(p.staging))
+
+
+def test_publish_refuses_incomplete_model(root):
+    staged = Paths(root).staging / "half"
+    staged.mkdir()
+    (staged / "config.json").write_text("{}")
+    with pytest.raises(mv.GuardrailError) as exc:
+        mv.publish_model(root, staged, reason="t")
+    assert str(exc.value) == (f"refusing to publish an incomplete model (no weights file "
+                              f"(*.safetensors or *.bin)), {staged}. Save the model again into "
+                              "a fresh folder under .staging/ and publish that.")
+    assert model_gen(Paths(root).current_model) == 1
+
+
+def test_rollback_then_undo(root, capsys):
+    p = Paths(root)
+    mv.create_version(root, "pre-train:a.jsonl")  # equal to v001: nothing new
+    train(root, 2)
+    t0 = time.perf_counter()
+    code, out, _ = cli(capsys, "rollback", "--json")
+    assert time.perf_counter() - t0 < 1.0
+    res = json.loads(out)
+    assert code == 0 and res["restored"] == "v001" and res["kept_version"] == "v002"
+    assert res["undo"] == "python3 model_versioner.py restore v002"
+    assert model_gen(p.current_model) == 1 and mv.current_version(root) == "v001"
+    assert mv.read_version(root, "v002")["reason"] == "pre-rollback"
+    code, out, _ = cli(capsys, "restore", "v002")     # the undo
+    assert code == 0 and out.splitlines()[0] == "Restored current_model to v002."
+    assert model_gen(p.current_model) == 2 and mv.current_version(root) == "v002"
+    assert len(mv.list_versions(root)) == 2          # v002 was already a version: none added
+    code, out, _ = cli(capsys, "restore", "v002")
+    assert out.strip() == "current_model already equals v002; nothing to do."
+
+
+def test_rollback_with_nothing_before(root, capsys):
+    code, _, err = cli(capsys, "rollback")
+    assert code == 1
+    assert err.strip() == (f"Error: nothing to roll back to (current_model has no earlier "
+                           f"version), {Paths(root).versions}. See what exists with "
+                           "`python3 model_versioner.py list`.")
+
+
+@pytest.mark.parametrize("how", ["current_model", "current_model/"])
+def test_rm_rf_current_model_restored_in_one_command(root, how):
+    train(root, 2)
+    mv.create_version(root, "manual")
+    subprocess.run(["rm", "-rf", how], cwd=root, check=True)
+    assert not (root / "current_model").exists() and mv.latest_version(root) == "v002"
+    proc = run_script("model_versioner.py", "restore", "latest", root=root)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "Restored current_model to v002."
+    cur = Paths(root).current_model
+    assert mv.check_model_dir(cur) == [] and model_gen(cur) == 2
+    assert mv.verify_files(cur, mv.read_manifest(cur)["files"]) == []
+
+
+def test_verify_catches_a_flipped_byte(root, capsys):
+    train(root, 2)
+    mv.create_version(root, "manual")
+    target = Paths(root).versions / "v001" / "model.safetensors"
+    with open(target, "r+b") as f:            # root ignores 0444: exactly the mistake to catch
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert mv.check_model_dir(target.parent) == []   # the cheap check cannot see it
+    code, out, err = cli(capsys, "verify", "--all", "--json")
+    assert code == 1
+    doc = json.loads(out)
+    assert doc["ok"] is False and doc["versions"]["v002"] == {"ok": True, "problems": []}
+    assert doc["versions"]["v001"]["problems"] == [
+        "v001/model.safetensors: sha256 mismatch (changed after it was recorded)"]
+    assert err.splitlines() == [
+        f"Error: v001/model.safetensors: sha256 mismatch (changed after it was recorded), "
+        f"{Paths(root).versions}. Restore a good version with `python3 model_versioner.py "
+        "restore VNNN` (see `python3 model_versioner.py list`)."]
+    assert cli(capsys, "verify", "v002")[0] == 0
+    assert cli(capsys, "verify")[0] == 0          # default: the latest
+
+
+def test_prune_keeps_tagged_latest_current_and_backed_up(root, capsys):
+    p = Paths(root)
+    for gen in range(2, 8):
+        train(root, gen)
+        mv.create_version(root, f"pre-train:f{gen}.jsonl",
+                          data_files=[{"name": f"f{gen}.jsonl", "sha256": f"{gen:064x}"}])
+    ids = [r["id"] for r in mv.list_versions(root)]
+    assert ids == [f"v{i:03d}" for i in range(1, 8)]
+    assert cli(capsys, "tag", "v002", "golden")[0] == 0
+    mv.restore_version(root, "v004")                 # current_model equals v004
+    backup = p.default_backups / "b-1"
+    backup.mkdir(parents=True)
+    (backup / "backup.json").write_text(json.dumps({"version": "v003"}))
+    (p.default_backups / "junk").mkdir()
+    (p.default_backups / "junk" / "backup.json").write_text("[not a dict")
+    code, out, _ = cli(capsys, "prune", "--keep", "1", "--json")
+    plan = json.loads(out)
+    assert plan["dry_run"] is True and plan["deleted"] == []
+    assert plan["delete"] == ["v001", "v005", "v006"]
+    assert plan["keep"]["v002"] == ["tag golden"] and plan["keep"]["v003"] == ["backup b-1"]
+    assert plan["keep"]["v004"] == ["current_model"]
+    assert plan["keep"]["v007"] == ["newest 1", "latest"]
+    assert [r["id"] for r in mv.list_versions(root)] == ids   # dry run deleted nothing
+    code, out, _ = cli(capsys, "prune", "--keep", "1", "--yes", "--json")
+    assert json.loads(out)["deleted"] == ["v001", "v005", "v006"]
+    assert [r["id"] for r in mv.list_versions(root)] == ["v002", "v003", "v004", "v007"]
+    assert not any(n.startswith(".staging") for n in os.listdir(p.versions))
+    # lineage survives pruning: the records of v005/v006 stay in versions/.pruned/
+    code, out, _ = cli(capsys, "lineage", "v007", "--json")
+    doc = json.loads(out)
+    assert doc["chain"] == ["v001", "v002", "v003", "v004", "v005", "v006", "v007"]
+    assert [f["name"] for f in doc["data_files"]] == [f"f{g}.jsonl" for g in range(2, 8)]
+    train(root, 9)
+    mv.create_version(root, "manual")                # v008, not a reuse of a pruned id
+    assert mv.latest_version(root) == "v008"
+    plan = mv.prune(root, keep=1, yes=True)
+    assert plan["deleted"] == ["v004", "v007"]               # no longer current or latest
+    assert mv.latest_version(root) == "v008"
+
+
+def test_tags(root, capsys):
+    train(root, 2)
+    mv.create_version(root, "manual")
+    assert cli(capsys, "tag", "v001", "base")[0] == 0
+    code, _, err = cli(capsys, "tag", "v002", "base")
+    assert code == 1 and err.strip() == (
+        f"Error: tag base already names v001, {Paths(root).versions / 'tags.json'}. "
+        "Run `python3 model_versioner.py untag base` first.")
+    assert cli(capsys, "restore", "base")[0] == 0 and model_gen(Paths(root).current_model) == 1
+    code, out, _ = cli(capsys, "list", "--json")
+    rows = {r["id"]: r for r in json.loads(out)["versions"]}
+    assert rows["v001"]["tags"] == ["base"] and rows["v001"]["current"] is True
+    assert cli(capsys, "untag", "base")[0] == 0
+    assert json.loads((Paths(root).versions / "tags.json").read_text()) == {}
+    assert cli(capsys, "tag", "v001", "v7")[0] == 2
+
+
+@pytest.mark.parametrize("bad", ["../x", "v1/..", "/abs", "v001/../../etc", ""])
+@pytest.mark.parametrize("command", ["show", "restore", "verify", "lineage"])
+def test_path_traversal_ids_rejected(root, capsys, command, bad):
+    code, out, err = cli(capsys, command, bad)
+    assert code == 2 and out == ""
+    assert err.strip() == (f"Error: invalid version id {bad!r} (expected vNNN such as v003, a "
+                           "tag, or latest). Run `python3 model_versioner.py list` to see the "
+                           "versions.")
+    assert model_gen(Paths(root).current_model) == 1
+
+
+def test_refuses_while_the_daemon_trains(root, capsys):
+    p = Paths(root)
+    train(root, 2)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        p.daemon_state.write_text(json.dumps({
+            "schema_version": 1, "pid": sleeper.pid, "state": "training", "heartbeat": utc_now(),
+            "current_file": {"name": "a.jsonl", "sha256": "0" * 64, "priority": "normal"}}))
+        for args in (["rollback"], ["restore", "v001"]):
+            code, _, err = cli(capsys, *args)
+            assert code == 3
+            assert err.strip() == (f"Error: the daemon (pid {sleeper.pid}) is training a.jsonl, "
+                                   f"{root}. Stop it first with `python3 training_controller.py "
+                                   "stop`, then run this again.")
+        assert model_gen(p.current_model) == 2
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert cli(capsys, "rollback")[0] == 0           # the pid is dead: not trusted any more
+    assert model_gen(p.current_model) == 1
+
+
+def test_lock_keeps_commands_apart(root):
+    with FileLock(Paths(root).lock("versions"), "test holder"):
+        with pytest.raises(mv.BusyError) as exc:
+            with mv._versions_lock(Paths(root), "snapshot", timeout=0.1):
+                pass
+    assert "busy: held by pid" in str(exc.value) and "(test holder)" in str(exc.value)
+    assert mv.recover(root)["skipped"] is None
+
+
+def test_show_and_lineage(root, capsys):
+    train(root, 2)
+    mv.create_version(root, "post-train:a.jsonl", loss=1.5,
+                      data_files=[{"name": "a.jsonl", "sha256": "a" * 64}])
+    train(root, 3)
+    mv.create_version(root, "post-train:b.jsonl", data_files=[{"name": "b.jsonl", "sha256": "b" * 64}])
+    code, out, _ = cli(capsys, "show", "v002", "--json")
+    rec = json.loads(out)["version"]
+    assert rec["loss"] == 1.5 and rec["parent"] == "v001" and rec["global_step"] == 20
+    code, out, _ = cli(capsys, "lineage", "latest")
+    assert out.splitlines()[0] == "v001 -> v002 -> v003"
+    assert [line.split()[1] for line in out.splitlines()[1:]] == ["a.jsonl", "b.jsonl"]
+
+
+def test_recover_cleans_only_its_own_staging(root):
+    p = Paths(root)
+    (p.versions / ".staging-123").mkdir()
+    (p.versions / ".staging-123" / "model.safetensors").write_bytes(b"half")
+    (p.staging / "mv-publish-9").mkdir()
+    (p.staging / "someone-elses-save").mkdir()
+    assert [r["id"] for r in mv.list_versions(root)] == ["v001"]
+    res = mv.recover(root)
+    assert res["actions"] == ["removed .staging/mv-publish-9", "removed versions/.staging-123"]
+    assert (p.staging / "someone-elses-save").is_dir()
+
+
+def test_rename_dance_and_its_recovery(root, monkeypatch):
+    """Where renameat2 is missing: a rename dance, and a crash in its middle recovered at start."""
+    p = Paths(root)
+    monkeypatch.setenv("GUARDRAILS_NO_RENAME_EXCHANGE", "1")
+    assert train(root, 2)["method"] == "dance" and model_gen(p.current_model) == 2
+    # the crash: intent written, current_model moved aside, new tree not yet renamed in
+    new = make_model(p.staging / "mv-publish-1", 3)
+    mv.write_manifest(new)
+    os.rename(p.current_model, p.staging / "mv-old-1")
+    (p.staging / "mv-dance.json").write_text(json.dumps({"new": new.name, "old": "mv-old-1"}))
+    assert mv.recover(root)["actions"][0] == "finished an interrupted swap of current_model"
+    assert model_gen(p.current_model) == 3 and os.listdir(p.staging) == []
+
+
+def test_real_tiny_model_loads_after_restore(tmp_root, tiny_model_dir):
+    transformers = pytest.importorskip("transformers")
+    p = Paths(tmp_root).ensure()
+    shutil.copytree(tiny_model_dir, p.staging / "base")
+    mv.publish_model(tmp_root, p.staging / "base", reason="init")
+    assert mv.create_version(tmp_root, "init") == ("v001", True)
+    shutil.rmtree(p.current_model)
+    assert mv.restore_version(tmp_root, "latest")["restored"] == "v001"
+    model = transformers.AutoModelForCausalLM.from_pretrained(p.current_model)
+    assert sum(t.numel() for t in model.parameters()) > 0
+    assert mv.verify_version(tmp_root, "v001") == []
+
+
+# --------------------------------------------------------------------------- kill -9
+
+CHILD = textwrap.dedent("""
+    import json, os, random, struct, sys, time
+    sys.path.insert(0, sys.argv[3])
+    from pathlib import Path
+    import model_versioner as mv
+    from trainroot import fsync_dir
+    exec(sys.argv[4])  # make_model, as the tests define it
+    root, seed = Path(sys.argv[1]), int(sys.argv[2])
+    rng = random.Random(seed)
+    gen = seed * 1000
+    print("ready", flush=True)
+    while True:
+        op = rng.choice(["train", "train", "snapshot", "rollback", "restore"])
+        try:
+            if op == "train":
+                gen += 1
+                staged = make_model(root / ".staging" / f"save-{gen}", gen)
+                mv.publish_model(root, staged, reason="train",
+                                 keep_old=rng.choice(["if-unversioned", "never"]))
+            elif op == "snapshot":
+                mv.create_version(root, "manual")
+            elif op == "rollback":
+                mv.rollback(root)
+            else:
+                ids = [r["id"] for r in mv.list_versions(root)]
+                mv.restore_version(root, rng.choice(ids))
+        except mv.GuardrailError:
+            pass
+""")
+
+
+def _check_consistent(root: Path) -> None:
+    p = Paths(root)
+    cur = p.current_model
+    assert mv.check_model_dir(cur) == [], mv.check_model_dir(cur)
+    assert mv.verify_files(cur, mv.read_manifest(cur)["files"]) == []
+    model_gen(cur)
+    for rec in mv.list_versions(root):
+        assert mv.verify_version(root, rec["id"]) == [], rec["id"]
+        model_gen(p.versions / rec["id"])
+
+
+def test_kill_9_at_random_points_never_breaks_current_model_or_versions(root, tmp_path):
+    p = Paths(root)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    rng = random.Random(4)
+    kills = mid_operation = 0
+    for i in range(60):
+        env = dict(os.environ)
+        if i % 3 == 2:  # every third child runs without renameat2: the rename dance
+            env["GUARDRAILS_NO_RENAME_EXCHANGE"] = "1"
+        child = subprocess.Popen([sys.executable, str(script), str(root), str(i + 1), str(REPO),
+                                  inspect.getsource(make_model)], stdout=subprocess.PIPE, env=env)
+        try:
+            assert child.stdout.readline() == b"ready\n"
+            time.sleep(rng.uniform(0.0, 0.06))
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait()
+            child.stdout.close()
+        kills += 1
+        mid_operation += any(n.startswith("mv-") for n in os.listdir(p.staging)) or any(
+            n.startswith(".staging") for n in os.listdir(p.versions))
+        if i % 3 != 2:   # RENAME_EXCHANGE: complete even before recovery
+            _check_consistent(root)
+        mv.recover(root)
+        _check_consistent(root)
+        assert not any(n.startswith("mv-") for n in os.listdir(p.staging))
+        assert not any(n.startswith(".staging") for n in os.listdir(p.versions))
+        listed = {r["id"] for r in mv.list_versions(root)}
+        assert listed == set(mv._version_dirs(p))    # no half version exists, listed or not
+    assert kills >= 50 and mid_operation >= 10, (kills, mid_operation)  # ~25 land mid-swap
+    assert len(mv.list_versions(root)) > 5
