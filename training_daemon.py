@@ -236,6 +236,7 @@ class Daemon:
         self._state_written = 0.0
         self._control_checked = 0.0
         self._next_rescan = 0.0
+        self._retry_at = 0.0
         self._import_thread: threading.Thread | None = None
         self._engine = None
         self._observer = None
@@ -388,8 +389,6 @@ class Daemon:
                 prog["eta_seconds"] = round((rec_total - info["records_done"]) * elapsed / done, 1)
         self.progress = prog
         self.write_state()
-        if self.stop_signal is None and not self.pending:
-            self.control_training()
 
     # ---------------------------------------------------------------- inbox
 
@@ -574,7 +573,7 @@ class Daemon:
         """The file to train now: the one in processing/ (resume), else the queue's head."""
         data = self._processing_file()
         if data is not None:
-            return data
+            return data if time.monotonic() >= self._retry_at else None
         for item in training_queue.list_queue(self.p.root):
             rec = training_queue.read_record(item["path"])
             prior = self.done.get(rec.get("sha256"))
@@ -651,6 +650,8 @@ class Daemon:
             if attempts >= cfg["max_attempts"]:
                 self._finish_failed(data, f"training crashed {attempts} times; last: "
                                           f"{exc.__class__.__name__}: {exc}")
+            else:  # back off: a crash right after a crash is rarely the data's fault
+                self._retry_at = time.monotonic() + min(2 ** attempts, 60)
             self.set_state("idle")
             self.current = None
             return
@@ -908,7 +909,7 @@ class Daemon:
                     self.last_error = str(exc.error)
                     self.set_state("paused", f"{exc.error}", "preflight")
                 continue
-            if self.once and not self.candidates:
+            if self.once and not self.candidates and self._processing_file() is None:
                 if self.backup_proc is not None:
                     self._poll_backup(wait=True)
                     continue
