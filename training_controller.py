@@ -407,23 +407,20 @@ def _pending_what(action: str, ack: dict | None, st: dict) -> str:
 def _daemon_gone(root, req: dict, st: dict, result: dict, waited: float) -> dict:
     """The daemon exited before acknowledging `req`: settle the request ourselves."""
     action, rid = req["action"], req["id"]
-    if claim_request(root, req):
+    waited = round(waited, 3)
+    ack = read_ack(root, rid)  # it may have acknowledged just before exiting
+    if ack is not None and ack["outcome"] in ("done", "noop"):
+        return dict(result, outcome=ack["outcome"], ack=ack, waited_s=waited,
+                    message=ack.get("message") or f"{action} done")
+    if action == "pause" and Path(req["path"]).exists():
+        return dict(result, outcome="kept", waited_s=waited,
+                    message="the daemon exited before pausing: the pause is kept and applies "
+                            "when it starts; undo it with `python3 training_controller.py resume`")
+    if claim_request(root, req):  # nobody read it: settle it so nothing stale is left behind
         if action == "stop" and st["state"] == "stopped":
             ack = acknowledge(root, req, "done", "the daemon stopped before it read this request")
-            return dict(result, outcome="done", ack=ack, waited_s=round(waited, 3),
-                        message=ack["message"])
-        if action == "pause":
-            # Leave it: a pause with no daemon is kept for the next start.
-            rename_noreplace(control_dirs(root)["claimed"] / Path(req["path"]).name, req["path"])
-            return dict(result, outcome="kept", waited_s=round(waited, 3),
-                        message="the daemon exited before pausing: the pause is kept and "
-                                "applies when it starts")
+            return dict(result, outcome="done", ack=ack, waited_s=waited, message=ack["message"])
         acknowledge(root, req, "cancelled", f"the daemon exited ({st['state']}) before acting")
-    else:
-        ack = read_ack(root, rid)  # it claimed the request just before exiting
-        if ack is not None and ack["outcome"] in ("done", "noop"):
-            return dict(result, outcome=ack["outcome"], ack=ack, waited_s=round(waited, 3),
-                        message=ack.get("message") or f"{action} done")
     if action == "stop":
         raise GuardrailError(f"the daemon exited ({st['state']}) before acknowledging stop "
                              f"request {rid}", Paths(root).daemon_state,

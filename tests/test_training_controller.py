@@ -74,6 +74,8 @@ while time.monotonic() < end:
             continue
         action = req["action"]
         if action == "stop":
+            write(state="stopping")
+            time.sleep(1.5)  # finishing the step and saving, as the real daemon does
             write(state="stopped", current_file=None, progress=None)
             tc.acknowledge(root, req, "done", "stopped at step 7")
             lock.release()
