@@ -126,6 +126,21 @@ def test_backup_of_a_version_and_invalid_source(fake_root, capsys):
     assert code == 2 and err.startswith("Error: invalid source '../current_model'")
 
 
+def test_source_checked_against_its_manifest(fake_root, capsys):
+    cm = fake_root / "current_model"
+    files = {rel: {"sha256": h, "size": (cm / rel).stat().st_size}
+             for rel, h in _tree_hashes(cm).items()}
+    (cm / ".manifest.json").write_text(json.dumps({"schema_version": 1, "files": files}))
+    doc = _backup(capsys)  # a manifest that matches is the reference
+    assert doc["files"] == files
+    _flip(cm / "model.safetensors")  # bit rot in the source: same size, other bytes
+    code, _, err = _cli(capsys, "backup")
+    assert code == 1
+    assert err.startswith("Error: backup failed: source file model.safetensors does not match "
+                          "its manifest while copying (sha256 ")
+    assert [b["id"] for b in backup_manager.list_backups(fake_root)] == [doc["id"]]
+
+
 # --------------------------------------------------------------------------- verify
 
 def _flip(path: Path) -> None:
@@ -231,6 +246,30 @@ def test_disk_full_injected(fake_root, capsys, monkeypatch):
         backup_manager.create_backup(fake_root)
     monkeypatch.undo()
     assert str(exc.value).startswith("backup failed: no space left on device (")
+    _assert_nothing_kept(fake_root, bdir, before)
+
+
+def test_a_bad_write_is_caught_by_the_read_back(fake_root, monkeypatch):
+    """A byte changed on its way to the disk (bad cable, bad RAM, bad disk): the copy's
+    read-back from disk does not match the source's hash, so nothing is kept."""
+    before = _tree_hashes(fake_root / "current_model")
+    bdir = fake_root / "backups"
+    real_write = os.write
+
+    def write(fd, data):
+        target = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else ""
+        if target.endswith("/model.safetensors") and target.startswith(str(bdir)):
+            damaged = bytearray(data)
+            damaged[len(damaged) // 3] ^= 0x10
+            return real_write(fd, bytes(damaged))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(backup_manager.GuardrailError) as exc:
+        backup_manager.create_backup(fake_root)
+    monkeypatch.undo()
+    assert str(exc.value).startswith("backup failed: copy of model.safetensors reads back wrong "
+                                     "from disk (sha256 ")
     _assert_nothing_kept(fake_root, bdir, before)
 
 
