@@ -435,8 +435,13 @@ def start_in_thread(root, port: int, *, state_ttl: float = STATE_TTL,
     training down.
     """
     server = make_server(root, port, state_ttl=state_ttl, idle_priority=idle_priority)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                              name=f"monitor-{server.port}", daemon=True)
+
+    def serve() -> None:
+        if idle_priority:
+            _make_thread_idle()
+        server.serve_forever(poll_interval=0.05)  # how soon stop() returns; a wake-up costs µs
+
+    thread = threading.Thread(target=serve, name=f"monitor-{server.port}", daemon=True)
     thread.start()
     return MonitorHandle(server, thread)
 

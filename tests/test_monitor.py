@@ -293,19 +293,6 @@ def test_state_is_the_state_tracker_document(server, tmp_root):
     assert status == 200 and body == b"" and int(headers["content-length"]) > 2
 
 
-def test_state_failure_is_a_json_error_not_a_crash(tmp_root):
-    (tmp_root / "config.json").write_text("{broken")
-    handle = monitor_server.start_in_thread(tmp_root, 0, state_ttl=0.0)
-    try:
-        status, headers, body = request(handle.port, "GET", "/api/state")
-        if status == 200:
-            pytest.skip("state_tracker reports a corrupt config.json inside its document")
-        assert status == 500 and json.loads(body)["ok"] is False
-        assert request(handle.port, "GET", "/api/metrics")[0] == 200  # still serving
-    finally:
-        handle.stop()
-
-
 # --------------------------------------------------------------------------- CLI
 
 def test_cli_serve_until_interrupted(tmp_root):
@@ -328,3 +315,234 @@ def test_cli_serve_until_interrupted(tmp_root):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+# --------------------------------------------------------------------------- the page in a browser
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(n)), None)
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium on PATH (.ci/run installs Debian's `chromium`)")
+
+
+def render(url: str, tmp_path: Path, screenshot: Path | None = None,
+           budget_ms: int = 5000) -> str:
+    """Load `url` in headless Chromium, let its timers run, return the rendered DOM."""
+    profile = Path(tempfile.mkdtemp(prefix="chromium-", dir=tmp_path))
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+           "--disable-sync", "--disable-crash-reporter", "--disable-breakpad",
+           "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+           f"--virtual-time-budget={budget_ms}", "--dump-dom"]
+    if screenshot is not None:
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        cmd += [f"--screenshot={screenshot}", "--window-size=1280,900"]
+    proc = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Content Security Policy" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def element(dom: str, ident: str) -> tuple[dict, str]:
+    """(attributes, text) of the element with id=`ident` in a dumped DOM."""
+    from html.parser import HTMLParser
+
+    class Finder(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.attrs, self.depth, self.text = None, 0, []
+
+        def handle_starttag(self, tag, attrs):
+            if self.depth:
+                self.depth += tag not in ("br", "img", "input", "meta")
+            elif dict(attrs).get("id") == ident:
+                self.attrs, self.depth = dict(attrs), 1
+
+        def handle_endtag(self, tag):
+            if self.depth:
+                self.depth -= 1
+
+        def handle_data(self, data):
+            if self.depth:
+                self.text.append(data)
+
+    f = Finder()
+    f.feed(dom)
+    assert f.attrs is not None, f"#{ident} is not in the page"
+    return f.attrs, " ".join("".join(f.text).split())
+
+
+def simulate_training_daemon(root: Path) -> str:
+    """What a training daemon leaves in `root` mid-file, written as docs/design.md says.
+
+    Used when no real daemon drives the page: metrics.jsonl over three files, a file in
+    processing/, a fresh heartbeat with progress, and files waiting in queue/.
+    """
+    p = trainroot.Paths(root)
+    p.ensure()
+    name = "chat_support.jsonl"
+    shutil.copy(REPO / "examples" / name, p.processing / name)
+    for pr, qname in (("high", "urgent_fixes.jsonl"), ("normal", "notes_2026_11.jsonl"),
+                      ("normal", "notes_2026_12.jsonl"), ("low", "old_logs.jsonl")):
+        (p.queue / pr).mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "examples" / "text_notes.jsonl", p.queue / pr / qname)
+    files = ["text_notes.jsonl", "instruction_alpaca.jsonl", name]
+    write_metrics(root, range(1, 601), file_of=lambda s: files[min(2, (s - 1) // 220)])
+    now = trainroot.utc_now()
+    trainroot.atomic_write_json(p.daemon_state, {
+        "schema_version": 1, "pid": os.getpid(), "started_at": now, "heartbeat": now,
+        "state": "training", "paused_reason": None, "paused_since": None,
+        "current_file": {"name": name, "sha256": trainroot.sha256_file(p.processing / name),
+                         "priority": "normal"},
+        "progress": {"global_step": 600, "step_in_file": 160, "records_done": 37,
+                     "records_total": 60, "tokens_per_sec": 3412.5, "loss": 0.1471,
+                     "eta_seconds": 754},
+        "last_error": None})
+    return name
+
+
+def check_rendered(dom: str, file_name: str) -> int:
+    """The assertions every rendering of a training root must pass; the points drawn."""
+    attrs, text = element(dom, "state")
+    assert attrs["data-state"] == "training" and text == "training", (attrs, text)
+    assert element(dom, "current-file")[1] == file_name
+    progress = element(dom, "progress-text")[1]
+    assert re.fullmatch(r"\d+ / \d+ records \(\d+\.\d%\)", progress), progress
+    assert element(dom, "eta")[1] != "—"
+    assert element(dom, "tokens-per-sec")[1] != "—"
+    chart, _ = element(dom, "chart")
+    drawn = int(chart["data-points"])
+    assert 0 < drawn <= 2000
+    assert "v001" in element(dom, "versions")[1]
+    assert element(dom, "warnings")[1]
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    assert "offline" not in body
+    return drawn
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+@needs_chromium
+@pytest.mark.slow
+def test_browser_renders_a_training_root(initialized_root, tmp_path):
+    """The real page in headless Chromium over a root mid-training (state written per design.md)."""
+    pytest.importorskip("state_tracker")
+    file_name = simulate_training_daemon(initialized_root)
+    handle = monitor_server.start_in_thread(initialized_root, 0)
+    try:
+        shot = ARTIFACTS / "monitor-simulated.png"
+        dom = render(handle.url, tmp_path, screenshot=shot)
+    finally:
+        handle.stop()
+    assert check_rendered(dom, file_name) == 600
+    assert "urgent_fixes" not in dom  # queue shows counts by priority
+    assert re.search(r"high\s*1", element(dom, "queue")[1])
+    assert re.search(r"normal\s*2", element(dom, "queue")[1])
+    assert png_size(shot) == (1280, 900)
+
+
+class _DyingHandler(monitor_server.MonitorHandler):
+    """The network boundary of a daemon that dies: /api answers twice, then never again."""
+
+    answered = 0
+
+    def _dispatch(self):
+        if self.path.startswith("/api/"):
+            type(self).answered += 1
+            if type(self).answered > 2:
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+        super()._dispatch()
+
+
+@needs_chromium
+@pytest.mark.slow
+def test_browser_shows_not_responding_instead_of_stale_numbers(tmp_root, tmp_path):
+    pytest.importorskip("state_tracker")
+    write_metrics(tmp_root, range(1, 50))
+    server = monitor_server.make_server(tmp_root, 0)
+    server.RequestHandlerClass = _DyingHandler
+    import threading
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        dom = render(f"http://127.0.0.1:{server.port}/live_monitor_ui.html", tmp_path,
+                     screenshot=ARTIFACTS / "monitor-not-responding.png")
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+    assert _DyingHandler.answered > 2  # the page kept asking
+    attrs, text = element(dom, "state")
+    assert attrs["data-state"] == "offline" and text == "not responding"
+    assert element(dom, "offline")[1].startswith("daemon not responding")
+    assert re.search(r'<body[^>]*class="[^"]*offline', dom)  # main (the numbers) is hidden
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_chromium
+@pytest.mark.slow
+def test_browser_against_a_running_daemon(initialized_root, tmp_path):
+    """The page served by `training_daemon.py run` on the tiny model, rendered mid-file."""
+    training_daemon = pytest.importorskip("training_daemon")
+    if not hasattr(training_daemon, "cmd_run"):
+        pytest.skip("training_daemon.py has no `run` yet")
+    pytest.importorskip("validate_data")  # the daemon validates each file it takes
+    import training_config
+    root = initialized_root
+    port = free_port()
+    cfg = training_config.load_config(root)
+    cfg["monitor_port"] = port  # not a locked parameter: no approval needed
+    training_config.write_config(root, cfg)
+    name = "monitor_notes.jsonl"
+    lines = [json.dumps({"text": f"Note {i}: the monitor shows the loss of every step, "
+                                 f"the file being trained and what waits in the queue. " * 3})
+             for i in range(500)]
+    staged = root / "inbox" / ".monitor_notes.jsonl.tmp"
+    staged.write_text("\n".join(lines) + "\n")
+    staged.rename(root / "inbox" / name)
+    log = open(tmp_path / "daemon.log", "w")
+    daemon = subprocess.Popen([sys.executable, str(REPO / "training_daemon.py"), "run",
+                               "--root", str(root)], stdout=log, stderr=subprocess.STDOUT,
+                              cwd=str(REPO))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
+            assert not list((root / "failed").glob("*.jsonl")), \
+                (tmp_path / "daemon.log").read_text()[-3000:]
+            state = trainroot.read_json(root / ".daemon_state.json", default={}) or {}
+            steps = (state.get("progress") or {}).get("global_step") or 0
+            if state.get("state") == "training" and steps >= 2:
+                break
+            assert time.monotonic() < deadline, (state, (tmp_path / "daemon.log").read_text()[-3000:])
+            time.sleep(0.3)
+        dom = render(f"http://127.0.0.1:{port}/live_monitor_ui.html", tmp_path,
+                     screenshot=ARTIFACTS / "monitor.png")
+        drawn = check_rendered(dom, name)
+        assert drawn >= 2
+        # the daemon's monitor refuses what the standalone one refuses
+        assert request(port, "GET", "/../config.json")[0] == 404
+        assert request(port, "POST", "/api/state")[0] == 405
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=60)
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+            log.close()
+    assert png_size(ARTIFACTS / "monitor.png") == (1280, 900)
+    with pytest.raises(OSError):  # the monitor went with the daemon
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
