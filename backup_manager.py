@@ -26,6 +26,7 @@ import re
 import secrets
 import shutil
 import stat
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -267,6 +268,8 @@ def copy_tree_verified(src: Path, dst: Path, *, skip: set[str] = frozenset(),
             fin = os.open(rel, os.O_RDONLY, dir_fd=src_fd)
             try:
                 digest, on_disk, size = _copy_file(fin, out, file_mode)
+            except OSError as exc:  # name the file: "No space left on device" alone says too little
+                raise OSError(exc.errno, exc.strerror, str(out)) from exc
             finally:
                 os.close(fin)
             want = (expected or {}).get(rel)
@@ -394,16 +397,7 @@ def _resolve_source(root, src: str | None) -> tuple[Path, str, str | None, set[s
         if not (p.current_model / "config.json").exists():
             raise GuardrailError("no current_model to back up", p.current_model,
                                  f"Run `python3 training_daemon.py init --root {p.root}`.")
-        version = None
-        try:
-            import model_versioner
-            version = model_versioner.current_version(p.root)
-        except (ImportError, AttributeError) as exc:
-            print(f"warning: cannot tell which version current_model matches ({exc})",
-                  file=sys.stderr)
-        if isinstance(version, dict):
-            version = version.get("id")
-        return p.current_model, "current_model", version, {MANIFEST}
+        return p.current_model, "current_model", _current_version(p.root), {MANIFEST}
     if not VERSION_RE.fullmatch(src):
         raise UsageError(f"invalid source {src!r} (give current_model or a version id like v003)",
                          None, "List versions with `python3 model_versioner.py list`.")
@@ -412,6 +406,17 @@ def _resolve_source(root, src: str | None) -> tuple[Path, str, str | None, set[s
         raise GuardrailError(f"no version {src}", p.versions,
                              "List versions with `python3 model_versioner.py list`.")
     return folder, src, src, {MANIFEST, "version.json"}
+
+
+def _current_version(root) -> str | None:
+    try:
+        import model_versioner
+        version = model_versioner.current_version(root)
+    except (ImportError, AttributeError) as exc:
+        print(f"warning: cannot tell which version current_model matches ({exc})",
+              file=sys.stderr)
+        return None
+    return version.get("id") if isinstance(version, dict) else version
 
 
 def clean_staging(root) -> list[str]:
@@ -471,6 +476,8 @@ def create_backup(root, src: str | None = None, note: str | None = None) -> dict
             files = copy_tree_verified(folder, staging, skip=skip, expected=expected,
                                        src_label=str(folder), file_mode=0o444)  # read-only
             state = _trainer_state(staging)
+            if source == "current_model" and _current_version(p.root) != version:
+                version = None  # current_model was replaced while we copied: claim nothing
             now = utc_now()
             record = {"schema_version": SCHEMA_VERSION, "id": bid, "created_at": now,
                       "source": source, "version": version,
@@ -589,6 +596,13 @@ def restore_backup(root, bid: str, to: str | os.PathLike | None = None) -> dict:
     version first) or write it into the new/empty folder `to`."""
     p = _p(root)
     folder = _backup_path(p.root, bid)
+    with _lock(p.root, f"restore {bid}"):  # prune must not delete it under our feet
+        return _restore_locked(p, folder, bid, to)
+
+
+def _restore_locked(p: Paths, folder: Path, bid: str, to) -> dict:
+    if to is None:
+        _refuse_if_training(p.root)  # cheap, so before the long verify too
     problems = verify_backup(p.root, bid)
     if problems:
         raise GuardrailError(
@@ -649,6 +663,32 @@ def _restore_to(folder: Path, rec: dict, to: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- prune and policy
+
+def backup_in_background(root, note: str | None = None, timeout: float | None = None) -> dict:
+    """For the daemon: run `backup --idle --json` in a child process (SCHED_IDLE, so
+    training keeps its cores) and return its record; GuardrailError naming the cause if it
+    fails, so the caller can pause with that warning."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--root", str(_p(root).root),
+           "backup", "--idle", "--json"] + (["--note", note] if note else [])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise GuardrailError(f"automatic backup did not finish within {timeout:.0f} s",
+                             backups_dir(root), f"Run `{BACKUP_CMD}` to see why.") from None
+    try:
+        doc = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        doc = None
+    if proc.returncode == 0 and isinstance(doc, dict):
+        return doc
+    err = (doc or {}).get("error") if isinstance(doc, dict) else None
+    if isinstance(err, dict) and err.get("what"):
+        raise GuardrailError(err["what"], err.get("where"), err.get("fix"),
+                             exit_code=err.get("exit_code"))
+    tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+    raise GuardrailError(f"automatic backup exited {proc.returncode} ({tail[0]})",
+                         backups_dir(root), f"Run `{BACKUP_CMD}` to see why.")
+
 
 def prune_backups(root, keep: int | None = None, yes: bool = False) -> dict:
     """Keep the newest `keep` verified backups (config keep_backups), delete the rest.

@@ -420,6 +420,17 @@ def test_backup_due_policy(fake_root):
     assert backup_manager.backup_due(fake_root, off, 50) is False
 
 
+def test_backup_in_background_for_the_daemon(fake_root):
+    rec = backup_manager.backup_in_background(fake_root, note="auto", timeout=60)
+    assert rec["ok"] is True and rec["note"] == "auto" and rec["status"] == "verified"
+    assert backup_manager.latest_backup(fake_root)["id"] == rec["id"]
+    (fake_root / "current_model" / "config.json").unlink()
+    with pytest.raises(backup_manager.GuardrailError) as exc:
+        backup_manager.backup_in_background(fake_root, timeout=60)
+    assert str(exc.value) == (f"no current_model to back up, {fake_root / 'current_model'}. "
+                              f"Run `python3 training_daemon.py init --root {fake_root}`.")
+
+
 def test_set_idle_priority_applies_to_the_calling_thread():
     seen = {}
 
