@@ -40,6 +40,12 @@ LIST_LIMIT = 20                 # failed/skipped files listed in full (the count
 SEVERITIES = ("info", "warning", "critical")
 MODEL_META = {".manifest.json", "version.json", "backup.json"}
 QUEUE_PRIORITIES = ("high", "normal", "low")
+WARNING_CODES = (
+    "NOT_INITIALIZED", "MODEL_MISSING", "MODEL_INCOMPLETE", "NO_VERSION", "MODEL_NOT_VERSIONED",
+    "VERSION_DAMAGED", "CONFIG_MISSING", "CONFIG_INVALID", "CONFIG_UNAPPROVED", "DAEMON_DEAD",
+    "DAEMON_NOT_RUNNING", "DAEMON_STATE_UNREADABLE", "TRAINING_STALLED", "PAUSED_LONG",
+    "DISK_LOW", "BACKUP_NONE", "BACKUP_OLD", "BACKUP_UNVERIFIED", "BACKUP_SAME_FILESYSTEM",
+    "FILES_FAILED", "LOSS_SPIKE", "LOCK_STALE")
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", "~", ".swp", ".record.json", ".error.txt",
                     ".report.json")
 
@@ -81,6 +87,11 @@ def _round(x, nd=3):
     return None if x is None else round(x, nd)
 
 
+def _finite(x):
+    """A loss for the JSON document: rounded, and None for NaN/inf (JSON has no NaN)."""
+    return round(x, 5) if x == x and abs(x) != float("inf") else None
+
+
 def _pid_running(pid) -> bool:
     """A live, non-zombie process. /proc answers in microseconds; psutil only off Linux."""
     if not isinstance(pid, int) or pid <= 0:
@@ -103,8 +114,17 @@ def _pid_running(pid) -> bool:
         return True
 
 
-def _warn(warnings: list, code: str, severity: str, message: str, fix: str) -> None:
-    warnings.append({"code": code, "severity": severity, "message": message, "fix": fix})
+def _arg(root: Path, rel: str) -> str:
+    """A path inside the root as a command argument: relative in the default root, else absolute."""
+    return shlex.quote(rel if Path(root) == SCRIPTS_DIR else str(Path(root) / rel))
+
+
+def _warn(warnings: list, code: str, severity: str, message: str, fix: str, note: str = "") -> None:
+    """One warning: `fix` is a shell command line; `note` what to know before running it."""
+    if code not in WARNING_CODES or severity not in SEVERITIES:
+        raise ValueError(f"unknown warning code or severity: {code} {severity}")
+    warnings.append({"code": code, "severity": severity, "message": message, "fix": fix,
+                     "note": note})
 
 
 # --------------------------------------------------------------------------- sections
@@ -127,7 +147,8 @@ def _config_section(root: Path, w: list) -> tuple[dict, dict]:
     if not sec["valid"]:
         _warn(w, "CONFIG_INVALID", "critical",
               f"config.json is invalid: {'; '.join(sec['errors'])}",
-              f"Fix the keys named above in {p.config}, then run `{_cmd(root, 'state_tracker.py --warnings')}`.")
+              _cmd(root, "state_tracker.py --warnings"),
+              f"Edit the keys named in the message in {p.config} first; this command re-checks.")
         return sec, training_config.default_config()
     sec["locked"] = list(cfg.get("locked") or [])
     try:
@@ -145,8 +166,9 @@ def _config_section(root: Path, w: list) -> tuple[dict, dict]:
         _warn(w, "CONFIG_UNAPPROVED", "critical",
               f"locked config parameters changed without approval ({listed}); the daemon "
               "will not train until they are approved or reverted",
-              f"Ask the user, then `{_cmd(root, 'training_controller.py approve-config --yes')}` "
-              "to approve, or put the old values back in config.json to revert.")
+              _cmd(root, "training_controller.py approve-config --yes"),
+              "Only with the user's approval. To revert instead, put the old values back in "
+              "config.json; either way the warning clears.")
     return sec, cfg
 
 
@@ -243,8 +265,9 @@ def _versions_section(root: Path, w: list) -> dict:
     for bad in sec["problems"]:
         _warn(w, "VERSION_DAMAGED", "warning",
               f"version {bad['id']} fails the cheap check: {'; '.join(bad['problems'][:3])}",
-              f"`{_cmd(root, 'model_versioner.py verify ' + bad['id'])}` lists every bad file; "
-              f"restore from a backup with `{_cmd(root, 'backup_manager.py list')}` if you need it.")
+              _cmd(root, "model_versioner.py verify " + bad["id"]),
+              "Lists every bad file. Versions are immutable: if you need this one, get it back "
+              f"from a backup (`{_cmd(root, 'backup_manager.py list')}`).")
     return sec
 
 
@@ -260,7 +283,7 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
         if latest:
             _warn(w, "MODEL_MISSING", "critical",
                   f"current_model/ does not exist; the latest version is {latest}",
-                  f"`{restore}` brings it back in under a second.")
+                  restore, "Brings back the latest version in under a second.")
         return sec
     manifest = _read(folder / ".manifest.json", sec["problems"])
     problems, sec["size_bytes"], sec["file_count"] = _model_check(
@@ -281,12 +304,12 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
                 sec["matches_version"] = vid
                 break
     if not sec["complete"]:
-        fix = (f"`{restore}` puts the latest version back (the present folder is kept as a "
-               "version first)." if latest else
-               f"No version to restore: `{_cmd(root, 'backup_manager.py list')}`, then "
-               f"`{_cmd(root, 'backup_manager.py restore ID')}`.")
+        fix, note = restore, "Puts the latest version back; the damaged folder is kept aside first."
+        if not latest:
+            fix, note = (_cmd(root, "backup_manager.py list"),
+                         f"There is no version: restore a backup with `{_cmd(root, 'backup_manager.py restore ID')}`.")
         _warn(w, "MODEL_INCOMPLETE", "critical",
-              f"current_model/ is incomplete: {'; '.join(sec['problems'][:3])}", fix)
+              f"current_model/ is incomplete: {'; '.join(sec['problems'][:3])}", fix, note)
     return sec
 
 
@@ -335,24 +358,25 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
         _warn(w, "DAEMON_DEAD", "critical",
               f"the daemon is not running (last pid {state.get('pid')}, state said "
               f"{reported or 'nothing'}) while {what} waits half-trained",
-              f"`{start}` resumes it from its last checkpoint (or "
-              "`systemctl --user restart training-guardrails` when installed as a service).")
+              start, "Resumes the file from its last checkpoint. Installed as a service: "
+              "`systemctl restart training-guardrails` instead.")
     if training["stalled"]:
         _warn(w, "TRAINING_STALLED", "warning",
               f"the daemon (pid {pid}) says {current} but its heartbeat is "
               f"{'missing' if beat_age is None else f'{beat_age:.0f} s old'}",
-              f"`{_cmd(root, 'training_controller.py stop --wait 300')}`, then `{start}`; if "
-              f"the stop times out: `kill {pid}` and `{start}`.")
+              f"{_cmd(root, 'training_controller.py stop --wait 300')} && {start}",
+              f"If the stop times out: `kill {pid}`, then `{start}` (it resumes from the last checkpoint).")
     if current == "paused" and (training["paused_for_s"] or 0) > PAUSED_LONG_S:
         hours = training["paused_for_s"] / 3600
         _warn(w, "PAUSED_LONG", "warning",
               f"training has been paused for {hours:.1f} h"
               + (f" ({training['paused_reason']})" if training["paused_reason"] else ""),
-              f"`{_cmd(root, 'training_controller.py resume')}` once the reason is dealt with.")
+              _cmd(root, "training_controller.py resume"), "Once the reason is dealt with.")
     if problems:
         _warn(w, "DAEMON_STATE_UNREADABLE", "warning",
               f"the daemon state file cannot be read: {problems[0]}",
-              f"The daemon rewrites it within a second of starting: `{start}`.")
+              f"mv {_arg(root, '.daemon_state.json')} {_arg(root, '.daemon_state.json.corrupt')}",
+              "Safe while no daemon runs: the daemon rewrites the file within a second of starting.")
     return daemon, training
 
 
@@ -381,13 +405,16 @@ def _queue_section(root: Path, daemon: dict, w: list) -> dict:
         _warn(w, "FILES_FAILED", "warning",
               f"{sec['failed_count']} file(s) in failed/ wait for a decision; newest: "
               f"{first['name']} ({first['reason']})",
-              f"Read the reason, fix the file, then `{_cmd(root, 'training_queue.py add ' + shlex.quote('failed/' + first['name']) + ' --move')}`; "
-              f"or file it away: `mkdir -p failed/reviewed && mv failed/{first['name']}* failed/reviewed/`.")
+              _cmd(root, f"training_queue.py add {_arg(root, 'failed/' + first['name'])} --move"),
+              "Read the reason and fix the file first; this re-validates and queues it. To file "
+              f"it away instead: `mkdir -p {_arg(root, 'failed/reviewed')} && mv "
+              f"{_arg(root, 'failed/' + first['name'])} {_arg(root, 'failed/' + first['name'] + '.record.json')} "
+              f"{_arg(root, 'failed/reviewed/')}`.")
     waiting = sec["queued"] + inbox
     if waiting and not daemon["alive"] and not sec["processing"]:
         _warn(w, "DAEMON_NOT_RUNNING", "info",
               f"{waiting} file(s) wait in inbox/ and queue/ but no daemon is running",
-              f"`{_cmd(root, 'training_daemon.py run')}` trains them.")
+              _cmd(root, "training_daemon.py run"), "Trains them in priority order.")
     return sec
 
 
@@ -405,8 +432,10 @@ def _disk_section(root: Path, cfg: dict, model: dict, disk_usage, w: list) -> di
               f"{usage.free / 2**20:.0f} MiB free on the disk of {where}; the next snapshot and "
               f"checkpoint need {needed / 2**20:.0f} MiB (model {model['size_bytes'] / 2**20:.1f} MiB "
               f"x {MODEL_SPACE_FACTOR} + min_free_disk_mb)",
-              f"`{_cmd(root, 'model_versioner.py prune')}` shows what can go (then add --yes); "
-              f"`{_cmd(root, 'backup_manager.py prune')}` likewise; or free space on that disk.")
+              _cmd(root, "model_versioner.py prune --yes"),
+              f"Run it without --yes first to see what goes (tagged, latest and backed-up versions "
+              f"stay); `{_cmd(root, 'backup_manager.py prune --yes')}` frees backups likewise, or "
+              "free space on that disk.")
     return sec
 
 
@@ -438,17 +467,16 @@ def _backups_section(root: Path, cfg: dict, w: list) -> dict:
     if not good:
         _warn(w, "BACKUP_NONE", "warning",
               "there is no verified backup: a lost disk or a deleted folder would lose everything",
-              f"`{backup}`")
+              backup)
     elif sec["latest_age_s"] is None or sec["latest_age_s"] > too_old:
         days = (sec["latest_age_s"] or 0) / 86400
         _warn(w, "BACKUP_OLD", "warning",
-              f"the latest verified backup ({good[-1]['id']}) is {days:.1f} days old",
-              f"`{backup}`")
+              f"the latest verified backup ({good[-1]['id']}) is {days:.1f} days old", backup)
     for bad in sec["problems"]:
         _warn(w, "BACKUP_UNVERIFIED", "warning",
               f"backup {bad['id']} is {bad['status'] or 'without a status'}: it is not a good copy",
-              f"`{_cmd(root, 'backup_manager.py verify ' + bad['id'])}`; if it stays bad, make a "
-              f"new one with `{backup}`.")
+              _cmd(root, "backup_manager.py verify " + bad["id"]),
+              f"If it stays bad, make a new one with `{backup}`.")
     try:
         target = bdir
         while not target.exists() and target != target.parent:
@@ -461,7 +489,7 @@ def _backups_section(root: Path, cfg: dict, w: list) -> dict:
         _warn(w, "BACKUP_SAME_FILESYSTEM", "warning",
               f"backup_dir {bdir} is on the same filesystem as current_model: one failed disk "
               "loses both",
-              f"Set \"backup_dir\" in config.json to a folder on another disk, then `{backup}`.")
+              backup, "First set \"backup_dir\" in config.json to a folder on another disk.")
     return sec
 
 
@@ -508,12 +536,14 @@ def _loss_section(root: Path, cfg: dict, model: dict, training: dict, w: list) -
     factor = float(cfg.get("loss_spike_factor") or 0)
     sec = {"points": len(points), "last_step": None, "last_loss": None, "last_file": None,
            "last_time": None, "mean": None, "trend": "unknown", "spike": False,
-           "spike_factor": factor, "recent": [round(pt[1], 5) for pt in points[-32:]]}
+           "spike_factor": factor, "last_loss_finite": True,
+           "recent": [_finite(pt[1]) for pt in points[-32:]]}
     if not points:
         return sec
     finite = [pt for pt in points if pt[1] == pt[1] and abs(pt[1]) != float("inf")]
     last = points[-1]
-    sec.update(last_step=last[0], last_loss=_round(last[1], 5), last_file=last[2], last_time=last[3])
+    sec.update(last_step=last[0], last_loss=_finite(last[1]), last_file=last[2], last_time=last[3],
+               last_loss_finite=_finite(last[1]) is not None)
     before = [pt[1] for pt in finite[:-1]][-window:]
     if before:
         sec["mean"] = _round(sum(before) / len(before), 5)
@@ -529,8 +559,9 @@ def _loss_section(root: Path, cfg: dict, model: dict, training: dict, w: list) -
         _warn(w, "LOSS_SPIKE", "warning",
               f"loss {last[1]:.4g} at step {last[0]} ({last[2]}) is "
               + ("not finite" if bad else f"{last[1] / sec['mean']:.1f}x the recent mean {sec['mean']:.4g}"),
-              f"If {last[2]} is bad data: `{_cmd(root, 'model_versioner.py rollback')}` undoes its "
-              "training; if it is fine, training goes on and this clears.")
+              _cmd(root, "model_versioner.py rollback"),
+              f"Only if {last[2]} is bad data: this undoes its training (and can itself be undone). "
+              "If the data is fine, training goes on and the warning clears.")
     return sec
 
 
@@ -558,8 +589,8 @@ def _locks_section(root: Path, daemon: dict, w: list) -> list:
                   f"lock {lock} is held by pid {pid} ({holder.get('purpose') or 'no purpose'})"
                   + (" which is no longer running (a child inherited the lock)"
                      if not entry["holder_running"] else f" for {age / 3600:.1f} h"),
-                  f"`fuser -v {shlex.quote(str(path))}` names the process that holds it; stop "
-                  "that process and the lock is released.")
+                  f"fuser -v {shlex.quote(str(path))}",
+                  "Names the process that holds it; stop that process and the lock is released.")
         out.append(entry)
     return out
 
@@ -580,20 +611,20 @@ def build_state(root, *, disk_usage=shutil.disk_usage) -> dict:
     model = _current_model_section(root, versions, w)
     if not p.config.exists() and not model["exists"] and not versions["count"]:
         _warn(w, "NOT_INITIALIZED", "critical", f"{root} is not a training root yet",
-              f"`python3 training_daemon.py init --root {shlex.quote(str(root))}`")
+              f"python3 training_daemon.py init --root {shlex.quote(str(root))}")
     elif not versions["count"] and model["exists"]:
         _warn(w, "NO_VERSION", "critical",
               "there is no version in versions/: nothing to go back to",
-              f"`{_cmd(root, 'model_versioner.py snapshot --note first')}`")
+              _cmd(root, "model_versioner.py snapshot --note first"))
     elif not p.config.exists():
         _warn(w, "CONFIG_MISSING", "critical", f"{p.config} is missing; the daemon cannot train",
-              "Put config.json back (every version keeps a copy under \"config\" in its "
-              f"version.json; `{_cmd(root, 'model_versioner.py show ' + str(versions['latest']))}` "
-              "prints it), then approve it.")
+              _cmd(root, f"model_versioner.py show {versions['latest']} --json"),
+              "Every version keeps the config it used under \"config\": write that back to "
+              "config.json, then check again.")
     elif model["complete"] and versions["count"] and model["matches_version"] is None:
         _warn(w, "MODEL_NOT_VERSIONED", "info",
               "current_model/ differs from every version (trained since the last snapshot)",
-              f"`{_cmd(root, 'model_versioner.py snapshot')}` keeps it as a version.")
+              _cmd(root, "model_versioner.py snapshot"), "Keeps it as a version.")
     daemon, training = _daemon_and_training(root, w)
     queue = _queue_section(root, daemon, w)
     disk = _disk_section(root, cfg, model, disk_usage, w)
@@ -720,8 +751,11 @@ def print_report(state: dict, warnings_only: bool = False) -> None:
     for x in state["warnings"]:
         console.print(f"  [{colours[x['severity']]}]{x['severity'].upper():<8} {x['code']}[/] ", end="")
         console.print(x["message"], markup=False)
-        console.print("    fix: ", end="")
+        console.print("    [bold]fix:[/] ", end="")
         console.print(x["fix"], markup=False, soft_wrap=True)
+        if x.get("note"):
+            console.print("    note: ", end="")
+            console.print(x["note"], markup=False)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -1,0 +1,601 @@
+"""state_tracker.py: every warning appears in its scenario and its own fix command clears it.
+
+Scenarios are real training roots (made by `init` once, then copied with hard links kept),
+changed the way a person or an assistant would change them; fix commands are taken from
+the warning itself and run as subprocesses. Every document is validated against
+docs/system_state.schema.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+import state_tracker as st
+import training_config
+from conftest import run_script
+from trainroot import Paths, atomic_write_json, utc_now
+
+REPO = Path(__file__).resolve().parent.parent
+SCHEMA = json.loads((REPO / "docs" / "system_state.schema.json").read_text())
+BASELINE = {"BACKUP_NONE", "BACKUP_SAME_FILESYSTEM"}  # a fresh root has no backup yet
+
+
+# --------------------------------------------------------------------------- helpers
+
+INIT_SCENARIO: dict = {}
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """One root per module, made by the NOT_INITIALIZED fix itself (init costs a torch import
+    in a subprocess, so this test process never imports torch); tests copy it."""
+    root = tmp_path_factory.mktemp("st-template") / "root"
+    root.mkdir()
+    INIT_SCENARIO["before"] = before = codes(root)
+    INIT_SCENARIO["fix"] = run_fix(before["NOT_INITIALIZED"]["fix"], root)
+    INIT_SCENARIO["after"] = codes(root)
+    return root
+
+
+@pytest.fixture
+def root(template, tmp_path, monkeypatch) -> Path:
+    """A private copy of the initialised root; `cp -a` keeps the version's hard links."""
+    dst = tmp_path / "root"
+    subprocess.run(["cp", "-a", str(template), str(dst)], check=True)
+    monkeypatch.setenv("TRAINING_ROOT", str(dst))
+    return dst
+
+
+def state(root, **kw) -> dict:
+    doc = st.build_state(root, **kw)
+    jsonschema.validate(doc, SCHEMA)
+    json.dumps(doc, allow_nan=False)  # strict JSON: no NaN sneaks in
+    return doc
+
+
+def codes(root, **kw) -> dict:
+    return {w["code"]: w for w in state(root, **kw)["warnings"]}
+
+
+def run_fix(command: str, root: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a fix command exactly as printed (python3 -> this interpreter), from the repo."""
+    command = command.replace("python3 ", shlex.quote(sys.executable) + " ")
+    return subprocess.run(command, shell=True, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "TRAINING_ROOT": str(root)})
+
+
+def fix_and_check(root: Path, code: str, **kw) -> dict:
+    """Run the fix command of warning `code`, and return the warnings afterwards."""
+    warning = codes(root, **kw)[code]
+    proc = run_fix(warning["fix"], root)
+    assert proc.returncode == 0, f"{warning['fix']} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return codes(root, **kw)
+
+
+def edit_config(root: Path, **changes) -> None:
+    cfg = json.loads((root / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    atomic_write_json(root / "config.json", cfg)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def write_daemon_state(root: Path, **fields) -> None:
+    doc = {"schema_version": 1, "pid": None, "started_at": utc_now(), "heartbeat": utc_now(),
+           "state": "idle", "paused_reason": None, "paused_since": None, "current_file": None,
+           "progress": None, "last_error": None}
+    doc.update(fields)
+    atomic_write_json(root / ".daemon_state.json", doc)
+
+
+def ago(seconds: float) -> str:
+    from datetime import datetime, timedelta, timezone
+    t = datetime.now(timezone.utc) - timedelta(seconds=seconds)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+HOLDER = r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+import training_controller as tc
+from trainroot import FileLock, Paths, atomic_write_json, utc_now
+root, lock, recorded, act = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
+held = FileLock(Paths(root).lock(lock), "test holder").acquire()
+if recorded:  # pretend the lock was taken by another (dead) process: an inherited flock
+    os.ftruncate(held._fd, 0)
+    os.pwrite(held._fd, json.dumps({"pid": recorded, "purpose": "trainer", "since": utc_now()}).encode(), 0)
+print("ready", flush=True)
+while True:  # a stand-in daemon: acts on `resume` the way the protocol says
+    if act:
+        for req in tc.pending_requests(root):
+            if req["action"] == "resume" and tc.claim_request(root, req):
+                state = json.load(open(os.path.join(root, ".daemon_state.json")))
+                state.update(state="idle", paused_since=None, paused_reason=None, heartbeat=utc_now())
+                atomic_write_json(os.path.join(root, ".daemon_state.json"), state)
+                tc.acknowledge(root, req, "done")
+    time.sleep(0.05)
+"""
+
+
+class Holder:
+    """A child process that holds one of the root's locks (optionally recording another pid)."""
+
+    def __init__(self, root: Path, lock: str, recorded_pid: int = 0, act: bool = False):
+        self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(REPO), str(root), lock,
+                                      str(recorded_pid), "1" if act else "0"],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready"
+        self.pid = self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc.stdout.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def publish_trained(root: Path, global_step: int) -> None:
+    """Publish a 'trained' current_model (new trainer_state) the way the trainer does."""
+    import model_versioner as mv
+    staged = root / ".staging" / f"trained-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(root / "current_model", staged)
+    for name in ("trainer_state.json", ".manifest.json"):
+        (staged / name).unlink()
+    (staged / "trainer_state.json").write_text(json.dumps(
+        {"global_step": global_step, "tokens_seen": global_step * 2048}))
+    mv.publish_model(root, staged, reason="post-train:test")
+
+
+def write_metrics(root: Path, losses: list[float], first_step: int = 1, file: str = "bad.jsonl",
+                  prefix: bytes = b"") -> None:
+    with open(root / "metrics.jsonl", "ab") as f:
+        f.write(prefix)
+        for i, loss in enumerate(losses):
+            f.write((json.dumps({"time": utc_now(), "global_step": first_step + i, "file": file,
+                                 "loss": loss, "lr": 3e-4, "tokens_per_sec": 3000.0}) + "\n").encode())
+
+
+def daemon_has_run() -> bool:
+    return run_script("training_daemon.py", "run", "--help").returncode == 0
+
+
+# --------------------------------------------------------------------------- the fresh root
+
+def test_fresh_root_is_ok_and_valid(root):
+    doc = state(root)
+    assert doc["ok"] and doc["critical_count"] == 0
+    assert {w["code"] for w in doc["warnings"]} == BASELINE
+    m = doc["current_model"]
+    assert m["exists"] and m["complete"] and m["matches_version"] == "v001"
+    assert m["global_step"] == 0 and m["size_bytes"] > 100_000
+    assert doc["versions"]["count"] == 1 and doc["versions"]["latest"] == "v001"
+    assert doc["config"]["approved"] and doc["config"]["changes"] == []
+    assert doc["daemon"]["alive"] is False and doc["training"]["state"] == "stopped"
+    assert doc["disk"]["enough"] and doc["disk"]["needed_bytes"] == (
+        4 * m["size_bytes"] + 100 * 1024 * 1024)
+    for w in doc["warnings"]:
+        assert w["fix"].startswith("python3 ") and f"--root {root}" in w["fix"]
+
+
+def test_not_initialized_then_init_fixes_it(template):
+    w = INIT_SCENARIO["before"]
+    assert set(w) == {"NOT_INITIALIZED"} and w["NOT_INITIALIZED"]["severity"] == "critical"
+    assert w["NOT_INITIALIZED"]["fix"] == f"python3 training_daemon.py init --root {template}"
+    assert INIT_SCENARIO["fix"].returncode == 0, INIT_SCENARIO["fix"].stderr
+    assert set(INIT_SCENARIO["after"]) == BASELINE
+
+
+# --------------------------------------------------------------------------- the model
+
+def test_rm_rf_current_model_is_critical_and_its_fix_restores_it(root):
+    subprocess.run(f"rm -rf {shlex.quote(str(root))}/current_model/", shell=True, check=True)
+    proc = run_script("state_tracker.py", "--warnings", root=root)
+    assert proc.returncode == 1
+    assert "CRITICAL MODEL_MISSING" in proc.stdout
+    w = codes(root)["MODEL_MISSING"]
+    assert w["severity"] == "critical" and "v001" in w["message"]
+    assert w["fix"] == f"python3 model_versioner.py restore latest --root {root}"
+    assert set(fix_and_check(root, "MODEL_MISSING")) == BASELINE
+    assert state(root)["current_model"]["matches_version"] == "v001"
+    assert run_script("state_tracker.py", "--warnings", root=root).returncode == 0
+
+
+def test_incomplete_model_is_critical_and_restore_fixes_it(root):
+    (root / "current_model" / "model.safetensors").unlink()
+    w = codes(root)["MODEL_INCOMPLETE"]
+    assert w["severity"] == "critical" and "model.safetensors: missing" in w["message"]
+    assert set(fix_and_check(root, "MODEL_INCOMPLETE")) == BASELINE
+
+
+def test_resized_model_file_is_incomplete(root):
+    path = root / "current_model" / "tokenizer.json"
+    text = path.read_bytes()
+    path.unlink()  # a new inode: the version's hard link keeps the old bytes
+    path.write_bytes(text + b" ")
+    w = codes(root)["MODEL_INCOMPLETE"]
+    assert f"tokenizer.json: size {len(text) + 1}, manifest says {len(text)}" in w["message"]
+    assert set(fix_and_check(root, "MODEL_INCOMPLETE")) == BASELINE
+
+
+def test_no_version_then_snapshot(root, tmp_path):
+    os.rename(root / "versions" / "v001", tmp_path / "v001-aside")
+    w = codes(root)
+    assert w["NO_VERSION"]["severity"] == "critical"
+    assert set(fix_and_check(root, "NO_VERSION")) == BASELINE
+
+
+def test_trained_model_not_versioned_is_info_and_snapshot_fixes_it(root):
+    publish_trained(root, 7)
+    doc = state(root)
+    assert doc["current_model"]["global_step"] == 7 and doc["current_model"]["matches_version"] is None
+    w = codes(root)["MODEL_NOT_VERSIONED"]
+    assert w["severity"] == "info" and doc["ok"]
+    assert set(fix_and_check(root, "MODEL_NOT_VERSIONED")) == BASELINE
+    assert state(root)["current_model"]["matches_version"] == "v002"
+
+
+def test_damaged_version_is_found_and_verify_names_the_file(root):
+    os.unlink(root / "versions" / "v001" / "tokenizer.json")
+    w = codes(root)["VERSION_DAMAGED"]
+    assert "v001" in w["message"] and "tokenizer.json: missing" in w["message"]
+    proc = run_fix(w["fix"], root)
+    assert proc.returncode == 1 and "tokenizer.json" in proc.stdout + proc.stderr
+    os.link(root / "current_model" / "tokenizer.json", root / "versions" / "v001" / "tokenizer.json")
+    assert set(codes(root)) == BASELINE
+
+
+# --------------------------------------------------------------------------- config
+
+def test_changed_locked_parameter_names_old_new_and_approve_fixes_it(root):
+    edit_config(root, learning_rate=0.001)
+    w = codes(root)["CONFIG_UNAPPROVED"]
+    assert w["severity"] == "critical"
+    assert "learning_rate: 0.0003 -> 0.001" in w["message"]
+    assert w["fix"] == f"python3 training_controller.py approve-config --yes --root {root}"
+    assert run_script("state_tracker.py", "--check", root=root).returncode == 1
+    assert set(fix_and_check(root, "CONFIG_UNAPPROVED")) == BASELINE
+
+
+def test_changed_locked_parameter_reverted_clears(root):
+    edit_config(root, max_length=512)
+    assert "max_length: 256 -> 512" in codes(root)["CONFIG_UNAPPROVED"]["message"]
+    edit_config(root, max_length=256)
+    assert set(codes(root)) == BASELINE
+
+
+def test_invalid_config_lists_each_key(root):
+    edit_config(root, lerning_rate=0.1, batch_size=0)
+    w = codes(root)["CONFIG_INVALID"]
+    assert "lerning_rate: unknown parameter (did you mean learning_rate?)" in w["message"]
+    assert "batch_size: 0 is out of range [1, 65536]" in w["message"]
+    edit_config(root, lerning_rate=None, batch_size=8)
+    proc = run_fix(w["fix"], root)  # the re-check the fix names
+    assert proc.returncode == 0 and "CONFIG_INVALID" not in proc.stdout
+
+
+def test_missing_config_and_the_version_copy_of_it(root):
+    os.rename(root / "config.json", root / "config.json.aside")
+    w = codes(root)["CONFIG_MISSING"]
+    assert w["severity"] == "critical"
+    proc = run_fix(w["fix"], root)
+    assert proc.returncode == 0
+    atomic_write_json(root / "config.json", json.loads(proc.stdout)["version"]["config"])
+    assert set(codes(root)) == BASELINE
+
+
+# --------------------------------------------------------------------------- the daemon
+
+def test_daemon_dead_with_a_file_in_processing_is_critical(root):
+    (root / "processing" / "notes.jsonl").write_text('{"text": "hello"}\n')
+    write_daemon_state(root, pid=dead_pid(), state="training", heartbeat=ago(30),
+                       current_file={"name": "notes.jsonl", "sha256": "0" * 64, "priority": "normal"})
+    doc = state(root)
+    assert doc["training"]["state"] == "dead" and doc["daemon"]["alive"] is False
+    w = codes(root)["DAEMON_DEAD"]
+    assert w["severity"] == "critical" and "processing/notes.jsonl" in w["message"]
+    assert w["fix"] == f"python3 training_daemon.py run --root {root}"
+    assert run_script("state_tracker.py", "--warnings", root=root).returncode == 1
+
+
+@pytest.mark.timeout(180)
+def test_daemon_dead_fix_restarts_it_and_the_file_is_trained(root, tmp_path):
+    if not daemon_has_run():
+        pytest.skip("training_daemon.py run has not landed yet")
+    import training_queue
+    src = tmp_path / "notes.jsonl"
+    src.write_text("".join(json.dumps({"text": f"line {i} of the notes"}) + "\n" for i in range(8)))
+    queued = training_queue.enqueue(root, src)
+    training_queue.move_with_record(queued["path"], root / "processing",
+                                    training_queue.read_record(queued["path"]), "test: claimed")
+    write_daemon_state(root, pid=dead_pid(), state="training", heartbeat=ago(30))
+    edit_config(root, monitor_port=0)  # no monitor: port 8080 may be taken on a shared machine
+    fix = codes(root)["DAEMON_DEAD"]["fix"]
+    daemon = subprocess.Popen(fix.replace("python3 ", sys.executable + " ", 1), shell=True,
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while "DAEMON_DEAD" in codes(root) or (root / "processing" / "notes.jsonl").exists():
+            assert time.monotonic() < deadline, state(root)["training"]
+            time.sleep(0.5)
+    finally:
+        run_script("training_controller.py", "stop", "--wait", "60", root=root)
+        try:
+            daemon.wait(60)
+        finally:
+            if daemon.poll() is None:
+                os.killpg(daemon.pid, signal.SIGKILL)
+                daemon.wait()
+    assert (root / "done" / "notes.jsonl").exists()
+
+
+def test_stalled_heartbeat_while_training(root):
+    with Holder(root, "daemon") as daemon:
+        write_daemon_state(root, pid=daemon.pid, state="training", heartbeat=ago(600))
+        doc = state(root)
+        assert doc["daemon"]["alive"] and doc["daemon"]["pid"] == daemon.pid
+        assert doc["training"]["stalled"]
+        w = codes(root)["TRAINING_STALLED"]
+        assert "600 s old" in w["message"] or "60" in w["message"]
+        assert w["fix"].startswith("python3 training_controller.py stop --wait 300")
+        write_daemon_state(root, pid=daemon.pid, state="training", heartbeat=utc_now())
+        assert "TRAINING_STALLED" not in codes(root)
+
+
+def test_paused_for_long_and_resume_fixes_it(root):
+    with Holder(root, "daemon", act=True) as daemon:
+        write_daemon_state(root, pid=daemon.pid, state="paused", paused_since=ago(2 * 3600),
+                           paused_reason="disk check")
+        w = codes(root)["PAUSED_LONG"]
+        assert "2.0 h (disk check)" in w["message"]
+        proc = run_fix(w["fix"], root)
+        assert proc.returncode == 0, proc.stderr
+        _wait_cleared(root, "PAUSED_LONG")
+        assert set(codes(root)) == BASELINE and state(root)["training"]["state"] == "idle"
+
+
+def _wait_cleared(root, code, seconds=10) -> bool:
+    deadline = time.monotonic() + seconds
+    while code in codes(root):
+        assert time.monotonic() < deadline, f"{code} did not clear"
+        time.sleep(0.05)
+    return True
+
+
+def test_unreadable_daemon_state(root):
+    (root / ".daemon_state.json").write_text('{"pid": 12')
+    w = codes(root)["DAEMON_STATE_UNREADABLE"]
+    assert "corrupt JSON" in w["message"]
+    assert set(fix_and_check(root, "DAEMON_STATE_UNREADABLE")) == BASELINE
+
+
+def test_stale_lock_held_through_an_inherited_descriptor(root):
+    gone = dead_pid()
+    with Holder(root, "versions", recorded_pid=gone) as holder:
+        w = codes(root)["LOCK_STALE"]
+        assert f"pid {gone}" in w["message"] and "no longer running" in w["message"]
+        proc = run_fix(w["fix"], root)
+        assert str(holder.pid) in proc.stdout + proc.stderr  # fuser names the real holder
+        holder.stop()
+        assert "LOCK_STALE" not in codes(root)
+
+
+def test_live_lock_is_not_stale(root):
+    with Holder(root, "versions") as holder:
+        doc = state(root)
+        assert [lk["pid"] for lk in doc["locks"]] == [holder.pid]
+        assert not doc["locks"][0]["stale"] and "LOCK_STALE" not in codes(root)
+
+
+# --------------------------------------------------------------------------- disk
+
+def test_disk_too_low_for_the_next_snapshot(root):
+    need = state(root)["disk"]["needed_bytes"]
+    low = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - need + 1, need - 1)  # noqa: E731
+    w = codes(root, disk_usage=low)["DISK_LOW"]
+    assert w["severity"] == "critical" and "next snapshot and checkpoint need" in w["message"]
+    proc = run_fix(w["fix"], root)  # prune keeps the latest version: safe on a fresh root
+    assert proc.returncode == 0, proc.stderr
+    assert (root / "versions" / "v001").is_dir()
+    ok = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - need, need)  # noqa: E731
+    assert "DISK_LOW" not in codes(root, disk_usage=ok)
+
+
+def test_disk_low_from_config_margin(root):
+    edit_config(root, min_free_disk_mb=1 << 30)  # a petabyte: no real disk has it free
+    assert codes(root)["DISK_LOW"]["severity"] == "critical"
+
+
+# --------------------------------------------------------------------------- backups
+
+def test_no_backup_then_backup_fixes_it(root):
+    w = codes(root)["BACKUP_NONE"]
+    assert w["fix"] == f"python3 backup_manager.py backup --root {root}"
+    after = fix_and_check(root, "BACKUP_NONE")
+    assert set(after) == {"BACKUP_SAME_FILESYSTEM"}
+    b = state(root)["backups"]
+    assert b["verified_count"] == 1 and b["latest"]["status"] == "verified"
+    assert b["latest"]["version"] == "v001" and b["latest_age_s"] < 60
+
+
+def test_old_backup_and_unverified_backup(root):
+    assert run_fix(codes(root)["BACKUP_NONE"]["fix"], root).returncode == 0
+    (bid,) = [n for n in os.listdir(root / "backups") if not n.startswith(".")]
+    record_path = root / "backups" / bid / "backup.json"
+    record = json.loads(record_path.read_text())
+    atomic_write_json(record_path, dict(record, created_at=ago(10 * 86400)))
+    w = codes(root)["BACKUP_OLD"]
+    assert "10.0 days old" in w["message"]
+    atomic_write_json(record_path, dict(record, status="unverified"))
+    w = codes(root)
+    assert "BACKUP_NONE" in w and "BACKUP_UNVERIFIED" in w
+    after = fix_and_check(root, "BACKUP_UNVERIFIED")  # verify re-reads it: the bytes are good
+    assert set(after) == {"BACKUP_SAME_FILESYSTEM"}
+    atomic_write_json(record_path, dict(json.loads(record_path.read_text()), created_at=ago(10 * 86400)))
+    assert set(fix_and_check(root, "BACKUP_OLD")) == {"BACKUP_SAME_FILESYSTEM"}
+
+
+def test_backup_on_another_filesystem_clears_the_warning(root):
+    other = Path("/dev/shm") / f"tg-backups-{uuid.uuid4().hex[:8]}"
+    if not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == os.stat(root).st_dev:
+        pytest.skip("no second filesystem here")
+    try:
+        w = codes(root)["BACKUP_SAME_FILESYSTEM"]
+        assert w["fix"] == f"python3 backup_manager.py backup --root {root}"
+        assert "another disk" in w["note"]
+        edit_config(root, backup_dir=str(other))  # what the note says to do first
+        assert state(root)["backups"]["same_filesystem"] is False
+        assert "BACKUP_SAME_FILESYSTEM" not in codes(root)
+        assert set(fix_and_check(root, "BACKUP_NONE")) == set()
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- queue
+
+def test_failed_file_with_its_reason_then_requeued(root, tmp_path):
+    import training_queue
+    bad = tmp_path / "notes.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    training_queue.enqueue(root, bad, move=True)
+    doc = state(root)
+    assert doc["queue"]["failed_count"] == 1
+    assert doc["queue"]["failed"][0]["name"] == "notes.jsonl"
+    assert doc["queue"]["failed"][0]["reason"].startswith("invalid data")
+    w = codes(root)["FILES_FAILED"]
+    assert "notes.jsonl (invalid data" in w["message"]
+    failed = root / "failed" / "notes.jsonl"
+    failed.write_text('{"text": "fine"}\n{"text": "fixed"}\n')  # the person fixes the file
+    after = fix_and_check(root, "FILES_FAILED")
+    assert "FILES_FAILED" not in after and after["DAEMON_NOT_RUNNING"]["severity"] == "info"
+    assert state(root)["queue"]["counts"]["normal"] == 1
+
+
+def test_queue_counts_per_priority_and_skip_reasons(root, tmp_path):
+    import training_queue
+    for i, pr in enumerate(("high", "normal", "normal", "low")):
+        f = tmp_path / f"f{i}.jsonl"
+        f.write_text(json.dumps({"text": f"file {i}"}) + "\n")
+        training_queue.enqueue(root, f, priority=pr)
+    training_queue.remove(root, "f3.jsonl", reason="not needed")
+    q = state(root)["queue"]
+    assert q["counts"] == {"high": 1, "normal": 2, "low": 0} and q["queued"] == 3
+    assert q["skipped_count"] == 1 and "not needed" in q["skipped"][0]["reason"]
+
+
+# --------------------------------------------------------------------------- loss
+
+def test_loss_spike_then_rollback_clears_it(root):
+    publish_trained(root, 41)
+    write_metrics(root, [2.0 + 0.01 * (i % 3) for i in range(40)] + [9.5])
+    doc = state(root)
+    assert doc["loss"]["spike"] and doc["loss"]["last_step"] == 41
+    w = codes(root)["LOSS_SPIKE"]
+    assert "bad.jsonl" in w["message"] and "4.7x" in w["message"]
+    assert w["fix"] == f"python3 model_versioner.py rollback --root {root}"
+    after = fix_and_check(root, "LOSS_SPIKE")
+    assert "LOSS_SPIKE" not in after
+    doc = state(root)
+    assert doc["current_model"]["global_step"] == 0 and doc["loss"]["points"] == 0
+
+
+def test_loss_trend_uses_only_the_tail_and_the_current_history(root):
+    publish_trained(root, 30)
+    junk = b'{"global_step": 999999, "loss": 1e9}\n' * 100_000  # ~4 MB of old history
+    write_metrics(root, [3.0 - 0.05 * i for i in range(30)], prefix=junk)
+    with open(root / "metrics.jsonl", "ab") as f:
+        f.write(b'{"global_step": 31, "lo')  # a torn last line
+    started = time.perf_counter()
+    loss = state(root)["loss"]
+    assert time.perf_counter() - started < 0.5
+    assert loss["points"] == 30 and loss["trend"] == "falling" and not loss["spike"]
+    assert loss["last_step"] == 30 and loss["recent"][-1] == pytest.approx(1.55)
+
+
+def test_nan_loss_is_a_spike_and_json_stays_strict(root):
+    publish_trained(root, 10)
+    write_metrics(root, [2.0] * 9 + [float("nan")])
+    doc = state(root)
+    assert doc["loss"]["last_loss"] is None and doc["loss"]["last_loss_finite"] is False
+    assert "not finite" in codes(root)["LOSS_SPIKE"]["message"]
+
+
+# --------------------------------------------------------------------------- CLI
+
+def test_bare_refresh_prints_the_path_of_a_valid_document(root):
+    proc = run_script("state_tracker.py", root=root)
+    assert proc.returncode == 0 and proc.stdout.strip() == str(root / ".system_state.json")
+    jsonschema.validate(json.loads((root / ".system_state.json").read_text()), SCHEMA)
+    assert st.refresh(root) == root / ".system_state.json"
+
+
+def test_json_is_one_document_and_exit_code_follows_critical(root):
+    proc = run_script("state_tracker.py", "--json", root=root)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["ok"] is True
+    shutil.rmtree(root / "current_model")
+    proc = run_script("state_tracker.py", "--json", root=root)
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 1 and doc["ok"] is False and doc["critical_count"] == 1
+    jsonschema.validate(doc, SCHEMA)
+
+
+def test_check_report_and_warnings_only(root):
+    proc = run_script("state_tracker.py", "--check", root=root)
+    assert proc.returncode == 0
+    for word in ("model", "versions", "config", "daemon", "training", "disk", "queue",
+                 "backups", "loss", "BACKUP_NONE", "fix:"):
+        assert word in proc.stdout
+    proc = run_script("state_tracker.py", "--warnings", root=root)
+    assert proc.returncode == 0 and "BACKUP_NONE" in proc.stdout and "versions" not in proc.stdout
+
+
+def test_usage_errors_exit_2():
+    assert st.main(["--check", "--warnings"]) == 2
+    assert st.main(["--bogus"]) == 2
+
+
+def test_json_run_imports_no_torch_rich_or_psutil(root):
+    code = (f"import sys, io; sys.path.insert(0, {str(REPO)!r}); import state_tracker; "
+            "out = sys.stdout; sys.stdout = io.StringIO(); "
+            f"rc = state_tracker.main(['--json', '--root', {str(root)!r}]); sys.stdout = out; "
+            "print(rc, ','.join(m for m in ('torch', 'transformers', 'safetensors', 'numpy', "
+            "'rich', 'psutil') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0"]
+
+
+def test_every_warning_code_is_documented():
+    guide = (REPO / "docs" / "STATE_TRACKER_GUIDE.md").read_text()
+    schema_codes = SCHEMA["properties"]["warnings"]["items"]["properties"]["code"]["enum"]
+    assert sorted(schema_codes) == sorted(st.WARNING_CODES)
+    for code in st.WARNING_CODES:
+        assert f"`{code}`" in guide, f"{code} is not in docs/STATE_TRACKER_GUIDE.md"
+    for key in SCHEMA["properties"]:
+        assert f"`{key}`" in guide, f"field {key} is not in docs/STATE_TRACKER_GUIDE.md"
