@@ -273,7 +273,8 @@ class PackedStream:
     """
 
     def __init__(self, data_path, encoder: Encoder, max_length: int, pad_id: int, *,
-                 position: dict | None = None, allow_mixed: bool = False):
+                 position: dict | None = None, allow_mixed: bool = False,
+                 max_record_bytes: int | None = None):
         import validate_data
         self.encoder, self.max_length, self.pad_id = encoder, max_length, pad_id
         pos = dict(position or {})
@@ -288,8 +289,9 @@ class PackedStream:
         start_offset, start_line = self.next_offset, self.next_line
         if skip:
             start_offset, start_line = self.rec_offset, self.rec_line
+        limit = {"max_record_bytes": max_record_bytes} if max_record_bytes else {}
         self._it = validate_data.iter_records(Path(data_path), start_offset=start_offset,
-                                              start_line=start_line, allow_mixed=allow_mixed)
+                                              start_line=start_line, allow_mixed=allow_mixed, **limit)
         self.exhausted = False
         if skip:  # rebuild the leftover buffer: the same record, minus the tokens already used
             record = next(self._it, None)
@@ -611,7 +613,8 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
     max_length = int(config["max_length"])
     batch_size, accum = int(config["batch_size"]), int(config["grad_accum_steps"])
     stream = PackedStream(data_path, encoder, max_length, pad_id, position=position,
-                          allow_mixed=bool(config.get("allow_mixed_formats")))
+                          allow_mixed=bool(config.get("allow_mixed_formats")),
+                          max_record_bytes=config.get("max_record_bytes"))
     spike_factor = float(config.get("loss_spike_factor") or 0)
     spike_window = int(config.get("loss_spike_window", 50))
     ckpt_steps = int(config.get("checkpoint_every_steps") or 0)
@@ -644,7 +647,7 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
                 "file_id": file_id, "status": status, "updated_at": utc_now()}
 
     def finish(status, message, *, publish=None):
-        if publish and writer:
+        if publish and writer and (result["steps"] or resume):  # nothing new: leave it be
             publish_current_model(root, model, tokenizer, model_state(status), reason=publish)
         pos = stream.position()
         result.update(status=status, global_step=state["global_step"], tokens_seen=state["tokens_seen"],

@@ -375,6 +375,33 @@ def test_checkpoint_folders_are_complete_and_pruned(tmp_path, tiny_model_dir):
             "tokens_seen"} <= m.keys()
 
 
+def test_killed_between_end_checkpoint_and_publish_publishes_on_retry(tmp_path, tiny_model_dir):
+    """current_model put back to its pre-file state stands for a death after the end-of-file
+    checkpoint but before the publish: the retry publishes that end state, training nothing."""
+    import model_versioner
+    root, cfg = make_root(tmp_path / "root", tiny_model_dir, checkpoint_every_steps=0)
+    data = write_jsonl(tmp_path / "d.jsonl", text_records(20, seed=6))
+    first = te.train_file(root, data, file_id="d", config=cfg)
+    trained = weights(Paths(root).current_model)
+    model_versioner.restore_version(root, "v001")
+    assert read_json(Paths(root).current_model / "trainer_state.json")["global_step"] == 0
+    again = te.train_file(root, data, file_id="d", config=cfg)
+    assert again["status"] == "completed" and again["steps"] == 0
+    assert again["global_step"] == first["global_step"] and "file already trained" in again["message"]
+    assert_bitwise_equal(weights(Paths(root).current_model), trained)
+
+
+def test_bfloat16_autocast_trains_on_cpu(tmp_path, tiny_model_dir):
+    root, cfg = make_root(tmp_path / "root", tiny_model_dir, dtype="bfloat16", checkpoint_every_steps=0)
+    data = write_jsonl(tmp_path / "d.jsonl", text_records(20, seed=7))
+    r = te.train_file(root, data, file_id="d", config=cfg)
+    assert r["status"] == "completed" and r["steps"] >= 3
+    rows = metrics(root)
+    assert all(isinstance(m["loss"], float) and m["loss"] == m["loss"] for m in rows)
+    import torch
+    assert weights(Paths(root).current_model)["lm_head.weight"].dtype == torch.float32  # master copy
+
+
 def test_trained_model_loads_in_plain_transformers_and_generates(reference):
     """A fresh interpreter, plain transformers: the published current_model loads and runs."""
     code = ("import sys\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
