@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -342,6 +343,18 @@ def _chmod_read_only(folder: Path) -> None:
             os.chmod(path, READ_ONLY)
 
 
+def _write_private(path: Path, doc: dict) -> None:
+    """Write + fsync a JSON file inside a private staging folder (the folder's rename publishes
+    it, so the temp-file dance of atomic_write_json would only add an fsync)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, READ_ONLY)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(doc, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _next_id(p: Paths) -> str:
     numbers = [_version_number(v) for v in _version_dirs(p)]
     pruned = p.versions / ".pruned"
@@ -429,7 +442,7 @@ def _create_version_locked(p: Paths, reason, *, note=None, data_files=None, loss
         while True:
             vid = _next_id(p)
             record["id"] = vid
-            atomic_write_json(staging / VERSION_FILE, record, mode=READ_ONLY)
+            _write_private(staging / VERSION_FILE, record)
             _fsync_tree(staging)
             try:
                 rename_noreplace(staging, p.versions / vid)
@@ -476,9 +489,10 @@ def _publish_locked(p: Paths, staged: Path, reason: str, keep_old: str) -> dict:
                              + ")", staged, "Save the model again into a fresh folder under "
                              ".staging/ and publish that.")
     p.staging.mkdir(parents=True, exist_ok=True)
-    work = p.staging / f"{PREFIX}publish-{_stamp()}"
-    os.rename(staged, work)  # ours now: recover() cleans it if we die
-    fsync_dir(p.staging)
+    work = staged
+    if not (staged.parent == p.staging and staged.name.startswith(PREFIX)):
+        work = p.staging / f"{PREFIX}publish-{_stamp()}"
+        os.rename(staged, work)  # ours now: recover() cleans it if we die
     cur = p.current_model
     old_exists = os.path.lexists(cur)
     previous = _tree_version(p, cur) if old_exists else None
