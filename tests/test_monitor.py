@@ -267,6 +267,20 @@ def test_metrics_steps_going_back_after_a_rollback(server, tmp_root):
     assert [p["global_step"] for p in doc["points"]] == [5, 5, 6]
 
 
+def test_metrics_odd_lines_are_skipped_and_keep_their_file(server, tmp_root):
+    with open(tmp_root / "metrics.jsonl", "w") as f:
+        f.write(metric_line(1, "a.jsonl") + "\n")
+        f.write('{"global_step": 2, "loss": 1.0}\n')              # no file: still a.jsonl
+        f.write('{"event": "resumed", "note": "\\"global_step\\": 99"}\n')  # foreign line
+        f.write('{"global_step": 2.5, "file": "z.jsonl"}\n')       # not an integer step
+        f.write(metric_line(3, "a.jsonl") + "\n")
+        f.write(metric_line(4, 'b "quoted".jsonl') + "\n")
+    doc = get_json(server.port, "/api/metrics")
+    assert [p["global_step"] for p in doc["points"]] == [1, 2, 3, 4]
+    assert doc["boundaries"] == [{"global_step": 1, "file": "a.jsonl"},
+                                 {"global_step": 4, "file": 'b "quoted".jsonl'}]
+
+
 @pytest.mark.parametrize("query", ["since=abc", "since=1.5", "max_points=0",
                                    "max_points=100000", "max_points=x"])
 def test_metrics_bad_parameters(server, query):

@@ -1,0 +1,123 @@
+"""How the live monitor's answers scale with a year of metrics (SPEC §13, issue 10).
+
+Two roots in one run: one with an empty metrics.jsonl (the baseline), one with N lines
+written the way the engine writes them. Each gets its own monitor on 127.0.0.1; the
+figures are medians over HTTP (keep-alive), printed as ratios to the baseline.
+
+    /tmp/venv/bin/python bench/bench_monitor.py              # 1,000,000 lines
+    /tmp/venv/bin/python bench/bench_monitor.py --lines 100000 --repeat 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import monitor_server  # noqa: E402
+
+
+def write_metrics(path: Path, n: int, start: int = 1) -> None:
+    """n lines like the engine's, 1,000 steps per data file, in big buffered writes."""
+    row = ('{"time": "2026-11-28T17:20:01.123456Z", "global_step": %d, "file": "notes-%05d.jsonl", '
+           '"loss": %.5f, "lr": 0.0001, "grad_norm": 0.83, "tokens_per_sec": 3412.5, '
+           '"tokens_seen": %d, "step_in_file": %d}\n')
+    with open(path, "a", encoding="utf-8") as f:
+        buf = []
+        for s in range(start, start + n):
+            buf.append(row % (s, s // 1000, 3.0 / (1 + s / 5000), s * 2048, s % 1000))
+            if len(buf) == 50_000:
+                f.write("".join(buf))
+                buf.clear()
+        f.write("".join(buf))
+
+
+class Client:
+    def __init__(self, port: int):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+    def get(self, target: str) -> tuple[float, bytes]:
+        t = time.perf_counter()
+        self.conn.request("GET", target)
+        resp = self.conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise SystemExit(f"{target}: HTTP {resp.status}: {body[:300]!r}")
+        return (time.perf_counter() - t) * 1000, body
+
+    def median(self, target: str, repeat: int) -> float:
+        return statistics.median(self.get(target)[0] for _ in range(repeat))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lines", type=int, default=1_000_000)
+    ap.add_argument("--repeat", type=int, default=20)
+    args = ap.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench-monitor-") as tmp:
+        roots = {"empty": Path(tmp) / "empty", "big": Path(tmp) / "big"}
+        for r in roots.values():
+            r.mkdir()
+            (r / "metrics.jsonl").touch()
+        t = time.perf_counter()
+        write_metrics(roots["big"] / "metrics.jsonl", args.lines)
+        size = (roots["big"] / "metrics.jsonl").stat().st_size
+        print(f"wrote {args.lines:,} lines ({size / 2**20:.0f} MiB) in "
+              f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
+
+        handles = {k: monitor_server.start_in_thread(r, 0, state_ttl=0.0, idle_priority=False)
+                   for k, r in roots.items()}
+        try:
+            c = {k: Client(h.port) for k, h in handles.items()}
+            res: dict[str, dict[str, float]] = {k: {} for k in roots}
+            for k in roots:
+                res[k]["first /api/metrics (builds the index)"] = c[k].get("/api/metrics?since=0&max_points=1")[0]
+            last = args.lines
+            for k in roots:
+                res[k]["/api/state"] = c[k].median("/api/state", args.repeat)
+                since = last if k == "big" else 0
+                res[k]["/api/metrics?since=LAST (nothing new)"] = c[k].median(
+                    f"/api/metrics?since={since}", args.repeat)
+                res[k]["/api/metrics (whole history, <=2000 pts)"] = c[k].median(
+                    "/api/metrics", max(3, args.repeat // 4))
+            # the page's steady state: a few new lines every 2 s
+            for k in roots:
+                times = []
+                start = (last if k == "big" else 0) + 1
+                for i in range(args.repeat):
+                    write_metrics(roots[k] / "metrics.jsonl", 3, start + 3 * i)
+                    since = start + 3 * i - 1
+                    ms, body = c[k].get(f"/api/metrics?since={since}")
+                    if len(json.loads(body)["points"]) != 3:
+                        raise SystemExit("incremental answer missed lines")
+                    times.append(ms)
+                res[k]["/api/metrics?since=LAST (+3 new lines)"] = statistics.median(times)
+            _, body = c["big"].get("/api/metrics")
+            doc = json.loads(body)
+        finally:
+            for h in handles.values():
+                h.stop()
+
+        print(f"\nmonitor response times, median ms ({args.repeat} requests; state built "
+              f"fresh each time), metrics.jsonl {args.lines:,} lines vs empty:")
+        print(f"{'request':44} {'empty':>9} {'1M' if args.lines == 1_000_000 else 'big':>9} {'ratio':>7}")
+        for name in res["empty"]:
+            e, b = res["empty"][name], res["big"][name]
+            print(f"{name:44} {e:9.2f} {b:9.2f} {b / e:7.1f}x")
+        print(f"whole-history answer: {len(doc['points'])} points of {doc['matched']:,} "
+              f"(stride {doc['stride']}), {len(body) / 1024:.0f} KiB, "
+              f"{len(doc['boundaries'])} file boundaries")
+        print(f"index memory: {args.lines * 16 / 2**20:.1f} MiB (two int64 per line)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
