@@ -144,7 +144,14 @@ def _stream(src_fd: int) -> tuple[str, int]:
 
 def _copy_file(fin: int, out: Path, mode: int) -> tuple[str, str, int]:
     """Copy `fin` into the new file `out`; (sha256 of what was read, sha256 read back from
-    the disk, size).
+    the disk after fsync and dropping it from the page cache, size)."""
+    if os.fstat(fin).st_size <= CHUNK:
+        return _copy_small_file(fin, out, mode)
+    return _copy_file_streaming(fin, out, mode)
+
+
+def _copy_file_streaming(fin: int, out: Path, mode: int) -> tuple[str, str, int]:
+    """`_copy_file` for big files.
 
     Three threads, so a verified copy costs about what a plain copy plus one hash does:
     this one reads and writes; a hasher hashes what was read; a verifier follows behind
@@ -210,6 +217,31 @@ def _copy_file(fin: int, out: Path, mode: int) -> tuple[str, str, int]:
         if rfd >= 0:
             os.close(rfd)
         os.close(fout)
+
+
+def _copy_small_file(fin: int, out: Path, mode: int) -> tuple[str, str, int]:
+    """`_copy_file` for a file that fits one buffer: the same steps without threads."""
+    data = b""
+    while block := os.read(fin, CHUNK + 1 - len(data)):  # +1: notice a file that grew
+        data += block
+    if len(data) > CHUNK:  # it grew since fstat: take the streaming path from the start
+        os.lseek(fin, 0, os.SEEK_SET)
+        return _copy_file_streaming(fin, out, mode)
+    fout = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        _write_all(fout, memoryview(data))
+        os.fsync(fout)
+        _drop_cache(fout)
+        rfd = os.open(out, os.O_RDONLY)
+        try:
+            back = b""
+            while block := os.pread(rfd, len(data) + 1 - len(back), len(back)):
+                back += block
+        finally:
+            os.close(rfd)
+    finally:
+        os.close(fout)
+    return hashlib.sha256(data).hexdigest(), hashlib.sha256(back).hexdigest(), len(data)
 
 
 def hash_file(path, *, cold: bool = True) -> tuple[str, int]:

@@ -93,9 +93,12 @@ def bench_time(root: Path, repeats: int) -> dict:
         runs["cp -r + sync + hashlib"].append(baseline(src, root / "cp", sync=True))
         runs["backup_manager"].append(ours(root))
     med = {k: statistics.median(v) for k, v in runs.items()}
-    return {"runs_s": runs, "median_s": med,
+    best = {k: min(v) for k, v in runs.items()}  # the least disturbed run of each
+    return {"runs_s": runs, "median_s": med, "min_s": best,
             "ratio_vs_cp_hash": med["backup_manager"] / med["cp -r + hashlib"],
-            "ratio_vs_cp_sync_hash": med["backup_manager"] / med["cp -r + sync + hashlib"]}
+            "ratio_vs_cp_sync_hash": med["backup_manager"] / med["cp -r + sync + hashlib"],
+            "ratio_of_min_vs_cp_hash": best["backup_manager"] / best["cp -r + hashlib"],
+            "ratio_of_min_vs_cp_sync_hash": best["backup_manager"] / best["cp -r + sync + hashlib"]}
 
 
 TRAINER = r"""
@@ -194,13 +197,15 @@ def main() -> int:
         make_model_folder(root / "current_model", args.size_mb)
         result = {"size_mb": args.size_mb, "time": bench_time(root, args.repeats)}
         t = result["time"]
-        print(f"backup of {args.size_mb} MB (median of {args.repeats}):", file=sys.stderr)
-        for k, v in t["median_s"].items():
-            print(f"  {k:<24} {v:6.2f} s", file=sys.stderr)
-        print(f"  ratio vs cp -r + hashlib:        {t['ratio_vs_cp_hash']:.2f}x (goal <= 1.2)",
+        print(f"backup of {args.size_mb} MB ({args.repeats} runs each, interleaved):",
               file=sys.stderr)
-        print(f"  ratio vs cp -r + sync + hashlib: {t['ratio_vs_cp_sync_hash']:.2f}x",
-              file=sys.stderr)
+        for k in t["median_s"]:
+            print(f"  {k:<24} median {t['median_s'][k]:6.2f} s   min {t['min_s'][k]:6.2f} s",
+                  file=sys.stderr)
+        print(f"  ratio vs cp -r + hashlib:        median {t['ratio_vs_cp_hash']:.2f}x, "
+              f"min {t['ratio_of_min_vs_cp_hash']:.2f}x (goal <= 1.2)", file=sys.stderr)
+        print(f"  ratio vs cp -r + sync + hashlib: median {t['ratio_vs_cp_sync_hash']:.2f}x, "
+              f"min {t['ratio_of_min_vs_cp_sync_hash']:.2f}x", file=sys.stderr)
         if not args.skip_training:
             tr = bench_training(root, args.window, args.rounds)
             result["training"] = tr
