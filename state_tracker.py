@@ -17,10 +17,10 @@ usage errors. Full checksum verification stays in `python3 model_versioner.py ve
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -79,12 +79,27 @@ def _listdir(path: Path) -> list[str]:
 
 def _data_names(path: Path) -> list[str]:
     """Data files in a lifecycle folder: not hidden, not temporary, not a sidecar."""
-    return [n for n in _listdir(path) if not n.startswith(".") and not n.endswith(IGNORED_SUFFIXES)
-            and n != "4913" and (path / n).is_file()]
+    try:
+        with os.scandir(path) as it:
+            names = [e.name for e in it if e.is_file() and not e.name.startswith(".")
+                     and not e.name.endswith(IGNORED_SUFFIXES) and e.name != "4913"]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(names)
 
 
 def _round(x, nd=3):
     return None if x is None else round(x, nd)
+
+
+DiskUsage = collections.namedtuple("DiskUsage", "total used free")
+
+
+def disk_usage(path) -> DiskUsage:
+    """`shutil.disk_usage` without importing shutil (it pulls in bz2 and lzma at start-up)."""
+    st = os.statvfs(path)
+    total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    return DiskUsage(total, (st.f_blocks - st.f_bfree) * st.f_frsize, free)
 
 
 def _finite(x):
@@ -172,48 +187,46 @@ def _config_section(root: Path, w: list) -> tuple[dict, dict]:
     return sec, cfg
 
 
-def _model_check(folder: Path, manifest: dict | None) -> tuple[list[str], int, int]:
+def _model_check(folder: Path, manifest: dict | None,
+                 inodes: dict | None = None) -> tuple[list[str], int, int]:
     """Cheap completeness check of a model folder: (problems, size_bytes, file_count).
 
     With a manifest: every listed file present with its recorded size. Always: a
-    config.json and weights (every shard an index names).
+    config.json and weights (every shard an index names). One stat per file, on plain
+    strings (pathlib costs more than the stat here); `inodes` collects (dev, ino) -> size.
     """
-    problems, size, count = [], 0, 0
+    problems, size, present = [], 0, set()
+    base = str(folder) + os.sep
     files = (manifest or {}).get("files")
     if isinstance(files, dict):
-        for rel, info in files.items():
-            try:
-                st = os.stat(folder / rel)
-            except OSError:
-                problems.append(f"{rel}: missing")
-                continue
-            want = info.get("size") if isinstance(info, dict) else None
-            if want is not None and st.st_size != want:
-                problems.append(f"{rel}: size {st.st_size}, manifest says {want}")
-            size += st.st_size
-            count += 1
+        listed = files.items()
     else:
-        for entry in _listdir(folder):
-            try:
-                st = os.stat(folder / entry)
-            except OSError:
-                continue
-            if not entry.startswith(".") and os.path.isfile(folder / entry):
-                size += st.st_size
-                count += 1
         problems.append(".manifest.json: missing or unreadable")
-    names = set(files) if isinstance(files, dict) else set(_listdir(folder))
-    if "config.json" not in names or not (folder / "config.json").exists():
+        listed = ((n, None) for n in _listdir(folder) if not n.startswith("."))
+    for rel, info in listed:
+        try:
+            st = os.stat(base + rel)
+        except OSError:
+            if info is not None:
+                problems.append(f"{rel}: missing")
+            continue
+        want = info.get("size") if isinstance(info, dict) else None
+        if want is not None and st.st_size != want:
+            problems.append(f"{rel}: size {st.st_size}, manifest says {want}")
+        size += st.st_size
+        present.add(rel)
+        if inodes is not None:
+            inodes[(st.st_dev, st.st_ino)] = st.st_size
+    if "config.json" not in present:
         problems.append("config.json: missing")
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = (_read(index) or {}).get("weight_map") or {}
+    if "model.safetensors.index.json" in present:
+        weight_map = (_read(folder / "model.safetensors.index.json") or {}).get("weight_map") or {}
         for shard in sorted(set(weight_map.values())):
-            if not (folder / shard).exists():
+            if shard not in present and not os.path.exists(base + shard):
                 problems.append(f"{shard}: missing (named by model.safetensors.index.json)")
-    elif not any((folder / n).exists() for n in ("model.safetensors", "pytorch_model.bin")):
+    elif not present & {"model.safetensors", "pytorch_model.bin"}:
         problems.append("model.safetensors: missing")
-    return sorted(set(problems)), size, count
+    return sorted(set(problems)), size, len(present)
 
 
 def _manifest_key(files) -> str | None:
@@ -227,7 +240,7 @@ def _versions_section(root: Path, w: list) -> dict:
     p = Paths(root)
     sec = {"count": 0, "latest": None, "latest_created_at": None, "ids": [], "tagged": {},
            "total_size_bytes": 0, "problems": [], "_records": {}}
-    seen_inodes = set()
+    inodes: dict = {}  # hard links share one copy: count each inode once
     for vid in _listdir(p.versions):
         if not (vid.startswith("v") and vid[1:].isdigit()) or not (p.versions / vid).is_dir():
             continue  # staging folders and tags.json
@@ -241,21 +254,15 @@ def _versions_section(root: Path, w: list) -> dict:
         manifest = rec.get("manifest")
         if not isinstance(manifest, dict):
             manifest = (_read(folder / ".manifest.json") or {}).get("files")
-        problems, _, _ = _model_check(folder, {"files": manifest} if isinstance(manifest, dict) else None)
+        problems, _, _ = _model_check(folder, {"files": manifest} if isinstance(manifest, dict)
+                                      else None, inodes)
         if problems:
             sec["problems"].append({"id": vid, "problems": problems})
-        for rel in (manifest or {}):
-            try:
-                st = os.stat(folder / rel)
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) not in seen_inodes:  # hard links share one copy
-                seen_inodes.add((st.st_dev, st.st_ino))
-                sec["total_size_bytes"] += st.st_size
         sec["_records"][vid] = {"created_at": rec.get("created_at"), "reason": rec.get("reason"),
                                 "global_step": rec.get("global_step"),
                                 "key": _manifest_key(manifest)}
     sec["count"] = len(sec["ids"])
+    sec["total_size_bytes"] = sum(inodes.values())
     if sec["ids"]:
         sec["latest"] = sec["ids"][-1]
         sec["latest_created_at"] = sec["_records"].get(sec["latest"], {}).get("created_at")
@@ -512,27 +519,30 @@ def _tail_lines(path: Path, nbytes: int = METRICS_TAIL_BYTES) -> list[str]:
 def _loss_section(root: Path, cfg: dict, model: dict, training: dict, w: list) -> dict:
     """Loss of the current history: lines after the last rewind, up to the live step."""
     p = Paths(root)
-    points = []
-    for line in _tail_lines(p.metrics):
+    window = int(cfg.get("loss_spike_window") or 50)
+    bound = model.get("global_step")
+    live = (training.get("progress") or {}).get("global_step")
+    if training.get("state") in ("training", "stopping", "paused") and isinstance(live, int):
+        bound = max(bound or 0, live)
+    # Walk back from the newest line; parse only what the window needs. Stop at a rewind
+    # (a rollback or restore sends global_step back): training undone that way must not
+    # count, nor warn, any more; and skip steps beyond the model's (also undone).
+    points, newer = [], None
+    for line in reversed(_tail_lines(p.metrics)):
         try:
             doc = json.loads(line)
             step, loss = int(doc["global_step"]), float(doc["loss"])
         except (ValueError, KeyError, TypeError):
             continue  # a torn last line or a foreign one
+        if newer is not None and step >= newer:
+            break
+        newer = step
+        if isinstance(bound, int) and step > bound:
+            continue
         points.append((step, loss, doc.get("file"), doc.get("time")))
-    # Keep the newest run of increasing steps: a rollback or restore rewinds global_step,
-    # and training undone that way must not count (nor warn) any more.
-    start = len(points)
-    while start > 0 and (start == len(points) or points[start - 1][0] < points[start][0]):
-        start -= 1
-    points = points[start:]
-    bound = model.get("global_step")
-    live = (training.get("progress") or {}).get("global_step")
-    if training.get("state") in ("training", "stopping", "paused") and isinstance(live, int):
-        bound = max(bound or 0, live)
-    if isinstance(bound, int):
-        points = [pt for pt in points if pt[0] <= bound]
-    window = int(cfg.get("loss_spike_window") or 50)
+        if len(points) > max(window, 32):
+            break
+    points.reverse()
     factor = float(cfg.get("loss_spike_factor") or 0)
     sec = {"points": len(points), "last_step": None, "last_loss": None, "last_file": None,
            "last_time": None, "mean": None, "trend": "unknown", "spike": False,
@@ -597,7 +607,7 @@ def _locks_section(root: Path, daemon: dict, w: list) -> list:
 
 # --------------------------------------------------------------------------- the document
 
-def build_state(root, *, disk_usage=shutil.disk_usage) -> dict:
+def build_state(root, *, disk_usage=disk_usage) -> dict:
     """The whole state document (schema_version 1) for `root`; reads only small files.
 
     `disk_usage` is the one boundary a test may replace (a full disk is hard to make).

@@ -1,0 +1,112 @@
+"""How fast the state tracker answers, against `python -c pass` measured in the same run.
+
+Builds a realistic root once (init, 30 versions, a 20 MB metrics.jsonl, failed files, a
+backup), then times whole processes: `python -c pass`, `state_tracker.py --json`,
+`--check` and the bare refresh (median of N runs each, interleaved so machine noise hits
+every command alike). Goals (issue 9): `--json` <= 3x `python -c pass`; `--check` <= 150 ms.
+
+    python3 bench/bench_state.py
+    python3 bench/bench_state.py --runs 30 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+METRIC_STEPS = 160_000
+sys.path.insert(0, str(REPO))
+
+
+def build_root(root: Path, versions: int) -> None:
+    subprocess.run([sys.executable, str(REPO / "training_daemon.py"), "init", "--root", str(root)],
+                   check=True, capture_output=True)
+    import model_versioner as mv
+    from trainroot import utc_now
+    for step in range(1, versions):
+        staged = root / ".staging" / f"bench-{step}"
+        shutil.copytree(root / "current_model", staged)
+        for name in ("trainer_state.json", ".manifest.json"):
+            (staged / name).unlink()
+        gstep = step * METRIC_STEPS // (versions - 1)  # the last model is at the last metric
+        (staged / "trainer_state.json").write_text(json.dumps({"global_step": gstep,
+                                                               "tokens_seen": gstep * 2048}))
+        mv.publish_model(root, staged, reason="bench")
+        mv.create_version(root, "manual", note="bench")
+    line = {"time": utc_now(), "file": "notes.jsonl", "lr": 3e-4, "tokens_per_sec": 3400.0}
+    with open(root / "metrics.jsonl", "w") as f:  # ~20 MB: months of steps
+        for step in range(1, METRIC_STEPS + 1):
+            f.write(json.dumps(dict(line, global_step=step, loss=2.0 + 1.0 / step)) + "\n")
+    for i in range(30):
+        (root / "failed" / f"bad{i}.jsonl").write_text("{\n")
+        (root / "failed" / f"bad{i}.jsonl.record.json").write_text(json.dumps(
+            {"reason": "invalid data: 1 problem(s)", "history": [{"at": utc_now()}]}))
+    subprocess.run([sys.executable, str(REPO / "backup_manager.py"), "backup", "--root", str(root)],
+                   check=True, capture_output=True)
+
+
+def time_commands(commands: dict[str, list[str]], runs: int) -> dict[str, float]:
+    samples: dict[str, list[float]] = {k: [] for k in commands}
+    for _ in range(runs):
+        for name, argv in commands.items():
+            t = time.perf_counter()
+            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+            samples[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1000 for k, v in samples.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=21)
+    parser.add_argument("--versions", type=int, default=30)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-state-") as tmp:
+        root = Path(tmp) / "root"
+        t = time.perf_counter()
+        build_root(root, args.versions)
+        setup_s = time.perf_counter() - t
+        py, tracker = sys.executable, str(REPO / "state_tracker.py")
+        ms = time_commands({
+            "python -c pass": [py, "-c", "pass"],
+            "state_tracker.py --json": [py, tracker, "--json", "--root", str(root)],
+            "state_tracker.py --check": [py, tracker, "--check", "--root", str(root)],
+            "state_tracker.py (refresh)": [py, tracker, "--root", str(root)],
+        }, args.runs)
+        import state_tracker
+        t = time.perf_counter()
+        for _ in range(20):
+            state_tracker.build_state(root)
+        build_ms = (time.perf_counter() - t) / 20 * 1000
+        warnings = [w["code"] for w in state_tracker.build_state(root)["warnings"]]
+    base = ms["python -c pass"]
+    result = {"runs": args.runs, "versions": args.versions, "setup_s": round(setup_s, 1),
+              "median_ms": {k: round(v, 1) for k, v in ms.items()},
+              "ratio_vs_python": {k: round(v / base, 2) for k, v in ms.items()},
+              "build_state_in_process_ms": round(build_ms, 2), "warnings": warnings,
+              "goals": {"json_ratio<=3": ms["state_tracker.py --json"] / base <= 3,
+                        "check_ms<=150": ms["state_tracker.py --check"] <= 150}}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"root: {args.versions} versions, 20 MB metrics.jsonl, 30 failed files, 1 backup "
+              f"(setup {setup_s:.1f} s); median of {args.runs} runs each")
+        for k, v in ms.items():
+            print(f"  {k:<28} {v:7.1f} ms  {v / base:5.2f}x python -c pass")
+        print(f"  build_state() in process    {build_ms:7.2f} ms")
+        print(f"goals: --json <= 3x: {result['goals']['json_ratio<=3']}; "
+              f"--check <= 150 ms: {result['goals']['check_ms<=150']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
