@@ -144,6 +144,26 @@ def check_model_dir(model_dir) -> list[str]:
     return problems
 
 
+def check_version(root, vid) -> list[str]:
+    """Cheap check of a version (no hashing): every file present with its recorded size and
+    mtime. A file written in place through any hard link changes its mtime for all links."""
+    p = Paths(root)
+    rec = read_version(p.root, vid)
+    folder = p.versions / rec["id"]
+    problems = []
+    for rel, entry in sorted(rec["manifest"].items()):
+        try:
+            st = (folder / rel).stat()
+        except OSError:
+            problems.append(f"{rec['id']}/{rel}: missing")
+            continue
+        if st.st_size != entry.get("size"):
+            problems.append(f"{rec['id']}/{rel}: size {st.st_size}, expected {entry.get('size')}")
+        elif entry.get("mtime_ns") not in (None, st.st_mtime_ns):
+            problems.append(f"{rec['id']}/{rel}: written in place after it was versioned")
+    return problems
+
+
 def verify_files(folder, manifest_files: dict) -> list[str]:
     """Recompute every sha256 against `manifest_files`; returns one line per bad file."""
     folder = Path(folder)
@@ -438,7 +458,9 @@ def _create_version_locked(p: Paths, reason, *, note=None, data_files=None, loss
                   "global_step": manifest.get("global_step"),
                   "tokens_seen": manifest.get("tokens_seen"),
                   "data_files": _normalize_data_files(data_files), "loss": loss,
-                  "config": cfg, "manifest": manifest["files"]}
+                  "config": cfg, "manifest": {
+                      rel: {**entry, "mtime_ns": (staging / rel).stat().st_mtime_ns}
+                      for rel, entry in manifest["files"].items()}}
         while True:
             vid = _next_id(p)
             record["id"] = vid
@@ -493,6 +515,18 @@ def _publish_locked(p: Paths, staged: Path, reason: str, keep_old: str) -> dict:
     if not (staged.parent == p.staging and staged.name.startswith(PREFIX)):
         work = p.staging / f"{PREFIX}publish-{_stamp()}"
         os.rename(staged, work)  # ours now: recover() cleans it if we die
+    new_ino = work.stat().st_ino
+    try:
+        return _swap_in(p, work, reason, keep_old)
+    except BaseException:
+        with contextlib.suppress(OSError):  # not swapped: the caller keeps its folder
+            if (work != staged and work.stat().st_ino == new_ino
+                    and os.path.lexists(p.current_model) and not os.path.lexists(staged)):
+                os.rename(work, staged)
+        raise
+
+
+def _swap_in(p: Paths, work: Path, reason: str, keep_old: str) -> dict:
     cur = p.current_model
     old_exists = os.path.lexists(cur)
     previous = _tree_version(p, cur) if old_exists else None
@@ -620,7 +654,7 @@ def restore_version(root, vid, reason: str = "restore") -> dict:
 def _restore_locked(p: Paths, vid: str, keep_reason: str) -> dict:
     rec = read_version(p.root, vid)
     src = p.versions / vid
-    problems = check_model_dir(src)
+    problems = check_version(p.root, vid) or check_model_dir(src)
     if problems:
         raise GuardrailError(f"version {vid} is damaged (" + "; ".join(problems) + ")", src,
                              f"Check it with `{CMD} verify {vid}`, then restore another version.")
