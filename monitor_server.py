@@ -65,7 +65,7 @@ class MetricsIndex:
     def _reset(self, ino) -> None:
         self.ino, self.scanned = ino, 0
         self.steps, self.offsets = array("q"), array("q")
-        self.monotonic = True
+        self.run_start = 0   # first line after the last rewind of global_step (a rollback)
         self.boundaries: list[tuple[int, int, str]] = []   # (line index, step, file)
         self._last_file: bytes | None = None
 
@@ -129,9 +129,12 @@ class MetricsIndex:
         if not steps:
             return
         first = len(self.steps)
-        if self.monotonic and ((first and steps[0] < self.steps[-1]) or
-                               any(map(operator.gt, steps, steps[1:]))):
-            self.monotonic = False  # a rollback rewound global_step: queries scan instead
+        if first and steps[0] < self.steps[-1]:
+            self.run_start = first
+        rewinds = list(itertools.compress(range(1, len(steps)),
+                                          map(operator.lt, steps[1:], steps)))
+        if rewinds:
+            self.run_start = first + rewinds[-1]
         if None in files:  # some lines without a file: they keep the current one
             changes, last = [], self._last_file
             for i, raw in enumerate(files):
@@ -150,20 +153,20 @@ class MetricsIndex:
         self.offsets.extend(starts)
 
     def query(self, since: int | None, max_points: int) -> dict:
-        """Lines with global_step > since (all when since is None), at most max_points of them.
+        """Lines with global_step > since, at most max_points of them; since=None: every line.
 
-        More matching lines than max_points are thinned evenly, always keeping the last,
-        so the chart keeps its shape and its newest point.
+        With `since`, only the current run counts (the lines after the last time
+        global_step went back, as a rollback makes it), where steps only grow: a bisect
+        finds them. More matching lines than max_points are thinned evenly, always keeping
+        the last, so the chart keeps its shape and its newest point.
         """
         with self._lock:
             self.refresh()
             n = len(self.steps)
             if since is None:
                 idx = range(n)
-            elif self.monotonic:
-                idx = range(bisect.bisect_right(self.steps, since), n)
             else:
-                idx = [i for i in range(n) if self.steps[i] > since]
+                idx = range(bisect.bisect_right(self.steps, since, self.run_start), n)
             matched = len(idx)
             stride = max(1, -(-matched // max_points))
             chosen = list(idx[::stride]) if stride > 1 else list(idx)
@@ -176,6 +179,7 @@ class MetricsIndex:
             return {"schema_version": 1, "since": since, "lines": n, "matched": matched,
                     "stride": stride, "downsampled": stride > 1,
                     "last_step": self.steps[-1] if n else None,
+                    "run_start_step": self.steps[self.run_start] if n else None,
                     "points": points, "boundaries": boundaries}
 
     def _read(self, indices: list[int]) -> list[dict]:
