@@ -1,0 +1,766 @@
+"""What a training record is: the four data formats, the record parser, pre-flight validation.
+
+This is the one place that knows what a line of a `.jsonl` data file means. The trainer
+reads every file through `iter_records`; the daemon checks every dropped file with
+`validate_file` first and saves its report next to a rejected file. Standard library
+only; memory stays bounded whatever the file's size and whatever one line's size
+(a line longer than `max_record_bytes` is skipped in 1 MiB pieces and reported).
+
+    python3 validate_data.py inbox/chat.jsonl                 # report, exit 0 valid / 1 invalid
+    python3 validate_data.py a.jsonl b.jsonl --json           # one JSON document for both files
+    python3 validate_data.py big.jsonl --max-length 2048 --max-record-bytes 1000000
+
+Formats (one JSON object per line, detected per record; one format per file unless
+config `allow_mixed_formats` / `--allow-mixed`; unknown extra fields are ignored, with
+one warning per field name). Each record becomes `segments`, a list of (text, trained):
+
+- `text`: `{"text": T}` -> [(T, True)].
+- `prompt_completion`: `{"prompt": P, "completion": C}` -> [(P, False), (C, True)],
+  concatenated exactly as given (put any separator in P or C yourself).
+- `instruction`: `{"instruction": I, "input": X, "output": O}` (`input` optional, may be
+  ""), Alpaca style -> [("### Instruction:\\nI\\n\\n### Input:\\nX\\n\\n### Response:\\n",
+  False), (O, True)]; with no or empty input the `### Input:` block is left out.
+- `messages`: `{"messages": [{"role", "content"}, ...]}`, roles system/user/assistant,
+  content a string (tool turns and content-part lists are not supported). `messages`
+  keeps the list for the trainer's chat template; `segments` is the plain fallback
+  "<|system|>\\nS\\n<|user|>\\nU\\n<|assistant|>\\n" untrained, then each assistant
+  content trained, turns joined by "\\n". Role order, enforced because most chat
+  templates raise on anything else: system turns only at the start, then strictly
+  alternating user/assistant beginning with user, at least one assistant turn
+  (errors); a conversation ending on a user turn is a warning (that turn trains nothing).
+
+Untrained segments are context only: the trainer takes no loss on them unless config
+`loss_on_prompt` is true, in which case it trains on every segment (its business, not
+this module's). Token counts here are estimates: UTF-8 bytes, exact for the byte-level
+tiny model, an upper bound for most BPE tokenizers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from itertools import chain
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+from trainroot import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, GuardrailError, Paths, UsageError,
+                       add_common_args, print_json, resolve_root, run_cli)
+
+FORMATS = ("text", "messages", "prompt_completion", "instruction")
+ROLES = ("system", "user", "assistant")
+DEFAULT_MAX_RECORD_BYTES = 64 * 1024 * 1024   # training_config's default; see max_record_bytes
+MAX_LISTED = 100            # errors and warnings listed per file; the rest are counted
+DUPLICATE_TRACK_LIMIT = 500_000   # distinct lines remembered for duplicate warnings (~50 MB)
+SNIFF_BYTES = 8192          # the head of a file checked for binary/compressed content
+SKIP_CHUNK = 1 << 20        # an over-long line is skipped in pieces of this size
+
+_KEY_FORMAT = {"text": "text", "messages": "messages", "prompt": "prompt_completion",
+               "completion": "prompt_completion", "instruction": "instruction",
+               "input": "instruction", "output": "instruction"}
+_KNOWN_KEYS = frozenset(_KEY_FORMAT)
+
+# Every problem code, with what it means (errors reject the file; warnings do not).
+ERROR_CODES = {
+    "empty_file": "the file has no bytes",
+    "no_records": "the file has only blank lines",
+    "binary_file": "NUL bytes: not a text file",
+    "compressed_file": "gzip/zip/bz2/xz/zstd data under a .jsonl name",
+    "utf16_file": "UTF-16 text; only UTF-8 is read",
+    "invalid_utf8": "bytes that are not UTF-8 (byte_offset is in the file)",
+    "invalid_json": "the line is not one JSON value (column from the parser)",
+    "truncated_last_line": "the last line has no newline and its JSON is cut short",
+    "non_finite_number": "NaN or Infinity: not JSON (RFC 8259)",
+    "duplicate_key": "an object names the same key twice",
+    "too_deep": "JSON nested too deeply to parse",
+    "line_too_long": "a line longer than max_record_bytes",
+    "not_object": "the line is JSON but not an object",
+    "unknown_format": "an object with none of the known fields",
+    "ambiguous_format": "fields of more than one format in one record",
+    "mixed_formats": "a record whose format differs from the file's first record",
+    "missing_field": "a required field is absent",
+    "empty_field": "a required string is empty or only whitespace",
+    "wrong_type": "a field has the wrong JSON type",
+    "unknown_role": "a message role other than system/user/assistant",
+    "role_order": "system not first, or user/assistant not alternating from user",
+    "no_assistant_turn": "a conversation with nothing to train on",
+    "lone_surrogate": "a \\ud800-style escape that is not valid Unicode",
+}
+WARNING_CODES = {
+    "blank_line": "an empty or whitespace-only line (skipped)",
+    "bom": "a UTF-8 byte-order mark (skipped)",
+    "crlf": "CRLF line endings (accepted; reported once per file)",
+    "duplicate": "the same line as an earlier one (by hash)",
+    "too_long": "estimated tokens over max_length: the trainer splits it, nothing is dropped",
+    "trailing_user_turn": "a conversation ending on a user turn (that turn trains nothing)",
+    "ignored_field": "a field no format uses (reported once per name)",
+    "duplicates_unchecked": "more distinct lines than the duplicate tracker holds",
+}
+
+_FILE_CODES = ("empty_file", "no_records", "binary_file", "compressed_file", "utf16_file")
+_MAGIC = ((b"\x1f\x8b", "gzip"), (b"PK\x03\x04", "zip"), (b"BZh", "bzip2"),
+          (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+_UNCOMPRESS = {"gzip": "gunzip -c", "zip": "unzip -p", "bzip2": "bunzip2 -c", "xz": "unxz -c",
+               "zstd": "zstd -dc"}
+
+
+class Record(NamedTuple):
+    """One valid record: where it is (1-based line, byte offsets) and what the trainer needs."""
+    line: int
+    offset: int
+    next_offset: int          # byte offset of the next line: seek here to resume after it
+    format: str
+    segments: list            # [(text, trained: bool), ...]
+    messages: list | None     # the original list for `messages` records, else None
+
+
+class _Bad(Exception):
+    """One problem found in a line (internal: becomes an error entry or a GuardrailError)."""
+
+    def __init__(self, code: str, message: str, column: int | None = None,
+                 byte_offset: int | None = None):
+        super().__init__(message)
+        self.code, self.message, self.column, self.byte_offset = code, message, column, byte_offset
+
+
+# --------------------------------------------------------------------------- parsing one object
+
+def _reject_constant(name: str):
+    raise _Bad("non_finite_number", f"{name} is not valid JSON (RFC 8259); write null or a string")
+
+
+def _unique_pairs(pairs: list) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Bad("duplicate_key", f"duplicate key {json.dumps(key)} in one object")
+            seen.add(key)
+    return obj
+
+
+_decode = json.JSONDecoder(object_pairs_hook=_unique_pairs, parse_constant=_reject_constant).decode
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def estimate_tokens(text: str) -> int:
+    """Estimated tokens of a text: its UTF-8 byte length (exact for the byte-level tiny model)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def _byte_len(text: str, where: str) -> int:
+    try:
+        return estimate_tokens(text)
+    except UnicodeEncodeError as exc:
+        raise _Bad("lone_surrogate", f"{where} holds a lone surrogate "
+                   f"\\u{ord(text[exc.start]):04x}, which is not valid Unicode") from None
+
+
+def _string(obj: dict, key: str, fmt: str, *, allow_empty: bool = False) -> str:
+    if key not in obj:
+        raise _Bad("missing_field", f'{fmt} record without "{key}"')
+    value = obj[key]
+    if type(value) is not str:
+        raise _Bad("wrong_type", f'"{key}" must be a string, got {_json_type(value)}')
+    if not allow_empty and (not value or value.isspace()):
+        raise _Bad("empty_field", f'"{key}" is empty')
+    return value
+
+
+def detect_format(obj) -> str | None:
+    """The format a parsed line belongs to, from its fields; None if it has none or several."""
+    if type(obj) is not dict:
+        return None
+    found = {_KEY_FORMAT[k] for k in obj.keys() & _KNOWN_KEYS}
+    return found.pop() if len(found) == 1 else None
+
+
+def _instruction_prompt(instruction: str, inp: str) -> str:
+    if inp:
+        return f"### Instruction:\n{instruction}\n\n### Input:\n{inp}\n\n### Response:\n"
+    return f"### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def _chat(messages) -> tuple[list, int, bool]:
+    """(segments, tokens, ends_on_user) of a messages list; raises _Bad on the first problem."""
+    if type(messages) is not list:
+        raise _Bad("wrong_type", f'"messages" must be an array, got {_json_type(messages)}')
+    if not messages:
+        raise _Bad("empty_field", '"messages" is empty')
+    segments, pending = [], ""
+    previous = None        # role of the last user/assistant turn
+    assistants = 0
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if type(msg) is not dict:
+            raise _Bad("wrong_type", f"{where} must be an object, got {_json_type(msg)}")
+        role = _string(msg, "role", where)
+        if role not in ROLES:
+            raise _Bad("unknown_role", f"{where}.role is {json.dumps(role)}; "
+                       "expected system, user or assistant")
+        if "content" not in msg:
+            raise _Bad("missing_field", f'{where} without "content"')
+        content = msg["content"]
+        if type(content) is not str:
+            raise _Bad("wrong_type", f"{where}.content must be a string, got {_json_type(content)}")
+        if role != "system" and (not content or content.isspace()):
+            raise _Bad("empty_field", f"{where}.content is empty")
+        if role == "system":
+            if previous is not None:
+                raise _Bad("role_order", f"{where} is a system turn after the conversation "
+                           "started; system turns go first")
+        elif previous == role or (previous is None and role == "assistant"):
+            raise _Bad("role_order", f"{where} is a {role} turn after "
+                       f"{'a ' + previous + ' turn' if previous else 'no user turn'}; turns "
+                       "must alternate user/assistant, starting with user")
+        _byte_len(content, f"{where}.content")   # raises on a lone surrogate
+        if role == "assistant":
+            assistants += 1
+            segments.append((pending + "<|assistant|>\n", False))
+            segments.append((content, True))
+            pending = "\n"
+        else:
+            pending += f"<|{role}|>\n{content}\n"
+        if role != "system":
+            previous = role
+    if not assistants:
+        raise _Bad("no_assistant_turn", "no assistant turn: nothing to train on")
+    if pending != "\n":
+        segments.append((pending, False))
+    tokens = sum(estimate_tokens(text) for text, _ in segments)
+    return segments, tokens, previous == "user"
+
+
+def _parse_object(obj) -> tuple[str, list, list | None, int, bool]:
+    """(format, segments, messages, tokens, ends_on_user) of one parsed line, or raises _Bad."""
+    if type(obj) is not dict:
+        raise _Bad("not_object", f"expected a JSON object, got {_json_type(obj)}")
+    known = obj.keys() & _KNOWN_KEYS
+    found = {_KEY_FORMAT[k] for k in known}
+    if len(found) != 1:
+        if not found:
+            keys = ", ".join(json.dumps(k) for k in list(obj)[:5]) or "none"
+            raise _Bad("unknown_format", f"no known fields (has {keys}); expected text, "
+                       "messages, prompt+completion or instruction+output")
+        raise _Bad("ambiguous_format", "fields of several formats ("
+                   + ", ".join(sorted(found)) + ") in one record")
+    fmt = found.pop()
+    if fmt == "text":
+        text = _string(obj, "text", fmt)
+        return fmt, [(text, True)], None, _byte_len(text, '"text"'), False
+    if fmt == "prompt_completion":
+        prompt, completion = _string(obj, "prompt", fmt), _string(obj, "completion", fmt)
+        tokens = _byte_len(prompt, '"prompt"') + _byte_len(completion, '"completion"')
+        return fmt, [(prompt, False), (completion, True)], None, tokens, False
+    if fmt == "instruction":
+        instruction = _string(obj, "instruction", fmt)
+        inp = _string(obj, "input", fmt, allow_empty=True) if "input" in obj else ""
+        output = _string(obj, "output", fmt)
+        prompt = _instruction_prompt(instruction, inp)
+        tokens = (_byte_len(prompt, '"instruction" or "input"') + _byte_len(output, '"output"'))
+        return fmt, [(prompt, False), (output, True)], None, tokens, False
+    messages = obj["messages"]
+    segments, tokens, ends_on_user = _chat(messages)
+    return fmt, segments, messages, tokens, ends_on_user
+
+
+# --------------------------------------------------------------------------- reading lines
+
+def _sniff(head: bytes) -> _Bad | None:
+    """A whole-file verdict for content that is not UTF-8 text at all, else None."""
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return _Bad("compressed_file", f"{kind}-compressed data, not JSON lines; decompress "
+                        f"it first ({_UNCOMPRESS[kind]} FILE > NEW.jsonl)", byte_offset=0)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return _Bad("utf16_file", "UTF-16 text; convert it to UTF-8 "
+                    "(iconv -f UTF-16 -t UTF-8 FILE > NEW.jsonl)", byte_offset=0)
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        return _Bad("binary_file", f"binary data (NUL byte at byte offset {nul}), not JSON lines",
+                    byte_offset=nul)
+    return None
+
+
+class _State:
+    """What one pass over a file remembers between lines: the file's format, where it began."""
+
+    def __init__(self, allow_mixed: bool):
+        self.allow_mixed = allow_mixed
+        self.format: str | None = None
+        self.format_line = 0
+
+
+def _read_line(readline, limit: int):
+    """(raw, size, terminated) of the next line; raw is None for a line over `limit` - 2 bytes.
+
+    An over-long line is never held whole: the rest of it is read and dropped in
+    SKIP_CHUNK pieces. Returns None at the end of the file.
+    """
+    raw = readline(limit)
+    if not raw:
+        return None
+    size = len(raw)
+    terminated = raw[-1:] == b"\n"
+    if size - terminated - (raw[-2:] == b"\r\n") <= limit - 2 and (terminated or size < limit):
+        return raw, size, terminated
+    raw = None
+    while not terminated:
+        piece = readline(SKIP_CHUNK)
+        if not piece:
+            break
+        size += len(piece)
+        terminated = piece[-1:] == b"\n"
+    return None, size, terminated
+
+
+def _check_line(raw: bytes, start: int, line_no: int, terminated: bool, state: _State):
+    """(record|None, tokens, problems) of one line, every check done the careful way.
+
+    `problems` is a list of (severity, _Bad) with severity error, warning or ignored (a
+    warning the caller reports once per message); a line with an error has no record.
+    """
+    problems = []
+    if raw.startswith(b"\xef\xbb\xbf"):
+        problems.append(("warning", _Bad("bom", "UTF-8 byte-order mark at the start of the line "
+                                         "(skipped)", byte_offset=start)))
+        raw, start = raw[3:], start + 3
+    if raw.endswith(b"\r\n"):
+        problems.append(("warning", _Bad("crlf", "CRLF line ending",
+                                         byte_offset=start + len(raw) - 2)))
+    if not raw or raw.isspace():
+        problems.append(("warning", _Bad("blank_line", "blank line (skipped)")))
+        return None, 0, problems
+    try:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            column = len(raw[:exc.start].decode("utf-8", "replace")) + 1
+            raise _Bad("invalid_utf8", f"invalid UTF-8 byte 0x{raw[exc.start]:02x} at byte "
+                       f"offset {start + exc.start} (column {column})",
+                       column=column, byte_offset=start + exc.start) from None
+        raw = None                        # hold one copy of a long line at a time
+        try:
+            obj = _decode(text)
+        except json.JSONDecodeError as exc:
+            byte_pos = start + len(text[:exc.pos].encode("utf-8"))
+            if not terminated and (exc.pos >= len(text.rstrip())
+                                   or exc.msg.startswith("Unterminated string")):
+                raise _Bad("truncated_last_line", "last line ends without a newline in the middle "
+                           f"of a JSON value ({exc.msg}); the file looks cut short",
+                           column=exc.colno, byte_offset=byte_pos) from None
+            raise _Bad("invalid_json", f"{exc.msg} (column {exc.colno})",
+                       column=exc.colno, byte_offset=byte_pos) from None
+        except RecursionError:
+            raise _Bad("too_deep", "JSON nested too deeply to parse") from None
+        except ValueError as exc:         # e.g. an integer literal over Python's digit limit
+            raise _Bad("invalid_json", f"unparseable value ({exc})") from None
+        text = None
+        fmt, segments, messages, tokens, ends_on_user = _parse_object(obj)
+        _check_format(fmt, line_no, state)
+    except _Bad as bad:
+        problems.append(("error", bad))
+        return None, 0, problems
+    if ends_on_user:
+        problems.append(("warning", _Bad("trailing_user_turn", "conversation ends on a user "
+                                         "turn, which trains nothing")))
+    if len(obj) > 1 and len(obj) > len(obj.keys() & _KNOWN_KEYS):
+        for key in sorted(obj.keys() - _KNOWN_KEYS):
+            problems.append(("ignored", _Bad("ignored_field", f"field {json.dumps(key)} is not "
+                                             "used by any format (ignored)")))
+    return Record(line_no, start, 0, fmt, segments, messages), tokens, problems
+
+
+def _check_format(fmt: str, line_no: int, state: _State) -> None:
+    if state.format is None:
+        state.format, state.format_line = fmt, line_no
+    elif fmt != state.format and not state.allow_mixed:
+        raise _Bad("mixed_formats", f"a {fmt} record in a file of {state.format} records (line "
+                   f"{state.format_line}); keep one format per file, or set "
+                   "allow_mixed_formats in config.json")
+
+
+# The fast path of validate_file: C-level checks that either prove a line is a plain valid
+# record or hand it to _check_line, which decides. It never rejects anything by itself.
+# Objects parse to tuples of (key, value) pairs, so a duplicate key shows as dict() being
+# shorter than its pairs, without a Python call per object; arrays stay lists.
+_decode_pairs = json.JSONDecoder(object_pairs_hook=tuple, parse_constant=_reject_constant).decode
+_chain = chain.from_iterable
+_ROLE_ORDER = re.compile(r"(?:system\|)*(?:user\|assistant\|)+(?:user\|)?")
+
+
+def _fast_check(top) -> tuple[str, int, bool] | None:
+    """(format, tokens, ends_on_user) when `top` (parsed by _decode_pairs) is certainly a
+    valid record with only the fields of its format, else None."""
+    if type(top) is not tuple:
+        return None
+    obj = dict(top)
+    n = len(obj)
+    if n != len(top):
+        return None
+    if n == 1 and "messages" in obj:
+        msgs = obj["messages"]
+        # the common shape only: every message exactly ("role", r), ("content", c), in order
+        if type(msgs) is not list or set(map(type, msgs)) != {tuple} or set(map(len, msgs)) != {2}:
+            return None
+        flat = [*_chain(_chain(msgs))]             # role, r, content, c, role, r, ...
+        k = len(msgs)
+        roles, contents = flat[1::4], flat[3::4]
+        if (flat[0::4].count("role") != k or flat[2::4].count("content") != k
+                or not _ROLE_ORDER.fullmatch("|".join(roles) + "|")   # a non-string raises
+                or "" in contents or any(map(str.isspace, contents))):   # so does this
+            return None
+        if all(map(str.isascii, contents)):
+            size = sum(map(len, contents))
+        else:
+            size = sum(map(len, map(str.encode, contents)))
+        # the plain rendering: "<|role|>\n" + content + "\n" per turn, no last "\n" after assistant
+        tokens = size + sum(map(len, roles)) + 6 * k - (roles[-1] == "assistant")
+        return "messages", tokens, roles[-1] == "user"
+    if n == 1 and "text" in obj:
+        text = obj["text"]
+        if type(text) is not str or not text or text.isspace():
+            return None
+        return "text", (len(text) if text.isascii() else len(text.encode("utf-8"))), False
+    if n == 2 and "prompt" in obj and "completion" in obj:
+        prompt, completion = obj["prompt"], obj["completion"]
+        if (type(prompt) is not str or type(completion) is not str or not prompt
+                or not completion or prompt.isspace() or completion.isspace()):
+            return None
+        both = prompt + completion
+        return "prompt_completion", (len(both) if both.isascii() else len(both.encode("utf-8"))), False
+    if (n == 3 or n == 2 and "input" not in obj) and "instruction" in obj and "output" in obj:
+        instruction, output, inp = obj["instruction"], obj["output"], obj.get("input", "")
+        if (type(instruction) is not str or type(output) is not str or type(inp) is not str
+                or not instruction or not output or instruction.isspace() or output.isspace()):
+            return None
+        both = _instruction_prompt(instruction, inp) + output
+        return "instruction", (len(both) if both.isascii() else len(both.encode("utf-8"))), False
+    return None
+
+
+def _open(path: Path):
+    """Open a data file for binary reading; a missing, folder or unreadable path is a usage error."""
+    fix = "Check the path and pass a readable .jsonl file."
+    try:
+        f = open(path, "rb", buffering=1 << 20)
+    except FileNotFoundError:
+        raise UsageError("file not found", path, fix) from None
+    except IsADirectoryError:
+        raise UsageError("is a directory, not a file", path, fix) from None
+    except PermissionError:
+        raise UsageError("cannot read the file (permission denied)", path, fix) from None
+    except OSError as exc:
+        raise UsageError(f"cannot open the file ({exc.strerror})", path, fix) from None
+    if not os.path.isfile(path):
+        f.close()
+        raise UsageError("not a regular file", path, fix)
+    return f
+
+
+def _too_long(size: int, terminated: bool, start: int, max_record_bytes: int) -> _Bad:
+    return _Bad("line_too_long", f"line is {size - terminated:,} bytes, over max_record_bytes "
+                f"{max_record_bytes:,}", byte_offset=start)
+
+
+# --------------------------------------------------------------------------- the library API
+
+def iter_records(path, *, start_offset: int = 0, start_line: int = 1, allow_mixed: bool = False,
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[Record]:
+    """Yield every record of a data file from a byte offset; raise GuardrailError at a bad one.
+
+    Blank lines are skipped. `start_offset`/`start_line` resume at a Record's `next_offset`
+    (and line + 1). The daemon validates files first, so an error here is a safety net: it
+    names the file and line and the command that lists every problem.
+    """
+    path = Path(path)
+    state = _State(allow_mixed)
+    limit = max_record_bytes + 2          # the content plus "\r\n"
+    with _open(path) as f:
+        if start_offset:
+            f.seek(start_offset)
+        else:
+            bad = _sniff(f.peek(SNIFF_BYTES)[:SNIFF_BYTES])
+            if bad:
+                raise _record_error(path, 1, bad)
+        readline, offset, line_no = f.readline, start_offset, start_line
+        while (got := _read_line(readline, limit)) is not None:
+            raw, size, terminated = got
+            if raw is None:
+                raise _record_error(path, line_no, _too_long(size, terminated, offset,
+                                                             max_record_bytes))
+            record, _, problems = _check_line(raw, offset, line_no, terminated, state)
+            raw = None
+            offset += size
+            if record is not None:
+                yield record._replace(offset=offset - size, next_offset=offset)
+            else:
+                for severity, bad in problems:
+                    if severity == "error":
+                        raise _record_error(path, line_no, bad)
+            line_no += 1
+
+
+def _record_error(path: Path, line_no: int, bad: _Bad) -> GuardrailError:
+    return GuardrailError(f"invalid record at line {line_no} ({bad.code}: {bad.message})", path,
+                          f"Run `python3 validate_data.py {path}` to list every problem.")
+
+
+def _entry(line: int | None, bad: _Bad) -> dict:
+    entry = {"line": line}
+    if bad.column is not None:
+        entry["column"] = bad.column
+    if bad.byte_offset is not None:
+        entry["byte_offset"] = bad.byte_offset
+    entry["code"], entry["message"] = bad.code, bad.message
+    return entry
+
+
+def validate_file(path, *, max_length: int | None = None, allow_mixed: bool = False,
+                  max_record_bytes: int | None = None) -> dict:
+    """Check a whole data file; return the report the daemon saves next to a rejected file.
+
+    `{path, ok, verdict, format, formats, records, est_tokens, bytes, errors, error_count,
+    warnings, warning_count, max_length, max_record_bytes}`: errors and warnings are
+    `{line, column?, byte_offset?, code, message}` (first MAX_LISTED each, sorted by
+    line; `line` is None for a whole-file problem). Raises UsageError for a missing,
+    folder or unreadable path. `max_length` None skips the too-long warning.
+    """
+    path = Path(path)
+    max_record_bytes = int(max_record_bytes or DEFAULT_MAX_RECORD_BYTES)
+    errors, warnings = [], []
+    counts = {"error": 0, "warning": 0}
+    formats: dict[str, int] = {}
+    records = tokens_total = crlf_lines = 0
+    seen: dict[int, int] | None = {}      # hash of a record's line -> its line number
+    ignored: set[str] = set()
+    state = _State(allow_mixed)
+    max_length = max_length or 0
+
+    def add(severity: str, line: int | None, bad: _Bad) -> None:
+        counts[severity] += 1
+        listed = errors if severity == "error" else warnings
+        if len(listed) < MAX_LISTED:
+            listed.append(_entry(line, bad))
+
+    with _open(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.peek(SNIFF_BYTES)[:SNIFF_BYTES]
+        if size == 0:
+            add("error", None, _Bad("empty_file", "empty file: no records"))
+        elif (bad := _sniff(head)) is not None:
+            line = head[:bad.byte_offset].count(b"\n") + 1 if bad.code == "binary_file" else None
+            add("error", line, bad)
+        else:
+            readline, limit, decode_pairs = f.readline, max_record_bytes + 2, _decode_pairs
+            offset, line_no, file_format = 0, 0, None
+            while True:
+                line_no += 1
+                raw = readline(limit)
+                if not raw:
+                    break
+                start = offset
+                offset += len(raw)
+                fast = None
+                if len(raw) < limit:      # a whole line: try the fast path first
+                    try:                  # any surprise hands the line to the careful path
+                        fast = _fast_check(decode_pairs(raw.decode("utf-8")))
+                    except Exception:
+                        fast = None
+                if fast is not None and (fast[0] == file_format or file_format is None):
+                    fmt, tokens, ends_on_user = fast
+                    if file_format is None:
+                        file_format = state.format = fmt
+                        state.format_line = line_no
+                    if raw[-2] == 13 and raw[-1] == 10:   # CRLF, reported once per file
+                        crlf_lines += 1
+                        if crlf_lines == 1:
+                            add("warning", line_no, _Bad("crlf", "CRLF line ending",
+                                                         byte_offset=offset - 2))
+                    if ends_on_user:
+                        add("warning", line_no, _Bad("trailing_user_turn", "conversation ends "
+                                                     "on a user turn, which trains nothing"))
+                else:
+                    if len(raw) < limit:
+                        terminated = raw[-1] == 10
+                    else:                 # possibly over-long: re-read it, bounded
+                        f.seek(start)
+                        raw, size, terminated = _read_line(readline, limit)
+                        offset = start + size
+                        if raw is None:
+                            add("error", line_no, _too_long(size, terminated, start,
+                                                            max_record_bytes))
+                            continue
+                    record, tokens, problems = _check_line(raw, start, line_no, terminated, state)
+                    file_format = state.format
+                    for severity, bad in problems:
+                        if severity == "ignored":
+                            if bad.message in ignored:
+                                continue
+                            ignored.add(bad.message)
+                            severity = "warning"
+                        elif bad.code == "crlf":
+                            crlf_lines += 1
+                            if crlf_lines > 1:
+                                continue
+                        add(severity, line_no, bad)
+                    if record is None:
+                        continue
+                    fmt = record.format
+                    if raw.startswith(b"\xef\xbb\xbf"):
+                        raw = raw[3:]
+                    if not terminated:
+                        raw += b"\n"
+                if seen is not None:      # duplicates by the hash of the line's bytes
+                    earlier = seen.setdefault(hash(raw), line_no)
+                    if earlier != line_no:
+                        add("warning", line_no, _Bad("duplicate", f"same content as line {earlier}"))
+                    elif len(seen) >= DUPLICATE_TRACK_LIMIT:
+                        add("warning", line_no, _Bad("duplicates_unchecked", "more than "
+                            f"{DUPLICATE_TRACK_LIMIT:,} distinct records: duplicates after this "
+                            "line are not checked"))
+                        seen = None
+                raw = None
+                records += 1
+                tokens_total += tokens
+                formats[fmt] = formats.get(fmt, 0) + 1
+                if max_length and tokens > max_length:
+                    if len(warnings) < MAX_LISTED:
+                        add("warning", line_no, _Bad("too_long", f"about {tokens:,} tokens, over "
+                            f"max_length {max_length:,}: it will be split across rows, not dropped"))
+                    else:
+                        counts["warning"] += 1
+            if records == 0 and counts["error"] == 0:
+                add("error", None, _Bad("no_records", "no records: the file has only blank lines"))
+    if crlf_lines > 1:
+        for w in warnings:
+            if w["code"] == "crlf":
+                w["message"] = f"CRLF line endings on {crlf_lines:,} lines (first shown)"
+    errors.sort(key=lambda e: (e["line"] is not None, e["line"] or 0))
+    warnings.sort(key=lambda e: e["line"] or 0)
+    ok = counts["error"] == 0
+    fmt = None if not formats else next(iter(formats)) if len(formats) == 1 else "mixed"
+    report = {"path": str(path), "ok": ok, "verdict": "", "format": fmt, "formats": formats,
+              "records": records, "est_tokens": tokens_total, "bytes": size,
+              "errors": errors, "error_count": counts["error"],
+              "warnings": warnings, "warning_count": counts["warning"],
+              "max_length": max_length or None, "max_record_bytes": max_record_bytes}
+    report["verdict"] = _verdict(report)
+    return report
+
+
+def _verdict(report: dict) -> str:
+    """One line a person reads first: valid or not, and the main reason."""
+    w = report["warning_count"]
+    warns = f", {w:,} warning{'s' * (w != 1)}" if w else ""
+    if report["ok"]:
+        return (f"valid: {report['records']:,} {report['format']} record"
+                f"{'s' * (report['records'] != 1)}, ~{report['est_tokens']:,} tokens{warns}")
+    n, first = report["error_count"], report["errors"][0]
+    if first["code"] in _FILE_CODES:
+        return f"invalid: {first['message']}"
+    where = f"line {first['line']}: " if first["line"] is not None else ""
+    return f"invalid: {n:,} error{'s' * (n != 1)}{warns}; first: {where}{first['message']}"
+
+
+# --------------------------------------------------------------------------- the CLI
+
+def _settings(args) -> dict:
+    """max_length, allow_mixed, max_record_bytes: flags > the root's config.json > defaults."""
+    import training_config
+    defaults = training_config.default_config()
+    cfg = defaults
+    root = resolve_root(args.root)
+    if Paths(root).config.exists():
+        try:
+            cfg = training_config.load_config(root)
+        except GuardrailError as exc:
+            print(f"warning: {exc} Validating with the default settings.", file=sys.stderr)
+    return {"max_length": args.max_length or cfg["max_length"],
+            "allow_mixed": args.allow_mixed or bool(cfg["allow_mixed_formats"]),
+            "max_record_bytes": args.max_record_bytes or cfg["max_record_bytes"]}
+
+
+def _print_report(report: dict) -> None:
+    path = report["path"]
+    print(f"{path}: {report['verdict']}")
+    for severity, listed, count in (("error", report["errors"], report["error_count"]),
+                                    ("warning", report["warnings"], report["warning_count"])):
+        for e in listed:
+            where = f"{path}:{e['line']}" if e["line"] is not None else path
+            if e.get("column") is not None:
+                where += f":{e['column']}"
+            print(f"  {where}: {severity} [{e['code']}] {e['message']}")
+        if count > len(listed):
+            print(f"  ... and {count - len(listed):,} more {severity}s")
+    if report["records"] or report["ok"]:
+        kinds = ", ".join(f"{k} {v:,}" for k, v in report["formats"].items()) or "none"
+        print(f"  format {report['format']} ({kinds}), {report['records']:,} records, "
+              f"~{report['est_tokens']:,} tokens, {report['error_count']:,} errors, "
+              f"{report['warning_count']:,} warnings")
+
+
+def cmd_validate(args) -> int:
+    """Check .jsonl data files before training; exit 0 if all are valid, 1 if not, 2 on usage errors."""
+    settings = _settings(args)
+    reports, usage_error, all_ok = [], False, True
+    for name in args.files:
+        try:
+            report = validate_file(name, **settings)
+        except UsageError as exc:
+            usage_error, all_ok = True, False
+            print(f"Error: {exc}", file=sys.stderr)
+            reports.append({"path": str(name), "ok": False, "verdict": f"not checked: {exc.what}",
+                            "error": exc.to_dict()})
+            continue
+        all_ok = all_ok and report["ok"]
+        reports.append(report)
+        if not args.json:
+            _print_report(report)
+    if args.json:
+        print_json({"ok": all_ok, "files": reports, **settings})
+    return EXIT_USAGE if usage_error else EXIT_OK if all_ok else EXIT_FAILURE
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="validate_data.py", description=cmd_validate.__doc__,
+        epilog="Settings come from the root's config.json when it has one (max_length, "
+               "allow_mixed_formats, max_record_bytes); flags override them.")
+    parser.add_argument("files", nargs="+", metavar="FILE", help=".jsonl files to check")
+    parser.add_argument("--max-length", type=_positive_int, metavar="N",
+                        help="warn about records over N estimated tokens (default: config max_length)")
+    parser.add_argument("--max-record-bytes", type=_positive_int, metavar="N",
+                        help="longest line accepted, in bytes (default: config max_record_bytes)")
+    parser.add_argument("--allow-mixed", action="store_true",
+                        help="accept several formats in one file (default: config allow_mixed_formats)")
+    add_common_args(parser)
+    parser.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
