@@ -249,9 +249,12 @@ def test_disk_full_injected(fake_root, capsys, monkeypatch):
     _assert_nothing_kept(fake_root, bdir, before)
 
 
-def test_a_bad_write_is_caught_by_the_read_back(fake_root, monkeypatch):
-    """A byte changed on its way to the disk (bad cable, bad RAM, bad disk): the copy's
-    read-back from disk does not match the source's hash, so nothing is kept."""
+@pytest.mark.parametrize("size, first_bad", [(300_000, 100_000),  # one piece
+                                             (20_000_000, (8 << 20) // 3)])  # pieces in flight
+def test_a_bad_write_is_caught_by_the_read_back(fake_root, monkeypatch, size, first_bad):
+    """A byte changed on its way to the disk (bad cable, bad RAM, bad disk): the copy read
+    back from the disk differs from the bytes hashed from the source, so nothing is kept."""
+    (fake_root / "current_model" / "model.safetensors").write_bytes(os.urandom(size))
     before = _tree_hashes(fake_root / "current_model")
     bdir = fake_root / "backups"
     real_write = os.write
@@ -268,8 +271,10 @@ def test_a_bad_write_is_caught_by_the_read_back(fake_root, monkeypatch):
     with pytest.raises(backup_manager.GuardrailError) as exc:
         backup_manager.create_backup(fake_root)
     monkeypatch.undo()
-    assert str(exc.value).startswith("backup failed: copy of model.safetensors reads back wrong "
-                                     "from disk (sha256 ")
+    text = str(exc.value)
+    assert text.startswith(f"backup failed: copy of model.safetensors reads back wrong from disk "
+                           f"at byte {first_bad}; nothing was kept, {bdir}/.staging-b")
+    assert text.endswith(". The target disk may be failing: check it, then run the command again.")
     _assert_nothing_kept(fake_root, bdir, before)
 
 
