@@ -882,7 +882,7 @@ def cmd_list(args) -> int:
         print(f"No versions yet. Take one with `{CMD} snapshot`.")
     for r in rows:
         extra = " ".join(f"[{t}]" for t in r["tags"])
-        print(f"{'*' if r['current'] else ' '} {r['id']}  {r['created_at'][:19]}  "
+        print(f"{'*' if r['current'] else ' '} {r['id']}  {str(r['created_at'] or '')[:19]}  "
               f"step {r['global_step']}  {r['reason']}"
               + (f"  note: {r['note']}" if r["note"] else "") + (f"  {extra}" if extra else ""))
     if rows and cur is None:

@@ -117,6 +117,8 @@ def main(argv=None) -> int:
                   flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (fsync latency "
+          "on a shared disk dominates both timings)")
     print(json.dumps(results, indent=2))
     return 0
 
