@@ -5,7 +5,7 @@ written the way the engine writes them. Each gets its own monitor on 127.0.0.1; 
 figures are medians over HTTP (keep-alive), printed as ratios to the baseline.
 
     /tmp/venv/bin/python bench/bench_monitor.py              # 1,000,000 lines
-    /tmp/venv/bin/python bench/bench_monitor.py --lines 100000 --repeat 10
+    /tmp/venv/bin/python bench/bench_monitor.py --lines 100000 --repeat 10 --contended
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lines", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--contended", action="store_true",
+                    help="also time /api/state while every core is busy")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-monitor-") as tmp:
@@ -116,7 +118,32 @@ def main(argv=None) -> int:
               f"(stride {doc['stride']}), {len(body) / 1024:.0f} KiB, "
               f"{len(doc['boundaries'])} file boundaries")
         print(f"index memory: {args.lines * 16 / 2**20:.1f} MiB (two int64 per line)")
+        if args.contended:
+            contended(roots["big"], args.repeat)
     return 0
+
+
+def contended(root: Path, repeat: int) -> None:
+    """/api/state while every core is busy (as training keeps them): idle vs normal priority."""
+    import os
+    import subprocess
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+               for _ in range(os.cpu_count() or 2)]
+    try:
+        time.sleep(0.5)
+        print(f"\n/api/state with {len(burners)} CPU-bound processes on {os.cpu_count()} cores:")
+        for idle in (False, True):
+            h = monitor_server.start_in_thread(root, 0, state_ttl=0.0, idle_priority=idle)
+            try:
+                times = [Client(h.port).get("/api/state")[0] for _ in range(repeat)]
+            finally:
+                h.stop()
+            print(f"  {'SCHED_IDLE (as in the daemon)' if idle else 'normal priority':30} "
+                  f"median {statistics.median(times):7.1f} ms   max {max(times):7.1f} ms")
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
 
 
 if __name__ == "__main__":
