@@ -36,6 +36,7 @@ PAUSED_LONG_S = 3600.0          # paused for an hour is worth a line in the repo
 LOCK_HELD_LONG_S = 3600.0       # versions/config locks are held for seconds; backups minutes
 METRICS_TAIL_BYTES = 64 * 1024  # metrics.jsonl may be a year long: read only its tail
 MODEL_SPACE_FACTOR = 4          # next save (1x) + checkpoint weights (1x) + AdamW state (2x)
+CHECK_VERSIONS = 20             # versions given the cheap check each run (plus tagged ones)
 LIST_LIMIT = 20                 # failed/skipped files listed in full (the count is exact)
 SEVERITIES = ("info", "warning", "critical")
 MODEL_META = {".manifest.json", "version.json", "backup.json"}
@@ -236,18 +237,36 @@ def _manifest_key(files) -> str | None:
 
 
 def _versions_section(root: Path, w: list) -> dict:
-    """Every versions/vNNN/version.json: count, latest, tags, unique bytes, cheap check."""
+    """versions/: count, latest, tags, unique bytes; the cheap check on the newest and tagged.
+
+    Reading every version.json would make the tracker O(versions) in JSON parsing after a
+    year of snapshots; the newest CHECK_VERSIONS and the tagged ones are checked, the
+    rest only counted and sized (one stat per file, through scandir).
+    """
     p = Paths(root)
     sec = {"count": 0, "latest": None, "latest_created_at": None, "ids": [], "tagged": {},
-           "total_size_bytes": 0, "problems": [], "_records": {}}
+           "checked": [], "total_size_bytes": 0, "problems": [], "_records": {}}
+    tags = _read(p.versions / "tags.json")
+    if isinstance(tags, dict):
+        sec["tagged"] = {str(k): v for k, v in tags.items() if isinstance(v, str)}
+    ids = sorted((v for v in _listdir(p.versions) if v[:1] == "v" and v[1:].isdigit()
+                  and os.path.isdir(os.path.join(p.versions, v))), key=lambda v: int(v[1:]))
+    checked = set(ids[-CHECK_VERSIONS:]) | set(sec["tagged"].values())
     inodes: dict = {}  # hard links share one copy: count each inode once
-    for vid in _listdir(p.versions):
-        if not (vid.startswith("v") and vid[1:].isdigit()) or not (p.versions / vid).is_dir():
-            continue  # staging folders and tags.json
+    for vid in ids:
         folder = p.versions / vid
+        if vid not in checked:
+            try:
+                with os.scandir(folder) as it:
+                    for e in it:
+                        st = e.stat(follow_symlinks=False)
+                        inodes[(st.st_dev, st.st_ino)] = st.st_size
+            except OSError:
+                pass  # gone while we looked (pruned): nothing to count
+            continue
+        sec["checked"].append(vid)
         read_problems: list = []
         rec = _read(folder / "version.json", read_problems)
-        sec["ids"].append(vid)
         if not isinstance(rec, dict):
             sec["problems"].append({"id": vid, "problems": read_problems or ["version.json: missing"]})
             continue
@@ -261,14 +280,11 @@ def _versions_section(root: Path, w: list) -> dict:
         sec["_records"][vid] = {"created_at": rec.get("created_at"), "reason": rec.get("reason"),
                                 "global_step": rec.get("global_step"),
                                 "key": _manifest_key(manifest)}
-    sec["count"] = len(sec["ids"])
+    sec["ids"], sec["count"] = ids, len(ids)
     sec["total_size_bytes"] = sum(inodes.values())
-    if sec["ids"]:
-        sec["latest"] = sec["ids"][-1]
-        sec["latest_created_at"] = sec["_records"].get(sec["latest"], {}).get("created_at")
-    tags = _read(p.versions / "tags.json")
-    if isinstance(tags, dict):
-        sec["tagged"] = {str(k): v for k, v in tags.items() if isinstance(v, str)}
+    if ids:
+        sec["latest"] = ids[-1]
+        sec["latest_created_at"] = sec["_records"].get(ids[-1], {}).get("created_at")
     for bad in sec["problems"]:
         _warn(w, "VERSION_DAMAGED", "warning",
               f"version {bad['id']} fails the cheap check: {'; '.join(bad['problems'][:3])}",
@@ -306,10 +322,24 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
         if sec["tokens_seen"] is None:
             sec["tokens_seen"] = manifest.get("tokens_seen")
         key = _manifest_key(manifest.get("files"))
-        for vid in reversed(versions["ids"]):
+        for vid in reversed(versions["checked"]):
             if key and versions["_records"].get(vid, {}).get("key") == key:
                 sec["matches_version"] = vid
                 break
+        else:  # an older version: a snapshot hard-links the manifest, so its inode tells
+            try:
+                ino = os.stat(folder / ".manifest.json").st_ino
+            except OSError:
+                ino = None  # replaced while we looked: the next run will tell
+            for vid in reversed(versions["ids"] if ino else []):
+                if vid in versions["_records"]:
+                    continue
+                try:
+                    if os.stat(os.path.join(p.versions, vid, ".manifest.json")).st_ino == ino:
+                        sec["matches_version"] = vid
+                        break
+                except OSError:
+                    continue  # a version without a manifest cannot be current_model's
     if not sec["complete"]:
         fix, note = restore, "Puts the latest version back; the damaged folder is kept aside first."
         if not latest:
