@@ -489,9 +489,10 @@ def iter_records(path, *, start_offset: int = 0, start_line: int = 1, allow_mixe
         if start_offset:
             f.seek(start_offset)
         else:
-            bad = _sniff(f.peek(SNIFF_BYTES)[:SNIFF_BYTES])
+            head = f.peek(SNIFF_BYTES)[:SNIFF_BYTES]
+            bad = _sniff(head)
             if bad:
-                raise _record_error(path, 1, bad)
+                raise _record_error(path, head[:bad.byte_offset].count(b"\n") + 1, bad)
         readline, offset, line_no = f.readline, start_offset, start_line
         while (got := _read_line(readline, limit)) is not None:
             raw, size, terminated = got

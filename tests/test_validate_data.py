@@ -1,0 +1,454 @@
+"""validate_data: every bad input named with its code and line, valid data of all four formats
+accepted and parsed into exact segments, bounded memory on huge lines, and the CLI contract."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_script
+
+import training_config
+import validate_data as vd
+from trainroot import GuardrailError, UsageError
+
+GOOD = b'{"text": "a good line"}\n'
+CHAT_OK = (b'{"messages": [{"role": "user", "content": "hi"}, '
+           b'{"role": "assistant", "content": "hello"}]}\n')
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def chat(*turns) -> bytes:
+    msgs = [{"role": r, "content": c} for r, c in turns]
+    return json.dumps({"messages": msgs}).encode() + b"\n"
+
+
+# --------------------------------------------------------------------------- the bad-input corpus
+# (id, file bytes, expected code, expected line, fragment of the message). Each file holds
+# exactly one bad line (mostly after a good one), so the count of errors is exactly one.
+
+CORPUS = [
+    ("trailing-comma", GOOD + b'{"text": "a",}\n', "invalid_json", 2,
+     "Expecting property name enclosed in double quotes (column 14)"),
+    ("single-quotes", GOOD + b"{'text': 'a'}\n", "invalid_json", 2, "(column 2)"),
+    ("two-objects-one-line", GOOD + b'{"text": "a"}{"text": "b"}\n', "invalid_json", 2,
+     "Extra data (column 14)"),
+    ("bare-word", GOOD + GOOD + b"hello\n", "invalid_json", 3, "Expecting value (column 1)"),
+    ("huge-integer", GOOD + b'{"text": "a", "n": ' + b"9" * 5000 + b"}\n", "invalid_json", 2,
+     "unparseable value"),
+    ("invalid-utf8", GOOD + b'{"text": "caf\xe9"}\n', "invalid_utf8", 2,
+     "invalid UTF-8 byte 0xe9 at byte offset 37 (column 14)"),
+    ("array-line", GOOD + b"[1, 2]\n", "not_object", 2, "expected a JSON object, got an array"),
+    ("string-line", GOOD + b'"just text"\n', "not_object", 2, "got a string"),
+    ("null-line", GOOD + b"null\n", "not_object", 2, "got null"),
+    ("unknown-fields", GOOD + b'{"question": "a", "answer": "b"}\n', "unknown_format", 2,
+     'no known fields (has "question", "answer")'),
+    ("empty-object", GOOD + b"{}\n", "unknown_format", 2, "has none"),
+    ("two-formats", GOOD + b'{"text": "a", "prompt": "b", "completion": "c"}\n',
+     "ambiguous_format", 2, "(prompt_completion, text)"),
+    ("prompt-only", b'{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n', "missing_field", 2,
+     'prompt_completion record without "completion"'),
+    ("instruction-no-output", b'{"instruction": "a", "input": "b"}\n', "missing_field", 1,
+     'instruction record without "output"'),
+    ("empty-text", GOOD + b'{"text": ""}\n', "empty_field", 2, '"text" is empty'),
+    ("blank-completion", b'{"prompt": "a", "completion": "  \\n "}\n', "empty_field", 1,
+     '"completion" is empty'),
+    ("number-text", GOOD + b'{"text": 5}\n', "wrong_type", 2, '"text" must be a string, got a number'),
+    ("null-prompt", b'{"prompt": null, "completion": "b"}\n', "wrong_type", 1, "got null"),
+    ("list-input", b'{"instruction": "a", "input": ["x"], "output": "b"}\n', "wrong_type", 1,
+     '"input" must be a string, got an array'),
+    ("messages-string", CHAT_OK + b'{"messages": "hi"}\n', "wrong_type", 2,
+     '"messages" must be an array, got a string'),
+    ("messages-empty", CHAT_OK + b'{"messages": []}\n', "empty_field", 2, '"messages" is empty'),
+    ("message-not-object", CHAT_OK + b'{"messages": ["hi"]}\n', "wrong_type", 2,
+     "messages[0] must be an object, got a string"),
+    ("message-pairs-array", CHAT_OK + b'{"messages": [[["role", "user"], ["content", "x"]]]}\n',
+     "wrong_type", 2, "messages[0] must be an object, got an array"),
+    ("message-no-role", CHAT_OK + b'{"messages": [{"content": "x"}]}\n', "missing_field", 2,
+     'messages[0] record without "role"'),
+    ("message-no-content", CHAT_OK + b'{"messages": [{"role": "user"}]}\n', "missing_field", 2,
+     'messages[0] without "content"'),
+    ("tool-role", CHAT_OK + chat(("user", "q"), ("tool", "{}"), ("assistant", "a")),
+     "unknown_role", 2, 'messages[1].role is "tool"'),
+    ("content-parts", CHAT_OK + b'{"messages": [{"role": "user", "content": [{"type": "text"}]}]}\n',
+     "wrong_type", 2, "messages[0].content must be a string, got an array"),
+    ("empty-assistant", CHAT_OK + chat(("user", "q"), ("assistant", "")), "empty_field", 2,
+     "messages[1].content is empty"),
+    ("two-user-turns", CHAT_OK + chat(("user", "a"), ("user", "b"), ("assistant", "c")),
+     "role_order", 2, "messages[1] is a user turn after a user turn"),
+    ("starts-with-assistant", CHAT_OK + chat(("system", "s"), ("assistant", "a"), ("user", "b")),
+     "role_order", 2, "messages[1] is a assistant turn after no user turn"),
+    ("late-system", CHAT_OK + chat(("user", "a"), ("assistant", "b"), ("system", "c")),
+     "role_order", 2, "messages[2] is a system turn after the conversation started"),
+    ("no-assistant", CHAT_OK + chat(("system", "s"), ("user", "a")), "no_assistant_turn", 2,
+     "nothing to train on"),
+    ("nan", GOOD + b'{"text": "a", "score": NaN}\n', "non_finite_number", 2,
+     "NaN is not valid JSON"),
+    ("minus-infinity", GOOD + b'{"prompt": "a", "completion": "b", "w": -Infinity}\n',
+     "non_finite_number", 2, "-Infinity is not valid JSON"),
+    ("duplicate-key", GOOD + b'{"text": "a", "text": "b"}\n', "duplicate_key", 2,
+     'duplicate key "text"'),
+    ("escaped-duplicate-key", CHAT_OK
+     + b'{"messages": [{"role": "user", "content": "a", "\\u0063ontent": "b"}]}\n',
+     "duplicate_key", 2, 'duplicate key "content"'),
+    ("deep-nesting", GOOD + b'{"text": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+     "too_deep", 2, "nested too deeply"),
+    ("lone-surrogate", GOOD + b'{"text": "bad \\ud800 escape"}\n', "lone_surrogate", 2,
+     '"text" holds a lone surrogate \\ud800'),
+    ("mixed-formats", GOOD + b'{"prompt": "a", "completion": "b"}\n', "mixed_formats", 2,
+     "a prompt_completion record in a file of text records (line 1)"),
+    ("truncated-last-line", GOOD + GOOD + b'{"text": "cut sho', "truncated_last_line", 3,
+     "last line ends without a newline in the middle of a JSON value"),
+    ("truncated-after-colon", GOOD + b'{"text":', "truncated_last_line", 2, "cut short"),
+    ("huge-line", GOOD + b'{"text": "' + b"x" * 300_000 + b'"}\n' + GOOD, "line_too_long", 2,
+     "line is 300,012 bytes, over max_record_bytes 250,000"),
+    ("empty-file", b"", "empty_file", None, "empty file: no records"),
+    ("only-blank-lines", b"\n   \n\t\r\n\n", "no_records", None, "only blank lines"),
+    ("binary", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary_file", 3,
+     "binary data (NUL byte at byte offset 8)"),
+    ("gzip-named-jsonl", gzip.compress(GOOD * 3), "compressed_file", None,
+     "gzip-compressed data, not JSON lines; decompress it first (gunzip -c FILE > NEW.jsonl)"),
+    ("utf16", "\ufeff".encode("utf-16-le") + GOOD.decode().encode("utf-16-le"), "utf16_file", None,
+     "UTF-16 text"),
+]
+
+
+LIMIT = 250_000  # max_record_bytes for the corpus: "huge-line" is over it, "deep-nesting" not
+
+
+def corpus_file(tmp_path: Path, name: str, data: bytes) -> Path:
+    return write(tmp_path / f"{name}.jsonl", data)
+
+
+def test_corpus_has_at_least_25_kinds():
+    assert len({c[0] for c in CORPUS}) == len(CORPUS) >= 25
+    assert {c[2] for c in CORPUS} == set(vd.ERROR_CODES)  # every error code is exercised
+
+
+@pytest.mark.parametrize("name,data,code,line,fragment", CORPUS, ids=[c[0] for c in CORPUS])
+def test_each_bad_input_is_named_with_its_code_and_line(tmp_path, name, data, code, line, fragment):
+    path = corpus_file(tmp_path, name, data)
+    report = vd.validate_file(path, max_record_bytes=LIMIT)
+    assert report["ok"] is False
+    assert report["error_count"] == 1, report["errors"]
+    err = report["errors"][0]
+    assert (err["code"], err["line"]) == (code, line), err
+    assert fragment in err["message"], err["message"]
+    assert code in vd.ERROR_CODES
+    assert report["verdict"].startswith("invalid: ") and "\n" not in report["verdict"]
+    assert fragment in report["verdict"] or code not in vd._FILE_CODES
+    if line is not None:  # iter_records, the trainer's parser, stops at the same line
+        with pytest.raises(GuardrailError) as exc:
+            list(vd.iter_records(path, max_record_bytes=LIMIT))
+        assert str(exc.value).startswith(f"invalid record at line {line} ({code}: ")
+        assert str(exc.value).endswith(
+            f", {path}. Run `python3 validate_data.py {path}` to list every problem.")
+
+
+def test_positions_of_json_and_utf8_errors(tmp_path):
+    report = vd.validate_file(corpus_file(tmp_path, "pos", GOOD + b'{"text": "a",}\n'
+                                          + b'{"text": "caf\xe9"}\n'), allow_mixed=True)
+    assert report["errors"] == [
+        {"line": 2, "column": 14, "byte_offset": len(GOOD) + 13, "code": "invalid_json",
+         "message": "Expecting property name enclosed in double quotes (column 14)"},
+        {"line": 3, "column": 14, "byte_offset": len(GOOD) + 15 + 13, "code": "invalid_utf8",
+         "message": f"invalid UTF-8 byte 0xe9 at byte offset {len(GOOD) + 28} (column 14)"}]
+
+
+def test_the_whole_corpus_through_the_cli_without_a_traceback(tmp_path):
+    paths = [corpus_file(tmp_path, c[0], c[1]) for c in CORPUS]
+    proc = run_script("validate_data.py", *map(str, paths), "--json", "--max-record-bytes", str(LIMIT),
+                      root=tmp_path / "no-such-root")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr == ""
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] is False and doc["max_record_bytes"] == LIMIT
+    got = [(f["errors"][0]["code"], f["errors"][0]["line"]) for f in doc["files"]]
+    assert got == [(c[2], c[3]) for c in CORPUS]
+
+
+def test_error_listing_stops_at_100_then_counts(tmp_path):
+    path = write(tmp_path / "many.jsonl", GOOD + b"[1]\n" * 150)
+    report = vd.validate_file(path)
+    assert report["error_count"] == 150 and len(report["errors"]) == 100
+    assert [e["line"] for e in report["errors"]] == list(range(2, 102))
+    proc = run_script("validate_data.py", str(path), root=tmp_path)
+    assert proc.returncode == 1
+    assert f"  {path}:101: error [not_object] expected a JSON object, got an array\n" in proc.stdout
+    assert "  ... and 50 more errors\n" in proc.stdout
+
+
+# --------------------------------------------------------------------------- valid data
+
+OPENAI_CHAT = [
+    {"messages": [
+        {"role": "system", "content": "Marv is a factual chatbot that is also sarcastic."},
+        {"role": "user", "content": "What's the capital of France?"},
+        {"role": "assistant", "content": "Paris, as if everyone doesn't know that already."}]},
+    {"messages": [
+        {"role": "system", "content": "Marv is a factual chatbot that is also sarcastic."},
+        {"role": "user", "content": "Who wrote 'Romeo and Juliet'?"},
+        {"role": "assistant", "content": "Oh, just some guy named William Shakespeare."},
+        {"role": "user", "content": "And how far is the Moon from Earth?"},
+        {"role": "assistant", "content": "Around 384,400 kilometers. Give or take."}]},
+    {"messages": [
+        {"role": "user", "content": "Translate to French: “good morning” 🙂"},
+        {"role": "assistant", "content": "« Bonjour » — voilà."}]},
+]
+
+ALPACA = [
+    {"instruction": "Give three tips for staying healthy.", "input": "",
+     "output": "1. Eat a balanced diet.\n2. Exercise regularly.\n3. Get enough sleep."},
+    {"instruction": "Identify the odd one out.", "input": "Twitter, Instagram, Telegram",
+     "output": "Telegram"},
+    {"instruction": "Write a haiku about autumn.",
+     "output": "Crisp leaves drift and fall\nGolden light on quiet paths\nThe year exhales slow"},
+]
+
+
+def jsonl(path: Path, records, **dumps) -> Path:
+    path.write_text("".join(json.dumps(r, **dumps) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("ensure_ascii", [True, False], ids=["escaped", "utf8"])
+def test_openai_chat_and_alpaca_files_are_accepted(tmp_path, ensure_ascii):
+    for name, records, fmt in (("chat", OPENAI_CHAT, "messages"), ("alpaca", ALPACA, "instruction")):
+        path = jsonl(tmp_path / f"{name}.jsonl", records, ensure_ascii=ensure_ascii)
+        report = vd.validate_file(path, max_length=4096)
+        assert report["ok"], report["errors"]
+        assert (report["format"], report["records"]) == (fmt, 3)
+        assert report["errors"] == [] and report["warnings"] == []
+        parsed = list(vd.iter_records(path))
+        assert report["est_tokens"] == sum(len(t.encode()) for r in parsed for t, _ in r.segments)
+        assert report["verdict"] == f"valid: 3 {fmt} records, ~{report['est_tokens']:,} tokens"
+
+
+def test_segments_of_each_format_are_exact(tmp_path):
+    path = jsonl(tmp_path / "all.jsonl", [
+        {"text": "héllo"},
+        {"prompt": "Q: 2+2?\nA:", "completion": " 4"},
+        ALPACA[1], ALPACA[2], OPENAI_CHAT[1]])
+    recs = list(vd.iter_records(path, allow_mixed=True))
+    assert [r.format for r in recs] == ["text", "prompt_completion", "instruction", "instruction",
+                                        "messages"]
+    assert recs[0].segments == [("héllo", True)] and recs[0].messages is None
+    assert recs[1].segments == [("Q: 2+2?\nA:", False), (" 4", True)]
+    assert recs[2].segments == [("### Instruction:\nIdentify the odd one out.\n\n### Input:\n"
+                                 "Twitter, Instagram, Telegram\n\n### Response:\n", False),
+                                ("Telegram", True)]
+    assert recs[3].segments[0] == ("### Instruction:\nWrite a haiku about autumn.\n\n"
+                                   "### Response:\n", False)
+    sys_ = "Marv is a factual chatbot that is also sarcastic."
+    assert recs[4].segments == [
+        (f"<|system|>\n{sys_}\n<|user|>\nWho wrote 'Romeo and Juliet'?\n<|assistant|>\n", False),
+        ("Oh, just some guy named William Shakespeare.", True),
+        ("\n<|user|>\nAnd how far is the Moon from Earth?\n<|assistant|>\n", False),
+        ("Around 384,400 kilometers. Give or take.", True)]
+    assert recs[4].messages == OPENAI_CHAT[1]["messages"]
+    sizes = [len(line) + 1 for line in path.read_bytes().decode().split("\n")[:-1]]
+    sizes = [len(line.encode()) + 1 for line in path.read_text(encoding="utf-8").splitlines()]
+    assert [(r.line, r.offset, r.next_offset) for r in recs] == [
+        (i + 1, sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(5)]
+    assert [vd.detect_format(json.loads(line)) for line in path.read_text().splitlines()] == \
+        [r.format for r in recs]
+    assert vd.detect_format({"text": "a", "prompt": "b"}) is None and vd.detect_format([1]) is None
+
+
+def test_iter_records_resumes_from_next_offset(tmp_path):
+    path = jsonl(tmp_path / "chat.jsonl", OPENAI_CHAT * 3)
+    path.write_bytes(path.read_bytes().replace(b"\n", b"\n\n", 2))  # blank lines shift numbering
+    whole = list(vd.iter_records(path))
+    assert [r.line for r in whole] == [1, 3, 5, 6, 7, 8, 9, 10, 11]
+    for i, r in enumerate(whole):
+        assert list(vd.iter_records(path, start_offset=r.next_offset, start_line=r.line + 1)) \
+            == whole[i + 1:]
+
+
+def test_warnings_do_not_reject(tmp_path):
+    data = (b"\xef\xbb\xbf" + GOOD.replace(b"\n", b"\r\n")      # 1: BOM + CRLF
+            + b"\r\n"                                           # 2: blank
+            + b'{"text": "' + b"y" * 40 + b'"}\r\n'             # 3: too long
+            + GOOD                                              # 4: not a duplicate (1 ends CRLF)
+            + b'{"text": "b", "meta": 1, "id": 2}\n'            # 5: ignored fields
+            + b'{"text": "c", "meta": 3}\n')                    # 6: "meta" not repeated
+    report = vd.validate_file(write(tmp_path / "w.jsonl", data), max_length=32)
+    assert report["ok"] and report["records"] == 5 and report["error_count"] == 0
+    got = [(w["line"], w["code"]) for w in report["warnings"]]
+    assert got == [(1, "bom"), (1, "crlf"), (2, "blank_line"), (3, "too_long"),
+                   (5, "ignored_field"), (5, "ignored_field")]
+    assert report["warnings"][1]["message"] == "CRLF line endings on 3 lines (first shown)"
+    assert report["warnings"][3]["message"] == ("about 40 tokens, over max_length 32: it will be "
+                                                "split across rows, not dropped")
+    assert {w["code"] for w in report["warnings"]} <= set(vd.WARNING_CODES)
+    assert report["verdict"] == "valid: 5 text records, ~64 tokens, 6 warnings"
+
+
+def test_duplicates_and_trailing_user_turns_warn(tmp_path):
+    data = GOOD + CHAT_OK + GOOD + chat(("user", "a"), ("assistant", "b"), ("user", "c"))
+    report = vd.validate_file(write(tmp_path / "d.jsonl", data), allow_mixed=True)
+    assert report["ok"] and report["format"] == "mixed"
+    assert report["formats"] == {"text": 2, "messages": 2}
+    assert [(w["line"], w["code"], w["message"]) for w in report["warnings"]] == [
+        (3, "duplicate", "same content as line 1"),
+        (4, "trailing_user_turn", "conversation ends on a user turn, which trains nothing")]
+
+
+def test_fast_path_never_accepts_what_the_careful_path_rejects(tmp_path):
+    """validate_file's C-level fast path must agree with _check_line, the parser's authority."""
+    lines = [c[1].splitlines(keepends=True)[-1] for c in CORPUS if c[3] is not None]
+    good = [json.dumps(r, ensure_ascii=a).encode() + b"\n" for r in OPENAI_CHAT + ALPACA
+            for a in (True, False)]
+    good += [GOOD, CHAT_OK, b'{"prompt": "a", "completion": "b"}\n',
+             chat(("user", "a"), ("assistant", "b"), ("user", "c")), chat(("system", ""), ("user", "a"),
+                                                                           ("assistant", "b"))]
+    for raw in lines + good:
+        state = vd._State(allow_mixed=True)
+        record, tokens, problems = vd._check_line(raw, 0, 1, raw.endswith(b"\n"), state)
+        try:
+            fast = vd._fast_check(vd._decode_pairs(raw.decode("utf-8")))
+        except Exception:
+            fast = None
+        if record is None:
+            assert fast is None, raw
+        elif fast is not None:
+            trailing = any(b.code == "trailing_user_turn" for _, b in problems)
+            assert fast == (record.format, tokens, trailing), raw
+    assert sum(1 for raw in good if vd._fast_check(vd._decode_pairs(raw.decode()))) >= 12
+
+
+def test_estimate_tokens_is_utf8_bytes():
+    assert vd.estimate_tokens("abc") == 3 and vd.estimate_tokens("é🙂") == 6
+
+
+# --------------------------------------------------------------------------- bounded memory
+
+PEAK = """
+import json, resource, sys
+sys.path.insert(0, {repo!r})
+import validate_data
+report = validate_data.validate_file(sys.argv[1], max_record_bytes=int(sys.argv[2]))
+print(json.dumps({{"peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "records": report["records"],
+                  "errors": [(e["line"], e["code"]) for e in report["errors"]]}}))
+"""
+
+
+def peak(path: Path, max_record_bytes: int) -> dict:
+    code = PEAK.format(repo=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(max_record_bytes)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_a_50_mb_line_is_held_at_most_once_per_bound(tmp_path):
+    size = 50 * 1024 * 1024
+    big = tmp_path / "big.jsonl"
+    with open(big, "wb") as f:
+        f.write(GOOD + b'{"text": "' + b"x" * size + b'"}\n' + GOOD.replace(b"good", b"last"))
+    small = write(tmp_path / "small.jsonl", GOOD)
+    base = peak(small, 1 << 20)["peak_kb"]
+
+    over = peak(big, 1 << 20)         # over the bound: skipped in pieces, reported
+    assert over["errors"] == [[2, "line_too_long"]] and over["records"] == 2
+    assert over["peak_kb"] - base < 16 * 1024, (over, base)
+
+    within = peak(big, 64 << 20)      # within it: parsed, a small multiple of the line
+    assert within["errors"] == [] and within["records"] == 3
+    assert within["peak_kb"] - base < 3.5 * size / 1024, (within, base)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+def test_cli_valid_file_exits_0_with_a_summary(tmp_path):
+    path = jsonl(tmp_path / "alpaca.jsonl", ALPACA)
+    proc = run_script("validate_data.py", str(path), root=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = vd.validate_file(path, max_length=256)
+    assert proc.stdout == (f"{path}: {report['verdict']}\n"
+                           f"  format instruction (instruction 3), 3 records, "
+                           f"~{report['est_tokens']:,} tokens, 0 errors, 0 warnings\n")
+
+
+def test_cli_exit_codes_and_json(tmp_path):
+    good = jsonl(tmp_path / "good.jsonl", OPENAI_CHAT)
+    bad = write(tmp_path / "bad.jsonl", GOOD + b"[1]\n")
+    proc = run_script("validate_data.py", str(good), str(bad), "--json", root=tmp_path)
+    assert proc.returncode == 1
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] is False and [f["ok"] for f in doc["files"]] == [True, False]
+    assert doc["files"][1]["errors"] == [{"line": 2, "code": "not_object",
+                                          "message": "expected a JSON object, got an array"}]
+
+    missing = tmp_path / "missing.jsonl"
+    proc = run_script("validate_data.py", str(good), str(missing), "--json", root=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == (f"Error: file not found, {missing}. Check the path and pass a "
+                           "readable .jsonl file.\n")
+    doc = json.loads(proc.stdout)
+    assert [f["ok"] for f in doc["files"]] == [True, False]
+    assert doc["files"][1]["verdict"] == "not checked: file not found"
+
+    proc = run_script("validate_data.py", str(tmp_path), root=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"Error: is a directory, not a file, {tmp_path}.")
+
+    assert run_script("validate_data.py", root=tmp_path).returncode == 2        # no FILE
+    assert run_script("validate_data.py", str(good), "--max-length", "0",
+                      root=tmp_path).returncode == 2
+
+
+def test_unreadable_file_is_a_usage_error(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file")
+    path = jsonl(tmp_path / "secret.jsonl", ALPACA)
+    path.chmod(0)
+    with pytest.raises(UsageError) as exc:
+        vd.validate_file(path)
+    assert str(exc.value) == (f"cannot read the file (permission denied), {path}. Check the path "
+                              "and pass a readable .jsonl file.")
+
+
+def test_cli_takes_settings_from_the_roots_config(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    training_config.write_config(root, training_config.default_config(
+        max_length=16, allow_mixed_formats=True, max_record_bytes=2048))
+    path = write(tmp_path / "mixed.jsonl", b'{"text": "' + b"z" * 20 + b'"}\n' + CHAT_OK
+                 + b'{"text": "' + b"w" * 3000 + b'"}\n')
+    doc = json.loads(run_script("validate_data.py", str(path), "--json", "--root", str(root)).stdout)
+    assert (doc["max_length"], doc["allow_mixed"], doc["max_record_bytes"]) == (16, True, 2048)
+    report = doc["files"][0]
+    assert [(e["line"], e["code"]) for e in report["errors"]] == [(3, "line_too_long")]
+    assert [(w["line"], w["code"]) for w in report["warnings"]] == [(1, "too_long"), (2, "too_long")]
+
+    proc = run_script("validate_data.py", str(path), "--json", "--max-record-bytes", "4096",
+                      "--root", str(root))
+    assert proc.returncode == 0 and json.loads(proc.stdout)["files"][0]["format"] == "mixed"
+
+    # no config (the root need not exist): the defaults, so one format per file
+    proc = run_script("validate_data.py", str(path), "--json", "--root", str(tmp_path / "nowhere"))
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 1 and doc["max_length"] == 256 and doc["allow_mixed"] is False
+    assert doc["files"][0]["errors"][0]["code"] == "mixed_formats"
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_validate_file_is_what_the_queue_reads(tmp_path):
+    report = vd.validate_file(write(tmp_path / "x.jsonl", GOOD))
+    assert set(report) >= {"path", "ok", "verdict", "format", "records", "est_tokens", "errors",
+                           "error_count", "warnings", "warning_count"}
+    json.dumps(report)  # saved next to a rejected file: must serialise as is
+    with pytest.raises(UsageError):
+        vd.validate_file(tmp_path / "absent.jsonl")
