@@ -56,6 +56,7 @@ MAX_LISTED = 100            # errors and warnings listed per file; the rest are 
 DUPLICATE_TRACK_LIMIT = 500_000   # distinct lines remembered for duplicate warnings (~50 MB)
 SNIFF_BYTES = 8192          # the head of a file checked for binary/compressed content
 SKIP_CHUNK = 1 << 20        # an over-long line is skipped in pieces of this size
+BIG_LINE = 1 << 20          # longer lines skip the fast path, which holds them three times
 
 _KEY_FORMAT = {"text": "text", "messages": "messages", "prompt": "prompt_completion",
                "completion": "prompt_completion", "instruction": "instruction",
@@ -323,13 +324,19 @@ def _read_line(readline, limit: int):
     return None, size, terminated
 
 
-def _check_line(raw: bytes, start: int, line_no: int, terminated: bool, state: _State):
-    """(record|None, tokens, problems) of one line, every check done the careful way.
+def _check_line(box: list, start: int, line_no: int, terminated: bool, state: _State,
+                want_key: bool = False):
+    """(record|None, tokens, problems, key) of one line, every check done the careful way.
 
-    `problems` is a list of (severity, _Bad) with severity error, warning or ignored (a
-    warning the caller reports once per message); a line with an error has no record.
+    `box` is a one-item list holding the line's bytes: it is emptied so that a long line
+    is held once, not once here and once by the caller. `problems` is a list of
+    (severity, _Bad), severity error, warning or ignored (a warning the caller reports once
+    per message); a line with an error has no record. `key` (if `want_key`) is the hash
+    of the line's bytes without BOM, ending in a newline: what duplicates are found by.
     """
+    raw = box.pop()
     problems = []
+    key = None
     if raw.startswith(b"\xef\xbb\xbf"):
         problems.append(("warning", _Bad("bom", "UTF-8 byte-order mark at the start of the line "
                                          "(skipped)", byte_offset=start)))
@@ -339,7 +346,9 @@ def _check_line(raw: bytes, start: int, line_no: int, terminated: bool, state: _
                                          byte_offset=start + len(raw) - 2)))
     if not raw or raw.isspace():
         problems.append(("warning", _Bad("blank_line", "blank line (skipped)")))
-        return None, 0, problems
+        return None, 0, problems, None
+    if want_key:
+        key = hash(raw if terminated else raw + b"\n")
     try:
         try:
             text = raw.decode("utf-8")
@@ -369,15 +378,15 @@ def _check_line(raw: bytes, start: int, line_no: int, terminated: bool, state: _
         _check_format(fmt, line_no, state)
     except _Bad as bad:
         problems.append(("error", bad))
-        return None, 0, problems
+        return None, 0, problems, None
     if ends_on_user:
         problems.append(("warning", _Bad("trailing_user_turn", "conversation ends on a user "
                                          "turn, which trains nothing")))
     if len(obj) > 1 and len(obj) > len(obj.keys() & _KNOWN_KEYS):
-        for key in sorted(obj.keys() - _KNOWN_KEYS):
-            problems.append(("ignored", _Bad("ignored_field", f"field {json.dumps(key)} is not "
+        for name in sorted(obj.keys() - _KNOWN_KEYS):
+            problems.append(("ignored", _Bad("ignored_field", f"field {json.dumps(name)} is not "
                                              "used by any format (ignored)")))
-    return Record(line_no, start, 0, fmt, segments, messages), tokens, problems
+    return Record(line_no, start, 0, fmt, segments, messages), tokens, problems, key
 
 
 def _check_format(fmt: str, line_no: int, state: _State) -> None:
@@ -496,11 +505,12 @@ def iter_records(path, *, start_offset: int = 0, start_line: int = 1, allow_mixe
         readline, offset, line_no = f.readline, start_offset, start_line
         while (got := _read_line(readline, limit)) is not None:
             raw, size, terminated = got
+            got = None
             if raw is None:
                 raise _record_error(path, line_no, _too_long(size, terminated, offset,
                                                              max_record_bytes))
-            record, _, problems = _check_line(raw, offset, line_no, terminated, state)
-            raw = None
+            box, raw = [raw], None
+            record, _, problems, _ = _check_line(box, offset, line_no, terminated, state)
             offset += size
             if record is not None:
                 yield record._replace(offset=offset - size, next_offset=offset)
@@ -572,13 +582,15 @@ def validate_file(path, *, max_length: int | None = None, allow_mixed: bool = Fa
                 start = offset
                 offset += len(raw)
                 fast = None
-                if len(raw) < limit:      # a whole line: try the fast path first
+                if len(raw) < limit and len(raw) < BIG_LINE:   # try the fast path first
                     try:                  # any surprise hands the line to the careful path
                         fast = _fast_check(decode_pairs(raw.decode("utf-8")))
                     except Exception:
                         fast = None
                 if fast is not None and (fast[0] == file_format or file_format is None):
                     fmt, tokens, ends_on_user = fast
+                    if seen is not None:
+                        key = hash(raw) if raw[-1] == 10 else hash(raw + b"\n")
                     if file_format is None:
                         file_format = state.format = fmt
                         state.format_line = line_no
@@ -601,7 +613,9 @@ def validate_file(path, *, max_length: int | None = None, allow_mixed: bool = Fa
                             add("error", line_no, _too_long(size, terminated, start,
                                                             max_record_bytes))
                             continue
-                    record, tokens, problems = _check_line(raw, start, line_no, terminated, state)
+                    box, raw = [raw], None
+                    record, tokens, problems, key = _check_line(
+                        box, start, line_no, terminated, state, want_key=seen is not None)
                     file_format = state.format
                     for severity, bad in problems:
                         if severity == "ignored":
@@ -617,12 +631,9 @@ def validate_file(path, *, max_length: int | None = None, allow_mixed: bool = Fa
                     if record is None:
                         continue
                     fmt = record.format
-                    if raw.startswith(b"\xef\xbb\xbf"):
-                        raw = raw[3:]
-                    if not terminated:
-                        raw += b"\n"
+                raw = None
                 if seen is not None:      # duplicates by the hash of the line's bytes
-                    earlier = seen.setdefault(hash(raw), line_no)
+                    earlier = seen.setdefault(key, line_no)
                     if earlier != line_no:
                         add("warning", line_no, _Bad("duplicate", f"same content as line {earlier}"))
                     elif len(seen) >= DUPLICATE_TRACK_LIMIT:
@@ -630,7 +641,6 @@ def validate_file(path, *, max_length: int | None = None, allow_mixed: bool = Fa
                             f"{DUPLICATE_TRACK_LIMIT:,} distinct records: duplicates after this "
                             "line are not checked"))
                         seen = None
-                raw = None
                 records += 1
                 tokens_total += tokens
                 formats[fmt] = formats.get(fmt, 0) + 1
