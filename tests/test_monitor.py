@@ -262,6 +262,44 @@ def test_metrics_downsample_keeps_shape_and_last_point(server, tmp_root):
     assert len(steps) == 100 and steps[0] == 9001 and steps[-1] == 10_000
 
 
+def test_metrics_increments_while_a_writer_appends(server, tmp_root):
+    """Readers polling `since` while lines arrive in torn pieces see each step exactly once."""
+    total = 3000
+    (tmp_root / "metrics.jsonl").touch()
+
+    def writer():
+        with open(tmp_root / "metrics.jsonl", "a") as f:
+            for s in range(1, total + 1):
+                line = metric_line(s, f"part-{s // 500}.jsonl") + "\n"
+                cut = line.index('"global_step": ') + 16  # inside the number
+                f.write(line[:cut])
+                f.flush()      # a reader may see this torn half: step 1234 read as 1
+                f.write(line[cut:])
+                if s % 50 == 0:
+                    f.flush()
+                    time.sleep(0.002)
+
+    seen: dict[int, list[int]] = {n: [] for n in range(3)}
+
+    def reader(n):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        since = 0
+        while since < total:
+            conn.request("GET", f"/api/metrics?since={since}&max_points=10000")
+            doc = json.loads(conn.getresponse().read())
+            seen[n] += [p["global_step"] for p in doc["points"]]
+            since = doc["last_step"] or 0
+        conn.close()
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(n,))
+                                                   for n in seen]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(steps == list(range(1, total + 1)) for steps in seen.values())
+
+
 def test_metrics_steps_going_back_after_a_rollback(server, tmp_root):
     write_metrics(tmp_root, [1, 2, 3, 4, 5, 6, 7, 3, 4, 5])
     doc = get_json(server.port, "/api/metrics?since=4")  # the current run only: 3, 4, 5
