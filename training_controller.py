@@ -261,6 +261,11 @@ def daemon_status(root) -> dict:
     pending = [{"id": r["id"], "action": r["action"], "reason": r.get("reason"),
                 "created_at": r["created_at"], "age_s": _round(age_seconds(r["created_at"])),
                 "options": r.get("options") or {}} for r in requests]
+    try:
+        processing = sorted(n for n in os.listdir(p.processing)
+                            if not n.startswith(".") and not n.endswith(".record.json"))
+    except FileNotFoundError:
+        processing = []
     kept = None
     if not alive:
         pauses = [r for r in pending if r["action"] == "pause"]
@@ -282,6 +287,7 @@ def daemon_status(root) -> dict:
         "paused_reason": state.get("paused_reason") if current == "paused" else None,
         "current_file": state.get("current_file") if same_daemon or current == "dead" else None,
         "progress": state.get("progress") if same_daemon or current == "dead" else None,
+        "processing_file": processing[0] if processing else None,
         "last_error": state.get("last_error"),
         "state_file_error": state_error,
         "pending": pending,
@@ -416,10 +422,14 @@ def _daemon_gone(root, req: dict, st: dict, result: dict, waited: float) -> dict
         return dict(result, outcome="kept", waited_s=waited,
                     message="the daemon exited before pausing: the pause is kept and applies "
                             "when it starts; undo it with `python3 training_controller.py resume`")
-    if claim_request(root, req):  # nobody read it: settle it so nothing stale is left behind
-        if action == "stop" and st["state"] == "stopped":
-            ack = acknowledge(root, req, "done", "the daemon stopped before it read this request")
-            return dict(result, outcome="done", ack=ack, waited_s=waited, message=ack["message"])
+    unread = claim_request(root, req)  # settle it, so nothing stale is left behind
+    if action == "stop" and st["state"] == "stopped":
+        # What `stop --wait` promises is a clean exit with its checkpoint durable; another
+        # stop (or a signal) may have caused it, so this request was never answered itself.
+        ack = acknowledge(root, req, "done", "the daemon stopped before it read this request"
+                          if unread else "the daemon stopped without acknowledging this request")
+        return dict(result, outcome="done", ack=ack, waited_s=waited, message=ack["message"])
+    if unread:
         acknowledge(root, req, "cancelled", f"the daemon exited ({st['state']}) before acting")
     if action == "stop":
         raise GuardrailError(f"the daemon exited ({st['state']}) before acknowledging stop "
@@ -540,6 +550,9 @@ def _status_rows(st: dict) -> list[tuple[str, str]]:
     cf = st["current_file"]
     if cf:
         rows.append(("file", f"{cf.get('name')} ({cf.get('priority', 'normal')})"))
+    elif st["processing_file"]:
+        rows.append(("file", f"{st['processing_file']} waits in processing/ (resumes from its "
+                             f"checkpoint)"))
     pr = st["progress"] or {}
     if pr:
         parts = [f"step {pr.get('global_step')}"]
