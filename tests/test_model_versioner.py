@@ -470,3 +470,21 @@ def test_failed_publish_gives_the_staged_folder_back(root, monkeypatch):
         mv.publish_model(root, staged, reason="t")
     assert model_gen(staged) == 5 and model_gen(p.current_model) == 1
     assert not [n for n in os.listdir(p.staging) if n.startswith("mv-")]
+
+
+def test_a_reader_of_the_old_model_keeps_valid_weights(root):
+    """from_pretrained memory-maps weights: swapping by rename must leave a loaded model intact."""
+    import mmap
+    p = Paths(root)
+    train(root, 2)                           # unversioned: nothing else links its files
+    with open(p.current_model / "model.safetensors", "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        before = bytes(mapped)
+        train(root, 3, keep_old="never")     # gen 2's files are unlinked, never rewritten
+        mv.restore_version(root, "v001")     # gen 3 kept as a version, v001 swapped in
+        assert bytes(mapped) == before and set(before[-100:]) == {2}
+    finally:
+        mapped.close()
+    assert model_gen(p.current_model) == 1
+    assert [r["reason"] for r in mv.list_versions(root)] == ["init", "pre-restore"]
