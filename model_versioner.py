@@ -640,7 +640,8 @@ def recover(root) -> dict:
 # --------------------------------------------------------------------------- restore, rollback
 
 def restore_version(root, vid, reason: str = "restore") -> dict:
-    """Make current_model equal to version `vid`, keeping the present state as a version first.
+    """Make current_model equal to version `vid`, keeping the present state as a version first
+    (reason `pre-<reason>`: pre-restore, pre-backup-restore, ...).
 
     Returns `{restored, previous_version, kept_version, changed, undo}`.
     """
@@ -648,7 +649,7 @@ def restore_version(root, vid, reason: str = "restore") -> dict:
     refuse_while_training(p.root)
     with _versions_lock(p, f"restore {vid}"):
         vid = resolve_version(p.root, vid)
-        return _restore_locked(p, vid, "pre-rollback" if reason == "rollback" else "pre-restore")
+        return _restore_locked(p, vid, f"pre-{reason}")  # pre-restore, pre-backup-restore, ...
 
 
 def _restore_locked(p: Paths, vid: str, keep_reason: str) -> dict:
@@ -695,7 +696,10 @@ def rollback_target(root) -> str:
         seen.add(vid)
         if _load_record(p, vid) is not None:
             return vid
-        pruned = read_json(p.versions / ".pruned" / f"{vid}.json", default=None)
+        try:
+            pruned = read_json(p.versions / ".pruned" / f"{vid}.json", default=None)
+        except GuardrailError:
+            pruned = None
         vid = pruned.get("parent") if isinstance(pruned, dict) else None
     raise GuardrailError("nothing to roll back to (current_model has no earlier version)",
                          p.versions, f"See what exists with `{CMD} list`.")
