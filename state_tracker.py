@@ -775,7 +775,7 @@ def report_rows(state: dict) -> list[tuple[str, str]]:
 def print_report(state: dict, warnings_only: bool = False) -> None:
     """A rich table when stdout is a terminal or rich is wanted; plain lines otherwise."""
     from rich.console import Console  # lazy: ~60 ms, only for the human report
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())  # piped: greppable lines
     colours = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
     if not warnings_only:
         verdict = ("[bold green]OK[/]" if state["ok"] else
