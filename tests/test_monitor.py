@@ -618,3 +618,29 @@ def test_browser_against_a_running_daemon(initialized_root, tmp_path):
     assert png_size(ARTIFACTS / "monitor.png") == (1280, 900)
     with pytest.raises(OSError):  # the monitor went with the daemon
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_daemon_runs_on_when_the_monitor_port_is_taken(initialized_root):
+    """A taken port costs one clear log line; the daemon goes on and exits 0 (`run --once`).
+
+    The queue is empty so that no torch is imported: training a file here costs ~25 s of
+    the test budget, and the daemon's code path after the log line is the same.
+    """
+    training_daemon = pytest.importorskip("training_daemon")
+    if not hasattr(training_daemon, "cmd_run"):
+        pytest.skip("training_daemon.py has no `run` yet")
+    import training_config
+    root = initialized_root
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        cfg = training_config.load_config(root)
+        cfg["monitor_port"] = port
+        training_config.write_config(root, cfg)
+        proc = subprocess.run([sys.executable, str(REPO / "training_daemon.py"), "run", "--once",
+                               "--root", str(root)], capture_output=True, text=True,
+                              timeout=120, cwd=str(REPO))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert f"monitor not started: port {port} is already in use, 127.0.0.1:{port}." in output
