@@ -407,53 +407,81 @@ _chain = chain.from_iterable
 _ROLE_ORDER = re.compile(r"(?:system\|)*(?:user\|assistant\|)+(?:user\|)?")
 
 
-def _fast_check(top) -> tuple[str, int, bool] | None:
+_ROLE_PATTERNS: dict = {}   # tuple of roles -> (plain-template bytes, ends_on_user), or None
+_MISS = object()
+_PROMPT_WITH_INPUT = len(_instruction_prompt("", "x")) - 1    # the Alpaca template's own bytes
+_PROMPT_NO_INPUT = len(_instruction_prompt("", ""))
+
+
+def _utf8_size(strings, extra: int) -> int:
+    """UTF-8 bytes of `strings`, given `extra` = bytes - characters of their whole line.
+
+    Everything else on a fast-path line is ASCII, so when the line holds literal non-ASCII
+    text its surplus bytes are these strings'. (A line mixing literal and \\u-escaped
+    non-ASCII characters counts each escaped one as one byte: it is an estimate.)
+    """
+    size = sum(map(len, strings))
+    if extra:
+        return size + extra
+    if all(map(str.isascii, strings)):
+        return size
+    return sum(map(len, map(str.encode, strings)))    # \u escapes only (ensure_ascii files)
+
+
+def _fast_check(top, extra: int) -> tuple[str, int, bool] | None:
     """(format, tokens, ends_on_user) when `top` (parsed by _decode_pairs) is certainly a
-    valid record with only the fields of its format, else None."""
+    valid record with only the fields of its format, else None. `extra`: see _utf8_size."""
     if type(top) is not tuple:
         return None
-    obj = dict(top)
-    n = len(obj)
-    if n != len(top):
-        return None
-    if n == 1 and "messages" in obj:
-        msgs = obj["messages"]
+    n = len(top)
+    if n == 1:
+        key, value = top[0]
+        if key == "text":
+            if type(value) is not str or not value or value.isspace():
+                return None
+            if extra:
+                return "text", len(value) + extra, False
+            return "text", (len(value) if value.isascii() else len(value.encode("utf-8"))), False
+        if key != "messages":
+            return None
+        msgs = value
         # the common shape only: every message exactly ("role", r), ("content", c), in order
         if type(msgs) is not list or set(map(type, msgs)) != {tuple} or set(map(len, msgs)) != {2}:
             return None
         flat = [*_chain(_chain(msgs))]             # role, r, content, c, role, r, ...
         k = len(msgs)
-        roles, contents = flat[1::4], flat[3::4]
-        if (flat[0::4].count("role") != k or flat[2::4].count("content") != k
-                or not _ROLE_ORDER.fullmatch("|".join(roles) + "|")   # a non-string raises
-                or "" in contents or any(map(str.isspace, contents))):   # so does this
+        roles, contents = tuple(flat[1::4]), flat[3::4]
+        if flat[0::4].count("role") != k or flat[2::4].count("content") != k:
             return None
-        if all(map(str.isascii, contents)):
-            size = sum(map(len, contents))
-        else:
-            size = sum(map(len, map(str.encode, contents)))
-        # the plain rendering: "<|role|>\n" + content + "\n" per turn, no last "\n" after assistant
-        tokens = size + sum(map(len, roles)) + 6 * k - (roles[-1] == "assistant")
-        return "messages", tokens, roles[-1] == "user"
-    if n == 1 and "text" in obj:
-        text = obj["text"]
-        if type(text) is not str or not text or text.isspace():
+        pattern = _ROLE_PATTERNS.get(roles, _MISS)     # an unhashable role raises
+        if pattern is _MISS:
+            pattern = None
+            if _ROLE_ORDER.fullmatch("|".join(roles) + "|"):     # a non-string role raises
+                # the plain rendering: "<|role|>\n" + content + "\n" per turn, no final
+                # "\n" after an assistant turn
+                pattern = (sum(map(len, roles)) + 6 * k - (roles[-1] == "assistant"),
+                           roles[-1] == "user")
+            if len(_ROLE_PATTERNS) < 4096:
+                _ROLE_PATTERNS[roles] = pattern
+        if pattern is None or "" in contents or any(map(str.isspace, contents)):  # non-str raises
             return None
-        return "text", (len(text) if text.isascii() else len(text.encode("utf-8"))), False
+        return "messages", pattern[0] + _utf8_size(contents, extra), pattern[1]
+    obj = dict(top)
+    if len(obj) != n:                   # a duplicate key
+        return None
     if n == 2 and "prompt" in obj and "completion" in obj:
         prompt, completion = obj["prompt"], obj["completion"]
         if (type(prompt) is not str or type(completion) is not str or not prompt
                 or not completion or prompt.isspace() or completion.isspace()):
             return None
-        both = prompt + completion
-        return "prompt_completion", (len(both) if both.isascii() else len(both.encode("utf-8"))), False
+        return "prompt_completion", _utf8_size((prompt, completion), extra), False
     if (n == 3 or n == 2 and "input" not in obj) and "instruction" in obj and "output" in obj:
         instruction, output, inp = obj["instruction"], obj["output"], obj.get("input", "")
         if (type(instruction) is not str or type(output) is not str or type(inp) is not str
                 or not instruction or not output or instruction.isspace() or output.isspace()):
             return None
-        both = _instruction_prompt(instruction, inp) + output
-        return "instruction", (len(both) if both.isascii() else len(both.encode("utf-8"))), False
+        template = _PROMPT_WITH_INPUT if inp else _PROMPT_NO_INPUT
+        return "instruction", template + _utf8_size((instruction, inp, output), extra), False
     return None
 
 
@@ -573,35 +601,38 @@ def validate_file(path, *, max_length: int | None = None, allow_mixed: bool = Fa
             add("error", line, bad)
         else:
             readline, limit, decode_pairs = f.readline, max_record_bytes + 2, _decode_pairs
-            offset, line_no, file_format = 0, 0, None
-            while True:
+            fast_limit = min(limit, BIG_LINE)      # longer lines skip the fast path (memory)
+            too_long_at = max_length or 1 << 62
+            offset = line_no = fast_records = fast_tokens = unlisted_warnings = 0
+            track_limit = DUPLICATE_TRACK_LIMIT
+            file_format = None
+            while raw := readline(limit):
                 line_no += 1
-                raw = readline(limit)
-                if not raw:
-                    break
                 start = offset
                 offset += len(raw)
                 fast = None
-                if len(raw) < limit and len(raw) < BIG_LINE:   # try the fast path first
+                if len(raw) < fast_limit:
                     try:                  # any surprise hands the line to the careful path
-                        fast = _fast_check(decode_pairs(raw.decode("utf-8")))
+                        text = raw.decode("utf-8")
+                        fast = _fast_check(decode_pairs(text), len(raw) - len(text))
                     except Exception:
                         fast = None
-                if fast is not None and (fast[0] == file_format or file_format is None):
-                    fmt, tokens, ends_on_user = fast
-                    if seen is not None:
-                        key = hash(raw) if raw[-1] == 10 else hash(raw + b"\n")
-                    if file_format is None:
-                        file_format = state.format = fmt
-                        state.format_line = line_no
-                    if raw[-2] == 13 and raw[-1] == 10:   # CRLF, reported once per file
+                # the first record, and any of another format, take the careful path
+                if fast is not None and fast[0] == file_format:
+                    tokens = fast[1]
+                    fast_records += 1
+                    fast_tokens += tokens
+                    if raw[-1] != 10:     # the last line, complete without its newline
+                        raw += b"\n"
+                    elif raw[-2] == 13:   # CRLF, reported once per file
                         crlf_lines += 1
                         if crlf_lines == 1:
                             add("warning", line_no, _Bad("crlf", "CRLF line ending",
                                                          byte_offset=offset - 2))
-                    if ends_on_user:
+                    if fast[2]:
                         add("warning", line_no, _Bad("trailing_user_turn", "conversation ends "
                                                      "on a user turn, which trains nothing"))
+                    key = hash(raw) if seen is not None else None
                 else:
                     if len(raw) < limit:
                         terminated = raw[-1] == 10
@@ -630,26 +661,30 @@ def validate_file(path, *, max_length: int | None = None, allow_mixed: bool = Fa
                         add(severity, line_no, bad)
                     if record is None:
                         continue
-                    fmt = record.format
+                    records += 1
+                    tokens_total += tokens
+                    formats[record.format] = formats.get(record.format, 0) + 1
                 raw = None
                 if seen is not None:      # duplicates by the hash of the line's bytes
                     earlier = seen.setdefault(key, line_no)
                     if earlier != line_no:
                         add("warning", line_no, _Bad("duplicate", f"same content as line {earlier}"))
-                    elif len(seen) >= DUPLICATE_TRACK_LIMIT:
+                    elif len(seen) >= track_limit:
                         add("warning", line_no, _Bad("duplicates_unchecked", "more than "
                             f"{DUPLICATE_TRACK_LIMIT:,} distinct records: duplicates after this "
                             "line are not checked"))
                         seen = None
-                records += 1
-                tokens_total += tokens
-                formats[fmt] = formats.get(fmt, 0) + 1
-                if max_length and tokens > max_length:
+                if tokens > too_long_at:
                     if len(warnings) < MAX_LISTED:
                         add("warning", line_no, _Bad("too_long", f"about {tokens:,} tokens, over "
                             f"max_length {max_length:,}: it will be split across rows, not dropped"))
                     else:
-                        counts["warning"] += 1
+                        unlisted_warnings += 1
+            counts["warning"] += unlisted_warnings
+            if fast_records:              # all of the file's first format
+                records += fast_records
+                tokens_total += fast_tokens
+                formats[file_format] += fast_records
             if records == 0 and counts["error"] == 0:
                 add("error", None, _Bad("no_records", "no records: the file has only blank lines"))
     if crlf_lines > 1:

@@ -316,7 +316,8 @@ def test_fast_path_never_accepts_what_the_careful_path_rejects(tmp_path):
         state = vd._State(allow_mixed=True)
         record, tokens, problems, _ = vd._check_line([raw], 0, 1, raw.endswith(b"\n"), state)
         try:
-            fast = vd._fast_check(vd._decode_pairs(raw.decode("utf-8")))
+            text = raw.decode("utf-8")
+            fast = vd._fast_check(vd._decode_pairs(text), len(raw) - len(text))
         except Exception:
             fast = None
         if record is None:
@@ -324,7 +325,8 @@ def test_fast_path_never_accepts_what_the_careful_path_rejects(tmp_path):
         elif fast is not None:
             trailing = any(b.code == "trailing_user_turn" for _, b in problems)
             assert fast == (record.format, tokens, trailing), raw
-    assert sum(1 for raw in good if vd._fast_check(vd._decode_pairs(raw.decode()))) >= 12
+    assert sum(1 for raw in good if vd._fast_check(vd._decode_pairs(raw.decode()),
+                                                   len(raw) - len(raw.decode()))) >= 12
 
 
 def test_estimate_tokens_is_utf8_bytes():
