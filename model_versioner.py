@@ -663,15 +663,22 @@ def _restore_locked(p: Paths, vid: str, keep_reason: str) -> dict:
     if previous == vid:
         return {"restored": vid, "previous_version": vid, "kept_version": None,
                 "changed": False, "undo": None}
-    kept = None
-    if os.path.lexists(p.current_model) and previous is None and not check_model_dir(p.current_model):
-        kept, _ = _create_version_locked(p, keep_reason, note=f"kept before restoring {vid}",
-                                         force=True)
+    # Link the restore stage first: the fsync that makes the kept version durable then
+    # commits these links too (one journal commit fewer on ext4; each costs ~2-15 ms).
     p.staging.mkdir(parents=True, exist_ok=True)
     stage = p.staging / f"{PREFIX}restore-{_stamp()}"
     stage.mkdir()
-    _link_tree(src, stage, list(rec["manifest"]) + [MANIFEST])
-    result = _publish_locked(p, stage, f"restore {vid}", "if-unversioned")
+    try:
+        _link_tree(src, stage, list(rec["manifest"]) + [MANIFEST])
+        kept = None
+        if os.path.lexists(p.current_model) and previous is None \
+                and not check_model_dir(p.current_model):
+            kept, _ = _create_version_locked(p, keep_reason, note=f"kept before restoring {vid}",
+                                             force=True)
+        result = _publish_locked(p, stage, f"restore {vid}", "if-unversioned")
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     before = previous or kept or result.get("kept_version")
     return {"restored": vid, "previous_version": previous, "kept_version": kept or
             result.get("kept_version"), "changed": True,
