@@ -13,11 +13,14 @@ AdamW and the LR schedule across files, checkpointing the exact data position so
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -25,11 +28,15 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from trainroot import (GuardrailError, Paths, add_common_args, append_line, atomic_write_json,
                        exchange_paths, fsync_dir, read_json, rename_noreplace, run_cli, utc_now)
 
 log = logging.getLogger("training_engine")
+
+# What a full or failing disk raises while saving: safetensors wraps the OS error in its own.
+WRITE_ERRORS = (OSError, SafetensorError)
 
 TRAINER_STATE = "trainer_state.json"
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -189,7 +196,6 @@ class Encoder:
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self._byte_fast = self._is_byte_identity(tokenizer)
         if self._byte_fast:
-            import re
             specials = sorted(tokenizer.all_special_tokens, key=len, reverse=True)
             self._special_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
             self._special_re = re.compile("(" + "|".join(re.escape(t) for t in specials) + ")")
@@ -427,7 +433,17 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
         fsync_tree(stage)
         final = p.checkpoints / f"checkpoint-{meta['global_step']:08d}"
         if os.path.lexists(final):  # same step again (end of file, or a rolled-back lineage)
-            exchange_paths(stage, final)
+            try:
+                exchange_paths(stage, final)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSYS, errno.EINVAL):
+                    raise
+                log.info("renameat2 exchange unavailable (%s): replacing %s in two renames",
+                         exc, final.name)
+                old = Path(tempfile.mkdtemp(prefix="old-checkpoint-", dir=p.staging))
+                os.rename(final, old / final.name)
+                os.rename(stage, final)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             rename_noreplace(stage, final)
     finally:
@@ -553,8 +569,9 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
     Returns {status: completed|stopped|paused|skipped|nan|spike, steps, global_step,
     tokens_seen, records, tokens, loss, message, ...}. `control()` is called between
     micro-batches (None, "stop", "pause" or "skip"); the engine acts at the next
-    optimizer-step boundary. Only rank 0 writes files (DDP later: rows are sharded with
-    `shard_rows`, counts summed with `_all_sum`).
+    optimizer-step boundary. Under torchrun pass rank/world_size with torch.distributed
+    initialised: every rank reads the same packed stream and trains rows r::world_size;
+    rank 0 alone polls control, writes checkpoints, metrics and current_model.
     """
     import training_config
     config = {**training_config.default_config(), **config}
@@ -589,6 +606,9 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
         loss_history = list(meta.get("loss_history", []))
         file_start = int(meta["file_start_global_step"])
         notes.append(f"resumed from {ckpt.name} at step {state['global_step']}")
+        if int(meta.get("world_size", 1)) != world_size:  # position is global, so no row is lost
+            notes.append(f"checkpoint was written with {meta.get('world_size', 1)} processes, "
+                         f"resuming with {world_size}: rows keep their order, steps regroup them")
         optimizer_source = "resumed"
     else:
         carry = _carry_checkpoint(root, state)
@@ -607,6 +627,14 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
         torch.manual_seed(seed)
     for note in notes:
         log.info("%s: %s", file_id, note)
+    ddp = world_size > 1
+    if ddp:  # under torchrun: gradients averaged by DDP, files written by rank 0 alone
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+        if not dist.is_initialized():
+            raise GuardrailError(f"world_size {world_size} needs torch.distributed initialised",
+                                 p.root, "Run the engine under torchrun, or use world_size 1.")
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     encoder = Encoder(tokenizer, loss_on_prompt=bool(config.get("loss_on_prompt")))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else encoder.eos_id
@@ -636,11 +664,19 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
                               "next_lr": lr_at(state["global_step"], config)},
                 "world_size": world_size, "config": config}
 
-    def checkpoint(complete=False):
+    def checkpoint(complete=False) -> str | None:
+        """Write one; on a full or failing disk say why instead of crashing (the run pauses)."""
         nonlocal dirty, last_ckpt_time
         if writer:
-            save_checkpoint(root, model, optimizer, meta_now(complete), scaler=scaler, keep=keep)
+            try:
+                save_checkpoint(root, model, optimizer, meta_now(complete), scaler=scaler, keep=keep)
+            except WRITE_ERRORS as exc:
+                log.error("checkpoint at step %d failed: %s", state["global_step"], exc)
+                return (f"checkpoint at step {state['global_step']} failed ({_io_reason(exc)}); "
+                        "paused: free disk space, then resume (training restarts from the last "
+                        "good checkpoint)")
         dirty, last_ckpt_time = False, time.monotonic()
+        return None
 
     def model_state(status) -> dict:
         return {"global_step": state["global_step"], "tokens_seen": state["tokens_seen"],
@@ -648,7 +684,14 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
 
     def finish(status, message, *, publish=None):
         if publish and writer and (result["steps"] or resume):  # nothing new: leave it be
-            publish_current_model(root, model, tokenizer, model_state(status), reason=publish)
+            try:
+                publish_current_model(root, model, tokenizer, model_state(status), reason=publish)
+            except WRITE_ERRORS as exc:  # the checkpoint beside it is complete: resume is exact
+                log.error("saving current_model failed: %s", exc)
+                status, message = "paused", (f"saving current_model failed ({_io_reason(exc)}); "
+                                             "paused: free disk space, then resume")
+        if ddp:
+            dist.barrier()  # every rank returns after rank 0 has written
         pos = stream.position()
         result.update(status=status, global_step=state["global_step"], tokens_seen=state["tokens_seen"],
                       records=pos["records"], tokens=pos["tokens"], loss=last_loss,
@@ -663,11 +706,14 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
     t_last = started = time.perf_counter()
     records_at_start = stream.position()["records"]
     while True:
-        if control and pending is None:  # asked at the boundary too, so a request never waits a step
+        if control and writer and pending is None:  # asked at the boundary too: no request waits a step
             pending = control()
+        if ddp:  # rank 0's decision, so every rank stops at the same step boundary
+            pending = _broadcast(pending)
         if pending in ("stop", "pause"):
-            if dirty:
-                checkpoint()
+            error = checkpoint() if dirty else None
+            if error:
+                return finish("paused", error)
             status = "stopped" if pending == "stop" else "paused"
             return finish(status, f"{status} at step {state['global_step']}", publish=pending)
         if pending == "skip":
@@ -683,7 +729,10 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
                 rows.append(row)
             if not rows:
                 break
-            micro.append(shard_rows(rows, rank, world_size))
+            mine = shard_rows(rows, rank, world_size)
+            # a short last batch can leave a rank without a row: it trains a masked pad row,
+            # because every rank must join every micro-batch's gradient all-reduce
+            micro.append(mine or [([pad_id] * max_length, [-100] * max_length, 0)])
         if not micro:
             break
         real_tokens = sum(r[2] for m in micro for r in m)
@@ -693,19 +742,24 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for rows in micro:
+        for i, rows in enumerate(micro):
             ids = torch.tensor([r[0] for r in rows], dtype=torch.long, device=device)
             labels = torch.tensor([r[1] for r in rows], dtype=torch.long, device=device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
-                                enabled=amp_dtype is not None):
-                logits = model(input_ids=ids, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                ignore_index=-100, reduction="sum") / max(1, n_trained)
-            (scaler.scale(loss) if scaler else loss).backward()
+            sync = model.no_sync() if ddp and i < len(micro) - 1 else contextlib.nullcontext()
+            with sync:
+                with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
+                                    enabled=amp_dtype is not None):
+                    logits = model(input_ids=ids, use_cache=False).logits
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                    ignore_index=-100, reduction="sum") / max(1, n_trained)
+                # DDP averages gradients over ranks; the loss is already over the global count
+                scaled = loss * world_size if ddp else loss
+                (scaler.scale(scaled) if scaler else scaled).backward()
             loss_sum += float(loss.detach())
-            if control:
+            if control and writer:
                 pending = control() or pending
+        loss_sum = _all_sum(loss_sum, world_size)
         if not math.isfinite(loss_sum):
             optimizer.zero_grad(set_to_none=True)
             return finish("nan", f"non-finite loss ({loss_sum}) at step {state['global_step'] + 1}; "
@@ -742,13 +796,15 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
         t_last = now
         if (ckpt_steps and state["global_step"] % ckpt_steps == 0) or \
                 (ckpt_minutes and time.monotonic() - last_ckpt_time >= ckpt_minutes * 60):
-            checkpoint()
+            error = checkpoint()
+            if error:
+                return finish("paused", error)
         if writer:
             append_line(p.metrics, json.dumps({
                 "time": utc_now(), "global_step": state["global_step"], "file": file_id,
                 "loss": last_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": round(tps, 1),
                 "tokens_seen": state["tokens_seen"], "step_in_file": step_in_file}))
-        if progress:
+        if progress and writer:
             pos = stream.position()
             eta = None
             if records_total and pos["records"]:
@@ -760,23 +816,46 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
                       "tokens_per_sec": round(tps, 1), "loss": last_loss,
                       "tokens_seen": state["tokens_seen"], "eta_seconds": eta})
         if spike:
-            checkpoint()
+            error = checkpoint()
+            if error:
+                return finish("paused", error)
             return finish("spike", f"loss {last_loss:.4g} at step {state['global_step']} is over "
                           f"{spike_factor:g}x the running average; paused for a person to look",
                           publish="spike")
 
-    checkpoint(complete=True)  # the end state, so the next file carries the optimizer over
+    error = checkpoint(complete=True)  # the end state, so the next file carries the optimizer over
+    if error:
+        return finish("paused", error)
     return finish("completed", f"trained to step {state['global_step']}", publish="end-of-file")
 
 
-def _all_sum(value: int, world_size: int) -> int:
-    """Sum a count over ranks (identity on one process; all_reduce under DDP)."""
+def _io_reason(exc: BaseException) -> str:
+    """'No space left on device' from an OSError or from safetensors' wrapped I/O error."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc)
+    match = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", text)
+    return match.group(1) if match else text
+
+
+def _all_sum(value, world_size: int):
+    """Sum a number over ranks (identity on one process; all_reduce under DDP)."""
     if world_size <= 1:
         return value
     import torch.distributed as dist
-    t = torch.tensor([value], dtype=torch.long)
+    is_int = isinstance(value, int)
+    t = torch.tensor([value], dtype=torch.long if is_int else torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
-    return int(t.item())
+    return int(t.item()) if is_int else float(t.item())
+
+
+def _broadcast(choice):
+    """Rank 0's control decision, on every rank."""
+    import torch.distributed as dist
+    box = [choice]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # --------------------------------------------------------------------------- CLI

@@ -426,3 +426,30 @@ def test_train_command_reports_a_missing_config(tmp_root):
     assert proc.returncode == 1
     assert proc.stderr.strip() == (f"Error: no config.json in the training root, {tmp_root}. "
                                    f"Run `python3 training_daemon.py init --root {tmp_root}`.")
+
+
+def test_a_failing_disk_pauses_instead_of_crashing(tmp_path, tiny_model_dir, reference):
+    """A real write failure: RLIMIT_FSIZE below the weights' size makes every checkpoint write
+    fail with EFBIG (SIGXFSZ ignored), as a full disk would fail it. The file pauses with the
+    reason; lifting the limit and resuming gives the uninterrupted result."""
+    import resource
+    root, cfg = make_root(tmp_path / "root", tiny_model_dir)
+    cur = Paths(root).current_model
+    before = sha256_file(cur / "model.safetensors")
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
+    try:
+        r = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert r["status"] == "paused" and r["global_step"] == 1, r
+    assert r["message"] == ("checkpoint at step 1 failed (File too large); paused: free disk space, "
+                            "then resume (training restarts from the last good checkpoint)")
+    assert sha256_file(cur / "model.safetensors") == before
+    assert te.list_checkpoints(root) == []
+    assert not [n for n in os.listdir(Paths(root).staging) if n.startswith("checkpoint-")]
+    again = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg)
+    assert again["status"] == "completed"
+    assert_bitwise_equal(weights(cur), reference["weights"])
