@@ -166,9 +166,10 @@ def _byte_len(text: str, where: str) -> int:
                    f"\\u{ord(text[exc.start]):04x}, which is not valid Unicode") from None
 
 
-def _string(obj: dict, key: str, fmt: str, *, allow_empty: bool = False) -> str:
+def _string(obj: dict, key: str, owner: str, *, allow_empty: bool = False) -> str:
+    """obj[key] if it is a non-empty string; `owner` names obj in the message."""
     if key not in obj:
-        raise _Bad("missing_field", f'{fmt} record without "{key}"')
+        raise _Bad("missing_field", f'{owner} without "{key}"')
     value = obj[key]
     if type(value) is not str:
         raise _Bad("wrong_type", f'"{key}" must be a string, got {_json_type(value)}')
@@ -205,6 +206,7 @@ def _chat(messages) -> tuple[list, int, bool]:
         if type(msg) is not dict:
             raise _Bad("wrong_type", f"{where} must be an object, got {_json_type(msg)}")
         role = _string(msg, "role", where)
+        article = "an" if role == "assistant" else "a"
         if role not in ROLES:
             raise _Bad("unknown_role", f"{where}.role is {json.dumps(role)}; "
                        "expected system, user or assistant")
@@ -220,7 +222,7 @@ def _chat(messages) -> tuple[list, int, bool]:
                 raise _Bad("role_order", f"{where} is a system turn after the conversation "
                            "started; system turns go first")
         elif previous == role or (previous is None and role == "assistant"):
-            raise _Bad("role_order", f"{where} is a {role} turn after "
+            raise _Bad("role_order", f"{where} is {article} {role} turn after "
                        f"{'a ' + previous + ' turn' if previous else 'no user turn'}; turns "
                        "must alternate user/assistant, starting with user")
         _byte_len(content, f"{where}.content")   # raises on a lone surrogate
@@ -256,16 +258,18 @@ def _parse_object(obj) -> tuple[str, list, list | None, int, bool]:
                    + ", ".join(sorted(found)) + ") in one record")
     fmt = found.pop()
     if fmt == "text":
-        text = _string(obj, "text", fmt)
+        text = _string(obj, "text", "text record")
         return fmt, [(text, True)], None, _byte_len(text, '"text"'), False
     if fmt == "prompt_completion":
-        prompt, completion = _string(obj, "prompt", fmt), _string(obj, "completion", fmt)
+        owner = "prompt_completion record"
+        prompt, completion = _string(obj, "prompt", owner), _string(obj, "completion", owner)
         tokens = _byte_len(prompt, '"prompt"') + _byte_len(completion, '"completion"')
         return fmt, [(prompt, False), (completion, True)], None, tokens, False
     if fmt == "instruction":
-        instruction = _string(obj, "instruction", fmt)
-        inp = _string(obj, "input", fmt, allow_empty=True) if "input" in obj else ""
-        output = _string(obj, "output", fmt)
+        owner = "instruction record"
+        instruction = _string(obj, "instruction", owner)
+        inp = _string(obj, "input", owner, allow_empty=True) if "input" in obj else ""
+        output = _string(obj, "output", owner)
         prompt = _instruction_prompt(instruction, inp)
         tokens = (_byte_len(prompt, '"instruction" or "input"') + _byte_len(output, '"output"'))
         return fmt, [(prompt, False), (output, True)], None, tokens, False
@@ -704,6 +708,10 @@ def validate_file(path, *, max_length: int | None = None, allow_mixed: bool = Fa
     return report
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'s' * (n != 1)}"
+
+
 def _verdict(report: dict) -> str:
     """One line a person reads first: valid or not, and the main reason."""
     w = report["warning_count"]
@@ -748,11 +756,14 @@ def _print_report(report: dict) -> None:
             print(f"  {where}: {severity} [{e['code']}] {e['message']}")
         if count > len(listed):
             print(f"  ... and {count - len(listed):,} more {severity}s")
-    if report["records"] or report["ok"]:
-        kinds = ", ".join(f"{k} {v:,}" for k, v in report["formats"].items()) or "none"
-        print(f"  format {report['format']} ({kinds}), {report['records']:,} records, "
-              f"~{report['est_tokens']:,} tokens, {report['error_count']:,} errors, "
-              f"{report['warning_count']:,} warnings")
+    if not report["errors"] or report["errors"][0]["code"] not in _FILE_CODES:
+        formats = report["formats"]
+        kinds = ", ".join(f"{k} {v:,}" for k, v in formats.items()) if len(formats) > 1 \
+            else report["format"]
+        kinds = f" ({kinds})" if kinds else ""
+        print(f"  summary: {_count(report['records'], 'record')}{kinds}, "
+              f"~{report['est_tokens']:,} tokens, {_count(report['error_count'], 'error')}, "
+              f"{_count(report['warning_count'], 'warning')}")
 
 
 def cmd_validate(args) -> int:

@@ -75,7 +75,7 @@ CORPUS = [
     ("message-pairs-array", CHAT_OK + b'{"messages": [[["role", "user"], ["content", "x"]]]}\n',
      "wrong_type", 2, "messages[0] must be an object, got an array"),
     ("message-no-role", CHAT_OK + b'{"messages": [{"content": "x"}]}\n', "missing_field", 2,
-     'messages[0] record without "role"'),
+     'messages[0] without "role"'),
     ("message-no-content", CHAT_OK + b'{"messages": [{"role": "user"}]}\n', "missing_field", 2,
      'messages[0] without "content"'),
     ("tool-role", CHAT_OK + chat(("user", "q"), ("tool", "{}"), ("assistant", "a")),
@@ -87,7 +87,7 @@ CORPUS = [
     ("two-user-turns", CHAT_OK + chat(("user", "a"), ("user", "b"), ("assistant", "c")),
      "role_order", 2, "messages[1] is a user turn after a user turn"),
     ("starts-with-assistant", CHAT_OK + chat(("system", "s"), ("assistant", "a"), ("user", "b")),
-     "role_order", 2, "messages[1] is a assistant turn after no user turn"),
+     "role_order", 2, "messages[1] is an assistant turn after no user turn"),
     ("late-system", CHAT_OK + chat(("user", "a"), ("assistant", "b"), ("system", "c")),
      "role_order", 2, "messages[2] is a system turn after the conversation started"),
     ("no-assistant", CHAT_OK + chat(("system", "s"), ("user", "a")), "no_assistant_turn", 2,
@@ -382,7 +382,7 @@ def test_cli_valid_file_exits_0_with_a_summary(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = vd.validate_file(path, max_length=256)
     assert proc.stdout == (f"{path}: {report['verdict']}\n"
-                           f"  format instruction (instruction 3), 3 records, "
+                           f"  summary: 3 records (instruction), "
                            f"~{report['est_tokens']:,} tokens, 0 errors, 0 warnings\n")
 
 
