@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import re
+import stat
 import sys
 from itertools import chain
 from pathlib import Path
@@ -493,19 +494,18 @@ def _open(path: Path):
     """Open a data file for binary reading; a missing, folder or unreadable path is a usage error."""
     fix = "Check the path and pass a readable .jsonl file."
     try:
-        f = open(path, "rb", buffering=1 << 20)
+        mode = os.stat(path).st_mode     # before open(): opening a FIFO would block
+        if stat.S_ISDIR(mode):
+            raise UsageError("is a directory, not a file", path, fix)
+        if not stat.S_ISREG(mode):
+            raise UsageError("not a regular file", path, fix)
+        return open(path, "rb", buffering=1 << 20)
     except FileNotFoundError:
         raise UsageError("file not found", path, fix) from None
-    except IsADirectoryError:
-        raise UsageError("is a directory, not a file", path, fix) from None
     except PermissionError:
         raise UsageError("cannot read the file (permission denied)", path, fix) from None
     except OSError as exc:
         raise UsageError(f"cannot open the file ({exc.strerror})", path, fix) from None
-    if not os.path.isfile(path):
-        f.close()
-        raise UsageError("not a regular file", path, fix)
-    return f
 
 
 def _too_long(size: int, terminated: bool, start: int, max_record_bytes: int) -> _Bad:

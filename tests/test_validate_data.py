@@ -409,6 +409,12 @@ def test_cli_exit_codes_and_json(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"Error: is a directory, not a file, {tmp_path}.")
 
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)                   # opening it would block: refused before opening
+    proc = run_script("validate_data.py", str(fifo), root=tmp_path, timeout=20)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"Error: not a regular file, {fifo}.")
+
     assert run_script("validate_data.py", root=tmp_path).returncode == 2        # no FILE
     assert run_script("validate_data.py", str(good), "--max-length", "0",
                       root=tmp_path).returncode == 2
