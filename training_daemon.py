@@ -129,6 +129,7 @@ OPTIMIZER_FACTOR = 3     # a checkpoint holds the weights plus AdamW's two momen
 STATE_EVERY_S = 1.0      # .daemon_state.json at most once a second
 CONTROL_EVERY_S = 0.2    # a directory scan of control/ at most this often while training
 IDLE_TICK_S = 0.25       # idle loop: control requests are seen well within a second
+BURST_LOG_LINES = 20     # files logged one by one per intake pass before a summary line
 _PRIORITY_DIRS = (("high", "inbox_high"), ("normal", "inbox"), ("low", "inbox_low"))
 
 
@@ -195,6 +196,15 @@ def _setup_logging(p: Paths) -> logging.Logger:
     return log
 
 
+def _import_engine() -> None:
+    """The engine and the transformers classes it loads models with (~4-6 s, paid once)."""
+    try:
+        importlib.import_module("training_engine")
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    except Exception:  # the main thread's import reports it properly
+        logging.getLogger("training_daemon").debug("engine preload failed", exc_info=True)
+
+
 class _Candidate:
     __slots__ = ("priority", "sig", "since")
 
@@ -237,6 +247,7 @@ class Daemon:
         self._control_checked = 0.0
         self._next_rescan = 0.0
         self._retry_at = 0.0
+        self._intake_count = self._burst_quiet = 0
         self._import_thread: threading.Thread | None = None
         self._engine = None
         self._observer = None
@@ -275,13 +286,15 @@ class Daemon:
     def preload_engine(self) -> None:
         """Import torch/transformers in a thread while the inbox settles (start-up latency)."""
         if self._import_thread is None and self._engine is None:
-            self._import_thread = threading.Thread(
-                target=lambda: importlib.import_module("training_engine"),
-                name="engine-import", daemon=True)
+            self._import_thread = threading.Thread(target=_import_engine, name="engine-import",
+                                                   daemon=True)
             self._import_thread.start()
 
     def engine(self):
         if self._engine is None:
+            if self._import_thread is not None:
+                # transformers' lazy imports are not thread-safe: let the preload finish
+                self._import_thread.join()
             self._engine = importlib.import_module("training_engine")
         return self._engine
 
@@ -439,7 +452,6 @@ class Daemon:
         cand = self.candidates.get(path)
         if cand is None or cand.sig != sig:
             self.candidates[path] = _Candidate(priority, sig, now)
-            self.preload_engine()
 
     def scan_inbox(self, full: bool) -> None:
         now = time.monotonic()
@@ -473,6 +485,17 @@ class Daemon:
         settle = self.cfg["settle_seconds"]
         ready = [(c.since, path) for path, c in self.candidates.items() if now - c.since >= settle]
         ready.sort()
+        batch = training_queue.SyncBatch()
+        self._intake_count = self._burst_quiet = 0
+        try:
+            self._intake_ready(ready, now, batch)
+        finally:
+            batch.flush()
+            if self._burst_quiet:
+                self.log.warning("... and %d more files moved to failed/ or skipped/ (each with "
+                                 "its reason in NAME.record.json)", self._burst_quiet)
+
+    def _intake_ready(self, ready: list, now: float, batch) -> None:
         last_control = time.monotonic()
         for _, path in ready:
             cand = self.candidates.pop(path)
@@ -488,33 +511,41 @@ class Daemon:
                 cand.since = time.monotonic()   # still being written: wait another interval
                 self.candidates[path] = cand
                 continue
-            self._ingest(path, cand.priority, st)
+            self._ingest(path, cand.priority, batch)
             if time.monotonic() - last_control > 0.5:   # a burst must not hide a stop
                 last_control = time.monotonic()
+                batch.flush()
                 self.write_state()
                 self.control_idle()
                 if self.stop_request or self.stop_signal:
                     return
 
-    def _ingest(self, path: str, priority: str, st: os.stat_result) -> None:
+    def _ingest(self, path: str, priority: str, batch) -> None:
         name = os.path.basename(path)
         incoming = self.p.queue / training_queue.INCOMING / priority
         try:
-            claimed = trainroot.move_unique(path, incoming)
+            claimed = trainroot.move_unique(path, incoming, sync=False)
         except FileNotFoundError:
             return  # someone took it back first
-        self._enqueue_claimed(claimed, priority, name)
+        batch.dirs.update((os.path.dirname(path), str(incoming)))
+        self._enqueue_claimed(claimed, priority, name, batch)
 
-    def _enqueue_claimed(self, claimed: Path, priority: str, name: str) -> None:
+    def _enqueue_claimed(self, claimed: Path, priority: str, name: str, batch=None) -> None:
         try:
             rec = training_queue.enqueue(
                 self.p.root, claimed, priority=priority, move=True, cfg=self.cfg,
-                source="inbox", done=self.done, name=name,
+                source="inbox", done=self.done, name=name, batch=batch,
                 not_regular=None if claimed.is_file() and not claimed.is_symlink()
                 else "not a regular file")
         except Exception as exc:  # never lose it: whatever broke, the file stays claimed
             self.log.exception("intake of %s failed; it stays in %s", name, claimed.parent)
             self.last_error = f"intake of {name} failed: {exc}"
+            return
+        if rec["outcome"] == "queued":
+            self.preload_engine()  # torch loads while the rest of the inbox settles
+        self._intake_count += 1
+        if self._intake_count > BURST_LOG_LINES and rec["outcome"] != "queued":
+            self._burst_quiet += 1  # a burst: one summary line instead of 10,000
             return
         level = logging.INFO if rec["outcome"] == "queued" else logging.WARNING
         self.log.log(level, "%s: %s (%s)%s", name, rec["outcome"], priority,
@@ -822,8 +853,7 @@ class Daemon:
     # ---------------------------------------------------------------- the loop
 
     def _has_work(self) -> bool:
-        return bool(self.candidates) or self._processing_file() is not None or \
-            bool(training_queue.list_queue(self.p.root))
+        return self._processing_file() is not None or bool(training_queue.list_queue(self.p.root))
 
     def _start_monitor(self) -> None:
         port = int(self.cfg.get("monitor_port") or 0)
@@ -865,8 +895,8 @@ class Daemon:
             import model_versioner
             for action in model_versioner.recover(self.p.root).get("actions", []):
                 self.log.info("recovery: %s", action)
-            for orphan in training_queue.recover(self.p.root):
-                self.log.info("removed orphan record %s", orphan)
+            for action in training_queue.recover(self.p.root):
+                self.log.info("recovery: %s", action)
             self.done = training_queue.done_index(self.p.root)
             self._start_observer()
             self._start_monitor()

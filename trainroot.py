@@ -154,30 +154,56 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
-    """Temp file in the same folder, fsync, `os.replace`, fsync the folder."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644, *,
+                       sync: bool = True) -> None:
+    """Temp file in the same folder, fsync, `os.replace`, fsync the folder.
+
+    `sync=False` skips both fsyncs for a caller that batches them (`fsync_paths` later):
+    still all-or-nothing for readers, durable only once the caller has synced.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if sync:
+        fsync_dir(path.parent)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"), mode)
+def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644, *,
+                      sync: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode, sync=sync)
 
 
-def atomic_write_json(path: str | os.PathLike, obj, mode: int = 0o644) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", mode)
+def atomic_write_json(path: str | os.PathLike, obj, mode: int = 0o644, *,
+                      sync: bool = True) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", mode, sync=sync)
+
+
+def fsync_paths(files=(), dirs=()) -> None:
+    """fsync files, then folders, written with `sync=False`: one journal commit for a batch
+    instead of one per file (measured ~6 ms per fsync here). Vanished files are skipped."""
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for d in dirs:
+        with contextlib.suppress(FileNotFoundError):
+            fsync_dir(d)
 
 
 _MISSING = object()
@@ -235,11 +261,14 @@ def unique_path(directory: str | os.PathLike, name: str) -> Path:
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_LIBC = None
 
 
 def _renameat2(src: Path, dst: Path, flags: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(_LIBC, "renameat2", None)
     if fn is None:
         raise OSError(errno.ENOSYS, "renameat2 is not available")
     if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
@@ -260,8 +289,9 @@ def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> None:
         fsync_dir(b.parent)
 
 
-def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Rename that fails with FileExistsError instead of replacing `dst`."""
+def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike, *, sync: bool = True) -> None:
+    """Rename that fails with FileExistsError instead of replacing `dst` (`sync=False`: the
+    caller fsyncs both folders later, see `fsync_paths`)."""
     src, dst = Path(src), Path(dst)
     try:
         _renameat2(src, dst, _RENAME_NOREPLACE)
@@ -278,13 +308,15 @@ def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         else:
             os.link(src, dst)
             os.unlink(src)
+    if not sync:
+        return
     fsync_dir(dst.parent)
     if src.parent != dst.parent:
         fsync_dir(src.parent)
 
 
 def move_unique(src: str | os.PathLike, directory: str | os.PathLike,
-                name: str | None = None) -> Path:
+                name: str | None = None, *, sync: bool = True) -> Path:
     """Move `src` into `directory` under a free name; never overwrites; returns the new path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -292,7 +324,7 @@ def move_unique(src: str | os.PathLike, directory: str | os.PathLike,
     while True:
         dst = unique_path(directory, name)
         try:
-            rename_noreplace(src, dst)
+            rename_noreplace(src, dst, sync=sync)
             return dst
         except FileExistsError:
             continue  # raced with another writer for that name: take the next one

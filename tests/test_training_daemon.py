@@ -1,0 +1,364 @@
+"""The daemon with real processes: intake, priorities, exactly-once, kill -9, bursts.
+
+Every test runs `training_daemon.py` as its own process on a root made by `init` with the
+session's tiny model, tuned for speed (settle 0.25 s, rescan 0.5 s, 32-token rows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_script
+
+pytestmark = pytest.mark.slow
+
+FAST = {"settle_seconds": 0.25, "rescan_seconds": 0.5, "max_length": 32, "batch_size": 2,
+        "checkpoint_every_steps": 1, "monitor_port": 0, "backup_every_files": 0,
+        "backup_every_hours": 0, "loss_spike_factor": 0.0, "warmup_steps": 2}
+LIFECYCLE = ("inbox", "inbox/high", "inbox/low", "queue/high", "queue/normal", "queue/low",
+             "queue/.incoming/high", "queue/.incoming/normal", "queue/.incoming/low",
+             "processing", "done", "failed", "skipped")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def tune(root: Path, **over) -> dict:
+    """Write the fast test settings into config.json and approve them (as a user would)."""
+    import training_config
+    cfg = training_config.load_config(root)
+    cfg.update(FAST, **over)
+    training_config.write_config(root, cfg)
+    training_config.approve(root, cfg, by="test")
+    return cfg
+
+
+def write_data(path: Path, n: int, tag: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"text": f"{tag} record {i}: the quick brown fox jumps over the lazy dog"})
+             for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def record(path: Path) -> dict:
+    return json.loads(path.with_name(path.name + ".record.json").read_text())
+
+
+def data_files(root: Path) -> dict[str, list[str]]:
+    """Folder -> data file names (records, hidden and temp names excluded)."""
+    out = {}
+    for rel in LIFECYCLE:
+        d = root / rel
+        if d.is_dir():
+            names = sorted(n for n in os.listdir(d) if (d / n).is_file()
+                           and not n.endswith(".record.json"))
+            if names:
+                out[rel] = names
+    return out
+
+
+def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"daemon exited {proc.returncode} while waiting for {what}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Daemon:
+    """`training_daemon.py run --no-monitor` as a child process, logs in a file."""
+
+    def __init__(self, root: Path, *args: str):
+        self.root = root
+        self.log_path = root.parent / f"daemon-{time.monotonic_ns()}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "training_daemon.py"), "run", "--no-monitor", *args],
+            env=dict(os.environ, TRAINING_ROOT=str(root)), cwd=str(REPO),
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def state(self) -> dict:
+        try:
+            return json.loads((self.root / ".daemon_state.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        wait_for(lambda: self.state().get("pid") == self.proc.pid, timeout, "the daemon's state",
+                 self.proc)
+
+    def output(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_text()
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def daemons():
+    started: list[Daemon] = []
+
+    def start(root: Path, *args: str) -> Daemon:
+        d = Daemon(root, *args)
+        started.append(d)
+        return d
+    yield start
+    for d in started:
+        d.close()
+
+
+def run_once(root: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root,
+                      timeout=timeout)
+
+
+# --------------------------------------------------------------------------- tests
+
+def test_once_finds_files_dropped_while_down_in_priority_order(initialized_root):
+    root = initialized_root
+    tune(root)
+    low = write_data(root / "inbox" / "low" / "a_low.jsonl", 3, "low")
+    normal = write_data(root / "inbox" / "b_normal.jsonl", 3, "normal")
+    high = write_data(root / "inbox" / "high" / "c_high.jsonl", 3, "high")
+    shas = {p.name: sha(p) for p in (low, normal, high)}
+    (root / "inbox" / "notes.txt").write_text("not data\n")
+    ignored = [".hidden.jsonl", "x.jsonl.tmp", "y.jsonl.part", "z.partial", "w.jsonl~",
+               ".w.jsonl.swp", "v.swp", "4913"]
+    for n in ignored:
+        (root / "inbox" / n).write_text("{}\n")
+
+    proc = run_once(root)
+    assert proc.returncode == 0, proc.stderr
+
+    files = data_files(root)
+    assert files.pop("done") == ["a_low.jsonl", "b_normal.jsonl", "c_high.jsonl"]
+    assert files.pop("failed") == ["notes.txt"]
+    assert sorted(files.pop("inbox")) == sorted(ignored)  # never touched
+    assert files == {}
+    assert record(root / "failed" / "notes.txt")["reason"] == "not a .jsonl file"
+
+    recs = {n: record(root / "done" / n) for n in shas}
+    order = sorted(recs, key=lambda n: recs[n]["started_at"])
+    assert order == ["c_high.jsonl", "b_normal.jsonl", "a_low.jsonl"]
+    steps = 0
+    for name, rec in recs.items():
+        assert rec["sha256"] == shas[name] and rec["records"] == 3 and rec["outcome"] == "done"
+        assert rec["steps"] >= 1 and rec["tokens"] > 0 and rec["loss"] > 0
+        assert rec["global_step_after"] - rec["global_step_before"] == rec["steps"]
+        assert rec["version_before"] and rec["version_after"] != rec["version_before"]
+        assert (root / "versions" / rec["version_after"] / "version.json").exists()
+        assert {"validate_s", "snapshot_s", "train_s"} <= set(rec["timings"])
+        steps += rec["steps"]
+    # one file after another: each starts from the version the previous one produced
+    assert recs["b_normal.jsonl"]["version_before"] == recs["c_high.jsonl"]["version_after"]
+    state = json.loads((root / "current_model" / "trainer_state.json").read_text())
+    assert state["global_step"] == steps == recs["a_low.jsonl"]["global_step_after"]
+    last = json.loads((root / "versions" / recs["a_low.jsonl"]["version_after"]
+                       / "version.json").read_text())
+    assert last["data_files"] == [{"name": "a_low.jsonl", "sha256": shas["a_low.jsonl"]}]
+    daemon_state = json.loads((root / ".daemon_state.json").read_text())
+    assert daemon_state["state"] == "stopped"
+
+    # The same content again, under another name: skipped, naming where it went.
+    again = root / "inbox" / "b_again.jsonl"
+    again.write_bytes((root / "done" / "b_normal.jsonl").read_bytes())
+    proc = run_once(root)
+    assert proc.returncode == 0, proc.stderr
+    rec = record(root / "skipped" / "b_again.jsonl")
+    assert rec["trained_into"] == recs["b_normal.jsonl"]["version_after"]
+    assert rec["duplicate_of"] == "b_normal.jsonl"
+    assert rec["reason"].startswith("already trained: same content as done/b_normal.jsonl")
+    assert json.loads((root / "current_model" / "trainer_state.json").read_text()) == state
+
+
+def test_running_daemon_slow_writer_mv_rename_and_second_daemon(initialized_root, daemons,
+                                                                 tmp_path):
+    root = initialized_root
+    tune(root)
+    d = daemons(root)
+    d.wait_ready()
+
+    second = run_script("training_daemon.py", "run", "--no-monitor", root=root, timeout=60)
+    assert second.returncode == 3
+    assert second.stderr.strip() == (
+        f"Error: another daemon is running on this root (pid {d.proc.pid}), {root}. Check it "
+        "with `python3 training_controller.py status`; stop it with "
+        "`python3 training_controller.py stop --wait`.")
+
+    # A slow writer: 20 MB in 20 chunks over 2 s (invalid from the first line, so it ends in
+    # failed/ whenever it is taken; taken early, its record would show a partial sha256).
+    big = root / "inbox" / "big.jsonl"
+    chunk = (b"not json " + b"x" * 990 + b"\n") * 1000   # 1,000,000 bytes
+    full = hashlib.sha256()
+
+    def slow_writer():
+        with open(big, "wb") as f:
+            for _ in range(20):
+                f.write(chunk)
+                f.flush()
+                full.update(chunk)
+                time.sleep(0.1)
+
+    writer = threading.Thread(target=slow_writer)
+    writer.start()
+    # `mv` from outside (same filesystem: only a `created` event, no close)
+    outside = write_data(tmp_path / "outside" / "moved.jsonl", 3, "moved")
+    moved_sha = sha(outside)
+    os.rename(outside, root / "inbox" / "moved.jsonl")
+    # temp-then-rename, as editors and downloaders do (only a `moved` event)
+    tmp = write_data(root / "inbox" / ".renamed.jsonl.tmp", 3, "renamed")
+    renamed_sha = sha(tmp)
+    os.rename(tmp, root / "inbox" / "renamed.jsonl")
+    (root / "inbox" / "draft.jsonl~").write_text("{}\n")
+    writer.join()
+
+    wait_for(lambda: (root / "done" / "moved.jsonl.record.json").exists()
+             and (root / "done" / "renamed.jsonl.record.json").exists()
+             and (root / "failed" / "big.jsonl.record.json").exists(), 90, "the three files",
+             d.proc)
+    assert d.stop() == 0, d.output()
+
+    big_rec = record(root / "failed" / "big.jsonl")
+    assert big_rec["size"] == 20_000_000
+    assert big_rec["sha256"] == full.hexdigest() == sha(root / "failed" / "big.jsonl")
+    assert big_rec["report"]["errors"][0]["line"] == 1
+    assert record(root / "done" / "moved.jsonl")["sha256"] == moved_sha
+    assert record(root / "done" / "renamed.jsonl")["sha256"] == renamed_sha
+    assert data_files(root) == {"inbox": ["draft.jsonl~"], "done": ["moved.jsonl", "renamed.jsonl"],
+                                "failed": ["big.jsonl"]}
+    assert "SIGTERM" in d.output()
+
+
+def _trained_state(root: Path) -> tuple[dict, bytes]:
+    state = json.loads((root / "current_model" / "trainer_state.json").read_text())
+    return ({k: state[k] for k in ("global_step", "tokens_seen")},
+            (root / "current_model" / "model.safetensors").read_bytes())
+
+
+def test_kill_9_mid_file_then_restart_trains_it_exactly_once(initialized_root, tiny_model_dir,
+                                                             daemons, tmp_path):
+    import training_daemon
+    killed = initialized_root
+    tune(killed)
+    write_data(killed / "inbox" / "long.jsonl", 10, "long")   # ~10 steps of 64 tokens
+
+    d = daemons(killed)
+    metrics = killed / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 3, 90,
+             "three optimizer steps", d.proc)
+    d.proc.kill()  # kill -9: no checkpoint on the way out, no cleanup
+    d.proc.wait()
+    d.close()
+    assert data_files(killed) == {"processing": ["long.jsonl"]}
+
+    proc = run_once(killed)
+    assert proc.returncode == 0, proc.stderr
+    assert data_files(killed) == {"done": ["long.jsonl"]}
+    rec = record(killed / "done" / "long.jsonl")
+    assert rec["attempts"] == 1  # the crash was counted
+    assert "resuming after a crash" in proc.stderr
+
+    # The same file on a twin root, never interrupted.
+    twin = tmp_path / "twin"
+    training_daemon.init_root(twin, base=str(tiny_model_dir))
+    tune(twin)
+    (twin / "inbox" / "long.jsonl").write_bytes((killed / "done" / "long.jsonl").read_bytes())
+    proc = run_once(twin)
+    assert proc.returncode == 0, proc.stderr
+    twin_rec = record(twin / "done" / "long.jsonl")
+    assert rec["steps"] == twin_rec["steps"] and rec["steps"] > 3
+    assert _trained_state(killed)[0] == _trained_state(twin)[0]
+    assert _trained_state(killed)[1] == _trained_state(twin)[1]  # bitwise-equal weights (CPU)
+    steps = [json.loads(line)["global_step"] for line in metrics.read_text().splitlines()]
+    assert steps[-1] == rec["global_step_after"]
+
+
+def test_burst_of_10000_invalid_files_all_accounted_for(initialized_root, daemons):
+    """Half dropped while the daemon is down, half while it runs: inotify overflows, the
+    rescans still find every one, and each ends in failed/ with a record."""
+    root = initialized_root
+    tune(root)
+    inbox = root / "inbox"
+    for i in range(5000):
+        (inbox / f"down-{i:05d}.jsonl").write_bytes(b"not json\n")
+    d = daemons(root)
+    d.wait_ready()
+    for i in range(5000):
+        (inbox / f"up-{i:05d}.jsonl").write_bytes(b'{"text": 1}\n')
+    failed = root / "failed"
+
+    def count():
+        n = sum(1 for name in os.listdir(failed) if name.endswith(".jsonl"))
+        return n if n >= 10000 else 0
+    wait_for(count, 150, "10,000 files in failed/", d.proc)
+    assert d.stop() == 0, d.output()
+    names = os.listdir(failed)
+    assert sum(1 for n in names if n.endswith(".jsonl")) == 10000
+    assert sum(1 for n in names if n.endswith(".jsonl.record.json")) == 10000
+    assert data_files(root) == {"failed": sorted(n for n in names if n.endswith(".jsonl"))}
+    assert "invalid" in record(failed / "up-04999.jsonl")["reason"]
+
+
+def test_crashed_file_goes_to_failed_after_max_attempts(initialized_root):
+    """A file whose training crashed the daemon max_attempts times is not tried again."""
+    import training_queue
+    root = initialized_root
+    tune(root, max_attempts=2)
+    data = write_data(root / "processing" / "poison.jsonl", 3, "poison")
+    training_queue.update_record(data, name="poison.jsonl", sha256=sha(data), records=3,
+                                 attempts=1, in_training=True, priority="normal")
+    proc = run_once(root)
+    assert proc.returncode == 0, proc.stderr
+    assert data_files(root) == {"failed": ["poison.jsonl"]}
+    rec = record(root / "failed" / "poison.jsonl")
+    assert rec["reason"] == "training crashed 2 times (max_attempts 2)"
+    assert not (root / "versions" / "v002").exists()  # never trained, nothing snapshotted
+
+
+def test_changed_locked_config_pauses_before_training(initialized_root):
+    """Pre-flight: a locked parameter changed without approval -> never trains; --once says why."""
+    import training_config
+    root = initialized_root
+    cfg = tune(root)
+    write_data(root / "inbox" / "f.jsonl", 3, "f")
+    cfg["learning_rate"] = 0.001
+    training_config.write_config(root, cfg)
+    proc = run_once(root)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "Error: pre-flight: locked config changed (learning_rate: 0.0003 -> 0.001), "
+        f"{root / 'config.json'}. Run `python3 training_controller.py approve-config` to "
+        "approve it, or put the old values back.")
+    assert data_files(root) == {"queue/normal": ["f.jsonl"]}
+    assert not (root / "versions" / "v002").exists()
