@@ -488,3 +488,17 @@ def test_a_reader_of_the_old_model_keeps_valid_weights(root):
         mapped.close()
     assert model_gen(p.current_model) == 1
     assert [r["reason"] for r in mv.list_versions(root)] == ["init", "pre-restore"]
+
+
+def test_initialized_root_rm_rf_then_one_command_brings_the_real_model_back(initialized_root):
+    """The real root from `training_daemon.py init`: `rm -rf current_model/`, one command, loads."""
+    transformers = pytest.importorskip("transformers")
+    p = Paths(initialized_root)
+    assert mv.current_version(initialized_root) == mv.latest_version(initialized_root) == "v001"
+    subprocess.run(["rm", "-rf", "current_model/"], cwd=initialized_root, check=True)
+    proc = run_script("model_versioner.py", "restore", "latest", "--json", root=initialized_root)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["restored"] == "v001"
+    model = transformers.AutoModelForCausalLM.from_pretrained(p.current_model)
+    assert model.config.vocab_size > 0
+    assert mv.verify_files(p.current_model, mv.read_manifest(p.current_model)["files"]) == []
