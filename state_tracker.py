@@ -108,6 +108,17 @@ def _finite(x):
     return round(x, 5) if x == x and abs(x) != float("inf") else None
 
 
+def _json_safe(obj):
+    """A copy with NaN/inf replaced by None: strict JSON readers (browsers) reject them."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def _pid_running(pid) -> bool:
     """A live, non-zombie process. /proc answers in microseconds; psutil only off Linux."""
     if not isinstance(pid, int) or pid <= 0:
@@ -672,6 +683,8 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
     loss = _loss_section(root, cfg, model, training, w)
     locks = _locks_section(root, daemon, w)
     del versions["_records"]
+    training["progress"] = _json_safe(training["progress"])  # a daemon may have written NaN
+    training["current_file"] = _json_safe(training["current_file"])
     if any(x["code"] == "NOT_INITIALIZED" for x in w):  # everything else would be noise
         w[:] = [x for x in w if x["code"] == "NOT_INITIALIZED"]
     order = {s: i for i, s in enumerate(reversed(SEVERITIES))}

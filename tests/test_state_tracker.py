@@ -357,10 +357,11 @@ def test_daemon_dead_fix_restarts_it_and_the_file_is_trained(root, tmp_path):
 
 def test_stalled_heartbeat_while_training(root):
     with Holder(root, "daemon") as daemon:
-        write_daemon_state(root, pid=daemon.pid, state="training", heartbeat=ago(600))
+        write_daemon_state(root, pid=daemon.pid, state="training", heartbeat=ago(600),
+                           progress={"global_step": 3, "loss": float("nan"), "eta_seconds": None})
         doc = state(root)
         assert doc["daemon"]["alive"] and doc["daemon"]["pid"] == daemon.pid
-        assert doc["training"]["stalled"]
+        assert doc["training"]["stalled"] and doc["training"]["progress"]["loss"] is None
         w = codes(root)["TRAINING_STALLED"]
         assert "600 s old" in w["message"] or "60" in w["message"]
         assert w["fix"].startswith("python3 training_controller.py stop --wait 300")
