@@ -451,10 +451,11 @@ def _fast_check(top, extra: int) -> tuple[str, int, bool] | None:
             return None
         msgs = value
         # the common shape only: every message exactly ("role", r), ("content", c), in order
-        if type(msgs) is not list or set(map(type, msgs)) != {tuple} or set(map(len, msgs)) != {2}:
-            return None
-        flat = [*_chain(_chain(msgs))]             # role, r, content, c, role, r, ...
         k = len(msgs)
+        if type(msgs) is not list or k > 256 or set(map(len, msgs)) != {2}:
+            return None
+        # sum() of tuples raises for a message that is an array (a list), not an object
+        flat = [*_chain(sum(msgs, ()))]            # role, r, content, c, role, r, ...
         roles, contents = tuple(flat[1::4]), flat[3::4]
         if flat[0::4].count("role") != k or flat[2::4].count("content") != k:
             return None
