@@ -502,3 +502,22 @@ def test_initialized_root_rm_rf_then_one_command_brings_the_real_model_back(init
     model = transformers.AutoModelForCausalLM.from_pretrained(p.current_model)
     assert model.config.vocab_size > 0
     assert mv.verify_files(p.current_model, mv.read_manifest(p.current_model)["files"]) == []
+
+
+def test_a_tampered_manifest_cannot_link_outside_the_version(root, capsys):
+    p = Paths(root)
+    train(root, 2)
+    rec_path = p.versions / "v001" / "version.json"
+    rec = json.loads(rec_path.read_text())
+    rec["manifest"]["../../outside"] = rec["manifest"]["config.json"]
+    rec_path.unlink()
+    rec_path.write_text(json.dumps(rec))
+    code, _, err = cli(capsys, "restore", "v001")
+    assert code == 1 and err.strip() == (
+        f"Error: unsafe file name '../../outside' in a manifest, {p.versions / 'v001'}. "
+        "Its record was edited by hand: restore another version with `python3 "
+        "model_versioner.py restore VNNN` (see `python3 model_versioner.py list`).")
+    assert model_gen(p.current_model) == 2 and not (p.staging.parent / "outside").exists()
+    code, out, _ = cli(capsys, "verify", "--all", "--json")
+    assert code == 1 and json.loads(out)["versions"]["v001"]["problems"] == [
+        "v001: unsafe file name '../../outside' in a manifest"]
