@@ -33,6 +33,11 @@ Untrained segments are context only: the trainer takes no loss on them unless co
 `loss_on_prompt` is true, in which case it trains on every segment (its business, not
 this module's). Token counts here are estimates: UTF-8 bytes, exact for the byte-level
 tiny model, an upper bound for most BPE tokenizers.
+
+Every problem has a code (ERROR_CODES reject the file, WARNING_CODES do not) and a 1-based
+line. Duplicates are found by a hash of the line's bytes. `validate_file` checks most
+lines on a fast path of C-level operations and hands anything unusual to `_check_line`,
+the same careful checker `iter_records` uses, which decides.
 """
 
 from __future__ import annotations
@@ -47,12 +52,13 @@ from itertools import chain
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+import training_config
 from trainroot import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, GuardrailError, Paths, UsageError,
                        add_common_args, print_json, resolve_root, run_cli)
 
 FORMATS = ("text", "messages", "prompt_completion", "instruction")
 ROLES = ("system", "user", "assistant")
-DEFAULT_MAX_RECORD_BYTES = 64 * 1024 * 1024   # training_config's default; see max_record_bytes
+DEFAULT_MAX_RECORD_BYTES = training_config.PARAMS["max_record_bytes"].default   # 64 MiB
 MAX_LISTED = 100            # errors and warnings listed per file; the rest are counted
 DUPLICATE_TRACK_LIMIT = 500_000   # distinct lines remembered for duplicate warnings (~50 MB)
 SNIFF_BYTES = 8192          # the head of a file checked for binary/compressed content
@@ -731,7 +737,6 @@ def _verdict(report: dict) -> str:
 
 def _settings(args) -> dict:
     """max_length, allow_mixed, max_record_bytes: flags > the root's config.json > defaults."""
-    import training_config
     defaults = training_config.default_config()
     cfg = defaults
     root = resolve_root(args.root)
