@@ -396,7 +396,8 @@ def wait_for(root, req: dict, timeout: float, result: dict | None = None) -> dic
         if time.monotonic() >= deadline:
             raise GuardrailError(f"timed out after {timeout:g} s waiting for {action} request "
                                  f"{rid}: {_pending_what(action, ack, st)}", req["path"],
-                                 f"The request stays pending; check `{STATUS_CMD}`.")
+                                 f"The request stays pending; check `{STATUS_CMD}`." if ack is None
+                                 else f"Check `{STATUS_CMD}` and the daemon log in logs/.")
         time.sleep(POLL_S)
 
 

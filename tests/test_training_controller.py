@@ -274,6 +274,37 @@ def test_status_of_a_daemon_that_died_while_training_says_dead(root, capsys):
     assert "the daemon died while training; start it again" in out
 
 
+def test_status_reports_a_corrupt_state_file_instead_of_crashing(root, capsys):
+    (root / ".daemon_state.json").write_text('{"state": "train')
+    code, out, _ = ctl(capsys, "status", "--json")
+    st = json.loads(out)
+    assert (code, st["alive"], st["state"]) == (0, False, "stopped")
+    assert st["state_file_error"] == ("corrupt JSON (line 1 column 11: Unterminated string starting "
+                                      f"at), {root / '.daemon_state.json'}. Inspect it, then restore "
+                                      "it or move it aside.")
+
+
+def test_approve_config_asks_on_a_terminal_and_records_a_typed_yes(root):
+    import pty
+    cfg = training_config.load_config(root)
+    cfg["max_length"] = 128
+    training_config.write_config(root, cfg)
+    main_fd, child_fd = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(REPO / "training_controller.py"), "approve-config"],
+                            cwd=REPO, stdin=child_fd, stdout=child_fd, stderr=child_fd)
+    os.close(child_fd)
+    seen = b""
+    end = time.monotonic() + 30
+    while b"[y/N]" not in seen and time.monotonic() < end:
+        seen += os.read(main_fd, 4096)
+    os.write(main_fd, b"y\n")
+    assert proc.wait(timeout=30) == 0
+    os.close(main_fd)
+    assert b"max_length: 256 -> 128" in seen
+    assert training_config.changed_locked(root, cfg) == []
+    assert training_config.read_approval(root)["values"]["max_length"] == 128
+
+
 # --------------------------------------------------------------------------- with a daemon process
 
 def test_wait_times_out_with_exit_1_naming_what_is_pending(root, fake_daemon, capsys):
