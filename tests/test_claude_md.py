@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 import state_tracker as st
-from test_state_tracker import (dead_pid, edit_config, publish_trained, write_daemon_state,
-                                write_metrics)
+from test_state_tracker import (dead_pid, edit_config, publish_trained, root,  # noqa: F401
+                                template, write_daemon_state, write_metrics)
 from trainroot import atomic_write_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,23 +74,6 @@ def run_row(commands: list[str], root: Path) -> list[subprocess.CompletedProcess
         results.append(proc)
     assert results[-1].returncode == 0, f"the last step still fails: {results[-1].stdout}"
     return results
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("claude-md") / "root"
-    proc = subprocess.run([sys.executable, str(REPO / "training_daemon.py"), "init", "--root",
-                           str(root)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return root
-
-
-@pytest.fixture
-def root(template, tmp_path, monkeypatch) -> Path:
-    dst = tmp_path / "root"
-    subprocess.run(["cp", "-a", str(template), str(dst)], check=True)
-    monkeypatch.setenv("TRAINING_ROOT", str(dst))
-    return dst
 
 
 def warning_codes(root) -> set[str]:

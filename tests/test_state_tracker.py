@@ -37,16 +37,19 @@ BASELINE = {"BACKUP_NONE", "BACKUP_SAME_FILESYSTEM"}  # a fresh root has no back
 INIT_SCENARIO: dict = {}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def template(tmp_path_factory) -> Path:
-    """One root per module, made by the NOT_INITIALIZED fix itself (init costs a torch import
-    in a subprocess, so this test process never imports torch); tests copy it."""
-    root = tmp_path_factory.mktemp("st-template") / "root"
-    root.mkdir()
-    INIT_SCENARIO["before"] = before = codes(root)
-    INIT_SCENARIO["fix"] = run_fix(before["NOT_INITIALIZED"]["fix"], root)
-    INIT_SCENARIO["after"] = codes(root)
-    return root
+    """One root per session, made by the NOT_INITIALIZED fix itself (init costs a torch import
+    in a subprocess, so this test process never imports torch); tests copy it (also
+    tests/test_claude_md.py)."""
+    if "root" not in INIT_SCENARIO:  # a module global: test_claude_md's copy of this fixture shares it
+        root = tmp_path_factory.mktemp("st-template") / "root"
+        root.mkdir()
+        INIT_SCENARIO["before"] = before = codes(root)
+        INIT_SCENARIO["fix"] = run_fix(before["NOT_INITIALIZED"]["fix"], root)
+        INIT_SCENARIO["after"] = codes(root)
+        INIT_SCENARIO["root"] = root
+    return INIT_SCENARIO["root"]
 
 
 @pytest.fixture
@@ -179,10 +182,6 @@ def write_metrics(root: Path, losses: list[float], first_step: int = 1, file: st
         for i, loss in enumerate(losses):
             f.write((json.dumps({"time": utc_now(), "global_step": first_step + i, "file": file,
                                  "loss": loss, "lr": 3e-4, "tokens_per_sec": 3000.0}) + "\n").encode())
-
-
-def daemon_has_run() -> bool:
-    return run_script("training_daemon.py", "run", "--help").returncode == 0
 
 
 # --------------------------------------------------------------------------- the fresh root
@@ -321,38 +320,8 @@ def test_daemon_dead_with_a_file_in_processing_is_critical(root):
     assert w["severity"] == "critical" and "processing/notes.jsonl" in w["message"]
     assert w["fix"] == f"python3 training_daemon.py run --root {root}"
     assert run_script("state_tracker.py", "--warnings", root=root).returncode == 1
-
-
-@pytest.mark.timeout(180)
-def test_daemon_dead_fix_restarts_it_and_the_file_is_trained(root, tmp_path):
-    if not daemon_has_run():
-        pytest.skip("training_daemon.py run has not landed yet")
-    import training_queue
-    src = tmp_path / "notes.jsonl"
-    src.write_text("".join(json.dumps({"text": f"line {i} of the notes"}) + "\n" for i in range(8)))
-    queued = training_queue.enqueue(root, src)
-    training_queue.move_with_record(queued["path"], root / "processing",
-                                    training_queue.read_record(queued["path"]), "test: claimed")
-    write_daemon_state(root, pid=dead_pid(), state="training", heartbeat=ago(30))
-    edit_config(root, monitor_port=0)  # no monitor: port 8080 may be taken on a shared machine
-    fix = codes(root)["DAEMON_DEAD"]["fix"]
-    daemon = subprocess.Popen(fix.replace("python3 ", sys.executable + " ", 1), shell=True,
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    try:
-        deadline = time.monotonic() + 150
-        while "DAEMON_DEAD" in codes(root) or (root / "processing" / "notes.jsonl").exists():
-            assert time.monotonic() < deadline, state(root)["training"]
-            time.sleep(0.5)
-    finally:
-        run_script("training_controller.py", "stop", "--wait", "60", root=root)
-        try:
-            daemon.wait(60)
-        finally:
-            if daemon.poll() is None:
-                os.killpg(daemon.pid, signal.SIGKILL)
-                daemon.wait()
-    assert (root / "done" / "notes.jsonl").exists()
+    # Its fix, `python3 training_daemon.py run`, is run on this very scenario (and the file
+    # trained to done/) by tests/test_claude_md.py::test_daemon_dead.
 
 
 def test_stalled_heartbeat_while_training(root):
