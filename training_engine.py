@@ -8,6 +8,7 @@ AdamW and the LR schedule across files, checkpointing the exact data position so
     python3 training_engine.py tiny --out /tmp/tiny            # build the tiny test model
     python3 training_engine.py check /path/to/model            # can transformers load it?
     python3 training_engine.py train --root ROOT data.jsonl    # train one file (tests, benches)
+    torchrun --standalone --nproc_per_node 2 training_engine.py train --root ROOT data.jsonl
 """
 
 from __future__ import annotations
@@ -887,11 +888,24 @@ def cmd_train(args) -> int:
     if errors:
         raise training_config.ConfigError(errors, "--set")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    result = train_file(root, args.data, file_id=args.file_id or Path(args.data).name, config=config)
-    if args.json:
-        print_json(result)
-    else:
-        print(f"{result['status']}: {result['message']}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world_size > 1:  # started by torchrun: one process per rank, gloo on CPU, NCCL on GPUs
+        import torch.distributed as dist
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        result = train_file(root, args.data, file_id=args.file_id or Path(args.data).name,
+                            config=config, rank=rank, world_size=world_size)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+    if rank == 0:
+        if args.json:
+            print_json(result)
+        else:
+            print(f"{result['status']}: {result['message']}")
     return 0 if result["status"] in ("completed", "stopped", "paused", "skipped") else 1
 
 

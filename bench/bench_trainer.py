@@ -108,11 +108,13 @@ def bench_throughput(work: Path, model_dir: Path, args) -> dict:
     total_tokens = sum(tokens_per_batch)
     bare_loop(model_dir, batches[:3], cfg)  # warm-up: first-call allocations are nobody's cost
     bare_steady, bare_whole, eng_steady, eng_whole = [], [], [], []
-    for rep in range(args.repeats):
+    def run_bare():
         t0 = time.perf_counter()
         times = bare_loop(model_dir, batches, cfg)
         bare_whole.append(total_tokens / (time.perf_counter() - t0))
         bare_steady.append(sum(tokens_per_batch[1:]) / (times[-1] - times[1]))
+
+    def run_engine(rep):
         root = make_root(work / f"root{rep}", model_dir, cfg)
         t0 = time.perf_counter()
         result = te.train_file(root, data, file_id="a.jsonl", config=cfg)
@@ -121,6 +123,14 @@ def bench_throughput(work: Path, model_dir: Path, args) -> dict:
         assert result["steps"] == len(batches) == len(lines)
         span = parse_time(lines[-1]["time"]) - parse_time(lines[0]["time"])
         eng_steady.append((lines[-1]["tokens_seen"] - lines[0]["tokens_seen"]) / span)
+
+    for rep in range(args.repeats):  # alternate who goes first: drifting load hits both alike
+        if rep % 2:
+            run_engine(rep)
+            run_bare()
+        else:
+            run_bare()
+            run_engine(rep)
     out = {"steps": len(batches), "tokens": total_tokens, "threads": args.threads,
            "bare_tokens_per_sec": max(bare_steady), "engine_tokens_per_sec": max(eng_steady),
            "ratio_steady": max(eng_steady) / max(bare_steady),
