@@ -385,9 +385,7 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
     if alive:
         current = reported if reported in ("idle", "training", "paused", "stopping", "stopped") else "idle"
     else:
-        current = "stopped" if reported in (None, "stopped") and not processing else "dead"
-        if reported in (None, "stopped", "idle") and not processing:
-            current = "stopped"
+        current = "stopped" if reported in (None, "stopped", "idle") and not processing else "dead"
     training = {"state": current, "reported_state": reported,
                 "current_file": state.get("current_file"),
                 "processing_file": processing[0] if processing else None,
@@ -439,15 +437,22 @@ def _queue_section(root: Path, daemon: dict, w: list) -> dict:
         folder = getattr(p, kind)
         names = _data_names(folder)
         sec[f"{kind}_count"] = len(names)
+
+        def mtime(name, folder=folder):
+            try:
+                return os.stat(os.path.join(folder, name)).st_mtime
+            except OSError:
+                return 0.0
+        # Newest first; only the listed ones' records are read (skipped/ grows for years).
         entries = []
-        for name in names:
+        for name in sorted(names, key=mtime, reverse=True)[:LIST_LIMIT]:
             rec = _read(folder / f"{name}.record.json") or {}
             rec = rec if isinstance(rec, dict) else {}
-            history = rec.get("history") or [{}]
-            entries.append({"name": name, "reason": rec.get("reason") or "(no record)",
-                            "at": (history[-1] or {}).get("at") if isinstance(history, list) else None})
-        entries.sort(key=lambda e: e["at"] or "", reverse=True)
-        sec[kind] = entries[:LIST_LIMIT]
+            history = rec.get("history")
+            last = history[-1] if isinstance(history, list) and history else {}
+            entries.append({"name": name, "reason": str(rec.get("reason") or "(no record)"),
+                            "at": last.get("at") if isinstance(last, dict) else None})
+        sec[kind] = entries
     if sec["failed_count"]:
         first = sec["failed"][0]
         _warn(w, "FILES_FAILED", "warning",
