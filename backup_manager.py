@@ -94,18 +94,35 @@ def _backup_path(root, bid: str) -> Path:
 
 
 def set_idle_priority() -> bool:
-    """Put the calling thread (and threads it starts later) in SCHED_IDLE.
+    """Put the calling thread (and threads it starts later) in SCHED_IDLE, and its disk
+    I/O in the idle class where the kernel offers it.
 
     Measured: one busy background thread cuts 2-thread training by ~64%; `nice 19` does
     not help; SCHED_IDLE keeps training at ~97%. Returns False (and says why) if refused.
     """
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        return True
     except (AttributeError, OSError) as exc:
         print(f"warning: cannot switch to SCHED_IDLE ({exc}); backing up at normal priority",
               file=sys.stderr)
         return False
+    _set_io_idle()
+    return True
+
+
+_IOPRIO_SET = {"x86_64": 251, "aarch64": 30}   # syscall numbers; Python has no wrapper
+
+
+def _set_io_idle() -> bool:
+    """ioprio_set(IOPRIO_WHO_PROCESS, this thread, IOPRIO_CLASS_IDLE): a bonus, not required."""
+    nr = _IOPRIO_SET.get(os.uname().machine)
+    if nr is None:
+        return False
+    if _libc().syscall(nr, 1, 0, 3 << 13) != 0:
+        print(f"warning: cannot set idle I/O priority ({os.strerror(ctypes.get_errno())})",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def _drop_cache(fd: int, offset: int = 0, length: int = 0) -> None:

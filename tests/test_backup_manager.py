@@ -442,9 +442,12 @@ def test_set_idle_priority_applies_to_the_calling_thread():
     def worker():
         seen["ok"] = backup_manager.set_idle_priority()
         seen["policy"] = os.sched_getscheduler(0)
+        if os.uname().machine == "x86_64":  # ioprio_get(IOPRIO_WHO_PROCESS, this thread)
+            seen["io_class"] = backup_manager._libc().syscall(252, 1, 0) >> 13
 
     t = threading.Thread(target=worker)
     t.start()
     t.join()
+    assert seen.pop("io_class", 3) == 3  # IOPRIO_CLASS_IDLE
     assert seen == {"ok": True, "policy": os.SCHED_IDLE}
     assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the test's own thread is untouched
