@@ -683,12 +683,13 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
         return {"global_step": state["global_step"], "tokens_seen": state["tokens_seen"],
                 "file_id": file_id, "status": status, "updated_at": utc_now()}
 
-    def finish(status, message, *, publish=None):
+    def finish(status, message, *, publish=None, disk=False):
         if publish and writer and (result["steps"] or resume):  # nothing new: leave it be
             try:
                 publish_current_model(root, model, tokenizer, model_state(status), reason=publish)
             except WRITE_ERRORS as exc:  # the checkpoint beside it is complete: resume is exact
                 log.error("saving current_model failed: %s", exc)
+                disk = True
                 status, message = "paused", (f"saving current_model failed ({_io_reason(exc)}); "
                                              "paused: free disk space, then resume")
         if ddp:
@@ -697,6 +698,9 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
         result.update(status=status, global_step=state["global_step"], tokens_seen=state["tokens_seen"],
                       records=pos["records"], tokens=pos["tokens"], loss=last_loss,
                       step_in_file=step_in_file, message="; ".join(notes + [message]))
+        if disk:  # not a person's pause: the daemon should say so and check free space
+            result["pause_reason"] = "disk"
+
         return result
 
     if position and position.get("exhausted") and resume and resume[1].get("complete"):
@@ -714,7 +718,7 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
         if pending in ("stop", "pause"):
             error = checkpoint() if dirty else None
             if error:
-                return finish("paused", error)
+                return finish("paused", error, disk=True)
             status = "stopped" if pending == "stop" else "paused"
             return finish(status, f"{status} at step {state['global_step']}", publish=pending)
         if pending == "skip":
@@ -799,7 +803,7 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
                 (ckpt_minutes and time.monotonic() - last_ckpt_time >= ckpt_minutes * 60):
             error = checkpoint()
             if error:
-                return finish("paused", error)
+                return finish("paused", error, disk=True)
         if writer:
             append_line(p.metrics, json.dumps({
                 "time": utc_now(), "global_step": state["global_step"], "file": file_id,
@@ -819,14 +823,14 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
         if spike:
             error = checkpoint()
             if error:
-                return finish("paused", error)
+                return finish("paused", error, disk=True)
             return finish("spike", f"loss {last_loss:.4g} at step {state['global_step']} is over "
                           f"{spike_factor:g}x the running average; paused for a person to look",
                           publish="spike")
 
     error = checkpoint(complete=True)  # the end state, so the next file carries the optimizer over
     if error:
-        return finish("paused", error)
+        return finish("paused", error, disk=True)
     return finish("completed", f"trained to step {state['global_step']}", publish="end-of-file")
 
 

@@ -448,7 +448,7 @@ def test_a_failing_disk_pauses_instead_of_crashing(tmp_path, tiny_model_dir, ref
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, old_handler)
-    assert r["status"] == "paused" and r["global_step"] == 1, r
+    assert r["status"] == "paused" and r["global_step"] == 1 and r["pause_reason"] == "disk", r
     assert r["message"] == ("checkpoint at step 1 failed (File too large); paused: free disk space, "
                             "then resume (training restarts from the last good checkpoint)")
     assert sha256_file(cur / "model.safetensors") == before
