@@ -196,13 +196,16 @@ def _setup_logging(p: Paths) -> logging.Logger:
     return log
 
 
-def _import_engine() -> None:
-    """The engine and the transformers classes it loads models with (~4-6 s, paid once)."""
+def _import_engine(model_dir: Path) -> None:
+    """The engine, transformers' Auto classes and current_model's own model class (~5 s on
+    2 cores, paid once per daemon, while the inbox settles)."""
     try:
         importlib.import_module("training_engine")
-        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-    except Exception:  # the main thread's import reports it properly
-        logging.getLogger("training_daemon").debug("engine preload failed", exc_info=True)
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        AutoModelForCausalLM._model_mapping[type(config)]  # imports e.g. modeling_llama
+    except Exception:  # only a head start: the main thread's import reports real problems
+        logging.getLogger("training_daemon").debug("engine preload incomplete", exc_info=True)
 
 
 class _Candidate:
@@ -248,6 +251,7 @@ class Daemon:
         self._next_rescan = 0.0
         self._retry_at = 0.0
         self._intake_count = self._burst_quiet = 0
+        self._timings: dict | None = None
         self._import_thread: threading.Thread | None = None
         self._engine = None
         self._observer = None
@@ -266,7 +270,8 @@ class Daemon:
                "current_file": self.current, "progress": self.progress,
                "last_error": self.last_error}
         try:
-            trainroot.atomic_write_json(self.p.daemon_state, doc)
+            # Atomic for readers; no fsync: a heartbeat is worthless after a power cut anyway.
+            trainroot.atomic_write_json(self.p.daemon_state, doc, sync=False)
         except OSError as exc:  # a full disk must not kill the daemon; the tracker sees the age
             self.log.warning("cannot write %s: %s", self.p.daemon_state, exc)
 
@@ -287,7 +292,7 @@ class Daemon:
         """Import torch/transformers in a thread while the inbox settles (start-up latency)."""
         if self._import_thread is None and self._engine is None:
             self._import_thread = threading.Thread(target=_import_engine, name="engine-import",
-                                                   daemon=True)
+                                                   args=(self.p.current_model,), daemon=True)
             self._import_thread.start()
 
     def engine(self):
@@ -629,13 +634,13 @@ class Daemon:
         if data.parent != self.p.processing:
             rec = training_queue.read_record(data)
             rec["started_at"] = trainroot.utc_now()
+            rec.setdefault("file_id", f"{str(rec.get('sha256'))[:16]}-{rec.get('seq') or time.time_ns()}")
             data = training_queue.move_with_record(data, self.p.processing, rec, "training")
         rec = training_queue.read_record(data)
         if rec.get("in_training"):  # the last process died while training this file
             rec["attempts"] = int(rec.get("attempts") or 0) + 1
-            rec["in_training"] = False
-            training_queue.update_record(data, **{k: rec[k] for k in ("attempts", "in_training")})
             if rec["attempts"] >= cfg["max_attempts"]:
+                training_queue.update_record(data, attempts=rec["attempts"], in_training=False)
                 self._finish_failed(data, f"training crashed {rec['attempts']} times "
                                           f"(max_attempts {cfg['max_attempts']})")
                 return
@@ -644,21 +649,21 @@ class Daemon:
         self.current = {"name": data.name, "sha256": rec.get("sha256"),
                         "priority": rec.get("priority"), "records": rec.get("records")}
         timings = dict(rec.get("timings") or {})
+        update = {"in_training": True, "attempts": rec.get("attempts", 0),
+                  "file_id": rec.get("file_id") or
+                  f"{str(rec.get('sha256'))[:16]}-{rec.get('seq') or time.time_ns()}"}
         if not rec.get("version_before"):
             t0 = time.monotonic()
             before = model_versioner.create_version(self.p.root, f"pre-train:{data.name}")
             timings["snapshot_s"] = round(time.monotonic() - t0, 4)
             state = _trainer_state(self.p.current_model)
-            rec = training_queue.update_record(
-                data, version_before=_version_id(before), timings=timings,
-                global_step_before=state.get("global_step"),
-                tokens_seen_before=state.get("tokens_seen"))
-        if not rec.get("file_id"):
-            rec = training_queue.update_record(
-                data, file_id=f"{str(rec.get('sha256'))[:16]}-{rec.get('seq') or time.time_ns()}")
+            update.update(version_before=_version_id(before), timings=timings,
+                          global_step_before=state.get("global_step"),
+                          tokens_seen_before=state.get("tokens_seen"))
         engine = self.engine()
+        # One write: the snapshot taken and "training started" (a crash from here counts).
+        rec = training_queue.update_record(data, **update)
         self.set_state("training")
-        training_queue.update_record(data, in_training=True)
         self.pending = None
         self._train_started = time.monotonic()
         self._records_at_start = 0
@@ -670,10 +675,10 @@ class Daemon:
         except GuardrailError as exc:
             training_queue.update_record(data, in_training=False)
             self.last_error = str(exc)
+            self.current = None
             raise _Paused(exc) from None
         except Exception as exc:
             self.log.exception("training %s crashed", data.name)
-            rec = training_queue.read_record(data)
             attempts = int(rec.get("attempts") or 0) + 1
             training_queue.update_record(data, in_training=False, attempts=attempts,
                                          last_error=f"{exc.__class__.__name__}: {exc}")
@@ -688,7 +693,10 @@ class Daemon:
             return
         train_s = time.monotonic() - self._train_started
         timings["train_s"] = round(float(timings.get("train_s") or 0) + train_s, 4)
-        training_queue.update_record(data, in_training=False, timings=timings)
+        self._timings = timings   # written with the file's next record (one write, not two)
+        if result.get("status") in ("stopped", "paused", "spike"):  # it stays in processing/
+            training_queue.update_record(data, in_training=False, timings=timings)
+            self._timings = None
         self._after_training(data, result, cfg)
 
     def _after_training(self, data: Path, result: dict, cfg: dict) -> None:
@@ -759,7 +767,7 @@ class Daemon:
 
     def _finish_done(self, data: Path, result: dict) -> None:
         import model_versioner
-        rec = training_queue.read_record(data)
+        rec = self._final_record(data)
         t0 = time.monotonic()
         after = model_versioner.create_version(
             self.p.root, f"post-train:{data.name}", loss=result.get("loss"),
@@ -773,16 +781,23 @@ class Daemon:
                    tokens_seen_after=state.get("tokens_seen", result.get("tokens_seen")),
                    steps=(state.get("global_step", result.get("global_step")) or 0) - gs_before,
                    tokens=result.get("tokens"), loss=result.get("loss"), timings=timings)
-        rec.pop("in_training", None)
         dst = training_queue.move_with_record(data, self.p.done, rec, "trained")
         self.done[rec["sha256"]] = dict(rec, name=dst.name)
         self.log.info("%s: done (%s -> %s, %s steps, loss %s)", dst.name, rec.get("version_before"),
                       rec["version_after"], rec["steps"], rec.get("loss"))
         self.maybe_backup(rec)
 
-    def _finish_failed(self, data: Path, reason: str, result: dict | None = None) -> None:
+    def _final_record(self, data: Path) -> dict:
+        """The record as it leaves processing/: no longer in training, timings folded in."""
         rec = training_queue.read_record(data)
         rec.pop("in_training", None)
+        if self._timings is not None:
+            rec["timings"] = self._timings
+            self._timings = None
+        return rec
+
+    def _finish_failed(self, data: Path, reason: str, result: dict | None = None) -> None:
+        rec = self._final_record(data)
         rec.update(outcome="failed", reason=reason, finished_at=trainroot.utc_now())
         if result:
             rec["result"] = result
@@ -794,8 +809,7 @@ class Daemon:
                         result: dict | None = None) -> None:
         if discard:
             self._restore_before(data)
-        rec = training_queue.read_record(data)
-        rec.pop("in_training", None)
+        rec = self._final_record(data)
         rec.update(outcome="skipped", reason=reason, discarded=discard,
                    finished_at=trainroot.utc_now())
         if result:
