@@ -195,6 +195,7 @@ class Encoder:
             raise GuardrailError("the tokenizer has no EOS token", getattr(tokenizer, "name_or_path", ""),
                                  "Use a model whose tokenizer defines eos_token.")
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.fallbacks = 0  # chat records rendered with the plain fallback instead of the template
         self._byte_fast = self._is_byte_identity(tokenizer)
         if self._byte_fast:
             specials = sorted(tokenizer.all_special_tokens, key=len, reverse=True)
@@ -224,6 +225,12 @@ class Encoder:
             return out
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _note_fallback(self, record, why: str) -> None:
+        if not self.fallbacks:  # once per file is enough to explain it
+            log.warning("line %s: chat template not usable (%s); using the plain fallback "
+                        "rendering from validate_data for such records", record.line, why)
+        self.fallbacks += 1
+
     def _render(self, messages, generation_prompt=False) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=generation_prompt)
@@ -248,7 +255,13 @@ class Encoder:
     def encode(self, record) -> tuple[list[int], list[int]]:
         pieces = None
         if record.messages is not None and self.has_template:
-            pieces = self.chat_pieces(record.messages)
+            try:
+                pieces = self.chat_pieces(record.messages)
+            except Exception as exc:  # jinja raises what the template author chose (roles etc.)
+                self._note_fallback(record, f"{exc.__class__.__name__}: {exc}")
+            else:
+                if pieces is None:
+                    self._note_fallback(record, "turns do not render as prefixes of each other")
         if pieces is None:
             pieces = [(text, bool(trained)) for text, trained in record.segments]
         ids: list[int] = []

@@ -479,3 +479,16 @@ def test_two_processes_under_torchrun_equal_one_with_twice_the_batch(tmp_path, t
     la, lb = [m["loss"] for m in metrics(one)], [m["loss"] for m in metrics(two)]
     assert len(la) == len(lb) and max(abs(x - y) for x, y in zip(la, lb)) < 1e-5
     assert not torch.equal(a["lm_head.weight"], weights(tiny_model_dir)["lm_head.weight"])
+
+
+def test_a_template_that_refuses_a_conversation_falls_back_to_segments(tmp_path, tokenizer):
+    """Many real templates raise on roles they do not know; the record still trains."""
+    data = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
+    rec = records_of(data)[0]
+    enc = te.Encoder(tokenizer)
+    enc.tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path, local_files_only=True)
+    enc.tokenizer.chat_template = "{{ raise_exception('roles must alternate system/user') }}"
+    ids, labels = enc.encode(rec)
+    assert enc.fallbacks == 1
+    assert ids[:-1] == list("".join(t for t, _ in rec.segments).encode())
