@@ -344,8 +344,9 @@ def _model_files(src_fd: int, skip: set[str]) -> list[str]:
 def copy_tree_verified(src: Path, dst: Path, *, skip: set[str] = frozenset(),
                        expected: dict | None = None, src_label: str | None = None,
                        file_mode: int = 0o644) -> dict:
-    """Copy every file of `src` into the new folder `dst`, hashing in the same pass; fsync
-    each file and folder; drop the copies from the page cache, re-read and re-hash them.
+    """Copy every file of `src` into the new folder `dst`, hashing in the same pass; each
+    piece is synced, dropped from the page cache, read back and compared with the bytes
+    hashed (see `_copy_file_streaming`); then every file and folder is fsynced.
 
     `expected` ({relpath: {sha256, size}}, e.g. the source's manifest) is what the source
     should hold; without it the hashes taken while reading the source are the reference.
@@ -408,6 +409,10 @@ def _source_manifest(folder: Path, skip: set[str]) -> dict | None:
             files = {rel: info for rel, info in doc[key].items() if rel not in skip}
             break
     if files is None:
+        return None
+    if set(files) != set(_list_files(folder, skip)):
+        print(f"warning: {folder / name} does not list the folder's files; hashing the "
+              "source", file=sys.stderr)
         return None
     for rel, info in files.items():
         try:

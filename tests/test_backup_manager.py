@@ -139,6 +139,11 @@ def test_source_checked_against_its_manifest(fake_root, capsys):
     assert err.startswith("Error: backup failed: source file model.safetensors does not match "
                           "its manifest while copying (sha256 ")
     assert [b["id"] for b in backup_manager.list_backups(fake_root)] == [doc["id"]]
+    # a manifest that does not list every file is stale: the source itself is hashed
+    _write(cm / "added.txt", b"new")
+    doc = _backup(capsys)
+    assert doc["files"]["added.txt"]["size"] == 3
+    assert doc["files"]["model.safetensors"]["sha256"] == _tree_hashes(cm)["model.safetensors"]
 
 
 # --------------------------------------------------------------------------- verify
