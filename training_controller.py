@@ -20,12 +20,10 @@ import json
 import logging
 import os
 import re
-import secrets
 import sys
 import time
 from pathlib import Path
 
-import training_config
 from trainroot import (EXIT_FAILURE, BusyError, FileLock, GuardrailError, Paths,
                        add_common_args, age_seconds, atomic_write_json, atomic_write_text,
                        parse_time, print_json, read_json, read_lock_holder, rename_noreplace,
@@ -77,7 +75,7 @@ def submit_request(root, action: str, *, reason: str | None = None,
         raise GuardrailError(f"unknown control action {action!r}", Paths(root).control,
                              f"Use one of: {', '.join(ACTIONS)}.")
     created_at = utc_now()
-    req = {"schema_version": SCHEMA_VERSION, "id": secrets.token_hex(6), "action": action,
+    req = {"schema_version": SCHEMA_VERSION, "id": os.urandom(6).hex(), "action": action,
            "reason": reason, "created_at": created_at, "options": dict(options or {}),
            "pid": os.getpid()}
     path = _ensure(control_dirs(root)["control"]) / f"{_stamp(created_at)}-{req['id']}{REQUEST_SUFFIX}"
@@ -448,6 +446,7 @@ def approve_config(root, *, confirm=None) -> dict:
 
     Refuses while a file is training: the running file was started under the old values.
     """
+    import training_config  # lazy: dataclasses + difflib cost ~10 ms every other command skips
     p = _require_root(root)
     cfg = training_config.load_config(p.root)
     changes = training_config.changed_locked(p.root, cfg)

@@ -105,10 +105,11 @@ def measure_stop(root: Path, proc: subprocess.Popen) -> dict:
             marks["exited"] = now
         time.sleep(0.005)
     state = json.loads((root / "current_model" / "trainer_state.json").read_text())
-    newest = training_engine.list_checkpoints(root)[0][1]
+    folder, newest = training_engine.list_checkpoints(root)[0]
     if newest["global_step"] != state["global_step"] or proc.returncode != 0:
         raise SystemExit(f"stop did not leave a durable checkpoint at step {state['global_step']}")
-    marks["checkpoint"] = newest["created_ns"] / 1e9 - wall0  # when its meta was written
+    # the folder's ctime is its rename into checkpoints/, done after every file was fsynced
+    marks["checkpoint"] = os.stat(folder).st_ctime - wall0
     marks["total"] = max(marks["exited"], marks["acked"])
     return marks
 
