@@ -103,6 +103,12 @@ def main(argv=None) -> int:
             "state_tracker.py --json": [py, tracker, "--json", "--root", str(root)],
             "state_tracker.py --check": [py, tracker, "--check", "--root", str(root)],
             "state_tracker.py (refresh)": [py, tracker, "--root", str(root)],
+            # where start-up goes: each import alone (cumulative)
+            "import argparse,json,pathlib": [py, "-c", "import argparse, json, pathlib"],
+            "import trainroot": [py, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); import trainroot"],
+            "import training_config": [py, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); import training_config"],
+            "import state_tracker": [py, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); import state_tracker"],
+            "import rich.console": [py, "-c", "import rich.console"],
         }, args.runs, env)
         import state_tracker
         t = time.perf_counter()
