@@ -44,7 +44,7 @@ QUEUE_PRIORITIES = ("high", "normal", "low")
 WARNING_CODES = (
     "NOT_INITIALIZED", "MODEL_MISSING", "MODEL_INCOMPLETE", "NO_VERSION", "MODEL_NOT_VERSIONED",
     "VERSION_DAMAGED", "CONFIG_MISSING", "CONFIG_INVALID", "CONFIG_UNAPPROVED", "DAEMON_DEAD",
-    "DAEMON_NOT_RUNNING", "DAEMON_STATE_UNREADABLE", "TRAINING_STALLED", "PAUSED_LONG",
+    "DAEMON_NOT_RUNNING", "DAEMON_STATE_UNREADABLE", "TRAINING_STALLED", "TRAINING_PAUSED", "PAUSED_LONG",
     "DISK_LOW", "BACKUP_NONE", "BACKUP_OLD", "BACKUP_UNVERIFIED", "BACKUP_SAME_FILESYSTEM",
     "FILES_FAILED", "LOSS_SPIKE", "LOCK_STALE")
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", "~", ".swp", ".record.json", ".error.txt",
@@ -412,12 +412,17 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
               f"{'missing' if beat_age is None else f'{beat_age:.0f} s old'}",
               f"{_cmd(root, 'training_controller.py stop --wait 300')} && {start}",
               f"If the stop times out: `kill {pid}`, then `{start}` (it resumes from the last checkpoint).")
-    if current == "paused" and (training["paused_for_s"] or 0) > PAUSED_LONG_S:
-        hours = training["paused_for_s"] / 3600
-        _warn(w, "PAUSED_LONG", "warning",
-              f"training has been paused for {hours:.1f} h"
-              + (f" ({training['paused_reason']})" if training["paused_reason"] else ""),
-              _cmd(root, "training_controller.py resume"), "Once the reason is dealt with.")
+    if current == "paused":
+        reason = f" ({training['paused_reason']})" if training["paused_reason"] else ""
+        resume = _cmd(root, "training_controller.py resume")
+        note = ("Once the reason is dealt with (other warnings name its fix): the daemon does "
+                "not resume by itself after a pause.")
+        if (training["paused_for_s"] or 0) > PAUSED_LONG_S:
+            _warn(w, "PAUSED_LONG", "warning",
+                  f"training has been paused for {training['paused_for_s'] / 3600:.1f} h{reason}",
+                  resume, note)
+        else:
+            _warn(w, "TRAINING_PAUSED", "info", f"training is paused{reason}", resume, note)
     if problems:
         _warn(w, "DAEMON_STATE_UNREADABLE", "warning",
               f"the daemon state file cannot be read: {problems[0]}",

@@ -341,8 +341,14 @@ def test_stalled_heartbeat_while_training(root):
 
 def test_paused_for_long_and_resume_fixes_it(root):
     with Holder(root, "daemon", act=True) as daemon:
+        write_daemon_state(root, pid=daemon.pid, state="paused", paused_since=ago(300),
+                           paused_reason="disk check")
+        w = codes(root)
+        assert w["TRAINING_PAUSED"]["severity"] == "info" and "PAUSED_LONG" not in w
+        assert "(disk check)" in w["TRAINING_PAUSED"]["message"]
         write_daemon_state(root, pid=daemon.pid, state="paused", paused_since=ago(2 * 3600),
                            paused_reason="disk check")
+        assert "TRAINING_PAUSED" not in codes(root)
         w = codes(root)["PAUSED_LONG"]
         assert "2.0 h (disk check)" in w["message"]
         proc = run_fix(w["fix"], root)
