@@ -734,9 +734,12 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
                 return finish("paused", error, disk=True)
             status = "stopped" if pending == "stop" else "paused"
             return finish(status, f"{status} at step {state['global_step']}", publish=pending)
-        if pending == "skip":
+        if pending == "skip":  # keeps what was trained (the daemon restores for --discard)
+            error = checkpoint(complete=True) if dirty else None  # the next file carries on
+            if error:
+                return finish("paused", error, disk=True)
             return finish("skipped", f"skipped at step {state['global_step']}; current_model "
-                          "keeps its state from before this file's unpublished steps")
+                          "keeps the steps trained on this file", publish="skip")
         micro = []
         for _ in range(accum):
             rows = []

@@ -290,11 +290,13 @@ def test_stop_and_skip_act_at_a_step_boundary(tmp_path, tiny_model_dir, referenc
     r = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg, control=control)
     assert r["status"] == "stopped" and r["global_step"] == 1 and r["steps"] == 1
     assert read_json(Paths(root).current_model / "trainer_state.json")["global_step"] == 1
-    before = sha256_file(Paths(root).current_model / "model.safetensors")
+    calls.clear()
     r = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg,
-                      control=lambda: "skip")
-    assert r["status"] == "skipped" and r["steps"] == 0
-    assert sha256_file(Paths(root).current_model / "model.safetensors") == before
+                      control=lambda: "skip" if len(calls.append(1) or calls) > 4 else None)
+    assert r["status"] == "skipped" and r["steps"] == 2 and r["global_step"] == 3, r
+    state = read_json(Paths(root).current_model / "trainer_state.json")
+    assert (state["global_step"], state["status"]) == (3, "skipped")  # skip keeps what it trained
+    assert te.list_checkpoints(root)[0][1]["complete"]  # so the next file carries the optimizer
 
 
 # --------------------------------------------------------------------------- guards
