@@ -643,12 +643,17 @@ def test_skip_discard_restores_the_version_before_the_file_and_skip_keeps_the_tr
     d.until("b.jsonl in skipped/", lambda: (root / "skipped" / "b.jsonl").exists())
     record = json.loads((root / "skipped" / "b.jsonl.record.json").read_text())
     assert record["outcome"] == "skipped" and record["discarded"] is False
-    assert controller(root, "stop", "--wait", "60")["outcome"] == "done"
-    assert d.wait() == 0
-    import torch
-    kept = weights(root / "current_model")
-    if all(torch.equal(kept[k], initial[k]) for k in kept):
-        pytest.xfail("known bug outside the controller: training_engine.train_file returns "
-                     "'skipped' without publishing the steps it trained, so `skip` (keep) "
-                     "loses them (issue 7 item 3: skip keeps the training done so far)")
+    d.until("idle after the skip", lambda: tc.daemon_status(root)["state"] == "idle")
+    # skip kept the steps trained on b.jsonl: current_model moved past the version before it
+    assert_different_weights(weights(root / "current_model"),
+                             weights(root / "versions" / record["version_before"]))
     assert step_of(root) >= 3
+
+    # kill -9 (not reaped yet: a zombie): status says dead at once, and nothing is training
+    d.proc.kill()
+    time.sleep(0.2)
+    st = tc.daemon_status(root)
+    assert (st["alive"], st["state"], st["reported_state"], st["last_pid"]) == \
+        (False, "dead", "idle", d.proc.pid)
+    assert tc.is_training(root) is False
+    assert d.wait() == -9
