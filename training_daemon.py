@@ -289,8 +289,17 @@ class Daemon:
     # ---------------------------------------------------------------- engine (lazy, once)
 
     def preload_engine(self) -> None:
-        """Import torch/transformers in a thread while the inbox settles (start-up latency)."""
+        """Import torch/transformers in a thread while the inbox settles (start-up latency).
+
+        Not when pre-flight would refuse anyway: the thread cannot be abandoned, so a
+        daemon that only pauses (or, with --once, exits 1) would wait for the import.
+        """
         if self._import_thread is None and self._engine is None:
+            import training_config
+            try:
+                self.preflight(training_config.load_config(self.p.root))
+            except (_Paused, GuardrailError):
+                return
             self._import_thread = threading.Thread(target=_import_engine, name="engine-import",
                                                    args=(self.p.current_model,), daemon=True)
             self._import_thread.start()
@@ -351,6 +360,9 @@ class Daemon:
                     self.log.info("resumed (was: %s)", self.paused_reason)
                     if self.pause_kind == "backup":
                         self.backup_failed = None
+                    data = self._processing_file()
+                    if data is not None and training_queue.read_record(data).get("hold"):
+                        training_queue.update_record(data, hold=None)
                     self.set_state("idle")
                     self.ack(req, "done", "resumed")
                 else:
@@ -630,6 +642,17 @@ class Daemon:
         import model_versioner
         import training_config
         cfg = training_config.load_config(self.p.root)
+        held = training_queue.read_record(data) if data.parent == self.p.processing else {}
+        hold = held.get("hold")
+        if hold:  # a spike or a failed save paused this file before a restart: still paused
+            if self.once:
+                raise GuardrailError(f"{data.name} is on hold: {hold.get('reason')}", data,
+                                     "Inspect it, then `python3 training_controller.py resume` "
+                                     "with the daemon running (or `skip`).")
+            self.current = {"name": data.name, "sha256": held.get("sha256"),
+                            "priority": held.get("priority"), "records": held.get("records")}
+            self.set_state("paused", hold.get("reason"), hold.get("kind"))
+            return
         self.preflight(cfg)  # raises _Paused
         if data.parent != self.p.processing:
             rec = training_queue.read_record(data)
@@ -718,6 +741,21 @@ class Daemon:
                 self.stop_request = req
             self.log.info("%s: stopped at step %s; it stays in processing/ and resumes at the "
                           "next start", data.name, result.get("global_step"))
+        elif status == "paused" and result.get("pause_reason") == "disk":
+            msg = (f"saving failed while training {data.name}: {result.get('message') or ''}. "
+                   "Free disk space (e.g. `python3 model_versioner.py prune --yes`), then run "
+                   "`python3 training_controller.py resume`")
+            self.last_error = msg
+            self._hold(data, "disk", msg)
+            self.set_state("paused", msg, "disk")
+            if action == "stop":
+                self.stop_request = req  # acknowledged on the way out
+            elif req is not None:
+                self.ack(req, "done" if action == "pause" else "noop",
+                         "paused: saving failed (disk); the checkpoint before it is durable")
+            if self.once:
+                raise GuardrailError(f"training paused: {msg}", self.p.root,
+                                     "The file stays in processing/ and resumes at the next start.")
         elif status == "paused":
             if req is None and self.backup_failed:
                 self.set_state("paused", self.backup_failed, "backup")
@@ -725,14 +763,21 @@ class Daemon:
                 self.set_state("paused", self._request_reason("paused by request", req), "request")
                 self.ack(req, "done", f"paused at step {result.get('global_step')}; checkpoint is durable")
         elif status == "spike":
-            msg = f"loss spike in {data.name}: {result.get('message') or ''}".strip()
+            msg = (f"loss spike in {data.name}: {result.get('message') or ''}. Inspect the "
+                   "data, then `python3 training_controller.py resume` (or `skip --discard`)")
             self.last_error = msg
-            self.set_state("paused", msg + ". Inspect the data, then `python3 training_controller.py "
-                           "resume` (or `skip --discard`)", "spike")
-            if action and req is not None and action != "pause":
+            self._hold(data, "spike", msg)
+            self.set_state("paused", msg, "spike")
+            if action == "stop":
+                self.stop_request = req
+            elif action and req is not None and action != "pause":
                 self.ack(req, "noop", f"training paused on a loss spike before the {action}")
             elif req is not None:
                 self.ack(req, "done", "paused (loss spike)")
+            if self.once and action != "stop":
+                raise GuardrailError(f"training paused: {msg}", self.p.root,
+                                     "The file stays in processing/; inspect it, then run the "
+                                     "daemon again (or `python3 training_controller.py skip`).")
         elif status == "skipped":
             discard = bool(((req or {}).get("options") or {}).get("discard"))
             self._finish_skipped(data, discard, self._request_reason("skipped by request", req),
@@ -752,6 +797,12 @@ class Daemon:
             self.set_state("idle")
         if status != "stopped":
             self.current = self.progress = None
+
+    @staticmethod
+    def _hold(data: Path, kind: str, reason: str) -> None:
+        """Keep a pause that needs a person across restarts (in the file's record)."""
+        training_queue.update_record(data, hold={"kind": kind, "reason": reason,
+                                                 "since": trainroot.utc_now()})
 
     @staticmethod
     def _request_reason(base: str, req: dict | None) -> str:
@@ -791,6 +842,7 @@ class Daemon:
         """The record as it leaves processing/: no longer in training, timings folded in."""
         rec = training_queue.read_record(data)
         rec.pop("in_training", None)
+        rec.pop("hold", None)
         if self._timings is not None:
             rec["timings"] = self._timings
             self._timings = None
@@ -867,7 +919,13 @@ class Daemon:
     # ---------------------------------------------------------------- the loop
 
     def _has_work(self) -> bool:
-        return self._processing_file() is not None or bool(training_queue.list_queue(self.p.root))
+        """Work that will train: the queue, or a file in processing/ not about to fail."""
+        data = self._processing_file()
+        if data is not None:
+            rec = training_queue.read_record(data)
+            crashes = int(rec.get("attempts") or 0) + (1 if rec.get("in_training") else 0)
+            return not rec.get("hold") and crashes < self.cfg["max_attempts"]
+        return bool(training_queue.list_queue(self.p.root))
 
     def _start_monitor(self) -> None:
         port = int(self.cfg.get("monitor_port") or 0)
