@@ -133,11 +133,17 @@ def test_daemon_dead(root, tmp_path):
     start = [c for c in commands if "training_daemon.py run" in c]
     assert start == ["python3 training_daemon.py run"]
     daemon = run(start[0], root, background=True)
+    seen = set()
     try:
         deadline = time.monotonic() + 180
-        while (root / "processing" / "notes.jsonl").exists() or "DAEMON_DEAD" in warning_codes(root):
-            assert time.monotonic() < deadline, st.build_state(root)["training"]
-            time.sleep(0.5)
+        while True:
+            doc = st.build_state(root)
+            seen.add((doc["daemon"]["alive"], doc["training"]["state"]))
+            codes = {w["code"] for w in doc["warnings"]}
+            if not (root / "processing" / "notes.jsonl").exists() and "DAEMON_DEAD" not in codes:
+                break
+            assert time.monotonic() < deadline, doc["training"]
+            time.sleep(0.2)
     finally:
         run("python3 training_controller.py stop --wait 60", root)
         try:
@@ -147,6 +153,7 @@ def test_daemon_dead(root, tmp_path):
                 os.killpg(daemon.pid, signal.SIGKILL)
                 daemon.wait()
     assert (root / "done" / "notes.jsonl").exists()
+    assert any(alive for alive, _ in seen), seen  # the tracker saw the restarted daemon live
     run_row([c for c in commands if c not in start], root)
 
 
