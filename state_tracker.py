@@ -455,7 +455,7 @@ def _queue_section(root: Path, daemon: dict, w: list) -> dict:
             rec = rec if isinstance(rec, dict) else {}
             history = rec.get("history")
             last = history[-1] if isinstance(history, list) and history else {}
-            entries.append({"name": name, "reason": str(rec.get("reason") or "(no record)"),
+            entries.append({"name": name, "reason": str(rec.get("reason") or "no record file"),
                             "at": last.get("at") if isinstance(last, dict) else None})
         sec[kind] = entries
     if sec["failed_count"]:
@@ -776,7 +776,8 @@ def report_rows(state: dict) -> list[tuple[str, str]]:
     backups += f", {b['verified_count']}/{b['count']} good"
     if b["same_filesystem"]:
         backups += ", SAME DISK as the model"
-    trend = (f"{loss['last_loss']} at step {loss['last_step']} ({loss['trend']})"
+    trend = (f"{loss['last_loss']} at step {loss['last_step']} ({loss['last_file']}), trend "
+             f"{loss['trend']}" + (", SPIKE" if loss["spike"] else "")
              if loss["last_step"] is not None else "no metrics yet")
     return [
         ("root", state["root"]),
