@@ -161,6 +161,13 @@ def _version_id(v) -> str | None:
     return v.get("id") if isinstance(v, dict) else str(v)
 
 
+def _file_id(name: str, rec: dict) -> str:
+    """The engine's checkpoint id for one queued file: readable (metrics.jsonl shows it as
+    `file`), and unique per arrival so a re-trained name or content never resumes an old
+    checkpoint."""
+    return f"{name}#{str(rec.get('sha256'))[:12]}-{rec.get('seq') or time.time_ns()}"
+
+
 def _trainer_state(model_dir: Path) -> dict:
     try:
         state = trainroot.read_json(model_dir / "trainer_state.json", default={})
@@ -657,7 +664,7 @@ class Daemon:
         if data.parent != self.p.processing:
             rec = training_queue.read_record(data)
             rec["started_at"] = trainroot.utc_now()
-            rec.setdefault("file_id", f"{str(rec.get('sha256'))[:16]}-{rec.get('seq') or time.time_ns()}")
+            rec.setdefault("file_id", _file_id(data.name, rec))
             data = training_queue.move_with_record(data, self.p.processing, rec, "training")
         rec = training_queue.read_record(data)
         if rec.get("in_training"):  # the last process died while training this file
@@ -673,8 +680,7 @@ class Daemon:
                         "priority": rec.get("priority"), "records": rec.get("records")}
         timings = dict(rec.get("timings") or {})
         update = {"in_training": True, "attempts": rec.get("attempts", 0),
-                  "file_id": rec.get("file_id") or
-                  f"{str(rec.get('sha256'))[:16]}-{rec.get('seq') or time.time_ns()}"}
+                  "file_id": rec.get("file_id") or _file_id(data.name, rec)}
         if not rec.get("version_before"):
             t0 = time.monotonic()
             before = model_versioner.create_version(self.p.root, f"pre-train:{data.name}")
