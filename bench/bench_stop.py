@@ -187,7 +187,8 @@ def main() -> int:
     print("  of which (medians): " + ", ".join(
         f"{k} {statistics.median(m[k] for m in phases) * 1000:.0f} ms"
         for k in ("claimed", "checkpoint", "acked", "exited"))
-        + "  (claimed = noticed by the daemon; exited - acked = process teardown)")
+        + "  (claimed = noticed by the daemon; checkpoint = renamed into checkpoints/ after fsync; "
+        "exited - acked = process teardown)")
     print(f"step time (median of {len(steps)}):       {step * 1000:.0f} ms "
           f"(batch {args.batch_size} x {args.max_length} tokens)")
     print(f"save time (median of {len(saves)}):        {save * 1000:.0f} ms (checkpoint + publish current_model)")
