@@ -48,6 +48,7 @@ import os
 import re
 import stat
 import sys
+import itertools
 from itertools import chain
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -423,6 +424,17 @@ _MISS = object()
 _PROMPT_WITH_INPUT = len(_instruction_prompt("", "x")) - 1    # the Alpaca template's own bytes
 _PROMPT_NO_INPUT = len(_instruction_prompt("", ""))
 
+# key order of a two- or three-field record -> (format, where each value is, template bytes)
+_LAYOUTS: dict = {}
+for _fmt, _keys in (("prompt_completion", ("prompt", "completion")),
+                    ("instruction", ("instruction", "output")),
+                    ("instruction", ("instruction", "output", "input"))):
+    for _perm in itertools.permutations(range(len(_keys))):
+        _order = tuple(_perm.index(i) for i in range(len(_keys))) + (2,) * (3 - len(_keys))
+        _LAYOUTS[tuple(_keys[i] for i in _perm)] = (
+            _fmt, None if _order == (0, 1, 2) else _order,
+            _PROMPT_NO_INPUT if _fmt == "instruction" else 0)
+
 
 def _utf8_size(strings, extra: int) -> int:
     """UTF-8 bytes of `strings`, given `extra` = bytes - characters of their whole line.
@@ -478,23 +490,32 @@ def _fast_check(top, extra: int) -> tuple[str, int, bool] | None:
         if pattern is None or "" in contents or any(map(str.isspace, contents)):  # non-str raises
             return None
         return "messages", pattern[0] + _utf8_size(contents, extra), pattern[1]
-    obj = dict(top)
-    if len(obj) != n:                   # a duplicate key
+    if n == 2:
+        (k0, v0), (k1, v1) = top
+        layout = _LAYOUTS.get((k0, k1))          # None for a duplicate key too
+        v2 = ""
+    elif n == 3:
+        (k0, v0), (k1, v1), (k2, v2) = top
+        layout = _LAYOUTS.get((k0, k1, k2))
+    else:
         return None
-    if n == 2 and "prompt" in obj and "completion" in obj:
-        prompt, completion = obj["prompt"], obj["completion"]
-        if (type(prompt) is not str or type(completion) is not str or not prompt
-                or not completion or prompt.isspace() or completion.isspace()):
-            return None
-        return "prompt_completion", _utf8_size((prompt, completion), extra), False
-    if (n == 3 or n == 2 and "input" not in obj) and "instruction" in obj and "output" in obj:
-        instruction, output, inp = obj["instruction"], obj["output"], obj.get("input", "")
-        if (type(instruction) is not str or type(output) is not str or type(inp) is not str
-                or not instruction or not output or instruction.isspace() or output.isspace()):
-            return None
-        template = _PROMPT_WITH_INPUT if inp else _PROMPT_NO_INPUT
-        return "instruction", template + _utf8_size((instruction, inp, output), extra), False
-    return None
+    if layout is None:
+        return None
+    fmt, order, template = layout
+    if order is not None:                         # fields not in the usual order
+        values = (v0, v1, v2)
+        v0, v1, v2 = values[order[0]], values[order[1]], values[order[2]]
+    # v0, v1: prompt, completion or instruction, output (required); v2: input or ""
+    if (type(v0) is not str or type(v1) is not str or type(v2) is not str
+            or not v0 or not v1 or v0.isspace() or v1.isspace()):
+        return None
+    if extra:
+        size = len(v0) + len(v1) + len(v2) + extra
+    elif v0.isascii() and v1.isascii() and v2.isascii():
+        size = len(v0) + len(v1) + len(v2)
+    else:
+        size = len(v0.encode("utf-8")) + len(v1.encode("utf-8")) + len(v2.encode("utf-8"))
+    return fmt, size + (_PROMPT_WITH_INPUT if v2 else template), False
 
 
 def _open(path: Path):

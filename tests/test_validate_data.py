@@ -256,7 +256,6 @@ def test_segments_of_each_format_are_exact(tmp_path):
         ("\n<|user|>\nAnd how far is the Moon from Earth?\n<|assistant|>\n", False),
         ("Around 384,400 kilometers. Give or take.", True)]
     assert recs[4].messages == OPENAI_CHAT[1]["messages"]
-    sizes = [len(line) + 1 for line in path.read_bytes().decode().split("\n")[:-1]]
     sizes = [len(line.encode()) + 1 for line in path.read_text(encoding="utf-8").splitlines()]
     assert [(r.line, r.offset, r.next_offset) for r in recs] == [
         (i + 1, sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(5)]
@@ -310,6 +309,8 @@ def test_fast_path_never_accepts_what_the_careful_path_rejects(tmp_path):
     good = [json.dumps(r, ensure_ascii=a).encode() + b"\n" for r in OPENAI_CHAT + ALPACA
             for a in (True, False)]
     good += [GOOD, CHAT_OK, b'{"prompt": "a", "completion": "b"}\n',
+             b'{"completion": "b\xc3\xa9", "prompt": "a"}\n', b'{"output": "o", "instruction": "i"}\n',
+             b'{"input": "x", "output": "o", "instruction": "i"}\n',
              chat(("user", "a"), ("assistant", "b"), ("user", "c")), chat(("system", ""), ("user", "a"),
                                                                            ("assistant", "b"))]
     for raw in lines + good:
