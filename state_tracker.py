@@ -98,6 +98,9 @@ DiskUsage = collections.namedtuple("DiskUsage", "total used free")
 
 def disk_usage(path) -> DiskUsage:
     """`shutil.disk_usage` without importing shutil (it pulls in bz2 and lzma at start-up)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:  # a root not made yet: its nearest parent
+        path = path.parent
     st = os.statvfs(path)
     total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
     return DiskUsage(total, (st.f_blocks - st.f_bfree) * st.f_frsize, free)
@@ -180,8 +183,12 @@ def _config_section(root: Path, w: list) -> tuple[dict, dict]:
     sec["locked"] = list(cfg.get("locked") or [])
     try:
         approval = training_config.read_approval(root)
+        if approval is not None and not isinstance(approval.get("values") if isinstance(
+                approval, dict) else None, dict):
+            raise GuardrailError("not an approval record", p.config_lock,
+                                 "Approve the config again (with the user's consent).")
         changes = training_config.changed_locked(root, cfg)
-    except GuardrailError as exc:
+    except GuardrailError as exc:  # a corrupt .config.lock approves nothing
         approval, changes = None, [(n, None, cfg.get(n)) for n in sec["locked"]]
         sec["errors"].append(str(exc))
     sec["approved_at"] = (approval or {}).get("approved_at")
@@ -832,7 +839,9 @@ def cmd_state(args) -> int:
         print_json(state)
     elif args.check or args.warnings:
         print_report(state, warnings_only=args.warnings)
-    if not args.json:  # --json only reads; every other form also refreshes the file
+    if not args.json and (root.is_dir() or not (args.check or args.warnings)):
+        # --json only reads, and so does a report on a root that does not exist yet;
+        # every other form also refreshes the file
         path = Paths(root).system_state
         try:
             atomic_write_json(path, state)

@@ -553,6 +553,35 @@ def test_check_report_and_warnings_only(root):
     assert proc.returncode == 0 and "BACKUP_NONE" in proc.stdout and "versions" not in proc.stdout
 
 
+def test_corrupt_files_everywhere_never_crash_the_tracker(root):
+    """Every small file it reads, garbled: the document still builds and validates."""
+    garbage = {".config.lock": "[1, 2]", "versions/tags.json": '"v001"',
+               "versions/v001/version.json": "not json", ".daemon_state.json": "[]",
+               "metrics.jsonl": '{"global_step": "x", "loss": null}\n\x00\xff{\n',
+               "current_model/.manifest.json": '{"files": 3}',
+               "current_model/trainer_state.json": "7"}
+    for rel, text in garbage.items():
+        path = root / rel
+        if path.exists():
+            path.unlink()  # a new inode: the version's hard link keeps its bytes
+        path.write_text(text)
+    os.makedirs(root / "backups" / "b20261128T000000-abcd")
+    (root / "backups" / "b20261128T000000-abcd" / "backup.json").write_text("{")
+    (root / "failed" / "x.jsonl").write_text("{")
+    (root / "failed" / "x.jsonl.record.json").write_text('{"history": 5}')
+    w = codes(root)
+    assert {"MODEL_INCOMPLETE", "VERSION_DAMAGED", "CONFIG_UNAPPROVED", "BACKUP_UNVERIFIED",
+            "FILES_FAILED"} <= set(w)
+    assert run_script("state_tracker.py", "--json", root=root).returncode == 1
+
+
+def test_root_that_does_not_exist(tmp_path):
+    missing = tmp_path / "not-yet"
+    proc = run_script("state_tracker.py", "--warnings", "--root", str(missing))
+    assert proc.returncode == 1 and "NOT_INITIALIZED" in proc.stdout and proc.stderr == ""
+    assert not missing.exists()  # a report never creates the root
+
+
 def test_usage_errors_exit_2():
     assert st.main(["--check", "--warnings"]) == 2
     assert st.main(["--bogus"]) == 2
