@@ -574,6 +574,18 @@ def _tail_lines(path: Path, nbytes: int = METRICS_TAIL_BYTES) -> list[str]:
     return [ln.decode("utf-8", "replace") for ln in lines if ln.strip()]
 
 
+def _spike_fix(root: Path, file, training: dict) -> tuple[str, str]:
+    """Rollback for a file already trained; skip --discard for one still in processing/."""
+    if training.get("processing_file") and training.get("state") != "dead":
+        return (_cmd(root, "training_controller.py skip --discard"),
+                f"Only if {training['processing_file']} is bad data: the daemon abandons it and "
+                "restores the version taken before it (the file goes to skipped/). If the data "
+                f"is fine: `{_cmd(root, 'training_controller.py resume')}`.")
+    return (_cmd(root, "model_versioner.py rollback"),
+            f"Only if {file} is bad data: this undoes its training (and can itself be undone). "
+            "If the data is fine, training goes on and the warning clears.")
+
+
 def _loss_section(root: Path, cfg: dict, model: dict, training: dict, w: list) -> dict:
     """Loss of the current history: lines after the last rewind, up to the live step."""
     p = Paths(root)
@@ -627,9 +639,7 @@ def _loss_section(root: Path, cfg: dict, model: dict, training: dict, w: list) -
         _warn(w, "LOSS_SPIKE", "warning",
               f"loss {last[1]:.4g} at step {last[0]} ({last[2]}) is "
               + ("not finite" if bad else f"{last[1] / sec['mean']:.1f}x the recent mean {sec['mean']:.4g}"),
-              _cmd(root, "model_versioner.py rollback"),
-              f"Only if {last[2]} is bad data: this undoes its training (and can itself be undone). "
-              "If the data is fine, training goes on and the warning clears.")
+              *_spike_fix(root, last[2], training))
     return sec
 
 

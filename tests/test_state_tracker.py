@@ -503,6 +503,18 @@ def test_loss_spike_then_rollback_clears_it(root):
     assert doc["current_model"]["global_step"] == 0 and doc["loss"]["points"] == 0
 
 
+def test_loss_spike_while_the_file_is_still_in_processing_means_skip_discard(root):
+    publish_trained(root, 41)
+    write_metrics(root, [2.0] * 40 + [9.0])
+    (root / "processing" / "bad.jsonl").write_text('{"text": "x"}\n')
+    with Holder(root, "daemon") as daemon:
+        write_daemon_state(root, pid=daemon.pid, state="paused", paused_reason="loss spike",
+                           progress={"global_step": 41})
+        w = codes(root)["LOSS_SPIKE"]
+        assert w["fix"] == f"python3 training_controller.py skip --discard --root {root}"
+        assert "bad.jsonl" in w["note"]
+
+
 def test_loss_trend_uses_only_the_tail_and_the_current_history(root):
     publish_trained(root, 30)
     junk = b'{"global_step": 999999, "loss": 1e9}\n' * 100_000  # ~4 MB of old history
