@@ -271,7 +271,13 @@ def test_kill_9_mid_file_then_restart_trains_it_exactly_once(initialized_root, t
     import training_daemon
     killed = initialized_root
     tune(killed)
-    write_data(killed / "inbox" / "long.jsonl", 10, "long")   # ~10 steps of 64 tokens
+    data = write_data(killed / "inbox" / "long.jsonl", 10, "long")   # ~10 steps of 64 tokens
+    # The same file on a twin root, never interrupted (run alongside, to save wall time).
+    twin = tmp_path / "twin"
+    training_daemon.init_root(twin, base=str(tiny_model_dir))
+    tune(twin)
+    (twin / "inbox" / "long.jsonl").write_bytes(data.read_bytes())
+    uninterrupted = daemons(twin, "--once")
 
     d = daemons(killed)
     metrics = killed / "metrics.jsonl"
@@ -289,13 +295,7 @@ def test_kill_9_mid_file_then_restart_trains_it_exactly_once(initialized_root, t
     assert rec["attempts"] == 1  # the crash was counted
     assert "resuming after a crash" in proc.stderr
 
-    # The same file on a twin root, never interrupted.
-    twin = tmp_path / "twin"
-    training_daemon.init_root(twin, base=str(tiny_model_dir))
-    tune(twin)
-    (twin / "inbox" / "long.jsonl").write_bytes((killed / "done" / "long.jsonl").read_bytes())
-    proc = run_once(twin)
-    assert proc.returncode == 0, proc.stderr
+    assert uninterrupted.proc.wait(120) == 0, uninterrupted.output()
     twin_rec = record(twin / "done" / "long.jsonl")
     assert rec["steps"] == twin_rec["steps"] and rec["steps"] > 3
     assert _trained_state(killed)[0] == _trained_state(twin)[0]
@@ -362,3 +362,31 @@ def test_changed_locked_config_pauses_before_training(initialized_root):
         "approve it, or put the old values back.")
     assert data_files(root) == {"queue/normal": ["f.jsonl"]}
     assert not (root / "versions" / "v002").exists()
+
+
+def test_automatic_backup_after_a_file_and_a_failed_one_pauses(initialized_root):
+    import training_config
+    root = initialized_root
+    tune(root, backup_every_files=1)
+    write_data(root / "inbox" / "one.jsonl", 3, "one")
+    proc = run_once(root)
+    assert proc.returncode == 0, proc.stderr
+    rec = record(root / "done" / "one.jsonl")
+    backups = [json.loads(p.read_text()) for p in (root / "backups").glob("*/backup.json")]
+    assert [(b["status"], b["version"]) for b in backups] == [("verified", rec["version_after"])]
+    assert "automatic backup done" in proc.stderr
+
+    # A backup_dir that cannot exist (its parent is a file): the backup fails -> paused.
+    (root / "not_a_dir").write_text("x")
+    cfg = training_config.load_config(root)
+    cfg["backup_dir"] = str(root / "not_a_dir" / "backups")
+    training_config.write_config(root, cfg)
+    write_data(root / "inbox" / "two.jsonl", 3, "two")
+    proc = run_once(root)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: automatic backup failed: ")
+    assert last.endswith("Fix the cause, then run `python3 backup_manager.py backup`.")
+    assert data_files(root) == {"done": ["one.jsonl", "two.jsonl"]}
+    state = json.loads((root / ".daemon_state.json").read_text())
+    assert state["last_error"].startswith("automatic backup failed: ")
