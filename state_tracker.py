@@ -23,10 +23,11 @@ import os
 import shlex
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import training_config
-from trainroot import (SCRIPTS_DIR, GuardrailError, Paths, add_common_args, age_seconds,
+from trainroot import (SCRIPTS_DIR, GuardrailError, Paths, add_common_args,
                        atomic_write_json, print_json, read_json, read_lock_holder,
                        resolve_root, run_cli, utc_now)
 
@@ -104,6 +105,18 @@ def disk_usage(path) -> DiskUsage:
     st = os.statvfs(path)
     total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
     return DiskUsage(total, (st.f_blocks - st.f_bfree) * st.f_frsize, free)
+
+
+def age_seconds(text) -> float | None:
+    """Seconds since a `utc_now()` timestamp, or None. Like trainroot.age_seconds, but
+    `fromisoformat` is C code while `strptime` imports _strptime, calendar and locale
+    (a few ms of every start-up)."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return max(0.0, time.time() - datetime.fromisoformat(text).timestamp())
+    except ValueError:
+        return None
 
 
 def _finite(x):
