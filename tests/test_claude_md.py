@@ -24,7 +24,6 @@ import pytest
 import state_tracker as st
 from test_state_tracker import (dead_pid, edit_config, publish_trained, root,  # noqa: F401
                                 template, write_daemon_state, write_metrics)
-from trainroot import atomic_write_json
 
 REPO = Path(__file__).resolve().parent.parent
 DIAGNOSTICS = ("state_tracker.py --check", "state_tracker.py --warnings",

@@ -24,9 +24,8 @@ import jsonschema
 import pytest
 
 import state_tracker as st
-import training_config
 from conftest import run_script
-from trainroot import Paths, atomic_write_json, utc_now
+from trainroot import atomic_write_json, utc_now
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((REPO / "docs" / "system_state.schema.json").read_text())
