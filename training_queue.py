@@ -196,9 +196,14 @@ def validate(path, cfg: dict | None = None) -> dict:
     """`validate_data.validate_file` summarised: {ok, records, format, errors, report}."""
     import validate_data
     cfg = cfg or {}
-    report = validate_data.validate_file(path, max_length=cfg.get("max_length"),
-                                         allow_mixed=bool(cfg.get("allow_mixed_formats")),
-                                         max_record_bytes=cfg.get("max_record_bytes"))
+    try:
+        report = validate_data.validate_file(path, max_length=cfg.get("max_length"),
+                                             allow_mixed=bool(cfg.get("allow_mixed_formats")),
+                                             max_record_bytes=cfg.get("max_record_bytes"))
+    except GuardrailError as exc:  # unreadable (permissions, a FIFO, ...): invalid, with why
+        report = {"ok": False, "records": None, "format": None, "error_count": 1,
+                  "errors": [{"line": None, "code": "unreadable", "message": exc.what}],
+                  "verdict": f"invalid: {exc.what}"}
     return {"ok": bool(report.get("ok")), "records": report.get("records"),
             "format": report.get("format"), "est_tokens": report.get("est_tokens"),
             "errors": report.get("error_count", len(report.get("errors") or [])),
