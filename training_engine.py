@@ -587,6 +587,19 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
     initialised: every rank reads the same packed stream and trains rows r::world_size;
     rank 0 alone polls control, writes checkpoints, metrics and current_model.
     """
+    try:
+        return _train_file(root, data_path, file_id=file_id, config=config,
+                           records_total=records_total, control=control, progress=progress,
+                           rank=rank, world_size=world_size)
+    finally:  # the model and AdamW state die with the call: give a GPU's memory back on pause
+        if torch.cuda.is_available():
+            import gc
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+def _train_file(root, data_path, *, file_id, config, records_total, control, progress, rank,
+                world_size) -> dict:
     import training_config
     config = {**training_config.default_config(), **config}
     p = Paths(root)
