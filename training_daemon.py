@@ -388,6 +388,8 @@ class Daemon:
     def control_training(self):
         """The engine's callback between micro-batches: None or stop/pause/skip."""
         if self.stop_signal:
+            if self.state != "stopping":
+                self.set_state("stopping")
             return "stop"
         if self.pending:
             return self.pending[0]
@@ -408,6 +410,8 @@ class Daemon:
                 continue
             self.pending = (action, req)
             self.log.info("request %s: %s at the next optimizer step", req["id"], action)
+            if action == "stop":
+                self.set_state("stopping")
             return action
         return None
 
@@ -799,7 +803,8 @@ class Daemon:
         else:
             raise GuardrailError(f"unknown training status {status!r}", data,
                                  "Report this as a bug; the file stays in processing/.")
-        if self.state == "training":
+        if self.state == "training" or (self.state == "stopping" and not (
+                status == "stopped" or self.stop_request or self.stop_signal)):
             self.set_state("idle")
         if status != "stopped":
             self.current = self.progress = None
@@ -1037,6 +1042,7 @@ class Daemon:
 
     def _shutdown(self, lock, old_handlers) -> None:
         self.state = "stopping"
+        self.write_state(force=True)
         if self._observer is not None:
             with contextlib.suppress(Exception):
                 self._observer.stop()
