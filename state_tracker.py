@@ -196,10 +196,6 @@ def _config_section(root: Path, w: list) -> tuple[dict, dict]:
     sec["locked"] = list(cfg.get("locked") or [])
     try:
         approval = training_config.read_approval(root)
-        if approval is not None and not isinstance(approval.get("values") if isinstance(
-                approval, dict) else None, dict):
-            raise GuardrailError("not an approval record", p.config_lock,
-                                 "Approve the config again (with the user's consent).")
         changes = training_config.changed_locked(root, cfg)
     except GuardrailError as exc:  # a corrupt .config.lock approves nothing
         approval, changes = None, [(n, None, cfg.get(n)) for n in sec["locked"]]

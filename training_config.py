@@ -214,8 +214,16 @@ def backup_dir(root, cfg: dict) -> Path:
 
 
 def read_approval(root) -> dict | None:
-    """The approval record in `.config.lock`, or None if the config was never approved."""
-    return read_json(Paths(root).config_lock, default=None)
+    """The approval record in `.config.lock`, or None if the config was never approved.
+
+    A corrupt file, or JSON that is not an approval record, is a GuardrailError.
+    """
+    path = Paths(root).config_lock
+    record = read_json(path, default=None)
+    if record is not None and not (isinstance(record, dict) and isinstance(record.get("values"), dict)):
+        raise GuardrailError("not an approval record", path,
+                             f"Approve the config again (with the user's consent): `{APPROVE_COMMAND}`.")
+    return record
 
 
 def approve(root, cfg: dict, by: str = "user") -> dict:
@@ -229,10 +237,14 @@ def approve(root, cfg: dict, by: str = "user") -> dict:
 def changed_locked(root, cfg: dict) -> list[tuple[str, object, object]]:
     """Locked parameters whose value differs from the approved one: (name, old, new).
 
-    A never-approved config reports every locked parameter as changed from None.
+    A never-approved config, or one whose `.config.lock` is damaged, reports every locked
+    parameter as changed from None: nothing trains until a person approves again.
     """
-    approval = read_approval(root) or {"values": {}}
-    values = approval.get("values", {})
+    try:
+        approval = read_approval(root) or {"values": {}}
+    except GuardrailError:
+        approval = {"values": {}}
+    values = approval["values"]
     changes = []
     for name in cfg.get("locked", REQUIRED_LOCKED):
         old, new = values.get(name), cfg.get(name)

@@ -80,6 +80,18 @@ def test_changed_locked_names_old_and_new(tmp_root):
     assert tc.changed_locked(tmp_root, cfg) == []
 
 
+@pytest.mark.parametrize("text", ['[1, 2]', '"yes"', '{"values": ["learning_rate"]}', '{"val', ''])
+def test_a_damaged_config_lock_approves_nothing_and_approving_again_fixes_it(tmp_root, text):
+    cfg = tc.default_config()
+    (tmp_root / ".config.lock").write_text(text)
+    with pytest.raises(GuardrailError) as err:
+        tc.read_approval(tmp_root)
+    assert ".config.lock" in str(err.value)
+    assert [c[0] for c in tc.changed_locked(tmp_root, cfg)] == cfg["locked"]
+    tc.approve(tmp_root, cfg)
+    assert tc.changed_locked(tmp_root, cfg) == []
+
+
 def test_backup_dir_relative_to_root(tmp_root):
     assert tc.backup_dir(tmp_root, tc.default_config()) == tmp_root / "backups"
     assert tc.backup_dir(tmp_root, tc.default_config(backup_dir="b2")) == tmp_root / "b2"

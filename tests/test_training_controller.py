@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -402,7 +403,11 @@ real_daemon = pytest.mark.skipif(_daemon_can_run() is not None, reason=str(_daem
 TINY = {"max_length": 32, "batch_size": 2, "checkpoint_every_steps": 1, "settle_seconds": 0.2,
         "num_threads": 1,  # same threads in every run (bitwise equality), and kind to a busy CI
         "rescan_seconds": 0.5, "monitor_port": 0, "backup_every_files": 0, "backup_every_hours": 0.0}
-LINES = 40  # ~4 KB of bytes -> ~55 optimizer steps of 2 x 32 tokens: a few seconds
+LINES = 100  # ~10 KB of bytes -> ~140 optimizer steps of 2 x 32 tokens: a few seconds
+# A quiet machine trains a step of the tiny model in ~15 ms, a busy one in ~100 ms: the tests
+# never race the clock. They find the step in metrics.jsonl (one line per step), freeze the
+# daemon with SIGSTOP, write the request, and let it go on (SIGCONT): it must act within the
+# next steps, wherever the request landed.
 
 
 def prepare_root(root: Path, tiny_model_dir: Path) -> Path:
@@ -480,16 +485,36 @@ class Daemon:
         raise AssertionError(f"timed out waiting for {what}:\n{self.output()}")
 
     def training_step(self, name: str, at_least: int) -> dict:
+        """Wait until metrics.jsonl has a step >= `at_least` of the file `name`; its line."""
         def check():
-            st = tc.daemon_status(self.root)
-            pr, cf = st["progress"] or {}, st["current_file"] or {}
-            step = pr.get("step_in_file")
-            if step is None:
-                step = pr.get("global_step")
-            if st["state"] == "training" and cf.get("name") == name and (step or 0) >= at_least:
-                return st
+            line = last_metric(self.root)
+            if line and str(line.get("file", "")).startswith(name) and \
+                    line.get("step_in_file", 0) >= at_least:
+                return line
             return None
         return self.until(f"{name} at step {at_least} in the file", check)
+
+    def step_reached(self, global_step: int) -> dict:
+        return self.until(f"step {global_step}", lambda: (
+            (line := last_metric(self.root)) and line["global_step"] >= global_step and line))
+
+    def request(self, *args: str) -> dict:
+        """`training_controller.py ARGS --json` sent while this daemon is frozen (SIGSTOP)."""
+        before = set(request_files(self.root))
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            ctl = subprocess.Popen([sys.executable, str(REPO / "training_controller.py"), *args,
+                                    "--json"], cwd=REPO, env=dict(os.environ, TRAINING_ROOT=str(self.root)),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            end = time.monotonic() + 60
+            while set(request_files(self.root)) <= before and ctl.poll() is None:
+                assert time.monotonic() < end, "the controller wrote no request in 60 s"
+                time.sleep(0.01)
+        finally:
+            self.proc.send_signal(signal.SIGCONT)
+        out, err = ctl.communicate(timeout=120)
+        assert ctl.returncode == 0, f"{args} exited {ctl.returncode}: {out}{err}"
+        return json.loads(out)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -518,6 +543,21 @@ def controller(root: Path, *args: str, timeout: float = 120) -> dict:
     return json.loads(proc.stdout)
 
 
+def last_metric(root: Path) -> dict | None:
+    try:
+        with open(root / "metrics.jsonl", "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return None
+    for raw in reversed(lines):
+        try:
+            return json.loads(raw)
+        except ValueError:  # a line cut by the 4 KB window or still being written
+            continue
+    return None
+
+
 def step_of(root: Path) -> int:
     return json.loads((root / "current_model" / "trainer_state.json").read_text())["global_step"]
 
@@ -538,13 +578,22 @@ def uninterrupted(tmp_path_factory, tiny_model_dir) -> dict:
     return {"weights": weights(root / "current_model"), "global_step": step_of(root)}
 
 
-def stop_together(root: Path, n: int = 2) -> list[dict]:
-    """`n` controllers run `stop --wait` at the same time; returns their --json answers."""
-    procs = [subprocess.Popen([sys.executable, str(REPO / "training_controller.py"), "stop",
-                               "--reason", f"controller {i}", "--wait", "90", "--json"],
-                              cwd=REPO, env=dict(os.environ, TRAINING_ROOT=str(root)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(n)]
+def stop_together(root: Path, daemon: subprocess.Popen, n: int = 2) -> list[dict]:
+    """`n` controllers run `stop --wait` at the same time, written while the daemon is frozen
+    (SIGSTOP) so both land during one step; returns their --json answers."""
+    daemon.send_signal(signal.SIGSTOP)
+    try:
+        procs = [subprocess.Popen([sys.executable, str(REPO / "training_controller.py"), "stop",
+                                   "--reason", f"controller {i}", "--wait", "90", "--json"],
+                                  cwd=REPO, env=dict(os.environ, TRAINING_ROOT=str(root)),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(n)]
+        end = time.monotonic() + 60
+        while len(request_files(root)) < n and all(p.poll() is None for p in procs):
+            assert time.monotonic() < end, f"{n} controllers wrote no {n} requests in 60 s"
+            time.sleep(0.01)
+    finally:
+        daemon.send_signal(signal.SIGCONT)
     outs = [p.communicate(timeout=150) for p in procs]
     assert [p.returncode for p in procs] == [0] * n, outs
     return [json.loads(out) for out, _ in outs]
@@ -557,7 +606,6 @@ def stop_together(root: Path, n: int = 2) -> list[dict]:
 @pytest.mark.slow
 def test_pause_resume_stop_kept_pause_and_sigterm_all_end_in_the_uninterrupted_weights(
         tmp_path, tiny_model_dir, uninterrupted, daemons):
-    import signal
     root = prepare_root(tmp_path / "root", tiny_model_dir)
     drop(root)
     total = uninterrupted["global_step"]
@@ -565,7 +613,7 @@ def test_pause_resume_stop_kept_pause_and_sigterm_all_end_in_the_uninterrupted_w
     # 1. pause -> checkpoint, current_model published, no further step; resume continues
     d = daemons(root)
     d.training_step("notes.jsonl", 3)
-    res = controller(root, "pause", "--reason", "look at the loss", "--wait", "60")
+    res = d.request("pause", "--reason", "look at the loss", "--wait", "60")
     assert res["outcome"] == "done"
     st = tc.daemon_status(root)
     assert (st["alive"], st["state"]) == (True, "paused") and "look at the loss" in st["paused_reason"]
@@ -578,8 +626,8 @@ def test_pause_resume_stop_kept_pause_and_sigterm_all_end_in_the_uninterrupted_w
     assert controller(root, "resume", "--wait", "60")["outcome"] == "done"
 
     # 2. two controllers stop it at once: both answered, one clean exit, file left in processing/
-    d.training_step("notes.jsonl", paused_at + 3)
-    assert [o["outcome"] for o in stop_together(root)] == ["done", "done"]
+    d.step_reached(paused_at + 3)
+    assert [o["outcome"] for o in stop_together(root, d.proc)] == ["done", "done"]
     assert d.wait() == 0
     stopped_at = step_of(root)
     assert paused_at < stopped_at < total
@@ -597,8 +645,7 @@ def test_pause_resume_stop_kept_pause_and_sigterm_all_end_in_the_uninterrupted_w
     assert controller(root, "resume", "--wait", "60")["outcome"] == "done"
 
     # 4. SIGTERM acts like stop: the step finishes, the checkpoint is saved, exit 0
-    d.until(f"step {stopped_at + 3}", lambda: (tc.daemon_status(root)["progress"] or {})
-            .get("global_step", 0) >= stopped_at + 3)
+    d.step_reached(stopped_at + 3)
     d.proc.send_signal(signal.SIGTERM)
     assert d.wait() == 0
     assert stopped_at < step_of(root) < total
@@ -623,9 +670,8 @@ def test_skip_discard_restores_the_version_before_the_file_and_skip_keeps_the_tr
 
     # skip --discard: the file goes to skipped/ and current_model is the version before it
     drop(root, "a.jsonl", seed=1)
-    st = d.training_step("a.jsonl", 3)
-    assert st["progress"]["global_step"] >= 3
-    res = controller(root, "skip", "--discard", "--reason", "wrong file", "--wait", "60")
+    assert d.training_step("a.jsonl", 3)["global_step"] >= 3
+    res = d.request("skip", "--discard", "--reason", "wrong file", "--wait", "60")
     assert res["outcome"] == "done" and res["request"]["options"] == {"discard": True}
     d.until("a.jsonl in skipped/", lambda: (root / "skipped" / "a.jsonl").exists())
     record = json.loads((root / "skipped" / "a.jsonl.record.json").read_text())
@@ -638,7 +684,7 @@ def test_skip_discard_restores_the_version_before_the_file_and_skip_keeps_the_tr
     # skip (keep): the file goes to skipped/ and the steps trained on it stay in current_model
     drop(root, "b.jsonl", seed=2)
     d.training_step("b.jsonl", 3)
-    res = controller(root, "skip", "--wait", "60")
+    res = d.request("skip", "--wait", "60")
     assert res["outcome"] == "done" and res["request"]["options"] == {"discard": False}
     d.until("b.jsonl in skipped/", lambda: (root / "skipped" / "b.jsonl").exists())
     record = json.loads((root / "skipped" / "b.jsonl.record.json").read_text())

@@ -72,10 +72,11 @@ import sys, json
 sys.path.insert(0, sys.argv[1])
 from trainroot import atomic_write_json
 i = int(sys.argv[3])
-print("ready", flush=True)
 while True:
     i += 1
     atomic_write_json(sys.argv[2], {"i": i, "payload": str(i) * (1000 + i % 5000)})
+    if i == int(sys.argv[3]) + 1:
+        print("ready", flush=True)  # one write done: the kill lands in the stream of writes
 """
 
 
@@ -84,7 +85,7 @@ def test_atomic_write_survives_kill_9_at_random_moments(tmp_path):
     target = tmp_path / "state.json"
     atomic_write_json(target, {"i": 0, "payload": ""})
     rng = random.Random(7)
-    progressed = 0
+    torn = 0
     for k in range(1, 56):
         base = k * 1_000_000
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(REPO), str(target), str(base)],
@@ -96,11 +97,14 @@ def test_atomic_write_survives_kill_9_at_random_moments(tmp_path):
         proc.stdout.close()
         doc = json.loads(target.read_text())  # never partial: must parse
         assert doc["payload"] == (str(doc["i"]) * (1000 + doc["i"] % 5000) if doc["i"] else "")
-        progressed += doc["i"] > base
-        # the kill may leave a temp file behind (it is hidden and never read as the state)
-        for leftover in tmp_path.glob(".state.json.*.tmp"):
+        assert doc["i"] > base
+        # a kill inside a write leaves its temp file behind (hidden, never read as the state)
+        leftovers = list(tmp_path.glob(".state.json.*.tmp"))
+        torn += bool(leftovers)
+        for leftover in leftovers:
             leftover.unlink()
-    assert progressed >= 40, f"only {progressed} of 55 kills landed mid-stream; the test proves nothing"
+    print(f"{torn} of 55 kills landed inside a write")
+    assert torn >= 5, f"only {torn} of 55 kills landed inside a write; the test proves nothing"
 
 
 HOLDER = r"""
