@@ -9,8 +9,8 @@
    backups run at normal priority. The training is a proxy: the tiny Llama from
    `training_engine.build_tiny_model`, a plain torch AdamW loop, batch 8 x 256, 2 threads.
 
-    /tmp/venv/bin/python bench/bench_backup.py              # both parts, ~2-3 minutes
-    /tmp/venv/bin/python bench/bench_backup.py --size-mb 256 --skip-training
+    .venv/bin/python bench/bench_backup.py              # both parts, ~2-3 minutes
+    .venv/bin/python bench/bench_backup.py --size-mb 256 --skip-training
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Two roots in one run: one with an empty metrics.jsonl (the baseline), one with N
 written the way the engine writes them. Each gets its own monitor on 127.0.0.1; the
 figures are medians over HTTP (keep-alive), printed as ratios to the baseline.
 
-    /tmp/venv/bin/python bench/bench_monitor.py              # 1,000,000 lines
-    /tmp/venv/bin/python bench/bench_monitor.py --lines 100000 --repeat 10 --contended
+    .venv/bin/python bench/bench_monitor.py              # 1,000,000 lines
+    .venv/bin/python bench/bench_monitor.py --lines 100000 --repeat 10 --contended
 """
 
 from __future__ import annotations

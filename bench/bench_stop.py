@@ -12,8 +12,8 @@
    against `python -c pass`, with the daemon down and while it trains; the issue asks for
    well under 200 ms.
 
-    /tmp/venv/bin/python bench/bench_stop.py               # ~1-2 minutes on 2 cores
-    /tmp/venv/bin/python bench/bench_stop.py --trials 5 --max-length 128
+    .venv/bin/python bench/bench_stop.py               # ~1-2 minutes on 2 cores
+    .venv/bin/python bench/bench_stop.py --trials 5 --max-length 128
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@
     step itself is left out: its memory does not depend on the file), sampled every 10%.
 (d) checkpoint save time (weights + AdamW + RNG, fsynced, renamed) against one step.
 
-    /tmp/venv/bin/python bench/bench_trainer.py                 # all four, ~3-4 minutes
-    /tmp/venv/bin/python bench/bench_trainer.py --only a --steps 40
-    /tmp/venv/bin/python bench/bench_trainer.py --only c --stream-mb 50
+    .venv/bin/python bench/bench_trainer.py                 # all four, ~3-4 minutes
+    .venv/bin/python bench/bench_trainer.py --only a --steps 40
+    .venv/bin/python bench/bench_trainer.py --only c --stream-mb 50
 """
 
 from __future__ import annotations

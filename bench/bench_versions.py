@@ -6,8 +6,8 @@ of several runs, and one `cp -r` of the same folder. Goal: <= 50 ms at both size
 bound by fsync latency, so each is also given in units of one atomic small write measured
 in the same run (on a disk shared with other work, that unit swings from ~1 to ~20 ms).
 
-    /tmp/venv/bin/python bench/bench_versions.py
-    /tmp/venv/bin/python bench/bench_versions.py --sizes-gb 1 --dir /data/tmp
+    .venv/bin/python bench/bench_versions.py
+    .venv/bin/python bench/bench_versions.py --sizes-gb 1 --dir /data/tmp
 """
 
 from __future__ import annotations
