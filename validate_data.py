@@ -43,6 +43,7 @@ the same careful checker `iter_records` uses, which decides.
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
 import re
@@ -206,7 +207,7 @@ def _chat(messages) -> tuple[list, int, bool]:
         raise _Bad("wrong_type", f'"messages" must be an array, got {_json_type(messages)}')
     if not messages:
         raise _Bad("empty_field", '"messages" is empty')
-    segments, pending = [], ""
+    segments, pending = [], []     # the untrained text since the last assistant turn, in parts
     previous = None        # role of the last user/assistant turn
     assistants = 0
     for i, msg in enumerate(messages):
@@ -216,13 +217,20 @@ def _chat(messages) -> tuple[list, int, bool]:
         role = _string(msg, "role", where)
         article = "an" if role == "assistant" else "a"
         if role not in ROLES:
-            raise _Bad("unknown_role", f"{where}.role is {json.dumps(role)}; "
-                       "expected system, user or assistant")
+            raise _Bad("unknown_role", f"{where}.role is {json.dumps(role)}; expected system, "
+                       "user or assistant" + (" (tool turns are not supported: leave them out)"
+                                              if role in ("tool", "function") else ""))
         if "content" not in msg:
             raise _Bad("missing_field", f'{where} without "content"')
         content = msg["content"]
         if type(content) is not str:
-            raise _Bad("wrong_type", f"{where}.content must be a string, got {_json_type(content)}")
+            hint = ""
+            if msg.get("tool_calls") or msg.get("function_call"):
+                hint = " (a tool call: tool calls are not supported, leave that turn out)"
+            elif type(content) is list:
+                hint = ' (content parts are not supported: join their "text" into one string)'
+            raise _Bad("wrong_type", f"{where}.content must be a string, got "
+                       f"{_json_type(content)}{hint}")
         if role != "system" and (not content or content.isspace()):
             raise _Bad("empty_field", f"{where}.content is empty")
         if role == "system":
@@ -236,32 +244,51 @@ def _chat(messages) -> tuple[list, int, bool]:
         _byte_len(content, f"{where}.content")   # raises on a lone surrogate
         if role == "assistant":
             assistants += 1
-            segments.append((pending + "<|assistant|>\n", False))
+            pending.append("<|assistant|>\n")   # joined once: a long turn is copied once
+            segments.append(("".join(pending), False))
             segments.append((content, True))
-            pending = "\n"
+            pending = ["\n"]
         else:
-            pending += f"<|{role}|>\n{content}\n"
+            pending += ("<|", role, "|>\n", content, "\n")
         if role != "system":
             previous = role
     if not assistants:
         raise _Bad("no_assistant_turn", "no assistant turn: nothing to train on")
-    if pending != "\n":
-        segments.append((pending, False))
+    if pending != ["\n"]:
+        segments.append(("".join(pending), False))
     tokens = sum(estimate_tokens(text) for text, _ in segments)
     return segments, tokens, previous == "user"
+
+
+_ACCEPTED = ('{"text"}, {"messages": [{"role", "content"}, ...]}, {"prompt", "completion"} '
+             'or {"instruction", "input"?, "output"}')
+# Look-alike formats from other tools, with what to change
+_FOREIGN_FORMATS = {
+    "conversations": ' (ShareGPT "conversations": rename it "messages", "from" -> "role" with '
+                     'human -> user and gpt -> assistant, "value" -> "content")',
+    "question": ' (question/answer: rename them "prompt" and "completion")',
+    "chosen": " (preference pairs (chosen/rejected) are not supported: train on the chosen "
+              'text as "messages" or "text")',
+}
 
 
 def _parse_object(obj) -> tuple[str, list, list | None, int, bool]:
     """(format, segments, messages, tokens, ends_on_user) of one parsed line, or raises _Bad."""
     if type(obj) is not dict:
-        raise _Bad("not_object", f"expected a JSON object, got {_json_type(obj)}")
+        hint = ""
+        if type(obj) is str and obj.lstrip().startswith("{"):
+            hint = " holding JSON text (encoded twice? write the object itself)"
+        elif type(obj) is list and obj and type(obj[0]) is dict:   # records in one array
+            hint = " (one object per line: jq -c '.[]' FILE > NEW.jsonl splits an array)"
+        raise _Bad("not_object", f"expected a JSON object, got {_json_type(obj)}{hint}")
     known = obj.keys() & _KNOWN_KEYS
     found = {_KEY_FORMAT[k] for k in known}
     if len(found) != 1:
         if not found:
             keys = ", ".join(json.dumps(k) for k in list(obj)[:5]) or "none"
-            raise _Bad("unknown_format", f"no known fields (has {keys}); expected text, "
-                       "messages, prompt+completion or instruction+output")
+            hint = _FOREIGN_FORMATS.get(next((k for k in obj if k in _FOREIGN_FORMATS), None), "")
+            raise _Bad("unknown_format", f"no known fields (has {keys}); accepted formats: "
+                       + _ACCEPTED + hint)
         raise _Bad("ambiguous_format", "fields of several formats ("
                    + ", ".join(sorted(found)) + ") in one record")
     fmt = found.pop()
@@ -362,29 +389,25 @@ def _check_line(box: list, start: int, line_no: int, terminated: bool, state: _S
     if want_key:
         key = hash(raw if terminated else raw + b"\n")
     try:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            column = len(raw[:exc.start].decode("utf-8", "replace")) + 1
-            raise _Bad("invalid_utf8", f"invalid UTF-8 byte 0x{raw[exc.start]:02x} at byte "
-                       f"offset {start + exc.start} (column {column})",
-                       column=column, byte_offset=start + exc.start) from None
+        bad_byte = _first_bad_utf8(raw) if len(raw) > BIG_LINE else None
+        if bad_byte is None:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad_byte = exc.start
+        if bad_byte is not None:
+            raise _invalid_utf8(raw, bad_byte, start)
         raw = None                        # hold one copy of a long line at a time
         try:
             obj = _decode(text)
         except json.JSONDecodeError as exc:
-            byte_pos = start + len(text[:exc.pos].encode("utf-8"))
-            if not terminated and (exc.pos >= len(text.rstrip())
-                                   or exc.msg.startswith("Unterminated string")):
-                raise _Bad("truncated_last_line", "last line ends without a newline in the middle "
-                           f"of a JSON value ({exc.msg}); the file looks cut short",
-                           column=exc.colno, byte_offset=byte_pos) from None
-            raise _Bad("invalid_json", f"{exc.msg} (column {exc.colno})",
-                       column=exc.colno, byte_offset=byte_pos) from None
+            raise _json_error(text, exc, start, terminated) from None
         except RecursionError:
             raise _Bad("too_deep", "JSON nested too deeply to parse") from None
-        except ValueError as exc:         # e.g. an integer literal over Python's digit limit
-            raise _Bad("invalid_json", f"unparseable value ({exc})") from None
+        except ValueError as exc:         # an integer literal over Python's 4300-digit limit
+            raise _Bad("invalid_json", f"a number too long to read ({str(exc).split(';')[0]}); "
+                       "write it as a "
+                       "string") from None
         text = None
         fmt, segments, messages, tokens, ends_on_user = _parse_object(obj)
         _check_format(fmt, line_no, state)
@@ -401,13 +424,68 @@ def _check_line(box: list, start: int, line_no: int, terminated: bool, state: _S
     return Record(line_no, start, 0, fmt, segments, messages), tokens, problems, key
 
 
+def _first_bad_utf8(raw: bytes) -> int | None:
+    """Where a long line stops being UTF-8, found in SKIP_CHUNK pieces, else None.
+
+    A failing `raw.decode` holds the line three times at once (the bytes, the output it
+    allocated, and the copy in the exception): 150 MB for a 50 MB line. In pieces, the
+    whole-line decode that follows only runs on a line known to be valid.
+    """
+    decoder, view = codecs.getincrementaldecoder("utf-8")(), memoryview(raw)
+    for i in range(0, len(raw), SKIP_CHUNK):
+        held = len(decoder.getstate()[0])      # bytes of a character cut by the last piece
+        try:
+            decoder.decode(view[i:i + SKIP_CHUNK], final=i + SKIP_CHUNK >= len(raw))
+        except UnicodeDecodeError as exc:
+            return i - held + exc.start
+    return None
+
+
+def _invalid_utf8(raw: bytes, at: int, start: int) -> _Bad:
+    # the column counts characters: every byte before `at` but UTF-8 continuation bytes
+    # (bytes.count with bounds copies nothing, so a 50 MB line costs no more memory)
+    column = at + 1 - sum(raw.count(b, 0, at) for b in _CONTINUATION)
+    return _Bad("invalid_utf8", f"invalid UTF-8 byte 0x{raw[at]:02x} at byte offset "
+                f"{start + at} (column {column})",
+                column=column, byte_offset=start + at)
+
+
+_CONTINUATION = [bytes([b]) for b in range(0x80, 0xC0)]
+
+
+def _json_error(text: str, exc: json.JSONDecodeError, start: int, terminated: bool) -> _Bad:
+    """The problem of a line json could not parse, said in the line's own terms."""
+    # exc.colno restarts after the line's own "\n"; past the content means its end
+    column = min(exc.pos, len(text.rstrip("\r\n"))) + 1
+    byte_pos = start + (exc.pos if text.isascii() else len(text[:exc.pos].encode("utf-8")))
+    msg = exc.msg
+    if msg.endswith(" at"):               # "Invalid control character at", "... starting at"
+        msg += f" column {column}"
+        if msg.startswith("Invalid control"):
+            msg += f" (U+{ord(text[exc.pos]):04X}): escape it as \\u{ord(text[exc.pos]):04x}"
+    else:
+        msg += f" (column {column})"
+    if not terminated and (exc.pos >= len(text.rstrip())
+                           or exc.msg.startswith("Unterminated string")):
+        return _Bad("truncated_last_line", "last line ends without a newline in the middle of "
+                    f"a JSON value ({msg}); the file looks cut short",
+                    column=column, byte_offset=byte_pos)
+    if msg.startswith("Extra data") and text[:exc.pos].rstrip(" \t\n").endswith("\r"):
+        msg += ": a bare CR (\\r) ends a record inside this line; lines must end in LF or " \
+               "CRLF (tr '\\r' '\\n' < FILE > NEW.jsonl)"
+    elif text.strip() in ("[", "{", "]", "}", "],", "},"):
+        msg += ": one JSON value spread over several lines? each line must be a whole " \
+               "object (jq -c '.[]' FILE > NEW.jsonl for a JSON array)"
+    return _Bad("invalid_json", msg, column=column, byte_offset=byte_pos)
+
+
 def _check_format(fmt: str, line_no: int, state: _State) -> None:
     if state.format is None:
         state.format, state.format_line = fmt, line_no
     elif fmt != state.format and not state.allow_mixed:
         raise _Bad("mixed_formats", f"a {fmt} record in a file of {state.format} records (line "
-                   f"{state.format_line}); keep one format per file, or set "
-                   "allow_mixed_formats in config.json")
+                   f"{state.format_line}); keep one format per file, or pass --allow-mixed "
+                   "(allow_mixed_formats in config.json for the daemon)")
 
 
 # The fast path of validate_file: C-level checks that either prove a line is a plain valid
@@ -417,6 +495,8 @@ def _check_format(fmt: str, line_no: int, state: _State) -> None:
 _decode_pairs = json.JSONDecoder(object_pairs_hook=tuple, parse_constant=_reject_constant).decode
 _chain = chain.from_iterable
 _ROLE_ORDER = re.compile(r"(?:system\|)*(?:user\|assistant\|)+(?:user\|)?")
+_ROLE_SET = frozenset(ROLES)
+_UNICODE_ESCAPE = re.compile(rb"\\u")
 
 
 _ROLE_PATTERNS: dict = {}   # tuple of roles -> (plain-template bytes, ends_on_user), or None
@@ -440,8 +520,9 @@ def _utf8_size(strings, extra: int) -> int:
     """UTF-8 bytes of `strings`, given `extra` = bytes - characters of their whole line.
 
     Everything else on a fast-path line is ASCII, so when the line holds literal non-ASCII
-    text its surplus bytes are these strings'. (A line mixing literal and \\u-escaped
-    non-ASCII characters counts each escaped one as one byte: it is an estimate.)
+    text its surplus bytes are these strings'. The caller passes `extra` 0 for a line that
+    also holds \\u escapes: those strings are encoded, which counts them exactly and raises
+    on a lone surrogate (the careful path then reports it).
     """
     size = sum(map(len, strings))
     if extra:
@@ -451,11 +532,17 @@ def _utf8_size(strings, extra: int) -> int:
     return sum(map(len, map(str.encode, strings)))    # \u escapes only (ensure_ascii files)
 
 
-def _fast_check(top, extra: int) -> tuple[str, int, bool] | None:
-    """(format, tokens, ends_on_user) when `top` (parsed by _decode_pairs) is certainly a
-    valid record with only the fields of its format, else None. `extra`: see _utf8_size."""
+def _fast_check(top, raw: bytes, chars: int) -> tuple[str, int, bool] | None:
+    """(format, tokens, ends_on_user) when `top` (the line `raw`, of `chars` characters,
+    parsed by _decode_pairs) is certainly a valid record with only the fields of its
+    format, else None."""
     if type(top) is not tuple:
         return None
+    extra = len(raw) - chars              # see _utf8_size
+    # literal and \u-escaped non-ASCII in one line: count exactly (a backslash at all is
+    # a memchr; the regex is 3x faster than `b"\\u" in raw`)
+    if extra and 92 in raw and _UNICODE_ESCAPE.search(raw):
+        extra = 0
     n = len(top)
     if n == 1:
         key, value = top[0]
@@ -480,7 +567,9 @@ def _fast_check(top, extra: int) -> tuple[str, int, bool] | None:
         pattern = _ROLE_PATTERNS.get(roles, _MISS)     # an unhashable role raises
         if pattern is _MISS:
             pattern = None
-            if _ROLE_ORDER.fullmatch("|".join(roles) + "|"):     # a non-string role raises
+            # a non-string role raises; a role holding "|" could fake the order, so the
+            # roles themselves are checked first
+            if _ROLE_SET.issuperset(roles) and _ROLE_ORDER.fullmatch("|".join(roles) + "|"):
                 # the plain rendering: "<|role|>\n" + content + "\n" per turn, no final
                 # "\n" after an assistant turn
                 pattern = (sum(map(len, roles)) + 6 * k - (roles[-1] == "assistant"),
@@ -524,21 +613,25 @@ def _open(path: Path):
     try:
         mode = os.stat(path).st_mode     # before open(): opening a FIFO would block
         if stat.S_ISDIR(mode):
-            raise UsageError("is a directory, not a file", path, fix)
+            raise UsageError("is a directory, not a file", path,
+                             f"Pass the files inside it: python3 validate_data.py {path}/*.jsonl")
         if not stat.S_ISREG(mode):
-            raise UsageError("not a regular file", path, fix)
+            raise UsageError("not a regular file (a pipe, socket or device)", path,
+                             "Save the data to a regular .jsonl file and pass that.")
         return open(path, "rb", buffering=1 << 20)
     except FileNotFoundError:
         raise UsageError("file not found", path, fix) from None
     except PermissionError:
-        raise UsageError("cannot read the file (permission denied)", path, fix) from None
+        raise UsageError("cannot read the file (permission denied)", path,
+                         f"Make it readable (chmod u+r {path}) or run as its owner.") from None
     except OSError as exc:
         raise UsageError(f"cannot open the file ({exc.strerror})", path, fix) from None
 
 
 def _too_long(size: int, terminated: bool, start: int, max_record_bytes: int) -> _Bad:
     return _Bad("line_too_long", f"line is {size - terminated:,} bytes, over max_record_bytes "
-                f"{max_record_bytes:,}", byte_offset=start)
+                f"{max_record_bytes:,} (raise it with --max-record-bytes or in config.json, or "
+                "split the record)", byte_offset=start)
 
 
 # --------------------------------------------------------------------------- the library API
@@ -646,7 +739,7 @@ def validate_file(path, *, max_length: int | None = None, allow_mixed: bool = Fa
                 if len(raw) < fast_limit:
                     try:                  # any surprise hands the line to the careful path
                         text = raw.decode("utf-8")
-                        fast = _fast_check(decode_pairs(text), len(raw) - len(text))
+                        fast = _fast_check(decode_pairs(text), raw, len(text))
                     except Exception:
                         fast = None
                 # the first record, and any of another format, take the careful path

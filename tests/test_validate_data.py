@@ -6,8 +6,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -44,8 +46,10 @@ CORPUS = [
     ("two-objects-one-line", GOOD + b'{"text": "a"}{"text": "b"}\n', "invalid_json", 2,
      "Extra data (column 14)"),
     ("bare-word", GOOD + GOOD + b"hello\n", "invalid_json", 3, "Expecting value (column 1)"),
+    ("cut-after-a-bracket", GOOD + b"[\n", "invalid_json", 2, "Expecting value (column 2): one "
+     "JSON value spread over several lines?"),
     ("huge-integer", GOOD + b'{"text": "a", "n": ' + b"9" * 5000 + b"}\n", "invalid_json", 2,
-     "unparseable value"),
+     "a number too long to read"),
     ("invalid-utf8", GOOD + b'{"text": "caf\xe9"}\n', "invalid_utf8", 2,
      "invalid UTF-8 byte 0xe9 at byte offset 37 (column 14)"),
     ("array-line", GOOD + b"[1, 2]\n", "not_object", 2, "expected a JSON object, got an array"),
@@ -105,6 +109,20 @@ CORPUS = [
      "too_deep", 2, "nested too deeply"),
     ("lone-surrogate", GOOD + b'{"text": "bad \\ud800 escape"}\n', "lone_surrogate", 2,
      '"text" holds a lone surrogate \\ud800'),
+    # a line with literal UTF-8 as well: the fast path counts its bytes without encoding
+    ("lone-surrogate-beside-utf8", GOOD + '{"text": "é \\udc00"}\n'.encode(), "lone_surrogate", 2,
+     '"text" holds a lone surrogate \\udc00'),
+    ("lone-surrogate-in-chat", CHAT_OK + chat(("user", "\x00"), ("assistant", "\ud800"))
+     .replace(b"\\u0000", "é".encode()),
+     "lone_surrogate", 2, "messages[1].content holds a lone surrogate \\ud800"),
+    # a role holding "|" once passed the fast path's joined-roles pattern as two turns
+    ("role-with-a-pipe", CHAT_OK + chat(("user|assistant", "x")), "unknown_role", 2,
+     'messages[0].role is "user|assistant"'),
+    ("bare-cr-line-end", GOOD + b'{"text": "a"}\r{"text": "b"}\n', "invalid_json", 2,
+     "Extra data (column 15): a bare CR (\\r) ends a record inside this line"),
+    ("nul-after-the-sniffed-head", b"".join(b'{"text": "%d"}\n' % i for i in range(1000))
+     + b'{"text": "a\x00b"}\n', "invalid_json", 1001,
+     "Invalid control character at column 12 (U+0000): escape it as \\u0000"),
     ("mixed-formats", GOOD + b'{"prompt": "a", "completion": "b"}\n', "mixed_formats", 2,
      "a prompt_completion record in a file of text records (line 1)"),
     ("truncated-last-line", GOOD + GOOD + b'{"text": "cut sho', "truncated_last_line", 3,
@@ -153,6 +171,40 @@ def test_each_bad_input_is_named_with_its_code_and_line(tmp_path, name, data, co
         assert str(exc.value).startswith(f"invalid record at line {line} ({code}: ")
         assert str(exc.value).endswith(
             f", {path}. Run `python3 validate_data.py {path}` to list every problem.")
+
+
+def test_look_alike_formats_get_the_change_that_fixes_them(tmp_path):
+    """Real exports that are almost one of the four formats: the error says what to change."""
+    openai_tool_call = {"messages": [
+        {"role": "user", "content": "weather?", "name": "ann"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny."}]}
+    cases = [
+        ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+         "unknown_format", 'no known fields (has "conversations"); accepted formats: {"text"}, '
+         '{"messages": [{"role", "content"}, ...]}, {"prompt", "completion"} or '
+         '{"instruction", "input"?, "output"} (ShareGPT "conversations": rename it "messages"'),
+        (openai_tool_call, "wrong_type", "messages[1].content must be a string, got null (a tool "
+         "call: tool calls are not supported, leave that turn out)"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"}]},
+         "unknown_role", 'messages[1].role is "tool"; expected system, user or assistant (tool '
+         "turns are not supported: leave them out)"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}]},
+         "wrong_type", 'got an array (content parts are not supported: join their "text"'),
+        ([{"text": "a"}, {"text": "b"}], "not_object",
+         "got an array (one object per line: jq -c '.[]' FILE > NEW.jsonl splits an array)"),
+        (json.dumps({"text": "a"}), "not_object",
+         "got a string holding JSON text (encoded twice? write the object itself)")]
+    for i, (value, code, message) in enumerate(cases):
+        path = write(tmp_path / f"{i}.jsonl", json.dumps(value).encode() + b"\n")
+        err = vd.validate_file(path)["errors"][0]
+        assert (err["line"], err["code"]) == (1, code) and message in err["message"], err
+    # a user message's extra "name" field is fine
+    ok = write(tmp_path / "named.jsonl", chat(("user", "a"), ("assistant", "b"))
+               .replace(b'"content": "a"', b'"content": "a", "name": "ann"'))
+    assert vd.validate_file(ok)["ok"]
 
 
 def test_positions_of_json_and_utf8_errors(tmp_path):
@@ -318,7 +370,7 @@ def test_fast_path_never_accepts_what_the_careful_path_rejects(tmp_path):
         record, tokens, problems, _ = vd._check_line([raw], 0, 1, raw.endswith(b"\n"), state)
         try:
             text = raw.decode("utf-8")
-            fast = vd._fast_check(vd._decode_pairs(text), len(raw) - len(text))
+            fast = vd._fast_check(vd._decode_pairs(text), raw, len(text))
         except Exception:
             fast = None
         if record is None:
@@ -326,8 +378,8 @@ def test_fast_path_never_accepts_what_the_careful_path_rejects(tmp_path):
         elif fast is not None:
             trailing = any(b.code == "trailing_user_turn" for _, b in problems)
             assert fast == (record.format, tokens, trailing), raw
-    assert sum(1 for raw in good if vd._fast_check(vd._decode_pairs(raw.decode()),
-                                                   len(raw) - len(raw.decode()))) >= 12
+    assert sum(1 for raw in good if vd._fast_check(vd._decode_pairs(raw.decode()), raw,
+                                                   len(raw.decode()))) >= 12
 
 
 def test_estimate_tokens_is_utf8_bytes():
@@ -375,6 +427,44 @@ def test_a_50_mb_line_is_held_at_most_once_per_bound(tmp_path):
     assert within["peak_kb"] - base < 2.3 * size / 1024, (within, base)
 
 
+@pytest.mark.parametrize("kind", ["invalid-utf8-midway", "long-user-turn"])
+def test_a_50_mb_line_with_a_problem_or_a_chat_is_held_at_most_twice(tmp_path, kind):
+    """A failing decode once held such a line three times (its bytes, the output, and the
+    exception's copy), and a long user turn was copied twice into the chat prompt."""
+    size = 50 * 1024 * 1024
+    path = tmp_path / f"{kind}.jsonl"
+    with open(path, "wb") as f:
+        if kind == "invalid-utf8-midway":
+            f.write(GOOD + b'{"text": "' + b"x" * (size // 2) + b"\xff" + b"x" * (size // 2)
+                    + b'"}\n')
+        else:
+            f.write(CHAT_OK + b'{"messages": [{"role": "user", "content": "' + b"u" * size
+                    + b'"}, {"role": "assistant", "content": "a"}]}\n')
+    base = peak(write(tmp_path / "small.jsonl", GOOD), 1 << 20)["peak_kb"]
+    got = peak(path, 64 << 20)
+    if kind == "invalid-utf8-midway":
+        assert got["errors"] == [[2, "invalid_utf8"]]
+        report = vd.validate_file(path)
+        assert report["errors"][0]["byte_offset"] == len(GOOD) + 10 + size // 2
+        assert report["errors"][0]["column"] == 11 + size // 2
+    else:
+        assert got["errors"] == [] and got["records"] == 2
+    assert got["peak_kb"] - base < 2.3 * size / 1024, (got, base)
+
+
+def test_first_bad_utf8_finds_the_byte_across_piece_boundaries(monkeypatch):
+    monkeypatch.setattr(vd, "SKIP_CHUNK", 5)     # characters cut by every boundary
+    text = "aé中😀b" * 3
+    for cut in range(len(text.encode())):
+        raw = bytearray(text.encode())
+        raw[cut] = 0xFF
+        with pytest.raises(UnicodeDecodeError) as exc:
+            bytes(raw).decode("utf-8")
+        assert vd._first_bad_utf8(bytes(raw)) == exc.value.start
+    assert vd._first_bad_utf8(text.encode()) is None
+    assert vd._first_bad_utf8((text + "😀").encode()[:-1]) == len(text.encode())   # cut short
+
+
 # --------------------------------------------------------------------------- the CLI
 
 def test_cli_valid_file_exits_0_with_a_summary(tmp_path):
@@ -414,7 +504,8 @@ def test_cli_exit_codes_and_json(tmp_path):
     os.mkfifo(fifo)                   # opening it would block: refused before opening
     proc = run_script("validate_data.py", str(fifo), root=tmp_path, timeout=20)
     assert proc.returncode == 2
-    assert proc.stderr.startswith(f"Error: not a regular file, {fifo}.")
+    assert proc.stderr == (f"Error: not a regular file (a pipe, socket or device), {fifo}. "
+                           "Save the data to a regular .jsonl file and pass that.\n")
 
     assert run_script("validate_data.py", root=tmp_path).returncode == 2        # no FILE
     assert run_script("validate_data.py", str(good), "--max-length", "0",
@@ -422,14 +513,25 @@ def test_cli_exit_codes_and_json(tmp_path):
 
 
 def test_unreadable_file_is_a_usage_error(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root reads any file")
-    path = jsonl(tmp_path / "secret.jsonl", ALPACA)
-    path.chmod(0)
-    with pytest.raises(UsageError) as exc:
-        vd.validate_file(path)
-    assert str(exc.value) == (f"cannot read the file (permission denied), {path}. Check the path "
-                              "and pass a readable .jsonl file.")
+    """Root reads any file, so as root the CLI runs as nobody (as the daemon's user might)."""
+    folder = Path(tempfile.mkdtemp(prefix="unreadable-"))     # tmp_path is root-only
+    try:
+        folder.chmod(0o755)
+        path = jsonl(folder / "secret.jsonl", ALPACA)
+        path.chmod(0)
+        as_nobody = []
+        if os.geteuid() == 0:
+            if not shutil.which("setpriv"):
+                pytest.skip("root reads any file, and setpriv is missing to run as nobody")
+            as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        proc = subprocess.run([*as_nobody, sys.executable, str(REPO / "validate_data.py"),
+                               str(path), "--root", str(folder)], capture_output=True, text=True,
+                              timeout=30)
+        assert proc.returncode == 2, proc
+        assert proc.stderr == (f"Error: cannot read the file (permission denied), {path}. Make it "
+                               f"readable (chmod u+r {path}) or run as its owner.\n")
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_cli_takes_settings_from_the_roots_config(tmp_path):
