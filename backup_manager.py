@@ -36,17 +36,17 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import cli_guard
 import training_config
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
                        age_seconds, atomic_write_json, fsync_dir, print_json, read_json,
-                       rename_noreplace, resolve_root, run_cli, utc_now)
+                       rename_noreplace, resolve_root, utc_now)
 
 SCHEMA_VERSION = 1
 RECORD = "backup.json"
 MANIFEST = ".manifest.json"
 META_FILES = {RECORD, MANIFEST}          # ours, not model files
 ID_RE = re.compile(r"b\d{8}T\d{6}-[0-9a-f]{4}")
-VERSION_RE = re.compile(r"v\d{3,}")
 STAGING_PREFIX, DELETING_PREFIX = ".staging-", ".deleting-"
 CHUNK = 8 << 20                           # 8 MiB: big enough for hashlib to drop the GIL
 POOL = 4                                  # buffers in flight per big file (4 x 8 MiB)
@@ -60,12 +60,38 @@ def _p(root) -> Paths:
     return Paths(resolve_root(root))
 
 
+_warned_config: set = set()  # a broken config is reported once per process, not per lookup
+
+
 def _config(root) -> dict:
-    """The root's config, or the defaults when there is no config.json yet."""
+    """The root's config; the defaults when there is no config.json yet.
+
+    A corrupt or invalid config.json must not lock anyone out of their backups (restoring
+    one may be how they recover): its `backup_dir` and `keep_backups` are used when they
+    can be read, the defaults otherwise, with a warning on stderr.
+    """
     p = _p(root)
-    if p.config.exists():
+    if not p.config.exists():
+        return training_config.default_config()
+    try:
         return training_config.load_config(p.root)
-    return training_config.default_config()
+    except GuardrailError as exc:
+        try:
+            raw = read_json(p.config, default=None)
+        except GuardrailError:
+            raw = None
+        raw = raw if isinstance(raw, dict) else {}
+        cfg = training_config.default_config()
+        if isinstance(raw.get("backup_dir"), str) and raw["backup_dir"]:
+            cfg["backup_dir"] = raw["backup_dir"]
+        if isinstance(raw.get("keep_backups"), int) and raw["keep_backups"] >= 1:
+            cfg["keep_backups"] = raw["keep_backups"]
+        if (p.config, exc.what) not in _warned_config:
+            _warned_config.add((p.config, exc.what))
+            print(f"warning: config.json is not usable ({exc.what}); using backup_dir "
+                  f"{training_config.backup_dir(p.root, cfg)}. Fix it: `python3 state_tracker.py "
+                  "--check` names each problem.", file=sys.stderr)
+        return cfg
 
 
 def backups_dir(root, cfg: dict | None = None) -> Path:
@@ -77,16 +103,16 @@ def new_backup_id() -> str:
     return "b" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
 
 
-def check_id(bid: str) -> str:
+def check_id(bid: str, where=None) -> str:
     """Accept only well-formed IDs, so no input ever names a path outside backup_dir."""
     if not isinstance(bid, str) or not ID_RE.fullmatch(bid):
         raise UsageError(f"invalid backup id {bid!r} (IDs look like b20261128T172301-3f9a)",
-                         None, f"List backups with `{LIST_CMD}`.")
+                         where, f"List backups with `{LIST_CMD}`.")
     return bid
 
 
 def _backup_path(root, bid: str) -> Path:
-    folder = backups_dir(root) / check_id(bid)
+    folder = backups_dir(root) / check_id(bid, backups_dir(root))
     if not folder.is_dir():
         raise GuardrailError(f"no backup {bid}", backups_dir(root),
                              f"List backups with `{LIST_CMD}`.")
@@ -396,22 +422,18 @@ def copy_tree_verified(src: Path, dst: Path, *, skip: set[str] = frozenset(),
 
 
 def _source_manifest(folder: Path, skip: set[str]) -> dict | None:
-    """The source folder's manifest ({relpath: {sha256, size}}) if it has one whose sizes
-    match the files (`.manifest.json`, else a version's `version.json`), else None."""
-    files = None
-    for name, key in ((MANIFEST, "files"), ("version.json", "manifest")):
-        try:
-            doc = read_json(folder / name, default=None)
-        except GuardrailError as exc:
-            print(f"warning: ignoring unreadable {name} ({exc})", file=sys.stderr)
-            continue
-        if isinstance(doc, dict) and isinstance(doc.get(key), dict):
-            files = {rel: info for rel, info in doc[key].items() if rel not in skip}
-            break
-    if files is None:
+    """current_model's `.manifest.json` files ({relpath: {sha256, size}}) if it lists exactly
+    the folder's files with their sizes, else None (then the bytes read are the reference)."""
+    try:
+        doc = read_json(folder / MANIFEST, default=None)
+    except GuardrailError as exc:
+        print(f"warning: ignoring unreadable {MANIFEST} ({exc})", file=sys.stderr)
         return None
+    if not (isinstance(doc, dict) and isinstance(doc.get("files"), dict)):
+        return None
+    files = {rel: info for rel, info in doc["files"].items() if rel not in skip}
     if set(files) != set(_list_files(folder, skip)):
-        print(f"warning: {folder / name} does not list the folder's files; hashing the "
+        print(f"warning: {folder / MANIFEST} does not list the folder's files; hashing the "
               "source", file=sys.stderr)
         return None
     for rel, info in files.items():
@@ -497,22 +519,42 @@ def _same_fs_warning(root, cfg=None) -> str | None:
 
 # --------------------------------------------------------------------------- create
 
-def _resolve_source(root, src: str | None) -> tuple[Path, str, str | None, set[str]]:
-    """(folder, source name, version it matches, files to skip) for `current_model` or vNNN."""
+def _resolve_source(root, src: str | None) -> tuple[Path, str, str | None, set[str], dict | None]:
+    """(folder, source name, version it matches, files to skip, the files it must hold)
+    for `current_model`, or a version (vNNN, a tag or latest, as model_versioner reads them).
+
+    A version must hold exactly what its version.json records: a damaged one is refused,
+    never backed up under its name. current_model is checked against its `.manifest.json`
+    when that lists its files (else hashed as it is read).
+    """
     p = _p(root)
     if src in (None, "current_model"):
         if not (p.current_model / "config.json").exists():
             raise GuardrailError("no current_model to back up", p.current_model,
                                  f"Run `python3 training_daemon.py init --root {p.root}`.")
-        return p.current_model, "current_model", _current_version(p.root), {MANIFEST}
-    if not VERSION_RE.fullmatch(src):
-        raise UsageError(f"invalid source {src!r} (give current_model or a version id like v003)",
-                         None, "List versions with `python3 model_versioner.py list`.")
-    folder = p.versions / src
-    if not folder.is_dir():
-        raise GuardrailError(f"no version {src}", p.versions,
-                             "List versions with `python3 model_versioner.py list`.")
-    return folder, src, src, {MANIFEST, "version.json"}
+        skip = {MANIFEST}
+        return (p.current_model, "current_model", _current_version(p.root), skip,
+                _source_manifest(p.current_model, skip))
+    import model_versioner
+    try:
+        vid = model_versioner.resolve_version(p.root, src)
+    except UsageError:
+        raise UsageError(f"invalid source {src!r} (give current_model, a version id like v003, "
+                         "a tag or latest)", p.versions,
+                         "List versions with `python3 model_versioner.py list`.") from None
+    rec = model_versioner.read_version(p.root, vid)
+    folder, skip = p.versions / vid, {MANIFEST, "version.json"}
+    expected = {rel: {"sha256": e.get("sha256"), "size": e.get("size")}
+                for rel, e in rec["manifest"].items() if isinstance(e, dict)}
+    present = set(_list_files(folder, skip))
+    if present != set(expected):
+        missing, extra = sorted(set(expected) - present), sorted(present - set(expected))
+        raise GuardrailError(
+            f"version {vid} does not hold what its record lists (missing {missing}, extra "
+            f"{extra}); a damaged version is never backed up", folder,
+            f"See every problem with `python3 model_versioner.py verify {vid}`, then back up "
+            f"current_model or another version (`{BACKUP_CMD} vNNN`).")
+    return folder, vid, vid, skip, expected
 
 
 def _current_version(root) -> str | None:
@@ -540,6 +582,10 @@ def clean_staging(root) -> list[str]:
     return removed
 
 
+_BDIR_FIX = (f"Make it writable, or set `backup_dir` in config.json to a writable folder on "
+             f"another disk, then run `{BACKUP_CMD}`.")
+
+
 def _lock(root, purpose: str) -> FileLock:
     p = _p(root)
     return FileLock(p.lock("backups"), purpose)
@@ -554,11 +600,18 @@ def create_backup(root, src: str | None = None, note: str | None = None) -> dict
     p = _p(root)
     cfg = _config(p.root)
     bdir = backups_dir(p.root, cfg)
-    folder, source, version, skip = _resolve_source(p.root, src)
-    bdir.mkdir(parents=True, exist_ok=True)
+    folder, source, version, skip, expected = _resolve_source(p.root, src)
+    # a configured folder that is missing may be a disk that is not mounted: say so
+    warnings = [] if bdir.is_dir() or bdir == p.default_backups else [
+        f"backup_dir {bdir} did not exist; created it (if it is on a disk that was not "
+        "mounted, this backup is not on that disk)"]
+    try:
+        bdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GuardrailError(f"cannot create backup_dir ({exc.strerror})", bdir,
+                             _BDIR_FIX) from None
     with _lock(p.root, f"backup {source}"):
         cleaned = clean_staging(p.root)
-        expected = _source_manifest(folder, skip)
         need = sum(i["size"] for i in expected.values()) if expected else sum(
             os.path.getsize(folder / r) for r in _list_files(folder, skip))
         free = shutil.disk_usage(bdir).free
@@ -574,6 +627,9 @@ def create_backup(root, src: str | None = None, note: str | None = None) -> dict
                 os.mkdir(staging)
             except FileExistsError:
                 continue
+            except OSError as exc:  # read-only, permission: nothing was written
+                raise GuardrailError(f"cannot write in backup_dir ({exc.strerror})", bdir,
+                                     _BDIR_FIX) from None
             if (bdir / bid).exists():
                 os.rmdir(staging)
                 continue
@@ -614,7 +670,7 @@ def create_backup(root, src: str | None = None, note: str | None = None) -> dict
     record["cleaned_staging"] = cleaned
     warning = _same_fs_warning(p.root, cfg)
     record["same_filesystem"] = warning is not None
-    record["warnings"] = [warning] if warning else []
+    record["warnings"] = warnings + ([warning] if warning else [])
     return record
 
 
@@ -657,6 +713,9 @@ def verify_backup(root, bid: str) -> list[str]:
         path = folder / rel
         if rel not in present:
             problems.append(f"{rel}: missing")
+            continue
+        if not isinstance(info, dict):  # backup.json edited by hand
+            problems.append(f"{rel}: no sha256/size in {RECORD}")
             continue
         size = os.path.getsize(path)
         if size != info.get("size"):
@@ -720,17 +779,18 @@ def _restore_locked(p: Paths, folder: Path, bid: str, to) -> dict:
             "`python3 backup_manager.py verify ID`.")
     rec = _read_record(folder)
     if to is not None:
-        return _restore_to(folder, rec, Path(to).expanduser().resolve())
+        return _restore_to(folder, rec, _check_target(p, bid, to))
     _refuse_if_training(p.root)
     import model_versioner
-    kept, previous = None, None
-    if p.current_model.exists():
+    kept, previous, attic = None, None, False
+    if os.path.lexists(p.current_model):
         previous = model_versioner.current_version(p.root)
-        if previous is None:  # keep the present state first, so this restore can be undone
-            made = model_versioner.create_version(p.root, "pre-backup-restore")
-            kept = made[0] if isinstance(made, (tuple, list)) else (
-                made.get("id") if isinstance(made, dict) else made)
+        if previous is None and not model_versioner.check_model_dir(p.current_model):
+            # keep the present state first, so this restore can be undone
+            kept, _ = model_versioner.create_version(p.root, "pre-backup-restore")
             previous = kept
+        elif previous is None:  # incomplete (what a restore repairs): publish_model
+            attic = True        # hard-links it into ROOT/.attic/ rather than versioning it
     p.staging.mkdir(parents=True, exist_ok=True)
     staged = p.staging / f"backup-restore-{bid}-{secrets.token_hex(3)}"
     try:
@@ -743,13 +803,30 @@ def _restore_locked(p: Paths, folder: Path, bid: str, to) -> dict:
         if staged.exists():
             _discard(staged)
     return {"ok": True, "id": bid, "restored_to": str(p.current_model), "kept_version": kept,
-            "previous_version": previous, "global_step": rec.get("global_step"),
+            "previous_version": previous, "incomplete_kept_in": str(p.root / ".attic")
+            if attic else None, "global_step": rec.get("global_step"),
             "version": rec.get("version"),
             "undo": f"python3 model_versioner.py restore {previous}" if previous else None}
 
 
+def _check_target(p: Paths, bid: str, to) -> Path:
+    """`--to DIR` resolved; never inside a folder the product manages (a model folder put
+    in versions/ would look like a version; in current_model/ it would bypass the swap)."""
+    target = Path(to).expanduser().resolve()
+    for managed in (p.current_model, p.versions, p.staging, backups_dir(p.root).resolve()):
+        if target == managed or managed in target.parents:
+            raise GuardrailError(
+                f"--to is inside {managed}, which only the product writes", target,
+                f"Make the backup current_model with `python3 backup_manager.py restore {bid}`, "
+                "or give --to a folder outside the training root's model folders.")
+    return target
+
+
 def _restore_to(folder: Path, rec: dict, to: Path) -> dict:
-    if to.exists() and (not to.is_dir() or any(to.iterdir())):
+    if to.exists() and not to.is_dir():
+        raise GuardrailError("--to names a file; restore never writes over files", to,
+                             "Choose a new or empty folder with --to DIR.")
+    if to.exists() and any(to.iterdir()):
         raise GuardrailError("target folder is not empty; restore never writes over files", to,
                              "Choose a new or empty folder with --to DIR.")
     to.parent.mkdir(parents=True, exist_ok=True)
@@ -900,7 +977,10 @@ def cmd_list(args) -> int:
                     "same_filesystem": warning is not None,
                     "warnings": [warning] if warning else [], "backups": backups})
         return 0
-    if not backups:
+    if not backups_dir(args.root).is_dir():
+        print(f"backup_dir {backups_dir(args.root)} does not exist (no backup yet, or its disk is "
+              f"not mounted); `{BACKUP_CMD}` creates it")
+    elif not backups:
         print(f"no backups in {backups_dir(args.root)}; make one with `{BACKUP_CMD}`")
     for b in backups:
         print(f"{b['id']}  {_human_age(b.get('age_seconds')):>6} ago  "
@@ -915,10 +995,13 @@ def cmd_list(args) -> int:
 
 def cmd_verify(args) -> int:
     """Re-read every byte of one backup (default: the newest), or of all with --all."""
+    if args.all and args.id is not None:
+        raise UsageError(f"give a backup id or --all, not both (got {args.id} and --all)",
+                         backups_dir(args.root), "Run `python3 backup_manager.py verify --all`.")
     if args.all:
         ids = [b["id"] for b in list_backups(args.root)]
-    elif args.id:
-        ids = [check_id(args.id)]
+    elif args.id is not None:
+        ids = [check_id(args.id, backups_dir(args.root))]
     else:
         all_ = list_backups(args.root)
         if not all_:
@@ -946,11 +1029,16 @@ def cmd_verify(args) -> int:
 
 def cmd_restore(args) -> int:
     """Verify a backup, keep the present model as a version, then make the backup current."""
-    result = restore_backup(args.root, check_id(args.id), to=args.to)
+    result = restore_backup(args.root, check_id(args.id, backups_dir(args.root)), to=args.to)
+    if result.get("undo"):
+        result["undo"] = cli_guard.command(result["undo"], cli_guard.explicit_root(args))
     if args.json:
         print_json(result)
     else:
         print(f"restored backup {result['id']} to {result['restored_to']}")
+        if result.get("incomplete_kept_in"):
+            print(f"the incomplete current_model it replaced is kept in "
+                  f"{result['incomplete_kept_in']}/")
         if result.get("undo"):
             print(f"the previous model is version {result['previous_version']}; "
                   f"undo with `{result['undo']}`")
@@ -967,23 +1055,28 @@ def cmd_prune(args) -> int:
         verb = "deleted" if args.yes else "would delete"
         print(f"keeping {', '.join(result['kept'])}; {verb}: {', '.join(gone) or 'nothing'}")
         if not args.yes and gone:
-            print("dry run: add --yes to delete (kept backups are re-verified first)")
+            again = "python3 backup_manager.py prune" + (
+                f" --keep {args.keep}" if args.keep is not None else "") + " --yes"
+            print(f"dry run: run `{cli_guard.command(again, cli_guard.explicit_root(args))}` to "
+                  "delete (kept backups are re-verified first)")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="backup_manager.py", description=__doc__.split("\n")[0])
+    parser = cli_guard.ArgumentParser(prog="backup_manager.py",
+                                      description=__doc__.split("\n")[0])
     add_common_args(parser)
     sub = parser.add_subparsers(metavar="COMMAND")
 
     def add(name, func, **kw):
         sp = sub.add_parser(name, help=func.__doc__, description=func.__doc__, **kw)
         add_common_args(sp)
-        sp.set_defaults(func=func)
+        sp.set_defaults(func=cli_guard.guarded(func))
         return sp
 
     sp = add("backup", cmd_backup)
-    sp.add_argument("src", nargs="?", default=None, help="current_model (default) or a version id")
+    sp.add_argument("src", nargs="?", default=None,
+                    help="current_model (default), or a version: vNNN, a tag or latest")
     sp.add_argument("--note", default=None, help="a note kept in backup.json")
     sp.add_argument("--idle", action="store_true", help="run at SCHED_IDLE CPU priority")
     add("list", cmd_list)
@@ -1002,7 +1095,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser(), argv)
+    return cli_guard.run(build_parser(), argv)
 
 
 if __name__ == "__main__":

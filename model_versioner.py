@@ -28,9 +28,10 @@ import threading
 import time
 from pathlib import Path
 
+import cli_guard
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
                        atomic_write_json, exchange_paths, fsync_dir, pid_alive, print_json,
-                       read_json, rename_noreplace, resolve_root, run_cli, sha256_file, utc_now)
+                       read_json, rename_noreplace, resolve_root, sha256_file, utc_now)
 
 SCHEMA_VERSION = 1
 MANIFEST = ".manifest.json"
@@ -48,14 +49,14 @@ PREFIX = "mv-"                   # ROOT/.staging/mv-* belongs to this module; re
 
 # --------------------------------------------------------------------------- ids
 
-def validate_version_id(text) -> str:
-    """`v3` / `v003` -> `v003`; anything else (paths, `..`, tags) raises UsageError."""
+def validate_version_id(text, where=None) -> str:
+    """`v3` / `v003` -> `v003`; anything else (paths, `..`, tags, v0) raises UsageError."""
     if isinstance(text, str):
         m = VERSION_RE.fullmatch(text)
-        if m:
+        if m and int(m.group(1)) >= 1:  # ids start at v001: `v0` can only be a typo
             return f"v{int(m.group(1)):03d}"
     raise UsageError(f"invalid version id {text!r} (expected vNNN such as v003, a tag, or latest)",
-                     None, f"Run `{CMD} list` to see the versions.")
+                     where, f"Run `{CMD} list` to see the versions.")
 
 
 def _version_number(vid: str) -> int:
@@ -280,8 +281,12 @@ def read_tags(root) -> dict:
 def read_version(root, vid) -> dict:
     """The record of version `vid`; raises if the id is invalid or the version is missing."""
     p = Paths(root)
-    vid = validate_version_id(vid)
+    vid = validate_version_id(vid, p.versions)
     rec = _load_record(p, vid)
+    if rec is None and (p.versions / ".pruned" / f"{vid}.json").is_file():
+        raise GuardrailError(f"version {vid} was pruned (only its record is kept, for lineage)",
+                             p.versions / ".pruned" / f"{vid}.json",
+                             f"Run `{CMD} list` to see the versions that remain.")
     if rec is None:
         raise GuardrailError(f"no version {vid}", p.versions / vid,
                              f"Run `{CMD} list` to see the versions.")
@@ -301,7 +306,7 @@ def resolve_version(root, text) -> str:
     if isinstance(text, str) and TAG_RE.fullmatch(text) and not VERSION_RE.fullmatch(text):
         tags = read_tags(root)
         if text in tags:
-            return validate_version_id(tags[text])
+            return validate_version_id(tags[text], Paths(root).versions / TAGS_FILE)
     return read_version(root, text)["id"]
 
 
@@ -697,29 +702,39 @@ def _restore_locked(p: Paths, vid: str, keep_reason: str) -> dict:
             "undo": f"{CMD} restore {before}" if before else None}
 
 
+def _content(files) -> dict:
+    """{relpath: sha256} of a manifest's `files`: equal content whatever the inodes."""
+    return {rel: e.get("sha256") for rel, e in (files or {}).items() if isinstance(e, dict)}
+
+
 def rollback_target(root) -> str:
-    """The version taken before the last training of current_model (walks past pruned ones)."""
+    """The version taken before the last training of current_model (walks past pruned ones,
+    and past versions with current_model's very content, e.g. a `snapshot --force`)."""
     p = Paths(root)
     cur = current_version(p.root)
     if cur is not None:
-        start = read_version(p.root, cur).get("parent")
+        rec = read_version(p.root, cur)
+        start, here = rec.get("parent"), _content(rec["manifest"])
     else:
         try:
             manifest = read_manifest(p.current_model) or {}
         except GuardrailError:
             manifest = {}
         start = manifest.get("parent_version") or latest_version(p.root)
+        here = _content(manifest.get("files"))
     seen = set()
     vid = start
     while vid and vid not in seen:
         seen.add(vid)
-        if _load_record(p, vid) is not None:
+        rec = _load_record(p, vid)
+        if rec is not None and _content(rec["manifest"]) != here:
             return vid
-        try:
-            pruned = read_json(p.versions / ".pruned" / f"{vid}.json", default=None)
-        except GuardrailError:
-            pruned = None
-        vid = pruned.get("parent") if isinstance(pruned, dict) else None
+        if rec is None:
+            try:
+                rec = read_json(p.versions / ".pruned" / f"{vid}.json", default=None)
+            except GuardrailError:
+                rec = None
+        vid = rec.get("parent") if isinstance(rec, dict) else None
     raise GuardrailError("nothing to roll back to (current_model has no earlier version)",
                          p.versions, f"See what exists with `{CMD} list`.")
 
@@ -739,7 +754,9 @@ def tag_version(root, vid, name: str) -> dict:
     p = Paths(root)
     if not isinstance(name, str) or not TAG_RE.fullmatch(name) or VERSION_RE.fullmatch(name) \
             or name in ("latest", "current"):
-        raise UsageError(f"invalid tag name {name!r} (letters, digits, . _ -; not vNNN or latest)")
+        raise UsageError(f"invalid tag name {name!r} (a letter, then up to 63 letters, digits, "
+                         ". _ -; not vNNN, latest or current)", p.versions / TAGS_FILE,
+                         f"Choose another name, e.g. `{CMD} tag {vid} baseline`.")
     with _versions_lock(p, f"tag {name}"):
         vid = resolve_version(p.root, vid)
         tags = read_tags(p.root)
@@ -787,8 +804,22 @@ def backup_versions(root) -> dict:
             except GuardrailError:
                 continue
             vid = doc.get("version") if isinstance(doc, dict) else None
-            if isinstance(vid, str) and VERSION_RE.fullmatch(vid):
+            with contextlib.suppress(UsageError):  # a record naming no real id relies on none
                 out.setdefault(validate_version_id(vid), []).append(name)
+    return out
+
+
+def _processing_versions(p: Paths) -> dict:
+    """{version_before: file name} of the data file(s) in processing/ (their records)."""
+    out = {}
+    for rec_path in sorted(p.processing.glob("*.record.json")) if p.processing.is_dir() else []:
+        try:
+            rec = read_json(rec_path, default=None)
+        except GuardrailError:
+            continue
+        vid = rec.get("version_before") if isinstance(rec, dict) else None
+        with contextlib.suppress(UsageError):
+            out[validate_version_id(vid)] = rec_path.name[:-len(".record.json")]
     return out
 
 
@@ -802,7 +833,8 @@ def prune_plan(root, keep: int | None = None) -> dict:
         except (GuardrailError, TypeError, ValueError):
             keep = 20
     if keep < 1:
-        raise UsageError(f"--keep must be at least 1, got {keep}")
+        raise UsageError(f"--keep must be at least 1, got {keep}", p.versions,
+                         f"Run `{CMD} prune --keep 1` to keep only the newest.")
     ids = [rec["id"] for rec in list_versions(p.root)]
     reasons: dict = {vid: [] for vid in ids}
     for vid in ids[-keep:]:
@@ -822,6 +854,9 @@ def prune_plan(root, keep: int | None = None) -> dict:
     for vid, backups in backup_versions(p.root).items():
         if vid in reasons:
             reasons[vid].append("backup " + ", ".join(backups))
+    for vid, name in _processing_versions(p).items():
+        if vid in reasons:  # skip --discard and the loss guard restore it
+            reasons[vid].append(f"{name} in processing/ started from it")
     return {"keep": {v: r for v, r in reasons.items() if r},
             "delete": [v for v, r in reasons.items() if not r]}
 
@@ -835,7 +870,7 @@ def prune(root, keep: int | None = None, *, yes: bool = False) -> dict:
     with _versions_lock(p, "prune"):
         plan = prune_plan(p.root, keep)
         deleted = []
-        if yes:
+        if yes and plan["delete"]:
             (p.versions / ".pruned").mkdir(exist_ok=True)
             for vid in plan["delete"]:
                 rec = _load_record(p, vid)
@@ -899,7 +934,8 @@ def cmd_list(args) -> int:
     tags, cur = read_tags(root), current_version(root)
     rows = [_summary(rec, tags, cur) for rec in list_versions(root)]
     if args.json:
-        print_json({"ok": True, "versions": rows, "current": cur, "latest": latest_version(root)})
+        print_json({"ok": True, "versions": rows, "current": cur, "latest": latest_version(root),
+                    "current_model_exists": os.path.lexists(Paths(root).current_model)})
         return 0
     if not rows:
         print(f"No versions yet. Take one with `{CMD} snapshot`.")
@@ -908,7 +944,10 @@ def cmd_list(args) -> int:
         print(f"{'*' if r['current'] else ' '} {r['id']}  {str(r['created_at'] or '')[:19]}  "
               f"step {r['global_step']}  {r['reason']}"
               + (f"  note: {r['note']}" if r["note"] else "") + (f"  {extra}" if extra else ""))
-    if rows and cur is None:
+    if not os.path.lexists(Paths(root).current_model):
+        print("  current_model is missing: bring it back with "
+              f"`{cli_guard.command(f'{CMD} restore latest', cli_guard.explicit_root(args))}`.")
+    elif rows and cur is None:
         print("  current_model is not a version yet (trained since, or changed).")
     return 0
 
@@ -944,6 +983,7 @@ def cmd_snapshot(args) -> int:
 
 
 def _print_restore(args, result: dict, verb: str) -> None:
+    result["undo"] = cli_guard.command(result["undo"], cli_guard.explicit_root(args))
     if args.json:
         print_json({"ok": True, **result})
     elif not result["changed"]:
@@ -971,6 +1011,9 @@ def cmd_restore(args) -> int:
 def cmd_verify(args) -> int:
     """Recompute every checksum of V (default: the latest) or of --all versions; exit 1 if bad."""
     root = _root(args)
+    if args.all and args.version is not None:
+        raise UsageError(f"give a version or --all, not both (got {args.version} and --all)",
+                         Paths(root).versions, f"Run `{CMD} verify --all`.")
     if args.all:
         ids = [rec["id"] for rec in list_versions(root)]
     else:
@@ -1022,7 +1065,9 @@ def cmd_prune(args) -> int:
     for vid in result["delete"]:
         print(f"{'deleted' if args.yes else 'delete '} {vid}")
     if not args.yes and result["delete"]:
-        print(f"Dry run: nothing deleted. Run `{CMD} prune --yes` to delete these.")
+        again = f"{CMD} prune" + (f" --keep {args.keep}" if args.keep is not None else "") + " --yes"
+        print(f"Dry run: nothing deleted. Run `{cli_guard.command(again, cli_guard.explicit_root(args))}`"
+              " to delete these.")
     return 0
 
 
@@ -1049,7 +1094,8 @@ def cmd_recover(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="model_versioner.py", description=__doc__.split("\n")[0])
+    parser = cli_guard.ArgumentParser(prog="model_versioner.py",
+                                      description=__doc__.split("\n")[0])
     add_common_args(parser)
     sub = parser.add_subparsers(metavar="COMMAND")
 
@@ -1058,7 +1104,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_common_args(sp)
         for flags, kwargs in arguments:
             sp.add_argument(*flags, **kwargs)
-        sp.set_defaults(func=func)
+        sp.set_defaults(func=cli_guard.guarded(func))
 
     add("list", cmd_list)
     add("show", cmd_show, (("version",), {"metavar": "V"}))
@@ -1078,7 +1124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    return run_cli(build_parser(), argv)
+    return cli_guard.run(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -111,19 +111,50 @@ def test_ids_are_validated_on_input(fake_root, capsys, bad):
         code, _, err = _cli(capsys, *argv)
         assert code == 2
         assert err.strip() == (f"Error: invalid backup id {bad!r} (IDs look like "
-                               f"b20261128T172301-3f9a). List backups with `{LIST}`.")
+                               f"b20261128T172301-3f9a), {fake_root / 'backups'}. List backups "
+                               f"with `{LIST}`.")
 
 
 def test_backup_of_a_version_and_invalid_source(fake_root, capsys):
+    import model_versioner
+    assert model_versioner.create_version(fake_root, "manual") == ("v001", True)
+    model_versioner.tag_version(fake_root, "v001", "base")
+    for src in ("v001", "v1", "latest", "base"):  # what model_versioner accepts
+        doc = _backup(capsys, src)
+        assert doc["source"] == "v001" and doc["version"] == "v001"
+        assert set(doc["files"]) == {"config.json", "model.safetensors", "tokenizer/vocab.json",
+                                     "trainer_state.json"}
+    for bad in ("../current_model", "v0", ""):
+        code, _, err = _cli(capsys, "backup", bad)
+        assert code == 2 and err.startswith(f"Error: invalid source {bad!r}")
+        assert f", {fake_root / 'versions'}. List versions with" in err
+    code, _, err = _cli(capsys, "backup", "v1000000")
+    assert code == 1 and err.startswith("Error: no version v1000000, ")
+
+
+def test_a_damaged_version_is_never_backed_up_under_its_name(fake_root, capsys):
+    """Regression: a version with a missing, a changed and an extra file was backed up as
+    `verified` with `version: v001` (its stale .manifest.json made the copy hash whatever
+    was there), and restoring that backup brought the damage into current_model."""
+    import model_versioner
+    model_versioner.create_version(fake_root, "manual")
     v = fake_root / "versions" / "v001"
-    _write(v / "config.json", b"{}\n")
-    _write(v / "model.safetensors", b"w" * 5000)
-    _write(v / "version.json", b'{"id": "v001"}\n')
-    doc = _backup(capsys, "v001")
-    assert doc["source"] == "v001" and doc["version"] == "v001"
-    assert set(doc["files"]) == {"config.json", "model.safetensors"}
-    code, _, err = _cli(capsys, "backup", "../current_model")
-    assert code == 2 and err.startswith("Error: invalid source '../current_model'")
+    for damage, named in ((lambda: _write(v / "extra.txt", b"x"), "extra ['extra.txt']"),
+                          (lambda: (v / "tokenizer" / "vocab.json").unlink(),
+                           "missing ['tokenizer/vocab.json']")):
+        damage()
+        code, doc, err = _cli(capsys, "backup", "v001", "--json")
+        assert code == 1 and doc["ok"] is False
+        assert err.startswith("Error: version v001 does not hold what its record lists (")
+        assert named in err and err.rstrip().endswith(
+            "`python3 model_versioner.py verify v001`, then back up current_model or another "
+            "version (`python3 backup_manager.py backup vNNN`).")
+    (v / "extra.txt").unlink()
+    _write(v / "tokenizer" / "vocab.json", b'{"b": 0}\n')  # same size, other bytes
+    code, _, err = _cli(capsys, "backup", "v001")
+    assert code == 1 and err.startswith("Error: backup failed: source file tokenizer/vocab.json "
+                                        "does not match its manifest while copying")
+    assert backup_manager.list_backups(fake_root) == []
 
 
 def test_source_checked_against_its_manifest(fake_root, capsys):
@@ -456,3 +487,129 @@ def test_set_idle_priority_applies_to_the_calling_thread():
     assert seen.pop("io_class", 3) == 3  # IOPRIO_CLASS_IDLE
     assert seen == {"ok": True, "policy": os.SCHED_IDLE}
     assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the test's own thread is untouched
+
+
+# --------------------------------------------------------------------------- audit regressions
+
+def _json_cli(capsys, *argv) -> tuple[int, dict, str]:
+    """Run with --json: stdout must hold exactly one JSON document, whatever happened."""
+    code = backup_manager.main([*argv, "--json"])
+    out, err = capsys.readouterr()
+    return code, json.loads(out), err
+
+
+def test_unwritable_backup_dir_is_an_error_not_a_traceback(fake_root, tmp_path, capsys):
+    """Regression: a backup_dir that cannot be created or written raised a bare OSError
+    (traceback, no JSON on stdout)."""
+    (tmp_path / "a-file").write_text("x")
+    blocked = tmp_path / "a-file" / "backups"             # its parent is a file: ENOTDIR
+    _set_backup_dir(fake_root, blocked)
+    code, doc, err = _json_cli(capsys, "backup")
+    assert code == 1 and doc["ok"] is False
+    assert err.strip() == (
+        f"Error: cannot create backup_dir (Not a directory), {blocked}. Make it writable, or set "
+        "`backup_dir` in config.json to a writable folder on another disk, then run "
+        "`python3 backup_manager.py backup`.")
+    ro = tmp_path / "ro"
+    if not _mount_tmpfs(ro, "1m"):
+        pytest.skip("mount -t tmpfs not permitted here")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        _set_backup_dir(fake_root, ro)
+        code, doc, err = _json_cli(capsys, "backup")
+        assert code == 1 and doc["error"]["what"] == "cannot write in backup_dir (Read-only file system)"
+        assert doc["error"]["where"] == str(ro) and os.listdir(ro) == []
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_a_configured_backup_dir_that_is_missing(fake_root, tmp_path, capsys):
+    missing = tmp_path / "usb" / "backups"
+    _set_backup_dir(fake_root, missing)
+    code, out, _ = _cli(capsys, "list")
+    assert code == 0 and out.startswith(f"backup_dir {missing} does not exist (no backup yet, "
+                                        "or its disk is not mounted)")
+    doc = _backup(capsys)
+    assert doc["warnings"][0].startswith(f"backup_dir {missing} did not exist; created it")
+    assert (missing / doc["id"]).is_dir()
+
+
+def test_a_folder_that_is_not_a_root_is_refused_and_left_untouched(tmp_path, capsys):
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    for argv in (["backup"], ["list"], ["verify", "--all"], ["prune", "--yes"],
+                 ["restore", "b20261128T172301-3f9a"]):
+        code, doc, err = _json_cli(capsys, "--root", str(other), *argv)
+        assert code == 1 and doc["ok"] is False, argv
+        assert err.startswith(f"Error: not a training root (no config.json, current_model/ or "
+                              f"versions/), {other}. ")
+    assert os.listdir(other) == []
+
+
+@pytest.mark.parametrize("argv", [["restore"], ["bogus"], ["prune", "--keep", "x"],
+                                  ["verify", "b20261128T172301-3f9a", "--all"]])
+def test_usage_errors_print_one_json_document(fake_root, capsys, argv):
+    code, doc, err = _json_cli(capsys, *argv)
+    assert code == 2 and doc["ok"] is False and doc["error"]["exit_code"] == 2
+    assert err.splitlines()[-1].startswith("Error: ")
+
+
+def test_restore_to_inside_the_roots_model_folders_is_refused(fake_root, capsys):
+    """Regression: `restore ID --to ROOT/versions/v009` wrote a model folder that looked
+    like a version (and moved the next version id)."""
+    doc = _backup(capsys)
+    for inside in ("versions/v009", "backups/x", "current_model/sub", ".staging/y"):
+        target = fake_root / inside
+        code, _, err = _cli(capsys, "restore", doc["id"], "--to", str(target))
+        assert code == 1 and err.startswith("Error: --to is inside "), inside
+        assert f"`python3 backup_manager.py restore {doc['id']}`" in err
+        assert not target.exists()
+    (fake_root / "a-file").write_text("mine")
+    code, _, err = _cli(capsys, "restore", doc["id"], "--to", str(fake_root / "a-file"))
+    assert code == 1 and err.startswith("Error: --to names a file; restore never writes over files")
+    assert (fake_root / "a-file").read_text() == "mine"
+
+
+def test_restore_repairs_an_incomplete_current_model(initialized_root, capsys):
+    """Regression: with current_model's weights deleted, restoring a backup failed with
+    'current_model is incomplete' (it tried to version the broken tree first)."""
+    root = initialized_root
+    doc = _backup(capsys)
+    good = _tree_hashes(root / "current_model")
+    (root / "current_model" / "model.safetensors").unlink()
+    code, result, err = _json_cli(capsys, "restore", doc["id"])
+    assert code == 0, err
+    assert result["kept_version"] is None and result["incomplete_kept_in"] == str(root / ".attic")
+    (kept,) = (root / ".attic").iterdir()                  # the broken tree, not thrown away
+    assert (kept / "config.json").is_file() and not (kept / "model.safetensors").exists()
+    now = _tree_hashes(root / "current_model")
+    assert {k: v for k, v in now.items() if k != ".manifest.json"} == \
+        {k: v for k, v in good.items() if k != ".manifest.json"}
+
+
+def test_a_broken_config_does_not_lock_anyone_out_of_their_backups(fake_root, tmp_path, capsys):
+    elsewhere = tmp_path / "disk2"
+    _set_backup_dir(fake_root, elsewhere)
+    doc = _backup(capsys)
+    cfg = json.loads((fake_root / "config.json").read_text())
+    cfg["learning_rate"] = "fast"                           # invalid, still readable
+    (fake_root / "config.json").write_text(json.dumps(cfg))
+    code, listed, err = _json_cli(capsys, "list")
+    assert code == 0 and [b["id"] for b in listed["backups"]] == [doc["id"]]
+    assert err.startswith("warning: config.json is not usable (")
+    (fake_root / "config.json").write_text("{not json")     # corrupt: the default folder
+    code, listed, err = _json_cli(capsys, "list")
+    assert code == 0 and listed["backup_dir"] == str(fake_root / "backups")
+    assert f"using backup_dir {fake_root / 'backups'}" in err
+
+
+def test_undo_carries_the_root_given_with_root(initialized_root, capsys, monkeypatch):
+    root = initialized_root
+    monkeypatch.delenv("TRAINING_ROOT")
+    doc = _backup(capsys, "--root", str(root))
+    import model_versioner
+    assert model_versioner.create_version(root, "manual", force=True)[1]
+    code, result, _ = _json_cli(capsys, "--root", str(root), "restore", doc["id"])
+    assert code == 0
+    assert result["undo"] == f"python3 model_versioner.py restore {result['previous_version']} " \
+                             f"--root {root}"

@@ -261,14 +261,14 @@ def test_tags(root, capsys):
     assert cli(capsys, "tag", "v001", "v7")[0] == 2
 
 
-@pytest.mark.parametrize("bad", ["../x", "v1/..", "/abs", "v001/../../etc", ""])
+@pytest.mark.parametrize("bad", ["../x", "v1/..", "/abs", "v001/../../etc", "", "v0", "v000"])
 @pytest.mark.parametrize("command", ["show", "restore", "verify", "lineage"])
 def test_path_traversal_ids_rejected(root, capsys, command, bad):
     code, out, err = cli(capsys, command, bad)
     assert code == 2 and out == ""
     assert err.strip() == (f"Error: invalid version id {bad!r} (expected vNNN such as v003, a "
-                           "tag, or latest). Run `python3 model_versioner.py list` to see the "
-                           "versions.")
+                           f"tag, or latest), {Paths(root).versions}. Run `python3 "
+                           "model_versioner.py list` to see the versions.")
     assert model_gen(Paths(root).current_model) == 1
 
 
@@ -521,3 +521,125 @@ def test_a_tampered_manifest_cannot_link_outside_the_version(root, capsys):
     code, out, _ = cli(capsys, "verify", "--all", "--json")
     assert code == 1 and json.loads(out)["versions"]["v001"]["problems"] == [
         "v001: unsafe file name '../../outside' in a manifest"]
+
+
+# --------------------------------------------------------------------------- audit regressions
+
+def json_cli(capsys, *args) -> tuple[int, dict, str]:
+    """Run with --json: stdout must hold exactly one JSON document, whatever happened."""
+    code, out, err = cli(capsys, *args, "--json")
+    return code, json.loads(out), err
+
+
+def test_a_folder_that_is_not_a_root_is_refused_and_left_untouched(tmp_path, capsys):
+    """Regression: `--root` at a random folder listed 'No versions yet' (exit 0), created
+    .locks/ there, and `prune --yes` died with a traceback."""
+    other = tmp_path / "not-a-root"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    for args in (["list"], ["show", "v001"], ["snapshot"], ["rollback"], ["restore", "v001"],
+                 ["verify"], ["tag", "v001", "x"], ["prune", "--yes"], ["lineage", "v001"]):
+        code, doc, err = json_cli(capsys, "--root", str(other), *args)
+        assert code == 1 and doc["ok"] is False, args
+        assert err.strip() == (
+            f"Error: not a training root (no config.json, current_model/ or versions/), {other}. "
+            f"Create one with `python3 training_daemon.py init --root {other}`, or give the "
+            "right one with --root DIR.")
+    assert sorted(os.listdir(other)) == ["notes.txt"]
+
+
+def test_prune_yes_with_no_versions_folder(tmp_root, capsys):
+    (tmp_root / "config.json").write_text("{}")  # a root whose versions/ was deleted
+    code, doc, _ = json_cli(capsys, "prune", "--yes")
+    assert code == 0 and doc["deleted"] == [] and not (tmp_root / "versions").exists()
+
+
+@pytest.mark.parametrize("args", [["show"], ["restore"], ["tag", "v001"], ["nonsense"],
+                                  ["prune", "--keep", "abc"], ["list", "--bogus"]])
+def test_usage_errors_print_one_json_document(root, capsys, args):
+    """Regression: argparse's usage errors left stdout empty under --json."""
+    code, doc, err = json_cli(capsys, *args)
+    assert code == 2 and doc["ok"] is False and doc["error"]["exit_code"] == 2
+    assert err.splitlines()[-1].startswith("Error: ")
+    assert "--help` to see the usage." in err
+
+
+def test_errors_name_where_and_the_fix(root, capsys):
+    """Regression: a bad tag name and --keep 0 said neither where nor how to fix."""
+    code, _, err = cli(capsys, "tag", "v001", "a b")
+    assert code == 2 and err.strip() == (
+        f"Error: invalid tag name 'a b' (a letter, then up to 63 letters, digits, . _ -; not "
+        f"vNNN, latest or current), {Paths(root).versions / 'tags.json'}. Choose another name, "
+        "e.g. `python3 model_versioner.py tag v001 baseline`.")
+    code, _, err = cli(capsys, "prune", "--keep", "0")
+    assert code == 2 and err.strip() == (
+        f"Error: --keep must be at least 1, got 0, {Paths(root).versions}. Run `python3 "
+        "model_versioner.py prune --keep 1` to keep only the newest.")
+    code, _, err = cli(capsys, "verify", "v001", "--all")
+    assert code == 2 and err.startswith("Error: give a version or --all, not both")
+
+
+def test_list_says_when_current_model_is_missing(root, capsys):
+    shutil.rmtree(Paths(root).current_model)
+    code, out, _ = cli(capsys, "list")
+    assert code == 0 and out.splitlines()[-1] == (
+        "  current_model is missing: bring it back with "
+        "`python3 model_versioner.py restore latest`.")
+    code, doc, _ = json_cli(capsys, "list")
+    assert doc["current_model_exists"] is False and doc["current"] is None
+
+
+def test_commands_shown_carry_the_root_given_with_root(root, capsys, monkeypatch):
+    """Regression: after `--root R rollback` the undo command had no --root, so pasting it
+    acted on another root (here: TRAINING_ROOT is unset, as in a fresh shell)."""
+    monkeypatch.delenv("TRAINING_ROOT")
+    train(root, 2)
+    code, doc, _ = json_cli(capsys, "--root", str(root), "rollback")
+    assert code == 0 and doc["undo"] == f"python3 model_versioner.py restore v002 --root {root}"
+    code, _, err = cli(capsys, "--root", str(root), "show", "v009")
+    assert err.strip().endswith(f"Run `python3 model_versioner.py list --root {root}` to see the "
+                                "versions.")
+    for gen in (3, 4):
+        train(root, gen)
+        mv.create_version(root, "manual")
+    code, out, _ = cli(capsys, "--root", str(root), "prune", "--keep", "1")
+    assert out.splitlines()[-1] == ("Dry run: nothing deleted. Run `python3 model_versioner.py "
+                                    f"prune --keep 1 --yes --root {root}` to delete these.")
+
+
+def test_prune_keeps_the_version_a_file_in_processing_started_from(root, capsys):
+    """Regression: with current_model snapshotted mid-file, the version taken before the file
+    (what `skip --discard` and the loss guard restore) was prunable."""
+    p = Paths(root)
+    train(root, 2)
+    mv.create_version(root, "pre-train:a.jsonl")             # v002: the file starts here
+    p.processing.mkdir(exist_ok=True)
+    (p.processing / "a.jsonl").write_text('{"text": "x"}\n')
+    (p.processing / "a.jsonl.record.json").write_text(json.dumps({"version_before": "v002"}))
+    for gen in (3, 4, 5):                                    # snapshots taken mid-file
+        train(root, gen)
+        mv.create_version(root, "manual")
+    plan = mv.prune_plan(root, keep=1)
+    assert plan["keep"]["v002"] == ["a.jsonl in processing/ started from it"]
+    assert plan["delete"] == ["v001", "v003", "v004"]
+
+
+def test_rollback_passes_versions_equal_to_current_model(root, capsys):
+    """Regression: after `snapshot --force`, rollback 'rolled back' to an identical version
+    (a no-op reported as success) instead of to the version before the training."""
+    train(root, 2)
+    mv.create_version(root, "post-train:a.jsonl")             # v002 (trained from v001)
+    assert mv.create_version(root, "manual", force=True) == ("v003", True)  # same as v002
+    code, doc, _ = json_cli(capsys, "rollback")
+    assert code == 0 and doc["restored"] == "v001"
+    assert model_gen(Paths(root).current_model) == 1
+
+
+def test_show_a_pruned_version_says_so(root, capsys):
+    for gen in (2, 3):
+        train(root, gen)
+        mv.create_version(root, "manual")
+    mv.prune(root, keep=1, yes=True)
+    code, _, err = cli(capsys, "show", "v002")
+    assert code == 1 and err.startswith("Error: version v002 was pruned (only its record is "
+                                        "kept, for lineage), ")
