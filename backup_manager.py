@@ -530,8 +530,11 @@ def _resolve_source(root, src: str | None) -> tuple[Path, str, str | None, set[s
     p = _p(root)
     if src in (None, "current_model"):
         if not (p.current_model / "config.json").exists():
-            raise GuardrailError("no current_model to back up", p.current_model,
-                                 f"Run `python3 training_daemon.py init --root {p.root}`.")
+            import model_versioner  # a lost current_model comes back from a version, not init
+            fix = (f"Bring it back with `python3 model_versioner.py restore latest`, then run "
+                   f"`{BACKUP_CMD}`." if model_versioner.latest_version(p.root) else
+                   f"Run `python3 training_daemon.py init --root {p.root}`.")
+            raise GuardrailError("no current_model to back up", p.current_model, fix)
         skip = {MANIFEST}
         return (p.current_model, "current_model", _current_version(p.root), skip,
                 _source_manifest(p.current_model, skip))
@@ -1021,7 +1024,8 @@ def cmd_verify(args) -> int:
     if bad:
         b = bad[0]
         print(f"Error: backup {b['id']} is corrupt ({b['problems'][0]}), "
-              f"{backups_dir(args.root) / b['id']}. Make a new one with `{BACKUP_CMD}`.",
+              f"{backups_dir(args.root) / b['id']}. Make a new one with "
+              f"`{cli_guard.command(BACKUP_CMD, cli_guard.explicit_root(args))}`.",
               file=sys.stderr)
         return 1
     return 0

@@ -287,6 +287,10 @@ def read_version(root, vid) -> dict:
         raise GuardrailError(f"version {vid} was pruned (only its record is kept, for lineage)",
                              p.versions / ".pruned" / f"{vid}.json",
                              f"Run `{CMD} list` to see the versions that remain.")
+    if rec is None and (p.versions / vid).is_dir():
+        raise GuardrailError(f"version {vid} has no readable {VERSION_FILE} (damaged; its folder "
+                             "is left as it is)", p.versions / vid / VERSION_FILE,
+                             f"Restore another version: `{CMD} list` shows them.")
     if rec is None:
         raise GuardrailError(f"no version {vid}", p.versions / vid,
                              f"Run `{CMD} list` to see the versions.")
@@ -559,8 +563,10 @@ def _swap_in(p: Paths, work: Path, reason: str, keep_old: str) -> dict:
             else:  # a broken tree is not a version, but it is not thrown away either
                 attic = p.root / ".attic" / f"current_model-{_stamp()}"
                 attic.mkdir(parents=True)
-                if cur.is_dir():
+                if cur.is_dir() and not cur.is_symlink():
                     _link_tree(cur, attic, _walk(cur, skip=()))
+                else:  # a file or a link where the folder belongs: someone's, keep it
+                    os.link(cur, attic / cur.name, follow_symlinks=False)
                 _fsync_tree(attic.parent)
     parent = previous or kept or (old_manifest or {}).get("parent_version")
     if _tree_version(p, work) is None:  # a version's own manifest is shared: leave it be
@@ -933,10 +939,16 @@ def cmd_list(args) -> int:
     root = _root(args)
     tags, cur = read_tags(root), current_version(root)
     rows = [_summary(rec, tags, cur) for rec in list_versions(root)]
+    listed = {r["id"] for r in rows}
+    damaged = [v for v in _version_dirs(Paths(root)) if v not in listed]  # no readable record
     if args.json:
         print_json({"ok": True, "versions": rows, "current": cur, "latest": latest_version(root),
-                    "current_model_exists": os.path.lexists(Paths(root).current_model)})
+                    "current_model_exists": os.path.lexists(Paths(root).current_model),
+                    "damaged": damaged})
         return 0
+    for vid in damaged:
+        print(f"! {vid}  damaged: no readable {VERSION_FILE} (see `"
+              f"{cli_guard.command(f'{CMD} verify {vid}', cli_guard.explicit_root(args))}`)")
     if not rows:
         print(f"No versions yet. Take one with `{CMD} snapshot`.")
     for r in rows:
@@ -1014,8 +1026,8 @@ def cmd_verify(args) -> int:
     if args.all and args.version is not None:
         raise UsageError(f"give a version or --all, not both (got {args.version} and --all)",
                          Paths(root).versions, f"Run `{CMD} verify --all`.")
-    if args.all:
-        ids = [rec["id"] for rec in list_versions(root)]
+    if args.all:  # every folder, so one whose record is unreadable is reported, not skipped
+        ids = _version_dirs(Paths(root))
     else:
         ids = [resolve_version(root, "latest" if args.version is None else args.version)]
     results = {}
@@ -1023,7 +1035,7 @@ def cmd_verify(args) -> int:
         try:
             results[vid] = verify_version(root, vid)
         except GuardrailError as exc:  # e.g. a record edited by hand: report it, go on
-            results[vid] = [f"{vid}: {exc.what}"]
+            results[vid] = [exc.what if exc.what.startswith(f"version {vid}") else f"{vid}: {exc.what}"]
     bad = [line for lines in results.values() for line in lines]
     if args.json:
         print_json({"ok": not bad, "versions": {v: {"ok": not lines, "problems": lines}
@@ -1032,8 +1044,9 @@ def cmd_verify(args) -> int:
         for vid, lines in results.items():
             print(f"{vid}: {'ok' if not lines else 'BAD'}")
     for line in bad:
-        print(f"Error: {line}, {Paths(root).versions}. Restore a good version with "
-              f"`{CMD} restore VNNN` (see `{CMD} list`).", file=sys.stderr)
+        print(f"Error: {line}, {Paths(root).versions}. " + cli_guard.with_root(
+            f"Restore a good version with `{CMD} restore VNNN` (see `{CMD} list`).",
+            cli_guard.explicit_root(args)), file=sys.stderr)
     return 1 if bad else 0
 
 

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -613,3 +614,15 @@ def test_undo_carries_the_root_given_with_root(initialized_root, capsys, monkeyp
     assert code == 0
     assert result["undo"] == f"python3 model_versioner.py restore {result['previous_version']} " \
                              f"--root {root}"
+
+
+def test_backup_without_current_model_points_at_the_restore_not_init(fake_root, capsys):
+    """Regression: the fix for a lost current_model said `training_daemon.py init`, which
+    starts over from a random model; with versions there, `restore latest` is the fix."""
+    import model_versioner
+    model_versioner.create_version(fake_root, "manual")
+    shutil.rmtree(fake_root / "current_model")
+    code, _, err = _cli(capsys, "backup")
+    assert code == 1 and err.strip() == (
+        f"Error: no current_model to back up, {fake_root / 'current_model'}. Bring it back with "
+        "`python3 model_versioner.py restore latest`, then run `python3 backup_manager.py backup`.")

@@ -643,3 +643,37 @@ def test_show_a_pruned_version_says_so(root, capsys):
     code, _, err = cli(capsys, "show", "v002")
     assert code == 1 and err.startswith("Error: version v002 was pruned (only its record is "
                                         "kept, for lineage), ")
+
+
+def test_a_file_where_current_model_belongs_is_kept_by_restore(root, capsys):
+    """Regression: `restore` swapped a plain file named current_model into .staging/ and
+    `recover` then deleted it: someone's file, lost."""
+    p = Paths(root)
+    shutil.rmtree(p.current_model)
+    p.current_model.write_text("my notes")
+    assert cli(capsys, "restore", "v001")[0] == 0 and model_gen(p.current_model) == 1
+    mv.recover(root)
+    (kept,) = (root / ".attic").glob("current_model-*/current_model")
+    assert kept.read_text() == "my notes"
+
+
+def test_a_version_with_an_unreadable_record_is_reported_not_hidden(root, capsys):
+    """Regression: a version whose version.json was corrupt vanished from `list`, `verify
+    --all` said ok (exit 0), and `verify v002` said there was no such version."""
+    train(root, 2)
+    mv.create_version(root, "manual")
+    record = Paths(root).versions / "v002" / "version.json"
+    os.chmod(record.parent, 0o755)
+    record.unlink()
+    record.write_text("{not json")
+    code, doc, err = json_cli(capsys, "verify", "--all")
+    assert code == 1 and doc["versions"]["v001"]["ok"] is True
+    assert doc["versions"]["v002"]["problems"] == [
+        "version v002 has no readable version.json (damaged; its folder is left as it is)"]
+    code, _, err = cli(capsys, "verify", "v002")
+    assert code == 1 and err.startswith("Error: version v002 has no readable version.json")
+    code, out, _ = cli(capsys, "list")
+    assert out.splitlines()[0] == ("! v002  damaged: no readable version.json (see "
+                                   "`python3 model_versioner.py verify v002`)")
+    assert json_cli(capsys, "list")[1]["damaged"] == ["v002"]
+    assert record.read_text() == "{not json"  # reported, never touched
