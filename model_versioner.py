@@ -29,18 +29,16 @@ import time
 from pathlib import Path
 
 import cli_guard
+from model_manifest import (MANIFEST, READ_ONLY, VERSION_FILE, check_model_dir, has_weights,
+                            read_manifest, verify_files, walk, write_manifest)
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
                        atomic_write_json, exchange_paths, fsync_dir, pid_alive, print_json,
                        read_json, rename_noreplace, resolve_root, sha256_file, utc_now)
 
 SCHEMA_VERSION = 1
-MANIFEST = ".manifest.json"
-VERSION_FILE = "version.json"
 TAGS_FILE = "tags.json"
-READ_ONLY = 0o444
 VERSION_RE = re.compile(r"v(\d{1,9})")
 TAG_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 CMD = "python3 model_versioner.py"
 STOP_COMMAND = "python3 training_controller.py stop"
 DANCE_INTENT = "mv-dance.json"   # in ROOT/.staging/: a rename dance in progress
@@ -63,88 +61,6 @@ def _version_number(vid: str) -> int:
     return int(vid[1:])
 
 
-# --------------------------------------------------------------------------- manifests
-
-def _walk(folder: Path, skip: tuple = (MANIFEST,)) -> list[str]:
-    """Every file under `folder` as a sorted posix relpath, except the names in `skip`."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        for name in filenames:
-            rel = os.path.relpath(os.path.join(dirpath, name), folder).replace(os.sep, "/")
-            if rel not in skip:
-                out.append(rel)
-    return sorted(out)
-
-
-def read_manifest(model_dir) -> dict | None:
-    """The folder's `.manifest.json`, or None if it has none (a corrupt one raises)."""
-    doc = read_json(Path(model_dir) / MANIFEST, default=None)
-    if doc is not None and not (isinstance(doc, dict) and isinstance(doc.get("files"), dict)):
-        raise GuardrailError("not a manifest (no `files` object)", Path(model_dir) / MANIFEST,
-                             f"Rewrite it with `{CMD} snapshot` or restore a version.")
-    return doc
-
-
-def write_manifest(model_dir, *, global_step=None, tokens_seen=None, extra: dict | None = None) -> dict:
-    """Hash every file of a model folder (except the manifest) and write `.manifest.json` atomically.
-
-    `global_step`/`tokens_seen` default to the folder's `trainer_state.json`.
-    """
-    model_dir = Path(model_dir)
-    files = {}
-    for rel in _walk(model_dir):
-        path = model_dir / rel
-        files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
-    state = {}
-    if (global_step is None or tokens_seen is None) and (model_dir / "trainer_state.json").is_file():
-        with contextlib.suppress(GuardrailError):
-            state = read_json(model_dir / "trainer_state.json", default={}) or {}
-        state = state if isinstance(state, dict) else {}
-    doc = {"schema_version": SCHEMA_VERSION, "files": files,
-           "global_step": global_step if global_step is not None else state.get("global_step"),
-           "tokens_seen": tokens_seen if tokens_seen is not None else state.get("tokens_seen"),
-           "created_at": utc_now()}
-    doc.update(extra or {})
-    atomic_write_json(model_dir / MANIFEST, doc, mode=READ_ONLY)
-    return doc
-
-
-def _has_weights(names) -> bool:
-    return any(n.endswith(WEIGHT_SUFFIXES) or n.endswith(".index.json") for n in names)
-
-
-def check_model_dir(model_dir) -> list[str]:
-    """Cheap completeness check (no hashing): config.json and weights present, names and sizes
-    match the manifest. Returns the problems; empty if the folder looks complete."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        return [f"{model_dir}: missing"]
-    names = _walk(model_dir, skip=(MANIFEST, VERSION_FILE))
-    problems = []
-    if "config.json" not in names:
-        problems.append("config.json: missing")
-    if not _has_weights(names):
-        problems.append("no weights file (*.safetensors or *.bin)")
-    try:
-        manifest = read_manifest(model_dir)
-    except GuardrailError as exc:
-        return problems + [str(exc)]
-    if manifest is None:
-        return problems + [f"{MANIFEST}: missing"]
-    listed = manifest["files"]
-    for rel, entry in listed.items():
-        try:
-            size = (model_dir / rel).stat().st_size
-        except OSError:
-            problems.append(f"{rel}: missing")
-            continue
-        if isinstance(entry, dict) and size != entry.get("size"):
-            problems.append(f"{rel}: size {size}, manifest says {entry.get('size')}")
-    problems += [f"{rel}: not in the manifest" for rel in names if rel not in listed]
-    return problems
-
-
 def check_version(root, vid) -> list[str]:
     """Cheap check of a version (no hashing): every file present with its recorded size and
     mtime. A file written in place through any hard link changes its mtime for all links."""
@@ -162,26 +78,6 @@ def check_version(root, vid) -> list[str]:
             problems.append(f"{rec['id']}/{rel}: size {st.st_size}, expected {entry.get('size')}")
         elif entry.get("mtime_ns") not in (None, st.st_mtime_ns):
             problems.append(f"{rec['id']}/{rel}: written in place after it was versioned")
-    return problems
-
-
-def verify_files(folder, manifest_files: dict) -> list[str]:
-    """Recompute every sha256 against `manifest_files`; returns one line per bad file."""
-    folder = Path(folder)
-    problems = []
-    for rel, entry in sorted(manifest_files.items()):
-        path = folder / rel
-        try:
-            size = path.stat().st_size
-        except OSError:
-            problems.append(f"{rel}: missing")
-            continue
-        if size != entry.get("size"):
-            problems.append(f"{rel}: size {size}, expected {entry.get('size')}")
-        elif sha256_file(path) != entry.get("sha256"):
-            problems.append(f"{rel}: sha256 mismatch (changed after it was recorded)")
-    known = set(manifest_files) | {MANIFEST, VERSION_FILE}
-    problems += [f"{rel}: not in the manifest" for rel in _walk(folder, skip=()) if rel not in known]
     return problems
 
 
@@ -318,7 +214,7 @@ def _signature(folder: Path) -> dict | None:
     """{relpath: (inode, size)} of a model folder (version.json excluded), None if unreadable."""
     try:
         return {rel: ((st := (folder / rel).stat()).st_ino, st.st_size)
-                for rel in _walk(folder, skip=(VERSION_FILE,))}
+                for rel in walk(folder, skip=(VERSION_FILE,))}
     except OSError:
         return None
 
@@ -378,7 +274,7 @@ def _link_tree(src: Path, dst: Path, rels) -> None:
 
 
 def _chmod_read_only(folder: Path) -> None:
-    for rel in _walk(folder, skip=()):
+    for rel in walk(folder, skip=()):
         path = folder / rel
         if stat.S_IMODE(path.stat().st_mode) != READ_ONLY:
             os.chmod(path, READ_ONLY)
@@ -422,8 +318,8 @@ def _ensure_current_manifest(p: Paths) -> dict:
     if not cur.is_dir():
         raise GuardrailError("current_model is missing", cur,
                              f"Bring it back with `{CMD} restore latest`.")
-    names = _walk(cur, skip=(MANIFEST,))
-    if "config.json" not in names or not _has_weights(names):
+    names = walk(cur, skip=(MANIFEST,))
+    if "config.json" not in names or not has_weights(names):
         raise GuardrailError("current_model is incomplete (" + "; ".join(
             check_model_dir(cur)) + ")", cur, f"Bring it back with `{CMD} restore latest`.")
     try:
@@ -564,7 +460,7 @@ def _swap_in(p: Paths, work: Path, reason: str, keep_old: str) -> dict:
                 attic = p.root / ".attic" / f"current_model-{_stamp()}"
                 attic.mkdir(parents=True)
                 if cur.is_dir() and not cur.is_symlink():
-                    _link_tree(cur, attic, _walk(cur, skip=()))
+                    _link_tree(cur, attic, walk(cur, skip=()))
                 else:  # a file or a link where the folder belongs: someone's, keep it
                     os.link(cur, attic / cur.name, follow_symlinks=False)
                 _fsync_tree(attic.parent)

@@ -18,6 +18,7 @@ import pytest
 
 import backup_manager
 import training_config
+import verified_copy
 from conftest import REPO
 from trainroot import utc_now
 
@@ -480,7 +481,7 @@ def test_set_idle_priority_applies_to_the_calling_thread():
         seen["ok"] = backup_manager.set_idle_priority()
         seen["policy"] = os.sched_getscheduler(0)
         if os.uname().machine == "x86_64":  # ioprio_get(IOPRIO_WHO_PROCESS, this thread)
-            seen["io_class"] = backup_manager._libc().syscall(252, 1, 0) >> 13
+            seen["io_class"] = verified_copy._libc().syscall(252, 1, 0) >> 13
 
     t = threading.Thread(target=worker)
     t.start()
