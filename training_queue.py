@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fnmatch
+import functools
 import os
+import shlex
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -72,14 +76,40 @@ def new_seq() -> int:
     return time.time_ns()
 
 
-def _free_destination(directory: Path, name: str) -> Path:
-    """A name free for both the data file and its record (an orphan record blocks it too)."""
+# A data file's name leaves room for its record's suffix, the temp name the record is
+# written under (".NAME.record.json.XXXXXXXX.tmp") and a "-N" clash suffix within the
+# 255 bytes a file name may have: a longer name is shortened, keeping its extension.
+MAX_NAME_BYTES = 200
+
+
+def fit_name(name: str) -> str:
+    """`name`, shortened (at a character boundary, extension kept) to MAX_NAME_BYTES."""
+    if len(name.encode("utf-8", "surrogateescape")) <= MAX_NAME_BYTES:
+        return name
+    base, ext = os.path.splitext(name)
+    room = MAX_NAME_BYTES - len(ext.encode("utf-8", "surrogateescape"))
+    base = base.encode("utf-8", "surrogateescape")[:max(room, 1)].decode("utf-8", "ignore")
+    return (base or "data") + ext
+
+
+def _free_destination(directory: Path, name: str, moving: Path | None = None) -> Path:
+    """A name free for both the data file and its record (an orphan record blocks it too).
+
+    In a queue folder the name must be free in all three: `set-priority NAME` and
+    `remove NAME` then always mean one file (the file `moving` does not clash with itself).
+    """
+    name = fit_name(name)
+    places = [directory]
+    if directory.parent.name == "queue" and directory.name in PRIORITIES:
+        places += [directory.parent / pr for pr in PRIORITIES if pr != directory.name]
     stem, dot, ext = name.partition(".")
-    n, candidate = 2, directory / name
-    while os.path.lexists(candidate) or os.path.lexists(record_path(candidate)):
-        candidate = directory / f"{stem}-{n}{dot}{ext}"
+    n, candidate = 2, name
+    while any(d / candidate != moving and (os.path.lexists(d / candidate)
+                                           or os.path.lexists(record_path(d / candidate)))
+              for d in places):
+        candidate = f"{stem}-{n}{dot}{ext}"
         n += 1
-    return candidate
+    return directory / candidate
 
 
 class SyncBatch:
@@ -115,7 +145,7 @@ def move_with_record(src, directory, record: dict, event: str | None = None,
     if event:
         record.setdefault("history", []).append({"at": utc_now(), "to": directory.name, "why": event})
     while True:
-        dst = _free_destination(directory, name or src.name)
+        dst = _free_destination(directory, name or src.name, moving=src)
         record["name"] = dst.name
         atomic_write_json(record_path(dst), record, sync=batch is None)
         try:
@@ -129,8 +159,13 @@ def move_with_record(src, directory, record: dict, event: str | None = None,
             raise
     old = record_path(src)
     if old != record_path(dst):
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(old)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:        # a name too long to have had a record (an inbox file)
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
     if batch is not None:
         batch.dirs.update((str(dst.parent), str(src.parent)))
     return dst
@@ -237,20 +272,97 @@ def done_index(root) -> dict[str, dict]:
 
 # --------------------------------------------------------------------------- enqueue
 
+def _check_source(p: Paths, src: Path, move: bool) -> None:
+    """Refuse, before anything moves, a path `add` cannot take (UsageError, exit 2)."""
+    try:
+        st = os.lstat(src)
+        if stat.S_ISLNK(st.st_mode):
+            if move:
+                raise UsageError("a symbolic link: --move would queue the link, whose target "
+                                 "can change", src,
+                                 "Add it without --move (the content is copied).")
+            st = os.stat(src)
+        if stat.S_ISDIR(st.st_mode):
+            raise UsageError("is a directory, not a data file", src,
+                             f"Add its .jsonl files one by one, or move them into {p.inbox}/.")
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError("not a regular file (a pipe, socket or device)", src,
+                             "Save the data to a regular .jsonl file and add that.")
+        with open(src, "rb"):
+            pass
+    except FileNotFoundError:
+        raise UsageError("data file not found", src, "Check the path and try again.") from None
+    except PermissionError:
+        raise UsageError("cannot read the file (permission denied)", src,
+                         f"Make it readable (chmod u+r {_q(src)}) or run as its owner.") from None
+    if not move:
+        return
+    # the lifecycle folders are the daemon's: taking a file from there would pull it from
+    # under training, or strip a trained file of its record
+    here = src.resolve().parent
+    managed = {p.processing: "it is being trained",
+               p.done: "it was trained; its record belongs with it"}
+    managed.update({p.queue / pr: "it is queued already" for pr in PRIORITIES})
+    managed.update({p.queue / INCOMING / pr: "the daemon is taking it in" for pr in PRIORITIES})
+    for folder, why in managed.items():
+        if here == folder.resolve():
+            raise UsageError(f"refusing to move a file out of {folder.relative_to(p.root)}/ "
+                             f"({why})", src, "Add a copy instead (leave out --move; --force "
+                             "if its content was trained before), or use set-priority.")
+
+
+def _duplicate(p: Paths, sha256: str, done: dict, queued: bool) -> tuple[str, str, dict] | None:
+    """(reason, fix, record fields) if content `sha256` was trained, or (`queued`) is
+    queued or being trained; else None."""
+    prior = done.get(sha256)
+    if prior:
+        return (f"already trained: same content as done/{prior.get('name')} (into version "
+                f"{prior.get('version_after')})", "Add it with --force to train it again.",
+                {"duplicate_of": prior.get("name"), "trained_into": prior.get("version_after")})
+    if not queued:
+        return None
+    for item in _processing(p.root) + list_queue(p.root):
+        if item.get("sha256") == sha256:
+            where = f"{Path(item['path']).parent.relative_to(p.root)}/{item['name']}"
+            state = "being trained" if item.get("priority") is None else "already queued"
+            return (f"{state}: same content as {where}",
+                    "Add it with --force to queue a second copy anyway.",
+                    {"duplicate_of": item["name"]})
+    return None
+
+
+def _q(path) -> str:
+    """A path as a shell word, for commands printed in messages."""
+    return shlex.quote(str(path))
+
+
+def _requeue_cmd(root, path, *flags: str) -> str:
+    """The command that queues a file kept in failed/ or skipped/ again (--root if needed)."""
+    cmd = " ".join(["python3 training_queue.py add", _q(path), "--move", *flags])
+    root = Path(root).resolve()
+    return cmd if root == resolve_root(None) else f"{cmd} --root {_q(root)}"
+
+
 def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: bool = False,
             cfg: dict | None = None, source: str = "training_queue.py add",
             done: dict | None = None, extra: dict | None = None, name: str | None = None,
-            not_regular: str | None = None, batch: SyncBatch | None = None) -> dict:
+            not_regular: str | None = None, batch: SyncBatch | None = None,
+            by_hand: bool = False) -> dict:
     """Validate `path`, then queue it (copy, or move with `move=True`).
 
     Invalid -> failed/ (only when moving; a copy source is left alone and the error
-    raised), already trained content -> skipped/ unless `force`. Returns the record with
+    raised), already trained content -> skipped/ unless `force`. `by_hand` (a person's
+    `add`, not the daemon's intake) also refuses content already queued or being trained
+    (the daemon leaves that to the head of the queue), a path that is not a readable file
+    (UsageError), and a --move out of the daemon's own folders. Returns the record with
     `outcome` queued|failed|skipped and `path`.
     """
     p = Paths(root)
     src = Path(path)
     name = name or src.name
-    if not_regular is None and not src.is_file():
+    if by_hand:
+        _check_source(p, src, move)
+    elif not_regular is None and not src.is_file():
         raise GuardrailError("data file not found", src, "Check the path and try again.")
     if priority not in PRIORITIES:
         queue_dir(root, priority)  # raises the usage error naming the choices
@@ -272,8 +384,12 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)
-        except BaseException:
+        except BaseException as exc:
             os.unlink(tmp)
+            if isinstance(exc, OSError):  # a full disk, an I/O error: the source is untouched
+                raise GuardrailError(f"cannot copy it into the queue ({exc.strerror or exc})",
+                                     src, f"Free space in {p.root} or check the disk, then add "
+                                     "it again.") from None
             raise
         work = Path(tmp)
     else:
@@ -290,24 +406,25 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
         record["format"] = result["format"]
         record["validation"] = _summary(result)
         record["timings"] = {"validate_s": round(time.monotonic() - t0, 4)}
+        # a file refused where it already is (re-adding one from failed/ or skipped/) stays put
+        stays = not move or work.resolve().parent in (p.failed.resolve(), p.skipped.resolve())
         if not result["ok"]:
             reason = problem or result.get('verdict') or f"invalid: {result['errors']} error(s)"
-            if not move:
+            if stays:
                 raise GuardrailError(f"{reason}; not queued", src,
-                                     f"See `python3 validate_data.py {src}`, fix the file, add it again.")
+                                     f"See `python3 validate_data.py {_q(src)}`, fix the file, "
+                                     "add it again.")
             record.update(reason=reason, report=result["report"], outcome="failed")
             dst = move_with_record(work, p.failed, record, reason, name=name, batch=batch)
             return dict(record, name=dst.name, path=str(dst))
         if done is None:
             done = done_index(p.root)
-        prior = done.get(record["sha256"])
-        if prior and not force:
-            reason = (f"already trained: same content as done/{prior.get('name')} "
-                      f"(into version {prior.get('version_after')})")
-            record.update(reason=reason, duplicate_of=prior.get("name"),
-                          trained_into=prior.get("version_after"), outcome="skipped")
-            if not move:
-                raise GuardrailError(reason, src, f"Add it with --force to train it again.")
+        dup = None if force else _duplicate(p, record["sha256"], done, queued=by_hand)
+        if dup:
+            reason, fix, fields = dup
+            record.update(reason=reason, outcome="skipped", **fields)
+            if stays:
+                raise GuardrailError(reason, src, fix)
             dst = move_with_record(work, p.skipped, record, reason, name=name, batch=batch)
             return dict(record, name=dst.name, path=str(dst))
         record["outcome"] = "queued"
@@ -343,11 +460,50 @@ def list_queue(root) -> list[dict]:
     return items
 
 
+def _processing(root) -> list[dict]:
+    """The records of the files in processing/: the one being trained or waiting to resume."""
+    d = Paths(root).processing
+    try:
+        names = sorted(n for n in os.listdir(d) if not is_ignored(n))
+    except FileNotFoundError:
+        return []
+    return [dict(read_record(d / n), name=n, priority=None, path=str(d / n)) for n in names]
+
+
 def find_queued(root, name: str) -> dict:
-    for item in list_queue(root):
-        if item["name"] == name:
-            return item
-    raise GuardrailError(f"{name} is not in the queue", Paths(root).queue, f"See `{LIST_CMD}`.")
+    """The queued file called `name` (also `PRIORITY/NAME`, or its path in the queue).
+
+    A name that is not queued gets an error saying where that file is instead (being
+    trained, trained, failed, skipped) and what to run.
+    """
+    p = Paths(root)
+    if not name or not name.strip():
+        raise UsageError("no file name given", None, f"Name a queued file; see `{LIST_CMD}`.")
+    folder, _, base = name.rstrip("/").rpartition("/")
+    priority = Path(folder).name if folder else None
+    if priority is not None and priority not in PRIORITIES:
+        priority = "?"                    # a folder that is not a queue: matches nothing
+    matches = [item for item in list_queue(root)
+               if item["name"] == base and priority in (None, item["priority"])]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:                           # one name in two priorities: a root from before
+        which = " or ".join(f"{m['priority']}/{base}" for m in matches)
+        raise UsageError(f"{base} is queued {len(matches)} times", p.queue,
+                         f"Name one: {which} (see `{LIST_CMD}`).")
+    for folder, state, fix in (
+            (p.processing, "is being trained now, not queued",
+             "`python3 training_controller.py skip` abandons it (to skipped/, nothing is lost)."),
+            (p.done, "was trained already (done/), not queued",
+             "Nothing to change; `python3 model_versioner.py rollback` undoes its training."),
+            (p.failed, "failed (failed/), not queued",
+             "See its reason in NAME.record.json; fix it, then `REQUEUE`."),
+            (p.skipped, "was skipped (skipped/), not queued",
+             "`REQUEUE` queues it again.")):
+        if os.path.lexists(folder / base):
+            raise GuardrailError(f"{base} {state}", folder / base,
+                                 fix.replace("REQUEUE", _requeue_cmd(root, folder / base)))
+    raise GuardrailError(f"{name} is not in the queue", p.queue, f"See `{LIST_CMD}`.")
 
 
 def counts(root) -> dict:
@@ -367,22 +523,31 @@ def counts(root) -> dict:
     return out
 
 
+def _took_it(name: str, path: str) -> GuardrailError:
+    return GuardrailError(f"{name} left the queue while this ran (the daemon took it for "
+                          "training)", path, "See `python3 training_controller.py status`.")
+
+
 def set_priority(root, name: str, priority: str) -> dict:
+    """Move a queued file to another priority folder; it keeps its arrival order (`seq`)."""
     item = find_queued(root, name)
     if item["priority"] == priority:
-        return dict(item, changed=False)
+        return dict(item, changed=False, was=priority)
     rec = read_record(item["path"])
     rec["priority"] = priority
     try:
         dst = move_with_record(item["path"], queue_dir(root, priority), rec,
                                f"priority {item['priority']} -> {priority}")
     except FileNotFoundError:
-        raise GuardrailError(f"{name} left the queue (the daemon took it)", item["path"],
-                             "See `python3 training_controller.py status`.") from None
-    return dict(rec, name=dst.name, path=str(dst), changed=True)
+        raise _took_it(item["name"], item["path"]) from None
+    return dict(rec, name=dst.name, path=str(dst), changed=True, was=item["priority"])
 
 
 def remove(root, name: str, reason: str | None = None) -> dict:
+    """Take a queued file out of the queue: to skipped/ with its record, never deleted.
+
+    The result's `undo` is the command that queues it again (where it was, by priority).
+    """
     item = find_queued(root, name)
     rec = read_record(item["path"])
     why = "removed from the queue" + (f": {reason}" if reason else "")
@@ -390,39 +555,54 @@ def remove(root, name: str, reason: str | None = None) -> dict:
     try:
         dst = move_with_record(item["path"], Paths(root).skipped, rec, why)
     except FileNotFoundError:
-        raise GuardrailError(f"{name} left the queue (the daemon took it)", item["path"],
-                             "See `python3 training_controller.py status`.") from None
-    return dict(rec, name=dst.name, path=str(dst))
+        raise _took_it(item["name"], item["path"]) from None
+    undo = _requeue_cmd(root, dst, "--priority", item["priority"],
+                        *(["--force"] if rec.get("force") else []))
+    return dict(rec, name=dst.name, path=str(dst), priority=item["priority"], undo=undo)
 
 
 # --------------------------------------------------------------------------- CLI
 
 def _public(rec: dict) -> dict:
-    keep = ("name", "priority", "sha256", "records", "format", "size", "seq", "arrived_at",
-            "force", "source", "outcome", "reason", "path", "changed")
+    keep = ("name", "priority", "was", "sha256", "records", "format", "size", "seq", "arrived_at",
+            "force", "source", "outcome", "reason", "path", "changed", "undo")
     return {k: rec[k] for k in keep if k in rec}
+
+
+def _records(n) -> str:
+    return f"{n} record{'' if n == 1 else 's'}"
+
+
+def _root(args) -> Path:
+    """The training root the command acts on; a mistyped --root is an error, not an empty queue."""
+    root = resolve_root(args.root)
+    p = Paths(root)
+    if not (p.config.exists() or p.queue.is_dir()):
+        raise UsageError("not a training root (no config.json, no queue/)", root,
+                         f"Check --root or $TRAINING_ROOT, or create it with "
+                         f"`python3 training_daemon.py init --root {_q(root)}`.")
+    return root
 
 
 def cmd_list(args) -> int:
     """List queued files in the order they will train."""
-    items = [_public(r) for r in list_queue(resolve_root(args.root))]
+    items = [_public(r) for r in list_queue(_root(args))]
     if args.json:
         print_json({"ok": True, "queue": items})
         return 0
     if not items:
         print("The queue is empty.")
     for i, r in enumerate(items, 1):
-        print(f"{i:4d}  {r['priority']:<6}  {r['name']}  ({r.get('records')} records, "
+        print(f"{i:4d}  {r['priority']:<6}  {r['name']}  ({_records(r.get('records'))}, "
               f"sha256 {str(r.get('sha256'))[:12]})")
     return 0
 
 
 def cmd_status(args) -> int:
     """Count files in the inbox, the queue by priority, processing, done, failed, skipped."""
-    root = resolve_root(args.root)
+    root = _root(args)
     c = counts(root)
-    processing = [n for n in sorted(os.listdir(Paths(root).processing))
-                  if not is_ignored(n)] if Paths(root).processing.is_dir() else []
+    processing = [item["name"] for item in _processing(root)]
     if args.json:
         print_json({"ok": True, "counts": c, "processing": processing})
         return 0
@@ -437,34 +617,62 @@ def cmd_status(args) -> int:
 def cmd_add(args) -> int:
     """Validate a data file, then queue a copy of it (or move it with --move)."""
     root = resolve_root(args.root)
-    rec = enqueue(root, args.file, priority=args.priority, force=args.force, move=args.move)
+    rec = enqueue(root, args.file, priority=args.priority, force=args.force, move=args.move,
+                  by_hand=True)
+    if rec["outcome"] == "queued":
+        if args.json:
+            print_json({"ok": True, **_public(rec)})
+        else:
+            print(f"Queued {rec['name']} ({args.priority}, {_records(rec['records'])}).")
+        return 0
+    # --move of a file that cannot be queued: it is kept where it went, with its reason
+    fix = (f"Fix it, then `{_requeue_cmd(root, rec['path'])}`." if rec["outcome"] == "failed"
+           else f"`{_requeue_cmd(root, rec['path'], '--force')}` queues it anyway.")
+    error = GuardrailError(f"{rec['reason']}; not queued, moved to {rec['path']}", None, fix)
+    print(f"Error: {error}", file=sys.stderr)
     if args.json:
-        print_json({"ok": rec["outcome"] == "queued", **_public(rec)})
-    elif rec["outcome"] == "queued":
-        print(f"Queued {rec['name']} ({args.priority}, {rec['records']} records).")
-    else:
-        print(f"Error: {rec['reason']}, moved to {rec['path']}.", file=sys.stderr)
-    return 0 if rec["outcome"] == "queued" else 1
+        print_json({"ok": False, "error": error.to_dict(), **_public(rec)})
+    return 1
 
 
 def cmd_set_priority(args) -> int:
     """Move a queued file to another priority (it keeps its arrival order)."""
-    rec = set_priority(resolve_root(args.root), args.name, args.priority)
+    rec = set_priority(_root(args), args.name, args.priority)
     if args.json:
         print_json({"ok": True, **_public(rec)})
+    elif rec["changed"]:
+        print(f"{rec['name']}: priority {args.priority} (was {rec['was']})")
     else:
-        print(f"{rec['name']}: priority {args.priority}" + ("" if rec["changed"] else " (unchanged)"))
+        print(f"{rec['name']}: priority {args.priority} (unchanged)")
     return 0
 
 
 def cmd_remove(args) -> int:
     """Take a file out of the queue: it moves to skipped/ with a record, never deleted."""
-    rec = remove(resolve_root(args.root), args.name, args.reason)
+    rec = remove(_root(args), args.name, args.reason)
     if args.json:
         print_json({"ok": True, **_public(rec)})
     else:
-        print(f"Moved {args.name} to {rec['path']}.")
+        print(f"Moved {args.name} out of the queue to {rec['path']} (nothing deleted).\n"
+              f"Undo: {rec['undo']}")
     return 0
+
+
+def _os_errors_as_guardrail(func):
+    """An OS refusal (a root not writable by this user, a full disk) as an `Error:` line.
+
+    Every move here writes the new record before renaming the data file, so a refusal at
+    any step leaves the file whole in one place.
+    """
+    @functools.wraps(func)
+    def run(args):
+        try:
+            return func(args)
+        except OSError as exc:
+            raise GuardrailError(f"cannot change the queue ({exc.strerror or exc})",
+                                 exc.filename, "Run as the training root's owner and check its "
+                                 "free space, then try again.") from None
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -475,19 +683,23 @@ def build_parser() -> argparse.ArgumentParser:
                        ("set-priority", cmd_set_priority), ("remove", cmd_remove)):
         sp = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
         add_common_args(sp)
-        sp.set_defaults(func=func)
+        sp.set_defaults(func=_os_errors_as_guardrail(func))
+        named = ("a queued file's name as `list` shows it, or PRIORITY/NAME (put `--` before "
+                 "a name starting with '-')")
         if name == "add":
-            sp.add_argument("file")
-            sp.add_argument("--priority", choices=PRIORITIES, default="normal")
+            sp.add_argument("file", help="the .jsonl file to validate and queue")
+            sp.add_argument("--priority", choices=PRIORITIES, default="normal",
+                            help="which queue (default: normal)")
             sp.add_argument("--force", action="store_true",
-                            help="train it even if the same content was trained before")
+                            help="queue it even if the same content is queued, being trained or "
+                                 "was trained before")
             sp.add_argument("--move", action="store_true", help="move the file instead of copying it")
         elif name == "set-priority":
-            sp.add_argument("name")
-            sp.add_argument("priority", choices=PRIORITIES)
+            sp.add_argument("name", help=named)
+            sp.add_argument("priority", choices=PRIORITIES, help="the new priority")
         elif name == "remove":
-            sp.add_argument("name")
-            sp.add_argument("--reason", default=None)
+            sp.add_argument("name", help=named)
+            sp.add_argument("--reason", default=None, help="why, kept in its record")
     return parser
 
 

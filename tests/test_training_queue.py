@@ -5,9 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from conftest import REPO, run_script
 
 import training_config
 import training_queue
@@ -36,7 +43,9 @@ def q(root: Path, capsys, *args: str) -> tuple[int, dict | None, str]:
 
 
 def names_in(folder: Path) -> list[str]:
-    return sorted(n for n in os.listdir(folder) if not n.endswith(".record.json")) \
+    """Data file names (no records, no hidden or temporary names such as a record being
+    written)."""
+    return sorted(n for n in os.listdir(folder) if not training_queue.is_ignored(n)) \
         if folder.is_dir() else []
 
 
@@ -92,7 +101,7 @@ def test_add_move_moves_the_file(root, tmp_path, capsys):
 
 def test_add_missing_file(root, tmp_path, capsys):
     code, _, err = q(root, capsys, "add", str(tmp_path / "nope.jsonl"))
-    assert code == 1
+    assert code == 2
     assert err.strip() == f"Error: data file not found, {tmp_path / 'nope.jsonl'}. Check the path and try again."
 
 
@@ -133,9 +142,14 @@ def test_set_priority_keeps_arrival_and_remove_moves_to_skipped(root, tmp_path, 
     assert [h["to"] for h in rec["history"]] == ["normal", "skipped"]
     assert [i["name"] for i in training_queue.list_queue(root)] == ["second.jsonl"]
 
-    code, _, err = q(root, capsys, "remove", "first.jsonl")
+    code, _, err = q(root, capsys, "remove", "first.jsonl")   # not queued: says where it is
     assert code == 1
-    assert err.strip() == (f"Error: first.jsonl is not in the queue, {root / 'queue'}. "
+    skipped = root / "skipped" / "first.jsonl"
+    assert err.strip() == (f"Error: first.jsonl was skipped (skipped/), not queued, {skipped}. "
+                           f"`python3 training_queue.py add {skipped} --move` queues it again.")
+    code, _, err = q(root, capsys, "remove", "never.jsonl")
+    assert code == 1
+    assert err.strip() == (f"Error: never.jsonl is not in the queue, {root / 'queue'}. "
                            "See `python3 training_queue.py list`.")
 
 
@@ -158,3 +172,201 @@ def test_ignored_names():
         assert training_queue.is_ignored(name), name
     for name in ("a.jsonl", "notes.txt", "a.swp.jsonl"):
         assert not training_queue.is_ignored(name), name
+
+
+# --------------------------------------------------------------------------- hostile use
+
+def test_content_already_queued_or_training_is_refused_unless_forced(root, tmp_path, capsys):
+    first = data(tmp_path / "first.jsonl", tag="same")
+    assert q(root, capsys, "add", str(first))[0] == 0
+    twin = data(tmp_path / "twin.jsonl", tag="same")
+    code, out, err = q(root, capsys, "add", str(twin))
+    assert code == 1 and out["ok"] is False
+    assert err.strip() == ("Error: already queued: same content as queue/normal/first.jsonl, "
+                           f"{twin}. Add it with --force to queue a second copy anyway.")
+    assert [i["name"] for i in training_queue.list_queue(root)] == ["first.jsonl"]
+    code, out, _ = q(root, capsys, "add", str(twin), "--force")
+    assert code == 0 and out["name"] == "twin.jsonl" and out["force"] is True
+
+    # the daemon took the first for training: the same content is refused as being trained
+    training_queue.move_with_record(root / "queue" / "normal" / "first.jsonl",
+                                    root / "processing", {"sha256": out["sha256"]}, "training")
+    code, _, err = q(root, capsys, "add", str(twin))
+    assert code == 1 and "being trained: same content as processing/first.jsonl" in err
+    # --move of a refused duplicate keeps it safe in skipped/, saying how to queue it anyway
+    code, out, err = q(root, capsys, "add", str(twin), "--move")
+    assert code == 1 and not twin.exists()
+    assert out["outcome"] == "skipped" and out["path"] == str(root / "skipped" / "twin.jsonl")
+    kept = root / "skipped" / "twin.jsonl"
+    assert out["error"]["fix"] == (f"`python3 training_queue.py add {kept} --move --force` "
+                                   "queues it anyway.")
+
+
+def test_a_name_is_unique_across_the_priority_queues(root, tmp_path, capsys):
+    assert q(root, capsys, "add", str(data(tmp_path / "a" / "n.jsonl", tag="1")),
+             "--priority", "high")[0] == 0
+    code, out, _ = q(root, capsys, "add", str(data(tmp_path / "b" / "n.jsonl", tag="2")),
+                     "--priority", "low")
+    assert code == 0 and out["name"] == "n-2.jsonl"       # not a second low/n.jsonl
+    code, out, _ = q(root, capsys, "set-priority", "n.jsonl", "low")
+    assert code == 0 and (out["name"], out["was"]) == ("n.jsonl", "high")
+
+    # a root from before: the same name in two priorities is ambiguous, PRIORITY/NAME is not
+    (root / "queue" / "normal").mkdir()
+    (root / "queue" / "low" / "n-2.jsonl").rename(root / "queue" / "normal" / "n.jsonl")
+    (root / "queue" / "low" / "n-2.jsonl.record.json").rename(
+        root / "queue" / "normal" / "n.jsonl.record.json")
+    code, _, err = q(root, capsys, "remove", "n.jsonl")
+    assert code == 2
+    assert err.strip() == (f"Error: n.jsonl is queued 2 times, {root / 'queue'}. Name one: "
+                           "normal/n.jsonl or low/n.jsonl (see `python3 training_queue.py list`).")
+    code, out, _ = q(root, capsys, "remove", "low/n.jsonl")
+    assert code == 0 and out["priority"] == "low"
+    assert [(i["name"], i["priority"]) for i in training_queue.list_queue(root)] == [
+        ("n.jsonl", "normal")]
+    assert q(root, capsys, "remove", "")[0] == 2
+
+
+def test_remove_says_where_the_file_went_and_how_to_undo(root, tmp_path, capsys, monkeypatch):
+    src = data(tmp_path / "odd name ü.jsonl")
+    assert q(root, capsys, "add", str(src), "--priority", "high", "--force")[0] == 0
+    code = training_queue.main(["remove", "odd name ü.jsonl", "--root", str(root)])
+    out = capsys.readouterr().out
+    dst = root / "skipped" / "odd name ü.jsonl"
+    undo = f"python3 training_queue.py add '{dst}' --move --priority high --force"
+    assert code == 0 and dst.read_bytes() == src.read_bytes()
+    assert out == (f"Moved odd name ü.jsonl out of the queue to {dst} (nothing deleted).\n"
+                   f"Undo: {undo}\n")
+    # the undo, run as printed (the root is $TRAINING_ROOT here), puts it back where it was
+    argv = shlex.split(undo)[2:]
+    assert training_queue.main(argv) == 0
+    capsys.readouterr()
+    assert [(i["name"], i["priority"]) for i in training_queue.list_queue(root)] == [
+        ("odd name ü.jsonl", "high")]
+    assert names_in(root / "skipped") == []
+
+    # with another root than $TRAINING_ROOT, the undo names it
+    monkeypatch.delenv("TRAINING_ROOT")
+    out = training_queue.remove(root, "odd name ü.jsonl")
+    assert out["undo"] == f"{undo} --root {root}"
+
+
+def test_a_file_being_trained_or_trained_is_not_taken_by_queue_commands(root, tmp_path, capsys):
+    busy = data(root / "processing" / "busy.jsonl")
+    trained = data(root / "done" / "old.jsonl", tag="old")
+    before = busy.read_bytes()
+    code, _, err = q(root, capsys, "remove", "busy.jsonl")
+    assert code == 1
+    assert err.strip() == (f"Error: busy.jsonl is being trained now, not queued, {busy}. "
+                           "`python3 training_controller.py skip` abandons it (to skipped/, "
+                           "nothing is lost).")
+    assert q(root, capsys, "set-priority", "busy.jsonl", "high")[0] == 1
+    assert "was trained already (done/)" in q(root, capsys, "remove", "old.jsonl")[2]
+    for path, folder in ((busy, "processing"), (trained, "done")):
+        code, _, err = q(root, capsys, "add", str(path), "--move", "--force")
+        assert code == 2 and err.startswith(f"Error: refusing to move a file out of {folder}/")
+    assert busy.read_bytes() == before and trained.exists()
+    assert training_queue.list_queue(root) == []
+
+
+def test_add_refuses_what_is_not_a_readable_file(root, tmp_path, capsys):
+    folder = tmp_path / "folder.jsonl"
+    folder.mkdir()
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)                   # opening it would block: refused before
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(data(tmp_path / "target.jsonl"))
+    for path, what in ((folder, "is a directory, not a data file"),
+                       (fifo, "not a regular file (a pipe, socket or device)")):
+        code, out, err = q(root, capsys, "add", str(path))
+        assert code == 2 and err.startswith(f"Error: {what}, {path}.") and out["ok"] is False
+    code, _, err = q(root, capsys, "add", str(link), "--move")
+    assert code == 2 and "a symbolic link" in err and link.is_symlink()
+    assert q(root, capsys, "add", str(link))[0] == 0           # a copy of its content
+    assert not (root / "queue" / "normal" / "link.jsonl").is_symlink()
+
+
+def test_a_very_long_name_is_shortened_not_a_crash(root, tmp_path, capsys):
+    long_name = "é" + "x" * 240 + ".jsonl"                      # 248 bytes: no room for a record
+    src = data(tmp_path / long_name)
+    code, out, err = q(root, capsys, "add", str(src))
+    assert code == 0, err
+    assert out["name"].endswith(".jsonl") and len(out["name"].encode()) <= 200
+    code, out2, _ = q(root, capsys, "add", str(src), "--force")
+    assert code == 0 and out2["name"] != out["name"]
+    rec = training_queue.read_record(root / "queue" / "normal" / out["name"])
+    assert rec["original_name"] == long_name
+
+
+def test_add_validates_with_the_roots_max_record_bytes(root, tmp_path, capsys):
+    training_config.write_config(root, training_config.default_config(max_record_bytes=1500))
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"text": "y" * 2000}) + "\n")
+    code, _, err = q(root, capsys, "add", str(big))
+    assert code == 1 and "over max_record_bytes 1,500" in err
+
+
+def test_re_adding_a_still_invalid_file_from_failed_leaves_it_there(root, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("nope\n")
+    code, out, err = q(root, capsys, "add", str(bad), "--move")
+    failed = root / "failed" / "bad.jsonl"
+    assert code == 1 and out["path"] == str(failed) and failed.exists()
+    assert out["error"]["fix"] == (f"Fix it, then `python3 training_queue.py add {failed} --move`.")
+    code, _, err = q(root, capsys, "add", str(failed), "--move")
+    assert code == 1 and "not queued" in err
+    assert names_in(root / "failed") == ["bad.jsonl"]             # not renamed to bad-2.jsonl
+
+
+def test_move_with_record_takes_a_name_too_long_for_a_record(root, tmp_path):
+    """The daemon's intake moves inbox files under their own names: a 255-byte one once
+    left the daemon logging a failed intake for a file it had queued."""
+    src = data(root / "queue" / ".incoming" / "normal" / ("z" * 249 + ".jsonl"))
+    dst = training_queue.move_with_record(src, root / "queue" / "normal", {"sha256": "x"},
+                                          "queued")
+    assert dst.exists() and not src.exists() and len(dst.name.encode()) <= 200
+    assert training_queue.read_record(dst)["name"] == dst.name
+
+
+@pytest.mark.slow
+def test_queue_commands_beside_a_running_daemon(initialized_root, tmp_path):
+    """With the daemon training a file: it cannot be removed or re-added, others can."""
+    root = initialized_root
+    cfg = training_config.load_config(root)
+    cfg["loss_spike_factor"] = 1000.0              # no pause for a person mid-test
+    training_config.write_config(root, cfg)
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps({"text": f"record {i} " + "lorem ipsum " * 20}) + "\n"
+                           for i in range(3000)))
+    assert run_script("training_queue.py", "add", str(big), root=root).returncode == 0
+    log = open(tmp_path / "daemon.log", "w")
+    daemon = subprocess.Popen([sys.executable, str(REPO / "training_daemon.py"), "run",
+                               "--no-monitor"], env=dict(os.environ, TRAINING_ROOT=str(root)),
+                              cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not names_in(root / "processing") and time.monotonic() < deadline:
+            assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()
+            time.sleep(0.1)
+        assert names_in(root / "processing") == ["big.jsonl"]
+
+        proc = run_script("training_queue.py", "remove", "big.jsonl", root=root)
+        assert proc.returncode == 1 and "big.jsonl is being trained now" in proc.stderr
+        proc = run_script("training_queue.py", "add", str(big), root=root)
+        assert proc.returncode == 1
+        assert "being trained: same content as processing/big.jsonl" in proc.stderr
+        other = data(tmp_path / "other.jsonl", tag="other")
+        assert run_script("training_queue.py", "add", str(other), "--priority", "low",
+                          root=root).returncode == 0
+        proc = run_script("training_queue.py", "remove", "other.jsonl", "--json", root=root)
+        assert proc.returncode == 0 and json.loads(proc.stdout)["path"] == str(
+            root / "skipped" / "other.jsonl")
+        status = json.loads(run_script("training_queue.py", "status", "--json",
+                                       root=root).stdout)
+        assert status["processing"] == ["big.jsonl"] and status["counts"]["skipped"] == 1
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+        log.close()
+    assert names_in(root / "processing") == ["big.jsonl"]     # stopped: resumes at next start
+    assert (root / "processing" / "big.jsonl").read_bytes() == big.read_bytes()
