@@ -936,7 +936,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser(), argv)
+    try:
+        return run_cli(build_parser(), argv)
+    except BrokenPipeError:       # `validate_data.py big.jsonl | head`: the reader left early
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no flush error at exit
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

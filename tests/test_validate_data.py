@@ -512,6 +512,20 @@ def test_cli_exit_codes_and_json(tmp_path):
                       root=tmp_path).returncode == 2
 
 
+def test_output_cut_short_by_its_reader_is_no_traceback(tmp_path):
+    """`validate_data.py *.jsonl | head`: more output than a pipe holds, then the reader leaves."""
+    paths = [str(write(tmp_path / f"{i}.jsonl", b"[1]\n" * 150)) for i in range(20)]
+    proc = subprocess.Popen([sys.executable, str(REPO / "validate_data.py"), *paths,
+                             "--root", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.readline().endswith(b"invalid: 150 errors; first: line 1: expected a JSON "
+                                           b"object, got an array\n")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(30) == 1 and err == b""
+
+
 def test_unreadable_file_is_a_usage_error(tmp_path):
     """Root reads any file, so as root the CLI runs as nobody (as the daemon's user might)."""
     folder = Path(tempfile.mkdtemp(prefix="unreadable-"))     # tmp_path is root-only
