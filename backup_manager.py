@@ -447,6 +447,8 @@ def restore_backup(root, bid: str, to: str | os.PathLike | None = None) -> dict:
     """Verify backup `bid`, then make it current_model (keeping the present state as a
     version first) or write it into the new/empty folder `to`."""
     p = _p(root)
+    if to is not None and not str(to).strip():  # Path("") is the working folder: never a guess
+        raise UsageError("--to needs a folder", None, "Give a new or empty folder: --to DIR.")
     folder = _backup_path(p.root, bid)
     with _lock(p.root, f"restore {bid}"):  # prune must not delete it under our feet
         return _restore_locked(p, folder, bid, to)
@@ -751,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli_guard.ArgumentParser(prog="backup_manager.py",
                                       description=__doc__.split("\n")[0])
     add_common_args(parser)
-    sub = parser.add_subparsers(metavar="COMMAND")
+    sub = parser.add_subparsers(metavar="COMMAND", required=True)
 
     def add(name, func, **kw):
         sp = sub.add_parser(name, help=func.__doc__, description=func.__doc__, **kw)

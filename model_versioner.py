@@ -654,8 +654,8 @@ def rollback(root) -> dict:
 def tag_version(root, vid, name: str) -> dict:
     """Name a version in `versions/tags.json` (versions themselves are immutable)."""
     p = Paths(root)
-    if not isinstance(name, str) or not TAG_RE.fullmatch(name) or VERSION_RE.fullmatch(name) \
-            or name in ("latest", "current"):
+    if not isinstance(name, str) or not TAG_RE.fullmatch(name) or re.fullmatch(r"v\d+", name) \
+            or name in ("latest", "current"):  # v + any digits would read as a version id
         raise UsageError(f"invalid tag name {name!r} (a letter, then up to 63 letters, digits, "
                          ". _ -; not vNNN, latest or current)", p.versions / TAGS_FILE,
                          f"Choose another name, e.g. `{CMD} tag {vid} baseline`.")
@@ -1006,7 +1006,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli_guard.ArgumentParser(prog="model_versioner.py",
                                       description=__doc__.split("\n")[0])
     add_common_args(parser)
-    sub = parser.add_subparsers(metavar="COMMAND")
+    sub = parser.add_subparsers(metavar="COMMAND", required=True)
 
     def add(name, func, *arguments):
         sp = sub.add_parser(name, help=func.__doc__.split("\n")[0], description=func.__doc__)

@@ -549,7 +549,8 @@ def test_a_folder_that_is_not_a_root_is_refused_and_left_untouched(tmp_path, cap
 
 
 @pytest.mark.parametrize("argv", [["restore"], ["bogus"], ["prune", "--keep", "x"],
-                                  ["verify", "b20261128T172301-3f9a", "--all"]])
+                                  ["verify", "b20261128T172301-3f9a", "--all"], [],
+                                  ["restore", "b20261128T172301-3f9a", "--to", ""]])
 def test_usage_errors_print_one_json_document(fake_root, capsys, argv):
     code, doc, err = _json_cli(capsys, *argv)
     assert code == 2 and doc["ok"] is False and doc["error"]["exit_code"] == 2

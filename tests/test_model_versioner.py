@@ -555,7 +555,7 @@ def test_prune_yes_with_no_versions_folder(tmp_root, capsys):
 
 
 @pytest.mark.parametrize("args", [["show"], ["restore"], ["tag", "v001"], ["nonsense"],
-                                  ["prune", "--keep", "abc"], ["list", "--bogus"]])
+                                  ["prune", "--keep", "abc"], ["list", "--bogus"], []])
 def test_usage_errors_print_one_json_document(root, capsys, args):
     """Regression: argparse's usage errors left stdout empty under --json."""
     code, doc, err = json_cli(capsys, *args)
@@ -571,6 +571,9 @@ def test_errors_name_where_and_the_fix(root, capsys):
         f"Error: invalid tag name 'a b' (a letter, then up to 63 letters, digits, . _ -; not "
         f"vNNN, latest or current), {Paths(root).versions / 'tags.json'}. Choose another name, "
         "e.g. `python3 model_versioner.py tag v001 baseline`.")
+    for name in ("v" + "9" * 20, "v0001", "latest", "current", "1st", "-x", "a/b", "é"):
+        assert cli(capsys, "tag", "v001", name)[0] == 2, name  # a long v-number read as a tag
+    assert mv.read_tags(root) == {}
     code, _, err = cli(capsys, "prune", "--keep", "0")
     assert code == 2 and err.strip() == (
         f"Error: --keep must be at least 1, got 0, {Paths(root).versions}. Run `python3 "
