@@ -19,6 +19,7 @@ SCHED_IDLE priority, so training keeps its cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -281,9 +282,17 @@ _BDIR_FIX = (f"Make it writable, or set `backup_dir` in config.json to a writabl
              f"another disk, then run `{BACKUP_CMD}`.")
 
 
-def _lock(root, purpose: str) -> FileLock:
-    p = _p(root)
-    return FileLock(p.lock("backups"), purpose)
+LOCK_WAIT = 30.0  # seconds: two backups started together both succeed, one after the other
+
+
+@contextlib.contextmanager
+def _lock(root, purpose: str, wait: float = LOCK_WAIT):
+    """The `backups` lock; waits up to `wait` s for another holder, then BusyError (exit 3)."""
+    lock = FileLock(_p(root).lock("backups"), purpose).acquire(timeout=wait)
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def create_backup(root, src: str | None = None, note: str | None = None) -> dict:

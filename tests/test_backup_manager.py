@@ -628,3 +628,20 @@ def test_backup_without_current_model_points_at_the_restore_not_init(fake_root, 
     assert code == 1 and err.strip() == (
         f"Error: no current_model to back up, {fake_root / 'current_model'}. Bring it back with "
         "`python3 model_versioner.py restore latest`, then run `python3 backup_manager.py backup`.")
+
+
+def test_two_backups_started_together_both_succeed(fake_root):
+    """Regression: the second of two backups started at once failed at once (busy, exit 3)
+    instead of waiting for the first to finish."""
+    procs = [subprocess.Popen([sys.executable, str(REPO / "backup_manager.py"), "backup", "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, TRAINING_ROOT=str(fake_root)))
+             for _ in range(2)]
+    docs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        docs.append(json.loads(out))
+    assert len({d["id"] for d in docs}) == 2
+    assert sorted(b["id"] for b in backup_manager.list_backups(fake_root)) == \
+        sorted(d["id"] for d in docs)
