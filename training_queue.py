@@ -477,9 +477,10 @@ def find_queued(root, name: str) -> dict:
     trained, trained, failed, skipped) and what to run.
     """
     p = Paths(root)
-    if not name or not name.strip():
-        raise UsageError("no file name given", None, f"Name a queued file; see `{LIST_CMD}`.")
-    folder, _, base = name.rstrip("/").rpartition("/")
+    folder, _, base = name.rpartition("/")
+    if base in ("", ".", "..") or not base.strip():
+        raise UsageError(f"not a file name: {name!r}", None,
+                         f"Name a queued file as `{LIST_CMD}` shows it.")
     priority = Path(folder).name if folder else None
     if priority is not None and priority not in PRIORITIES:
         priority = "?"                    # a folder that is not a queue: matches nothing

@@ -224,7 +224,9 @@ def test_a_name_is_unique_across_the_priority_queues(root, tmp_path, capsys):
     assert code == 0 and out["priority"] == "low"
     assert [(i["name"], i["priority"]) for i in training_queue.list_queue(root)] == [
         ("n.jsonl", "normal")]
-    assert q(root, capsys, "remove", "")[0] == 2
+    for bad in ("", " ", ".", "..", "low/", "../.."):
+        code, _, err = q(root, capsys, "remove", bad)
+        assert code == 2 and err.startswith(f"Error: not a file name: {bad!r}."), err
 
 
 def test_remove_says_where_the_file_went_and_how_to_undo(root, tmp_path, capsys, monkeypatch):
