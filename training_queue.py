@@ -83,7 +83,13 @@ MAX_NAME_BYTES = 200
 
 
 def fit_name(name: str) -> str:
-    """`name`, shortened (at a character boundary, extension kept) to MAX_NAME_BYTES."""
+    """`name` as a lifecycle folder can hold it: visible (a hidden or temporary name would
+    be ignored there, so never listed nor trained) and shortened (at a character
+    boundary, extension kept) to MAX_NAME_BYTES."""
+    if is_ignored(name):
+        name = name.lstrip(".") or "data"
+        if is_ignored(name):
+            name += ".file"
     if len(name.encode("utf-8", "surrogateescape")) <= MAX_NAME_BYTES:
         return name
     base, ext = os.path.splitext(name)

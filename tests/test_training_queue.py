@@ -300,6 +300,15 @@ def test_a_very_long_name_is_shortened_not_a_crash(root, tmp_path, capsys):
     assert rec["original_name"] == long_name
 
 
+def test_a_hidden_name_is_queued_visible_not_lost(root, tmp_path, capsys):
+    """A hidden name in queue/ would be skipped by `list` and by the daemon forever."""
+    code, out, _ = q(root, capsys, "add", str(data(tmp_path / ".notes.jsonl")))
+    assert code == 0 and out["name"] == "notes.jsonl"
+    assert [i["name"] for i in training_queue.list_queue(root)] == ["notes.jsonl"]
+    assert training_queue.fit_name("4913") == "4913.file"
+    assert training_queue.fit_name("a.jsonl~") == "a.jsonl~.file"
+
+
 def test_add_validates_with_the_roots_max_record_bytes(root, tmp_path, capsys):
     training_config.write_config(root, training_config.default_config(max_record_bytes=1500))
     big = tmp_path / "big.jsonl"
