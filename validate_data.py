@@ -406,8 +406,7 @@ def _check_line(box: list, start: int, line_no: int, terminated: bool, state: _S
             raise _Bad("too_deep", "JSON nested too deeply to parse") from None
         except ValueError as exc:         # an integer literal over Python's 4300-digit limit
             raise _Bad("invalid_json", f"a number too long to read ({str(exc).split(';')[0]}); "
-                       "write it as a "
-                       "string") from None
+                       "write it as a string") from None
         text = None
         fmt, segments, messages, tokens, ends_on_user = _parse_object(obj)
         _check_format(fmt, line_no, state)
