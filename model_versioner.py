@@ -5,7 +5,8 @@ links to the files `current_model/` had when it was taken, plus `version.json` (
 parent, steps, data files, loss, config, sha256 manifest). Linking is safe only because
 nothing ever writes a file in `current_model/` or `versions/` in place: a new model is
 saved into `.staging/`, fsynced and swapped in with `renameat2(RENAME_EXCHANGE)` by
-`publish_model`; files are made read-only (0444) when published or versioned.
+`publish_model`; files are made read-only (0444) when published or versioned. The
+`.manifest.json` of every model folder is model_manifest.py's (re-exported here).
 
     python3 model_versioner.py snapshot --note "before the risky data"
     python3 model_versioner.py rollback            # undo the last training (itself undoable)
