@@ -18,9 +18,11 @@ import contextlib
 import errno
 import fcntl
 import importlib
+import json
 import logging
 import logging.handlers
 import os
+import re
 import shutil
 import signal
 import stat
@@ -131,6 +133,24 @@ CONTROL_EVERY_S = 0.2    # a directory scan of control/ at most this often while
 IDLE_TICK_S = 0.25       # idle loop: control requests are seen well within a second
 BURST_LOG_LINES = 20     # files logged one by one per intake pass before a summary line
 _PRIORITY_DIRS = (("high", "inbox_high"), ("normal", "inbox"), ("low", "inbox_low"))
+JOB_TICK_S = 0.1         # supervising a torchrun job: requests, decision and progress this often
+JOB_STOP_WAIT_S = 120    # the daemon failing mid-job asks it to stop, then kills it after this
+ENGINE_LOG = "engine.log"  # torchrun's and the ranks' stderr, rotated at ENGINE_LOG_BYTES
+ENGINE_LOG_BYTES = 5 << 20
+
+# torchrun, started so that it dies with the daemon: PR_SET_PDEATHSIG sends it SIGTERM when
+# the daemon dies (kill -9 included) and torchrun then takes its ranks down. A rank 0
+# orphaned any other way stops by itself (training_engine.RankZeroChannel).
+_TORCHRUN = """\
+import ctypes, os, runpy, signal, sys
+libc = ctypes.CDLL(None)
+if hasattr(libc, "prctl"):
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):  # the daemon died before prctl
+    sys.exit(1)
+sys.argv = ["torchrun", *sys.argv[2:]]
+runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+"""
 
 
 def _open_for_writing(path: str) -> bool:
@@ -223,11 +243,47 @@ class _Candidate:
 
 
 class _Paused(Exception):
-    """Pre-flight failed: pause (or, with --once, exit 1) with this message."""
+    """Pause (or, with --once, exit 1) with this message: pre-flight failed ("preflight",
+    retried every rescan) or the engine refused the file ("engine", retried when config.json
+    changes or on `resume`)."""
 
-    def __init__(self, error: GuardrailError):
+    def __init__(self, error: GuardrailError, kind: str = "preflight"):
         super().__init__(str(error))
-        self.error = error
+        self.error, self.kind = error, kind
+
+
+class TorchrunFailed(Exception):
+    """The torchrun job ended without a result (a rank died, torchrun failed): a crash."""
+
+
+def _file_sig(path: Path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def _json_document(text: str):
+    """The last JSON object starting a line of `text` (the engine's --json), or None."""
+    decoder = json.JSONDecoder()
+    for match in reversed(list(re.finditer(r"(?m)^\{", text))):
+        try:
+            return decoder.raw_decode(text, match.start())[0]
+        except ValueError:
+            continue
+    return None
+
+
+def _torchrun_failure(log_text: str) -> str:
+    """One line from torchrun's failure report: the root-cause rank, its exit code, signal."""
+    report = log_text.rpartition("Root Cause")[2]
+    fields = dict(re.findall(r"^\s*(rank|exitcode)\s*:\s*(.+?)\s*$", report, re.M))
+    if "rank" in fields:
+        return " ".join(f"rank {fields['rank']} died: exitcode {fields.get('exitcode')}".split())
+    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.search(r"Error: |Exception: ", ln)]
+    return (errors or lines or ["no output"])[-1][:500]
 
 
 # --------------------------------------------------------------------------- run: the daemon
@@ -259,6 +315,8 @@ class Daemon:
         self._retry_at = 0.0
         self._intake_count = self._burst_quiet = 0
         self._timings: dict | None = None
+        self._refused_config: tuple | None = None
+        self._recheck_at = 0.0  # a paused pre-flight (or engine refusal) is re-checked then
         self._import_thread: threading.Thread | None = None
         self._engine = None
         self._observer = None
@@ -304,9 +362,12 @@ class Daemon:
         if self._import_thread is None and self._engine is None:
             import training_config
             try:
-                self.preflight(training_config.load_config(self.p.root))
+                cfg = training_config.load_config(self.p.root)
+                self.preflight(cfg)
             except (_Paused, GuardrailError):
                 return
+            if int(cfg.get("nproc_per_node") or 1) > 1:
+                return  # torchrun's ranks import torch; the daemon stays small
             self._import_thread = threading.Thread(target=_import_engine, name="engine-import",
                                                    args=(self.p.current_model,), daemon=True)
             self._import_thread.start()
@@ -693,7 +754,8 @@ class Daemon:
             update.update(version_before=_version_id(before), timings=timings,
                           global_step_before=state.get("global_step"),
                           tokens_seen_before=state.get("tokens_seen"))
-        engine = self.engine()
+        nproc = int(cfg.get("nproc_per_node") or 1)
+        engine = self.engine() if nproc == 1 else None  # under torchrun each rank imports it
         # One write: the snapshot taken and "training started" (a crash from here counts).
         rec = training_queue.update_record(data, **update)
         self.set_state("training")
@@ -702,16 +764,23 @@ class Daemon:
         self._records_at_start = 0
         self.progress = None
         try:
-            result = engine.train_file(self.p.root, data, file_id=rec["file_id"], config=cfg,
-                                       records_total=rec.get("records"),
-                                       control=self.control_training, progress=self.on_progress)
+            if engine is not None:
+                result = engine.train_file(self.p.root, data, file_id=rec["file_id"], config=cfg,
+                                           records_total=rec.get("records"),
+                                           control=self.control_training, progress=self.on_progress)
+            else:
+                result = self._train_torchrun(data, rec, nproc)
         except GuardrailError as exc:
             training_queue.update_record(data, in_training=False)
             self.last_error = str(exc)
             self.current = None
-            raise _Paused(exc) from None
+            raise _Paused(exc, "engine") from None
         except Exception as exc:
-            self.log.exception("training %s crashed", data.name)
+            if isinstance(exc, TorchrunFailed):  # its cause is in the message, not our stack
+                self.log.error("training %s crashed: %s (torchrun's log: %s)", data.name, exc,
+                               self.p.logs / ENGINE_LOG)
+            else:
+                self.log.exception("training %s crashed", data.name)
             attempts = int(rec.get("attempts") or 0) + 1
             training_queue.update_record(data, in_training=False, attempts=attempts,
                                          last_error=f"{exc.__class__.__name__}: {exc}")
@@ -721,6 +790,12 @@ class Daemon:
                                           f"{exc.__class__.__name__}: {exc}")
             else:  # back off: a crash right after a crash is rarely the data's fault
                 self._retry_at = time.monotonic() + min(2 ** attempts, 60)
+            action, req = self.pending or (None, None)
+            self.pending = None
+            if action == "stop":
+                self.stop_request = req  # the crash does not cancel a stop: exit, the file waits
+            elif req is not None:
+                self.ack(req, "failed", f"training crashed before the {action}: {exc}")
             self.set_state("idle")
             self.current = None
             return
@@ -731,6 +806,99 @@ class Daemon:
             training_queue.update_record(data, in_training=False, timings=timings)
             self._timings = None
         self._after_training(data, result, cfg)
+
+    # ---------------------------------------------------------------- under torchrun
+
+    def _train_torchrun(self, data: Path, rec: dict, nproc: int) -> dict:
+        """Train one file under torchrun with `nproc` processes (DDP), supervised from here.
+
+        The daemon claims control requests as it does in-process (control_training) and
+        hands its decision to rank 0 through a small file in control/engine/; rank 0 writes
+        progress back the same way; the result is the engine's --json on stdout. A job that
+        ends without one (a rank killed, torchrun failing) raises TorchrunFailed: a crash,
+        retried like one. The job has its own session, so a Ctrl+C meant for the daemon
+        becomes a stop at a step boundary instead of killing the ranks.
+        """
+        chan = self.p.control / "engine"
+        chan.mkdir(parents=True, exist_ok=True)
+        key = re.sub(r"[^A-Za-z0-9._-]", "_", rec["file_id"])
+        decision, progress, out_path = (chan / f"{key}.{part}"
+                                        for part in ("control.json", "progress.json", "out.json"))
+        for f in (decision, progress, out_path):
+            f.unlink(missing_ok=True)  # a stop sent to the last job must not stop this one
+        log_path = self.p.logs / ENGINE_LOG
+        with contextlib.suppress(FileNotFoundError):
+            if log_path.stat().st_size > ENGINE_LOG_BYTES:
+                os.replace(log_path, log_path.with_name(ENGINE_LOG + ".1"))
+        env = dict(os.environ, TRAINING_ENGINE_CHANNEL=json.dumps(
+            {"control": str(decision), "progress": str(progress),
+             "records_total": rec.get("records")}))
+        env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default without its banner
+        cmd = [sys.executable, "-c", _TORCHRUN, str(os.getpid()), "--standalone",
+               "--nproc_per_node", str(nproc), str(SCRIPTS / "training_engine.py"), "train",
+               "--root", str(self.p.root), f"--file-id={rec['file_id']}", "--json", str(data)]
+        with open(out_path, "w+", encoding="utf-8") as out, \
+                open(log_path, "a", encoding="utf-8") as err:
+            log_start = err.tell()
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=str(SCRIPTS), env=env,
+                                    start_new_session=True)
+            self.log.info("%s: training under torchrun, %d processes (pid %d, log %s)",
+                          data.name, nproc, proc.pid, log_path)
+            try:
+                self._supervise(proc, decision, progress)
+            finally:
+                if proc.poll() is None:  # the daemon itself failed: stop the job, never orphan it
+                    with contextlib.suppress(OSError):
+                        trainroot.atomic_write_json(decision, {"action": "stop"}, sync=False)
+                    try:
+                        proc.wait(JOB_STOP_WAIT_S)
+                    except subprocess.TimeoutExpired:
+                        proc.terminate()  # torchrun takes its ranks down
+                        proc.wait()
+            out.seek(0)
+            doc = _json_document(out.read())
+        for f in (decision, progress, out_path):
+            f.unlink(missing_ok=True)
+        if isinstance(doc, dict) and doc.get("status"):
+            return doc  # rank 0 finished and said so: what it wrote stands
+        if isinstance(doc, dict) and isinstance(doc.get("error"), dict):  # the engine refused
+            error = doc["error"]
+            raise GuardrailError(error.get("what") or "the training engine refused the file",
+                                 error.get("where"), error.get("fix"))
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            f.seek(log_start)
+            cause = _torchrun_failure(f.read()[-65536:])
+        raise TorchrunFailed(f"torchrun exited {proc.returncode}: {cause}")
+
+    def _supervise(self, proc: subprocess.Popen, decision: Path, progress: Path) -> None:
+        """Until the job exits: claim requests, pass the decision on, keep progress fresh."""
+        sent, seen = None, None
+        while True:
+            try:
+                proc.wait(JOB_TICK_S)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            action = self.control_training()  # SIGTERM/SIGINT come back here as "stop"
+            if action and action != sent:
+                trainroot.atomic_write_json(decision, {"action": action, "at": trainroot.utc_now()},
+                                            sync=False)
+                sent = action
+            seen = self._read_progress(progress, seen)
+        self._read_progress(progress, seen)  # the last step, for the record and the state
+
+    def _read_progress(self, path: Path, seen: tuple | None) -> tuple | None:
+        sig = _file_sig(path)
+        if sig is None or sig == seen:
+            return seen
+        try:
+            info = trainroot.read_json(path, default=None)
+        except GuardrailError as exc:  # rank 0 writes it atomically: unreadable means damaged
+            self.log.warning("ignoring the job's progress: %s", exc)
+            return sig
+        if isinstance(info, dict):
+            self.on_progress(info)
+        return sig
 
     def _after_training(self, data: Path, result: dict, cfg: dict) -> None:
         status = result.get("status")
@@ -980,6 +1148,8 @@ class Daemon:
                 self.log.info("recovery: %s", action)
             for action in training_queue.recover(self.p.root):
                 self.log.info("recovery: %s", action)
+            for stale in (self.p.control / "engine").glob("*.json"):
+                stale.unlink(missing_ok=True)  # left by a torchrun job killed with the last daemon
             self.done = training_queue.done_index(self.p.root)
             self._start_observer()
             self._start_monitor()
@@ -1006,7 +1176,9 @@ class Daemon:
             if self.stop_request or self.stop_signal:
                 return
             if self.state == "paused":
-                if self.pause_kind == "preflight" and time.monotonic() >= self._next_rescan - 0.01:
+                if self.pause_kind in ("preflight", "engine") and \
+                        time.monotonic() >= self._recheck_at:
+                    self._recheck_at = time.monotonic() + self.cfg["rescan_seconds"]
                     self._retry_preflight()
                 self.write_state()
                 self.wake.wait(IDLE_TICK_S)
@@ -1020,7 +1192,9 @@ class Daemon:
                     if self.once:
                         raise exc.error from None
                     self.last_error = str(exc.error)
-                    self.set_state("paused", f"{exc.error}", "preflight")
+                    self._refused_config = _file_sig(self.p.config)
+                    self._recheck_at = time.monotonic() + self.cfg["rescan_seconds"]
+                    self.set_state("paused", f"{exc.error}", exc.kind)
                 continue
             if self.once and not self.candidates and self._processing_file() is None:
                 if self.backup_proc is not None:
@@ -1033,11 +1207,14 @@ class Daemon:
 
     def _retry_preflight(self) -> None:
         import training_config
+        if self.pause_kind == "engine" and _file_sig(self.p.config) == self._refused_config:
+            return  # the same config would be refused the same way (and cost a torchrun launch)
         try:
             self.preflight(training_config.load_config(self.p.root))
         except (_Paused, GuardrailError):
             return
-        self.log.info("pre-flight passes again: continuing")
+        self.log.info("config.json changed: trying again" if self.pause_kind == "engine"
+                      else "pre-flight passes again: continuing")
         self.set_state("idle")
 
     def _shutdown(self, lock, old_handlers) -> None:

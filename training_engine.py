@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from trainroot import (GuardrailError, Paths, add_common_args, append_line, atomic_write_json,
-                       exchange_paths, fsync_dir, read_json, rename_noreplace, run_cli, utc_now)
+from trainroot import (FileLock, GuardrailError, Paths, add_common_args, append_line,
+                       atomic_write_json, exchange_paths, fsync_dir, read_json, rename_noreplace,
+                       run_cli, utc_now)
 
 log = logging.getLogger("training_engine")
 
@@ -567,6 +568,28 @@ def _resume_checkpoint(root, file_id: str, state: dict):
     return None
 
 
+def _check_world_size(ckpt: Path, meta: dict, file_id: str, world_size: int) -> None:
+    """Refuse to resume a file's checkpoint with another number of processes.
+
+    The data position is global, so no row would be lost or repeated, but each optimizer
+    step takes batch_size x world_size rows: with another N the rest of the file would be
+    grouped into other steps, and the weights would match neither an N-process run nor
+    the new one. Exact resume is the promise, so say so instead. A checkpoint at the end
+    of its file (only the publish is left) trains nothing more and is accepted.
+    """
+    written = int(meta.get("world_size", 1))
+    at_end = meta.get("complete") and (meta.get("position") or {}).get("exhausted")
+    if written == world_size or at_end:
+        return
+    raise GuardrailError(
+        f"{file_id} was checkpointed at step {meta.get('global_step')} by {written} "
+        f"training process{'es' if written > 1 else ''} and nproc_per_node is now {world_size}; "
+        "resuming would group its remaining rows into other optimizer steps than either run",
+        ckpt, f"Set nproc_per_node back to {written} in config.json (a paused daemon retries "
+        "when config.json changes), or run `python3 training_controller.py skip` to keep "
+        "current_model as it is and move the file to skipped/.")
+
+
 def _carry_checkpoint(root, state: dict):
     """A checkpoint whose step and tokens equal current_model's: its optimizer carries over."""
     for d, meta in list_checkpoints(root):
@@ -604,7 +627,9 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     config = {**training_config.default_config(), **config}
     p = Paths(root)
     writer = rank == 0
-    threads = int(config.get("num_threads") or 0) or os.cpu_count() or 1
+    # 0 = all cores, shared by the processes of this node (torchrun's ranks on a CPU box)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world_size > 1 else 1
+    threads = int(config.get("num_threads") or 0) or max(1, (os.cpu_count() or 1) // per_node)
     torch.set_num_threads(threads)
     device = _device(config)
     dtype_name = config.get("dtype", "float32")
@@ -633,9 +658,7 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
         loss_history = list(meta.get("loss_history", []))
         file_start = int(meta["file_start_global_step"])
         notes.append(f"resumed from {ckpt.name} at step {state['global_step']}")
-        if int(meta.get("world_size", 1)) != world_size:  # position is global, so no row is lost
-            notes.append(f"checkpoint was written with {meta.get('world_size', 1)} processes, "
-                         f"resuming with {world_size}: rows keep their order, steps regroup them")
+        _check_world_size(ckpt, meta, file_id, world_size)
         optimizer_source = "resumed"
     else:
         carry = _carry_checkpoint(root, state)
@@ -652,7 +675,7 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
         seed = int(config.get("seed", 0)) + state["global_step"]
         random.seed(seed)
         torch.manual_seed(seed)
-    for note in notes:
+    for note in notes if writer else ():  # once per job, not once per rank
         log.info("%s: %s", file_id, note)
     ddp = world_size > 1
     if ddp:  # under torchrun: gradients averaged by DDP, files written by rank 0 alone
@@ -892,6 +915,68 @@ def _broadcast(choice):
     return box[0]
 
 
+# --------------------------------------------------------------------------- under torchrun
+
+CHANNEL_ENV = "TRAINING_ENGINE_CHANNEL"  # JSON {control, progress, records_total} from the daemon
+CONTROL_POLL_S = 0.2       # one stat of the decision file at most this often: free per step
+ENGINE_LOCK_WAIT_S = 300   # a previous job's rank 0 may still be saving: wait, then refuse
+
+
+class RankZeroChannel:
+    """Rank 0's control() and progress() when training runs under torchrun.
+
+    The daemon claims control requests itself and writes its decision (stop, pause,
+    skip) atomically into a small JSON file, which this polls with one stat at most every
+    0.2 s; the decision is then broadcast to every rank by train_file. Progress goes the
+    other way: one atomic write per step, no fsync (a heartbeat is worthless after a power
+    cut). An orphaned rank 0 (its torchrun gone) stops at the next step boundary, so no job
+    ever trains on unsupervised.
+    """
+
+    def __init__(self, control_path=None, progress_path=None):
+        self.control_path = Path(control_path) if control_path else None
+        self.progress_path = Path(progress_path) if progress_path else None
+        self.parent = os.getppid()
+        self.decision = None
+        self._polled = 0.0
+        self._seen = None
+
+    def control(self):
+        now = time.monotonic()
+        if self.decision == "stop" or now - self._polled < CONTROL_POLL_S:
+            return self.decision
+        self._polled = now
+        if os.getppid() != self.parent:
+            log.warning("torchrun (pid %d) is gone: stopping at the next step", self.parent)
+            self.decision = "stop"
+            return self.decision
+        if self.control_path is None:
+            return self.decision
+        try:
+            st = os.stat(self.control_path)
+        except FileNotFoundError:
+            return self.decision
+        if (st.st_mtime_ns, st.st_size, st.st_ino) != self._seen:
+            self._seen = (st.st_mtime_ns, st.st_size, st.st_ino)
+            try:
+                doc = read_json(self.control_path, default=None)
+            except GuardrailError as exc:  # written atomically, so this is someone else's file
+                log.warning("ignoring the control decision: %s", exc)
+                return self.decision
+            action = doc.get("action") if isinstance(doc, dict) else None
+            if action in ("stop", "pause", "skip"):
+                self.decision = action
+        return self.decision
+
+    def progress(self, info: dict) -> None:
+        if self.progress_path is None:
+            return
+        try:
+            atomic_write_json(self.progress_path, info, sync=False)
+        except OSError as exc:  # a full disk pauses at the next checkpoint; progress is optional
+            log.warning("cannot write progress to %s: %s", self.progress_path, exc)
+
+
 # --------------------------------------------------------------------------- CLI
 
 def cmd_tiny(args) -> int:
@@ -923,15 +1008,30 @@ def cmd_train(args) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        args.json = False  # one JSON document on stdout: rank 0's (errors included)
+    channel = json.loads(os.environ.get(CHANNEL_ENV) or "{}")
+    talk = RankZeroChannel(channel.get("control"), channel.get("progress")) \
+        if rank == 0 and (world_size > 1 or channel) else None
     if world_size > 1:  # started by torchrun: one process per rank, gloo on CPU, NCCL on GPUs
         import torch.distributed as dist
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # The writer holds the engine lock: a new job never loads current_model while an old
+    # job's rank 0 (orphaned, stopping) may still be saving it.
+    lock = FileLock(Paths(root).lock("engine"), "training_engine train") if rank == 0 else None
     try:
+        if lock:
+            lock.acquire(timeout=ENGINE_LOCK_WAIT_S)
         result = train_file(root, args.data, file_id=args.file_id or Path(args.data).name,
-                            config=config, rank=rank, world_size=world_size)
+                            config=config, records_total=channel.get("records_total"),
+                            control=talk.control if talk else None,
+                            progress=talk.progress if talk else None,
+                            rank=rank, world_size=world_size)
     finally:
+        if lock:
+            lock.release()
         if world_size > 1:
             dist.destroy_process_group()
     if rank == 0:
@@ -967,4 +1067,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is durable by now; skipping the interpreter's teardown of torch (~2.5 s)
+    # is what lets a torchrun job (and the daemon waiting on it) finish at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
