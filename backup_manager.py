@@ -37,7 +37,7 @@ import training_config
 from model_manifest import MANIFEST, write_manifest
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
                        age_seconds, atomic_write_json, fsync_dir, print_json, read_json,
-                       rename_noreplace, resolve_root, utc_now)
+                       rename_noreplace, resolve_root, run_cli, utc_now)
 from verified_copy import copy_tree_verified, hash_file, list_files, set_idle_priority
 
 SCHEMA_VERSION = 1
@@ -759,7 +759,7 @@ def cmd_prune(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli_guard.ArgumentParser(prog="backup_manager.py",
+    parser = argparse.ArgumentParser(prog="backup_manager.py",
                                       description=__doc__.split("\n")[0])
     add_common_args(parser)
     sub = parser.add_subparsers(metavar="COMMAND", required=True)
@@ -791,7 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_guard.run(build_parser(), argv)
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from model_manifest import (MANIFEST, READ_ONLY, VERSION_FILE, check_model_dir, 
                             read_manifest, verify_files, walk, write_manifest)
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
                        atomic_write_json, exchange_paths, fsync_dir, pid_alive, print_json,
-                       read_json, rename_noreplace, resolve_root, sha256_file, utc_now)
+                       read_json, rename_noreplace, resolve_root, run_cli, sha256_file, utc_now)
 
 SCHEMA_VERSION = 1
 TAGS_FILE = "tags.json"
@@ -1004,7 +1004,7 @@ def cmd_recover(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli_guard.ArgumentParser(prog="model_versioner.py",
+    parser = argparse.ArgumentParser(prog="model_versioner.py",
                                       description=__doc__.split("\n")[0])
     add_common_args(parser)
     sub = parser.add_subparsers(metavar="COMMAND", required=True)
@@ -1034,7 +1034,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    return cli_guard.run(build_parser(), argv)
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -431,30 +431,79 @@ def print_json(obj) -> None:
     sys.stdout.flush()
 
 
+def asks_json(argv: list[str]) -> bool:
+    """`--json` among `argv`, as argparse reads it (it accepts unambiguous prefixes)."""
+    return any(a.startswith("--j") and "--json".startswith(a) for a in argv)
+
+
+def _usage_errors_raise(parser: argparse.ArgumentParser) -> None:
+    """Make `parser` and its subcommands raise UsageError instead of printing and exiting,
+    so a usage error reads `Error: what, where. fix` and --json still gets its document."""
+    def error(message, _parser=parser):
+        _parser.print_usage(sys.stderr)
+        raise UsageError(message, f"python3 {_parser.prog}",
+                         f"Run `python3 {_parser.prog} --help` to see the usage.")
+    parser.error = error
+    for action in parser._actions:  # the subcommands' parsers
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _usage_errors_raise(sub)
+
+
+def os_error(exc: OSError) -> GuardrailError:
+    """An OSError as an expected failure: what the system said, the path, how to fix it."""
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "Make that path writable/readable (or point --root elsewhere), then run the command again."
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = ("Free space there (e.g. `python3 model_versioner.py prune`), then run the command "
+               "again.")
+    else:
+        fix = "Check that path, then run the command again."
+    return GuardrailError(exc.strerror or str(exc), exc.filename or None, fix)
+
+
 def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parse, dispatch to `args.func(args)`, and turn errors into `Error: ...` and exit codes.
 
     Each handler returns an int exit code (or None for 0). With `--json`, a failure
-    prints `{"ok": false, "error": ...}` on stdout as well as the plain line on stderr.
+    (usage errors included) prints `{"ok": false, "error": ...}` on stdout as well as the
+    plain line on stderr. An OSError is an `Error:` line naming the path, not a traceback;
+    a reader that closes the pipe early (`| head`) ends the command quietly.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    want_json = asks_json(argv)
+    _usage_errors_raise(parser)
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed its usage message
-        return int(exc.code or 0) and EXIT_USAGE
-    for name, value in (("root", None), ("json", False)):
-        if not hasattr(args, name):
-            setattr(args, name, value)
-    if not hasattr(args, "func"):
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    try:
-        code = args.func(args)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help printed and exited
+            return int(exc.code or 0) and EXIT_USAGE
+        want_json = bool(getattr(args, "json", False))
+        if not hasattr(args, "func"):
+            parser.print_help(sys.stderr)
+            raise UsageError("no command given", f"python3 {parser.prog}",
+                             f"Run `python3 {parser.prog} --help` to see the commands.")
+        for name, value in (("root", None), ("json", False)):
+            if not hasattr(args, name):
+                setattr(args, name, value)
+        try:
+            code = args.func(args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise os_error(exc) from exc
         return EXIT_OK if code is None else int(code)
     except GuardrailError as exc:
         print(f"Error: {exc}", file=sys.stderr)
-        if args.json:
+        if want_json:
             print_json({"ok": False, "error": exc.to_dict()})
         return exc.exit_code
+    except BrokenPipeError:
+        # stdout's reader went away: nothing more can be said there, and Python's exit
+        # flush must not raise again.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("Error: interrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 
 import trainroot
-from trainroot import (BusyError, FileLock, GuardrailError, Paths, atomic_write_json,
+from trainroot import (EXIT_USAGE, BusyError, FileLock, GuardrailError, Paths, add_common_args,
+                       atomic_write_json, run_cli,
                        exchange_paths, move_unique, read_json, read_lock_holder, rename_noreplace,
                        resolve_root)
 
@@ -174,3 +176,39 @@ def test_run_cli_formats_errors_and_json(capsys):
     out = capsys.readouterr().out
     assert json.loads(out)["error"]["message"] == "it broke, /some/where. Run `fix-it`."
     assert trainroot.run_cli(parser, ["nope"]) == 2
+
+
+def _cli(tmp_path):
+    parser = argparse.ArgumentParser(prog="tool.py")
+    add_common_args(parser)
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("write")
+    add_common_args(p)
+    p.add_argument("--count", type=int, default=1)
+    p.set_defaults(func=lambda args: (tmp_path / "ro" / "x").write_text("x"))
+    return parser
+
+
+@pytest.mark.parametrize("argv, what, prog, fix", [
+    (["write", "--count", "two", "--json"], "argument --count: invalid int value: 'two'",
+     "tool.py write", "usage"),
+    (["bogus", "--json"], "argument command: invalid choice: 'bogus' (choose from 'write')",
+     "tool.py", "usage"),
+    (["--json"], "no command given", "tool.py", "commands"),
+])
+def test_usage_errors_read_like_every_error_and_json_gets_its_document(tmp_path, capsys, argv,
+                                                                       what, prog, fix):
+    assert run_cli(_cli(tmp_path), argv) == EXIT_USAGE
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    fix = f"Run `python3 {prog} --help` to see the {fix}."
+    assert doc["ok"] is False and (doc["error"]["what"], doc["error"]["fix"]) == (what, fix)
+    assert err.splitlines()[-1] == f"Error: {what}, python3 {prog}. {fix}"
+
+
+def test_an_os_error_is_an_error_line_naming_the_path(tmp_path, capsys):
+    (tmp_path / "ro").write_text("a file where the command expects a folder")
+    assert run_cli(_cli(tmp_path), ["write"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"Error: Not a directory, {tmp_path / 'ro' / 'x'}. Check that path, then run the "
+                   "command again.\n")
