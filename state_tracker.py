@@ -46,6 +46,7 @@ WARNING_CODES = (
     "NOT_INITIALIZED", "MODEL_MISSING", "MODEL_INCOMPLETE", "NO_VERSION", "MODEL_NOT_VERSIONED",
     "VERSION_DAMAGED", "CONFIG_MISSING", "CONFIG_INVALID", "CONFIG_UNAPPROVED", "DAEMON_DEAD",
     "DAEMON_NOT_RUNNING", "DAEMON_STATE_UNREADABLE", "TRAINING_STALLED", "TRAINING_PAUSED", "PAUSED_LONG",
+    "TRAINING_ERROR",
     "DISK_LOW", "BACKUP_NONE", "BACKUP_OLD", "BACKUP_UNVERIFIED", "BACKUP_SAME_FILESYSTEM",
     "FILES_FAILED", "LOSS_SPIKE", "LOCK_STALE")
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", "~", ".swp", ".record.json", ".error.txt",
@@ -411,7 +412,13 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
                                 and (beat_age is None or beat_age > STALL_AFTER_S)),
                 "paused_since": state.get("paused_since"),
                 "paused_reason": state.get("paused_reason"),
-                "paused_for_s": None, "last_error": state.get("last_error")}
+                "paused_for_s": None, "last_error": state.get("last_error"),
+                "file_attempts": None, "file_error": None}
+    if processing:  # a crashed try (a rank that died, an engine error) is in the file's record
+        rec = _read(p.processing / f"{processing[0]}.record.json")
+        if isinstance(rec, dict):
+            training["file_attempts"] = rec.get("attempts") if isinstance(rec.get("attempts"), int) else None
+            training["file_error"] = rec.get("last_error") if isinstance(rec.get("last_error"), str) else None
     if current == "paused":
         training["paused_for_s"] = _round(age_seconds(state.get("paused_since")), 1)
     start = _cmd(root, "training_daemon.py run")
@@ -422,6 +429,17 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
               f"{reported or 'nothing'}) while {what} waits half-trained",
               start, "Resumes the file from its last checkpoint. Installed as a service: "
               "`systemctl restart training-guardrails` instead.")
+    error = training["file_error"] or (training["last_error"] if processing else None)
+    if error and current != "paused":  # a pause says its own reason (TRAINING_PAUSED)
+        tries = (f" ({training['file_attempts']} failed tr{'y' if training['file_attempts'] == 1 else 'ies'})"
+                 if training["file_attempts"] else "")
+        log = p.logs / ("engine.log" if (p.logs / "engine.log").exists() else "daemon.log")
+        _warn(w, "TRAINING_ERROR", "warning",
+              f"training processing/{processing[0]} failed{tries}: {error}",
+              f"tail -n 50 {shlex.quote(str(log))}",
+              "The file stays in processing/ and resumes from its last checkpoint: a running "
+              "daemon retries it by itself (then failed/ after max_attempts); a stopped one "
+              f"at its next start (`{start}`). When the error names a fix, do that first.")
     if training["stalled"]:
         _warn(w, "TRAINING_STALLED", "warning",
               f"the daemon (pid {pid}) says {current} but its heartbeat is "
@@ -796,6 +814,8 @@ def report_rows(state: dict) -> list[tuple[str, str]]:
         train += f", heartbeat {_age(t['heartbeat_age_s'])} ago"
     if t["stalled"]:
         train += " (STALLED)"
+    if t["file_error"] or t["last_error"]:
+        train += f"; last error: {t['file_error'] or t['last_error']}"
     latest = b["latest"]
     backups = (f"{latest['id']} ({_age(b['latest_age_s'])} old, verified {latest['verified_at']})"
                if latest else "none verified")

@@ -99,6 +99,10 @@ def init_root(root, base: str = "tiny") -> dict:
                 training_engine.copy_base_model(src, model_dir)  # checks that it loads first
             _chmod_tree(model_dir)
             model_versioner.write_manifest(model_dir)
+            positions = training_engine.model_max_positions(
+                trainroot.read_json(model_dir / "config.json", default={}))
+            if not p.config.exists() and positions and cfg["max_length"] > positions:
+                cfg["max_length"] = positions  # a row longer than the model's positions cannot train
             if not p.config.exists():  # only once the model is built: a failed init leaves none
                 training_config.write_config(p.root, cfg)
             model_versioner.publish_model(p.root, model_dir, reason="init")

@@ -621,12 +621,23 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
             torch.cuda.empty_cache()
 
 
+def model_max_positions(model_config: dict) -> int | None:
+    """The longest sequence a model's position embeddings cover, from its config.json as a
+    dict (None: not stated)."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = model_config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _train_file(root, data_path, *, file_id, config, records_total, control, progress, rank,
                 world_size) -> dict:
     import training_config
     config = {**training_config.default_config(), **config}
     p = Paths(root)
     writer = rank == 0
+    data_name = Path(data_path).name  # metrics.jsonl's `file` (SPEC §3); file_id tells arrivals apart
     # 0 = all cores, shared by the processes of this node (torchrun's ranks on a CPU box)
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world_size > 1 else 1
     threads = int(config.get("num_threads") or 0) or max(1, (os.cpu_count() or 1) // per_node)
@@ -640,6 +651,12 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
 
     model, tokenizer, state = load_current_model(root, device)
+    positions = model_max_positions(model.config.to_dict())
+    if positions and int(config["max_length"]) > positions:
+        raise GuardrailError(
+            f"max_length {config['max_length']} is longer than the model's {positions} positions",
+            p.config, f"Set max_length to {positions} or less in config.json, then run "
+            "`python3 training_controller.py approve-config` (it is a locked parameter).")
     model.train()
     model.config.use_cache = False
     params = [q for q in model.parameters() if q.requires_grad]
@@ -858,7 +875,8 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
                 return finish("paused", error, disk=True)
         if writer:
             append_line(p.metrics, json.dumps({
-                "time": utc_now(), "global_step": state["global_step"], "file": file_id,
+                "time": utc_now(), "global_step": state["global_step"], "file": data_name,
+                "file_id": file_id,
                 "loss": last_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": round(tps, 1),
                 "tokens_seen": state["tokens_seen"], "step_in_file": step_in_file}))
         if progress and writer:

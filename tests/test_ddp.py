@@ -140,7 +140,7 @@ class Daemon:
         def check():
             lines = metrics(self.root)
             last = lines[-1] if lines else {}
-            return last if str(last.get("file", "")).startswith(name + "#") and \
+            return last if last.get("file") == name and \
                 last.get("step_in_file", 0) >= at_least else None
         return self.until(f"{name} at step {at_least}", check)
 

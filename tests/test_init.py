@@ -122,3 +122,20 @@ def test_init_missing_base_path(tmp_root):
         f"Error: base model folder not found, {missing}. Pass --base tiny or the path of a "
         "local Hugging Face model folder.")
     assert list(tmp_root.iterdir()) == []
+
+
+def test_init_base_fits_max_length_to_the_model_positions(tmp_root, tiny_model_dir, tmp_path):
+    """A base model with a short context gets max_length = its positions (approved), never a
+    config that would crash on the first row."""
+    base = tmp_path / "short-context"
+    base.mkdir()
+    for src in tiny_model_dir.iterdir():
+        if src.is_file():
+            (base / src.name).write_bytes(src.read_bytes())
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["max_position_embeddings"] = 64
+    (base / "config.json").write_text(json.dumps(cfg))
+    proc = run_script("training_daemon.py", "init", "--base", str(base), "--json", root=tmp_root)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["approved"]["max_length"] == 64
+    assert json.loads((tmp_root / "config.json").read_text())["max_length"] == 64

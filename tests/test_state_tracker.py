@@ -338,6 +338,26 @@ def test_stalled_heartbeat_while_training(root):
         assert "TRAINING_STALLED" not in codes(root)
 
 
+def test_a_failed_try_of_the_processing_file_is_reported_with_its_error(root):
+    """A rank that died (or any crash) leaves attempts and last_error in the file's record."""
+    (root / "processing" / "big.jsonl").write_text('{"text": "a"}\n')
+    (root / "processing" / "big.jsonl.record.json").write_text(json.dumps(
+        {"attempts": 2, "last_error": "TorchrunFailed: rank 1 (local_rank: 1) died: exitcode -9"}))
+    doc = state(root)
+    assert (doc["training"]["file_attempts"], doc["training"]["file_error"]) == \
+        (2, "TorchrunFailed: rank 1 (local_rank: 1) died: exitcode -9")
+    w = codes(root)["TRAINING_ERROR"]
+    assert w["severity"] == "warning"
+    assert w["message"] == ("training processing/big.jsonl failed (2 failed tries): "
+                            "TorchrunFailed: rank 1 (local_rank: 1) died: exitcode -9")
+    assert w["fix"] == f"tail -n 50 {root / 'logs' / 'daemon.log'}"
+    out = subprocess.run([sys.executable, str(REPO / "state_tracker.py"), "--check"],
+                         capture_output=True, text=True, timeout=60).stdout
+    assert "last error: TorchrunFailed: rank 1" in out
+    (root / "processing" / "big.jsonl.record.json").write_text(json.dumps({"attempts": 0}))
+    assert "TRAINING_ERROR" not in codes(root)
+
+
 def test_paused_for_long_and_resume_fixes_it(root):
     with Holder(root, "daemon", act=True) as daemon:
         write_daemon_state(root, pid=daemon.pid, state="paused", paused_since=ago(300),

@@ -488,7 +488,7 @@ class Daemon:
         """Wait until metrics.jsonl has a step >= `at_least` of the file `name`; its line."""
         def check():
             line = last_metric(self.root)
-            if line and str(line.get("file", "")).startswith(name) and \
+            if line and line.get("file") == name and \
                     line.get("step_in_file", 0) >= at_least:
                 return line
             return None

@@ -16,7 +16,7 @@ import pytest
 
 import training_config
 import training_engine as te
-from trainroot import Paths, read_json, sha256_file
+from trainroot import GuardrailError, Paths, read_json, sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 validate_data = pytest.importorskip("validate_data")  # the record parser the engine reads through
@@ -301,6 +301,21 @@ def test_stop_and_skip_act_at_a_step_boundary(tmp_path, tiny_model_dir, referenc
 
 # --------------------------------------------------------------------------- guards
 
+def test_rows_longer_than_the_model_positions_are_refused_before_a_step(tmp_path, tiny_model_dir):
+    positions = read_json(tiny_model_dir / "config.json")["max_position_embeddings"]
+    root, cfg = make_root(tmp_path / "root", tiny_model_dir, max_length=positions * 2)
+    data = write_jsonl(tmp_path / "a.jsonl", text_records(5, seed=1))
+    before = (Paths(root).current_model / "model.safetensors").read_bytes()
+    with pytest.raises(GuardrailError) as err:
+        te.train_file(root, data, file_id="a", config=cfg)
+    assert str(err.value) == (
+        f"max_length {positions * 2} is longer than the model's {positions} positions, "
+        f"{Paths(root).config}. Set max_length to {positions} or less in config.json, then run "
+        "`python3 training_controller.py approve-config` (it is a locked parameter).")
+    assert (Paths(root).current_model / "model.safetensors").read_bytes() == before
+    assert not Paths(root).metrics.exists() or Paths(root).metrics.read_text() == ""
+
+
 def test_nan_loss_stops_the_file_and_leaves_current_model_alone(tmp_path, tiny_model_dir):
     """A NaN planted in the embedding of '~', a byte only the 30th record uses: training runs
     normally until the step that reads it (AdamW never touches an unused row), then the loss
@@ -351,7 +366,8 @@ def test_schedule_and_optimizer_continue_across_files(tmp_path, tiny_model_dir):
     rows = metrics(root)
     assert [m["global_step"] for m in rows] == list(range(1, rb["global_step"] + 1))
     assert [m["lr"] for m in rows] == [te.lr_at(i, cfg) for i in range(rb["global_step"])]
-    assert [m["file"] for m in rows].count("b") == rb["steps"]
+    # `file` is the data file's name (SPEC §3), `file_id` the identity of this arrival
+    assert [(m["file"], m["file_id"]) for m in rows].count(("b.jsonl", "b")) == rb["steps"]
     assert rb["tokens_seen"] == ra["tokens_seen"] + rb["tokens"]
     state = read_json(Paths(root).current_model / "trainer_state.json")
     assert (state["global_step"], state["tokens_seen"]) == (rb["global_step"], rb["tokens_seen"])
@@ -377,7 +393,7 @@ def test_checkpoint_folders_are_complete_and_pruned(tmp_path, tiny_model_dir):
     assert {"next_offset", "record_offset", "skip_tokens", "records"} <= meta["position"].keys()
     assert not [n for n in os.listdir(Paths(root).staging) if "checkpoint" in n]
     m = metrics(root)[-1]
-    assert {"time", "global_step", "file", "loss", "lr", "grad_norm", "tokens_per_sec",
+    assert {"time", "global_step", "file", "file_id", "loss", "lr", "grad_norm", "tokens_per_sec",
             "tokens_seen"} <= m.keys()
 
 
