@@ -32,6 +32,7 @@ import state_tracker
 import training_config
 import training_controller as tc
 from conftest import REPO
+from realdaemon import RealDaemon, daemon_fixture
 from trainroot import Paths
 
 pytestmark = pytest.mark.slow
@@ -98,51 +99,18 @@ def decisions(root: Path) -> list[Path]:
     return sorted((root / "control" / "engine").glob("*.control.json"))
 
 
-class Daemon:
-    """`training_daemon.py run ARGS` as a real child process, its output in a log file."""
+class Daemon(RealDaemon):
+    """The daemon (no monitor) and the torchrun job it supervises."""
 
     def __init__(self, root: Path, *args: str):
-        self.root = root
-        self.log = open(root.parent / f"daemon-{time.monotonic_ns()}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "training_daemon.py"), "run",
-                                      "--no-monitor", *args], cwd=REPO, stdout=self.log,
-                                     stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, TRAINING_ROOT=str(root), PYTHONUNBUFFERED="1"))
+        super().__init__(root, "--no-monitor", *args, timeout=240)
 
     def output(self) -> str:
-        self.log.seek(0)
-        text = self.log.read()[-3000:]
+        text = super().output()
         engine_log = self.root / "logs" / "engine.log"
         if engine_log.exists():
             text += "\n--- engine.log ---\n" + engine_log.read_text()[-3000:]
         return text
-
-    def wait(self, timeout: float = 240) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"daemon still running after {timeout} s:\n{self.output()}") from None
-
-    def until(self, what: str, check, timeout: float = 180):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            value = check()
-            if value:
-                return value
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode} waiting for {what}:\n"
-                                     f"{self.output()}")
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}:\n{self.output()}")
-
-    def step(self, name: str, at_least: int) -> dict:
-        """The last metrics line once file `name` has trained `at_least` steps."""
-        def check():
-            lines = metrics(self.root)
-            last = lines[-1] if lines else {}
-            return last if last.get("file") == name and \
-                last.get("step_in_file", 0) >= at_least else None
-        return self.until(f"{name} at step {at_least}", check)
 
     def ranks(self) -> dict[int, psutil.Process]:
         """{rank: process} of the torchrun job training now."""
@@ -184,25 +152,13 @@ class Daemon:
         job = []
         if self.proc.poll() is None:
             job = psutil.Process(self.proc.pid).children(recursive=True)
-            self.proc.kill()
-        self.proc.wait(timeout=30)
+        super().close()
         for p in job:  # the job dies with the daemon by itself; this is for a failed test
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
-        self.log.close()
 
 
-@pytest.fixture
-def daemons():
-    started = []
-
-    def start(root: Path, *args: str) -> Daemon:
-        started.append(Daemon(root, *args))
-        return started[-1]
-
-    yield start
-    for d in started:
-        d.close()
+daemons = daemon_fixture(Daemon)
 
 
 def controller(root: Path, *args: str) -> dict:
@@ -272,7 +228,7 @@ def test_pause_resume_stop_other_nproc_and_skip_under_ddp(tmp_path, tiny_model_d
 
     # 1. pause: the job checkpoints, publishes and exits; no step is taken while paused
     d = daemons(root)
-    d.step("notes.jsonl", 3)
+    d.training_step("notes.jsonl", 3)
     assert d.request("pause", "--reason", "look", "--wait", "60")["outcome"] == "done"
     st = tc.daemon_status(root)
     assert (st["state"], st["processing_file"]) == ("paused", "notes.jsonl")
@@ -285,7 +241,7 @@ def test_pause_resume_stop_other_nproc_and_skip_under_ddp(tmp_path, tiny_model_d
 
     # 2. resume starts a new job from the checkpoint; stop --wait ends it and the daemon
     assert controller(root, "resume", "--wait", "60")["outcome"] == "done"
-    d.step("notes.jsonl", paused_at + 3)
+    d.training_step("notes.jsonl", paused_at + 3)
     assert d.request("stop", "--wait", "90")["outcome"] == "done"
     assert d.wait() == 0, d.output()
     stopped_at = step_of(root)
@@ -316,7 +272,7 @@ def test_pause_resume_stop_other_nproc_and_skip_under_ddp(tmp_path, tiny_model_d
 
     # 5. skip under DDP: the file goes to skipped/, the steps it trained stay
     drop(root, "b.jsonl", seed=2)
-    d.step("b.jsonl", 3)
+    d.training_step("b.jsonl", 3)
     res = d.request("skip", "--wait", "60")
     assert res["outcome"] == "done", res
     d.until("b.jsonl in skipped/", lambda: (root / "skipped" / "b.jsonl").exists())
@@ -333,7 +289,7 @@ def test_kill_9_of_one_rank_is_a_recorded_crash_and_a_later_run_finishes(
     drop(root)
     data = root / "processing" / "notes.jsonl"
     d = daemons(root)
-    d.step("notes.jsonl", 5)
+    d.training_step("notes.jsonl", 5)
     os.kill(d.ranks()[1].pid, signal.SIGKILL)
 
     # torchrun takes the job down; the daemon records a crash and keeps the file for a retry

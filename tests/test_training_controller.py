@@ -16,6 +16,7 @@ import training_config
 import training_controller as tc
 import trainroot
 from conftest import REPO, run_script
+from realdaemon import RealDaemon, daemon_fixture
 
 STATUS = "python3 training_controller.py status"
 
@@ -452,52 +453,7 @@ def assert_different_weights(a: dict, b: dict) -> None:
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-class Daemon:
-    """`python3 training_daemon.py run ARGS` as a real child process, its output in a log file."""
-
-    def __init__(self, root: Path, *args: str):
-        self.root = root
-        self.log = open(root.parent / f"daemon-{time.monotonic_ns()}.log", "w+")
-        env = dict(os.environ, TRAINING_ROOT=str(root), PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "training_daemon.py"), "run", *args],
-                                     cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()[-3000:]
-
-    def wait(self, timeout: float = 300) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"daemon still running after {timeout} s:\n{self.output()}") from None
-
-    def until(self, what: str, check, timeout: float = 300):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            value = check()
-            if value:
-                return value
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode} waiting for {what}:\n"
-                                     f"{self.output()}")
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}:\n{self.output()}")
-
-    def training_step(self, name: str, at_least: int) -> dict:
-        """Wait until metrics.jsonl has a step >= `at_least` of the file `name`; its line."""
-        def check():
-            line = last_metric(self.root)
-            if line and line.get("file") == name and \
-                    line.get("step_in_file", 0) >= at_least:
-                return line
-            return None
-        return self.until(f"{name} at step {at_least} in the file", check)
-
-    def step_reached(self, global_step: int) -> dict:
-        return self.until(f"step {global_step}", lambda: (
-            (line := last_metric(self.root)) and line["global_step"] >= global_step and line))
-
+class Daemon(RealDaemon):
     def request(self, *args: str) -> dict:
         """`training_controller.py ARGS --json` sent while this daemon is frozen (SIGSTOP)."""
         before = set(request_files(self.root))
@@ -516,46 +472,14 @@ class Daemon:
         assert ctl.returncode == 0, f"{args} exited {ctl.returncode}: {out}{err}"
         return json.loads(out)
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-        self.log.close()
 
-
-@pytest.fixture
-def daemons():
-    started = []
-
-    def start(root: Path, *args: str) -> Daemon:
-        d = Daemon(root, *args)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        d.close()
+daemons = daemon_fixture(Daemon)
 
 
 def controller(root: Path, *args: str, timeout: float = 120) -> dict:
     proc = run_script("training_controller.py", *args, "--json", root=root, timeout=timeout)
     assert proc.returncode == 0, f"{args} exited {proc.returncode}: {proc.stdout}{proc.stderr}"
     return json.loads(proc.stdout)
-
-
-def last_metric(root: Path) -> dict | None:
-    try:
-        with open(root / "metrics.jsonl", "rb") as f:
-            f.seek(max(0, f.seek(0, 2) - 4096))
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        return None
-    for raw in reversed(lines):
-        try:
-            return json.loads(raw)
-        except ValueError:  # a line cut by the 4 KB window or still being written
-            continue
-    return None
 
 
 def step_of(root: Path) -> int:

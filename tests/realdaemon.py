@@ -1,0 +1,102 @@
+"""`python3 training_daemon.py run` as a real child process, for the tests that drive one
+(tests/test_training_controller.py, tests/test_ddp.py): start it, wait for what it writes,
+find a step in metrics.jsonl, and clean up whatever a failed test left running."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def last_metric(root: Path) -> dict | None:
+    """The last complete line of metrics.jsonl (read from its end), or None."""
+    try:
+        with open(root / "metrics.jsonl", "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return None
+    for raw in reversed(lines):
+        try:
+            return json.loads(raw)
+        except ValueError:  # a line cut by the 4 KB window or still being written
+            continue
+    return None
+
+
+class RealDaemon:
+    """The daemon on `root` with `args`, its output in a log file beside the root."""
+
+    def __init__(self, root: Path, *args: str, timeout: float = 300):
+        self.root, self.timeout = root, timeout
+        self.log = open(root.parent / f"daemon-{time.monotonic_ns()}.log", "w+")
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "training_daemon.py"), "run", *args],
+                                     cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, TRAINING_ROOT=str(root), PYTHONUNBUFFERED="1"))
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-3000:]
+
+    def wait(self, timeout: float | None = None) -> int:
+        try:
+            return self.proc.wait(timeout=timeout or self.timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"daemon still running after {timeout or self.timeout} s:\n"
+                                 f"{self.output()}") from None
+
+    def until(self, what: str, check, timeout: float | None = None):
+        """Poll `check()` until it returns something true; fail if the daemon exits first."""
+        end = time.monotonic() + (timeout or self.timeout)
+        while time.monotonic() < end:
+            value = check()
+            if value:
+                return value
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode} waiting for {what}:\n"
+                                     f"{self.output()}")
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.output()}")
+
+    def training_step(self, name: str, at_least: int) -> dict:
+        """The last metrics line once the file `name` has trained `at_least` steps."""
+        def check():
+            line = last_metric(self.root)
+            return line if line and line.get("file") == name and \
+                line.get("step_in_file", 0) >= at_least else None
+        return self.until(f"{name} at step {at_least} in the file", check)
+
+    def step_reached(self, global_step: int) -> dict:
+        return self.until(f"step {global_step}", lambda: (
+            (line := last_metric(self.root)) and line["global_step"] >= global_step and line))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+def daemon_fixture(cls=RealDaemon):
+    """A `daemons` fixture for a test module: `daemons(root, *args)` starts a `cls`, and
+    every one started is killed when the test ends."""
+    @pytest.fixture
+    def daemons():
+        started = []
+
+        def start(root: Path, *args: str):
+            started.append(cls(root, *args))
+            return started[-1]
+
+        yield start
+        for d in started:
+            d.close()
+    return daemons
