@@ -32,6 +32,17 @@ def last_metric(root: Path) -> dict | None:
     return None
 
 
+def drop(root: Path, name: str = "notes.jsonl", seed: int = 0, lines: int = 100) -> None:
+    """Write a data file of `lines` text records beside the inbox and move it in (a complete
+    file, as a person would)."""
+    records = [json.dumps({"text": f"note {seed}-{i}: the quick brown fox {i * 7 % 13} jumps over "
+                                   f"{'lazy ' * (i % 4)}dogs while the model learns line {i}."})
+               for i in range(lines)]
+    tmp = root / f".{name}.part"
+    tmp.write_text("\n".join(records) + "\n")
+    os.replace(tmp, root / "inbox" / name)
+
+
 class RealDaemon:
     """The daemon on `root` with `args`, its output in a log file beside the root."""
 

@@ -32,7 +32,7 @@ import state_tracker
 import training_config
 import training_controller as tc
 from conftest import REPO
-from realdaemon import RealDaemon, daemon_fixture
+from realdaemon import RealDaemon, daemon_fixture, drop
 from trainroot import Paths
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.slow
 TINY = {"max_length": 32, "batch_size": 2, "checkpoint_every_steps": 1, "settle_seconds": 0.2,
         "num_threads": 1, "rescan_seconds": 0.5, "monitor_port": 0, "backup_every_files": 0,
         "backup_every_hours": 0.0, "nproc_per_node": 2}
-LINES = 100  # ~10 KB: 70 optimizer steps of 2 ranks x 2 rows x 32 tokens
+# drop() writes 100 lines, ~10 KB: 70 optimizer steps of 2 ranks x 2 rows x 32 tokens
 
 
 def prepare_root(root: Path, tiny_model_dir: Path, **overrides) -> Path:
@@ -56,15 +56,6 @@ def set_config(root: Path, **values) -> None:
     cfg.update(values)
     training_config.write_config(root, cfg)
     training_config.approve(root, cfg)
-
-
-def drop(root: Path, name: str = "notes.jsonl", seed: int = 0) -> None:
-    lines = [json.dumps({"text": f"note {seed}-{i}: the quick brown fox {i * 7 % 13} jumps over "
-                                 f"{'lazy ' * (i % 4)}dogs while the model learns line {i}."})
-             for i in range(LINES)]
-    tmp = root / f".{name}.part"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, root / "inbox" / name)
 
 
 def weights(model_dir: Path) -> dict:

@@ -16,7 +16,7 @@ import training_config
 import training_controller as tc
 import trainroot
 from conftest import REPO, run_script
-from realdaemon import RealDaemon, daemon_fixture
+from realdaemon import RealDaemon, daemon_fixture, drop
 
 STATUS = "python3 training_controller.py status"
 
@@ -404,7 +404,7 @@ real_daemon = pytest.mark.skipif(_daemon_can_run() is not None, reason=str(_daem
 TINY = {"max_length": 32, "batch_size": 2, "checkpoint_every_steps": 1, "settle_seconds": 0.2,
         "num_threads": 1,  # same threads in every run (bitwise equality), and kind to a busy CI
         "rescan_seconds": 0.5, "monitor_port": 0, "backup_every_files": 0, "backup_every_hours": 0.0}
-LINES = 100  # ~10 KB of bytes -> ~140 optimizer steps of 2 x 32 tokens: a few seconds
+# drop() writes 100 lines, ~10 KB of bytes -> ~140 optimizer steps of 2 x 32 tokens.
 # A quiet machine trains a step of the tiny model in ~15 ms, a busy one in ~100 ms: the tests
 # never race the clock. They find the step in metrics.jsonl (one line per step), freeze the
 # daemon with SIGSTOP, write the request, and let it go on (SIGCONT): it must act within the
@@ -420,16 +420,6 @@ def prepare_root(root: Path, tiny_model_dir: Path) -> Path:
     training_config.write_config(root, cfg)
     training_config.approve(root, cfg)
     return root
-
-
-def drop(root: Path, name: str = "notes.jsonl", seed: int = 0) -> None:
-    """Write a data file beside the inbox and move it in (a complete file, as a person would)."""
-    lines = [json.dumps({"text": f"note {seed}-{i}: the quick brown fox {i * 7 % 13} jumps over "
-                                 f"{'lazy ' * (i % 4)}dogs while the model learns line {i}."})
-             for i in range(LINES)]
-    tmp = root / f".{name}.part"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, root / "inbox" / name)
 
 
 def weights(model_dir: Path) -> dict:
