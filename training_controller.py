@@ -446,7 +446,7 @@ def approve_config(root, *, confirm=None) -> dict:
 
     Refuses while a file is training: the running file was started under the old values.
     """
-    import training_config  # lazy: dataclasses + difflib cost ~10 ms every other command skips
+    import training_config  # lazy: its ~4 ms are paid only by the command that needs it
     p = _require_root(root)
     cfg = training_config.load_config(p.root)
     changes = training_config.changed_locked(p.root, cfg)

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -162,6 +159,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644, 
     still all-or-nothing for readers, durable only once the caller has synced.
     """
     path = Path(path)
+    import tempfile  # here: every control script pays its imports at start-up
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -238,6 +236,7 @@ def append_line(path: str | os.PathLike, line: str) -> None:
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file in Python (hashlib is ~6x faster here than `sha256sum`)."""
+    import hashlib
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -266,6 +265,7 @@ _LIBC = None
 
 def _renameat2(src: Path, dst: Path, flags: int) -> None:
     global _LIBC
+    import ctypes  # only the commands that swap folders need it
     if _LIBC is None:
         _LIBC = ctypes.CDLL(None, use_errno=True)
     fn = getattr(_LIBC, "renameat2", None)
