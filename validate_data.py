@@ -50,7 +50,6 @@ import re
 import stat
 import sys
 import itertools
-from itertools import chain
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -489,16 +488,22 @@ def _check_format(fmt: str, line_no: int, state: _State) -> None:
 
 # The fast path of validate_file: C-level checks that either prove a line is a plain valid
 # record or hand it to _check_line, which decides. It never rejects anything by itself.
-# Objects parse to tuples of (key, value) pairs, so a duplicate key shows as dict() being
-# shorter than its pairs, without a Python call per object; arrays stay lists.
-_decode_pairs = json.JSONDecoder(object_pairs_hook=tuple, parse_constant=_reject_constant).decode
-_chain = chain.from_iterable
+# Objects parse to tuples of (key, value) pairs, so a duplicate key shows as keys that
+# match no accepted layout, without a Python call per object; arrays stay lists. The C
+# scanner is called directly: JSONDecoder.decode wraps it in two Python calls and two
+# regex matches, about 0.4 us a line (a tenth of parsing a 700-byte one).
+_scan = json.JSONDecoder(object_pairs_hook=tuple, parse_constant=_reject_constant).scan_once
+_LINE_ENDS = ("\n", "\r\n", "")     # after the value; other whitespace takes the careful path
 _ROLE_ORDER = re.compile(r"(?:system\|)*(?:user\|assistant\|)+(?:user\|)?")
 _ROLE_SET = frozenset(ROLES)
 _UNICODE_ESCAPE = re.compile(rb"\\u")
+_FAST_TURNS = 256           # longer chats take the careful path
+_CONTENT_KEYS = [("content",) * k for k in range(_FAST_TURNS + 1)]
 
-
-_ROLE_PATTERNS: dict = {}   # tuple of roles -> (plain-template bytes, ends_on_user), or None
+# a chat's ("role", r) pairs -> (plain-template bytes, ends_on_user), or None for a bad order;
+# the keys are made of _ROLE_PAIRS, so an entry costs 8 bytes a turn, whatever the lines held
+_ROLE_PATTERNS: dict = {}
+_ROLE_PAIRS = {role: ("role", role) for role in ROLES}
 _MISS = object()
 _PROMPT_WITH_INPUT = len(_instruction_prompt("", "x")) - 1    # the Alpaca template's own bytes
 _PROMPT_NO_INPUT = len(_instruction_prompt("", ""))
@@ -531,13 +536,33 @@ def _utf8_size(strings, extra: int) -> int:
     return sum(map(len, map(str.encode, strings)))    # \u escapes only (ensure_ascii files)
 
 
-def _fast_check(top, raw: bytes, chars: int) -> tuple[str, int, bool] | None:
-    """(format, tokens, ends_on_user) when `top` (the line `raw`, of `chars` characters,
-    parsed by _decode_pairs) is certainly a valid record with only the fields of its
-    format, else None."""
-    if type(top) is not tuple:
+def _role_pattern(role_pairs: tuple) -> tuple[int, bool] | None:
+    """_ROLE_PATTERNS' entry for a chat's ("role", r) pairs, remembered when the roles are
+    known ones (an unknown role may be any string, a long one too, and is rare)."""
+    keys, roles = zip(*role_pairs)
+    if keys != ("role",) * len(keys) or not _ROLE_SET.issuperset(roles):
         return None
-    extra = len(raw) - chars              # see _utf8_size
+    pattern = None
+    # the roles are known, so none holds a "|" that could fake the joined order
+    if _ROLE_ORDER.fullmatch("|".join(roles) + "|"):
+        # the plain rendering: "<|role|>\n" + content + "\n" per turn, no final "\n" after
+        # an assistant turn
+        pattern = (sum(map(len, roles)) + 6 * len(roles) - (roles[-1] == "assistant"),
+                   roles[-1] == "user")
+    if len(_ROLE_PATTERNS) < 4096:
+        _ROLE_PATTERNS[tuple(map(_ROLE_PAIRS.__getitem__, roles))] = pattern
+    return pattern
+
+
+def _fast_check(raw: bytes) -> tuple[str, int, bool] | None:
+    """(format, tokens, ends_on_user) when the line `raw` is certainly a valid record with
+    only the fields of its format, else None or an exception (the caller treats both alike:
+    the careful path decides)."""
+    text = raw.decode("utf-8")
+    top, end = _scan(text, 0)             # raises at leading whitespace and bad JSON
+    if type(top) is not tuple or text[end:] not in _LINE_ENDS:
+        return None
+    extra = len(raw) - len(text)          # see _utf8_size
     # literal and \u-escaped non-ASCII in one line: count exactly (a backslash at all is
     # a memchr; the regex is 3x faster than `b"\\u" in raw`)
     if extra and 92 in raw and _UNICODE_ESCAPE.search(raw):
@@ -551,31 +576,22 @@ def _fast_check(top, raw: bytes, chars: int) -> tuple[str, int, bool] | None:
             if extra:
                 return "text", len(value) + extra, False
             return "text", (len(value) if value.isascii() else len(value.encode("utf-8"))), False
-        if key != "messages":
+        if key != "messages" or type(value) is not list or not 0 < len(value) <= _FAST_TURNS:
             return None
-        msgs = value
-        # the common shape only: every message exactly ("role", r), ("content", c), in order
-        k = len(msgs)
-        if type(msgs) is not list or k > 256 or set(map(len, msgs)) != {2}:
+        # the common shape only: every message exactly ("role", r), ("content", c), in
+        # order. sum() raises unless every message is an object (a tuple: an array is a
+        # list); 2 pairs a message in all, and zip() stopping at the shortest message
+        # failing to unpack into two, mean exactly 2 in each.
+        k = len(value)
+        if len(sum(value, ())) != 2 * k:
             return None
-        # sum() of tuples raises for a message that is an array (a list), not an object
-        flat = [*_chain(sum(msgs, ()))]            # role, r, content, c, role, r, ...
-        roles, contents = tuple(flat[1::4]), flat[3::4]
-        if flat[0::4].count("role") != k or flat[2::4].count("content") != k:
-            return None
-        pattern = _ROLE_PATTERNS.get(roles, _MISS)     # an unhashable role raises
+        role_pairs, content_pairs = zip(*value)
+        pattern = _ROLE_PATTERNS.get(role_pairs, _MISS)     # an unhashable role raises
         if pattern is _MISS:
-            pattern = None
-            # a non-string role raises; a role holding "|" could fake the order, so the
-            # roles themselves are checked first
-            if _ROLE_SET.issuperset(roles) and _ROLE_ORDER.fullmatch("|".join(roles) + "|"):
-                # the plain rendering: "<|role|>\n" + content + "\n" per turn, no final
-                # "\n" after an assistant turn
-                pattern = (sum(map(len, roles)) + 6 * k - (roles[-1] == "assistant"),
-                           roles[-1] == "user")
-            if len(_ROLE_PATTERNS) < 4096:
-                _ROLE_PATTERNS[roles] = pattern
-        if pattern is None or "" in contents or any(map(str.isspace, contents)):  # non-str raises
+            pattern = _role_pattern(role_pairs)
+        keys, contents = zip(*content_pairs)
+        if (pattern is None or keys != _CONTENT_KEYS[k]
+                or "" in contents or any(map(str.isspace, contents))):   # non-str raises
             return None
         return "messages", pattern[0] + _utf8_size(contents, extra), pattern[1]
     if n == 2:
@@ -724,7 +740,7 @@ def validate_file(path, *, max_length: int | None = None, allow_mixed: bool = Fa
             line = head[:bad.byte_offset].count(b"\n") + 1 if bad.code == "binary_file" else None
             add("error", line, bad)
         else:
-            readline, limit, decode_pairs = f.readline, max_record_bytes + 2, _decode_pairs
+            readline, limit = f.readline, max_record_bytes + 2
             fast_limit = min(limit, BIG_LINE)      # longer lines skip the fast path (memory)
             too_long_at = max_length or 1 << 62
             offset = line_no = fast_records = fast_tokens = unlisted_warnings = 0
@@ -734,13 +750,10 @@ def validate_file(path, *, max_length: int | None = None, allow_mixed: bool = Fa
                 line_no += 1
                 start = offset
                 offset += len(raw)
-                fast = None
-                if len(raw) < fast_limit:
-                    try:                  # any surprise hands the line to the careful path
-                        text = raw.decode("utf-8")
-                        fast = _fast_check(decode_pairs(text), raw, len(text))
-                    except Exception:
-                        fast = None
+                try:                      # any surprise hands the line to the careful path
+                    fast = _fast_check(raw) if len(raw) < fast_limit else None
+                except Exception:
+                    fast = None
                 # the first record, and any of another format, take the careful path
                 if fast is not None and fast[0] == file_format:
                     tokens = fast[1]

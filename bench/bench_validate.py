@@ -10,10 +10,12 @@ times, alternately and `--repeat` times each (best kept, the machine is shared):
 and prints MB/s for both and the ratio validate/baseline (goal >= 0.7). Times are CPU
 seconds of this process (time.process_time): both loops are single-threaded and CPU-bound,
 and on a shared 2-core machine wall time mostly measures the neighbours. The file is
-written first, so both loops read it from the page cache.
+written first, so both loops read it from the page cache. `--format all` runs the four
+formats one after the other, each on its own file.
 
-    /tmp/venv/bin/python bench/bench_validate.py
-    /tmp/venv/bin/python bench/bench_validate.py --size-mb 50 --format prompt_completion
+    .venv/bin/python bench/bench_validate.py
+    .venv/bin/python bench/bench_validate.py --size-mb 50 --format prompt_completion
+    .venv/bin/python bench/bench_validate.py --format all
 """
 
 from __future__ import annotations
@@ -94,20 +96,15 @@ def validate(path: Path) -> tuple[float, dict]:
     return time.process_time() - t, report
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mb", type=int, default=200)
-    parser.add_argument("--format", choices=validate_data.FORMATS, default="messages")
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
+def bench(fmt: str, size_mb: int, repeat: int) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-validate-") as tmp:
-        path = Path(tmp) / f"{args.format}.jsonl"
+        path = Path(tmp) / f"{fmt}.jsonl"
         t = time.perf_counter()
-        size = make_file(path, args.size_mb, args.format)
-        print(f"generated {size / 1e6:.0f} MB of {args.format} records in "
+        size = make_file(path, size_mb, fmt)
+        print(f"generated {size / 1e6:.0f} MB of {fmt} records in "
               f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
         base_times, val_times, report = [], [], None
-        for _ in range(args.repeat):
+        for _ in range(repeat):
             base_times.append(baseline(path))
             seconds, report = validate(path)
             val_times.append(seconds)
@@ -115,9 +112,19 @@ def main() -> int:
         mb = size / 1e6
         print(f"file: {mb:.0f} MB, {report['records']:,} {report['format']} records, "
               f"ok={report['ok']}, {report['warning_count']:,} warnings")
-        print(f"baseline json.loads loop: {mb / b:7.1f} MB/s  (best of {args.repeat}: {b:.2f} CPU s)")
-        print(f"validate_file:            {mb / v:7.1f} MB/s  (best of {args.repeat}: {v:.2f} CPU s)")
+        print(f"baseline json.loads loop: {mb / b:7.1f} MB/s  (best of {repeat}: {b:.2f} CPU s)")
+        print(f"validate_file:            {mb / v:7.1f} MB/s  (best of {repeat}: {v:.2f} CPU s)")
         print(f"ratio validate/baseline:  {b / v:.2f}  (goal >= 0.70)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=200)
+    parser.add_argument("--format", choices=validate_data.FORMATS + ("all",), default="messages")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    for fmt in validate_data.FORMATS if args.format == "all" else (args.format,):
+        bench(fmt, args.size_mb, args.repeat)
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -355,31 +356,221 @@ def test_duplicates_and_trailing_user_turns_warn(tmp_path):
         (4, "trailing_user_turn", "conversation ends on a user turn, which trains nothing")]
 
 
+def fast_verdict(raw: bytes):
+    """validate_file's fast path on one line: (format, tokens, ends_on_user), or None where
+    it leaves the line to the careful path (it returns None or raises)."""
+    try:
+        return vd._fast_check(raw)
+    except Exception:
+        return None
+
+
+def fast_agrees(raw: bytes) -> bool:
+    """Assert that the fast path's verdict on a line is the careful path's; True if it gave one."""
+    state = vd._State(allow_mixed=True)
+    record, tokens, problems, _ = vd._check_line([raw], 0, 1, raw.endswith(b"\n"), state)
+    fast = fast_verdict(raw)
+    if fast is None:
+        return False
+    assert record is not None, raw           # never accepts what the careful path rejects
+    codes = {bad.code for _, bad in problems}
+    # nor hides a warning: validate_file's fast branch reports these two itself
+    assert codes <= {"crlf", "trailing_user_turn"}, (raw, codes)
+    assert fast == (record.format, tokens, "trailing_user_turn" in codes), raw
+    return True
+
+
+def msg(*pairs) -> bytes:
+    """A JSON object from (key, JSON text) pairs, duplicates and all."""
+    return b"{" + b", ".join(b'"%s": %s' % (k.encode(), v) for k, v in pairs) + b"}"
+
+
+def chat_line(*messages: bytes, end: bytes = b"\n") -> bytes:
+    return b'{"messages": [' + b", ".join(messages) + b"]}" + end
+
+
+U, A, S = (msg(("role", b'"%s"' % r), ("content", b'"%s"' % c))
+           for r, c in ((b"user", b"q"), (b"assistant", b"a"), (b"system", b"s")))
+# lines one step from a valid record, aimed at what the fast path proves at C level: the
+# shape of each message, the line's end, whitespace, escapes, sizes
+FAST_PATH_TRAPS = [
+    chat_line(msg(("role", b'"user"'), ("content", b'"q"'), ("name", b'"x"')),
+              msg(("role", b'"assistant"'))),                      # 3 + 1 pairs: 2 a message
+    chat_line(msg(("role", b'"user"')), msg(("content", b'"q"'), ("role", b'"assistant"'),
+                                            ("content", b'"a"'))),  # 1 + 3 pairs
+    chat_line(U, msg(("role", b'"assistant"'), ("role", b'"assistant"'))),
+    chat_line(U, msg(("role", b'"assistant"'), ("content", b'"a"'), ("content", b'"b"'))),
+    chat_line(U, msg(("content", b'"a"'), ("role", b'"assistant"'))),   # swapped: valid
+    chat_line(msg(("content", b'"q"'), ("content", b'"q"')), A),
+    chat_line(msg(("role", b'"user"'), ("\\u0063ontent", b'"q"')), A),  # escaped key: valid
+    chat_line(msg(("role", b'"user"'), ("contents", b'"q"')), A),
+    chat_line(b'[["role", "user"], ["content", "q"]]', b'[["role", "assistant"], ["content", "a"]]'),
+    chat_line(b'["role", "content"]', A), chat_line(b'"user"', A), chat_line(b"null", A),
+    chat_line(U, A, b"{}"), chat_line(),
+    *(chat_line(msg(("role", role), ("content", b'"q"')), A) for role in
+      (b"1", b"null", b"true", b'["user"]', b'{"user": 1}', b'"User"', b'"user "', b'"tool"',
+       b'""', b'"user|assistant"', b'"\\u0075ser"', b'"\\ud800"')),
+    *(chat_line(U, msg(("role", b'"assistant"'), ("content", content))) for content in
+      (b"1", b"null", b"[]", b'["a"]', b'{"text": "a"}', b'""', b'" "', b'"\\u00a0"', b'"\\u2028"',
+       b'"\\n\\t"', b'"\\ud800"', b'"\\udc00 \xc3\xa9"', b'"\\u00e9"', b'"\xf0\x9f\x99\x82"')),
+    chat_line(msg(("role", b'"system"'), ("content", b'""')), U, A),    # empty system: valid
+    chat_line(msg(("role", b'"system"'), ("content", b'" "')), U, A),
+    chat_line(S, S, U, A, U), chat_line(U, S, A), chat_line(U, A, A), chat_line(A, U),
+    chat_line(U, U, A), chat_line(S), chat_line(U), chat_line(U, A, U, A, U, A, U),
+    chat_line(*[U, A] * 128), chat_line(*[U, A] * 129),                 # 256 turns, then 258
+    b'{"messages": [' + U + b", " + A + b'], "messages": []}\n',
+    b'{"messages": [' + U + b", " + A + b'], "text": "t"}\n',
+    b'{"messages": [' + U + b", " + A + b'], "id": 7}\n',
+    *(GOOD[:-1] + end for end in (b"", b" ", b"x", b"\r", b"\r\r\n", b" \n", b"\t\n", b"\x0c\n",
+                                  b"\n\n", b"\xc2\xa0\n", b"\xef\xbb\xbf\n", b" \r\n")),
+    b" " + GOOD, b"\t" + GOOD, b"\xef\xbb\xbf" + GOOD, b"\n", b" \n", b"\r\n",
+    CHAT_OK[:-1] + b"\r\n", CHAT_OK[:-1],
+    b'{"text": "a", "text": "a"}\n', b'{"text": "\\u00e9 \xc3\xa9"}\n', b'{"text": "\\ud83d\\ude42"}\n',
+    b'{"text": "\\ud83d"}\n', b'{"text": "\xc3\xa9 \\udc00"}\n', b'{"text": "\\u0000"}\n',
+    b'{"text": "\\u3000"}\n', b'{"text": "\\u200b"}\n', b'{"text": "\xe2\x80\xa8"}\n',
+    b'{"text": ["a"]}\n', b'{"text": {"a": 1}}\n', b'{"text": 1e400}\n', b'{"text": "a", "x": NaN}\n',
+    b'{"prompt": "a", "completion": "b", "prompt": "a"}\n',
+    b'{"prompt": "a", "prompt": "b"}\n', b'{"completion": "a", "completion": "b"}\n',
+    b'{"prompt": "", "completion": "b"}\n', b'{"prompt": "a", "completion": " "}\n',
+    b'{"prompt": "a", "completion": "b", "input": "c"}\n', b'{"prompt": "a", "output": "b"}\n',
+    b'{"instruction": "i", "output": "o", "output": "o"}\n',
+    b'{"instruction": "i", "input": "i", "output": "o"}\n', b'{"input": "", "instruction": "i", "output": "o"}\n',
+    b'{"instruction": "i", "input": null, "output": "o"}\n', b'{"instruction": "i", "input": " ", "output": "o"}\n',
+    b'{"instruction": "i", "input": "x", "input": "x", "output": "o"}\n',
+    b'{"output": "o", "input": "\\ud800", "instruction": "i"}\n',
+    b'{"instruction": "\xc3\xa9", "input": "\\u00e9", "output": "o"}\n',
+]
+
+
 def test_fast_path_never_accepts_what_the_careful_path_rejects(tmp_path):
-    """validate_file's C-level fast path must agree with _check_line, the parser's authority."""
+    """validate_file's C-level fast path must agree with _check_line, the parser's authority:
+    same format, tokens and trailing-user warning, or no verdict at all."""
     lines = [c[1].splitlines(keepends=True)[-1] for c in CORPUS if c[3] is not None]
     good = [json.dumps(r, ensure_ascii=a).encode() + b"\n" for r in OPENAI_CHAT + ALPACA
             for a in (True, False)]
     good += [GOOD, CHAT_OK, b'{"prompt": "a", "completion": "b"}\n',
              b'{"completion": "b\xc3\xa9", "prompt": "a"}\n', b'{"output": "o", "instruction": "i"}\n',
              b'{"input": "x", "output": "o", "instruction": "i"}\n',
-             chat(("user", "a"), ("assistant", "b"), ("user", "c")), chat(("system", ""), ("user", "a"),
+             chat(("user", "a"), ("assistant", "b"), ("user", "c")), chat(("system", "s"), ("user", "a"),
                                                                            ("assistant", "b"))]
-    for raw in lines + good:
-        state = vd._State(allow_mixed=True)
-        record, tokens, problems, _ = vd._check_line([raw], 0, 1, raw.endswith(b"\n"), state)
-        try:
-            text = raw.decode("utf-8")
-            fast = vd._fast_check(vd._decode_pairs(text), raw, len(text))
-        except Exception:
-            fast = None
-        if record is None:
-            assert fast is None, raw
-        elif fast is not None:
-            trailing = any(b.code == "trailing_user_turn" for _, b in problems)
-            assert fast == (record.format, tokens, trailing), raw
-    assert sum(1 for raw in good if vd._fast_check(vd._decode_pairs(raw.decode()), raw,
-                                                   len(raw.decode()))) >= 12
+    assert all([fast_agrees(raw) for raw in good])    # each one proven on the fast path
+    spoke = [fast_agrees(raw) for raw in lines + FAST_PATH_TRAPS]
+    assert 15 <= sum(spoke) < len(spoke) - 100
+
+
+# the pieces random_line draws from: JSON texts of every type, odd strings and escapes
+VALUES = [b'"a"', b'"q r"', b'""', b'" "', b'"\\u00a0"', b'"\xc3\xa9 \xf0\x9f\x99\x82"', b'"\\u00e9"',
+          b'"\\ud800"', b'"\\n"', b'"user"', b'"assistant"', b"0", b"null", b"true", b"[]", b"{}",
+          b'["a"]', b'{"text": "a"}', b"1.5"]
+STRINGS = [b'"a"', b'"q r"', b'"\xc3\xa9 \xf0\x9f\x99\x82"', b'"\\u00e9"', b'"\\"x\\"\\n"']
+KEYS = ["text", "messages", "prompt", "completion", "instruction", "input", "output", "role",
+        "content", "name", "\\u0074ext"]
+
+
+def random_line(rng: random.Random) -> bytes:
+    """A record-shaped line, valid or a step or two off: each field, message and role drawn
+    with mostly the right choice, sometimes a wrong one, duplicated or missing."""
+    def value():
+        return rng.choice(VALUES) if rng.random() < 0.2 else rng.choice(STRINGS)
+
+    def fields(names):
+        pairs = [(k, value()) for k in names if rng.random() > 0.05]
+        if rng.random() < 0.1:
+            pairs.append((rng.choice(KEYS), value()))      # an extra or a duplicate key
+        if rng.random() < 0.1:
+            rng.shuffle(pairs)
+        return msg(*pairs)
+
+    def message():
+        if rng.random() < 0.05:
+            return rng.choice([b'"user"', b"[]", b'[["role", "user"], ["content", "a"]]'])
+        role = rng.choice([b'"user"', b'"assistant"'] * 8 + [b'"system"'] * 2
+                          + [b'"tool"', b'""', b"null", b'"\\u0075ser"'])
+        pairs = [("role", role), ("content", value())]
+        if rng.random() < 0.1:
+            pairs.append((rng.choice(["role", "content", "name"]), value()))
+        if rng.random() < 0.05:
+            pairs.pop(rng.randrange(2))
+        if rng.random() < 0.05:
+            pairs.reverse()
+        return msg(*pairs)
+
+    kind = rng.randrange(5)
+    if kind == 0:
+        body = b'{"messages": [' + b", ".join(message() for _ in range(rng.randint(0, 6))) + b"]}"
+    else:
+        body = fields([["text"], ["prompt", "completion"], ["instruction", "input", "output"],
+                       ["instruction", "output"]][kind - 1])
+    end = rng.choice([b"\n"] * 8 + [b"\r\n", b"", b" \n", b"\n\n"])
+    return body + end
+
+
+def mutate(rng: random.Random, raw: bytes) -> bytes:
+    """`raw` with a byte or two deleted, inserted, replaced or a piece repeated."""
+    data = bytearray(raw)
+    for _ in range(rng.randint(1, 2)):
+        i = rng.randrange(len(data) + 1)
+        op = rng.randrange(4)
+        byte = rng.choice(b'{}[]":,\\ \t\r\nu0a\x00\xff\xc3\x80') if rng.random() < 0.9 \
+            else rng.randrange(256)
+        if op == 0 and i < len(data):
+            del data[i]
+        elif op == 1:
+            data.insert(i, byte)
+        elif op == 2 and i < len(data):
+            data[i] = byte
+        else:
+            j = rng.randrange(i, len(data) + 1)
+            data[j:j] = data[i:min(j, i + 8)]
+    return bytes(data)
+
+
+def test_fast_path_agrees_with_the_careful_path_on_random_lines():
+    rng = random.Random(20261201)
+    seeds = [raw for raw in FAST_PATH_TRAPS if fast_verdict(raw)]
+    spoke = total = 0
+    for _ in range(10_000):
+        raw = random_line(rng)
+        spoke += fast_agrees(raw)
+        spoke += fast_agrees(mutate(rng, raw))
+        spoke += fast_agrees(mutate(rng, rng.choice(seeds)))
+        total += 3
+    assert total // 10 < spoke < total // 2     # both paths exercised
+
+
+def test_the_role_order_cache_keeps_no_text_of_the_lines(tmp_path):
+    """A chat's role order is remembered for the next chats, by known roles only: an unknown
+    role, a megabyte long, is not kept (4096 of them once could be)."""
+    long_role = "r" * 1_000_000
+    path = write(tmp_path / "roles.jsonl", CHAT_OK + chat(("user", "a"), (long_role, "b"))
+                 + chat(("system", "s"), ("user", "a"), ("assistant", "b"), ("user", "c")))
+    report = vd.validate_file(path)
+    assert [(e["line"], e["code"]) for e in report["errors"]] == [(2, "unknown_role")]
+    assert len(vd._ROLE_PATTERNS) >= 2
+    assert all(pair is vd._ROLE_PAIRS[pair[1]] for key in vd._ROLE_PATTERNS for pair in key)
+
+
+def test_validate_file_reports_the_same_with_and_without_the_fast_path(tmp_path, monkeypatch):
+    """The whole report, duplicates across the two paths included, is the careful path's."""
+    rng = random.Random(7)
+    records = [json.dumps(r, ensure_ascii=rng.random() < 0.5).encode() + b"\n"
+               for r in OPENAI_CHAT + ALPACA] + [GOOD, CHAT_OK]
+    lines = [random_line(rng) for _ in range(1500)] + records * 3 + FAST_PATH_TRAPS
+    rng.shuffle(lines)
+    files = {"shuffled": b"".join(raw if raw.endswith(b"\n") else raw + b"\n" for raw in lines),
+             # chats then text: the first chat decides the file's format; a last line without
+             # its newline repeats an earlier line
+             "chat-first": CHAT_OK + b"".join(records * 2) + CHAT_OK.replace(b"\n", b"\r\n")
+             + chat(("user", "a"), ("assistant", "b"), ("user", "c")) + b"\n" + CHAT_OK[:-1]}
+    for name, data in files.items():
+        path = write(tmp_path / f"{name}.jsonl", data)
+        for options in ({}, {"allow_mixed": True, "max_length": 40}):
+            with monkeypatch.context() as m:
+                m.setattr(vd, "_fast_check", lambda raw: None)
+                careful = vd.validate_file(path, **options)
+            report = vd.validate_file(path, **options)
+            assert report == careful
+            assert report["warning_count"] and report["records"] >= 10
 
 
 def test_estimate_tokens_is_utf8_bytes():
