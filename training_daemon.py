@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import hashlib
 import importlib
 import json
 import logging
@@ -138,7 +139,7 @@ IDLE_TICK_S = 0.25       # idle loop: control requests are seen well within a se
 BURST_LOG_LINES = 20     # files logged one by one per intake pass before a summary line
 _PRIORITY_DIRS = (("high", "inbox_high"), ("normal", "inbox"), ("low", "inbox_low"))
 JOB_TICK_S = 0.1         # supervising a torchrun job: requests, decision and progress this often
-JOB_STOP_WAIT_S = 120    # the daemon failing mid-job asks it to stop, then kills it after this
+JOB_STOP_WAIT_S = 120    # a job silent this long after a stop is ended (it resumes from its checkpoint)
 ENGINE_LOG = "engine.log"  # torchrun's and the ranks' stderr, rotated at ENGINE_LOG_BYTES
 ENGINE_LOG_BYTES = 5 << 20
 
@@ -778,6 +779,7 @@ class Daemon:
             training_queue.update_record(data, in_training=False)
             self.last_error = str(exc)
             self.current = None
+            self._settle_pending(f"the training engine refused {data.name}: {exc}")
             raise _Paused(exc, "engine") from None
         except Exception as exc:
             if isinstance(exc, TorchrunFailed):  # its cause is in the message, not our stack
@@ -794,12 +796,7 @@ class Daemon:
                                           f"{exc.__class__.__name__}: {exc}")
             else:  # back off: a crash right after a crash is rarely the data's fault
                 self._retry_at = time.monotonic() + min(2 ** attempts, 60)
-            action, req = self.pending or (None, None)
-            self.pending = None
-            if action == "stop":
-                self.stop_request = req  # the crash does not cancel a stop: exit, the file waits
-            elif req is not None:
-                self.ack(req, "failed", f"training crashed before the {action}: {exc}")
+            self._settle_pending(f"training crashed: {exc}")
             self.set_state("idle")
             self.current = None
             return
@@ -810,6 +807,19 @@ class Daemon:
             training_queue.update_record(data, in_training=False, timings=timings)
             self._timings = None
         self._after_training(data, result, cfg)
+
+    def _settle_pending(self, why: str) -> None:
+        """A request claimed while the engine ran, when training ended without acting on it
+        (a crash, a refusal, a stop that came first): a stop still stops (the file waits
+        in processing/); anything else is answered, never left claimed and unanswered."""
+        action, req = self.pending or (None, None)
+        self.pending = None
+        if action == "stop":
+            if req is not None:
+                self.stop_request = req
+        elif req is not None:
+            self.ack(req, "failed", f"{why}; the {action} was not carried out: send it again "
+                                    "if it still applies")
 
     # ---------------------------------------------------------------- under torchrun
 
@@ -825,7 +835,8 @@ class Daemon:
         """
         chan = self.p.control / "engine"
         chan.mkdir(parents=True, exist_ok=True)
-        key = re.sub(r"[^A-Za-z0-9._-]", "_", rec["file_id"])
+        # short and safe whatever the data file's name (a 200-byte name + suffixes is too long)
+        key = hashlib.sha256(rec["file_id"].encode()).hexdigest()[:16]
         decision, progress, out_path = (chan / f"{key}.{part}"
                                         for part in ("control.json", "progress.json", "out.json"))
         for f in (decision, progress, out_path):
@@ -876,7 +887,7 @@ class Daemon:
 
     def _supervise(self, proc: subprocess.Popen, decision: Path, progress: Path) -> None:
         """Until the job exits: claim requests, pass the decision on, keep progress fresh."""
-        sent, seen = None, None
+        sent, seen, stop_sent_at = None, None, None
         while True:
             try:
                 proc.wait(JOB_TICK_S)
@@ -885,10 +896,29 @@ class Daemon:
                 pass
             action = self.control_training()  # SIGTERM/SIGINT come back here as "stop"
             if action and action != sent:
-                trainroot.atomic_write_json(decision, {"action": action, "at": trainroot.utc_now()},
-                                            sync=False)
-                sent = action
-            seen = self._read_progress(progress, seen)
+                try:
+                    trainroot.atomic_write_json(decision, {"action": action,
+                                                           "at": trainroot.utc_now()}, sync=False)
+                    sent = action
+                except OSError as exc:  # tried again next tick
+                    self.log.warning("cannot hand %s to the job: %s", action, exc)
+            new_seen = self._read_progress(progress, seen)
+            if sent == "stop":
+                if stop_sent_at is None or new_seen != seen:
+                    stop_sent_at = time.monotonic()
+                elif time.monotonic() - stop_sent_at > JOB_STOP_WAIT_S:
+                    # a hung job (a rank stuck in a collective) must not make the daemon
+                    # unstoppable: the file resumes from its last checkpoint
+                    self.log.warning("the job did not stop within %d s of the stop: ending it",
+                                     JOB_STOP_WAIT_S)
+                    proc.terminate()  # torchrun takes its ranks down
+                    try:
+                        proc.wait(JOB_STOP_WAIT_S)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                    break
+            seen = new_seen
         self._read_progress(progress, seen)  # the last step, for the record and the state
 
     def _read_progress(self, path: Path, seen: tuple | None) -> tuple | None:
@@ -921,6 +951,9 @@ class Daemon:
         elif status == "stopped":
             if action == "stop" and req is not None:
                 self.stop_request = req
+            elif req is not None:  # a signal's stop overtook it
+                self.pending = (action, req)
+                self._settle_pending(f"the daemon stopped (signal) before the {action}")
             self.log.info("%s: stopped at step %s; it stays in processing/ and resumes at the "
                           "next start", data.name, result.get("global_step"))
         elif status == "paused" and result.get("pause_reason") == "disk":

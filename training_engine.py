@@ -1026,14 +1026,19 @@ def cmd_train(args) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if rank != 0:
-        args.json = False  # one JSON document on stdout: rank 0's (errors included)
     channel = json.loads(os.environ.get(CHANNEL_ENV) or "{}")
     talk = RankZeroChannel(channel.get("control"), channel.get("progress")) \
         if rank == 0 and (world_size > 1 or channel) else None
     if world_size > 1:  # started by torchrun: one process per rank, gloo on CPU, NCCL on GPUs
         import torch.distributed as dist
         if torch.cuda.is_available():
+            per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+            if per_node > gpus:  # refused, so the daemon pauses instead of failing the data
+                raise GuardrailError(
+                    f"nproc_per_node {per_node} is more than the {gpus} GPU(s) visible here",
+                    Paths(root).config, f"Set nproc_per_node to {gpus} or less in config.json "
+                    "(or make more GPUs visible with CUDA_VISIBLE_DEVICES), then run "
+                    "`python3 training_controller.py resume`.")
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     # The writer holds the engine lock: a new job never loads current_model while an old
@@ -1042,6 +1047,10 @@ def cmd_train(args) -> int:
     try:
         if lock:
             lock.acquire(timeout=ENGINE_LOCK_WAIT_S)
+        if world_size > 1:
+            # every rank reads current_model and its checkpoint only once rank 0 holds the
+            # lock: an orphaned job still saving would otherwise split the ranks' positions
+            dist.barrier()
         result = train_file(root, args.data, file_id=args.file_id or Path(args.data).name,
                             config=config, records_total=channel.get("records_total"),
                             control=talk.control if talk else None,
@@ -1081,6 +1090,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("RANK", "0") != "0":  # one JSON document on stdout: rank 0's (errors too)
+        argv = [a for a in argv if a != "--json"]
     return run_cli(build_parser(), argv)
 
 

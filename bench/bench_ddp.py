@@ -54,7 +54,7 @@ def run_root(base: Path, nproc: int, files: int, records: int) -> list[dict]:
     first_step = {}
     for line in (root / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
-        first_step.setdefault(m["file"], parse_time(m["time"]))
+        first_step.setdefault(m["file_id"], parse_time(m["time"]))
     out = []
     for path in (root / "done").glob("*.record.json"):
         rec = json.loads(path.read_text())

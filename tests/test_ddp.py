@@ -312,3 +312,31 @@ def test_kill_9_of_one_rank_is_a_recorded_crash_and_a_later_run_finishes(
     assert done["attempts"] == 1 and "SIGKILL" in done["last_error"]
     assert step_of(root) == uninterrupted["global_step"]
     assert_same_weights(weights(root / "current_model"), uninterrupted["weights"])
+
+
+@pytest.mark.slow
+def test_a_request_claimed_while_the_engine_refuses_the_file_is_answered(tmp_path, tiny_model_dir,
+                                                                        daemons):
+    """The daemon claims requests while the job starts; if the engine then refuses the file
+    (here: rows longer than the model's positions), a pause is answered `failed` with the
+    reason, never left claimed, and the daemon pauses with the fix."""
+    positions = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    root = prepare_root(tmp_path / "root", tiny_model_dir, max_length=positions * 2)
+    drop(root)
+    d = daemons(root)
+    d.until("both ranks started", lambda: len(d.ranks()) == 2)
+    ctl = d.frozen(lambda: subprocess.Popen(
+        [sys.executable, str(REPO / "training_controller.py"), "pause", "--wait", "60", "--json"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, TRAINING_ROOT=str(root))))
+    out, err = ctl.communicate(timeout=120)
+    assert ctl.returncode == 1, out + err
+    message = json.loads(out)["error"]["message"]
+    assert "failed: the training engine refused notes.jsonl: max_length" in message, message
+    claimed = [f.name.split("-")[-1].split(".")[0] for f in (root / "control" / "claimed").iterdir()]
+    assert claimed and all(tc.read_ack(root, rid) for rid in claimed), "a claimed request is unanswered"
+    st = tc.daemon_status(root)
+    assert st["state"] == "paused" and "longer than the model's" in st["paused_reason"]
+    assert (root / "processing" / "notes.jsonl").exists()
+    assert controller(root, "stop", "--wait", "60")["outcome"] == "done"
+    assert d.wait() == 0, d.output()
