@@ -17,13 +17,10 @@ import argparse
 import contextlib
 import errno
 import fcntl
-import hashlib
 import importlib
-import json
 import logging
 import logging.handlers
 import os
-import re
 import shutil
 import signal
 import stat
@@ -34,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+import torchrun_job
 import training_queue
 import trainroot
 from trainroot import GuardrailError, Paths, add_common_args, print_json, resolve_root
@@ -138,24 +136,6 @@ CONTROL_EVERY_S = 0.2    # a directory scan of control/ at most this often while
 IDLE_TICK_S = 0.25       # idle loop: control requests are seen well within a second
 BURST_LOG_LINES = 20     # files logged one by one per intake pass before a summary line
 _PRIORITY_DIRS = (("high", "inbox_high"), ("normal", "inbox"), ("low", "inbox_low"))
-JOB_TICK_S = 0.1         # supervising a torchrun job: requests, decision and progress this often
-JOB_STOP_WAIT_S = 120    # a job silent this long after a stop is ended (it resumes from its checkpoint)
-ENGINE_LOG = "engine.log"  # torchrun's and the ranks' stderr, rotated at ENGINE_LOG_BYTES
-ENGINE_LOG_BYTES = 5 << 20
-
-# torchrun, started so that it dies with the daemon: PR_SET_PDEATHSIG sends it SIGTERM when
-# the daemon dies (kill -9 included) and torchrun then takes its ranks down. A rank 0
-# orphaned any other way stops by itself (training_engine.RankZeroChannel).
-_TORCHRUN = """\
-import ctypes, os, runpy, signal, sys
-libc = ctypes.CDLL(None)
-if hasattr(libc, "prctl"):
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-if os.getppid() != int(sys.argv[1]):  # the daemon died before prctl
-    sys.exit(1)
-sys.argv = ["torchrun", *sys.argv[2:]]
-runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
-"""
 
 
 def _open_for_writing(path: str) -> bool:
@@ -255,40 +235,6 @@ class _Paused(Exception):
     def __init__(self, error: GuardrailError, kind: str = "preflight"):
         super().__init__(str(error))
         self.error, self.kind = error, kind
-
-
-class TorchrunFailed(Exception):
-    """The torchrun job ended without a result (a rank died, torchrun failed): a crash."""
-
-
-def _file_sig(path: Path) -> tuple | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_mtime_ns, st.st_size, st.st_ino
-
-
-def _json_document(text: str):
-    """The last JSON object starting a line of `text` (the engine's --json), or None."""
-    decoder = json.JSONDecoder()
-    for match in reversed(list(re.finditer(r"(?m)^\{", text))):
-        try:
-            return decoder.raw_decode(text, match.start())[0]
-        except ValueError:
-            continue
-    return None
-
-
-def _torchrun_failure(log_text: str) -> str:
-    """One line from torchrun's failure report: the root-cause rank, its exit code, signal."""
-    report = log_text.rpartition("Root Cause")[2]
-    fields = dict(re.findall(r"^\s*(rank|exitcode)\s*:\s*(.+?)\s*$", report, re.M))
-    if "rank" in fields:
-        return " ".join(f"rank {fields['rank']} died: exitcode {fields.get('exitcode')}".split())
-    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if re.search(r"Error: |Exception: ", ln)]
-    return (errors or lines or ["no output"])[-1][:500]
 
 
 # --------------------------------------------------------------------------- run: the daemon
@@ -774,7 +720,8 @@ class Daemon:
                                            records_total=rec.get("records"),
                                            control=self.control_training, progress=self.on_progress)
             else:
-                result = self._train_torchrun(data, rec, nproc)
+                result = torchrun_job.train(self.p, data, rec, nproc, control=self.control_training,
+                                            on_progress=self.on_progress, log=self.log)
         except GuardrailError as exc:
             training_queue.update_record(data, in_training=False)
             self.last_error = str(exc)
@@ -782,9 +729,9 @@ class Daemon:
             self._settle_pending(f"the training engine refused {data.name}: {exc}")
             raise _Paused(exc, "engine") from None
         except Exception as exc:
-            if isinstance(exc, TorchrunFailed):  # its cause is in the message, not our stack
+            if isinstance(exc, torchrun_job.TorchrunFailed):  # its cause is in the message, not our stack
                 self.log.error("training %s crashed: %s (torchrun's log: %s)", data.name, exc,
-                               self.p.logs / ENGINE_LOG)
+                               self.p.logs / torchrun_job.ENGINE_LOG)
             else:
                 self.log.exception("training %s crashed", data.name)
             attempts = int(rec.get("attempts") or 0) + 1
@@ -822,117 +769,6 @@ class Daemon:
                                     "if it still applies")
 
     # ---------------------------------------------------------------- under torchrun
-
-    def _train_torchrun(self, data: Path, rec: dict, nproc: int) -> dict:
-        """Train one file under torchrun with `nproc` processes (DDP), supervised from here.
-
-        The daemon claims control requests as it does in-process (control_training) and
-        hands its decision to rank 0 through a small file in control/engine/; rank 0 writes
-        progress back the same way; the result is the engine's --json on stdout. A job that
-        ends without one (a rank killed, torchrun failing) raises TorchrunFailed: a crash,
-        retried like one. The job has its own session, so a Ctrl+C meant for the daemon
-        becomes a stop at a step boundary instead of killing the ranks.
-        """
-        chan = self.p.control / "engine"
-        chan.mkdir(parents=True, exist_ok=True)
-        # short and safe whatever the data file's name (a 200-byte name + suffixes is too long)
-        key = hashlib.sha256(rec["file_id"].encode()).hexdigest()[:16]
-        decision, progress, out_path = (chan / f"{key}.{part}"
-                                        for part in ("control.json", "progress.json", "out.json"))
-        for f in (decision, progress, out_path):
-            f.unlink(missing_ok=True)  # a stop sent to the last job must not stop this one
-        log_path = self.p.logs / ENGINE_LOG
-        with contextlib.suppress(FileNotFoundError):
-            if log_path.stat().st_size > ENGINE_LOG_BYTES:
-                os.replace(log_path, log_path.with_name(ENGINE_LOG + ".1"))
-        env = dict(os.environ, TRAINING_ENGINE_CHANNEL=json.dumps(
-            {"control": str(decision), "progress": str(progress),
-             "records_total": rec.get("records")}))
-        env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default without its banner
-        cmd = [sys.executable, "-c", _TORCHRUN, str(os.getpid()), "--standalone",
-               "--nproc_per_node", str(nproc), str(SCRIPTS / "training_engine.py"), "train",
-               "--root", str(self.p.root), f"--file-id={rec['file_id']}", "--json", str(data)]
-        with open(out_path, "w+", encoding="utf-8") as out, \
-                open(log_path, "a", encoding="utf-8") as err:
-            log_start = err.tell()
-            proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=str(SCRIPTS), env=env,
-                                    start_new_session=True)
-            self.log.info("%s: training under torchrun, %d processes (pid %d, log %s)",
-                          data.name, nproc, proc.pid, log_path)
-            try:
-                self._supervise(proc, decision, progress)
-            finally:
-                if proc.poll() is None:  # the daemon itself failed: stop the job, never orphan it
-                    with contextlib.suppress(OSError):
-                        trainroot.atomic_write_json(decision, {"action": "stop"}, sync=False)
-                    try:
-                        proc.wait(JOB_STOP_WAIT_S)
-                    except subprocess.TimeoutExpired:
-                        proc.terminate()  # torchrun takes its ranks down
-                        proc.wait()
-            out.seek(0)
-            doc = _json_document(out.read())
-        for f in (decision, progress, out_path):
-            f.unlink(missing_ok=True)
-        if isinstance(doc, dict) and doc.get("status"):
-            return doc  # rank 0 finished and said so: what it wrote stands
-        if isinstance(doc, dict) and isinstance(doc.get("error"), dict):  # the engine refused
-            error = doc["error"]
-            raise GuardrailError(error.get("what") or "the training engine refused the file",
-                                 error.get("where"), error.get("fix"))
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            f.seek(log_start)
-            cause = _torchrun_failure(f.read()[-65536:])
-        raise TorchrunFailed(f"torchrun exited {proc.returncode}: {cause}")
-
-    def _supervise(self, proc: subprocess.Popen, decision: Path, progress: Path) -> None:
-        """Until the job exits: claim requests, pass the decision on, keep progress fresh."""
-        sent, seen, stop_sent_at = None, None, None
-        while True:
-            try:
-                proc.wait(JOB_TICK_S)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            action = self.control_training()  # SIGTERM/SIGINT come back here as "stop"
-            if action and action != sent:
-                try:
-                    trainroot.atomic_write_json(decision, {"action": action,
-                                                           "at": trainroot.utc_now()}, sync=False)
-                    sent = action
-                except OSError as exc:  # tried again next tick
-                    self.log.warning("cannot hand %s to the job: %s", action, exc)
-            new_seen = self._read_progress(progress, seen)
-            if sent == "stop":
-                if stop_sent_at is None or new_seen != seen:
-                    stop_sent_at = time.monotonic()
-                elif time.monotonic() - stop_sent_at > JOB_STOP_WAIT_S:
-                    # a hung job (a rank stuck in a collective) must not make the daemon
-                    # unstoppable: the file resumes from its last checkpoint
-                    self.log.warning("the job did not stop within %d s of the stop: ending it",
-                                     JOB_STOP_WAIT_S)
-                    proc.terminate()  # torchrun takes its ranks down
-                    try:
-                        proc.wait(JOB_STOP_WAIT_S)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        proc.wait()
-                    break
-            seen = new_seen
-        self._read_progress(progress, seen)  # the last step, for the record and the state
-
-    def _read_progress(self, path: Path, seen: tuple | None) -> tuple | None:
-        sig = _file_sig(path)
-        if sig is None or sig == seen:
-            return seen
-        try:
-            info = trainroot.read_json(path, default=None)
-        except GuardrailError as exc:  # rank 0 writes it atomically: unreadable means damaged
-            self.log.warning("ignoring the job's progress: %s", exc)
-            return sig
-        if isinstance(info, dict):
-            self.on_progress(info)
-        return sig
 
     def _after_training(self, data: Path, result: dict, cfg: dict) -> None:
         status = result.get("status")
@@ -1229,7 +1065,7 @@ class Daemon:
                     if self.once:
                         raise exc.error from None
                     self.last_error = str(exc.error)
-                    self._refused_config = _file_sig(self.p.config)
+                    self._refused_config = trainroot.file_signature(self.p.config)
                     self._recheck_at = time.monotonic() + self.cfg["rescan_seconds"]
                     self.set_state("paused", f"{exc.error}", exc.kind)
                 continue
@@ -1244,7 +1080,7 @@ class Daemon:
 
     def _retry_preflight(self) -> None:
         import training_config
-        if self.pause_kind == "engine" and _file_sig(self.p.config) == self._refused_config:
+        if self.pause_kind == "engine" and trainroot.file_signature(self.p.config) == self._refused_config:
             return  # the same config would be refused the same way (and cost a torchrun launch)
         try:
             self.preflight(training_config.load_config(self.p.root))

@@ -207,6 +207,15 @@ def fsync_paths(files=(), dirs=()) -> None:
 _MISSING = object()
 
 
+def file_signature(path: str | os.PathLike) -> tuple | None:
+    """(mtime_ns, size, inode) of a file, None if it is missing: cheap change detection."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 def read_json(path: str | os.PathLike, default=_MISSING):
     """Parse a JSON file; a missing file gives `default` (or an error), a corrupt one an error."""
     path = Path(path)

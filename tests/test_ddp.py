@@ -335,8 +335,8 @@ def test_a_request_claimed_while_the_engine_refuses_the_file_is_answered(tmp_pat
     assert "failed: the training engine refused notes.jsonl: max_length" in message, message
     claimed = [f.name.split("-")[-1].split(".")[0] for f in (root / "control" / "claimed").iterdir()]
     assert claimed and all(tc.read_ack(root, rid) for rid in claimed), "a claimed request is unanswered"
-    st = tc.daemon_status(root)
-    assert st["state"] == "paused" and "longer than the model's" in st["paused_reason"]
+    st = d.until("paused", lambda: (st := tc.daemon_status(root))["state"] == "paused" and st)
+    assert "longer than the model's" in st["paused_reason"]
     assert (root / "processing" / "notes.jsonl").exists()
     assert controller(root, "stop", "--wait", "60")["outcome"] == "done"
     assert d.wait() == 0, d.output()
