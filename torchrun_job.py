@@ -135,7 +135,9 @@ def train(p: Paths, data: Path, rec: dict, nproc: int, *, control, on_progress,
     with open(log_path, encoding="utf-8", errors="replace") as f:
         f.seek(log_start)
         cause = _torchrun_failure(f.read()[-65536:])
-    raise TorchrunFailed(f"torchrun exited {proc.returncode}: {cause}")
+    how = (f"was killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+           else f"exited {proc.returncode}")
+    raise TorchrunFailed(f"torchrun {how}: {cause}")
 
 def _supervise(proc: subprocess.Popen, decision: Path, progress: Path, control, on_progress,
                log: logging.Logger) -> None:

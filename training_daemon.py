@@ -1084,7 +1084,10 @@ class Daemon:
             return  # the same config would be refused the same way (and cost a torchrun launch)
         try:
             self.preflight(training_config.load_config(self.p.root))
-        except (_Paused, GuardrailError):
+        except (_Paused, GuardrailError) as exc:
+            why = str(exc.error if isinstance(exc, _Paused) else exc)
+            if why != self.paused_reason:  # say what is wrong now, not what was
+                self.set_state("paused", why, "preflight")
             return
         self.log.info("config.json changed: trying again" if self.pause_kind == "engine"
                       else "pre-flight passes again: continuing")

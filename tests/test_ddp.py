@@ -338,5 +338,11 @@ def test_a_request_claimed_while_the_engine_refuses_the_file_is_answered(tmp_pat
     st = d.until("paused", lambda: (st := tc.daemon_status(root))["state"] == "paused" and st)
     assert "longer than the model's" in st["paused_reason"]
     assert (root / "processing" / "notes.jsonl").exists()
+    # config.json changed but not approved: the pause now names what is wrong now
+    cfg = training_config.load_config(root)
+    cfg["max_length"] = 32
+    training_config.write_config(root, cfg)
+    d.until("the new reason", lambda: "locked config changed (max_length: "
+            in (tc.daemon_status(root)["paused_reason"] or ""))
     assert controller(root, "stop", "--wait", "60")["outcome"] == "done"
     assert d.wait() == 0, d.output()
