@@ -32,8 +32,8 @@ import torch
 from safetensors import SafetensorError
 
 from trainroot import (FileLock, GuardrailError, Paths, add_common_args, append_line,
-                       atomic_write_json, exchange_paths, fsync_dir, read_json, rename_noreplace,
-                       run_cli, utc_now)
+                       atomic_write_json, exchange_paths, exit_without_teardown, file_signature,
+                       fsync_dir, read_json, rename_noreplace, run_cli, utc_now)
 
 log = logging.getLogger("training_engine")
 
@@ -970,12 +970,9 @@ class RankZeroChannel:
             return self.decision
         if self.control_path is None:
             return self.decision
-        try:
-            st = os.stat(self.control_path)
-        except FileNotFoundError:
-            return self.decision
-        if (st.st_mtime_ns, st.st_size, st.st_ino) != self._seen:
-            self._seen = (st.st_mtime_ns, st.st_size, st.st_ino)
+        sig = file_signature(self.control_path)
+        if sig is not None and sig != self._seen:
+            self._seen = sig
             try:
                 doc = read_json(self.control_path, default=None)
             except GuardrailError as exc:  # written atomically, so this is someone else's file
@@ -1097,9 +1094,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # Everything is durable by now; skipping the interpreter's teardown of torch (~2.5 s)
-    # is what lets a torchrun job (and the daemon waiting on it) finish at once.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_without_teardown(main())  # a torchrun job (and the daemon waiting on it) ends at once

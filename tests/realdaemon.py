@@ -1,6 +1,7 @@
 """`python3 training_daemon.py run` as a real child process, for the tests that drive one
 (tests/test_training_controller.py, tests/test_ddp.py): start it, wait for what it writes,
-find a step in metrics.jsonl, and clean up whatever a failed test left running."""
+find a step in metrics.jsonl, and clean up whatever a failed test left running; plus the
+small helpers those tests share (data files, config, weights, controller calls)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, run_script
 
 
 def last_metric(root: Path) -> dict | None:
@@ -30,6 +31,44 @@ def last_metric(root: Path) -> dict | None:
         except ValueError:  # a line cut by the 4 KB window or still being written
             continue
     return None
+
+
+def set_config(root: Path, **values) -> None:
+    """Change config.json and approve it, as a person with the right would."""
+    import training_config
+    cfg = training_config.load_config(root)
+    cfg.update(values)
+    training_config.write_config(root, cfg)
+    training_config.approve(root, cfg)
+
+
+def weights(model_dir: Path) -> dict:
+    """Every tensor of a model folder's safetensors files."""
+    from safetensors.torch import load_file
+    tensors = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    assert tensors, f"no safetensors in {model_dir}"
+    return tensors
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    import torch
+    assert sorted(a) == sorted(b)
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert differ == [], f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
+
+
+def step_of(root: Path) -> int:
+    """current_model's global_step."""
+    return json.loads((root / "current_model" / "trainer_state.json").read_text())["global_step"]
+
+
+def controller(root: Path, *args: str, timeout: float = 120) -> dict:
+    """`training_controller.py ARGS --json` on `root`, which must exit 0; its document."""
+    proc = run_script("training_controller.py", *args, "--json", root=root, timeout=timeout)
+    assert proc.returncode == 0, f"{args} exited {proc.returncode}: {proc.stdout}{proc.stderr}"
+    return json.loads(proc.stdout)
 
 
 def drop(root: Path, name: str = "notes.jsonl", seed: int = 0, lines: int = 100) -> None:

@@ -32,7 +32,8 @@ import state_tracker
 import training_config
 import training_controller as tc
 from conftest import REPO
-from realdaemon import RealDaemon, daemon_fixture, drop
+from realdaemon import (RealDaemon, assert_same_weights, controller, daemon_fixture, drop,
+                        set_config, step_of, weights)
 from trainroot import Paths
 
 pytestmark = pytest.mark.slow
@@ -51,34 +52,11 @@ def prepare_root(root: Path, tiny_model_dir: Path, **overrides) -> Path:
     return root
 
 
-def set_config(root: Path, **values) -> None:
-    cfg = training_config.load_config(root)
-    cfg.update(values)
-    training_config.write_config(root, cfg)
-    training_config.approve(root, cfg)
-
-
-def weights(model_dir: Path) -> dict:
-    from safetensors.torch import load_file
-    return load_file(str(model_dir / "model.safetensors"))
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    import torch
-    assert sorted(a) == sorted(b)
-    differ = [k for k in a if not torch.equal(a[k], b[k])]
-    assert differ == [], f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
-
-
 def metrics(root: Path) -> list[dict]:
     path = Paths(root).metrics
     if not path.exists():
         return []
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.endswith("}")]
-
-
-def step_of(root: Path) -> int:
-    return json.loads((root / "current_model" / "trainer_state.json").read_text())["global_step"]
 
 
 def record(path: Path) -> dict:
@@ -150,14 +128,6 @@ class Daemon(RealDaemon):
 
 
 daemons = daemon_fixture(Daemon)
-
-
-def controller(root: Path, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, str(REPO / "training_controller.py"), *args, "--json"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, TRAINING_ROOT=str(root)))
-    assert proc.returncode == 0, f"{args} exited {proc.returncode}: {proc.stdout}{proc.stderr}"
-    return json.loads(proc.stdout)
 
 
 @pytest.fixture(scope="module")

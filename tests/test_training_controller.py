@@ -16,7 +16,8 @@ import training_config
 import training_controller as tc
 import trainroot
 from conftest import REPO, run_script
-from realdaemon import RealDaemon, daemon_fixture, drop
+from realdaemon import (RealDaemon, assert_same_weights, controller, daemon_fixture, drop,
+                        set_config, step_of, weights)
 
 STATUS = "python3 training_controller.py status"
 
@@ -415,27 +416,8 @@ def prepare_root(root: Path, tiny_model_dir: Path) -> Path:
     import training_daemon
     root.mkdir(parents=True, exist_ok=True)
     training_daemon.init_root(root, base=str(tiny_model_dir))
-    cfg = training_config.load_config(root)
-    cfg.update(TINY)
-    training_config.write_config(root, cfg)
-    training_config.approve(root, cfg)
+    set_config(root, **TINY)
     return root
-
-
-def weights(model_dir: Path) -> dict:
-    from safetensors.torch import load_file
-    tensors = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    assert tensors, f"no safetensors in {model_dir}"
-    return tensors
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    import torch
-    assert sorted(a) == sorted(b)
-    differ = [k for k in a if not torch.equal(a[k], b[k])]
-    assert differ == [], f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
 
 
 def assert_different_weights(a: dict, b: dict) -> None:
@@ -464,16 +446,6 @@ class Daemon(RealDaemon):
 
 
 daemons = daemon_fixture(Daemon)
-
-
-def controller(root: Path, *args: str, timeout: float = 120) -> dict:
-    proc = run_script("training_controller.py", *args, "--json", root=root, timeout=timeout)
-    assert proc.returncode == 0, f"{args} exited {proc.returncode}: {proc.stdout}{proc.stderr}"
-    return json.loads(proc.stdout)
-
-
-def step_of(root: Path) -> int:
-    return json.loads((root / "current_model" / "trainer_state.json").read_text())["global_step"]
 
 
 @pytest.fixture(scope="module")
