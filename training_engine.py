@@ -938,6 +938,7 @@ def _broadcast(choice):
 CHANNEL_ENV = "TRAINING_ENGINE_CHANNEL"  # JSON {control, progress, records_total} from the daemon
 CONTROL_POLL_S = 0.2       # one stat of the decision file at most this often: free per step
 ENGINE_LOCK_WAIT_S = 300   # a previous job's rank 0 may still be saving: wait, then refuse
+RANK_FAILURE_GRACE_S = 15  # a failing non-zero rank waits this long so rank 0 reports first
 
 
 class RankZeroChannel:
@@ -1088,9 +1089,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if os.environ.get("RANK", "0") != "0":  # one JSON document on stdout: rank 0's (errors too)
-        argv = [a for a in argv if a != "--json"]
-    return run_cli(build_parser(), argv)
+    if os.environ.get("RANK", "0") == "0":
+        return run_cli(build_parser(), argv)
+    # one JSON document on stdout: rank 0's (errors too)
+    code = run_cli(build_parser(), [a for a in argv if a != "--json"])
+    if code:
+        # Every rank refuses a bad file alike; torchrun ends the whole job when the first
+        # rank exits, so a rank other than 0 waits for rank 0 to say why (its exit ends
+        # this wait) instead of leaving only "rank 1 died".
+        time.sleep(RANK_FAILURE_GRACE_S)
+    return code
 
 
 if __name__ == "__main__":
