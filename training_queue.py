@@ -140,9 +140,11 @@ def move_with_record(src, directory, record: dict, event: str | None = None,
                      name: str | None = None, batch: SyncBatch | None = None) -> Path:
     """Move a data file into `directory` under a free name, with its record beside it.
 
-    Order: write the new record, rename the data (never replacing), drop the old record.
-    A crash between steps leaves at most an orphan record, which `recover` removes; the
-    data file itself is always whole and in exactly one place.
+    Order: write the new record (claiming the name: never replacing one), rename the data
+    (never replacing), drop the old record. Two movers racing for one free name: one
+    claims it, the other takes the next. A crash between steps leaves at most an orphan
+    record, which `recover` removes; the data file itself is always whole and in exactly
+    one place.
     """
     src, directory = Path(src), Path(directory)
     if not directory.is_dir():
@@ -153,15 +155,23 @@ def move_with_record(src, directory, record: dict, event: str | None = None,
     while True:
         dst = _free_destination(directory, name or src.name, moving=src)
         record["name"] = dst.name
-        atomic_write_json(record_path(dst), record, sync=batch is None)
+        same_record = record_path(dst) == record_path(src)  # renamed in place: its own record
+        try:
+            atomic_write_json(record_path(dst), record, sync=batch is None,
+                              replace=same_record)
+        except FileExistsError:
+            continue  # another mover claimed that name first
         try:
             rename_noreplace(src, dst, sync=batch is None)
             break
-        except FileExistsError:
-            continue  # raced with another writer for that name
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
+        except FileExistsError:  # a file arrived under that name without a record
+            if not same_record:
                 os.unlink(record_path(dst))
+            continue
+        except BaseException:
+            if not same_record:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(record_path(dst))
             raise
     old = record_path(src)
     if old != record_path(dst):

@@ -152,11 +152,13 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644, *,
-                       sync: bool = True) -> None:
+                       sync: bool = True, replace: bool = True) -> None:
     """Temp file in the same folder, fsync, `os.replace`, fsync the folder.
 
     `sync=False` skips both fsyncs for a caller that batches them (`fsync_paths` later):
     still all-or-nothing for readers, durable only once the caller has synced.
+    `replace=False` raises FileExistsError if `path` exists (a link, not a rename): the
+    write claims the name, so two writers racing for one name cannot both win.
     """
     path = Path(path)
     import tempfile  # here: every control script pays its imports at start-up
@@ -168,7 +170,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644, 
             if sync:
                 os.fsync(f.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -178,13 +184,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644, 
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644, *,
-                      sync: bool = True) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"), mode, sync=sync)
+                      sync: bool = True, replace: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode, sync=sync, replace=replace)
 
 
 def atomic_write_json(path: str | os.PathLike, obj, mode: int = 0o644, *,
-                      sync: bool = True) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", mode, sync=sync)
+                      sync: bool = True, replace: bool = True) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", mode,
+                      sync=sync, replace=replace)
 
 
 def fsync_paths(files=(), dirs=()) -> None:

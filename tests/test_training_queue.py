@@ -381,3 +381,37 @@ def test_queue_commands_beside_a_running_daemon(initialized_root, tmp_path):
         log.close()
     assert names_in(root / "processing") == ["big.jsonl"]     # stopped: resumes at next start
     assert (root / "processing" / "big.jsonl").read_bytes() == big.read_bytes()
+
+
+RACING_MOVER = """
+import hashlib, os, sys, time
+from pathlib import Path
+import training_queue
+src_dir, dst_dir, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+while not go.exists():
+    time.sleep(0.001)
+for src in sorted(src_dir.iterdir()):
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    training_queue.move_with_record(src, dst_dir, {"sha256": sha}, "queued", name="same.jsonl")
+"""
+
+
+def test_two_movers_racing_for_one_name_each_keep_their_own_record(root, tmp_path):
+    """Two processes moving files under one name into one folder: every file ends with
+    its own record (a name claimed by one mover is never written over by the other)."""
+    dst, go = root / "queue" / "normal", tmp_path / "go"
+    movers = []
+    for tag in ("a", "b"):
+        for i in range(60):
+            data(tmp_path / tag / f"{i:03d}.jsonl", tag=f"{tag}{i}")
+        movers.append(subprocess.Popen(
+            [sys.executable, "-c", RACING_MOVER, str(tmp_path / tag), str(dst), str(go)],
+            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO))))
+    go.touch()
+    assert [m.wait(120) for m in movers] == [0, 0]
+    moved = names_in(dst)
+    assert len(moved) == 120
+    for name in moved:
+        record = training_queue.read_record(dst / name)
+        assert record["name"] == name
+        assert record["sha256"] == hashlib.sha256((dst / name).read_bytes()).hexdigest(), name

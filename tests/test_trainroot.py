@@ -212,3 +212,12 @@ def test_an_os_error_is_an_error_line_naming_the_path(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == (f"Error: Not a directory, {tmp_path / 'ro' / 'x'}. Check that path, then run the "
                    "command again.\n")
+
+
+def test_a_write_that_must_not_replace_leaves_the_existing_file_and_no_temp(tmp_path):
+    path = tmp_path / "claimed.json"
+    trainroot.atomic_write_json(path, {"first": 1}, replace=False)
+    with pytest.raises(FileExistsError):
+        trainroot.atomic_write_json(path, {"second": 2}, replace=False)
+    assert json.loads(path.read_text()) == {"first": 1}
+    assert os.listdir(tmp_path) == ["claimed.json"]
