@@ -221,6 +221,12 @@ def _resolve_source(root, src: str | None) -> tuple[Path, str, str | None, set[s
     when that lists its files (else hashed as it is read).
     """
     p = _p(root)
+    if src and ("/" in src or src in (".", "..")):  # a path: current_model or a version folder
+        path = Path(src).expanduser().resolve()
+        if path == p.current_model.resolve():
+            src = "current_model"
+        elif path.parent == p.versions.resolve():
+            src = path.name
     if src in (None, "current_model"):
         if not (p.current_model / "config.json").exists():
             import model_versioner  # a lost current_model comes back from a version, not init
@@ -772,7 +778,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("backup", cmd_backup)
     sp.add_argument("src", nargs="?", default=None,
-                    help="current_model (default), or a version: vNNN, a tag or latest")
+                    help="current_model (default), or a version: vNNN, a tag or latest (or the "
+                         "path of current_model or a version folder)")
     sp.add_argument("--note", default=None, help="a note kept in backup.json")
     sp.add_argument("--idle", action="store_true", help="run at SCHED_IDLE CPU priority")
     add("list", cmd_list)

@@ -121,12 +121,14 @@ def test_backup_of_a_version_and_invalid_source(fake_root, capsys):
     import model_versioner
     assert model_versioner.create_version(fake_root, "manual") == ("v001", True)
     model_versioner.tag_version(fake_root, "v001", "base")
-    for src in ("v001", "v1", "latest", "base"):  # what model_versioner accepts
+    for src in ("v001", "v1", "latest", "base",  # what model_versioner accepts
+                str(fake_root / "versions" / "v001"), f"{fake_root}/versions/v001/"):
         doc = _backup(capsys, src)
         assert doc["source"] == "v001" and doc["version"] == "v001"
         assert set(doc["files"]) == {"config.json", "model.safetensors", "tokenizer/vocab.json",
                                      "trainer_state.json"}
-    for bad in ("../current_model", "v0", ""):
+    assert _backup(capsys, str(fake_root / "current_model"))["source"] == "current_model"
+    for bad in ("../current_model", "v0", "", "/etc", str(fake_root / "versions")):
         code, _, err = _cli(capsys, "backup", bad)
         assert code == 2 and err.startswith(f"Error: invalid source {bad!r}")
         assert f", {fake_root / 'versions'}. List versions with" in err
