@@ -22,7 +22,9 @@ import itertools
 import json
 import operator
 import os
+import math
 import re
+import stat
 import sys
 import threading
 import time
@@ -73,7 +75,10 @@ class MetricsIndex:
         """Index the lines appended since the last call (a torn last line waits for its end)."""
         try:
             st = os.stat(self.path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
+            self._reset(None)
+            return
+        if not stat.S_ISREG(st.st_mode):  # a folder in its place: no metrics, as for none
             self._reset(None)
             return
         if st.st_ino != self.ino or st.st_size < self.scanned:
@@ -194,8 +199,13 @@ class MetricsIndex:
                 except ValueError:
                     continue  # a corrupt line: the chart does without it
                 if isinstance(obj, dict):
-                    out.append({k: obj.get(k) for k in METRIC_FIELDS})
+                    out.append({k: _finite(obj.get(k)) for k in METRIC_FIELDS})
         return out
+
+
+def _finite(value):
+    """NaN/inf (a diverged step writes them) as None: browsers' JSON.parse rejects them."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _skip_line(f) -> int | None:
@@ -439,6 +449,10 @@ class MonitorHandle:
 def make_server(root, port: int, *, state_ttl: float = STATE_TTL,
                 idle_priority: bool = False) -> MonitorServer:
     """Bind the server on 127.0.0.1:port (0 = any free port); a taken port is a GuardrailError."""
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise UsageError(f"monitor not started: port {port!r} is not 0..65535", f"{HOST}:{port}",
+                         "Set `monitor_port` in config.json to a port in 1..65535 (0 turns the "
+                         "monitor off), or pass --port N.")
     try:
         return MonitorServer(Path(root), port, state_ttl=state_ttl, idle_priority=idle_priority)
     except OSError as exc:
@@ -499,12 +513,23 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    """`--port N`: 0..65535 (0: any free one); anything else is a usage error, not a traceback."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port 0..65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0..65535, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monitor_server.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(metavar="COMMAND")
     p = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
     trainroot.add_common_args(p, json_flag=False)
-    p.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (0: any free one)")
+    p.add_argument("--port", type=_port, default=None, help="port on 127.0.0.1 (0: any free one)")
     p.set_defaults(func=cmd_serve)
     return parser
 

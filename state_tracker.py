@@ -66,11 +66,35 @@ def _cmd(root: Path, script_and_args: str) -> str:
 def _read(path: Path, problems: list | None = None):
     """A small JSON document or None; a corrupt one is noted in `problems`, never raised."""
     try:
-        return read_json(path, default=None)
+        return read_json(path, default=None)  # a FIFO, a folder, a file as a folder: an error
     except GuardrailError as exc:
         if problems is not None:
             problems.append(str(exc))
         return None
+
+
+def _dict(x) -> dict:
+    """`x` if it is a JSON object, else {}: every file read here may hold anything."""
+    return x if isinstance(x, dict) else {}
+
+
+def _int(x):
+    """An integer field, or None (JSON `true` is not a pid or a step)."""
+    return x if isinstance(x, int) and not isinstance(x, bool) else None
+
+
+def _str(x):
+    return x if isinstance(x, str) else None
+
+
+def _lock_holder(path: Path) -> dict | None:
+    """read_lock_holder with each field of the type the report needs (a hand-edited holder
+    record reads as "held by an unknown pid")."""
+    holder = read_lock_holder(path)
+    if holder is None:
+        return None
+    return {"pid": _int(holder.get("pid")), "purpose": _str(holder.get("purpose")),
+            "since": _str(holder.get("since"))}
 
 
 def _listdir(path: Path) -> list[str]:
@@ -156,6 +180,16 @@ def _pid_running(pid) -> bool:
         return False
     except psutil.AccessDenied:
         return True
+
+
+def _started_before(pid, when) -> bool:
+    """False when process `pid` started after timestamp `when` (+1 s): a pid the system gave
+    to a new process after the daemon that wrote `when` died. Only asked without the lock."""
+    import psutil  # lazy: only on this rare path (a live daemon holds its lock)
+    try:
+        return psutil.Process(pid).create_time() <= datetime.fromisoformat(when).timestamp() + 1.0
+    except (psutil.Error, TypeError, ValueError):
+        return True  # cannot tell: keep the heartbeat's word
 
 
 def _arg(root: Path, rel: str) -> str:
@@ -249,8 +283,10 @@ def _model_check(folder: Path, manifest: dict | None,
     if "config.json" not in present:
         problems.append("config.json: missing")
     if "model.safetensors.index.json" in present:
-        weight_map = (_read(folder / "model.safetensors.index.json") or {}).get("weight_map") or {}
-        for shard in sorted(set(weight_map.values())):
+        weight_map = _dict(_dict(_read(folder / "model.safetensors.index.json")).get("weight_map"))
+        if not weight_map:
+            problems.append("model.safetensors.index.json: no weight_map")
+        for shard in sorted({v for v in weight_map.values() if isinstance(v, str)}):
             if shard not in present and not os.path.exists(base + shard):
                 problems.append(f"{shard}: missing (named by model.safetensors.index.json)")
     elif not present & {"model.safetensors", "pytorch_model.bin"}:
@@ -261,7 +297,7 @@ def _model_check(folder: Path, manifest: dict | None,
 def _manifest_key(files) -> str | None:
     if not isinstance(files, dict) or not files:
         return None
-    return json.dumps({k: (v or {}).get("sha256") for k, v in files.items()}, sort_keys=True)
+    return json.dumps({k: _dict(v).get("sha256") for k, v in files.items()}, sort_keys=True)
 
 
 def _versions_section(root: Path, w: list) -> dict:
@@ -300,13 +336,13 @@ def _versions_section(root: Path, w: list) -> dict:
             continue
         manifest = rec.get("manifest")
         if not isinstance(manifest, dict):
-            manifest = (_read(folder / ".manifest.json") or {}).get("files")
+            manifest = _dict(_read(folder / ".manifest.json")).get("files")
         problems, _, _ = _model_check(folder, {"files": manifest} if isinstance(manifest, dict)
                                       else None, inodes)
         if problems:
             sec["problems"].append({"id": vid, "problems": problems})
-        sec["_records"][vid] = {"created_at": rec.get("created_at"), "reason": rec.get("reason"),
-                                "global_step": rec.get("global_step"),
+        sec["_records"][vid] = {"created_at": _str(rec.get("created_at")), "reason": rec.get("reason"),
+                                "global_step": _int(rec.get("global_step")),
                                 "key": _manifest_key(manifest)}
     sec["ids"], sec["count"] = ids, len(ids)
     sec["total_size_bytes"] = sum(inodes.values())
@@ -331,10 +367,21 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
     latest = versions.get("latest")
     restore = _cmd(root, "model_versioner.py restore latest") if latest else None
     if not sec["exists"]:
+        in_place = "is not a folder" if os.path.lexists(folder) else "does not exist"
         if latest:
             _warn(w, "MODEL_MISSING", "critical",
-                  f"current_model/ does not exist; the latest version is {latest}",
+                  f"current_model/ {in_place}; the latest version is {latest}",
                   restore, "Brings back the latest version in under a second.")
+        elif p.config.exists():  # a root with a config but nothing to train: not OK either
+            fix = _cmd(root, "training_daemon.py init")
+            if os.path.lexists(folder):  # init never replaces it: keep it aside first
+                fix = (f"mv {_arg(root, 'current_model')} {_arg(root, 'current_model.moved-aside')}"
+                       f" && {fix}")
+            _warn(w, "MODEL_MISSING", "critical",
+                  f"current_model/ {in_place} and there is no version to restore it from",
+                  fix, "init builds the model config.json names (base_model) and its first "
+                  "version; for another base add `--base PATH`. Or restore a backup: "
+                  f"`{_cmd(root, 'backup_manager.py list')}`.")
         return sec
     manifest = _read(folder / ".manifest.json", sec["problems"])
     problems, sec["size_bytes"], sec["file_count"] = _model_check(
@@ -343,12 +390,12 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
     sec["complete"] = not sec["problems"]
     state = _read(folder / "trainer_state.json") or {}
     if isinstance(state, dict):
-        sec["global_step"], sec["tokens_seen"] = state.get("global_step"), state.get("tokens_seen")
+        sec["global_step"], sec["tokens_seen"] = _int(state.get("global_step")), _int(state.get("tokens_seen"))
     if isinstance(manifest, dict):
         if sec["global_step"] is None:
-            sec["global_step"] = manifest.get("global_step")
+            sec["global_step"] = _int(manifest.get("global_step"))
         if sec["tokens_seen"] is None:
-            sec["tokens_seen"] = manifest.get("tokens_seen")
+            sec["tokens_seen"] = _int(manifest.get("tokens_seen"))
         key = _manifest_key(manifest.get("files"))
         for vid in reversed(versions["checked"]):
             if key and versions["_records"].get(vid, {}).get("key") == key:
@@ -387,13 +434,23 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
         if state is not None:
             problems.append(f"{p.daemon_state}: expected a JSON object")
         state = {}
-    holder = read_lock_holder(p.lock("daemon"))
+    # Every field typed here, once: the file may have been hand-edited or half-written by
+    # an older version, and nothing below (nor the schema) may see a wrong type.
+    if state:
+        state = {**state, "pid": _int(state.get("pid")), "current_file": state.get("current_file")
+                 if isinstance(state.get("current_file"), dict) else None,
+                 **{k: _str(state.get(k)) for k in ("state", "heartbeat", "started_at",
+                                                     "paused_since", "paused_reason")}}
+        if state.get("last_error") is not None and not isinstance(state["last_error"], str):
+            state["last_error"] = json.dumps(state["last_error"], default=str)
+    holder = _lock_holder(p.lock("daemon"))
     pid = (holder or {}).get("pid") or state.get("pid")
     running = _pid_running(pid)
     # The daemon holds its flock for life, so a held lock is proof; without it, a running
     # pid with a fresh heartbeat is the best evidence (and a reused pid has none).
     beat_age = age_seconds(state.get("heartbeat"))
-    alive = running and (holder is not None or (beat_age is not None and beat_age <= STALL_AFTER_S))
+    alive = running and (holder is not None or (beat_age is not None and beat_age <= STALL_AFTER_S
+                                                 and _started_before(pid, state.get("heartbeat"))))
     reported = state.get("state")
     daemon = {"alive": alive, "pid": pid if alive else None, "last_pid": state.get("pid"),
               "started_at": state.get("started_at"), "lock_holder": holder,
@@ -542,9 +599,9 @@ def _backups_section(root: Path, cfg: dict, w: list) -> dict:
             continue  # .staging-* and .deleting-* are never backups
         rec = _read(bdir / bid / "backup.json")
         rec = rec if isinstance(rec, dict) else {"status": "unreadable"}
-        records.append({"id": bid, "created_at": rec.get("created_at"),
-                        "verified_at": rec.get("verified_at"), "status": rec.get("status"),
-                        "version": rec.get("version"), "global_step": rec.get("global_step")})
+        records.append({"id": bid, "created_at": _str(rec.get("created_at")),
+                        "verified_at": _str(rec.get("verified_at")), "status": _str(rec.get("status")),
+                        "version": _str(rec.get("version")), "global_step": _int(rec.get("global_step"))})
     records.sort(key=lambda r: (r["created_at"] or "", r["id"]))
     good = [r for r in records if r["status"] == "verified"]
     sec["count"], sec["verified_count"] = len(records), len(good)
@@ -593,8 +650,8 @@ def _tail_lines(path: Path, nbytes: int = METRICS_TAIL_BYTES) -> list[str]:
             size = f.tell()
             f.seek(max(0, size - nbytes))
             data = f.read()
-    except FileNotFoundError:
-        return []
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return []  # no metrics yet (a folder in its place reads as none; nothing to chart)
     lines = data.split(b"\n")
     if size > nbytes:
         lines = lines[1:]  # the first one is cut
@@ -636,7 +693,7 @@ def _loss_section(root: Path, cfg: dict, model: dict, training: dict, w: list) -
         newer = step
         if isinstance(bound, int) and step > bound:
             continue
-        points.append((step, loss, doc.get("file"), doc.get("time")))
+        points.append((step, loss, _str(doc.get("file")), _str(doc.get("time"))))
         if len(points) > max(window, 32):
             break
     points.reverse()
@@ -676,7 +733,7 @@ def _locks_section(root: Path, daemon: dict, w: list) -> list:
     for name in _listdir(p.locks):
         if not name.endswith(".lock"):
             continue
-        holder = read_lock_holder(p.locks / name)
+        holder = _lock_holder(p.locks / name)
         if holder is None:
             continue
         lock = name[:-5]
@@ -714,7 +771,13 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
     config, cfg = _config_section(root, w)
     versions = _versions_section(root, w)
     model = _current_model_section(root, versions, w)
-    if not p.config.exists() and not model["exists"] and not versions["count"]:
+    if os.path.lexists(root) and not root.is_dir():
+        _warn(w, "NOT_INITIALIZED", "critical",
+              f"{root} is a file, not a training root folder",
+              "python3 state_tracker.py --check --root DIR",
+              "DIR: the folder that holds config.json, current_model/ and versions/ (or set "
+              "TRAINING_ROOT to it); nothing was written.")
+    elif not p.config.exists() and not model["exists"] and not versions["count"]:
         _warn(w, "NOT_INITIALIZED", "critical", f"{root} is not a training root yet",
               f"python3 training_daemon.py init --root {shlex.quote(str(root))}")
     elif not versions["count"] and model["exists"]:
@@ -882,11 +945,20 @@ def cmd_state(args) -> int:
         # --json only reads, and so does a report on a root that does not exist yet;
         # every other form also refreshes the file
         path = Paths(root).system_state
+        if not root.is_dir():
+            is_file = os.path.lexists(root)
+            raise GuardrailError(
+                "cannot write the state file: the training root "
+                + ("is a file, not a folder" if is_file else "does not exist"), root,
+                ("Give the right one: `python3 state_tracker.py --root DIR`." if is_file else
+                 f"Create one with `python3 training_daemon.py init --root {shlex.quote(str(root))}`, "
+                 "or give the right one with --root DIR."))
         try:
             atomic_write_json(path, state)
         except OSError as exc:
             raise GuardrailError(f"cannot write the state file ({exc.strerror})", path,
-                                 "Free space or fix the permissions of the training root.") from exc
+                                 "Free space or fix the permissions of the training root, then run "
+                                 f"`{_cmd(root, 'state_tracker.py')}` again.") from exc
         if not (args.check or args.warnings):
             print(path)
     return exit_code(state)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import NamedTuple
 
@@ -193,7 +194,7 @@ def load_config(root) -> dict:
     p = Paths(root)
     if not p.config.exists():
         raise GuardrailError("no config.json in the training root", p.root,
-                             f"Run `python3 training_daemon.py init --root {p.root}`.")
+                             f"Run `python3 training_daemon.py init --root {shlex.quote(str(p.root))}`.")
     raw = read_json(p.config)
     errors = validate_config(raw)
     if errors:

@@ -18,8 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
+import shlex
+import stat
 import sys
 import time
 from pathlib import Path
@@ -54,8 +57,24 @@ def control_dirs(root) -> dict[str, Path]:
 
 
 def _ensure(d: Path) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        # A file where the folder (or one above it) should be: say which, and how to keep it.
+        raise GuardrailError("expected a folder, found a file", d,
+                             f"Move it aside (`mv {shlex.quote(str(d))} "
+                             f"{shlex.quote(str(d) + '.moved-aside')}`), then run the command "
+                             f"again.") from None
     return d
+
+
+def _read_small_json(path: Path):
+    """json.loads of a regular file; OSError for anything else. A FIFO or a device in place
+    of a request, an acknowledgement or the state file would block a plain read forever."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise IsADirectoryError(f"not a regular file: {path}") if path.is_dir() else \
+            OSError(f"not a regular file: {path}")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _stamp(created_at: str) -> str:
@@ -137,13 +156,13 @@ def pending_requests(root, *, rejected: list | None = None, move_aside: bool = T
     try:
         names = sorted(n for n in os.listdir(control)
                        if n.endswith(REQUEST_SUFFIX) and not n.startswith("."))
-    except FileNotFoundError:
-        return []
+    except (FileNotFoundError, NotADirectoryError):
+        return []  # no requests can be there (a file in its place is refused on write)
     good = []
     for name in names:
         path = control / name
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc = _read_small_json(path)
             problem = _request_problem(doc)
         except FileNotFoundError:
             continue  # claimed while we listed
@@ -200,12 +219,17 @@ def read_ack(root, request_id: str) -> dict | None:
     """The acknowledgement of a request, or None while there is none (or it is unreadable)."""
     path = control_dirs(root)["acks"] / f"{request_id}.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        ack = _read_small_json(path)
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         log.warning("unreadable acknowledgement %s: %s", path, exc)
         return None
+    if not isinstance(ack, dict) or ack.get("outcome") not in OUTCOMES:
+        log.warning("unusable acknowledgement %s: expected an object with an outcome in %s",
+                    path, ", ".join(OUTCOMES))
+        return None  # as if unwritten: --wait times out naming the request, never crashes
+    return ack
 
 
 def kept_pause(root) -> dict | None:
@@ -238,17 +262,23 @@ def daemon_status(root) -> dict:
     p = Paths(root)
     state_error = None
     try:
-        state = read_json(p.daemon_state, default=None)
+        state = read_json(p.daemon_state, default=None)  # a FIFO or a folder: an error
         if state is not None and not isinstance(state, dict):
             state_error, state = f"expected a JSON object in {p.daemon_state}", None
     except GuardrailError as exc:
         state_error, state = str(exc), None
-    state = state or {}
+    state = _typed_state(state or {})
     holder = read_lock_holder(p.lock("daemon"))
+    if holder is not None:
+        holder = {"pid": _pid(holder.get("pid")), "purpose": _text(holder.get("purpose")),
+                  "since": _text(holder.get("since"))}
     pid = (holder or {}).get("pid") or state.get("pid")
-    heartbeat_age = age_seconds(state.get("heartbeat"))
+    heartbeat_age = _heartbeat_age(state.get("heartbeat"))
     fresh = heartbeat_age is not None and heartbeat_age <= HEARTBEAT_STALE_S
-    alive = _process_running(pid) and (holder is not None or fresh)
+    # Without the lock, a fresh heartbeat vouches for the pid only if that process already
+    # ran when the heartbeat was written: a pid reused after the daemon died started later.
+    alive = _process_running(pid) and (
+        holder is not None or (fresh and _started_before(pid, state.get("heartbeat"))))
     same_daemon = alive and state.get("pid") == pid
     reported = state.get("state")
     if alive:
@@ -297,6 +327,50 @@ def _round(x):
     return None if x is None else round(x, 3)
 
 
+def _pid(x):
+    """A pid from a file: a positive int, else None (JSON `true` is not pid 1)."""
+    return x if isinstance(x, int) and not isinstance(x, bool) and 0 < x < 2**31 else None
+
+
+def _text(x):
+    return x if isinstance(x, str) else None
+
+
+def _typed_state(state: dict) -> dict:
+    """`.daemon_state.json` with every field this module reads of the type it expects: a
+    hand-edited or damaged file reads as missing fields, never as a crash."""
+    out = dict(state)
+    out["pid"] = _pid(state.get("pid"))
+    for key in ("state", "heartbeat", "started_at", "paused_since", "paused_reason"):
+        out[key] = _text(state.get(key))
+    for key in ("current_file", "progress"):
+        out[key] = state.get(key) if isinstance(state.get(key), dict) else None
+    if state.get("last_error") is not None and not isinstance(state["last_error"], str):
+        out["last_error"] = json.dumps(state["last_error"], default=str)
+    return out
+
+
+def _heartbeat_age(text) -> float | None:
+    """Seconds since a heartbeat; None if missing, unreadable or in the future (a clock
+    jump or a hand edit: it cannot vouch for anything)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        age = time.time() - parse_time(text)
+    except ValueError:
+        return None
+    return None if age < -HEARTBEAT_STALE_S else max(0.0, age)
+
+
+def _started_before(pid, when) -> bool:
+    """True unless process `pid` provably started after timestamp `when` (+1 s of slack)."""
+    import psutil  # lazy, as in _process_running
+    try:
+        return psutil.Process(pid).create_time() <= parse_time(when) + 1.0
+    except (psutil.Error, TypeError, ValueError):
+        return True  # cannot tell: keep the heartbeat's word
+
+
 def is_training(root) -> bool:
     """True while a live daemon is training a file or stopping: others must not swap the model."""
     st = daemon_status(root)
@@ -305,11 +379,27 @@ def is_training(root) -> bool:
 
 # --------------------------------------------------------------------------- requests, end to end
 
-def _require_root(root) -> Paths:
+def _require_root(root, *, marker_only: bool = False) -> Paths:
+    """The root's Paths, or an error naming what is wrong with it and the command to fix it.
+
+    `marker_only`: a root that lost its config.json (but has current_model/ or versions/)
+    still counts, for the read-only `status`.
+    """
     p = Paths(resolve_root(root))
-    if not p.config.exists():
+    quoted = shlex.quote(str(p.root))
+    if os.path.lexists(p.root) and not p.root.is_dir():
+        raise GuardrailError("not a training root (a file, not a folder)", p.root,
+                             "Give the folder that holds config.json with --root DIR or "
+                             "TRAINING_ROOT, e.g. `python3 training_controller.py status --root DIR`.")
+    if not p.root.exists():
+        raise GuardrailError("not a training root (no such folder)", p.root,
+                             f"Create one with `python3 training_daemon.py init --root {quoted}`, "
+                             "or give the right one with --root DIR.")
+    markers = (p.config, p.current_model, p.versions) if marker_only else (p.config,)
+    if not any(os.path.lexists(m) for m in markers):
         raise GuardrailError("not a training root (no config.json)", p.root,
-                             f"Run `python3 training_daemon.py init --root {p.root}`.")
+                             f"Run `python3 training_daemon.py init --root {quoted}`, or give the "
+                             "right one with --root DIR.")
     return p
 
 
@@ -342,7 +432,9 @@ def request(root, action: str, *, reason: str | None = None, options: dict | Non
                            f"since {kept['created_at']}) and applies when it starts")
             return dict(result, outcome="kept", request=kept,
                         message=message + "; undo it with `python3 training_controller.py resume`")
-        # resume with no daemon: drop every kept pause.
+        # resume with no daemon: drop every kept pause (acks/ checked first, so a request
+        # is never claimed and then left without its acknowledgement).
+        _ensure(control_dirs(root)["acks"])
         cleared = []
         for req in pending_requests(root):
             if req["action"] == "pause" and claim_request(root, req):
@@ -464,6 +556,11 @@ def approve_config(root, *, confirm=None) -> dict:
     if confirm is None or not confirm(doc["changes"]):
         raise GuardrailError("approval not confirmed", p.config,
                              f"Read the changes, then run `{training_config.APPROVE_COMMAND} --yes`.")
+    if os.path.lexists(p.config_lock) and not p.config_lock.is_file():
+        raise GuardrailError("the approval record is not a file", p.config_lock,
+                             f"Move it aside (`mv {shlex.quote(str(p.config_lock))} "
+                             f"{shlex.quote(str(p.config_lock) + '.moved-aside')}`), then run "
+                             f"`{training_config.APPROVE_COMMAND} --yes`.")
     lock = FileLock(p.lock("config"), "approve-config").acquire(timeout=5)
     try:
         record = training_config.approve(p.root, cfg, by="training_controller approve-config")
@@ -512,7 +609,7 @@ def cmd_skip(args) -> int:
 
 def cmd_status(args) -> int:
     """Daemon alive (pid, heartbeat), state, current file and progress, pending requests."""
-    st = daemon_status(resolve_root(args.root))
+    st = daemon_status(_require_root(args.root, marker_only=True).root)
     if args.json:
         print_json(dict(st, ok=True))
         return 0
@@ -582,15 +679,27 @@ def cmd_approve_config(args) -> int:
     def confirm(changes):
         if args.yes:
             return True
-        if not sys.stdin.isatty():
+        if sys.stdin is None or not sys.stdin.isatty():
             return False
         for c in changes:
             print(c["text"])
         return input("Approve these changes? [y/N] ").strip().lower() in ("y", "yes")
 
     res = approve_config(args.root, confirm=confirm)
-    lines = [c["text"] for c in res["changes"]] if (args.yes or not sys.stdin.isatty()) else []
+    lines = [c["text"] for c in res["changes"]] if (args.yes or sys.stdin is None
+                                                     or not sys.stdin.isatty()) else []
     return _out(args, res, lines + [res["message"]])
+
+
+def _seconds(text: str) -> float:
+    """`--wait SECONDS`: a number >= 0 (`inf` waits for good); -1 or nan is a usage error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number >= 0), got {text!r}") from None
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number >= 0), got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -606,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         if name in ("stop", "pause", "resume", "skip"):
             sp.add_argument("--reason", metavar="TEXT", help="why (kept in the request and logs)")
-            sp.add_argument("--wait", nargs="?", type=float, const=DEFAULT_WAIT_S, default=None,
+            sp.add_argument("--wait", nargs="?", type=_seconds, const=DEFAULT_WAIT_S, default=None,
                             metavar="SECONDS", help=f"block until done (default {DEFAULT_WAIT_S:g} s); "
                                                     "exit 1 on timeout")
         if name == "skip":

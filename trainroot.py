@@ -21,6 +21,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import sys
 import time
 from datetime import datetime, timezone
@@ -136,7 +137,7 @@ def age_seconds(text: str | None) -> float | None:
         return None
     try:
         return max(0.0, time.time() - parse_time(text))
-    except ValueError:
+    except (ValueError, TypeError):  # a hand-edited file: not a time
         return None
 
 
@@ -224,23 +225,40 @@ def file_signature(path: str | os.PathLike) -> tuple | None:
 
 
 def read_json(path: str | os.PathLike, default=_MISSING):
-    """Parse a JSON file; a missing file gives `default` (or an error), a corrupt one an error."""
+    """Parse a JSON file; a missing file gives `default` (or an error), a corrupt one an error.
+
+    Only a regular file is read: a FIFO in its place would block the reader forever.
+    """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         if default is _MISSING:
             raise GuardrailError("file not found", path) from None
         return default
-    except (UnicodeDecodeError, IsADirectoryError, PermissionError) as exc:
-        raise GuardrailError(f"cannot read JSON ({exc.__class__.__name__})", path,
-                             "Inspect it, then restore it or move it aside.") from None
+    except OSError as exc:
+        raise _unreadable(path, exc.strerror or exc.__class__.__name__) from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise _unreadable(path, "not a regular file")
+            text = f.read().decode("utf-8")
+    except UnicodeDecodeError:
+        raise _unreadable(path, "not UTF-8 text") from None
+    except OSError as exc:
+        raise _unreadable(path, exc.strerror or exc.__class__.__name__) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise GuardrailError(
-            f"corrupt JSON (line {exc.lineno} column {exc.colno}: {exc.msg})", path,
-            "Inspect it, then restore it or move it aside.") from None
+        raise _unreadable(path, f"corrupt JSON (line {exc.lineno} column {exc.colno}: "
+                                f"{exc.msg})") from None
+
+
+def _unreadable(path: Path, why: str) -> GuardrailError:
+    import shlex
+    where = shlex.quote(str(path))
+    what = why if why.startswith("corrupt JSON") else f"cannot read JSON ({why})"
+    return GuardrailError(what, path, f"Inspect it, then move it aside: `mv {where} {where}.bad`.")
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:
@@ -413,18 +431,20 @@ class FileLock:
 def read_lock_holder(path: str | os.PathLike) -> dict | None:
     """The recorded holder of a lock file if the lock is held right now, else None."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO there must not block
+    except OSError:  # missing, or its folder is a file: nobody can hold it
         return None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            raw = os.pread(fd, 4096, 0)
             try:
-                return json.loads(raw) if raw else {"pid": None}
-            except json.JSONDecodeError:
-                return {"pid": None}
+                holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except (OSError, ValueError):
+                holder = None
+            return holder if isinstance(holder, dict) and holder else {"pid": None}
+        except OSError:
+            return None
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:

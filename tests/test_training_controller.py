@@ -283,8 +283,9 @@ def test_status_reports_a_corrupt_state_file_instead_of_crashing(root, capsys):
     st = json.loads(out)
     assert (code, st["alive"], st["state"]) == (0, False, "stopped")
     assert st["state_file_error"] == ("corrupt JSON (line 1 column 11: Unterminated string starting "
-                                      f"at), {root / '.daemon_state.json'}. Inspect it, then restore "
-                                      "it or move it aside.")
+                                      f"at), {root / '.daemon_state.json'}. Inspect it, then move "
+                                      f"it aside: `mv {root / '.daemon_state.json'} "
+                                      f"{root / '.daemon_state.json'}.bad`.")
 
 
 def test_approve_config_asks_on_a_terminal_and_records_a_typed_yes(root):

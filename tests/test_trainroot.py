@@ -57,7 +57,25 @@ def test_read_json_default_and_corrupt(tmp_path):
     with pytest.raises(GuardrailError) as exc:
         read_json(bad)
     assert str(exc.value) == (f"corrupt JSON (line 1 column 9: Expecting property name enclosed "
-                              f"in double quotes), {bad}. Inspect it, then restore it or move it aside.")
+                              f"in double quotes), {bad}. Inspect it, then move it aside: `mv {bad} {bad}.bad`.")
+
+
+def test_read_json_refuses_what_is_not_a_regular_file_without_blocking(tmp_path):
+    """A FIFO in place of a state file would block a reader forever; a folder, or a file
+    where a folder should be, is an error naming the path, never a traceback."""
+    fifo = tmp_path / "state.json"
+    os.mkfifo(fifo)
+    (tmp_path / "folder.json").mkdir()
+    (tmp_path / "plain").write_text("{}")
+    for path, why in ((fifo, "not a regular file"), (tmp_path / "folder.json", "Is a directory"),
+                      (tmp_path / "plain" / "x.json", "Not a directory")):
+        with pytest.raises(GuardrailError) as exc:
+            read_json(path, default={})
+        assert str(exc.value).startswith(f"cannot read JSON ({why}), {path}. "), str(exc.value)
+    lock = tmp_path / "busy.lock"
+    os.mkfifo(lock)
+    assert trainroot.read_lock_holder(lock) is None
+    assert trainroot.read_lock_holder(tmp_path / "plain" / "x.lock") is None
 
 
 def test_atomic_write_leaves_no_temp_and_sets_mode(tmp_path):
