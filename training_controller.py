@@ -554,7 +554,8 @@ def approve_config(root, *, confirm=None) -> dict:
                         f"Stop it first: `{STOP_CMD} --wait`, then run "
                         f"`{training_config.APPROVE_COMMAND} --yes`.")
     if confirm is None or not confirm(doc["changes"]):
-        raise GuardrailError("approval not confirmed", p.config,
+        listed = ", ".join(c["text"] for c in doc["changes"])
+        raise GuardrailError(f"approval not confirmed ({listed})", p.config,
                              f"Read the changes, then run `{training_config.APPROVE_COMMAND} --yes`.")
     if os.path.lexists(p.config_lock) and not p.config_lock.is_file():
         raise GuardrailError("the approval record is not a file", p.config_lock,

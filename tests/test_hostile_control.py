@@ -234,7 +234,8 @@ def test_approve_config_with_stdin_closed(root, changed):
     assert "Traceback" not in proc.stderr
     doc = one_json(proc.stdout)
     if changed:
-        assert proc.returncode == 1 and doc["error"]["what"] == "approval not confirmed"
+        assert proc.returncode == 1 and doc["error"]["what"] == \
+            "approval not confirmed (learning_rate: 0.0003 -> 0.001)"
         assert doc["error"]["fix"] == ("Read the changes, then run "
                                        "`python3 training_controller.py approve-config --yes`.")
         assert training_config.changed_locked(root, cfg)  # still not approved

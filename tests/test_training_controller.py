@@ -363,7 +363,8 @@ def test_approve_config_shows_changes_needs_yes_and_refuses_while_training(root,
     training_config.write_config(root, cfg)
     code, out, err = ctl(capsys, "approve-config")
     assert (code, out) == (1, "")
-    assert err == ("Error: approval not confirmed, " + str(root / "config.json") + ". Read the "
+    assert err == ("Error: approval not confirmed (learning_rate: 0.0003 -> 0.0001), "
+                   + str(root / "config.json") + ". Read the "
                    "changes, then run `python3 training_controller.py approve-config --yes`.\n")
     daemon = fake_daemon("deaf")
     code, out, err = ctl(capsys, "approve-config", "--yes")
