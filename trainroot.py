@@ -68,6 +68,10 @@ class BusyError(GuardrailError):
 
 def resolve_root(arg: str | os.PathLike | None = None) -> Path:
     """`--root DIR` > `$TRAINING_ROOT` > the folder holding the scripts."""
+    if arg is not None and not str(arg).strip():  # `--root "$UNSET_VAR"`: never guess a root
+        raise UsageError("--root is empty", "--root",
+                         "Give the training root's folder (--root DIR), or leave --root out to "
+                         "use $TRAINING_ROOT or the scripts' folder.")
     chosen = arg or os.environ.get("TRAINING_ROOT") or SCRIPTS_DIR
     return Path(chosen).expanduser().resolve()
 

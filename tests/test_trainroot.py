@@ -239,3 +239,16 @@ def test_a_write_that_must_not_replace_leaves_the_existing_file_and_no_temp(tmp_
         trainroot.atomic_write_json(path, {"second": 2}, replace=False)
     assert json.loads(path.read_text()) == {"first": 1}
     assert os.listdir(tmp_path) == ["claimed.json"]
+
+
+def test_an_empty_root_argument_is_a_usage_error_not_a_guess(tmp_path, monkeypatch):
+    """`--root "$ROOT"` with ROOT unset must not fall back to $TRAINING_ROOT or the repo."""
+    monkeypatch.setenv("TRAINING_ROOT", str(tmp_path))
+    assert trainroot.resolve_root(None) == tmp_path.resolve()
+    for empty in ("", "  "):
+        with pytest.raises(trainroot.UsageError, match="--root is empty"):
+            trainroot.resolve_root(empty)
+    proc = subprocess.run([sys.executable, str(REPO / "state_tracker.py"), "--root", ""],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("Error: --root is empty, --root. ")
+    assert not (tmp_path / ".system_state.json").exists()
