@@ -21,6 +21,7 @@ import importlib
 import logging
 import logging.handlers
 import os
+import shlex
 import shutil
 import signal
 import stat
@@ -50,6 +51,37 @@ def _chmod_tree(folder: Path, file_mode: int = 0o644, dir_mode: int = 0o755) -> 
             os.chmod(os.path.join(dirpath, name), file_mode)
 
 
+def _empty_dir(path: Path) -> bool:
+    """A real folder (not a link) with nothing in it."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+        with os.scandir(path) as it:
+            return next(it, None) is None
+    except OSError:
+        return False
+
+
+def _ensure_folders(p: Paths) -> None:
+    """Create the root's folders; one that is a file (someone's data named `high`, say) is
+    an error naming it, never a bare `File exists`."""
+    if os.path.lexists(p.root) and not p.root.is_dir():
+        raise GuardrailError("the training root is not a folder", p.root,
+                             "Point --root (or $TRAINING_ROOT) at a folder, e.g. "
+                             "`python3 training_daemon.py init --root ~/train`.")
+    for d in p.runtime_dirs():
+        if os.path.lexists(d) and not d.is_dir():
+            rel = d.relative_to(p.root)
+            kind = "a file" if os.path.isfile(d) else "not a folder (a link or special file)"
+            aside = f"{d}.jsonl" if d.parent in (p.root / "inbox", p.root) and \
+                str(rel).startswith("inbox") else f"{d}.aside"
+            raise GuardrailError(
+                f"{rel} is {kind}" + (", not a folder" if kind == "a file" else ""), d,
+                f"Move it aside (e.g. `mv {shlex.quote(str(d))} {shlex.quote(aside)}`), then "
+                "run the command again; the folder is created anew.")
+    p.ensure()
+
+
 def init_root(root, base: str = "tiny") -> dict:
     """Create config.json, current_model/ and version v001 in `root`, and approve the config.
 
@@ -58,6 +90,14 @@ def init_root(root, base: str = "tiny") -> dict:
     Refuses, changing nothing, when `root` already has a current_model/.
     """
     p = Paths(resolve_root(root))
+    if not str(base).strip():  # Path("") is the current folder: never copy that by accident
+        raise trainroot.UsageError("--base is empty", "python3 training_daemon.py init",
+                                   "Pass --base tiny or the path of a local Hugging Face model folder.")
+    if _empty_dir(p.current_model):  # nothing to keep, but init still never removes it
+        raise GuardrailError(
+            "current_model exists but is empty (no model in it); init never replaces it",
+            p.current_model, f"Remove the empty folder with `rmdir {shlex.quote(str(p.current_model))}`, "
+            f"then run `python3 training_daemon.py init --root {shlex.quote(str(p.root))}` again.")
     if os.path.lexists(p.current_model):
         raise GuardrailError(
             "current_model already exists; init never replaces a model", p.current_model,
@@ -82,7 +122,7 @@ def init_root(root, base: str = "tiny") -> dict:
     else:
         cfg = training_config.default_config(base_model=base_model)
 
-    p.ensure()
+    _ensure_folders(p)
     with trainroot.FileLock(p.lock("daemon"), "init"):
         if os.path.lexists(p.current_model):  # raced with another init
             raise GuardrailError("current_model already exists; init never replaces a model",
@@ -190,16 +230,44 @@ def _folder_bytes(folder: Path) -> int:
     return total
 
 
+def _printable(text: str) -> str:
+    """`text` on one log line: control characters and undecodable bytes, which a file name
+    may hold (`new\\nline.jsonl`, a Latin-1 name), escaped as Python writes them."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+class _OneLine(logging.Filter):
+    """One event, one log line, always encodable: a hostile file name can neither forge a
+    log line nor make the log handler print a `--- Logging error ---` traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = _printable(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_printable(str(a)) if isinstance(a, (str, Path)) else a
+                                for a in record.args)
+        return True
+
+
+_ONE_LINE = _OneLine()
+
+
 def _setup_logging(p: Paths) -> logging.Logger:
     log = logging.getLogger("training_daemon")
     log.setLevel(logging.INFO)
     log.propagate = False
+    if _ONE_LINE not in log.filters:
+        log.addFilter(_ONE_LINE)
     for h in list(log.handlers):
         log.removeHandler(h)
         h.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     fh = logging.handlers.RotatingFileHandler(p.logs / "daemon.log", maxBytes=5 << 20,
-                                              backupCount=5, encoding="utf-8")
+                                              backupCount=5, encoding="utf-8",
+                                              errors="backslashreplace")
     fh.setFormatter(fmt)
     sh = logging.StreamHandler(sys.stderr)
     sh.setFormatter(fmt)
@@ -218,6 +286,92 @@ def _import_engine(model_dir: Path) -> None:
         AutoModelForCausalLM._model_mapping[type(config)]  # imports e.g. modeling_llama
     except Exception:  # only a head start: the main thread's import reports real problems
         logging.getLogger("training_daemon").debug("engine preload incomplete", exc_info=True)
+
+
+def _special_file(path: str, root: Path) -> tuple[str, str] | None:
+    """(reason, fix) for an inbox entry that is not a regular file, judged where it is (a
+    relative link means something else once moved); None for a regular file or none."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    inbox = root / "inbox"
+    save = f"Save the data as a regular .jsonl file and drop that into {shlex.quote(str(inbox))}/."
+    if stat.S_ISLNK(mode):
+        try:
+            link = os.readlink(path)
+        except OSError:
+            link = "?"
+        itself = f"Drop the file itself into {shlex.quote(str(inbox))}/, not a link to it."
+        try:
+            target_mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            return f"not a regular file: a symbolic link to {link}, which does not exist", itself
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return f"not a regular file: a symbolic link loop ({link})", itself
+            return (f"not a regular file: a symbolic link to {link}, which cannot be read "
+                    f"({exc.strerror})", itself)
+        target = os.path.realpath(path)
+        if stat.S_ISREG(target_mode):
+            return (f"not a regular file: a symbolic link to {target} (only a file itself is "
+                    "taken: a link's target can change while it trains)",
+                    f"`{training_queue.add_cmd(root, target)}` queues a copy of its content.")
+        return f"not a regular file: a symbolic link to {target}, which is not a file", itself
+    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device file" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+    return f"not a regular file: {kind}", save
+
+
+def _claim_across(src: str, directory: Path, sig: tuple | None) -> Path | None:
+    """Take `src` from another filesystem into `directory` (rename(2) said EXDEV), as `mv`
+    does across disks: copy under a hidden temp name, fsync, give the copy its name (never
+    replacing one), and only then remove the original. A crash in between leaves it in the
+    inbox as well, and the second copy is skipped as already trained: never in no place.
+
+    Regular files and links (re-made with the same target) only; None for anything else,
+    or when the file changed while it was copied (it settles and is taken later).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    st = os.lstat(src)
+    name = os.path.basename(src)
+    tmp = directory / f".claim-{os.getpid()}-{time.time_ns()}.tmp"   # hidden: never taken
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(src), tmp)
+    elif stat.S_ISREG(st.st_mode):
+        # O_NONBLOCK: a file swapped for a FIFO since it was looked at must not hang us
+        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        try:
+            with open(fd, "rb", closefd=False) as f_in, open(tmp, "xb") as f_out:
+                shutil.copyfileobj(f_in, f_out, 1 << 20)
+                f_out.flush()
+                os.fsync(f_out.fileno())
+            after = os.fstat(fd)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        now = (after.st_size, after.st_mtime_ns, after.st_ino)
+        if not stat.S_ISREG(after.st_mode) or now != (sig or now) or \
+                now != (st.st_size, st.st_mtime_ns, st.st_ino) or os.path.getsize(tmp) != after.st_size:
+            os.unlink(tmp)
+            return None
+        shutil.copystat(src, tmp)  # its mode and mtime, as `mv` keeps them
+    else:
+        return None
+    dst = trainroot.move_unique(tmp, directory, name=name)   # fsyncs the folder
+    try:
+        os.unlink(src)
+    except FileNotFoundError:
+        pass  # removed meanwhile: the copy is the one left
+    except OSError:  # a read-only drop folder: keep the original there, never two of it
+        os.unlink(dst)
+        raise
+    return dst
 
 
 class _Candidate:
@@ -254,6 +408,7 @@ class Daemon:
         self.pending: tuple[str, dict | None] | None = None  # action claimed while training
         self.candidates: dict[str, _Candidate] = {}
         self.hinted: set[str] = set()
+        self.warned: set[str] = set()            # inbox entries already warned about, once each
         self.hint_lock = threading.Lock()
         self.wake = threading.Event()
         self.done: dict[str, dict] = {}
@@ -487,11 +642,22 @@ class Daemon:
             self.candidates.pop(path, None)
             return
         if stat.S_ISDIR(st.st_mode):
+            if path not in (str(self.p.inbox_high), str(self.p.inbox_low)):
+                self._warn_once(path, "%s is a folder: the daemon never looks inside folders "
+                                "(only inbox/, inbox/high/, inbox/low/), so what it holds stays "
+                                "there untouched. Move its .jsonl files into %s/ to train them.",
+                                path, os.path.dirname(path))
             return
         sig = (st.st_size, st.st_mtime_ns, st.st_ino)
         cand = self.candidates.get(path)
         if cand is None or cand.sig != sig:
             self.candidates[path] = _Candidate(priority, sig, now)
+
+    def _warn_once(self, key: str, msg: str, *args, level: int = logging.WARNING) -> None:
+        """Log `msg` the first time only: a rescan every few seconds must not repeat it."""
+        if key not in self.warned:
+            self.warned.add(key)
+            self.log.log(level, msg, *args)
 
     def scan_inbox(self, full: bool) -> None:
         now = time.monotonic()
@@ -550,8 +716,11 @@ class Daemon:
             if stat.S_ISREG(st.st_mode) and _open_for_writing(path):
                 cand.since = time.monotonic()   # still being written: wait another interval
                 self.candidates[path] = cand
+                self._warn_once(f"{path}\0open", "%s is still open for writing by another "
+                                "process: it is taken once that closes it (a file being written "
+                                "is never half-read)", path, level=logging.INFO)
                 continue
-            self._ingest(path, cand.priority, batch)
+            self._ingest(path, cand.priority, batch, cand.sig)
             if time.monotonic() - last_control > 0.5:   # a burst must not hide a stop
                 last_control = time.monotonic()
                 batch.flush()
@@ -560,23 +729,46 @@ class Daemon:
                 if self.stop_request or self.stop_signal:
                     return
 
-    def _ingest(self, path: str, priority: str, batch) -> None:
+    def _ingest(self, path: str, priority: str, batch, sig: tuple | None = None) -> None:
         name = os.path.basename(path)
         incoming = self.p.queue / training_queue.INCOMING / priority
+        special = _special_file(path, self.p.root)  # where it is: a relative link means this
         try:
             claimed = trainroot.move_unique(path, incoming, sync=False)
         except FileNotFoundError:
             return  # someone took it back first
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            # inbox/ on another disk (a link to a shared drop folder): copy, then remove
+            try:
+                claimed = _claim_across(path, incoming, sig)
+            except OSError as err:
+                self._warn_once(path, "%s cannot be taken from the inbox (%s); it stays there. "
+                                "Make %s writable for this user, or copy the file in with "
+                                "`python3 training_queue.py add %s`.", path,
+                                err.strerror or err, os.path.dirname(path), shlex.quote(path))
+                return
+            if claimed is None:
+                if special is not None and not special[0].startswith("not a regular file: a "
+                                                                     "symbolic link"):
+                    self._warn_once(path, "%s: %s on another filesystem than the root; it stays "
+                                    "where it is. %s", path, special[0], special[1])
+                return  # changed while copied, or a pipe/socket/device: looked at again later
         batch.dirs.update((os.path.dirname(path), str(incoming)))
-        self._enqueue_claimed(claimed, priority, name, batch)
+        self._enqueue_claimed(claimed, priority, name, batch, special)
 
-    def _enqueue_claimed(self, claimed: Path, priority: str, name: str, batch=None) -> None:
+    def _enqueue_claimed(self, claimed: Path, priority: str, name: str, batch=None,
+                         special: tuple[str, str] | None = None) -> None:
+        if claimed.is_file() and not claimed.is_symlink():
+            special = None
+        elif special is None:
+            special = _special_file(str(claimed), self.p.root) or ("not a regular file", None)
         try:
             rec = training_queue.enqueue(
                 self.p.root, claimed, priority=priority, move=True, cfg=self.cfg,
                 source="inbox", done=self.done, name=name, batch=batch,
-                not_regular=None if claimed.is_file() and not claimed.is_symlink()
-                else "not a regular file")
+                not_regular=special and special[0], fix=special and special[1])
         except Exception as exc:  # never lose it: whatever broke, the file stays claimed
             self.log.exception("intake of %s failed; it stays in %s", name, claimed.parent)
             self.last_error = f"intake of {name} failed: {exc}"
@@ -588,8 +780,9 @@ class Daemon:
             self._burst_quiet += 1  # a burst: one summary line instead of 10,000
             return
         level = logging.INFO if rec["outcome"] == "queued" else logging.WARNING
-        self.log.log(level, "%s: %s (%s)%s", name, rec["outcome"], priority,
-                     f" - {rec['reason']}" if rec.get("reason") else "")
+        self.log.log(level, "%s: %s (%s)%s%s", name, rec["outcome"], priority,
+                     f" - {rec['reason']}" if rec.get("reason") else "",
+                     f". {rec['fix']}" if rec.get("fix") else "")
 
     def recover_incoming(self) -> None:
         """Files claimed from the inbox before a crash go through intake again."""
@@ -599,7 +792,13 @@ class Daemon:
             if not d.is_dir():
                 continue
             for n in sorted(os.listdir(d)):
-                if not training_queue.is_ignored(n):
+                if n.startswith(".claim-") and n.endswith(".tmp"):
+                    # a copy from another disk cut short: its original is still in the inbox
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(d / n)
+                    self.log.info("recovery: removed %s (a partial copy; the original is still "
+                                  "in the inbox)", d / n)
+                elif not training_queue.is_ignored(n):
                     self._enqueue_claimed(d / n, pr, n)
 
     # ---------------------------------------------------------------- pre-flight
@@ -612,7 +811,7 @@ class Daemon:
             raise _Paused(GuardrailError(
                 "pre-flight: current_model is not usable (" + "; ".join(problems[:5]) + ")",
                 self.p.current_model, "Bring it back with `python3 model_versioner.py restore "
-                "latest`, then run `python3 training_controller.py resume`."))
+                f"latest`, then {self._go_on()}."))
         changed = training_config.changed_locked(self.p.root, cfg)
         if changed:
             text = "; ".join(training_config.format_change(*c) for c in changed)
@@ -627,8 +826,17 @@ class Daemon:
             raise _Paused(GuardrailError(
                 f"pre-flight: not enough free disk ({free >> 20} MB free, {need >> 20} MB "
                 "needed for a checkpoint and a new model)", self.p.root,
-                "Free space (e.g. `python3 model_versioner.py prune --yes`), then run "
-                "`python3 training_controller.py resume`."))
+                f"Free space (e.g. `python3 model_versioner.py prune --yes`), then "
+                f"{self._go_on()}."))
+
+    def _go_on(self) -> str:
+        """How to carry on once the cause is fixed: a running daemon waits for `resume`;
+        a --once one has exited, so it is started again."""
+        if not self.once:
+            return "run `python3 training_controller.py resume`"
+        root = "" if self.p.root.resolve() == resolve_root(None) else \
+            f" --root {shlex.quote(str(self.p.root))}"
+        return f"run `python3 training_daemon.py run --once{root}` again"
 
     # ---------------------------------------------------------------- one file
 
@@ -653,9 +861,14 @@ class Daemon:
                           f"(into version {prior.get('version_after')})")
                 rec.update(reason=reason, duplicate_of=prior.get("name"),
                            trained_into=prior.get("version_after"), outcome="skipped")
-                with contextlib.suppress(FileNotFoundError):
-                    training_queue.move_with_record(item["path"], self.p.skipped, rec, reason)
-                self.log.warning("%s: skipped - %s", item["name"], reason)
+                try:
+                    dst = training_queue.move_with_record(
+                        item["path"], self.p.skipped, rec, reason,
+                        finish=lambda d: {"fix": training_queue.fix_for(self.p, "duplicate", d)})
+                except FileNotFoundError:
+                    continue  # `remove` took it meanwhile
+                self.log.warning("%s: skipped - %s. %s", item["name"], reason,
+                                 training_queue.fix_for(self.p, "duplicate", dst))
                 continue
             return Path(item["path"])
         return None
@@ -998,7 +1211,8 @@ class Daemon:
 
     def run(self) -> int:
         import training_config
-        self.p.ensure()
+        training_config.load_config(self.p.root)  # a mistyped --root fails, creating nothing
+        _ensure_folders(self.p)
         lock = trainroot.FileLock(self.p.lock("daemon"), "training_daemon run")
         try:
             lock.acquire()

@@ -137,14 +137,16 @@ class SyncBatch:
 
 
 def move_with_record(src, directory, record: dict, event: str | None = None,
-                     name: str | None = None, batch: SyncBatch | None = None) -> Path:
+                     name: str | None = None, batch: SyncBatch | None = None,
+                     finish=None) -> Path:
     """Move a data file into `directory` under a free name, with its record beside it.
 
     Order: write the new record (claiming the name: never replacing one), rename the data
     (never replacing), drop the old record. Two movers racing for one free name: one
     claims it, the other takes the next. A crash between steps leaves at most an orphan
     record, which `recover` removes; the data file itself is always whole and in exactly
-    one place.
+    one place. `finish(dst)` returns fields that depend on the final name (the command
+    that fixes a failed file names where it is), written with the record in one go.
     """
     src, directory = Path(src), Path(directory)
     if not directory.is_dir():
@@ -155,6 +157,8 @@ def move_with_record(src, directory, record: dict, event: str | None = None,
     while True:
         dst = _free_destination(directory, name or src.name, moving=src)
         record["name"] = dst.name
+        if finish is not None:
+            record.update(finish(dst))
         same_record = record_path(dst) == record_path(src)  # renamed in place: its own record
         try:
             atomic_write_json(record_path(dst), record, sync=batch is None,
@@ -352,18 +356,45 @@ def _q(path) -> str:
     return shlex.quote(str(path))
 
 
-def _requeue_cmd(root, path, *flags: str) -> str:
-    """The command that queues a file kept in failed/ or skipped/ again (--root if needed)."""
-    cmd = " ".join(["python3 training_queue.py add", _q(path), "--move", *flags])
+def add_cmd(root, path, *flags: str) -> str:
+    """`python3 training_queue.py add PATH FLAGS` for `root` (--root if it is not the default)."""
+    cmd = " ".join(["python3 training_queue.py add", _q(path), *flags])
     root = Path(root).resolve()
     return cmd if root == resolve_root(None) else f"{cmd} --root {_q(root)}"
+
+
+def _requeue_cmd(root, path, *flags: str) -> str:
+    """The command that queues a file kept in failed/ or skipped/ again (--root if needed)."""
+    return add_cmd(root, path, "--move", *flags)
+
+
+def jsonl_name(name: str) -> str:
+    """The name a file with a wrong suffix (`x.JSONL`, `x.json`, `x`) would have as data."""
+    base, ext = os.path.splitext(name)
+    return (base if ext and base else name) + ".jsonl"
+
+
+def fix_for(p: Paths, reason_kind: str, dst: Path, fix: str | None = None) -> str:
+    """The command that fixes a file the intake put in failed/ or skipped/ (`dst`)."""
+    if fix:
+        return fix
+    if reason_kind == "suffix":
+        return (f"If it holds JSON lines, `mv {_q(dst)} {_q(p.inbox / jsonl_name(dst.name))}` "
+                "drops it in the inbox under a .jsonl name.")
+    if reason_kind == "special":
+        return (f"Save the data as a regular .jsonl file and drop that into {_q(p.inbox)}/ "
+                f"(`cp --dereference SOURCE {_q(p.inbox)}/NAME.jsonl`).")
+    if reason_kind == "invalid":
+        return (f"See every bad line with `python3 validate_data.py {_q(dst)}`; fix them, then "
+                f"`{_requeue_cmd(p.root, dst)}`.")
+    return f"`{_requeue_cmd(p.root, dst, '--force')}` queues it anyway."
 
 
 def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: bool = False,
             cfg: dict | None = None, source: str = "training_queue.py add",
             done: dict | None = None, extra: dict | None = None, name: str | None = None,
             not_regular: str | None = None, batch: SyncBatch | None = None,
-            by_hand: bool = False) -> dict:
+            by_hand: bool = False, fix: str | None = None) -> dict:
     """Validate `path`, then queue it (copy, or move with `move=True`).
 
     Invalid -> failed/ (only when moving; a copy source is left alone and the error
@@ -371,7 +402,8 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
     `add`, not the daemon's intake) also refuses content already queued or being trained
     (the daemon leaves that to the head of the queue), a path that is not a readable file
     (UsageError), and a --move out of the daemon's own folders. Returns the record with
-    `outcome` queued|failed|skipped and `path`.
+    `outcome` queued|failed|skipped and `path`; a failed or skipped one also has `fix`, the
+    command that fixes it (`fix` given here is used for a `not_regular` file).
     """
     p = Paths(root)
     src = Path(path)
@@ -426,23 +458,29 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
         stays = not move or work.resolve().parent in (p.failed.resolve(), p.skipped.resolve())
         if not result["ok"]:
             reason = problem or result.get('verdict') or f"invalid: {result['errors']} error(s)"
+            kind = "suffix" if problem == "not a .jsonl file" else \
+                "special" if not_regular else "invalid"
             if stays:
-                raise GuardrailError(f"{reason}; not queued", src,
-                                     f"See `python3 validate_data.py {_q(src)}`, fix the file, "
-                                     "add it again.")
+                raise GuardrailError(f"{reason}; not queued", src, (
+                    f"Rename it to end in .jsonl (`mv {_q(src)} "
+                    f"{_q(src.with_name(jsonl_name(src.name)))}`), then add it again."
+                    if kind == "suffix" else f"See `python3 validate_data.py {_q(src)}`, fix "
+                    "the file, add it again."))
             record.update(reason=reason, report=result["report"], outcome="failed")
-            dst = move_with_record(work, p.failed, record, reason, name=name, batch=batch)
-            return dict(record, name=dst.name, path=str(dst))
+            dst = move_with_record(work, p.failed, record, reason, name=name, batch=batch,
+                                   finish=lambda d: {"fix": fix_for(p, kind, d, fix)})
+            return dict(record, name=dst.name, path=str(dst), fix=fix_for(p, kind, dst, fix))
         if done is None:
             done = done_index(p.root)
         dup = None if force else _duplicate(p, record["sha256"], done, queued=by_hand)
         if dup:
-            reason, fix, fields = dup
+            reason, dup_fix, fields = dup
             record.update(reason=reason, outcome="skipped", **fields)
             if stays:
-                raise GuardrailError(reason, src, fix)
-            dst = move_with_record(work, p.skipped, record, reason, name=name, batch=batch)
-            return dict(record, name=dst.name, path=str(dst))
+                raise GuardrailError(reason, src, dup_fix)
+            dst = move_with_record(work, p.skipped, record, reason, name=name, batch=batch,
+                                   finish=lambda d: {"fix": fix_for(p, "duplicate", d)})
+            return dict(record, name=dst.name, path=str(dst), fix=fix_for(p, "duplicate", dst))
         record["outcome"] = "queued"
         dst = move_with_record(work, p.queue / priority, record, "queued", name=name,
                                batch=batch)
@@ -531,10 +569,19 @@ def counts(root) -> dict:
             return sum(1 for n in os.listdir(d) if not is_ignored(n))
         except FileNotFoundError:
             return 0
+
+    def n_takeable(d: Path) -> int:
+        """Entries the daemon will take: not folders (it never looks inside one), not
+        hidden or temporary names."""
+        try:
+            with os.scandir(d) as it:
+                return sum(1 for e in it if not is_ignored(e.name)
+                           and not e.is_dir(follow_symlinks=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
     out = {pr: n_data(p.queue / pr) for pr in PRIORITIES}
     out["queued"] = sum(out[pr] for pr in PRIORITIES)
-    out["inbox"] = sum(n_data(d) for d in (p.inbox_high, p.inbox, p.inbox_low)) - \
-        sum(1 for d in (p.inbox_high, p.inbox_low) if d.is_dir())
+    out["inbox"] = sum(n_takeable(d) for d in (p.inbox_high, p.inbox, p.inbox_low))
     for name in ("processing", "done", "failed", "skipped"):
         out[name] = n_data(getattr(p, name))
     return out
@@ -643,7 +690,8 @@ def cmd_add(args) -> int:
             print(f"Queued {rec['name']} ({args.priority}, {_records(rec['records'])}).")
         return 0
     # --move of a file that cannot be queued: it is kept where it went, with its reason
-    fix = (f"Fix it, then `{_requeue_cmd(root, rec['path'])}`." if rec["outcome"] == "failed"
+    fix = (rec["fix"] if rec.get("reason") == "not a .jsonl file"  # a rename, not an edit
+           else f"Fix it, then `{_requeue_cmd(root, rec['path'])}`." if rec["outcome"] == "failed"
            else f"`{_requeue_cmd(root, rec['path'], '--force')}` queues it anyway.")
     error = GuardrailError(f"{rec['reason']}; not queued, moved to {rec['path']}", None, fix)
     print(f"Error: {error}", file=sys.stderr)
