@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import fcntl
 import importlib
 import logging
 import logging.handlers
@@ -27,137 +26,26 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
+import inbox_files
+import root_init
 import torchrun_job
 import training_queue
 import trainroot
+from root_init import init_root  # noqa: F401  (training_daemon.init_root, as documented)
 from trainroot import GuardrailError, Paths, add_common_args, print_json, resolve_root
 
-STATUS_COMMAND = "python3 state_tracker.py --check"
 SCRIPTS = Path(__file__).resolve().parent
 
 
 # --------------------------------------------------------------------------- init
 
-def _chmod_tree(folder: Path, file_mode: int = 0o644, dir_mode: int = 0o755) -> None:
-    """Normal read permissions (safetensors 0.8 writes 0600)."""
-    for dirpath, dirnames, filenames in os.walk(folder):
-        os.chmod(dirpath, dir_mode)
-        for name in filenames:
-            os.chmod(os.path.join(dirpath, name), file_mode)
-
-
-def _empty_dir(path: Path) -> bool:
-    """A real folder (not a link) with nothing in it."""
-    try:
-        if not stat.S_ISDIR(os.lstat(path).st_mode):
-            return False
-        with os.scandir(path) as it:
-            return next(it, None) is None
-    except OSError:
-        return False
-
-
-def _ensure_folders(p: Paths) -> None:
-    """Create the root's folders; one that is a file (someone's data named `high`, say) is
-    an error naming it, never a bare `File exists`."""
-    if os.path.lexists(p.root) and not p.root.is_dir():
-        raise GuardrailError("the training root is not a folder", p.root,
-                             "Point --root (or $TRAINING_ROOT) at a folder, e.g. "
-                             "`python3 training_daemon.py init --root ~/train`.")
-    for d in p.runtime_dirs():
-        if os.path.lexists(d) and not d.is_dir():
-            rel = d.relative_to(p.root)
-            kind = "a file" if os.path.isfile(d) else "not a folder (a link or special file)"
-            aside = f"{d}.jsonl" if d.parent in (p.root / "inbox", p.root) and \
-                str(rel).startswith("inbox") else f"{d}.aside"
-            raise GuardrailError(
-                f"{rel} is {kind}" + (", not a folder" if kind == "a file" else ""), d,
-                f"Move it aside (e.g. `mv {shlex.quote(str(d))} {shlex.quote(aside)}`), then "
-                "run the command again; the folder is created anew.")
-    p.ensure()
-
-
-def init_root(root, base: str = "tiny") -> dict:
-    """Create config.json, current_model/ and version v001 in `root`, and approve the config.
-
-    `base` is "tiny" (a small model built locally, no download) or the path of a local
-    Hugging Face causal-LM folder, which is copied after checking that it loads.
-    Refuses, changing nothing, when `root` already has a current_model/.
-    """
-    p = Paths(resolve_root(root))
-    if not str(base).strip():  # Path("") is the current folder: never copy that by accident
-        raise trainroot.UsageError("--base is empty", "python3 training_daemon.py init",
-                                   "Pass --base tiny or the path of a local Hugging Face model folder.")
-    if _empty_dir(p.current_model):  # nothing to keep, but init still never removes it
-        raise GuardrailError(
-            "current_model exists but is empty (no model in it); init never replaces it",
-            p.current_model, f"Remove the empty folder with `rmdir {shlex.quote(str(p.current_model))}`, "
-            f"then run `python3 training_daemon.py init --root {shlex.quote(str(p.root))}` again.")
-    if os.path.lexists(p.current_model):
-        raise GuardrailError(
-            "current_model already exists; init never replaces a model", p.current_model,
-            f"Check it with `{STATUS_COMMAND}`; to go back to a version use "
-            f"`python3 model_versioner.py restore V --root {p.root}`.")
-    if base != "tiny":
-        src = Path(base).expanduser().resolve()
-        if not src.is_dir():
-            raise GuardrailError("base model folder not found", src,
-                                 "Pass --base tiny or the path of a local Hugging Face model folder.")
-        base_model = str(src)
-    else:
-        src, base_model = None, "tiny"
-
-    import training_config
-    if p.config.exists():  # left by an interrupted init: keep the user's settings if they match
-        cfg = training_config.load_config(p.root)
-        if cfg.get("base_model") != base_model:
-            raise GuardrailError(
-                f"config.json already names base_model {cfg.get('base_model')!r}, not {base_model!r}",
-                p.config, f"Run init with --base {cfg.get('base_model')}, or move config.json aside.")
-    else:
-        cfg = training_config.default_config(base_model=base_model)
-
-    _ensure_folders(p)
-    with trainroot.FileLock(p.lock("daemon"), "init"):
-        if os.path.lexists(p.current_model):  # raced with another init
-            raise GuardrailError("current_model already exists; init never replaces a model",
-                                 p.current_model, f"Check it with `{STATUS_COMMAND}`.")
-        import model_versioner
-        import training_engine  # the only torch import, paid here and only here
-        staged = Path(tempfile.mkdtemp(prefix="init-", dir=p.staging))
-        model_dir = staged / "model"
-        try:
-            if src is None:
-                training_engine.build_tiny_model(model_dir)
-            else:
-                training_engine.copy_base_model(src, model_dir)  # checks that it loads first
-            _chmod_tree(model_dir)
-            model_versioner.write_manifest(model_dir)
-            positions = training_engine.model_max_positions(
-                trainroot.read_json(model_dir / "config.json", default={}))
-            if not p.config.exists() and positions and cfg["max_length"] > positions:
-                cfg["max_length"] = positions  # a row longer than the model's positions cannot train
-            if not p.config.exists():  # only once the model is built: a failed init leaves none
-                training_config.write_config(p.root, cfg)
-            model_versioner.publish_model(p.root, model_dir, reason="init")
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
-        version = model_versioner.create_version(p.root, "init")
-        approval = training_config.approve(p.root, cfg, by="init")
-    vid = _version_id(version)
-    return {"ok": True, "root": str(p.root), "base_model": base_model,
-            "current_model": str(p.current_model), "version": vid,
-            "approved": approval["values"]}
-
-
 def cmd_init(args) -> int:
     """Create config.json, current_model/ and version v001, and approve the config."""
-    result = init_root(resolve_root(args.root), base=args.base)
+    result = root_init.init_root(resolve_root(args.root), base=args.base)
     if args.json:
         print_json(result)
     else:
@@ -176,26 +64,6 @@ CONTROL_EVERY_S = 0.2    # a directory scan of control/ at most this often while
 IDLE_TICK_S = 0.25       # idle loop: control requests are seen well within a second
 BURST_LOG_LINES = 20     # files logged one by one per intake pass before a summary line
 _PRIORITY_DIRS = (("high", "inbox_high"), ("normal", "inbox"), ("low", "inbox_low"))
-
-
-def _open_for_writing(path: str) -> bool:
-    """True if some process has `path` open for writing (a read lease is refused then).
-
-    Linux only and cheap (three syscalls). Where leases are unsupported (NFS, another
-    owner without CAP_LEASE) it answers False and the settle interval alone decides.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError:
-        return False
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-        return False
-    except OSError as exc:
-        return exc.errno in (errno.EAGAIN, errno.EBUSY)
-    finally:
-        os.close(fd)
 
 
 def _version_id(v) -> str | None:
@@ -286,92 +154,6 @@ def _import_engine(model_dir: Path) -> None:
         AutoModelForCausalLM._model_mapping[type(config)]  # imports e.g. modeling_llama
     except Exception:  # only a head start: the main thread's import reports real problems
         logging.getLogger("training_daemon").debug("engine preload incomplete", exc_info=True)
-
-
-def _special_file(path: str, root: Path) -> tuple[str, str] | None:
-    """(reason, fix) for an inbox entry that is not a regular file, judged where it is (a
-    relative link means something else once moved); None for a regular file or none."""
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:
-        return None
-    if stat.S_ISREG(mode):
-        return None
-    inbox = root / "inbox"
-    save = f"Save the data as a regular .jsonl file and drop that into {shlex.quote(str(inbox))}/."
-    if stat.S_ISLNK(mode):
-        try:
-            link = os.readlink(path)
-        except OSError:
-            link = "?"
-        itself = f"Drop the file itself into {shlex.quote(str(inbox))}/, not a link to it."
-        try:
-            target_mode = os.stat(path).st_mode
-        except FileNotFoundError:
-            return f"not a regular file: a symbolic link to {link}, which does not exist", itself
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                return f"not a regular file: a symbolic link loop ({link})", itself
-            return (f"not a regular file: a symbolic link to {link}, which cannot be read "
-                    f"({exc.strerror})", itself)
-        target = os.path.realpath(path)
-        if stat.S_ISREG(target_mode):
-            return (f"not a regular file: a symbolic link to {target} (only a file itself is "
-                    "taken: a link's target can change while it trains)",
-                    f"`{training_queue.add_cmd(root, target)}` queues a copy of its content.")
-        return f"not a regular file: a symbolic link to {target}, which is not a file", itself
-    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a device file" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
-    return f"not a regular file: {kind}", save
-
-
-def _claim_across(src: str, directory: Path, sig: tuple | None) -> Path | None:
-    """Take `src` from another filesystem into `directory` (rename(2) said EXDEV), as `mv`
-    does across disks: copy under a hidden temp name, fsync, give the copy its name (never
-    replacing one), and only then remove the original. A crash in between leaves it in the
-    inbox as well, and the second copy is skipped as already trained: never in no place.
-
-    Regular files and links (re-made with the same target) only; None for anything else,
-    or when the file changed while it was copied (it settles and is taken later).
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    st = os.lstat(src)
-    name = os.path.basename(src)
-    tmp = directory / f".claim-{os.getpid()}-{time.time_ns()}.tmp"   # hidden: never taken
-    if stat.S_ISLNK(st.st_mode):
-        os.symlink(os.readlink(src), tmp)
-    elif stat.S_ISREG(st.st_mode):
-        # O_NONBLOCK: a file swapped for a FIFO since it was looked at must not hang us
-        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-        try:
-            with open(fd, "rb", closefd=False) as f_in, open(tmp, "xb") as f_out:
-                shutil.copyfileobj(f_in, f_out, 1 << 20)
-                f_out.flush()
-                os.fsync(f_out.fileno())
-            after = os.fstat(fd)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        finally:
-            os.close(fd)
-        now = (after.st_size, after.st_mtime_ns, after.st_ino)
-        if not stat.S_ISREG(after.st_mode) or now != (sig or now) or \
-                now != (st.st_size, st.st_mtime_ns, st.st_ino) or os.path.getsize(tmp) != after.st_size:
-            os.unlink(tmp)
-            return None
-        shutil.copystat(src, tmp)  # its mode and mtime, as `mv` keeps them
-    else:
-        return None
-    dst = trainroot.move_unique(tmp, directory, name=name)   # fsyncs the folder
-    try:
-        os.unlink(src)
-    except FileNotFoundError:
-        pass  # removed meanwhile: the copy is the one left
-    except OSError:  # a read-only drop folder: keep the original there, never two of it
-        os.unlink(dst)
-        raise
-    return dst
 
 
 class _Candidate:
@@ -713,7 +495,7 @@ class Daemon:
                 self.candidates[path] = _Candidate(cand.priority,
                                                    (st.st_size, st.st_mtime_ns, st.st_ino), now)
                 continue
-            if stat.S_ISREG(st.st_mode) and _open_for_writing(path):
+            if stat.S_ISREG(st.st_mode) and inbox_files.open_for_writing(path):
                 cand.since = time.monotonic()   # still being written: wait another interval
                 self.candidates[path] = cand
                 self._warn_once(f"{path}\0open", "%s is still open for writing by another "
@@ -732,7 +514,7 @@ class Daemon:
     def _ingest(self, path: str, priority: str, batch, sig: tuple | None = None) -> None:
         name = os.path.basename(path)
         incoming = self.p.queue / training_queue.INCOMING / priority
-        special = _special_file(path, self.p.root)  # where it is: a relative link means this
+        special = inbox_files.special_file(path, self.p.root)  # where it is: a relative link means this
         try:
             claimed = trainroot.move_unique(path, incoming, sync=False)
         except FileNotFoundError:
@@ -742,7 +524,7 @@ class Daemon:
                 raise
             # inbox/ on another disk (a link to a shared drop folder): copy, then remove
             try:
-                claimed = _claim_across(path, incoming, sig)
+                claimed = inbox_files.claim_across(path, incoming, sig)
             except OSError as err:
                 self._warn_once(path, "%s cannot be taken from the inbox (%s); it stays there. "
                                 "Make %s writable for this user, or copy the file in with "
@@ -763,7 +545,7 @@ class Daemon:
         if claimed.is_file() and not claimed.is_symlink():
             special = None
         elif special is None:
-            special = _special_file(str(claimed), self.p.root) or ("not a regular file", None)
+            special = inbox_files.special_file(str(claimed), self.p.root) or ("not a regular file", None)
         try:
             rec = training_queue.enqueue(
                 self.p.root, claimed, priority=priority, move=True, cfg=self.cfg,
@@ -1212,7 +994,7 @@ class Daemon:
     def run(self) -> int:
         import training_config
         training_config.load_config(self.p.root)  # a mistyped --root fails, creating nothing
-        _ensure_folders(self.p)
+        root_init.ensure_folders(self.p)
         lock = trainroot.FileLock(self.p.lock("daemon"), "training_daemon run")
         try:
             lock.acquire()

@@ -1,0 +1,133 @@
+"""`training_daemon.py init`: a new training root with config.json, current_model/ and v001.
+
+`init_root(root, base)` builds the embedded tiny model (no download) or copies a local
+Hugging Face folder after checking that it loads, takes version v001 and approves the
+config (SPEC §5). It never replaces an existing current_model/. `ensure_folders` creates
+a root's runtime folders, naming any that is a file instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+import trainroot
+from trainroot import GuardrailError, Paths, resolve_root
+
+STATUS_COMMAND = "python3 state_tracker.py --check"
+
+
+def _chmod_tree(folder: Path, file_mode: int = 0o644, dir_mode: int = 0o755) -> None:
+    """Normal read permissions (safetensors 0.8 writes 0600)."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        os.chmod(dirpath, dir_mode)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), file_mode)
+
+
+def _empty_dir(path: Path) -> bool:
+    """A real folder (not a link) with nothing in it."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+        with os.scandir(path) as it:
+            return next(it, None) is None
+    except OSError:
+        return False
+
+
+def ensure_folders(p: Paths) -> None:
+    """Create the root's folders; one that is a file (someone's data named `high`, say) is
+    an error naming it, never a bare `File exists`."""
+    if os.path.lexists(p.root) and not p.root.is_dir():
+        raise GuardrailError("the training root is not a folder", p.root,
+                             "Point --root (or $TRAINING_ROOT) at a folder, e.g. "
+                             "`python3 training_daemon.py init --root ~/train`.")
+    for d in p.runtime_dirs():
+        if os.path.lexists(d) and not d.is_dir():
+            rel = d.relative_to(p.root)
+            kind = "a file" if os.path.isfile(d) else "not a folder (a link or special file)"
+            aside = f"{d}.jsonl" if d.parent in (p.root / "inbox", p.root) and \
+                str(rel).startswith("inbox") else f"{d}.aside"
+            raise GuardrailError(
+                f"{rel} is {kind}" + (", not a folder" if kind == "a file" else ""), d,
+                f"Move it aside (e.g. `mv {shlex.quote(str(d))} {shlex.quote(aside)}`), then "
+                "run the command again; the folder is created anew.")
+    p.ensure()
+
+
+def init_root(root, base: str = "tiny") -> dict:
+    """Create config.json, current_model/ and version v001 in `root`, and approve the config.
+
+    `base` is "tiny" (a small model built locally, no download) or the path of a local
+    Hugging Face causal-LM folder, which is copied after checking that it loads.
+    Refuses, changing nothing, when `root` already has a current_model/.
+    """
+    p = Paths(resolve_root(root))
+    if not str(base).strip():  # Path("") is the current folder: never copy that by accident
+        raise trainroot.UsageError("--base is empty", "python3 training_daemon.py init",
+                                   "Pass --base tiny or the path of a local Hugging Face model folder.")
+    if _empty_dir(p.current_model):  # nothing to keep, but init still never removes it
+        raise GuardrailError(
+            "current_model exists but is empty (no model in it); init never replaces it",
+            p.current_model, f"Remove the empty folder with `rmdir {shlex.quote(str(p.current_model))}`, "
+            f"then run `python3 training_daemon.py init --root {shlex.quote(str(p.root))}` again.")
+    if os.path.lexists(p.current_model):
+        raise GuardrailError(
+            "current_model already exists; init never replaces a model", p.current_model,
+            f"Check it with `{STATUS_COMMAND}`; to go back to a version use "
+            f"`python3 model_versioner.py restore V --root {p.root}`.")
+    if base != "tiny":
+        src = Path(base).expanduser().resolve()
+        if not src.is_dir():
+            raise GuardrailError("base model folder not found", src,
+                                 "Pass --base tiny or the path of a local Hugging Face model folder.")
+        base_model = str(src)
+    else:
+        src, base_model = None, "tiny"
+
+    import training_config
+    if p.config.exists():  # left by an interrupted init: keep the user's settings if they match
+        cfg = training_config.load_config(p.root)
+        if cfg.get("base_model") != base_model:
+            raise GuardrailError(
+                f"config.json already names base_model {cfg.get('base_model')!r}, not {base_model!r}",
+                p.config, f"Run init with --base {cfg.get('base_model')}, or move config.json aside.")
+    else:
+        cfg = training_config.default_config(base_model=base_model)
+
+    ensure_folders(p)
+    with trainroot.FileLock(p.lock("daemon"), "init"):
+        if os.path.lexists(p.current_model):  # raced with another init
+            raise GuardrailError("current_model already exists; init never replaces a model",
+                                 p.current_model, f"Check it with `{STATUS_COMMAND}`.")
+        import model_versioner
+        import training_engine  # the only torch import, paid here and only here
+        staged = Path(tempfile.mkdtemp(prefix="init-", dir=p.staging))
+        model_dir = staged / "model"
+        try:
+            if src is None:
+                training_engine.build_tiny_model(model_dir)
+            else:
+                training_engine.copy_base_model(src, model_dir)  # checks that it loads first
+            _chmod_tree(model_dir)
+            model_versioner.write_manifest(model_dir)
+            positions = training_engine.model_max_positions(
+                trainroot.read_json(model_dir / "config.json", default={}))
+            if not p.config.exists() and positions and cfg["max_length"] > positions:
+                cfg["max_length"] = positions  # a row longer than the model's positions cannot train
+            if not p.config.exists():  # only once the model is built: a failed init leaves none
+                training_config.write_config(p.root, cfg)
+            model_versioner.publish_model(p.root, model_dir, reason="init")
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        version = model_versioner.create_version(p.root, "init")
+        approval = training_config.approve(p.root, cfg, by="init")
+    vid = version[0]  # create_version: (id, created)
+    return {"ok": True, "root": str(p.root), "base_model": base_model,
+            "current_model": str(p.current_model), "version": vid,
+            "approved": approval["values"]}
