@@ -63,6 +63,10 @@ STATE_EVERY_S = 1.0      # .daemon_state.json at most once a second
 CONTROL_EVERY_S = 0.2    # a directory scan of control/ at most this often while training
 IDLE_TICK_S = 0.25       # idle loop: control requests are seen well within a second
 BURST_LOG_LINES = 20     # files logged one by one per intake pass before a summary line
+INTAKE_WHILE_TRAINING_S = (1.0, 0.25)  # while a file trains: an intake pass every 1 s, of
+                                       # at most 0.25 s (a burst goes on at the next one)
+INTAKE_WHILE_TRAINING_MAX_BYTES = 32 << 20  # validated in ~0.2 s; a bigger file waits for the
+                                            # file in training to end, so a stop stays prompt
 _PRIORITY_DIRS = (("high", "inbox_high"), ("normal", "inbox"), ("low", "inbox_low"))
 
 
@@ -198,7 +202,7 @@ class Daemon:
         self.backup_failed: str | None = None
         self.exit_code = 0
         self._state_written = 0.0
-        self._control_checked = 0.0
+        self._control_checked = self._intake_checked = 0.0
         self._next_rescan = 0.0
         self._retry_at = 0.0
         self._intake_count = self._burst_quiet = 0
@@ -350,6 +354,10 @@ class Daemon:
         if self.backup_failed is not None and self._poll_backup() is False:
             self.pending = ("pause", None)
             return "pause"
+        every, budget = INTAKE_WHILE_TRAINING_S
+        if now - self._intake_checked >= every:  # files dropped now are validated and queued now
+            self._intake_checked = now
+            self.intake(budget_s=budget)
         for req in self._requests():
             action = req["action"]
             if not self._claim(req):
@@ -463,8 +471,12 @@ class Daemon:
                 if pr is not None:
                     self._note(path, pr, now)
 
-    def intake(self) -> None:
-        """Claim every settled inbox file, validate it and queue it (or fail/skip it)."""
+    def intake(self, budget_s: float | None = None) -> None:
+        """Claim every settled inbox file, validate it and queue it (or fail/skip it).
+
+        With `budget_s` (while a file trains, between steps) a pass ends after about that
+        long; the files left wait for the next pass, and requests for the training loop.
+        """
         now = time.monotonic()
         full = now >= self._next_rescan
         if full:
@@ -476,16 +488,18 @@ class Daemon:
         batch = training_queue.SyncBatch()
         self._intake_count = self._burst_quiet = 0
         try:
-            self._intake_ready(ready, now, batch)
+            self._intake_ready(ready, now, batch, budget_s)
         finally:
             batch.flush()
             if self._burst_quiet:
                 self.log.warning("... and %d more files moved to failed/ or skipped/ (each with "
                                  "its reason in NAME.record.json)", self._burst_quiet)
 
-    def _intake_ready(self, ready: list, now: float, batch) -> None:
-        last_control = time.monotonic()
+    def _intake_ready(self, ready: list, now: float, batch, budget_s: float | None) -> None:
+        started = last_control = time.monotonic()
         for _, path in ready:
+            if budget_s is not None and time.monotonic() - started > budget_s:
+                return  # training goes on; the rest stay candidates for the next pass
             cand = self.candidates.pop(path)
             try:
                 st = os.lstat(path)
@@ -495,6 +509,9 @@ class Daemon:
                 self.candidates[path] = _Candidate(cand.priority,
                                                    (st.st_size, st.st_mtime_ns, st.st_ino), now)
                 continue
+            if budget_s is not None and st.st_size > INTAKE_WHILE_TRAINING_MAX_BYTES:
+                self.candidates[path] = cand  # taken once no file trains
+                continue
             if stat.S_ISREG(st.st_mode) and inbox_files.open_for_writing(path):
                 cand.since = time.monotonic()   # still being written: wait another interval
                 self.candidates[path] = cand
@@ -503,7 +520,7 @@ class Daemon:
                                 "is never half-read)", path, level=logging.INFO)
                 continue
             self._ingest(path, cand.priority, batch, cand.sig)
-            if time.monotonic() - last_control > 0.5:   # a burst must not hide a stop
+            if budget_s is None and time.monotonic() - last_control > 0.5:  # a burst must not hide a stop
                 last_control = time.monotonic()
                 batch.flush()
                 self.write_state()
@@ -555,7 +572,7 @@ class Daemon:
             self.log.exception("intake of %s failed; it stays in %s", name, claimed.parent)
             self.last_error = f"intake of {name} failed: {exc}"
             return
-        if rec["outcome"] == "queued":
+        if rec["outcome"] == "queued" and self.current is None:
             self.preload_engine()  # torch loads while the rest of the inbox settles
         self._intake_count += 1
         if self._intake_count > BURST_LOG_LINES and rec["outcome"] != "queued":

@@ -260,6 +260,30 @@ def test_running_daemon_slow_writer_mv_rename_and_second_daemon(initialized_root
     assert "SIGTERM" in d.output()
 
 
+def test_files_dropped_while_a_file_trains_are_validated_and_queued_at_once(initialized_root,
+                                                                          daemons):
+    """A long file trains; a good and a bad file dropped meanwhile are queued and failed
+    within seconds, not when the long file ends, and the long one trains on."""
+    root = initialized_root
+    tune(root)
+    d = daemons(root)
+    d.wait_ready()
+    write_data(root / "inbox" / "long.jsonl", 400, "long")
+    wait_for(lambda: (d.state().get("progress") or {}).get("step_in_file"), 60,
+             "long.jsonl training", d.proc)
+    write_data(root / "inbox" / "later.jsonl", 3, "later")
+    (root / "inbox" / "bad.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    wait_for(lambda: (root / "queue" / "normal" / "later.jsonl.record.json").exists()
+             and (root / "failed" / "bad.jsonl.record.json").exists(), 30,
+             "the dropped files taken", d.proc)
+    assert d.state().get("current_file", {}).get("name") == "long.jsonl"
+    assert (root / "processing" / "long.jsonl").exists()
+    assert record(root / "failed" / "bad.jsonl")["report"]["errors"][0]["line"] == 2
+    assert d.stop() == 0, d.output()
+    assert data_files(root) == {"queue/normal": ["later.jsonl"], "processing": ["long.jsonl"],
+                                "failed": ["bad.jsonl"]}
+
+
 def _trained_state(root: Path) -> tuple[dict, bytes]:
     state = json.loads((root / "current_model" / "trainer_state.json").read_text())
     return ({k: state[k] for k in ("global_step", "tokens_seen")},
