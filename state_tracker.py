@@ -105,10 +105,12 @@ def _listdir(path: Path) -> list[str]:
 
 
 def _data_names(path: Path) -> list[str]:
-    """Data files in a lifecycle folder: not hidden, not temporary, not a sidecar."""
+    """Data files in a lifecycle folder: not hidden, not temporary, not a sidecar, not a
+    folder (a link or a pipe counts: the daemon takes it, to failed/ with its reason)."""
     try:
         with os.scandir(path) as it:
-            names = [e.name for e in it if e.is_file() and not e.name.startswith(".")
+            names = [e.name for e in it if not e.is_dir(follow_symlinks=False)
+                     and not e.name.startswith(".")
                      and not e.name.endswith(IGNORED_SUFFIXES) and e.name != "4913"]
     except (FileNotFoundError, NotADirectoryError):
         return []

@@ -376,6 +376,9 @@ def jsonl_name(name: str) -> str:
 
 def fix_for(p: Paths, reason_kind: str, dst: Path, fix: str | None = None) -> str:
     """The command that fixes a file the intake put in failed/ or skipped/ (`dst`)."""
+    if reason_kind == "unreadable":
+        return (f"Make it readable for the daemon's user (`chmod a+r {_q(dst)}`), then "
+                f"`{_requeue_cmd(p.root, dst)}`.")
     if fix:
         return fix
     if reason_kind == "suffix":
@@ -435,16 +438,25 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
         except BaseException as exc:
             os.unlink(tmp)
             if isinstance(exc, OSError):  # a full disk, an I/O error: the source is untouched
+                unreadable = exc.errno in (errno.EACCES, errno.EPERM) and \
+                    not os.access(src, os.R_OK)
                 raise GuardrailError(f"cannot copy it into the queue ({exc.strerror or exc})",
-                                     src, f"Free space in {p.root} or check the disk, then add "
-                                     "it again.") from None
+                                     src, f"Make it readable (`chmod a+r {_q(src)}`), then add it "
+                                     "again." if unreadable else f"Free space in {p.root} or "
+                                     "check the disk, then add it again.") from None
             raise
         work = Path(tmp)
     else:
         work = src
     try:
         problem = not_regular or (None if name.endswith(".jsonl") else "not a .jsonl file")
-        record["sha256"] = None if not_regular else sha256_file(work)
+        unreadable = False
+        try:
+            record["sha256"] = None if not_regular else sha256_file(work)
+        except OSError as exc:  # e.g. mode 000 under a daemon that is not its owner
+            record["sha256"] = None
+            problem = not_regular = f"cannot be read ({exc.strerror or exc})"
+            unreadable, fix = True, None  # fix_for names chmod
         if problem:
             result = {"ok": False, "records": None, "format": None, "errors": 1,
                       "report": {"errors": [f"{problem}: {name}"]}}
@@ -459,6 +471,7 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
         if not result["ok"]:
             reason = problem or result.get('verdict') or f"invalid: {result['errors']} error(s)"
             kind = "suffix" if problem == "not a .jsonl file" else \
+                "unreadable" if unreadable else \
                 "special" if not_regular else "invalid"
             if stays:
                 raise GuardrailError(f"{reason}; not queued", src, (

@@ -336,3 +336,17 @@ def test_fifos_in_place_of_state_files_do_not_hang_status_or_the_tracker(root, c
     assert code == 0 and one_json(out)["outcome"] == "nothing"
     assert sorted(n for n in os.listdir(root / "control" / "rejected")
                   if not n.endswith(".error.txt")) == ["x.request.json", "y.request.json"]
+
+
+def test_the_inbox_count_matches_what_the_queue_and_the_daemon_count(root, capsys):
+    """A dangling link and a pipe in inbox/ are taken by the daemon (to failed/ with the
+    reason), so the report counts them, as `training_queue.py status` does; a folder is not."""
+    import training_queue
+    inbox = root / "inbox"
+    inbox.mkdir(exist_ok=True)
+    (inbox / "a.jsonl").write_text('{"text": "a"}\n')
+    os.symlink("gone.jsonl", inbox / "dangling.jsonl")
+    os.mkfifo(inbox / "pipe.jsonl")
+    (inbox / "folder").mkdir()
+    doc = state_doc(capsys, root)
+    assert doc["queue"]["inbox"] == training_queue.counts(root)["inbox"] == 3

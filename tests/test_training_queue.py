@@ -415,3 +415,20 @@ def test_two_movers_racing_for_one_name_each_keep_their_own_record(root, tmp_pat
         record = training_queue.read_record(dst / name)
         assert record["name"] == name
         assert record["sha256"] == hashlib.sha256((dst / name).read_bytes()).hexdigest(), name
+
+
+def test_a_file_the_daemon_cannot_read_goes_to_failed_with_the_chmod_fix(root, monkeypatch):
+    """Mode 000 under a daemon that is not the owner (these tests run as root, which reads
+    anything, so the OS's refusal is stood in for): failed/ with the reason and the fix,
+    never left half-taken in queue/.incoming/."""
+    src = data(root / "queue" / ".incoming" / "normal" / "locked.jsonl")
+
+    def refuse(path, *args, **kw):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(training_queue, "sha256_file", refuse)
+    rec = training_queue.enqueue(root, src, move=True, source="inbox")
+    assert rec["outcome"] == "failed" and rec["reason"] == "cannot be read (Permission denied)"
+    dst = root / "failed" / "locked.jsonl"
+    assert dst.exists() and not src.exists()
+    assert rec["fix"].startswith(f"Make it readable for the daemon's user (`chmod a+r {dst}`)")
+    assert training_queue.read_record(dst)["fix"] == rec["fix"]
