@@ -917,7 +917,9 @@ class Daemon:
         rec.update(outcome="failed", reason=reason, finished_at=trainroot.utc_now())
         if result:
             rec["result"] = result
-        dst = training_queue.move_with_record(data, self.p.failed, rec, reason)
+        dst = training_queue.move_with_record(
+            data, self.p.failed, rec, reason,
+            finish=lambda d: {"fix": training_queue.fix_for(self.p, "training", d)})
         self.last_error = f"{dst.name}: {reason}"
         self.log.error("%s: failed - %s", dst.name, reason)
 
@@ -930,7 +932,9 @@ class Daemon:
                    finished_at=trainroot.utc_now())
         if result:
             rec["result"] = result
-        dst = training_queue.move_with_record(data, self.p.skipped, rec, reason)
+        dst = training_queue.move_with_record(
+            data, self.p.skipped, rec, reason,
+            finish=lambda d: {"fix": training_queue.fix_for(self.p, "skipped", d)})
         self.log.warning("%s: skipped - %s", dst.name, reason)
         self.current = self.progress = None
         if self.state == "paused" and self.pause_kind in ("request", "spike"):

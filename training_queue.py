@@ -375,7 +375,9 @@ def jsonl_name(name: str) -> str:
 
 
 def fix_for(p: Paths, reason_kind: str, dst: Path, fix: str | None = None) -> str:
-    """The command that fixes a file the intake put in failed/ or skipped/ (`dst`)."""
+    """The command that fixes a file put in failed/ or skipped/ (`dst`) for `reason_kind`:
+    unreadable, suffix, special, invalid (intake); training (failed while it trained),
+    skipped (by request); anything else: a duplicate."""
     if reason_kind == "unreadable":
         return (f"Make it readable for the daemon's user (`chmod a+r {_q(dst)}`), then "
                 f"`{_requeue_cmd(p.root, dst)}`.")
@@ -390,6 +392,11 @@ def fix_for(p: Paths, reason_kind: str, dst: Path, fix: str | None = None) -> st
     if reason_kind == "invalid":
         return (f"See every bad line with `python3 validate_data.py {_q(dst)}`; fix them, then "
                 f"`{_requeue_cmd(p.root, dst)}`.")
+    if reason_kind == "training":
+        return (f"Read the reason (and logs/daemon.log); once the cause is fixed, "
+                f"`{_requeue_cmd(p.root, dst)}` trains it again.")
+    if reason_kind == "skipped":
+        return f"`{_requeue_cmd(p.root, dst)}` queues it again."
     return f"`{_requeue_cmd(p.root, dst, '--force')}` queues it anyway."
 
 
