@@ -60,14 +60,39 @@ def ensure_folders(p: Paths) -> None:
     p.ensure()
 
 
+def restore_config(p: Paths) -> dict | None:
+    """config.json lost from a root that has versions: write back the config the newest
+    version recorded (the one it trained with). None when no version recorded a valid one.
+
+    Its approval is not touched: a locked value that differs from what `.config.lock`
+    approved shows up as `name: old -> new`, as after any edit.
+    """
+    import model_versioner
+    import training_config
+    for rec in reversed(model_versioner.list_versions(p.root)):
+        cfg = rec.get("config")
+        if isinstance(cfg, dict) and not training_config.validate_config(cfg):
+            with trainroot.FileLock(p.lock("config"), "init: restore config.json"):
+                if os.path.lexists(p.config):  # raced with someone putting it back
+                    return None
+                training_config.write_config(p.root, cfg)
+            return {"ok": True, "root": str(p.root), "restored_config_from": rec.get("id"),
+                    "current_model": str(p.current_model)}
+    return None
+
+
 def init_root(root, base: str = "tiny") -> dict:
     """Create config.json, current_model/ and version v001 in `root`, and approve the config.
 
     `base` is "tiny" (a small model built locally, no download) or the path of a local
     Hugging Face causal-LM folder, which is copied after checking that it loads.
-    Refuses, changing nothing, when `root` already has a current_model/.
+    Refuses, changing nothing, when `root` already has a current_model/ (and config.json;
+    a root that only lost its config.json gets back the one its newest version recorded).
     """
     p = Paths(resolve_root(root))
+    if os.path.lexists(p.current_model) and not os.path.lexists(p.config) and \
+            (restored := restore_config(p)):
+        return restored
     if not str(base).strip():  # Path("") is the current folder: never copy that by accident
         raise trainroot.UsageError("--base is empty", "python3 training_daemon.py init",
                                    "Pass --base tiny or the path of a local Hugging Face model folder.")

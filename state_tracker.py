@@ -788,9 +788,9 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
               _cmd(root, "model_versioner.py snapshot --note first"))
     elif not p.config.exists():
         _warn(w, "CONFIG_MISSING", "critical", f"{p.config} is missing; the daemon cannot train",
-              _cmd(root, f"model_versioner.py show {versions['latest']} --json"),
-              "Every version keeps the config it used under \"config\": write that back to "
-              "config.json, then check again.")
+              _cmd(root, "training_daemon.py init"),
+              "On a root with a model, init only writes back the config the newest version "
+              "trained with (current_model untouched); then check again.")
     elif model["complete"] and versions["count"] and model["matches_version"] is None:
         _warn(w, "MODEL_NOT_VERSIONED", "info",
               "current_model/ differs from every version (trained since the last snapshot)",

@@ -48,6 +48,10 @@ def cmd_init(args) -> int:
     result = root_init.init_root(resolve_root(args.root), base=args.base)
     if args.json:
         print_json(result)
+    elif result.get("restored_config_from"):
+        print(f"Restored {result['root']}/config.json from version "
+              f"{result['restored_config_from']} (the config it trained with); current_model "
+              "untouched. Check it with `python3 state_tracker.py --check`.")
     else:
         print(f"Initialised {result['root']}: current_model from {result['base_model']}, "
               f"version {result['version']}, config approved.")

@@ -139,3 +139,30 @@ def test_init_base_fits_max_length_to_the_model_positions(tmp_root, tiny_model_d
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["approved"]["max_length"] == 64
     assert json.loads((tmp_root / "config.json").read_text())["max_length"] == 64
+
+
+def test_a_deleted_config_json_comes_back_with_init_from_the_newest_version(initialized_root):
+    """`rm config.json` in a root with a model: the daemon and the report both point at
+    `init`, which writes back the config the newest version trained with and touches
+    nothing else; the approval still holds for it."""
+    root = initialized_root
+    config = root / "config.json"
+    before = json.loads(config.read_text())
+    model_inode = (root / "current_model" / "config.json").stat().st_ino
+    config.unlink()
+    report = run_script("state_tracker.py", "--json", root=root)
+    (missing,) = [w for w in json.loads(report.stdout)["warnings"] if w["code"] == "CONFIG_MISSING"]
+    assert missing["fix"] == f"python3 training_daemon.py init --root {root}"
+    daemon = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root)
+    assert daemon.returncode == 1
+    assert f"Run `python3 training_daemon.py init --root {root}`." in daemon.stderr
+    proc = run_script("training_daemon.py", "init", root=root)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"Restored {root}/config.json from version v001")
+    assert json.loads(config.read_text()) == before
+    assert (root / "current_model" / "config.json").stat().st_ino == model_inode
+    report = json.loads(run_script("state_tracker.py", "--json", root=root).stdout)
+    assert report["config"]["approved"] is True
+    assert not {"CONFIG_MISSING", "CONFIG_UNAPPROVED"} & {w["code"] for w in report["warnings"]}
+    again = run_script("training_daemon.py", "init", root=root)
+    assert again.returncode == 1 and "current_model already exists" in again.stderr
