@@ -54,7 +54,8 @@ PARAMS: dict[str, Param] = {
     "max_length": Param(256, "int", "tokens per packed row; 256 keeps CPU steps under a second "
                         "on the tiny model", 8, 1_048_576),
     "dtype": Param("float32", "choice", "float32 is exact and reproducible on CPU; bfloat16 "
-                   "(autocast) is faster on GPU and AMX CPUs", choices=("float32", "bfloat16", "float16")),
+                   "(autocast) is faster on GPU and AMX CPUs; float16 (autocast with loss "
+                   "scaling) works on GPU and CPU", choices=("float32", "bfloat16", "float16")),
     # -- the optimizer and schedule --
     "learning_rate": Param(3e-4, "float", "a safe AdamW rate for small causal LMs; locked because "
                            "a wrong one ruins weeks of training", 0.0, 1.0),
@@ -93,7 +94,7 @@ PARAMS: dict[str, Param] = {
     "keep_checkpoints": Param(2, "int", "two, so a checkpoint torn by a crash has a good one "
                               "beside it", 1, 1000),
     "loss_spike_factor": Param(3.0, "float", "pause when a step's loss exceeds this many times "
-                               "the running average; 0 turns it off", 0.0, 1e6),
+                               "the running average; 0 turns it off (else at least 1)", 0.0, 1e6),
     "loss_spike_window": Param(50, "int", "steps in the running average for the spike check",
                                1, 1_000_000),
     # -- versions and backups --
@@ -186,6 +187,10 @@ def validate_config(cfg) -> list[str]:
         msg = _type_error(name, p, value)
         if msg:
             errors.append(msg)
+    spike = cfg.get("loss_spike_factor")
+    if isinstance(spike, (int, float)) and 0 < spike < 1:  # below the average: every step
+        errors.append(f"loss_spike_factor: {spike!r} would pause at every step (it is a factor "
+                      "of the running average loss); use 0 (off) or at least 1, e.g. 3")
     return errors
 
 

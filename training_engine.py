@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from trainroot import (FileLock, GuardrailError, Paths, add_common_args, append_line,
+from trainroot import (FileLock, GuardrailError, Paths, UsageError, add_common_args, append_line,
                        atomic_write_json, exchange_paths, exit_without_teardown, file_signature,
                        fsync_dir, read_json, rename_noreplace, run_cli, utc_now)
 
@@ -645,10 +645,8 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     device = _device(config)
     dtype_name = config.get("dtype", "float32")
     amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype_name)
-    if amp_dtype is torch.float16 and device.type != "cuda":
-        raise GuardrailError("dtype float16 needs a CUDA GPU", p.config,
-                             "Set dtype to float32 or bfloat16 in config.json, then approve it.")
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
+    # float16 autocast needs loss scaling on CUDA and CPU alike (torch >= 2.3 has a CPU scaler)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
 
     model, tokenizer, state = load_current_model(root, device)
     positions = model_max_positions(model.config.to_dict())
@@ -660,9 +658,17 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     model.train()
     model.config.use_cache = False
     params = [q for q in model.parameters() if q.requires_grad]
+    # adam_eps 0 is in the documented range, but AdamW then divides 0 by 0 for every weight
+    # whose gradient has always been zero (embedding rows of bytes the data never used) and
+    # writes NaN into them: the smallest normal float keeps that 0/eps = 0 and changes nothing else
+    eps = float(config["adam_eps"])
+    if eps < torch.finfo(torch.float32).tiny:
+        log.info("adam_eps %g: using %g instead, so weights without gradient stay finite",
+                 eps, torch.finfo(torch.float32).tiny)
+        eps = torch.finfo(torch.float32).tiny
     optimizer = torch.optim.AdamW(params, lr=lr_at(state["global_step"], config),
                                   betas=(config["adam_beta1"], config["adam_beta2"]),
-                                  eps=config["adam_eps"], weight_decay=config["weight_decay"])
+                                  eps=eps, weight_decay=config["weight_decay"])
     notes = []
     position, loss_history, step_in_file = None, [], 0
     file_start = state["global_step"]
@@ -718,6 +724,7 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     clip = float(config.get("max_grad_norm") or 0)
 
     result = {"file_id": file_id, "steps": 0, "optimizer": optimizer_source}
+    state_at_start = dict(state)
     last_loss = None
     last_ckpt_time = time.monotonic()
     dirty = False  # steps since the last checkpoint
@@ -750,7 +757,8 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
                 "file_id": file_id, "status": status, "updated_at": utc_now()}
 
     def finish(status, message, *, publish=None, disk=False):
-        if publish and writer and (result["steps"] or resume):  # nothing new: leave it be
+        # nothing trained, resumed or counted: leave current_model be
+        if publish and writer and (result["steps"] or resume or state != state_at_start):
             try:
                 publish_current_model(root, model, tokenizer, model_state(status), reason=publish)
             except WRITE_ERRORS as exc:  # the checkpoint beside it is complete: resume is exact
@@ -793,13 +801,20 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
                 return finish("paused", error, disk=True)
             return finish("skipped", f"skipped at step {state['global_step']}; current_model "
                           "keeps the steps trained on this file", publish="skip")
-        micro = []
+        micro, untrained = [], 0
         for _ in range(accum):
             rows = []
-            for _ in range(batch_size * world_size):
+            while len(rows) < batch_size * world_size:
                 row = stream.next_row()
                 if row is None:
                     break
+                if all(x == -100 for x in row[1][1:]):
+                    # No target in the row (the middle of a long prompt, a file's 1-token
+                    # tail): its gradient is zero, yet a step of only such rows would still
+                    # move the weights (AdamW momentum, weight decay) and log a null loss.
+                    # Count its tokens; train only rows that teach something.
+                    untrained += row[2]
+                    continue
                 rows.append(row)
             if not rows:
                 break
@@ -808,10 +823,14 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
             # because every rank must join every micro-batch's gradient all-reduce
             micro.append(mine or [([pad_id] * max_length, [-100] * max_length, 0)])
         if not micro:
+            if untrained:  # the file ends in rows without a target: consumed, not trained
+                state["tokens_seen"] += untrained
+                dirty = True
             break
         real_tokens = sum(r[2] for m in micro for r in m)
         n_trained = sum(sum(1 for x in r[1][1:] if x != -100) for m in micro for r in m)
         n_trained, real_tokens = _all_sum(n_trained, world_size), _all_sum(real_tokens, world_size)
+        real_tokens += untrained  # every rank read (and skipped) the same rows: add once
         lr = lr_at(state["global_step"], config)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -877,7 +896,10 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
             append_line(p.metrics, json.dumps({
                 "time": utc_now(), "global_step": state["global_step"], "file": data_name,
                 "file_id": file_id,
-                "loss": last_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": round(tps, 1),
+                "loss": last_loss, "lr": lr, "tokens_per_sec": round(tps, 1),
+                # an overflowed float16 step (the scaler skips it) has an infinite norm, and
+                # `Infinity` is not JSON: the monitor's JSON.parse would reject the line
+                "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                 "tokens_seen": state["tokens_seen"], "step_in_file": step_in_file}))
         if progress and writer:
             pos = stream.position()
@@ -1016,8 +1038,14 @@ def cmd_train(args) -> int:
     root = resolve_root(args.root)
     config = training_config.load_config(root)
     for item in args.set or []:
-        key, _, value = item.partition("=")
-        config[key] = json.loads(value)
+        key, eq, value = item.partition("=")
+        try:
+            if not eq:
+                raise ValueError(item)
+            config[key] = json.loads(value)
+        except ValueError:  # json.JSONDecodeError is one
+            raise UsageError(f"--set {item}: expected KEY=JSON (a string in JSON quotes)", "--set",
+                             "Write it as e.g. `--set max_length=64` or `--set dtype='\"bfloat16\"'`.") from None
     errors = training_config.validate_config(config)
     if errors:
         raise training_config.ConfigError(errors, "--set")

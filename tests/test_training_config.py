@@ -96,3 +96,12 @@ def test_backup_dir_relative_to_root(tmp_root):
     assert tc.backup_dir(tmp_root, tc.default_config()) == tmp_root / "backups"
     assert tc.backup_dir(tmp_root, tc.default_config(backup_dir="b2")) == tmp_root / "b2"
     assert tc.backup_dir(tmp_root, tc.default_config(backup_dir="/mnt/x")).as_posix() == "/mnt/x"
+
+
+def test_a_loss_spike_factor_below_one_is_refused_zero_and_above_are_fine():
+    """A factor under 1 pauses at the first step above the running average, i.e. always."""
+    assert tc.validate_config(tc.default_config(loss_spike_factor=0.5)) == [
+        "loss_spike_factor: 0.5 would pause at every step (it is a factor of the running average "
+        "loss); use 0 (off) or at least 1, e.g. 3"]
+    for ok in (0, 0.0, 1, 3.0):
+        assert tc.validate_config(tc.default_config(loss_spike_factor=ok)) == []
