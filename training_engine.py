@@ -553,6 +553,33 @@ def publish_current_model(root, model, tokenizer, state: dict, *, reason: str) -
     return p.current_model
 
 
+METRICS_TAIL_BYTES = 1 << 20  # how far back a resume looks for steps already logged
+
+
+def _logged_upto(metrics_path: Path, file_id: str) -> int:
+    """The highest global_step metrics.jsonl's tail holds for `file_id` (0 if none): a
+    resume after a crash redoes the steps since its checkpoint, exactly, and they are
+    already logged once."""
+    try:
+        with open(metrics_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - METRICS_TAIL_BYTES))
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    upto = 0
+    for raw in lines:
+        if file_id.encode() not in raw:
+            continue  # most lines: another file's
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            continue  # the window's cut first line, or a torn last one
+        step = doc.get("global_step") if isinstance(doc, dict) else None
+        if doc.get("file_id") == file_id and isinstance(step, int):
+            upto = max(upto, step)
+    return upto
+
+
 def _resume_checkpoint(root, file_id: str, state: dict):
     """The newest checkpoint of this file that continues current_model's lineage, or None."""
     for d, meta in list_checkpoints(root):
@@ -670,6 +697,7 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
                                   betas=(config["adam_beta1"], config["adam_beta2"]),
                                   eps=eps, weight_decay=config["weight_decay"])
     notes = []
+    logged_upto = 0  # steps redone after a crash are not logged a second time
     position, loss_history, step_in_file = None, [], 0
     file_start = state["global_step"]
     resume = _resume_checkpoint(root, file_id, state)
@@ -681,6 +709,7 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
         loss_history = list(meta.get("loss_history", []))
         file_start = int(meta["file_start_global_step"])
         notes.append(f"resumed from {ckpt.name} at step {state['global_step']}")
+        logged_upto = _logged_upto(p.metrics, file_id) if writer else 0
         _check_world_size(ckpt, meta, file_id, world_size)
         optimizer_source = "resumed"
     else:
@@ -892,7 +921,7 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
             error = checkpoint()
             if error:
                 return finish("paused", error, disk=True)
-        if writer:
+        if writer and state["global_step"] > logged_upto:
             append_line(p.metrics, json.dumps({
                 "time": utc_now(), "global_step": state["global_step"], "file": data_name,
                 "file_id": file_id,

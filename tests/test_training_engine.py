@@ -254,7 +254,8 @@ def test_bitwise_equal_after_kill_9_at_random_steps(tmp_path, tiny_model_dir, re
     assert result["global_step"] == total and result["tokens_seen"] == reference["result"]["tokens_seen"]
     assert_bitwise_equal(weights(Paths(root).current_model), reference["weights"])
     steps = [m["global_step"] for m in metrics(root)]
-    assert sorted(set(steps)) == list(range(1, total + 1)), f"seed {seed}, kills at {kill_at}"
+    # each step logged once: the steps a resume redoes (exactly) were logged before the kill
+    assert steps == list(range(1, total + 1)), f"seed {seed}, kills at {kill_at}"
 
 
 def list_steps(root: Path) -> list[int]:
