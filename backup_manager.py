@@ -34,7 +34,7 @@ from pathlib import Path
 
 import cli_guard
 import training_config
-from model_manifest import MANIFEST, write_manifest
+from model_manifest import MANIFEST, has_weights, write_manifest
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
                        age_seconds, atomic_write_json, fsync_dir, print_json, read_json,
                        rename_noreplace, resolve_root, run_cli, utc_now)
@@ -177,6 +177,14 @@ def list_backups(root) -> list[dict]:
         if rec is None:
             rec = {"id": entry, "status": "unreadable", "created_at": None, "files": {}}
         rec = dict(rec, id=entry, path=str(bdir / entry))
+        # a hand-edited backup.json must not break every listing (sort, table, policy)
+        for key in ("created_at", "verified_at", "status"):
+            if not isinstance(rec.get(key), str):
+                rec[key] = "unknown" if key == "status" and key in rec else None
+        if rec["status"] is None:
+            rec["status"] = "unknown"
+        if not isinstance(rec.get("total_bytes"), int):
+            rec["total_bytes"] = None
         rec["age_seconds"] = age_seconds(rec.get("created_at"))
         out.append(rec)
     out.sort(key=lambda r: (r.get("created_at") or "", r["id"]))
@@ -235,6 +243,13 @@ def _resolve_source(root, src: str | None) -> tuple[Path, str, str | None, set[s
                    f"Run `python3 training_daemon.py init --root {p.root}`.")
             raise GuardrailError("no current_model to back up", p.current_model, fix)
         skip = {MANIFEST}
+        if not has_weights(list_files(p.current_model, skip)):
+            # a copy of config files alone would be listed as a good backup and count
+            # toward keep_backups, so `prune --yes` would delete a real one for it
+            raise GuardrailError("current_model is incomplete (no weights file: *.safetensors "
+                                 "or *.bin); a broken model is never backed up", p.current_model,
+                                 "Bring it back with `python3 model_versioner.py restore "
+                                 f"latest`, then run `{BACKUP_CMD}`.")
         return (p.current_model, "current_model", _current_version(p.root), skip,
                 _source_manifest(p.current_model, skip))
     import model_versioner
@@ -279,9 +294,18 @@ def clean_staging(root) -> list[str]:
     for entry in os.listdir(bdir):
         for prefix in (STAGING_PREFIX, DELETING_PREFIX):
             if entry.startswith(prefix) and ID_RE.fullmatch(entry[len(prefix):]):
-                shutil.rmtree(bdir / entry)
+                _remove_entry(bdir / entry)
                 removed.append(entry)
     return removed
+
+
+def _remove_entry(path: Path) -> None:
+    """Delete one entry of backup_dir: a folder with its files, but a symlink (or file) only
+    as the link itself, never what it points to (rmtree refuses links, and must)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
 
 
 _BDIR_FIX = (f"Make it writable, or set `backup_dir` in config.json to a writable folder on "
@@ -418,10 +442,13 @@ def verify_backup(root, bid: str) -> list[str]:
         if not isinstance(info, dict):  # backup.json edited by hand
             problems.append(f"{rel}: no sha256/size in {RECORD}")
             continue
-        size = os.path.getsize(path)
-        if size != info.get("size"):
-            kind = "truncated" if size < (info.get("size") or 0) else "grown"
-            problems.append(f"{rel}: {kind} ({size} bytes, expected {info.get('size')})")
+        size, want_size = os.path.getsize(path), info.get("size")
+        if not isinstance(want_size, int):  # backup.json edited by hand
+            problems.append(f"{rel}: no valid size in {RECORD} (got {want_size!r})")
+            continue
+        if size != want_size:
+            kind = "truncated" if size < want_size else "grown"
+            problems.append(f"{rel}: {kind} ({size} bytes, expected {want_size})")
             continue
         digest, _ = hash_file(path, cold=True)
         if digest != info.get("sha256"):
@@ -495,6 +522,10 @@ def _restore_locked(p: Paths, folder: Path, bid: str, to) -> dict:
         elif previous is None:  # incomplete (what a restore repairs): publish_model
             attic = True        # hard-links it into ROOT/.attic/ rather than versioning it
     p.staging.mkdir(parents=True, exist_ok=True)
+    # A restore killed mid-copy left its full copy here; only restores (which hold the
+    # backups lock, as we do) write these, so any one found now is a leftover.
+    for old in p.staging.glob("backup-restore-*"):
+        _discard(old) if old.is_dir() and not old.is_symlink() else old.unlink()
     staged = p.staging / f"backup-restore-{bid}-{secrets.token_hex(3)}"
     try:
         files = copy_tree_verified(folder, staged, skip=set(META_FILES), expected=rec["files"])
@@ -596,6 +627,8 @@ def prune_backups(root, keep: int | None = None, yes: bool = False) -> dict:
         for b in backups:
             if len(kept) == keep:
                 break
+            if (backups_dir(p.root, cfg) / b["id"]).is_symlink():
+                continue  # a link is no independent copy: it never counts as a kept backup
             good = (not verify_backup(p.root, b["id"])) if yes else b.get("status") == "verified"
             if good:
                 kept.append(b["id"])
@@ -610,7 +643,7 @@ def prune_backups(root, keep: int | None = None, yes: bool = False) -> dict:
                 gone = bdir / (DELETING_PREFIX + bid)
                 os.rename(bdir / bid, gone)
                 fsync_dir(bdir)
-                shutil.rmtree(gone)
+                _remove_entry(gone)  # a symlink: only the link goes, never its target
     return {"ok": True, "dry_run": not yes, "keep": keep, "kept": kept,
             "deleted" if yes else "would_delete": doomed}
 

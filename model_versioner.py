@@ -150,7 +150,45 @@ def _load_record(p: Paths, vid: str) -> dict | None:
         doc = read_json(p.versions / vid / VERSION_FILE, default=None)
     except GuardrailError:
         return None
-    return doc if isinstance(doc, dict) and isinstance(doc.get("manifest"), dict) else None
+    if not (isinstance(doc, dict) and isinstance(doc.get("manifest"), dict)):
+        return None
+    return _normalize_record(doc, vid)
+
+
+def _normalize_record(doc: dict, vid: str) -> dict:
+    """A record as the code may rely on it, whatever a hand edit left in version.json.
+
+    The folder's name is the id (an edited `id` such as `../current_model` or `.pruned`
+    must never become a path prune deletes); a `parent` that is no version id reads as
+    none; data files and manifest entries that are not objects read as empty ones, so
+    `verify` reports them instead of a traceback.
+    """
+    rec = dict(doc, id=vid)
+    try:
+        rec["parent"] = validate_version_id(doc.get("parent")) if doc.get("parent") else None
+    except UsageError:
+        rec["parent"] = None
+    files = doc.get("data_files")
+    rec["data_files"] = [
+        {"name": f.get("name") if isinstance(f, dict) else f if isinstance(f, str) else None,
+         "sha256": f.get("sha256") if isinstance(f, dict) else None}
+        for f in (files if isinstance(files, list) else [])]
+    if isinstance(doc.get("manifest"), dict):
+        rec["manifest"] = {rel: {k: v for k, v in e.items()
+                                 if not (k in ("size", "mtime_ns") and not isinstance(v, int))}
+                           if isinstance(e, dict) else {}
+                           for rel, e in doc["manifest"].items()}
+    return rec
+
+
+def _pruned_record(p: Paths, vid) -> dict | None:
+    """The record prune kept in `versions/.pruned/` (no manifest), or None."""
+    try:
+        vid = validate_version_id(vid)
+        doc = read_json(p.versions / ".pruned" / f"{vid}.json", default=None)
+    except GuardrailError:
+        return None
+    return _normalize_record(doc, vid) if isinstance(doc, dict) else None
 
 
 def list_versions(root) -> list[dict]:
@@ -294,11 +332,22 @@ def _write_private(path: Path, doc: dict) -> None:
 
 
 def _next_id(p: Paths) -> str:
-    numbers = [_version_number(v) for v in _version_dirs(p)]
+    """One past every id that exists or is still named anywhere: after `rm -rf versions/v003`
+    a new v003 would silently become what a tag, a backup record, a parent link or a
+    printed undo command (`restore v003`) meant by the deleted one."""
+    named = list(_version_dirs(p))
     pruned = p.versions / ".pruned"
     if pruned.is_dir():
-        numbers += [_version_number(n[:-5]) for n in os.listdir(pruned)
-                    if n.endswith(".json") and VERSION_RE.fullmatch(n[:-5])]
+        named += [n[:-5] for n in os.listdir(pruned) if n.endswith(".json")]
+    named += list(read_tags(p.root).values()) + list(backup_versions(p.root))
+    named += list(_processing_versions(p))
+    named += [rec.get("parent") for rec in list_versions(p.root)]
+    with contextlib.suppress(GuardrailError, OSError):
+        named.append((read_manifest(p.current_model) or {}).get("parent_version"))
+    numbers = []
+    for vid in named:
+        with contextlib.suppress(UsageError):
+            numbers.append(_version_number(validate_version_id(vid)))
     return f"v{max(numbers, default=0) + 1:03d}"
 
 
@@ -448,7 +497,7 @@ def _swap_in(p: Paths, work: Path, reason: str, keep_old: str) -> dict:
     cur = p.current_model
     old_exists = os.path.lexists(cur)
     previous = _tree_version(p, cur) if old_exists else None
-    kept = None
+    kept = attic = None
     old_manifest = None
     if old_exists and previous is None:
         with contextlib.suppress(GuardrailError, OSError):
@@ -494,7 +543,7 @@ def _swap_in(p: Paths, work: Path, reason: str, keep_old: str) -> dict:
         # `work` now holds the old tree: a version's links, a kept copy, or a discard.
         shutil.rmtree(work, ignore_errors=True)
     return {"method": method, "previous_version": previous, "kept_version": kept,
-            "parent_version": parent}
+            "parent_version": parent, "kept_in": str(attic) if attic else None}
 
 
 def _rename_dance(p: Paths, work: Path) -> None:
@@ -582,7 +631,7 @@ def _restore_locked(p: Paths, vid: str, keep_reason: str) -> dict:
     previous = current_version(p.root) if os.path.lexists(p.current_model) else None
     if previous == vid:
         return {"restored": vid, "previous_version": vid, "kept_version": None,
-                "changed": False, "undo": None}
+                "changed": False, "undo": None, "incomplete_kept_in": None}
     # Link the restore stage first: the fsync that makes the kept version durable then
     # commits these links too (one journal commit fewer on ext4; each costs ~2-15 ms).
     p.staging.mkdir(parents=True, exist_ok=True)
@@ -602,6 +651,8 @@ def _restore_locked(p: Paths, vid: str, keep_reason: str) -> dict:
     before = previous or kept or result.get("kept_version")
     return {"restored": vid, "previous_version": previous, "kept_version": kept or
             result.get("kept_version"), "changed": True,
+            # a broken tree is no version: say where it went, or it looks lost
+            "incomplete_kept_in": result.get("kept_in"),
             "undo": f"{CMD} restore {before}" if before else None}
 
 
@@ -623,8 +674,12 @@ def rollback_target(root) -> str:
             manifest = read_manifest(p.current_model) or {}
         except GuardrailError:
             manifest = {}
-        start = manifest.get("parent_version") or latest_version(p.root)
-        here = _content(manifest.get("files"))
+        start = manifest.get("parent_version") if isinstance(manifest, dict) else None
+        try:  # a hand-edited manifest: only a real id may start the walk
+            start = validate_version_id(start) if start else latest_version(p.root)
+        except UsageError:
+            start = latest_version(p.root)
+        here = _content(manifest.get("files") if isinstance(manifest, dict) else None)
     seen = set()
     vid = start
     while vid and vid not in seen:
@@ -633,10 +688,7 @@ def rollback_target(root) -> str:
         if rec is not None and _content(rec["manifest"]) != here:
             return vid
         if rec is None:
-            try:
-                rec = read_json(p.versions / ".pruned" / f"{vid}.json", default=None)
-            except GuardrailError:
-                rec = None
+            rec = _pruned_record(p, vid)
         vid = rec.get("parent") if isinstance(rec, dict) else None
     raise GuardrailError("nothing to roll back to (current_model has no earlier version)",
                          p.versions, f"See what exists with `{CMD} list`.")
@@ -783,7 +835,10 @@ def prune(root, keep: int | None = None, *, yes: bool = False) -> dict:
                 doomed = p.versions / f".staging-pruned-{vid}-{_stamp()}"
                 os.rename(p.versions / vid, doomed)  # gone from `list` at once
                 fsync_dir(p.versions)
-                shutil.rmtree(doomed)
+                if doomed.is_symlink():  # only the link is ours to delete, not its target
+                    doomed.unlink()
+                else:
+                    shutil.rmtree(doomed)
                 deleted.append(vid)
     return {"dry_run": not yes, "deleted": deleted, **plan}
 
@@ -796,15 +851,10 @@ def lineage(root, vid) -> dict:
     cursor = vid
     while cursor and cursor not in seen:
         seen.add(cursor)
-        rec = _load_record(p, cursor)
+        rec = _load_record(p, cursor) or _pruned_record(p, cursor)
         if rec is None:
-            try:
-                rec = read_json(p.versions / ".pruned" / f"{cursor}.json", default=None)
-            except GuardrailError:
-                rec = None
-            if not isinstance(rec, dict):
-                missing.append(cursor)
-                break
+            missing.append(cursor)
+            break
         chain.append(rec)
         cursor = rec.get("parent")
     chain.reverse()
@@ -901,6 +951,9 @@ def _print_restore(args, result: dict, verb: str) -> None:
         kept = f" (the previous state was kept as {result['kept_version']})" \
             if result["kept_version"] else ""
         print(f"{verb} current_model to {result['restored']}{kept}.")
+        if result.get("incomplete_kept_in"):
+            print("The incomplete current_model it replaced is kept in "
+                  f"{result['incomplete_kept_in']}/ (copy back what you need from there).")
         if result["undo"]:
             print(f"Undo with `{result['undo']}`.")
 
