@@ -25,6 +25,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -556,12 +557,13 @@ def _check_target(p: Paths, bid: str, to) -> Path:
 
 
 def _restore_to(folder: Path, rec: dict, to: Path) -> dict:
+    fix = ("Choose a new or empty folder: `python3 backup_manager.py restore "
+           f"{rec.get('id') or folder.name} --to {shlex.quote(str(to) + '-restored')}`.")
     if to.exists() and not to.is_dir():
-        raise GuardrailError("--to names a file; restore never writes over files", to,
-                             "Choose a new or empty folder with --to DIR.")
+        raise GuardrailError("--to names a file; restore never writes over files", to, fix)
     if to.exists() and any(to.iterdir()):
         raise GuardrailError("target folder is not empty; restore never writes over files", to,
-                             "Choose a new or empty folder with --to DIR.")
+                             fix)
     to.parent.mkdir(parents=True, exist_ok=True)
     staged = to.parent / f".{to.name}.restore-{secrets.token_hex(3)}"
     try:

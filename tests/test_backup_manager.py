@@ -387,7 +387,8 @@ def test_restore_to_a_folder(fake_root, tmp_path, capsys):
     code, _, err = _cli(capsys, "restore", doc["id"], "--to", str(busy))
     assert code == 1 and err.strip() == (
         f"Error: target folder is not empty; restore never writes over files, {busy}. "
-        "Choose a new or empty folder with --to DIR.")
+        f"Choose a new or empty folder: `python3 backup_manager.py restore {doc['id']} --to "
+        f"{busy}-restored`.")
     assert (busy / "keep.txt").read_bytes() == b"mine"
     out = tmp_path / "empty"
     out.mkdir()
