@@ -238,6 +238,35 @@ def kept_pause(root) -> dict | None:
     return pauses[0] if pauses else None
 
 
+# A pause the daemon carried out lives in control/paused.json until `resume`: a daemon
+# killed (or stopped) while paused starts paused again, the pause is never lost.
+PAUSE_RECORD = "paused.json"
+
+
+def pause_record(root) -> dict | None:
+    """The pause the daemon carried out and keeps across restarts, or None."""
+    try:
+        doc = read_json(control_dirs(root)["control"] / PAUSE_RECORD, default=None)
+    except GuardrailError:
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("reason"), str) else None
+
+
+def keep_pause_record(root, reason: str, since: str | None) -> None:
+    """Written (durably) by the daemon when it pauses by request."""
+    atomic_write_json(_ensure(control_dirs(root)["control"]) / PAUSE_RECORD,
+                      {"reason": reason, "since": since or utc_now()})
+
+
+def clear_pause_record(root) -> bool:
+    """Removed by `resume` (the daemon's, or the controller's with no daemon)."""
+    try:
+        os.unlink(control_dirs(root)["control"] / PAUSE_RECORD)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------- daemon status
 
 def _process_running(pid) -> bool:
@@ -298,6 +327,11 @@ def daemon_status(root) -> dict:
     if not alive:
         pauses = [r for r in pending if r["action"] == "pause"]
         kept = pauses[0] if pauses else None
+        carried = pause_record(root) if kept is None else None
+        if carried:  # paused when the last daemon ended: it starts paused again
+            kept = {"id": None, "action": "pause", "reason": carried["reason"],
+                    "created_at": carried.get("since"), "age_s": _round(age_seconds(carried.get("since"))),
+                    "options": {}}
     return {
         "schema_version": SCHEMA_VERSION,
         "root": str(p.root),
@@ -440,6 +474,8 @@ def request(root, action: str, *, reason: str | None = None, options: dict | Non
             if req["action"] == "pause" and claim_request(root, req):
                 acknowledge(root, req, "cancelled", "resumed before a daemon started")
                 cleared.append(req["id"])
+        if clear_pause_record(root):
+            cleared.append(f"the pause the last daemon carried out ({PAUSE_RECORD})")
         if not cleared:
             return dict(result, outcome="nothing",
                         message=f"no daemon is running and no pause is kept in {root}: nothing to resume")

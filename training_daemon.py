@@ -242,6 +242,12 @@ class Daemon:
                 self.paused_since = trainroot.utc_now()
             self.paused_reason, self.pause_kind = reason, kind
             self.log.warning("paused: %s", reason)
+            if kind == "request":  # kept across restarts until `resume` (control/paused.json)
+                import training_controller
+                try:
+                    training_controller.keep_pause_record(self.p.root, reason, self.paused_since)
+                except OSError as exc:  # a full disk: the pause holds while this daemon runs
+                    self.log.warning("cannot keep the pause across restarts: %s", exc)
         else:
             self.paused_reason = self.paused_since = self.pause_kind = None
         self.state = state
@@ -320,6 +326,8 @@ class Daemon:
                     self.ack(req, "done", "paused" + (" (checkpoint is durable)"
                                                       if self._processing_file() else ""))
             elif action == "resume":
+                import training_controller
+                training_controller.clear_pause_record(self.p.root)
                 if self.state == "paused":
                     self.log.info("resumed (was: %s)", self.paused_reason)
                     if self.pause_kind == "backup":
@@ -1048,6 +1056,7 @@ class Daemon:
             self._start_observer()
             self._start_monitor()
             self.recover_incoming()
+            self._restore_pause()
             self.scan_inbox(full=True)
             if self._has_work():
                 self.preload_engine()
@@ -1055,6 +1064,23 @@ class Daemon:
         finally:
             self._shutdown(lock, old)
         return self.exit_code
+
+    def _restore_pause(self) -> None:
+        """A pause by request the last daemon carried out holds until `resume`, whether it
+        ended by `stop`, a crash or a power cut."""
+        import training_controller
+        kept = training_controller.pause_record(self.p.root)
+        if not kept:
+            return
+        if self.once:  # nothing may train until `resume`: --once has nothing to do
+            raise GuardrailError(f"paused by request since {kept.get('since')} ({kept['reason']}); "
+                                 "the pause holds until resume", self.p.control / "paused.json",
+                                 "Run `python3 training_controller.py resume` (it clears the "
+                                 f"pause), then {self._go_on()}.")
+        self.state, self.paused_since = "paused", kept.get("since") or trainroot.utc_now()
+        self.set_state("paused", kept["reason"], "request")  # keeps paused_since
+        self.log.info("still paused since %s (kept across the restart); "
+                      "`python3 training_controller.py resume` continues", self.paused_since)
 
     def _loop(self) -> None:
         while True:

@@ -916,11 +916,8 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
         now = time.perf_counter()
         tps = real_tokens / max(now - t_last, 1e-9)
         t_last = now
-        if (ckpt_steps and state["global_step"] % ckpt_steps == 0) or \
-                (ckpt_minutes and time.monotonic() - last_ckpt_time >= ckpt_minutes * 60):
-            error = checkpoint()
-            if error:
-                return finish("paused", error, disk=True)
+        # the step's line before its checkpoint: a kill between the two must not lose it
+        # (a resume from an older checkpoint redoes the step, and does not log it again)
         if writer and state["global_step"] > logged_upto:
             append_line(p.metrics, json.dumps({
                 "time": utc_now(), "global_step": state["global_step"], "file": data_name,
@@ -930,6 +927,11 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
                 # `Infinity` is not JSON: the monitor's JSON.parse would reject the line
                 "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                 "tokens_seen": state["tokens_seen"], "step_in_file": step_in_file}))
+        if (ckpt_steps and state["global_step"] % ckpt_steps == 0) or \
+                (ckpt_minutes and time.monotonic() - last_ckpt_time >= ckpt_minutes * 60):
+            error = checkpoint()
+            if error:
+                return finish("paused", error, disk=True)
         if progress and writer:
             pos = stream.position()
             eta = None
