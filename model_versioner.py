@@ -239,8 +239,19 @@ def resolve_version(root, text) -> str:
     if text == "latest":
         vid = latest_version(root)
         if vid is None:
-            raise GuardrailError("no versions yet", Paths(root).versions,
-                                 f"Take one with `{CMD} snapshot`.")
+            p = Paths(root)
+            if not os.path.lexists(p.current_model):  # nothing to snapshot: a backup, if any
+                import backup_manager
+                b = None
+                with contextlib.suppress(GuardrailError, OSError):
+                    b = backup_manager.latest_backup(p.root)
+                if b:
+                    raise GuardrailError(
+                        "no versions yet, and no current_model", p.versions,
+                        f"Bring the model back from the newest verified backup ({b['id']}, "
+                        f"step {b.get('global_step')}): `python3 backup_manager.py restore "
+                        f"{b['id']}`, then `{CMD} snapshot --note restored`.")
+            raise GuardrailError("no versions yet", p.versions, f"Take one with `{CMD} snapshot`.")
         return vid
     if isinstance(text, str) and TAG_RE.fullmatch(text) and not VERSION_RE.fullmatch(text):
         tags = read_tags(root)

@@ -81,6 +81,25 @@ def restore_config(p: Paths) -> dict | None:
     return None
 
 
+def _refuse_over_a_backup(p: Paths) -> None:
+    """A root that lost current_model (and its versions) but has a verified backup: init
+    would start a new random model beside the trained one; restoring is what is meant."""
+    import backup_manager
+    try:
+        b = backup_manager.latest_backup(p.root)
+        bdir = backup_manager.backups_dir(p.root)
+    except (GuardrailError, OSError):
+        return
+    if b:
+        raise GuardrailError(
+            f"current_model is gone but a verified backup of it exists ({b['id']}, step "
+            f"{b.get('global_step')}); init would start a new random model instead", p.root,
+            f"Bring it back with `python3 backup_manager.py restore {b['id']}` (then `python3 "
+            "model_versioner.py snapshot --note restored`). To start a new model anyway, first "
+            f"move the backups aside: `mv {shlex.quote(str(bdir))} "
+            f"{shlex.quote(str(bdir) + '.old')}`.")
+
+
 def init_root(root, base: str = "tiny") -> dict:
     """Create config.json, current_model/ and version v001 in `root`, and approve the config.
 
@@ -101,6 +120,8 @@ def init_root(root, base: str = "tiny") -> dict:
             "current_model exists but is empty (no model in it); init never replaces it",
             p.current_model, f"Remove the empty folder with `rmdir {shlex.quote(str(p.current_model))}`, "
             f"then run `python3 training_daemon.py init --root {shlex.quote(str(p.root))}` again.")
+    if not os.path.lexists(p.current_model):
+        _refuse_over_a_backup(p)
     if os.path.lexists(p.current_model):
         raise GuardrailError(
             "current_model already exists; init never replaces a model", p.current_model,

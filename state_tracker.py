@@ -799,6 +799,14 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
     queue = _queue_section(root, daemon, w)
     disk = _disk_section(root, cfg, model, disk_usage, w)
     backups = _backups_section(root, cfg, w)
+    if not versions["count"] and backups["latest"]:  # only a backup holds the trained model
+        b = backups["latest"]
+        for x in w:
+            if x["code"] == "MODEL_MISSING":
+                x["message"] += f"; the newest verified backup is {b['id']} (step {b['global_step']})"
+                x["fix"] = _cmd(root, f"backup_manager.py restore {b['id']}")
+                x["note"] = ("Brings the trained model back (init would start a new random one); "
+                             f"then `{_cmd(root, 'model_versioner.py snapshot --note restored')}`.")
     loss = _loss_section(root, cfg, model, training, w)
     locks = _locks_section(root, daemon, w)
     del versions["_records"]

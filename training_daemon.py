@@ -203,6 +203,7 @@ class Daemon:
         self.wake = threading.Event()
         self.done: dict[str, dict] = {}
         self.backup_proc = None
+        self._backup_next: dict | None = None  # a file done while a backup ran: its turn next
         self.backup_failed: str | None = None
         self.exit_code = 0
         self._state_written = 0.0
@@ -955,9 +956,15 @@ class Daemon:
     # ---------------------------------------------------------------- backups
 
     def maybe_backup(self, rec: dict) -> None:
-        """Start an automatic backup (child process, SCHED_IDLE) if the policy says so."""
-        if not (SCRIPTS / "backup_manager.py").exists() or self.backup_proc is not None:
+        """Start an automatic backup (child process, SCHED_IDLE) if the policy says so; one
+        due while the last still runs starts when that ends (never skipped)."""
+        if not (SCRIPTS / "backup_manager.py").exists():
             return
+        if self.backup_proc is not None and self._poll_backup() is None:
+            self._backup_next = rec
+            return
+        if self.backup_failed is not None:
+            return  # paused on it: `resume` clears it, the next file backs up again
         import backup_manager
         try:
             latest = backup_manager.latest_backup(self.p.root)
@@ -987,6 +994,9 @@ class Daemon:
         self.backup_proc = None
         if proc.returncode == 0:
             self.log.info("automatic backup done")
+            waiting, self._backup_next = self._backup_next, None
+            if waiting is not None:
+                self.maybe_backup(waiting)
             return True
         lines = [ln for ln in (err or "").splitlines() if ln.startswith("Error:")]
         msg = lines[-1][len("Error: "):] if lines else f"backup_manager exited {proc.returncode}"
@@ -1150,6 +1160,10 @@ class Daemon:
         if self._monitor is not None:
             with contextlib.suppress(Exception):
                 self._monitor.stop()
+        if self._backup_next is not None:  # not started on the way out: the next run's
+            self.log.info("an automatic backup of %s is due; it runs after the next file",
+                          self._backup_next.get("version_after") or "current_model")
+            self._backup_next = None
         if self.backup_proc is not None:
             self._poll_backup(wait=True)
         if self._import_thread is not None:

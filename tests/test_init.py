@@ -166,3 +166,24 @@ def test_a_deleted_config_json_comes_back_with_init_from_the_newest_version(init
     assert not {"CONFIG_MISSING", "CONFIG_UNAPPROVED"} & {w["code"] for w in report["warnings"]}
     again = run_script("training_daemon.py", "init", root=root)
     assert again.returncode == 1 and "current_model already exists" in again.stderr
+
+
+def test_init_never_starts_a_new_model_beside_a_verified_backup_of_the_lost_one(initialized_root):
+    """`rm -rf current_model versions`: init would build a new random model at step 0 and
+    the report would say OK; it refuses, naming the backup restore (and how to start over)."""
+    import shutil
+    root = initialized_root
+    backup = run_script("backup_manager.py", "backup", "--json", root=root)
+    assert backup.returncode == 0, backup.stderr
+    bid = json.loads(backup.stdout)["id"]
+    shutil.rmtree(root / "current_model")
+    shutil.rmtree(root / "versions")
+    proc = run_script("training_daemon.py", "init", root=root)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"Error: current_model is gone but a verified backup of it "
+                                  f"exists ({bid}, step 0)")
+    assert f"`python3 backup_manager.py restore {bid}`" in proc.stderr
+    assert not (root / "current_model").exists() and not (root / "versions").exists()
+    restored = run_script("backup_manager.py", "restore", bid, root=root)
+    assert restored.returncode == 0, restored.stderr
+    assert (root / "current_model" / "config.json").exists()

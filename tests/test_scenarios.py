@@ -210,11 +210,6 @@ def test_model_and_versions_deleted_come_back_from_a_backup_with_global_step_int
     assert rec["global_step_before"] == step and step_of(root) == rec["global_step_after"] > step
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "state_tracker's MODEL_MISSING (no version left) fix is `python3 training_daemon.py init`, "
-    "which builds a fresh random model at step 0 although a verified backup holds the trained "
-    "one; afterwards the tracker reports OK, so following the fix silently throws the training "
-    "away (expected: fix = `backup_manager.py restore ID`, or init refusing)"))
 def test_following_the_trackers_fix_commands_after_rm_rf_keeps_the_training(initialized_root):
     """The assistant does what CLAUDE.md §1 says: read the tracker, run each critical
     warning's fix. That must bring the trained model back, not a new random one."""
@@ -234,11 +229,6 @@ def test_following_the_trackers_fix_commands_after_rm_rf_keeps_the_training(init
     assert step_of(root) == step, "the tracker's fix replaced the trained model"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "CLAUDE.md 'Model deleted' row, first command `model_versioner.py restore latest` with "
-    "versions/ deleted too: exits 1 with 'no versions yet ... Take one with `python3 "
-    "model_versioner.py snapshot`' -- a snapshot of a model that does not exist; it never "
-    "names the verified backup (`backup_manager.py restore ID`) that would fix it"))
 def test_claude_md_model_deleted_row_names_the_backup_when_versions_are_gone(initialized_root):
     root = initialized_root
     ok(root, "python3 backup_manager.py backup")
@@ -250,11 +240,6 @@ def test_claude_md_model_deleted_row_names_the_backup_when_versions_are_gone(ini
         assert (root / "current_model").is_dir()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "training_daemon.Daemon.maybe_backup returns without a backup when the previous automatic "
-    "backup's child has not been reaped yet, and nothing retries it: with backup_every_files 1 "
-    "and two files queued, the second file's version is never backed up (its training is lost "
-    "if the disk/versions go)"))
 def test_backup_every_file_backs_up_every_trained_version(initialized_root):
     root = initialized_root
     tune(root, backup_every_files=1)
