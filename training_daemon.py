@@ -496,7 +496,10 @@ class Daemon:
             self._next_rescan = now + self.cfg["rescan_seconds"]
         self.scan_inbox(full)
         settle = self.cfg["settle_seconds"]
-        ready = [(c.since, path) for path, c in self.candidates.items() if now - c.since >= settle]
+        # arrival order: when first seen, then (files found by one scan, e.g. at start-up)
+        # by modification time, then name
+        ready = [(c.since, c.sig[1], path) for path, c in self.candidates.items()
+                 if now - c.since >= settle]
         ready.sort()
         batch = training_queue.SyncBatch()
         self._intake_count = self._burst_quiet = 0
@@ -510,7 +513,7 @@ class Daemon:
 
     def _intake_ready(self, ready: list, now: float, batch, budget_s: float | None) -> None:
         started = last_control = time.monotonic()
-        for _, path in ready:
+        for *_, path in ready:
             if budget_s is not None and time.monotonic() - started > budget_s:
                 return  # training goes on; the rest stay candidates for the next pass
             cand = self.candidates.pop(path)

@@ -151,7 +151,10 @@ def test_once_finds_files_dropped_while_down_in_priority_order(initialized_root)
     low = write_data(root / "inbox" / "low" / "a_low.jsonl", 3, "low")
     normal = write_data(root / "inbox" / "b_normal.jsonl", 3, "normal")
     high = write_data(root / "inbox" / "high" / "c_high.jsonl", 3, "high")
-    shas = {p.name: sha(p) for p in (low, normal, high)}
+    # dropped while down: within one priority, older files first (not by name)
+    later = write_data(root / "inbox" / "a_later.jsonl", 3, "later")
+    os.utime(normal, ns=(later.stat().st_mtime_ns - 10**9,) * 2)
+    shas = {p.name: sha(p) for p in (low, normal, high, later)}
     (root / "inbox" / "notes.txt").write_text("not data\n")
     ignored = [".hidden.jsonl", "x.jsonl.tmp", "y.jsonl.part", "z.partial", "w.jsonl~",
                ".w.jsonl.swp", "v.swp", "4913"]
@@ -162,7 +165,7 @@ def test_once_finds_files_dropped_while_down_in_priority_order(initialized_root)
     assert proc.returncode == 0, proc.stderr
 
     files = data_files(root)
-    assert files.pop("done") == ["a_low.jsonl", "b_normal.jsonl", "c_high.jsonl"]
+    assert files.pop("done") == ["a_later.jsonl", "a_low.jsonl", "b_normal.jsonl", "c_high.jsonl"]
     assert files.pop("failed") == ["notes.txt"]
     assert sorted(files.pop("inbox")) == sorted(ignored)  # never touched
     assert files == {}
@@ -170,7 +173,7 @@ def test_once_finds_files_dropped_while_down_in_priority_order(initialized_root)
 
     recs = {n: record(root / "done" / n) for n in shas}
     order = sorted(recs, key=lambda n: recs[n]["started_at"])
-    assert order == ["c_high.jsonl", "b_normal.jsonl", "a_low.jsonl"]
+    assert order == ["c_high.jsonl", "b_normal.jsonl", "a_later.jsonl", "a_low.jsonl"]
     steps = 0
     for name, rec in recs.items():
         assert rec["sha256"] == shas[name] and rec["records"] == 3 and rec["outcome"] == "done"
@@ -182,6 +185,7 @@ def test_once_finds_files_dropped_while_down_in_priority_order(initialized_root)
         steps += rec["steps"]
     # one file after another: each starts from the version the previous one produced
     assert recs["b_normal.jsonl"]["version_before"] == recs["c_high.jsonl"]["version_after"]
+    assert recs["a_later.jsonl"]["version_before"] == recs["b_normal.jsonl"]["version_after"]
     state = json.loads((root / "current_model" / "trainer_state.json").read_text())
     assert state["global_step"] == steps == recs["a_low.jsonl"]["global_step_after"]
     last = json.loads((root / "versions" / recs["a_low.jsonl"]["version_after"]
