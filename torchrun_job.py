@@ -64,11 +64,20 @@ def _json_document(text: str):
 
 
 def _torchrun_failure(log_text: str) -> str:
-    """One line from torchrun's failure report: the root-cause rank, its exit code, signal."""
-    report = log_text.rpartition("Root Cause")[2]
-    fields = dict(re.findall(r"^\s*(rank|exitcode)\s*:\s*(.+?)\s*$", report, re.M))
-    if "rank" in fields:
-        return " ".join(f"rank {fields['rank']} died: exitcode {fields.get('exitcode')}".split())
+    """One line from torchrun's failure report: the root-cause rank, its exit code and
+    signal, then every other rank that failed (which one torchrun saw first is a race: a
+    rank killed with -9 may be listed after the rank its death made abort)."""
+    others, _, root = log_text.rpartition("Root Cause")
+    others = others.rpartition("Failures:")[2] if "Failures:" in others else ""
+
+    def ranks(report: str) -> list[str]:
+        found = re.findall(r"^\s*rank\s*:\s*(.+?)\s*$\n^\s*exitcode\s*:\s*(.+?)\s*$",
+                           report, re.M)
+        return [" ".join(f"rank {rank} died: exitcode {code}".split()) for rank, code in found]
+    failed = ranks(root)
+    if failed:
+        rest = [r for r in ranks(others) if r not in failed]
+        return "; ".join(failed + [f"also {r}" for r in rest])
     lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
     errors = [ln for ln in lines if re.search(r"Error: |Exception: ", ln)]
     return (errors or lines or ["no output"])[-1][:500]
