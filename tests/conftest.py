@@ -42,6 +42,42 @@ def initialized_root(tmp_root, tiny_model_dir) -> Path:
     return tmp_root
 
 
+def engine_root(path: Path, model_dir: Path, fast: dict, **overrides) -> tuple[Path, dict]:
+    """A training root as `init` makes it, with the config `fast` (+ overrides) written."""
+    import training_config
+    import training_daemon
+    training_daemon.init_root(path, base=str(model_dir))
+    cfg = training_config.default_config(**{**fast, **overrides})
+    training_config.write_config(path, cfg)
+    return path, cfg
+
+
+def write_jsonl(path: Path, records, ensure_ascii: bool = True) -> Path:
+    """One JSON object per line."""
+    import json
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=ensure_ascii) + "\n")
+    return path
+
+
+def kill_9_when(args: list[str], root: Path, ready, timeout: float = 30) -> int:
+    """Run `python3 ARGS` on `root`, SIGKILL it as soon as `ready()` is true (or when the
+    timeout ends), and return its exit status (-9 when the kill landed)."""
+    import signal
+    import subprocess
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, TRAINING_ROOT=str(root)))
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(10)
+    return proc.returncode
+
+
 def run_script(script: str, *args: str, root: Path | None = None, timeout: float = 120,
                check: bool = False, env: dict | None = None):
     """Run `python3 SCRIPT ARGS` from the repo in a fresh interpreter; returns CompletedProcess."""

@@ -33,13 +33,32 @@ def last_metric(root: Path) -> dict | None:
     return None
 
 
-def set_config(root: Path, **values) -> None:
+def set_config(root: Path, **values) -> dict:
     """Change config.json and approve it, as a person with the right would."""
     import training_config
     cfg = training_config.load_config(root)
     cfg.update(values)
     training_config.write_config(root, cfg)
     training_config.approve(root, cfg)
+    return cfg
+
+
+def record(path: Path) -> dict:
+    """The record kept beside a data file (NAME.jsonl.record.json)."""
+    return json.loads(path.with_name(path.name + ".record.json").read_text())
+
+
+def lifecycle_files(root: Path, folders, hidden: bool = True) -> dict[str, list[str]]:
+    """Folder -> the data file names in it (records excluded; hidden names unless asked)."""
+    out = {}
+    for rel in folders:
+        d = root / rel
+        if d.is_dir():
+            names = sorted(n for n in os.listdir(d) if (d / n).is_file()
+                           and not n.endswith(".record.json") and (hidden or n[0] != "."))
+            if names:
+                out[rel] = names
+    return out
 
 
 def weights(model_dir: Path) -> dict:

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import pytest
 import backup_manager
 import training_config
 import verified_copy
-from conftest import REPO
+from conftest import REPO, kill_9_when
 from trainroot import utc_now
 
 LIST = "python3 backup_manager.py list"
@@ -323,20 +322,10 @@ def test_a_bad_write_is_caught_by_the_read_back(fake_root, monkeypatch, size, fi
 def test_kill_9_during_backup_then_next_run_cleans_up(fake_root, capsys):
     (fake_root / "current_model" / "model.safetensors").write_bytes(b"\0" * (160 << 20))
     bdir = fake_root / "backups"
-    proc = subprocess.Popen([sys.executable, str(REPO / "backup_manager.py"), "backup"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, TRAINING_ROOT=str(fake_root)))
-    deadline = time.monotonic() + 30
-    try:
-        while time.monotonic() < deadline:
-            if bdir.is_dir() and any((bdir / e / "model.safetensors").exists()
-                                     for e in os.listdir(bdir) if e.startswith(".staging-")):
-                break
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(10)
-    assert proc.returncode == -signal.SIGKILL
+    status = kill_9_when([str(REPO / "backup_manager.py"), "backup"], fake_root, lambda: (
+        bdir.is_dir() and any((bdir / e / "model.safetensors").exists()
+                              for e in os.listdir(bdir) if e.startswith(".staging-"))))
+    assert status == -signal.SIGKILL
     leftovers = [e for e in os.listdir(bdir) if e.startswith(".staging-")]
     assert len(leftovers) == 1
     code, listed, _ = _cli(capsys, "list", "--json")

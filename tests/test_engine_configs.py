@@ -16,9 +16,9 @@ import pytest
 
 import training_config
 import training_engine as te
+from conftest import REPO, engine_root
+from conftest import write_jsonl as conftest_write_jsonl
 from trainroot import Paths, read_json
-
-REPO = Path(__file__).resolve().parent.parent
 
 FAST = dict(max_length=16, batch_size=2, grad_accum_steps=1, num_threads=1, warmup_steps=2,
             checkpoint_every_steps=0, checkpoint_every_minutes=0.0, loss_spike_factor=0.0,
@@ -26,18 +26,12 @@ FAST = dict(max_length=16, batch_size=2, grad_accum_steps=1, num_threads=1, warm
 
 
 def make_root(path: Path, model_dir: Path, **overrides) -> tuple[Path, dict]:
-    import training_daemon
-    training_daemon.init_root(path, base=str(model_dir))
-    cfg = training_config.default_config(**{**FAST, **overrides})
-    training_config.write_config(path, cfg)
-    return path, cfg
+    """A training root as `init` makes it, with this module's small, fast config."""
+    return engine_root(path, model_dir, FAST, **overrides)
 
 
 def write_jsonl(path: Path, records) -> Path:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return path
+    return conftest_write_jsonl(path, records, ensure_ascii=False)  # unicode as UTF-8 bytes
 
 
 def strict_metrics(root: Path) -> list[dict]:

@@ -7,16 +7,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 import backup_manager
 import model_versioner as mv
-from conftest import REPO
+from conftest import REPO, kill_9_when
 from test_model_versioner import make_model, model_gen, train
 from trainroot import Paths
 
@@ -217,19 +214,9 @@ def test_kill_9_during_a_backup_restore_leaves_nothing_behind_the_next_one(broot
     code, out, err = _main(backup_manager, capsys, "backup", "--json")
     big_bid = json.loads(out)["id"]
     train(root, 6)
-    proc = subprocess.Popen([sys.executable, str(REPO / "backup_manager.py"), "restore", big_bid],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, TRAINING_ROOT=str(root)))
-    deadline = time.monotonic() + 30
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if any((d / "model.safetensors").exists() for d in p.staging.glob("backup-restore-*")):
-                break
-            time.sleep(0.001)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(10)
-    assert proc.returncode == -signal.SIGKILL
+    status = kill_9_when([str(REPO / "backup_manager.py"), "restore", big_bid], root, lambda: any(
+        (d / "model.safetensors").exists() for d in p.staging.glob("backup-restore-*")))
+    assert status == -signal.SIGKILL
     assert len(list(p.staging.glob("backup-restore-*"))) == 1       # a full copy, left over
     assert model_gen(p.current_model) == 6
     code, out, err = _main(backup_manager, capsys, "restore", bid, "--json")

@@ -24,7 +24,7 @@ import pytest
 
 from conftest import REPO, run_script
 from realdaemon import (RealDaemon, assert_same_weights, controller, daemon_fixture, drop,
-                        step_of, weights)
+                        lifecycle_files, record, set_config, step_of, weights)
 
 pytestmark = pytest.mark.slow
 
@@ -42,12 +42,7 @@ daemons = daemon_fixture(RealDaemon)
 # --------------------------------------------------------------------------- helpers
 
 def tune(root: Path, **over) -> dict:
-    import training_config
-    cfg = training_config.load_config(root)
-    cfg.update(FAST, **over)
-    training_config.write_config(root, cfg)
-    training_config.approve(root, cfg, by="test")
-    return cfg
+    return set_config(root, **{**FAST, **over})
 
 
 def new_root(path: Path, tiny_model_dir: Path, **over) -> Path:
@@ -92,24 +87,12 @@ def run_once(root: Path) -> subprocess.CompletedProcess:
                       timeout=180)
 
 
-def record(path: Path) -> dict:
-    return json.loads(path.with_name(path.name + ".record.json").read_text())
-
-
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def data_files(root: Path) -> dict[str, list[str]]:
-    out = {}
-    for rel in LIFECYCLE:
-        d = root / rel
-        if d.is_dir():
-            names = sorted(n for n in os.listdir(d) if (d / n).is_file()
-                           and not n.endswith(".record.json") and not n.startswith("."))
-            if names:
-                out[rel] = names
-    return out
+    return lifecycle_files(root, LIFECYCLE, hidden=False)
 
 
 def metric_steps(root: Path) -> list[int]:

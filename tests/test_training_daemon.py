@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_script
+from realdaemon import lifecycle_files, record, set_config
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +35,7 @@ LIFECYCLE = ("inbox", "inbox/high", "inbox/low", "queue/high", "queue/normal", "
 
 def tune(root: Path, **over) -> dict:
     """Write the fast test settings into config.json and approve them (as a user would)."""
-    import training_config
-    cfg = training_config.load_config(root)
-    cfg.update(FAST, **over)
-    training_config.write_config(root, cfg)
-    training_config.approve(root, cfg, by="test")
-    return cfg
+    return set_config(root, **{**FAST, **over})
 
 
 def write_data(path: Path, n: int, tag: str) -> Path:
@@ -54,21 +50,9 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def record(path: Path) -> dict:
-    return json.loads(path.with_name(path.name + ".record.json").read_text())
-
-
 def data_files(root: Path) -> dict[str, list[str]]:
     """Folder -> data file names (records, hidden and temp names excluded)."""
-    out = {}
-    for rel in LIFECYCLE:
-        d = root / rel
-        if d.is_dir():
-            names = sorted(n for n in os.listdir(d) if (d / n).is_file()
-                           and not n.endswith(".record.json"))
-            if names:
-                out[rel] = names
-    return out
+    return lifecycle_files(root, LIFECYCLE)
 
 
 def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None):

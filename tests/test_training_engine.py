@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 
-import training_config
 import training_engine as te
+from conftest import REPO, engine_root, write_jsonl
 from trainroot import GuardrailError, Paths, read_json, sha256_file
-
-REPO = Path(__file__).resolve().parent.parent
 validate_data = pytest.importorskip("validate_data")  # the record parser the engine reads through
 
 FAST = dict(max_length=32, batch_size=2, grad_accum_steps=2, num_threads=1, warmup_steps=3,
@@ -27,19 +25,10 @@ FAST = dict(max_length=32, batch_size=2, grad_accum_steps=2, num_threads=1, warm
 
 
 def make_root(path: Path, model_dir: Path, **overrides) -> tuple[Path, dict]:
-    """A training root as `init` makes it, with a small, fast config written to config.json."""
-    import training_daemon
-    training_daemon.init_root(path, base=str(model_dir))
-    cfg = training_config.default_config(**{**FAST, **overrides})
-    training_config.write_config(path, cfg)
-    return path, cfg
+    """A training root as `init` makes it, with this module's small, fast config."""
+    return engine_root(path, model_dir, FAST, **overrides)
 
 
-def write_jsonl(path: Path, records) -> Path:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    return path
 
 
 def text_records(n: int, seed: int = 0, alphabet: str = "abcdefgh ") -> list[dict]:
