@@ -1,8 +1,11 @@
-"""What the daemon's intake needs to know of one inbox entry, and how it takes one across disks.
+"""The daemon's intake: from inbox/ (and inbox/high/, inbox/low/) to the queue.
 
-`open_for_writing` (a file still being written is never half-read), `special_file` (what a
-link, pipe, socket or device in the inbox is, and the fix), and `claim_across` (an inbox on
-another filesystem: copy, fsync, name, then remove the original, as `mv` does).
+`InboxIntake` (mixed into training_daemon.Daemon) watches the inbox with watchdog, takes
+each settled file, validates and queues it, or moves it to failed/ or skipped/ with its
+reason and fix. For one entry: `open_for_writing` (a file still being written is never
+half-read), `special_file` (what a link, pipe, socket or device is, and its fix), and
+`claim_across` (an inbox on another filesystem: copy, fsync, name, then remove the
+original, as `mv` does).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import shlex
 import shutil
@@ -125,3 +129,241 @@ def claim_across(src: str, directory: Path, sig: tuple | None) -> Path | None:
         os.unlink(dst)
         raise
     return dst
+
+
+# --------------------------------------------------------------------------- the daemon's intake
+
+BURST_LOG_LINES = 20     # files logged one by one per intake pass before a summary line
+INTAKE_WHILE_TRAINING_S = (1.0, 0.25)  # while a file trains: an intake pass every 1 s, of
+                                       # at most 0.25 s (a burst goes on at the next one)
+INTAKE_WHILE_TRAINING_MAX_BYTES = 32 << 20  # validated in ~0.2 s; a bigger file waits for the
+                                            # file in training to end, so a stop stays prompt
+_PRIORITY_DIRS = (("high", "inbox_high"), ("normal", "inbox"), ("low", "inbox_low"))
+
+
+class _Candidate:
+    __slots__ = ("priority", "sig", "since")
+
+    def __init__(self, priority: str, sig: tuple, since: float):
+        self.priority, self.sig, self.since = priority, sig, since
+
+
+class InboxIntake:
+    """The daemon's intake (mixed into training_daemon.Daemon): watch inbox/ and its
+    priority folders, take each settled file, validate and queue it (or fail or skip it,
+    with its reason and fix). Uses the daemon's `p`, `cfg`, `log`, `done`, `wake`, its
+    control (`control_idle`, `stop_request`, `stop_signal`) and `write_state`.
+    """
+
+    def _start_observer(self) -> None:
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+        except ImportError as exc:
+            self.log.warning("watchdog unavailable (%s): rescanning every %ss only", exc,
+                             self.cfg["rescan_seconds"])
+            return
+        daemon = self
+
+        class Hints(FileSystemEventHandler):
+            def on_any_event(self, event):
+                if event.is_directory:
+                    return
+                path = getattr(event, "dest_path", None) or event.src_path
+                with daemon.hint_lock:
+                    daemon.hinted.add(os.fsdecode(path))
+                daemon.wake.set()
+
+        obs = Observer()
+        try:
+            for d in (self.p.inbox, self.p.inbox_high, self.p.inbox_low):
+                obs.schedule(Hints(), str(d), recursive=False)
+            obs.start()
+        except OSError as exc:  # inotify limits come back as ENOSPC (watchdog#673)
+            self.log.warning("inbox watcher failed (%s): rescanning every %ss only", exc,
+                             self.cfg["rescan_seconds"])
+            with contextlib.suppress(Exception):
+                obs.stop()
+            return
+        self._observer = obs
+
+    def _note(self, path: str, priority: str, now: float) -> None:
+        name = os.path.basename(path)
+        if training_queue.is_ignored(name):
+            return
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            self.candidates.pop(path, None)
+            return
+        if stat.S_ISDIR(st.st_mode):
+            if path not in (str(self.p.inbox_high), str(self.p.inbox_low)):
+                self._warn_once(path, "%s is a folder: the daemon never looks inside folders "
+                                "(only inbox/, inbox/high/, inbox/low/), so what it holds stays "
+                                "there untouched. Move its .jsonl files into %s/ to train them.",
+                                path, os.path.dirname(path))
+            return
+        sig = (st.st_size, st.st_mtime_ns, st.st_ino)
+        cand = self.candidates.get(path)
+        if cand is None or cand.sig != sig:
+            self.candidates[path] = _Candidate(priority, sig, now)
+
+    def _warn_once(self, key: str, msg: str, *args, level: int = logging.WARNING) -> None:
+        """Log `msg` the first time only: a rescan every few seconds must not repeat it."""
+        if key not in self.warned:
+            self.warned.add(key)
+            self.log.log(level, msg, *args)
+
+    def scan_inbox(self, full: bool) -> None:
+        now = time.monotonic()
+        with self.hint_lock:
+            hinted, self.hinted = self.hinted, set()
+        prio_of = {str(getattr(self.p, attr)): pr for pr, attr in _PRIORITY_DIRS}
+        if full:
+            for pr, attr in _PRIORITY_DIRS:
+                try:
+                    with os.scandir(getattr(self.p, attr)) as it:
+                        for entry in it:
+                            self._note(entry.path, pr, now)
+                except FileNotFoundError:
+                    getattr(self.p, attr).mkdir(parents=True, exist_ok=True)
+            for path in list(self.candidates):
+                if not os.path.lexists(path):
+                    del self.candidates[path]
+        else:
+            for path in hinted:
+                pr = prio_of.get(os.path.dirname(path))
+                if pr is not None:
+                    self._note(path, pr, now)
+
+    def intake(self, budget_s: float | None = None) -> None:
+        """Claim every settled inbox file, validate it and queue it (or fail/skip it).
+
+        With `budget_s` (while a file trains, between steps) a pass ends after about that
+        long; the files left wait for the next pass, and requests for the training loop.
+        """
+        now = time.monotonic()
+        full = now >= self._next_rescan
+        if full:
+            self._next_rescan = now + self.cfg["rescan_seconds"]
+        self.scan_inbox(full)
+        settle = self.cfg["settle_seconds"]
+        # arrival order: when first seen, then (files found by one scan, e.g. at start-up)
+        # by modification time, then name
+        ready = [(c.since, c.sig[1], path) for path, c in self.candidates.items()
+                 if now - c.since >= settle]
+        ready.sort()
+        batch = training_queue.SyncBatch()
+        self._intake_count = self._burst_quiet = 0
+        try:
+            self._intake_ready(ready, now, batch, budget_s)
+        finally:
+            batch.flush()
+            if self._burst_quiet:
+                self.log.warning("... and %d more files moved to failed/ or skipped/ (each with "
+                                 "its reason in NAME.record.json)", self._burst_quiet)
+
+    def _intake_ready(self, ready: list, now: float, batch, budget_s: float | None) -> None:
+        started = last_control = time.monotonic()
+        for *_, path in ready:
+            if budget_s is not None and time.monotonic() - started > budget_s:
+                return  # training goes on; the rest stay candidates for the next pass
+            cand = self.candidates.pop(path)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if (st.st_size, st.st_mtime_ns, st.st_ino) != cand.sig:
+                self.candidates[path] = _Candidate(cand.priority,
+                                                   (st.st_size, st.st_mtime_ns, st.st_ino), now)
+                continue
+            if budget_s is not None and st.st_size > INTAKE_WHILE_TRAINING_MAX_BYTES:
+                self.candidates[path] = cand  # taken once no file trains
+                continue
+            if stat.S_ISREG(st.st_mode) and open_for_writing(path):
+                cand.since = time.monotonic()   # still being written: wait another interval
+                self.candidates[path] = cand
+                self._warn_once(f"{path}\0open", "%s is still open for writing by another "
+                                "process: it is taken once that closes it (a file being written "
+                                "is never half-read)", path, level=logging.INFO)
+                continue
+            self._ingest(path, cand.priority, batch, cand.sig)
+            if budget_s is None and time.monotonic() - last_control > 0.5:  # a burst must not hide a stop
+                last_control = time.monotonic()
+                batch.flush()
+                self.write_state()
+                self.control_idle()
+                if self.stop_request or self.stop_signal:
+                    return
+
+    def _ingest(self, path: str, priority: str, batch, sig: tuple | None = None) -> None:
+        name = os.path.basename(path)
+        incoming = self.p.queue / training_queue.INCOMING / priority
+        special = special_file(path, self.p.root)  # where it is: a relative link means this
+        try:
+            claimed = trainroot.move_unique(path, incoming, sync=False)
+        except FileNotFoundError:
+            return  # someone took it back first
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            # inbox/ on another disk (a link to a shared drop folder): copy, then remove
+            try:
+                claimed = claim_across(path, incoming, sig)
+            except OSError as err:
+                self._warn_once(path, "%s cannot be taken from the inbox (%s); it stays there. "
+                                "Make %s writable for this user, or copy the file in with "
+                                "`python3 training_queue.py add %s`.", path,
+                                err.strerror or err, os.path.dirname(path), shlex.quote(path))
+                return
+            if claimed is None:
+                if special is not None and not special[0].startswith("not a regular file: a "
+                                                                     "symbolic link"):
+                    self._warn_once(path, "%s: %s on another filesystem than the root; it stays "
+                                    "where it is. %s", path, special[0], special[1])
+                return  # changed while copied, or a pipe/socket/device: looked at again later
+        batch.dirs.update((os.path.dirname(path), str(incoming)))
+        self._enqueue_claimed(claimed, priority, name, batch, special)
+
+    def _enqueue_claimed(self, claimed: Path, priority: str, name: str, batch=None,
+                         special: tuple[str, str] | None = None) -> None:
+        if claimed.is_file() and not claimed.is_symlink():
+            special = None
+        elif special is None:
+            special = special_file(str(claimed), self.p.root) or ("not a regular file", None)
+        try:
+            rec = training_queue.enqueue(
+                self.p.root, claimed, priority=priority, move=True, cfg=self.cfg,
+                source="inbox", done=self.done, name=name, batch=batch,
+                not_regular=special and special[0], fix=special and special[1])
+        except Exception as exc:  # never lose it: whatever broke, the file stays claimed
+            self.log.exception("intake of %s failed; it stays in %s", name, claimed.parent)
+            self.last_error = f"intake of {name} failed: {exc}"
+            return
+        if rec["outcome"] == "queued" and self.current is None:
+            self.preload_engine()  # torch loads while the rest of the inbox settles
+        self._intake_count += 1
+        if self._intake_count > BURST_LOG_LINES and rec["outcome"] != "queued":
+            self._burst_quiet += 1  # a burst: one summary line instead of 10,000
+            return
+        level = logging.INFO if rec["outcome"] == "queued" else logging.WARNING
+        self.log.log(level, "%s: %s (%s)%s%s", name, rec["outcome"], priority,
+                     f" - {rec['reason']}" if rec.get("reason") else "",
+                     f". {rec['fix']}" if rec.get("fix") else "")
+
+    def recover_incoming(self) -> None:
+        """Files claimed from the inbox before a crash go through intake again."""
+        base = self.p.queue / training_queue.INCOMING
+        for pr in training_queue.PRIORITIES:
+            d = base / pr
+            if not d.is_dir():
+                continue
+            for n in sorted(os.listdir(d)):
+                if n.startswith(".claim-") and n.endswith(".tmp"):
+                    # a copy from another disk cut short: its original is still in the inbox
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(d / n)
+                    self.log.info("recovery: removed %s (a partial copy; the original is still "
+                                  "in the inbox)", d / n)
+                elif not training_queue.is_ignored(n):
+                    self._enqueue_claimed(d / n, pr, n)
