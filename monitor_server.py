@@ -113,7 +113,10 @@ class MetricsIndex:
         lines = block.split(b"\n")
         lines.pop()  # the block ends with a newline
         steps, files = _STEP_RE.findall(block), _FILE_RE.findall(block)
-        if len(steps) == len(lines) and len(files) in (0, len(lines)):
+        # A step of 19+ digits does not fit the int64 index (and no run reaches it): such a
+        # line is foreign, so the block takes the line-by-line path, which skips it.
+        if (len(steps) == len(lines) and len(files) in (0, len(lines))
+                and max(map(len, steps), default=0) < 19):
             # C-level iteration only: a million lines index in a few seconds, once
             starts = array("q", itertools.accumulate(map((1).__add__, map(len, lines)), initial=base))
             starts.pop()
@@ -122,7 +125,7 @@ class MetricsIndex:
         found_steps, found_starts, found_files, pos = array("q"), [], [], base
         for ln in lines:
             m = _STEP_RE.search(ln + b"\n")
-            if m is not None:
+            if m is not None and len(m.group(1)) < 19:
                 f = _FILE_RE.search(ln)
                 found_steps.append(int(m.group(1)))
                 found_starts.append(pos)
@@ -204,8 +207,15 @@ class MetricsIndex:
 
 
 def _finite(value):
-    """NaN/inf (a diverged step writes them) as None: browsers' JSON.parse rejects them."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+    """A field's value as a JSON scalar the browser can parse, else None.
+
+    NaN/inf (a diverged step writes them) become None: browsers' JSON.parse rejects them,
+    and one such token makes the whole answer unreadable. A list or object in a metric
+    field is foreign (and could hide a NaN), so it is dropped too.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value if value is None or isinstance(value, (str, int)) else None
 
 
 def _skip_line(f) -> int | None:
@@ -280,6 +290,12 @@ class MonitorServer(ThreadingHTTPServer):
             self._state_cache = (now, body)
             return body
 
+    def handle_error(self, request, client_address) -> None:
+        # A tab closed mid-answer is routine, not a traceback in the daemon's log.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
     def process_request_thread(self, request, client_address):
         if self.idle_priority:
             _make_thread_idle()
@@ -328,7 +344,25 @@ class MonitorHandler(BaseHTTPRequestHandler):
         self._send(405, b'{"ok": false, "error": "method not allowed: use GET or HEAD"}\n',
                    "application/json", extra={"Allow": "GET, HEAD"})
 
+    def parse_request(self) -> bool:
+        if len(self.raw_requestline.split()) == 2:
+            # HTTP/0.9 ("GET /"): http.server would wait for headers that never come and
+            # hold the connection until the timeout; refuse it at once instead.
+            self.command, self.request_version = None, "HTTP/1.0"
+            self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
+            self.send_error(400, "HTTP/0.9 requests are not supported")
+            return False
+        return super().parse_request()
+
     def _dispatch(self) -> None:
+        if self.headers.get("Transfer-Encoding") or \
+                self.headers.get("Content-Length", "").strip() not in ("", "0"):
+            # A GET/HEAD body is never read: on a kept-alive connection it would be taken
+            # for the next request (request smuggling), so answer this one and close.
+            self.close_connection = True
+        if len(self.headers.get_all("Host") or ()) > 1:
+            return self._send(400, b'{"ok": false, "error": "more than one Host header"}\n',
+                              "application/json")
         if not self._host_ok():
             # A web page that rebinds its own name to 127.0.0.1 must not read our state.
             return self._send(403, b'{"ok": false, "error": "forbidden host"}\n',

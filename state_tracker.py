@@ -21,6 +21,7 @@ import collections
 import json
 import os
 import shlex
+import stat
 import sys
 import time
 from datetime import datetime
@@ -647,13 +648,16 @@ def _backups_section(root: Path, cfg: dict, w: list) -> dict:
 def _tail_lines(path: Path, nbytes: int = METRICS_TAIL_BYTES) -> list[str]:
     """The complete lines in the last `nbytes` of a file (seek from the end)."""
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: a FIFO in its place must not block the report (and the monitor) forever
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return []  # a folder or a FIFO in its place reads as no metrics
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - nbytes))
             data = f.read()
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return []  # no metrics yet (a folder in its place reads as none; nothing to chart)
+        return []  # no metrics yet
     lines = data.split(b"\n")
     if size > nbytes:
         lines = lines[1:]  # the first one is cut

@@ -350,3 +350,11 @@ def test_the_inbox_count_matches_what_the_queue_and_the_daemon_count(root, capsy
     (inbox / "folder").mkdir()
     doc = state_doc(capsys, root)
     assert doc["queue"]["inbox"] == training_queue.counts(root)["inbox"] == 3
+
+
+def test_a_fifo_in_place_of_metrics_jsonl_does_not_hang_the_report(root):
+    """The monitor's /api/state comes from the same report: one FIFO must not hang both."""
+    os.mkfifo(root / "metrics.jsonl")
+    proc = run_script("state_tracker.py", "--json", root=root, timeout=20)
+    assert proc.returncode in (0, 1), proc.stderr
+    jsonschema.validate(one_json(proc.stdout), SCHEMA)
