@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 import trainroot
-from trainroot import (GuardrailError, Paths, UsageError, add_common_args, atomic_write_json,
+from trainroot import (SCRIPTS_DIR, GuardrailError, Paths, UsageError, add_common_args,
+                       atomic_write_json,
                        print_json, read_json, rename_noreplace, resolve_root, run_cli,
                        sha256_file, utc_now)
 
@@ -357,10 +358,11 @@ def _q(path) -> str:
 
 
 def add_cmd(root, path, *flags: str) -> str:
-    """`python3 training_queue.py add PATH FLAGS` for `root` (--root if it is not the default)."""
+    """`python3 training_queue.py add PATH FLAGS` for `root`, with --root unless it is the
+    scripts' folder: kept in records, it must work from a shell without $TRAINING_ROOT."""
     cmd = " ".join(["python3 training_queue.py add", _q(path), *flags])
     root = Path(root).resolve()
-    return cmd if root == resolve_root(None) else f"{cmd} --root {_q(root)}"
+    return cmd if root == SCRIPTS_DIR else f"{cmd} --root {_q(root)}"
 
 
 def _requeue_cmd(root, path, *flags: str) -> str:

@@ -109,7 +109,7 @@ def test_hostile_names_train_once_each_and_log_one_line_each(initialized_root):
     assert (root / "skipped" / "dup2.jsonl").read_bytes() == dup2
     assert skipped["duplicate_of"] == "dup1.jsonl"
     assert skipped["fix"] == (f"`python3 training_queue.py add {root / 'skipped' / 'dup2.jsonl'} "
-                              "--move --force` queues it anyway.")
+                              f"--move --force --root {root}` queues it anyway.")
 
     # one log line per event: a newline or an undecodable byte in a name is shown escaped
     assert "new\\nline.jsonl: queued" in proc.stderr
@@ -190,8 +190,8 @@ def test_what_cannot_be_data_goes_to_failed_with_its_reason_and_fix(qroot):
     link = record(failed / "link.jsonl")
     assert link["reason"].startswith(
         f"not a regular file: a symbolic link to {root / 'elsewhere' / 'target.jsonl'} ")
-    assert link["fix"] == (f"`python3 training_queue.py add {root / 'elsewhere' / 'target.jsonl'}` "
-                           "queues a copy of its content.")
+    assert link["fix"] == (f"`python3 training_queue.py add {root / 'elsewhere' / 'target.jsonl'} "
+                           f"--root {root}` queues a copy of its content.")
     assert record(failed / "dangling.jsonl")["reason"] == (
         "not a regular file: a symbolic link to /nonexistent/x.jsonl, which does not exist")
     assert record(failed / "loop1.jsonl")["reason"] == (

@@ -555,7 +555,8 @@ def test_skip_discard_mid_file_then_requeue_with_the_records_command(initialized
     assert tracker(root)["queue"]["skipped_count"] == 1
 
     fix = rec["fix"].split("`")[1]
-    assert fix.startswith("python3 training_queue.py add") and fix.endswith("--move")
+    assert fix == (f"python3 training_queue.py add {root / 'skipped' / 'maybe.jsonl'} --move "
+                   f"--root {root}")  # works from any shell, $TRAINING_ROOT or not
     ok(root, fix)
     d.until("maybe.jsonl trained after all",
             lambda: (root / "done" / "maybe.jsonl.record.json").exists())

@@ -578,7 +578,7 @@ def test_skip_discard_restores_the_version_before_the_file_and_skip_keeps_the_tr
     record = json.loads((root / "skipped" / "b.jsonl.record.json").read_text())
     assert record["outcome"] == "skipped" and record["discarded"] is False
     assert record["fix"] == (f"`python3 training_queue.py add {root / 'skipped' / 'b.jsonl'} "
-                             "--move` queues it again.")  # the daemon's root is $TRAINING_ROOT
+                             f"--move --root {root}` queues it again.")
     d.until("idle after the skip", lambda: tc.daemon_status(root)["state"] == "idle")
     # skip kept the steps trained on b.jsonl: current_model moved past the version before it
     assert_different_weights(weights(root / "current_model"),

@@ -357,7 +357,7 @@ def test_crashed_file_goes_to_failed_after_max_attempts(initialized_root):
     assert rec["reason"] == "training crashed 2 times (max_attempts 2)"
     assert rec["fix"] == ("Read the reason (and logs/daemon.log); once the cause is fixed, "
                           f"`python3 training_queue.py add {root / 'failed' / 'poison.jsonl'} "
-                          "--move` trains it again.")  # the daemon's root is $TRAINING_ROOT
+                          f"--move --root {root}` trains it again.")
     assert not (root / "versions" / "v002").exists()  # never trained, nothing snapshotted
 
 

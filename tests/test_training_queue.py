@@ -146,7 +146,7 @@ def test_set_priority_keeps_arrival_and_remove_moves_to_skipped(root, tmp_path, 
     assert code == 1
     skipped = root / "skipped" / "first.jsonl"
     assert err.strip() == (f"Error: first.jsonl was skipped (skipped/), not queued, {skipped}. "
-                           f"`python3 training_queue.py add {skipped} --move` queues it again.")
+                           f"`python3 training_queue.py add {skipped} --move --root {root}` queues it again.")
     code, _, err = q(root, capsys, "remove", "never.jsonl")
     assert code == 1
     assert err.strip() == (f"Error: never.jsonl is not in the queue, {root / 'queue'}. "
@@ -198,8 +198,8 @@ def test_content_already_queued_or_training_is_refused_unless_forced(root, tmp_p
     assert code == 1 and not twin.exists()
     assert out["outcome"] == "skipped" and out["path"] == str(root / "skipped" / "twin.jsonl")
     kept = root / "skipped" / "twin.jsonl"
-    assert out["error"]["fix"] == (f"`python3 training_queue.py add {kept} --move --force` "
-                                   "queues it anyway.")
+    assert out["error"]["fix"] == (f"`python3 training_queue.py add {kept} --move --force "
+                                   f"--root {root}` queues it anyway.")
 
 
 def test_a_name_is_unique_across_the_priority_queues(root, tmp_path, capsys):
@@ -235,7 +235,7 @@ def test_remove_says_where_the_file_went_and_how_to_undo(root, tmp_path, capsys,
     code = training_queue.main(["remove", "odd name ü.jsonl", "--root", str(root)])
     out = capsys.readouterr().out
     dst = root / "skipped" / "odd name ü.jsonl"
-    undo = f"python3 training_queue.py add '{dst}' --move --priority high --force"
+    undo = f"python3 training_queue.py add '{dst}' --move --priority high --force --root {root}"
     assert code == 0 and dst.read_bytes() == src.read_bytes()
     assert out == (f"Moved odd name ü.jsonl out of the queue to {dst} (nothing deleted).\n"
                    f"Undo: {undo}\n")
@@ -247,10 +247,10 @@ def test_remove_says_where_the_file_went_and_how_to_undo(root, tmp_path, capsys,
         ("odd name ü.jsonl", "high")]
     assert names_in(root / "skipped") == []
 
-    # with another root than $TRAINING_ROOT, the undo names it
+    # the undo names its root, so it also works from a shell without $TRAINING_ROOT
     monkeypatch.delenv("TRAINING_ROOT")
     out = training_queue.remove(root, "odd name ü.jsonl")
-    assert out["undo"] == f"{undo} --root {root}"
+    assert out["undo"] == undo
 
 
 def test_a_file_being_trained_or_trained_is_not_taken_by_queue_commands(root, tmp_path, capsys):
@@ -323,7 +323,8 @@ def test_re_adding_a_still_invalid_file_from_failed_leaves_it_there(root, tmp_pa
     code, out, err = q(root, capsys, "add", str(bad), "--move")
     failed = root / "failed" / "bad.jsonl"
     assert code == 1 and out["path"] == str(failed) and failed.exists()
-    assert out["error"]["fix"] == (f"Fix it, then `python3 training_queue.py add {failed} --move`.")
+    assert out["error"]["fix"] == (f"Fix it, then `python3 training_queue.py add {failed} --move "
+                                   f"--root {root}`.")
     code, _, err = q(root, capsys, "add", str(failed), "--move")
     assert code == 1 and "not queued" in err
     assert names_in(root / "failed") == ["bad.jsonl"]             # not renamed to bad-2.jsonl
