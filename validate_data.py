@@ -21,7 +21,8 @@ one warning per field name). Each record becomes `segments`, a list of (text, tr
   ""), Alpaca style -> [("### Instruction:\\nI\\n\\n### Input:\\nX\\n\\n### Response:\\n",
   False), (O, True)]; with no or empty input the `### Input:` block is left out.
 - `messages`: `{"messages": [{"role", "content"}, ...]}`, roles system/user/assistant,
-  content a string (tool turns and content-part lists are not supported). `messages`
+  content a string (tool turns and content-part lists are not supported; OpenAI's per-turn
+  `weight` is not honoured, so it is warned about: weight-0 turns train too). `messages`
   keeps the list for the trainer's chat template; `segments` is the plain fallback
   "<|system|>\\nS\\n<|user|>\\nU\\n<|assistant|>\\n" untrained, then each assistant
   content trained, turns joined by "\\n". Role order, enforced because most chat
@@ -146,12 +147,20 @@ def _unique_pairs(pairs: list) -> dict:
         seen = set()
         for key, _ in pairs:
             if key in seen:
-                raise _Bad("duplicate_key", f"duplicate key {json.dumps(key)} in one object")
+                raise _Bad("duplicate_key", f"duplicate key {_quote(key)} in one object")
             seen.add(key)
     return obj
 
 
 _decode = json.JSONDecoder(object_pairs_hook=_unique_pairs, parse_constant=_reject_constant).decode
+
+
+def _quote(text: str, limit: int = 60) -> str:
+    """A string from the data as JSON for a message, cut short: a report lists up to 100
+    problems, and a 60 MB key or role must not make each of them 60 MB."""
+    if len(text) <= limit:
+        return json.dumps(text)
+    return json.dumps(text[:limit])[:-1] + f'..." ({len(text):,} characters)'
 
 
 def _json_type(value) -> str:
@@ -180,7 +189,9 @@ def _string(obj: dict, key: str, owner: str, *, allow_empty: bool = False) -> st
         raise _Bad("missing_field", f'{owner} without "{key}"')
     value = obj[key]
     if type(value) is not str:
-        raise _Bad("wrong_type", f'"{key}" must be a string, got {_json_type(value)}')
+        raise _Bad("wrong_type", f'"{key}" must be a string, got {_json_type(value)}'
+                   + (' (write "" or leave "input" out when there is none)'
+                      if key == "input" and value is None else ""))
     if not allow_empty and (not value or value.isspace()):
         raise _Bad("empty_field", f'"{key}" is empty')
     return value
@@ -200,6 +211,23 @@ def _instruction_prompt(instruction: str, inp: str) -> str:
     return f"### Instruction:\n{instruction}\n\n### Response:\n"
 
 
+_TOOL_CALL_HINT = " (a tool call: tool calls are not supported, leave that turn out)"
+# roles other tools write, with the role to write instead
+_ROLE_RENAMES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant",
+                 "developer": "system", "chatgpt": "assistant", "ai": "assistant"}
+
+
+def _role_hint(role) -> str:
+    if role in ("tool", "function", "ipython"):
+        return " (tool turns are not supported: leave them out)"
+    if type(role) is str:
+        if role.lower() in ROLES:
+            return f' (roles are lowercase: write "{role.lower()}")'
+        if role.lower() in _ROLE_RENAMES:
+            return f' (write "{_ROLE_RENAMES[role.lower()]}" for {json.dumps(role)})'
+    return ""
+
+
 def _chat(messages) -> tuple[list, int, bool]:
     """(segments, tokens, ends_on_user) of a messages list; raises _Bad on the first problem."""
     if type(messages) is not list:
@@ -213,21 +241,31 @@ def _chat(messages) -> tuple[list, int, bool]:
         where = f"messages[{i}]"
         if type(msg) is not dict:
             raise _Bad("wrong_type", f"{where} must be an object, got {_json_type(msg)}")
+        if "role" not in msg and "from" in msg:      # ShareGPT turns under "messages"
+            raise _Bad("missing_field", f'{where} without "role" (ShareGPT turns: rename "from" '
+                       '-> "role" with human -> user and gpt -> assistant, "value" -> "content")')
         role = _string(msg, "role", where)
         article = "an" if role == "assistant" else "a"
         if role not in ROLES:
-            raise _Bad("unknown_role", f"{where}.role is {json.dumps(role)}; expected system, "
-                       "user or assistant" + (" (tool turns are not supported: leave them out)"
-                                              if role in ("tool", "function") else ""))
+            raise _Bad("unknown_role", f"{where}.role is {_quote(role)}; expected system, "
+                       "user or assistant" + _role_hint(role))
+        tool_call = bool(msg.get("tool_calls") or msg.get("function_call"))
         if "content" not in msg:
-            raise _Bad("missing_field", f'{where} without "content"')
+            raise _Bad("missing_field", f'{where} without "content"'
+                       + (_TOOL_CALL_HINT if tool_call else ""))
         content = msg["content"]
         if type(content) is not str:
             hint = ""
-            if msg.get("tool_calls") or msg.get("function_call"):
-                hint = " (a tool call: tool calls are not supported, leave that turn out)"
+            if tool_call:
+                hint = _TOOL_CALL_HINT
             elif type(content) is list:
-                hint = ' (content parts are not supported: join their "text" into one string)'
+                hint = ' (content parts are not supported: join their "text" into one string' + (
+                    ", e.g. jq -c '.messages[].content |= (if type == \"array\" then map(.text) "
+                    "| join(\"\") else . end)' FILE > NEW.jsonl)"
+                    if all(type(p) is dict and p.get("type") == "text" and type(p.get("text")) is str
+                           for p in content)
+                    else "; parts that are not text, such as images, cannot be trained on: leave "
+                         "that turn out)")
             raise _Bad("wrong_type", f"{where}.content must be a string, got "
                        f"{_json_type(content)}{hint}")
         if role != "system" and (not content or content.isspace()):
@@ -239,7 +277,8 @@ def _chat(messages) -> tuple[list, int, bool]:
         elif previous == role or (previous is None and role == "assistant"):
             raise _Bad("role_order", f"{where} is {article} {role} turn after "
                        f"{'a ' + previous + ' turn' if previous else 'no user turn'}; turns "
-                       "must alternate user/assistant, starting with user")
+                       "must alternate user/assistant, starting with user"
+                       + (f" (merge consecutive {role} turns into one)" if previous == role else ""))
         _byte_len(content, f"{where}.content")   # raises on a lone surrogate
         if role == "assistant":
             assistants += 1
@@ -284,13 +323,47 @@ def _parse_object(obj) -> tuple[str, list, list | None, int, bool]:
     found = {_KEY_FORMAT[k] for k in known}
     if len(found) != 1:
         if not found:
-            keys = ", ".join(json.dumps(k) for k in list(obj)[:5]) or "none"
+            keys = ", ".join(map(_quote, itertools.islice(obj, 5))) or "none"
             hint = _FOREIGN_FORMATS.get(next((k for k in obj if k in _FOREIGN_FORMATS), None), "")
+            cased = [k for k in obj if k != k.lower()
+                     and (k.lower() in _KNOWN_KEYS or k.lower() in _FOREIGN_FORMATS)]
+            if cased:                     # "Text", "Messages": field names are case-sensitive
+                hint = (" (field names are case-sensitive: rename "
+                        + ", ".join(f'{json.dumps(k)} -> {json.dumps(k.lower())}' for k in cased[:3])
+                        + ")" + hint)
             raise _Bad("unknown_format", f"no known fields (has {keys}); accepted formats: "
                        + _ACCEPTED + hint)
         raise _Bad("ambiguous_format", "fields of several formats ("
-                   + ", ".join(sorted(found)) + ") in one record")
+                   + ", ".join(sorted(found)) + ") in one record; keep the fields of one format "
+                   "and rename or drop the others (" + ", ".join(sorted(map(json.dumps, known)))
+                   + ")")
     fmt = found.pop()
+    try:
+        return _parse_known(obj, fmt)
+    except _Bad as bad:
+        if bad.code == "missing_field":   # a look-alike format: say which field to rename
+            renames = [(old, new) for old, new in _FIELD_RENAMES[fmt] if old in obj and new not in obj]
+            renames += [(k, k.lower()) for k in obj if k.lower() in _KNOWN_KEYS and k.lower() not in obj]
+            if renames:
+                bad.message += (" (rename " + ", ".join(f'"{old}" -> "{new}"' for old, new in renames)
+                                + ")")
+        elif bad.code == "empty_field" and bad.message.startswith('"prompt"'):
+            bad.message += ' (text with no prompt is a text record: write {"text": COMPLETION})'
+        raise
+
+
+# per format, fields other tools use for one of ours (Dolly's context/response and the like;
+# a field of another format would have made the record ambiguous instead)
+_FIELD_RENAMES = {
+    "text": (),
+    "messages": (),
+    "prompt_completion": (("response", "completion"), ("answer", "completion"),
+                          ("question", "prompt")),
+    "instruction": (("response", "output"), ("context", "input"), ("answer", "output")),
+}
+
+
+def _parse_known(obj: dict, fmt: str) -> tuple[str, list, list | None, int, bool]:
     if fmt == "text":
         text = _string(obj, "text", "text record")
         return fmt, [(text, True)], None, _byte_len(text, '"text"'), False
@@ -320,12 +393,24 @@ def _sniff(head: bytes) -> _Bad | None:
         if head.startswith(magic):
             return _Bad("compressed_file", f"{kind}-compressed data, not JSON lines; decompress "
                         f"it first ({_UNCOMPRESS[kind]} FILE > NEW.jsonl)", byte_offset=0)
+    if head.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):    # before UTF-16's
+        return _Bad("utf16_file", "UTF-32 text; convert it to UTF-8 "
+                    "(iconv -f UTF-32 -t UTF-8 FILE > NEW.jsonl)", byte_offset=0)
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         return _Bad("utf16_file", "UTF-16 text; convert it to UTF-8 "
                     "(iconv -f UTF-16 -t UTF-8 FILE > NEW.jsonl)", byte_offset=0)
     nul = head.find(b"\x00")
     if nul >= 0:
-        return _Bad("binary_file", f"binary data (NUL byte at byte offset {nul}), not JSON lines",
+        # UTF-16 without a byte-order mark: ASCII text with a NUL beside every character
+        even, odd = head[0::2], head[1::2]
+        for nuls, other, kind in ((odd, even, "UTF-16LE"), (even, odd, "UTF-16BE")):
+            # every NUL on one side, on at least a quarter of the characters (CJK has none)
+            if len(nuls) >= 2 and nuls.count(0) * 4 >= len(nuls) and other.count(0) == 0:
+                return _Bad("utf16_file", f"{kind} text (no byte-order mark); convert it to UTF-8 "
+                            f"(iconv -f {kind} -t UTF-8 FILE > NEW.jsonl)", byte_offset=0)
+        return _Bad("binary_file", f"binary data (NUL byte at byte offset {nul}), not JSON lines: "
+                    "export the data as UTF-8 JSON lines, or if it is text with stray NUL bytes, "
+                    "remove them (tr -d '\\000' < FILE > NEW.jsonl)",
                     byte_offset=nul)
     return None
 
@@ -417,9 +502,17 @@ def _check_line(box: list, start: int, line_no: int, terminated: bool, state: _S
                                          "turn, which trains nothing")))
     if len(obj) > 1 and len(obj) > len(obj.keys() & _KNOWN_KEYS):
         for name in sorted(obj.keys() - _KNOWN_KEYS):
-            problems.append(("ignored", _Bad("ignored_field", f"field {json.dumps(name)} is not "
+            problems.append(("ignored", _Bad("ignored_field", f"field {_quote(name)} is not "
                                              "used by any format (ignored)")))
+    # OpenAI's per-turn "weight": 0 means "do not train on this turn", which the trainer
+    # does not honour (other turn fields go to the chat template, which may use them)
+    if messages is not None and any("weight" in m for m in messages):
+        problems.append(("ignored", _Bad("ignored_field", _WEIGHT_IGNORED)))
     return Record(line_no, start, 0, fmt, segments, messages), tokens, problems, key
+
+
+_WEIGHT_IGNORED = ('field "weight" of messages is ignored: every assistant turn is trained, '
+                   "weight 0 ones too (end the conversation before a turn to leave it out)")
 
 
 def _first_bad_utf8(raw: bytes) -> int | None:
@@ -468,12 +561,17 @@ def _json_error(text: str, exc: json.JSONDecodeError, start: int, terminated: bo
         return _Bad("truncated_last_line", "last line ends without a newline in the middle of "
                     f"a JSON value ({msg}); the file looks cut short",
                     column=column, byte_offset=byte_pos)
-    if msg.startswith("Extra data") and text[:exc.pos].rstrip(" \t\n").endswith("\r"):
+    if text[exc.pos:exc.pos + 1] == "\x00" and not msg.startswith("Invalid control"):
+        # past the head the sniff checks for binary data
+        msg += ": a NUL byte; remove NUL bytes (tr -d '\\000' < FILE > NEW.jsonl)"
+    elif msg.startswith("Extra data") and text[:exc.pos].rstrip(" \t\n").endswith("\r"):
         msg += ": a bare CR (\\r) ends a record inside this line; lines must end in LF or " \
                "CRLF (tr '\\r' '\\n' < FILE > NEW.jsonl)"
-    elif text.strip() in ("[", "{", "]", "}", "],", "},"):
+    elif text.strip() in ("[", "{", "]", "}", "],", "},") or (
+            msg.startswith("Extra data") and text[exc.pos:exc.pos + 1] == ":"):  # '"key": ...'
         msg += ": one JSON value spread over several lines? each line must be a whole " \
-               "object (jq -c '.[]' FILE > NEW.jsonl for a JSON array)"
+               "object (jq -c . FILE > NEW.jsonl rewrites pretty-printed JSON one object a " \
+               "line; jq -c '.[]' FILE > NEW.jsonl splits a JSON array)"
     return _Bad("invalid_json", msg, column=column, byte_offset=byte_pos)
 
 
