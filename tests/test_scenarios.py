@@ -392,11 +392,11 @@ def small_disk(tmp_path):
 
 
 def fill(path: Path, leave: int) -> Path:
-    """Fill the filesystem of `path` until `leave` bytes are free."""
+    """Fill the filesystem of `path` until `leave` bytes are free (again: the daemon frees
+    an old checkpoint after writing a new one, so a caller tops it up until it pauses)."""
     filler = path / "filler.bin"
     free = os.statvfs(path).f_bavail * os.statvfs(path).f_frsize
-    with open(filler, "wb", buffering=0) as f:
-        f.truncate(0)
+    with open(filler, "ab", buffering=0) as f:
         chunk = b"\0" * (1 << 20)
         remaining = max(0, free - leave)
         try:
@@ -416,15 +416,17 @@ def test_disk_fills_mid_file_pauses_then_resumes_exactly(small_disk, tiny_model_
                                                          daemons):
     root = new_root(small_disk / "root", tiny_model_dir, min_free_disk_mb=1)
     twin = new_root(tmp_path / "twin", tiny_model_dir)
-    drop(root, "long.jsonl", seed=7, lines=40)
+    drop(root, "long.jsonl", seed=7, lines=120)
     (twin / "inbox" / "long.jsonl").write_bytes((root / "inbox" / "long.jsonl").read_bytes())
     reference = daemons(twin, "--once")
 
     d = daemons(root)
     d.training_step("long.jsonl", 3)
-    filler = fill(small_disk, leave=200 << 10)   # less than one checkpoint (~1.6 MB)
+    # less than one checkpoint (~1.6 MB) free, kept so until the daemon pauses
     st = d.until("paused for the disk", lambda: (
-        (s := daemon_state(root)).get("state") == "paused" and s), timeout=60)
+        (s := daemon_state(root)).get("state") == "paused" and s
+        or fill(small_disk, leave=200 << 10) and None), timeout=60)
+    filler = small_disk / "filler.bin"
     assert "disk" in (st.get("paused_reason") or "").lower(), st
     loads(root / "current_model")
     assert data_files(root) == {"processing": ["long.jsonl"]}
