@@ -88,16 +88,6 @@ def _str(x):
     return x if isinstance(x, str) else None
 
 
-def _lock_holder(path: Path) -> dict | None:
-    """read_lock_holder with each field of the type the report needs (a hand-edited holder
-    record reads as "held by an unknown pid")."""
-    holder = read_lock_holder(path)
-    if holder is None:
-        return None
-    return {"pid": _int(holder.get("pid")), "purpose": _str(holder.get("purpose")),
-            "since": _str(holder.get("since"))}
-
-
 def _listdir(path: Path) -> list[str]:
     try:
         return sorted(os.listdir(path))
@@ -446,7 +436,7 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
                                                      "paused_since", "paused_reason")}}
         if state.get("last_error") is not None and not isinstance(state["last_error"], str):
             state["last_error"] = json.dumps(state["last_error"], default=str)
-    holder = _lock_holder(p.lock("daemon"))
+    holder = read_lock_holder(p.lock("daemon"))
     pid = (holder or {}).get("pid") or state.get("pid")
     running = _pid_running(pid)
     # The daemon holds its flock for life, so a held lock is proof; without it, a running
@@ -739,7 +729,7 @@ def _locks_section(root: Path, daemon: dict, w: list) -> list:
     for name in _listdir(p.locks):
         if not name.endswith(".lock"):
             continue
-        holder = _lock_holder(p.locks / name)
+        holder = read_lock_holder(p.locks / name)
         if holder is None:
             continue
         lock = name[:-5]

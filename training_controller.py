@@ -70,11 +70,12 @@ def _ensure(d: Path) -> Path:
 
 def _read_small_json(path: Path):
     """json.loads of a regular file; OSError for anything else. A FIFO or a device in place
-    of a request, an acknowledgement or the state file would block a plain read forever."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise IsADirectoryError(f"not a regular file: {path}") if path.is_dir() else \
-            OSError(f"not a regular file: {path}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    of a request or an acknowledgement would block a plain read forever (opened without
+    blocking, then checked: no window for a swap between a stat and the read)."""
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(f"not a regular file: {path}")
+        return json.loads(f.read().decode("utf-8"))
 
 
 def _stamp(created_at: str) -> str:
@@ -298,9 +299,6 @@ def daemon_status(root) -> dict:
         state_error, state = str(exc), None
     state = _typed_state(state or {})
     holder = read_lock_holder(p.lock("daemon"))
-    if holder is not None:
-        holder = {"pid": _pid(holder.get("pid")), "purpose": _text(holder.get("purpose")),
-                  "since": _text(holder.get("since"))}
     pid = (holder or {}).get("pid") or state.get("pid")
     heartbeat_age = _heartbeat_age(state.get("heartbeat"))
     fresh = heartbeat_age is not None and heartbeat_age <= HEARTBEAT_STALE_S

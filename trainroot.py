@@ -433,7 +433,8 @@ class FileLock:
 
 
 def read_lock_holder(path: str | os.PathLike) -> dict | None:
-    """The recorded holder of a lock file if the lock is held right now, else None."""
+    """The recorded holder of a lock file if the lock is held right now, else None:
+    `{pid, purpose, since}`, each of its type or None (a hand-edited record: an unknown pid)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO there must not block
     except OSError:  # missing, or its folder is a file: nobody can hold it
@@ -446,7 +447,11 @@ def read_lock_holder(path: str | os.PathLike) -> dict | None:
                 holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
             except (OSError, ValueError):
                 holder = None
-            return holder if isinstance(holder, dict) and holder else {"pid": None}
+            holder = holder if isinstance(holder, dict) else {}
+            pid = holder.get("pid")
+            text = {k: v if isinstance(v := holder.get(k), str) else None
+                    for k in ("purpose", "since")}
+            return {"pid": pid if type(pid) is int and 0 < pid < 2**31 else None, **text}
         except OSError:
             return None
         fcntl.flock(fd, fcntl.LOCK_UN)
