@@ -579,7 +579,7 @@ def test_browser_against_a_running_daemon(initialized_root, tmp_path):
     name = "monitor_notes.jsonl"
     lines = [json.dumps({"text": f"Note {i}: the monitor shows the loss of every step, "
                                  f"the file being trained and what waits in the queue. " * 3})
-             for i in range(500)]
+             for i in range(999)]  # still training when the browser renders, even when slow
     staged = root / "inbox" / ".monitor_notes.jsonl.tmp"
     staged.write_text("\n".join(lines) + "\n")
     staged.rename(root / "inbox" / name)
