@@ -35,6 +35,7 @@ from pathlib import Path
 
 import cli_guard
 import training_config
+import training_controller
 from model_manifest import MANIFEST, has_weights, write_manifest
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
                        age_seconds, atomic_write_json, fsync_dir, print_json, read_json,
@@ -276,13 +277,8 @@ def _resolve_source(root, src: str | None) -> tuple[Path, str, str | None, set[s
 
 
 def _current_version(root) -> str | None:
-    try:
-        import model_versioner
-        version = model_versioner.current_version(root)
-    except (ImportError, AttributeError) as exc:
-        print(f"warning: cannot tell which version current_model matches ({exc})",
-              file=sys.stderr)
-        return None
+    import model_versioner
+    version = model_versioner.current_version(root)
     return version.get("id") if isinstance(version, dict) else version
 
 
@@ -468,24 +464,6 @@ def verify_backup(root, bid: str) -> list[str]:
 
 # --------------------------------------------------------------------------- restore
 
-def _refuse_if_training(root) -> None:
-    """The same check model_versioner makes before it swaps current_model."""
-    try:
-        import model_versioner
-        fn = getattr(model_versioner, "refuse_while_training", None)
-    except ImportError as exc:
-        print(f"warning: model_versioner unavailable ({exc}); asking the controller",
-              file=sys.stderr)
-        fn = None
-    if fn is not None:
-        fn(root)
-        return
-    import training_controller
-    if training_controller.is_training(root):
-        raise BusyError("a file is being trained", _p(root).root,
-                        "Stop first with `python3 training_controller.py stop --wait`.")
-
-
 def restore_backup(root, bid: str, to: str | os.PathLike | None = None) -> dict:
     """Verify backup `bid`, then make it current_model (keeping the present state as a
     version first) or write it into the new/empty folder `to`."""
@@ -499,7 +477,7 @@ def restore_backup(root, bid: str, to: str | os.PathLike | None = None) -> dict:
 
 def _restore_locked(p: Paths, folder: Path, bid: str, to) -> dict:
     if to is None:
-        _refuse_if_training(p.root)  # cheap, so before the long verify too
+        training_controller.refuse_while_training(p.root)  # cheap, so before the long verify too
     problems = verify_backup(p.root, bid)
     if problems:
         raise GuardrailError(
@@ -511,7 +489,7 @@ def _restore_locked(p: Paths, folder: Path, bid: str, to) -> dict:
     rec = _read_record(folder)
     if to is not None:
         return _restore_to(folder, rec, _check_target(p, bid, to))
-    _refuse_if_training(p.root)
+    training_controller.refuse_while_training(p.root)
     import model_versioner
     kept, previous, attic = None, None, False
     if os.path.lexists(p.current_model):

@@ -30,10 +30,11 @@ import time
 from pathlib import Path
 
 import cli_guard
+from training_controller import refuse_while_training  # the daemon's liveness, one definition
 from model_manifest import (MANIFEST, READ_ONLY, VERSION_FILE, check_model_dir, has_weights,
                             read_manifest, verify_files, walk, write_manifest)
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
-                       atomic_write_json, exchange_paths, fsync_dir, pid_alive, print_json,
+                       atomic_write_json, exchange_paths, fsync_dir, print_json,
                        read_json, rename_noreplace, resolve_root, run_cli, sha256_file, utc_now)
 
 SCHEMA_VERSION = 1
@@ -41,7 +42,6 @@ TAGS_FILE = "tags.json"
 VERSION_RE = re.compile(r"v(\d{1,9})")
 TAG_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
 CMD = "python3 model_versioner.py"
-STOP_COMMAND = "python3 training_controller.py stop"
 DANCE_INTENT = "mv-dance.json"   # in ROOT/.staging/: a rename dance in progress
 PREFIX = "mv-"                   # ROOT/.staging/mv-* belongs to this module; recover() cleans it
 
@@ -105,33 +105,6 @@ def _versions_lock(p: Paths, purpose: str, timeout: float = 30.0):
     finally:
         _held.depth = 0
         lock.release()
-
-
-def refuse_while_training(root) -> None:
-    """Raise BusyError while another live process (the daemon) is training or stopping.
-
-    The daemon itself may swap the model (its loss guard restores), so its own pid passes.
-    """
-    p = Paths(root)
-    try:
-        st = read_json(p.daemon_state, default=None)
-    except GuardrailError:
-        st = None  # unreadable: the controller's liveness check below still applies
-    st = st if isinstance(st, dict) else {}
-    pid, state = st.get("pid"), st.get("state")
-    try:
-        import training_controller
-        status = training_controller.daemon_status(p.root)
-        busy = status.get("alive") and status.get("state") in ("training", "stopping")
-        pid = status.get("pid") or pid
-    except ImportError:
-        busy = state in ("training", "stopping") and isinstance(pid, int) and pid_alive(pid)
-    if not busy or pid == os.getpid():
-        return
-    cur = st.get("current_file")
-    name = cur.get("name") if isinstance(cur, dict) else None
-    what = f"the daemon (pid {pid}) is training" + (f" {name}" if name else "")
-    raise BusyError(what, p.root, f"Stop it first with `{STOP_COMMAND}`, then run this again.")
 
 
 # --------------------------------------------------------------------------- reading versions

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import training_config
 from trainroot import (SCRIPTS_DIR, GuardrailError, Paths, add_common_args,
-                       atomic_write_json, print_json, read_json, read_lock_holder,
-                       resolve_root, run_cli, utc_now)
+                       atomic_write_json, daemon_liveness, print_json, process_running,
+                       read_json, read_lock_holder, resolve_root, run_cli, utc_now)
 
 SCHEMA_VERSION = 1
 STALL_AFTER_S = 120.0           # a training daemon writes its heartbeat about once a second
@@ -151,38 +151,6 @@ def _json_safe(obj):
     if isinstance(obj, list):
         return [_json_safe(v) for v in obj]
     return obj
-
-
-def _pid_running(pid) -> bool:
-    """A live, non-zombie process. /proc answers in microseconds; psutil only off Linux."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    if Path("/proc/self/stat").exists():
-        try:
-            text = stat.read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            return False
-        except PermissionError:
-            return True
-        return text.rpartition(")")[2].split()[0] not in ("Z", "X")
-    import psutil  # lazy: +55 ms, only where there is no /proc
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True
-
-
-def _started_before(pid, when) -> bool:
-    """False when process `pid` started after timestamp `when` (+1 s): a pid the system gave
-    to a new process after the daemon that wrote `when` died. Only asked without the lock."""
-    import psutil  # lazy: only on this rare path (a live daemon holds its lock)
-    try:
-        return psutil.Process(pid).create_time() <= datetime.fromisoformat(when).timestamp() + 1.0
-    except (psutil.Error, TypeError, ValueError):
-        return True  # cannot tell: keep the heartbeat's word
 
 
 def _arg(root: Path, rel: str) -> str:
@@ -436,23 +404,18 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
                                                      "paused_since", "paused_reason")}}
         if state.get("last_error") is not None and not isinstance(state["last_error"], str):
             state["last_error"] = json.dumps(state["last_error"], default=str)
-    holder = read_lock_holder(p.lock("daemon"))
-    pid = (holder or {}).get("pid") or state.get("pid")
-    running = _pid_running(pid)
-    # The daemon holds its flock for life, so a held lock is proof; without it, a running
-    # pid with a fresh heartbeat is the best evidence (and a reused pid has none).
-    beat_age = age_seconds(state.get("heartbeat"))
-    alive = running and (holder is not None or (beat_age is not None and beat_age <= STALL_AFTER_S
-                                                 and _started_before(pid, state.get("heartbeat"))))
+    live = daemon_liveness(root, state)  # the one definition, shared with the controller
+    alive, pid, holder, beat_age = live["alive"], live["pid"], live["holder"], live["heartbeat_age"]
     reported = state.get("state")
-    daemon = {"alive": alive, "pid": pid if alive else None, "last_pid": state.get("pid"),
+    daemon = {"alive": alive, "pid": pid, "last_pid": state.get("pid"),
               "started_at": state.get("started_at"), "lock_holder": holder,
               "state_file": str(p.daemon_state), "state_file_problems": problems}
     processing = _data_names(p.processing)
-    if alive:
-        current = reported if reported in ("idle", "training", "paused", "stopping", "stopped") else "idle"
+    if alive:  # a state file another pid wrote says nothing of this daemon yet
+        current = reported if state.get("pid") == pid and reported in (
+            "idle", "training", "paused", "stopping", "stopped") else "idle"
     else:
-        current = "stopped" if reported in (None, "stopped", "idle") and not processing else "dead"
+        current = live["verdict"]
     training = {"state": current, "reported_state": reported,
                 "current_file": state.get("current_file"),
                 "processing_file": processing[0] if processing else None,
@@ -737,7 +700,7 @@ def _locks_section(root: Path, daemon: dict, w: list) -> list:
         age = age_seconds(holder.get("since"))
         entry = {"name": lock, "pid": pid, "purpose": holder.get("purpose"),
                  "since": holder.get("since"), "held_s": _round(age, 1),
-                 "holder_running": _pid_running(pid), "stale": False}
+                 "holder_running": process_running(pid), "stale": False}
         # A flock outlives its recorded pid only through an inherited descriptor (a child
         # of a dead holder); non-daemon locks are held for seconds or minutes, not hours.
         if not entry["holder_running"] or (lock != "daemon" and age and age > LOCK_HELD_LONG_S):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from trainroot import (EXIT_FAILURE, BusyError, FileLock, GuardrailError, Paths,
                        add_common_args, age_seconds, atomic_write_json, atomic_write_text,
-                       parse_time, print_json, read_json, read_lock_holder, rename_noreplace,
+                       daemon_liveness, parse_time, print_json, read_json, rename_noreplace,
                        resolve_root, run_cli, unique_path, utc_now)
 
 log = logging.getLogger("training_controller")
@@ -39,7 +39,6 @@ ACTIONS = ("stop", "pause", "resume", "skip")
 OUTCOMES = ("done", "noop", "failed", "rejected", "cancelled")
 STATES = ("idle", "training", "paused", "stopping", "stopped", "dead")
 REQUEST_SUFFIX = ".request.json"
-HEARTBEAT_STALE_S = 30.0     # the daemon writes its heartbeat at most once a second
 DEFAULT_WAIT_S = 60.0        # `--wait` without a value
 POLL_S = 0.05                # --wait polls files: cheap, and 50 ms is below what people notice
 STOP_CMD = "python3 training_controller.py stop"
@@ -270,24 +269,11 @@ def clear_pause_record(root) -> bool:
 
 # --------------------------------------------------------------------------- daemon status
 
-def _process_running(pid) -> bool:
-    """True if `pid` is a live process (a zombie child that exited does not count)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    import psutil  # lazy: +55 ms, only needed here
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return False
-    except psutil.AccessDenied:
-        return True
-
-
 def daemon_status(root) -> dict:
     """What the daemon is doing, checked rather than trusted: see docs/controller_status.md.
 
-    `alive` needs the process to run (psutil) and either to hold the daemon lock or to have
-    a fresh heartbeat. A state file that says training with a dead process reads `dead`.
+    `alive` is trainroot.daemon_liveness (the daemon lock, else its own pid with a fresh
+    heartbeat); not alive, `stopped` if its last word was stopped, else `dead`.
     """
     p = Paths(root)
     state_error = None
@@ -298,20 +284,14 @@ def daemon_status(root) -> dict:
     except GuardrailError as exc:
         state_error, state = str(exc), None
     state = _typed_state(state or {})
-    holder = read_lock_holder(p.lock("daemon"))
-    pid = (holder or {}).get("pid") or state.get("pid")
-    heartbeat_age = _heartbeat_age(state.get("heartbeat"))
-    fresh = heartbeat_age is not None and heartbeat_age <= HEARTBEAT_STALE_S
-    # Without the lock, a fresh heartbeat vouches for the pid only if that process already
-    # ran when the heartbeat was written: a pid reused after the daemon died started later.
-    alive = _process_running(pid) and (
-        holder is not None or (fresh and _started_before(pid, state.get("heartbeat"))))
+    live = daemon_liveness(p.root, state)  # the one definition, shared with the tracker
+    alive, pid, holder, heartbeat_age = live["alive"], live["pid"], live["holder"], live["heartbeat_age"]
     same_daemon = alive and state.get("pid") == pid
     reported = state.get("state")
     if alive:
         current = reported if same_daemon and reported in STATES else "idle"
     else:
-        current = "stopped" if reported in (None, "stopped") else "dead"
+        current = live["verdict"]
     requests = pending_requests(root, move_aside=False)
     pending = [{"id": r["id"], "action": r["action"], "reason": r.get("reason"),
                 "created_at": r["created_at"], "age_s": _round(age_seconds(r["created_at"])),
@@ -342,7 +322,7 @@ def daemon_status(root) -> dict:
         "started_at": state.get("started_at") if same_daemon or not alive else None,
         "heartbeat": state.get("heartbeat"),
         "heartbeat_age_s": _round(heartbeat_age),
-        "responsive": alive and fresh,
+        "responsive": alive and live["fresh"],
         "paused_since": state.get("paused_since") if current == "paused" else None,
         "paused_reason": state.get("paused_reason") if current == "paused" else None,
         "current_file": state.get("current_file") if same_daemon or current == "dead" else None,
@@ -382,31 +362,27 @@ def _typed_state(state: dict) -> dict:
     return out
 
 
-def _heartbeat_age(text) -> float | None:
-    """Seconds since a heartbeat; None if missing, unreadable or in the future (a clock
-    jump or a hand edit: it cannot vouch for anything)."""
-    if not isinstance(text, str):
-        return None
-    try:
-        age = time.time() - parse_time(text)
-    except ValueError:
-        return None
-    return None if age < -HEARTBEAT_STALE_S else max(0.0, age)
-
-
-def _started_before(pid, when) -> bool:
-    """True unless process `pid` provably started after timestamp `when` (+1 s of slack)."""
-    import psutil  # lazy, as in _process_running
-    try:
-        return psutil.Process(pid).create_time() <= parse_time(when) + 1.0
-    except (psutil.Error, TypeError, ValueError):
-        return True  # cannot tell: keep the heartbeat's word
-
-
 def is_training(root) -> bool:
     """True while a live daemon is training a file or stopping: others must not swap the model."""
+    return is_busy(daemon_status(root))
+
+
+def is_busy(status: dict) -> bool:
+    return status["alive"] and status["state"] in ("training", "stopping")
+
+
+def refuse_while_training(root) -> None:
+    """Raise BusyError while another live process (the daemon) is training or stopping:
+    what model_versioner and backup_manager call before they swap current_model.
+
+    The daemon itself may swap the model (its loss guard restores), so its own pid passes.
+    """
     st = daemon_status(root)
-    return st["alive"] and st["state"] in ("training", "stopping")
+    if not is_busy(st) or st["pid"] == os.getpid():
+        return
+    name = (st.get("current_file") or {}).get("name")
+    what = f"the daemon (pid {st['pid']}) is training" + (f" {name}" if isinstance(name, str) else "")
+    raise BusyError(what, st["root"], f"Stop it first with `{STOP_CMD}`, then run this again.")
 
 
 # --------------------------------------------------------------------------- requests, end to end

@@ -177,6 +177,7 @@ class Daemon(inbox_files.InboxIntake):
         self.once, self.monitor_wanted = once, monitor
         self.log = logging.getLogger("training_daemon")
         self.started_at = trainroot.utc_now()
+        self.identity = trainroot.process_identity()  # how readers tell this process from a reused pid
         self.state, self.paused_reason, self.paused_since, self.pause_kind = "idle", None, None, None
         self.current, self.progress, self.last_error = None, None, None
         self.stop_signal: str | None = None      # SIGTERM/SIGINT: acts like `stop`
@@ -216,7 +217,8 @@ class Daemon(inbox_files.InboxIntake):
                "heartbeat": trainroot.utc_now(), "state": self.state,
                "paused_reason": self.paused_reason, "paused_since": self.paused_since,
                "current_file": self.current, "progress": self.progress,
-               "last_error": self.last_error}
+               "last_error": self.last_error, **self.identity,
+               "heartbeat_clock": round(trainroot.boot_clock(), 3)}
         try:
             # Atomic for readers; no fsync: a heartbeat is worthless after a power cut anyway.
             trainroot.atomic_write_json(self.p.daemon_state, doc, sync=False)

@@ -370,18 +370,6 @@ def move_unique(src: str | os.PathLike, directory: str | os.PathLike,
 
 # --------------------------------------------------------------------------- locks
 
-def pid_alive(pid: int | None) -> bool:
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class FileLock:
     """An exclusive `flock` on a file that records the holder (pid, purpose, time).
 
@@ -458,6 +446,136 @@ def read_lock_holder(path: str | os.PathLike) -> dict | None:
         return None
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------- the daemon's liveness
+
+HEARTBEAT_STALE_S = 30.0   # the daemon writes its heartbeat about once a second
+BTIME_ROUNDING_S = 1.0     # /proc/stat's btime is whole seconds: a start time reads up to 1 s early
+_PROC = Path("/proc")
+
+
+def boot_id() -> str | None:
+    """This boot's id (Linux): a pid or a monotonic clock from another boot means nothing."""
+    try:
+        return (_PROC / "sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def boot_clock() -> float:
+    """Seconds since boot, suspend included: never steps with NTP or a hand-set clock."""
+    return time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
+
+
+def process_running(pid) -> bool:
+    """A live, non-zombie process. /proc answers in microseconds; psutil only off Linux."""
+    if type(pid) is not int or not 0 < pid < 2**31:
+        return False
+    if _PROC.joinpath("self/stat").exists():
+        fields = _proc_stat(pid)
+        return fields is not None and fields[0] not in ("Z", "X")
+    import psutil  # lazy: +55 ms, only where there is no /proc
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields from the state on (field 3), or None if there is no such process."""
+    try:
+        text = (_PROC / str(pid) / "stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except PermissionError:
+        return ["S"]  # it exists; its details are not ours to read
+    return text.rpartition(")")[2].split()
+
+
+def process_start(pid: int) -> int | None:
+    """When `pid` started, in clock ticks since boot: with the boot id, a process's identity
+    (a pid the system reuses gets another start). None off Linux or if unknown."""
+    fields = _proc_stat(pid) if type(pid) is int and pid > 0 else None
+    try:
+        return int(fields[19]) if fields else None  # field 22, starttime
+    except (IndexError, ValueError):
+        return None
+
+
+def process_identity() -> dict:
+    """What a daemon writes beside its pid so readers can tell it from a later process that
+    got the same pid; beside each heartbeat it also writes `heartbeat_clock` (boot_clock())."""
+    return {"boot_id": boot_id(), "proc_start": process_start(os.getpid())}
+
+
+def heartbeat_age(state: dict) -> float | None:
+    """Seconds since the daemon's last heartbeat, or None when nothing can vouch for it.
+
+    Measured on the boot clock when the heartbeat was written in this boot (a wall clock
+    stepped by NTP or by hand changes nothing); else by wall time, where a heartbeat more
+    than a few seconds in the future (a clock jump or a hand edit) is no evidence at all.
+    """
+    clock = state.get("heartbeat_clock")
+    if isinstance(clock, (int, float)) and not isinstance(clock, bool) and state.get("boot_id") == boot_id():
+        age = boot_clock() - clock
+        return max(0.0, age) if age > -2.0 else None
+    text = state.get("heartbeat")
+    if not isinstance(text, str):
+        return None
+    try:
+        age = time.time() - parse_time(text)
+    except ValueError:
+        return None
+    return max(0.0, age) if age > -2.0 else None
+
+
+def _same_process(pid: int, state: dict) -> bool:
+    """True unless process `pid` is provably not the one that wrote `state` (a reused pid)."""
+    recorded = state.get("proc_start")
+    if state.get("boot_id") is not None and state.get("boot_id") != boot_id():
+        return False  # written in another boot: whatever runs under that pid now is new
+    if isinstance(recorded, int) and not isinstance(recorded, bool):
+        now = process_start(pid)
+        return now is None or now == recorded
+    # An older state without the identity: the process must have started before the
+    # heartbeat, allowing for btime's whole-second rounding plus 1 s of scheduling.
+    import psutil  # lazy: only for a state written by an older daemon, without its lock
+    try:
+        started = psutil.Process(pid).create_time()
+        return started <= parse_time(state["heartbeat"]) + BTIME_ROUNDING_S + 1.0
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return True  # cannot tell: keep the heartbeat's word
+
+
+def daemon_liveness(root: str | os.PathLike, state: dict | None) -> dict:
+    """The one definition of "the daemon is alive" (docs/design.md, Daemon liveness).
+
+    Alive: the daemon lock is held (flock: the kernel drops it when its holder dies) by a
+    running process; or, with no lock to read (its folder deleted), the pid that wrote
+    `.daemon_state.json` runs, is that same process (boot id + start time), and its
+    heartbeat is fresh. Not alive: `stopped` if its last word was `stopped` (or it never
+    ran), else `dead` (killed or crashed, whatever it was doing). `state` is the typed
+    content of `.daemon_state.json` ({} if missing).
+    """
+    state = state or {}
+    holder = read_lock_holder(Paths(root).lock("daemon"))
+    last_pid = state.get("pid") if type(state.get("pid")) is int else None
+    pid = (holder or {}).get("pid") or last_pid
+    age = heartbeat_age(state)
+    fresh = age is not None and age <= HEARTBEAT_STALE_S
+    if holder is not None:
+        alive = process_running(pid)
+    else:
+        alive = fresh and process_running(pid) and _same_process(pid, state)
+    if alive:
+        verdict = "alive"
+    else:
+        verdict = "stopped" if state.get("state") in (None, "stopped") else "dead"
+    return {"alive": alive, "pid": pid if alive else None, "last_pid": last_pid,
+            "holder": holder, "heartbeat_age": age, "fresh": fresh, "verdict": verdict}
 
 
 # --------------------------------------------------------------------------- CLI helpers
