@@ -29,7 +29,7 @@ from pathlib import Path
 
 from trainroot import (EXIT_FAILURE, BusyError, FileLock, GuardrailError, Paths,
                        add_common_args, age_seconds, atomic_write_json, atomic_write_text,
-                       daemon_liveness, parse_time, print_json, read_json, rename_noreplace,
+                       daemon_liveness, fsync_dir, parse_time, print_json, read_json, rename_noreplace,
                        resolve_root, run_cli, unique_path, utc_now)
 
 log = logging.getLogger("training_controller")
@@ -260,10 +260,12 @@ def keep_pause_record(root, reason: str, since: str | None) -> None:
 
 def clear_pause_record(root) -> bool:
     """Removed by `resume` (the daemon's, or the controller's with no daemon)."""
+    folder = control_dirs(root)["control"]
     try:
-        os.unlink(control_dirs(root)["control"] / PAUSE_RECORD)
+        os.unlink(folder / PAUSE_RECORD)
     except (FileNotFoundError, NotADirectoryError):
         return False
+    fsync_dir(folder)  # or a power cut can bring the pause back after `resume` said done
     return True
 
 
