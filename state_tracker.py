@@ -351,6 +351,28 @@ def _versions_section(root: Path, w: list) -> dict:
     return sec
 
 
+def _last_published(root: Path, versions: dict) -> str | None:
+    """The version current_model last became, read without current_model (it may be gone):
+    model_versioner's note of its last publish (a rollback or restore to an older one),
+    while no version was taken since; else the latest (every version is current_model
+    as it was when taken)."""
+    latest = versions.get("latest")
+    note = _dict(_read(Paths(root).versions / ".published.json"))
+    vid = _str(note.get("version")) or _str(note.get("parent_version"))
+    if latest and note.get("latest") == latest and vid in versions["ids"]:
+        return vid
+    return latest
+
+
+def _restore_what(root: Path, vid: str, latest: str) -> tuple[str, str]:
+    """(fix, what it brings back) for putting version `vid` back as current_model."""
+    if vid == latest:
+        return _cmd(root, "model_versioner.py restore latest"), f"the latest version ({latest})"
+    return (_cmd(root, f"model_versioner.py restore {vid}"),
+            f"{vid}, the version current_model was (the newer {latest} is what a rollback or "
+            "restore replaced; `restore latest` would bring that back instead)")
+
+
 def _current_model_section(root: Path, versions: dict, w: list) -> dict:
     p = Paths(root)
     folder = p.current_model
@@ -358,13 +380,14 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
            "size_bytes": 0, "file_count": 0, "global_step": None, "tokens_seen": None,
            "matches_version": None}
     latest = versions.get("latest")
-    restore = _cmd(root, "model_versioner.py restore latest") if latest else None
+    was = _last_published(root, versions)
     if not sec["exists"]:
         in_place = "is not a folder" if os.path.lexists(folder) else "does not exist"
         if latest:
+            restore, what = _restore_what(root, was, latest)
             _warn(w, "MODEL_MISSING", "critical",
-                  f"current_model/ {in_place}; the latest version is {latest}",
-                  restore, "Brings back the latest version in under a second.")
+                  f"current_model/ {in_place}; it was {was} (the latest version is {latest})",
+                  restore, f"Brings back {what} in under a second.")
         elif p.config.exists():  # a root with a config but nothing to train: not OK either
             fix = _cmd(root, "training_daemon.py init")
             if os.path.lexists(folder):  # init never replaces it: keep it aside first
@@ -409,7 +432,8 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
                 except OSError:
                     continue  # a version without a manifest cannot be current_model's
     if not sec["complete"]:
-        fix, note = restore, "Puts the latest version back; the damaged folder is kept aside first."
+        fix, what = _restore_what(root, sec["matches_version"] or was, latest) if latest else (None, "")
+        note = f"Puts back {what}; the damaged folder is kept aside first."
         if not latest:
             fix, note = (_cmd(root, "backup_manager.py list"),
                          f"There is no version: restore a backup with `{_cmd(root, 'backup_manager.py restore ID')}`.")

@@ -225,6 +225,24 @@ def test_rm_rf_current_model_is_critical_and_its_fix_restores_it(root):
     assert run_script("state_tracker.py", "--warnings", root=root).returncode == 0
 
 
+def test_rm_rf_after_a_rollback_restores_the_rolled_back_to_version_not_the_newest(root):
+    import model_versioner as mv
+    publish_trained(root, 7)
+    assert mv.create_version(root, "post-train:test") == ("v002", True)
+    assert mv.rollback(root)["restored"] == "v001"  # v002 was bad data
+    shutil.rmtree(root / "current_model")
+    w = codes(root)["MODEL_MISSING"]
+    assert "it was v001" in w["message"] and "latest version is v002" in w["message"]
+    assert w["fix"] == f"python3 model_versioner.py restore v001 --root {root}"
+    assert set(fix_and_check(root, "MODEL_MISSING")) == BASELINE
+    assert state(root)["current_model"]["matches_version"] == "v001"
+    # a version taken since is current_model as it then was: the newest again
+    publish_trained(root, 9)
+    assert mv.create_version(root, "post-train:test")[0] == "v003"
+    shutil.rmtree(root / "current_model")
+    assert codes(root)["MODEL_MISSING"]["fix"] == f"python3 model_versioner.py restore latest --root {root}"
+
+
 def test_incomplete_model_is_critical_and_restore_fixes_it(root):
     (root / "current_model" / "model.safetensors").unlink()
     w = codes(root)["MODEL_INCOMPLETE"]
