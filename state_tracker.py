@@ -267,8 +267,11 @@ def _model_check(folder: Path, manifest: dict | None,
                 problems.append(f"{rel}: missing")
             continue
         want = info.get("size") if isinstance(info, dict) else None
+        mtime = info.get("mtime_ns") if isinstance(info, dict) else None
         if want is not None and st.st_size != want:
             problems.append(f"{rel}: size {st.st_size}, manifest says {want}")
+        elif _int(mtime) is not None and st.st_mtime_ns != mtime:  # versions record it
+            problems.append(f"{rel}: written in place after it was versioned")
         size += st.st_size
         present.add(rel)
         if inodes is not None:
@@ -335,6 +338,7 @@ def _versions_section(root: Path, w: list) -> dict:
         if problems:
             sec["problems"].append({"id": vid, "problems": problems})
         sec["_records"][vid] = {"created_at": _str(rec.get("created_at")), "reason": rec.get("reason"),
+                                "parent": _str(rec.get("parent")),
                                 "global_step": _int(rec.get("global_step")),
                                 "key": _manifest_key(manifest)}
     sec["ids"], sec["count"] = ids, len(ids)
@@ -342,13 +346,33 @@ def _versions_section(root: Path, w: list) -> dict:
     if ids:
         sec["latest"] = ids[-1]
         sec["latest_created_at"] = sec["_records"].get(ids[-1], {}).get("created_at")
-    for bad in sec["problems"]:
-        _warn(w, "VERSION_DAMAGED", "warning",
-              f"version {bad['id']} fails the cheap check: {'; '.join(bad['problems'][:3])}",
-              _cmd(root, "model_versioner.py verify " + bad["id"]),
-              "Lists every bad file. Versions are immutable: if you need this one, get it back "
-              f"from a backup (`{_cmd(root, 'backup_manager.py list')}`).")
     return sec
+
+
+def _damaged_versions(root: Path, versions: dict, model: dict, w: list) -> None:
+    """VERSION_DAMAGED for each checked version that fails the cheap check; one written in
+    place shares the written file with current_model when current_model is that version."""
+    for bad in versions["problems"]:
+        vid = bad["id"]
+        in_place = any(x.endswith("written in place after it was versioned") for x in bad["problems"])
+        note = ("Lists every bad file. Versions are immutable: if you need this one, get it back "
+                f"from a backup (`{_cmd(root, 'backup_manager.py list')}`).")
+        message = f"version {vid} fails the cheap check: {'; '.join(bad['problems'][:3])}"
+        if in_place:
+            parent = versions["_records"].get(vid, {}).get("parent")
+            back = (f"`{_cmd(root, f'model_versioner.py restore {parent}')}` (the version it was "
+                    "trained from; then train its files again)" if parent else
+                    f"a backup (`{_cmd(root, 'backup_manager.py list')}`)")
+            shared = model.get("matches_version") == vid
+            if shared:
+                message += " (current_model/ is this version: the same files, hard-linked)"
+            note = ("Recomputes every checksum. If it names bad files, the bytes changed"
+                    + (" in current_model/ too" if shared else "")
+                    + f": restore a backup of {vid} (`{_cmd(root, 'backup_manager.py list')}`) or "
+                    f"{back}. If it says OK, only the time stamp moved (e.g. `touch`) and the "
+                    "content is as versioned.")
+        _warn(w, "VERSION_DAMAGED", "warning", message,
+              _cmd(root, "model_versioner.py verify " + vid), note)
 
 
 def _last_published(root: Path, versions: dict) -> str | None:
@@ -813,6 +837,7 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
         _warn(w, "MODEL_NOT_VERSIONED", "info",
               "current_model/ differs from every version (trained since the last snapshot)",
               _cmd(root, "model_versioner.py snapshot"), "Keeps it as a version.")
+    _damaged_versions(root, versions, model, w)
     daemon, training = _daemon_and_training(root, w)
     queue = _queue_section(root, daemon, w)
     disk = _disk_section(root, cfg, model, disk_usage, w)

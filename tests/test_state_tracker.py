@@ -287,6 +287,22 @@ def test_damaged_version_is_found_and_verify_names_the_file(root):
     assert set(codes(root)) == BASELINE
 
 
+def test_in_place_write_to_current_model_is_seen_and_verify_names_the_file(root):
+    import model_versioner as mv
+    publish_trained(root, 7)
+    assert mv.create_version(root, "post-train:test") == ("v002", True)
+    path = root / "current_model" / "config.json"
+    text = path.read_bytes()
+    with open(path, "r+b") as f:  # same size, new bytes, same inode: v002's file changes too
+        f.write(text.replace(b" ", b"\t", 1))  # still valid JSON
+    w = codes(root)["VERSION_DAMAGED"]
+    assert "v002" in w["message"] and "config.json: written in place" in w["message"]
+    assert "current_model/ is this version" in w["message"]
+    assert f"model_versioner.py restore v001 --root {root}" in w["note"]
+    proc = run_fix(w["fix"], root)  # verify: the bytes did change
+    assert proc.returncode == 1 and "config.json" in proc.stdout + proc.stderr
+
+
 # --------------------------------------------------------------------------- config
 
 def test_changed_locked_parameter_names_old_new_and_approve_fixes_it(root):
