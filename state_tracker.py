@@ -618,15 +618,85 @@ def _disk_section(root: Path, cfg: dict, model: dict, disk_usage, w: list) -> di
            "model_size_bytes": model["size_bytes"], "needed_bytes": needed,
            "min_free_bytes": min_free, "enough": usage.free >= needed}
     if not sec["enough"]:
-        _warn(w, "DISK_LOW", "critical",
-              f"{usage.free / 2**20:.0f} MiB free on the disk of {where}; the next snapshot and "
-              f"checkpoint need {needed / 2**20:.0f} MiB (model {model['size_bytes'] / 2**20:.1f} MiB "
-              f"x {MODEL_SPACE_FACTOR} + min_free_disk_mb)",
-              _cmd(root, "model_versioner.py prune --yes"),
-              f"Run it without --yes first to see what goes (tagged, latest and backed-up versions "
-              f"stay); `{_cmd(root, 'backup_manager.py prune --yes')}` frees backups likewise, or "
-              "free space on that disk.")
+        message = (f"{usage.free / 2**20:.0f} MiB free on the disk of {where}; the next snapshot "
+                   f"and checkpoint need {needed / 2**20:.0f} MiB (model "
+                   f"{model['size_bytes'] / 2**20:.1f} MiB x {MODEL_SPACE_FACTOR} + min_free_disk_mb)")
+        freed, doomed = _prune_frees(root)
+        if freed:
+            _warn(w, "DISK_LOW", "critical",
+                  f"{message}; pruning {len(doomed)} version(s) beyond the keep policy frees "
+                  f"{freed / 2**20:.1f} MiB", _cmd(root, "model_versioner.py prune --yes"),
+                  f"Run it without --yes first to see what goes (tagged, latest and backed-up "
+                  f"versions stay); `{_cmd(root, 'backup_manager.py prune --yes')}` frees backups "
+                  "likewise, or free space on that disk.")
+        else:
+            users = _space_users(root, usage, where)
+            listed = ", ".join(f"{name} {n / 2**20:.1f} MiB" for name, n in users)
+            _warn(w, "DISK_LOW", "critical",
+                  f"{message}; pruning versions frees nothing (every version is kept by the "
+                  f"keep policy, a tag, a backup or current_model); the space is used by: {listed}",
+                  f"du -xsh {shlex.quote(str(root))}/* | sort -h",
+                  "Lists what takes the space in the root, biggest last. Free space on that disk "
+                  "(outside the root if that is most of it); a backup_dir on another disk moves "
+                  "backups off it; `keep_versions` in config.json lets prune free versions.")
     return sec
+
+
+def _prune_frees(root: Path) -> tuple[int, list]:
+    """(bytes `model_versioner.py prune --yes` would free, the versions it would delete):
+    only inodes with no link outside those versions count (snapshots share files)."""
+    import model_versioner  # lazy: only on a low disk
+    try:
+        doomed = model_versioner.prune_plan(root)["delete"]
+    except GuardrailError:
+        return 0, []
+    seen: dict = {}
+    for vid in doomed:
+        for dirpath, _dirs, files in os.walk(Paths(root).versions / vid):
+            for name in files:
+                try:
+                    st = os.stat(os.path.join(dirpath, name), follow_symlinks=False)
+                except OSError:
+                    continue
+                key = (st.st_dev, st.st_ino)
+                links, size, count = seen.get(key, (st.st_nlink, st.st_size, 0))
+                seen[key] = (links, size, count + 1)
+    return sum(size for links, size, count in seen.values() if count >= links), doomed
+
+
+def _space_users(root: Path, usage, where: Path) -> list[tuple[str, int]]:
+    """[(what, bytes)] on the disk of `where`, biggest first: the root's big folders and the
+    rest of the disk (each inode counted once)."""
+    p = Paths(root)
+    try:
+        dev = os.stat(where).st_dev
+    except OSError:
+        return []
+    cfg = _dict(_read(p.config))
+    try:
+        bdir = training_config.backup_dir(root, cfg)
+    except (GuardrailError, TypeError, ValueError):
+        bdir = p.default_backups
+    seen: set = set()
+    out = []
+    for name, folder in (("current_model/", p.current_model), ("versions/", p.versions),
+                         ("checkpoints/", p.checkpoints), ("backups (same disk)", bdir),
+                         ("done/", p.done), ("processing/", p.processing),
+                         ("queue/", p.queue)):
+        total = 0
+        for dirpath, _dirs, files in os.walk(folder):
+            for f in files:
+                try:
+                    st = os.stat(os.path.join(dirpath, f), follow_symlinks=False)
+                except OSError:
+                    continue
+                if st.st_dev == dev and (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+        out.append((name, total))
+    out = [(n, b) for n, b in out if b]
+    out.append(("outside the root", max(0, usage.used - sum(b for _, b in out))))
+    return sorted(out, key=lambda x: -x[1])
 
 
 def _backups_section(root: Path, cfg: dict, w: list) -> dict:

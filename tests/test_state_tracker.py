@@ -451,11 +451,30 @@ def test_disk_too_low_for_the_next_snapshot(root):
     low = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - need + 1, need - 1)  # noqa: E731
     w = codes(root, disk_usage=low)["DISK_LOW"]
     assert w["severity"] == "critical" and "next snapshot and checkpoint need" in w["message"]
-    proc = run_fix(w["fix"], root)  # prune keeps the latest version: safe on a fresh root
-    assert proc.returncode == 0, proc.stderr
+    # one version, kept: prune would free nothing, so it is not the fix; what uses the space is named
+    assert "prune" not in w["fix"] and "pruning versions frees nothing" in w["message"]
+    assert "current_model/" in w["message"] and "outside the root" in w["message"]
+    proc = run_fix(w["fix"], root)
+    assert proc.returncode == 0 and "current_model" in proc.stdout, proc.stderr
     assert (root / "versions" / "v001").is_dir()
     ok = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - need, need)  # noqa: E731
     assert "DISK_LOW" not in codes(root, disk_usage=ok)
+
+
+def test_disk_low_names_prune_only_with_what_it_frees(root):
+    import model_versioner as mv
+    for step in (7, 9):
+        publish_trained(root, step)  # new inodes each time: v001 and v002 stop sharing files
+        mv.create_version(root, "post-train:test")
+    edit_config(root, keep_versions=1)
+    unique = sum(f.stat().st_size for v in ("v001", "v002") for f in (root / "versions" / v).iterdir())
+    need = state(root)["disk"]["needed_bytes"]
+    low = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - need + 1, need - 1)  # noqa: E731
+    w = codes(root, disk_usage=low)["DISK_LOW"]
+    assert f"pruning 2 version(s) beyond the keep policy frees {unique / 2**20:.1f} MiB" in w["message"]
+    assert w["fix"] == f"python3 model_versioner.py prune --yes --root {root}"
+    assert run_fix(w["fix"], root).returncode == 0
+    assert sorted(os.listdir(root / "versions")) == [".pruned", ".published.json", "v003"]
 
 
 def test_disk_low_from_config_margin(root):
