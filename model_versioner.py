@@ -39,6 +39,7 @@ from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, a
 
 SCHEMA_VERSION = 1
 TAGS_FILE = "tags.json"
+PUBLISHED = ".published.json"    # in versions/: which version current_model last became
 VERSION_RE = re.compile(r"v(\d{1,9})")
 TAG_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
 CMD = "python3 model_versioner.py"
@@ -499,7 +500,8 @@ def _swap_in(p: Paths, work: Path, reason: str, keep_old: str) -> dict:
                     os.link(cur, attic / cur.name, follow_symlinks=False)
                 _fsync_tree(attic.parent)
     parent = previous or kept or (old_manifest or {}).get("parent_version")
-    if _tree_version(p, work) is None:  # a version's own manifest is shared: leave it be
+    becomes = _tree_version(p, work)
+    if becomes is None:  # a version's own manifest is shared: leave it be
         manifest = read_manifest(work)
         if manifest.get("parent_version") != parent:
             manifest["parent_version"] = parent
@@ -526,8 +528,26 @@ def _swap_in(p: Paths, work: Path, reason: str, keep_old: str) -> dict:
             _rename_dance(p, work)
         # `work` now holds the old tree: a version's links, a kept copy, or a discard.
         shutil.rmtree(work, ignore_errors=True)
+    _note_published(p, becomes, parent, reason)
     return {"method": method, "previous_version": previous, "kept_version": kept,
             "parent_version": parent, "kept_in": str(attic) if attic else None}
+
+
+def _note_published(p: Paths, version, parent, reason: str) -> None:
+    """Record which version current_model became (`versions/PUBLISHED`), with the newest id
+    then: after a rollback and `rm -rf current_model`, state_tracker names this version
+    (not the newest, which is what was rolled back) as long as no version was taken since."""
+    if not p.versions.is_dir():
+        return  # the first publish of a new root: no version to name yet
+    doc = {"version": version, "parent_version": parent, "latest": latest_version(p.root),
+           "reason": reason, "at": utc_now()}
+    try:
+        atomic_write_json(p.versions / PUBLISHED, doc)
+    except OSError as exc:  # the swap is done; only the tracker's hint is missing
+        with contextlib.suppress(OSError):
+            os.unlink(p.versions / PUBLISHED)  # never a stale hint
+        print(f"model_versioner: cannot write {p.versions / PUBLISHED} ({exc.strerror})",
+              file=sys.stderr)
 
 
 def _rename_dance(p: Paths, work: Path) -> None:

@@ -235,8 +235,11 @@ def _model_check(folder: Path, manifest: dict | None,
                 problems.append(f"{rel}: missing")
             continue
         want = info.get("size") if isinstance(info, dict) else None
+        mtime = info.get("mtime_ns") if isinstance(info, dict) else None
         if want is not None and st.st_size != want:
             problems.append(f"{rel}: size {st.st_size}, manifest says {want}")
+        elif _int(mtime) is not None and st.st_mtime_ns != mtime:  # versions record it
+            problems.append(f"{rel}: written in place after it was versioned")
         size += st.st_size
         present.add(rel)
         if inodes is not None:
@@ -303,6 +306,7 @@ def _versions_section(root: Path, w: list) -> dict:
         if problems:
             sec["problems"].append({"id": vid, "problems": problems})
         sec["_records"][vid] = {"created_at": _str(rec.get("created_at")), "reason": rec.get("reason"),
+                                "parent": _str(rec.get("parent")),
                                 "global_step": _int(rec.get("global_step")),
                                 "key": _manifest_key(manifest)}
     sec["ids"], sec["count"] = ids, len(ids)
@@ -310,13 +314,55 @@ def _versions_section(root: Path, w: list) -> dict:
     if ids:
         sec["latest"] = ids[-1]
         sec["latest_created_at"] = sec["_records"].get(ids[-1], {}).get("created_at")
-    for bad in sec["problems"]:
-        _warn(w, "VERSION_DAMAGED", "warning",
-              f"version {bad['id']} fails the cheap check: {'; '.join(bad['problems'][:3])}",
-              _cmd(root, "model_versioner.py verify " + bad["id"]),
-              "Lists every bad file. Versions are immutable: if you need this one, get it back "
-              f"from a backup (`{_cmd(root, 'backup_manager.py list')}`).")
     return sec
+
+
+def _damaged_versions(root: Path, versions: dict, model: dict, w: list) -> None:
+    """VERSION_DAMAGED for each checked version that fails the cheap check; one written in
+    place shares the written file with current_model when current_model is that version."""
+    for bad in versions["problems"]:
+        vid = bad["id"]
+        in_place = any(x.endswith("written in place after it was versioned") for x in bad["problems"])
+        note = ("Lists every bad file. Versions are immutable: if you need this one, get it back "
+                f"from a backup (`{_cmd(root, 'backup_manager.py list')}`).")
+        message = f"version {vid} fails the cheap check: {'; '.join(bad['problems'][:3])}"
+        if in_place:
+            parent = versions["_records"].get(vid, {}).get("parent")
+            back = (f"`{_cmd(root, f'model_versioner.py restore {parent}')}` (the version it was "
+                    "trained from; then train its files again)" if parent else
+                    f"a backup (`{_cmd(root, 'backup_manager.py list')}`)")
+            shared = model.get("matches_version") == vid
+            if shared:
+                message += " (current_model/ is this version: the same files, hard-linked)"
+            note = ("Recomputes every checksum. If it names bad files, the bytes changed"
+                    + (" in current_model/ too" if shared else "")
+                    + f": restore a backup of {vid} (`{_cmd(root, 'backup_manager.py list')}`) or "
+                    f"{back}. If it says OK, only the time stamp moved (e.g. `touch`) and the "
+                    "content is as versioned.")
+        _warn(w, "VERSION_DAMAGED", "warning", message,
+              _cmd(root, "model_versioner.py verify " + vid), note)
+
+
+def _last_published(root: Path, versions: dict) -> str | None:
+    """The version current_model last became, read without current_model (it may be gone):
+    model_versioner's note of its last publish (a rollback or restore to an older one),
+    while no version was taken since; else the latest (every version is current_model
+    as it was when taken)."""
+    latest = versions.get("latest")
+    note = _dict(_read(Paths(root).versions / ".published.json"))
+    vid = _str(note.get("version")) or _str(note.get("parent_version"))
+    if latest and note.get("latest") == latest and vid in versions["ids"]:
+        return vid
+    return latest
+
+
+def _restore_what(root: Path, vid: str, latest: str) -> tuple[str, str]:
+    """(fix, what it brings back) for putting version `vid` back as current_model."""
+    if vid == latest:
+        return _cmd(root, "model_versioner.py restore latest"), f"the latest version ({latest})"
+    return (_cmd(root, f"model_versioner.py restore {vid}"),
+            f"{vid}, the version current_model was (the newer {latest} is what a rollback or "
+            "restore replaced; `restore latest` would bring that back instead)")
 
 
 def _current_model_section(root: Path, versions: dict, w: list) -> dict:
@@ -326,13 +372,14 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
            "size_bytes": 0, "file_count": 0, "global_step": None, "tokens_seen": None,
            "matches_version": None}
     latest = versions.get("latest")
-    restore = _cmd(root, "model_versioner.py restore latest") if latest else None
+    was = _last_published(root, versions)
     if not sec["exists"]:
         in_place = "is not a folder" if os.path.lexists(folder) else "does not exist"
         if latest:
+            restore, what = _restore_what(root, was, latest)
             _warn(w, "MODEL_MISSING", "critical",
-                  f"current_model/ {in_place}; the latest version is {latest}",
-                  restore, "Brings back the latest version in under a second.")
+                  f"current_model/ {in_place}; it was {was} (the latest version is {latest})",
+                  restore, f"Brings back {what} in under a second.")
         elif p.config.exists():  # a root with a config but nothing to train: not OK either
             fix = _cmd(root, "training_daemon.py init")
             if os.path.lexists(folder):  # init never replaces it: keep it aside first
@@ -377,7 +424,8 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
                 except OSError:
                     continue  # a version without a manifest cannot be current_model's
     if not sec["complete"]:
-        fix, note = restore, "Puts the latest version back; the damaged folder is kept aside first."
+        fix, what = _restore_what(root, sec["matches_version"] or was, latest) if latest else (None, "")
+        note = f"Puts back {what}; the damaged folder is kept aside first."
         if not latest:
             fix, note = (_cmd(root, "backup_manager.py list"),
                          f"There is no version: restore a backup with `{_cmd(root, 'backup_manager.py restore ID')}`.")
@@ -533,15 +581,85 @@ def _disk_section(root: Path, cfg: dict, model: dict, disk_usage, w: list) -> di
            "model_size_bytes": model["size_bytes"], "needed_bytes": needed,
            "min_free_bytes": min_free, "enough": usage.free >= needed}
     if not sec["enough"]:
-        _warn(w, "DISK_LOW", "critical",
-              f"{usage.free / 2**20:.0f} MiB free on the disk of {where}; the next snapshot and "
-              f"checkpoint need {needed / 2**20:.0f} MiB (model {model['size_bytes'] / 2**20:.1f} MiB "
-              f"x {MODEL_SPACE_FACTOR} + min_free_disk_mb)",
-              _cmd(root, "model_versioner.py prune --yes"),
-              f"Run it without --yes first to see what goes (tagged, latest and backed-up versions "
-              f"stay); `{_cmd(root, 'backup_manager.py prune --yes')}` frees backups likewise, or "
-              "free space on that disk.")
+        message = (f"{usage.free / 2**20:.0f} MiB free on the disk of {where}; the next snapshot "
+                   f"and checkpoint need {needed / 2**20:.0f} MiB (model "
+                   f"{model['size_bytes'] / 2**20:.1f} MiB x {MODEL_SPACE_FACTOR} + min_free_disk_mb)")
+        freed, doomed = _prune_frees(root)
+        if freed:
+            _warn(w, "DISK_LOW", "critical",
+                  f"{message}; pruning {len(doomed)} version(s) beyond the keep policy frees "
+                  f"{freed / 2**20:.1f} MiB", _cmd(root, "model_versioner.py prune --yes"),
+                  f"Run it without --yes first to see what goes (tagged, latest and backed-up "
+                  f"versions stay); `{_cmd(root, 'backup_manager.py prune --yes')}` frees backups "
+                  "likewise, or free space on that disk.")
+        else:
+            users = _space_users(root, usage, where)
+            listed = ", ".join(f"{name} {n / 2**20:.1f} MiB" for name, n in users)
+            _warn(w, "DISK_LOW", "critical",
+                  f"{message}; pruning versions frees nothing (every version is kept by the "
+                  f"keep policy, a tag, a backup or current_model); the space is used by: {listed}",
+                  f"du -xsh {shlex.quote(str(root))}/* | sort -h",
+                  "Lists what takes the space in the root, biggest last. Free space on that disk "
+                  "(outside the root if that is most of it); a backup_dir on another disk moves "
+                  "backups off it; `keep_versions` in config.json lets prune free versions.")
     return sec
+
+
+def _prune_frees(root: Path) -> tuple[int, list]:
+    """(bytes `model_versioner.py prune --yes` would free, the versions it would delete):
+    only inodes with no link outside those versions count (snapshots share files)."""
+    import model_versioner  # lazy: only on a low disk
+    try:
+        doomed = model_versioner.prune_plan(root)["delete"]
+    except GuardrailError:
+        return 0, []
+    seen: dict = {}
+    for vid in doomed:
+        for dirpath, _dirs, files in os.walk(Paths(root).versions / vid):
+            for name in files:
+                try:
+                    st = os.stat(os.path.join(dirpath, name), follow_symlinks=False)
+                except OSError:
+                    continue
+                key = (st.st_dev, st.st_ino)
+                links, size, count = seen.get(key, (st.st_nlink, st.st_size, 0))
+                seen[key] = (links, size, count + 1)
+    return sum(size for links, size, count in seen.values() if count >= links), doomed
+
+
+def _space_users(root: Path, usage, where: Path) -> list[tuple[str, int]]:
+    """[(what, bytes)] on the disk of `where`, biggest first: the root's big folders and the
+    rest of the disk (each inode counted once)."""
+    p = Paths(root)
+    try:
+        dev = os.stat(where).st_dev
+    except OSError:
+        return []
+    cfg = _dict(_read(p.config))
+    try:
+        bdir = training_config.backup_dir(root, cfg)
+    except (GuardrailError, TypeError, ValueError):
+        bdir = p.default_backups
+    seen: set = set()
+    out = []
+    for name, folder in (("current_model/", p.current_model), ("versions/", p.versions),
+                         ("checkpoints/", p.checkpoints), ("backups (same disk)", bdir),
+                         ("done/", p.done), ("processing/", p.processing),
+                         ("queue/", p.queue)):
+        total = 0
+        for dirpath, _dirs, files in os.walk(folder):
+            for f in files:
+                try:
+                    st = os.stat(os.path.join(dirpath, f), follow_symlinks=False)
+                except OSError:
+                    continue
+                if st.st_dev == dev and (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+        out.append((name, total))
+    out = [(n, b) for n, b in out if b]
+    out.append(("outside the root", max(0, usage.used - sum(b for _, b in out))))
+    return sorted(out, key=lambda x: -x[1])
 
 
 def _backups_section(root: Path, cfg: dict, w: list) -> dict:
@@ -752,6 +870,7 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
         _warn(w, "MODEL_NOT_VERSIONED", "info",
               "current_model/ differs from every version (trained since the last snapshot)",
               _cmd(root, "model_versioner.py snapshot"), "Keeps it as a version.")
+    _damaged_versions(root, versions, model, w)
     daemon, training = _daemon_and_training(root, w)
     queue = _queue_section(root, daemon, w)
     disk = _disk_section(root, cfg, model, disk_usage, w)

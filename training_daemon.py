@@ -593,18 +593,22 @@ class Daemon(inbox_files.InboxIntake):
                 self._settle_pending(f"the daemon stopped (signal) before the {action}")
             self.log.info("%s: stopped at step %s; it stays in processing/ and resumes at the "
                           "next start", data.name, result.get("global_step"))
-        elif status == "paused" and result.get("pause_reason") == "disk":
+        elif status == "paused" and result.get("pause_reason") in ("disk", "permission", "read-only"):
+            kind = result["pause_reason"]  # by errno (training_engine._io_kind): not all are space
             msg = (f"saving failed while training {data.name}: {result.get('message') or ''}. "
-                   "Free disk space (e.g. `python3 model_versioner.py prune --yes`), then run "
-                   "`python3 training_controller.py resume`")
+                   + {"disk": "Free disk space (`python3 state_tracker.py --check` says what "
+                              "takes it)",
+                      "permission": "Fix the permissions named above",
+                      "read-only": "Remount the filesystem read-write"}[kind]
+                   + ", then run `python3 training_controller.py resume`")
             self.last_error = msg
-            self._hold(data, "disk", msg)
-            self.set_state("paused", msg, "disk")
+            self._hold(data, kind, msg)
+            self.set_state("paused", msg, kind)
             if action == "stop":
                 self.stop_request = req  # acknowledged on the way out
             elif req is not None:
                 self.ack(req, "done" if action == "pause" else "noop",
-                         "paused: saving failed (disk); the checkpoint before it is durable")
+                         f"paused: saving failed ({kind}); the checkpoint before it is durable")
             if self.once:
                 raise GuardrailError(f"training paused: {msg}", self.p.root,
                                      "The file stays in processing/ and resumes at the next start.")

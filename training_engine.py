@@ -757,6 +757,7 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     last_loss = None
     last_ckpt_time = time.monotonic()
     dirty = False  # steps since the last checkpoint
+    io_kind = "disk"  # why the last save failed: disk, permission or read-only (_io_kind)
 
     def meta_now(complete=False) -> dict:
         return {"file_id": file_id, "data_path": str(data_path), "global_step": state["global_step"],
@@ -769,14 +770,15 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
 
     def checkpoint(complete=False) -> str | None:
         """Write one; on a full or failing disk say why instead of crashing (the run pauses)."""
-        nonlocal dirty, last_ckpt_time
+        nonlocal dirty, last_ckpt_time, io_kind
         if writer:
             try:
                 save_checkpoint(root, model, optimizer, meta_now(complete), scaler=scaler, keep=keep)
             except WRITE_ERRORS as exc:
                 log.error("checkpoint at step %d failed: %s", state["global_step"], exc)
+                io_kind = _io_kind(exc)
                 return (f"checkpoint at step {state['global_step']} failed ({_io_reason(exc)}); "
-                        "paused: free disk space, then resume (training restarts from the last "
+                        f"paused: {_io_advice(exc)}, then resume (training restarts from the last "
                         "good checkpoint)")
         dirty, last_ckpt_time = False, time.monotonic()
         return None
@@ -786,23 +788,24 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
                 "file_id": file_id, "status": status, "updated_at": utc_now()}
 
     def finish(status, message, *, publish=None, disk=False):
+        nonlocal io_kind
         # nothing trained, resumed or counted: leave current_model be
         if publish and writer and (result["steps"] or resume or state != state_at_start):
             try:
                 publish_current_model(root, model, tokenizer, model_state(status), reason=publish)
             except WRITE_ERRORS as exc:  # the checkpoint beside it is complete: resume is exact
                 log.error("saving current_model failed: %s", exc)
-                disk = True
+                disk, io_kind = True, _io_kind(exc)
                 status, message = "paused", (f"saving current_model failed ({_io_reason(exc)}); "
-                                             "paused: free disk space, then resume")
+                                             f"paused: {_io_advice(exc)}, then resume")
         if ddp:
             dist.barrier()  # every rank returns after rank 0 has written
         pos = stream.position()
         result.update(status=status, global_step=state["global_step"], tokens_seen=state["tokens_seen"],
                       records=pos["records"], tokens=pos["tokens"], loss=last_loss,
                       step_in_file=step_in_file, message="; ".join(notes + [message]))
-        if disk:  # not a person's pause: the daemon should say so and check free space
-            result["pause_reason"] = "disk"
+        if disk:  # not a person's pause: the daemon should say so (disk, permission, read-only)
+            result["pause_reason"] = io_kind
 
         return result
 
@@ -955,6 +958,34 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     if error:
         return finish("paused", error, disk=True)
     return finish("completed", f"trained to step {state['global_step']}", publish="end-of-file")
+
+
+def _io_errno(exc: BaseException) -> int | None:
+    """The errno of an OSError, or of the OS error safetensors wraps (`(os error 13)`)."""
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    match = re.search(r"\(os error (\d+)\)", str(exc))
+    return int(match.group(1)) if match else None
+
+
+def _io_kind(exc: BaseException) -> str:
+    """`permission` (EACCES/EPERM), `read-only` (EROFS), else `disk` (ENOSPC, EDQUOT, EFBIG,
+    EIO: space or the device)."""
+    code = _io_errno(exc)
+    return ("permission" if code in (errno.EACCES, errno.EPERM) else
+            "read-only" if code == errno.EROFS else "disk")
+
+
+def _io_advice(exc: BaseException) -> str:
+    """What frees the save: the fix for its kind of error, naming the path when known."""
+    where = getattr(exc, "filename", None)
+    kind = _io_kind(exc)
+    if kind == "permission":
+        return (f"fix the permissions (chown/chmod {where})" if where else
+                "fix the permissions of the root's folders (chown/chmod)")
+    if kind == "read-only":
+        return "the filesystem is read-only: remount it read-write (mount -o remount,rw MOUNTPOINT)"
+    return "free disk space"
 
 
 def _io_reason(exc: BaseException) -> str:

@@ -6,6 +6,7 @@ figures are medians over HTTP (keep-alive), printed as ratios to the baseline.
 
     .venv/bin/python bench/bench_monitor.py              # 1,000,000 lines
     .venv/bin/python bench/bench_monitor.py --lines 100000 --repeat 10 --contended
+    .venv/bin/python bench/bench_monitor.py --clients 200 --seconds 10   # cost to training
 """
 
 from __future__ import annotations
@@ -62,7 +63,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--contended", action="store_true",
                     help="also time /api/state while every core is busy")
+    ap.add_argument("--clients", type=int, default=0,
+                    help="only measure what N polling pages cost a CPU-bound loop in the process")
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of each --clients phase")
+    ap.add_argument("--rounds", type=int, default=3, help="--clients phases of each kind")
     args = ap.parse_args(argv)
+    if args.clients:
+        return training_cost(args.clients, args.seconds, args.rounds, min(args.lines, 20_000))
 
     with tempfile.TemporaryDirectory(prefix="bench-monitor-") as tmp:
         roots = {"empty": Path(tmp) / "empty", "big": Path(tmp) / "big"}
@@ -144,6 +151,74 @@ def contended(root: Path, repeat: int) -> None:
         for b in burners:
             b.kill()
             b.wait()
+
+
+CLIENTS = r"""
+import http.client, json, sys, threading, time
+port, n, interval = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+def page(i):
+    time.sleep(interval * i / n)  # spread the pages over the interval, as tabs opened at random
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    since = 0
+    while True:
+        t = time.monotonic()
+        for target in ("/api/state", f"/api/metrics?since={since}"):
+            c.request("GET", target)
+            body = c.getresponse().read()
+        since = json.loads(body).get("last_step") or since
+        time.sleep(max(0.0, interval - (time.monotonic() - t)))
+for i in range(n):
+    threading.Thread(target=page, args=(i,), daemon=True).start()
+sys.stdin.read()  # until the bench closes our stdin
+"""
+
+
+def training_cost(n: int, seconds: float, rounds: int, lines: int) -> int:
+    """A CPU-bound torch loop in this process (as the in-process engine trains in the daemon)
+    timed alone and while `n` pages poll a monitor served from this process (as the daemon
+    serves it); the pages run in another process, as browsers do. Phases alternate, so
+    the machine's load drifts into both alike."""
+    import os
+    import subprocess
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+    a, b = torch.randn(192, 192), torch.randn(192, 192)
+
+    def loop() -> float:
+        count, end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            for _ in range(20):
+                a @ b
+            count += 1
+        return count / seconds
+
+    with tempfile.TemporaryDirectory(prefix="bench-monitor-") as tmp:
+        root = Path(tmp)
+        write_metrics(root / "metrics.jsonl", lines)
+        h = monitor_server.start_in_thread(root, 0)  # SCHED_IDLE, as the daemon starts it
+        try:
+            alone, loaded = [], []
+            for r in range(rounds):
+                alone.append(loop())
+                pages = subprocess.Popen([sys.executable, "-c", CLIENTS, str(h.port), str(n), "2.0"],
+                                         stdin=subprocess.PIPE)
+                try:
+                    time.sleep(2.5)  # every page has made its first requests
+                    loaded.append(loop())
+                finally:
+                    pages.stdin.close()
+                    pages.kill()
+                    pages.wait()
+                print(f"round {r + 1}: alone {alone[-1]:.0f} it/s, with {n} pages "
+                      f"{loaded[-1]:.0f} it/s", file=sys.stderr)
+        finally:
+            h.stop()
+    a_med, l_med = statistics.median(alone), statistics.median(loaded)
+    print(f"\nCPU-bound loop in the monitor's process, {os.cpu_count()} cores, {seconds:.0f} s "
+          f"phases x {rounds}, pages polling every 2 s ({lines:,} metrics lines):")
+    print(f"  alone            {a_med:8.1f} it/s")
+    print(f"  {n:4d} pages       {l_med:8.1f} it/s   ratio {l_med / a_med:.3f}")
+    return 0
 
 
 if __name__ == "__main__":

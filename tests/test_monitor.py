@@ -114,6 +114,28 @@ def test_stop_is_idempotent_and_frees_the_port(tmp_root):
     again.stop()
 
 
+def test_every_request_thread_runs_at_sched_idle(tmp_root):
+    """Linux schedules threads, not processes: each thread that answers a page must itself be
+    SCHED_IDLE (read from /proc/self/task/TID/stat, field 41), the accept loop's too."""
+    handle = monitor_server.start_in_thread(tmp_root, 0)  # as the daemon starts it
+    conns = [http.client.HTTPConnection("127.0.0.1", handle.port, timeout=10) for _ in range(3)]
+    try:
+        for c in conns:  # keep-alive: each connection's thread waits for its next request
+            c.request("GET", "/api/metrics")
+            assert c.getresponse().read()
+        workers = [t for t in threading.enumerate()
+                   if "process_request_thread" in t.name or t.name.startswith("monitor-")]
+        assert len(workers) == 4, [t.name for t in threading.enumerate()]
+        for t in workers:
+            fields = Path(f"/proc/self/task/{t.native_id}/stat").read_text().rpartition(")")[2].split()
+            assert int(fields[41 - 3]) == os.SCHED_IDLE, t.name
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller (training) is untouched
+    finally:
+        for c in conns:
+            c.close()
+        handle.stop()
+
+
 # --------------------------------------------------------------------------- the page
 
 def test_page_and_its_headers(server):

@@ -225,6 +225,24 @@ def test_rm_rf_current_model_is_critical_and_its_fix_restores_it(root):
     assert run_script("state_tracker.py", "--warnings", root=root).returncode == 0
 
 
+def test_rm_rf_after_a_rollback_restores_the_rolled_back_to_version_not_the_newest(root):
+    import model_versioner as mv
+    publish_trained(root, 7)
+    assert mv.create_version(root, "post-train:test") == ("v002", True)
+    assert mv.rollback(root)["restored"] == "v001"  # v002 was bad data
+    shutil.rmtree(root / "current_model")
+    w = codes(root)["MODEL_MISSING"]
+    assert "it was v001" in w["message"] and "latest version is v002" in w["message"]
+    assert w["fix"] == f"python3 model_versioner.py restore v001 --root {root}"
+    assert set(fix_and_check(root, "MODEL_MISSING")) == BASELINE
+    assert state(root)["current_model"]["matches_version"] == "v001"
+    # a version taken since is current_model as it then was: the newest again
+    publish_trained(root, 9)
+    assert mv.create_version(root, "post-train:test")[0] == "v003"
+    shutil.rmtree(root / "current_model")
+    assert codes(root)["MODEL_MISSING"]["fix"] == f"python3 model_versioner.py restore latest --root {root}"
+
+
 def test_incomplete_model_is_critical_and_restore_fixes_it(root):
     (root / "current_model" / "model.safetensors").unlink()
     w = codes(root)["MODEL_INCOMPLETE"]
@@ -267,6 +285,22 @@ def test_damaged_version_is_found_and_verify_names_the_file(root):
     assert proc.returncode == 1 and "tokenizer.json" in proc.stdout + proc.stderr
     os.link(root / "current_model" / "tokenizer.json", root / "versions" / "v001" / "tokenizer.json")
     assert set(codes(root)) == BASELINE
+
+
+def test_in_place_write_to_current_model_is_seen_and_verify_names_the_file(root):
+    import model_versioner as mv
+    publish_trained(root, 7)
+    assert mv.create_version(root, "post-train:test") == ("v002", True)
+    path = root / "current_model" / "config.json"
+    text = path.read_bytes()
+    with open(path, "r+b") as f:  # same size, new bytes, same inode: v002's file changes too
+        f.write(text.replace(b" ", b"\t", 1))  # still valid JSON
+    w = codes(root)["VERSION_DAMAGED"]
+    assert "v002" in w["message"] and "config.json: written in place" in w["message"]
+    assert "current_model/ is this version" in w["message"]
+    assert f"model_versioner.py restore v001 --root {root}" in w["note"]
+    proc = run_fix(w["fix"], root)  # verify: the bytes did change
+    assert proc.returncode == 1 and "config.json" in proc.stdout + proc.stderr
 
 
 # --------------------------------------------------------------------------- config
@@ -417,11 +451,30 @@ def test_disk_too_low_for_the_next_snapshot(root):
     low = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - need + 1, need - 1)  # noqa: E731
     w = codes(root, disk_usage=low)["DISK_LOW"]
     assert w["severity"] == "critical" and "next snapshot and checkpoint need" in w["message"]
-    proc = run_fix(w["fix"], root)  # prune keeps the latest version: safe on a fresh root
-    assert proc.returncode == 0, proc.stderr
+    # one version, kept: prune would free nothing, so it is not the fix; what uses the space is named
+    assert "prune" not in w["fix"] and "pruning versions frees nothing" in w["message"]
+    assert "current_model/" in w["message"] and "outside the root" in w["message"]
+    proc = run_fix(w["fix"], root)
+    assert proc.returncode == 0 and "current_model" in proc.stdout, proc.stderr
     assert (root / "versions" / "v001").is_dir()
     ok = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - need, need)  # noqa: E731
     assert "DISK_LOW" not in codes(root, disk_usage=ok)
+
+
+def test_disk_low_names_prune_only_with_what_it_frees(root):
+    import model_versioner as mv
+    for step in (7, 9):
+        publish_trained(root, step)  # new inodes each time: v001 and v002 stop sharing files
+        mv.create_version(root, "post-train:test")
+    edit_config(root, keep_versions=1)
+    unique = sum(f.stat().st_size for v in ("v001", "v002") for f in (root / "versions" / v).iterdir())
+    need = state(root)["disk"]["needed_bytes"]
+    low = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - need + 1, need - 1)  # noqa: E731
+    w = codes(root, disk_usage=low)["DISK_LOW"]
+    assert f"pruning 2 version(s) beyond the keep policy frees {unique / 2**20:.1f} MiB" in w["message"]
+    assert w["fix"] == f"python3 model_versioner.py prune --yes --root {root}"
+    assert run_fix(w["fix"], root).returncode == 0
+    assert sorted(os.listdir(root / "versions")) == [".pruned", ".published.json", "v003"]
 
 
 def test_disk_low_from_config_margin(root):

@@ -467,6 +467,22 @@ def test_a_failing_disk_pauses_instead_of_crashing(tmp_path, tiny_model_dir, ref
     assert_bitwise_equal(weights(cur), reference["weights"])
 
 
+def test_a_failed_save_is_classified_by_errno_not_all_as_a_full_disk():
+    """EACCES/EPERM name the permissions, EROFS a remount; only ENOSPC/EDQUOT/EFBIG (and the
+    rest) say free disk space. Also the errno safetensors wraps in its message."""
+    import errno
+    err = lambda code: OSError(code, os.strerror(code), "/r/checkpoints/x")  # noqa: E731
+    for code, kind in ((errno.ENOSPC, "disk"), (errno.EDQUOT, "disk"), (errno.EFBIG, "disk"),
+                       (errno.EACCES, "permission"), (errno.EPERM, "permission"),
+                       (errno.EROFS, "read-only")):
+        assert te._io_kind(err(code)) == kind, code
+    assert te._io_advice(err(errno.EACCES)) == "fix the permissions (chown/chmod /r/checkpoints/x)"
+    assert "remount" in te._io_advice(err(errno.EROFS))
+    assert te._io_advice(err(errno.ENOSPC)) == "free disk space"
+    wrapped = te.SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)")
+    assert te._io_kind(wrapped) == "permission" and te._io_reason(wrapped) == "Permission denied"
+
+
 def test_a_template_that_refuses_a_conversation_falls_back_to_segments(tmp_path, tokenizer):
     """Many real templates raise on roles they do not know; the record still trains."""
     data = write_jsonl(tmp_path / "chat.jsonl", [
