@@ -1,6 +1,7 @@
 """The live monitor's read-only server: one page and two JSON documents, on 127.0.0.1 only.
 
-The daemon starts it in a thread (`start_in_thread(root, port)`); it can also run on its own.
+The daemon starts it in a process of its own at SCHED_IDLE (`start_in_process(root, port)`);
+`start_in_thread` serves from a thread; it can also run on its own.
 It serves nothing but `live_monitor_ui.html` (read from the folder beside this script, never
 from a path in the request), the state document (`state_tracker.build_state`, the same
 code as `state_tracker.py --json`) and metrics since a step. Routes are matched exactly,
@@ -24,7 +25,9 @@ import operator
 import os
 import math
 import re
+import select
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -524,6 +527,66 @@ def start_in_thread(root, port: int, *, state_ttl: float = STATE_TTL,
 
 # --------------------------------------------------------------------------- CLI
 
+class MonitorProcess:
+    """The monitor in a process of its own: `.url`, `.port`, `.pid`, `.stop()` (idempotent)."""
+
+    def __init__(self, proc, port: int):
+        self.proc, self.port, self.pid = proc, port, proc.pid
+        self.url = f"http://{HOST}:{port}/{PAGE_NAME}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+def start_in_process(root, port: int, *, timeout: float = 15.0) -> MonitorProcess:
+    """Serve the monitor for `root` from a child process at SCHED_IDLE that dies with us.
+
+    What the daemon uses: a thread in the training process shares its GIL, so a page's
+    work (building the state, reading metrics) stalls training however low its priority
+    (an idle thread holding the GIL blocks the training thread); a process does not.
+    Raises GuardrailError (with the fix) when the port cannot be bound or it does not start.
+    """
+    cmd = [sys.executable, str(Path(__file__).resolve()), "serve", "--root", str(root),
+           "--port", str(port), "--parent", str(os.getpid())]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    ready = select.select([proc.stdout], [], [], timeout)[0]
+    line = proc.stdout.readline() if ready else b""
+    try:
+        doc = json.loads(line or b"{}")
+    except ValueError:
+        doc = {}
+    if not isinstance(doc, dict) or not isinstance(doc.get("port"), int):
+        handle = MonitorProcess(proc, port)
+        handle.stop()
+        error = doc.get("error") if isinstance(doc, dict) else None
+        raise GuardrailError(error or f"the live monitor did not start within {timeout:g} s",
+                             None if error else root,
+                             None if error else "Run `python3 monitor_server.py serve` to see why.")
+    return MonitorProcess(proc, doc["port"])
+
+
+def _follow_parent(parent: int) -> None:
+    """In the monitor's own process: SCHED_IDLE for every thread it will start (they inherit
+    the policy), and SIGTERM when the daemon dies, even by kill -9 (PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "prctl"):
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the daemon died before prctl
+        sys.exit(1)
+    _make_thread_idle()
+
+
 def cmd_serve(args) -> int:
     """Serve the live monitor on 127.0.0.1 until Ctrl+C (port: --port, else config's monitor_port)."""
     root = trainroot.resolve_root(args.root)
@@ -535,7 +598,16 @@ def cmd_serve(args) -> int:
         except GuardrailError as exc:
             print(f"monitor: config not read ({exc}); using port 8080", file=sys.stderr)
             port = 8080
-    server = make_server(root, port)
+    if args.parent is not None:
+        _follow_parent(args.parent)
+        try:
+            server = make_server(root, port)
+        except GuardrailError as exc:  # the daemon logs it and trains on
+            print(json.dumps({"ok": False, "error": str(exc)}), flush=True)
+            return 1
+        print(json.dumps({"ok": True, "port": server.port}), flush=True)
+    else:
+        server = make_server(root, port)
     print(f"monitor: http://{HOST}:{server.port}/{PAGE_NAME} (root {root}); Ctrl+C stops it",
           file=sys.stderr, flush=True)
     try:
@@ -564,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
     trainroot.add_common_args(p, json_flag=False)
     p.add_argument("--port", type=_port, default=None, help="port on 127.0.0.1 (0: any free one)")
+    p.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)  # the daemon's pid
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -174,50 +174,64 @@ sys.stdin.read()  # until the bench closes our stdin
 
 
 def training_cost(n: int, seconds: float, rounds: int, lines: int) -> int:
-    """A CPU-bound torch loop in this process (as the in-process engine trains in the daemon)
-    timed alone and while `n` pages poll a monitor served from this process (as the daemon
-    serves it); the pages run in another process, as browsers do. Phases alternate, so
-    the machine's load drifts into both alike."""
+    """Training-like steps in this process (a small torch model: forward, backward, AdamW,
+    as the in-process engine trains in the daemon), timed alone, then while `n` pages poll
+    a monitor served from a thread of this process (`start_in_thread`), then from a child
+    process (`start_in_process`, what the daemon starts). The pages run in another process
+    at SCHED_IDLE, so only the server's cost is measured, not the browsers'. Phases
+    alternate, so the machine's load drifts into each alike."""
     import os
     import subprocess
     import torch
+    torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    a, b = torch.randn(192, 192), torch.randn(192, 192)
+    model = torch.nn.Sequential(*[torch.nn.Linear(128, 128) for _ in range(6)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(64, 128)
 
     def loop() -> float:
         count, end = 0, time.perf_counter() + seconds
         while time.perf_counter() < end:
-            for _ in range(20):
-                a @ b
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
             count += 1
         return count / seconds
 
+    def with_pages(port: int) -> float:
+        pages = subprocess.Popen([sys.executable, "-c", CLIENTS, str(port), str(n), "2.0"],
+                                 stdin=subprocess.PIPE, preexec_fn=monitor_server._make_thread_idle)
+        try:
+            time.sleep(2.5)  # every page has made its first requests
+            return loop()
+        finally:
+            pages.stdin.close()
+            pages.kill()
+            pages.wait()
+
+    runs = {"alone": [], "thread": [], "process": []}
     with tempfile.TemporaryDirectory(prefix="bench-monitor-") as tmp:
         root = Path(tmp)
         write_metrics(root / "metrics.jsonl", lines)
-        h = monitor_server.start_in_thread(root, 0)  # SCHED_IDLE, as the daemon starts it
-        try:
-            alone, loaded = [], []
-            for r in range(rounds):
-                alone.append(loop())
-                pages = subprocess.Popen([sys.executable, "-c", CLIENTS, str(h.port), str(n), "2.0"],
-                                         stdin=subprocess.PIPE)
+        for r in range(rounds):
+            runs["alone"].append(loop())
+            for kind, start in (("thread", monitor_server.start_in_thread),
+                                ("process", monitor_server.start_in_process)):
+                h = start(root, 0)
                 try:
-                    time.sleep(2.5)  # every page has made its first requests
-                    loaded.append(loop())
+                    runs[kind].append(with_pages(h.port))
                 finally:
-                    pages.stdin.close()
-                    pages.kill()
-                    pages.wait()
-                print(f"round {r + 1}: alone {alone[-1]:.0f} it/s, with {n} pages "
-                      f"{loaded[-1]:.0f} it/s", file=sys.stderr)
-        finally:
-            h.stop()
-    a_med, l_med = statistics.median(alone), statistics.median(loaded)
-    print(f"\nCPU-bound loop in the monitor's process, {os.cpu_count()} cores, {seconds:.0f} s "
-          f"phases x {rounds}, pages polling every 2 s ({lines:,} metrics lines):")
-    print(f"  alone            {a_med:8.1f} it/s")
-    print(f"  {n:4d} pages       {l_med:8.1f} it/s   ratio {l_med / a_med:.3f}")
+                    h.stop()
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items())
+                  + " steps/s", file=sys.stderr)
+    base = statistics.median(runs["alone"])
+    print(f"\nTraining-like steps in the daemon's process, {os.cpu_count()} cores, {seconds:.0f} s "
+          f"phases x {rounds}, {n} pages polling every 2 s ({lines:,} metrics lines):")
+    print(f"  alone                         {base:8.1f} steps/s")
+    for kind in ("thread", "process"):
+        med = statistics.median(runs[kind])
+        print(f"  monitor in a {kind:7s} + pages  {med:8.1f} steps/s   ratio {med / base:.3f}")
     return 0
 
 

@@ -114,6 +114,55 @@ def test_stop_is_idempotent_and_frees_the_port(tmp_root):
     again.stop()
 
 
+def _policies(pid: int) -> set[int]:
+    """The scheduling policy of every thread of process `pid` (/proc/PID/task/*/stat, field 41)."""
+    out = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out.add(int((task / "stat").read_text().rpartition(")")[2].split()[41 - 3]))
+    return out
+
+
+def test_the_daemons_monitor_is_a_process_of_its_own_at_sched_idle(tmp_root):
+    """A thread in the training process shares its GIL: the page's work stalled training
+    (200 polling pages cost 11% tokens/s). The daemon's monitor is a child process instead,
+    every thread of it at SCHED_IDLE; a taken port is the same clear error as before."""
+    handle = monitor_server.start_in_process(tmp_root, 0)
+    try:
+        conns = [http.client.HTTPConnection("127.0.0.1", handle.port, timeout=10) for _ in range(3)]
+        for c in conns:
+            c.request("GET", "/api/state")
+            assert c.getresponse().status == 200
+        assert len(list(Path(f"/proc/{handle.pid}/task").iterdir())) >= 4  # the request threads
+        assert _policies(handle.pid) == {os.SCHED_IDLE}
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller (training) is untouched
+        for c in conns:
+            c.close()
+        with pytest.raises(trainroot.GuardrailError) as info:
+            monitor_server.start_in_process(tmp_root, handle.port)
+        assert str(info.value).startswith(f"monitor not started: port {handle.port} is already in use")
+    finally:
+        handle.stop()
+        handle.stop()
+    assert handle.proc.returncode is not None
+
+
+def test_the_monitor_process_ends_when_the_daemon_is_killed(tmp_root):
+    code = ("import sys, time; sys.path.insert(0, %r); import monitor_server; "
+            "h = monitor_server.start_in_process(%r, 0); print(h.pid, flush=True); time.sleep(60)"
+            % (str(REPO), str(tmp_root)))
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert psutil.pid_exists(child)
+        parent.kill()  # kill -9: no teardown runs in the parent
+        parent.wait()
+        psutil.Process(child).wait(timeout=10)  # PR_SET_PDEATHSIG ended it
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.stdout.close()
+
+
 def test_every_request_thread_runs_at_sched_idle(tmp_root):
     """Linux schedules threads, not processes: each thread that answers a page must itself be
     SCHED_IDLE (read from /proc/self/task/TID/stat, field 41), the accept loop's too."""
