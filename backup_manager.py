@@ -38,7 +38,7 @@ import training_config
 import training_controller
 from model_manifest import MANIFEST, has_weights, write_manifest
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
-                       age_seconds, atomic_write_json, fsync_dir, print_json, read_json,
+                       age_seconds, atomic_write_json, fsync_dir, parse_time, print_json, read_json,
                        rename_noreplace, resolve_root, run_cli, utc_now)
 from verified_copy import copy_tree_verified, hash_file, list_files, set_idle_priority
 
@@ -187,10 +187,26 @@ def list_backups(root) -> list[dict]:
             rec["status"] = "unknown"
         if not isinstance(rec.get("total_bytes"), int):
             rec["total_bytes"] = None
+        if not (isinstance(rec.get("seq"), int) and not isinstance(rec["seq"], bool)):
+            rec["seq"] = None  # written before seq existed (or hand-edited): ranked by time
         rec["age_seconds"] = age_seconds(rec.get("created_at"))
         out.append(rec)
-    out.sort(key=lambda r: (r.get("created_at") or "", r["id"]))
+    out.sort(key=_order)
     return out
+
+
+def _order(rec: dict) -> tuple:
+    """Oldest first by `seq`, never by time: a clock that ran ahead (then NTP set it right)
+    dates a backup after the ones made later, and the ID carries that same time. Records
+    without a seq come first, among themselves by created_at, then ID."""
+    if rec["seq"] is not None:
+        return (1, rec["seq"], "", rec["id"])
+    return (0, 0, rec.get("created_at") or "", rec["id"])
+
+
+def next_seq(root) -> int:
+    """One above every listed backup's `seq`; call only holding the `backups` lock."""
+    return max((b["seq"] for b in list_backups(root) if b["seq"] is not None), default=0) + 1
 
 
 def latest_backup(root) -> dict | None:
@@ -373,7 +389,8 @@ def create_backup(root, src: str | None = None, note: str | None = None) -> dict
             if source == "current_model" and _current_version(p.root) != version:
                 version = None  # current_model was replaced while we copied: claim nothing
             now = utc_now()
-            record = {"schema_version": SCHEMA_VERSION, "id": bid, "created_at": now,
+            record = {"schema_version": SCHEMA_VERSION, "id": bid, "seq": next_seq(p.root),
+                      "created_at": now,
                       "source": source, "version": version,
                       "global_step": state.get("global_step"),
                       "tokens_seen": state.get("tokens_seen"), "note": note, "files": files,
@@ -643,9 +660,21 @@ def backup_due(root, cfg: dict, files_since_last: int) -> bool:
     if every_files and files_since_last >= every_files:
         return True
     if every_hours:
-        age = latest.get("age_seconds") if latest else None
+        if latest is None or _dated_in_the_future(latest):
+            return True  # a clock that ran ahead made that date: how old it is, nobody knows
+        age = latest.get("age_seconds")
         return age is None or age >= every_hours * 3600
     return False
+
+
+FUTURE_SLACK_S = 60.0  # NTP slews small offsets; only a step of more than this is a clock jump
+
+
+def _dated_in_the_future(rec: dict) -> bool:
+    try:
+        return parse_time(rec.get("created_at")) > time.time() + FUTURE_SLACK_S
+    except (TypeError, ValueError):
+        return False
 
 
 # --------------------------------------------------------------------------- CLI

@@ -27,10 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-from trainroot import (EXIT_FAILURE, BusyError, FileLock, GuardrailError, Paths,
-                       add_common_args, age_seconds, atomic_write_json, atomic_write_text,
-                       daemon_liveness, fsync_dir, parse_time, print_json, read_json, rename_noreplace,
-                       resolve_root, run_cli, unique_path, utc_now)
+from trainroot import (BOOT_CLOCK, EXIT_FAILURE, BusyError, FileLock, GuardrailError, Paths,
+                       add_common_args, age_seconds, atomic_write_json, atomic_write_text, boot_id,
+                       daemon_liveness, fsync_dir, parse_time, print_json, read_json,
+                       rename_noreplace, resolve_root, run_cli, unique_path, utc_now)
 
 log = logging.getLogger("training_controller")
 
@@ -82,6 +82,44 @@ def _stamp(created_at: str) -> str:
     return re.sub(r"[-:.]", "", created_at)
 
 
+
+
+def clock_mark() -> dict:
+    """`{boot_id, boottime_ns}`: where this moment lies on this boot's clock, which only runs
+    forward (NTP and a VM resume step the wall clock, not CLOCK_BOOTTIME). boot_id is None
+    where the kernel does not say (then the wall-clock rule applies)."""
+    return {"boot_id": boot_id(), "boottime_ns": time.clock_gettime_ns(BOOT_CLOCK)}
+
+
+def _mark_of(doc) -> tuple[str, int] | None:
+    """A request's (or a daemon's) clock mark, or None if it has none (older requests)."""
+    if not isinstance(doc, dict):
+        return None
+    boot, ns = doc.get("boot_id"), doc.get("boottime_ns")
+    if isinstance(boot, str) and boot and isinstance(ns, int) and not isinstance(ns, bool):
+        return boot, ns
+    return None
+
+
+def _stale(doc: dict, started: dict | None, started_at: str | None) -> str | None:
+    """Why a stop/skip predates the daemon (its daemon is gone), or None. By boot id and
+    boot clock when both sides carry them; a request without them keeps the wall-clock rule."""
+    mine, daemons = _mark_of(doc), _mark_of(started)
+    if mine and daemons:
+        if mine[0] == daemons[0] and mine[1] >= daemons[1]:
+            return None
+        when = " in an earlier boot" if mine[0] != daemons[0] else ""
+    else:
+        try:
+            if not started_at or parse_time(doc["created_at"]) >= parse_time(started_at):
+                return None
+        except ValueError:
+            return None
+        when = ""
+    return (f"stale: a {doc['action']} written at {doc['created_at']}{when}, before this "
+            f"daemon started" + (f" at {started_at}" if started_at else ""))
+
+
 # --------------------------------------------------------------------------- requests
 
 def submit_request(root, action: str, *, reason: str | None = None,
@@ -96,7 +134,7 @@ def submit_request(root, action: str, *, reason: str | None = None,
     created_at = utc_now()
     req = {"schema_version": SCHEMA_VERSION, "id": os.urandom(6).hex(), "action": action,
            "reason": reason, "created_at": created_at, "options": dict(options or {}),
-           "pid": os.getpid()}
+           "pid": os.getpid(), **clock_mark()}
     path = _ensure(control_dirs(root)["control"]) / f"{_stamp(created_at)}-{req['id']}{REQUEST_SUFFIX}"
     # The temp file is `.NAME.XXXX.tmp`: hidden, so a reader never sees it as a request.
     atomic_write_json(path, req)
@@ -143,14 +181,19 @@ def reject_request(root, path, error: str) -> Path | None:
 
 
 def pending_requests(root, *, rejected: list | None = None, move_aside: bool = True,
-                     daemon_started_at: str | None = None) -> list[dict]:
+                     daemon_started_at: str | None = None,
+                     daemon_started: dict | None = None) -> list[dict]:
     """Unclaimed requests, oldest first, each with its `path`. Never raises on bad files.
 
     A malformed file (bad JSON, unknown action, ...) is moved to `control/rejected/` with an
     `.error.txt` (unless `move_aside=False`, for read-only callers such as `status`) and is
-    appended to `rejected` as `{name, path, error}`. With `daemon_started_at`, `stop` and
-    `skip` requests written before that time are stale (their daemon is gone): they are
-    rejected and acknowledged as `rejected`, so a restart never obeys an old stop.
+    appended to `rejected` as `{name, path, error}`. With `daemon_started` (the daemon's
+    `clock_mark()` at its start), `stop` and `skip` requests written before it on this boot's
+    clock, or in an earlier boot, are stale (their daemon is gone): they are rejected and
+    acknowledged as `rejected`, so a restart never obeys an old stop. A request without a
+    clock mark is compared with `daemon_started_at` (wall time) instead.
+    Oldest first means by this boot's clock; requests from another boot (or without a mark)
+    come before, among themselves by `created_at`.
     """
     control = control_dirs(root)["control"]
     try:
@@ -168,13 +211,8 @@ def pending_requests(root, *, rejected: list | None = None, move_aside: bool = T
             continue  # claimed while we listed
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             doc, problem = None, f"unreadable ({exc.__class__.__name__}: {exc})"
-        if problem is None and daemon_started_at and doc["action"] in ("stop", "skip"):
-            try:
-                if parse_time(doc["created_at"]) < parse_time(daemon_started_at):
-                    problem = (f"stale: a {doc['action']} written at {doc['created_at']}, "
-                               f"before this daemon started at {daemon_started_at}")
-            except ValueError:
-                pass
+        if problem is None and doc["action"] in ("stop", "skip"):
+            problem = _stale(doc, daemon_started, daemon_started_at)
         if problem is not None:
             entry = {"name": name, "path": str(path), "error": problem}
             if move_aside:
@@ -188,7 +226,14 @@ def pending_requests(root, *, rejected: list | None = None, move_aside: bool = T
                 rejected.append(entry)
             continue
         good.append(dict(doc, path=str(path)))
-    good.sort(key=lambda r: (parse_time(r["created_at"]), r["id"]))
+    boot = clock_mark()["boot_id"]
+
+    def order(r):  # the boot clock, never the wall clock, orders this boot's requests
+        mark = _mark_of(r)
+        if mark and mark[0] == boot:
+            return (1, mark[1], 0.0, r["id"])
+        return (0, 0, parse_time(r["created_at"]), r["id"])
+    good.sort(key=order)
     return good
 
 

@@ -178,6 +178,8 @@ class Daemon(inbox_files.InboxIntake):
         self.log = logging.getLogger("training_daemon")
         self.started_at = trainroot.utc_now()
         self.identity = trainroot.process_identity()  # how readers tell this process from a reused pid
+        import training_controller  # stop/skip written before this are stale: the boot clock says
+        self.started_clock = training_controller.clock_mark()
         self.state, self.paused_reason, self.paused_since, self.pause_kind = "idle", None, None, None
         self.current, self.progress, self.last_error = None, None, None
         self.stop_signal: str | None = None      # SIGTERM/SIGINT: acts like `stop`
@@ -281,7 +283,8 @@ class Daemon(inbox_files.InboxIntake):
         except FileNotFoundError:
             return []
         return training_controller.pending_requests(self.p.root,
-                                                    daemon_started_at=self.started_at)
+                                                    daemon_started_at=self.started_at,
+                                                    daemon_started=self.started_clock)
 
     def ack(self, req: dict | None, outcome: str, message: str) -> None:
         if req is None:

@@ -408,8 +408,25 @@ def lr_at(step: int, config: dict) -> float:
 CHECKPOINT_SCHEMA = 1
 
 
+def _checkpoint_rank(dm: tuple[Path, dict]) -> tuple:
+    """Newest is the highest `seq` (max + 1 per root at each save), never the wall clock
+    (NTP or a VM resume steps it back) nor the step alone (a rollback lowers steps); one
+    written before `seq` existed ranks below every one with it, by its step."""
+    d, meta = dm
+    seq, step = meta.get("seq"), meta.get("global_step")
+    if isinstance(seq, int) and not isinstance(seq, bool):
+        return (1, seq, 0, d.name)
+    return (0, 0, step if isinstance(step, int) and not isinstance(step, bool) else -1, d.name)
+
+
+def next_checkpoint_seq(root) -> int:
+    """The `seq` of the next checkpoint: one above every checkpoint's in the root."""
+    ckpts = list_checkpoints(root)
+    return ckpts[0][1]["seq"] + 1 if ckpts and _checkpoint_rank(ckpts[0])[0] else 1
+
+
 def list_checkpoints(root) -> list[tuple[Path, dict]]:
-    """Complete checkpoints, newest first (by creation, not step: a rollback lowers steps)."""
+    """Complete checkpoints, newest first: by `seq`, not by time nor step (_checkpoint_rank)."""
     folder = Paths(root).checkpoints
     found = []
     if folder.is_dir():
@@ -422,7 +439,7 @@ def list_checkpoints(root) -> list[tuple[Path, dict]]:
                 log.warning("ignoring unreadable checkpoint %s: %s", d, exc)
                 continue
             found.append((d, meta))
-    found.sort(key=lambda dm: (dm[1].get("created_ns", 0), dm[0].name), reverse=True)
+    found.sort(key=_checkpoint_rank, reverse=True)
     return found
 
 
@@ -432,7 +449,9 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
     p = Paths(root)
     p.staging.mkdir(parents=True, exist_ok=True)
     p.checkpoints.mkdir(parents=True, exist_ok=True)
-    meta = dict(meta, schema_version=CHECKPOINT_SCHEMA, created_at=utc_now(), created_ns=time.time_ns())
+    # created_at/created_ns are for people; the order is `seq` (one trainer per root: the engine lock)
+    meta = dict(meta, schema_version=CHECKPOINT_SCHEMA, created_at=utc_now(), created_ns=time.time_ns(),
+                seq=next_checkpoint_seq(root))
     stage = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=p.staging))
     try:
         save_model(_unwrap(model), str(stage / "model.safetensors"))

@@ -455,17 +455,23 @@ BTIME_ROUNDING_S = 1.0     # /proc/stat's btime is whole seconds: a start time r
 _PROC = Path("/proc")
 
 
+BOOT_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)  # suspend included where it can
+_boot_id: list = []
+
+
 def boot_id() -> str | None:
-    """This boot's id (Linux): a pid or a monotonic clock from another boot means nothing."""
-    try:
-        return (_PROC / "sys/kernel/random/boot_id").read_text().strip() or None
-    except OSError:
-        return None
+    """This boot's id (Linux): a pid or a boot-clock time from another boot means nothing."""
+    if not _boot_id:
+        try:
+            _boot_id.append((_PROC / "sys/kernel/random/boot_id").read_text().strip() or None)
+        except OSError:
+            _boot_id.append(None)
+    return _boot_id[0]
 
 
 def boot_clock() -> float:
-    """Seconds since boot, suspend included: never steps with NTP or a hand-set clock."""
-    return time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
+    """Seconds since boot: never steps with NTP, a VM resume or a hand-set clock."""
+    return time.clock_gettime(BOOT_CLOCK)
 
 
 def process_running(pid) -> bool:

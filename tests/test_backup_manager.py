@@ -443,6 +443,45 @@ def test_prune_keeps_newest_verified_and_dry_runs(fake_root, capsys):
     assert os.listdir(fake_root / "backups") == [ids[1]]
 
 
+def test_backups_made_while_the_clock_ran_a_day_ahead_do_not_outrank_the_last_one(
+        fake_root, capsys, monkeypatch):
+    """Two backups made while the clock ran a day ahead, then NTP set it right and a third
+    was made: `seq` (not created_at, not the ID's time) says which is newest, so `latest`
+    is the one made last and `prune --keep 1` keeps it. A newest backup dated in the future
+    cannot say how old it is: the hourly policy makes a new one rather than wait a day."""
+    from datetime import datetime, timedelta, timezone
+    ahead = datetime.now(timezone.utc) + timedelta(days=1)
+    with monkeypatch.context() as clock:
+        clock.setattr(backup_manager, "utc_now", lambda: ahead.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+        clock.setattr(backup_manager, "datetime", type("AheadClock", (), {
+            "now": staticmethod(lambda tz=None: ahead)}))
+        early = [backup_manager.create_backup(fake_root)["id"] for _ in range(2)]
+    hourly = training_config.default_config(backup_every_files=0, backup_every_hours=1.0)
+    assert backup_manager.backup_due(fake_root, hourly, 1) is True
+    last = backup_manager.create_backup(fake_root)["id"]
+    assert last < min(early)  # the IDs carry the clock's time: they say otherwise
+    assert [b["id"] for b in backup_manager.list_backups(fake_root)] == early + [last]
+    assert backup_manager.latest_backup(fake_root)["id"] == last
+    assert backup_manager.backup_due(fake_root, hourly, 1) is False
+    code, done, _ = _cli(capsys, "prune", "--keep", "1", "--yes", "--json")
+    assert code == 0 and done["kept"] == [last] and sorted(done["deleted"]) == sorted(early), done
+    assert os.listdir(fake_root / "backups") == [last]
+
+
+def test_backups_without_seq_list_first_by_their_time(fake_root):
+    """Records written before `seq` existed order among themselves by created_at, then ID,
+    and before every backup that has a seq."""
+    ids = [backup_manager.create_backup(fake_root)["id"] for _ in range(3)]
+    for bid, when in zip(ids[1:], ("2099-01-01T00:00:00.000000Z", "2001-01-01T00:00:00.000000Z")):
+        path = fake_root / "backups" / bid / "backup.json"
+        rec = json.loads(path.read_text())
+        del rec["seq"]
+        path.chmod(0o644)
+        path.write_text(json.dumps(dict(rec, created_at=when)))
+    assert [b["id"] for b in backup_manager.list_backups(fake_root)] == [ids[2], ids[1], ids[0]]
+    assert backup_manager.create_backup(fake_root)["seq"] == 2
+
+
 def test_backup_due_policy(fake_root):
     cfg = training_config.default_config(backup_every_files=2, backup_every_hours=0)
     assert backup_manager.backup_due(fake_root, cfg, 1) is False

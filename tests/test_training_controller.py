@@ -213,6 +213,53 @@ def test_a_stop_written_before_the_daemon_started_is_stale_but_a_kept_pause_is_n
     assert tc.read_ack(root, stop["id"])["outcome"] == "rejected"
 
 
+def _wall_clock_at(monkeypatch, seconds_from_now: float) -> None:
+    """The wall clock stepped by `seconds_from_now` (NTP, a VM resume): what utc_now reads."""
+    from datetime import datetime, timezone
+    when = datetime.fromtimestamp(time.time() + seconds_from_now, timezone.utc)
+    monkeypatch.setattr(tc, "utc_now", lambda: when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+
+
+def test_a_stop_written_after_the_daemon_started_is_accepted_while_the_clock_is_behind(
+        root, monkeypatch):
+    """Staleness and order come from the boot id and the boot clock, never the wall clock:
+    stop and skip written after the daemon started count while the clock reads an hour
+    (then two) behind its start, in the order written; a stop written before it started,
+    while the clock ran a day ahead, is still stale. The real daemon's check is used."""
+    import training_daemon
+    _wall_clock_at(monkeypatch, 86_400)
+    old_stop = tc.submit_request(root, "stop")
+    daemon = training_daemon.Daemon(root, monitor=False)
+    _wall_clock_at(monkeypatch, -3600)
+    stop = tc.submit_request(root, "stop")
+    _wall_clock_at(monkeypatch, -7200)
+    skip = tc.submit_request(root, "skip")
+    assert stop["created_at"] < daemon.started_at and skip["created_at"] < stop["created_at"]
+    assert [r["id"] for r in daemon._requests()] == [stop["id"], skip["id"]]
+    assert tc.read_ack(root, old_stop["id"])["outcome"] == "rejected"
+    assert tc.read_ack(root, stop["id"]) is None and tc.read_ack(root, skip["id"]) is None
+
+
+def test_a_stop_from_another_boot_is_stale_and_one_without_a_boot_clock_falls_back(root):
+    """A request written in an earlier boot is stale whatever its time says; one written
+    before requests carried a boot clock (a hand-written one) keeps the wall-clock rule."""
+    started = tc.clock_mark()
+    started_at = trainroot.utc_now()
+    other_boot = tc.submit_request(root, "stop")
+    doc = json.loads(Path(other_boot["path"]).read_text())
+    trainroot.atomic_write_json(Path(other_boot["path"]), dict(doc, boot_id="0" * 32 + "-earlier"))
+    legacy = {"schema_version": 1, "id": "legacy", "action": "skip", "reason": None,
+              "created_at": "2099-01-01T00:00:00.000000Z", "options": {}}
+    trainroot.atomic_write_json(root / "control" / "20990101T000000000000Z-legacy.request.json",
+                                legacy)
+    rejected = []
+    assert [r["id"] for r in tc.pending_requests(root, rejected=rejected, daemon_started=started,
+                                                 daemon_started_at=started_at)] == ["legacy"]
+    assert [r["error"] for r in rejected] == [
+        f"stale: a stop written at {other_boot['created_at']} in an earlier boot, before this "
+        f"daemon started at {started_at}"]
+
+
 # --------------------------------------------------------------------------- with no daemon
 
 def test_stop_and_skip_with_no_daemon_say_so_and_leave_nothing_behind(root, capsys):

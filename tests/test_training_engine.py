@@ -269,6 +269,51 @@ def test_pause_then_resume_equals_the_uninterrupted_run(tmp_path, tiny_model_dir
     assert_bitwise_equal(weights(Paths(root).current_model), reference["weights"])
 
 
+def test_a_clock_stepped_back_keeps_and_resumes_the_newest_checkpoint(tmp_path, tiny_model_dir,
+                                                                      reference, monkeypatch):
+    """NTP or a VM resume steps the clock back a day between two runs of one file: the
+    checkpoints written behind the clock are still the newest (ranked by their sequence,
+    never by created_ns), so none is pruned at once and the resume continues at step 7
+    instead of restarting the file on top of step 7's weights."""
+    root, cfg = make_root(tmp_path / "root", tiny_model_dir)  # a checkpoint every step, keep 2
+    seen = {}
+
+    def pause_at(step):
+        return lambda: "pause" if seen.get("step", 0) >= step else None
+
+    def track(d):
+        seen.update(step=d["global_step"])
+
+    first = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg,
+                          control=pause_at(4), progress=track)
+    assert first["status"] == "paused" and first["global_step"] == 4, first
+    real_ns = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real_ns() - 86_400 * 10**9)  # a day behind
+    second = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg,
+                           control=pause_at(7), progress=track)
+    assert second["status"] == "paused" and second["global_step"] == 7, second
+    assert list_steps(root) == [7, 6]
+    third = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg)
+    assert third["status"] == "completed", third
+    assert third["message"].startswith("resumed from checkpoint-00000007"), third
+    assert third["global_step"] == reference["result"]["global_step"]
+    assert_bitwise_equal(weights(Paths(root).current_model), reference["weights"])
+
+
+def test_checkpoints_rank_by_sequence_then_legacy_ones_by_step(tmp_path):
+    """A rollback lowers steps, so a checkpoint's rank is its `seq` (max + 1 per root); one
+    written before `seq` existed ranks below every one that has it, by its step."""
+    ckpts = Paths(tmp_path).checkpoints
+    for name, meta in {"checkpoint-00000050": {"global_step": 50, "created_ns": 9},
+                       "checkpoint-00000040": {"global_step": 40, "created_ns": 99},
+                       "checkpoint-00000003": {"global_step": 3, "seq": 1, "created_ns": 1},
+                       "checkpoint-00000005": {"global_step": 5, "seq": 2, "created_ns": 0}}.items():
+        (ckpts / name).mkdir(parents=True)
+        (ckpts / name / "meta.json").write_text(json.dumps(meta))
+    assert [d.name[-2:] for d, _ in te.list_checkpoints(tmp_path)] == ["05", "03", "50", "40"]
+    assert te.next_checkpoint_seq(tmp_path) == 3
+
+
 def test_stop_and_skip_act_at_a_step_boundary(tmp_path, tiny_model_dir, reference):
     root, cfg = make_root(tmp_path / "root", tiny_model_dir, checkpoint_every_steps=0)
     calls = []
