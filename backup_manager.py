@@ -191,11 +191,11 @@ def list_backups(root) -> list[dict]:
             rec["seq"] = None  # written before seq existed (or hand-edited): ranked by time
         rec["age_seconds"] = age_seconds(rec.get("created_at"))
         out.append(rec)
-    out.sort(key=_order)
+    out.sort(key=order_key)
     return out
 
 
-def _order(rec: dict) -> tuple:
+def order_key(rec: dict) -> tuple:
     """Oldest first by `seq`, never by time: a clock that ran ahead (then NTP set it right)
     dates a backup after the ones made later, and the ID carries that same time. Records
     without a seq come first, among themselves by created_at, then ID."""

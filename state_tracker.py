@@ -675,8 +675,10 @@ def _backups_section(root: Path, cfg: dict, w: list) -> dict:
         rec = rec if isinstance(rec, dict) else {"status": "unreadable"}
         records.append({"id": bid, "created_at": _str(rec.get("created_at")),
                         "verified_at": _str(rec.get("verified_at")), "status": _str(rec.get("status")),
-                        "version": _str(rec.get("version")), "global_step": _int(rec.get("global_step"))})
-    records.sort(key=lambda r: (r["created_at"] or "", r["id"]))
+                        "version": _str(rec.get("version")), "global_step": _int(rec.get("global_step")),
+                        "seq": _int(rec.get("seq"))})
+    import backup_manager  # lazily, stdlib only: the one order of backups (by seq, never by time)
+    records.sort(key=backup_manager.order_key)
     good = [r for r in records if r["status"] == "verified"]
     sec["count"], sec["verified_count"] = len(records), len(good)
     sec["problems"] = [{"id": r["id"], "status": r["status"]} for r in records

@@ -20,6 +20,7 @@ import importlib
 import logging
 import logging.handlers
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -65,6 +66,7 @@ OPTIMIZER_FACTOR = 3     # a checkpoint holds the weights plus AdamW's two momen
 STATE_EVERY_S = 1.0      # .daemon_state.json at most once a second
 CONTROL_EVERY_S = 0.2    # a directory scan of control/ at most this often while training
 IDLE_TICK_S = 0.25       # idle loop: control requests are seen well within a second
+_VERSION_ID = re.compile(r"v\d{3,}")  # model_versioner's ids: they only grow
 
 
 def _version_id(v) -> str | None:
@@ -165,6 +167,19 @@ class _Paused(Exception):
     def __init__(self, error: GuardrailError, kind: str = "preflight"):
         super().__init__(str(error))
         self.error, self.kind = error, kind
+
+
+def _done_since(rec: dict, backup: dict | None) -> bool:
+    """Whether a done/ record trained after `backup` was taken: by version ids, which only
+    grow (a clock that ran ahead when the backup was made cannot hide files); by time only
+    for a backup that names no version."""
+    if backup is None:
+        return True
+    ids = [v for v in (rec.get("version_after"), backup.get("version"))
+           if isinstance(v, str) and _VERSION_ID.fullmatch(v)]
+    if len(ids) == 2:
+        return int(ids[0][1:]) > int(ids[1][1:])
+    return (rec.get("finished_at") or "") > (backup.get("created_at") or "")
 
 
 # --------------------------------------------------------------------------- run: the daemon
@@ -751,9 +766,7 @@ class Daemon(inbox_files.InboxIntake):
         import backup_manager
         try:
             latest = backup_manager.latest_backup(self.p.root)
-            since = latest.get("created_at") if latest else None
-            n = sum(1 for r in self.done.values()
-                    if since is None or (r.get("finished_at") or "") > since)
+            n = sum(1 for r in self.done.values() if _done_since(r, latest))
             if not backup_manager.backup_due(self.p.root, self.cfg, n):
                 return
         except GuardrailError as exc:

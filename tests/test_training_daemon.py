@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import training_daemon
 from conftest import REPO, run_script
 from realdaemon import lifecycle_files, record, set_config
 
@@ -405,3 +406,15 @@ def test_automatic_backup_after_a_file_and_a_failed_one_pauses(initialized_root)
     assert data_files(root) == {"done": ["one.jsonl", "two.jsonl"]}
     state = json.loads((root / ".daemon_state.json").read_text())
     assert state["last_error"].startswith("automatic backup failed: ")
+
+
+def test_files_since_the_last_backup_are_counted_by_version_not_by_the_clock():
+    """A backup made while the clock ran a day ahead: counting done files by finished_at
+    found none after it, so backup_every_files never fired until the clock caught up."""
+    ahead = {"version": "v003", "created_at": "2099-01-01T00:00:00.000000Z"}
+    done = [{"version_after": v, "finished_at": "2026-12-03T08:00:00.000000Z"}
+            for v in ("v002", "v003", "v004", "v006")]
+    assert sum(training_daemon._done_since(r, ahead) for r in done) == 2
+    assert sum(training_daemon._done_since(r, None) for r in done) == 4
+    unnamed = {"version": None, "created_at": "2026-12-03T07:00:00.000000Z"}  # by time, as before
+    assert sum(training_daemon._done_since(r, unnamed) for r in done) == 4
