@@ -171,7 +171,8 @@ def _normalize_record(doc: dict, vid: str) -> dict:
     files = doc.get("data_files")
     rec["data_files"] = [
         {"name": f.get("name") if isinstance(f, dict) else f if isinstance(f, str) else None,
-         "sha256": f.get("sha256") if isinstance(f, dict) else None}
+         "sha256": f.get("sha256") if isinstance(f, dict) else None,
+         **({"skipped": True} if isinstance(f, dict) and f.get("skipped") is True else {})}
         for f in (files if isinstance(files, list) else [])]
     if isinstance(doc.get("manifest"), dict):
         rec["manifest"] = {rel: {k: v for k, v in e.items()
@@ -365,8 +366,9 @@ def _next_id(p: Paths) -> str:
 def _normalize_data_files(data_files) -> list[dict]:
     out = []
     for item in data_files or []:
-        if isinstance(item, dict):
-            out.append({"name": item.get("name"), "sha256": item.get("sha256")})
+        if isinstance(item, dict):  # "skipped": a file skipped part-way, its steps kept
+            out.append({"name": item.get("name"), "sha256": item.get("sha256"),
+                        **({"skipped": True} if item.get("skipped") else {})})
         else:
             path = Path(item)
             out.append({"name": path.name, "sha256": sha256_file(path)})
@@ -1060,7 +1062,8 @@ def cmd_lineage(args) -> int:
         return 0
     print(" -> ".join(result["chain"]))
     for f in result["data_files"]:
-        print(f"{f['version']}  {f.get('name')}  {str(f.get('sha256'))[:12]}")
+        print(f"{f['version']}  {f.get('name')}  {str(f.get('sha256'))[:12]}"
+              + ("  (skipped: partly trained)" if f.get("skipped") else ""))
     if result["incomplete_from"]:
         print(f"(history before {result['incomplete_from']} is gone)")
     return 0

@@ -717,6 +717,13 @@ class Daemon(inbox_files.InboxIntake):
         rec = self._final_record(data)
         rec.update(outcome="skipped", reason=reason, discarded=discard,
                    finished_at=trainroot.utc_now())
+        if not discard:  # the steps trained on it stay: version them, or lineage misses it
+            import model_versioner
+            after, created = model_versioner.create_version(
+                self.p.root, f"post-skip:{data.name}", note="skipped: partly trained",
+                data_files=[{"name": data.name, "sha256": rec.get("sha256"), "skipped": True}])
+            if created:
+                rec["version_after"] = after
         if result:
             rec["result"] = result
         dst = training_queue.move_with_record(

@@ -405,3 +405,39 @@ def test_automatic_backup_after_a_file_and_a_failed_one_pauses(initialized_root)
     assert data_files(root) == {"done": ["one.jsonl", "two.jsonl"]}
     state = json.loads((root / ".daemon_state.json").read_text())
     assert state["last_error"].startswith("automatic backup failed: ")
+
+
+def test_a_file_skipped_with_its_steps_kept_is_in_the_lineage(initialized_root, capsys):
+    """`skip` (no --discard) keeps the steps trained on the file in current_model: the
+    version after it lists the file, marked skipped (lineage used to miss it)."""
+    import shutil
+
+    import model_versioner
+    import training_daemon
+    import training_queue
+    from trainroot import Paths
+    root = initialized_root
+    p = Paths(root)
+    data = write_data(root / "processing" / "part.jsonl", 3, "part")
+    training_queue.update_record(data, sha256=sha(data), records=3, version_before="v001",
+                                 in_training=False)
+    # what the engine leaves after a few steps on it, then `skip`: current_model moved on
+    staged = p.staging / "save-part"
+    shutil.copytree(p.current_model, staged, ignore=shutil.ignore_patterns(".manifest.json"))
+    weights = next(staged.glob("*.safetensors"))
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.chmod(0o644)
+    weights.write_bytes(bytes(blob))
+    model_versioner.publish_model(root, staged, reason="skip")
+    daemon = training_daemon.Daemon(root, once=True, monitor=False)
+    daemon._finish_skipped(data, False, "skipped by request")
+    rec = record(root / "skipped" / "part.jsonl")
+    assert rec["discarded"] is False and rec["version_after"] == "v002"
+    assert model_versioner.lineage(root, "latest")["data_files"] == [
+        {"name": "part.jsonl", "sha256": sha(root / "skipped" / "part.jsonl"), "skipped": True,
+         "version": "v002"}]
+    assert model_versioner.main(["lineage", "latest"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("part.jsonl  "
+                                                             + rec["sha256"][:12]
+                                                             + "  (skipped: partly trained)")
