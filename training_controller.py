@@ -16,6 +16,7 @@ that need them, so every command answers in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
@@ -480,12 +481,31 @@ def request(root, action: str, *, reason: str | None = None, options: dict | Non
         return dict(result, outcome="cleared", request={"cleared": cleared},
                     message=f"cleared the kept pause ({', '.join(cleared)}); the daemon will "
                             f"train when it starts")
-    req = submit_request(root, action, reason=reason, options=options)
+    try:
+        req = submit_request(root, action, reason=reason, options=options)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise _control_not_writable(root, action, st["pid"], exc) from None
     result["request"] = req
     if wait is None:
         return dict(result, outcome="requested",
                     message=f"{action} requested (id {req['id']}) from the daemon (pid {st['pid']})")
     return wait_for(root, req, wait, result)
+
+
+def _control_not_writable(root, action: str, pid, exc: OSError) -> GuardrailError:
+    """control/ cannot take a request file (read-only filesystem, permissions): SIGTERM
+    acts like `stop` (checkpoint, save current_model, exit) and needs no file."""
+    control = control_dirs(root)["control"]
+    term = f"`kill -TERM {pid}`"
+    if action == "stop":
+        fix = (f"Stop the daemon with {term} instead (SIGTERM acts like stop: it finishes the "
+               f"step, checkpoints and exits); make {control} writable to use the controller again.")
+    else:
+        fix = (f"Make {control} writable, then run `python3 training_controller.py {action}` "
+               f"again; or stop the daemon with {term} (SIGTERM acts like stop).")
+    return GuardrailError(f"cannot write the {action} request ({exc.strerror})", control, fix)
 
 
 def _done_waiting(action: str, ack: dict, st: dict) -> bool:

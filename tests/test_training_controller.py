@@ -383,6 +383,25 @@ def test_approve_config_shows_changes_needs_yes_and_refuses_while_training(root,
     assert code == 0 and json.loads(out)["changes"] == []
 
 
+def test_stop_with_control_not_writable_names_sigterm_and_the_pid(root, fake_daemon, capsys,
+                                                                   read_only):
+    """control/ on a read-only filesystem: the request cannot be written, so `stop` names
+    the way that needs no file, SIGTERM to the live daemon (was a bare EROFS line)."""
+    daemon = fake_daemon("deaf")
+    control = root / "control"
+    control.mkdir(exist_ok=True)
+    read_only(control)
+    code, out, err = ctl(capsys, "stop", "--wait", "5")
+    assert (code, out) == (1, "")
+    assert err == (f"Error: cannot write the stop request (Read-only file system), {control}. "
+                   f"Stop the daemon with `kill -TERM {daemon.pid}` instead (SIGTERM "
+                   "acts like stop: it finishes the step, checkpoints and exits); make "
+                   f"{control} writable to use the controller again.\n")
+    code, _, err = ctl(capsys, "pause")
+    assert code == 1 and f"or stop the daemon with `kill -TERM {daemon.pid}`" in err
+    assert daemon.poll() is None and request_files(root) == []
+
+
 def test_approve_config_is_refused_while_a_file_is_part_way_trained(root, capsys):
     """A paused (or stopped) file resumes from its checkpoint: approving a new max_length
     let the rest of it be packed another way (was accepted). Operational parameters pass."""
