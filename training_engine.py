@@ -757,6 +757,7 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     last_loss = None
     last_ckpt_time = time.monotonic()
     dirty = False  # steps since the last checkpoint
+    write_kind = "disk"  # why the last failed write failed: the pause_reason
 
     def meta_now(complete=False) -> dict:
         return {"file_id": file_id, "data_path": str(data_path), "global_step": state["global_step"],
@@ -769,14 +770,15 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
 
     def checkpoint(complete=False) -> str | None:
         """Write one; on a full or failing disk say why instead of crashing (the run pauses)."""
-        nonlocal dirty, last_ckpt_time
+        nonlocal dirty, last_ckpt_time, write_kind
         if writer:
             try:
                 save_checkpoint(root, model, optimizer, meta_now(complete), scaler=scaler, keep=keep)
             except WRITE_ERRORS as exc:
                 log.error("checkpoint at step %d failed: %s", state["global_step"], exc)
+                write_kind = _write_failure(exc)
                 return (f"checkpoint at step {state['global_step']} failed ({_io_reason(exc)}); "
-                        "paused: free disk space, then resume (training restarts from the last "
+                        f"paused: {_WRITE_FIXES[write_kind]} (training restarts from the last "
                         "good checkpoint)")
         dirty, last_ckpt_time = False, time.monotonic()
         return None
@@ -786,23 +788,24 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
                 "file_id": file_id, "status": status, "updated_at": utc_now()}
 
     def finish(status, message, *, publish=None, disk=False):
+        nonlocal write_kind
         # nothing trained, resumed or counted: leave current_model be
         if publish and writer and (result["steps"] or resume or state != state_at_start):
             try:
                 publish_current_model(root, model, tokenizer, model_state(status), reason=publish)
             except WRITE_ERRORS as exc:  # the checkpoint beside it is complete: resume is exact
                 log.error("saving current_model failed: %s", exc)
-                disk = True
+                disk, write_kind = True, _write_failure(exc)
                 status, message = "paused", (f"saving current_model failed ({_io_reason(exc)}); "
-                                             "paused: free disk space, then resume")
+                                             f"paused: {_WRITE_FIXES[write_kind]}")
         if ddp:
             dist.barrier()  # every rank returns after rank 0 has written
         pos = stream.position()
         result.update(status=status, global_step=state["global_step"], tokens_seen=state["tokens_seen"],
                       records=pos["records"], tokens=pos["tokens"], loss=last_loss,
                       step_in_file=step_in_file, message="; ".join(notes + [message]))
-        if disk:  # not a person's pause: the daemon should say so and check free space
-            result["pause_reason"] = "disk"
+        if disk:  # not a person's pause: the daemon should say so (disk, readonly, permission)
+            result["pause_reason"] = write_kind
 
         return result
 
@@ -919,14 +922,22 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
         # the step's line before its checkpoint: a kill between the two must not lose it
         # (a resume from an older checkpoint redoes the step, and does not log it again)
         if writer and state["global_step"] > logged_upto:
-            append_line(p.metrics, json.dumps({
+            line = json.dumps({
                 "time": utc_now(), "global_step": state["global_step"], "file": data_name,
                 "file_id": file_id,
                 "loss": last_loss, "lr": lr, "tokens_per_sec": round(tps, 1),
                 # an overflowed float16 step (the scaler skips it) has an infinite norm, and
                 # `Infinity` is not JSON: the monitor's JSON.parse would reject the line
                 "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-                "tokens_seen": state["tokens_seen"], "step_in_file": step_in_file}))
+                "tokens_seen": state["tokens_seen"], "step_in_file": step_in_file})
+            try:
+                append_line(p.metrics, line)
+            except OSError as exc:  # resume redoes the step from the last checkpoint
+                log.error("writing metrics.jsonl at step %d failed: %s", state["global_step"], exc)
+                write_kind = _write_failure(exc)
+                return finish("paused", f"writing metrics.jsonl at step {state['global_step']} "
+                              f"failed ({_io_reason(exc)}); paused: {_WRITE_FIXES[write_kind]} "
+                              "(training restarts from the last good checkpoint)", disk=True)
         if (ckpt_steps and state["global_step"] % ckpt_steps == 0) or \
                 (ckpt_minutes and time.monotonic() - last_ckpt_time >= ckpt_minutes * 60):
             error = checkpoint()
@@ -955,6 +966,26 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     if error:
         return finish("paused", error, disk=True)
     return finish("completed", f"trained to step {state['global_step']}", publish="end-of-file")
+
+
+# A write refused for a reason free space does not fix: its own pause_reason and fix.
+_NOT_WRITABLE = {errno.EROFS: "readonly", errno.EACCES: "permission", errno.EPERM: "permission"}
+_WRITE_FIXES = {
+    "disk": "free disk space, then resume",
+    "readonly": "the filesystem holding the training root is read-only (remounted after an "
+                "I/O error, or mounted so): check `dmesg`, remount it read-write (`mount -o "
+                "remount,rw MOUNTPOINT`), then resume",
+    "permission": "the training root is not writable by the daemon's user: give it back "
+                  "(`chown -R USER ROOT` or `chmod -R u+w ROOT`), then resume"}
+
+
+def _write_failure(exc: BaseException) -> str:
+    """The pause_reason of a failed write: disk (full or failing), readonly or permission."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:  # safetensors wraps the OS error: "... (os error 30)"
+        match = re.search(r"os error (\d+)", str(exc))
+        code = int(match.group(1)) if match else None
+    return _NOT_WRITABLE.get(code, "disk")
 
 
 def _io_reason(exc: BaseException) -> str:

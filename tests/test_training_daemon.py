@@ -441,3 +441,34 @@ def test_a_file_skipped_with_its_steps_kept_is_in_the_lineage(initialized_root, 
     assert capsys.readouterr().out.splitlines()[-1].endswith("part.jsonl  "
                                                              + rec["sha256"][:12]
                                                              + "  (skipped: partly trained)")
+
+
+def test_a_root_turning_read_only_mid_file_stops_the_daemon_cleanly(initialized_root, daemons,
+                                                                    read_only):
+    """EROFS (the filesystem remounted read-only) while a file trains: the daemon used to
+    end with a traceback (metrics.jsonl's append). Now it pauses, and since it cannot even
+    write its state there, stops cleanly: one Error line naming the filesystem and the
+    fix, no traceback, the file in processing/ and its last checkpoint kept."""
+    root = initialized_root
+    tune(root, checkpoint_every_steps=2)
+    write_data(root / "inbox" / "ro.jsonl", 400, "ro")
+    d = daemons(root)
+    wait_for(lambda: (root / "checkpoints").is_dir() and any(
+        n.startswith("checkpoint-") for n in os.listdir(root / "checkpoints")), 120,
+        "a first checkpoint", d.proc)
+    if not read_only(root):
+        pytest.skip("mount not permitted here: a read-only root for another process needs one")
+    code = d.proc.wait(120)
+    out = d.output()
+    assert code == 1 and "Traceback" not in out, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("Error: stopped: saving failed while training ro.jsonl: writing "
+                           "metrics.jsonl at step "), out
+    assert last.endswith("failed (Read-only file system); the daemon cannot even write its "
+                         f"state (Read-only file system), {root}. The filesystem is read-only: "
+                         "check `dmesg`, remount it read-write (`mount -o remount,rw "
+                         "MOUNTPOINT`), then start the daemon: the file stays in processing/ "
+                         "and resumes from its last checkpoint."), out
+    assert data_files(root) == {"processing": ["ro.jsonl"]}
+    ckpts = [n for n in os.listdir(root / "checkpoints") if n.startswith("checkpoint-")]
+    assert ckpts and all((root / "checkpoints" / n / "meta.json").is_file() for n in ckpts)
