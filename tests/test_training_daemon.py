@@ -472,3 +472,27 @@ def test_a_root_turning_read_only_mid_file_stops_the_daemon_cleanly(initialized_
     assert data_files(root) == {"processing": ["ro.jsonl"]}
     ckpts = [n for n in os.listdir(root / "checkpoints") if n.startswith("checkpoint-")]
     assert ckpts and all((root / "checkpoints" / n / "meta.json").is_file() for n in ckpts)
+
+
+def test_a_read_only_metrics_file_pauses_then_resume_finishes(initialized_root, daemons,
+                                                              read_only):
+    """EROFS on one file the engine appends to, the root still writable: the daemon stays
+    up, paused with pause kind `readonly` and the fix; `resume` after the remount finishes
+    the file (it used to crash the file with a traceback)."""
+    import training_controller
+    root = initialized_root
+    tune(root, checkpoint_every_steps=2)
+    write_data(root / "inbox" / "m.jsonl", 60, "m")  # ~20 steps: the mount lands mid-file
+    d = daemons(root)
+    wait_for(lambda: (root / "metrics.jsonl").exists(), 120, "a first metrics line", d.proc)
+    if not read_only(root / "metrics.jsonl"):
+        pytest.skip("mount not permitted here: a read-only file for another process needs one")
+    st = wait_for(lambda: (s := d.state()).get("state") == "paused" and s, 120, "the pause", d.proc)
+    assert "Read-only file system" in st["paused_reason"], st
+    assert "remount it read-write (`mount -o remount,rw MOUNTPOINT`)" in st["paused_reason"]
+    assert record(root / "processing" / "m.jsonl")["hold"]["kind"] == "readonly"
+    subprocess.run(["umount", str(root / "metrics.jsonl")], check=True)
+    training_controller.request(root, "resume", wait=30)
+    wait_for(lambda: (root / "done" / "m.jsonl").exists(), 180, "m.jsonl done", d.proc)
+    assert d.stop() == 0
+    assert "Traceback" not in d.output()
