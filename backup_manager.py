@@ -328,14 +328,83 @@ _BDIR_FIX = (f"Make it writable, or set `backup_dir` in config.json to a writabl
 LOCK_WAIT = 30.0  # seconds: two backups started together both succeed, one after the other
 
 
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+FALLBACK_LOCK = ".backups.lock"  # in backup_dir, when the root cannot hold the lock file
+
+
 @contextlib.contextmanager
-def _lock(root, purpose: str, wait: float = LOCK_WAIT):
-    """The `backups` lock; waits up to `wait` s for another holder, then BusyError (exit 3)."""
-    lock = FileLock(_p(root).lock("backups"), purpose).acquire(timeout=wait)
+def _lock(root, purpose: str, wait: float = LOCK_WAIT, bdir: Path | None = None):
+    """The `backups` lock; waits up to `wait` s for another holder, then BusyError (exit 3).
+
+    A root this process cannot write (remounted read-only, another user's folder) cannot
+    change under a backup or a `restore --to`, which only read it: the lock is then taken
+    without writing there (see _lock_unwritable_root), with a note on stderr.
+    """
+    path = _p(root).lock("backups")
+    try:
+        lock = FileLock(path, purpose).acquire(timeout=wait)
+    except OSError as exc:
+        if exc.errno not in NOT_WRITABLE:
+            raise
+        with _lock_unwritable_root(path, purpose, wait, bdir, exc):
+            yield None
+        return
     try:
         yield lock
     finally:
         lock.release()
+
+
+def _flock_read_only(path: Path, wait: float) -> int:
+    """flock needs no write access: an existing lock file opened read-only still excludes
+    every holder (the holder's pid just cannot be recorded). Returns the held fd."""
+    import fcntl
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise BusyError("busy: the backups lock is held", path,
+                                "Wait for it to finish, or check it with "
+                                "`python3 training_controller.py status`.") from None
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _lock_unwritable_root(path: Path, purpose: str, wait: float, bdir: Path | None,
+                          exc: OSError):
+    why = f"the training root is read-only for this process ({exc.strerror}: {exc.filename or path})"
+    try:
+        fd = _flock_read_only(path, wait)
+    except OSError:
+        fd = None   # no lock file there yet: take the lock in backup_dir instead
+    if fd is not None:
+        print(f"note: {why}; {purpose} holds its lock file read-only and writes nothing there",
+              file=sys.stderr)
+        try:
+            yield
+        finally:
+            os.close(fd)  # closing drops the flock
+        return
+    lock = None
+    if bdir is not None:
+        try:
+            lock = FileLock(bdir / FALLBACK_LOCK, purpose).acquire(timeout=wait)
+        except OSError as exc2:
+            if exc2.errno not in NOT_WRITABLE:
+                raise
+    where = f"takes the lock in {bdir / FALLBACK_LOCK}" if lock else \
+        "goes on without a lock (nothing it reads can change)"
+    print(f"note: {why}; {purpose} {where} and writes nothing in the root", file=sys.stderr)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def create_backup(root, src: str | None = None, note: str | None = None) -> dict:
@@ -357,7 +426,7 @@ def create_backup(root, src: str | None = None, note: str | None = None) -> dict
     except OSError as exc:
         raise GuardrailError(f"cannot create backup_dir ({exc.strerror})", bdir,
                              _BDIR_FIX) from None
-    with _lock(p.root, f"backup {source}"):
+    with _lock(p.root, f"backup {source}", bdir=bdir):
         cleaned = clean_staging(p.root)
         need = sum(i["size"] for i in expected.values()) if expected else sum(
             os.path.getsize(folder / r) for r in list_files(folder, skip))
@@ -488,7 +557,7 @@ def restore_backup(root, bid: str, to: str | os.PathLike | None = None) -> dict:
     if to is not None and not str(to).strip():  # Path("") is the working folder: never a guess
         raise UsageError("--to needs a folder", None, "Give a new or empty folder: --to DIR.")
     folder = _backup_path(p.root, bid)
-    with _lock(p.root, f"restore {bid}"):  # prune must not delete it under our feet
+    with _lock(p.root, f"restore {bid}", bdir=backups_dir(p.root)):  # prune must not delete it under our feet
         return _restore_locked(p, folder, bid, to)
 
 
@@ -616,7 +685,7 @@ def prune_backups(root, keep: int | None = None, yes: bool = False) -> dict:
     if keep < 1:
         raise UsageError(f"--keep must be at least 1 (got {keep})", None,
                          "Run `python3 backup_manager.py prune --keep 1`.")
-    with _lock(p.root, "prune"):
+    with _lock(p.root, "prune", bdir=backups_dir(p.root, cfg)):
         if yes:
             clean_staging(p.root)
         backups = list_backups(p.root)[::-1]  # newest first

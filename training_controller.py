@@ -16,6 +16,7 @@ that need them, so every command answers in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
@@ -503,12 +504,31 @@ def request(root, action: str, *, reason: str | None = None, options: dict | Non
         return dict(result, outcome="cleared", request={"cleared": cleared},
                     message=f"cleared the kept pause ({', '.join(cleared)}); the daemon will "
                             f"train when it starts")
-    req = submit_request(root, action, reason=reason, options=options)
+    try:
+        req = submit_request(root, action, reason=reason, options=options)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise _control_not_writable(root, action, st["pid"], exc) from None
     result["request"] = req
     if wait is None:
         return dict(result, outcome="requested",
                     message=f"{action} requested (id {req['id']}) from the daemon (pid {st['pid']})")
     return wait_for(root, req, wait, result)
+
+
+def _control_not_writable(root, action: str, pid, exc: OSError) -> GuardrailError:
+    """control/ cannot take a request file (read-only filesystem, permissions): SIGTERM
+    acts like `stop` (checkpoint, save current_model, exit) and needs no file."""
+    control = control_dirs(root)["control"]
+    term = f"`kill -TERM {pid}`"
+    if action == "stop":
+        fix = (f"Stop the daemon with {term} instead (SIGTERM acts like stop: it finishes the "
+               f"step, checkpoints and exits); make {control} writable to use the controller again.")
+    else:
+        fix = (f"Make {control} writable, then run `python3 training_controller.py {action}` "
+               f"again; or stop the daemon with {term} (SIGTERM acts like stop).")
+    return GuardrailError(f"cannot write the {action} request ({exc.strerror})", control, fix)
 
 
 def _done_waiting(action: str, ack: dict, st: dict) -> bool:
@@ -590,6 +610,46 @@ def _daemon_gone(root, req: dict, st: dict, result: dict, waited: float) -> dict
 
 # --------------------------------------------------------------------------- approve-config
 
+# Parameters that only steer the daemon, not the rows of a file or the steps trained on
+# them: changing one while a file is mid-way keeps its resume exact. Any other parameter
+# (including one added later) changes how the file's remaining rows are packed or trained.
+OPERATIONAL_PARAMS = frozenset({
+    "num_threads", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
+    "loss_spike_factor", "loss_spike_window", "keep_versions", "backup_dir",
+    "backup_every_files", "backup_every_hours", "keep_backups", "settle_seconds",
+    "rescan_seconds", "max_attempts", "min_free_disk_mb", "monitor_port", "locked"})
+
+
+def file_midway(root) -> dict | None:
+    """The file in processing/ with a checkpoint part-way through it ({name, global_step}),
+    or None: resuming it continues its packed row stream from that checkpoint."""
+    p = Paths(root)
+    try:
+        names = sorted(n for n in os.listdir(p.processing)
+                       if not n.startswith(".") and not n.endswith(".record.json"))
+        ckpts = [d for d in os.listdir(p.checkpoints) if d.startswith("checkpoint-")]
+    except OSError:
+        return None
+    for name in names:
+        try:
+            file_id = (read_json(p.processing / (name + ".record.json"), default={}) or {}).get("file_id")
+        except GuardrailError:
+            continue
+        if not file_id:
+            continue
+        for d in ckpts:
+            try:
+                meta = read_json(p.checkpoints / d / "meta.json", default=None)
+            except GuardrailError:
+                continue
+            if not isinstance(meta, dict) or meta.get("file_id") != file_id:
+                continue
+            if meta.get("complete") and (meta.get("position") or {}).get("exhausted"):
+                continue  # only its publish is left: nothing more is trained on old values
+            return {"name": name, "global_step": meta.get("global_step")}
+    return None
+
+
 def approve_config(root, *, confirm=None) -> dict:
     """Approve the changed locked parameters; `confirm(changes) -> bool` asks a person.
 
@@ -610,6 +670,22 @@ def approve_config(root, *, confirm=None) -> dict:
                         p.processing,
                         f"Stop it first: `{STOP_CMD} --wait`, then run "
                         f"`{training_config.APPROVE_COMMAND} --yes`.")
+    shaping = [c for c in doc["changes"] if c["name"] not in OPERATIONAL_PARAMS]
+    midway = file_midway(p.root) if shaping else None
+    if midway:
+        # The paused file would resume from its checkpoint under the new values: rows
+        # packed and steps taken one way, then the other, matching neither run.
+        listed = ", ".join(c["text"] for c in shaping)
+        old_values = ", ".join(f"{c['name']}: {json.dumps(c['old'])}" for c in shaping)
+        raise GuardrailError(
+            f"cannot approve {listed} while processing/{midway['name']} is part-way trained "
+            f"(checkpoint at step {midway['global_step']}): the rest of the file would be "
+            "packed and trained under other values than its start", p.config,
+            f"Either finish the file with the old values: put {old_values} back in "
+            f"config.json (a daemon paused on the change resumes the file at its next rescan; "
+            f"a stopped one: start it); "
+            f"or, with the daemon running, `python3 training_controller.py skip` (keeps its "
+            f"steps; `skip --discard` undoes them), then `{training_config.APPROVE_COMMAND} --yes`.")
     if confirm is None or not confirm(doc["changes"]):
         listed = ", ".join(c["text"] for c in doc["changes"])
         raise GuardrailError(f"approval not confirmed ({listed})", p.config,

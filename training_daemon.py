@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import logging
 import logging.handlers
@@ -26,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -67,6 +69,14 @@ STATE_EVERY_S = 1.0      # .daemon_state.json at most once a second
 CONTROL_EVERY_S = 0.2    # a directory scan of control/ at most this often while training
 IDLE_TICK_S = 0.25       # idle loop: control requests are seen well within a second
 _VERSION_ID = re.compile(r"v\d{3,}")  # model_versioner's ids: they only grow
+# Writes the filesystem refuses for a reason free space does not fix (read-only, permissions)
+WRITE_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)
+_WRITE_REFUSED_KINDS = ("disk", "readonly", "permission")  # the engine's pause_reason values
+_WRITE_FIXES = {
+    "readonly": "the filesystem is read-only: check `dmesg`, remount it read-write "
+                "(`mount -o remount,rw MOUNTPOINT`)",
+    "permission": "the training root is not writable by the daemon's user: give it back "
+                  "(`chown -R USER ROOT` or `chmod -R u+w ROOT`)"}
 
 
 def _version_id(v) -> str | None:
@@ -548,6 +558,8 @@ class Daemon(inbox_files.InboxIntake):
             self._settle_pending(f"the training engine refused {data.name}: {exc}")
             raise _Paused(exc, "engine") from None
         except Exception as exc:
+            if isinstance(exc, OSError) and exc.errno in WRITE_REFUSED:
+                raise  # not the data's fault nor a crash: the loop pauses (_write_refused)
             if isinstance(exc, torchrun_job.TorchrunFailed):  # its cause is in the message, not our stack
                 self.log.error("training %s crashed: %s (torchrun's log: %s)", data.name, exc,
                                self.p.logs / torchrun_job.ENGINE_LOG)
@@ -570,7 +582,12 @@ class Daemon(inbox_files.InboxIntake):
         timings["train_s"] = round(float(timings.get("train_s") or 0) + train_s, 4)
         self._timings = timings   # written with the file's next record (one write, not two)
         if result.get("status") in ("stopped", "paused", "spike"):  # it stays in processing/
-            training_queue.update_record(data, in_training=False, timings=timings)
+            try:
+                training_queue.update_record(data, in_training=False, timings=timings)
+            except OSError as exc:
+                if exc.errno not in WRITE_REFUSED or result.get("pause_reason") is None:
+                    raise
+                self.log.warning("cannot update %s's record: %s", data.name, exc)
             self._timings = None
         self._after_training(data, result, cfg)
 
@@ -611,17 +628,22 @@ class Daemon(inbox_files.InboxIntake):
                 self._settle_pending(f"the daemon stopped (signal) before the {action}")
             self.log.info("%s: stopped at step %s; it stays in processing/ and resumes at the "
                           "next start", data.name, result.get("global_step"))
-        elif status == "paused" and result.get("pause_reason") in ("disk", "permission", "read-only"):
-            kind = result["pause_reason"]  # by errno (training_engine._io_kind): not all are space
+        elif status == "paused" and result.get("pause_reason") in _WRITE_REFUSED_KINDS:
+            kind = result["pause_reason"]
             msg = (f"saving failed while training {data.name}: {result.get('message') or ''}. "
-                   + {"disk": "Free disk space (`python3 state_tracker.py --check` says what "
-                              "takes it)",
-                      "permission": "Fix the permissions named above",
-                      "read-only": "Remount the filesystem read-write"}[kind]
-                   + ", then run `python3 training_controller.py resume`")
+                   + ("Free disk space (`python3 state_tracker.py --check` says what takes it), "
+                      "then run " if kind == "disk" else "Then run ")
+                   + "`python3 training_controller.py resume`")
             self.last_error = msg
-            self._hold(data, kind, msg)
+            try:
+                self._hold(data, kind, msg)
+            except OSError as exc:  # the same filesystem refuses the record: pause all the same
+                self.log.warning("cannot keep the pause across restarts: %s", exc)
             self.set_state("paused", msg, kind)
+            if kind != "disk":
+                self._stop_if_state_unwritable(
+                    f"saving failed while training {data.name}: "
+                    f"{(result.get('message') or '').split('; paused:')[0]}", kind)
             if action == "stop":
                 self.stop_request = req  # acknowledged on the way out
             elif req is not None:
@@ -672,6 +694,39 @@ class Daemon(inbox_files.InboxIntake):
             self.set_state("idle")
         if status != "stopped":
             self.current = self.progress = None
+
+    def _stop_if_state_unwritable(self, problem: str, kind: str) -> None:
+        """A pause nobody can see is no pause: when the root itself refuses writes (read-only
+        filesystem), stop cleanly instead. The last checkpoint stays; the file resumes from
+        it at the next start."""
+        try:
+            with tempfile.TemporaryFile(dir=self.p.root):
+                return
+        except OSError as exc:
+            if exc.errno not in WRITE_REFUSED:
+                raise
+            raise GuardrailError(f"stopped: {problem}; the daemon cannot even write its state "
+                                 f"({exc.strerror})", self.p.root,
+                                 f"{_WRITE_FIXES[kind][0].upper()}{_WRITE_FIXES[kind][1:]}, then "
+                                 "start the daemon: the file stays in processing/ and resumes "
+                                 "from its last checkpoint.") from None
+
+    def _write_refused(self, data: Path, exc: OSError) -> None:
+        """A write the filesystem refused outside the engine's saves (a record, metrics):
+        pause naming the problem and its fix, never a crash with a traceback."""
+        kind = "readonly" if exc.errno == errno.EROFS else "permission"
+        problem = f"cannot write {exc.filename or self.p.root} while training {data.name} ({exc.strerror})"
+        msg = f"{problem}: {_WRITE_FIXES[kind]}, then run `python3 training_controller.py resume`"
+        self.log.error("%s", msg)
+        self.last_error = msg
+        self.current = self.progress = None
+        self._settle_pending(f"training paused: {msg}")
+        if self.once:
+            raise GuardrailError(f"training paused: {msg}", self.p.root,
+                                 "The file stays in processing/ and resumes from its last "
+                                 "checkpoint at the next start.")
+        self.set_state("paused", msg, kind)
+        self._stop_if_state_unwritable(problem, kind)
 
     @staticmethod
     def _hold(data: Path, kind: str, reason: str) -> None:
@@ -741,6 +796,13 @@ class Daemon(inbox_files.InboxIntake):
         rec = self._final_record(data)
         rec.update(outcome="skipped", reason=reason, discarded=discard,
                    finished_at=trainroot.utc_now())
+        if not discard:  # the steps trained on it stay: version them, or lineage misses it
+            import model_versioner
+            after, created = model_versioner.create_version(
+                self.p.root, f"post-skip:{data.name}", note="skipped: partly trained",
+                data_files=[{"name": data.name, "sha256": rec.get("sha256"), "skipped": True}])
+            if created:
+                rec["version_after"] = after
         if result:
             rec["result"] = result
         dst = training_queue.move_with_record(
@@ -914,6 +976,10 @@ class Daemon(inbox_files.InboxIntake):
             if job is not None:
                 try:
                     self.process(job)
+                except OSError as exc:
+                    if exc.errno not in WRITE_REFUSED:
+                        raise
+                    self._write_refused(job, exc)
                 except _Paused as exc:
                     if self.once:
                         raise exc.error from None

@@ -776,7 +776,7 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     last_loss = None
     last_ckpt_time = time.monotonic()
     dirty = False  # steps since the last checkpoint
-    io_kind = "disk"  # why the last save failed: disk, permission or read-only (_io_kind)
+    write_kind = "disk"  # why the last failed write failed: the pause_reason
 
     def meta_now(complete=False) -> dict:
         return {"file_id": file_id, "data_path": str(data_path), "global_step": state["global_step"],
@@ -789,15 +789,15 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
 
     def checkpoint(complete=False) -> str | None:
         """Write one; on a full or failing disk say why instead of crashing (the run pauses)."""
-        nonlocal dirty, last_ckpt_time, io_kind
+        nonlocal dirty, last_ckpt_time, write_kind
         if writer:
             try:
                 save_checkpoint(root, model, optimizer, meta_now(complete), scaler=scaler, keep=keep)
             except WRITE_ERRORS as exc:
                 log.error("checkpoint at step %d failed: %s", state["global_step"], exc)
-                io_kind = _io_kind(exc)
+                write_kind = _write_failure(exc)
                 return (f"checkpoint at step {state['global_step']} failed ({_io_reason(exc)}); "
-                        f"paused: {_io_advice(exc)}, then resume (training restarts from the last "
+                        f"paused: {_WRITE_FIXES[write_kind]} (training restarts from the last "
                         "good checkpoint)")
         dirty, last_ckpt_time = False, time.monotonic()
         return None
@@ -807,24 +807,24 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
                 "file_id": file_id, "status": status, "updated_at": utc_now()}
 
     def finish(status, message, *, publish=None, disk=False):
-        nonlocal io_kind
+        nonlocal write_kind
         # nothing trained, resumed or counted: leave current_model be
         if publish and writer and (result["steps"] or resume or state != state_at_start):
             try:
                 publish_current_model(root, model, tokenizer, model_state(status), reason=publish)
             except WRITE_ERRORS as exc:  # the checkpoint beside it is complete: resume is exact
                 log.error("saving current_model failed: %s", exc)
-                disk, io_kind = True, _io_kind(exc)
+                disk, write_kind = True, _write_failure(exc)
                 status, message = "paused", (f"saving current_model failed ({_io_reason(exc)}); "
-                                             f"paused: {_io_advice(exc)}, then resume")
+                                             f"paused: {_WRITE_FIXES[write_kind]}")
         if ddp:
             dist.barrier()  # every rank returns after rank 0 has written
         pos = stream.position()
         result.update(status=status, global_step=state["global_step"], tokens_seen=state["tokens_seen"],
                       records=pos["records"], tokens=pos["tokens"], loss=last_loss,
                       step_in_file=step_in_file, message="; ".join(notes + [message]))
-        if disk:  # not a person's pause: the daemon should say so (disk, permission, read-only)
-            result["pause_reason"] = io_kind
+        if disk:  # not a person's pause: the daemon should say so (disk, readonly, permission)
+            result["pause_reason"] = write_kind
 
         return result
 
@@ -941,14 +941,22 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
         # the step's line before its checkpoint: a kill between the two must not lose it
         # (a resume from an older checkpoint redoes the step, and does not log it again)
         if writer and state["global_step"] > logged_upto:
-            append_line(p.metrics, json.dumps({
+            line = json.dumps({
                 "time": utc_now(), "global_step": state["global_step"], "file": data_name,
                 "file_id": file_id,
                 "loss": last_loss, "lr": lr, "tokens_per_sec": round(tps, 1),
                 # an overflowed float16 step (the scaler skips it) has an infinite norm, and
                 # `Infinity` is not JSON: the monitor's JSON.parse would reject the line
                 "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-                "tokens_seen": state["tokens_seen"], "step_in_file": step_in_file}))
+                "tokens_seen": state["tokens_seen"], "step_in_file": step_in_file})
+            try:
+                append_line(p.metrics, line)
+            except OSError as exc:  # resume redoes the step from the last checkpoint
+                log.error("writing metrics.jsonl at step %d failed: %s", state["global_step"], exc)
+                write_kind = _write_failure(exc)
+                return finish("paused", f"writing metrics.jsonl at step {state['global_step']} "
+                              f"failed ({_io_reason(exc)}); paused: {_WRITE_FIXES[write_kind]} "
+                              "(training restarts from the last good checkpoint)", disk=True)
         if (ckpt_steps and state["global_step"] % ckpt_steps == 0) or \
                 (ckpt_minutes and time.monotonic() - last_ckpt_time >= ckpt_minutes * 60):
             error = checkpoint()
@@ -979,32 +987,24 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     return finish("completed", f"trained to step {state['global_step']}", publish="end-of-file")
 
 
-def _io_errno(exc: BaseException) -> int | None:
-    """The errno of an OSError, or of the OS error safetensors wraps (`(os error 13)`)."""
-    if isinstance(exc, OSError) and exc.errno:
-        return exc.errno
-    match = re.search(r"\(os error (\d+)\)", str(exc))
-    return int(match.group(1)) if match else None
+# A write refused for a reason free space does not fix: its own pause_reason and fix.
+_NOT_WRITABLE = {errno.EROFS: "readonly", errno.EACCES: "permission", errno.EPERM: "permission"}
+_WRITE_FIXES = {
+    "disk": "free disk space, then resume",
+    "readonly": "the filesystem holding the training root is read-only (remounted after an "
+                "I/O error, or mounted so): check `dmesg`, remount it read-write (`mount -o "
+                "remount,rw MOUNTPOINT`), then resume",
+    "permission": "the training root is not writable by the daemon's user: give it back "
+                  "(`chown -R USER ROOT` or `chmod -R u+w ROOT`), then resume"}
 
 
-def _io_kind(exc: BaseException) -> str:
-    """`permission` (EACCES/EPERM), `read-only` (EROFS), else `disk` (ENOSPC, EDQUOT, EFBIG,
-    EIO: space or the device)."""
-    code = _io_errno(exc)
-    return ("permission" if code in (errno.EACCES, errno.EPERM) else
-            "read-only" if code == errno.EROFS else "disk")
-
-
-def _io_advice(exc: BaseException) -> str:
-    """What frees the save: the fix for its kind of error, naming the path when known."""
-    where = getattr(exc, "filename", None)
-    kind = _io_kind(exc)
-    if kind == "permission":
-        return (f"fix the permissions (chown/chmod {where})" if where else
-                "fix the permissions of the root's folders (chown/chmod)")
-    if kind == "read-only":
-        return "the filesystem is read-only: remount it read-write (mount -o remount,rw MOUNTPOINT)"
-    return "free disk space"
+def _write_failure(exc: BaseException) -> str:
+    """The pause_reason of a failed write: disk (full or failing), readonly or permission."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:  # safetensors wraps the OS error: "... (os error 30)"
+        match = re.search(r"os error (\d+)", str(exc))
+        code = int(match.group(1)) if match else None
+    return _NOT_WRITABLE.get(code, "disk")
 
 
 def _io_reason(exc: BaseException) -> str:

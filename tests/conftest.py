@@ -112,3 +112,52 @@ def no_leaks():
         c.kill()
     assert not extra_threads, f"test leaked threads: {extra_threads}"
     assert not children, f"test leaked processes: {[c.cmdline() for c in children]}"
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """`read_only(folder)` makes `folder` read-only for the rest of the test: a real
+    read-only bind mount where this process may mount (root with CAP_SYS_ADMIN), else
+    os.open/os.mkdir refusing writes under it with EROFS, as the kernel would (in-process
+    only). Returns True for a real mount. (Root ignores chmod, so chmod -w proves nothing.)"""
+    import contextlib
+    import errno
+    import subprocess
+    mounted = []
+
+    def make(folder: Path) -> bool:
+        folder = Path(folder).resolve()
+
+        def mount(*args) -> bool:
+            try:
+                return subprocess.run(["mount", *args], capture_output=True).returncode == 0
+            except OSError:  # no mount(8) here
+                return False
+        if mount("--bind", str(folder), str(folder)):
+            mounted.append(folder)
+            if mount("-o", "remount,ro,bind", str(folder)):
+                return True
+        under = str(folder) + os.sep
+        real_open, real_mkdir = os.open, os.mkdir
+
+        def refuse(path):
+            full = os.path.abspath(os.fspath(path))
+            if full == str(folder) or full.startswith(under):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+
+        def fake_open(path, flags, *args, **kw):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC):
+                refuse(path)
+            return real_open(path, flags, *args, **kw)
+
+        def fake_mkdir(path, *args, **kw):
+            refuse(path)
+            return real_mkdir(path, *args, **kw)
+        monkeypatch.setattr(os, "open", fake_open)
+        monkeypatch.setattr(os, "mkdir", fake_mkdir)
+        return False
+
+    yield make
+    for folder in reversed(mounted):
+        with contextlib.suppress(OSError):
+            subprocess.run(["umount", str(folder)], capture_output=True)

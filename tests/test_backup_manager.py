@@ -676,3 +676,30 @@ def test_two_backups_started_together_both_succeed(fake_root):
     assert len({d["id"] for d in docs}) == 2
     assert sorted(b["id"] for b in backup_manager.list_backups(fake_root)) == \
         sorted(d["id"] for d in docs)
+
+
+def test_backup_and_restore_to_work_on_a_read_only_root(fake_root, tmp_path, capsys, read_only):
+    """A root on a filesystem remounted read-only: backup (to a backup_dir elsewhere) and
+    `restore --to` read it only, so they work (they used to need a lock file in the root)."""
+    bdir = tmp_path / "elsewhere"
+    _set_backup_dir(fake_root, bdir)
+    first = _backup(capsys)        # made while writable: the root's lock file exists
+    fresh = tmp_path / "fresh-root"
+    shutil.copytree(fake_root, fresh)
+    shutil.rmtree(fresh / ".locks", ignore_errors=True)   # one read-only before any lock
+    for root in (fake_root, fresh):
+        before = _tree_hashes(root)
+        read_only(root)
+        code, doc, err = _cli(capsys, "backup", "--json", "--root", str(root))
+        assert code == 0, err
+        assert doc["status"] == "verified" and doc["source"] == "current_model"
+        assert "training root is read-only" in err
+        out = tmp_path / f"out-{root.name}"
+        code, result, err = _cli(capsys, "restore", first["id"], "--to", str(out), "--json",
+                                 "--root", str(root))
+        assert code == 0, err
+        assert result["restored_to"] == str(out)
+        restored = _tree_hashes(out)
+        restored.pop(".manifest.json")
+        assert restored == _tree_hashes(root / "current_model")
+        assert _tree_hashes(root) == before

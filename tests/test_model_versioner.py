@@ -453,12 +453,31 @@ def test_a_write_in_place_through_a_hard_link_is_caught(root, capsys):
     assert mv.check_version(root, "v001") == [
         "v001/model.safetensors: written in place after it was versioned"]
     code, _, err = cli(capsys, "restore", "v001")
-    assert code == 1 and err.startswith(
-        "Error: version v001 is damaged (v001/model.safetensors: written in place after it was "
-        "versioned)")
+    assert code == 1 and err.startswith(   # the cheap check's doubt is settled by the hash
+        "Error: version v001 is damaged (v001/model.safetensors: sha256 mismatch (changed "
+        "after it was recorded))")
     assert model_gen(p.current_model) == 2
     assert mv.verify_version(root, "v001") == [
         "v001/model.safetensors: sha256 mismatch (changed after it was recorded)"]
+
+
+def test_a_rewrite_in_place_with_the_same_bytes_does_not_block_restore(root, capsys):
+    """Only the mtime moved: restore used to refuse and name `verify`, which said OK (a dead
+    end). The full hash decides before refusing."""
+    p = Paths(root)
+    train(root, 2)
+    weights = p.versions / "v001" / "model.safetensors"
+    data = weights.read_bytes()
+    time.sleep(0.01)
+    with open(weights, "r+b") as f:     # same bytes, new mtime
+        f.write(data)
+    assert mv.check_version(root, "v001") == [
+        "v001/model.safetensors: written in place after it was versioned"]
+    assert mv.verify_version(root, "v001") == []
+    code, out, err = cli(capsys, "restore", "v001")
+    assert code == 0, err
+    assert model_gen(p.current_model) == 1
+    assert mv.current_version(root) == "v001"
 
 
 def test_failed_publish_gives_the_staged_folder_back(root, monkeypatch):

@@ -430,6 +430,72 @@ def test_approve_config_shows_changes_needs_yes_and_refuses_while_training(root,
     assert code == 0 and json.loads(out)["changes"] == []
 
 
+def test_stop_with_control_not_writable_names_sigterm_and_the_pid(root, fake_daemon, capsys,
+                                                                   read_only):
+    """control/ on a read-only filesystem: the request cannot be written, so `stop` names
+    the way that needs no file, SIGTERM to the live daemon (was a bare EROFS line)."""
+    daemon = fake_daemon("deaf")
+    control = root / "control"
+    control.mkdir(exist_ok=True)
+    read_only(control)
+    code, out, err = ctl(capsys, "stop", "--wait", "5")
+    assert (code, out) == (1, "")
+    assert err == (f"Error: cannot write the stop request (Read-only file system), {control}. "
+                   f"Stop the daemon with `kill -TERM {daemon.pid}` instead (SIGTERM "
+                   "acts like stop: it finishes the step, checkpoints and exits); make "
+                   f"{control} writable to use the controller again.\n")
+    code, _, err = ctl(capsys, "pause")
+    assert code == 1 and f"or stop the daemon with `kill -TERM {daemon.pid}`" in err
+    assert daemon.poll() is None and request_files(root) == []
+
+
+def test_approve_config_is_refused_while_a_file_is_part_way_trained(root, capsys):
+    """A paused (or stopped) file resumes from its checkpoint: approving a new max_length
+    let the rest of it be packed another way (was accepted). Operational parameters pass."""
+    processing = root / "processing"
+    processing.mkdir()
+    (processing / "notes.jsonl").write_text('{"text": "a"}\n')
+    trainroot.atomic_write_json(processing / "notes.jsonl.record.json",
+                                {"sha256": "0" * 64, "file_id": "notes-1", "in_training": False})
+    ckpt = root / "checkpoints" / "checkpoint-000040"
+    ckpt.mkdir(parents=True)
+    trainroot.atomic_write_json(ckpt / "meta.json", {
+        "file_id": "notes-1", "global_step": 40, "complete": False,
+        "position": {"record_line": 12, "exhausted": False}})
+    cfg = training_config.load_config(root)
+    cfg["max_length"] = 128
+    training_config.write_config(root, cfg)
+    code, out, err = ctl(capsys, "approve-config", "--yes")
+    assert (code, out) == (1, "")
+    assert err == (
+        "Error: cannot approve max_length: 256 -> 128 while processing/notes.jsonl is part-way "
+        "trained (checkpoint at step 40): the rest of the file would be packed and trained "
+        "under other values than its start, " + str(root / "config.json") + ". Either finish "
+        "the file with the old values: put max_length: 256 back in config.json (a daemon "
+        "paused on the change resumes the file at its next rescan; a stopped one: start it); "
+        "or, with the daemon running, `python3 training_controller.py skip` (keeps its steps; "
+        "`skip --discard` undoes them), then `python3 training_controller.py approve-config "
+        "--yes`.\n")
+    assert training_config.changed_locked(root, cfg) == [("max_length", 256, 128)]
+
+    # a parameter that only steers the daemon keeps the resume exact: approved
+    cfg["max_length"] = 256
+    cfg["locked"] = cfg["locked"] + ["keep_backups"]
+    cfg["keep_backups"] = 9
+    training_config.write_config(root, cfg)
+    code, out, _ = ctl(capsys, "approve-config", "--yes")
+    assert (code, out) == (0, "keep_backups: null -> 9\napproved 1 changed locked parameter(s)\n")
+
+    # the file finished (its end-of-file checkpoint only waits for the publish): approved
+    cfg["max_length"] = 128
+    training_config.write_config(root, cfg)
+    trainroot.atomic_write_json(ckpt / "meta.json", {
+        "file_id": "notes-1", "global_step": 41, "complete": True,
+        "position": {"record_line": 99, "exhausted": True}})
+    code, out, _ = ctl(capsys, "approve-config", "--yes")
+    assert code == 0 and out.endswith("approved 1 changed locked parameter(s)\n")
+
+
 # --------------------------------------------------------------------------- a real daemon
 
 def _daemon_can_run() -> str | None:

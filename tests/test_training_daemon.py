@@ -418,3 +418,92 @@ def test_files_since_the_last_backup_are_counted_by_version_not_by_the_clock():
     assert sum(training_daemon._done_since(r, None) for r in done) == 4
     unnamed = {"version": None, "created_at": "2026-12-03T07:00:00.000000Z"}  # by time, as before
     assert sum(training_daemon._done_since(r, unnamed) for r in done) == 4
+def test_a_file_skipped_with_its_steps_kept_is_in_the_lineage(initialized_root, capsys):
+    """`skip` (no --discard) keeps the steps trained on the file in current_model: the
+    version after it lists the file, marked skipped (lineage used to miss it)."""
+    import shutil
+
+    import model_versioner
+    import training_daemon
+    import training_queue
+    from trainroot import Paths
+    root = initialized_root
+    p = Paths(root)
+    data = write_data(root / "processing" / "part.jsonl", 3, "part")
+    training_queue.update_record(data, sha256=sha(data), records=3, version_before="v001",
+                                 in_training=False)
+    # what the engine leaves after a few steps on it, then `skip`: current_model moved on
+    staged = p.staging / "save-part"
+    shutil.copytree(p.current_model, staged, ignore=shutil.ignore_patterns(".manifest.json"))
+    weights = next(staged.glob("*.safetensors"))
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.chmod(0o644)
+    weights.write_bytes(bytes(blob))
+    model_versioner.publish_model(root, staged, reason="skip")
+    daemon = training_daemon.Daemon(root, once=True, monitor=False)
+    daemon._finish_skipped(data, False, "skipped by request")
+    rec = record(root / "skipped" / "part.jsonl")
+    assert rec["discarded"] is False and rec["version_after"] == "v002"
+    assert model_versioner.lineage(root, "latest")["data_files"] == [
+        {"name": "part.jsonl", "sha256": sha(root / "skipped" / "part.jsonl"), "skipped": True,
+         "version": "v002"}]
+    assert model_versioner.main(["lineage", "latest"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("part.jsonl  "
+                                                             + rec["sha256"][:12]
+                                                             + "  (skipped: partly trained)")
+
+
+def test_a_root_turning_read_only_mid_file_stops_the_daemon_cleanly(initialized_root, daemons,
+                                                                    read_only):
+    """EROFS (the filesystem remounted read-only) while a file trains: the daemon used to
+    end with a traceback (metrics.jsonl's append). Now it pauses, and since it cannot even
+    write its state there, stops cleanly: one Error line naming the filesystem and the
+    fix, no traceback, the file in processing/ and its last checkpoint kept."""
+    root = initialized_root
+    tune(root, checkpoint_every_steps=2)
+    write_data(root / "inbox" / "ro.jsonl", 400, "ro")
+    d = daemons(root)
+    wait_for(lambda: (root / "checkpoints").is_dir() and any(
+        n.startswith("checkpoint-") for n in os.listdir(root / "checkpoints")), 120,
+        "a first checkpoint", d.proc)
+    if not read_only(root):
+        pytest.skip("mount not permitted here: a read-only root for another process needs one")
+    code = d.proc.wait(120)
+    out = d.output()
+    assert code == 1 and "Traceback" not in out, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("Error: stopped: saving failed while training ro.jsonl: writing "
+                           "metrics.jsonl at step "), out
+    assert last.endswith("failed (Read-only file system); the daemon cannot even write its "
+                         f"state (Read-only file system), {root}. The filesystem is read-only: "
+                         "check `dmesg`, remount it read-write (`mount -o remount,rw "
+                         "MOUNTPOINT`), then start the daemon: the file stays in processing/ "
+                         "and resumes from its last checkpoint."), out
+    assert data_files(root) == {"processing": ["ro.jsonl"]}
+    ckpts = [n for n in os.listdir(root / "checkpoints") if n.startswith("checkpoint-")]
+    assert ckpts and all((root / "checkpoints" / n / "meta.json").is_file() for n in ckpts)
+
+
+def test_a_read_only_metrics_file_pauses_then_resume_finishes(initialized_root, daemons,
+                                                              read_only):
+    """EROFS on one file the engine appends to, the root still writable: the daemon stays
+    up, paused with pause kind `readonly` and the fix; `resume` after the remount finishes
+    the file (it used to crash the file with a traceback)."""
+    import training_controller
+    root = initialized_root
+    tune(root, checkpoint_every_steps=2)
+    write_data(root / "inbox" / "m.jsonl", 60, "m")  # ~20 steps: the mount lands mid-file
+    d = daemons(root)
+    wait_for(lambda: (root / "metrics.jsonl").exists(), 120, "a first metrics line", d.proc)
+    if not read_only(root / "metrics.jsonl"):
+        pytest.skip("mount not permitted here: a read-only file for another process needs one")
+    st = wait_for(lambda: (s := d.state()).get("state") == "paused" and s, 120, "the pause", d.proc)
+    assert "Read-only file system" in st["paused_reason"], st
+    assert "remount it read-write (`mount -o remount,rw MOUNTPOINT`)" in st["paused_reason"]
+    assert record(root / "processing" / "m.jsonl")["hold"]["kind"] == "readonly"
+    subprocess.run(["umount", str(root / "metrics.jsonl")], check=True)
+    training_controller.request(root, "resume", wait=30)
+    wait_for(lambda: (root / "done" / "m.jsonl").exists(), 180, "m.jsonl done", d.proc)
+    assert d.stop() == 0
+    assert "Traceback" not in d.output()

@@ -519,13 +519,12 @@ def test_a_failed_save_is_classified_by_errno_not_all_as_a_full_disk():
     err = lambda code: OSError(code, os.strerror(code), "/r/checkpoints/x")  # noqa: E731
     for code, kind in ((errno.ENOSPC, "disk"), (errno.EDQUOT, "disk"), (errno.EFBIG, "disk"),
                        (errno.EACCES, "permission"), (errno.EPERM, "permission"),
-                       (errno.EROFS, "read-only")):
-        assert te._io_kind(err(code)) == kind, code
-    assert te._io_advice(err(errno.EACCES)) == "fix the permissions (chown/chmod /r/checkpoints/x)"
-    assert "remount" in te._io_advice(err(errno.EROFS))
-    assert te._io_advice(err(errno.ENOSPC)) == "free disk space"
+                       (errno.EROFS, "readonly")):
+        assert te._write_failure(err(code)) == kind, code
+    assert "chmod" in te._WRITE_FIXES["permission"] and "remount" in te._WRITE_FIXES["readonly"]
+    assert te._WRITE_FIXES["disk"].startswith("free disk space")
     wrapped = te.SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)")
-    assert te._io_kind(wrapped) == "permission" and te._io_reason(wrapped) == "Permission denied"
+    assert te._write_failure(wrapped) == "permission" and te._io_reason(wrapped) == "Permission denied"
 
 
 def test_a_template_that_refuses_a_conversation_falls_back_to_segments(tmp_path, tokenizer):
