@@ -476,6 +476,10 @@ class Daemon(inbox_files.InboxIntake):
             self.set_state("paused", hold.get("reason"), hold.get("kind"))
             return
         self.preflight(cfg)  # raises _Paused
+        cut = self._not_as_recorded(data)
+        if cut:
+            self._fail_not_as_recorded(data, cut)
+            return
         if data.parent != self.p.processing:
             rec = training_queue.read_record(data)
             rec["started_at"] = trainroot.utc_now()
@@ -553,6 +557,45 @@ class Daemon(inbox_files.InboxIntake):
             training_queue.update_record(data, in_training=False, timings=timings)
             self._timings = None
         self._after_training(data, result, cfg)
+
+    def _not_as_recorded(self, data: Path) -> str | None:
+        """Why `data` is not the file its record describes (a crash before its content
+        reached the disk leaves 0 bytes beside a record of 3,000 records), or None.
+        The size always; the sha256 too for a file up to 32 MB (~0.1 s)."""
+        rec = training_queue.read_record(data)
+        try:
+            size = os.stat(data).st_size
+        except FileNotFoundError:
+            return None  # moved meanwhile: the caller finds out where
+        if rec.get("size") is not None and size != rec["size"]:
+            return f"{size} bytes on disk, its record says {rec['size']}"
+        if rec.get("sha256") and size <= inbox_files.INTAKE_WHILE_TRAINING_MAX_BYTES:
+            try:
+                digest = trainroot.sha256_file(data)
+            except FileNotFoundError:
+                return None
+            if digest != rec["sha256"]:
+                return f"sha256 {digest[:12]} on disk, its record says {rec['sha256'][:12]}"
+        return None
+
+    def _fail_not_as_recorded(self, data: Path, why: str) -> None:
+        """To failed/, never trained: training it would put a truncated file in done/ under
+        the real content's sha256, and the real file would then be refused as a duplicate."""
+        rec = self._final_record(data)
+        reason = (f"not the file its record describes ({why}): most likely cut short by a "
+                  "crash before its content reached the disk; not trained")
+        rec.update(outcome="failed", reason=reason, finished_at=trainroot.utc_now())
+        original = rec.get("original_name") or data.name
+        fix = (f"Drop the original {original} into {shlex.quote(str(self.p.inbox))}/ again (or "
+               f"`python3 training_queue.py add PATH`); this copy stays here, untouched.")
+        try:
+            dst = training_queue.move_with_record(data, self.p.failed, rec, reason,
+                                                  finish=lambda d: {"fix": fix})
+        except FileNotFoundError:
+            return  # `set-priority`/`remove` moved it meanwhile: looked at again where it went
+        self.last_error = f"{dst.name}: {reason}"
+        self.current = self.progress = None
+        self.log.error("%s: failed - %s. %s", dst.name, reason, fix)
 
     def _settle_pending(self, why: str) -> None:
         """A request claimed while the engine ran, when training ended without acting on it

@@ -192,6 +192,21 @@ def move_with_record(src, directory, record: dict, event: str | None = None,
     return dst
 
 
+def sync_data(path) -> None:
+    """fsync a data file's content before a record says it is queued: otherwise a power cut
+    can keep the record (3,000 records, its sha256) beside a file that never reached the
+    disk (0 bytes). Links, pipes and sockets have no content of their own: nothing to do."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def update_record(data_path, **fields) -> dict:
     rec = read_record(data_path)
     rec.update(fields)
@@ -457,6 +472,8 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
         work = Path(tmp)
     else:
         work = src
+    with contextlib.suppress(OSError):
+        record["size"] = os.lstat(work).st_size  # the bytes hashed: a copy of a growing file
     try:
         problem = not_regular or (None if name.endswith(".jsonl") else "not a .jsonl file")
         unreadable = False
@@ -504,6 +521,8 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
                                    finish=lambda d: {"fix": fix_for(p, "duplicate", d)})
             return dict(record, name=dst.name, path=str(dst), fix=fix_for(p, "duplicate", dst))
         record["outcome"] = "queued"
+        if move:  # a copy was fsynced as it was made
+            sync_data(work)
         dst = move_with_record(work, p.queue / priority, record, "queued", name=name,
                                batch=batch)
         return dict(record, name=dst.name, path=str(dst))

@@ -405,3 +405,38 @@ def test_automatic_backup_after_a_file_and_a_failed_one_pauses(initialized_root)
     assert data_files(root) == {"done": ["one.jsonl", "two.jsonl"]}
     state = json.loads((root / ".daemon_state.json").read_text())
     assert state["last_error"].startswith("automatic backup failed: ")
+
+
+def test_a_file_cut_short_behind_its_record_fails_and_the_real_one_trains(initialized_root):
+    """After a power cut a data file can be 0 bytes beside a record of 3 records (its content
+    never reached the disk): never trained, never in done/ (the real file would then be
+    refused as a duplicate), but failed/ with the reason and the fix."""
+    import training_queue
+    root = initialized_root
+    tune(root)
+    src = write_data(root.parent / "src" / "cut.jsonl", 3, "cut")
+    queued = write_data(root.parent / "src" / "queued.jsonl", 3, "queued")
+    for f in (src, queued):
+        assert run_script("training_queue.py", "add", str(f), root=root).returncode == 0
+    # one mid-training when the machine died, one still queued: both 0 bytes now
+    training_queue.move_with_record(root / "queue" / "normal" / "cut.jsonl", root / "processing",
+                                    dict(record(root / "queue" / "normal" / "cut.jsonl"),
+                                         in_training=True), "training")
+    for f in (root / "processing" / "cut.jsonl", root / "queue" / "normal" / "queued.jsonl"):
+        os.truncate(f, 0)
+    proc = run_once(root)
+    assert proc.returncode == 0, proc.stderr
+    assert data_files(root) == {"failed": ["cut.jsonl", "queued.jsonl"]}
+    for name in ("cut.jsonl", "queued.jsonl"):
+        rec = record(root / "failed" / name)
+        assert rec["reason"].startswith("not the file its record describes (0 bytes on disk, its "
+                                        "record says "), rec
+        assert rec["fix"] == (f"Drop the original {name} into {root / 'inbox'}/ again (or "
+                              "`python3 training_queue.py add PATH`); this copy stays here, "
+                              "untouched.")
+    assert not (root / "versions" / "v002").exists()  # nothing trained
+    # the real file dropped again is trained, not refused as a duplicate
+    (root / "inbox" / "cut.jsonl").write_bytes(src.read_bytes())
+    proc = run_once(root)
+    assert proc.returncode == 0, proc.stderr
+    assert record(root / "done" / "cut.jsonl")["sha256"] == sha(src)

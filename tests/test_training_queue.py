@@ -433,3 +433,57 @@ def test_a_file_the_daemon_cannot_read_goes_to_failed_with_the_chmod_fix(root, m
     assert dst.exists() and not src.exists()
     assert rec["fix"].startswith(f"Make it readable for the daemon's user (`chmod a+r {dst}`)")
     assert training_queue.read_record(dst)["fix"] == rec["fix"]
+
+
+def _sync_log(monkeypatch) -> list[tuple[str, str]]:
+    """Record, in order, each fsync (by the path of its fd) and each name given to a file
+    (a record claimed by link, a temp file replaced, a data file renamed)."""
+    import trainroot
+    events: list[tuple[str, str]] = []
+    real_fsync, real_link, real_replace = os.fsync, os.link, os.replace
+    real_renameat2 = trainroot._renameat2
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def link(src, dst, *a, **kw):
+        events.append(("name", str(dst)))
+        return real_link(src, dst, *a, **kw)
+
+    def replace(src, dst, *a, **kw):
+        events.append(("name", str(dst)))
+        return real_replace(src, dst, *a, **kw)
+
+    def renameat2(src, dst, flags):
+        events.append(("name", str(dst)))
+        return real_renameat2(src, dst, flags)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(trainroot, "_renameat2", renameat2)
+    return events
+
+
+def test_a_queued_files_content_is_fsynced_before_its_record_names_it(root, tmp_path, capsys,
+                                                                       monkeypatch):
+    """A record saying "queued, 3,000 records" must never reach the disk before the data
+    does: after a power cut that was a 0-byte file the daemon then 'trained'."""
+    cfg = training_config.load_config(root)
+    events = _sync_log(monkeypatch)
+    # the daemon's intake: a file claimed into queue/.incoming/ (renamed, never synced)
+    claimed = data(root / "queue" / ".incoming" / "normal" / "dropped.jsonl", tag="drop")
+    batch = training_queue.SyncBatch()
+    rec = training_queue.enqueue(root, claimed, move=True, cfg=cfg, source="inbox", batch=batch)
+    batch.flush()
+    # `add --move` of a file written a moment ago
+    moved = data(tmp_path / "moved.jsonl", tag="moved")
+    assert q(root, capsys, "add", str(moved), "--move")[0] == 0
+    assert rec["outcome"] == "queued"
+    for name in ("dropped.jsonl", "moved.jsonl"):
+        queued = root / "queue" / "normal" / name
+        names = [i for i, (kind, path) in enumerate(events) if kind == "name" and path in (
+            str(queued), str(training_queue.record_path(queued)))]
+        synced = [i for i, (kind, path) in enumerate(events)
+                  if kind == "fsync" and os.path.basename(path) == name]
+        assert names and synced and synced[0] < names[0], (name, events)
