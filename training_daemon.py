@@ -484,7 +484,12 @@ class Daemon(inbox_files.InboxIntake):
             rec = training_queue.read_record(data)
             rec["started_at"] = trainroot.utc_now()
             rec.setdefault("file_id", _file_id(data.name, rec))
-            data = training_queue.move_with_record(data, self.p.processing, rec, "training")
+            try:
+                data = training_queue.move_with_record(data, self.p.processing, rec, "training")
+            except FileNotFoundError:  # `set-priority`/`remove` moved it since it was listed
+                self.log.info("%s left the queue as it was taken (set-priority or remove); "
+                              "taking the queue's head again", data.name)
+                return
         rec = training_queue.read_record(data)
         if rec.get("in_training"):  # the last process died while training this file
             rec["attempts"] = int(rec.get("attempts") or 0) + 1

@@ -628,9 +628,18 @@ def counts(root) -> dict:
     return out
 
 
-def _took_it(name: str, path: str) -> GuardrailError:
-    return GuardrailError(f"{name} left the queue while this ran (the daemon took it for "
-                          "training)", path, "See `python3 training_controller.py status`.")
+def _took_it(root, name: str, path: str) -> GuardrailError:
+    """The queued file moved while this ran: most often the daemon took it for training."""
+    processing = Paths(root).processing
+    if os.path.lexists(processing / name):
+        return GuardrailError(f"{name} left the queue while this ran: the daemon took it for "
+                              "training (it is in processing/ now)", processing / name,
+                              "See `python3 training_controller.py status`; "
+                              "`python3 training_controller.py skip` abandons it (to skipped/, "
+                              "nothing is lost).")
+    return GuardrailError(f"{name} left the queue while this ran (the daemon took it, or "
+                          "another command moved it)", path,
+                          f"See `python3 training_controller.py status` and `{LIST_CMD}`.")
 
 
 def set_priority(root, name: str, priority: str) -> dict:
@@ -644,7 +653,7 @@ def set_priority(root, name: str, priority: str) -> dict:
         dst = move_with_record(item["path"], queue_dir(root, priority), rec,
                                f"priority {item['priority']} -> {priority}")
     except FileNotFoundError:
-        raise _took_it(item["name"], item["path"]) from None
+        raise _took_it(root, item["name"], item["path"]) from None
     return dict(rec, name=dst.name, path=str(dst), changed=True, was=item["priority"])
 
 
@@ -660,7 +669,7 @@ def remove(root, name: str, reason: str | None = None) -> dict:
     try:
         dst = move_with_record(item["path"], Paths(root).skipped, rec, why)
     except FileNotFoundError:
-        raise _took_it(item["name"], item["path"]) from None
+        raise _took_it(root, item["name"], item["path"]) from None
     undo = _requeue_cmd(root, dst, "--priority", item["priority"],
                         *(["--force"] if rec.get("force") else []))
     return dict(rec, name=dst.name, path=str(dst), priority=item["priority"], undo=undo)

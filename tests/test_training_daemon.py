@@ -440,3 +440,28 @@ def test_a_file_cut_short_behind_its_record_fails_and_the_real_one_trains(initia
     proc = run_once(root)
     assert proc.returncode == 0, proc.stderr
     assert record(root / "done" / "cut.jsonl")["sha256"] == sha(src)
+
+
+def test_set_priority_as_the_daemon_takes_the_head_does_not_kill_it(initialized_root,
+                                                                    monkeypatch):
+    """`set-priority` moves the queue's head between the daemon listing the queue and taking
+    the file (a real race, made certain here): the daemon lists again and trains it."""
+    import training_daemon
+    import training_queue
+    root = initialized_root
+    tune(root)
+    src = write_data(root.parent / "head.jsonl", 3, "head")
+    assert run_script("training_queue.py", "add", str(src), root=root).returncode == 0
+    real_move = training_queue.move_with_record
+    raced = []
+
+    def move(src_path, directory, *args, **kw):
+        if Path(directory).name == "processing" and not raced:
+            raced.append(training_queue.set_priority(root, Path(src_path).name, "low"))
+        return real_move(src_path, directory, *args, **kw)
+    monkeypatch.setattr(training_queue, "move_with_record", move)
+    assert training_daemon.Daemon(root, once=True, monitor=False).run() == 0
+    assert raced and raced[0]["changed"]
+    assert data_files(root) == {"done": ["head.jsonl"]}
+    assert record(root / "done" / "head.jsonl")["priority"] == "low"
+    assert "head.jsonl left the queue as it was taken" in (root / "logs" / "daemon.log").read_text()

@@ -487,3 +487,31 @@ def test_a_queued_files_content_is_fsynced_before_its_record_names_it(root, tmp_
         synced = [i for i, (kind, path) in enumerate(events)
                   if kind == "fsync" and os.path.basename(path) == name]
         assert names and synced and synced[0] < names[0], (name, events)
+
+
+def test_set_priority_or_remove_of_a_file_the_daemon_just_took_says_so(root, tmp_path, capsys,
+                                                                       monkeypatch):
+    """The daemon takes the file between the command's look at the queue and its move."""
+    for n in ("taken", "other"):
+        assert q(root, capsys, "add", str(data(tmp_path / f"{n}.jsonl", tag=n)))[0] == 0
+    real_find = training_queue.find_queued
+
+    def find_then_daemon_takes_it(r, name):
+        item = real_find(r, name)
+        training_queue.move_with_record(item["path"], root / "processing",
+                                        training_queue.read_record(item["path"]), "training")
+        return item
+    monkeypatch.setattr(training_queue, "find_queued", find_then_daemon_takes_it)
+    taken = root / "processing" / "taken.jsonl"
+    for args in (("set-priority", "taken.jsonl", "high"), ("remove", "taken.jsonl")):
+        if not (root / "queue" / "normal" / "taken.jsonl").exists():   # put it back for the next
+            training_queue.move_with_record(taken, root / "queue" / "normal",
+                                            training_queue.read_record(taken), "back")
+        code, out, err = q(root, capsys, *args)
+        assert code == 1, err
+        assert err.strip() == (
+            f"Error: taken.jsonl left the queue while this ran: the daemon took it for training "
+            f"(it is in processing/ now), {taken}. See `python3 training_controller.py status`; "
+            "`python3 training_controller.py skip` abandons it (to skipped/, nothing is lost).")
+        assert names_in(root / "processing") == ["taken.jsonl"]
+        assert names_in(root / "skipped") == [] and names_in(root / "queue" / "high") == []
