@@ -182,6 +182,7 @@ class Daemon(inbox_files.InboxIntake):
         self.stop_signal: str | None = None      # SIGTERM/SIGINT: acts like `stop`
         self.stop_request: dict | None = None    # a claimed `stop` to acknowledge at exit
         self.pending: tuple[str, dict | None] | None = None  # action claimed while training
+        self._queue_order = training_queue.QueueOrder(self.p.root)  # next_job's view
         self.candidates: dict = {}               # inbox path -> when first seen (intake)
         self.hinted: set[str] = set()
         self.warned: set[str] = set()            # inbox entries already warned about, once each
@@ -439,8 +440,10 @@ class Daemon(inbox_files.InboxIntake):
         data = self._processing_file()
         if data is not None:
             return data if time.monotonic() >= self._retry_at else None
-        for item in training_queue.list_queue(self.p.root):
-            rec = training_queue.read_record(item["path"])
+        for path in self._queue_order.paths():
+            rec = training_queue.read_record(path)
+            if not rec:
+                continue  # moved meanwhile (set-priority, remove)
             prior = self.done.get(rec.get("sha256"))
             if prior and not rec.get("force"):
                 reason = (f"already trained: same content as done/{prior.get('name')} "
@@ -449,14 +452,14 @@ class Daemon(inbox_files.InboxIntake):
                            trained_into=prior.get("version_after"), outcome="skipped")
                 try:
                     dst = training_queue.move_with_record(
-                        item["path"], self.p.skipped, rec, reason,
+                        path, self.p.skipped, rec, reason,
                         finish=lambda d: {"fix": training_queue.fix_for(self.p, "duplicate", d)})
                 except FileNotFoundError:
                     continue  # `remove` took it meanwhile
-                self.log.warning("%s: skipped - %s. %s", item["name"], reason,
+                self.log.warning("%s: skipped - %s. %s", path.name, reason,
                                  training_queue.fix_for(self.p, "duplicate", dst))
                 continue
-            return Path(item["path"])
+            return path
         return None
 
     def process(self, data: Path) -> None:
@@ -837,7 +840,7 @@ class Daemon(inbox_files.InboxIntake):
             rec = training_queue.read_record(data)
             crashes = int(rec.get("attempts") or 0) + (1 if rec.get("in_training") else 0)
             return not rec.get("hold") and crashes < self.cfg["max_attempts"]
-        return bool(training_queue.list_queue(self.p.root))
+        return next(self._queue_order.paths(), None) is not None
 
     def _start_monitor(self) -> None:
         port = int(self.cfg.get("monitor_port") or 0)

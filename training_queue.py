@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import fnmatch
 import functools
 import os
@@ -72,9 +73,38 @@ def queue_dir(root, priority: str) -> Path:
     return Paths(root).queue / priority
 
 
-def new_seq() -> int:
-    """Arrival order: nanoseconds since the epoch (unique enough across processes)."""
-    return time.time_ns()
+SEQ_FILE = ".seq"   # queue/.seq: the last arrival sequence given (a hidden name: never data)
+
+
+def new_seq(root=None) -> int:
+    """Arrival order: nanoseconds since the epoch, but always above the last one given on
+    `root` (queue/.seq, under flock; a few microseconds): a clock stepped back (NTP, a VM
+    resumed) never puts a new file before older ones. `recover` raises the counter to the
+    largest queued seq at daemon start, should a crash have lost its last write."""
+    now = time.time_ns()
+    if root is None:
+        return now
+    return _raise_seq(root, now, increment=True)
+
+
+def _raise_seq(root, at_least: int, increment: bool = False) -> int:
+    path = Paths(root).queue / SEQ_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            last = int(os.pread(fd, 32, 0).strip() or 0)
+        except ValueError:  # cut short by a crash: the clock and `recover` still hold
+            last = 0
+        seq = max(at_least, last + 1 if increment else last)
+        if seq != last:
+            text = b"%d\n" % seq
+            os.pwrite(fd, text, 0)
+            os.ftruncate(fd, len(text))
+        return seq
+    finally:
+        os.close(fd)
 
 
 # A data file's name leaves room for its record's suffix, the temp name the record is
@@ -232,6 +262,7 @@ def recover(root) -> list[str]:
     actions = []
     folders = [p.processing, p.done, p.failed, p.skipped] + \
         [p.queue / INCOMING / pr for pr in PRIORITIES] + [p.queue / pr for pr in PRIORITIES]
+    top_seq = 0
     for folder in folders:
         try:
             names = os.listdir(folder)
@@ -245,7 +276,12 @@ def recover(root) -> list[str]:
                         os.unlink(folder / n)
                     actions.append(f"removed orphan record {folder / n}")
                 continue
-            if is_ignored(n) or folder.parent.name == INCOMING or _record_ok(folder / n):
+            if is_ignored(n) or folder.parent.name == INCOMING:
+                continue
+            if _record_ok(folder / n):
+                if folder.parent == p.queue:
+                    seq = read_record(folder / n).get("seq")
+                    top_seq = max(top_seq, seq if isinstance(seq, int) else 0)
                 continue
             if folder.parent == p.queue:
                 dst = trainroot.move_unique(folder / n, p.queue / INCOMING / folder.name)
@@ -258,6 +294,8 @@ def recover(root) -> list[str]:
                     "reason": "record lost (a crash before it reached the disk); check the file "
                               f"with `python3 validate_data.py {folder / n}`"})
                 actions.append(f"{folder / n}: wrote a stub record")
+    if top_seq:
+        _raise_seq(p.root, top_seq)
     return actions
 
 
@@ -446,7 +484,7 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
         cfg = training_config.load_config(p.root)
     t0 = time.monotonic()
     record = {"schema_version": SCHEMA_VERSION, "original_name": name, "priority": priority,
-              "force": bool(force), "seq": new_seq(), "arrived_at": utc_now(), "source": source,
+              "force": bool(force), "seq": new_seq(p.root), "arrived_at": utc_now(), "source": source,
               "size": src.lstat().st_size, "attempts": 0}
     record.update(extra or {})
     if not move:  # copy first, so the bytes validated and hashed are the bytes queued
@@ -553,6 +591,44 @@ def list_queue(root) -> list[dict]:
     for r in items:
         del r["_rank"]
     return items
+
+
+class QueueOrder:
+    """The queued files in training order (as `list_queue`) without reading every record
+    on each call: one scandir of the three folders, and a record read once per data file
+    (folder, name, inode), its `seq` kept. The daemon's `next_job` asks it for the head
+    each time a file ends (reading 50,000 records cost 2.4 s per file)."""
+
+    def __init__(self, root):
+        self.p = Paths(root)
+        self._seq: dict[tuple, int] = {}
+
+    def paths(self):
+        """The queued data files, head first (a generator: the daemon reads the head)."""
+        known, items = {}, []
+        for rank, pr in enumerate(PRIORITIES):
+            d = self.p.queue / pr
+            try:
+                with os.scandir(d) as it:
+                    entries = [(e.name, e.inode()) for e in it]
+            except FileNotFoundError:
+                continue
+            present = {name for name, _ in entries}
+            for n, inode in entries:
+                if n.endswith(RECORD_SUFFIX) or n + RECORD_SUFFIX not in present:
+                    continue  # no record yet: not queued yet (see list_queue)
+                key = (pr, n, inode)
+                seq = self._seq.get(key)
+                if seq is None:
+                    if is_ignored(n):
+                        continue
+                    seq = read_record(d / n).get("seq") or 0
+                known[key] = seq
+                items.append((rank, seq, n, d))
+        self._seq = known
+        items.sort()
+        for *_, n, d in items:
+            yield d / n
 
 
 def _processing(root) -> list[dict]:

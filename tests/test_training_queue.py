@@ -515,3 +515,28 @@ def test_set_priority_or_remove_of_a_file_the_daemon_just_took_says_so(root, tmp
             "`python3 training_controller.py skip` abandons it (to skipped/, nothing is lost).")
         assert names_in(root / "processing") == ["taken.jsonl"]
         assert names_in(root / "skipped") == [] and names_in(root / "queue" / "high") == []
+
+
+def test_a_clock_stepped_back_never_puts_a_new_file_before_older_ones(root, tmp_path, capsys,
+                                                                      monkeypatch):
+    """Arrival order is a sequence, not the wall clock: NTP stepping the clock back a day
+    (or a VM resumed) between two adds keeps the second after the first."""
+    real_ns = time.time_ns
+    q(root, capsys, "add", str(data(tmp_path / "first.jsonl", tag="first")))
+    monkeypatch.setattr(time, "time_ns", lambda: real_ns() - 86_400 * 10**9)
+    q(root, capsys, "add", str(data(tmp_path / "second.jsonl", tag="second")))
+    # the counter's last write lost in a crash: the daemon's start-up recovery raises it
+    (root / "queue" / ".seq").unlink(missing_ok=True)
+    training_queue.recover(root)
+    q(root, capsys, "add", str(data(tmp_path / "third.jsonl", tag="third")))
+    order = ["first.jsonl", "second.jsonl", "third.jsonl"]
+    items = training_queue.list_queue(root)
+    assert [i["name"] for i in items] == order
+    assert items[0]["seq"] < items[1]["seq"] < items[2]["seq"]
+    # the daemon's view of the queue (a record read once per file) agrees, across changes
+    view = training_queue.QueueOrder(root)
+    assert [p.name for p in view.paths()] == order
+    assert q(root, capsys, "set-priority", "third.jsonl", "high")[0] == 0
+    assert q(root, capsys, "remove", "first.jsonl")[0] == 0
+    assert [p.name for p in view.paths()] == ["third.jsonl", "second.jsonl"]
+    assert [p.name for p in view.paths()] == [i["name"] for i in training_queue.list_queue(root)]
