@@ -893,7 +893,7 @@ class Daemon(inbox_files.InboxIntake):
             self.recover_incoming()
             self._restore_pause()
             self.scan_inbox(full=True)
-            if self._has_work():
+            if self._has_work() and not (self.stop_request or self.stop_signal):
                 self.preload_engine()
             self._loop()
         finally:

@@ -455,11 +455,34 @@ def fix_for(p: Paths, reason_kind: str, dst: Path, fix: str | None = None) -> st
     return f"`{_requeue_cmd(p.root, dst, '--force')}` queues it anyway."
 
 
+def examine(work, name: str, cfg: dict, not_regular: str | None = None) -> dict:
+    """Hash and validate a data file (no move, nothing written): what `enqueue` decides on.
+    The daemon runs it in a thread for a big file (`enqueue(..., examined=)`), so its
+    loop keeps its heartbeat and acts on a stop meanwhile."""
+    t0 = time.monotonic()
+    problem = not_regular or (None if name.endswith(".jsonl") else "not a .jsonl file")
+    unreadable = False
+    try:
+        sha256 = None if not_regular else sha256_file(work)
+    except OSError as exc:  # e.g. mode 000 under a daemon that is not its owner
+        sha256 = None
+        problem = not_regular = f"cannot be read ({exc.strerror or exc})"
+        unreadable = True
+    if problem:
+        result = {"ok": False, "records": None, "format": None, "errors": 1,
+                  "report": {"errors": [f"{problem}: {name}"]}}
+    else:
+        result = validate(work, cfg)
+    return {"sha256": sha256, "result": result, "problem": problem, "not_regular": not_regular,
+            "unreadable": unreadable, "validate_s": round(time.monotonic() - t0, 4)}
+
+
 def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: bool = False,
             cfg: dict | None = None, source: str = "training_queue.py add",
             done: dict | None = None, extra: dict | None = None, name: str | None = None,
             not_regular: str | None = None, batch: SyncBatch | None = None,
-            by_hand: bool = False, fix: str | None = None) -> dict:
+            by_hand: bool = False, fix: str | None = None,
+            examined: dict | None = None) -> dict:
     """Validate `path`, then queue it (copy, or move with `move=True`).
 
     Invalid -> failed/ (only when moving; a copy source is left alone and the error
@@ -513,23 +536,16 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
     with contextlib.suppress(OSError):
         record["size"] = os.lstat(work).st_size  # the bytes hashed: a copy of a growing file
     try:
-        problem = not_regular or (None if name.endswith(".jsonl") else "not a .jsonl file")
-        unreadable = False
-        try:
-            record["sha256"] = None if not_regular else sha256_file(work)
-        except OSError as exc:  # e.g. mode 000 under a daemon that is not its owner
-            record["sha256"] = None
-            problem = not_regular = f"cannot be read ({exc.strerror or exc})"
-            unreadable, fix = True, None  # fix_for names chmod
-        if problem:
-            result = {"ok": False, "records": None, "format": None, "errors": 1,
-                      "report": {"errors": [f"{problem}: {name}"]}}
-        else:
-            result = validate(work, cfg)
+        ex = examined or examine(work, name, cfg, not_regular)
+        problem, not_regular, unreadable = ex["problem"], ex["not_regular"], ex["unreadable"]
+        if unreadable:
+            fix = None  # fix_for names chmod
+        record["sha256"], result = ex["sha256"], ex["result"]
         record["records"] = result["records"]
         record["format"] = result["format"]
         record["validation"] = _summary(result)
-        record["timings"] = {"validate_s": round(time.monotonic() - t0, 4)}
+        record["timings"] = {"validate_s": ex["validate_s"] if examined else
+                             round(time.monotonic() - t0, 4)}
         # a file refused where it already is (re-adding one from failed/ or skipped/) stays put
         stays = not move or work.resolve().parent in (p.failed.resolve(), p.skipped.resolve())
         if not result["ok"]:
