@@ -18,6 +18,7 @@ import os
 import shlex
 import shutil
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -288,6 +289,8 @@ class InboxIntake:
                                 "is never half-read)", path, level=logging.INFO)
                 continue
             self._ingest(path, cand.priority, batch, cand.sig)
+            if self.stop_request or self.stop_signal:  # claimed while a big file was validated
+                return
             if budget_s is None and time.monotonic() - last_control > 0.5:  # a burst must not hide a stop
                 last_control = time.monotonic()
                 batch.flush()
@@ -332,10 +335,16 @@ class InboxIntake:
         elif special is None:
             special = special_file(str(claimed), self.p.root) or ("not a regular file", None)
         try:
+            examined = None
+            if special is None and claimed.stat().st_size > INTAKE_WHILE_TRAINING_MAX_BYTES:
+                examined = self._examine_aside(claimed, name)  # never while a file trains
+                if examined is None:
+                    return  # a stop came first: it stays claimed, taken at the next start
             rec = training_queue.enqueue(
                 self.p.root, claimed, priority=priority, move=True, cfg=self.cfg,
                 source="inbox", done=self.done, name=name, batch=batch,
-                not_regular=special and special[0], fix=special and special[1])
+                not_regular=special and special[0], fix=special and special[1],
+                examined=examined)
         except Exception as exc:  # never lose it: whatever broke, the file stays claimed
             self.log.exception("intake of %s failed; it stays in %s", name, claimed.parent)
             self.last_error = f"intake of {name} failed: {exc}"
@@ -350,6 +359,31 @@ class InboxIntake:
         self.log.log(level, "%s: %s (%s)%s%s", name, rec["outcome"], priority,
                      f" - {rec['reason']}" if rec.get("reason") else "",
                      f". {rec['fix']}" if rec.get("fix") else "")
+
+    def _examine_aside(self, claimed: Path, name: str) -> dict | None:
+        """Hash and validate a big file (over 32 MB; a 2 GB one takes ~20 s) in a thread,
+        while this loop keeps the heartbeat and acts on requests; None if a stop came
+        first (the thread only reads: it is left to end with the process)."""
+        box: dict = {}
+
+        def work():
+            try:
+                box["examined"] = training_queue.examine(claimed, name, self.cfg)
+            except BaseException as exc:  # raised here, in the loop, by the caller's handler
+                box["error"] = exc
+        worker = threading.Thread(target=work, name=f"examine {name}", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.2)
+            self.write_state()
+            self.control_idle()
+            if self.stop_request or self.stop_signal:
+                self.log.info("%s: stopping before its validation ended; it stays in %s and "
+                              "is validated again at the next start", name, claimed.parent)
+                return None
+        if "error" in box:
+            raise box["error"]
+        return box["examined"]
 
     def recover_incoming(self) -> None:
         """Files claimed from the inbox before a crash go through intake again."""

@@ -210,6 +210,7 @@ class Daemon(inbox_files.InboxIntake):
         self.stop_signal: str | None = None      # SIGTERM/SIGINT: acts like `stop`
         self.stop_request: dict | None = None    # a claimed `stop` to acknowledge at exit
         self.pending: tuple[str, dict | None] | None = None  # action claimed while training
+        self._queue_order = training_queue.QueueOrder(self.p.root)  # next_job's view
         self.candidates: dict = {}               # inbox path -> when first seen (intake)
         self.hinted: set[str] = set()
         self.warned: set[str] = set()            # inbox entries already warned about, once each
@@ -469,8 +470,10 @@ class Daemon(inbox_files.InboxIntake):
         data = self._processing_file()
         if data is not None:
             return data if time.monotonic() >= self._retry_at else None
-        for item in training_queue.list_queue(self.p.root):
-            rec = training_queue.read_record(item["path"])
+        for path in self._queue_order.paths():
+            rec = training_queue.read_record(path)
+            if not rec:
+                continue  # moved meanwhile (set-priority, remove)
             prior = self.done.get(rec.get("sha256"))
             if prior and not rec.get("force"):
                 reason = (f"already trained: same content as done/{prior.get('name')} "
@@ -479,14 +482,14 @@ class Daemon(inbox_files.InboxIntake):
                            trained_into=prior.get("version_after"), outcome="skipped")
                 try:
                     dst = training_queue.move_with_record(
-                        item["path"], self.p.skipped, rec, reason,
+                        path, self.p.skipped, rec, reason,
                         finish=lambda d: {"fix": training_queue.fix_for(self.p, "duplicate", d)})
                 except FileNotFoundError:
                     continue  # `remove` took it meanwhile
-                self.log.warning("%s: skipped - %s. %s", item["name"], reason,
+                self.log.warning("%s: skipped - %s. %s", path.name, reason,
                                  training_queue.fix_for(self.p, "duplicate", dst))
                 continue
-            return Path(item["path"])
+            return path
         return None
 
     def process(self, data: Path) -> None:
@@ -506,11 +509,20 @@ class Daemon(inbox_files.InboxIntake):
             self.set_state("paused", hold.get("reason"), hold.get("kind"))
             return
         self.preflight(cfg)  # raises _Paused
+        cut = self._not_as_recorded(data)
+        if cut:
+            self._fail_not_as_recorded(data, cut)
+            return
         if data.parent != self.p.processing:
             rec = training_queue.read_record(data)
             rec["started_at"] = trainroot.utc_now()
             rec.setdefault("file_id", _file_id(data.name, rec))
-            data = training_queue.move_with_record(data, self.p.processing, rec, "training")
+            try:
+                data = training_queue.move_with_record(data, self.p.processing, rec, "training")
+            except FileNotFoundError:  # `set-priority`/`remove` moved it since it was listed
+                self.log.info("%s left the queue as it was taken (set-priority or remove); "
+                              "taking the queue's head again", data.name)
+                return
         rec = training_queue.read_record(data)
         if rec.get("in_training"):  # the last process died while training this file
             rec["attempts"] = int(rec.get("attempts") or 0) + 1
@@ -590,6 +602,45 @@ class Daemon(inbox_files.InboxIntake):
                 self.log.warning("cannot update %s's record: %s", data.name, exc)
             self._timings = None
         self._after_training(data, result, cfg)
+
+    def _not_as_recorded(self, data: Path) -> str | None:
+        """Why `data` is not the file its record describes (a crash before its content
+        reached the disk leaves 0 bytes beside a record of 3,000 records), or None.
+        The size always; the sha256 too for a file up to 32 MB (~0.1 s)."""
+        rec = training_queue.read_record(data)
+        try:
+            size = os.stat(data).st_size
+        except FileNotFoundError:
+            return None  # moved meanwhile: the caller finds out where
+        if rec.get("size") is not None and size != rec["size"]:
+            return f"{size} bytes on disk, its record says {rec['size']}"
+        if rec.get("sha256") and size <= inbox_files.INTAKE_WHILE_TRAINING_MAX_BYTES:
+            try:
+                digest = trainroot.sha256_file(data)
+            except FileNotFoundError:
+                return None
+            if digest != rec["sha256"]:
+                return f"sha256 {digest[:12]} on disk, its record says {rec['sha256'][:12]}"
+        return None
+
+    def _fail_not_as_recorded(self, data: Path, why: str) -> None:
+        """To failed/, never trained: training it would put a truncated file in done/ under
+        the real content's sha256, and the real file would then be refused as a duplicate."""
+        rec = self._final_record(data)
+        reason = (f"not the file its record describes ({why}): most likely cut short by a "
+                  "crash before its content reached the disk; not trained")
+        rec.update(outcome="failed", reason=reason, finished_at=trainroot.utc_now())
+        original = rec.get("original_name") or data.name
+        fix = (f"Drop the original {original} into {shlex.quote(str(self.p.inbox))}/ again (or "
+               f"`python3 training_queue.py add PATH`); this copy stays here, untouched.")
+        try:
+            dst = training_queue.move_with_record(data, self.p.failed, rec, reason,
+                                                  finish=lambda d: {"fix": fix})
+        except FileNotFoundError:
+            return  # `set-priority`/`remove` moved it meanwhile: looked at again where it went
+        self.last_error = f"{dst.name}: {reason}"
+        self.current = self.progress = None
+        self.log.error("%s: failed - %s. %s", dst.name, reason, fix)
 
     def _settle_pending(self, why: str) -> None:
         """A request claimed while the engine ran, when training ended without acting on it
@@ -873,7 +924,7 @@ class Daemon(inbox_files.InboxIntake):
             rec = training_queue.read_record(data)
             crashes = int(rec.get("attempts") or 0) + (1 if rec.get("in_training") else 0)
             return not rec.get("hold") and crashes < self.cfg["max_attempts"]
-        return bool(training_queue.list_queue(self.p.root))
+        return next(self._queue_order.paths(), None) is not None
 
     def _start_monitor(self) -> None:
         port = int(self.cfg.get("monitor_port") or 0)
@@ -926,7 +977,7 @@ class Daemon(inbox_files.InboxIntake):
             self.recover_incoming()
             self._restore_pause()
             self.scan_inbox(full=True)
-            if self._has_work():
+            if self._has_work() and not (self.stop_request or self.stop_signal):
                 self.preload_engine()
             self._loop()
         finally:

@@ -388,3 +388,55 @@ def test_run_on_a_mistyped_root_fails_and_creates_nothing(tmp_path):
         f"Error: the training root is not a folder, {tmp_path / 'file'}. Point --root (or "
         "$TRAINING_ROOT) at a folder, e.g. `python3 training_daemon.py init --root ~/train`.")
     assert (tmp_path / "file").read_bytes() == a_file
+
+
+def test_a_big_inbox_file_does_not_block_the_heartbeat_nor_a_stop(qroot):
+    """A file that takes seconds to hash and validate (2 GB took 19 s): the daemon's loop
+    keeps its heartbeat fresh and acts on `stop` within about a second, and the file waits,
+    whole and claimed, for the next start."""
+    import trainroot
+    root = qroot
+    line = (json.dumps({"text": "the quick brown fox jumps over the lazy dog, twice"}) +
+            "\n").encode()
+    staged = root.parent / "big.jsonl"
+    with open(staged, "wb") as f:  # 320 MB of short records: ~20 s to validate here
+        for _ in range(320):
+            f.write(line * ((1 << 20) // len(line)))
+    size = staged.stat().st_size
+    out = root.parent / "daemon.out"
+    with open(out, "w+") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / "training_daemon.py"), "run",
+                                 "--no-monitor"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, TRAINING_ROOT=str(root)))
+        try:
+            claimed = root / "queue" / ".incoming" / "normal" / "big.jsonl"
+            deadline = time.monotonic() + 60
+            while not (root / ".daemon_state.json").exists():
+                assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
+                time.sleep(0.05)
+            os.rename(staged, root / "inbox" / "big.jsonl")
+            while not claimed.exists():
+                assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
+                time.sleep(0.02)
+            ages = []
+            for _ in range(16):   # 4 s into its validation
+                time.sleep(0.25)
+                state = json.loads((root / ".daemon_state.json").read_text())
+                ages.append(trainroot.age_seconds(state["heartbeat"]))
+            assert max(ages) < 3.0, ages
+            assert claimed.exists() and not training_queue.record_path(claimed).exists()
+            asked = time.monotonic()
+            stop = run_script("training_controller.py", "stop", root=root)
+            assert stop.returncode == 0, stop.stderr
+            code = proc.wait(60)
+            latency = time.monotonic() - asked
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = out.read_text()
+    assert code == 0, text
+    assert latency < 6.0, (latency, text)   # the controller's own start-up included
+    # it stopped before the validation ended: the file waits, whole, for the next start
+    assert claimed.stat().st_size == size and not training_queue.record_path(claimed).exists()
+    assert "big.jsonl: stopping before its validation ended" in text

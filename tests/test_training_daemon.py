@@ -507,3 +507,63 @@ def test_a_read_only_metrics_file_pauses_then_resume_finishes(initialized_root, 
     wait_for(lambda: (root / "done" / "m.jsonl").exists(), 180, "m.jsonl done", d.proc)
     assert d.stop() == 0
     assert "Traceback" not in d.output()
+
+
+def test_a_file_cut_short_behind_its_record_fails_and_the_real_one_trains(initialized_root):
+    """After a power cut a data file can be 0 bytes beside a record of 3 records (its content
+    never reached the disk): never trained, never in done/ (the real file would then be
+    refused as a duplicate), but failed/ with the reason and the fix."""
+    import training_queue
+    root = initialized_root
+    tune(root)
+    src = write_data(root.parent / "src" / "cut.jsonl", 3, "cut")
+    queued = write_data(root.parent / "src" / "queued.jsonl", 3, "queued")
+    for f in (src, queued):
+        assert run_script("training_queue.py", "add", str(f), root=root).returncode == 0
+    # one mid-training when the machine died, one still queued: both 0 bytes now
+    training_queue.move_with_record(root / "queue" / "normal" / "cut.jsonl", root / "processing",
+                                    dict(record(root / "queue" / "normal" / "cut.jsonl"),
+                                         in_training=True), "training")
+    for f in (root / "processing" / "cut.jsonl", root / "queue" / "normal" / "queued.jsonl"):
+        os.truncate(f, 0)
+    proc = run_once(root)
+    assert proc.returncode == 0, proc.stderr
+    assert data_files(root) == {"failed": ["cut.jsonl", "queued.jsonl"]}
+    for name in ("cut.jsonl", "queued.jsonl"):
+        rec = record(root / "failed" / name)
+        assert rec["reason"].startswith("not the file its record describes (0 bytes on disk, its "
+                                        "record says "), rec
+        assert rec["fix"] == (f"Drop the original {name} into {root / 'inbox'}/ again (or "
+                              "`python3 training_queue.py add PATH`); this copy stays here, "
+                              "untouched.")
+    assert not (root / "versions" / "v002").exists()  # nothing trained
+    # the real file dropped again is trained, not refused as a duplicate
+    (root / "inbox" / "cut.jsonl").write_bytes(src.read_bytes())
+    proc = run_once(root)
+    assert proc.returncode == 0, proc.stderr
+    assert record(root / "done" / "cut.jsonl")["sha256"] == sha(src)
+
+
+def test_set_priority_as_the_daemon_takes_the_head_does_not_kill_it(initialized_root,
+                                                                    monkeypatch):
+    """`set-priority` moves the queue's head between the daemon listing the queue and taking
+    the file (a real race, made certain here): the daemon lists again and trains it."""
+    import training_daemon
+    import training_queue
+    root = initialized_root
+    tune(root)
+    src = write_data(root.parent / "head.jsonl", 3, "head")
+    assert run_script("training_queue.py", "add", str(src), root=root).returncode == 0
+    real_move = training_queue.move_with_record
+    raced = []
+
+    def move(src_path, directory, *args, **kw):
+        if Path(directory).name == "processing" and not raced:
+            raced.append(training_queue.set_priority(root, Path(src_path).name, "low"))
+        return real_move(src_path, directory, *args, **kw)
+    monkeypatch.setattr(training_queue, "move_with_record", move)
+    assert training_daemon.Daemon(root, once=True, monitor=False).run() == 0
+    assert raced and raced[0]["changed"]
+    assert data_files(root) == {"done": ["head.jsonl"]}
+    assert record(root / "done" / "head.jsonl")["priority"] == "low"
+    assert "head.jsonl left the queue as it was taken" in (root / "logs" / "daemon.log").read_text()

@@ -433,3 +433,110 @@ def test_a_file_the_daemon_cannot_read_goes_to_failed_with_the_chmod_fix(root, m
     assert dst.exists() and not src.exists()
     assert rec["fix"].startswith(f"Make it readable for the daemon's user (`chmod a+r {dst}`)")
     assert training_queue.read_record(dst)["fix"] == rec["fix"]
+
+
+def _sync_log(monkeypatch) -> list[tuple[str, str]]:
+    """Record, in order, each fsync (by the path of its fd) and each name given to a file
+    (a record claimed by link, a temp file replaced, a data file renamed)."""
+    import trainroot
+    events: list[tuple[str, str]] = []
+    real_fsync, real_link, real_replace = os.fsync, os.link, os.replace
+    real_renameat2 = trainroot._renameat2
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def link(src, dst, *a, **kw):
+        events.append(("name", str(dst)))
+        return real_link(src, dst, *a, **kw)
+
+    def replace(src, dst, *a, **kw):
+        events.append(("name", str(dst)))
+        return real_replace(src, dst, *a, **kw)
+
+    def renameat2(src, dst, flags):
+        events.append(("name", str(dst)))
+        return real_renameat2(src, dst, flags)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(trainroot, "_renameat2", renameat2)
+    return events
+
+
+def test_a_queued_files_content_is_fsynced_before_its_record_names_it(root, tmp_path, capsys,
+                                                                       monkeypatch):
+    """A record saying "queued, 3,000 records" must never reach the disk before the data
+    does: after a power cut that was a 0-byte file the daemon then 'trained'."""
+    cfg = training_config.load_config(root)
+    events = _sync_log(monkeypatch)
+    # the daemon's intake: a file claimed into queue/.incoming/ (renamed, never synced)
+    claimed = data(root / "queue" / ".incoming" / "normal" / "dropped.jsonl", tag="drop")
+    batch = training_queue.SyncBatch()
+    rec = training_queue.enqueue(root, claimed, move=True, cfg=cfg, source="inbox", batch=batch)
+    batch.flush()
+    # `add --move` of a file written a moment ago
+    moved = data(tmp_path / "moved.jsonl", tag="moved")
+    assert q(root, capsys, "add", str(moved), "--move")[0] == 0
+    assert rec["outcome"] == "queued"
+    for name in ("dropped.jsonl", "moved.jsonl"):
+        queued = root / "queue" / "normal" / name
+        names = [i for i, (kind, path) in enumerate(events) if kind == "name" and path in (
+            str(queued), str(training_queue.record_path(queued)))]
+        synced = [i for i, (kind, path) in enumerate(events)
+                  if kind == "fsync" and os.path.basename(path) == name]
+        assert names and synced and synced[0] < names[0], (name, events)
+
+
+def test_set_priority_or_remove_of_a_file_the_daemon_just_took_says_so(root, tmp_path, capsys,
+                                                                       monkeypatch):
+    """The daemon takes the file between the command's look at the queue and its move."""
+    for n in ("taken", "other"):
+        assert q(root, capsys, "add", str(data(tmp_path / f"{n}.jsonl", tag=n)))[0] == 0
+    real_find = training_queue.find_queued
+
+    def find_then_daemon_takes_it(r, name):
+        item = real_find(r, name)
+        training_queue.move_with_record(item["path"], root / "processing",
+                                        training_queue.read_record(item["path"]), "training")
+        return item
+    monkeypatch.setattr(training_queue, "find_queued", find_then_daemon_takes_it)
+    taken = root / "processing" / "taken.jsonl"
+    for args in (("set-priority", "taken.jsonl", "high"), ("remove", "taken.jsonl")):
+        if not (root / "queue" / "normal" / "taken.jsonl").exists():   # put it back for the next
+            training_queue.move_with_record(taken, root / "queue" / "normal",
+                                            training_queue.read_record(taken), "back")
+        code, out, err = q(root, capsys, *args)
+        assert code == 1, err
+        assert err.strip() == (
+            f"Error: taken.jsonl left the queue while this ran: the daemon took it for training "
+            f"(it is in processing/ now), {taken}. See `python3 training_controller.py status`; "
+            "`python3 training_controller.py skip` abandons it (to skipped/, nothing is lost).")
+        assert names_in(root / "processing") == ["taken.jsonl"]
+        assert names_in(root / "skipped") == [] and names_in(root / "queue" / "high") == []
+
+
+def test_a_clock_stepped_back_never_puts_a_new_file_before_older_ones(root, tmp_path, capsys,
+                                                                      monkeypatch):
+    """Arrival order is a sequence, not the wall clock: NTP stepping the clock back a day
+    (or a VM resumed) between two adds keeps the second after the first."""
+    real_ns = time.time_ns
+    q(root, capsys, "add", str(data(tmp_path / "first.jsonl", tag="first")))
+    monkeypatch.setattr(time, "time_ns", lambda: real_ns() - 86_400 * 10**9)
+    q(root, capsys, "add", str(data(tmp_path / "second.jsonl", tag="second")))
+    # the counter's last write lost in a crash: the daemon's start-up recovery raises it
+    (root / "queue" / ".seq").unlink(missing_ok=True)
+    training_queue.recover(root)
+    q(root, capsys, "add", str(data(tmp_path / "third.jsonl", tag="third")))
+    order = ["first.jsonl", "second.jsonl", "third.jsonl"]
+    items = training_queue.list_queue(root)
+    assert [i["name"] for i in items] == order
+    assert items[0]["seq"] < items[1]["seq"] < items[2]["seq"]
+    # the daemon's view of the queue (a record read once per file) agrees, across changes
+    view = training_queue.QueueOrder(root)
+    assert [p.name for p in view.paths()] == order
+    assert q(root, capsys, "set-priority", "third.jsonl", "high")[0] == 0
+    assert q(root, capsys, "remove", "first.jsonl")[0] == 0
+    assert [p.name for p in view.paths()] == ["third.jsonl", "second.jsonl"]
+    assert [p.name for p in view.paths()] == [i["name"] for i in training_queue.list_queue(root)]
