@@ -289,6 +289,17 @@ def _require_safe_rel(rel, where) -> None:
                              f"`{CMD} restore VNNN` (see `{CMD} list`).")
 
 
+def _fsync_files(folder: Path, rels) -> None:
+    """fsync each file: what the product publishes already is (a no-op then), but a file a
+    person wrote into current_model by hand may not be, and the version vouches for it."""
+    for rel in rels:
+        fd = os.open(folder / rel, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _link_tree(src: Path, dst: Path, rels) -> None:
     """Hard-link each relpath of `src` into `dst` (O(files), no bytes copied)."""
     for rel in rels:
@@ -400,6 +411,7 @@ def _create_version_locked(p: Paths, reason, *, note=None, data_files=None, loss
     try:
         rels = list(manifest["files"]) + [MANIFEST]
         _link_tree(p.current_model, staging, rels)
+        _fsync_files(staging, rels)
         _chmod_read_only(staging)  # shared inodes: current_model's files become 0444 too
         problems = check_model_dir(staging)
         if problems:  # current_model changed under us (someone bypassed the lock)

@@ -477,6 +477,7 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
                 old = Path(tempfile.mkdtemp(prefix="old-checkpoint-", dir=p.staging))
                 os.rename(final, old / final.name)
                 os.rename(stage, final)
+                fsync_dir(p.checkpoints)  # or after a power cut the old one may be back
                 shutil.rmtree(old, ignore_errors=True)
         else:
             rename_noreplace(stage, final)
@@ -496,14 +497,17 @@ def prune_checkpoints(root, keep: int) -> list[str]:
         if meta.get("complete"):
             keepers.add(d)
             break
-    removed = []
+    removed, trash = [], []
     for d, _ in ckpts:
         if d in keepers:
             continue
-        trash = Path(tempfile.mkdtemp(prefix="old-checkpoint-", dir=p.staging))
-        os.rename(d, trash / d.name)  # out of checkpoints/ in one step, then delete at leisure
-        shutil.rmtree(trash, ignore_errors=True)
+        trash.append(Path(tempfile.mkdtemp(prefix="old-checkpoint-", dir=p.staging)))
+        os.rename(d, trash[-1] / d.name)  # out of checkpoints/ in one step, then delete at leisure
         removed.append(d.name)
+    if trash:  # durable first: a half-deleted checkpoint must never come back after a power cut
+        fsync_dir(p.checkpoints)
+        for t in trash:
+            shutil.rmtree(t, ignore_errors=True)
     return removed
 
 
