@@ -34,6 +34,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import cli_guard
+from backup_records import (ID_RE, RECORD, backups_dir, config, latest_backup,  # noqa: F401
+                            list_backups, next_seq, order_key, read_record)
 import training_config
 import training_controller
 from model_manifest import MANIFEST, has_weights, write_manifest
@@ -43,9 +45,7 @@ from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, a
 from verified_copy import copy_tree_verified, hash_file, list_files, set_idle_priority
 
 SCHEMA_VERSION = 1
-RECORD = "backup.json"
 META_FILES = {RECORD, MANIFEST}          # ours, not model files
-ID_RE = re.compile(r"b\d{8}T\d{6}-[0-9a-f]{4}")
 STAGING_PREFIX, DELETING_PREFIX = ".staging-", ".deleting-"
 LIST_CMD = "python3 backup_manager.py list"
 BACKUP_CMD = "python3 backup_manager.py backup"
@@ -55,44 +55,6 @@ BACKUP_CMD = "python3 backup_manager.py backup"
 
 def _p(root) -> Paths:
     return Paths(resolve_root(root))
-
-
-_warned_config: set = set()  # a broken config is reported once per process, not per lookup
-
-
-def _config(root) -> dict:
-    """The root's config; the defaults when there is no config.json yet.
-
-    A corrupt or invalid config.json must not lock anyone out of their backups (restoring
-    one may be how they recover): its `backup_dir` and `keep_backups` are used when they
-    can be read, the defaults otherwise, with a warning on stderr.
-    """
-    p = _p(root)
-    if not p.config.exists():
-        return training_config.default_config()
-    try:
-        return training_config.load_config(p.root)
-    except GuardrailError as exc:
-        try:
-            raw = read_json(p.config, default=None)
-        except GuardrailError:
-            raw = None
-        raw = raw if isinstance(raw, dict) else {}
-        cfg = training_config.default_config()
-        if isinstance(raw.get("backup_dir"), str) and raw["backup_dir"]:
-            cfg["backup_dir"] = raw["backup_dir"]
-        if isinstance(raw.get("keep_backups"), int) and raw["keep_backups"] >= 1:
-            cfg["keep_backups"] = raw["keep_backups"]
-        if (p.config, exc.what) not in _warned_config:
-            _warned_config.add((p.config, exc.what))
-            print(f"warning: config.json is not usable ({exc.what}); using backup_dir "
-                  f"{training_config.backup_dir(p.root, cfg)}. Fix it: `python3 state_tracker.py "
-                  "--check` names each problem.", file=sys.stderr)
-        return cfg
-
-
-def backups_dir(root, cfg: dict | None = None) -> Path:
-    return training_config.backup_dir(_p(root).root, cfg if cfg is not None else _config(root))
 
 
 def new_backup_id() -> str:
@@ -153,67 +115,6 @@ def _trainer_state(folder: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- records
-
-def _read_record(folder: Path) -> dict | None:
-    try:
-        doc = read_json(folder / RECORD, default=None)
-    except GuardrailError:
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def list_backups(root) -> list[dict]:
-    """Every published backup, oldest first; `.staging-*`/`.deleting-*` are never listed.
-
-    A folder whose backup.json is missing or unreadable is listed with status
-    "unreadable" (never as good).
-    """
-    bdir = backups_dir(root)
-    out = []
-    if not bdir.is_dir():
-        return out
-    for entry in sorted(os.listdir(bdir)):
-        if not ID_RE.fullmatch(entry) or not (bdir / entry).is_dir():
-            continue
-        rec = _read_record(bdir / entry)
-        if rec is None:
-            rec = {"id": entry, "status": "unreadable", "created_at": None, "files": {}}
-        rec = dict(rec, id=entry, path=str(bdir / entry))
-        # a hand-edited backup.json must not break every listing (sort, table, policy)
-        for key in ("created_at", "verified_at", "status"):
-            if not isinstance(rec.get(key), str):
-                rec[key] = "unknown" if key == "status" and key in rec else None
-        if rec["status"] is None:
-            rec["status"] = "unknown"
-        if not isinstance(rec.get("total_bytes"), int):
-            rec["total_bytes"] = None
-        if not (isinstance(rec.get("seq"), int) and not isinstance(rec["seq"], bool)):
-            rec["seq"] = None  # written before seq existed (or hand-edited): ranked by time
-        rec["age_seconds"] = age_seconds(rec.get("created_at"))
-        out.append(rec)
-    out.sort(key=order_key)
-    return out
-
-
-def order_key(rec: dict) -> tuple:
-    """Oldest first by `seq`, never by time: a clock that ran ahead (then NTP set it right)
-    dates a backup after the ones made later, and the ID carries that same time. Records
-    without a seq come first, among themselves by created_at, then ID."""
-    if rec["seq"] is not None:
-        return (1, rec["seq"], "", rec["id"])
-    return (0, 0, rec.get("created_at") or "", rec["id"])
-
-
-def next_seq(root) -> int:
-    """One above every listed backup's `seq`; call only holding the `backups` lock."""
-    return max((b["seq"] for b in list_backups(root) if b["seq"] is not None), default=0) + 1
-
-
-def latest_backup(root) -> dict | None:
-    """The newest backup whose last verification passed, or None."""
-    good = [b for b in list_backups(root) if b.get("status") == "verified"]
-    return good[-1] if good else None
-
 
 def _fs_dev(path: Path) -> int:
     while not path.exists() and path != path.parent:
@@ -414,7 +315,7 @@ def create_backup(root, src: str | None = None, note: str | None = None) -> dict
     nothing is ever listed that was not proven byte for byte.
     """
     p = _p(root)
-    cfg = _config(p.root)
+    cfg = config(p.root)
     bdir = backups_dir(p.root, cfg)
     folder, source, version, skip, expected = _resolve_source(p.root, src)
     # a configured folder that is missing may be a disk that is not mounted: say so
@@ -509,7 +410,7 @@ def verify_backup(root, bid: str) -> list[str]:
     Records the outcome (status, verified_at) in its backup.json.
     """
     folder = _backup_path(root, bid)
-    rec = _read_record(folder)
+    rec = read_record(folder)
     if rec is None or not isinstance(rec.get("files"), dict):
         return [f"{RECORD}: missing or unreadable"]
     problems = []
@@ -572,7 +473,7 @@ def _restore_locked(p: Paths, folder: Path, bid: str, to) -> dict:
             + "); nothing was restored", folder,
             f"List the others with `{LIST_CMD}` and check one with "
             "`python3 backup_manager.py verify ID`.")
-    rec = _read_record(folder)
+    rec = read_record(folder)
     if to is not None:
         return _restore_to(folder, rec, _check_target(p, bid, to))
     training_controller.refuse_while_training(p.root)
@@ -680,7 +581,7 @@ def prune_backups(root, keep: int | None = None, yes: bool = False) -> dict:
     never deleted.
     """
     p = _p(root)
-    cfg = _config(p.root)
+    cfg = config(p.root)
     keep = cfg["keep_backups"] if keep is None else keep
     if keep < 1:
         raise UsageError(f"--keep must be at least 1 (got {keep})", None,

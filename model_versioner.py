@@ -29,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+import backup_records
 import cli_guard
 from training_controller import refuse_while_training  # the daemon's liveness, one definition
 from model_manifest import (MANIFEST, READ_ONLY, VERSION_FILE, check_model_dir, has_weights,
@@ -216,10 +217,9 @@ def resolve_version(root, text) -> str:
         if vid is None:
             p = Paths(root)
             if not os.path.lexists(p.current_model):  # nothing to snapshot: a backup, if any
-                import backup_manager
                 b = None
                 with contextlib.suppress(GuardrailError, OSError):
-                    b = backup_manager.latest_backup(p.root)
+                    b = backup_records.latest_backup(p.root)
                 if b:
                     raise GuardrailError(
                         "no versions yet, and no current_model", p.versions,

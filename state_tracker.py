@@ -27,6 +27,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import backup_records
 import training_config
 from trainroot import (SCRIPTS_DIR, GuardrailError, Paths, add_common_args,
                        atomic_write_json, daemon_liveness, print_json, process_running,
@@ -667,18 +668,11 @@ def _backups_section(root: Path, cfg: dict, w: list) -> dict:
     bdir = training_config.backup_dir(root, cfg)
     sec = {"dir": str(bdir), "count": 0, "verified_count": 0, "latest": None,
            "latest_age_s": None, "same_filesystem": None, "problems": []}
-    records = []
-    for bid in _listdir(bdir):
-        if bid.startswith(".") or not (bdir / bid).is_dir():
-            continue  # .staging-* and .deleting-* are never backups
-        rec = _read(bdir / bid / "backup.json")
-        rec = rec if isinstance(rec, dict) else {"status": "unreadable"}
-        records.append({"id": bid, "created_at": _str(rec.get("created_at")),
-                        "verified_at": _str(rec.get("verified_at")), "status": _str(rec.get("status")),
-                        "version": _str(rec.get("version")), "global_step": _int(rec.get("global_step")),
-                        "seq": _int(rec.get("seq"))})
-    import backup_manager  # lazily, stdlib only: the one order of backups (by seq, never by time)
-    records.sort(key=backup_manager.order_key)
+    # the one listing and order of backups (by seq, never by time): backup_manager's
+    records = [{"id": r["id"], "created_at": r["created_at"], "verified_at": r["verified_at"],
+                "status": r["status"], "version": _str(r.get("version")),
+                "global_step": _int(r.get("global_step"))}
+               for r in backup_records.list_backups(root, cfg)]
     good = [r for r in records if r["status"] == "verified"]
     sec["count"], sec["verified_count"] = len(records), len(good)
     sec["problems"] = [{"id": r["id"], "status": r["status"]} for r in records

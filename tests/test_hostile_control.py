@@ -107,12 +107,14 @@ def test_state_tracker_survives_a_corrupt_manifest_and_shard_index(root, capsys)
 
 
 def test_state_tracker_survives_backup_records_with_wrong_types(root, capsys):
-    for bid, rec in (("b1", '[1]'), ("b2", '{"status": "verified", "created_at": 5}'),
-                     ("b3", '{"status": "verified", "created_at": "2026-01-01T00:00:00.000000Z"}')):
+    b1, b2, b3 = (f"b20260101T00000{i}-000{i}" for i in (1, 2, 3))
+    for bid, rec in ((b1, '[1]'), (b2, '{"status": "verified", "created_at": 5}'),
+                     (b3, '{"status": "verified", "created_at": "2026-01-01T00:00:00.000000Z"}')):
         (root / "backups" / bid).mkdir(parents=True)
         (root / "backups" / bid / "backup.json").write_text(rec)
+    (root / "backups" / "notes").mkdir()  # not a backup id: listed by neither command
     doc = state_doc(capsys, root)
-    assert doc["backups"]["count"] == 3 and doc["backups"]["latest"]["id"] == "b3"
+    assert doc["backups"]["count"] == 3 and doc["backups"]["latest"]["id"] == b3
 
 
 def test_files_where_folders_should_be_are_reported_not_fatal(root, capsys):

@@ -1,0 +1,128 @@
+"""Where backups are and what each one is (standard library only): the backup records as
+every script reads them, in the one order they have.
+
+backup_manager.py writes backups; model_versioner.py (to name the newest backup when no
+version is left) and state_tracker.py (the report) only read them, through this module,
+so neither imports the other and a backup is listed, ordered and typed one way.
+
+    import backup_records
+    newest = backup_records.latest_backup(root)      # newest verified, or None
+    for rec in backup_records.list_backups(root):    # oldest first, by seq
+        print(rec["id"], rec["status"])
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import training_config
+from trainroot import GuardrailError, Paths, age_seconds, read_json, resolve_root
+
+RECORD = "backup.json"
+ID_RE = re.compile(r"b\d{8}T\d{6}-[0-9a-f]{4}")
+
+
+def _p(root) -> Paths:
+    return Paths(resolve_root(root))
+
+
+_warned_config: set = set()  # a broken config is reported once per process, not per lookup
+
+
+def config(root) -> dict:
+    """The root's config; the defaults when there is no config.json yet.
+
+    A corrupt or invalid config.json must not lock anyone out of their backups (restoring
+    one may be how they recover): its `backup_dir` and `keep_backups` are used when they
+    can be read, the defaults otherwise, with a warning on stderr.
+    """
+    p = _p(root)
+    if not p.config.exists():
+        return training_config.default_config()
+    try:
+        return training_config.load_config(p.root)
+    except GuardrailError as exc:
+        try:
+            raw = read_json(p.config, default=None)
+        except GuardrailError:
+            raw = None
+        raw = raw if isinstance(raw, dict) else {}
+        cfg = training_config.default_config()
+        if isinstance(raw.get("backup_dir"), str) and raw["backup_dir"]:
+            cfg["backup_dir"] = raw["backup_dir"]
+        if isinstance(raw.get("keep_backups"), int) and raw["keep_backups"] >= 1:
+            cfg["keep_backups"] = raw["keep_backups"]
+        if (p.config, exc.what) not in _warned_config:
+            _warned_config.add((p.config, exc.what))
+            print(f"warning: config.json is not usable ({exc.what}); using backup_dir "
+                  f"{training_config.backup_dir(p.root, cfg)}. Fix it: `python3 state_tracker.py "
+                  "--check` names each problem.", file=sys.stderr)
+        return cfg
+
+
+def backups_dir(root, cfg: dict | None = None) -> Path:
+    return training_config.backup_dir(_p(root).root, cfg if cfg is not None else config(root))
+
+
+def read_record(folder: Path) -> dict | None:
+    try:
+        doc = read_json(folder / RECORD, default=None)
+    except GuardrailError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def list_backups(root, cfg: dict | None = None) -> list[dict]:
+    """Every published backup, oldest first; `.staging-*`/`.deleting-*` are never listed.
+
+    A folder whose backup.json is missing or unreadable is listed with status
+    "unreadable" (never as good).
+    """
+    bdir = backups_dir(root, cfg)
+    out = []
+    if not bdir.is_dir():
+        return out
+    for entry in sorted(os.listdir(bdir)):
+        if not ID_RE.fullmatch(entry) or not (bdir / entry).is_dir():
+            continue
+        rec = read_record(bdir / entry)
+        if rec is None:
+            rec = {"id": entry, "status": "unreadable", "created_at": None, "files": {}}
+        rec = dict(rec, id=entry, path=str(bdir / entry))
+        # a hand-edited backup.json must not break every listing (sort, table, policy)
+        for key in ("created_at", "verified_at", "status"):
+            if not isinstance(rec.get(key), str):
+                rec[key] = "unknown" if key == "status" and key in rec else None
+        if rec["status"] is None:
+            rec["status"] = "unknown"
+        if not isinstance(rec.get("total_bytes"), int):
+            rec["total_bytes"] = None
+        if not (isinstance(rec.get("seq"), int) and not isinstance(rec["seq"], bool)):
+            rec["seq"] = None  # written before seq existed (or hand-edited): ranked by time
+        rec["age_seconds"] = age_seconds(rec.get("created_at"))
+        out.append(rec)
+    out.sort(key=order_key)
+    return out
+
+
+def order_key(rec: dict) -> tuple:
+    """Oldest first by `seq`, never by time: a clock that ran ahead (then NTP set it right)
+    dates a backup after the ones made later, and the ID carries that same time. Records
+    without a seq come first, among themselves by created_at, then ID."""
+    if rec["seq"] is not None:
+        return (1, rec["seq"], "", rec["id"])
+    return (0, 0, rec.get("created_at") or "", rec["id"])
+
+
+def next_seq(root) -> int:
+    """One above every listed backup's `seq`; call only holding the `backups` lock."""
+    return max((b["seq"] for b in list_backups(root) if b["seq"] is not None), default=0) + 1
+
+
+def latest_backup(root) -> dict | None:
+    """The newest backup whose last verification passed, or None."""
+    good = [b for b in list_backups(root) if b.get("status") == "verified"]
+    return good[-1] if good else None
