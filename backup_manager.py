@@ -23,7 +23,6 @@ import contextlib
 import errno
 import json
 import os
-import re
 import secrets
 import shlex
 import shutil
@@ -35,13 +34,12 @@ from pathlib import Path
 
 import cli_guard
 from backup_records import (ID_RE, RECORD, backups_dir, config, latest_backup,  # noqa: F401
-                            list_backups, next_seq, order_key, read_record)
-import training_config
+                            list_backups, next_seq, read_record)
 import training_controller
 from model_manifest import MANIFEST, has_weights, write_manifest
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
-                       age_seconds, atomic_write_json, fsync_dir, parse_time, print_json, read_json,
-                       rename_noreplace, resolve_root, run_cli, utc_now)
+                       atomic_write_json, fsync_dir, parse_time, print_json, read_json,
+                       rename_noreplace, resolve_root, run_cli, subcommands, utc_now)
 from verified_copy import copy_tree_verified, hash_file, list_files, set_idle_priority
 
 SCHEMA_VERSION = 1
@@ -780,14 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backup_manager.py",
                                       description=__doc__.split("\n")[0])
     add_common_args(parser)
-    sub = parser.add_subparsers(metavar="COMMAND", required=True)
-
-    def add(name, func, **kw):
-        sp = sub.add_parser(name, help=func.__doc__, description=func.__doc__, **kw)
-        add_common_args(sp)
-        sp.set_defaults(func=cli_guard.guarded(func))
-        return sp
-
+    add = subcommands(parser, wrap=cli_guard.guarded)
     sp = add("backup", cmd_backup)
     sp.add_argument("src", nargs="?", default=None,
                     help="current_model (default), or a version: vNNN, a tag or latest (or the "

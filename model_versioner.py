@@ -36,7 +36,8 @@ from model_manifest import (MANIFEST, READ_ONLY, VERSION_FILE, check_model_dir, 
                             read_manifest, verify_files, walk, write_manifest)
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
                        atomic_write_json, exchange_paths, fsync_dir, print_json,
-                       read_json, rename_noreplace, resolve_root, run_cli, sha256_file, utc_now)
+                       read_json, rename_noreplace, resolve_root, run_cli, sha256_file,
+                       subcommands, utc_now)
 
 SCHEMA_VERSION = 1
 TAGS_FILE = "tags.json"
@@ -1086,14 +1087,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="model_versioner.py",
                                       description=__doc__.split("\n")[0])
     add_common_args(parser)
-    sub = parser.add_subparsers(metavar="COMMAND", required=True)
+    add_command = subcommands(parser, wrap=cli_guard.guarded)
 
     def add(name, func, *arguments):
-        sp = sub.add_parser(name, help=func.__doc__.split("\n")[0], description=func.__doc__)
-        add_common_args(sp)
+        sp = add_command(name, func)
         for flags, kwargs in arguments:
             sp.add_argument(*flags, **kwargs)
-        sp.set_defaults(func=cli_guard.guarded(func))
 
     add("list", cmd_list)
     add("show", cmd_show, (("version",), {"metavar": "V"}))

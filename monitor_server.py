@@ -632,12 +632,9 @@ def _port(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monitor_server.py", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(metavar="COMMAND")
-    p = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
-    trainroot.add_common_args(p, json_flag=False)
+    p = trainroot.subcommands(parser, json_flag=False)("serve", cmd_serve)
     p.add_argument("--port", type=_port, default=None, help="port on 127.0.0.1 (0: any free one)")
     p.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)  # the daemon's pid
-    p.set_defaults(func=cmd_serve)
     return parser
 
 

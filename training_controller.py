@@ -31,7 +31,8 @@ from pathlib import Path
 from trainroot import (BOOT_CLOCK, EXIT_FAILURE, BusyError, FileLock, GuardrailError, Paths,
                        add_common_args, age_seconds, atomic_write_json, atomic_write_text, boot_id,
                        daemon_liveness, fsync_dir, parse_time, print_json, read_json,
-                       rename_noreplace, resolve_root, run_cli, unique_path, utc_now)
+                       rename_noreplace, resolve_root, run_cli, subcommands, unique_path,
+                       utc_now)
 
 log = logging.getLogger("training_controller")
 
@@ -840,13 +841,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="training_controller.py",
                                      description=__doc__.split("\n\n")[0])
     add_common_args(parser)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add = subcommands(parser)
     for name, func in (("stop", cmd_stop), ("pause", cmd_pause), ("resume", cmd_resume),
                        ("skip", cmd_skip), ("status", cmd_status),
                        ("approve-config", cmd_approve_config)):
-        sp = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
-        add_common_args(sp)
-        sp.set_defaults(func=func)
+        sp = add(name, func)
         if name in ("stop", "pause", "resume", "skip"):
             sp.add_argument("--reason", metavar="TEXT", help="why (kept in the request and logs)")
             sp.add_argument("--wait", nargs="?", type=_seconds, const=DEFAULT_WAIT_S, default=None,

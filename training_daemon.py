@@ -38,7 +38,7 @@ import torchrun_job
 import training_queue
 import trainroot
 from root_init import init_root  # noqa: F401  (training_daemon.init_root, as documented)
-from trainroot import GuardrailError, Paths, add_common_args, print_json, resolve_root
+from trainroot import GuardrailError, Paths, add_common_args, print_json, resolve_root, subcommands
 
 SCRIPTS = Path(__file__).resolve().parent
 
@@ -1116,18 +1116,14 @@ def cmd_run(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="training_daemon.py", description=__doc__.split("\n\n")[0])
     add_common_args(parser)
-    sub = parser.add_subparsers(dest="command")
-    p_init = sub.add_parser("init", help=cmd_init.__doc__, description=cmd_init.__doc__)
-    add_common_args(p_init)
+    add = subcommands(parser)
+    p_init = add("init", cmd_init)
     p_init.add_argument("--base", default="tiny", metavar="tiny|PATH",
                         help="'tiny' builds a small model locally; PATH copies a local HF folder")
-    p_init.set_defaults(func=cmd_init)
-    p_run = sub.add_parser("run", help=cmd_run.__doc__, description=cmd_run.__doc__)
-    add_common_args(p_run)
+    p_run = add("run", cmd_run)
     p_run.add_argument("--once", action="store_true",
                        help="train everything queued (inbox included), then exit 0")
     p_run.add_argument("--no-monitor", action="store_true", help="do not start the live monitor")
-    p_run.set_defaults(func=cmd_run)
     return parser
 
 

@@ -34,7 +34,7 @@ import trainroot
 from trainroot import (SCRIPTS_DIR, GuardrailError, Paths, UsageError, add_common_args,
                        atomic_write_json,
                        print_json, read_json, rename_noreplace, resolve_root, run_cli,
-                       sha256_file, utc_now)
+                       sha256_file, subcommands, utc_now)
 
 SCHEMA_VERSION = 1
 PRIORITIES = ("high", "normal", "low")
@@ -885,12 +885,10 @@ def _os_errors_as_guardrail(func):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="training_queue.py", description=__doc__.split("\n\n")[0])
     add_common_args(parser)
-    sub = parser.add_subparsers(dest="command")
+    add = subcommands(parser, wrap=_os_errors_as_guardrail)
     for name, func in (("list", cmd_list), ("status", cmd_status), ("add", cmd_add),
                        ("set-priority", cmd_set_priority), ("remove", cmd_remove)):
-        sp = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
-        add_common_args(sp)
-        sp.set_defaults(func=_os_errors_as_guardrail(func))
+        sp = add(name, func)
         named = ("a queued file's name as `list` shows it, or PRIORITY/NAME (put `--` before "
                  "a name starting with '-')")
         if name == "add":

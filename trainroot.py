@@ -595,6 +595,24 @@ def add_common_args(parser: argparse.ArgumentParser, json_flag: bool = True) -> 
                             help="print exactly one JSON document on stdout")
 
 
+def subcommands(parser: argparse.ArgumentParser, *, wrap=None, json_flag: bool = True):
+    """The one way every script builds its sub-commands: returns `add(name, func)`, which
+    adds sub-command `name` run by handler `func` (help from its docstring's first line,
+    description from the whole), with `--root` (and `--json`), and returns the sub-parser
+    for its own arguments. `wrap` wraps each handler (cli_guard.guarded, say). No command
+    given is run_cli's usage error, the same for every script."""
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, func, *, json_out: bool = json_flag, root: bool = True) -> argparse.ArgumentParser:
+        doc = (func.__doc__ or "").strip()
+        sp = sub.add_parser(name, help=doc.split("\n")[0], description=doc)
+        if root:
+            add_common_args(sp, json_out)
+        sp.set_defaults(func=wrap(func) if wrap else func)
+        return sp
+    return add
+
+
 def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()

@@ -160,7 +160,6 @@ def test_a_dropped_connection_leaves_no_traceback_in_the_log(tmp_root):
 def test_browser_keeps_hostile_strings_as_text(tmp_root, tmp_path):
     """Hostile file names stay text, and one NaN-laden metrics line does not blank the page
     (before the fix the page showed "not responding": JSON.parse refused the answer)."""
-    pytest.importorskip("state_tracker")
     p = trainroot.Paths(tmp_root)
     p.ensure()
     (p.processing / HOSTILE).write_text('{"text": "hi"}\n')

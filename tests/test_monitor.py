@@ -411,7 +411,7 @@ def test_metrics_bad_parameters(server, query):
 # --------------------------------------------------------------------------- /api/state
 
 def test_state_is_the_state_tracker_document(server, tmp_root):
-    state_tracker = pytest.importorskip("state_tracker")
+    import state_tracker
     write_metrics(tmp_root, range(1, 11))
     doc = get_json(server.port, "/api/state")
     expected = json.loads(json.dumps(state_tracker.build_state(tmp_root), default=str))
@@ -570,7 +570,6 @@ def png_size(path: Path) -> tuple[int, int]:
 @pytest.mark.slow
 def test_browser_renders_a_training_root(initialized_root, tmp_path):
     """The real page in headless Chromium over a root mid-training (state written per design.md)."""
-    pytest.importorskip("state_tracker")
     file_name = simulate_training_daemon(initialized_root)
     handle = monitor_server.start_in_thread(initialized_root, 0)
     try:
@@ -606,7 +605,6 @@ class _DyingHandler(monitor_server.MonitorHandler):
 @needs_chromium
 @pytest.mark.slow
 def test_browser_shows_not_responding_instead_of_stale_numbers(tmp_root, tmp_path):
-    pytest.importorskip("state_tracker")
     write_metrics(tmp_root, range(1, 50))
     server = monitor_server.make_server(tmp_root, 0)
     server.RequestHandlerClass = _DyingHandler
@@ -637,10 +635,9 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_browser_against_a_running_daemon(initialized_root, tmp_path):
     """The page served by `training_daemon.py run` on the tiny model, rendered mid-file."""
-    training_daemon = pytest.importorskip("training_daemon")
+    import training_daemon
     if not hasattr(training_daemon, "cmd_run"):
         pytest.skip("training_daemon.py has no `run` yet")
-    pytest.importorskip("validate_data")  # the daemon validates each file it takes
     import training_config
     root = initialized_root
     port = free_port()
@@ -697,7 +694,7 @@ def test_daemon_runs_on_when_the_monitor_port_is_taken(initialized_root):
     The queue is empty so that no torch is imported: training a file here costs ~25 s of
     the test budget, and the daemon's code path after the log line is the same.
     """
-    training_daemon = pytest.importorskip("training_daemon")
+    import training_daemon
     if not hasattr(training_daemon, "cmd_run"):
         pytest.skip("training_daemon.py has no `run` yet")
     import training_config

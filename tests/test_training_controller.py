@@ -498,25 +498,6 @@ def test_approve_config_is_refused_while_a_file_is_part_way_trained(root, capsys
 
 # --------------------------------------------------------------------------- a real daemon
 
-def _daemon_can_run() -> str | None:
-    """Why the real-daemon tests cannot run yet, or None if they can."""
-    import importlib.util
-    missing = [m for m in ("training_daemon", "training_engine", "model_versioner", "validate_data")
-               if importlib.util.find_spec(m) is None]
-    if missing:
-        return f"the real daemon needs {', '.join(m + '.py' for m in missing)}, not written yet"
-    try:
-        import training_daemon
-        training_daemon.build_parser().parse_args(["run", "--once"])
-    except (ImportError, AttributeError) as exc:
-        return f"training_daemon.py is not importable yet ({exc})"
-    except SystemExit:
-        return "training_daemon.py has no `run [--once]` command yet"
-    return None
-
-
-real_daemon = pytest.mark.skipif(_daemon_can_run() is not None, reason=str(_daemon_can_run()))
-
 TINY = {"max_length": 32, "batch_size": 2, "checkpoint_every_steps": 1, "settle_seconds": 0.2,
         "num_threads": 1,  # same threads in every run (bitwise equality), and kind to a busy CI
         "rescan_seconds": 0.5, "monitor_port": 0, "backup_every_files": 0, "backup_every_hours": 0.0}
@@ -566,8 +547,6 @@ daemons = daemon_fixture(Daemon)
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_model_dir) -> dict:
     """Final weights of one uninterrupted run over notes.jsonl: what every test must equal."""
-    if _daemon_can_run():
-        pytest.skip(_daemon_can_run())
     root = prepare_root(tmp_path_factory.mktemp("ref") / "root", tiny_model_dir)
     drop(root)
     d = Daemon(root, "--once")
@@ -603,7 +582,6 @@ def stop_together(root: Path, daemon: subprocess.Popen, n: int = 2) -> list[dict
 # One daemon life story instead of four separate ones: each daemon start costs an import of
 # torch + transformers, and the suite has a time budget. Every interruption below must leave
 # the final weights bitwise equal to the uninterrupted run's.
-@real_daemon
 @pytest.mark.slow
 def test_pause_resume_stop_kept_pause_and_sigterm_all_end_in_the_uninterrupted_weights(
         tmp_path, tiny_model_dir, uninterrupted, daemons):
@@ -661,7 +639,6 @@ def test_pause_resume_stop_kept_pause_and_sigterm_all_end_in_the_uninterrupted_w
     assert_same_weights(weights(root / "current_model"), uninterrupted["weights"])
 
 
-@real_daemon
 @pytest.mark.slow
 def test_skip_discard_restores_the_version_before_the_file_and_skip_keeps_the_training(
         tmp_path, tiny_model_dir, daemons):

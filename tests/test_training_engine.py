@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 import training_engine as te
+import validate_data  # the record parser the engine reads through
 from conftest import REPO, engine_root, write_jsonl
 from trainroot import GuardrailError, Paths, read_json, sha256_file
-validate_data = pytest.importorskip("validate_data")  # the record parser the engine reads through
 
 FAST = dict(max_length=32, batch_size=2, grad_accum_steps=2, num_threads=1, warmup_steps=3,
             checkpoint_every_steps=1, checkpoint_every_minutes=0.0, keep_checkpoints=2,
