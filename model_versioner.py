@@ -35,6 +35,7 @@ from model_manifest import (MANIFEST, READ_ONLY, VERSION_FILE, check_model_dir, 
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
                        atomic_write_json, exchange_paths, fsync_dir, pid_alive, print_json,
                        read_json, rename_noreplace, resolve_root, run_cli, sha256_file, utc_now)
+from trainroot import model_lock
 
 SCHEMA_VERSION = 1
 TAGS_FILE = "tags.json"
@@ -627,7 +628,8 @@ def restore_version(root, vid, reason: str = "restore") -> dict:
     """
     p = Paths(root)
     refuse_while_training(p.root)
-    with _versions_lock(p, f"restore {vid}"):
+    # the model lock: never in the window between the daemon taking a file and its training
+    with model_lock(p.root, f"restore {vid}"), _versions_lock(p, f"restore {vid}"):
         vid = resolve_version(p.root, vid)
         return _restore_locked(p, vid, f"pre-{reason}")  # pre-restore, pre-backup-restore, ...
 
@@ -709,7 +711,7 @@ def rollback(root) -> dict:
     """Undo the last training: current_model becomes the version taken before it."""
     p = Paths(root)
     refuse_while_training(p.root)
-    with _versions_lock(p, "rollback"):
+    with model_lock(p.root, "rollback"), _versions_lock(p, "rollback"):
         return _restore_locked(p, rollback_target(p.root), "pre-rollback")
 
 
