@@ -38,8 +38,8 @@ from backup_records import (ID_RE, RECORD, backups_dir, config, latest_backup,  
 import training_controller
 from model_manifest import MANIFEST, has_weights, write_manifest
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
-                       atomic_write_json, fsync_dir, parse_time, print_json, read_json,
-                       rename_noreplace, resolve_root, run_cli, subcommands, utc_now)
+                       atomic_write_json, fsync_dir, model_lock, parse_time, print_json,
+                       read_json, rename_noreplace, resolve_root, run_cli, subcommands, utc_now)
 from verified_copy import copy_tree_verified, hash_file, list_files, set_idle_priority
 
 SCHEMA_VERSION = 1
@@ -457,7 +457,12 @@ def restore_backup(root, bid: str, to: str | os.PathLike | None = None) -> dict:
         raise UsageError("--to needs a folder", None, "Give a new or empty folder: --to DIR.")
     folder = _backup_path(p.root, bid)
     with _lock(p.root, f"restore {bid}", bdir=backups_dir(p.root)):  # prune must not delete it under our feet
-        return _restore_locked(p, folder, bid, to)
+        if to is not None:
+            return _restore_locked(p, folder, bid, to)
+        # The model lock from before the check to the publish: the daemon takes no file from
+        # the queue meanwhile, and no file's end-of-file publish can undo this restore.
+        with model_lock(p.root, f"restore backup {bid}"):
+            return _restore_locked(p, folder, bid, to)
 
 
 def _restore_locked(p: Paths, folder: Path, bid: str, to) -> dict:

@@ -35,7 +35,7 @@ from training_controller import refuse_while_training  # the daemon's liveness, 
 from model_manifest import (MANIFEST, READ_ONLY, VERSION_FILE, check_model_dir, has_weights,
                             read_manifest, verify_files, walk, write_manifest)
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
-                       atomic_write_json, exchange_paths, fsync_dir, print_json,
+                       atomic_write_json, exchange_paths, fsync_dir, model_lock, print_json,
                        read_json, rename_noreplace, resolve_root, run_cli, sha256_file,
                        subcommands, utc_now)
 
@@ -635,7 +635,8 @@ def restore_version(root, vid, reason: str = "restore") -> dict:
     """
     p = Paths(root)
     refuse_while_training(p.root)
-    with _versions_lock(p, f"restore {vid}"):
+    # the model lock: never in the window between the daemon taking a file and its training
+    with model_lock(p.root, f"restore {vid}"), _versions_lock(p, f"restore {vid}"):
         vid = resolve_version(p.root, vid)
         return _restore_locked(p, vid, f"pre-{reason}")  # pre-restore, pre-backup-restore, ...
 
@@ -724,7 +725,7 @@ def rollback(root) -> dict:
     """Undo the last training: current_model becomes the version taken before it."""
     p = Paths(root)
     refuse_while_training(p.root)
-    with _versions_lock(p, "rollback"):
+    with model_lock(p.root, "rollback"), _versions_lock(p, "rollback"):
         return _restore_locked(p, rollback_target(p.root), "pre-rollback")
 
 

@@ -153,6 +153,8 @@ def init_root(root, base: str = "tiny") -> dict:
                                  p.current_model, f"Check it with `{STATUS_COMMAND}`.")
         import model_versioner
         import training_engine  # the only torch import, paid here and only here
+        for old in p.staging.glob("init-*"):  # a killed init's copy (inits hold this lock)
+            shutil.rmtree(old, ignore_errors=True)
         staged = Path(tempfile.mkdtemp(prefix="init-", dir=p.staging))
         model_dir = staged / "model"
         try:

@@ -37,6 +37,7 @@ SCHEMA_VERSION = 1
 STALL_AFTER_S = 120.0           # a training daemon writes its heartbeat about once a second
 PAUSED_LONG_S = 3600.0          # paused for an hour is worth a line in the report
 LOCK_HELD_LONG_S = 3600.0       # versions/config locks are held for seconds; backups minutes
+TRAINING_LOCKS = ("daemon", "model", "engine")  # held while the daemon runs / one file trains
 METRICS_TAIL_BYTES = 64 * 1024  # metrics.jsonl may be a year long: read only its tail
 MODEL_SPACE_FACTOR = 4          # next save (1x) + checkpoint weights (1x) + AdamW state (2x)
 CHECK_VERSIONS = 20             # versions given the cheap check each run (plus tagged ones)
@@ -816,8 +817,10 @@ def _locks_section(root: Path, daemon: dict, w: list) -> list:
                  "since": holder.get("since"), "held_s": _round(age, 1),
                  "holder_running": process_running(pid), "stale": False}
         # A flock outlives its recorded pid only through an inherited descriptor (a child
-        # of a dead holder); non-daemon locks are held for seconds or minutes, not hours.
-        if not entry["holder_running"] or (lock != "daemon" and age and age > LOCK_HELD_LONG_S):
+        # of a dead holder); the daemon's locks (daemon; model and engine for as long as one
+        # file trains) may be held for hours, the others for seconds or minutes.
+        if not entry["holder_running"] or (lock not in TRAINING_LOCKS and age
+                                           and age > LOCK_HELD_LONG_S):
             entry["stale"] = True
             path = p.locks / name
             _warn(w, "LOCK_STALE", "warning",

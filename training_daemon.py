@@ -230,6 +230,7 @@ class Daemon(inbox_files.InboxIntake):
         self._refused_config: tuple | None = None
         self._recheck_at = 0.0  # a paused pre-flight (or engine refusal) is re-checked then
         self._import_thread: threading.Thread | None = None
+        self._waiting_for: str | None = None      # the lock holders a queued file waits for
         self._engine = None
         self._observer = None
         self._monitor = None
@@ -363,10 +364,18 @@ class Daemon(inbox_files.InboxIntake):
                     self.ack(req, "noop", "nothing is training")
                 else:
                     discard = bool((req.get("options") or {}).get("discard"))
-                    self._finish_skipped(data, discard, "skipped by request"
-                                         + (f": {req['reason']}" if req.get("reason") else ""))
+                    try:
+                        restored = self._finish_skipped(
+                            data, discard, "skipped by request"
+                            + (f": {req['reason']}" if req.get("reason") else ""))
+                    except trainroot.BusyError as exc:  # a restore held current_model throughout
+                        self.ack(req, "failed", f"{exc}; {data.name} stays in processing/: send "
+                                                "the skip again once it has finished")
+                        continue
                     self.ack(req, "done", f"{data.name} moved to skipped/"
-                             + (" and the version before it restored" if discard else ""))
+                             + (" and the version before it restored" if restored else
+                                " (current_model, replaced while it waited, kept)" if discard
+                                else ""))
 
     def control_training(self):
         """The engine's callback between micro-batches: None or stop/pause/skip."""
@@ -493,6 +502,35 @@ class Daemon(inbox_files.InboxIntake):
         return None
 
     def process(self, data: Path) -> None:
+        """Train one file holding the model lock (and, in-process, the engine lock) from
+        before it is taken from the queue to its end-of-file publish or its pause: no
+        restore, rollback, backup restore or engine CLI lands in between (docs/design.md,
+        "The root"). While someone else holds them the file waits in the queue."""
+        import training_config
+        nproc = int(training_config.load_config(self.p.root).get("nproc_per_node") or 1)
+        held = contextlib.ExitStack()
+        try:
+            held.enter_context(trainroot.model_lock(self.p.root, f"training {data.name}",
+                                                    timeout=IDLE_TICK_S))
+            engine_lock = trainroot.FileLock(self.p.lock("engine"), f"training_daemon {data.name}")
+            if nproc == 1:  # in-process; a torchrun job's rank 0 takes it itself
+                held.callback(engine_lock.acquire(timeout=0).release)
+            elif trainroot.read_lock_holder(engine_lock.path):
+                raise trainroot.BusyError("engine busy", engine_lock.path)
+        except trainroot.BusyError:
+            held.close()
+            holders = [(n, trainroot.read_lock_holder(self.p.lock(n))) for n in ("model", "engine")]
+            busy = "; ".join(f"pid {h.get('pid')} ({h.get('purpose')}) holds {n}.lock"
+                             for n, h in holders if h)
+            if busy != self._waiting_for:  # once per holder, not every tick
+                self._waiting_for = busy
+                self.log.info("%s waits: %s", data.name, busy or "a lock was busy")
+            return
+        self._waiting_for = None
+        with held:
+            self._process(data)
+
+    def _process(self, data: Path) -> None:
         """Pre-flight, snapshot, train, and move the file to done/ (or skipped/, failed/)."""
         import model_versioner
         import training_config
@@ -544,6 +582,18 @@ class Daemon(inbox_files.InboxIntake):
             timings["snapshot_s"] = round(time.monotonic() - t0, 4)
             state = _trainer_state(self.p.current_model)
             update.update(version_before=_version_id(before), timings=timings,
+                          global_step_before=state.get("global_step"),
+                          tokens_seen_before=state.get("tokens_seen"))
+        elif (now := self._model_changed(rec)) is not None:
+            # restored or rolled back while the file waited (paused, stopped): the engine
+            # restarts the file on that model, so the record starts there too, and
+            # `skip --discard` restores it rather than undoing the restore
+            before = model_versioner.create_version(self.p.root, f"pre-train:{data.name}")
+            state = _trainer_state(self.p.current_model)
+            self.log.warning("%s: current_model changed while the file waited (%s, was %s); the "
+                             "file restarts from %s", data.name, now, rec["version_before"],
+                             _version_id(before))
+            update.update(version_before=_version_id(before),
                           global_step_before=state.get("global_step"),
                           tokens_seen_before=state.get("tokens_seen"))
         nproc = int(cfg.get("nproc_per_node") or 1)
@@ -789,13 +839,32 @@ class Daemon(inbox_files.InboxIntake):
     def _request_reason(base: str, req: dict | None) -> str:
         return base + (f": {req['reason']}" if req and req.get("reason") else "")
 
-    def _restore_before(self, data: Path) -> None:
+    def _model_changed(self, rec: dict) -> str | None:
+        """What current_model is now if it is neither the file's own progress nor the version
+        taken before it (a restore, rollback or backup restore while the file waited), else None."""
+        import model_versioner
+        if _trainer_state(self.p.current_model).get("file_id") == rec.get("file_id"):
+            return None
+        now = model_versioner.current_version(self.p.root)
+        return None if now == rec.get("version_before") else (now or "an unversioned model")
+
+    def _restore_before(self, data: Path) -> bool:
+        """Restore the version taken before the file; False if current_model holds nothing of
+        the file (replaced by a person while it waited), which then stays."""
         import model_versioner
         rec = training_queue.read_record(data)
-        if rec.get("version_before"):
+        if not rec.get("version_before"):
+            return False
+        with trainroot.model_lock(self.p.root, f"training {data.name}", timeout=30):
+            now = self._model_changed(rec)
+            if now is not None:  # nothing of this file is in it: a person's restore stays
+                self.log.warning("%s: not restoring %s: current_model was replaced (%s) while "
+                                 "the file waited", data.name, rec["version_before"], now)
+                return False
             model_versioner.restore_version(self.p.root, rec["version_before"])
-            self.log.warning("%s: restored %s (the version before it)", data.name,
-                             rec["version_before"])
+        self.log.warning("%s: restored %s (the version before it)", data.name,
+                         rec["version_before"])
+        return True
 
     def _finish_done(self, data: Path, result: dict) -> None:
         import model_versioner
@@ -841,9 +910,9 @@ class Daemon(inbox_files.InboxIntake):
         self.log.error("%s: failed - %s", dst.name, reason)
 
     def _finish_skipped(self, data: Path, discard: bool, reason: str,
-                        result: dict | None = None) -> None:
-        if discard:
-            self._restore_before(data)
+                        result: dict | None = None) -> bool:
+        """Move the file to skipped/; True if `discard` restored the version before it."""
+        restored = self._restore_before(data) if discard else False
         rec = self._final_record(data)
         rec.update(outcome="skipped", reason=reason, discarded=discard,
                    finished_at=trainroot.utc_now())
@@ -863,6 +932,7 @@ class Daemon(inbox_files.InboxIntake):
         self.current = self.progress = None
         if self.state == "paused" and self.pause_kind in ("request", "spike"):
             pass  # a skip while paused keeps the pause: resume is a separate decision
+        return restored
 
     # ---------------------------------------------------------------- backups
 

@@ -488,6 +488,30 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
     return final
 
 
+STAGING_PREFIXES = ("checkpoint-", "old-checkpoint-", "model-")  # ROOT/.staging/: the engine's
+
+
+def clean_staging(root) -> list[str]:
+    """Remove what a killed engine left in `.staging/` (a half-written checkpoint or model:
+    gigabytes on a real model). Only the engine writes these names, and one engine trains a
+    root at a time (the engine lock), so any found when a file starts are leftovers."""
+    p = Paths(root)
+    removed = []
+    try:
+        names = os.listdir(p.staging)
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for name in names:
+        path = p.staging / name
+        if name.startswith(STAGING_PREFIXES) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    if removed:
+        log.info("removed %d leftover(s) of a killed run from %s: %s", len(removed), p.staging,
+                 ", ".join(sorted(removed)))
+    return removed
+
+
 def prune_checkpoints(root, keep: int) -> list[str]:
     """Keep the newest `keep` checkpoints plus the newest end-of-file one (optimizer carry)."""
     p = Paths(root)
@@ -698,6 +722,8 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     # float16 autocast needs loss scaling on CUDA and CPU alike (torch >= 2.3 has a CPU scaler)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
 
+    if writer:
+        clean_staging(root)
     model, tokenizer, state = load_current_model(root, device)
     positions = model_max_positions(model.config.to_dict())
     if positions and int(config["max_length"]) > positions:
@@ -1157,7 +1183,7 @@ def cmd_train(args) -> int:
     lock = FileLock(Paths(root).lock("engine"), "training_engine train") if rank == 0 else None
     try:
         if lock:
-            lock.acquire(timeout=ENGINE_LOCK_WAIT_S)
+            _take_engine_lock(root, lock, for_daemon=bool(channel))
         if world_size > 1:
             # every rank reads current_model and its checkpoint only once rank 0 holds the
             # lock: an orphaned job still saving would otherwise split the ranks' positions
@@ -1178,6 +1204,35 @@ def cmd_train(args) -> int:
         else:
             print(f"{result['status']}: {result['message']}")
     return 0 if result["status"] in ("completed", "stopped", "paused", "skipped") else 1
+
+
+def _take_engine_lock(root, lock: FileLock, *, for_daemon: bool) -> None:
+    """The engine lock for `train`. A job the daemon launched (its channel in the environment)
+    waits for a previous job's rank 0 to finish saving; run by hand, it refuses at once while
+    a daemon is live or anyone trains: two writers would publish current_model and prune each
+    other's checkpoints (docs/design.md, "The root")."""
+    if for_daemon:
+        lock.acquire(timeout=ENGINE_LOCK_WAIT_S)
+        return
+    from trainroot import BusyError, STOP_WAIT_COMMAND, read_lock_holder
+    p = Paths(root)
+    for name in ("daemon", "engine"):
+        holder = read_lock_holder(p.lock(name))
+        if holder is None and name == "engine":
+            try:
+                lock.acquire(timeout=0)
+                return
+            except BusyError:  # taken in between: name the holder as below
+                holder = read_lock_holder(p.lock(name)) or {}
+        if holder is None:
+            continue
+        pid, purpose = holder.get("pid") or "?", holder.get("purpose") or "unknown"
+        if name == "daemon" or purpose.startswith("training_daemon"):
+            raise BusyError(f"the training daemon (pid {pid}) is running on this root", p.root,
+                            f"Stop it first with `{STOP_WAIT_COMMAND}` (or drop the file into "
+                            "inbox/ for the daemon to train), then run this again.")
+        raise BusyError(f"pid {pid} ({purpose}) is training this root", p.lock(name),
+                        "Wait for it to finish, then run this again.")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ import json
 import os
 import stat
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -105,7 +106,8 @@ class Paths:
         self.default_backups = r / "backups"
 
     def lock(self, name: str) -> Path:
-        """The lock file for one concern: `daemon`, `versions`, `config`, `backups`."""
+        """The lock file for one concern: `daemon`, `model`, `engine`, `versions`, `config`,
+        `backups`."""
         return self.locks / f"{name}.lock"
 
     def runtime_dirs(self) -> list[Path]:
@@ -582,6 +584,46 @@ def daemon_liveness(root: str | os.PathLike, state: dict | None) -> dict:
         verdict = "stopped" if state.get("state") in (None, "stopped") else "dead"
     return {"alive": alive, "pid": pid if alive else None, "last_pid": last_pid,
             "holder": holder, "heartbeat_age": age, "fresh": fresh, "verdict": verdict}
+MODEL_LOCK_WAIT_S = 2.0  # a restore waits this long for the daemon, then says how to stop it
+STOP_WAIT_COMMAND = "python3 training_controller.py stop --wait"
+_model_held = threading.local()
+
+
+@contextlib.contextmanager
+def model_lock(root: str | os.PathLike, purpose: str, timeout: float = MODEL_LOCK_WAIT_S):
+    """Hold `.locks/model.lock`, the right to decide what current_model is (docs/design.md,
+    "The root"): the daemon from taking a file from the queue to that file's end-of-file
+    publish (or its pause), a restore, a rollback, a backup restore. Re-entrant within one
+    thread (the daemon's own loss-guard and `skip --discard` restores run under its hold).
+    Busy after `timeout` s: BusyError naming the holder (and, for the daemon, the stop command)."""
+    if getattr(_model_held, "depth", 0):
+        _model_held.depth += 1
+        try:
+            yield
+        finally:
+            _model_held.depth -= 1
+        return
+    path = Paths(Path(root)).lock("model")
+    try:
+        lock = FileLock(path, purpose).acquire(timeout=timeout)
+    except BusyError:
+        holder = read_lock_holder(path) or {}
+        doing = holder.get("purpose") or "unknown"
+        if doing.startswith("training "):
+            what = (f"the daemon (pid {holder.get('pid') or '?'}) is {doing} "
+                    "(current_model is being trained)")
+            fix = f"Stop it first with `{STOP_WAIT_COMMAND}`, then run this again."
+        else:
+            what = f"current_model is busy: pid {holder.get('pid') or '?'} is running {doing}"
+            fix = ("Wait for it to finish, then run this again (`python3 training_controller.py "
+                   "status` shows the daemon).")
+        raise BusyError(what, root, fix) from None
+    _model_held.depth = 1
+    try:
+        yield
+    finally:
+        _model_held.depth = 0
+        lock.release()
 
 
 # --------------------------------------------------------------------------- CLI helpers

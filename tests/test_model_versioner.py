@@ -581,7 +581,7 @@ def test_usage_errors_print_one_json_document(root, capsys, args):
     code, doc, err = json_cli(capsys, *args)
     assert code == 2 and doc["ok"] is False and doc["error"]["exit_code"] == 2
     assert err.splitlines()[-1].startswith("Error: ")
-    assert "--help` to see the usage." in err
+    assert "--help` to see the usage." in err or "--help` to see the commands." in err
 
 
 def test_errors_name_where_and_the_fix(root, capsys):

@@ -691,3 +691,28 @@ def test_every_warning_code_is_documented():
         assert f"`{code}`" in guide, f"{code} is not in docs/STATE_TRACKER_GUIDE.md"
     for key in SCHEMA["properties"]:
         assert f"`{key}`" in guide, f"field {key} is not in docs/STATE_TRACKER_GUIDE.md"
+
+
+def test_the_locks_held_while_one_file_trains_for_hours_are_not_stale(root):
+    """The daemon holds model.lock and engine.lock from taking a file to its publish: a file
+    that trains for hours is no stale lock; a versions lock held that long still is."""
+    import os
+    from datetime import datetime, timedelta, timezone
+    from trainroot import FileLock, Paths
+    two_hours_ago = (datetime.now(timezone.utc) - timedelta(hours=2)).strftime(
+        "%Y-%m-%dT%H:%M:%S.%fZ")
+    held = []
+    try:
+        for name in ("model", "engine", "versions"):
+            lock = FileLock(Paths(root).lock(name), f"training {name}").acquire()
+            held.append(lock)
+            os.ftruncate(lock._fd, 0)
+            os.pwrite(lock._fd, json.dumps({"pid": os.getpid(), "purpose": f"training {name}",
+                                            "since": two_hours_ago}).encode(), 0)
+        doc = state(root)
+        assert {lk["name"]: lk["stale"] for lk in doc["locks"]} == {
+            "model": False, "engine": False, "versions": True}
+        assert "lock versions is held" in codes(root)["LOCK_STALE"]["message"]
+    finally:
+        for lock in held:
+            lock.release()

@@ -567,3 +567,141 @@ def test_set_priority_as_the_daemon_takes_the_head_does_not_kill_it(initialized_
     assert data_files(root) == {"done": ["head.jsonl"]}
     assert record(root / "done" / "head.jsonl")["priority"] == "low"
     assert "head.jsonl left the queue as it was taken" in (root / "logs" / "daemon.log").read_text()
+# --------------------------------------------------------------------------- the model lock
+
+def _in_process_daemon(root: Path):
+    """The daemon object in this process (no loop, no signals): `process(path)` trains one
+    file exactly as `run` does, so a test can hold a moment of it open."""
+    import training_config
+    import training_daemon
+    d = training_daemon.Daemon(root, once=True, monitor=False)
+    d.cfg = training_config.load_config(root)
+    return d
+
+
+def _queue(root: Path, name: str, n: int, tag: str) -> Path:
+    import training_queue
+    rec = training_queue.enqueue(root, write_data(root / name, n, tag), move=True)
+    assert rec["outcome"] == "queued", rec
+    return Path(rec["path"])
+
+
+def _model(root: Path) -> tuple[int, str]:
+    """current_model's step and manifest (what a restore or a publish changes)."""
+    cm = root / "current_model"
+    return (json.loads((cm / "trainer_state.json").read_text())["global_step"],
+            (cm / ".manifest.json").read_text())
+
+
+def test_restores_wait_for_a_file_the_daemon_has_taken_until_it_is_published(initialized_root):
+    """The window between taking a file from the queue and the state `training` (seconds
+    while the engine loads): rollback, restore and backup restore are refused there, with
+    the holder and the stop command, and accepted once the file is done."""
+    import backup_manager
+    root = initialized_root
+    tune(root)
+    daemon = _in_process_daemon(root)
+    assert daemon.process(_queue(root, "first.jsonl", 4, "first")) is None
+    backup = backup_manager.create_backup(root)
+    job = _queue(root, "second.jsonl", 4, "second")
+    in_window, go_on = threading.Event(), threading.Event()
+    real_engine = daemon.engine
+
+    def slow_engine():  # the engine import at start-up, held open
+        in_window.set()
+        assert go_on.wait(120)
+        return real_engine()
+    daemon.engine = slow_engine
+    worker = threading.Thread(target=daemon.process, args=(job,))
+    worker.start()
+    try:
+        assert in_window.wait(120)
+        rec = record(root / "processing" / "second.jsonl")
+        assert not rec.get("in_training")  # taken from the queue, snapshot taken, not training
+        assert json.loads((root / ".daemon_state.json").read_text())["state"] != "training"
+        before = _model(root)
+        refusal = (f"the daemon (pid {os.getpid()}) is training second.jsonl (current_model is "
+                   f"being trained), {root}. Stop it first with `python3 training_controller.py "
+                   "stop --wait`, then run this again.")
+        for script, *args in (("model_versioner.py", "rollback"),
+                              ("model_versioner.py", "restore", "v001"),
+                              ("backup_manager.py", "restore", backup["id"])):
+            proc = run_script(script, *args, root=root)
+            assert (proc.returncode, proc.stderr.strip()) == (3, f"Error: {refusal}"), args
+        assert _model(root) == before
+    finally:
+        go_on.set()
+        worker.join(300)
+    rec = record(root / "done" / "second.jsonl")
+    assert rec["version_before"] == record(root / "done" / "first.jsonl")["version_after"]
+    assert rec["global_step_before"] == before[0]
+    # idle: accepted, and the rollback undoes exactly the second file
+    proc = run_script("model_versioner.py", "rollback", root=root)
+    assert proc.returncode == 0, proc.stderr
+    assert _model(root)[0] == rec["global_step_before"]
+    proc = run_script("backup_manager.py", "restore", backup["id"], root=root)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_backup_restore_in_progress_keeps_the_next_file_in_the_queue(initialized_root,
+                                                                         monkeypatch):
+    import backup_manager
+    root = initialized_root
+    tune(root)
+    daemon = _in_process_daemon(root)
+    assert daemon.process(_queue(root, "first.jsonl", 4, "first")) is None
+    trained = _model(root)
+    proc = run_script("model_versioner.py", "restore", "v001", root=root)
+    assert proc.returncode == 0, proc.stderr
+    backup = backup_manager.create_backup(root)  # of v001, step 0
+    proc = run_script("model_versioner.py", "restore", "latest", root=root)
+    assert proc.returncode == 0, proc.stderr
+    assert _model(root) == trained
+    copying, go_on = threading.Event(), threading.Event()
+    real_copy = backup_manager.copy_tree_verified
+
+    def slow_copy(*args, **kw):  # a big model's copy, held open
+        copying.set()
+        assert go_on.wait(120)
+        return real_copy(*args, **kw)
+    monkeypatch.setattr(backup_manager, "copy_tree_verified", slow_copy)
+    restore = threading.Thread(target=backup_manager.restore_backup, args=(root, backup["id"]))
+    job = _queue(root, "second.jsonl", 4, "second")
+    restore.start()
+    try:
+        assert copying.wait(120)
+        daemon.process(job)  # waits: does not take the file
+        assert data_files(root)["queue/normal"] == ["second.jsonl"]
+        assert not (root / "processing" / "second.jsonl").exists()
+    finally:
+        go_on.set()
+        restore.join(120)
+    assert _model(root)[0] == 0  # the backup is current_model
+    daemon.process(job)
+    rec = record(root / "done" / "second.jsonl")
+    assert rec["global_step_before"] == 0  # trained from the restored model, and says so
+    assert rec["global_step_after"] == rec["steps"]
+
+
+def test_a_restore_while_a_file_is_paused_is_where_the_file_restarts_and_what_it_records(
+        initialized_root):
+    """Paused mid-file the model lock is free: a restore is accepted, and the file's record
+    then starts from the restored model (so `skip --discard` would not undo the restore)."""
+    root = initialized_root
+    tune(root)
+    daemon = _in_process_daemon(root)
+    daemon.process(_queue(root, "first.jsonl", 4, "first"))
+    job = _queue(root, "second.jsonl", 12, "second")
+    daemon.control_training = lambda: "pause"
+    daemon.process(job)
+    paused = record(root / "processing" / "second.jsonl")
+    assert daemon.state == "paused" and paused["global_step_before"] > 0
+    proc = run_script("model_versioner.py", "restore", "v001", root=root)
+    assert proc.returncode == 0, proc.stderr
+    del daemon.control_training
+    daemon.process(root / "processing" / "second.jsonl")
+    rec = record(root / "done" / "second.jsonl")
+    assert rec["version_before"] != paused["version_before"]
+    assert json.loads((root / "versions" / rec["version_before"] / "version.json").read_text(
+    ))["global_step"] == rec["global_step_before"] == 0
+    assert rec["steps"] == rec["global_step_after"]  # the whole file, from the restored model

@@ -314,6 +314,24 @@ def test_checkpoints_rank_by_sequence_then_legacy_ones_by_step(tmp_path):
     assert te.next_checkpoint_seq(tmp_path) == 3
 
 
+def test_a_killed_runs_staging_leftovers_are_removed_when_a_file_starts(tmp_path, tiny_model_dir,
+                                                                        reference):
+    """A kill -9 mid-checkpoint or mid-save left a full copy of the weights in .staging/
+    forever (nothing cleaned it). The engine's own names go when the next file starts;
+    other modules' staging folders are theirs to clean."""
+    root, cfg = make_root(tmp_path / "root", tiny_model_dir)
+    staging = Paths(root).staging
+    mine = ["checkpoint-k9x", "old-checkpoint-k9y", "model-k9z"]
+    theirs = ["mv-publish-1", "backup-restore-b1", "init-1"]
+    for name in mine + theirs:
+        (staging / name).mkdir(parents=True)
+        (staging / name / "model.safetensors").write_bytes(b"x" * 64)
+    r = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg)
+    assert r["status"] == "completed"
+    left = set(os.listdir(staging))
+    assert not left & set(mine) and set(theirs) <= left
+
+
 def test_stop_and_skip_act_at_a_step_boundary(tmp_path, tiny_model_dir, reference):
     root, cfg = make_root(tmp_path / "root", tiny_model_dir, checkpoint_every_steps=0)
     calls = []
@@ -538,3 +556,53 @@ def test_a_template_that_refuses_a_conversation_falls_back_to_segments(tmp_path,
     ids, labels = enc.encode(rec)
     assert enc.fallbacks == 1
     assert ids[:-1] == list("".join(t for t, _ in rec.segments).encode())
+
+
+@pytest.mark.slow
+def test_the_train_command_refuses_beside_a_live_daemon_or_a_held_engine_lock(tmp_path,
+                                                                               tiny_model_dir,
+                                                                               capsys):
+    import training_daemon
+    from realdaemon import RealDaemon, drop, last_metric, set_config
+    from trainroot import FileLock, read_lock_holder
+    root = tmp_path / "root"
+    training_daemon.init_root(root, base=str(tiny_model_dir))
+    set_config(root, **FAST, settle_seconds=0.2, rescan_seconds=0.5, monitor_port=0,
+               backup_every_files=0, backup_every_hours=0.0)
+    data = write_jsonl(tmp_path / "mine.jsonl", text_records(40))
+    drop(root, "long.jsonl", lines=2000)
+    daemon = RealDaemon(root, "--no-monitor", timeout=120)
+    try:
+        daemon.until("a checkpoint of long.jsonl", lambda: (last_metric(root) or {}).get(
+            "file") == "long.jsonl" and any((root / "checkpoints").glob("checkpoint-*")))
+        daemon.proc.send_signal(signal.SIGSTOP)  # mid-file for as long as the command runs
+        # the in-process engine holds the engine lock while it trains
+        assert read_lock_holder(Paths(root).lock("engine")) == {
+            "pid": daemon.proc.pid, "purpose": "training_daemon long.jsonl",
+            "since": read_lock_holder(Paths(root).lock("engine"))["since"]}
+        model = (root / "current_model" / ".manifest.json").read_text()
+        checkpoints = sorted((d.name, (d / "meta.json").read_text())
+                             for d in (root / "checkpoints").glob("checkpoint-*"))
+        assert checkpoints
+        proc = subprocess.run([sys.executable, str(REPO / "training_engine.py"), "train",
+                               "--root", str(root), str(data)], capture_output=True, text=True,
+                              timeout=300, cwd=REPO)
+        assert proc.returncode == 3, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"Error: the training daemon (pid {daemon.proc.pid}) is running on this root, {root}. "
+            "Stop it first with `python3 training_controller.py stop --wait` (or drop the file "
+            "into inbox/ for the daemon to train), then run this again.")
+        assert (root / "current_model" / ".manifest.json").read_text() == model  # nothing published
+        assert sorted((d.name, (d / "meta.json").read_text())
+                      for d in (root / "checkpoints").glob("checkpoint-*")) == checkpoints
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+        daemon.close()
+    # no daemon, but someone trains (holds the engine lock): refused too, naming them
+    with FileLock(Paths(root).lock("engine"), "training_engine train"):
+        code = te.main(["train", "--root", str(root), str(data)])
+    assert code == 3
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"Error: pid {os.getpid()} (training_engine train) is training this root, "
+        f"{Paths(root).lock('engine')}. Wait for it to finish, then run this again.")
+    assert (root / "current_model" / ".manifest.json").read_text() == model
