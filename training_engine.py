@@ -8,6 +8,7 @@ AdamW and the LR schedule across files, checkpointing the exact data position so
     python3 training_engine.py tiny --out /tmp/tiny            # build the tiny test model
     python3 training_engine.py check /path/to/model            # can transformers load it?
     python3 training_engine.py train --root ROOT data.jsonl    # train one file (tests, benches)
+    python3 training_engine.py show --root ROOT data.jsonl     # what trains: rendered records, trained spans marked
     torchrun --standalone --nproc_per_node 2 training_engine.py train --root ROOT data.jsonl
 """
 
@@ -1197,6 +1198,80 @@ def cmd_train(args) -> int:
     return 0 if result["status"] in ("completed", "stopped", "paused", "skipped") else 1
 
 
+def _line_range(text: str | None) -> tuple[int, float]:
+    if not text:
+        return 1, math.inf
+    first, dash, last = text.partition("-")
+    try:
+        lo = int(first) if first else 1
+        hi = (int(last) if last else math.inf) if dash else lo
+    except ValueError:
+        raise UsageError(f"--lines {text}: expected A-B, A- or A (line numbers)", "--lines",
+                         "Write it as e.g. `--lines 1-20`.") from None
+    return lo, hi
+
+
+def cmd_show(args) -> int:
+    """Show how each record of FILE is rendered for the current model, trained spans marked."""
+    import training_config
+    import validate_data
+    from trainroot import resolve_root
+    from transformers import AutoTokenizer
+    _quiet_transformers()
+    root = resolve_root(args.root)  # reads only: nothing is written in the root
+    config = training_config.load_config(root)
+    model_dir = Paths(root).current_model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:  # transformers raises OSError/ValueError for a missing or bad folder
+        raise GuardrailError(f"cannot load the tokenizer ({exc.__class__.__name__})", model_dir,
+                             "Run `python3 state_tracker.py --check` to see what is wrong with "
+                             "current_model.") from None
+    encoder = Encoder(tokenizer, loss_on_prompt=bool(config.get("loss_on_prompt")),
+                      chat_template=config.get("chat_template"), root=root)
+    lo, hi = _line_range(args.lines)
+    color = not args.json and sys.stdout.isatty()
+    console = None
+    if color:
+        from rich.console import Console
+        from rich.text import Text
+        console = Console(highlight=False)
+    failed = 0
+    for record in validate_data.iter_records(Path(args.file),
+                                             allow_mixed=bool(config.get("allow_mixed_formats")),
+                                             max_record_bytes=config["max_record_bytes"]):
+        if record.line < lo:
+            continue
+        if record.line > hi:
+            break
+        try:
+            pieces, rendering = encoder.pieces(record, where=args.file)
+        except GuardrailError as exc:
+            failed += 1
+            if args.json:
+                print(json.dumps({"line": record.line, "rendering": encoder.rendering,
+                                  "error": {"what": exc.what, "fix": exc.fix}}, ensure_ascii=False))
+            else:
+                print(f"line {record.line}: Error: {exc}", file=sys.stderr)
+            continue
+        if loss_on_prompt := bool(config.get("loss_on_prompt")):
+            pieces = [(text, True) for text, _ in pieces]
+        if args.json:
+            print(json.dumps({"line": record.line, "rendering": rendering,
+                              "segments": [{"text": t, "trained": on} for t, on in pieces]},
+                             ensure_ascii=False))
+        elif console is not None:
+            console.rule(f"line {record.line} ({rendering}{', loss_on_prompt' if loss_on_prompt else ''})")
+            text = Text()
+            for t, on in pieces:
+                text.append(t, style="bold green" if on else "dim")
+            console.print(text, soft_wrap=True)
+        else:
+            print(f"--- line {record.line} ({rendering}); trained text is inside ⟦ ⟧")
+            print("".join(f"⟦{t}⟧" if on else t for t, on in pieces))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="training_engine.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1214,6 +1289,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=JSON",
                    help="override a config parameter for this run, e.g. --set max_length=64")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("show", help=cmd_show.__doc__)
+    add_common_args(p, json_flag=False)
+    p.add_argument("--json", action="store_true",
+                   help='one JSON object per record per line: {"line", "rendering", "segments"}')
+    p.add_argument("file", help="a .jsonl data file (anywhere: nothing is moved or written)")
+    p.add_argument("--lines", metavar="A-B", help="only these line numbers, e.g. 1-20")
+    p.set_defaults(func=cmd_show)
     return parser
 
 
