@@ -14,20 +14,13 @@ runs against the wrong folder, a read-only disk or with a typo, so their CLIs ad
 from __future__ import annotations
 
 import functools
-import os
 import re
 import shlex
 from pathlib import Path
 
-from trainroot import SCRIPTS_DIR, GuardrailError, os_error, resolve_root
+from trainroot import SCRIPTS_DIR, GuardrailError, os_error, require_root, resolve_root
 
 _COMMAND = re.compile(r"`(python3 [\w.-]+\.py(?: [^`]*)?)`")
-
-
-def is_training_root(root: Path) -> bool:
-    """A folder `init` made, even after `rm -rf current_model` or a lost config.json."""
-    return any(os.path.lexists(root / name) for name in ("config.json", "current_model",
-                                                           "versions"))
 
 
 def command(cmd: str | None, root: Path | None) -> str | None:
@@ -60,11 +53,8 @@ def guarded(func, *, needs_root: bool = True):
         shown = explicit_root(args)
         try:
             root = resolve_root(args.root)
-            if needs_root and not is_training_root(root):
-                raise GuardrailError(
-                    "not a training root (no config.json, current_model/ or versions/)", root,
-                    f"Create one with `python3 training_daemon.py init --root {shlex.quote(str(root))}`, "
-                    "or give the right one with --root DIR.")
+            if needs_root:
+                require_root(root)
             try:
                 return func(args)
             except BrokenPipeError:

@@ -30,8 +30,9 @@ from pathlib import Path
 import backup_records
 import training_config
 from trainroot import (SCRIPTS_DIR, GuardrailError, Paths, add_common_args,
-                       atomic_write_json, daemon_liveness, print_json, process_running,
-                       read_json, read_lock_holder, resolve_root, run_cli, utc_now)
+                       atomic_write_json, daemon_liveness, is_training_root, print_json,
+                       process_running, read_json, read_lock_holder, resolve_root, run_cli,
+                       utc_now)
 
 SCHEMA_VERSION = 1
 STALL_AFTER_S = 120.0           # a training daemon writes its heartbeat about once a second
@@ -853,7 +854,7 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
               "python3 state_tracker.py --check --root DIR",
               "DIR: the folder that holds config.json, current_model/ and versions/ (or set "
               "TRAINING_ROOT to it); nothing was written.")
-    elif not p.config.exists() and not model["exists"] and not versions["count"]:
+    elif not is_training_root(root):
         _warn(w, "NOT_INITIALIZED", "critical", f"{root} is not a training root yet",
               f"python3 training_daemon.py init --root {shlex.quote(str(root))}")
     elif not versions["count"] and model["exists"]:

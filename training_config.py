@@ -86,6 +86,9 @@ PARAMS: dict[str, Param] = {
                                  "a mistake worth stopping for"),
     "max_record_bytes": Param(64 * 1024 * 1024, "int", "longest line accepted; longer lines are "
                               "errors rather than a memory blow-up", 1024, 1 << 34),
+    "chat_template": Param(None, "str", "null renders chat records with the model's own template "
+                           "(what it is prompted with); \"plain\" or a named/.jinja alternative "
+                           "only when chosen on purpose", nullable=True),
     # -- checkpoints and safety --
     "checkpoint_every_steps": Param(50, "int", "bounds work lost to a crash to 50 steps; 0 turns "
                                     "the step trigger off", 0, 10_000_000),

@@ -31,8 +31,8 @@ from pathlib import Path
 from trainroot import (BOOT_CLOCK, EXIT_FAILURE, BusyError, FileLock, GuardrailError, Paths,
                        add_common_args, age_seconds, atomic_write_json, atomic_write_text, boot_id,
                        daemon_liveness, fsync_dir, parse_time, print_json, read_json,
-                       rename_noreplace, resolve_root, run_cli, subcommands, unique_path,
-                       utc_now)
+                       rename_noreplace, require_root, resolve_root, run_cli, subcommands,
+                       unique_path, utc_now)
 
 log = logging.getLogger("training_controller")
 
@@ -436,30 +436,6 @@ def refuse_while_training(root) -> None:
 
 # --------------------------------------------------------------------------- requests, end to end
 
-def _require_root(root, *, marker_only: bool = False) -> Paths:
-    """The root's Paths, or an error naming what is wrong with it and the command to fix it.
-
-    `marker_only`: a root that lost its config.json (but has current_model/ or versions/)
-    still counts, for the read-only `status`.
-    """
-    p = Paths(resolve_root(root))
-    quoted = shlex.quote(str(p.root))
-    if os.path.lexists(p.root) and not p.root.is_dir():
-        raise GuardrailError("not a training root (a file, not a folder)", p.root,
-                             "Give the folder that holds config.json with --root DIR or "
-                             "TRAINING_ROOT, e.g. `python3 training_controller.py status --root DIR`.")
-    if not p.root.exists():
-        raise GuardrailError("not a training root (no such folder)", p.root,
-                             f"Create one with `python3 training_daemon.py init --root {quoted}`, "
-                             "or give the right one with --root DIR.")
-    markers = (p.config, p.current_model, p.versions) if marker_only else (p.config,)
-    if not any(os.path.lexists(m) for m in markers):
-        raise GuardrailError("not a training root (no config.json)", p.root,
-                             f"Run `python3 training_daemon.py init --root {quoted}`, or give the "
-                             "right one with --root DIR.")
-    return p
-
-
 def request(root, action: str, *, reason: str | None = None, options: dict | None = None,
             wait: float | None = None) -> dict:
     """Ask the daemon to `action`, or apply the no-daemon rule; with `wait`, block until done.
@@ -657,7 +633,7 @@ def approve_config(root, *, confirm=None) -> dict:
     Refuses while a file is training: the running file was started under the old values.
     """
     import training_config  # lazy: its ~4 ms are paid only by the command that needs it
-    p = _require_root(root)
+    p = require_root(resolve_root(root))
     cfg = training_config.load_config(p.root)
     changes = training_config.changed_locked(p.root, cfg)
     doc = {"ok": True, "approved": False,
@@ -717,7 +693,7 @@ def _out(args, doc: dict, lines: list[str]) -> int:
 
 
 def _request_cmd(args, action: str, options: dict | None = None) -> int:
-    _require_root(args.root)
+    require_root(resolve_root(args.root))
     res = request(args.root, action, reason=args.reason, options=options, wait=args.wait)
     return _out(args, res, [res["message"]])
 
@@ -744,7 +720,7 @@ def cmd_skip(args) -> int:
 
 def cmd_status(args) -> int:
     """Daemon alive (pid, heartbeat), state, current file and progress, pending requests."""
-    st = daemon_status(_require_root(args.root, marker_only=True).root)
+    st = daemon_status(require_root(resolve_root(args.root)).root)
     if args.json:
         print_json(dict(st, ok=True))
         return 0

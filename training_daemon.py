@@ -781,6 +781,11 @@ class Daemon(inbox_files.InboxIntake):
                                  result)
             self.ack(req, "done", f"{data.name} moved to skipped/"
                      + (" and the version before it restored" if discard else ""))
+        elif status == "refused":  # the data, not the machine: failed/ with the engine's reason and fix
+            self._finish_failed(data, result.get("reason") or result.get("message") or "refused",
+                                result, fix=result.get("fix"))
+            if req is not None:
+                self.ack(req, "noop", f"{data.name} was refused before its first step")
         elif status == "nan":
             reason = f"loss became NaN/inf: {result.get('message') or ''}".strip()
             self._restore_before(data)
@@ -881,7 +886,8 @@ class Daemon(inbox_files.InboxIntake):
                    global_step_after=state.get("global_step", result.get("global_step")),
                    tokens_seen_after=state.get("tokens_seen", result.get("tokens_seen")),
                    steps=(state.get("global_step", result.get("global_step")) or 0) - gs_before,
-                   tokens=result.get("tokens"), loss=result.get("loss"), timings=timings)
+                   tokens=result.get("tokens"), loss=result.get("loss"), timings=timings,
+                   rendering=result.get("rendering"))
         dst = training_queue.move_with_record(data, self.p.done, rec, "trained")
         self.done[rec["sha256"]] = dict(rec, name=dst.name)
         self.log.info("%s: done (%s -> %s, %s steps, loss %s)", dst.name, rec.get("version_before"),
@@ -898,14 +904,18 @@ class Daemon(inbox_files.InboxIntake):
             self._timings = None
         return rec
 
-    def _finish_failed(self, data: Path, reason: str, result: dict | None = None) -> None:
+    def _finish_failed(self, data: Path, reason: str, result: dict | None = None,
+                       fix: str | None = None) -> None:
         rec = self._final_record(data)
         rec.update(outcome="failed", reason=reason, finished_at=trainroot.utc_now())
         if result:
             rec["result"] = result
         dst = training_queue.move_with_record(
             data, self.p.failed, rec, reason,
-            finish=lambda d: {"fix": training_queue.fix_for(self.p, "training", d)})
+            finish=lambda d: {"fix": training_queue.fix_for(
+                self.p, "training", d, fix.replace(str(data), str(d))
+                + f" (`{training_queue.add_cmd(self.p.root, d, '--move')}` queues it again)"
+                if fix else None)})
         self.last_error = f"{dst.name}: {reason}"
         self.log.error("%s: failed - %s", dst.name, reason)
 

@@ -8,6 +8,7 @@ AdamW and the LR schedule across files, checkpointing the exact data position so
     python3 training_engine.py tiny --out /tmp/tiny            # build the tiny test model
     python3 training_engine.py check /path/to/model            # can transformers load it?
     python3 training_engine.py train --root ROOT data.jsonl    # train one file (tests, benches)
+    python3 training_engine.py show --root ROOT data.jsonl     # what trains: rendered records, trained spans marked
     torchrun --standalone --nproc_per_node 2 training_engine.py train --root ROOT data.jsonl
 """
 
@@ -31,9 +32,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from trainroot import (FileLock, GuardrailError, Paths, UsageError, add_common_args, append_line,
+from trainroot import (FileLock, GuardrailError, Paths, UsageError, append_line,
                        atomic_write_json, exchange_paths, exit_without_teardown, file_signature,
-                       fsync_dir, read_json, rename_noreplace, run_cli, utc_now)
+                       fsync_dir, read_json, rename_noreplace, run_cli, subcommands, utc_now)
 
 log = logging.getLogger("training_engine")
 
@@ -182,26 +183,35 @@ class Encoder:
     """Turns one validated record into (ids, labels); labels are -100 where no loss is taken.
 
     `text` trains on everything; `prompt_completion` and `instruction` on the response;
-    `messages` is rendered with the tokenizer's chat template, turn by turn, training on
-    the assistant turns (header excluded); without a template, or when the template does
-    not render turns as prefixes of each other, validate_data's `segments` are the
-    documented plain fallback. `loss_on_prompt` trains on every token.
+    `messages` is rendered whole with the model's chat template (chat_render: the
+    assistant turns as the template renders them plus its end-of-turn marker train, the
+    rest does not), or refused with ChatRenderError; never silently rendered another way.
+    validate_data's plain `segments` render chat records only for a model without a
+    template or when config.json's `chat_template` is "plain" (`rendering` says which).
+    `loss_on_prompt` trains on every token.
     """
 
-    def __init__(self, tokenizer, *, loss_on_prompt: bool = False):
+    def __init__(self, tokenizer, *, loss_on_prompt: bool = False, chat_template=None, root=None):
+        import chat_render
         self.tokenizer = tokenizer
         self.loss_on_prompt = loss_on_prompt
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
             raise GuardrailError("the tokenizer has no EOS token", getattr(tokenizer, "name_or_path", ""),
                                  "Use a model whose tokenizer defines eos_token.")
-        self.has_template = bool(getattr(tokenizer, "chat_template", None))
-        self.fallbacks = 0  # chat records rendered with the plain fallback instead of the template
+        self.renderer = chat_render.ChatRenderer(tokenizer, chat_template, root)
+        self.where = None  # the data file, named in a ChatRenderError
+        self.has_template = self.renderer.mode == chat_render.TEMPLATE
         self._byte_fast = self._is_byte_identity(tokenizer)
         if self._byte_fast:
             specials = sorted(tokenizer.all_special_tokens, key=len, reverse=True)
             self._special_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
             self._special_re = re.compile("(" + "|".join(re.escape(t) for t in specials) + ")")
+
+    @property
+    def rendering(self) -> str:
+        """Which rendering chat records get: "template" or "plain"."""
+        return "template" if self.has_template else "plain"
 
     @staticmethod
     def _is_byte_identity(tokenizer) -> bool:
@@ -226,45 +236,64 @@ class Encoder:
             return out
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _note_fallback(self, record, why: str) -> None:
-        if not self.fallbacks:  # once per file is enough to explain it
-            log.warning("line %s: chat template not usable (%s); using the plain fallback "
-                        "rendering from validate_data for such records", record.line, why)
-        self.fallbacks += 1
+    def ids_and_starts(self, text: str) -> tuple[list[int], list[int]]:
+        """The ids of `text` tokenized once, and the character offset each token starts at."""
+        if not text:
+            return [], []
+        if self._byte_fast:
+            ids: list[int] = []
+            starts: list[int] = []
+            pos = 0
+            for i, piece in enumerate(self._special_re.split(text)):
+                if i % 2:
+                    ids.append(self._special_ids[piece])
+                    starts.append(pos)
+                elif piece:
+                    data = piece.encode("utf-8")
+                    ids.extend(data)
+                    if len(data) == len(piece):
+                        starts.extend(range(pos, pos + len(piece)))
+                    else:
+                        starts.extend(pos + j for j, ch in enumerate(piece) for _ in ch.encode("utf-8"))
+                pos += len(piece)
+            return ids, starts
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [start for start, _ in enc["offset_mapping"]]
 
-    def _render(self, messages, generation_prompt=False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=generation_prompt)
-
-    def chat_pieces(self, messages) -> list[tuple[str, bool]] | None:
-        """The rendered conversation cut into (text, trained) pieces, or None if it does not cut."""
-        pieces, prev = [], ""
-        for i, msg in enumerate(messages):
-            full = self._render(messages[:i + 1])
-            if msg.get("role") == "assistant":
-                head = self._render(messages[:i], generation_prompt=True) if i else ""
-                if not head.startswith(prev) or not full.startswith(head):
-                    return None
-                pieces += [(head[len(prev):], False), (full[len(head):], True)]
-            else:
-                if not full.startswith(prev):
-                    return None
-                pieces.append((full[len(prev):], False))
-            prev = full
-        return pieces
-
-    def encode(self, record) -> tuple[list[int], list[int]]:
-        pieces = None
+    def pieces(self, record, where=None) -> tuple[list[tuple[str, bool]], str]:
+        """The record as (text, trained) pieces, and the rendering used: what `show` prints."""
         if record.messages is not None and self.has_template:
-            try:
-                pieces = self.chat_pieces(record.messages)
-            except Exception as exc:  # jinja raises what the template author chose (roles etc.)
-                self._note_fallback(record, f"{exc.__class__.__name__}: {exc}")
-            else:
-                if pieces is None:
-                    self._note_fallback(record, "turns do not render as prefixes of each other")
-        if pieces is None:
-            pieces = [(text, bool(trained)) for text, trained in record.segments]
+            pieces, _ = self.renderer.pieces(record.messages, line=record.line,
+                                             where=where or self.where)
+            return pieces, "template"
+        return [(text, bool(trained)) for text, trained in record.segments], "plain"
+
+    def check_file(self, data_path, **limits):
+        """Render every chat record of a file once (no tokenizing): the first ChatRenderError,
+        or None. A file the template cannot render is refused before its first step."""
+        import validate_data
+        if not self.has_template:
+            return None
+        for record in validate_data.iter_records(Path(data_path), **limits):
+            if record.messages is not None:
+                try:
+                    self.renderer.pieces(record.messages, line=record.line, where=data_path)
+                except GuardrailError as exc:
+                    return exc
+        return None
+
+    def encode(self, record, where=None) -> tuple[list[int], list[int]]:
+        if record.messages is not None and self.has_template:
+            import chat_render
+            pieces, ends_with_marker = self.renderer.pieces(record.messages, line=record.line,
+                                                            where=where or self.where)
+            ids, starts = self.ids_and_starts("".join(text for text, _ in pieces))
+            labels = chat_render.label_pieces(pieces, ids, starts, all_trained=self.loss_on_prompt)
+            if not ends_with_marker:  # the template ends the last turn with nothing: EOS stops it
+                ids.append(self.eos_id)
+                labels.append(self.eos_id)
+            return ids, labels
+        pieces = [(text, bool(trained)) for text, trained in record.segments]
         ids: list[int] = []
         labels: list[int] = []
         any_trained = False
@@ -787,7 +816,18 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
                                  p.root, "Run the engine under torchrun, or use world_size 1.")
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    encoder = Encoder(tokenizer, loss_on_prompt=bool(config.get("loss_on_prompt")))
+    encoder = Encoder(tokenizer, loss_on_prompt=bool(config.get("loss_on_prompt")),
+                      chat_template=config.get("chat_template"), root=p.root)
+    encoder.where = data_path
+    if position is None:  # refused before the first step, not hours into the file
+        refused = encoder.check_file(data_path, allow_mixed=bool(config.get("allow_mixed_formats")),
+                                     max_record_bytes=config.get("max_record_bytes") or 64 * 1024 * 1024)
+        if refused is not None:
+            log.error("%s: refused: %s", file_id, refused)
+            return {"file_id": file_id, "status": "refused", "steps": 0, "rendering": encoder.rendering,
+                    "global_step": state["global_step"], "tokens_seen": state["tokens_seen"],
+                    "records": 0, "tokens": 0, "loss": None, "message": str(refused),
+                    "reason": refused.what, "fix": refused.fix, "line": getattr(refused, "line", None)}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else encoder.eos_id
     max_length = int(config["max_length"])
     batch_size, accum = int(config["batch_size"]), int(config["grad_accum_steps"])
@@ -801,7 +841,8 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     keep = int(config.get("keep_checkpoints", 2))
     clip = float(config.get("max_grad_norm") or 0)
 
-    result = {"file_id": file_id, "steps": 0, "optimizer": optimizer_source}
+    result = {"file_id": file_id, "steps": 0, "optimizer": optimizer_source,
+              "rendering": encoder.rendering}
     state_at_start = dict(state)
     last_loss = None
     last_ckpt_time = time.monotonic()
@@ -1233,25 +1274,98 @@ def _take_engine_lock(root, lock: FileLock, *, for_daemon: bool) -> None:
                             "inbox/ for the daemon to train), then run this again.")
         raise BusyError(f"pid {pid} ({purpose}) is training this root", p.lock(name),
                         "Wait for it to finish, then run this again.")
+def _line_range(text: str | None) -> tuple[int, float]:
+    if not text:
+        return 1, math.inf
+    first, dash, last = text.partition("-")
+    try:
+        lo = int(first) if first else 1
+        hi = (int(last) if last else math.inf) if dash else lo
+    except ValueError:
+        raise UsageError(f"--lines {text}: expected A-B, A- or A (line numbers)", "--lines",
+                         "Write it as e.g. `--lines 1-20`.") from None
+    return lo, hi
+
+
+def cmd_show(args) -> int:
+    """Show how each record of FILE is rendered for the current model, trained spans marked."""
+    import training_config
+    import validate_data
+    from trainroot import resolve_root
+    from transformers import AutoTokenizer
+    _quiet_transformers()
+    root = resolve_root(args.root)  # reads only: nothing is written in the root
+    config = training_config.load_config(root)
+    model_dir = Paths(root).current_model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:  # transformers raises OSError/ValueError for a missing or bad folder
+        raise GuardrailError(f"cannot load the tokenizer ({exc.__class__.__name__})", model_dir,
+                             "Run `python3 state_tracker.py --check` to see what is wrong with "
+                             "current_model.") from None
+    encoder = Encoder(tokenizer, loss_on_prompt=bool(config.get("loss_on_prompt")),
+                      chat_template=config.get("chat_template"), root=root)
+    lo, hi = _line_range(args.lines)
+    color = not args.json and sys.stdout.isatty()
+    console = None
+    if color:
+        from rich.console import Console
+        from rich.text import Text
+        console = Console(highlight=False)
+    failed = 0
+    for record in validate_data.iter_records(Path(args.file),
+                                             allow_mixed=bool(config.get("allow_mixed_formats")),
+                                             max_record_bytes=config["max_record_bytes"]):
+        if record.line < lo:
+            continue
+        if record.line > hi:
+            break
+        try:
+            pieces, rendering = encoder.pieces(record, where=args.file)
+        except GuardrailError as exc:
+            failed += 1
+            if args.json:
+                print(json.dumps({"line": record.line, "rendering": encoder.rendering,
+                                  "error": {"what": exc.what, "fix": exc.fix}}, ensure_ascii=False))
+            else:
+                print(f"line {record.line}: Error: {exc}", file=sys.stderr)
+            continue
+        if loss_on_prompt := bool(config.get("loss_on_prompt")):
+            pieces = [(text, True) for text, _ in pieces]
+        if args.json:
+            print(json.dumps({"line": record.line, "rendering": rendering,
+                              "segments": [{"text": t, "trained": on} for t, on in pieces]},
+                             ensure_ascii=False))
+        elif console is not None:
+            console.rule(f"line {record.line} ({rendering}{', loss_on_prompt' if loss_on_prompt else ''})")
+            text = Text()
+            for t, on in pieces:
+                text.append(t, style="bold green" if on else "dim")
+            console.print(text, soft_wrap=True)
+        else:
+            print(f"--- line {record.line} ({rendering}); trained text is inside ⟦ ⟧")
+            print("".join(f"⟦{t}⟧" if on else t for t, on in pieces))
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="training_engine.py", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("tiny", help=cmd_tiny.__doc__)
+    add = subcommands(parser)
+    p = add("tiny", cmd_tiny, root=False)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_tiny)
-    p = sub.add_parser("check", help=cmd_check.__doc__)
+    p = add("check", cmd_check, root=False)
     p.add_argument("model_dir")
-    p.set_defaults(func=cmd_check)
-    p = sub.add_parser("train", help=cmd_train.__doc__)
-    add_common_args(p)
+    p = add("train", cmd_train)
     p.add_argument("data", help="a .jsonl data file")
     p.add_argument("--file-id", help="identity for checkpoints (default: the file name)")
     p.add_argument("--set", action="append", metavar="KEY=JSON",
                    help="override a config parameter for this run, e.g. --set max_length=64")
-    p.set_defaults(func=cmd_train)
+    p = add("show", cmd_show, json_out=False)
+    p.add_argument("--json", action="store_true",
+                   help='one JSON object per record per line: {"line", "rendering", "segments"}')
+    p.add_argument("file", help="a .jsonl data file (anywhere: nothing is moved or written)")
+    p.add_argument("--lines", metavar="A-B", help="only these line numbers, e.g. 1-20")
     return parser
 
 

@@ -32,9 +32,8 @@ from pathlib import Path
 
 import trainroot
 from trainroot import (SCRIPTS_DIR, GuardrailError, Paths, UsageError, add_common_args,
-                       atomic_write_json,
-                       print_json, read_json, rename_noreplace, resolve_root, run_cli,
-                       sha256_file, subcommands, utc_now)
+                       atomic_write_json, print_json, read_json, rename_noreplace, require_root,
+                       resolve_root, run_cli, sha256_file, subcommands, utc_now)
 
 SCHEMA_VERSION = 1
 PRIORITIES = ("high", "normal", "low")
@@ -781,13 +780,7 @@ def _records(n) -> str:
 
 def _root(args) -> Path:
     """The training root the command acts on; a mistyped --root is an error, not an empty queue."""
-    root = resolve_root(args.root)
-    p = Paths(root)
-    if not (p.config.exists() or p.queue.is_dir()):
-        raise UsageError("not a training root (no config.json, no queue/)", root,
-                         f"Check --root or $TRAINING_ROOT, or create it with "
-                         f"`python3 training_daemon.py init --root {_q(root)}`.")
-    return root
+    return require_root(resolve_root(args.root)).root
 
 
 def cmd_list(args) -> int:

@@ -121,6 +121,40 @@ class Paths:
         return self
 
 
+ROOT_MARKERS = ("config.json", "current_model", "versions")  # what `init` makes first
+
+
+def is_training_root(root: str | os.PathLike) -> bool:
+    """The one check of "is this a training root": a folder holding config.json,
+    current_model/ or versions/ (so a root that lost one of them still counts)."""
+    root = Path(root)
+    return root.is_dir() and any(os.path.lexists(root / name) for name in ROOT_MARKERS)
+
+
+def require_root(root: str | os.PathLike) -> Paths:
+    """The root's Paths, or the error every script gives for a folder that is no training
+    root (missing, a file, or none of its markers), naming `init` and --root."""
+    p = Paths(root)
+    quoted = _shell_quote(str(p.root))
+    fix = (f"Create one with `python3 training_daemon.py init --root {quoted}`, or give the "
+           "right one with --root DIR.")
+    if os.path.lexists(p.root) and not p.root.is_dir():
+        raise GuardrailError("not a training root (a file, not a folder)", p.root,
+                             "Give the folder that holds config.json with --root DIR or "
+                             "TRAINING_ROOT, e.g. `python3 training_controller.py status --root DIR`.")
+    if not p.root.exists():
+        raise GuardrailError("not a training root (no such folder)", p.root, fix)
+    if not is_training_root(p.root):
+        raise GuardrailError("not a training root (no config.json, current_model/ or versions/)",
+                             p.root, fix)
+    return p
+
+
+def _shell_quote(text: str) -> str:
+    import shlex  # lazy: only error paths quote
+    return shlex.quote(text)
+
+
 def paths(root: str | os.PathLike | None = None) -> Paths:
     return Paths(resolve_root(root))
 

@@ -253,7 +253,7 @@ def test_status_refuses_a_root_that_is_missing_a_file_or_empty(tmp_path, capsys)
     empty = tmp_path / "empty dir"
     empty.mkdir()
     for bad, what in ((tmp_path / "nope", "no such folder"), (afile, "a file, not a folder"),
-                      (empty, "no config.json")):
+                      (empty, "no config.json, current_model/ or versions/")):
         code, out, err = run(tc.main, capsys, "status", "--json", "--root", str(bad))
         assert code == 1 and one_json(out)["ok"] is False
         assert err.startswith(f"Error: not a training root ({what}), {bad}.")

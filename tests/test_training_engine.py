@@ -117,11 +117,12 @@ def test_loss_mask_of_each_format_at_exact_positions(tmp_path, tokenizer):
     prompt_text = "".join(text for text, on in recs[2].segments if not on)
     assert ids[:-3] == list(prompt_text.encode())
 
-    ids, labels = enc.encode(recs[3])  # the chat template, assistant header untrained
-    untrained = "<|bos|>user\nhi<|eos|>\n<|bos|>assistant\n"
-    assert tokenizer.decode(ids[:len(ids) - 5]) == untrained
-    assert labels == [-100] * (len(ids) - 5) + ids[-5:]
-    assert tokenizer.decode(ids[-5:]) == "yo<|eos|>\n<|eos|>"
+    ids, labels = enc.encode(recs[3])  # the chat template: the turn and its end marker train
+    untrained = "<|bos|>user\nhi<|eos|>\n<|bos|>assistant\n"  # not the newline after it, and
+    assert tokenizer.decode(ids) == untrained + "yo<|eos|>\n"  # no EOS after the template's own
+    n = len(enc.ids(untrained))
+    assert labels == [-100] * n + ids[n:n + 3] + [-100]
+    assert tokenizer.decode(ids[n:n + 3]) == "yo<|eos|>"
 
     on_prompt = te.Encoder(tokenizer, loss_on_prompt=True)
     for r in recs:
@@ -545,17 +546,21 @@ def test_a_failed_save_is_classified_by_errno_not_all_as_a_full_disk():
     assert te._write_failure(wrapped) == "permission" and te._io_reason(wrapped) == "Permission denied"
 
 
-def test_a_template_that_refuses_a_conversation_falls_back_to_segments(tmp_path, tokenizer):
-    """Many real templates raise on roles they do not know; the record still trains."""
+def test_a_template_that_refuses_a_conversation_refuses_the_record(tmp_path, tokenizer):
+    """Many real templates raise on roles they do not know: the record is refused, naming the
+    line and the template's reason (it was silently trained in the plain format instead)."""
+    import chat_render
     data = write_jsonl(tmp_path / "chat.jsonl", [
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
     rec = records_of(data)[0]
-    enc = te.Encoder(tokenizer)
-    enc.tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path, local_files_only=True)
-    enc.tokenizer.chat_template = "{{ raise_exception('roles must alternate system/user') }}"
-    ids, labels = enc.encode(rec)
-    assert enc.fallbacks == 1
-    assert ids[:-1] == list("".join(t for t, _ in rec.segments).encode())
+    other = type(tokenizer).from_pretrained(tokenizer.name_or_path, local_files_only=True)
+    other.chat_template = "{{ raise_exception('roles must alternate system/user') }}"
+    enc = te.Encoder(other)
+    with pytest.raises(chat_render.ChatRenderError) as exc:
+        enc.encode(rec, where=data)
+    assert exc.value.line == 1 and "roles must alternate system/user" in str(exc.value)
+    assert "chat_template" in exc.value.fix
+    assert enc.check_file(data).what == exc.value.what
 
 
 @pytest.mark.slow

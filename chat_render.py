@@ -1,0 +1,254 @@
+"""Chat records rendered with the model's own chat template, and exactly which characters train.
+
+A chat record is rendered ONCE, whole, with the template (`apply_chat_template(messages,
+tokenize=False)`): that string is what the model sees, token for token. The trained part
+of it is each assistant turn as the template renders it, plus the template's own
+end-of-turn marker (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`, ...); the newline
+after the marker, the system and user turns, role headers and generation prompts are not.
+
+How an assistant turn k is found in the rendering F (templates rewrite content: Qwen3 drops
+the <think> block of turns before the last question, DeepSeek-R1 keeps only what follows
+</think>, Llama trims; so the content cannot simply be searched for):
+
+1. Content: render again with turn k's content replaced by a private-use sentinel character
+   that no template trims, splits or escapes. F and that rendering share a prefix up to
+   where turn k's content starts and a suffix from where it ends, so their first and last
+   differing characters bound what the template made of the content, whatever it did to
+   it. Refused when the sentinel is not rendered exactly once, or when something after it
+   changes too (the template used the content elsewhere).
+2. Start: the model is prompted with render(messages[:k], add_generation_prompt=True). When
+   the earlier turns render the same in F (render(messages[:k]) is a prefix of F and of the
+   prompt), the trained part starts where F stops agreeing with that prompt, but never
+   after the content found in 1. So text the template adds before the content that the
+   prompt does not contain (Qwen3's `<think>\\n...</think>\\n\\n`) is trained, and a prompt
+   longer than what F holds (DeepSeek-R1's `<|Assistant|><think>\\n`) stops at what F holds.
+   When earlier turns are rewritten by later ones (Mistral puts the system text into the
+   LAST user turn), the start is the content's start from 1.
+3. End: render messages[:k] + [turn k with the sentinel]: the text after the sentinel is
+   the template's turn ending; its first run of non-space characters is the end-of-turn
+   marker. F must hold that marker right after the content (else refused); it is trained.
+
+Turns are located in order and must not overlap. Any jinja error (gemma refuses a system
+role, templates that demand alternating roles) or a turn that cannot be located raises
+ChatRenderError naming the line, the template's reason and the fix: never a silent
+fallback to another format. Token labels: the rendered text is tokenized once (fast
+tokenizer, character offsets); a token is trained when its first character lies in a
+trained span (a token straddling a boundary belongs to the side it starts on).
+
+Standard library only: the caller hands in a transformers tokenizer object.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import shlex
+from pathlib import Path
+
+from trainroot import GuardrailError
+
+TEMPLATE, PLAIN = "template", "plain"
+SENTINELS = "\ue000\ue001\ue002\ue003\ue004"  # private-use characters: no template touches them
+
+# Merge a leading system turn into the first user turn (templates without a system role).
+JQ_MERGE_SYSTEM = ('if .messages[0].role == "system" and .messages[1].role == "user" then '
+                   '.messages = [.messages[1] + {content: (.messages[0].content + "\\n\\n" + '
+                   '.messages[1].content)}] + .messages[2:] else . end')
+
+
+def merge_system_command(path) -> str:
+    """The shell command writing a copy of `path` with each system turn merged into the user's."""
+    path = Path(path)
+    out = path.with_name(path.stem + "-merged" + path.suffix)
+    return f"jq -c {shlex.quote(JQ_MERGE_SYSTEM)} {shlex.quote(str(path))} > {shlex.quote(str(out))}"
+
+
+class ChatRenderError(GuardrailError):
+    """A chat record the model's template cannot render (or whose turns cannot be found)."""
+
+    def __init__(self, what: str, where=None, fix: str | None = None, *, line: int | None = None):
+        self.line = line
+        super().__init__(what, where, fix)
+
+
+def resolve_template(tokenizer, setting, root=None) -> str | None:
+    """The template text chat records are rendered with; None means the plain rendering.
+
+    `setting` is config.json's `chat_template`: null (the tokenizer's own template; plain
+    when it has none), "plain", the name of one of the tokenizer's named templates, or a
+    path to a .jinja file (relative to the root).
+    """
+    own = getattr(tokenizer, "chat_template", None)
+    if setting is None:
+        if isinstance(own, dict):
+            own = own.get("default")
+        return own or None
+    if setting == PLAIN:
+        return None
+    if setting.endswith(".jinja"):
+        path = Path(setting)
+        if not path.is_absolute() and root is not None:
+            path = Path(root) / path
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise GuardrailError(f"chat_template {setting!r} cannot be read ({exc.strerror})",
+                                 path, "Fix the path in config.json's `chat_template`, or set it "
+                                 "to null to use the model's own template.") from None
+    if isinstance(own, dict) and isinstance(own.get(setting), str):
+        return own[setting]
+    names = sorted(own) if isinstance(own, dict) else []
+    raise GuardrailError(f"chat_template {setting!r} is not a template of this model "
+                         f"(named templates: {', '.join(names) or 'none'})", "config.json",
+                         "Set `chat_template` in config.json to null (the model's own template), "
+                         "\"plain\", one of the names above, or a path to a .jinja file.")
+
+
+def _lcp(a: str, b: str, start: int = 0) -> int:
+    """Length of the common prefix of a and b."""
+    n = min(len(a), len(b))
+    i = start
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _lcs(a: str, b: str, limit: int) -> int:
+    """Length of the common suffix of a and b, at most `limit`."""
+    i = 0
+    while i < limit and a[-1 - i] == b[-1 - i]:
+        i += 1
+    return i
+
+
+class ChatRenderer:
+    """Renders `messages` with one template and cuts the result into (text, trained) pieces."""
+
+    def __init__(self, tokenizer, setting=None, root=None):
+        self.tokenizer = tokenizer
+        self.setting = setting
+        self.template = resolve_template(tokenizer, setting, root)
+        self.mode = TEMPLATE if self.template else PLAIN
+
+    def describe(self) -> str:
+        if self.mode == PLAIN:
+            return ("the plain rendering (config.json chat_template \"plain\")" if self.setting == PLAIN
+                    else "the plain rendering (the model has no chat template)")
+        return ("the model's chat template" if self.setting is None
+                else f"chat_template {self.setting!r} from config.json")
+
+    def render(self, messages, generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                                  add_generation_prompt=generation_prompt,
+                                                  chat_template=self.template)
+
+    def _refuse(self, line, why: str, where, *, system: bool = False) -> ChatRenderError:
+        at = f"line {line}: " if line is not None else ""
+        fix = ("Set `chat_template` in config.json to another template (a named template of "
+               "the model or a .jinja file), or to \"plain\" to train in the plain "
+               "<|system|>/<|user|>/<|assistant|> format on purpose, and queue the file "
+               "again.")
+        if system and where:
+            fix = (f"This template has no system role: merge each system turn into the first "
+                   f"user turn with `{merge_system_command(where)}` and drop the merged file "
+                   "into inbox/; or " + fix[0].lower() + fix[1:])
+        return ChatRenderError(f"{at}the chat template ({self.describe()}) cannot render this "
+                               f"record: {why}", where, fix, line=line)
+
+    def pieces(self, messages, *, line=None, where=None) -> tuple[list[tuple[str, bool]], bool]:
+        """([(text, trained), ...] concatenating to the rendered record, ends_with_marker).
+
+        `ends_with_marker` is False only when the template puts nothing after the last
+        assistant turn (the caller then appends EOS so the model still learns to stop).
+        """
+        has_system = any(isinstance(m, dict) and m.get("role") == "system" for m in messages)
+        try:
+            full = self.render(messages)
+        except Exception as exc:  # jinja raises what the template author chose (roles etc.)
+            raise self._refuse(line, f"{exc.__class__.__name__}: {exc}", where,
+                               system=has_system) from None
+        for k, msg in enumerate(messages):  # a template may drop a turn (Mistral: the system
+            text = msg.get("content")         # text when the conversation ends with an answer)
+            if msg.get("role") != "assistant" and isinstance(text, str) and text.strip() \
+                    and text.strip() not in full:
+                raise self._refuse(line, f"the {msg.get('role')} turn {k + 1} is not in the "
+                                   "rendered text (the template drops it)", where,
+                                   system=msg.get("role") == "system")
+        spans: list[tuple[int, int]] = []
+        ends_with_marker = True
+        for k, msg in enumerate(messages):
+            if msg.get("role") != "assistant":
+                continue
+            start, end, marker = self._locate(full, messages, k, spans[-1][1] if spans else 0,
+                                              line, where)
+            spans.append((start, end))
+            ends_with_marker = bool(marker)
+        out, pos = [], 0
+        for start, end in spans:
+            if start > pos:
+                out.append((full[pos:start], False))
+            if end > start:
+                out.append((full[start:end], True))
+            pos = end
+        if pos < len(full):
+            out.append((full[pos:], False))
+        return out, ends_with_marker
+
+    def _locate(self, full: str, messages, k: int, not_before: int, line, where):
+        msg = messages[k]
+        if not isinstance(msg.get("content"), str):
+            raise self._refuse(line, f"assistant turn {k + 1} has no text content", where)
+        used = full + "".join(m.get("content") or "" for m in messages if isinstance(m.get("content"), str))
+        s = next((c for c in SENTINELS if c not in used), None)
+        if s is None:
+            raise self._refuse(line, "the record contains every private-use marker character", where)
+        probe = [*messages[:k], {**msg, "content": s}, *messages[k + 1:]]
+        try:
+            other = self.render(probe)
+        except Exception as exc:
+            raise self._refuse(line, f"{exc.__class__.__name__}: {exc}", where) from None
+        # 1. the content as rendered: where F and the sentinel rendering disagree
+        a = _lcp(full, other)
+        q = _lcs(full, other, min(len(full), len(other)) - a)
+        b = len(full) - q
+        if other.count(s) != 1 or other.index(s) + 1 != len(other) - q:
+            raise self._refuse(line, f"assistant turn {k + 1} is not rendered once, in one place, "
+                               "so its trained span cannot be located", where)
+        # 2. the start: where F leaves the prompt the model is given for this turn
+        start = a
+        if k:
+            try:
+                before = self.render(messages[:k])
+                prompt = self.render(messages[:k], generation_prompt=True)
+            except Exception:  # a template that cannot render the bare prefix: the content start stands
+                before = prompt = None
+            if before is not None and full.startswith(before) and prompt.startswith(before):
+                start = max(len(before), min(a, _lcp(full, prompt, len(before))))
+        # 3. the end: the template's own end-of-turn marker after the content
+        try:
+            alone = self.render([*messages[:k], {**msg, "content": s}])
+        except Exception as exc:
+            raise self._refuse(line, f"{exc.__class__.__name__}: {exc}", where) from None
+        tail = alone[alone.index(s) + 1:] if alone.count(s) == 1 else ""
+        marker = re.match(r"\S*", tail).group(0)
+        if marker and not full.startswith(marker, b):
+            raise self._refuse(line, f"assistant turn {k + 1} does not end with the template's "
+                               f"end-of-turn marker {marker!r}", where)
+        if start < not_before:
+            raise self._refuse(line, f"assistant turn {k + 1} overlaps the turn before it", where)
+        return start, b + len(marker), marker
+
+
+def label_pieces(pieces, tokens, starts, *, all_trained: bool = False) -> list[int]:
+    """Labels for `tokens` (ids) whose first characters are at `starts` in the joined pieces:
+    the id where that character is in a trained piece, else -100."""
+    bounds, flags, pos = [], [], 0
+    for text, trained in pieces:
+        bounds.append(pos)
+        flags.append(bool(trained))
+        pos += len(text)
+    labels = []
+    for tok, st in zip(tokens, starts):
+        i = bisect.bisect_right(bounds, st) - 1
+        labels.append(tok if all_trained or (i >= 0 and flags[i]) else -100)
+    return labels
