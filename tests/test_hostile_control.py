@@ -162,67 +162,61 @@ def _dead_daemon_state(pid: int, **fields) -> dict:
             "heartbeat_clock": trainroot.boot_clock(), **fields}
 
 
-def test_a_pid_reused_after_the_daemon_died_is_not_alive(root, capsys):
-    other = subprocess.Popen(["sleep", "30"])  # a new process; say the system gave it the pid
-    try:
-        start = trainroot.process_start(other.pid)
-        assert isinstance(start, int)
-        # The dead daemon recorded its own start; the pid's new owner started at another tick.
-        (root / ".daemon_state.json").write_text(json.dumps(
-            _dead_daemon_state(other.pid, proc_start=start - 1)))
-        assert tc.daemon_status(root)["alive"] is False
-        assert tc.daemon_status(root)["state"] == "dead"
-        doc = state_doc(capsys, root)
-        assert doc["daemon"]["alive"] is False and doc["training"]["state"] == "dead"
-        assert tc.request(root, "stop")["outcome"] == "nothing"  # nothing written for a stranger
-        assert not list((root / "control").glob("*.request.json"))
-        # The same process (its recorded start) with a fresh heartbeat is the daemon, even
-        # without its lock to read (someone deleted .locks/): no clock is involved.
-        (root / ".daemon_state.json").write_text(json.dumps(
-            _dead_daemon_state(other.pid, proc_start=start)))
-        assert tc.daemon_status(root)["alive"] is True
-        assert state_doc(capsys, root)["daemon"]["alive"] is True
-    finally:
-        other.kill()
-        other.wait()
+@pytest.fixture
+def stranger():
+    """A live process that is not the daemon: say the system gave it the dead daemon's pid."""
+    proc = subprocess.Popen(["sleep", "30"])
+    yield proc
+    proc.kill()
+    proc.wait()
 
 
-def test_a_pid_reused_is_told_from_an_older_state_without_the_identity(root, capsys):
+def test_a_pid_reused_after_the_daemon_died_is_not_alive(root, capsys, stranger):
+    start = trainroot.process_start(stranger.pid)
+    assert isinstance(start, int)
+    # The dead daemon recorded its own start; the pid's new owner started at another tick.
+    (root / ".daemon_state.json").write_text(json.dumps(
+        _dead_daemon_state(stranger.pid, proc_start=start - 1)))
+    assert tc.daemon_status(root)["alive"] is False
+    assert tc.daemon_status(root)["state"] == "dead"
+    doc = state_doc(capsys, root)
+    assert doc["daemon"]["alive"] is False and doc["training"]["state"] == "dead"
+    assert tc.request(root, "stop")["outcome"] == "nothing"  # nothing written for a stranger
+    assert not list((root / "control").glob("*.request.json"))
+    # The same process (its recorded start) with a fresh heartbeat is the daemon, even
+    # without its lock to read (someone deleted .locks/): no clock is involved.
+    (root / ".daemon_state.json").write_text(json.dumps(
+        _dead_daemon_state(stranger.pid, proc_start=start)))
+    assert tc.daemon_status(root)["alive"] is True
+    assert state_doc(capsys, root)["daemon"]["alive"] is True
+
+
+def test_a_pid_reused_is_told_from_an_older_state_without_the_identity(root, capsys, stranger):
     # A state written by an older daemon has only wall-clock times. Its pid's new owner
     # started 5 s after the heartbeat: beyond btime's 1 s rounding plus 1 s of slack
     # (the test used to allow 1.2 s, and failed by chance when create_time read early).
     beat = time.time() - 5.0
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(beat)) + f".{int(beat % 1 * 1e6):06d}Z"
-    other = subprocess.Popen(["sleep", "30"])
-    try:
-        (root / ".daemon_state.json").write_text(json.dumps(
-            {"pid": other.pid, "state": "training", "heartbeat": stamp, "started_at": stamp}))
-        assert tc.daemon_status(root)["alive"] is False
-        assert state_doc(capsys, root)["daemon"]["alive"] is False
-    finally:
-        other.kill()
-        other.wait()
+    (root / ".daemon_state.json").write_text(json.dumps(
+        {"pid": stranger.pid, "state": "training", "heartbeat": stamp, "started_at": stamp}))
+    assert tc.daemon_status(root)["alive"] is False
+    assert state_doc(capsys, root)["daemon"]["alive"] is False
 
 
-def test_a_heartbeat_is_aged_by_the_boot_clock_not_the_wall_clock(root, capsys):
-    other = subprocess.Popen(["sleep", "30"])
-    try:
-        start = trainroot.process_start(other.pid)
-        # The wall clock was stepped a day back after the heartbeat was written (NTP, a VM
-        # resume): its wall time lies in the future, its boot clock says 1 s ago.
-        doc = _dead_daemon_state(other.pid, proc_start=start,
-                                 heartbeat="2099-01-01T00:00:00.000000Z",
-                                 heartbeat_clock=trainroot.boot_clock() - 1.0)
-        (root / ".daemon_state.json").write_text(json.dumps(doc))
-        st = tc.daemon_status(root)
-        assert st["alive"] is True and st["responsive"] is True
-        assert 0.5 < st["heartbeat_age_s"] < 30
-        # A heartbeat written in another boot vouches for nothing, whatever its times say.
-        (root / ".daemon_state.json").write_text(json.dumps(dict(doc, boot_id="another-boot")))
-        assert tc.daemon_status(root)["alive"] is False
-    finally:
-        other.kill()
-        other.wait()
+def test_a_heartbeat_is_aged_by_the_boot_clock_not_the_wall_clock(root, capsys, stranger):
+    start = trainroot.process_start(stranger.pid)
+    # The wall clock was stepped a day back after the heartbeat was written (NTP, a VM
+    # resume): its wall time lies in the future, its boot clock says 1 s ago.
+    doc = _dead_daemon_state(stranger.pid, proc_start=start,
+                             heartbeat="2099-01-01T00:00:00.000000Z",
+                             heartbeat_clock=trainroot.boot_clock() - 1.0)
+    (root / ".daemon_state.json").write_text(json.dumps(doc))
+    st = tc.daemon_status(root)
+    assert st["alive"] is True and st["responsive"] is True
+    assert 0.5 < st["heartbeat_age_s"] < 30
+    # A heartbeat written in another boot vouches for nothing, whatever its times say.
+    (root / ".daemon_state.json").write_text(json.dumps(dict(doc, boot_id="another-boot")))
+    assert tc.daemon_status(root)["alive"] is False
 
 
 def test_the_controller_and_the_tracker_agree_on_a_killed_idle_daemon(root, capsys):
