@@ -490,7 +490,9 @@ def test_a_fresh_shell_learns_everything_from_state_tracker_json(initialized_roo
     assert reasons["notes.txt"] == "not a .jsonl file" and "invalid" in reasons["broken.jsonl"]
     assert "already trained" in q["skipped"][0]["reason"]
     assert doc["training"]["processing_file"] == "a_long.jsonl"
-    assert doc["training"]["state"] == "dead"      # a file waits in processing/
+    # stopped cleanly (the one liveness definition: `status` says the same); the file that
+    # waits half-trained in processing/ is what DAEMON_DEAD reports
+    assert doc["training"]["state"] == "stopped"
     assert "DAEMON_DEAD" in codes(doc) and "FILES_FAILED" in codes(doc)
     assert "training_daemon.py run" in warning(doc, "DAEMON_DEAD")["fix"]
     fix = warning(doc, "FILES_FAILED")["fix"]
