@@ -1,6 +1,6 @@
 """The daemon's intake: from inbox/ (and inbox/high/, inbox/low/) to the queue.
 
-`InboxIntake` (mixed into training_daemon.Daemon) watches the inbox with watchdog, takes
+`InboxIntake` (an object training_daemon.Daemon owns) watches the inbox with watchdog, takes
 each settled file, validates and queues it, or moves it to failed/ or skipped/ with its
 reason and fix. For one entry: `open_for_writing` (a file still being written is never
 half-read), `special_file` (what a link, pipe, socket or device is, and its fix), and
@@ -150,13 +150,42 @@ class _Candidate:
 
 
 class InboxIntake:
-    """The daemon's intake (mixed into training_daemon.Daemon): watch inbox/ and its
-    priority folders, take each settled file, validate and queue it (or fail or skip it,
-    with its reason and fix). Uses the daemon's `p`, `cfg`, `log`, `done`, `wake`, its
-    control (`control_idle`, `stop_request`, `stop_signal`) and `write_state`.
+    """The daemon's intake: watch inbox/ and its priority folders, take each settled file,
+    validate and queue it (or fail or skip it, with its reason and fix).
+
+    The daemon owns one (`Daemon.intake`, made once config.json is loaded); this is all it
+    gives it, and all the intake touches of the daemon:
+      paths, cfg, log   the root's `Paths`, the loaded config, the daemon's logger
+      wake              the Event the daemon's loop waits on: set when a watched folder changes
+      done              the done index (sha256 -> record): the daemon's dict, kept current by it
+      tend()            write the heartbeat and act on requests (a long pass calls it every 0.5 s)
+      stopping()        True once a stop is claimed or signalled: a pass ends there
+      on_queued()       a file was queued (the daemon may start loading torch meanwhile)
+      on_failed(msg)    intake of one file failed; it stays claimed (the daemon's last_error)
+    The daemon calls `start_watching`, `recover_incoming`, `scan_inbox`, `take`,
+    `between_steps`, `waiting` and `stop_watching`. Its own state: the candidates (inbox
+    path -> first seen), the watcher's hints, the warnings already given, and its timers.
     """
 
-    def _start_observer(self) -> None:
+    def __init__(self, paths, cfg: dict, log: logging.Logger, wake: threading.Event, *,
+                 done: dict, tend, stopping, on_queued, on_failed):
+        self.p, self.cfg, self.log, self.wake, self.done = paths, cfg, log, wake, done
+        self.tend, self.stopping = tend, stopping
+        self.on_queued, self.on_failed = on_queued, on_failed
+        self.candidates: dict[str, _Candidate] = {}  # inbox path -> when first seen
+        self.hinted: set[str] = set()            # paths the watcher saw change (hint_lock)
+        self.warned: set[str] = set()            # inbox entries already warned about, once each
+        self.hint_lock = threading.Lock()
+        self._next_rescan = 0.0                  # a full rescan then (cfg rescan_seconds)
+        self._checked_while_training = 0.0       # the last pass between training steps
+        self._intake_count = self._burst_quiet = 0
+        self._observer = None
+
+    def waiting(self) -> bool:
+        """True while some inbox file is seen and not yet taken (settling, or still open)."""
+        return bool(self.candidates)
+
+    def start_watching(self) -> None:
         try:
             from watchdog.events import FileSystemEventHandler
             from watchdog.observers import Observer
@@ -164,16 +193,16 @@ class InboxIntake:
             self.log.warning("watchdog unavailable (%s): rescanning every %ss only", exc,
                              self.cfg["rescan_seconds"])
             return
-        daemon = self
+        intake = self
 
         class Hints(FileSystemEventHandler):
             def on_any_event(self, event):
                 if event.is_directory:
                     return
                 path = getattr(event, "dest_path", None) or event.src_path
-                with daemon.hint_lock:
-                    daemon.hinted.add(os.fsdecode(path))
-                daemon.wake.set()
+                with intake.hint_lock:
+                    intake.hinted.add(os.fsdecode(path))
+                intake.wake.set()
 
         obs = Observer()
         try:
@@ -187,6 +216,12 @@ class InboxIntake:
                 obs.stop()
             return
         self._observer = obs
+
+    def stop_watching(self) -> None:
+        if self._observer is not None:
+            with contextlib.suppress(Exception):
+                self._observer.stop()
+                self._observer.join(timeout=5)
 
     def _note(self, path: str, priority: str, now: float) -> None:
         name = os.path.basename(path)
@@ -237,7 +272,15 @@ class InboxIntake:
                 if pr is not None:
                     self._note(path, pr, now)
 
-    def intake(self, budget_s: float | None = None) -> None:
+    def between_steps(self, now: float) -> None:
+        """While a file trains: files dropped now are validated and queued now, in a short
+        pass every so often (INTAKE_WHILE_TRAINING_S)."""
+        every, budget = INTAKE_WHILE_TRAINING_S
+        if now - self._checked_while_training >= every:
+            self._checked_while_training = now
+            self.take(budget_s=budget)
+
+    def take(self, budget_s: float | None = None) -> None:
         """Claim every settled inbox file, validate it and queue it (or fail/skip it).
 
         With `budget_s` (while a file trains, between steps) a pass ends after about that
@@ -289,14 +332,13 @@ class InboxIntake:
                                 "is never half-read)", path, level=logging.INFO)
                 continue
             self._ingest(path, cand.priority, batch, cand.sig)
-            if self.stop_request or self.stop_signal:  # claimed while a big file was validated
+            if self.stopping():  # claimed while a big file was validated
                 return
             if budget_s is None and time.monotonic() - last_control > 0.5:  # a burst must not hide a stop
                 last_control = time.monotonic()
                 batch.flush()
-                self.write_state()
-                self.control_idle()
-                if self.stop_request or self.stop_signal:
+                self.tend()
+                if self.stopping():
                     return
 
     def _ingest(self, path: str, priority: str, batch, sig: tuple | None = None) -> None:
@@ -347,10 +389,10 @@ class InboxIntake:
                 examined=examined)
         except Exception as exc:  # never lose it: whatever broke, the file stays claimed
             self.log.exception("intake of %s failed; it stays in %s", name, claimed.parent)
-            self.last_error = f"intake of {name} failed: {exc}"
+            self.on_failed(f"intake of {name} failed: {exc}")
             return
-        if rec["outcome"] == "queued" and self.current is None:
-            self.preload_engine()  # torch loads while the rest of the inbox settles
+        if rec["outcome"] == "queued":
+            self.on_queued()
         self._intake_count += 1
         if self._intake_count > BURST_LOG_LINES and rec["outcome"] != "queued":
             self._burst_quiet += 1  # a burst: one summary line instead of 10,000
@@ -375,9 +417,8 @@ class InboxIntake:
         worker.start()
         while worker.is_alive():
             worker.join(0.2)
-            self.write_state()
-            self.control_idle()
-            if self.stop_request or self.stop_signal:
+            self.tend()
+            if self.stopping():
                 self.log.info("%s: stopping before its validation ended; it stays in %s and "
                               "is validated again at the next start", name, claimed.parent)
                 return None

@@ -9,7 +9,7 @@ watches inbox/, validates, queues and trains each file exactly once (SPEC ยง5, ย
     python3 training_daemon.py run --once --no-monitor   # train what is queued, then exit
 
 Only the training engine imports torch, and only lazily, once per daemon process. The
-intake (inbox to queue) is inbox_files.InboxIntake, mixed into Daemon.
+intake (inbox to queue) is an inbox_files.InboxIntake the Daemon owns (`Daemon.intake`).
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def _done_since(rec: dict, backup: dict | None) -> bool:
 
 # --------------------------------------------------------------------------- run: the daemon
 
-class Daemon(inbox_files.InboxIntake):
+class Daemon:
     """One daemon per root: intake from inbox/, one file at a time through the engine."""
 
     def __init__(self, root, *, once: bool = False, monitor: bool = True):
@@ -211,10 +211,7 @@ class Daemon(inbox_files.InboxIntake):
         self.stop_request: dict | None = None    # a claimed `stop` to acknowledge at exit
         self.pending: tuple[str, dict | None] | None = None  # action claimed while training
         self._queue_order = training_queue.QueueOrder(self.p.root)  # next_job's view
-        self.candidates: dict = {}               # inbox path -> when first seen (intake)
-        self.hinted: set[str] = set()
-        self.warned: set[str] = set()            # inbox entries already warned about, once each
-        self.hint_lock = threading.Lock()
+        self.intake: inbox_files.InboxIntake | None = None  # made once config.json is loaded
         self.wake = threading.Event()
         self.done: dict[str, dict] = {}
         self.backup_proc = None
@@ -222,17 +219,14 @@ class Daemon(inbox_files.InboxIntake):
         self.backup_failed: str | None = None
         self.exit_code = 0
         self._state_written = 0.0
-        self._control_checked = self._intake_checked = 0.0
-        self._next_rescan = 0.0
+        self._control_checked = 0.0
         self._retry_at = 0.0
-        self._intake_count = self._burst_quiet = 0
         self._timings: dict | None = None
         self._refused_config: tuple | None = None
         self._recheck_at = 0.0  # a paused pre-flight (or engine refusal) is re-checked then
         self._import_thread: threading.Thread | None = None
         self._waiting_for: str | None = None      # the lock holders a queued file waits for
         self._engine = None
-        self._observer = None
         self._monitor = None
 
     # ---------------------------------------------------------------- state file
@@ -393,10 +387,8 @@ class Daemon(inbox_files.InboxIntake):
         if self.backup_failed is not None and self._poll_backup() is False:
             self.pending = ("pause", None)
             return "pause"
-        every, budget = inbox_files.INTAKE_WHILE_TRAINING_S
-        if now - self._intake_checked >= every:  # files dropped now are validated and queued now
-            self._intake_checked = now
-            self.intake(budget_s=budget)
+        if self.intake is not None:  # None only for a Daemon driven without run() (tests)
+            self.intake.between_steps(now)  # files dropped now are validated and queued now
         for req in self._requests():
             action = req["action"]
             if not self._claim(req):
@@ -1023,6 +1015,23 @@ class Daemon(inbox_files.InboxIntake):
         self.stop_signal = signal.Signals(signum).name
         self.wake.set()
 
+    # ---------------------------------------------------------------- what the intake is given
+
+    def _tend(self) -> None:
+        """Heartbeat and requests, during a long intake pass."""
+        self.write_state()
+        self.control_idle()
+
+    def _stopping(self) -> bool:
+        return bool(self.stop_request or self.stop_signal)
+
+    def _queued_from_inbox(self) -> None:
+        if self.current is None:
+            self.preload_engine()  # torch loads while the rest of the inbox settles
+
+    def _intake_failed(self, message: str) -> None:
+        self.last_error = message
+
     def run(self) -> int:
         import training_config
         training_config.load_config(self.p.root)  # a mistyped --root fails, creating nothing
@@ -1052,11 +1061,15 @@ class Daemon(inbox_files.InboxIntake):
             for stale in (self.p.control / "engine").glob("*.json"):
                 stale.unlink(missing_ok=True)  # left by a torchrun job killed with the last daemon
             self.done = training_queue.done_index(self.p.root)
-            self._start_observer()
+            self.intake = inbox_files.InboxIntake(
+                self.p, self.cfg, self.log, self.wake, done=self.done, tend=self._tend,
+                stopping=self._stopping, on_queued=self._queued_from_inbox,
+                on_failed=self._intake_failed)
+            self.intake.start_watching()
             self._start_monitor()
-            self.recover_incoming()
+            self.intake.recover_incoming()
             self._restore_pause()
-            self.scan_inbox(full=True)
+            self.intake.scan_inbox(full=True)
             if self._has_work() and not (self.stop_request or self.stop_signal):
                 self.preload_engine()
             self._loop()
@@ -1091,7 +1104,7 @@ class Daemon(inbox_files.InboxIntake):
                 if self.once:
                     raise GuardrailError(self.backup_failed, self.p.root,
                                          "Fix the cause, then run `python3 backup_manager.py backup`.")
-            self.intake()
+            self.intake.take()
             if self.stop_request or self.stop_signal:
                 return
             if self.state == "paused":
@@ -1119,13 +1132,13 @@ class Daemon(inbox_files.InboxIntake):
                     self._recheck_at = time.monotonic() + self.cfg["rescan_seconds"]
                     self.set_state("paused", f"{exc.error}", exc.kind)
                 continue
-            if self.once and not self.candidates and self._processing_file() is None:
+            if self.once and not self.intake.waiting() and self._processing_file() is None:
                 if self.backup_proc is not None:
                     self._poll_backup(wait=True)
                     continue
                 return
             self.write_state()
-            self.wake.wait(0.05 if self.candidates else IDLE_TICK_S)
+            self.wake.wait(0.05 if self.intake.waiting() else IDLE_TICK_S)
             self.wake.clear()
 
     def _retry_preflight(self) -> None:
@@ -1146,10 +1159,8 @@ class Daemon(inbox_files.InboxIntake):
     def _shutdown(self, lock, old_handlers) -> None:
         self.state = "stopping"
         self.write_state(force=True)
-        if self._observer is not None:
-            with contextlib.suppress(Exception):
-                self._observer.stop()
-                self._observer.join(timeout=5)
+        if self.intake is not None:
+            self.intake.stop_watching()
         if self._monitor is not None:
             with contextlib.suppress(Exception):
                 self._monitor.stop()
