@@ -79,7 +79,12 @@ class Daemon(RealDaemon):
         text = super().output()
         engine_log = self.root / "logs" / "engine.log"
         if engine_log.exists():
-            text += "\n--- engine.log ---\n" + engine_log.read_text()[-3000:]
+            log = engine_log.read_text()
+            # each rank's traceback is long: rank 0's lines first, so a failure names its cause
+            rank0 = "\n".join(ln for ln in log.splitlines()
+                              if ln.startswith(("[rank0]", "Error:", "{")) or "rank 0" in ln)
+            text += ("\n--- engine.log, rank 0 ---\n" + rank0[-4000:]
+                     + "\n--- engine.log ---\n" + log[-3000:])
         return text
 
     def ranks(self) -> dict[int, psutil.Process]:
