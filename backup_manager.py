@@ -6,7 +6,7 @@ global_step). It is written under `.staging-<ID>/`: every piece is hashed as it 
 from the source (and checked against the source's manifest), written, synced, dropped from
 the page cache, read back from the disk and compared with the bytes that were hashed; then
 files and folders are fsynced and a no-replace rename publishes it (that copy engine is
-verified_copy.py). A backup that fails is removed and reported, never listed (SPEC §12).
+verified_copy.py). A backup that fails is removed and reported, never listed (docs/design.md, Backups).
 
     python3 backup_manager.py backup --note "before the big run"
     python3 backup_manager.py verify --all

@@ -2,8 +2,8 @@
 
 `init_root(root, base)` builds the embedded tiny model (no download) or copies a local
 Hugging Face folder after checking that it loads, takes version v001 and approves the
-config (SPEC §5). It never replaces an existing current_model/. `ensure_folders` creates
-a root's runtime folders, naming any that is a file instead.
+config (docs/design.md, The root). It never replaces an existing current_model/.
+`ensure_folders` creates a root's runtime folders, naming any that is a file instead.
 """
 
 from __future__ import annotations

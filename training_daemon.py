@@ -2,7 +2,7 @@
 
 `init` creates config.json, current_model/ (the embedded tiny model or a copy of a local
 Hugging Face folder) and version v001, and approves the config. `run` (the default)
-watches inbox/, validates, queues and trains each file exactly once (SPEC §5, §6).
+watches inbox/, validates, queues and trains each file exactly once (docs/design.md, The file lifecycle).
 
     python3 training_daemon.py init --root ~/train --base tiny
     python3 training_daemon.py --root ~/train            # run until stopped

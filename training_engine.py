@@ -740,7 +740,7 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     config = {**training_config.default_config(), **config}
     p = Paths(root)
     writer = rank == 0
-    data_name = Path(data_path).name  # metrics.jsonl's `file` (SPEC §3); file_id tells arrivals apart
+    data_name = Path(data_path).name  # metrics.jsonl's `file` (docs/design.md, Training); file_id tells arrivals apart
     # 0 = all cores, shared by the processes of this node (torchrun's ranks on a CPU box)
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world_size > 1 else 1
     threads = int(config.get("num_threads") or 0) or max(1, (os.cpu_count() or 1) // per_node)

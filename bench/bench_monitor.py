@@ -1,4 +1,4 @@
-"""How the live monitor's answers scale with a year of metrics (SPEC §13, issue 10).
+"""How the live monitor's answers scale with a year of metrics, and what a polled page costs training.
 
 Two roots in one run: one with an empty metrics.jsonl (the baseline), one with N lines
 written the way the engine writes them. Each gets its own monitor on 127.0.0.1; the

@@ -420,7 +420,7 @@ def test_schedule_and_optimizer_continue_across_files(tmp_path, tiny_model_dir):
     rows = metrics(root)
     assert [m["global_step"] for m in rows] == list(range(1, rb["global_step"] + 1))
     assert [m["lr"] for m in rows] == [te.lr_at(i, cfg) for i in range(rb["global_step"])]
-    # `file` is the data file's name (SPEC §3), `file_id` the identity of this arrival
+    # `file` is the data file's name (docs/design.md, Training), `file_id` the identity of this arrival
     assert [(m["file"], m["file_id"]) for m in rows].count(("b.jsonl", "b")) == rb["steps"]
     assert rb["tokens_seen"] == ra["tokens_seen"] + rb["tokens"]
     state = read_json(Paths(root).current_model / "trainer_state.json")
