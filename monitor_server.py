@@ -1,7 +1,6 @@
 """The live monitor's read-only server: one page and two JSON documents, on 127.0.0.1 only.
 
-The daemon starts it in a process of its own at SCHED_IDLE (`start_in_process(root, port)`);
-`start_in_thread` serves from a thread; it can also run on its own.
+The daemon starts it in a thread (`start_in_thread(root, port)`); it can also run on its own.
 It serves nothing but `live_monitor_ui.html` (read from the folder beside this script, never
 from a path in the request), the state document (`state_tracker.build_state`, the same
 code as `state_tracker.py --json`) and metrics since a step. Routes are matched exactly,
@@ -25,9 +24,7 @@ import operator
 import os
 import math
 import re
-import select
 import stat
-import subprocess
 import sys
 import threading
 import time
@@ -45,6 +42,7 @@ MAX_POINTS = 2000           # what the chart draws at most; more costs time and 
 MAX_POINTS_LIMIT = 10000    # what a client may ask for
 METRIC_FIELDS = ("time", "global_step", "file", "loss", "lr", "tokens_per_sec")
 STATE_TTL = 1.0             # seconds a built state document is reused (several open tabs)
+API_RATE = 20.0             # JSON answers a second beside training: one open page asks for 1
 
 # Literal first, so `re` scans at C speed; an escaped key (\"file\") cannot match either.
 _STEP_RE = re.compile(rb'"global_step"\s*:\s*(-?\d+)[,}\s]')
@@ -262,6 +260,29 @@ def load_page() -> tuple[bytes, str]:
 
 # --------------------------------------------------------------------------- the server
 
+class _Pacer:
+    """At most `rate` JSON answers a second over all connections, each request waiting its
+    turn: a waiting thread sleeps and costs training nothing, so 200 open pages cost what
+    `rate` answers do (SCHED_IDLE alone did not keep them off training's cores: 200
+    polling pages cost it about a quarter of its tokens/s). Up to `rate` pages refresh
+    at their usual pace; more pages refresh less often."""
+
+    def __init__(self, rate: float | None):
+        self.interval = 1.0 / rate if rate else 0.0
+        self.lock = threading.Lock()
+        self.next = 0.0
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        with self.lock:
+            now = time.monotonic()
+            turn = max(now, self.next)
+            self.next = turn + self.interval
+        if turn > now:
+            time.sleep(turn - now)
+
+
 class MonitorServer(ThreadingHTTPServer):
     """A ThreadingHTTPServer for one training root; binds 127.0.0.1 and nothing else."""
 
@@ -269,8 +290,9 @@ class MonitorServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, root: Path, port: int, state_ttl: float = STATE_TTL,
-                 idle_priority: bool = False):
+                 idle_priority: bool = False, max_rate: float | None = None):
         self.root = Path(root).resolve()
+        self.pacer = _Pacer(max_rate)
         self.metrics = MetricsIndex(trainroot.Paths(self.root).metrics)
         self.state_ttl = state_ttl
         self.idle_priority = idle_priority
@@ -380,6 +402,7 @@ class MonitorHandler(BaseHTTPRequestHandler):
                 body, csp = load_page()
                 return self._send(200, body, "text/html; charset=utf-8",
                                   extra={"Content-Security-Policy": csp})
+            self.server.pacer.wait()
             if path == "/api/state":
                 body = self.server.state_json()
             else:
@@ -484,14 +507,15 @@ class MonitorHandle:
 
 
 def make_server(root, port: int, *, state_ttl: float = STATE_TTL,
-                idle_priority: bool = False) -> MonitorServer:
+                idle_priority: bool = False, max_rate: float | None = None) -> MonitorServer:
     """Bind the server on 127.0.0.1:port (0 = any free port); a taken port is a GuardrailError."""
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise UsageError(f"monitor not started: port {port!r} is not 0..65535", f"{HOST}:{port}",
                          "Set `monitor_port` in config.json to a port in 1..65535 (0 turns the "
                          "monitor off), or pass --port N.")
     try:
-        return MonitorServer(Path(root), port, state_ttl=state_ttl, idle_priority=idle_priority)
+        return MonitorServer(Path(root), port, state_ttl=state_ttl, idle_priority=idle_priority,
+                             max_rate=max_rate)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             what = f"monitor not started: port {port} is already in use"
@@ -506,14 +530,16 @@ def make_server(root, port: int, *, state_ttl: float = STATE_TTL,
 
 
 def start_in_thread(root, port: int, *, state_ttl: float = STATE_TTL,
-                    idle_priority: bool = True) -> MonitorHandle:
+                    idle_priority: bool = True, max_rate: float | None = API_RATE) -> MonitorHandle:
     """Serve the monitor for `root` from a daemon thread; returns a handle with `.stop()`.
 
     Raises GuardrailError (with a fix command) when the port cannot be bound; the caller
-    logs it and keeps training. Request threads run at SCHED_IDLE so the page never slows
-    training down.
+    logs it and keeps training. Request threads run at SCHED_IDLE, and at most `max_rate`
+    JSON answers a second are served (more pages wait their turn), so however many pages
+    are open, the monitor costs training little.
     """
-    server = make_server(root, port, state_ttl=state_ttl, idle_priority=idle_priority)
+    server = make_server(root, port, state_ttl=state_ttl, idle_priority=idle_priority,
+                         max_rate=max_rate)
 
     def serve() -> None:
         if idle_priority:
@@ -527,66 +553,6 @@ def start_in_thread(root, port: int, *, state_ttl: float = STATE_TTL,
 
 # --------------------------------------------------------------------------- CLI
 
-class MonitorProcess:
-    """The monitor in a process of its own: `.url`, `.port`, `.pid`, `.stop()` (idempotent)."""
-
-    def __init__(self, proc, port: int):
-        self.proc, self.port, self.pid = proc, port, proc.pid
-        self.url = f"http://{HOST}:{port}/{PAGE_NAME}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
-
-
-def start_in_process(root, port: int, *, timeout: float = 15.0) -> MonitorProcess:
-    """Serve the monitor for `root` from a child process at SCHED_IDLE that dies with us.
-
-    What the daemon uses: a thread in the training process shares its GIL, so a page's
-    work (building the state, reading metrics) stalls training however low its priority
-    (an idle thread holding the GIL blocks the training thread); a process does not.
-    Raises GuardrailError (with the fix) when the port cannot be bound or it does not start.
-    """
-    cmd = [sys.executable, str(Path(__file__).resolve()), "serve", "--root", str(root),
-           "--port", str(port), "--parent", str(os.getpid())]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
-    ready = select.select([proc.stdout], [], [], timeout)[0]
-    line = proc.stdout.readline() if ready else b""
-    try:
-        doc = json.loads(line or b"{}")
-    except ValueError:
-        doc = {}
-    if not isinstance(doc, dict) or not isinstance(doc.get("port"), int):
-        handle = MonitorProcess(proc, port)
-        handle.stop()
-        error = doc.get("error") if isinstance(doc, dict) else None
-        raise GuardrailError(error or f"the live monitor did not start within {timeout:g} s",
-                             None if error else root,
-                             None if error else "Run `python3 monitor_server.py serve` to see why.")
-    return MonitorProcess(proc, doc["port"])
-
-
-def _follow_parent(parent: int) -> None:
-    """In the monitor's own process: SCHED_IDLE for every thread it will start (they inherit
-    the policy), and SIGTERM when the daemon dies, even by kill -9 (PR_SET_PDEATHSIG)."""
-    import ctypes
-    import signal
-    libc = ctypes.CDLL(None)
-    if hasattr(libc, "prctl"):
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the daemon died before prctl
-        sys.exit(1)
-    _make_thread_idle()
-
-
 def cmd_serve(args) -> int:
     """Serve the live monitor on 127.0.0.1 until Ctrl+C (port: --port, else config's monitor_port)."""
     root = trainroot.resolve_root(args.root)
@@ -598,16 +564,7 @@ def cmd_serve(args) -> int:
         except GuardrailError as exc:
             print(f"monitor: config not read ({exc}); using port 8080", file=sys.stderr)
             port = 8080
-    if args.parent is not None:
-        _follow_parent(args.parent)
-        try:
-            server = make_server(root, port)
-        except GuardrailError as exc:  # the daemon logs it and trains on
-            print(json.dumps({"ok": False, "error": str(exc)}), flush=True)
-            return 1
-        print(json.dumps({"ok": True, "port": server.port}), flush=True)
-    else:
-        server = make_server(root, port)
+    server = make_server(root, port)
     print(f"monitor: http://{HOST}:{server.port}/{PAGE_NAME} (root {root}); Ctrl+C stops it",
           file=sys.stderr, flush=True)
     try:
@@ -634,7 +591,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monitor_server.py", description=__doc__.split("\n\n")[0])
     p = trainroot.subcommands(parser, json_flag=False)("serve", cmd_serve)
     p.add_argument("--port", type=_port, default=None, help="port on 127.0.0.1 (0: any free one)")
-    p.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)  # the daemon's pid
     return parser
 
 

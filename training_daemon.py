@@ -1004,7 +1004,7 @@ class Daemon:
             return
         try:
             import monitor_server
-            self._monitor = monitor_server.start_in_process(self.p.root, port)
+            self._monitor = monitor_server.start_in_thread(self.p.root, port)
             self.log.info("live monitor on %s", getattr(self._monitor, "url", f"port {port}"))
         except Exception as exc:  # the monitor is optional: training goes on without it
             self.log.warning("live monitor not started on port %s (%s); training continues. "

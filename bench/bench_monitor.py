@@ -176,10 +176,10 @@ sys.stdin.read()  # until the bench closes our stdin
 def training_cost(n: int, seconds: float, rounds: int, lines: int) -> int:
     """Training-like steps in this process (a small torch model: forward, backward, AdamW,
     as the in-process engine trains in the daemon), timed alone, then while `n` pages poll
-    a monitor served from a thread of this process (`start_in_thread`), then from a child
-    process (`start_in_process`, what the daemon starts). The pages run in another process
-    at SCHED_IDLE, so only the server's cost is measured, not the browsers'. Phases
-    alternate, so the machine's load drifts into each alike."""
+    a monitor served from a thread of this process (`start_in_thread`, as the daemon serves
+    it). The pages run in another process at SCHED_IDLE, so only the server's cost is
+    measured, not the browsers'. Phases alternate, so the machine's load drifts into each
+    alike. bench_monitor_training.py measures the same with the real engine."""
     import os
     import subprocess
     import torch
@@ -210,28 +210,25 @@ def training_cost(n: int, seconds: float, rounds: int, lines: int) -> int:
             pages.kill()
             pages.wait()
 
-    runs = {"alone": [], "thread": [], "process": []}
+    runs = {"alone": [], "thread": []}
     with tempfile.TemporaryDirectory(prefix="bench-monitor-") as tmp:
         root = Path(tmp)
         write_metrics(root / "metrics.jsonl", lines)
         for r in range(rounds):
             runs["alone"].append(loop())
-            for kind, start in (("thread", monitor_server.start_in_thread),
-                                ("process", monitor_server.start_in_process)):
-                h = start(root, 0)
-                try:
-                    runs[kind].append(with_pages(h.port))
-                finally:
-                    h.stop()
+            h = monitor_server.start_in_thread(root, 0)
+            try:
+                runs["thread"].append(with_pages(h.port))
+            finally:
+                h.stop()
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items())
                   + " steps/s", file=sys.stderr)
     base = statistics.median(runs["alone"])
     print(f"\nTraining-like steps in the daemon's process, {os.cpu_count()} cores, {seconds:.0f} s "
           f"phases x {rounds}, {n} pages polling every 2 s ({lines:,} metrics lines):")
     print(f"  alone                         {base:8.1f} steps/s")
-    for kind in ("thread", "process"):
-        med = statistics.median(runs[kind])
-        print(f"  monitor in a {kind:7s} + pages  {med:8.1f} steps/s   ratio {med / base:.3f}")
+    med = statistics.median(runs["thread"])
+    print(f"  monitor (a thread) + pages    {med:8.1f} steps/s   ratio {med / base:.3f}")
     return 0
 
 

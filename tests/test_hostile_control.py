@@ -341,7 +341,7 @@ def test_monitor_serves_strict_json_for_nan_metrics_and_a_folder_as_metrics(root
         '{"global_step": 1, "loss": 2.5, "file": "a.jsonl"}\n'
         '{"global_step": 2, "loss": NaN, "lr": Infinity, "file": "a.jsonl"}\n'
         '{"global_step": 3, "loss": 1e999, "file": "a.jsonl"}\n')
-    handle = monitor_server.start_in_thread(root, 0, idle_priority=False)
+    handle = monitor_server.start_in_thread(root, 0, idle_priority=False, max_rate=None)
     try:
         status, doc = get(handle.port, "/api/metrics")
         assert status == 200

@@ -27,7 +27,8 @@ HOSTILE = "<img src=x onerror=alert(1)>.jsonl"
 
 @pytest.fixture
 def server(tmp_root):
-    handle = monitor_server.start_in_thread(tmp_root, 0, state_ttl=0.0, idle_priority=False)
+    handle = monitor_server.start_in_thread(tmp_root, 0, state_ttl=0.0, idle_priority=False,
+                                             max_rate=None)
     yield handle
     handle.stop()
 
