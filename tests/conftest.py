@@ -135,8 +135,10 @@ def read_only(monkeypatch):
                 return False
         if mount("--bind", str(folder), str(folder)):
             mounted.append(folder)
-            if mount("-o", "remount,ro,bind", str(folder)):
-                return True
+            for _ in range(50):  # EBUSY while a daemon's write is in flight: try again
+                if mount("-o", "remount,ro,bind", str(folder)):
+                    return True
+                time.sleep(0.1)
         under = str(folder) + os.sep
         real_open, real_mkdir = os.open, os.mkdir
 

@@ -617,9 +617,6 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_browser_against_a_running_daemon(initialized_root, tmp_path):
     """The page served by `training_daemon.py run` on the tiny model, rendered mid-file."""
-    import training_daemon
-    if not hasattr(training_daemon, "cmd_run"):
-        pytest.skip("training_daemon.py has no `run` yet")
     import training_config
     root = initialized_root
     port = free_port()
@@ -676,9 +673,6 @@ def test_daemon_runs_on_when_the_monitor_port_is_taken(initialized_root):
     The queue is empty so that no torch is imported: training a file here costs ~25 s of
     the test budget, and the daemon's code path after the log line is the same.
     """
-    import training_daemon
-    if not hasattr(training_daemon, "cmd_run"):
-        pytest.skip("training_daemon.py has no `run` yet")
     import training_config
     root = initialized_root
     with socket.socket() as taken:
