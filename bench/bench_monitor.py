@@ -12,6 +12,7 @@ figures are medians over HTTP (keep-alive), printed as ratios to the baseline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import statistics
@@ -173,6 +174,22 @@ sys.stdin.read()  # until the bench closes our stdin
 """
 
 
+@contextlib.contextmanager
+def polling_pages(port: int, n: int, interval: float = 2.0):
+    """`n` pages polling the monitor every `interval` s, from another process at SCHED_IDLE
+    (a browser's work, kept out of what is measured); yields once each has asked once."""
+    import subprocess
+    pages = subprocess.Popen([sys.executable, "-c", CLIENTS, str(port), str(n), str(interval)],
+                             stdin=subprocess.PIPE, preexec_fn=monitor_server._make_thread_idle)
+    try:
+        time.sleep(interval + 0.5)
+        yield
+    finally:
+        pages.stdin.close()
+        pages.kill()
+        pages.wait()
+
+
 def training_cost(n: int, seconds: float, rounds: int, lines: int) -> int:
     """Training-like steps in this process (a small torch model: forward, backward, AdamW,
     as the in-process engine trains in the daemon), timed alone, then while `n` pages poll
@@ -181,7 +198,6 @@ def training_cost(n: int, seconds: float, rounds: int, lines: int) -> int:
     measured, not the browsers'. Phases alternate, so the machine's load drifts into each
     alike. bench_monitor_training.py measures the same with the real engine."""
     import os
-    import subprocess
     import torch
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -200,15 +216,8 @@ def training_cost(n: int, seconds: float, rounds: int, lines: int) -> int:
         return count / seconds
 
     def with_pages(port: int) -> float:
-        pages = subprocess.Popen([sys.executable, "-c", CLIENTS, str(port), str(n), "2.0"],
-                                 stdin=subprocess.PIPE, preexec_fn=monitor_server._make_thread_idle)
-        try:
-            time.sleep(2.5)  # every page has made its first requests
+        with polling_pages(port, n):
             return loop()
-        finally:
-            pages.stdin.close()
-            pages.kill()
-            pages.wait()
 
     runs = {"alone": [], "thread": []}
     with tempfile.TemporaryDirectory(prefix="bench-monitor-") as tmp:

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import monitor_server  # noqa: E402
-from bench_monitor import CLIENTS, write_metrics  # noqa: E402
+from bench_monitor import polling_pages, write_metrics  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -62,16 +61,10 @@ def main(argv=None) -> int:
 
         def with_pages(**kw) -> float:
             handle = monitor_server.start_in_thread(root, 0, **kw)  # as the daemon serves it
-            pages = subprocess.Popen([sys.executable, "-c", CLIENTS, str(handle.port),
-                                      str(args.pages), "2.0"], stdin=subprocess.PIPE,
-                                     preexec_fn=monitor_server._make_thread_idle)
             try:
-                time.sleep(2.5)  # every page has made its first requests
-                return train()
+                with polling_pages(handle.port, args.pages):
+                    return train()
             finally:
-                pages.stdin.close()
-                pages.kill()
-                pages.wait()
                 handle.stop()
 
         train()  # warm-up: imports, first-file costs
