@@ -160,6 +160,6 @@ def read_only(monkeypatch):
         return False
 
     yield make
-    for folder in reversed(mounted):
+    for folder in reversed(mounted):  # lazily: a daemon still running may hold files there
         with contextlib.suppress(OSError):
-            subprocess.run(["umount", str(folder)], capture_output=True)
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
