@@ -41,6 +41,8 @@ Standard library only: the caller hands in a transformers tokenizer object.
 from __future__ import annotations
 
 import bisect
+import datetime
+import json
 import re
 import shlex
 from pathlib import Path
@@ -121,14 +123,69 @@ def _lcs(a: str, b: str, limit: int) -> int:
     return i
 
 
-class ChatRenderer:
-    """Renders `messages` with one template and cuts the result into (text, trained) pieces."""
+# Templates that print today's date (Llama-3.x's "Today Date:", Mistral's system prompt) read
+# `date_string` or call strftime_now(): both are pinned to the file's own date, so a file
+# resumed on another day renders the same tokens. strftime_now becomes a template macro
+# answering each format the template names (a callable cannot be handed to a template).
+DATE_STRING_FORMAT = "%d %b %Y"            # Llama-3.x's date_string: "26 Jul 2024"
+_STRFTIME_CALL = re.compile(r"""strftime_now\(\s*(["'])(.*?)\1\s*\)""")
+_PINNED_NOW = ("{%- macro strftime_now(format) -%}{%- if format in guardrails_dates -%}"
+               "{{ guardrails_dates[format] }}{%- else -%}{{ raise_exception('strftime_now(' ~ format"
+               " ~ ') is called with a format this toolkit cannot pin to the file date') }}"
+               "{%- endif -%}{%- endmacro -%}")
+TOOL_CALL_KEYS = ("tool_calls", "function_call")
 
-    def __init__(self, tokenizer, setting=None, root=None):
+
+def is_tool_call(msg) -> bool:
+    return isinstance(msg, dict) and any(msg.get(k) for k in TOOL_CALL_KEYS)
+
+
+def template_messages(messages) -> list:
+    """The messages as templates expect them: a tool-call turn without text has content ""
+    (OpenAI exports write null; Qwen3 and DeepSeek templates fail on a missing one), and
+    arguments given as a JSON string (OpenAI's form) are passed as the object they hold
+    (what transformers' templates print with `tojson`; a string would be printed quoted)."""
+    out = []
+    for msg in messages:
+        if is_tool_call(msg):
+            msg = dict(msg)
+            if msg.get("content") is None:
+                msg["content"] = ""
+            calls = []
+            for call in msg.get("tool_calls") or ():
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    try:
+                        args = json.loads(fn["arguments"])
+                    except ValueError:
+                        args = None
+                    if isinstance(args, dict):
+                        call = {**call, "function": {**fn, "arguments": args}}
+                calls.append(call)
+            if calls:
+                msg["tool_calls"] = calls
+        out.append(msg)
+    return out
+
+
+class ChatRenderer:
+    """Renders `messages` with one template and cuts the result into (text, trained) pieces.
+
+    `date` (a datetime.date, default today) is the date a template that prints today's
+    date is given: the engine pins it per file and records it.
+    """
+
+    def __init__(self, tokenizer, setting=None, root=None, *, date=None):
         self.tokenizer = tokenizer
         self.setting = setting
         self.template = resolve_template(tokenizer, setting, root)
         self.mode = TEMPLATE if self.template else PLAIN
+        self.date = date or datetime.date.today()
+        self._date_kwargs = {"date_string": self.date.strftime(DATE_STRING_FORMAT)}
+        if self.template and "strftime_now" in self.template:
+            formats = {m.group(2) for m in _STRFTIME_CALL.finditer(self.template)}
+            self._date_kwargs["guardrails_dates"] = {f: self.date.strftime(f) for f in formats}
+            self.template = _PINNED_NOW + self.template
 
     def describe(self) -> str:
         if self.mode == PLAIN:
@@ -137,10 +194,10 @@ class ChatRenderer:
         return ("the model's chat template" if self.setting is None
                 else f"chat_template {self.setting!r} from config.json")
 
-    def render(self, messages, generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(list(messages), tokenize=False,
+    def render(self, messages, generation_prompt: bool = False, tools=None) -> str:
+        return self.tokenizer.apply_chat_template(list(messages), tools=tools or None, tokenize=False,
                                                   add_generation_prompt=generation_prompt,
-                                                  chat_template=self.template)
+                                                  chat_template=self.template, **self._date_kwargs)
 
     def _refuse(self, line, why: str, where, *, system: bool = False) -> ChatRenderError:
         at = f"line {line}: " if line is not None else ""
@@ -155,46 +212,56 @@ class ChatRenderer:
         return ChatRenderError(f"{at}the chat template ({self.describe()}) cannot render this "
                                f"record: {why}", where, fix, line=line)
 
-    def pieces(self, messages, *, line=None, where=None) -> tuple[list[tuple[str, bool]], bool]:
+    def pieces(self, messages, *, tools=None, line=None, where=None
+               ) -> tuple[list[tuple[str, bool]], bool]:
         """([(text, trained), ...] concatenating to the rendered record, ends_with_marker).
 
+        `tools` is the record's `tools` list (function schemas), handed to the template.
+        An assistant turn with `"weight": 0` is rendered but not trained; a tool-call turn
+        trains the call as the template renders it, never the tool's result.
         `ends_with_marker` is False only when the template puts nothing after the last
         assistant turn (the caller then appends EOS so the model still learns to stop).
         """
+        messages = template_messages(messages)
         has_system = any(isinstance(m, dict) and m.get("role") == "system" for m in messages)
         try:
-            full = self.render(messages)
+            full = self.render(messages, tools=tools)
+            if tools and full == self.render(messages):
+                raise self._refuse(line, "the record has a `tools` list and this template does "
+                                   "not render tools", where)
+        except ChatRenderError:
+            raise
         except Exception as exc:  # jinja raises what the template author chose (roles etc.)
             raise self._refuse(line, f"{exc.__class__.__name__}: {exc}", where,
                                system=has_system) from None
         for k, msg in enumerate(messages):  # a template may drop a turn (Mistral: the system
             text = msg.get("content")         # text when the conversation ends with an answer)
             if msg.get("role") != "assistant" and isinstance(text, str) and text.strip() \
-                    and text.strip() not in full:
+                    and text.strip() not in full and json.dumps(text) not in full:
                 raise self._refuse(line, f"the {msg.get('role')} turn {k + 1} is not in the "
                                    "rendered text (the template drops it)", where,
                                    system=msg.get("role") == "system")
-        spans: list[tuple[int, int]] = []
+        spans: list[tuple[int, int, bool]] = []
         ends_with_marker = True
         for k, msg in enumerate(messages):
             if msg.get("role") != "assistant":
                 continue
-            start, end, marker = self._locate(full, messages, k, spans[-1][1] if spans else 0,
-                                              line, where)
-            spans.append((start, end))
+            start, end, marker = self._locate(full, messages, tools, k,
+                                              spans[-1][1] if spans else 0, line, where)
+            spans.append((start, end, msg.get("weight", 1) != 0))
             ends_with_marker = bool(marker)
         out, pos = [], 0
-        for start, end in spans:
+        for start, end, trained in spans:
             if start > pos:
                 out.append((full[pos:start], False))
             if end > start:
-                out.append((full[start:end], True))
+                out.append((full[start:end], trained))
             pos = end
         if pos < len(full):
             out.append((full[pos:], False))
         return out, ends_with_marker
 
-    def _locate(self, full: str, messages, k: int, not_before: int, line, where):
+    def _locate(self, full: str, messages, tools, k: int, not_before: int, line, where):
         msg = messages[k]
         if not isinstance(msg.get("content"), str):
             raise self._refuse(line, f"assistant turn {k + 1} has no text content", where)
@@ -202,10 +269,22 @@ class ChatRenderer:
         s = next((c for c in SENTINELS if c not in used), None)
         if s is None:
             raise self._refuse(line, "the record contains every private-use marker character", where)
-        probe = [*messages[:k], {**msg, "content": s}, *messages[k + 1:]]
+        # a tool-call turn is probed as a plain answer: what differs is the call as rendered
+        probe_msg = {key: v for key, v in msg.items() if key not in TOOL_CALL_KEYS}
+        probe_msg["content"] = s
+        probe = [*messages[:k], probe_msg, *messages[k + 1:]]
         try:
-            other = self.render(probe)
+            if is_tool_call(msg) and self.render([*messages[:k], {**msg, "tool_calls": None,
+                                                                  "function_call": None},
+                                                  *messages[k + 1:]], tools=tools) == full:
+                raise self._refuse(line, f"assistant turn {k + 1} is a tool call and this "
+                                   "template does not render tool calls", where)
+            other = self.render(probe, tools=tools)
+        except ChatRenderError:
+            raise
         except Exception as exc:
+            if is_tool_call(msg):  # a template that checks roles skipping tool calls (Mistral)
+                return self._locate_by_prefix(full, messages, tools, k, not_before, line, where)
             raise self._refuse(line, f"{exc.__class__.__name__}: {exc}", where) from None
         # 1. the content as rendered: where F and the sentinel rendering disagree
         a = _lcp(full, other)
@@ -218,15 +297,15 @@ class ChatRenderer:
         start = a
         if k:
             try:
-                before = self.render(messages[:k])
-                prompt = self.render(messages[:k], generation_prompt=True)
+                before = self.render(messages[:k], tools=tools)
+                prompt = self.render(messages[:k], generation_prompt=True, tools=tools)
             except Exception:  # a template that cannot render the bare prefix: the content start stands
                 before = prompt = None
             if before is not None and full.startswith(before) and prompt.startswith(before):
                 start = max(len(before), min(a, _lcp(full, prompt, len(before))))
         # 3. the end: the template's own end-of-turn marker after the content
         try:
-            alone = self.render([*messages[:k], {**msg, "content": s}])
+            alone = self.render([*messages[:k], probe_msg], tools=tools)
         except Exception as exc:
             raise self._refuse(line, f"{exc.__class__.__name__}: {exc}", where) from None
         tail = alone[alone.index(s) + 1:] if alone.count(s) == 1 else ""
@@ -237,6 +316,22 @@ class ChatRenderer:
         if start < not_before:
             raise self._refuse(line, f"assistant turn {k + 1} overlaps the turn before it", where)
         return start, b + len(marker), marker
+
+    def _locate_by_prefix(self, full: str, messages, tools, k: int, not_before: int, line, where):
+        """A tool-call turn a template will not render as a plain answer: the conversation
+        up to it must render as a prefix of F; the turn is what that prefix adds to the
+        generation prompt, up to its last non-space character (the end-of-turn marker)."""
+        try:
+            upto = self.render(messages[:k + 1], tools=tools).rstrip()
+            prompt = self.render(messages[:k], generation_prompt=True, tools=tools)
+        except Exception as exc:
+            raise self._refuse(line, f"{exc.__class__.__name__}: {exc}", where) from None
+        start = _lcp(upto, prompt)
+        if not full.startswith(upto) or start < not_before or start >= len(upto):
+            raise self._refuse(line, f"assistant turn {k + 1} (a tool call) cannot be located: "
+                               "the template renders the conversation before it differently "
+                               "once later turns follow", where)
+        return start, len(upto), re.search(r"\S*$", upto).group(0)
 
 
 def label_pieces(pieces, tokens, starts, *, all_trained: bool = False) -> list[int]:

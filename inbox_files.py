@@ -160,7 +160,8 @@ class InboxIntake:
       done              the done index (sha256 -> record): the daemon's dict, kept current by it
       tend()            write the heartbeat and act on requests (a long pass calls it every 0.5 s)
       stopping()        True once a stop is claimed or signalled: a pass ends there
-      on_queued()       a file was queued (the daemon may start loading torch meanwhile)
+      on_queued(rec)    a file was queued (the daemon may start loading torch meanwhile, and
+                        test-renders its first records with the model's chat template)
       on_failed(msg)    intake of one file failed; it stays claimed (the daemon's last_error)
     The daemon calls `start_watching`, `recover_incoming`, `scan_inbox`, `take`,
     `between_steps`, `waiting` and `stop_watching`. Its own state: the candidates (inbox
@@ -392,7 +393,7 @@ class InboxIntake:
             self.on_failed(f"intake of {name} failed: {exc}")
             return
         if rec["outcome"] == "queued":
-            self.on_queued()
+            self.on_queued(rec)
         self._intake_count += 1
         if self._intake_count > BURST_LOG_LINES and rec["outcome"] != "queued":
             self._burst_quiet += 1  # a burst: one summary line instead of 10,000

@@ -176,6 +176,10 @@ def init_root(root, base: str = "tiny") -> dict:
         version = model_versioner.create_version(p.root, "init")
         approval = training_config.approve(p.root, cfg, by="init")
     vid = version[0]  # create_version: (id, created)
+    try:  # which chat rendering chat files will get, said now rather than at the first file
+        chat = training_engine.describe_chat_rendering(p.current_model, cfg.get("chat_template"), p.root)
+    except GuardrailError as exc:
+        chat = {"rendering": None, "error": exc.what}
     return {"ok": True, "root": str(p.root), "base_model": base_model,
             "current_model": str(p.current_model), "version": vid,
-            "approved": approval["values"]}
+            "approved": approval["values"], "chat": chat}

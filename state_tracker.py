@@ -49,8 +49,8 @@ QUEUE_PRIORITIES = ("high", "normal", "low")
 WARNING_CODES = (
     "NOT_INITIALIZED", "MODEL_MISSING", "MODEL_INCOMPLETE", "NO_VERSION", "MODEL_NOT_VERSIONED",
     "VERSION_DAMAGED", "CONFIG_MISSING", "CONFIG_INVALID", "CONFIG_UNAPPROVED", "DAEMON_DEAD",
-    "DAEMON_NOT_RUNNING", "DAEMON_STATE_UNREADABLE", "TRAINING_STALLED", "TRAINING_PAUSED", "PAUSED_LONG",
-    "TRAINING_ERROR",
+    "DAEMON_NOT_RUNNING", "DAEMON_STATE_UNREADABLE", "TRAINING_STALLED", "TRAINING_PAUSED",
+    "FILE_WARNINGS", "PAUSED_LONG", "TRAINING_ERROR",
     "DISK_LOW", "BACKUP_NONE", "BACKUP_OLD", "BACKUP_UNVERIFIED", "BACKUP_SAME_FILESYSTEM",
     "FILES_FAILED", "LOSS_SPIKE", "LOCK_STALE")
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", "~", ".swp", ".record.json", ".error.txt",
@@ -521,12 +521,36 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
                   resume, note)
         else:
             _warn(w, "TRAINING_PAUSED", "info", f"training is paused{reason}", resume, note)
+    _file_warnings(root, state.get("file_warnings"), w)
     if problems:
         _warn(w, "DAEMON_STATE_UNREADABLE", "warning",
               f"the daemon state file cannot be read: {problems[0]}",
               f"mv {_arg(root, '.daemon_state.json')} {_arg(root, '.daemon_state.json.corrupt')}",
               "Safe while no daemon runs: the daemon rewrites the file within a second of starting.")
     return daemon, training
+
+
+def _file_warnings(root: Path, files, w: list) -> None:
+    """Recent trained files whose done/ record counts warnings (the daemon lists them)."""
+    if not isinstance(files, list):
+        return
+    files = [f for f in files if isinstance(f, dict) and isinstance(f.get("name"), str)
+             and isinstance(f.get("warnings"), dict)]
+    if not files:
+        return
+    said = [f"{f['name']} (" + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in f["warnings"].items()
+                                         if isinstance(v, int) and v) + ")" for f in files]
+    fallback = next((f for f in reversed(files) if f["warnings"].get("fallback")), None)
+    newest = fallback or files[-1]
+    done = Paths(root).done / newest["name"]
+    fix = (f"{_cmd(root, 'training_engine.py show')} {shlex.quote(str(done))} --lines 1-3"
+           if fallback else f"cat {shlex.quote(str(done))}.record.json")
+    _warn(w, "FILE_WARNINGS", "warning" if fallback else "info",
+          f"{len(files)} recent file(s) trained with warnings: " + "; ".join(said[-5:]), fix,
+          "fallback: chat records rendered in the plain format, not the model's template (the "
+          "model has none, or config.json chat_template is \"plain\"); split examples: longer "
+          "than max_length, continued in the next row; skipped records: invalid lines passed "
+          "over (`add --skip-invalid`), listed in the record.")
 
 
 def _queue_section(root: Path, daemon: dict, w: list) -> dict:

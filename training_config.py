@@ -39,7 +39,7 @@ class ConfigError(GuardrailError):
 
 class Param(NamedTuple):  # a NamedTuple, not a dataclass: `import dataclasses` costs ~6 ms
     default: object      # at every start of every control script
-    kind: str            # int, float, bool, str, choice, path, list
+    kind: str            # int, float, bool, str, choice, path, list, fields
     why: str             # one line: why this default
     low: float | None = None
     high: float | None = None
@@ -89,6 +89,9 @@ PARAMS: dict[str, Param] = {
     "chat_template": Param(None, "str", "null renders chat records with the model's own template "
                            "(what it is prompted with); \"plain\" or a named/.jinja alternative "
                            "only when chosen on purpose", nullable=True),
+    "fields": Param({}, "fields", "maps a format's field names to the names your files use, e.g. "
+                    "{\"prompt\": \"user_prompt\", \"completion\": \"expected_answer\"}; "
+                    "empty: the standard names"),
     # -- checkpoints and safety --
     "checkpoint_every_steps": Param(50, "int", "bounds work lost to a crash to 50 steps; 0 turns "
                                     "the step trigger off", 0, 10_000_000),
@@ -126,13 +129,16 @@ PARAMS: dict[str, Param] = {
 }
 
 REQUIRED_LOCKED = ("base_model", "max_length", "learning_rate", "dtype")
+# the record fields `fields` may rename (validate_data reads records with these names)
+MAPPABLE_FIELDS = ("completion", "input", "instruction", "messages", "output", "prompt", "text",
+                   "tools")
 
 
 def default_config(**overrides) -> dict:
     """A fresh config: every parameter at its default, with `overrides` applied."""
     cfg = {"schema_version": SCHEMA_VERSION}
     for name, p in PARAMS.items():
-        cfg[name] = list(p.default) if isinstance(p.default, list) else p.default
+        cfg[name] = type(p.default)(p.default) if isinstance(p.default, (list, dict)) else p.default
     cfg.update(overrides)
     return cfg
 
@@ -153,11 +159,28 @@ def _type_error(name: str, p: Param, value) -> str | None:
     elif p.kind in ("str", "path"):
         if not isinstance(value, str) or not value.strip():
             return f"{name}: expected a non-empty string, got {value!r}"
+    elif p.kind == "fields":
+        return _fields_error(name, value)
     elif p.kind == "choice":
         if value not in p.choices:
             return f"{name}: expected one of {', '.join(p.choices)}, got {value!r}"
     if p.low is not None and isinstance(value, (int, float)) and not (p.low <= value <= p.high):
         return f"{name}: {value!r} is out of range [{p.low:g}, {p.high:g}]"
+    return None
+
+
+def _fields_error(name: str, value) -> str | None:
+    if not isinstance(value, dict):
+        return f"{name}: expected an object mapping field names, got {value!r}"
+    for ours, theirs in value.items():
+        if ours not in MAPPABLE_FIELDS:
+            return (f"{name}: {ours!r} is not a record field (the keys are the standard names: "
+                    f"{', '.join(MAPPABLE_FIELDS)}; the values are your files' names)")
+        if not isinstance(theirs, str) or not theirs.strip():
+            return f"{name}: {ours!r} must map to a non-empty field name, got {theirs!r}"
+    theirs = list(value.values())
+    if len(set(theirs)) != len(theirs):
+        return f"{name}: one field of your files is mapped to two standard names ({value!r})"
     return None
 
 

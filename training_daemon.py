@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import errno
 import importlib
+import json
 import logging
 import logging.handlers
 import os
@@ -57,9 +58,27 @@ def cmd_init(args) -> int:
     else:
         print(f"Initialised {result['root']}: current_model from {result['base_model']}, "
               f"version {result['version']}, config approved.")
+        _print_chat_rendering(result.get("chat") or {}, result["root"])
         print(f"Next: drop .jsonl files into {result['root']}/inbox/ and run "
               f"`python3 training_daemon.py run --root {result['root']}`.")
     return 0
+
+
+def _print_chat_rendering(chat: dict, root) -> None:
+    """What init found out about chat records: the template, its source, a test render."""
+    if chat.get("rendering") == "template":
+        print(f"Chat records render with {chat['template']} (from {chat['source']}).")
+        if chat.get("system_role") is False:
+            print(f"  It has no system role: {chat.get('error')}. Merge system turns into the "
+                  "first user turn (the failed/ record of such a file gives the jq command).")
+        if chat.get("sample"):
+            print("  Test render: " + json.dumps(chat["sample"], ensure_ascii=False))
+    elif chat.get("rendering") == "plain":
+        print(f"Chat records render with {chat['template']}: set `chat_template` in "
+              f"{root}/config.json to a .jinja file to use a chat format.")
+    elif chat.get("error"):
+        print(f"Chat rendering could not be checked: {chat['error']}")
+    print("  See how any file renders: `python3 training_engine.py show FILE`.")
 
 
 # --------------------------------------------------------------------------- run: helpers
@@ -154,7 +173,43 @@ def _setup_logging(p: Paths) -> logging.Logger:
     sh.setFormatter(fmt)
     log.addHandler(fh)
     log.addHandler(sh)
+    # the engine's own lines (refusals, failed checkpoints, "not resuming from") go to the
+    # same log, marked as the engine's
+    engine = logging.getLogger("training_engine")
+    engine.setLevel(logging.INFO)
+    engine.propagate = False
+    for f in (_ONE_LINE, _ENGINE_MARK):
+        if f not in engine.filters:
+            engine.addFilter(f)
+    for h in list(engine.handlers):
+        engine.removeHandler(h)
+    engine.addHandler(fh)
+    engine.addHandler(sh)
     return log
+
+
+class _EngineMark(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and not record.msg.startswith("engine: "):
+            record.msg = "engine: " + record.msg
+        return True
+
+
+_ENGINE_MARK = _EngineMark()
+RECENT_WARNED = 10   # files with warnings the daemon state lists (newest last)
+INTAKE_RENDER_RECORDS = 20   # records of a queued file test-rendered at intake
+
+
+def file_warnings(rec: dict, result: dict) -> dict:
+    """What concerns one trained file, counted for its done/ record: chat records rendered
+    plain (`fallback`: the model has no template, or config.json chose "plain"), records
+    longer than max_length (`split_examples`: they continue in the next row, nothing is
+    dropped) and invalid records passed over (`skipped_records`, `add --skip-invalid`)."""
+    rendered = result.get("rendered") or {}
+    skipped = rec.get("skipped_records") or {}
+    return {"fallback": int(rendered.get("plain", 0)),
+            "split_examples": int(rendered.get("split", 0)),
+            "skipped_records": int(skipped.get("count", 0)) if isinstance(skipped, dict) else 0}
 
 
 def _import_engine(model_dir: Path) -> None:
@@ -228,6 +283,8 @@ class Daemon:
         self._waiting_for: str | None = None      # the lock holders a queued file waits for
         self._engine = None
         self._monitor = None
+        self.warned_files: list[dict] = []  # recent files whose record counts warnings
+        self._intake_tok = None               # (key, Encoder) for the intake render check
 
     # ---------------------------------------------------------------- state file
 
@@ -240,7 +297,7 @@ class Daemon:
                "heartbeat": trainroot.utc_now(), "state": self.state,
                "paused_reason": self.paused_reason, "paused_since": self.paused_since,
                "current_file": self.current, "progress": self.progress,
-               "last_error": self.last_error, **self.identity,
+               "last_error": self.last_error, "file_warnings": self.warned_files, **self.identity,
                "heartbeat_clock": round(trainroot.boot_clock(), 3)}
         try:
             # Atomic for readers; no fsync: a heartbeat is worthless after a power cut anyway.
@@ -879,11 +936,17 @@ class Daemon:
                    tokens_seen_after=state.get("tokens_seen", result.get("tokens_seen")),
                    steps=(state.get("global_step", result.get("global_step")) or 0) - gs_before,
                    tokens=result.get("tokens"), loss=result.get("loss"), timings=timings,
-                   rendering=result.get("rendering"))
+                   rendering=result.get("rendering"), rendered=result.get("rendered"),
+                   chat_date=result.get("chat_date"), warnings=file_warnings(rec, result))
         dst = training_queue.move_with_record(data, self.p.done, rec, "trained")
         self.done[rec["sha256"]] = dict(rec, name=dst.name)
         self.log.info("%s: done (%s -> %s, %s steps, loss %s)", dst.name, rec.get("version_before"),
                       rec["version_after"], rec["steps"], rec.get("loss"))
+        if any(rec["warnings"].values()):
+            self.log.warning("%s: %s", dst.name, ", ".join(
+                f"{k.replace('_', ' ')} {v}" for k, v in rec["warnings"].items() if v))
+            self.warned_files = (self.warned_files + [{"name": dst.name, "rendering": rec.get("rendering"),
+                                                       "warnings": rec["warnings"]}])[-RECENT_WARNED:]
         self.maybe_backup(rec)
 
     def _final_record(self, data: Path) -> dict:
@@ -897,8 +960,8 @@ class Daemon:
         return rec
 
     def _finish_failed(self, data: Path, reason: str, result: dict | None = None,
-                       fix: str | None = None) -> None:
-        rec = self._final_record(data)
+                       fix: str | None = None, rec: dict | None = None) -> None:
+        rec = rec or self._final_record(data)
         rec.update(outcome="failed", reason=reason, finished_at=trainroot.utc_now())
         if result:
             rec["result"] = result
@@ -1025,9 +1088,49 @@ class Daemon:
     def _stopping(self) -> bool:
         return bool(self.stop_request or self.stop_signal)
 
-    def _queued_from_inbox(self) -> None:
+    def _queued_from_inbox(self, rec: dict | None = None) -> None:
         if self.current is None:
             self.preload_engine()  # torch loads while the rest of the inbox settles
+        if rec is not None:
+            self.check_render(Path(rec["path"]))
+
+    def check_render(self, path: Path) -> None:
+        """Pre-flight at intake: the first records of a queued file rendered with the current
+        model's chat template (no tokenizing, well under a second), so a file the template
+        cannot render goes to failed/ when it is dropped, not when its turn comes hours
+        later. The engine still checks every record before the file's first step. Skipped
+        under torchrun (the daemon itself never imports torch then)."""
+        if int(self.cfg.get("nproc_per_node") or 1) > 1:
+            return
+        try:
+            engine = self.engine()
+            encoder = self._intake_encoder(engine)
+            refused = encoder.check_file(path, limit=INTAKE_RENDER_RECORDS,
+                                         **engine.file_reading(path, self.cfg))
+        except (GuardrailError, OSError) as exc:  # the engine's own check decides later
+            self.log.warning("%s: not test-rendered at intake (%s); the engine checks it before "
+                             "its first step", path.name, exc)
+            return
+        if refused is None:
+            return
+        rec = training_queue.read_record(path)
+        rec.update(outcome="failed", refused_at="intake", finished_at=trainroot.utc_now())
+        try:
+            self._finish_failed(path, refused.what, fix=refused.fix, rec=rec)
+        except FileNotFoundError:  # taken from the queue meanwhile (`remove`, a person)
+            return
+
+    def _intake_encoder(self, engine):
+        """An Encoder for current_model's tokenizer, loaded once per published model."""
+        from transformers import AutoTokenizer
+        folder = self.p.current_model
+        st = os.stat(folder / "tokenizer_config.json")
+        key = (st.st_ino, st.st_mtime_ns, repr(self.cfg.get("chat_template")))
+        if self._intake_tok is None or self._intake_tok[0] != key:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            self._intake_tok = (key, engine.Encoder(tokenizer, chat_template=self.cfg.get("chat_template"),
+                                                    root=self.p.root))
+        return self._intake_tok[1]
 
     def _intake_failed(self, message: str) -> None:
         self.last_error = message

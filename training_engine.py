@@ -15,7 +15,9 @@ AdamW and the LR schedule across files, checkpointing the exact data position so
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import datetime
 import errno
 import json
 import logging
@@ -154,6 +156,42 @@ def check_loadable(model_dir: str | os.PathLike) -> dict:
             "vocab_size": len(tokenizer), "has_chat_template": bool(tokenizer.chat_template)}
 
 
+SAMPLE_CHAT = [{"role": "system", "content": "You are helpful."},
+               {"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hi."}]
+
+
+def describe_chat_rendering(model_dir, setting=None, root=None) -> dict:
+    """How chat records of this model will render: which template, where it comes from, and
+    a test render of a short conversation (with and without a system turn)."""
+    import chat_render
+    from transformers import AutoTokenizer
+    _quiet_transformers()
+    folder = Path(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    renderer = chat_render.ChatRenderer(tokenizer, setting, root)
+    if setting is not None:
+        source = "config.json chat_template"
+    elif (folder / "chat_template.jinja").exists():
+        source = "chat_template.jinja beside the tokenizer (it overrides tokenizer_config.json)"
+    elif renderer.mode == chat_render.TEMPLATE:
+        source = "tokenizer_config.json chat_template"
+    else:
+        source = None
+    out = {"rendering": renderer.mode, "template": renderer.describe(), "source": source,
+           "sample": None, "system_role": None, "error": None}
+    if renderer.mode == chat_render.TEMPLATE:
+        for messages in (SAMPLE_CHAT, SAMPLE_CHAT[1:]):
+            try:
+                pieces, _ = renderer.pieces(messages)
+            except GuardrailError as exc:
+                out["error"] = out["error"] or exc.what
+                continue
+            out["sample"] = "".join(text for text, _ in pieces)
+            out["system_role"] = out["system_role"] if out["system_role"] is not None else messages is SAMPLE_CHAT
+            break
+    return out
+
+
 def copy_base_model(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy a loadable model folder into the new folder `dst` (files 0644, fsynced)."""
     src, dst = Path(src), Path(dst)
@@ -182,24 +220,30 @@ def copy_base_model(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 class Encoder:
     """Turns one validated record into (ids, labels); labels are -100 where no loss is taken.
 
-    `text` trains on everything; `prompt_completion` and `instruction` on the response;
-    `messages` is rendered whole with the model's chat template (chat_render: the
+    `text` trains on everything. `messages`, `prompt_completion` and `instruction` (as a
+    user turn and an assistant turn; TRL's conversational prompt/completion as its
+    messages) are rendered whole with the model's chat template (chat_render: the
     assistant turns as the template renders them plus its end-of-turn marker train, the
     rest does not), or refused with ChatRenderError; never silently rendered another way.
-    validate_data's plain `segments` render chat records only for a model without a
-    template or when config.json's `chat_template` is "plain" (`rendering` says which).
-    `loss_on_prompt` trains on every token.
+    validate_data's plain `segments` render them only for a model without a template or
+    when config.json's `chat_template` is "plain" (`rendering` says which); tool calls
+    have no plain rendering and are refused then. `loss_on_prompt` trains on every token.
+    `stats` counts the records encoded by rendering ("template", "plain", "text") and
+    those longer than `max_length` ("split": they continue in the next row).
     """
 
-    def __init__(self, tokenizer, *, loss_on_prompt: bool = False, chat_template=None, root=None):
+    def __init__(self, tokenizer, *, loss_on_prompt: bool = False, chat_template=None, root=None,
+                 date=None, max_length: int | None = None):
         import chat_render
         self.tokenizer = tokenizer
         self.loss_on_prompt = loss_on_prompt
+        self.max_length = max_length
+        self.stats = collections.Counter()
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
             raise GuardrailError("the tokenizer has no EOS token", getattr(tokenizer, "name_or_path", ""),
                                  "Use a model whose tokenizer defines eos_token.")
-        self.renderer = chat_render.ChatRenderer(tokenizer, chat_template, root)
+        self.renderer = chat_render.ChatRenderer(tokenizer, chat_template, root, date=date)
         self.where = None  # the data file, named in a ChatRenderError
         self.has_template = self.renderer.mode == chat_render.TEMPLATE
         self._byte_fast = self._is_byte_identity(tokenizer)
@@ -260,39 +304,71 @@ class Encoder:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return list(enc["input_ids"]), [start for start, _ in enc["offset_mapping"]]
 
+    def _render(self, record, where=None):
+        """(pieces, ends_with_marker) of a record the chat template renders."""
+        return self.renderer.pieces(record.messages, tools=record.tools, line=record.line,
+                                    where=where or self.where)
+
+    def _plain_refusal(self, record, where=None):
+        """The error for a record with tool calls when there is no template to render them."""
+        import chat_render
+        if record.messages is None or not (record.tools or any(
+                m.get("role") == "tool" or chat_render.is_tool_call(m) for m in record.messages)):
+            return None
+        return chat_render.ChatRenderError(
+            f"line {record.line}: tool calls and tool results need a chat template that renders "
+            f"them, and chat records get {self.renderer.describe()}", where or self.where,
+            "Set `chat_template` in config.json to a template with tool support (a named "
+            "template of the model or a .jinja file, e.g. the model family's own), or train "
+            "files without tool turns.", line=record.line)
+
     def pieces(self, record, where=None) -> tuple[list[tuple[str, bool]], str]:
         """The record as (text, trained) pieces, and the rendering used: what `show` prints."""
         if record.messages is not None and self.has_template:
-            pieces, _ = self.renderer.pieces(record.messages, line=record.line,
-                                             where=where or self.where)
-            return pieces, "template"
+            return self._render(record, where)[0], "template"
+        refusal = self._plain_refusal(record, where)
+        if refusal is not None:
+            raise refusal
         return [(text, bool(trained)) for text, trained in record.segments], "plain"
 
-    def check_file(self, data_path, **limits):
-        """Render every chat record of a file once (no tokenizing): the first ChatRenderError,
-        or None. A file the template cannot render is refused before its first step."""
+    def check_file(self, data_path, limit: int | None = None, **reading):
+        """Render every chat record of a file once (no tokenizing; the first `limit` records
+        only if given): the first ChatRenderError, or None. A file the template cannot
+        render is refused before its first step (and by the daemon when it is queued)."""
+        import itertools
         import validate_data
-        if not self.has_template:
-            return None
-        for record in validate_data.iter_records(Path(data_path), **limits):
-            if record.messages is not None:
-                try:
-                    self.renderer.pieces(record.messages, line=record.line, where=data_path)
-                except GuardrailError as exc:
-                    return exc
+        records = validate_data.iter_records(Path(data_path), **reading)
+        for record in itertools.islice(records, limit):
+            if record.messages is None:
+                continue
+            try:
+                if self.has_template:
+                    self._render(record, data_path)
+                elif (refusal := self._plain_refusal(record, data_path)) is not None:
+                    return refusal
+            except GuardrailError as exc:
+                return exc
         return None
 
     def encode(self, record, where=None) -> tuple[list[int], list[int]]:
+        ids, labels = self._encode(record, where)
+        self.stats["text" if record.messages is None else self.rendering] += 1
+        if self.max_length and len(ids) > self.max_length:
+            self.stats["split"] += 1
+        return ids, labels
+
+    def _encode(self, record, where=None) -> tuple[list[int], list[int]]:
         if record.messages is not None and self.has_template:
             import chat_render
-            pieces, ends_with_marker = self.renderer.pieces(record.messages, line=record.line,
-                                                            where=where or self.where)
+            pieces, ends_with_marker = self._render(record, where)
             ids, starts = self.ids_and_starts("".join(text for text, _ in pieces))
             labels = chat_render.label_pieces(pieces, ids, starts, all_trained=self.loss_on_prompt)
             if not ends_with_marker:  # the template ends the last turn with nothing: EOS stops it
                 ids.append(self.eos_id)
                 labels.append(self.eos_id)
             return ids, labels
+        if (refusal := self._plain_refusal(record, where)) is not None:
+            raise refusal
         pieces = [(text, bool(trained)) for text, trained in record.segments]
         ids: list[int] = []
         labels: list[int] = []
@@ -323,8 +399,8 @@ class PackedStream:
     """
 
     def __init__(self, data_path, encoder: Encoder, max_length: int, pad_id: int, *,
-                 position: dict | None = None, allow_mixed: bool = False,
-                 max_record_bytes: int | None = None):
+                 position: dict | None = None, **reading):
+        """`reading`: iter_records' keywords (validate_data.read_settings and skip_invalid)."""
         import validate_data
         self.encoder, self.max_length, self.pad_id = encoder, max_length, pad_id
         pos = dict(position or {})
@@ -339,9 +415,8 @@ class PackedStream:
         start_offset, start_line = self.next_offset, self.next_line
         if skip:
             start_offset, start_line = self.rec_offset, self.rec_line
-        limit = {"max_record_bytes": max_record_bytes} if max_record_bytes else {}
         self._it = validate_data.iter_records(Path(data_path), start_offset=start_offset,
-                                              start_line=start_line, allow_mixed=allow_mixed, **limit)
+                                              start_line=start_line, **reading)
         self.exhausted = False
         if skip:  # rebuild the leftover buffer: the same record, minus the tokens already used
             record = next(self._it, None)
@@ -724,6 +799,15 @@ def train_file(root, data_path, *, file_id: str, config: dict, records_total: in
             torch.cuda.empty_cache()
 
 
+def file_reading(data_path, config: dict) -> dict:
+    """How the engine reads a data file: config.json's settings (validate_data.read_settings)
+    and `skip_invalid` from the file's queue record (`training_queue.py add --skip-invalid`)."""
+    import training_queue
+    import validate_data
+    rec = training_queue.read_record(Path(data_path))
+    return {**validate_data.read_settings(config), "skip_invalid": bool(rec.get("skip_invalid"))}
+
+
 def model_max_positions(model_config: dict) -> int | None:
     """The longest sequence a model's position embeddings cover, from its config.json as a
     dict (None: not stated)."""
@@ -816,12 +900,16 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
                                  p.root, "Run the engine under torchrun, or use world_size 1.")
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    # a template that prints today's date renders the file's first day, resumed or not
+    chat_date = datetime.date.fromisoformat(resume[1]["chat_date"]) \
+        if resume and resume[1].get("chat_date") else datetime.date.today()
     encoder = Encoder(tokenizer, loss_on_prompt=bool(config.get("loss_on_prompt")),
-                      chat_template=config.get("chat_template"), root=p.root)
+                      chat_template=config.get("chat_template"), root=p.root, date=chat_date,
+                      max_length=int(config["max_length"]))
     encoder.where = data_path
+    reading = file_reading(data_path, config)
     if position is None:  # refused before the first step, not hours into the file
-        refused = encoder.check_file(data_path, allow_mixed=bool(config.get("allow_mixed_formats")),
-                                     max_record_bytes=config.get("max_record_bytes") or 64 * 1024 * 1024)
+        refused = encoder.check_file(data_path, **reading)
         if refused is not None:
             log.error("%s: refused: %s", file_id, refused)
             return {"file_id": file_id, "status": "refused", "steps": 0, "rendering": encoder.rendering,
@@ -831,9 +919,9 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else encoder.eos_id
     max_length = int(config["max_length"])
     batch_size, accum = int(config["batch_size"]), int(config["grad_accum_steps"])
-    stream = PackedStream(data_path, encoder, max_length, pad_id, position=position,
-                          allow_mixed=bool(config.get("allow_mixed_formats")),
-                          max_record_bytes=config.get("max_record_bytes"))
+    stream = PackedStream(data_path, encoder, max_length, pad_id, position=position, **reading)
+    if resume:  # counted before the checkpoint (the record re-encoded above included)
+        encoder.stats = collections.Counter(resume[1].get("encoder_stats") or {})
     spike_factor = float(config.get("loss_spike_factor") or 0)
     spike_window = int(config.get("loss_spike_window", 50))
     ckpt_steps = int(config.get("checkpoint_every_steps") or 0)
@@ -856,7 +944,8 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
                 "complete": complete, "loss_history": loss_history[-spike_window:],
                 "scheduler": {"name": config.get("lr_schedule"), "global_step": state["global_step"],
                               "next_lr": lr_at(state["global_step"], config)},
-                "world_size": world_size, "config": config}
+                "world_size": world_size, "config": config, "chat_date": chat_date.isoformat(),
+                "encoder_stats": dict(encoder.stats)}
 
     def checkpoint(complete=False) -> str | None:
         """Write one; on a full or failing disk say why instead of crashing (the run pauses)."""
@@ -893,7 +982,8 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
         pos = stream.position()
         result.update(status=status, global_step=state["global_step"], tokens_seen=state["tokens_seen"],
                       records=pos["records"], tokens=pos["tokens"], loss=last_loss,
-                      step_in_file=step_in_file, message="; ".join(notes + [message]))
+                      step_in_file=step_in_file, message="; ".join(notes + [message]),
+                      chat_date=chat_date.isoformat(), rendered=dict(encoder.stats))
         if disk:  # not a person's pause: the daemon should say so (disk, readonly, permission)
             result["pause_reason"] = write_kind
 
@@ -1313,9 +1403,7 @@ def cmd_show(args) -> int:
         from rich.text import Text
         console = Console(highlight=False)
     failed = 0
-    for record in validate_data.iter_records(Path(args.file),
-                                             allow_mixed=bool(config.get("allow_mixed_formats")),
-                                             max_record_bytes=config["max_record_bytes"]):
+    for record in validate_data.iter_records(Path(args.file), **validate_data.read_settings(config)):
         if record.line < lo:
             continue
         if record.line > hi:

@@ -306,8 +306,7 @@ def validate(path, cfg: dict | None = None) -> dict:
     cfg = cfg or {}
     try:
         report = validate_data.validate_file(path, max_length=cfg.get("max_length"),
-                                             allow_mixed=bool(cfg.get("allow_mixed_formats")),
-                                             max_record_bytes=cfg.get("max_record_bytes"))
+                                             **validate_data.read_settings(cfg))
     except GuardrailError as exc:  # unreadable (permissions, a FIFO, ...): invalid, with why
         report = {"ok": False, "records": None, "format": None, "error_count": 1,
                   "errors": [{"line": None, "code": "unreadable", "message": exc.what}],
@@ -428,15 +427,36 @@ def jsonl_name(name: str) -> str:
     return (base if ext and base else name) + ".jsonl"
 
 
-def fix_for(p: Paths, reason_kind: str, dst: Path, fix: str | None = None) -> str:
+def _whole_file_code(path: Path) -> str | None:
+    """json_array or pretty_printed when the file holds JSON that is not JSON lines."""
+    import validate_data
+    try:
+        with open(path, "rb") as f:
+            bad = validate_data._shape(f.read(validate_data.SNIFF_BYTES))
+    except OSError:
+        return None
+    return bad.code if bad is not None else None
+
+
+def fix_for(p: Paths, reason_kind: str, dst: Path, fix: str | None = None,
+            report: dict | None = None) -> str:
     """The command that fixes a file put in failed/ or skipped/ (`dst`) for `reason_kind`:
     unreadable, suffix, special, invalid (intake); training (failed while it trained),
-    skipped (by request); anything else: a duplicate."""
+    skipped (by request); anything else: a duplicate. `report` is validate_data's."""
+    import validate_data
     if reason_kind == "unreadable":
         return (f"Make it readable for the daemon's user (`chmod a+r {_q(dst)}`), then "
                 f"`{_requeue_cmd(p.root, dst)}`.")
     if fix:
         return fix
+    if reason_kind in ("suffix", "invalid"):  # JSON, but not JSON lines: one jq command
+        errors = (report or {}).get("errors") or [{}]
+        code = _whole_file_code(dst) if reason_kind == "suffix" else \
+            errors[0].get("code") if isinstance(errors[0], dict) else None
+        out = p.inbox / jsonl_name(dst.name)
+        if (command := validate_data.whole_file_fix(code, dst, out)) is not None:
+            return (f"`{command}` writes it as JSON lines into the inbox (one object per line), "
+                    "where the daemon takes it.")
     if reason_kind == "suffix":
         return (f"If it holds JSON lines, `mv {_q(dst)} {_q(p.inbox / jsonl_name(dst.name))}` "
                 "drops it in the inbox under a .jsonl name.")
@@ -445,7 +465,8 @@ def fix_for(p: Paths, reason_kind: str, dst: Path, fix: str | None = None) -> st
                 f"(`cp --dereference SOURCE {_q(p.inbox)}/NAME.jsonl`).")
     if reason_kind == "invalid":
         return (f"See every bad line with `python3 validate_data.py {_q(dst)}`; fix them, then "
-                f"`{_requeue_cmd(p.root, dst)}`.")
+                f"`{_requeue_cmd(p.root, dst)}` (or train its valid records only, the others "
+                f"counted and listed in its record: `{_requeue_cmd(p.root, dst, '--skip-invalid')}`).")
     if reason_kind == "training":
         return (f"Read the reason (and logs/daemon.log); once the cause is fixed, "
                 f"`{_requeue_cmd(p.root, dst)}` trains it again.")
@@ -481,7 +502,7 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
             done: dict | None = None, extra: dict | None = None, name: str | None = None,
             not_regular: str | None = None, batch: SyncBatch | None = None,
             by_hand: bool = False, fix: str | None = None,
-            examined: dict | None = None) -> dict:
+            examined: dict | None = None, skip_invalid: bool = False) -> dict:
     """Validate `path`, then queue it (copy, or move with `move=True`).
 
     Invalid -> failed/ (only when moving; a copy source is left alone and the error
@@ -491,6 +512,8 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
     (UsageError), and a --move out of the daemon's own folders. Returns the record with
     `outcome` queued|failed|skipped and `path`; a failed or skipped one also has `fix`, the
     command that fixes it (`fix` given here is used for a `not_regular` file).
+    `skip_invalid` queues a file with invalid lines when it has valid records: the trainer
+    passes over the invalid ones, counted and listed in the record (`skipped_records`).
     """
     p = Paths(root)
     src = Path(path)
@@ -547,6 +570,13 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
                              round(time.monotonic() - t0, 4)}
         # a file refused where it already is (re-adding one from failed/ or skipped/) stays put
         stays = not move or work.resolve().parent in (p.failed.resolve(), p.skipped.resolve())
+        if not result["ok"] and skip_invalid and not problem and result["records"]:
+            errors = result["report"].get("errors") or []
+            if all(e.get("line") is not None for e in errors):  # not a whole-file problem
+                record.update(skip_invalid=True, skipped_records={
+                    "count": result["errors"], "lines": sorted({e["line"] for e in errors}),
+                    "listed": len(errors)})
+                result = dict(result, ok=True)
         if not result["ok"]:
             reason = problem or result.get('verdict') or f"invalid: {result['errors']} error(s)"
             kind = "suffix" if problem == "not a .jsonl file" else \
@@ -557,11 +587,14 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
                     f"Rename it to end in .jsonl (`mv {_q(src)} "
                     f"{_q(src.with_name(jsonl_name(src.name)))}`), then add it again."
                     if kind == "suffix" else f"See `python3 validate_data.py {_q(src)}`, fix "
-                    "the file, add it again."))
+                    "the file, add it again" + ("" if problem or not result["records"] else
+                                                " (or add it with --skip-invalid: its valid "
+                                                "records train, the others are listed)") + "."))
             record.update(reason=reason, report=result["report"], outcome="failed")
+            report = result.get("report")
             dst = move_with_record(work, p.failed, record, reason, name=name, batch=batch,
-                                   finish=lambda d: {"fix": fix_for(p, kind, d, fix)})
-            return dict(record, name=dst.name, path=str(dst), fix=fix_for(p, kind, dst, fix))
+                                   finish=lambda d: {"fix": fix_for(p, kind, d, fix, report)})
+            return dict(record, name=dst.name, path=str(dst), fix=fix_for(p, kind, dst, fix, report))
         if done is None:
             done = done_index(p.root)
         dup = None if force else _duplicate(p, record["sha256"], done, queued=by_hand)
@@ -817,7 +850,7 @@ def cmd_add(args) -> int:
     """Validate a data file, then queue a copy of it (or move it with --move)."""
     root = resolve_root(args.root)
     rec = enqueue(root, args.file, priority=args.priority, force=args.force, move=args.move,
-                  by_hand=True)
+                  by_hand=True, skip_invalid=args.skip_invalid)
     if rec["outcome"] == "queued":
         if args.json:
             print_json({"ok": True, **_public(rec)})
@@ -892,6 +925,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="queue it even if the same content is queued, being trained or "
                                  "was trained before")
             sp.add_argument("--move", action="store_true", help="move the file instead of copying it")
+            sp.add_argument("--skip-invalid", action="store_true",
+                            help="queue a file with invalid lines: its valid records train, the "
+                                 "invalid ones are passed over, counted and listed in its record")
         elif name == "set-priority":
             sp.add_argument("name", help=named)
             sp.add_argument("priority", choices=PRIORITIES, help="the new priority")

@@ -12,23 +12,37 @@ only; memory stays bounded whatever the file's size and whatever one line's size
 
 Formats (one JSON object per line, detected per record; one format per file unless
 config `allow_mixed_formats` / `--allow-mixed`; unknown extra fields are ignored, with
-one warning per field name). Each record becomes `segments`, a list of (text, trained):
+one warning per field name; config `fields` renames a file's own field names to these,
+e.g. {"prompt": "user_prompt", "completion": "expected_answer"}). Each record becomes
+`segments`, a list of (text, trained) - the plain rendering, used for a model without a
+chat template - and, for every format but text, `messages`: the conversation the
+model's chat template renders (the trainer uses the template whenever there is one).
 
 - `text`: `{"text": T}` -> [(T, True)].
-- `prompt_completion`: `{"prompt": P, "completion": C}` -> [(P, False), (C, True)],
-  concatenated exactly as given (put any separator in P or C yourself).
+- `prompt_completion`: `{"prompt": P, "completion": C}` -> a user turn P and an
+  assistant turn C; plain: [(P + sep, False), (C, True)] where sep is "\n" unless P
+  ends or C starts with whitespace. TRL's conversational form (P and C arrays of
+  messages) is a conversation whose completion turns train (the prompt's earlier
+  assistant turns get weight 0).
 - `instruction`: `{"instruction": I, "input": X, "output": O}` (`input` optional, may be
-  ""), Alpaca style -> [("### Instruction:\\nI\\n\\n### Input:\\nX\\n\\n### Response:\\n",
-  False), (O, True)]; with no or empty input the `### Input:` block is left out.
-- `messages`: `{"messages": [{"role", "content"}, ...]}`, roles system/user/assistant,
-  content a string (tool turns and content-part lists are not supported; OpenAI's per-turn
-  `weight` is not honoured, so it is warned about: weight-0 turns train too). `messages`
-  keeps the list for the trainer's chat template; `segments` is the plain fallback
-  "<|system|>\\nS\\n<|user|>\\nU\\n<|assistant|>\\n" untrained, then each assistant
-  content trained, turns joined by "\\n". Role order, enforced because most chat
-  templates raise on anything else: system turns only at the start, then strictly
-  alternating user/assistant beginning with user, at least one assistant turn
-  (errors); a conversation ending on a user turn is a warning (that turn trains nothing).
+  ""): a user turn "I\n\nX" (or I) and an assistant turn O; plain, Alpaca style ->
+  [("### Instruction:\nI\n\n### Input:\nX\n\n### Response:\n", False), (O, True)];
+  with no or empty input the `### Input:` block is left out.
+- `messages`: `{"messages": [{"role", "content"}, ...], "tools"?: [schema, ...]}`, roles
+  system/user/assistant/tool, content a string (content-part lists are not supported).
+  An assistant turn may carry OpenAI `tool_calls` (content then null or absent) and
+  `"weight": 0|1` (0: rendered as context, not trained); `tool` turns (results) follow
+  the tool call they answer. The plain rendering is "<|system|>\nS\n<|user|>\nU\n
+  <|assistant|>\n" untrained, then each assistant content trained, turns joined by
+  "\n" (tool calls have no plain rendering: the trainer refuses them without a
+  template). Role order, enforced because most chat templates raise on anything else:
+  system turns only at the start, then alternating user/assistant beginning with user
+  (tool results between a call and the next assistant turn), at least one trained
+  assistant turn (errors); a conversation ending on a user turn is a warning.
+
+A file that is JSON but not JSON lines (one array, or pretty-printed objects), a git-lfs
+pointer, compressed or UTF-16 data is one whole-file error naming the command that
+converts it (`jq -c '.[]'`, `jq -c .`, `git lfs pull`, ...).
 
 Untrained segments are context only: the trainer takes no loss on them unless config
 `loss_on_prompt` is true, in which case it trains on every segment (its business, not
@@ -59,7 +73,7 @@ from trainroot import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, GuardrailError, Paths,
                        add_common_args, print_json, resolve_root, run_cli)
 
 FORMATS = ("text", "messages", "prompt_completion", "instruction")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_MAX_RECORD_BYTES = training_config.PARAMS["max_record_bytes"].default   # 64 MiB
 MAX_LISTED = 100            # errors and warnings listed per file; the rest are counted
 DUPLICATE_TRACK_LIMIT = 500_000   # distinct lines remembered for duplicate warnings (~50 MB)
@@ -71,6 +85,8 @@ _KEY_FORMAT = {"text": "text", "messages": "messages", "prompt": "prompt_complet
                "completion": "prompt_completion", "instruction": "instruction",
                "input": "instruction", "output": "instruction"}
 _KNOWN_KEYS = frozenset(_KEY_FORMAT)
+_RECORD_KEYS = _KNOWN_KEYS | {"tools"}     # "tools": function schemas a chat's template is given
+assert _RECORD_KEYS == set(training_config.MAPPABLE_FIELDS)   # what config.json `fields` may map
 
 # Every problem code, with what it means (errors reject the file; warnings do not).
 ERROR_CODES = {
@@ -93,8 +109,12 @@ ERROR_CODES = {
     "missing_field": "a required field is absent",
     "empty_field": "a required string is empty or only whitespace",
     "wrong_type": "a field has the wrong JSON type",
-    "unknown_role": "a message role other than system/user/assistant",
-    "role_order": "system not first, or user/assistant not alternating from user",
+    "unknown_role": "a message role other than system/user/assistant/tool",
+    "role_order": "system not first, user/assistant not alternating from user, or a tool "
+                  "result not after a tool call",
+    "json_array": "the file is one JSON array, not one object per line",
+    "pretty_printed": "JSON objects spread over several lines, not one per line",
+    "git_lfs_pointer": "a git-lfs pointer file, not the data it points to",
     "no_assistant_turn": "a conversation with nothing to train on",
     "lone_surrogate": "a \\ud800-style escape that is not valid Unicode",
 }
@@ -109,7 +129,8 @@ WARNING_CODES = {
     "duplicates_unchecked": "more distinct lines than the duplicate tracker holds",
 }
 
-_FILE_CODES = ("empty_file", "no_records", "binary_file", "compressed_file", "utf16_file")
+_FILE_CODES = ("empty_file", "no_records", "binary_file", "compressed_file", "utf16_file",
+               "json_array", "pretty_printed", "git_lfs_pointer")
 _MAGIC = ((b"\x1f\x8b", "gzip"), (b"PK\x03\x04", "zip"), (b"BZh", "bzip2"),
           (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
 _UNCOMPRESS = {"gzip": "gunzip -c", "zip": "unzip -p", "bzip2": "bunzip2 -c", "xz": "unxz -c",
@@ -122,8 +143,10 @@ class Record(NamedTuple):
     offset: int
     next_offset: int          # byte offset of the next line: seek here to resume after it
     format: str
-    segments: list            # [(text, trained: bool), ...]
-    messages: list | None     # the original list for `messages` records, else None
+    segments: list            # [(text, trained: bool), ...]: the plain rendering
+    messages: list | None     # the conversation a chat template renders (every format but
+                              # text; weight 0 on turns that do not train), else None
+    tools: list | None = None  # a chat record's `tools` (function schemas) for the template
 
 
 class _Bad(Exception):
@@ -211,15 +234,13 @@ def _instruction_prompt(instruction: str, inp: str) -> str:
     return f"### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-_TOOL_CALL_HINT = " (a tool call: tool calls are not supported, leave that turn out)"
 # roles other tools write, with the role to write instead
 _ROLE_RENAMES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant",
-                 "developer": "system", "chatgpt": "assistant", "ai": "assistant"}
+                 "developer": "system", "chatgpt": "assistant", "ai": "assistant",
+                 "function": "tool", "ipython": "tool", "tool_results": "tool"}
 
 
 def _role_hint(role) -> str:
-    if role in ("tool", "function", "ipython"):
-        return " (tool turns are not supported: leave them out)"
     if type(role) is str:
         if role.lower() in ROLES:
             return f' (roles are lowercase: write "{role.lower()}")'
@@ -228,17 +249,57 @@ def _role_hint(role) -> str:
     return ""
 
 
-def _chat(messages) -> tuple[list, int, bool]:
+def _tool_calls(msg: dict, where: str) -> list:
+    """A turn's `tool_calls` checked: a non-empty array of calls, each naming its function."""
+    if "function_call" in msg and msg["function_call"] is not None:
+        raise _Bad("wrong_type", f'{where}.function_call (OpenAI\'s legacy form) is not supported: '
+                   'write it as "tool_calls": [{"type": "function", "function": {"name", '
+                   '"arguments"}}]')
+    calls = msg.get("tool_calls")
+    if calls is None:
+        return []
+    if type(calls) is not list or not calls:
+        raise _Bad("wrong_type", f"{where}.tool_calls must be a non-empty array, got "
+                   f"{_json_type(calls) if calls != [] else 'an empty array'}")
+    for j, call in enumerate(calls):
+        at = f"{where}.tool_calls[{j}]"
+        if type(call) is not dict:
+            raise _Bad("wrong_type", f"{at} must be an object, got {_json_type(call)}")
+        fn = call.get("function", call)
+        if type(fn) is not dict:
+            raise _Bad("wrong_type", f"{at}.function must be an object, got {_json_type(fn)}")
+        _string(fn, "name", at + (".function" if "function" in call else ""))
+        args = fn.get("arguments")
+        if args is not None and type(args) not in (dict, str):
+            raise _Bad("wrong_type", f"{at} arguments must be an object or a JSON string, got "
+                       f"{_json_type(args)}")
+    return calls
+
+
+def _weight(msg: dict, where: str, role: str) -> int:
+    """OpenAI's per-turn "weight": 1 (default) trains an assistant turn, 0 renders it only."""
+    if "weight" not in msg:
+        return 1
+    weight = msg["weight"]
+    if type(weight) is not int or weight not in (0, 1):
+        raise _Bad("wrong_type", f"{where}.weight must be 0 or 1, got {_quote(json.dumps(weight))}")
+    if role != "assistant":
+        raise _Bad("wrong_type", f"{where}.weight is on a {role} turn; only assistant turns "
+                   "have a weight (0: rendered, not trained)")
+    return weight
+
+
+def _chat(messages, *, owner: str = "messages") -> tuple[list, int, bool]:
     """(segments, tokens, ends_on_user) of a messages list; raises _Bad on the first problem."""
     if type(messages) is not list:
-        raise _Bad("wrong_type", f'"messages" must be an array, got {_json_type(messages)}')
+        raise _Bad("wrong_type", f'"{owner}" must be an array, got {_json_type(messages)}')
     if not messages:
-        raise _Bad("empty_field", '"messages" is empty')
+        raise _Bad("empty_field", f'"{owner}" is empty')
     segments, pending = [], []     # the untrained text since the last assistant turn, in parts
-    previous = None        # role of the last user/assistant turn
-    assistants = 0
+    previous = None        # role of the last user/assistant/tool turn ("call": a tool call)
+    assistants = trained = 0
     for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
+        where = f"{owner}[{i}]"
         if type(msg) is not dict:
             raise _Bad("wrong_type", f"{where} must be an object, got {_json_type(msg)}")
         if "role" not in msg and "from" in msg:      # ShareGPT turns under "messages"
@@ -248,17 +309,17 @@ def _chat(messages) -> tuple[list, int, bool]:
         article = "an" if role == "assistant" else "a"
         if role not in ROLES:
             raise _Bad("unknown_role", f"{where}.role is {_quote(role)}; expected system, "
-                       "user or assistant" + _role_hint(role))
-        tool_call = bool(msg.get("tool_calls") or msg.get("function_call"))
-        if "content" not in msg:
-            raise _Bad("missing_field", f'{where} without "content"'
-                       + (_TOOL_CALL_HINT if tool_call else ""))
-        content = msg["content"]
+                       "user, assistant or tool" + _role_hint(role))
+        calls = _tool_calls(msg, where) if role == "assistant" else []
+        weight = _weight(msg, where, role)
+        content = msg.get("content")
+        if calls and content is None:
+            content = ""                  # a tool call without text: OpenAI writes null
+        elif "content" not in msg:
+            raise _Bad("missing_field", f'{where} without "content"')
         if type(content) is not str:
             hint = ""
-            if tool_call:
-                hint = _TOOL_CALL_HINT
-            elif type(content) is list:
+            if type(content) is list:
                 hint = ' (content parts are not supported: join their "text" into one string' + (
                     ", e.g. jq -c '.messages[].content |= (if type == \"array\" then map(.text) "
                     "| join(\"\") else . end)' FILE > NEW.jsonl)"
@@ -268,34 +329,55 @@ def _chat(messages) -> tuple[list, int, bool]:
                          "that turn out)")
             raise _Bad("wrong_type", f"{where}.content must be a string, got "
                        f"{_json_type(content)}{hint}")
-        if role != "system" and (not content or content.isspace()):
+        if role not in ("system", "tool") and not calls and (not content or content.isspace()):
             raise _Bad("empty_field", f"{where}.content is empty")
         if role == "system":
             if previous is not None:
                 raise _Bad("role_order", f"{where} is a system turn after the conversation "
                            "started; system turns go first")
-        elif previous == role or (previous is None and role == "assistant"):
+        elif role == "tool":
+            if previous not in ("call", "tool"):
+                raise _Bad("role_order", f"{where} is a tool result after "
+                           f"{'a ' + previous + ' turn' if previous else 'no turn'}; tool results "
+                           "follow the assistant turn whose tool_calls they answer")
+        elif role == "user" and previous == "user" or role == "assistant" and previous not in ("user", "tool"):
+            shown = {"call": "an assistant tool call", "tool": "a tool result"}.get(previous, previous)
             raise _Bad("role_order", f"{where} is {article} {role} turn after "
-                       f"{'a ' + previous + ' turn' if previous else 'no user turn'}; turns "
-                       "must alternate user/assistant, starting with user"
+                       f"{'a ' + shown + ' turn' if previous in ROLES else shown or 'no user turn'}; "
+                       "turns must alternate user/assistant, starting with user"
                        + (f" (merge consecutive {role} turns into one)" if previous == role else ""))
         _byte_len(content, f"{where}.content")   # raises on a lone surrogate
         if role == "assistant":
             assistants += 1
+            trained += weight
+            text = content + ("\n" + json.dumps(calls, ensure_ascii=False) if calls else "")
             pending.append("<|assistant|>\n")   # joined once: a long turn is copied once
             segments.append(("".join(pending), False))
-            segments.append((content, True))
+            segments.append((text, bool(weight)))
             pending = ["\n"]
         else:
             pending += ("<|", role, "|>\n", content, "\n")
         if role != "system":
-            previous = role
+            previous = "call" if calls else role
     if not assistants:
         raise _Bad("no_assistant_turn", "no assistant turn: nothing to train on")
+    if not trained:
+        raise _Bad("no_assistant_turn", 'every assistant turn has "weight": 0: nothing to train on')
     if pending != ["\n"]:
         segments.append(("".join(pending), False))
     tokens = sum(estimate_tokens(text) for text, _ in segments)
     return segments, tokens, previous == "user"
+
+
+def _tools(obj: dict) -> list | None:
+    """A chat record's `tools`: an array of function schemas (objects), or None."""
+    tools = obj.get("tools")
+    if tools is None:
+        return None
+    if type(tools) is not list or any(type(t) is not dict for t in tools):
+        raise _Bad("wrong_type", f'"tools" must be an array of objects (function schemas), got '
+                   f"{_json_type(tools)}")
+    return tools or None
 
 
 _ACCEPTED = ('{"text"}, {"messages": [{"role", "content"}, ...]}, {"prompt", "completion"} '
@@ -310,8 +392,9 @@ _FOREIGN_FORMATS = {
 }
 
 
-def _parse_object(obj) -> tuple[str, list, list | None, int, bool]:
-    """(format, segments, messages, tokens, ends_on_user) of one parsed line, or raises _Bad."""
+def _parse_object(obj) -> tuple[str, list, list | None, int, bool, list | None]:
+    """(format, segments, messages, tokens, ends_on_user, tools) of one parsed line, or
+    raises _Bad."""
     if type(obj) is not dict:
         hint = ""
         if type(obj) is str and obj.lstrip().startswith("{"):
@@ -363,15 +446,29 @@ _FIELD_RENAMES = {
 }
 
 
-def _parse_known(obj: dict, fmt: str) -> tuple[str, list, list | None, int, bool]:
+def plain_join(prompt: str, completion: str) -> str:
+    """The separator between a prompt and its completion in the plain rendering: none when
+    either side already has whitespace there, else one newline."""
+    return "" if prompt[-1:].isspace() or completion[:1].isspace() else "\n"
+
+
+def _as_chat(user: str, answer: str) -> list:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+
+def _parse_known(obj: dict, fmt: str) -> tuple[str, list, list | None, int, bool, list | None]:
     if fmt == "text":
         text = _string(obj, "text", "text record")
-        return fmt, [(text, True)], None, _byte_len(text, '"text"'), False
+        return fmt, [(text, True)], None, _byte_len(text, '"text"'), False, None
     if fmt == "prompt_completion":
+        if type(obj.get("prompt")) is list or type(obj.get("completion")) is list:
+            return _conversational_pc(obj)
         owner = "prompt_completion record"
         prompt, completion = _string(obj, "prompt", owner), _string(obj, "completion", owner)
         tokens = _byte_len(prompt, '"prompt"') + _byte_len(completion, '"completion"')
-        return fmt, [(prompt, False), (completion, True)], None, tokens, False
+        sep = plain_join(prompt, completion)
+        return (fmt, [(prompt + sep, False), (completion, True)], _as_chat(prompt, completion),
+                tokens + len(sep), False, None)
     if fmt == "instruction":
         owner = "instruction record"
         instruction = _string(obj, "instruction", owner)
@@ -379,16 +476,71 @@ def _parse_known(obj: dict, fmt: str) -> tuple[str, list, list | None, int, bool
         output = _string(obj, "output", owner)
         prompt = _instruction_prompt(instruction, inp)
         tokens = (_byte_len(prompt, '"instruction" or "input"') + _byte_len(output, '"output"'))
-        return fmt, [(prompt, False), (output, True)], None, tokens, False
+        user = f"{instruction}\n\n{inp}" if inp else instruction
+        return fmt, [(prompt, False), (output, True)], _as_chat(user, output), tokens, False, None
     messages = obj["messages"]
     segments, tokens, ends_on_user = _chat(messages)
-    return fmt, segments, messages, tokens, ends_on_user
+    return fmt, segments, messages, tokens, ends_on_user, _tools(obj)
+
+
+def _conversational_pc(obj: dict):
+    """TRL's conversational prompt/completion: two message arrays; the completion's
+    assistant turns train, the prompt's (earlier answers) are context (weight 0)."""
+    for key in ("prompt", "completion"):
+        if key not in obj:
+            raise _Bad("missing_field", f'prompt_completion record without "{key}"')
+        if type(obj[key]) is not list:
+            raise _Bad("wrong_type", f'"{key}" must be an array of messages like the other '
+                       f'field, got {_json_type(obj[key])}')
+    if not any(type(m) is dict and m.get("role") == "assistant" for m in obj["completion"]):
+        raise _Bad("no_assistant_turn", '"completion" has no assistant turn: nothing to train on')
+    prompt = [dict(m, weight=0) if type(m) is dict and m.get("role") == "assistant" else m
+              for m in obj["prompt"]]
+    messages = prompt + obj["completion"]
+    segments, tokens, ends_on_user = _chat(messages, owner="prompt+completion")
+    return "prompt_completion", segments, messages, tokens, ends_on_user, _tools(obj)
 
 
 # --------------------------------------------------------------------------- reading lines
 
+JQ_SPLIT_ARRAY = "jq -c '.[]'"     # one JSON array -> one object per line
+JQ_COMPACT = "jq -c ."            # pretty-printed objects -> one object per line
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def whole_file_fix(code: str, src, dst) -> str | None:
+    """The shell command that rewrites `src` as JSON lines into `dst` for a json_array or
+    pretty_printed file (None for other codes)."""
+    import shlex
+    jq = {"json_array": JQ_SPLIT_ARRAY, "pretty_printed": JQ_COMPACT}.get(code)
+    if jq is None:
+        return None
+    return f"{jq} {shlex.quote(str(src))} > {shlex.quote(str(dst))}"
+
+
+def _shape(head: bytes) -> _Bad | None:
+    """JSON that is not one object per line: one array, or objects pretty-printed over
+    several lines (one error for the file, not one per physical line)."""
+    text = head[3:] if head.startswith(b"\xef\xbb\xbf") else head
+    body = text.lstrip()
+    if body.startswith(b"["):
+        return _Bad("json_array", "the file is one JSON array, not JSON lines (one object per "
+                    f"line); split it into lines with {JQ_SPLIT_ARRAY} FILE > NEW.jsonl",
+                    byte_offset=len(head) - len(body))
+    first = body.split(b"\n", 1)[0].rstrip()
+    if first.startswith(b"{") and first.endswith((b"{", b"[", b",", b":")) and b"\n" in body:
+        return _Bad("pretty_printed", "JSON objects spread over several lines (pretty-printed), "
+                    f"not one object per line; rewrite them one a line with {JQ_COMPACT} FILE > "
+                    "NEW.jsonl", byte_offset=len(head) - len(body))
+    return None
+
+
 def _sniff(head: bytes) -> _Bad | None:
-    """A whole-file verdict for content that is not UTF-8 text at all, else None."""
+    """A whole-file verdict for content that is not UTF-8 JSON lines at all, else None."""
+    if head.startswith(_LFS_POINTER):
+        return _Bad("git_lfs_pointer", "a git-lfs pointer file, not the data it points to; "
+                    "fetch the real file in its repository (git lfs pull --include=FILE) and "
+                    "use that", byte_offset=0)
     for magic, kind in _MAGIC:
         if head.startswith(magic):
             return _Bad("compressed_file", f"{kind}-compressed data, not JSON lines; decompress "
@@ -412,14 +564,16 @@ def _sniff(head: bytes) -> _Bad | None:
                     "export the data as UTF-8 JSON lines, or if it is text with stray NUL bytes, "
                     "remove them (tr -d '\\000' < FILE > NEW.jsonl)",
                     byte_offset=nul)
-    return None
+    return _shape(head)
 
 
 class _State:
-    """What one pass over a file remembers between lines: the file's format, where it began."""
+    """What one pass over a file remembers between lines: the file's format, where it began,
+    and config.json's field mapping."""
 
-    def __init__(self, allow_mixed: bool):
+    def __init__(self, allow_mixed: bool, fields: dict | None = None):
         self.allow_mixed = allow_mixed
+        self.fields = dict(fields or {})
         self.format: str | None = None
         self.format_line = 0
 
@@ -492,27 +646,37 @@ def _check_line(box: list, start: int, line_no: int, terminated: bool, state: _S
             raise _Bad("invalid_json", f"a number too long to read ({str(exc).split(';')[0]}); "
                        "write it as a string") from None
         text = None
-        fmt, segments, messages, tokens, ends_on_user = _parse_object(obj)
+        if state.fields:
+            obj = _map_fields(obj, state.fields)
+        fmt, segments, messages, tokens, ends_on_user, tools = _parse_object(obj)
         _check_format(fmt, line_no, state)
     except _Bad as bad:
+        if state.fields and bad.code in ("unknown_format", "missing_field"):
+            bad.message += (" (config.json `fields` maps " + ", ".join(
+                f'"{theirs}" -> "{ours}"' for ours, theirs in state.fields.items()) + ")")
         problems.append(("error", bad))
         return None, 0, problems, None
     if ends_on_user:
         problems.append(("warning", _Bad("trailing_user_turn", "conversation ends on a user "
                                          "turn, which trains nothing")))
-    if len(obj) > 1 and len(obj) > len(obj.keys() & _KNOWN_KEYS):
-        for name in sorted(obj.keys() - _KNOWN_KEYS):
+    used = _KNOWN_KEYS if tools is None else _RECORD_KEYS
+    if len(obj) > 1 and len(obj) > len(obj.keys() & used):
+        for name in sorted(obj.keys() - used):
             problems.append(("ignored", _Bad("ignored_field", f"field {_quote(name)} is not "
                                              "used by any format (ignored)")))
-    # OpenAI's per-turn "weight": 0 means "do not train on this turn", which the trainer
-    # does not honour (other turn fields go to the chat template, which may use them)
-    if messages is not None and any("weight" in m for m in messages):
-        problems.append(("ignored", _Bad("ignored_field", _WEIGHT_IGNORED)))
-    return Record(line_no, start, 0, fmt, segments, messages), tokens, problems, key
+    return Record(line_no, start, 0, fmt, segments, messages, tools), tokens, problems, key
 
 
-_WEIGHT_IGNORED = ('field "weight" of messages is ignored: every assistant turn is trained, '
-                   "weight 0 ones too (end the conversation before a turn to leave it out)")
+def _map_fields(obj, fields: dict):
+    """A record with its own field names renamed to ours (config.json `fields`:
+    {ours: theirs}); a name of ours already present is kept as it is."""
+    if type(obj) is not dict:
+        return obj
+    out = dict(obj)
+    for ours, theirs in fields.items():
+        if theirs in out and ours not in obj:
+            out[ours] = out.pop(theirs)
+    return out
 
 
 def _first_bad_utf8(raw: bytes) -> int | None:
@@ -717,6 +881,8 @@ def _fast_check(raw: bytes) -> tuple[str, int, bool] | None:
         size = len(v0) + len(v1) + len(v2)
     else:
         size = len(v0.encode("utf-8")) + len(v1.encode("utf-8")) + len(v2.encode("utf-8"))
+    if fmt == "prompt_completion":             # plain_join's newline
+        template = 0 if v0[-1:].isspace() or v1[:1].isspace() else 1
     return fmt, size + (_PROMPT_WITH_INPUT if v2 else template), False
 
 
@@ -750,15 +916,18 @@ def _too_long(size: int, terminated: bool, start: int, max_record_bytes: int) ->
 # --------------------------------------------------------------------------- the library API
 
 def iter_records(path, *, start_offset: int = 0, start_line: int = 1, allow_mixed: bool = False,
-                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[Record]:
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, fields: dict | None = None,
+                 skip_invalid: bool = False) -> Iterator[Record]:
     """Yield every record of a data file from a byte offset; raise GuardrailError at a bad one.
 
     Blank lines are skipped. `start_offset`/`start_line` resume at a Record's `next_offset`
     (and line + 1). The daemon validates files first, so an error here is a safety net: it
-    names the file and line and the command that lists every problem.
+    names the file and line and the command that lists every problem. `skip_invalid`
+    (a file queued with `add --skip-invalid`) passes over invalid lines instead; `fields`
+    is config.json's field mapping.
     """
     path = Path(path)
-    state = _State(allow_mixed)
+    state = _State(allow_mixed, fields)
     limit = max_record_bytes + 2          # the content plus "\r\n"
     with _open(path) as f:
         if start_offset:
@@ -773,6 +942,9 @@ def iter_records(path, *, start_offset: int = 0, start_line: int = 1, allow_mixe
             raw, size, terminated = got
             got = None
             if raw is None:
+                if skip_invalid:
+                    offset, line_no = offset + size, line_no + 1
+                    continue
                 raise _record_error(path, line_no, _too_long(size, terminated, offset,
                                                              max_record_bytes))
             box, raw = [raw], None
@@ -780,7 +952,7 @@ def iter_records(path, *, start_offset: int = 0, start_line: int = 1, allow_mixe
             offset += size
             if record is not None:
                 yield record._replace(offset=offset - size, next_offset=offset)
-            else:
+            elif not skip_invalid:
                 for severity, bad in problems:
                     if severity == "error":
                         raise _record_error(path, line_no, bad)
@@ -803,14 +975,15 @@ def _entry(line: int | None, bad: _Bad) -> dict:
 
 
 def validate_file(path, *, max_length: int | None = None, allow_mixed: bool = False,
-                  max_record_bytes: int | None = None) -> dict:
+                  max_record_bytes: int | None = None, fields: dict | None = None) -> dict:
     """Check a whole data file; return the report the daemon saves next to a rejected file.
 
     `{path, ok, verdict, format, formats, records, est_tokens, bytes, errors, error_count,
     warnings, warning_count, max_length, max_record_bytes}`: errors and warnings are
     `{line, column?, byte_offset?, code, message}` (first MAX_LISTED each, sorted by
     line; `line` is None for a whole-file problem). Raises UsageError for a missing,
-    folder or unreadable path. `max_length` None skips the too-long warning.
+    folder or unreadable path. `max_length` None skips the too-long warning. `fields` is
+    config.json's field mapping ({ours: theirs}).
     """
     path = Path(path)
     max_record_bytes = int(max_record_bytes or DEFAULT_MAX_RECORD_BYTES)
@@ -820,7 +993,7 @@ def validate_file(path, *, max_length: int | None = None, allow_mixed: bool = Fa
     records = tokens_total = crlf_lines = 0
     seen: dict[int, int] | None = {}      # hash of a record's line -> its line number
     ignored: set[str] = set()
-    state = _State(allow_mixed)
+    state = _State(allow_mixed, fields)
     max_length = max_length or 0
 
     def add(severity: str, line: int | None, bad: _Bad) -> None:
@@ -840,6 +1013,8 @@ def validate_file(path, *, max_length: int | None = None, allow_mixed: bool = Fa
         else:
             readline, limit = f.readline, max_record_bytes + 2
             fast_limit = min(limit, BIG_LINE)      # longer lines skip the fast path (memory)
+            if fields:
+                fast_limit = 0                     # renamed fields: every line the careful way
             too_long_at = max_length or 1 << 62
             offset = line_no = fast_records = fast_tokens = unlisted_warnings = 0
             track_limit = DUPLICATE_TRACK_LIMIT
@@ -959,8 +1134,16 @@ def _verdict(report: dict) -> str:
 
 # --------------------------------------------------------------------------- the CLI
 
+def read_settings(cfg: dict) -> dict:
+    """How config.json says data files are read: iter_records/validate_file keywords."""
+    return {"allow_mixed": bool(cfg.get("allow_mixed_formats")),
+            "max_record_bytes": cfg.get("max_record_bytes") or DEFAULT_MAX_RECORD_BYTES,
+            "fields": cfg.get("fields") or None}
+
+
 def _settings(args) -> dict:
-    """max_length, allow_mixed, max_record_bytes: flags > the root's config.json > defaults."""
+    """max_length, allow_mixed, max_record_bytes, fields: flags > the root's config.json >
+    defaults."""
     defaults = training_config.default_config()
     cfg = defaults
     root = resolve_root(args.root)
@@ -971,7 +1154,8 @@ def _settings(args) -> dict:
             print(f"warning: {exc} Validating with the default settings.", file=sys.stderr)
     return {"max_length": args.max_length or cfg["max_length"],
             "allow_mixed": args.allow_mixed or bool(cfg["allow_mixed_formats"]),
-            "max_record_bytes": args.max_record_bytes or cfg["max_record_bytes"]}
+            "max_record_bytes": args.max_record_bytes or cfg["max_record_bytes"],
+            "fields": cfg.get("fields") or None}
 
 
 def _print_report(report: dict) -> None:

@@ -190,29 +190,191 @@ def test_show_json_and_a_daemon_trained_chat_file_say_template(qwen_base, tmp_pa
     assert rec["outcome"] == "done" and rec["rendering"] == "template" and rec["steps"] >= 1
 
 
-def test_the_daemon_moves_a_file_its_template_cannot_render_to_failed(qwen_base, tmp_path):
+# --------------------------------------------------------------------------- tools, weight, dates
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+# OpenAI's export shape: content null, arguments a JSON string; an id Mistral accepts
+TOOL_CHAT = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "id": "abc123xyz",
+     "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+    {"role": "tool", "content": "{\"temp\": 21}", "tool_call_id": "abc123xyz", "name": "get_weather"},
+    {"role": "assistant", "content": "It is 21 degrees in Paris."}]
+TOOL_TEMPLATES = {"qwen2.5", "qwen3", "llama-3.2", "mistral-nemo"}
+
+
+@pytest.mark.parametrize("name", chat_fixtures.template_names())
+def test_tool_calls_train_the_call_not_the_result_or_are_refused(name, qwen_tokenizer, tmp_path):
+    import chat_render
+    data = write_jsonl(tmp_path / "tools.jsonl", [{"messages": TOOL_CHAT, "tools": TOOLS}])
+    rec = records_of(data)[0]
+    assert rec.tools == TOOLS
+    enc = encoder(qwen_tokenizer, name)
+    if name not in TOOL_TEMPLATES:
+        with pytest.raises(chat_render.ChatRenderError) as err:
+            enc.pieces(rec)
+        assert "line 1: the chat template" in err.value.what
+        return
+    pieces, rendering = enc.pieces(rec)
+    trained = [t for t, on in pieces if on]
+    untrained = "".join(t for t, on in pieces if not on)
+    assert len(trained) == 2 and '"get_weather"' in trained[0] and '"city": "Paris"' in trained[0]
+    assert "It is 21 degrees in Paris." in trained[1]  # (qwen3: after an empty think block)
+    assert "21}" in untrained and '"description": "Weather for a city"' in untrained  # result, tools
+    assert "Weather in Paris?" in untrained
+    ids, labels = enc.encode(rec)  # (markers that are not special tokens in this vocabulary
+    learned = qwen_tokenizer.decode([t for t in labels if t != -100])  # may share a token)
+    assert '"get_weather"' in learned and "It is 21 degrees in Paris." in learned
+    assert "Weather in Paris?" not in learned and "temp" not in learned
+
+
+def test_tool_records_without_a_template_that_renders_them_are_refused(qwen_tokenizer, tmp_path):
+    import chat_render
+    import training_engine as te
+    data = write_jsonl(tmp_path / "tools.jsonl", [{"messages": TOOL_CHAT, "tools": TOOLS}])
+    plain = te.Encoder(qwen_tokenizer, chat_template="plain")
+    err = plain.check_file(data)
+    assert isinstance(err, chat_render.ChatRenderError)
+    assert "tool calls and tool results need a chat template" in err.what and "chat_template" in err.fix
+
+
+@pytest.mark.parametrize("name", chat_fixtures.template_names())
+def test_weight_zero_turns_are_rendered_not_trained(name, qwen_tokenizer, tmp_path):
+    chat = [dict(m) for m in NO_SYSTEM]
+    chat[1]["weight"] = 0
+    data = write_jsonl(tmp_path / "w.jsonl", [{"messages": chat}], ensure_ascii=False)
+    pieces, _ = encoder(qwen_tokenizer, name).pieces(records_of(data)[0])
+    trained = "".join(t for t, on in pieces if on)
+    full = "".join(t for t, _ in pieces)
+    assert answer_text(chat[3]["content"]) in trained
+    assert "42, exactly." in full and "42, exactly." not in trained
+
+
+def test_trl_conversational_prompt_completion_trains_the_completion(qwen_tokenizer, tmp_path):
+    rec = {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                      {"role": "user", "content": "Capital of France?"}],
+           "completion": [{"role": "assistant", "content": "Paris."}]}
+    data = write_jsonl(tmp_path / "trl.jsonl", [rec])
+    r = records_of(data)[0]
+    assert r.format == "prompt_completion"
+    pieces, _ = encoder(qwen_tokenizer, "qwen2.5").pieces(r)
+    assert [t for t, on in pieces if on] == ["Paris.<|im_end|>"]
+    assert "Hello!" in "".join(t for t, _ in pieces)
+
+
+def test_templates_that_print_the_date_get_the_files_own_date(qwen_tokenizer, tmp_path):
+    import datetime
+    import chat_render
+    day = datetime.date(2024, 1, 2)
+    llama = chat_render.ChatRenderer(qwen_tokenizer, str(chat_fixtures.TEMPLATES / "llama-3.2.jinja"),
+                                     date=day)
+    assert "Today Date: 02 Jan 2024" in llama.render(NO_SYSTEM)
+    # Mistral-Small style: strftime_now() called by the template itself
+    path = tmp_path / "strftime.jinja"
+    path.write_text("{%- set today = strftime_now('%Y-%m-%d') %}[SYSTEM]{{ today }}"
+                    "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}")
+    mistral = chat_render.ChatRenderer(qwen_tokenizer, str(path), date=day)
+    assert mistral.render(NO_SYSTEM).startswith("[SYSTEM]2024-01-02[user]")
+
+
+# --------------------------------------------------------------------------- real shapes, end to end
+
+def test_a_field_mapped_file_trains_end_to_end_and_its_record_says_how(qwen_base, tmp_path, capsys):
+    """TRAINING-style exports: {"user_prompt", "expected_answer"} mapped by config.json
+    `fields`, rendered with the model's template as a user and an assistant turn."""
+    import training_daemon
+    import training_engine as te
+    from realdaemon import set_config
     root = tmp_path / "root"
-    root.mkdir()
+    training_daemon.init_root(root, base=str(qwen_base))
+    set_config(root, max_length=64, batch_size=1, grad_accum_steps=1, checkpoint_every_steps=0,
+               fields={"prompt": "user_prompt", "completion": "expected_answer"})
+    rows = [{"id": i, "user_prompt": f"What is {i} + {i}?", "expected_answer": f"{2 * i}."}
+            for i in range(6)]
+    data = write_jsonl(tmp_path / "TRAINING.jsonl", rows)
+    assert te.main(["show", str(data), "--json", "--lines", "2", "--root", str(root)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["rendering"] == "template"
+    assert [s["text"] for s in doc["segments"] if s["trained"]] == ["2.<|im_end|>"]
+    assert "<|im_start|>user\nWhat is 1 + 1?<|im_end|>" in "".join(s["text"] for s in doc["segments"])
+    shutil.copy(data, root / "inbox" / "TRAINING.jsonl")
+    proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rec = json.loads((root / "done" / "TRAINING.jsonl.record.json").read_text())
+    assert rec["outcome"] == "done" and rec["records"] == 6 and rec["steps"] >= 1
+    assert rec["rendering"] == "template" and rec["rendered"]["template"] == 6
+    assert rec["warnings"] == {"fallback": 0, "split_examples": 0, "skipped_records": 0}
+    assert rec["chat_date"] == __import__("datetime").date.today().isoformat()
+    # without the mapping the same file is refused with the names it has
+    import validate_data
+    report = validate_data.validate_file(data)
+    assert not report["ok"] and '"user_prompt"' in report["errors"][0]["message"]
+
+
+def test_skip_invalid_trains_the_valid_records_and_counts_the_rest(qwen_base, tmp_path):
+    import training_daemon
+    from realdaemon import set_config
+    root = tmp_path / "root"
+    training_daemon.init_root(root, base=str(qwen_base))
+    set_config(root, max_length=256, batch_size=1, grad_accum_steps=1, checkpoint_every_steps=0,
+               chat_template="plain")
+    good = [{"messages": NO_SYSTEM}] * 3
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("\n".join([json.dumps(good[0]), "{not json", json.dumps(good[1]),
+                               json.dumps({"text": 5}), json.dumps(good[2])]) + "\n")
+    plain_add = run_script("training_queue.py", "add", str(data), root=root)
+    assert plain_add.returncode == 1 and "--skip-invalid" in plain_add.stderr
+    added = run_script("training_queue.py", "add", str(data), "--skip-invalid", "--json", root=root)
+    assert added.returncode == 0, added.stderr
+    proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rec = json.loads((root / "done" / "mixed.jsonl.record.json").read_text())
+    assert rec["skipped_records"]["count"] == 2 and rec["skipped_records"]["lines"] == [2, 4]
+    assert rec["rendered"] == {"plain": 3}  # chosen on purpose, and counted as such
+    assert rec["warnings"] == {"fallback": 3, "split_examples": 0, "skipped_records": 2}
+    log = (root / "logs" / "daemon.log").read_text()
+    assert "mixed.jsonl: fallback 3, skipped records 2" in log
+    check = run_script("state_tracker.py", "--json", root=root)
+    assert check.stdout, check.stderr
+    warning = next(w for w in json.loads(check.stdout)["warnings"] if w["code"] == "FILE_WARNINGS")
+    assert "mixed.jsonl (fallback 3, skipped records 2)" in warning["message"]
+    assert "training_engine.py show" in warning["fix"]
+
+
+def test_a_bad_pairing_fails_at_intake_and_a_late_bad_record_before_the_first_step(qwen_base, tmp_path):
+    """The daemon test-renders a queued file's first records when it is dropped; the engine
+    renders every record before the first step. Both refusals land in failed/ with the
+    fix, and the engine's own lines are in logs/daemon.log."""
+    import training_daemon
+    root = tmp_path / "root"
     base = tmp_path / "gemma-ish"
     shutil.copytree(qwen_base, base)
-    cfg_path = base / "tokenizer_config.json"
-    tok_cfg = json.loads(cfg_path.read_text())
-    tok_cfg["chat_template"] = chat_fixtures.template("gemma-2")
-    cfg_path.write_text(json.dumps(tok_cfg))
-    (base / "chat_template.jinja").unlink(missing_ok=True)
     (base / "chat_template.jinja").write_text(chat_fixtures.template("gemma-2"))
-    import training_daemon
     training_daemon.init_root(root, base=str(base))
-    write_jsonl(root / "inbox" / "sys.jsonl", [{"messages": CONVERSATION}], ensure_ascii=False)
+    write_jsonl(root / "inbox" / "early.jsonl", [{"messages": CONVERSATION}], ensure_ascii=False)
+    late = [{"messages": NO_SYSTEM}] * 25 + [{"messages": CONVERSATION}]
+    write_jsonl(root / "inbox" / "late.jsonl", late, ensure_ascii=False)
     step_before = json.loads((root / "current_model" / "trainer_state.json").read_text())["global_step"]
     proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rec = json.loads((root / "failed" / "sys.jsonl.record.json").read_text())
-    assert rec["outcome"] == "failed"
-    assert rec["reason"].startswith("line 1: the chat template") and "System role not supported" in rec["reason"]
-    assert "jq -c " in rec["fix"] and str(root / "failed" / "sys.jsonl") in rec["fix"]
-    assert "training_queue.py add" in rec["fix"]
-    assert rec["result"]["status"] == "refused" and rec["result"]["steps"] == 0
+    early = json.loads((root / "failed" / "early.jsonl.record.json").read_text())
+    assert early["refused_at"] == "intake" and "System role not supported" in early["reason"]
+    assert "jq -c " in early["fix"] and str(root / "failed" / "early.jsonl") in early["fix"]
+    late_rec = json.loads((root / "failed" / "late.jsonl.record.json").read_text())
+    assert "refused_at" not in late_rec and late_rec["reason"].startswith("line 26: the chat template")
+    assert late_rec["result"]["status"] == "refused" and late_rec["result"]["steps"] == 0
     state = json.loads((root / "current_model" / "trainer_state.json").read_text())
-    assert state["global_step"] == step_before  # not trained
-    assert not list((root / "processing").glob("*.jsonl"))
+    assert state["global_step"] == step_before  # nothing trained
+    log = (root / "logs" / "daemon.log").read_text()
+    assert "engine: " in log and "refused: line 26" in log
+
+
+def test_init_says_which_template_chat_files_will_get(qwen_base, tmp_path):
+    root = tmp_path / "root"
+    proc = run_script("training_daemon.py", "init", "--base", str(qwen_base), root=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Chat records render with the model's chat template (from chat_template.jinja" in proc.stdout \
+        or "Chat records render with the model's chat template (from tokenizer_config.json" in proc.stdout
+    assert "Test render: " in proc.stdout and "<|im_start|>assistant" in proc.stdout

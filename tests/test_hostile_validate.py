@@ -1,6 +1,7 @@
 """validate_data.py against real exports and hostile files: what a user sees, and what the trainer reads."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import validate_data as vd
+from trainroot import GuardrailError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,7 +46,7 @@ def chat(*turns, **extra):
     ({"Messages": chat(("user", "q"), ("assistant", "a"))}, "unknown_format",
      '(field names are case-sensitive: rename "Messages" -> "messages")'),
     ({"messages": chat(("User", "q"), ("Assistant", "a"))}, "unknown_role",
-     'messages[0].role is "User"; expected system, user or assistant (roles are lowercase: '
+     'messages[0].role is "User"; expected system, user, assistant or tool (roles are lowercase: '
      'write "user")'),
     ({"messages": chat(("developer", "s"), ("user", "q"), ("assistant", "a"))}, "unknown_role",
      '(write "system" for "developer")'),
@@ -57,8 +59,9 @@ def chat(*turns, **extra):
     ({"messages": [{"role": "user", "content": "q"},
                    {"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}},
                    {"role": "function", "name": "f", "content": "1"},
-                   {"role": "assistant", "content": "a"}]}, "missing_field",
-     'messages[1] without "content" (a tool call: tool calls are not supported'),
+                   {"role": "assistant", "content": "a"}]}, "wrong_type",
+     "messages[1].function_call (OpenAI's legacy form) is not supported: write it as "
+     '"tool_calls": [{"type": "function", "function": {"name", "arguments"}}]'),
     # OpenAI content parts: the error carries a command that converts them, checked below
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]},
                    {"role": "assistant", "content": "a"}]}, "wrong_type",
@@ -83,7 +86,7 @@ def test_look_alike_exports_say_what_to_rename(tmp_path, obj, code, expected):
     assert expected in err["message"], err
 
 
-def test_openai_weight_is_flagged_because_weight_zero_turns_still_train(tmp_path):
+def test_openai_weight_zero_turns_are_context_not_trained(tmp_path):
     obj = {"messages": [{"role": "user", "content": "q", "name": "ann"},
                         {"role": "assistant", "content": "bad", "weight": 0},
                         {"role": "user", "content": "again"},
@@ -91,17 +94,21 @@ def test_openai_weight_is_flagged_because_weight_zero_turns_still_train(tmp_path
     path = write(tmp_path / "w.jsonl", line(obj) * 2)
     report = vd.validate_file(path)
     assert report["ok"] and report["records"] == 2
-    # once per file, naming the consequence
-    assert [(w["line"], w["code"]) for w in report["warnings"]] == [(1, "ignored_field"),
-                                                                     (2, "duplicate")]
-    assert "weight 0 ones too" in report["warnings"][0]["message"]
-    # and the trainer does train on it: the warning tells the truth
+    assert [(w["line"], w["code"]) for w in report["warnings"]] == [(2, "duplicate")]
     record = next(vd.iter_records(path))
-    assert ("bad", True) in record.segments
+    assert ("bad", False) in record.segments and ("good", True) in record.segments
     # a plain "name" is passed to the chat template, so it is not reported
     named = write(tmp_path / "n.jsonl", line({"messages": chat(("user", "q"), ("assistant", "a"),
                                                                 name="x")}))
     assert vd.validate_file(named)["warnings"] == []
+    # a weight other than 0/1, on a user turn, or on every assistant turn is an error
+    for bad, message in (({"role": "assistant", "content": "a", "weight": 0.5}, "must be 0 or 1"),
+                         ({"role": "assistant", "content": "a", "weight": 0}, "nothing to train on")):
+        path = write(tmp_path / "bad.jsonl", line({"messages": [{"role": "user", "content": "q"}, bad]}))
+        assert message in vd.validate_file(path)["errors"][0]["message"]
+    path = write(tmp_path / "bad.jsonl", line({"messages": [
+        {"role": "user", "content": "q", "weight": 1}, {"role": "assistant", "content": "a"}]}))
+    assert "only assistant turns have a weight" in vd.validate_file(path)["errors"][0]["message"]
 
 
 @pytest.mark.parametrize("encoding, expected", [
@@ -123,14 +130,24 @@ def test_binary_file_error_says_what_to_do(tmp_path):
     assert err["message"].endswith("remove them (tr -d '\\000' < FILE > NEW.jsonl)"), err
 
 
-def test_every_line_of_a_pretty_printed_object_gets_the_fix(tmp_path):
-    pretty = json.dumps({"messages": chat(("user", "q"), ("assistant", "a"))}, indent=2)
-    path = write(tmp_path / "p.jsonl", pretty.encode() + b"\n")
-    report = vd.validate_file(path)
-    assert report["error_count"] == len(pretty.splitlines()) > 5
-    for err in report["errors"]:
-        assert err["code"] == "invalid_json"
-        assert "jq -c . FILE > NEW.jsonl" in err["message"], err
+def test_a_pretty_printed_file_is_one_error_whose_fix_works(tmp_path):
+    records = [{"messages": chat(("user", "q"), ("assistant", f"a{i}"))} for i in range(3)]
+    for name, data, code, jq in (
+            ("p", "\n".join(json.dumps(r, indent=2) for r in records), "pretty_printed", "jq -c ."),
+            ("a", json.dumps(records, indent=2), "json_array", "jq -c '.[]'"),
+            ("one-line-array", json.dumps(records), "json_array", "jq -c '.[]'")):
+        path = write(tmp_path / f"{name}.jsonl", data.encode() + b"\n")
+        report = vd.validate_file(path)
+        assert [(e["line"], e["code"]) for e in report["errors"]] == [(None, code)], report
+        assert f"{jq} FILE > NEW.jsonl" in report["errors"][0]["message"]
+        with pytest.raises(GuardrailError, match=code):   # the trainer says the same
+            next(vd.iter_records(path))
+        # the command given really produces the records
+        fixed = tmp_path / f"{name}-fixed.jsonl"
+        cmd = vd.whole_file_fix(code, path, fixed)
+        if shutil.which("jq"):
+            subprocess.run(cmd, shell=True, check=True)
+            assert [r.messages for r in vd.iter_records(fixed)] == [r["messages"] for r in records]
 
 
 def test_real_exports_read_by_the_trainer_as_validated(tmp_path):

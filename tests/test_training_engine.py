@@ -106,11 +106,22 @@ def test_loss_mask_of_each_format_at_exact_positions(tmp_path, tokenizer):
     ids, labels = enc.encode(recs[0])
     assert ids == list("héllo".encode()) + [eos] and labels == ids
 
-    ids, labels = enc.encode(recs[1])
+    # prompt/completion and instruction records are a user turn and an assistant turn of the
+    # model's chat template (as TRL and mlx-lm render them)
+    for rec, user, answer in ((recs[1], "Q?", " A."), (recs[2], "Do\n\nx", "ok")):
+        ids, labels = enc.encode(rec)
+        untrained = f"<|bos|>user\n{user}<|eos|>\n<|bos|>assistant\n"
+        assert tokenizer.decode(ids) == untrained + answer + "<|eos|>\n"
+        n = len(enc.ids(untrained))
+        assert labels == [-100] * n + ids[n:-1] + [-100]
+        assert tokenizer.decode(ids[n:-1]) == answer + "<|eos|>"
+
+    plain = te.Encoder(tokenizer)  # without a template: validate_data's plain segments
+    plain.has_template = False
+    ids, labels = plain.encode(recs[1])  # no separator: the completion starts with a space
     assert ids == list(b"Q? A.") + [eos]
     assert labels == [-100, -100] + list(b" A.") + [eos]
-
-    ids, labels = enc.encode(recs[2])  # the prompt text is validate_data's; only `output` trains
+    ids, labels = plain.encode(recs[2])  # the prompt text is validate_data's; only `output` trains
     trained = [t for t in labels if t != -100]
     assert trained == list(b"ok") + [eos]
     assert labels[-3:] == list(b"ok") + [eos] and all(t == -100 for t in labels[:-3])
@@ -265,8 +276,18 @@ def test_pause_then_resume_equals_the_uninterrupted_run(tmp_path, tiny_model_dir
     state = read_json(Paths(root).current_model / "trainer_state.json")
     assert state["global_step"] == 7 and state["status"] == "paused"
     assert list_steps(root) == [7]
+    # the file's date (templates that print today's date) is kept in its checkpoint: a
+    # resume on another day renders with the file's first day (here: an older first day)
+    import datetime
+    assert first["chat_date"] == datetime.date.today().isoformat()
+    ckpt = te.list_checkpoints(root)[0][0] / "meta.json"
+    meta = read_json(ckpt)
+    assert meta["chat_date"] == first["chat_date"]
+    ckpt.chmod(0o644)
+    ckpt.write_text(json.dumps(dict(meta, chat_date="2024-01-02")))
     second = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg)
     assert second["status"] == "completed" and second["steps"] == reference["result"]["steps"] - 7
+    assert second["chat_date"] == "2024-01-02"
     assert_bitwise_equal(weights(Paths(root).current_model), reference["weights"])
 
 

@@ -83,7 +83,8 @@ def test_add_invalid_file_is_refused_and_left_where_it_was(root, tmp_path, capsy
     assert code == 1
     assert err.strip() == (
         "Error: invalid: 1 error; first: line 2: Expecting value (column 1); not queued, "
-        f"{bad}. See `python3 validate_data.py {bad}`, fix the file, add it again.")
+        f"{bad}. See `python3 validate_data.py {bad}`, fix the file, add it again (or add it with "
+        "--skip-invalid: its valid records train, the others are listed).")
     assert out["ok"] is False
     assert bad.read_bytes() == before
     assert training_queue.list_queue(root) == []

@@ -83,8 +83,8 @@ CORPUS = [
      'messages[0] without "role"'),
     ("message-no-content", CHAT_OK + b'{"messages": [{"role": "user"}]}\n', "missing_field", 2,
      'messages[0] without "content"'),
-    ("tool-role", CHAT_OK + chat(("user", "q"), ("tool", "{}"), ("assistant", "a")),
-     "unknown_role", 2, 'messages[1].role is "tool"'),
+    ("tool-result-without-a-call", CHAT_OK + chat(("user", "q"), ("tool", "{}"), ("assistant", "a")),
+     "role_order", 2, "messages[1] is a tool result after a user turn"),
     ("content-parts", CHAT_OK + b'{"messages": [{"role": "user", "content": [{"type": "text"}]}]}\n',
      "wrong_type", 2, "messages[0].content must be a string, got an array"),
     ("empty-assistant", CHAT_OK + chat(("user", "q"), ("assistant", "")), "empty_field", 2,
@@ -139,6 +139,12 @@ CORPUS = [
      "gzip-compressed data, not JSON lines; decompress it first (gunzip -c FILE > NEW.jsonl)"),
     ("utf16", "\ufeff".encode("utf-16-le") + GOOD.decode().encode("utf-16-le"), "utf16_file", None,
      "UTF-16 text"),
+    ("json-array", b'[\n  {"text": "a"},\n  {"text": "b"}\n]\n', "json_array", None,
+     "jq -c '.[]' FILE > NEW.jsonl"),
+    ("pretty-printed", b'{\n  "text": "a"\n}\n{\n  "text": "b"\n}\n', "pretty_printed", None,
+     "jq -c . FILE > NEW.jsonl"),
+    ("git-lfs-pointer", b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"a" * 64
+     + b"\nsize 123456\n", "git_lfs_pointer", None, "git-lfs pointer file"),
 ]
 
 
@@ -187,21 +193,32 @@ def test_look_alike_formats_get_the_change_that_fixes_them(tmp_path):
          "unknown_format", 'no known fields (has "conversations"); accepted formats: {"text"}, '
          '{"messages": [{"role", "content"}, ...]}, {"prompt", "completion"} or '
          '{"instruction", "input"?, "output"} (ShareGPT "conversations": rename it "messages"'),
-        (openai_tool_call, "wrong_type", "messages[1].content must be a string, got null (a tool "
-         "call: tool calls are not supported, leave that turn out)"),
         ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"}]},
-         "unknown_role", 'messages[1].role is "tool"; expected system, user or assistant (tool '
-         "turns are not supported: leave them out)"),
+         "role_order", "messages[1] is a tool result after a user turn; tool results follow the "
+         "assistant turn whose tool_calls they answer"),
+        ({"messages": [{"role": "user", "content": "q"},
+                       {"role": "assistant", "function_call": {"name": "w", "arguments": "{}"}}]},
+         "wrong_type", "messages[1].function_call (OpenAI's legacy form) is not supported: write "
+         'it as "tool_calls"'),
+        ({"messages": [{"role": "User", "content": "q"}]}, "unknown_role",
+         'messages[0].role is "User"; expected system, user, assistant or tool (roles are '
+         'lowercase: write "user")'),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}]},
          "wrong_type", 'got an array (content parts are not supported: join their "text"'),
-        ([{"text": "a"}, {"text": "b"}], "not_object",
-         "got an array (one object per line: jq -c '.[]' FILE > NEW.jsonl splits an array)"),
         (json.dumps({"text": "a"}), "not_object",
          "got a string holding JSON text (encoded twice? write the object itself)")]
     for i, (value, code, message) in enumerate(cases):
         path = write(tmp_path / f"{i}.jsonl", json.dumps(value).encode() + b"\n")
         err = vd.validate_file(path)["errors"][0]
         assert (err["line"], err["code"]) == (1, code) and message in err["message"], err
+    # OpenAI's tool calls (content null, arguments a JSON string) and tool results are chat
+    path = write(tmp_path / "tools.jsonl", json.dumps(openai_tool_call).encode() + b"\n")
+    assert vd.validate_file(path)["ok"]
+    # records in one array: one whole-file error with the command that splits it
+    path = write(tmp_path / "array.jsonl", json.dumps([{"text": "a"}, {"text": "b"}]).encode())
+    err = vd.validate_file(path)["errors"]
+    assert [(e["line"], e["code"]) for e in err] == [(None, "json_array")], err
+    assert "jq -c '.[]' FILE > NEW.jsonl" in err[0]["message"]
     # a user message's extra "name" field is fine
     ok = write(tmp_path / "named.jsonl", chat(("user", "a"), ("assistant", "b"))
                .replace(b'"content": "a"', b'"content": "a", "name": "ann"'))
@@ -705,12 +722,12 @@ def test_cli_exit_codes_and_json(tmp_path):
 
 def test_output_cut_short_by_its_reader_is_no_traceback(tmp_path):
     """`validate_data.py *.jsonl | head`: more output than a pipe holds, then the reader leaves."""
-    paths = [str(write(tmp_path / f"{i}.jsonl", b"[1]\n" * 150)) for i in range(20)]
+    paths = [str(write(tmp_path / f"{i}.jsonl", b"1\n" * 150)) for i in range(20)]
     proc = subprocess.Popen([sys.executable, str(REPO / "validate_data.py"), *paths,
                              "--root", str(tmp_path)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     assert proc.stdout.readline().endswith(b"invalid: 150 errors; first: line 1: expected a JSON "
-                                           b"object, got an array\n")
+                                           b"object, got a number\n")
     proc.stdout.close()
     err = proc.stderr.read()
     proc.stderr.close()
