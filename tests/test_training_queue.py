@@ -541,3 +541,31 @@ def test_a_clock_stepped_back_never_puts_a_new_file_before_older_ones(root, tmp_
     assert q(root, capsys, "remove", "first.jsonl")[0] == 0
     assert [p.name for p in view.paths()] == ["third.jsonl", "second.jsonl"]
     assert [p.name for p in view.paths()] == [i["name"] for i in training_queue.list_queue(root)]
+
+
+@pytest.mark.parametrize("name, content, jq", [
+    ("export.json", json.dumps([{"text": "a"}, {"text": "b"}], indent=2), "jq -c '.[]'"),
+    ("export.jsonl", json.dumps([{"text": "a"}, {"text": "b"}]), "jq -c '.[]'"),
+    ("pretty.jsonl", json.dumps({"text": "a"}, indent=2) + "\n" + json.dumps({"text": "b"}, indent=2),
+     "jq -c ."),
+])
+def test_json_that_is_not_json_lines_fails_once_with_a_command_that_works(root, tmp_path, name,
+                                                                          content, jq):
+    """What the intake does with a dropped file: failed/ with one reason and a fix whose
+    command, run as given, writes JSON lines that then queue."""
+    src = tmp_path / name
+    src.write_text(content + "\n")
+    rec = training_queue.enqueue(root, src, move=True, source="inbox")
+    assert rec["outcome"] == "failed"
+    failed = Path(rec["path"])
+    assert rec["fix"].startswith(f"`{jq} {failed} > {Paths(root).inbox / 'export.jsonl'}`"
+                                 if name.startswith("export") else f"`{jq} {failed} > ")
+    if name.endswith(".jsonl"):
+        assert [e["code"] for e in rec["report"]["errors"]] == \
+            ["json_array" if name.startswith("export") else "pretty_printed"]
+    command = rec["fix"].split("`")[1]
+    subprocess.run(command, shell=True, check=True)
+    out = Paths(root).inbox / (Path(name).stem + ".jsonl")
+    assert out.read_text() == '{"text":"a"}\n{"text":"b"}\n'
+    again = training_queue.enqueue(root, out, move=True, source="inbox")
+    assert again["outcome"] == "queued" and again["records"] == 2
