@@ -162,7 +162,7 @@ def _resolve_source(root, src: str | None) -> tuple[Path, str, str | None, set[s
         skip = {MANIFEST}
         if not has_weights(list_files(p.current_model, skip)):
             # a copy of config files alone would be listed as a good backup and count
-            # toward keep_backups, so `prune --yes` would delete a real one for it
+            # toward the retention rules, so `prune --yes` would delete a real one for it
             raise GuardrailError("current_model is incomplete (no weights file: *.safetensors "
                                  "or *.bin); a broken model is never backed up", p.current_model,
                                  "Bring it back with `python3 model_versioner.py restore "
@@ -306,6 +306,28 @@ def _lock_unwritable_root(path: Path, purpose: str, wait: float, bdir: Path | No
             lock.release()
 
 
+def _make_room(root: Path, cfg: dict, need: int, bdir: Path, prune: bool = True) -> None:
+    """Raise (nothing written yet) unless a backup of `need` bytes fits backup_max_disk_gb
+    (max_disk_gb too when backup_dir is inside the root) and the free space, after
+    applying the backups' retention policy (`prune`)."""
+    import retention
+    for where in ("backups", "root") if retention.usage(root, cfg)["backups_inside_root"] \
+            else ("backups",):
+        if prune:
+            room = retention.make_room(root, cfg, need, where)
+            problem, fix = room["problem"], room["fix"]
+        else:
+            problem, fix = retention.check_write(root, cfg, need, where), None
+        if problem:
+            fix = fix or "python3 backup_manager.py prune --keep 2"
+            raise GuardrailError(f"not enough free space for a backup ({need} bytes needed: "
+                                 f"{problem}); nothing was written", bdir,
+                                 f"Free space with `{fix}` (a dry run; add --yes once the user "
+                                 "agrees: the newest verified backup always stays), "
+                                 "raise the budget in config.json, or set `backup_dir` to a "
+                                 f"larger disk, then run `{BACKUP_CMD}`.")
+
+
 def create_backup(root, src: str | None = None, note: str | None = None) -> dict:
     """Back up `current_model` (or version `src`) into a new verified backup; its record.
 
@@ -325,16 +347,12 @@ def create_backup(root, src: str | None = None, note: str | None = None) -> dict
     except OSError as exc:
         raise GuardrailError(f"cannot create backup_dir ({exc.strerror})", bdir,
                              _BDIR_FIX) from None
+    need = sum(i["size"] for i in expected.values()) if expected else sum(
+        os.path.getsize(folder / r) for r in list_files(folder, skip))
+    _make_room(p.root, cfg, need, bdir)  # before the lock: a prune takes it itself
     with _lock(p.root, f"backup {source}", bdir=bdir):
         cleaned = clean_staging(p.root)
-        need = sum(i["size"] for i in expected.values()) if expected else sum(
-            os.path.getsize(folder / r) for r in list_files(folder, skip))
-        free = shutil.disk_usage(bdir).free
-        if free < need:
-            raise GuardrailError(
-                f"not enough free space for a backup ({need} bytes needed, {free} free)", bdir,
-                "Free space, or set `backup_dir` in config.json to a larger disk, then run "
-                f"`{BACKUP_CMD}`.")
+        _make_room(p.root, cfg, need, bdir, prune=False)  # another writer may have filled it
         while True:  # reserve an ID: mkdir is atomic, the final rename never replaces
             bid = new_backup_id()
             staging = bdir / (STAGING_PREFIX + bid)
@@ -576,37 +594,66 @@ def backup_in_background(root, note: str | None = None, timeout: float | None = 
                          backups_dir(root), f"Run `{BACKUP_CMD}` to see why.")
 
 
-def prune_backups(root, keep: int | None = None, yes: bool = False) -> dict:
-    """Keep the newest `keep` verified backups (config keep_backups), delete the rest.
+def prune_plan(root, keep: int | None = None, *, rules: dict | None = None,
+               bad: set | None = None, cfg: dict | None = None) -> dict:
+    """Which backups the retention policy keeps (config retention.backups, or `--keep N`:
+    the newest N), with why; only verified independent copies (no links) count toward the
+    rules, and the newest of them is always kept. `bad`: ids found corrupt just now."""
+    import retention
+    p = _p(root)
+    cfg = cfg if cfg is not None else config(p.root)
+    if rules is None:
+        rules = {"keep_last": keep} if keep is not None else retention.policy(cfg, "backups")
+    rules = {r: int(rules.get(r) or 0) for r in retention.RULES}
+    bdir = backups_dir(p.root, cfg)
+    backups = list_backups(p.root, cfg)
+    good = [b for b in backups if b.get("status") == "verified" and b["id"] not in (bad or ())
+            and not (bdir / b["id"]).is_symlink()]  # a link is no independent copy
+    reasons = retention.apply_rules([(b["id"], b.get("created_at")) for b in good], rules)
+    if good:
+        reasons.setdefault(good[-1]["id"], []).append("latest verified")
+    return {"policy": rules, "reasons": {b["id"]: reasons[b["id"]] for b in backups
+                                        if b["id"] in reasons},
+            "kept": [b["id"] for b in backups if b["id"] in reasons],
+            "doomed": [b["id"] for b in backups if b["id"] not in reasons]}
 
-    Dry run unless `yes`. With `yes`, the backups to keep are re-verified first, so a
-    backup is deleted only once `keep` good ones are proven; the last verified backup is
-    never deleted.
+
+def prune_backups(root, keep: int | None = None, yes: bool = False, *,
+                  rules: dict | None = None, verify_kept: bool = True) -> dict:
+    """Apply the retention policy to backups (config retention.backups; `keep`: only the
+    newest N), deleting the rest. Dry run unless `yes`.
+
+    With `yes`, the backups to keep are re-verified first (`verify_kept`), so a backup is
+    deleted only once the ones that replace it are proven; one that fails is not counted
+    and the plan is made again. The last verified backup is never deleted. The daemon's
+    automatic pass (after each backup) trusts the verification each backup had when it
+    was written (`verify_kept=False`): re-reading every kept copy each time would cost
+    hours of disk reads a day on a big model.
     """
     p = _p(root)
     cfg = config(p.root)
-    keep = cfg["keep_backups"] if keep is None else keep
-    if keep < 1:
+    if keep is not None and keep < 1:
         raise UsageError(f"--keep must be at least 1 (got {keep})", None,
                          "Run `python3 backup_manager.py prune --keep 1`.")
     with _lock(p.root, "prune", bdir=backups_dir(p.root, cfg)):
         if yes:
             clean_staging(p.root)
-        backups = list_backups(p.root)[::-1]  # newest first
-        kept: list[str] = []
-        for b in backups:
-            if len(kept) == keep:
+        bad: set = set()
+        proven: set = set()
+        while True:
+            plan = prune_plan(p.root, keep, rules=rules, bad=bad, cfg=cfg)
+            if not (yes and verify_kept):
                 break
-            if (backups_dir(p.root, cfg) / b["id"]).is_symlink():
-                continue  # a link is no independent copy: it never counts as a kept backup
-            good = (not verify_backup(p.root, b["id"])) if yes else b.get("status") == "verified"
-            if good:
-                kept.append(b["id"])
-        if not kept:
+            unproven = [b for b in plan["kept"] if b not in proven]
+            if not unproven:
+                break
+            for bid in unproven:
+                (bad if verify_backup(p.root, bid) else proven).add(bid)
+        if not plan["kept"]:
             raise GuardrailError("no verified backup exists; prune deletes nothing",
                                  backups_dir(p.root, cfg),
                                  f"Make one with `{BACKUP_CMD}`, then prune.")
-        doomed = [b["id"] for b in backups if b["id"] not in kept]
+        doomed = plan["doomed"]
         if yes:
             bdir = backups_dir(p.root, cfg)
             for bid in doomed:  # rename first: a half-deleted backup is never listed
@@ -614,7 +661,8 @@ def prune_backups(root, keep: int | None = None, yes: bool = False) -> dict:
                 os.rename(bdir / bid, gone)
                 fsync_dir(bdir)
                 _remove_entry(gone)  # a symlink: only the link goes, never its target
-    return {"ok": True, "dry_run": not yes, "keep": keep, "kept": kept,
+    return {"ok": True, "dry_run": not yes, "keep": keep, "policy": plan["policy"],
+            "kept": plan["kept"], "reasons": plan["reasons"],
             "deleted" if yes else "would_delete": doomed}
 
 
@@ -674,6 +722,8 @@ def cmd_backup(args) -> int:
     if args.idle:
         set_idle_priority()
     rec = create_backup(args.root, args.src, note=args.note)
+    if args.prune:  # the daemon's automatic backups: retention right after each one
+        rec["pruned"] = prune_backups(args.root, yes=True, verify_kept=False)["deleted"]
     if args.json:
         print_json(dict(rec, ok=True))
     else:
@@ -763,13 +813,19 @@ def cmd_restore(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    """Delete all but the newest N verified backups; a dry run unless --yes."""
+    """Apply the retention policy to backups (config retention.backups, or --keep N: the
+    newest N verified); a dry run unless --yes."""
+    import retention
     result = prune_backups(args.root, keep=args.keep, yes=args.yes)
     if args.json:
         print_json(result)
     else:
         gone = result.get("deleted", result.get("would_delete", []))
         verb = "deleted" if args.yes else "would delete"
+        source = f"--keep {args.keep}" if args.keep is not None else "config retention.backups"
+        print(f"policy: {retention.describe(result['policy'])} ({source})")
+        for bid in result["kept"]:
+            print(f"keep    {bid}  ({', '.join(result['reasons'].get(bid, []))})")
         print(f"keeping {', '.join(result['kept'])}; {verb}: {', '.join(gone) or 'nothing'}")
         if not args.yes and gone:
             again = "python3 backup_manager.py prune" + (
@@ -790,6 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "path of current_model or a version folder)")
     sp.add_argument("--note", default=None, help="a note kept in backup.json")
     sp.add_argument("--idle", action="store_true", help="run at SCHED_IDLE CPU priority")
+    sp.add_argument("--prune", action="store_true", help="then apply the retention policy "
+                    "(config retention.backups), trusting each kept backup's last verification")
     add("list", cmd_list)
     sp = add("verify", cmd_verify)
     sp.add_argument("id", nargs="?", default=None, help="backup id (default: the newest)")
@@ -799,8 +857,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to", metavar="DIR", default=None,
                     help="restore into this new or empty folder instead of current_model")
     sp = add("prune", cmd_prune)
-    sp.add_argument("--keep", type=int, default=None, help="verified backups to keep "
-                    "(default: config keep_backups)")
+    sp.add_argument("--keep", type=int, default=None, help="keep only the newest N verified "
+                    "backups (default: the policy in config retention.backups)")
     sp.add_argument("--yes", action="store_true", help="really delete (default: dry run)")
     return parser
 

@@ -36,7 +36,7 @@ def config(root) -> dict:
     """The root's config; the defaults when there is no config.json yet.
 
     A corrupt or invalid config.json must not lock anyone out of their backups (restoring
-    one may be how they recover): its `backup_dir` and `keep_backups` are used when they
+    one may be how they recover): its `backup_dir` and retention are used when they
     can be read, the defaults otherwise, with a warning on stderr.
     """
     p = _p(root)
@@ -53,8 +53,12 @@ def config(root) -> dict:
         cfg = training_config.default_config()
         if isinstance(raw.get("backup_dir"), str) and raw["backup_dir"]:
             cfg["backup_dir"] = raw["backup_dir"]
-        if isinstance(raw.get("keep_backups"), int) and raw["keep_backups"] >= 1:
-            cfg["keep_backups"] = raw["keep_backups"]
+        for key in ("keep_backups", "keep_versions"):  # retention.policy reads them
+            if isinstance(raw.get(key), int) and raw[key] >= 1:
+                cfg[key] = raw[key]
+        import retention
+        if isinstance(raw.get("retention"), dict) and not retention.validate_policy(raw["retention"]):
+            cfg["retention"] = raw["retention"]
         if (p.config, exc.what) not in _warned_config:
             _warned_config.add((p.config, exc.what))
             print(f"warning: config.json is not usable ({exc.what}); using backup_dir "

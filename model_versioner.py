@@ -42,6 +42,7 @@ from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, a
 SCHEMA_VERSION = 1
 TAGS_FILE = "tags.json"
 PUBLISHED = ".published.json"    # in versions/: which version current_model last became
+LAST_ID = ".last_id"             # in versions/: the highest id ever given (_next_id's index)
 VERSION_RE = re.compile(r"v(\d{1,9})")
 TAG_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
 CMD = "python3 model_versioner.py"
@@ -329,17 +330,46 @@ def _write_private(path: Path, doc: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _next_id(p: Paths) -> str:
-    """One past every id that exists or is still named anywhere: after `rm -rf versions/v003`
-    a new v003 would silently become what a tag, a backup record, a parent link or a
-    printed undo command (`restore v003`) meant by the deleted one."""
+def _named_ids(p: Paths) -> list:
+    """Every id named anywhere (the full scan: every version.json and backup.json)."""
     named = list(_version_dirs(p))
     pruned = p.versions / ".pruned"
     if pruned.is_dir():
         named += [n[:-5] for n in os.listdir(pruned) if n.endswith(".json")]
-    named += list(read_tags(p.root).values()) + list(backup_versions(p.root))
-    named += list(_processing_versions(p))
+    named += list(backup_versions(p.root))
     named += [rec.get("parent") for rec in list_versions(p.root)]
+    return named
+
+
+def _read_last_id(p: Paths) -> str | None:
+    """The highest id ever given (`versions/.last_id`), or None if missing or damaged."""
+    try:
+        doc = read_json(p.versions / LAST_ID, default=None)
+        return validate_version_id(doc.get("last")) if isinstance(doc, dict) else None
+    except (GuardrailError, UsageError):
+        return None
+
+
+def _next_id(p: Paths) -> str:
+    """One past every id that exists or is still named anywhere: after `rm -rf versions/v003`
+    a new v003 would silently become what a tag, a backup record, a parent link or a
+    printed undo command (`restore v003`) meant by the deleted one.
+
+    `versions/.last_id` (the highest id given, written after each new version) stands for
+    every id the product ever gave, so only folder names, tags, processing/ and
+    current_model's parent are read besides it: no version.json or backup.json per
+    snapshot. Missing or damaged (rm, a hand edit), it is rebuilt by the full scan, with a
+    warning; it can only raise the next id, never lower it below a folder's."""
+    named = list(_version_dirs(p))
+    last = _read_last_id(p)
+    if last is None:
+        if named:  # a new root has none yet; an older root or an `rm` lost it
+            print(f"model_versioner: {p.versions / LAST_ID} is missing or damaged; rebuilding "
+                  "it from every version and backup record", file=sys.stderr)
+        named += _named_ids(p)
+    named.append(last)
+    named += list(read_tags(p.root).values())
+    named += list(_processing_versions(p))
     with contextlib.suppress(GuardrailError, OSError):
         named.append((read_manifest(p.current_model) or {}).get("parent_version"))
     numbers = []
@@ -347,6 +377,12 @@ def _next_id(p: Paths) -> str:
         with contextlib.suppress(UsageError):
             numbers.append(_version_number(validate_version_id(vid)))
     return f"v{max(numbers, default=0) + 1:03d}"
+
+
+def _note_last_id(p: Paths, vid: str) -> None:
+    last = _read_last_id(p)
+    if last is None or _version_number(last) < _version_number(vid):
+        atomic_write_json(p.versions / LAST_ID, {"schema_version": 1, "last": vid})
 
 
 def _normalize_data_files(data_files) -> list[dict]:
@@ -435,9 +471,14 @@ def _create_version_locked(p: Paths, reason, *, note=None, data_files=None, loss
             _fsync_tree(staging)
             try:
                 rename_noreplace(staging, p.versions / vid)
-                return vid, True
             except FileExistsError:
                 continue  # a folder appeared by hand under that name: take the next
+            try:
+                _note_last_id(p, vid)
+            except OSError as exc:  # the version is made; the next one rebuilds the index
+                print(f"model_versioner: cannot write {p.versions / LAST_ID} ({exc.strerror})",
+                      file=sys.stderr)
+            return vid, True
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -805,22 +846,35 @@ def _processing_versions(p: Paths) -> dict:
     return out
 
 
-def prune_plan(root, keep: int | None = None) -> dict:
-    """Which versions prune would delete, and why each other one is kept."""
+def _under_review(rec: dict) -> str | None:
+    """Why a version is held for review (`rejected` or `held` in its version.json), or None."""
+    for key in ("rejected", "held"):
+        if rec.get(key):
+            return f"{key} (under review)"
+    return None
+
+
+def prune_plan(root, keep: int | None = None, *, rules: dict | None = None) -> dict:
+    """Which versions prune would delete, and why each other one is kept.
+
+    The rules are config `retention.versions` (retention.py; restic's keep_last, keep_daily,
+    ...), or `{"keep_last": keep}` with `--keep N`. Always kept besides: the latest, tags,
+    current_model (or the version it was trained from), the version a file in processing/
+    started from, and versions marked rejected/held. Backups pin nothing: a backup is an
+    independent copy that restores without its source version."""
+    import retention
     p = Paths(root)
-    if keep is None:
-        try:
-            cfg = read_json(p.config, default={})
-            keep = int(cfg.get("keep_versions", 20)) if isinstance(cfg, dict) else 20
-        except (GuardrailError, TypeError, ValueError):
-            keep = 20
-    if keep < 1:
+    if keep is not None and keep < 1:
         raise UsageError(f"--keep must be at least 1, got {keep}", p.versions,
                          f"Run `{CMD} prune --keep 1` to keep only the newest.")
-    ids = [rec["id"] for rec in list_versions(p.root)]
-    reasons: dict = {vid: [] for vid in ids}
-    for vid in ids[-keep:]:
-        reasons[vid].append(f"newest {keep}")
+    if rules is None:
+        rules = {"keep_last": keep} if keep is not None else \
+            retention.policy(backup_records.config(p.root), "versions")
+    rules = {r: int(rules.get(r) or 0) for r in retention.RULES}
+    recs = list_versions(p.root)
+    ids = [rec["id"] for rec in recs]
+    by_rules = retention.apply_rules([(rec["id"], rec.get("created_at")) for rec in recs], rules)
+    reasons: dict = {vid: list(by_rules.get(vid, [])) for vid in ids}
     for name, vid in read_tags(p.root).items():
         if vid in reasons:
             reasons[vid].append(f"tag {name}")
@@ -833,24 +887,26 @@ def prune_plan(root, keep: int | None = None) -> dict:
         parent = (read_manifest(p.current_model) or {}).get("parent_version")
         if parent in reasons and cur is None:
             reasons[parent].append("current_model was trained from it")
-    for vid, backups in backup_versions(p.root).items():
-        if vid in reasons:
-            reasons[vid].append("backup " + ", ".join(backups))
     for vid, name in _processing_versions(p).items():
         if vid in reasons:  # skip --discard and the loss guard restore it
             reasons[vid].append(f"{name} in processing/ started from it")
-    return {"keep": {v: r for v, r in reasons.items() if r},
+    for rec in recs:
+        why = _under_review(rec)
+        if why:
+            reasons[rec["id"]].append(why)
+    return {"policy": rules, "keep": {v: r for v, r in reasons.items() if r},
             "delete": [v for v, r in reasons.items() if not r]}
 
 
-def prune(root, keep: int | None = None, *, yes: bool = False) -> dict:
+def prune(root, keep: int | None = None, *, yes: bool = False, rules: dict | None = None) -> dict:
     """Delete the versions the retention policy does not keep (dry run unless `yes`).
 
-    A pruned version's record stays in `versions/.pruned/` so `lineage` still works.
+    A pruned version's record stays in `versions/.pruned/` so `lineage` still works, and
+    `show` names it as pruned. The daemon calls this after each file (`yes=True`).
     """
     p = Paths(root)
     with _versions_lock(p, "prune"):
-        plan = prune_plan(p.root, keep)
+        plan = prune_plan(p.root, keep, rules=rules)
         deleted = []
         if yes and plan["delete"]:
             (p.versions / ".pruned").mkdir(exist_ok=True)
@@ -908,21 +964,46 @@ def _summary(rec: dict, tags: dict, cur: str | None) -> dict:
             "current": rec.get("id") == cur}
 
 
+def newest_versions(root, limit: int | None) -> tuple[list[dict], list[str], int]:
+    """(records of the newest `limit` versions oldest first, damaged ids among the folders
+    looked at, how many version folders exist): reads `limit` records, not every one."""
+    p = Paths(root)
+    dirs = _version_dirs(p)
+    rows, damaged = [], []
+    for vid in reversed(dirs):
+        if limit is not None and len(rows) >= limit:
+            break
+        rec = _load_record(p, vid)
+        if rec is None:
+            damaged.append(vid)
+        else:
+            rows.append(rec)
+    return rows[::-1], damaged[::-1], len(dirs)
+
+
 def cmd_list(args) -> int:
-    """List every version, oldest first (* marks the one current_model equals)."""
+    """List the newest versions, oldest first (* marks the one current_model equals);
+    --limit N (default 50), --all for every one."""
     root = _root(args)
+    limit = None if args.all else args.limit
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {limit}", Paths(root).versions,
+                         f"Run `{CMD} list --all` to list every version.")
     tags, cur = read_tags(root), current_version(root)
-    rows = [_summary(rec, tags, cur) for rec in list_versions(root)]
-    listed = {r["id"] for r in rows}
-    damaged = [v for v in _version_dirs(Paths(root)) if v not in listed]  # no readable record
+    recs, damaged, total = newest_versions(root, limit)
+    rows = [_summary(rec, tags, cur) for rec in recs]
+    more = total - len(rows) - len(damaged)
     if args.json:
         print_json({"ok": True, "versions": rows, "current": cur, "latest": latest_version(root),
                     "current_model_exists": os.path.lexists(Paths(root).current_model),
-                    "damaged": damaged})
+                    "damaged": damaged, "total": total, "not_listed": max(0, more)})
         return 0
     for vid in damaged:
         print(f"! {vid}  damaged: no readable {VERSION_FILE} (see `"
               f"{cli_guard.command(f'{CMD} verify {vid}', cli_guard.explicit_root(args))}`)")
+    if more > 0:
+        print(f"  ({more} older version(s) not listed: "
+              f"`{cli_guard.command(f'{CMD} list --all', cli_guard.explicit_root(args))}`)")
     if not rows:
         print(f"No versions yet. Take one with `{CMD} snapshot`.")
     for r in rows:
@@ -1044,12 +1125,15 @@ def cmd_untag(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    """Delete old versions beyond --keep N; tagged, latest, current and backed-up ones stay.
-    Dry run unless --yes."""
+    """Apply the retention policy (config retention.versions, or --keep N: the newest N);
+    tagged, latest, current, in-processing and held versions stay. Dry run unless --yes."""
+    import retention
     result = prune(_root(args), args.keep, yes=args.yes)
     if args.json:
         print_json({"ok": True, **result})
         return 0
+    source = f"--keep {args.keep}" if args.keep is not None else "config retention.versions"
+    print(f"policy: {retention.describe(result['policy'])} ({source})")
     for vid, why in result["keep"].items():
         print(f"keep    {vid}  ({', '.join(why)})")
     for vid in result["delete"]:
@@ -1095,7 +1179,9 @@ def build_parser() -> argparse.ArgumentParser:
         for flags, kwargs in arguments:
             sp.add_argument(*flags, **kwargs)
 
-    add("list", cmd_list)
+    add("list", cmd_list, (("--limit",), {"type": int, "default": 50, "metavar": "N",
+                                           "help": "the newest N (default 50)"}),
+        (("--all",), {"action": "store_true", "help": "every version"}))
     add("show", cmd_show, (("version",), {"metavar": "V"}))
     add("snapshot", cmd_snapshot, (("--note",), {}),
         (("--force",), {"action": "store_true", "help": "a new version even if unchanged"}))

@@ -28,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 import backup_records
+import retention
 import training_config
 from trainroot import (SCRIPTS_DIR, GuardrailError, Paths, add_common_args,
                        atomic_write_json, daemon_liveness, is_training_root, print_json,
@@ -51,7 +52,8 @@ WARNING_CODES = (
     "VERSION_DAMAGED", "CONFIG_MISSING", "CONFIG_INVALID", "CONFIG_UNAPPROVED", "DAEMON_DEAD",
     "DAEMON_NOT_RUNNING", "DAEMON_STATE_UNREADABLE", "TRAINING_STALLED", "TRAINING_PAUSED",
     "FILE_WARNINGS", "PAUSED_LONG", "TRAINING_ERROR",
-    "DISK_LOW", "BACKUP_NONE", "BACKUP_OLD", "BACKUP_UNVERIFIED", "BACKUP_SAME_FILESYSTEM",
+    "DISK_LOW", "DISK_BUDGET", "CONFIG_OLD_KEYS", "BACKUP_NONE", "BACKUP_OLD", "BACKUP_UNVERIFIED",
+    "BACKUP_SAME_FILESYSTEM",
     "FILES_FAILED", "LOSS_SPIKE", "LOCK_STALE")
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", "~", ".swp", ".record.json", ".error.txt",
                     ".report.json")
@@ -192,6 +194,14 @@ def _config_section(root: Path, w: list) -> tuple[dict, dict]:
               _cmd(root, "state_tracker.py --warnings"),
               f"Edit the keys named in the message in {p.config} first; this command re-checks.")
         return sec, training_config.default_config()
+    note = retention.old_keys_note(cfg)
+    if note:
+        _warn(w, "CONFIG_OLD_KEYS", "info",
+              f"config.json uses the old retention keys: {note}",
+              _cmd(root, "model_versioner.py prune"),
+              "Shows the policy in effect (a dry run). To say it the new way, replace them with "
+              "\"retention\": {\"versions\": {\"keep_last\": N, ...}, \"backups\": {...}} "
+              "(docs/config.md, Retention).")
     sec["locked"] = list(cfg.get("locked") or [])
     try:
         approval = training_config.read_approval(root)
@@ -275,7 +285,8 @@ def _versions_section(root: Path, w: list) -> dict:
     rest only counted and sized (one stat per file, through scandir).
     """
     p = Paths(root)
-    sec = {"count": 0, "latest": None, "latest_created_at": None, "ids": [], "tagged": {},
+    sec = {"count": 0, "latest": None, "latest_created_at": None, "oldest": None,
+           "oldest_created_at": None, "ids": [], "tagged": {},
            "checked": [], "total_size_bytes": 0, "problems": [], "_records": {}}
     tags = _read(p.versions / "tags.json")
     if isinstance(tags, dict):
@@ -312,8 +323,12 @@ def _versions_section(root: Path, w: list) -> dict:
                                 "parent": _str(rec.get("parent")),
                                 "global_step": _int(rec.get("global_step")),
                                 "key": _manifest_key(manifest)}
-    sec["ids"], sec["count"] = ids, len(ids)
+    # a summary, not every id (153 KB at 10,000 versions, rebuilt at each monitor poll)
+    sec["_ids"], sec["ids"], sec["count"] = ids, ids[-CHECK_VERSIONS:], len(ids)
     sec["total_size_bytes"] = sum(inodes.values())
+    sec["oldest"] = ids[0] if ids else None
+    sec["oldest_created_at"] = _str(_dict(_read(p.versions / ids[0] / "version.json")).get(
+        "created_at")) if ids else None
     if ids:
         sec["latest"] = ids[-1]
         sec["latest_created_at"] = sec["_records"].get(ids[-1], {}).get("created_at")
@@ -354,7 +369,7 @@ def _last_published(root: Path, versions: dict) -> str | None:
     latest = versions.get("latest")
     note = _dict(_read(Paths(root).versions / ".published.json"))
     vid = _str(note.get("version")) or _str(note.get("parent_version"))
-    if latest and note.get("latest") == latest and vid in versions["ids"]:
+    if latest and note.get("latest") == latest and vid in versions["_ids"]:
         return vid
     return latest
 
@@ -417,7 +432,7 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
                 ino = os.stat(folder / ".manifest.json").st_ino
             except OSError:
                 ino = None  # replaced while we looked: the next run will tell
-            for vid in reversed(versions["ids"] if ino else []):
+            for vid in reversed(versions["_ids"] if ino else []):
                 if vid in versions["_records"]:
                     continue
                 try:
@@ -607,6 +622,31 @@ def _disk_section(root: Path, cfg: dict, model: dict, disk_usage, w: list) -> di
     sec = {"path": str(where), "free_bytes": usage.free, "total_bytes": usage.total,
            "model_size_bytes": model["size_bytes"], "needed_bytes": needed,
            "min_free_bytes": min_free, "enough": usage.free >= needed}
+    try:
+        sec["budget"] = retention.disk_report(root, cfg, disk_usage=disk_usage)
+    except OSError as exc:
+        sec["budget"] = {"error": str(exc)}
+    root_budget = sec["budget"].get("root") or {}
+    if root_budget.get("budget_bytes") is not None and \
+            root_budget["used_bytes"] + needed - min_free > root_budget["budget_bytes"]:
+        _warn(w, "DISK_BUDGET", "critical",
+              f"the root's models use {root_budget['used_bytes'] / 1e9:.3f} GB of max_disk_gb "
+              f"{root_budget['budget_bytes'] / 1e9:g} GB; the next snapshot and checkpoint need "
+              f"{(needed - min_free) / 1e9:.3f} GB more, so the daemon pauses before the next file",
+              _cmd(root, "model_versioner.py prune --keep 3"),
+              "A dry run: it lists what a deeper prune removes (tagged, latest, current and "
+              "held versions stay); add --yes once the user agrees. Or raise max_disk_gb in "
+              "config.json, or free space on that disk.")
+    back = sec["budget"].get("backups") or {}
+    if back.get("budget_bytes") is not None and \
+            back["used_bytes"] + model["size_bytes"] > back["budget_bytes"]:
+        _warn(w, "DISK_BUDGET", "warning",
+              f"backups use {back['used_bytes'] / 1e9:.3f} GB of backup_max_disk_gb "
+              f"{back['budget_bytes'] / 1e9:g} GB; the next backup "
+              f"({model['size_bytes'] / 1e9:.3f} GB) does not fit",
+              _cmd(root, "backup_manager.py prune --keep 2"),
+              "A dry run listing what goes (the newest verified backup always stays); add "
+              "--yes once the user agrees. Or raise backup_max_disk_gb in config.json.")
     if not sec["enough"]:
         message = (f"{usage.free / 2**20:.0f} MiB free on the disk of {where}; the next snapshot "
                    f"and checkpoint need {needed / 2**20:.0f} MiB (model "
@@ -628,7 +668,7 @@ def _disk_section(root: Path, cfg: dict, model: dict, disk_usage, w: list) -> di
                   f"du -xsh {shlex.quote(str(root))}/* | sort -h",
                   "Lists what takes the space in the root, biggest last. Free space on that disk "
                   "(outside the root if that is most of it); a backup_dir on another disk moves "
-                  "backups off it; `keep_versions` in config.json lets prune free versions.")
+                  "backups off it; `retention.versions` in config.json lets prune free versions.")
     return sec
 
 
@@ -909,7 +949,7 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
                              f"then `{_cmd(root, 'model_versioner.py snapshot --note restored')}`.")
     loss = _loss_section(root, cfg, model, training, w)
     locks = _locks_section(root, daemon, w)
-    del versions["_records"]
+    del versions["_records"], versions["_ids"]
     training["progress"] = _json_safe(training["progress"])  # a daemon may have written NaN
     training["current_file"] = _json_safe(training["current_file"])
     if any(x["code"] == "NOT_INITIALIZED" for x in w):  # everything else would be noise
@@ -1006,13 +1046,26 @@ def report_rows(state: dict) -> list[tuple[str, str]]:
         ("daemon", f"alive, pid {d['pid']}" if d["alive"] else "not running"),
         ("training", train),
         ("disk", f"{_size(disk['free_bytes'])} free, next snapshot+checkpoint need "
-                 f"{_size(disk['needed_bytes'])}"),
+                 f"{_size(disk['needed_bytes'])}" + _budget_text(disk.get("budget") or {})),
         ("queue", f"high {q['counts']['high']}, normal {q['counts']['normal']}, low "
                   f"{q['counts']['low']}, inbox {q['inbox']}, done {q['done']}, failed "
                   f"{q['failed_count']}, skipped {q['skipped_count']}"),
         ("backups", backups),
         ("loss", trend),
     ]
+
+
+def _budget_text(budget: dict) -> str:
+    """`; models 3.2 GB of 50 GB, ~120 days left` for the report (root and backups)."""
+    parts = []
+    for name in ("root", "backups"):
+        b = budget.get(name) or {}
+        if not isinstance(b.get("used_bytes"), int):
+            continue
+        of = f" of {_size(b['budget_bytes'])}" if b.get("budget_bytes") is not None else ""
+        left = f", ~{b['days_left']:g} days left at the current rate" if b.get("days_left") is not None else ""
+        parts.append(f"{'models' if name == 'root' else 'backups'} {_size(b['used_bytes'])}{of}{left}")
+    return ("; " + "; ".join(parts)) if parts else ""
 
 
 def print_report(state: dict, warnings_only: bool = False) -> None:

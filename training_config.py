@@ -104,15 +104,20 @@ PARAMS: dict[str, Param] = {
     "loss_spike_window": Param(50, "int", "steps in the running average for the spike check",
                                1, 1_000_000),
     # -- versions and backups --
-    "keep_versions": Param(20, "int", "versions `prune` keeps besides tagged ones and the latest",
-                           1, 1_000_000),
+    "retention": Param(None, "retention", "restic-style rules for what `prune` and the daemon "
+                       "(after each file) keep; null means the defaults, sized for years on one "
+                       "disk (docs/config.md, Retention)", nullable=True),
+    "max_disk_gb": Param(None, "float", "budget for the root's models (current_model, versions, "
+                         "checkpoints, backups inside it); null: only free space limits it",
+                         0.001, 1e9, nullable=True),
     "backup_dir": Param(None, "path", "where backups go (default ROOT/backups); put it on another "
                         "disk, or it is not redundancy", nullable=True),
     "backup_every_files": Param(10, "int", "automatic backup after this many trained files; 0 "
                                 "turns it off", 0, 1_000_000),
     "backup_every_hours": Param(24.0, "float", "automatic backup when the last is older; 0 turns "
                                 "it off", 0.0, 1e6),
-    "keep_backups": Param(3, "int", "verified backups `prune` keeps", 1, 100_000),
+    "backup_max_disk_gb": Param(None, "float", "budget for backup_dir; null: only free space "
+                                "limits it", 0.001, 1e9, nullable=True),
     # -- the daemon --
     "settle_seconds": Param(1.0, "float", "a dropped file must keep its size and mtime this long "
                             "before it is taken", 0.0, 3600.0),
@@ -133,12 +138,22 @@ REQUIRED_LOCKED = ("base_model", "max_length", "learning_rate", "dtype")
 MAPPABLE_FIELDS = ("completion", "input", "instruction", "messages", "output", "prompt", "text",
                    "tools")
 
+# Keys of older configs still accepted (every config written before `retention` has them):
+# read as retention.<kind>.keep_last (retention.policy), reported by `state_tracker.py`.
+OLD_PARAMS: dict[str, Param] = {
+    "keep_versions": Param(None, "int", "old name: read as retention.versions.keep_last", 1,
+                           1_000_000, nullable=True),
+    "keep_backups": Param(None, "int", "old name: read as retention.backups.keep_last", 1,
+                          100_000, nullable=True),
+}
+
 
 def default_config(**overrides) -> dict:
     """A fresh config: every parameter at its default, with `overrides` applied."""
     cfg = {"schema_version": SCHEMA_VERSION}
     for name, p in PARAMS.items():
-        cfg[name] = type(p.default)(p.default) if isinstance(p.default, (list, dict)) else p.default
+        cfg[name] = json.loads(json.dumps(p.default)) if isinstance(p.default, (list, dict)) \
+            else p.default
     cfg.update(overrides)
     return cfg
 
@@ -190,15 +205,20 @@ def validate_config(cfg) -> list[str]:
         return [f"config: expected a JSON object, got {type(cfg).__name__}"]
     errors = []
     for key in cfg:
-        if key == "schema_version" or key in PARAMS:
+        if key == "schema_version" or key in PARAMS or key in OLD_PARAMS:
             continue
         import difflib  # only on an unknown key
         close = difflib.get_close_matches(key, PARAMS, n=1)
         errors.append(f"{key}: unknown parameter" + (f" (did you mean {close[0]}?)" if close else ""))
-    for name, p in PARAMS.items():
+    for name, p in {**PARAMS, **OLD_PARAMS}.items():
         if name not in cfg:
             continue
         value = cfg[name]
+        if p.kind == "retention":
+            if value is not None:
+                import retention
+                errors.extend(retention.validate_policy(value, name))
+            continue
         if p.kind == "list":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 errors.append(f"{name}: expected a list of parameter names, got {value!r}")

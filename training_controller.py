@@ -594,6 +594,7 @@ OPERATIONAL_PARAMS = frozenset({
     "num_threads", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
     "loss_spike_factor", "loss_spike_window", "keep_versions", "backup_dir",
     "backup_every_files", "backup_every_hours", "keep_backups", "settle_seconds",
+    "retention", "max_disk_gb", "backup_max_disk_gb",
     "rescan_seconds", "max_attempts", "min_free_disk_mb", "monitor_port", "locked"})
 
 

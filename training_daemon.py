@@ -24,7 +24,6 @@ import logging.handlers
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -494,15 +493,18 @@ class Daemon:
                                          self.p.config,
                                          f"Run `{training_config.APPROVE_COMMAND}` to approve it, "
                                          "or put the old values back."))
-        need = _folder_bytes(self.p.current_model) * (1 + OPTIMIZER_FACTOR) \
-            + cfg["min_free_disk_mb"] * (1 << 20)
-        free = shutil.disk_usage(self.p.root).free
-        if free < need:
+        # The file's saves (a checkpoint, a new model) must fit max_disk_gb and the free
+        # space before any is written; retention is applied first when they do not.
+        import retention
+        need = _folder_bytes(self.p.current_model) * (1 + OPTIMIZER_FACTOR)
+        room = retention.make_room(self.p.root, cfg, need, "root")
+        for vid in room["pruned_versions"]:
+            self.log.info("pre-flight: retention pruned %s to make room", vid)
+        if not room["ok"]:
             raise _Paused(GuardrailError(
-                f"pre-flight: not enough free disk ({free >> 20} MB free, {need >> 20} MB "
-                "needed for a checkpoint and a new model)", self.p.root,
-                f"Free space (e.g. `python3 model_versioner.py prune --yes`), then "
-                f"{self._go_on()}."))
+                f"pre-flight: the next checkpoint and model do not fit ({room['problem']}); "
+                "retention has pruned what its rules allow", self.p.root,
+                f"Free space with `{room['fix']}` ({room['fix_note']}), then {self._go_on()}."))
 
     def _go_on(self) -> str:
         """How to carry on once the cause is fixed: a running daemon waits for `resume`;
@@ -947,7 +949,24 @@ class Daemon:
                 f"{k.replace('_', ' ')} {v}" for k, v in rec["warnings"].items() if v))
             self.warned_files = (self.warned_files + [{"name": dst.name, "rendering": rec.get("rendering"),
                                                        "warnings": rec["warnings"]}])[-RECENT_WARNED:]
+        self.apply_retention()
         self.maybe_backup(rec)
+
+    def apply_retention(self) -> None:
+        """After each file: prune versions by config `retention.versions` (their records
+        stay in versions/.pruned/) and keep a disk-usage sample for the rate the tracker
+        reports. Backups get theirs from the automatic backup (`backup --prune`)."""
+        import model_versioner
+        import retention
+        try:
+            pruned = model_versioner.prune(self.p.root, yes=True)["deleted"]
+            if pruned:
+                self.log.info("retention: pruned %s (%s); `python3 model_versioner.py lineage` "
+                              "still lists their data files", ", ".join(pruned),
+                              retention.describe(retention.policy(self.cfg, "versions")))
+            retention.record_usage(self.p.root, self.cfg)
+        except (GuardrailError, OSError) as exc:  # the file is done; retention tries again next
+            self.log.warning("retention after the file failed: %s", exc)
 
     def _final_record(self, data: Path) -> dict:
         """The record as it leaves processing/: no longer in training, timings folded in."""
@@ -1022,7 +1041,8 @@ class Daemon:
             return
         src = rec.get("version_after") or "current_model"
         cmd = [sys.executable, str(SCRIPTS / "backup_manager.py"), "backup", src, "--idle",
-               "--json", "--root", str(self.p.root), "--note", f"automatic after {rec['name']}"]
+               "--prune", "--json", "--root", str(self.p.root), "--note",
+               f"automatic after {rec['name']}"]
         self.log.info("automatic backup of %s started", src)
         self.backup_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                             text=True, cwd=str(SCRIPTS))

@@ -74,8 +74,9 @@ def test_rows_without_a_target_take_no_optimizer_step(tmp_path, tiny_model_dir):
     assert [m["global_step"] for m in rows] == list(range(1, r["global_step"] + 1))
     assert all(isinstance(m["loss"], float) and math.isfinite(m["loss"]) for m in rows), \
         [m["loss"] for m in rows]
-    # every token was read and counted, trained or not: 2+3+1, 100+5+1, 1+2+1 bytes
-    assert r["tokens"] == r["tokens_seen"] == 6 + 106 + 4
+    # every token was read and counted, trained or not: the chat template's rendering of
+    # each record (a user and an assistant turn: 21 tokens around the two texts)
+    assert r["tokens"] == r["tokens_seen"] == (21 + 2 + 3) + (21 + 100 + 5) + (21 + 1 + 2)
     state = read_json(Paths(root).current_model / "trainer_state.json")
     assert (state["global_step"], state["tokens_seen"]) == (r["global_step"], r["tokens_seen"])
     # 116 tokens in rows of 8: 15 rows, of which the 11 inside the prompt teach nothing

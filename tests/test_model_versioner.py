@@ -119,8 +119,9 @@ def test_publish_never_touches_version_files(root):
     res = train(root, 4, keep_old="never")            # the trainer replacing its own save
     assert res["kept_version"] is None and res["parent_version"] == "v003"
     after = files_state(p.versions)
-    assert {k: v for k, v in after.items() if k in before and k != mv.PUBLISHED} == \
-        {k: v for k, v in before.items() if k != mv.PUBLISHED}  # the note of the last publish
+    notes = (mv.PUBLISHED, mv.LAST_ID)  # the note of the last publish, the highest id given
+    assert {k: v for k, v in after.items() if k in before and k not in notes} == \
+        {k: v for k, v in before.items() if k not in notes}
     assert model_gen(p.current_model) == 4 and mv.check_model_dir(p.current_model) == []
     for f in p.current_model.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o444, f
@@ -205,7 +206,9 @@ def test_verify_catches_a_flipped_byte(root, capsys):
     assert cli(capsys, "verify")[0] == 0          # default: the latest
 
 
-def test_prune_keeps_tagged_latest_current_and_backed_up(root, capsys):
+def test_prune_keeps_tagged_latest_current_and_not_backed_up(root, capsys):
+    """Backups pin no version (was: every backup kept its source version forever, 1,002 of
+    1,047 kept versions at 10,000): a backup is an independent copy."""
     p = Paths(root)
     for gen in range(2, 8):
         train(root, gen)
@@ -223,14 +226,15 @@ def test_prune_keeps_tagged_latest_current_and_backed_up(root, capsys):
     code, out, _ = cli(capsys, "prune", "--keep", "1", "--json")
     plan = json.loads(out)
     assert plan["dry_run"] is True and plan["deleted"] == []
-    assert plan["delete"] == ["v001", "v005", "v006"]
-    assert plan["keep"]["v002"] == ["tag golden"] and plan["keep"]["v003"] == ["backup b-1"]
+    assert plan["delete"] == ["v001", "v003", "v005", "v006"]
+    assert plan["keep"]["v002"] == ["tag golden"] and "v003" not in plan["keep"]
     assert plan["keep"]["v004"] == ["current_model"]
-    assert plan["keep"]["v007"] == ["newest 1", "latest"]
+    assert plan["keep"]["v007"] == ["last 1", "latest"]
+    assert plan["policy"]["keep_last"] == 1 and plan["policy"]["keep_daily"] == 0
     assert [r["id"] for r in mv.list_versions(root)] == ids   # dry run deleted nothing
     code, out, _ = cli(capsys, "prune", "--keep", "1", "--yes", "--json")
-    assert json.loads(out)["deleted"] == ["v001", "v005", "v006"]
-    assert [r["id"] for r in mv.list_versions(root)] == ["v002", "v003", "v004", "v007"]
+    assert json.loads(out)["deleted"] == ["v001", "v003", "v005", "v006"]
+    assert [r["id"] for r in mv.list_versions(root)] == ["v002", "v004", "v007"]
     assert not any(n.startswith(".staging") for n in os.listdir(p.versions))
     # lineage survives pruning: the records of v005/v006 stay in versions/.pruned/
     code, out, _ = cli(capsys, "lineage", "v007", "--json")

@@ -474,7 +474,7 @@ def test_disk_low_names_prune_only_with_what_it_frees(root):
     assert f"pruning 2 version(s) beyond the keep policy frees {unique / 2**20:.1f} MiB" in w["message"]
     assert w["fix"] == f"python3 model_versioner.py prune --yes --root {root}"
     assert run_fix(w["fix"], root).returncode == 0
-    assert sorted(os.listdir(root / "versions")) == [".pruned", ".published.json", "v003"]
+    assert sorted(os.listdir(root / "versions")) == [".last_id", ".pruned", ".published.json", "v003"]
 
 
 def test_disk_low_from_config_margin(root):

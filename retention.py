@@ -1,0 +1,347 @@
+"""Retention as policy (restic's rules) and the disk budget, for versions and backups.
+
+A policy is `{"keep_last": N, "keep_hourly": N, "keep_daily": N, "keep_weekly": N,
+"keep_monthly": N, "keep_yearly": N}` (rules left out are 0), as restic's `forget`:
+`keep_last` keeps the newest N; `keep_daily` keeps the newest item of each of the last N
+days that have one (UTC), and likewise per hour, ISO week, month and year. What the rules
+do not keep is pruned, except what the caller protects (tags, current_model, ...).
+
+The disk budget (`max_disk_gb` for the root, `backup_max_disk_gb` for backup_dir) is
+checked before the product writes a model-sized thing: `check_write(root, cfg, need, where)`
+says whether it fits the budget and the free space; `make_room` applies retention first.
+
+    import retention
+    plan = retention.apply_rules(items, {"keep_last": 3, "keep_daily": 7})
+    report = retention.disk_report(root, cfg)     # usage vs budget, free space, days left
+
+Standard library only (control scripts import it; no policy lives in trainroot).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from trainroot import Paths, atomic_write_json, read_json, utc_now, GuardrailError
+
+RULES = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
+
+# Sized for years on one disk: the number kept is bounded whatever the history (at most the
+# sum of the rules), and a model costs its full size per kept version (each trained file
+# rewrites every weight, so versions share no bytes). For versions, 10 + 7 + 4 + 12 + 5
+# is at most 38 models after five years (fewer while rules overlap: the newest of a day is
+# also the newest of its week); a 1.5B-parameter fp32 model (6 GB) then needs ~230 GB. Backups live
+# on another disk and are full copies: 3 + 7 + 4 + 6 + 2 = at most 22.
+DEFAULT_POLICY = {
+    "versions": {"keep_last": 10, "keep_hourly": 0, "keep_daily": 7, "keep_weekly": 4,
+                 "keep_monthly": 12, "keep_yearly": 5},
+    "backups": {"keep_last": 3, "keep_hourly": 0, "keep_daily": 7, "keep_weekly": 4,
+                "keep_monthly": 6, "keep_yearly": 2},
+}
+OLD_KEYS = {"versions": "keep_versions", "backups": "keep_backups"}  # read as keep_last
+USAGE_FILE = ".disk_usage.json"   # in ROOT: usage samples the daemon keeps, for the rate
+USAGE_SAMPLES = 64
+GB = 1_000_000_000
+
+
+# --------------------------------------------------------------------------- the policy
+
+def validate_policy(value, key: str = "retention") -> list[str]:
+    """Problems in a config `retention` value, each naming its key."""
+    if not isinstance(value, dict):
+        return [f"{key}: expected an object like {{\"versions\": {{\"keep_last\": 10}}, "
+                f"\"backups\": {{\"keep_last\": 3}}}}, got {value!r}"]
+    errors = []
+    for kind, policy in value.items():
+        if kind not in DEFAULT_POLICY:
+            errors.append(f"{key}.{kind}: unknown (expected versions or backups)")
+            continue
+        if not isinstance(policy, dict):
+            errors.append(f"{key}.{kind}: expected an object of rules ({', '.join(RULES)})")
+            continue
+        for rule, n in policy.items():
+            if rule not in RULES:
+                import difflib
+                close = difflib.get_close_matches(rule, RULES, n=1)
+                errors.append(f"{key}.{kind}.{rule}: unknown rule"
+                              + (f" (did you mean {close[0]}?)" if close else f" (rules: {', '.join(RULES)})"))
+            elif isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 1_000_000:
+                errors.append(f"{key}.{kind}.{rule}: expected an integer 0..1000000, got {n!r}")
+        if not errors and not any(policy.get(r) for r in RULES):
+            errors.append(f"{key}.{kind}: every rule is 0, which would keep only what is "
+                          "protected; set at least keep_last")
+    return errors
+
+
+def policy(cfg: dict | None, kind: str) -> dict:
+    """The effective policy of `kind` ("versions" or "backups") from a loaded config.
+
+    `retention.<kind>` replaces the default policy whole (rules left out are 0). A config
+    from before `retention` existed keeps `keep_versions` / `keep_backups`: read as
+    `keep_last`, the other rules at their defaults (so an upgrade never keeps fewer)."""
+    cfg = cfg if isinstance(cfg, dict) else {}
+    given = cfg.get("retention")
+    if isinstance(given, dict) and isinstance(given.get(kind), dict):
+        return {r: int(given[kind].get(r) or 0) for r in RULES}
+    out = dict(DEFAULT_POLICY[kind])
+    old = cfg.get(OLD_KEYS[kind])
+    if isinstance(old, int) and not isinstance(old, bool) and old >= 1:
+        out["keep_last"] = old
+    return out
+
+
+def old_keys_note(cfg: dict | None) -> str | None:
+    """A sentence about `keep_versions`/`keep_backups` in config.json, or None."""
+    cfg = cfg if isinstance(cfg, dict) else {}
+    given = cfg.get("retention") if isinstance(cfg.get("retention"), dict) else {}
+    notes = []
+    for kind, name in OLD_KEYS.items():
+        if cfg.get(name) is None:
+            continue
+        notes.append(f"{name} is ignored (retention.{kind} is set)" if isinstance(
+            given.get(kind), dict) else f"{name} {cfg[name]} is read as retention.{kind}.keep_last")
+    return "; ".join(notes) or None
+
+
+def _parse(text) -> datetime | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+
+
+_BUCKETS = {
+    "keep_hourly": ("hourly", lambda t: t.strftime("%Y-%m-%d %H:00")),
+    "keep_daily": ("daily", lambda t: t.strftime("%Y-%m-%d")),
+    "keep_weekly": ("weekly", lambda t: "%04d-W%02d" % t.isocalendar()[:2]),
+    "keep_monthly": ("monthly", lambda t: t.strftime("%Y-%m")),
+    "keep_yearly": ("yearly", lambda t: t.strftime("%Y")),
+}
+
+
+def apply_rules(items: list[tuple[str, str | None]], rules: dict) -> dict:
+    """{id: [reasons]} of the items the rules keep; `items` is [(id, created_at)] oldest
+    first (creation order, which a clock stepped back cannot reorder).
+
+    As restic: walking newest first, `keep_last` keeps the first N; each time rule keeps
+    an item whose period differs from the last one it kept, until it has kept N. An item
+    whose time cannot be read is kept (nobody knows which period it belongs to)."""
+    keep: dict = {}
+    left = {r: int(rules.get(r) or 0) for r in RULES}
+    last_bucket: dict = {}
+    for n, (iid, created) in enumerate(reversed(items)):
+        reasons = []
+        if left["keep_last"] > 0:
+            left["keep_last"] -= 1
+            reasons.append(f"last {n + 1}")
+        t = _parse(created)
+        if t is None:
+            reasons.append("no readable created_at")
+        else:
+            for rule, (word, bucket) in _BUCKETS.items():
+                if left[rule] > 0:
+                    b = bucket(t)
+                    if b != last_bucket.get(rule):
+                        last_bucket[rule] = b
+                        left[rule] -= 1
+                        reasons.append(f"{word} {b}")
+        if reasons:
+            keep[iid] = reasons
+    return keep
+
+
+def describe(rules: dict) -> str:
+    return ", ".join(f"{r} {rules[r]}" for r in RULES if rules.get(r)) or "nothing"
+
+
+# --------------------------------------------------------------------------- the disk budget
+
+def _budget(cfg: dict, key: str) -> int | None:
+    v = cfg.get(key)
+    return int(v * GB) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
+
+
+def _dev(path: Path) -> int | None:
+    while not os.path.exists(path) and path != path.parent:
+        path = path.parent
+    try:
+        return os.stat(path).st_dev
+    except OSError:
+        return None
+
+
+def folder_bytes(folders, seen: set | None = None) -> int:
+    """Bytes on disk (blocks) of every file under `folders`, each inode once."""
+    seen = set() if seen is None else seen
+    total = 0
+    for folder in folders:
+        for dirpath, _dirs, files in os.walk(folder):
+            for name in files:
+                try:
+                    st = os.stat(os.path.join(dirpath, name), follow_symlinks=False)
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+    return total
+
+
+def _backup_dir(root: Path, cfg: dict) -> Path:
+    import training_config
+    try:
+        return training_config.backup_dir(root, cfg)
+    except (TypeError, ValueError):
+        return Paths(root).default_backups
+
+
+def usage(root, cfg: dict) -> dict:
+    """What the budgets count: the root's model data (current_model, versions, checkpoints,
+    .staging, .attic, and backup_dir when it lies inside the root) and backup_dir."""
+    p = Paths(root)
+    bdir = _backup_dir(p.root, cfg)
+    inside = bdir.resolve().is_relative_to(p.root.resolve()) if bdir.exists() else \
+        str(bdir).startswith(str(p.root))
+    seen: set = set()
+    root_used = folder_bytes([p.current_model, p.versions, p.checkpoints, p.staging,
+                              p.root / ".attic"], seen)
+    backup_used = folder_bytes([bdir], set() if not inside else seen)
+    return {"root_used": root_used + (backup_used if inside else 0), "backup_used": backup_used,
+            "backup_dir": str(bdir), "backups_inside_root": inside}
+
+
+def disk_report(root, cfg: dict, *, disk_usage=None, used: dict | None = None) -> dict:
+    """Usage vs budget and free space, for the root and backup_dir, with days left at the
+    rate the daemon's samples show (None while there are too few or usage shrinks)."""
+    import shutil
+    disk_usage = disk_usage or shutil.disk_usage
+    p = Paths(root)
+    u = used or usage(p.root, cfg)
+    out = {}
+    for name, path, used_bytes, key in (
+            ("root", p.root, u["root_used"], "max_disk_gb"),
+            ("backups", Path(u["backup_dir"]), u["backup_used"], "backup_max_disk_gb")):
+        target = path
+        while not target.exists() and target != target.parent:
+            target = target.parent
+        try:
+            free = disk_usage(target).free
+        except OSError:
+            free = None
+        budget = _budget(cfg, key)
+        out[name] = {"path": str(path), "used_bytes": used_bytes, "budget_bytes": budget,
+                     "free_bytes": free, "budget_key": key,
+                     "left_bytes": None if budget is None else budget - used_bytes}
+    rate = growth_per_day(p.root)
+    for name, key in (("root", "root_used"), ("backups", "backup_used")):
+        sec = out[name]
+        room = [x for x in (sec["left_bytes"], sec["free_bytes"]) if x is not None]
+        r = rate.get(key)
+        sec["growth_bytes_per_day"] = None if r is None else int(r)
+        sec["days_left"] = (round(max(0, min(room)) / r, 1) if r and r > 0 and room else None)
+    out["backups_inside_root"] = u["backups_inside_root"]
+    return out
+
+
+def _size(n: int) -> str:
+    return f"{n / GB:.3f} GB" if abs(n) >= GB else f"{n / 1e6:.1f} MB"
+
+
+def check_write(root, cfg: dict, need: int, where: str = "root", *, disk_usage=None,
+                report: dict | None = None) -> str | None:
+    """None if writing `need` more bytes under `where` ("root" or "backups") fits both its
+    budget and the free space (plus min_free_disk_mb), else what does not fit, in figures."""
+    rep = report or disk_report(root, cfg, disk_usage=disk_usage)
+    sec = rep[where]
+    margin = int(cfg.get("min_free_disk_mb") or 0) << 20 if where == "root" else 0
+    problems = []
+    if sec["budget_bytes"] is not None and sec["used_bytes"] + need > sec["budget_bytes"]:
+        problems.append(f"{sec['budget_key']} {sec['budget_bytes'] / GB:g} GB: "
+                        f"{_size(sec['used_bytes'])} used + {_size(need)} to write is over it")
+    if sec["free_bytes"] is not None and sec["free_bytes"] < need + margin:
+        problems.append(f"{_size(sec['free_bytes'])} free on the disk of {sec['path']}, "
+                        f"{_size(need + margin)} needed"
+                        + (f" ({_size(need)} + min_free_disk_mb)" if margin else ""))
+    return "; ".join(problems) or None
+
+
+def make_room(root, cfg: dict, need: int, where: str = "root", *, disk_usage=None) -> dict:
+    """Check a write; if it does not fit, apply retention (versions for the root, backups
+    for backup_dir, and backups too when they lie in the root) and check again.
+
+    Returns {"ok", "problem", "pruned_versions", "pruned_backups", "fix"}: `fix` is the
+    command that frees space when retention alone cannot."""
+    problem = check_write(root, cfg, need, where, disk_usage=disk_usage)
+    out = {"ok": problem is None, "problem": problem, "pruned_versions": [],
+           "pruned_backups": [], "fix": None}
+    if problem is None:
+        return out
+    p = Paths(root)
+    if where == "root":
+        import model_versioner
+        try:
+            out["pruned_versions"] = model_versioner.prune(p.root, yes=True)["deleted"]
+        except GuardrailError as exc:
+            out["prune_error"] = str(exc)
+    rep = disk_report(root, cfg, disk_usage=disk_usage)
+    if where == "backups" or rep["backups_inside_root"]:
+        import backup_manager
+        try:
+            r = backup_manager.prune_backups(p.root, yes=True, verify_kept=False)
+            out["pruned_backups"] = r.get("deleted", [])
+        except GuardrailError as exc:
+            out["prune_error"] = str(exc)
+        rep = disk_report(root, cfg, disk_usage=disk_usage)
+    out["problem"] = check_write(root, cfg, need, where, report=rep)
+    out["ok"] = out["problem"] is None
+    if not out["ok"]:
+        key = rep[where]["budget_key"]
+        out["fix"] = ("python3 model_versioner.py prune --keep 3" if where == "root"
+                      else "python3 backup_manager.py prune --keep 2")
+        out["fix_note"] = (f"a dry run listing what a deeper prune removes; add --yes once the "
+                           f"user agrees (tags, current and protected versions stay); or raise "
+                           f"{key} in config.json, or free space on that disk")
+    return out
+
+
+# --------------------------------------------------------------------------- the rate
+
+def record_usage(root, cfg: dict, used: dict | None = None) -> dict:
+    """Append a usage sample (what the daemon calls after each file); keeps the last 64."""
+    p = Paths(root)
+    u = used or usage(p.root, cfg)
+    try:
+        doc = read_json(p.root / USAGE_FILE, default=None)
+    except GuardrailError:
+        doc = None
+    samples = doc.get("samples") if isinstance(doc, dict) else None
+    samples = [s for s in samples if isinstance(s, dict)] if isinstance(samples, list) else []
+    samples.append({"at": utc_now(), "t": time.time(), "root_used": u["root_used"],
+                    "backup_used": u["backup_used"]})
+    atomic_write_json(p.root / USAGE_FILE, {"schema_version": 1, "samples": samples[-USAGE_SAMPLES:]},
+                      sync=False)  # a hint: a lost sample only blurs the rate
+    return u
+
+
+def growth_per_day(root) -> dict:
+    """{root_used, backup_used: bytes per day} from the samples (first to last), or {}."""
+    try:
+        doc = read_json(Paths(root).root / USAGE_FILE, default=None)
+    except GuardrailError:
+        return {}
+    samples = [s for s in (doc.get("samples") or []) if isinstance(s, dict)
+               and isinstance(s.get("t"), (int, float))] if isinstance(doc, dict) else []
+    if len(samples) < 2 or samples[-1]["t"] - samples[0]["t"] < 60:
+        return {}
+    days = (samples[-1]["t"] - samples[0]["t"]) / 86400
+    out = {}
+    for key in ("root_used", "backup_used"):
+        a, b = samples[0].get(key), samples[-1].get(key)
+        if isinstance(a, int) and isinstance(b, int):
+            out[key] = (b - a) / days
+    return out

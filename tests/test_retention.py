@@ -1,0 +1,282 @@
+"""retention.py: restic-style rules for versions and backups, the disk budget, years of history."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+import backup_manager as bm
+import model_versioner as mv
+import retention
+import training_config
+from test_model_versioner import make_model, train
+from trainroot import Paths
+
+T0 = datetime(2026, 1, 1, 0, 0, tzinfo=timezone.utc)
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat().replace("+00:00", "Z")
+
+
+@pytest.fixture
+def root(tmp_root) -> Path:
+    Paths(tmp_root).ensure()
+    training_config.write_config(tmp_root, training_config.default_config())
+    train(tmp_root, 1)
+    assert mv.create_version(tmp_root, "init") == ("v001", True)
+    return tmp_root
+
+
+def _set_config(root: Path, **kw) -> None:
+    cfg = json.loads((root / "config.json").read_text())
+    cfg.update(kw)
+    (root / "config.json").write_text(json.dumps(cfg))
+
+
+# --------------------------------------------------------------------------- the rules
+
+def test_rules_keep_what_restic_keeps():
+    # one item every 6 hours for 40 days: 160 items
+    items = [(f"i{n:03d}", _iso(T0 + timedelta(hours=6 * n))) for n in range(160)]
+    keep = retention.apply_rules(items, {"keep_last": 2, "keep_daily": 3, "keep_weekly": 2,
+                                         "keep_monthly": 2})
+    newest = [i for i, _ in items][-1]
+    # last 2; the newest of each of the last 3 days; the newest of the last 2 ISO weeks and
+    # of the last 2 months (February's newest is the newest item; January's is its 18:00 item)
+    jan31 = next(i for i, t in items if t == "2026-01-31T18:00:00Z")
+    feb08 = next(i for i, t in items if t == "2026-02-08T18:00:00Z")  # Sunday: ends ISO week 6
+    assert keep[newest] == ["last 1", "daily 2026-02-09", "weekly 2026-W07", "monthly 2026-02"]
+    assert keep["i158"] == ["last 2"]
+    assert keep[feb08] == ["daily 2026-02-08", "weekly 2026-W06"]
+    assert keep[jan31] == ["monthly 2026-01"]
+    assert len(keep) == 5  # + daily 2026-02-07
+    # a time nobody can read is kept (which period it belongs to is unknown)
+    assert retention.apply_rules([("a", "garbage"), ("b", _iso(T0))], {"keep_last": 1}) == {
+        "a": ["no readable created_at"], "b": ["last 1"]}
+
+
+def test_a_years_history_of_3650_items_keeps_a_bounded_restic_set():
+    """Ten files a day for a year: the default version policy keeps at most the sum of its
+    rules, spread the way restic spreads them."""
+    items = [(f"v{n:04d}", _iso(T0 + timedelta(minutes=144 * n))) for n in range(3650)]
+    rules = retention.DEFAULT_POLICY["versions"]
+    keep = retention.apply_rules(items, rules)
+    assert len(keep) <= sum(rules.values()) and len(keep) >= rules["keep_monthly"]
+    months = {t[:7] for i, t in items if i in keep}
+    assert len(months) == 12  # one per month of the year, as keep_monthly 12 asks
+    assert set(i for i, _ in items[-10:]) <= set(keep)  # keep_last 10
+
+
+def test_policy_validation_and_the_old_keys():
+    assert retention.policy({"keep_versions": 20}, "versions")["keep_last"] == 20
+    assert retention.policy({"keep_versions": 20}, "versions")["keep_daily"] == 7  # defaults kept
+    assert retention.policy({"keep_backups": 2}, "backups")["keep_last"] == 2
+    given = {"retention": {"versions": {"keep_daily": 3}}, "keep_versions": 9}
+    assert retention.policy(given, "versions") == {r: (3 if r == "keep_daily" else 0)
+                                                   for r in retention.RULES}
+    assert retention.old_keys_note(given) == "keep_versions is ignored (retention.versions is set)"
+    # an old config still loads, and means keep_last
+    assert training_config.validate_config({"keep_versions": 20, "keep_backups": 3}) == []
+    errors = training_config.validate_config({"retention": {"versions": {"keep_dayly": 3},
+                                                             "bakups": {}}})
+    assert errors == ["retention.versions.keep_dayly: unknown rule (did you mean keep_daily?)",
+                      "retention.bakups: unknown (expected versions or backups)"]
+    assert training_config.validate_config({"retention": {"versions": {"keep_last": 0}}}) == [
+        "retention.versions: every rule is 0, which would keep only what is protected; set at "
+        "least keep_last"]
+
+
+def test_old_keys_are_reported_by_the_tracker(root):
+    import state_tracker as st
+    _set_config(root, keep_versions=5)
+    w = {x["code"]: x for x in st.build_state(root)["warnings"]}["CONFIG_OLD_KEYS"]
+    assert w["severity"] == "info"
+    assert "keep_versions 5 is read as retention.versions.keep_last" in w["message"]
+
+
+# --------------------------------------------------------------------------- versions
+
+def test_prune_dry_run_shows_what_each_rule_keeps_and_held_versions_stay(root, capsys,
+                                                                        monkeypatch):
+    for day in range(1, 6):
+        monkeypatch.setattr(mv, "utc_now", lambda d=day: _iso(T0 + timedelta(days=d)))
+        train(root, day + 1)
+        mv.create_version(root, f"post-train:f{day}.jsonl")   # v002..v006, one a day
+    # v003 is under review (a `rejected` marker in its record): kept whatever the rules say
+    rec = Paths(root).versions / "v003" / "version.json"
+    doc = json.loads(rec.read_text())
+    os.chmod(rec, 0o644)
+    rec.write_text(json.dumps(dict(doc, rejected={"reason": "eval regressed"})))
+    _set_config(root, retention={"versions": {"keep_last": 1, "keep_daily": 2}})
+    assert mv.main(["prune"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "policy: keep_last 1, keep_daily 2 (config retention.versions)"
+    assert "keep    v003  (rejected (under review))" in out
+    assert "keep    v005  (daily 2026-01-05)" in out
+    assert "keep    v006  (last 1, daily 2026-01-06, latest, current_model)" in out
+    assert [ln for ln in out if ln.startswith("delete")] == ["delete  v001", "delete  v002",
+                                                             "delete  v004"]
+    assert mv.prune(root, yes=True)["deleted"] == ["v001", "v002", "v004"]
+    assert mv.lineage(root, "v006")["chain"] == ["v001", "v002", "v003", "v004", "v005", "v006"]
+
+
+def test_a_year_of_daily_files_keeps_the_restic_set_under_the_budget(root, monkeypatch):
+    """The years-long run, a file every other day for a year: after each file the daemon's retention
+    (mv.prune) and after every 7th an automatic backup with its retention. The versions
+    kept are exactly restic's set over the whole history (plus the latest), backups too,
+    and the root never goes over max_disk_gb. Was: nothing was pruned automatically and
+    every backup pinned its version, so a real root filled its disk."""
+    budget_gb = 0.004
+    _set_config(root, max_disk_gb=budget_gb, min_free_disk_mb=0)
+    cfg = training_config.load_config(root)
+    created, backups = [("v001", mv.read_version(root, "v001")["created_at"])], []
+    most = 0
+    for day in range(1, 366, 2):
+        now = _iso(T0 + timedelta(days=day, hours=day % 24))
+        monkeypatch.setattr(mv, "utc_now", lambda now=now: now)
+        monkeypatch.setattr(bm, "utc_now", lambda now=now: now)
+        train(root, day + 1)
+        vid, made = mv.create_version(root, f"post-train:f{day}.jsonl")
+        assert made
+        created.append((vid, now))
+        mv.prune(root, yes=True)                                   # Daemon.apply_retention
+        if day % 7 == 1:
+            rec = bm.create_backup(root, vid)
+            backups.append((rec["id"], now))
+            bm.prune_backups(root, yes=True, verify_kept=False)    # backup --prune
+        if day % 7 == 1:
+            used = retention.usage(root, cfg)["root_used"]
+            most = max(most, used)
+            assert retention.check_write(root, cfg, 0) is None, (day, used)
+    assert most <= budget_gb * retention.GB
+    kept = [r["id"] for r in mv.list_versions(root)]
+    want = retention.apply_rules(created, retention.policy(cfg, "versions"))
+    assert kept == [v for v, _ in created if v in want]
+    assert len(kept) <= sum(retention.DEFAULT_POLICY["versions"].values())
+    assert sorted(os.listdir(Paths(root).versions / ".pruned")) == sorted(
+        f"{v}.json" for v, _ in created if v not in want)               # lineage kept
+    want_b = retention.apply_rules(backups, retention.policy(cfg, "backups"))
+    assert [b["id"] for b in bm.list_backups(root)] == [b for b, _ in backups if b in want_b]
+    assert mv.lineage(root, "latest")["incomplete_from"] is None
+
+
+def test_version_ids_index_is_rebuilt_after_rm(root, capsys):
+    """`versions/.last_id` spares every snapshot reading every version.json and backup.json;
+    deleted or damaged, it is rebuilt from them (with a warning), never trusted over them."""
+    p = Paths(root)
+    for gen in (2, 3):
+        train(root, gen)
+        mv.create_version(root, "manual")
+    assert json.loads((p.versions / mv.LAST_ID).read_text())["last"] == "v003"
+    bm.create_backup(root, "v003")
+    # a person deletes the newest version and the index: the backup still names v003
+    for f in (p.versions / "v003").iterdir():
+        os.chmod(f, 0o644)
+    shutil.rmtree(p.versions / "v003")
+    os.unlink(p.versions / mv.LAST_ID)
+    capsys.readouterr()
+    assert train(root, 4)["kept_version"] == "v004"  # the unversioned gen 3: not a second v003
+    assert "versions/.last_id is missing or damaged; rebuilding it" in capsys.readouterr().err
+    assert json.loads((p.versions / mv.LAST_ID).read_text())["last"] == "v004"
+    assert mv.create_version(root, "manual") == ("v005", True)
+    (p.versions / mv.LAST_ID).write_text("{not json")               # damaged
+    train(root, 5)
+    assert mv.create_version(root, "manual") == ("v006", True)
+    assert "rebuilding it" in capsys.readouterr().err
+    # an index that lies low is never trusted over the folders
+    (p.versions / mv.LAST_ID).write_text(json.dumps({"last": "v001"}))
+    train(root, 6)
+    assert mv.create_version(root, "manual") == ("v007", True)
+
+
+def test_list_pages_the_newest(root, capsys):
+    for gen in range(2, 6):
+        train(root, gen)
+        mv.create_version(root, "manual")
+    assert mv.main(["list", "--limit", "2", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [v["id"] for v in doc["versions"]] == ["v004", "v005"]
+    assert doc["total"] == 5 and doc["not_listed"] == 3
+    assert mv.main(["list", "--limit", "2"]) == 0
+    assert "(3 older version(s) not listed: `python3 model_versioner.py list --all`)" in \
+        capsys.readouterr().out
+    assert mv.main(["list", "--all", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["versions"]) == 5
+
+
+# --------------------------------------------------------------------------- the budget
+
+def test_a_write_over_the_budget_pauses_with_the_figures_and_the_freeing_command(
+        initialized_root, monkeypatch):
+    """Pre-flight: the next file's checkpoint and model do not fit max_disk_gb. Retention
+    is applied first (it prunes what its rules allow); then the daemon pauses before any
+    write, naming the figures and the command that frees space."""
+    import training_daemon
+    root = initialized_root
+    p = Paths(root)
+    for day in (1, 2, 3):  # versions of other models, a day apart: the rules keep the newest
+        monkeypatch.setattr(mv, "utc_now", lambda d=day: _iso(T0 + timedelta(days=d)))
+        staged = p.staging / f"copy-{day}"
+        shutil.copytree(p.current_model, staged, ignore=shutil.ignore_patterns(".manifest.json"))
+        w = next(staged.glob("*.safetensors"))
+        blob = bytearray(w.read_bytes())
+        blob[-1] = day
+        w.chmod(0o644)
+        w.write_bytes(bytes(blob))
+        mv.publish_model(root, staged, reason="test")
+        mv.create_version(root, "manual")
+    model = training_daemon._folder_bytes(p.current_model)
+    _set_config(root, max_disk_gb=round(2 * model / 1e9, 6),  # the next file needs 4 x model
+                retention={"versions": {"keep_last": 1}})
+    d = training_daemon.Daemon(root, once=True, monitor=False)
+    d.cfg = cfg = training_config.load_config(root)
+    with pytest.raises(training_daemon._Paused) as info:
+        d.preflight(cfg)
+    err = info.value.error
+    assert err.what.startswith("pre-flight: the next checkpoint and model do not fit (max_disk_gb ")
+    assert f"MB used + {4 * model / 1e6:.1f} MB to write is over it" in err.what
+    assert err.fix.startswith("Free space with `python3 model_versioner.py prune --keep 3` (a dry run")
+    assert [r["id"] for r in mv.list_versions(root)] == ["v004"]  # retention went first
+    assert not any(p.checkpoints.iterdir()) if p.checkpoints.is_dir() else True  # nothing written
+    _set_config(root, max_disk_gb=1000)
+    d.preflight(training_config.load_config(root))  # room now: no pause
+
+
+def test_a_backup_over_its_budget_is_refused_before_writing(root):
+    bdir = Paths(root).default_backups
+    bm.create_backup(root)
+    _set_config(root, backup_max_disk_gb=0.001, max_disk_gb=None)
+    big = Paths(root).staging / "big"
+    make_model(big, 9, size=2_000_000)
+    mv.publish_model(root, big, reason="test")
+    before = sorted(os.listdir(bdir))
+    with pytest.raises(bm.GuardrailError) as info:
+        bm.create_backup(root)
+    assert info.value.what.startswith("not enough free space for a backup (")
+    assert "backup_max_disk_gb 0.001 GB: " in info.value.what and "MB to write is over it" in info.value.what
+    assert "python3 backup_manager.py prune --keep 2" in info.value.fix
+    assert sorted(os.listdir(bdir)) == before  # nothing half-written
+
+
+def test_state_tracker_reports_usage_against_the_budget_and_days_left(root):
+    import state_tracker as st
+    _set_config(root, max_disk_gb=10)
+    cfg = training_config.load_config(root)
+    u = retention.record_usage(root, cfg)
+    doc = json.loads((root / retention.USAGE_FILE).read_text())
+    doc["samples"][0]["t"] -= 86400                              # a day ago, 1 GB less
+    doc["samples"][0]["root_used"] = u["root_used"] - 10**9
+    doc["samples"].append(dict(doc["samples"][0], t=doc["samples"][0]["t"] + 86400,
+                               root_used=u["root_used"]))
+    (root / retention.USAGE_FILE).write_text(json.dumps(doc))
+    b = st.build_state(root)["disk"]["budget"]["root"]
+    assert b["budget_bytes"] == 10**10 and b["used_bytes"] == u["root_used"]
+    assert b["growth_bytes_per_day"] == 10**9
+    free_left = min(10**10 - u["root_used"], b["free_bytes"])
+    assert b["days_left"] == round(free_left / 10**9, 1)
