@@ -245,6 +245,7 @@ def disk_report(root, cfg: dict, *, disk_usage=None, used: dict | None = None) -
         sec["growth_bytes_per_day"] = None if r is None else int(r)
         sec["days_left"] = (round(max(0, min(room)) / r, 1) if r and r > 0 and room else None)
     out["backups_inside_root"] = u["backups_inside_root"]
+    out["measured_at"] = u.get("measured_at") or utc_now()
     return out
 
 
@@ -326,6 +327,26 @@ def record_usage(root, cfg: dict, used: dict | None = None) -> dict:
     atomic_write_json(p.root / USAGE_FILE, {"schema_version": 1, "samples": samples[-USAGE_SAMPLES:]},
                       sync=False)  # a hint: a lost sample only blurs the rate
     return u
+
+
+def recorded_usage(root, cfg: dict) -> dict | None:
+    """The daemon's last usage sample in `usage()`'s shape (plus `measured_at`), or None:
+    what the state tracker reports, so a status costs the same at 10,000 versions (a walk
+    over every version file is the daemon's, once per file)."""
+    p = Paths(root)
+    try:
+        doc = read_json(p.root / USAGE_FILE, default=None)
+    except GuardrailError:
+        return None
+    samples = doc.get("samples") if isinstance(doc, dict) else None
+    last = samples[-1] if isinstance(samples, list) and samples else None
+    if not isinstance(last, dict) or not all(isinstance(last.get(k), int)
+                                             for k in ("root_used", "backup_used")):
+        return None
+    bdir = _backup_dir(p.root, cfg)
+    return {"root_used": last["root_used"], "backup_used": last["backup_used"],
+            "backup_dir": str(bdir), "measured_at": last.get("at"),
+            "backups_inside_root": str(bdir.resolve()).startswith(str(p.root.resolve()) + os.sep)}
 
 
 def growth_per_day(root) -> dict:

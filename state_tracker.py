@@ -623,7 +623,8 @@ def _disk_section(root: Path, cfg: dict, model: dict, disk_usage, w: list) -> di
            "model_size_bytes": model["size_bytes"], "needed_bytes": needed,
            "min_free_bytes": min_free, "enough": usage.free >= needed}
     try:
-        sec["budget"] = retention.disk_report(root, cfg, disk_usage=disk_usage)
+        sec["budget"] = retention.disk_report(root, cfg, disk_usage=disk_usage,
+                                              used=retention.recorded_usage(root, cfg))
     except OSError as exc:
         sec["budget"] = {"error": str(exc)}
     root_budget = sec["budget"].get("root") or {}

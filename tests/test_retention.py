@@ -280,3 +280,12 @@ def test_state_tracker_reports_usage_against_the_budget_and_days_left(root):
     assert b["growth_bytes_per_day"] == 10**9
     free_left = min(10**10 - u["root_used"], b["free_bytes"])
     assert b["days_left"] == round(free_left / 10**9, 1)
+    # the tracker reports the daemon's last sample: it never walks every version file
+    # (a status costs the same at 10,000 versions); without a sample it measures
+    mv.create_version(root, "manual", force=True)  # new files on disk since the sample
+    assert retention.usage(root, cfg)["root_used"] != u["root_used"]
+    again = st.build_state(root)["disk"]["budget"]
+    assert again["root"]["used_bytes"] == u["root_used"] and again["measured_at"] == doc["samples"][-1]["at"]
+    (root / retention.USAGE_FILE).unlink()
+    fresh = st.build_state(root)["disk"]["budget"]
+    assert fresh["root"]["used_bytes"] == retention.usage(root, cfg)["root_used"]
