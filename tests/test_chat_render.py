@@ -161,7 +161,7 @@ def qwen_base(tmp_path_factory, qwen_dir) -> Path:
     return out
 
 
-def test_show_json_and_a_daemon_trained_chat_file_say_template(qwen_base, tmp_path, capsys):
+def test_show_json_says_template_and_marks_the_assistant_turns(qwen_base, tmp_path, capsys):
     import training_engine as te
     import training_daemon
     from realdaemon import set_config
@@ -182,12 +182,6 @@ def test_show_json_and_a_daemon_trained_chat_file_say_template(qwen_base, tmp_pa
     assert "⟦" + CONVERSATION[2]["content"] + "<|im_end|>⟧\n<|im_start|>user" in plain
     assert plain.count("⟦") == 3 and "--- line 1 (template); trained text is inside ⟦ ⟧" in plain
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before  # wrote nothing
-
-    shutil.copy(good, root / "inbox" / "chat.jsonl")
-    proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rec = json.loads((root / "done" / "chat.jsonl.record.json").read_text())
-    assert rec["outcome"] == "done" and rec["rendering"] == "template" and rec["steps"] >= 1
 
 
 # --------------------------------------------------------------------------- tools, weight, dates
@@ -283,7 +277,8 @@ def test_templates_that_print_the_date_get_the_files_own_date(qwen_tokenizer, tm
 
 def test_a_field_mapped_file_trains_end_to_end_and_its_record_says_how(qwen_base, tmp_path, capsys):
     """TRAINING-style exports: {"user_prompt", "expected_answer"} mapped by config.json
-    `fields`, rendered with the model's template as a user and an assistant turn."""
+    `fields`, rendered with the model's template as a user and an assistant turn; a chat
+    file beside it (one daemon run for both)."""
     import training_daemon
     import training_engine as te
     from realdaemon import set_config
@@ -300,8 +295,12 @@ def test_a_field_mapped_file_trains_end_to_end_and_its_record_says_how(qwen_base
     assert [s["text"] for s in doc["segments"] if s["trained"]] == ["2.<|im_end|>"]
     assert "<|im_start|>user\nWhat is 1 + 1?<|im_end|>" in "".join(s["text"] for s in doc["segments"])
     shutil.copy(data, root / "inbox" / "TRAINING.jsonl")
+    write_jsonl(root / "inbox" / "chat.jsonl", [{"messages": CONVERSATION}] * 3, ensure_ascii=False)
     proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    chat = json.loads((root / "done" / "chat.jsonl.record.json").read_text())
+    assert chat["outcome"] == "done" and chat["rendering"] == "template" and chat["steps"] >= 1
+    assert chat["rendered"]["template"] == 3 and chat["warnings"]["fallback"] == 0
     rec = json.loads((root / "done" / "TRAINING.jsonl.record.json").read_text())
     assert rec["outcome"] == "done" and rec["records"] == 6 and rec["steps"] >= 1
     assert rec["rendering"] == "template" and rec["rendered"]["template"] == 6
