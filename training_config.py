@@ -224,7 +224,7 @@ def validate_config(cfg) -> list[str]:
                 errors.append(f"{name}: expected a list of parameter names, got {value!r}")
                 continue
             for v in value:
-                if v not in PARAMS or v == "locked":
+                if v not in PARAMS and v not in OLD_PARAMS or v == "locked":  # an old config's lock stands
                     errors.append(f"{name}: {v!r} is not a lockable parameter")
             for v in REQUIRED_LOCKED:
                 if v not in value:
