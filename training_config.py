@@ -223,8 +223,8 @@ def validate_config(cfg) -> list[str]:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 errors.append(f"{name}: expected a list of parameter names, got {value!r}")
                 continue
-            for v in value:
-                if v not in PARAMS and v not in OLD_PARAMS or v == "locked":  # an old config's lock stands
+            for v in value:  # an older config's lock on keep_versions/keep_backups stands
+                if v not in PARAMS and v not in OLD_PARAMS or v == "locked":
                     errors.append(f"{name}: {v!r} is not a lockable parameter")
             for v in REQUIRED_LOCKED:
                 if v not in value:
