@@ -233,19 +233,6 @@ class _Paused(Exception):
         self.error, self.kind = error, kind
 
 
-def _done_since(rec: dict, backup: dict | None) -> bool:
-    """Whether a done/ record trained after `backup` was taken: by version ids, which only
-    grow (a clock that ran ahead when the backup was made cannot hide files); by time only
-    for a backup that names no version."""
-    if backup is None:
-        return True
-    ids = [v for v in (rec.get("version_after"), backup.get("version"))
-           if isinstance(v, str) and _VERSION_ID.fullmatch(v)]
-    if len(ids) == 2:
-        return int(ids[0][1:]) > int(ids[1][1:])
-    return (rec.get("finished_at") or "") > (backup.get("created_at") or "")
-
-
 # --------------------------------------------------------------------------- run: the daemon
 
 class Daemon:
@@ -267,7 +254,7 @@ class Daemon:
         self._queue_order = training_queue.QueueOrder(self.p.root)  # next_job's view
         self.intake: inbox_files.InboxIntake | None = None  # made once config.json is loaded
         self.wake = threading.Event()
-        self.done: dict[str, dict] = {}
+        self.done = training_queue.done_index(self.p.root)  # .index/done.sqlite, read lazily
         self.backup_proc = None
         self._backup_next: dict | None = None  # a file done while a backup ran: its turn next
         self.backup_failed: str | None = None
@@ -941,7 +928,7 @@ class Daemon:
                    rendering=result.get("rendering"), rendered=result.get("rendered"),
                    chat_date=result.get("chat_date"), warnings=file_warnings(rec, result))
         dst = training_queue.move_with_record(data, self.p.done, rec, "trained")
-        self.done[rec["sha256"]] = dict(rec, name=dst.name)
+        self.done.add(dst.name, rec)
         self.log.info("%s: done (%s -> %s, %s steps, loss %s)", dst.name, rec.get("version_before"),
                       rec["version_after"], rec["steps"], rec.get("loss"))
         if any(rec["warnings"].values()):
@@ -1033,7 +1020,7 @@ class Daemon:
         import backup_manager
         try:
             latest = backup_manager.latest_backup(self.p.root)
-            n = sum(1 for r in self.done.values() if _done_since(r, latest))
+            n = self.done.trained_since(latest)
             if not backup_manager.backup_due(self.p.root, self.cfg, n):
                 return
         except GuardrailError as exc:
@@ -1183,7 +1170,6 @@ class Daemon:
                 self.log.info("recovery: %s", action)
             for stale in (self.p.control / "engine").glob("*.json"):
                 stale.unlink(missing_ok=True)  # left by a torchrun job killed with the last daemon
-            self.done = training_queue.done_index(self.p.root)
             self.intake = inbox_files.InboxIntake(
                 self.p, self.cfg, self.log, self.wake, done=self.done, tend=self._tend,
                 stopping=self._stopping, on_queued=self._queued_from_inbox,

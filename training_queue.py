@@ -325,21 +325,12 @@ def _summary(result: dict) -> dict:
 
 # --------------------------------------------------------------------------- the done index
 
-def done_index(root) -> dict[str, dict]:
-    """sha256 -> record of the file in done/ that trained that content (newest wins)."""
-    done = Paths(root).done
-    index: dict[str, dict] = {}
-    try:
-        names = sorted(os.listdir(done))
-    except FileNotFoundError:
-        return index
-    present = set(names)
-    for n in names:
-        if n.endswith(RECORD_SUFFIX) and n[:-len(RECORD_SUFFIX)] in present:
-            rec = read_record(done / n[:-len(RECORD_SUFFIX)])
-            if rec.get("sha256"):
-                index[rec["sha256"]] = rec
-    return index
+def done_index(root):
+    """sha256 -> record of the file in done/ that trained that content (newest wins): a
+    done_index.DoneIndex (`.get(sha256)`), kept in ROOT/.index/done.sqlite, read back from
+    the record before it is believed."""
+    import done_index
+    return done_index.DoneIndex(root)
 
 
 # --------------------------------------------------------------------------- enqueue
@@ -383,7 +374,7 @@ def _check_source(p: Paths, src: Path, move: bool) -> None:
                              "if its content was trained before), or use set-priority.")
 
 
-def _duplicate(p: Paths, sha256: str, done: dict, queued: bool) -> tuple[str, str, dict] | None:
+def _duplicate(p: Paths, sha256: str, done, queued: bool) -> tuple[str, str, dict] | None:
     """(reason, fix, record fields) if content `sha256` was trained, or (`queued`) is
     queued or being trained; else None."""
     prior = done.get(sha256)
@@ -499,7 +490,7 @@ def examine(work, name: str, cfg: dict, not_regular: str | None = None) -> dict:
 
 def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: bool = False,
             cfg: dict | None = None, source: str = "training_queue.py add",
-            done: dict | None = None, extra: dict | None = None, name: str | None = None,
+            done=None, extra: dict | None = None, name: str | None = None,
             not_regular: str | None = None, batch: SyncBatch | None = None,
             by_hand: bool = False, fix: str | None = None,
             examined: dict | None = None, skip_invalid: bool = False) -> dict:

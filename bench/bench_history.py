@@ -41,6 +41,8 @@ COMMANDS = [
     ("model_versioner.py snapshot --force", ["model_versioner.py", "snapshot", "--force"]),
     ("model_versioner.py prune (dry run)", ["model_versioner.py", "prune"]),
     ("backup_manager.py list", ["backup_manager.py", "list"]),
+    # a new file checked against every trained one (the median: the index built once before)
+    ("training_queue.py add", ["training_queue.py", "add", "{new}"]),
 ]
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -130,7 +132,10 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             subprocess.run([sys.executable, __file__, "--grow", str(root), str(scale)], check=True)
             print(f"grew {scale}x in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+            new = Path(tmp) / "new.jsonl"
+            new.write_text('{"text": "a file never trained"}\n')
             for name, cmd in COMMANDS:
+                cmd = [c.format(new=new) for c in cmd]
                 runs = sorted(measure(root, cmd) for _ in range(args.repeat))
                 results.setdefault(name, {})[scale] = runs[len(runs) // 2]
             shutil.rmtree(root, ignore_errors=True)
