@@ -55,7 +55,9 @@ class DoneIndex:
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, sha256 TEXT, "
+        # names are stored as the file system's bytes (os.fsencode): any name, even one
+        # that is not UTF-8, is a key
+        db.execute("CREATE TABLE IF NOT EXISTS files (name BLOB PRIMARY KEY, sha256 TEXT, "
                    "version_num INTEGER, finished_at TEXT)")
         db.execute("CREATE INDEX IF NOT EXISTS by_sha ON files (sha256)")
         db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
@@ -100,9 +102,9 @@ class DoneIndex:
                  if n.endswith(RECORD_SUFFIX) and not n.startswith(".")} & entries
         db.execute("BEGIN IMMEDIATE")
         try:
-            known = {r[0] for r in db.execute("SELECT name FROM files")}
+            known = {os.fsdecode(r[0]) for r in db.execute("SELECT name FROM files")}
             gone = known - names
-            db.executemany("DELETE FROM files WHERE name = ?", ((n,) for n in gone))
+            db.executemany("DELETE FROM files WHERE name = ?", ((os.fsencode(n),) for n in gone))
             for n in sorted(names - known if not force else names):
                 self._put(db, n, read_json(self.done / (n + RECORD_SUFFIX), default=None))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('dir', ?)", (sig,))
@@ -114,11 +116,13 @@ class DoneIndex:
     @staticmethod
     def _put(db, name: str, rec) -> None:
         if not isinstance(rec, dict) or not isinstance(rec.get("sha256"), str):
-            db.execute("INSERT OR REPLACE INTO files VALUES (?, NULL, NULL, NULL)", (name,))
+            db.execute("INSERT OR REPLACE INTO files VALUES (?, NULL, NULL, NULL)",
+                       (os.fsencode(name),))
             return
         finished = rec.get("finished_at") if isinstance(rec.get("finished_at"), str) else None
         db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
-                   (name, rec["sha256"], _version_num(rec.get("version_after")), finished))
+                   (os.fsencode(name), rec["sha256"], _version_num(rec.get("version_after")),
+                    finished))
 
     # ------------------------------------------------------------------ questions
 
@@ -133,7 +137,8 @@ class DoneIndex:
                 rows = db.execute("SELECT name FROM files WHERE sha256 = ? ORDER BY "
                                   "version_num DESC, finished_at DESC, name DESC",
                                   (sha256,)).fetchall()
-            for (name,) in rows:
+            for (raw,) in rows:
+                name = os.fsdecode(raw)
                 rec = read_json(self.done / (name + RECORD_SUFFIX), default=None)
                 if isinstance(rec, dict) and rec.get("sha256") == sha256:
                     return dict(rec, name=name)

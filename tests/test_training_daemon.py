@@ -408,16 +408,24 @@ def test_automatic_backup_after_a_file_and_a_failed_one_pauses(initialized_root)
     assert state["last_error"].startswith("automatic backup failed: ")
 
 
-def test_files_since_the_last_backup_are_counted_by_version_not_by_the_clock():
+def test_files_since_the_last_backup_are_counted_by_version_not_by_the_clock(tmp_path):
     """A backup made while the clock ran a day ahead: counting done files by finished_at
     found none after it, so backup_every_files never fired until the clock caught up."""
+    import done_index
+    from trainroot import Paths
+    Paths(tmp_path).ensure()
     ahead = {"version": "v003", "created_at": "2099-01-01T00:00:00.000000Z"}
-    done = [{"version_after": v, "finished_at": "2026-12-03T08:00:00.000000Z"}
-            for v in ("v002", "v003", "v004", "v006")]
-    assert sum(training_daemon._done_since(r, ahead) for r in done) == 2
-    assert sum(training_daemon._done_since(r, None) for r in done) == 4
+    for v in ("v002", "v003", "v004", "v006"):
+        (tmp_path / "done" / f"{v}.jsonl").write_text("x\n")
+        (tmp_path / "done" / f"{v}.jsonl.record.json").write_text(json.dumps(
+            {"sha256": v * 16, "version_after": v, "finished_at": "2026-12-03T08:00:00.000000Z"}))
+    idx = done_index.DoneIndex(tmp_path)
+    assert idx.trained_since(ahead) == 2
+    assert idx.trained_since(None) == 4
     unnamed = {"version": None, "created_at": "2026-12-03T07:00:00.000000Z"}  # by time, as before
-    assert sum(training_daemon._done_since(r, unnamed) for r in done) == 4
+    assert idx.trained_since(unnamed) == 4
+
+
 def test_a_file_skipped_with_its_steps_kept_is_in_the_lineage(initialized_root, capsys):
     """`skip` (no --discard) keeps the steps trained on the file in current_model: the
     version after it lists the file, marked skipped (lineage used to miss it)."""
