@@ -879,7 +879,7 @@ class Daemon:
                    tokens_seen_after=state.get("tokens_seen", result.get("tokens_seen")),
                    steps=(state.get("global_step", result.get("global_step")) or 0) - gs_before,
                    tokens=result.get("tokens"), loss=result.get("loss"), timings=timings,
-                   rendering=result.get("rendering"))
+                   rendering=result.get("rendering"), pack_isolation=result.get("pack_isolation"))
         dst = training_queue.move_with_record(data, self.p.done, rec, "trained")
         self.done[rec["sha256"]] = dict(rec, name=dst.name)
         self.log.info("%s: done (%s -> %s, %s steps, loss %s)", dst.name, rec.get("version_before"),

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -312,21 +313,36 @@ class Encoder:
 
 # --------------------------------------------------------------------------- packing
 
+class Row(NamedTuple):
+    """One packed row: `ids`/`labels` of max_length, `tokens` new real tokens in it, the row
+    indexes where a document (or the row's piece of one) `starts`, and `context`: 1 when
+    ids[0] is the last token of the previous row, repeated so the record it continues has
+    every token predicted once (a split example loses no target at the cut), else 0."""
+    ids: list
+    labels: list
+    tokens: int
+    starts: list
+    context: int = 0
+
+
 class PackedStream:
     """Streams a data file into full `max_length` rows, EOS between examples, never dropping.
 
-    Examples longer than a row continue in the next row; only the file's last row is
-    padded (pad id, label -100). Memory holds one record plus one row. `position()` is
-    exact and compact: the leftover of the packing buffer is always a suffix of the last
-    record read, so it is stored as (that record's offset and line, tokens already used)
-    and rebuilt on resume by re-tokenizing that one record.
+    Examples longer than a row continue in the next row, which repeats the last token of
+    the previous one as context so every token is still a target exactly once; only the
+    file's last row is padded (pad id, label -100). With `isolate` (pack_isolation) the
+    first token of each document is not a target: nothing before it in the row is its
+    context. Memory holds one record plus one row. `position()` is exact and compact: the
+    leftover of the packing buffer is always a suffix of the last record read, so it is
+    stored as (that record's offset and line, tokens already used) and rebuilt on resume
+    by re-tokenizing that one record.
     """
 
     def __init__(self, data_path, encoder: Encoder, max_length: int, pad_id: int, *,
                  position: dict | None = None, allow_mixed: bool = False,
-                 max_record_bytes: int | None = None):
+                 max_record_bytes: int | None = None, isolate: bool = False):
         import validate_data
-        self.encoder, self.max_length, self.pad_id = encoder, max_length, pad_id
+        self.encoder, self.max_length, self.pad_id, self.isolate = encoder, max_length, pad_id, isolate
         pos = dict(position or {})
         self.records = int(pos.get("records", 0))
         self.tokens = int(pos.get("tokens", 0))         # real tokens emitted in rows so far
@@ -335,6 +351,7 @@ class PackedStream:
         self.next_offset = int(pos.get("next_offset", 0))
         self.next_line = int(pos.get("next_line", 1))
         self.rec_len, self.buf_ids, self.buf_labels = 0, [], []
+        self._starts: list[int] = []  # buffer indexes where a record begins
         skip = int(pos.get("skip_tokens", 0))
         start_offset, start_line = self.next_offset, self.next_line
         if skip:
@@ -343,6 +360,7 @@ class PackedStream:
         self._it = validate_data.iter_records(Path(data_path), start_offset=start_offset,
                                               start_line=start_line, allow_mixed=allow_mixed, **limit)
         self.exhausted = False
+        self._pos = 0  # the next token to emit; buf[_pos - 1] stays as a continuing row's context
         if skip:  # rebuild the leftover buffer: the same record, minus the tokens already used
             record = next(self._it, None)
             if record is None or record.offset != self.rec_offset:
@@ -355,9 +373,17 @@ class PackedStream:
                                      "The tokenizer changed since the checkpoint; move the "
                                      "checkpoint aside to restart the file.")
             self.rec_len = len(ids)
-            self.buf_ids, self.buf_labels = ids[skip:], labels[skip:]
+            self.buf_ids, self.buf_labels = ids[skip - 1:], labels[skip - 1:]
+            self._pos = 1
             self.next_offset, self.next_line = record.next_offset, record.line + 1
-        self._pos = 0
+
+    def _drop_emitted(self) -> None:
+        """Forget the tokens already emitted, all but the last (a continuing row's context)."""
+        cut = self._pos - 1
+        if cut > 0:
+            del self.buf_ids[:cut], self.buf_labels[:cut]
+            self._starts = [s - cut for s in self._starts if s >= cut]
+            self._pos = 1
 
     def _pull(self) -> bool:
         record = next(self._it, None)
@@ -365,9 +391,8 @@ class PackedStream:
             self.exhausted = True
             return False
         ids, labels = self.encoder.encode(record)
-        if self._pos:  # drop what was already emitted before growing the buffer
-            del self.buf_ids[:self._pos], self.buf_labels[:self._pos]
-            self._pos = 0
+        self._drop_emitted()  # before growing the buffer
+        self._starts.append(len(self.buf_ids))
         self.buf_ids.extend(ids)
         self.buf_labels.extend(labels)
         self.rec_offset, self.rec_line, self.rec_len = record.offset, record.line, len(ids)
@@ -375,25 +400,31 @@ class PackedStream:
         self.records += 1
         return True
 
-    def next_row(self) -> tuple[list[int], list[int], int] | None:
-        """(ids, labels, real_tokens) of the next row, or None at the end of the file."""
+    def next_row(self) -> Row | None:
+        """The next row, or None at the end of the file."""
         L = self.max_length
-        while len(self.buf_ids) - self._pos < L and not self.exhausted:
+        # a row that starts inside a record repeats the token before as context
+        context = 1 if 0 < self._pos < len(self.buf_ids) and self._pos not in self._starts else 0
+        while len(self.buf_ids) - self._pos < L - context and not self.exhausted:
             self._pull()
-        n = min(L, len(self.buf_ids) - self._pos)
+        n = min(L - context, len(self.buf_ids) - self._pos)
         if n <= 0:
             return None
-        ids = self.buf_ids[self._pos:self._pos + n]
-        labels = self.buf_labels[self._pos:self._pos + n]
-        self._pos += n
+        first, end = self._pos - context, self._pos + n
+        ids = self.buf_ids[first:end]
+        labels = self.buf_labels[first:end]
+        starts = [0] + [s - first for s in self._starts if first < s < end]
+        if self.isolate:  # the previous document is not this one's context: no target here
+            for s in starts[1:]:
+                labels[s] = -100
+        self._pos = end
         if self._pos > 4 * L and self._pos * 2 > len(self.buf_ids):  # long record: compact now and then
-            del self.buf_ids[:self._pos], self.buf_labels[:self._pos]
-            self._pos = 0
+            self._drop_emitted()
         self.tokens += n
-        if n < L:  # the file's last row: pad it (causal attention never looks right, so no mask)
-            ids += [self.pad_id] * (L - n)
-            labels += [-100] * (L - n)
-        return ids, labels, n
+        if len(ids) < L:  # the file's last row: pad it (causal attention never looks right, so no mask)
+            ids += [self.pad_id] * (L - len(ids))
+            labels += [-100] * (L - len(labels))
+        return Row(ids, labels, n, starts, context)
 
     def position(self) -> dict:
         leftover = len(self.buf_ids) - self._pos
@@ -406,6 +437,93 @@ class PackedStream:
                 raise RuntimeError("packing buffer spans more than one record")
             pos["skip_tokens"] = self.rec_len - leftover
         return pos
+
+
+# --------------------------------------------------------------------------- document isolation
+
+# How documents packed in one row are kept apart (pack_isolation; docs/design.md, Training):
+#   position_ids  positions restart at each document; transformers turns that into a
+#                 block-diagonal causal mask (sdpa, eager, flex) or varlen flash-attention
+#   mask          the model ignored that: an explicit 4D block-diagonal mask instead
+#   shared        the model honoured neither: documents in a row see each other, as before
+#                 pack_isolation (the first token of each document is still not a target)
+#   off           pack_isolation is false in config.json
+ISOLATION_TOLERANCE = 1e-4  # float32 logits of a document, packed vs alone
+
+
+def model_inputs(rows, mode: str, device=None) -> dict:
+    """The forward's keyword arguments for `rows`: input_ids, and where a row packs several
+    documents and `mode` isolates them, position_ids restarting at each (plus the 4D mask
+    in "mask" mode). Rows of one document each need neither: plain causal attention."""
+    ids = torch.tensor([r.ids for r in rows], dtype=torch.long)
+    inputs = {"input_ids": ids, "use_cache": False}  # with a cache, transformers ignores packing
+    if mode in ("position_ids", "mask") and any(len(r.starts) > 1 for r in rows):
+        B, L = ids.shape
+        flags = torch.zeros(B, L, dtype=torch.long)
+        for b, r in enumerate(rows):
+            flags[b, r.starts] = 1
+        index = torch.arange(L).expand(B, L)
+        inputs["position_ids"] = index - (index * flags).cummax(dim=1).values
+        if mode == "mask":
+            doc = flags.cumsum(1)
+            allowed = (doc[:, :, None] == doc[:, None, :]) & torch.ones(L, L, dtype=torch.bool).tril()
+            inputs["attention_mask"] = torch.zeros(B, 1, L, L).masked_fill(
+                ~allowed[:, None], torch.finfo(torch.float32).min)
+    if device is not None and device.type != "cpu":
+        inputs = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                  for k, v in inputs.items()}
+    return inputs
+
+
+def _isolation_gap(model, mode: str) -> float:
+    """Largest difference between the logits of a document packed after another and alone."""
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    a = [(7 * i + 3) % vocab for i in range(7)]
+    b = [(5 * i + 11) % vocab for i in range(9)]
+    packed = Row(a + b, [-100] * 16, 16, [0, len(a)])
+    alone = Row(b, [-100] * 9, 9, [0])
+    with torch.no_grad():
+        got = model(**model_inputs([packed], mode, device)).logits[0, len(a):]
+        want = model(**model_inputs([alone], mode, device)).logits[0]
+    return float((got.float() - want.float()).abs().max())
+
+
+def packing_isolation(model, config: dict) -> tuple[str, str]:
+    """The isolation mode this model honours (see above) and a line saying so, checked on
+    two tiny documents: the second's logits packed after the first must equal its logits
+    alone. Runs in eval mode without gradients: no dropout, no RNG drawn (exact resume)."""
+    if not config.get("pack_isolation", True):
+        return "off", "pack_isolation is off: documents in a row attend to each other"
+    was_training = model.training
+    model.eval()
+    try:
+        gaps = {}
+        for mode in ("position_ids", "mask"):
+            try:
+                gaps[mode] = _isolation_gap(model, mode)
+            except Exception as exc:  # an architecture that refuses the argument: try the next
+                log.info("pack_isolation: %s mode failed on this model: %s", mode, exc)
+                continue
+            if gaps[mode] <= ISOLATION_TOLERANCE:
+                return mode, f"documents isolated by {mode} (probe gap {gaps[mode]:.1e})"
+    finally:
+        model.train(was_training)
+    return "shared", ("pack_isolation: this model honours neither restarted position_ids nor a "
+                      f"4D mask (probe gaps {gaps}); documents in a row attend to each other, "
+                      "and the first token of each is still not a target")
+
+
+def next_token_loss(logits, labels):
+    """Summed next-token cross-entropy over the trained positions. The labels shift, not the
+    logits (no copy of the largest tensor); low-precision logits are widened to float32 only
+    at trained positions, never as a full float32 copy."""
+    target = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.dtype != torch.float32:
+        keep = (target != -100).nonzero().squeeze(1)
+        flat, target = flat.index_select(0, keep).float(), target.index_select(0, keep)
+    return torch.nn.functional.cross_entropy(flat, target, ignore_index=-100, reduction="sum")
 
 
 def shard_rows(rows: list, rank: int, world_size: int) -> list:
@@ -762,6 +880,7 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
             "`python3 training_controller.py approve-config` (it is a locked parameter).")
     model.train()
     model.config.use_cache = False
+    isolation, isolation_line = packing_isolation(model, config)  # before DDP wraps the model
     params = [q for q in model.parameters() if q.requires_grad]
     # adam_eps 0 is in the documented range, but AdamW then divides 0 by 0 for every weight
     # whose gradient has always been zero (embedding rows of bytes the data never used) and
@@ -807,6 +926,8 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
         torch.manual_seed(seed)
     for note in notes if writer else ():  # once per job, not once per rank
         log.info("%s: %s", file_id, note)
+    if writer:
+        (log.warning if isolation == "shared" else log.info)("%s: %s", file_id, isolation_line)
     ddp = world_size > 1
     if ddp:  # under torchrun: gradients averaged by DDP, files written by rank 0 alone
         import torch.distributed as dist
@@ -833,7 +954,7 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     batch_size, accum = int(config["batch_size"]), int(config["grad_accum_steps"])
     stream = PackedStream(data_path, encoder, max_length, pad_id, position=position,
                           allow_mixed=bool(config.get("allow_mixed_formats")),
-                          max_record_bytes=config.get("max_record_bytes"))
+                          max_record_bytes=config.get("max_record_bytes"), isolate=isolation != "off")
     spike_factor = float(config.get("loss_spike_factor") or 0)
     spike_window = int(config.get("loss_spike_window", 50))
     ckpt_steps = int(config.get("checkpoint_every_steps") or 0)
@@ -842,7 +963,7 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     clip = float(config.get("max_grad_norm") or 0)
 
     result = {"file_id": file_id, "steps": 0, "optimizer": optimizer_source,
-              "rendering": encoder.rendering}
+              "rendering": encoder.rendering, "pack_isolation": isolation}
     state_at_start = dict(state)
     last_loss = None
     last_ckpt_time = time.monotonic()
@@ -943,7 +1064,7 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
             mine = shard_rows(rows, rank, world_size)
             # a short last batch can leave a rank without a row: it trains a masked pad row,
             # because every rank must join every micro-batch's gradient all-reduce
-            micro.append(mine or [([pad_id] * max_length, [-100] * max_length, 0)])
+            micro.append(mine or [Row([pad_id] * max_length, [-100] * max_length, 0, [0])])
         if not micro:
             if untrained:  # the file ends in rows without a target: consumed, not trained
                 state["tokens_seen"] += untrained
@@ -958,16 +1079,14 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
             group["lr"] = lr
         loss_sum = 0.0
         for i, rows in enumerate(micro):
-            ids = torch.tensor([r[0] for r in rows], dtype=torch.long, device=device)
-            labels = torch.tensor([r[1] for r in rows], dtype=torch.long, device=device)
+            inputs = model_inputs(rows, isolation, device)
+            labels = torch.tensor([r.labels for r in rows], dtype=torch.long, device=device)
             sync = model.no_sync() if ddp and i < len(micro) - 1 else contextlib.nullcontext()
             with sync:
                 with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
                                     enabled=amp_dtype is not None):
-                    logits = model(input_ids=ids, use_cache=False).logits
-                loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                    ignore_index=-100, reduction="sum") / max(1, n_trained)
+                    logits = model(**inputs).logits
+                loss = next_token_loss(logits, labels) / max(1, n_trained)
                 # DDP averages gradients over ranks; the loss is already over the global count
                 scaled = loss * world_size if ddp else loss
                 (scaler.scale(scaled) if scaler else scaled).backward()
