@@ -455,17 +455,16 @@ def model_inputs(rows, mode: str, device=None) -> dict:
     """The forward's keyword arguments for `rows`: input_ids, and where a row packs several
     documents and `mode` isolates them, position_ids restarting at each (plus the 4D mask
     in "mask" mode). Rows of one document each need neither: plain causal attention."""
-    ids = torch.tensor([r.ids for r in rows], dtype=torch.long)
-    inputs = {"input_ids": ids, "use_cache": False}  # with a cache, transformers ignores packing
-    if mode in ("position_ids", "mask") and any(len(r.starts) > 1 for r in rows):
-        B, L = ids.shape
-        flags = torch.zeros(B, L, dtype=torch.long)
-        for b, r in enumerate(rows):
-            flags[b, r.starts] = 1
-        index = torch.arange(L).expand(B, L)
-        inputs["position_ids"] = index - (index * flags).cummax(dim=1).values
+    inputs = {"input_ids": long_tensor([r.ids for r in rows]), "use_cache": False}  # with a cache,
+    if mode in ("position_ids", "mask") and any(len(r.starts) > 1 for r in rows):  # transformers ignores packing
+        positions = []
+        for r in rows:
+            ends = r.starts[1:] + [len(r.ids)]
+            positions.append([i for start, end in zip(r.starts, ends) for i in range(end - start)])
+        inputs["position_ids"] = long_tensor(positions)
         if mode == "mask":
-            doc = flags.cumsum(1)
+            B, L = inputs["input_ids"].shape
+            doc = (inputs["position_ids"] == 0).long().cumsum(1)
             allowed = (doc[:, :, None] == doc[:, None, :]) & torch.ones(L, L, dtype=torch.bool).tril()
             inputs["attention_mask"] = torch.zeros(B, 1, L, L).masked_fill(
                 ~allowed[:, None], torch.finfo(torch.float32).min)
@@ -473,6 +472,16 @@ def model_inputs(rows, mode: str, device=None) -> dict:
         inputs = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                   for k, v in inputs.items()}
     return inputs
+
+
+def long_tensor(rows: list[list[int]]):
+    """A (rows x length) int64 tensor from equal-length lists: ~6x faster than torch.tensor
+    on nested lists (one C-level copy through an array)."""
+    import array
+    import itertools
+    flat = array.array("q", itertools.chain.from_iterable(rows))
+    return torch.frombuffer(flat, dtype=torch.long).view(len(rows), -1) if flat else \
+        torch.zeros(len(rows), 0, dtype=torch.long)
 
 
 def _isolation_gap(model, mode: str) -> float:
@@ -1060,7 +1069,7 @@ class FileRun:
                 row = self.stream.next_row()
                 if row is None:
                     break
-                if all(x == -100 for x in row.labels[1:]):
+                if row.labels.count(-100) - (row.labels[0] == -100) == len(row.labels) - 1:
                     # No target in the row (the middle of a long prompt, a file's 1-token
                     # tail): its gradient is zero, yet a step of only such rows would still
                     # move the weights (AdamW momentum, weight decay) and log a null loss.
@@ -1075,7 +1084,7 @@ class FileRun:
             mine = shard_rows(rows, self.rank, W) or [
                 Row([self.pad_id] * self.max_length, [-100] * self.max_length, 0, [0])]
             inputs = model_inputs(mine, self.isolation)
-            labels = torch.tensor([r.labels for r in mine], dtype=torch.long)
+            labels = long_tensor([r.labels for r in mine])
             tokens += sum(r.tokens for r in mine)
             trained += int((labels[:, 1:] != -100).sum())
             if pin:  # so the copy to the GPU overlaps the step before

@@ -1,6 +1,6 @@
 """End to end: the daemon's own tokens/s (metrics.jsonl) against a bare PyTorch loop.
 
-    .venv/bin/python bench/bench_endtoend.py                  # tiny model, 3 pairs, ~3 minutes on 2 cores
+    .venv/bin/python bench/bench_endtoend.py                  # tiny model, 5 pairs, ~4 minutes on 2 cores
     .venv/bin/python bench/bench_endtoend.py --steps 20 --pairs 2
     .venv/bin/python bench/bench_endtoend.py --model qwen --batch-size 2   # 151k vocabulary
 
@@ -10,7 +10,8 @@ from its own metrics.jsonl (steps after the first two). The baseline is a bare l
 fresh interpreter with the same model, the same packed rows already as tensors, the same
 model inputs (position ids restarting per document), loss, clipping, AdamW and threads:
 forward, backward, step and nothing else. Daemon and bare loop alternate, `--pairs` times,
-so both see the same load on a shared machine; the ratio is the median of the pairs.
+so both see the same load on a shared machine; each side's rate is that of its faster
+half of steps (noise only slows steps), and the ratio is the median of the pairs.
 Goal: >= 0.97. Also printed: the overhead per step in ms (daemon step minus bare step),
 and the bare loop with plain causal rows (what isolation itself costs).
 """
@@ -137,8 +138,13 @@ def bare_loop(model_dir: str, data: str, mode: str, args) -> list[tuple[int, flo
 
 
 def rate(steps) -> tuple[float, float]:
-    """(tokens/s, ms per step) over the steps after the warm-up ones."""
-    kept = steps[WARMUP_STEPS:]
+    """(tokens/s, ms per step) of the faster half of the steps after the warm-up ones.
+
+    Other work on a shared machine only ever slows a step, and by chance: the faster half
+    is each side's least-disturbed steps, while what the daemon adds to every step
+    (per-step files, control checks, data preparation) stays in every one of them."""
+    kept = sorted(steps[WARMUP_STEPS:], key=lambda ts: ts[1] / max(ts[0], 1))
+    kept = kept[:max(1, len(kept) // 2)]
     tokens, seconds = sum(t for t, _ in kept), sum(s for _, s in kept)
     return tokens / seconds, 1000 * seconds / len(kept)
 
@@ -146,8 +152,8 @@ def rate(steps) -> tuple[float, float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("tiny", "qwen"), default="tiny")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
