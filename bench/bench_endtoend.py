@@ -73,6 +73,7 @@ def make_root(work: Path, model_dir: Path, args) -> Path:
     training_daemon.init_root(root, base=str(model_dir))
     cfg = training_config.load_config(root)
     cfg.update(monitor_port=0, batch_size=args.batch_size, max_length=args.max_length,
+               num_threads=args.threads if args.threads != (os.cpu_count() or 1) else 0,
                loss_spike_factor=0.0, backup_every_files=0, backup_every_hours=0.0)
     training_config.write_config(root, cfg)
     training_config.approve(root, cfg, by="bench")
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                    help="the daemon's num_threads 0 means all cores: so does the bare loop")
+                    help="torch threads of both (default all cores: the daemon's num_threads 0)")
     ap.add_argument("--bare", nargs=3, metavar=("MODEL", "DATA", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.bare:

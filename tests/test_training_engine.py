@@ -704,3 +704,23 @@ def test_a_long_example_split_across_rows_trains_every_token_once(tmp_path, toke
             expected += [(base + i, labels[i]) for i in range(first, len(ids))]
             base += len(ids)
         assert targets == expected, isolate  # each once, in order: none lost at a row's cut
+
+
+def test_a_model_that_ignores_document_boundaries_is_found_and_named(tiny_model_dir):
+    """An attention that attends causally over the whole row whatever it is given (what an
+    architecture ignoring position_ids and masks does): the start-up probe says "shared"."""
+    import torch
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.masking_utils import AttentionMaskInterface
+
+    def whole_row(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True,
+                                                               scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+    AttentionInterface.register("whole_row", whole_row)
+    AttentionMaskInterface.register("whole_row", lambda *a, **k: None)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True,
+                                                 attn_implementation="whole_row")
+    mode, line = te.packing_isolation(model, te_config())
+    assert mode == "shared" and "honours neither" in line, line
+    assert te.packing_isolation(model, te_config(pack_isolation=False))[0] == "off"
