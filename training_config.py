@@ -82,6 +82,9 @@ PARAMS: dict[str, Param] = {
     # -- data --
     "loss_on_prompt": Param(False, "bool", "train only on responses of chat/prompt/instruction "
                             "records, as instruction tuning expects"),
+    "pack_isolation": Param(True, "bool", "documents packed in one row never attend to each other "
+                            "and positions restart at each; false shares attention across a row "
+                            "(cheaper, leaks context between examples)"),
     "allow_mixed_formats": Param(False, "bool", "one file, one format: a mixed file is usually "
                                  "a mistake worth stopping for"),
     "max_record_bytes": Param(64 * 1024 * 1024, "int", "longest line accepted; longer lines are "

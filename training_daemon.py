@@ -926,7 +926,8 @@ class Daemon:
                    steps=(state.get("global_step", result.get("global_step")) or 0) - gs_before,
                    tokens=result.get("tokens"), loss=result.get("loss"), timings=timings,
                    rendering=result.get("rendering"), rendered=result.get("rendered"),
-                   chat_date=result.get("chat_date"), warnings=file_warnings(rec, result))
+                   chat_date=result.get("chat_date"), warnings=file_warnings(rec, result),
+                   pack_isolation=result.get("pack_isolation"))
         dst = training_queue.move_with_record(data, self.p.done, rec, "trained")
         self.done.add(dst.name, rec)
         self.log.info("%s: done (%s -> %s, %s steps, loss %s)", dst.name, rec.get("version_before"),

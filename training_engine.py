@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -388,21 +389,36 @@ class Encoder:
 
 # --------------------------------------------------------------------------- packing
 
+class Row(NamedTuple):
+    """One packed row: `ids`/`labels` of max_length, `tokens` new real tokens in it, the row
+    indexes where a document (or the row's piece of one) `starts`, and `context`: 1 when
+    ids[0] is the last token of the previous row, repeated so the record it continues has
+    every token predicted once (a split example loses no target at the cut), else 0."""
+    ids: list
+    labels: list
+    tokens: int
+    starts: list
+    context: int = 0
+
+
 class PackedStream:
     """Streams a data file into full `max_length` rows, EOS between examples, never dropping.
 
-    Examples longer than a row continue in the next row; only the file's last row is
-    padded (pad id, label -100). Memory holds one record plus one row. `position()` is
-    exact and compact: the leftover of the packing buffer is always a suffix of the last
-    record read, so it is stored as (that record's offset and line, tokens already used)
-    and rebuilt on resume by re-tokenizing that one record.
+    Examples longer than a row continue in the next row, which repeats the last token of
+    the previous one as context so every token is still a target exactly once; only the
+    file's last row is padded (pad id, label -100). With `isolate` (pack_isolation) the
+    first token of each document is not a target: nothing before it in the row is its
+    context. Memory holds one record plus one row. `position()` is exact and compact: the
+    leftover of the packing buffer is always a suffix of the last record read, so it is
+    stored as (that record's offset and line, tokens already used) and rebuilt on resume
+    by re-tokenizing that one record.
     """
 
     def __init__(self, data_path, encoder: Encoder, max_length: int, pad_id: int, *,
-                 position: dict | None = None, **reading):
+                 position: dict | None = None, isolate: bool = False, **reading):
         """`reading`: iter_records' keywords (validate_data.read_settings and skip_invalid)."""
         import validate_data
-        self.encoder, self.max_length, self.pad_id = encoder, max_length, pad_id
+        self.encoder, self.max_length, self.pad_id, self.isolate = encoder, max_length, pad_id, isolate
         pos = dict(position or {})
         self.records = int(pos.get("records", 0))
         self.tokens = int(pos.get("tokens", 0))         # real tokens emitted in rows so far
@@ -411,6 +427,7 @@ class PackedStream:
         self.next_offset = int(pos.get("next_offset", 0))
         self.next_line = int(pos.get("next_line", 1))
         self.rec_len, self.buf_ids, self.buf_labels = 0, [], []
+        self._starts: list[int] = []  # buffer indexes where a record begins
         skip = int(pos.get("skip_tokens", 0))
         start_offset, start_line = self.next_offset, self.next_line
         if skip:
@@ -418,6 +435,7 @@ class PackedStream:
         self._it = validate_data.iter_records(Path(data_path), start_offset=start_offset,
                                               start_line=start_line, **reading)
         self.exhausted = False
+        self._pos = 0  # the next token to emit; buf[_pos - 1] stays as a continuing row's context
         if skip:  # rebuild the leftover buffer: the same record, minus the tokens already used
             record = next(self._it, None)
             if record is None or record.offset != self.rec_offset:
@@ -430,9 +448,17 @@ class PackedStream:
                                      "The tokenizer changed since the checkpoint; move the "
                                      "checkpoint aside to restart the file.")
             self.rec_len = len(ids)
-            self.buf_ids, self.buf_labels = ids[skip:], labels[skip:]
+            self.buf_ids, self.buf_labels = ids[skip - 1:], labels[skip - 1:]
+            self._pos = 1
             self.next_offset, self.next_line = record.next_offset, record.line + 1
-        self._pos = 0
+
+    def _drop_emitted(self) -> None:
+        """Forget the tokens already emitted, all but the last (a continuing row's context)."""
+        cut = self._pos - 1
+        if cut > 0:
+            del self.buf_ids[:cut], self.buf_labels[:cut]
+            self._starts = [s - cut for s in self._starts if s >= cut]
+            self._pos = 1
 
     def _pull(self) -> bool:
         record = next(self._it, None)
@@ -440,9 +466,8 @@ class PackedStream:
             self.exhausted = True
             return False
         ids, labels = self.encoder.encode(record)
-        if self._pos:  # drop what was already emitted before growing the buffer
-            del self.buf_ids[:self._pos], self.buf_labels[:self._pos]
-            self._pos = 0
+        self._drop_emitted()  # before growing the buffer
+        self._starts.append(len(self.buf_ids))
         self.buf_ids.extend(ids)
         self.buf_labels.extend(labels)
         self.rec_offset, self.rec_line, self.rec_len = record.offset, record.line, len(ids)
@@ -450,25 +475,31 @@ class PackedStream:
         self.records += 1
         return True
 
-    def next_row(self) -> tuple[list[int], list[int], int] | None:
-        """(ids, labels, real_tokens) of the next row, or None at the end of the file."""
+    def next_row(self) -> Row | None:
+        """The next row, or None at the end of the file."""
         L = self.max_length
-        while len(self.buf_ids) - self._pos < L and not self.exhausted:
+        # a row that starts inside a record repeats the token before as context
+        context = 1 if 0 < self._pos < len(self.buf_ids) and self._pos not in self._starts else 0
+        while len(self.buf_ids) - self._pos < L - context and not self.exhausted:
             self._pull()
-        n = min(L, len(self.buf_ids) - self._pos)
+        n = min(L - context, len(self.buf_ids) - self._pos)
         if n <= 0:
             return None
-        ids = self.buf_ids[self._pos:self._pos + n]
-        labels = self.buf_labels[self._pos:self._pos + n]
-        self._pos += n
+        first, end = self._pos - context, self._pos + n
+        ids = self.buf_ids[first:end]
+        labels = self.buf_labels[first:end]
+        starts = [0] + [s - first for s in self._starts if first < s < end]
+        if self.isolate:  # the previous document is not this one's context: no target here
+            for s in starts[1:]:
+                labels[s] = -100
+        self._pos = end
         if self._pos > 4 * L and self._pos * 2 > len(self.buf_ids):  # long record: compact now and then
-            del self.buf_ids[:self._pos], self.buf_labels[:self._pos]
-            self._pos = 0
+            self._drop_emitted()
         self.tokens += n
-        if n < L:  # the file's last row: pad it (causal attention never looks right, so no mask)
-            ids += [self.pad_id] * (L - n)
-            labels += [-100] * (L - n)
-        return ids, labels, n
+        if len(ids) < L:  # the file's last row: pad it (causal attention never looks right, so no mask)
+            ids += [self.pad_id] * (L - len(ids))
+            labels += [-100] * (L - len(labels))
+        return Row(ids, labels, n, starts, context)
 
     def position(self) -> dict:
         leftover = len(self.buf_ids) - self._pos
@@ -481,6 +512,102 @@ class PackedStream:
                 raise RuntimeError("packing buffer spans more than one record")
             pos["skip_tokens"] = self.rec_len - leftover
         return pos
+
+
+# --------------------------------------------------------------------------- document isolation
+
+# How documents packed in one row are kept apart (pack_isolation; docs/design.md, Training):
+#   position_ids  positions restart at each document; transformers turns that into a
+#                 block-diagonal causal mask (sdpa, eager, flex) or varlen flash-attention
+#   mask          the model ignored that: an explicit 4D block-diagonal mask instead
+#   shared        the model honoured neither: documents in a row see each other, as before
+#                 pack_isolation (the first token of each document is still not a target)
+#   off           pack_isolation is false in config.json
+ISOLATION_TOLERANCE = 1e-4  # float32 logits of a document, packed vs alone
+
+
+def model_inputs(rows, mode: str, device=None) -> dict:
+    """The forward's keyword arguments for `rows`: input_ids, and where a row packs several
+    documents and `mode` isolates them, position_ids restarting at each (plus the 4D mask
+    in "mask" mode). Rows of one document each need neither: plain causal attention."""
+    inputs = {"input_ids": long_tensor([r.ids for r in rows]), "use_cache": False}  # with a cache,
+    if mode in ("position_ids", "mask") and any(len(r.starts) > 1 for r in rows):  # transformers ignores packing
+        positions = []
+        for r in rows:
+            ends = r.starts[1:] + [len(r.ids)]
+            positions.append([i for start, end in zip(r.starts, ends) for i in range(end - start)])
+        inputs["position_ids"] = long_tensor(positions)
+        if mode == "mask":
+            B, L = inputs["input_ids"].shape
+            doc = (inputs["position_ids"] == 0).long().cumsum(1)
+            allowed = (doc[:, :, None] == doc[:, None, :]) & torch.ones(L, L, dtype=torch.bool).tril()
+            inputs["attention_mask"] = torch.zeros(B, 1, L, L).masked_fill(
+                ~allowed[:, None], torch.finfo(torch.float32).min)
+    if device is not None and device.type != "cpu":
+        inputs = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                  for k, v in inputs.items()}
+    return inputs
+
+
+def long_tensor(rows: list[list[int]]):
+    """A (rows x length) int64 tensor from equal-length lists: ~6x faster than torch.tensor
+    on nested lists (one C-level copy through an array)."""
+    import array
+    import itertools
+    flat = array.array("q", itertools.chain.from_iterable(rows))
+    return torch.frombuffer(flat, dtype=torch.long).view(len(rows), -1) if flat else \
+        torch.zeros(len(rows), 0, dtype=torch.long)
+
+
+def _isolation_gap(model, mode: str) -> float:
+    """Largest difference between the logits of a document packed after another and alone."""
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    a = [(7 * i + 3) % vocab for i in range(7)]
+    b = [(5 * i + 11) % vocab for i in range(9)]
+    packed = Row(a + b, [-100] * 16, 16, [0, len(a)])
+    alone = Row(b, [-100] * 9, 9, [0])
+    with torch.no_grad():
+        got = model(**model_inputs([packed], mode, device)).logits[0, len(a):]
+        want = model(**model_inputs([alone], mode, device)).logits[0]
+    return float((got.float() - want.float()).abs().max())
+
+
+def packing_isolation(model, config: dict) -> tuple[str, str]:
+    """The isolation mode this model honours (see above) and a line saying so, checked on
+    two tiny documents: the second's logits packed after the first must equal its logits
+    alone. Runs in eval mode without gradients: no dropout, no RNG drawn (exact resume)."""
+    if not config.get("pack_isolation", True):
+        return "off", "pack_isolation is off: documents in a row attend to each other"
+    was_training = model.training
+    model.eval()
+    try:
+        gaps = {}
+        for mode in ("position_ids", "mask"):
+            try:
+                gaps[mode] = _isolation_gap(model, mode)
+            except Exception as exc:  # an architecture that refuses the argument: try the next
+                log.info("pack_isolation: %s mode failed on this model: %s", mode, exc)
+                continue
+            if gaps[mode] <= ISOLATION_TOLERANCE:
+                return mode, f"documents isolated by {mode} (probe gap {gaps[mode]:.1e})"
+    finally:
+        model.train(was_training)
+    return "shared", ("pack_isolation: this model honours neither restarted position_ids nor a "
+                      f"4D mask (probe gaps {gaps}); documents in a row attend to each other, "
+                      "and the first token of each is still not a target")
+
+
+def next_token_loss(logits, labels):
+    """Summed next-token cross-entropy over the trained positions. The labels shift, not the
+    logits (no copy of the largest tensor); low-precision logits are widened to float32 only
+    at trained positions, never as a full float32 copy."""
+    target = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.dtype != torch.float32:
+        keep = (target != -100).nonzero().squeeze(1)
+        flat, target = flat.index_select(0, keep).float(), target.index_select(0, keep)
+    return torch.nn.functional.cross_entropy(flat, target, ignore_index=-100, reduction="sum")
 
 
 def shard_rows(rows: list, rank: int, world_size: int) -> list:
@@ -818,334 +945,501 @@ def model_max_positions(model_config: dict) -> int | None:
     return None
 
 
-def _train_file(root, data_path, *, file_id, config, records_total, control, progress, rank,
-                world_size) -> dict:
-    import training_config
-    config = {**training_config.default_config(), **config}
-    p = Paths(root)
-    writer = rank == 0
-    data_name = Path(data_path).name  # metrics.jsonl's `file` (docs/design.md, Training); file_id tells arrivals apart
-    # 0 = all cores, shared by the processes of this node (torchrun's ranks on a CPU box)
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world_size > 1 else 1
-    threads = int(config.get("num_threads") or 0) or max(1, (os.cpu_count() or 1) // per_node)
-    torch.set_num_threads(threads)
-    device = _device(config)
-    dtype_name = config.get("dtype", "float32")
-    amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype_name)
-    # float16 autocast needs loss scaling on CUDA and CPU alike (torch >= 2.3 has a CPU scaler)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
+class Batch(NamedTuple):
+    """One optimizer step's data, as this rank trains it."""
+    micro: list      # per micro-batch: (model inputs, labels), CPU tensors; empty at the file's end
+    tokens: int      # real tokens in this rank's rows
+    trained: int     # target tokens in this rank's rows
+    untrained: int   # tokens of rows without a target, read (alike) by every rank
+    position: dict   # the stream's position after this batch: what a checkpoint records
 
-    if writer:
-        clean_staging(root)
-    model, tokenizer, state = load_current_model(root, device)
-    positions = model_max_positions(model.config.to_dict())
-    if positions and int(config["max_length"]) > positions:
-        raise GuardrailError(
-            f"max_length {config['max_length']} is longer than the model's {positions} positions",
-            p.config, f"Set max_length to {positions} or less in config.json, then run "
-            "`python3 training_controller.py approve-config` (it is a locked parameter).")
-    model.train()
-    model.config.use_cache = False
-    params = [q for q in model.parameters() if q.requires_grad]
-    # adam_eps 0 is in the documented range, but AdamW then divides 0 by 0 for every weight
-    # whose gradient has always been zero (embedding rows of bytes the data never used) and
-    # writes NaN into them: the smallest normal float keeps that 0/eps = 0 and changes nothing else
-    eps = float(config["adam_eps"])
-    if eps < torch.finfo(torch.float32).tiny:
-        log.info("adam_eps %g: using %g instead, so weights without gradient stay finite",
-                 eps, torch.finfo(torch.float32).tiny)
-        eps = torch.finfo(torch.float32).tiny
-    optimizer = torch.optim.AdamW(params, lr=lr_at(state["global_step"], config),
-                                  betas=(config["adam_beta1"], config["adam_beta2"]),
-                                  eps=eps, weight_decay=config["weight_decay"])
-    notes = []
-    logged_upto = 0  # steps redone after a crash are not logged a second time
-    position, loss_history, step_in_file = None, [], 0
-    file_start = state["global_step"]
-    resume = _resume_checkpoint(root, file_id, state)
-    if resume:
-        ckpt, meta = resume
-        _load_checkpoint(ckpt, model, optimizer, scaler)
-        state = {"global_step": int(meta["global_step"]), "tokens_seen": int(meta["tokens_seen"])}
-        position, step_in_file = meta["position"], int(meta.get("step_in_file", 0))
-        loss_history = list(meta.get("loss_history", []))
-        file_start = int(meta["file_start_global_step"])
-        notes.append(f"resumed from {ckpt.name} at step {state['global_step']}")
-        logged_upto = _logged_upto(p.metrics, file_id) if writer else 0
-        _check_world_size(ckpt, meta, file_id, world_size)
-        optimizer_source = "resumed"
-    else:
-        carry = _carry_checkpoint(root, state)
-        if carry:
-            _load_optimizer(carry[0], optimizer, scaler)
-            loss_history = list(carry[1].get("loss_history", []))
-            optimizer_source = f"carried from {carry[0].name}"
-        else:
-            optimizer_source = "fresh"
-            if state["global_step"]:
-                notes.append(f"optimizer started fresh at step {state['global_step']}: no "
-                             "checkpoint matches current_model (first file after init, restore "
-                             "or rollback)")
-        seed = int(config.get("seed", 0)) + state["global_step"]
-        random.seed(seed)
-        torch.manual_seed(seed)
-    for note in notes if writer else ():  # once per job, not once per rank
-        log.info("%s: %s", file_id, note)
-    ddp = world_size > 1
-    if ddp:  # under torchrun: gradients averaged by DDP, files written by rank 0 alone
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
-        if not dist.is_initialized():
-            raise GuardrailError(f"world_size {world_size} needs torch.distributed initialised",
-                                 p.root, "Run the engine under torchrun, or use world_size 1.")
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # a template that prints today's date renders the file's first day, resumed or not
-    chat_date = datetime.date.fromisoformat(resume[1]["chat_date"]) \
-        if resume and resume[1].get("chat_date") else datetime.date.today()
-    encoder = Encoder(tokenizer, loss_on_prompt=bool(config.get("loss_on_prompt")),
-                      chat_template=config.get("chat_template"), root=p.root, date=chat_date,
-                      max_length=int(config["max_length"]))
-    encoder.where = data_path
-    reading = file_reading(data_path, config)
-    if position is None:  # refused before the first step, not hours into the file
-        refused = encoder.check_file(data_path, **reading)
-        if refused is not None:
-            log.error("%s: refused: %s", file_id, refused)
-            return {"file_id": file_id, "status": "refused", "steps": 0, "rendering": encoder.rendering,
-                    "global_step": state["global_step"], "tokens_seen": state["tokens_seen"],
-                    "records": 0, "tokens": 0, "loss": None, "message": str(refused),
-                    "reason": refused.what, "fix": refused.fix, "line": getattr(refused, "line", None)}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else encoder.eos_id
-    max_length = int(config["max_length"])
-    batch_size, accum = int(config["batch_size"]), int(config["grad_accum_steps"])
-    stream = PackedStream(data_path, encoder, max_length, pad_id, position=position, **reading)
-    if resume:  # counted before the checkpoint (the record re-encoded above included)
-        encoder.stats = collections.Counter(resume[1].get("encoder_stats") or {})
-    spike_factor = float(config.get("loss_spike_factor") or 0)
-    spike_window = int(config.get("loss_spike_window", 50))
-    ckpt_steps = int(config.get("checkpoint_every_steps") or 0)
-    ckpt_minutes = float(config.get("checkpoint_every_minutes") or 0)
-    keep = int(config.get("keep_checkpoints", 2))
-    clip = float(config.get("max_grad_norm") or 0)
+class BatchPrefetcher:
+    """Calls `read()` one batch ahead in a thread: the next batch is read, tokenized, packed
+    and made tensors while the current step computes (on a GPU this keeps it busy). Errors
+    surface in `next()`, where the batch would have come. Always `close()` it."""
 
-    result = {"file_id": file_id, "steps": 0, "optimizer": optimizer_source,
-              "rendering": encoder.rendering}
-    state_at_start = dict(state)
-    last_loss = None
-    last_ckpt_time = time.monotonic()
-    dirty = False  # steps since the last checkpoint
-    write_kind = "disk"  # why the last failed write failed: the pause_reason
+    def __init__(self, read):
+        import queue
+        import threading
+        self._read, self._done = read, threading.Event()
+        self._queue = queue.Queue(maxsize=1)
+        self._thread = threading.Thread(target=self._work, name="batch-prefetch", daemon=True)
+        self._thread.start()
 
-    def meta_now(complete=False) -> dict:
-        return {"file_id": file_id, "data_path": str(data_path), "global_step": state["global_step"],
-                "tokens_seen": state["tokens_seen"], "step_in_file": step_in_file,
-                "file_start_global_step": file_start, "position": stream.position(),
-                "complete": complete, "loss_history": loss_history[-spike_window:],
-                "scheduler": {"name": config.get("lr_schedule"), "global_step": state["global_step"],
-                              "next_lr": lr_at(state["global_step"], config)},
-                "world_size": world_size, "config": config, "chat_date": chat_date.isoformat(),
-                "encoder_stats": dict(encoder.stats)}
-
-    def checkpoint(complete=False) -> str | None:
-        """Write one; on a full or failing disk say why instead of crashing (the run pauses)."""
-        nonlocal dirty, last_ckpt_time, write_kind
-        if writer:
+    def _work(self) -> None:
+        while not self._done.is_set():
             try:
-                save_checkpoint(root, model, optimizer, meta_now(complete), scaler=scaler, keep=keep)
-            except WRITE_ERRORS as exc:
-                log.error("checkpoint at step %d failed: %s", state["global_step"], exc)
-                write_kind = _write_failure(exc)
-                return (f"checkpoint at step {state['global_step']} failed ({_io_reason(exc)}); "
-                        f"paused: {_WRITE_FIXES[write_kind]} (training restarts from the last "
-                        "good checkpoint)")
-        dirty, last_ckpt_time = False, time.monotonic()
+                item = (self._read(), None)
+            except BaseException as exc:  # re-raised in the training thread by next()
+                item = (None, exc)
+            self._queue.put(item)  # waits while the previous batch is not taken
+            if item[1] is not None or not item[0].micro:
+                return
+
+    def next(self) -> Batch:
+        batch, exc = self._queue.get()
+        if exc is not None:
+            raise exc
+        return batch
+
+    def close(self) -> None:
+        """Stop reading ahead (a batch read and not trained is simply dropped: checkpoints
+        record the position of the last trained one)."""
+        import queue
+        self._done.set()
+        try:
+            self._queue.get_nowait()  # frees a put the thread waits in
+        except queue.Empty:
+            pass
+        self._thread.join()
+
+
+class FileRun:
+    """One file's training: set up, one optimizer step, checkpoint, finish. `_train_file`
+    runs them; this holds what they share (model, optimizer, stream, counters)."""
+
+    def __init__(self, root, data_path, *, file_id, config, records_total, control, progress,
+                 rank, world_size):
+        import training_config
+        self.root, self.data_path, self.file_id = root, data_path, file_id
+        self.config = {**training_config.default_config(), **config}
+        self.records_total, self.control, self.progress = records_total, control, progress
+        self.rank, self.world_size, self.ddp = rank, world_size, world_size > 1
+        self.p = Paths(root)
+        self.writer = rank == 0
+        self.data_name = Path(data_path).name  # metrics.jsonl's `file` (docs/design.md, Training); file_id tells arrivals apart
+        self.notes: list[str] = []
+        self.pending = None        # stop/pause/skip asked, acted on at the next step boundary
+        self.dirty = False         # steps since the last checkpoint
+        self.write_kind = "disk"   # why the last failed write failed: the pause_reason
+        self.last_loss = None
+        self.spike = False
+
+    # ------------------------------------------------------------------ set up
+
+    def set_up(self) -> dict | None:
+        """Model, optimizer (resumed, carried over or fresh), DDP, encoder and data stream at
+        the file's position; a result instead if the file is refused before its first step."""
+        config, p = self.config, self.p
+        # 0 = all cores, shared by the processes of this node (torchrun's ranks on a CPU box)
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.ddp else 1
+        threads = int(config.get("num_threads") or 0) or max(1, (os.cpu_count() or 1) // per_node)
+        torch.set_num_threads(threads)
+        self.device = device = _device(config)
+        dtype_name = config.get("dtype", "float32")
+        self.amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype_name)
+        # float16 autocast needs loss scaling on CUDA and CPU alike (torch >= 2.3 has a CPU scaler)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype is torch.float16 else None
+
+        if self.writer:
+            clean_staging(self.root)
+        model, self.tokenizer, state = load_current_model(self.root, device)
+        positions = model_max_positions(model.config.to_dict())
+        if positions and int(config["max_length"]) > positions:
+            raise GuardrailError(
+                f"max_length {config['max_length']} is longer than the model's {positions} positions",
+                p.config, f"Set max_length to {positions} or less in config.json, then run "
+                "`python3 training_controller.py approve-config` (it is a locked parameter).")
+        model.train()
+        model.config.use_cache = False
+        self.isolation, isolation_line = packing_isolation(model, config)  # before DDP wraps it
+        self.params = [q for q in model.parameters() if q.requires_grad]
+        # adam_eps 0 is in the documented range, but AdamW then divides 0 by 0 for every weight
+        # whose gradient has always been zero (embedding rows of bytes the data never used) and
+        # writes NaN into them: the smallest normal float keeps that 0/eps = 0 and changes nothing else
+        eps = float(config["adam_eps"])
+        if eps < torch.finfo(torch.float32).tiny:
+            log.info("adam_eps %g: using %g instead, so weights without gradient stay finite",
+                     eps, torch.finfo(torch.float32).tiny)
+            eps = torch.finfo(torch.float32).tiny
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr_at(state["global_step"], config),
+                                           betas=(config["adam_beta1"], config["adam_beta2"]),
+                                           eps=eps, weight_decay=config["weight_decay"])
+        self.logged_upto = 0  # steps redone after a crash are not logged a second time
+        position, self.loss_history, self.step_in_file = None, [], 0
+        self.file_start = state["global_step"]
+        self.resume = _resume_checkpoint(self.root, self.file_id, state)
+        if self.resume:
+            ckpt, meta = self.resume
+            _load_checkpoint(ckpt, model, self.optimizer, self.scaler)
+            state = {"global_step": int(meta["global_step"]), "tokens_seen": int(meta["tokens_seen"])}
+            position, self.step_in_file = meta["position"], int(meta.get("step_in_file", 0))
+            self.loss_history = list(meta.get("loss_history", []))
+            self.file_start = int(meta["file_start_global_step"])
+            self.notes.append(f"resumed from {ckpt.name} at step {state['global_step']}")
+            self.logged_upto = _logged_upto(p.metrics, self.file_id) if self.writer else 0
+            _check_world_size(ckpt, meta, self.file_id, self.world_size)
+            optimizer_source = "resumed"
+        else:
+            carry = _carry_checkpoint(self.root, state)
+            if carry:
+                _load_optimizer(carry[0], self.optimizer, self.scaler)
+                self.loss_history = list(carry[1].get("loss_history", []))
+                optimizer_source = f"carried from {carry[0].name}"
+            else:
+                optimizer_source = "fresh"
+                if state["global_step"]:
+                    self.notes.append(f"optimizer started fresh at step {state['global_step']}: no "
+                                      "checkpoint matches current_model (first file after init, "
+                                      "restore or rollback)")
+            seed = int(config.get("seed", 0)) + state["global_step"]
+            random.seed(seed)
+            torch.manual_seed(seed)
+        self.state, self.state_at_start = state, dict(state)
+        for note in self.notes if self.writer else ():  # once per job, not once per rank
+            log.info("%s: %s", self.file_id, note)
+        if self.writer:
+            (log.warning if self.isolation == "shared" else log.info)("%s: %s", self.file_id,
+                                                                      isolation_line)
+        if self.ddp:  # under torchrun: gradients averaged by DDP, files written by rank 0 alone
+            import torch.distributed as dist
+            from torch.nn.parallel import DistributedDataParallel
+            if not dist.is_initialized():
+                raise GuardrailError(f"world_size {self.world_size} needs torch.distributed "
+                                     "initialised", p.root, "Run the engine under torchrun, or use "
+                                     "world_size 1.")
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.model = model
+
+        # a template that prints today's date renders the file's first day, resumed or not
+        meta = self.resume[1] if self.resume else {}
+        self.chat_date = datetime.date.fromisoformat(meta["chat_date"]) if meta.get("chat_date") \
+            else datetime.date.today()
+        encoder = Encoder(self.tokenizer, loss_on_prompt=bool(config.get("loss_on_prompt")),
+                          chat_template=config.get("chat_template"), root=p.root,
+                          date=self.chat_date, max_length=int(config["max_length"]))
+        encoder.where = self.data_path
+        reading = file_reading(self.data_path, config)
+        self.result = {"file_id": self.file_id, "steps": 0, "optimizer": optimizer_source,
+                       "rendering": encoder.rendering, "pack_isolation": self.isolation}
+        if position is None:  # refused before the first step, not hours into the file
+            refused = encoder.check_file(self.data_path, **reading)
+            if refused is not None:
+                log.error("%s: refused: %s", self.file_id, refused)
+                return {"file_id": self.file_id, "status": "refused", "steps": 0,
+                        "rendering": encoder.rendering, "global_step": state["global_step"],
+                        "tokens_seen": state["tokens_seen"], "records": 0, "tokens": 0, "loss": None,
+                        "message": str(refused), "reason": refused.what, "fix": refused.fix,
+                        "line": getattr(refused, "line", None)}
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else encoder.eos_id
+        self.max_length = int(config["max_length"])
+        self.batch_size, self.accum = int(config["batch_size"]), int(config["grad_accum_steps"])
+        self.stream = PackedStream(self.data_path, encoder, self.max_length, self.pad_id,
+                                   position=position, isolate=self.isolation != "off", **reading)
+        if position:  # counted before the checkpoint (the record re-encoded above included)
+            encoder.stats = collections.Counter(position.get("encoder_stats") or {})
+        self.position = self.stream_position()  # of the last batch trained: the checkpoints'
+        self.records_at_start = self.position["records"]
+        self.spike_factor = float(config.get("loss_spike_factor") or 0)
+        self.spike_window = int(config.get("loss_spike_window", 50))
+        self.ckpt_steps = int(config.get("checkpoint_every_steps") or 0)
+        self.ckpt_minutes = float(config.get("checkpoint_every_minutes") or 0)
+        self.keep = int(config.get("keep_checkpoints", 2))
+        self.clip = float(config.get("max_grad_norm") or 0)
+        self.last_ckpt_time = time.monotonic()
+        if position and position.get("exhausted") and self.resume and self.resume[1].get("complete"):
+            # Killed after the end-of-file checkpoint but before the publish: publish now.
+            return self.finish("completed", "file already trained; published its end state",
+                               publish="end-of-file")
         return None
 
-    def model_state(status) -> dict:
-        return {"global_step": state["global_step"], "tokens_seen": state["tokens_seen"],
-                "file_id": file_id, "status": status, "updated_at": utc_now()}
+    # ------------------------------------------------------------------ data
 
-    def finish(status, message, *, publish=None, disk=False):
-        nonlocal write_kind
-        # nothing trained, resumed or counted: leave current_model be
-        if publish and writer and (result["steps"] or resume or state != state_at_start):
-            try:
-                publish_current_model(root, model, tokenizer, model_state(status), reason=publish)
-            except WRITE_ERRORS as exc:  # the checkpoint beside it is complete: resume is exact
-                log.error("saving current_model failed: %s", exc)
-                disk, write_kind = True, _write_failure(exc)
-                status, message = "paused", (f"saving current_model failed ({_io_reason(exc)}); "
-                                             f"paused: {_WRITE_FIXES[write_kind]}")
-        if ddp:
-            dist.barrier()  # every rank returns after rank 0 has written
-        pos = stream.position()
-        result.update(status=status, global_step=state["global_step"], tokens_seen=state["tokens_seen"],
-                      records=pos["records"], tokens=pos["tokens"], loss=last_loss,
-                      step_in_file=step_in_file, message="; ".join(notes + [message]),
-                      chat_date=chat_date.isoformat(), rendered=dict(encoder.stats))
-        if disk:  # not a person's pause: the daemon should say so (disk, readonly, permission)
-            result["pause_reason"] = write_kind
-
-        return result
-
-    if position and position.get("exhausted") and resume and resume[1].get("complete"):
-        # Killed after the end-of-file checkpoint but before the publish: publish now.
-        return finish("completed", "file already trained; published its end state", publish="end-of-file")
-
-    pending = None
-    t_last = started = time.perf_counter()
-    records_at_start = stream.position()["records"]
-    while True:
-        if control and writer and pending is None:  # asked at the boundary too: no request waits a step
-            pending = control()
-        if ddp:  # rank 0's decision, so every rank stops at the same step boundary
-            pending = _broadcast(pending)
-        if pending in ("stop", "pause"):
-            error = checkpoint() if dirty else None
-            if error:
-                return finish("paused", error, disk=True)
-            status = "stopped" if pending == "stop" else "paused"
-            return finish(status, f"{status} at step {state['global_step']}", publish=pending)
-        if pending == "skip":  # keeps what was trained (the daemon restores for --discard)
-            error = checkpoint(complete=True) if dirty else None  # the next file carries on
-            if error:
-                return finish("paused", error, disk=True)
-            return finish("skipped", f"skipped at step {state['global_step']}; current_model "
-                          "keeps the steps trained on this file", publish="skip")
-        micro, untrained = [], 0
-        for _ in range(accum):
+    def read_batch(self) -> Batch:
+        """The next optimizer step's rows, made tensors (runs in the prefetch thread: it
+        touches only the stream, never the model)."""
+        micro, tokens, trained, untrained = [], 0, 0, 0
+        W, pin = self.world_size, self.device.type == "cuda"
+        for _ in range(self.accum):
             rows = []
-            while len(rows) < batch_size * world_size:
-                row = stream.next_row()
+            while len(rows) < self.batch_size * W:
+                row = self.stream.next_row()
                 if row is None:
                     break
-                if all(x == -100 for x in row[1][1:]):
+                if row.labels.count(-100) - (row.labels[0] == -100) == len(row.labels) - 1:
                     # No target in the row (the middle of a long prompt, a file's 1-token
                     # tail): its gradient is zero, yet a step of only such rows would still
                     # move the weights (AdamW momentum, weight decay) and log a null loss.
                     # Count its tokens; train only rows that teach something.
-                    untrained += row[2]
+                    untrained += row.tokens
                     continue
                 rows.append(row)
             if not rows:
                 break
-            mine = shard_rows(rows, rank, world_size)
             # a short last batch can leave a rank without a row: it trains a masked pad row,
             # because every rank must join every micro-batch's gradient all-reduce
-            micro.append(mine or [([pad_id] * max_length, [-100] * max_length, 0)])
-        if not micro:
-            if untrained:  # the file ends in rows without a target: consumed, not trained
-                state["tokens_seen"] += untrained
-                dirty = True
-            break
-        real_tokens = sum(r[2] for m in micro for r in m)
-        n_trained = sum(sum(1 for x in r[1][1:] if x != -100) for m in micro for r in m)
-        n_trained, real_tokens = _all_sum(n_trained, world_size), _all_sum(real_tokens, world_size)
-        real_tokens += untrained  # every rank read (and skipped) the same rows: add once
-        lr = lr_at(state["global_step"], config)
-        for group in optimizer.param_groups:
+            mine = shard_rows(rows, self.rank, W) or [
+                Row([self.pad_id] * self.max_length, [-100] * self.max_length, 0, [0])]
+            inputs = model_inputs(mine, self.isolation)
+            labels = long_tensor([r.labels for r in mine])
+            tokens += sum(r.tokens for r in mine)
+            trained += int((labels[:, 1:] != -100).sum())
+            if pin:  # so the copy to the GPU overlaps the step before
+                inputs = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in inputs.items()}
+                labels = labels.pin_memory()
+            micro.append((inputs, labels))
+        return Batch(micro, tokens, trained, untrained, self.stream_position())
+
+    def stream_position(self) -> dict:
+        """The stream's position and what the encoder counted up to it (read with the batch,
+        in the prefetch thread: a checkpoint records the batch trained, not the one ahead)."""
+        return dict(self.stream.position(), encoder_stats=dict(self.stream.encoder.stats))
+
+    # ------------------------------------------------------------------ one step
+
+    def poll_control(self):
+        """stop/pause/skip if asked (rank 0 asks; every rank gets its answer), else None."""
+        if self.control and self.writer and self.pending is None:  # asked at the boundary too
+            self.pending = self.control()
+        if self.ddp:  # rank 0's decision, so every rank stops at the same step boundary
+            self.pending = _broadcast(self.pending)
+        return self.pending if self.pending in ("stop", "pause", "skip") else None
+
+    def optimizer_step(self, batch: Batch) -> dict | None:
+        """Forward, backward, clip and AdamW over the batch; a result if it was not finite."""
+        model, device, ws = self.model, self.device, self.world_size
+        n_trained, real_tokens = _all_sum(batch.trained, ws), _all_sum(batch.tokens, ws)
+        real_tokens += batch.untrained  # every rank read (and skipped) the same rows: add once
+        self.lr = lr = lr_at(self.state["global_step"], self.config)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for i, rows in enumerate(micro):
-            ids = torch.tensor([r[0] for r in rows], dtype=torch.long, device=device)
-            labels = torch.tensor([r[1] for r in rows], dtype=torch.long, device=device)
-            sync = model.no_sync() if ddp and i < len(micro) - 1 else contextlib.nullcontext()
+        for i, (inputs, labels) in enumerate(batch.micro):
+            if device.type != "cpu":
+                inputs = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                          for k, v in inputs.items()}
+                labels = labels.to(device, non_blocking=True)
+            sync = model.no_sync() if self.ddp and i < len(batch.micro) - 1 else contextlib.nullcontext()
             with sync:
-                with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
-                                    enabled=amp_dtype is not None):
-                    logits = model(input_ids=ids, use_cache=False).logits
-                loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                    ignore_index=-100, reduction="sum") / max(1, n_trained)
+                with torch.autocast(device.type, dtype=self.amp_dtype or torch.bfloat16,
+                                    enabled=self.amp_dtype is not None):
+                    logits = model(**inputs).logits
+                loss = next_token_loss(logits, labels) / max(1, n_trained)
+                del logits
                 # DDP averages gradients over ranks; the loss is already over the global count
-                scaled = loss * world_size if ddp else loss
-                (scaler.scale(scaled) if scaler else scaled).backward()
+                scaled = loss * ws if self.ddp else loss
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += float(loss.detach())
-            if control and writer:
-                pending = control() or pending
-        loss_sum = _all_sum(loss_sum, world_size)
+            if self.control and self.writer:
+                self.pending = self.control() or self.pending
+        loss_sum = _all_sum(loss_sum, ws)
         if not math.isfinite(loss_sum):
-            optimizer.zero_grad(set_to_none=True)
-            return finish("nan", f"non-finite loss ({loss_sum}) at step {state['global_step'] + 1}; "
-                          "current_model left as it was before this file")
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
-        if not math.isfinite(grad_norm) and not scaler:
-            optimizer.zero_grad(set_to_none=True)
-            return finish("nan", f"non-finite gradient norm at step {state['global_step'] + 1}; "
-                          "current_model left as it was before this file")
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            return self.finish("nan", f"non-finite loss ({loss_sum}) at step "
+                               f"{self.state['global_step'] + 1}; current_model left as it was "
+                               "before this file")
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            self.params, self.clip if self.clip > 0 else float("inf")))
+        if not math.isfinite(self.grad_norm) and not self.scaler:
+            self.optimizer.zero_grad(set_to_none=True)
+            return self.finish("nan", f"non-finite gradient norm at step "
+                               f"{self.state['global_step'] + 1}; current_model left as it was "
+                               "before this file")
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["global_step"] += 1
-        state["tokens_seen"] += real_tokens
-        step_in_file += 1
-        result["steps"] += 1
-        dirty = True
-        last_loss = loss_sum if n_trained else None
-        spike = False
-        if last_loss is not None:
-            if spike_factor and len(loss_history) >= min(spike_window, 10):
-                avg = sum(loss_history[-spike_window:]) / len(loss_history[-spike_window:])
-                spike = last_loss > spike_factor * avg
-            if not spike:
-                loss_history.append(last_loss)
-                del loss_history[:-spike_window]
-        now = time.perf_counter()
-        tps = real_tokens / max(now - t_last, 1e-9)
-        t_last = now
-        # the step's line before its checkpoint: a kill between the two must not lose it
-        # (a resume from an older checkpoint redoes the step, and does not log it again)
-        if writer and state["global_step"] > logged_upto:
-            line = json.dumps({
-                "time": utc_now(), "global_step": state["global_step"], "file": data_name,
-                "file_id": file_id,
-                "loss": last_loss, "lr": lr, "tokens_per_sec": round(tps, 1),
-                # an overflowed float16 step (the scaler skips it) has an infinite norm, and
-                # `Infinity` is not JSON: the monitor's JSON.parse would reject the line
-                "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-                "tokens_seen": state["tokens_seen"], "step_in_file": step_in_file})
-            try:
-                append_line(p.metrics, line)
-            except OSError as exc:  # resume redoes the step from the last checkpoint
-                log.error("writing metrics.jsonl at step %d failed: %s", state["global_step"], exc)
-                write_kind = _write_failure(exc)
-                return finish("paused", f"writing metrics.jsonl at step {state['global_step']} "
-                              f"failed ({_io_reason(exc)}); paused: {_WRITE_FIXES[write_kind]} "
-                              "(training restarts from the last good checkpoint)", disk=True)
-        if (ckpt_steps and state["global_step"] % ckpt_steps == 0) or \
-                (ckpt_minutes and time.monotonic() - last_ckpt_time >= ckpt_minutes * 60):
-            error = checkpoint()
-            if error:
-                return finish("paused", error, disk=True)
-        if progress and writer:
-            pos = stream.position()
-            eta = None
-            if records_total and pos["records"]:
-                elapsed = max(now - started, 1e-9)
-                done_here = max(1, pos["records"] - records_at_start)
-                eta = max(0.0, (records_total - pos["records"]) * elapsed / done_here)
-            progress({"global_step": state["global_step"], "step_in_file": step_in_file,
-                      "records_done": pos["records"], "records_total": records_total,
-                      "tokens_per_sec": round(tps, 1), "loss": last_loss,
-                      "tokens_seen": state["tokens_seen"], "eta_seconds": eta})
-        if spike:
-            error = checkpoint()
-            if error:
-                return finish("paused", error, disk=True)
-            return finish("spike", f"loss {last_loss:.4g} at step {state['global_step']} is over "
-                          f"{spike_factor:g}x the running average; paused for a person to look",
-                          publish="spike")
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["global_step"] += 1
+        self.state["tokens_seen"] += real_tokens
+        self.step_in_file += 1
+        self.result["steps"] += 1
+        self.position = batch.position
+        self.dirty = True
+        self.last_loss = loss_sum if n_trained else None
+        self.real_tokens = real_tokens
+        self._watch_spikes()
+        return None
 
-    error = checkpoint(complete=True)  # the end state, so the next file carries the optimizer over
+    def _watch_spikes(self) -> None:
+        self.spike = False
+        if self.last_loss is None:
+            return
+        history = self.loss_history
+        if self.spike_factor and len(history) >= min(self.spike_window, 10):
+            avg = sum(history[-self.spike_window:]) / len(history[-self.spike_window:])
+            self.spike = self.last_loss > self.spike_factor * avg
+        if not self.spike:
+            history.append(self.last_loss)
+            del history[:-self.spike_window]
+
+    def log_step(self, tps: float) -> dict | None:
+        """The step's metrics.jsonl line (rank 0; not again for steps a resume redoes)."""
+        state = self.state
+        if not self.writer or state["global_step"] <= self.logged_upto:
+            return None
+        line = json.dumps({
+            "time": utc_now(), "global_step": state["global_step"], "file": self.data_name,
+            "file_id": self.file_id, "loss": self.last_loss, "lr": self.lr,
+            "tokens_per_sec": round(tps, 1),
+            # an overflowed float16 step (the scaler skips it) has an infinite norm, and
+            # `Infinity` is not JSON: the monitor's JSON.parse would reject the line
+            "grad_norm": self.grad_norm if math.isfinite(self.grad_norm) else None,
+            "tokens_seen": state["tokens_seen"], "step_in_file": self.step_in_file})
+        try:
+            append_line(self.p.metrics, line)
+        except OSError as exc:  # resume redoes the step from the last checkpoint
+            log.error("writing metrics.jsonl at step %d failed: %s", state["global_step"], exc)
+            self.write_kind = _write_failure(exc)
+            return self.finish("paused", f"writing metrics.jsonl at step {state['global_step']} "
+                               f"failed ({_io_reason(exc)}); paused: {_WRITE_FIXES[self.write_kind]} "
+                               "(training restarts from the last good checkpoint)", disk=True)
+        return None
+
+    def report_progress(self, tps: float, elapsed: float) -> None:
+        if not (self.progress and self.writer):
+            return
+        pos = self.position
+        eta = None
+        if self.records_total and pos["records"]:
+            done_here = max(1, pos["records"] - self.records_at_start)
+            eta = max(0.0, (self.records_total - pos["records"]) * max(elapsed, 1e-9) / done_here)
+        self.progress({"global_step": self.state["global_step"], "step_in_file": self.step_in_file,
+                       "records_done": pos["records"], "records_total": self.records_total,
+                       "tokens_per_sec": round(tps, 1), "loss": self.last_loss,
+                       "tokens_seen": self.state["tokens_seen"], "eta_seconds": eta})
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def checkpoint_due(self) -> bool:
+        return bool((self.ckpt_steps and self.state["global_step"] % self.ckpt_steps == 0) or
+                    (self.ckpt_minutes and time.monotonic() - self.last_ckpt_time >= self.ckpt_minutes * 60))
+
+    def meta_now(self, complete=False) -> dict:
+        state, config = self.state, self.config
+        return {"file_id": self.file_id, "data_path": str(self.data_path),
+                "global_step": state["global_step"], "tokens_seen": state["tokens_seen"],
+                "step_in_file": self.step_in_file, "file_start_global_step": self.file_start,
+                "position": self.position, "complete": complete,
+                "loss_history": self.loss_history[-self.spike_window:],
+                "scheduler": {"name": config.get("lr_schedule"), "global_step": state["global_step"],
+                              "next_lr": lr_at(state["global_step"], config)},
+                "world_size": self.world_size, "config": config,
+                "chat_date": self.chat_date.isoformat()}
+
+    def checkpoint(self, complete=False) -> str | None:
+        """Write one; on a full or failing disk say why instead of crashing (the run pauses)."""
+        if self.writer:
+            try:
+                save_checkpoint(self.root, self.model, self.optimizer, self.meta_now(complete),
+                                scaler=self.scaler, keep=self.keep)
+            except WRITE_ERRORS as exc:
+                step = self.state["global_step"]
+                log.error("checkpoint at step %d failed: %s", step, exc)
+                self.write_kind = _write_failure(exc)
+                return (f"checkpoint at step {step} failed ({_io_reason(exc)}); "
+                        f"paused: {_WRITE_FIXES[self.write_kind]} (training restarts from the last "
+                        "good checkpoint)")
+        self.dirty, self.last_ckpt_time = False, time.monotonic()
+        return None
+
+    # ------------------------------------------------------------------ finish
+
+    def stop_for(self, action: str) -> dict:
+        """Checkpoint what is not yet, then publish: stop, pause and skip end the call here."""
+        step = self.state["global_step"]
+        error = self.checkpoint(complete=action == "skip") if self.dirty else None  # skip: the next file carries on
+        if error:
+            return self.finish("paused", error, disk=True)
+        if action == "skip":  # keeps what was trained (the daemon restores for --discard)
+            return self.finish("skipped", f"skipped at step {step}; current_model keeps the steps "
+                               "trained on this file", publish="skip")
+        status = "stopped" if action == "stop" else "paused"
+        return self.finish(status, f"{status} at step {step}", publish=action)
+
+    def finish(self, status, message, *, publish=None, disk=False) -> dict:
+        state, result = self.state, self.result
+        # nothing trained, resumed or counted: leave current_model be
+        if publish and self.writer and (result["steps"] or self.resume or state != self.state_at_start):
+            model_state = {"global_step": state["global_step"], "tokens_seen": state["tokens_seen"],
+                           "file_id": self.file_id, "status": status, "updated_at": utc_now()}
+            try:
+                publish_current_model(self.root, self.model, self.tokenizer, model_state, reason=publish)
+            except WRITE_ERRORS as exc:  # the checkpoint beside it is complete: resume is exact
+                log.error("saving current_model failed: %s", exc)
+                disk, self.write_kind = True, _write_failure(exc)
+                status, message = "paused", (f"saving current_model failed ({_io_reason(exc)}); "
+                                             f"paused: {_WRITE_FIXES[self.write_kind]}")
+        if self.ddp:
+            import torch.distributed as dist
+            dist.barrier()  # every rank returns after rank 0 has written
+        pos = self.position
+        result.update(status=status, global_step=state["global_step"], tokens_seen=state["tokens_seen"],
+                      records=pos["records"], tokens=pos["tokens"], loss=self.last_loss,
+                      step_in_file=self.step_in_file, message="; ".join(self.notes + [message]),
+                      chat_date=self.chat_date.isoformat(),
+                      rendered=dict(pos.get("encoder_stats") or {}))
+        if disk:  # not a person's pause: the daemon should say so (disk, readonly, permission)
+            result["pause_reason"] = self.write_kind
+        return result
+
+
+def _train_file(root, data_path, *, file_id, config, records_total, control, progress, rank,
+                world_size) -> dict:
+    run = FileRun(root, data_path, file_id=file_id, config=config, records_total=records_total,
+                  control=control, progress=progress, rank=rank, world_size=world_size)
+    # 1. Set up: current_model, AdamW (resumed, carried over or fresh), the data stream at
+    #    the checkpoint's position; a file the chat template refuses ends here.
+    early = run.set_up()
+    if early is not None:
+        return early
+    # 2. The batches: read, tokenized, packed and made tensors one step ahead, in a thread.
+    batches = BatchPrefetcher(run.read_batch)
+    try:
+        t_last = started = time.perf_counter()
+        while True:
+            # 3. At the step boundary: stop, pause or skip as asked (checkpoint, publish, return).
+            action = run.poll_control()
+            if action is not None:
+                return run.stop_for(action)
+            # 4. The next batch; none left: the file is trained.
+            batch = batches.next()
+            if not batch.micro:
+                if batch.untrained:  # the file ends in rows without a target: consumed, not trained
+                    run.state["tokens_seen"] += batch.untrained
+                    run.position, run.dirty = batch.position, True
+                break
+            # 5. One optimizer step; a non-finite loss or gradient ends the file.
+            failed = run.optimizer_step(batch)
+            if failed is not None:
+                return failed
+            now = time.perf_counter()
+            tps = run.real_tokens / max(now - t_last, 1e-9)
+            t_last = now
+            # 6. The step's metrics line, before its checkpoint: a kill between the two must
+            #    not lose it (a resume from an older checkpoint redoes the step, and does not
+            #    log it again).
+            failed = run.log_step(tps)
+            if failed is not None:
+                return failed
+            # 7. A checkpoint every checkpoint_every_steps / _minutes.
+            if run.checkpoint_due():
+                error = run.checkpoint()
+                if error:
+                    return run.finish("paused", error, disk=True)
+            # 8. Progress for the daemon and the monitor.
+            run.report_progress(tps, now - started)
+            # 9. A loss spike: checkpoint, publish and pause for a person to look.
+            if run.spike:
+                error = run.checkpoint()
+                if error:
+                    return run.finish("paused", error, disk=True)
+                return run.finish("spike", f"loss {run.last_loss:.4g} at step "
+                                  f"{run.state['global_step']} is over {run.spike_factor:g}x the "
+                                  "running average; paused for a person to look", publish="spike")
+    finally:
+        batches.close()
+    # 10. The end of the file: its end checkpoint (the next file carries the optimizer
+    #     over), then current_model.
+    error = run.checkpoint(complete=True)
     if error:
-        return finish("paused", error, disk=True)
-    return finish("completed", f"trained to step {state['global_step']}", publish="end-of-file")
+        return run.finish("paused", error, disk=True)
+    return run.finish("completed", f"trained to step {run.state['global_step']}", publish="end-of-file")
 
 
 # A write refused for a reason free space does not fix: its own pause_reason and fix.
