@@ -383,20 +383,22 @@ def _ensure_current_manifest(p: Paths) -> dict:
 
 
 def create_version(root, reason: str, *, note=None, data_files=None, loss=None,
-                   force: bool = False) -> tuple[str, bool]:
+                   force: bool = False, extra: dict | None = None) -> tuple[str, bool]:
     """Snapshot `current_model/` as a new immutable version; returns `(id, created)`.
 
     No new version when current_model already equals the latest one (unless `force`).
     Hard links + version.json in `versions/.staging-*`, fsync, rename to `vNNN`.
+    `extra`: more fields for version.json (`eval`, `rejected`, `gate`: eval_gate.py);
+    never one of the fields above.
     """
     p = Paths(root)
     with _versions_lock(p, f"snapshot ({reason})"):
         return _create_version_locked(p, reason, note=note, data_files=data_files, loss=loss,
-                                      force=force)
+                                      force=force, extra=extra)
 
 
 def _create_version_locked(p: Paths, reason, *, note=None, data_files=None, loss=None,
-                           force=False) -> tuple[str, bool]:
+                           force=False, extra=None) -> tuple[str, bool]:
     manifest = _ensure_current_manifest(p)
     same = current_version(p.root)
     latest = latest_version(p.root)
@@ -428,6 +430,7 @@ def _create_version_locked(p: Paths, reason, *, note=None, data_files=None, loss
                   "config": cfg, "manifest": {
                       rel: {**entry, "mtime_ns": (staging / rel).stat().st_mtime_ns}
                       for rel, entry in manifest["files"].items()}}
+        record.update({k: v for k, v in (extra or {}).items() if k not in record})
         while True:
             vid = _next_id(p)
             record["id"] = vid
