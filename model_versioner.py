@@ -12,6 +12,7 @@ saved into `.staging/`, fsynced and swapped in with `renameat2(RENAME_EXCHANGE)`
     python3 model_versioner.py rollback            # undo the last training (itself undoable)
     python3 model_versioner.py restore latest      # after `rm -rf current_model`
     python3 model_versioner.py verify --all --json
+    python3 model_versioner.py eval v004           # eval loss on ROOT/eval/ (eval_gate.py)
 """
 
 from __future__ import annotations
@@ -911,11 +912,27 @@ def _summary(rec: dict, tags: dict, cur: str | None) -> dict:
             "current": rec.get("id") == cur}
 
 
+def _eval_of(root, rec: dict) -> dict | None:
+    """{eval file: loss} of a version: in its version.json, else kept by `eval` beside it
+    (versions/.eval/vNNN.json, outside the folder `verify` checks)."""
+    if isinstance(rec.get("eval"), dict) and rec["eval"]:
+        return rec["eval"]
+    import eval_gate
+    doc = eval_gate.read_cached(root, rec["id"])
+    return eval_gate.losses(doc) if doc else None
+
+
+def _eval_text(losses: dict | None) -> str:
+    return "  eval " + ", ".join(f"{n} {v:.4f}" if isinstance(v, (int, float)) else f"{n} -"
+                                 for n, v in losses.items()) if losses else ""
+
+
 def cmd_list(args) -> int:
     """List every version, oldest first (* marks the one current_model equals)."""
     root = _root(args)
     tags, cur = read_tags(root), current_version(root)
-    rows = [_summary(rec, tags, cur) for rec in list_versions(root)]
+    rows = [dict(_summary(rec, tags, cur), eval=_eval_of(root, rec), rejected=rec.get("rejected") is True)
+            for rec in list_versions(root)]
     listed = {r["id"] for r in rows}
     damaged = [v for v in _version_dirs(Paths(root)) if v not in listed]  # no readable record
     if args.json:
@@ -931,7 +948,8 @@ def cmd_list(args) -> int:
     for r in rows:
         extra = " ".join(f"[{t}]" for t in r["tags"])
         print(f"{'*' if r['current'] else ' '} {r['id']}  {str(r['created_at'] or '')[:19]}  "
-              f"step {r['global_step']}  {r['reason']}"
+              f"step {r['global_step']}  {r['reason']}" + ("  REJECTED" if r["rejected"] else "")
+              + _eval_text(r["eval"])
               + (f"  note: {r['note']}" if r["note"] else "") + (f"  {extra}" if extra else ""))
     if not os.path.lexists(Paths(root).current_model):
         print("  current_model is missing: bring it back with "
@@ -946,17 +964,46 @@ def cmd_show(args) -> int:
     root = _root(args)
     rec = read_version(root, resolve_version(root, args.version))
     out = {**rec, "tags": sorted(n for n, v in read_tags(root).items() if v == rec["id"]),
-           "current": current_version(root) == rec["id"]}
+           "current": current_version(root) == rec["id"], "eval": _eval_of(root, rec)}
     if args.json:
         print_json({"ok": True, "version": out})
     else:
         for key in ("id", "created_at", "reason", "note", "parent", "global_step", "tokens_seen",
-                    "loss", "tags", "current"):
+                    "loss", "tags", "current", "eval", "rejected", "gate"):
+            if key in ("rejected", "gate") and key not in out:
+                continue
             print(f"{key:12} {out.get(key)}")
         for f in rec.get("data_files") or []:
             print(f"data_file    {f.get('name')}  {str(f.get('sha256'))[:12]}")
         for rel, e in sorted(rec["manifest"].items()):
             print(f"file         {rel}  {e.get('size')} B  {str(e.get('sha256'))[:12]}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Eval loss of a version on ROOT/eval/ (V: vNNN, a tag or latest; default: current_model's),
+    kept in versions/.eval/vNNN.json; loads the model with torch (seconds)."""
+    import eval_gate
+    import training_config
+    root = _root(args)
+    cfg = training_config.load_config(root)
+    if not eval_gate.eval_files(root):
+        raise GuardrailError("no eval set: ROOT/eval/ holds no .jsonl file", root / eval_gate.EVAL_DIR,
+                             "Put one or more .jsonl files there (any format validate_data.py "
+                             "accepts), then run `python3 training_controller.py approve-config`.")
+    vid = resolve_version(root, args.version) if args.version else current_version(root)
+    if vid is not None:
+        doc = eval_gate.eval_version(root, vid, cfg, refresh=args.refresh)
+    else:  # trained since its last version: scored, not kept (no version to keep it beside)
+        doc = eval_gate.evaluate(root, Paths(root).current_model, cfg)
+    out = {"ok": True, "version": vid, "eval": eval_gate.losses(doc), "results": doc["results"],
+           "global_step": doc.get("global_step"), "seconds": doc.get("seconds")}
+    if args.json:
+        print_json(out)
+    else:
+        print(f"{vid or 'current_model (not a version)'}  step {doc.get('global_step')}")
+        for name, r in doc["results"].items():
+            print(f"  {name}  loss {r['loss']}  ({r['tokens']} tokens)")
     return 0
 
 
@@ -1111,6 +1158,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("prune", cmd_prune, (("--keep",), {"type": int, "metavar": "N"}),
         (("--yes",), {"action": "store_true", "help": "really delete (default: dry run)"}))
     add("lineage", cmd_lineage, (("version",), {"metavar": "V"}))
+    add("eval", cmd_eval, (("version",), {"metavar": "V", "nargs": "?"}),
+        (("--refresh",), {"action": "store_true", "help": "score again, even if kept"}))
     add("recover", cmd_recover)
     return parser
 

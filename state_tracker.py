@@ -52,7 +52,7 @@ WARNING_CODES = (
     "DAEMON_NOT_RUNNING", "DAEMON_STATE_UNREADABLE", "TRAINING_STALLED", "TRAINING_PAUSED",
     "FILE_WARNINGS", "PAUSED_LONG", "TRAINING_ERROR",
     "DISK_LOW", "BACKUP_NONE", "BACKUP_OLD", "BACKUP_UNVERIFIED", "BACKUP_SAME_FILESYSTEM",
-    "FILES_FAILED", "LOSS_SPIKE", "LOCK_STALE")
+    "FILES_FAILED", "LOSS_SPIKE", "LOCK_STALE", "QUALITY_HOLD")
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", "~", ".swp", ".record.json", ".error.txt",
                     ".report.json")
 
@@ -478,15 +478,17 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
                 "paused_reason": state.get("paused_reason"),
                 "paused_for_s": None, "last_error": state.get("last_error"),
                 "file_attempts": None, "file_error": None}
+    gate_held = False  # the quality gate holds it: QUALITY_HOLD says what to do (_eval_section)
     if processing:  # a crashed try (a rank that died, an engine error) is in the file's record
         rec = _read(p.processing / f"{processing[0]}.record.json")
         if isinstance(rec, dict):
+            gate_held = _dict(rec.get("hold")).get("kind") == "gate"
             training["file_attempts"] = rec.get("attempts") if isinstance(rec.get("attempts"), int) else None
             training["file_error"] = rec.get("last_error") if isinstance(rec.get("last_error"), str) else None
     if current == "paused":
         training["paused_for_s"] = _round(age_seconds(state.get("paused_since")), 1)
     start = _cmd(root, "training_daemon.py run")
-    if not alive and (processing or reported in ("training", "stopping", "paused")):
+    if not alive and not gate_held and (processing or reported in ("training", "stopping", "paused")):
         what = f"processing/{processing[0]}" if processing else "its last file"
         _warn(w, "DAEMON_DEAD", "critical",
               f"the daemon is not running (last pid {state.get('pid')}, state said "
@@ -510,7 +512,7 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
               f"{'missing' if beat_age is None else f'{beat_age:.0f} s old'}",
               f"{_cmd(root, 'training_controller.py stop --wait 300')} && {start}",
               f"If the stop times out: `kill {pid}`, then `{start}` (it resumes from the last checkpoint).")
-    if current == "paused":
+    if current == "paused" and not gate_held:
         reason = f" ({training['paused_reason']})" if training["paused_reason"] else ""
         resume = _cmd(root, "training_controller.py resume")
         note = ("Once the reason is dealt with (other warnings name its fix): the daemon does "
@@ -826,6 +828,32 @@ def _loss_section(root: Path, cfg: dict, model: dict, training: dict, w: list) -
     return sec
 
 
+def _eval_section(root: Path, model: dict, training: dict, w: list) -> dict:
+    """The quality gate (eval_gate.py): the eval set, current_model's version's eval loss
+    (kept in versions/.eval/vNNN.json), and the file it holds, if any, with the two commands."""
+    import eval_gate
+    p = Paths(root)
+    sec = {"files": [f.name for f in eval_gate.eval_files(root)], "current": None, "held": None}
+    vid = model.get("matches_version")
+    doc = eval_gate.read_cached(root, vid) if isinstance(vid, str) else None
+    if doc is not None:
+        sec["current"] = {"version": vid, "global_step": _int(doc.get("global_step")),
+                          "eval": _json_safe(eval_gate.losses(doc))}
+    name = training.get("processing_file")
+    rec = _read(p.processing / f"{name}.record.json") if name else None
+    hold = _dict(_dict(rec).get("hold"))
+    if hold.get("kind") == "gate":
+        sec["held"] = {"file": name, "version": _str(hold.get("version")), "since": _str(hold.get("since")),
+                       "threshold_pct": hold.get("threshold_pct"), "eval": _json_safe(_dict(hold.get("eval")))}
+        _warn(w, "QUALITY_HOLD", "warning", _str(hold.get("reason")) or f"{name} is held by the quality gate",
+              _cmd(root, "training_controller.py reject"),
+              "Ask the user first. reject: the file goes to skipped/ (its record names the command "
+              "that queues it again) and training goes on from the version before it, as if it "
+              f"had never been trained. To keep its training instead: "
+              f"`{_cmd(root, 'training_controller.py accept')}` (publishes {sec['held']['version']}).")
+    return sec
+
+
 def _locks_section(root: Path, daemon: dict, w: list) -> list:
     p = Paths(root)
     out = []
@@ -909,6 +937,7 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
                              f"then `{_cmd(root, 'model_versioner.py snapshot --note restored')}`.")
     loss = _loss_section(root, cfg, model, training, w)
     locks = _locks_section(root, daemon, w)
+    quality = _eval_section(root, model, training, w)
     del versions["_records"]
     training["progress"] = _json_safe(training["progress"])  # a daemon may have written NaN
     training["current_file"] = _json_safe(training["current_file"])
@@ -925,7 +954,7 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
         "critical_count": critical,
         "current_model": model, "versions": versions, "config": config,
         "training": training, "daemon": daemon, "disk": disk, "queue": queue,
-        "backups": backups, "loss": loss, "locks": locks, "warnings": w,
+        "backups": backups, "loss": loss, "locks": locks, "eval": quality, "warnings": w,
         "elapsed_ms": round((time.perf_counter() - started) * 1000, 2),
     }
 

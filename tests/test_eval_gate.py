@@ -157,7 +157,7 @@ def test_accept_with_a_running_daemon_publishes_the_held_version(tmp_path, tiny_
     d = daemons(root)
     st = d.until("paused on the gate", lambda: (s := controller(root, "status"))["state"] == "paused" and s)
     assert eval_gate.ACCEPT_CMD in st["paused_reason"]
-    assert controller(root, "resume")["outcome"] == "noop"  # resume does not decide a hold
+    assert controller(root, "resume", "--wait", "60")["outcome"] == "noop"  # resume does not decide a hold
     out = controller(root, "accept", "--wait", "120")
     assert out["outcome"] == "done", out
     done = record(root / "done" / "bad.jsonl")
