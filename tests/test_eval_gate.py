@@ -127,6 +127,18 @@ def test_a_bad_file_is_held_and_rejecting_it_leaves_no_trace(tmp_path, tiny_mode
     assert doc["commands"] == [eval_gate.ACCEPT_CMD, eval_gate.REJECT_CMD]
     assert doc["numbers"]["eval"] == hold["eval"] and doc["numbers"]["held_version"] == hold["version"]
 
+    import jsonschema
+    import state_tracker
+    state = state_tracker.build_state(a)
+    jsonschema.validate(state, json.loads((Path(state_tracker.__file__).parent / "docs" /
+                                           "system_state.schema.json").read_text()))
+    warned = {x["code"]: x for x in state["warnings"]}
+    assert "DAEMON_DEAD" not in warned and "TRAINING_PAUSED" not in warned
+    assert warned["QUALITY_HOLD"]["fix"].startswith("python3 training_controller.py reject")
+    assert eval_gate.ACCEPT_CMD in warned["QUALITY_HOLD"]["note"]
+    assert state["eval"]["held"]["eval"] == hold["eval"]
+    assert state["eval"]["current"]["version"] == before
+
     out = controller(a, "reject")  # no daemon runs: the controller carries it out itself
     assert out["outcome"] == "done" and out["version"] == before
     skipped = record(a / "skipped" / "bad.jsonl")
@@ -194,3 +206,28 @@ def test_the_eval_set_is_frozen_by_the_approval(initialized_root):
     assert training_config.changed_locked(root, cfg) == []
     write_jsonl(root / "eval" / "english.jsonl", english(5, 2))  # edited: a locked change again
     assert [c[0] for c in training_config.changed_locked(root, cfg)] == ["eval_set"]
+
+
+def test_a_skip_that_keeps_steps_is_gated_and_a_failing_notifier_never_stops_training(
+        tmp_path, tiny_model_dir, daemons):
+    root = gate_root(tmp_path / "root", tiny_model_dir, notify_command="echo the hook is down; exit 7")
+    drop(root, "good1.jsonl", english(40, 10))
+    assert train_once(root) == 0
+    set_config(root, learning_rate=BAD_LR)
+    d = daemons(root)
+    drop(root, "bad.jsonl", junk(4000))
+    d.training_step("bad.jsonl", 25)
+    controller(root, "skip", "--wait", "120")  # keeps the steps: the gate judges them
+    st = d.until("paused on the gate", lambda: (s := controller(root, "status"))["state"] == "paused" and s)
+    assert "quality gate" in st["paused_reason"]
+    hold = record(root / "processing" / "bad.jsonl")["hold"]
+    assert hold["then"] == "skipped" and versions(root)[hold["version"]]["rejected"] is True
+    assert "notify_command exited 7: the hook is down" in (root / "logs" / "daemon.log").read_text()
+    set_config(root, learning_rate=training_config.PARAMS["learning_rate"].default)
+    out = controller(root, "reject", "--wait", "120")  # with the daemon running
+    assert out["outcome"] == "done", out
+    rec = record(root / "skipped" / "bad.jsonl")
+    assert rec["rejected_version"] == hold["version"] and rec["discarded"] is True
+    drop(root, "good2.jsonl", english(40, 11))  # training goes on
+    d.until("good2 done", lambda: (root / "done" / "good2.jsonl").exists())
+    assert controller(root, "stop", "--wait", "120")["outcome"] == "done"
