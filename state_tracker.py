@@ -42,6 +42,7 @@ TRAINING_LOCKS = ("daemon", "model", "engine")  # held while the daemon runs / o
 METRICS_TAIL_BYTES = 64 * 1024  # metrics.jsonl may be a year long: read only its tail
 MODEL_SPACE_FACTOR = 4          # next save (1x) + checkpoint weights (1x) + AdamW state (2x)
 CHECK_VERSIONS = 20             # versions given the cheap check each run (plus tagged ones)
+EVAL_RECENT = 10                # versions whose eval loss the document (and the monitor) shows
 LIST_LIMIT = 20                 # failed/skipped files listed in full (the count is exact)
 SEVERITIES = ("info", "warning", "critical")
 MODEL_META = {".manifest.json", "version.json", "backup.json"}
@@ -833,12 +834,21 @@ def _eval_section(root: Path, model: dict, training: dict, w: list) -> dict:
     (kept in versions/.eval/vNNN.json), and the file it holds, if any, with the two commands."""
     import eval_gate
     p = Paths(root)
-    sec = {"files": [f.name for f in eval_gate.eval_files(root)], "current": None, "held": None}
+    sec = {"files": [f.name for f in eval_gate.eval_files(root)], "current": None, "recent": [], "held": None}
+    kept = sorted((n[:-5] for n in _listdir(p.versions / eval_gate.CACHE_DIR)
+                   if n[:1] == "v" and n.endswith(".json") and n[1:-5].isdigit()),
+                  key=lambda v: int(v[1:]))
     vid = model.get("matches_version")
-    doc = eval_gate.read_cached(root, vid) if isinstance(vid, str) else None
-    if doc is not None:
-        sec["current"] = {"version": vid, "global_step": _int(doc.get("global_step")),
-                          "eval": _json_safe(eval_gate.losses(doc))}
+    for v in kept[-EVAL_RECENT:] + ([vid] if isinstance(vid, str) and vid in kept[:-EVAL_RECENT] else []):
+        doc = eval_gate.read_cached(root, v)  # one small JSON per version
+        if doc is None:
+            continue
+        entry = {"version": v, "global_step": _int(doc.get("global_step")),
+                 "eval": _json_safe(eval_gate.losses(doc)), "rejected": doc.get("rejected") is True}
+        if v == vid:
+            sec["current"] = entry
+        if v in kept[-EVAL_RECENT:]:
+            sec["recent"].append(entry)
     name = training.get("processing_file")
     rec = _read(p.processing / f"{name}.record.json") if name else None
     hold = _dict(_dict(rec).get("hold"))

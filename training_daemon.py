@@ -1058,7 +1058,7 @@ class Daemon:
             extra={"rejected": True, "eval": eval_gate.losses(after),
                    "gate": {"file": data.name, "version_before": before_vid, "threshold_pct": pct,
                             "compared": cmp, "held_at": now, "then": then}})
-        eval_gate.write_cached(self.p.root, held, after)
+        eval_gate.write_cached(self.p.root, held, dict(after, rejected=True))
         self._restore_before(data)
         reason = eval_gate.hold_reason(data.name, cmp, pct, held, before_vid)
         update = {"in_training": False, "result": result,

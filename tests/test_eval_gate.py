@@ -231,3 +231,22 @@ def test_a_skip_that_keeps_steps_is_gated_and_a_failing_notifier_never_stops_tra
     drop(root, "good2.jsonl", english(40, 11))  # training goes on
     d.until("good2 done", lambda: (root / "done" / "good2.jsonl").exists())
     assert controller(root, "stop", "--wait", "120")["outcome"] == "done"
+
+
+def test_the_monitor_shows_eval_loss_per_version_beside_the_loss_curve(initialized_root, tmp_path):
+    import monitor_server
+    from test_monitor import CHROMIUM, element, render, simulate_training_daemon
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH")
+    root = initialized_root
+    simulate_training_daemon(root)  # metrics over steps 1..600, versions v001 and v002
+    eval_gate.write_cached(root, "v001", {"results": {"english.jsonl": {"loss": 3.25}}, "global_step": 0})
+    eval_gate.write_cached(root, "v002", {"results": {"english.jsonl": {"loss": 4.5}}, "global_step": 300,
+                                          "rejected": True})
+    handle = monitor_server.start_in_thread(root, 0)
+    try:
+        dom = render(handle.url, tmp_path)
+    finally:
+        handle.stop()
+    text = element(dom, "eval-losses")[1]
+    assert text == "eval loss by version: v001 english 3.2500 · v002 (rejected) english 4.5000", text
