@@ -796,16 +796,22 @@ def backup_versions(root) -> dict:
 
 
 def _processing_versions(p: Paths) -> dict:
-    """{version_before: file name} of the data file(s) in processing/ (their records)."""
+    """{version: why prune keeps it} for the data file(s) in processing/: the version each
+    started from, and the one the quality gate holds (their records)."""
     out = {}
     for rec_path in sorted(p.processing.glob("*.record.json")) if p.processing.is_dir() else []:
         try:
             rec = read_json(rec_path, default=None)
         except GuardrailError:
             continue
-        vid = rec.get("version_before") if isinstance(rec, dict) else None
-        with contextlib.suppress(UsageError):
-            out[validate_version_id(vid)] = rec_path.name[:-len(".record.json")]
+        hold = rec.get("hold") if isinstance(rec, dict) else None
+        held = hold.get("version") if isinstance(hold, dict) else None  # the gate's: accept needs it
+        name = rec_path.name[:-len(".record.json")]
+        for vid, why in ((rec.get("version_before") if isinstance(rec, dict) else None,
+                          f"{name} in processing/ started from it"),
+                         (held, f"the quality gate holds {name}'s training as it")):
+            with contextlib.suppress(UsageError):
+                out[validate_version_id(vid)] = why
     return out
 
 
@@ -840,9 +846,9 @@ def prune_plan(root, keep: int | None = None) -> dict:
     for vid, backups in backup_versions(p.root).items():
         if vid in reasons:
             reasons[vid].append("backup " + ", ".join(backups))
-    for vid, name in _processing_versions(p).items():
-        if vid in reasons:  # skip --discard and the loss guard restore it
-            reasons[vid].append(f"{name} in processing/ started from it")
+    for vid, why in _processing_versions(p).items():
+        if vid in reasons:  # skip --discard, the loss guard and accept restore it
+            reasons[vid].append(why)
     return {"keep": {v: r for v, r in reasons.items() if r},
             "delete": [v for v, r in reasons.items() if not r]}
 

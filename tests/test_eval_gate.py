@@ -250,3 +250,28 @@ def test_the_monitor_shows_eval_loss_per_version_beside_the_loss_curve(initializ
         handle.stop()
     text = element(dom, "eval-losses")[1]
     assert text == "eval loss by version: v001 english 3.2500 · v002 (rejected) english 4.5000", text
+
+
+def test_a_file_stopped_then_finished_is_gated_and_accept_works_with_no_daemon(
+        tmp_path, tiny_model_dir, daemons):
+    root = gate_root(tmp_path / "root", tiny_model_dir)
+    drop(root, "good1.jsonl", english(40, 10))
+    assert train_once(root) == 0
+    set_config(root, learning_rate=BAD_LR)
+    d = daemons(root)
+    drop(root, "bad.jsonl", junk(300))
+    d.training_step("bad.jsonl", 20)
+    assert controller(root, "stop", "--wait", "120")["outcome"] == "done"
+    assert (root / "processing" / "bad.jsonl").exists()
+    proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root, timeout=300)
+    assert proc.returncode == 1 and eval_gate.ACCEPT_CMD in proc.stderr, proc.stderr[-2000:]
+    hold = record(root / "processing" / "bad.jsonl")["hold"]
+    assert hold["kind"] == "gate" and hold["then"] == "done"
+    import model_versioner
+    assert "quality gate holds" in " ".join(model_versioner.prune_plan(root, keep=1)["keep"][hold["version"]])
+    out = controller(root, "accept")  # no daemon runs
+    assert out["outcome"] == "done" and "no daemon was running" in out["message"]
+    done = record(root / "done" / "bad.jsonl")
+    assert done["accepted"]["held_version"] == hold["version"]
+    assert_same_weights(weights(root / "current_model"), weights(root / "versions" / hold["version"]))
+    assert versions(root)[done["version_after"]]["eval"] == versions(root)[hold["version"]]["eval"]
