@@ -720,7 +720,7 @@ class Daemon:
         self._records_at_start = 0
         self.progress = None
         try:
-            if engine is not None and self._gate_on(cfg):
+            if self._gate_on(cfg):
                 self._gate_prepare(rec, cfg)
             if engine is not None:
                 result = engine.train_file(self.p.root, data, file_id=rec["file_id"], config=cfg,
@@ -1003,9 +1003,30 @@ class Daemon:
     # ---------------------------------------------------------------- the quality gate
 
     def _gate_on(self, cfg: dict) -> bool:
-        """An eval set, eval_max_tokens > 0, and the engine in this process (not torchrun)."""
-        return bool(int(cfg.get("eval_max_tokens") or 0) and int(cfg.get("nproc_per_node") or 1) == 1
-                    and eval_gate.eval_files(self.p.root))
+        """An eval set and eval_max_tokens > 0."""
+        return bool(int(cfg.get("eval_max_tokens") or 0) and eval_gate.eval_files(self.p.root))
+
+    def _score(self, cfg: dict, version: str | None) -> dict:
+        """Eval results of `version` (kept per version) or, with None, of current_model: in
+        this process, or under torchrun (where the daemon never imports torch) by
+        `model_versioner.py eval` in a child, after the job has ended."""
+        if int(cfg.get("nproc_per_node") or 1) == 1:
+            self.engine()  # torch and transformers, imported once
+            if version is not None:
+                return eval_gate.eval_version(self.p.root, version, cfg, log=self.log)
+            return eval_gate.evaluate(self.p.root, self.p.current_model, cfg, log=self.log)
+        proc = subprocess.run([sys.executable, str(SCRIPTS / "model_versioner.py"), "eval",
+                               *([version] if version else []), "--json", "--root", str(self.p.root)],
+                              capture_output=True, text=True, cwd=str(SCRIPTS), timeout=3600)
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
+            raise GuardrailError(f"scoring the eval set failed: {(lines or [proc.stderr[-300:]])[-1]}",
+                                 self.p.root / eval_gate.EVAL_DIR,
+                                 "Fix the eval set (the error names the file), then run "
+                                 "`python3 training_controller.py resume`.")
+        doc = json.loads(proc.stdout)
+        return {"results": doc["results"], "global_step": doc.get("global_step"),
+                "seconds": doc.get("seconds"), "key": eval_gate.cache_key(self.p.root, cfg)}
 
     def _gate_prepare(self, rec: dict, cfg: dict) -> None:
         """Before a file trains: pin the checkpoint the next file carries its optimizer from
@@ -1016,8 +1037,7 @@ class Daemon:
         if pinned:
             self.log.info("%s: %s kept until the quality gate has decided", name, pinned)
         if rec.get("version_before"):
-            self.engine()  # torch and transformers, imported once
-            eval_gate.eval_version(self.p.root, rec["version_before"], cfg, log=self.log)
+            self._score(cfg, rec["version_before"])
 
     def _gate(self, data: Path, result: dict, cfg: dict, then: str) -> tuple[bool, dict | None]:
         """Score current_model (a file's end state) against the version before the file:
@@ -1031,10 +1051,8 @@ class Daemon:
         if _trainer_state(self.p.current_model).get("file_id") != rec.get("file_id"):
             return False, None  # nothing of this file is in current_model: nothing to judge
         try:
-            self.engine()
-            before = eval_gate.eval_version(self.p.root, before_vid, cfg, log=self.log) \
-                if before_vid else None
-            after = eval_gate.evaluate(self.p.root, self.p.current_model, cfg, log=self.log)
+            before = self._score(cfg, before_vid) if before_vid else None
+            after = self._score(cfg, None)
         except (GuardrailError, OSError) as exc:  # a gate that cannot score lets the file through, loudly
             self.last_error = f"quality gate: could not score {data.name}: {exc}"
             self.log.error("%s; the file is not gated", self.last_error)

@@ -275,3 +275,19 @@ def test_a_file_stopped_then_finished_is_gated_and_accept_works_with_no_daemon(
     assert done["accepted"]["held_version"] == hold["version"]
     assert_same_weights(weights(root / "current_model"), weights(root / "versions" / hold["version"]))
     assert versions(root)[done["version_after"]]["eval"] == versions(root)[hold["version"]]["eval"]
+
+
+def test_the_gate_holds_a_bad_file_trained_under_torchrun(tmp_path, tiny_model_dir):
+    """nproc_per_node 2: the daemon never imports torch; the eval runs in a child after the job."""
+    root = gate_root(tmp_path / "root", tiny_model_dir, nproc_per_node=2)
+    drop(root, "good1.jsonl", english(40, 10))
+    proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert isinstance(versions(root)[record(root / "done" / "good1.jsonl")["version_after"]]["eval"]
+                      ["english.jsonl"], float)
+    set_config(root, learning_rate=BAD_LR)
+    drop(root, "bad.jsonl", junk())
+    proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root, timeout=300)
+    assert proc.returncode == 1 and eval_gate.REJECT_CMD in proc.stderr, proc.stderr[-3000:]
+    hold = record(root / "processing" / "bad.jsonl")["hold"]
+    assert hold["kind"] == "gate" and versions(root)[hold["version"]]["rejected"] is True
