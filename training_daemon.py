@@ -1015,6 +1015,10 @@ class Daemon:
             if version is not None:
                 return eval_gate.eval_version(self.p.root, version, cfg, log=self.log)
             return eval_gate.evaluate(self.p.root, self.p.current_model, cfg, log=self.log)
+        kept = eval_gate.read_cached(self.p.root, version, eval_gate.cache_key(self.p.root, cfg)) \
+            if version is not None else None
+        if kept is not None:  # no child (and no torch import) for what is already kept
+            return kept
         proc = subprocess.run([sys.executable, str(SCRIPTS / "model_versioner.py"), "eval",
                                *([version] if version else []), "--json", "--root", str(self.p.root)],
                               capture_output=True, text=True, cwd=str(SCRIPTS), timeout=3600)
