@@ -24,8 +24,10 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import queue
 import shlex
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -370,3 +372,49 @@ def notify(root, cfg: dict, doc: dict, log) -> bool:
         return False
     log.info("notified (%s)%s", doc.get("what"), f": {out}" if out else "")
     return True
+
+
+class Notifier:
+    """`notify` in a worker thread, in order, so a slow notifier never holds training up
+    (the daemon's; `flush` at its exit delivers what is still waiting, within the timeout)."""
+
+    MAX_WAITING = 100
+
+    def __init__(self, root, log):
+        self.root, self.log = root, log
+        self._q: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def send(self, cfg: dict, doc: dict) -> None:
+        if not cfg.get("notify_command"):
+            return
+        with self._lock:
+            if self._q.unfinished_tasks >= self.MAX_WAITING:
+                self.log.warning("notify_command: %d notifications wait already; %s not sent",
+                                 self.MAX_WAITING, doc.get("what"))
+                return
+            self._q.put((dict(cfg), doc))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                try:
+                    cfg, doc = self._q.get_nowait()
+                except queue.Empty:
+                    self._thread = None  # under the lock: a send now starts a new worker
+                    return
+            try:
+                notify(self.root, cfg, doc, self.log)
+            except Exception as exc:  # notify never raises; this is for what it cannot foresee
+                self.log.warning("notify_command not run (%s)", exc)
+            finally:
+                self._q.task_done()
+
+    def flush(self, timeout: float = NOTIFY_TIMEOUT_S + 1) -> None:
+        deadline = time.monotonic() + timeout
+        while self._q.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.02)

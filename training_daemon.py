@@ -286,6 +286,7 @@ class Daemon:
         self._monitor = None
         self.warned_files: list[dict] = []  # recent files whose record counts warnings
         self._intake_tok = None               # (key, Encoder) for the intake render check
+        self.notifier = eval_gate.Notifier(self.p.root, self.log)  # config notify_command
 
     # ---------------------------------------------------------------- state file
 
@@ -342,10 +343,10 @@ class Daemon:
             if numbers is None and hold.get("kind") == "gate":
                 numbers = {"eval": hold.get("eval"), "threshold_pct": hold.get("threshold_pct"),
                            "held_version": hold.get("version")}
-            eval_gate.notify(self.p.root, cfg, {
+            self.notifier.send(cfg, {
                 "what": what, "reason": reason,
                 "file": file or (self.current or {}).get("name") or (data.name if data else None),
-                "numbers": numbers or {}, "commands": commands}, self.log)
+                "numbers": numbers or {}, "commands": commands})
         except Exception as exc:  # a notifier never stops training
             self.log.warning("notify_command not run (%s: %s)", exc.__class__.__name__, exc)
 
@@ -1460,6 +1461,7 @@ class Daemon:
             self._backup_next = None
         if self.backup_proc is not None:
             self._poll_backup(wait=True)
+        self.notifier.flush()  # what the last file or pause sent still reaches a person
         if self._import_thread is not None:
             self._import_thread.join()
         self.state = "stopped"
