@@ -12,6 +12,7 @@ saved into `.staging/`, fsynced and swapped in with `renameat2(RENAME_EXCHANGE)`
     python3 model_versioner.py rollback            # undo the last training (itself undoable)
     python3 model_versioner.py restore latest      # after `rm -rf current_model`
     python3 model_versioner.py verify --all --json
+    python3 model_versioner.py eval v004           # eval loss on ROOT/eval/ (eval_gate.py)
 """
 
 from __future__ import annotations
@@ -419,20 +420,22 @@ def _ensure_current_manifest(p: Paths) -> dict:
 
 
 def create_version(root, reason: str, *, note=None, data_files=None, loss=None,
-                   force: bool = False) -> tuple[str, bool]:
+                   force: bool = False, extra: dict | None = None) -> tuple[str, bool]:
     """Snapshot `current_model/` as a new immutable version; returns `(id, created)`.
 
     No new version when current_model already equals the latest one (unless `force`).
     Hard links + version.json in `versions/.staging-*`, fsync, rename to `vNNN`.
+    `extra`: more fields for version.json (`eval`, `rejected`, `gate`: eval_gate.py);
+    never one of the fields above.
     """
     p = Paths(root)
     with _versions_lock(p, f"snapshot ({reason})"):
         return _create_version_locked(p, reason, note=note, data_files=data_files, loss=loss,
-                                      force=force)
+                                      force=force, extra=extra)
 
 
 def _create_version_locked(p: Paths, reason, *, note=None, data_files=None, loss=None,
-                           force=False) -> tuple[str, bool]:
+                           force=False, extra=None) -> tuple[str, bool]:
     manifest = _ensure_current_manifest(p)
     same = current_version(p.root)
     latest = latest_version(p.root)
@@ -464,6 +467,7 @@ def _create_version_locked(p: Paths, reason, *, note=None, data_files=None, loss
                   "config": cfg, "manifest": {
                       rel: {**entry, "mtime_ns": (staging / rel).stat().st_mtime_ns}
                       for rel, entry in manifest["files"].items()}}
+        record.update({k: v for k, v in (extra or {}).items() if k not in record})
         while True:
             vid = _next_id(p)
             record["id"] = vid
@@ -833,16 +837,22 @@ def backup_versions(root) -> dict:
 
 
 def _processing_versions(p: Paths) -> dict:
-    """{version_before: file name} of the data file(s) in processing/ (their records)."""
+    """{version: why prune keeps it} for the data file(s) in processing/: the version each
+    started from, and the one the quality gate holds (their records)."""
     out = {}
     for rec_path in sorted(p.processing.glob("*.record.json")) if p.processing.is_dir() else []:
         try:
             rec = read_json(rec_path, default=None)
         except GuardrailError:
             continue
-        vid = rec.get("version_before") if isinstance(rec, dict) else None
-        with contextlib.suppress(UsageError):
-            out[validate_version_id(vid)] = rec_path.name[:-len(".record.json")]
+        hold = rec.get("hold") if isinstance(rec, dict) else None
+        held = hold.get("version") if isinstance(hold, dict) else None  # the gate's: accept needs it
+        name = rec_path.name[:-len(".record.json")]
+        for vid, why in ((rec.get("version_before") if isinstance(rec, dict) else None,
+                          f"{name} in processing/ started from it"),
+                         (held, f"the quality gate holds {name}'s training as it")):
+            with contextlib.suppress(UsageError):
+                out[validate_version_id(vid)] = why
     return out
 
 
@@ -887,9 +897,9 @@ def prune_plan(root, keep: int | None = None, *, rules: dict | None = None) -> d
         parent = (read_manifest(p.current_model) or {}).get("parent_version")
         if parent in reasons and cur is None:
             reasons[parent].append("current_model was trained from it")
-    for vid, name in _processing_versions(p).items():
-        if vid in reasons:  # skip --discard and the loss guard restore it
-            reasons[vid].append(f"{name} in processing/ started from it")
+    for vid, why in _processing_versions(p).items():
+        if vid in reasons:  # skip --discard, the loss guard and accept restore it
+            reasons[vid].append(why)
     for rec in recs:
         why = _under_review(rec)
         if why:
@@ -981,6 +991,21 @@ def newest_versions(root, limit: int | None) -> tuple[list[dict], list[str], int
     return rows[::-1], damaged[::-1], len(dirs)
 
 
+def _eval_of(root, rec: dict) -> dict | None:
+    """{eval file: loss} of a version: in its version.json, else kept by `eval` beside it
+    (versions/.eval/vNNN.json, outside the folder `verify` checks)."""
+    if isinstance(rec.get("eval"), dict) and rec["eval"]:
+        return rec["eval"]
+    import eval_gate
+    doc = eval_gate.read_cached(root, rec["id"])
+    return eval_gate.losses(doc) if doc else None
+
+
+def _eval_text(losses: dict | None) -> str:
+    return "  eval " + ", ".join(f"{n} {v:.4f}" if isinstance(v, (int, float)) else f"{n} -"
+                                 for n, v in losses.items()) if losses else ""
+
+
 def cmd_list(args) -> int:
     """List the newest versions, oldest first (* marks the one current_model equals);
     --limit N (default 50), --all for every one."""
@@ -991,7 +1016,8 @@ def cmd_list(args) -> int:
                          f"Run `{CMD} list --all` to list every version.")
     tags, cur = read_tags(root), current_version(root)
     recs, damaged, total = newest_versions(root, limit)
-    rows = [_summary(rec, tags, cur) for rec in recs]
+    rows = [dict(_summary(rec, tags, cur), eval=_eval_of(root, rec),
+                 rejected=rec.get("rejected") is True) for rec in recs]
     more = total - len(rows) - len(damaged)
     if args.json:
         print_json({"ok": True, "versions": rows, "current": cur, "latest": latest_version(root),
@@ -1009,7 +1035,8 @@ def cmd_list(args) -> int:
     for r in rows:
         extra = " ".join(f"[{t}]" for t in r["tags"])
         print(f"{'*' if r['current'] else ' '} {r['id']}  {str(r['created_at'] or '')[:19]}  "
-              f"step {r['global_step']}  {r['reason']}"
+              f"step {r['global_step']}  {r['reason']}" + ("  REJECTED" if r["rejected"] else "")
+              + _eval_text(r["eval"])
               + (f"  note: {r['note']}" if r["note"] else "") + (f"  {extra}" if extra else ""))
     if not os.path.lexists(Paths(root).current_model):
         print("  current_model is missing: bring it back with "
@@ -1024,17 +1051,46 @@ def cmd_show(args) -> int:
     root = _root(args)
     rec = read_version(root, resolve_version(root, args.version))
     out = {**rec, "tags": sorted(n for n, v in read_tags(root).items() if v == rec["id"]),
-           "current": current_version(root) == rec["id"]}
+           "current": current_version(root) == rec["id"], "eval": _eval_of(root, rec)}
     if args.json:
         print_json({"ok": True, "version": out})
     else:
         for key in ("id", "created_at", "reason", "note", "parent", "global_step", "tokens_seen",
-                    "loss", "tags", "current"):
+                    "loss", "tags", "current", "eval", "rejected", "gate"):
+            if key in ("rejected", "gate") and key not in out:
+                continue
             print(f"{key:12} {out.get(key)}")
         for f in rec.get("data_files") or []:
             print(f"data_file    {f.get('name')}  {str(f.get('sha256'))[:12]}")
         for rel, e in sorted(rec["manifest"].items()):
             print(f"file         {rel}  {e.get('size')} B  {str(e.get('sha256'))[:12]}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Eval loss of a version on ROOT/eval/ (V: vNNN, a tag or latest; default: current_model's),
+    kept in versions/.eval/vNNN.json; loads the model with torch (seconds)."""
+    import eval_gate
+    import training_config
+    root = _root(args)
+    cfg = training_config.load_config(root)
+    if not eval_gate.eval_files(root):
+        raise GuardrailError("no eval set: ROOT/eval/ holds no .jsonl file", root / eval_gate.EVAL_DIR,
+                             "Put one or more .jsonl files there (any format validate_data.py "
+                             "accepts), then run `python3 training_controller.py approve-config`.")
+    vid = resolve_version(root, args.version) if args.version else current_version(root)
+    if vid is not None:
+        doc = eval_gate.eval_version(root, vid, cfg, refresh=args.refresh)
+    else:  # trained since its last version: scored, not kept (no version to keep it beside)
+        doc = eval_gate.evaluate(root, Paths(root).current_model, cfg)
+    out = {"ok": True, "version": vid, "eval": eval_gate.losses(doc), "results": doc["results"],
+           "global_step": doc.get("global_step"), "seconds": doc.get("seconds")}
+    if args.json:
+        print_json(out)
+    else:
+        print(f"{vid or 'current_model (not a version)'}  step {doc.get('global_step')}")
+        for name, r in doc["results"].items():
+            print(f"  {name}  loss {r['loss']}  ({r['tokens']} tokens)")
     return 0
 
 
@@ -1194,6 +1250,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("prune", cmd_prune, (("--keep",), {"type": int, "metavar": "N"}),
         (("--yes",), {"action": "store_true", "help": "really delete (default: dry run)"}))
     add("lineage", cmd_lineage, (("version",), {"metavar": "V"}))
+    add("eval", cmd_eval, (("version",), {"metavar": "V", "nargs": "?"}),
+        (("--refresh",), {"action": "store_true", "help": "score again, even if kept"}))
     add("recover", cmd_recover)
     return parser
 

@@ -43,6 +43,7 @@ TRAINING_LOCKS = ("daemon", "model", "engine")  # held while the daemon runs / o
 METRICS_TAIL_BYTES = 64 * 1024  # metrics.jsonl may be a year long: read only its tail
 MODEL_SPACE_FACTOR = 4          # next save (1x) + checkpoint weights (1x) + AdamW state (2x)
 CHECK_VERSIONS = 20             # versions given the cheap check each run (plus tagged ones)
+EVAL_RECENT = 10                # versions whose eval loss the document (and the monitor) shows
 LIST_LIMIT = 20                 # failed/skipped files listed in full (the count is exact)
 SEVERITIES = ("info", "warning", "critical")
 MODEL_META = {".manifest.json", "version.json", "backup.json"}
@@ -54,7 +55,7 @@ WARNING_CODES = (
     "FILE_WARNINGS", "PAUSED_LONG", "TRAINING_ERROR",
     "DISK_LOW", "DISK_BUDGET", "CONFIG_OLD_KEYS", "BACKUP_NONE", "BACKUP_OLD", "BACKUP_UNVERIFIED",
     "BACKUP_SAME_FILESYSTEM",
-    "FILES_FAILED", "LOSS_SPIKE", "LOCK_STALE")
+    "FILES_FAILED", "LOSS_SPIKE", "LOCK_STALE", "QUALITY_HOLD")
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", "~", ".swp", ".record.json", ".error.txt",
                     ".report.json")
 
@@ -493,15 +494,17 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
                 "paused_reason": state.get("paused_reason"),
                 "paused_for_s": None, "last_error": state.get("last_error"),
                 "file_attempts": None, "file_error": None}
+    gate_held = False  # the quality gate holds it: QUALITY_HOLD says what to do (_eval_section)
     if processing:  # a crashed try (a rank that died, an engine error) is in the file's record
         rec = _read(p.processing / f"{processing[0]}.record.json")
         if isinstance(rec, dict):
+            gate_held = _dict(rec.get("hold")).get("kind") == "gate"
             training["file_attempts"] = rec.get("attempts") if isinstance(rec.get("attempts"), int) else None
             training["file_error"] = rec.get("last_error") if isinstance(rec.get("last_error"), str) else None
     if current == "paused":
         training["paused_for_s"] = _round(age_seconds(state.get("paused_since")), 1)
     start = _cmd(root, "training_daemon.py run")
-    if not alive and (processing or reported in ("training", "stopping", "paused")):
+    if not alive and not gate_held and (processing or reported in ("training", "stopping", "paused")):
         what = f"processing/{processing[0]}" if processing else "its last file"
         _warn(w, "DAEMON_DEAD", "critical",
               f"the daemon is not running (last pid {state.get('pid')}, state said "
@@ -525,7 +528,7 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
               f"{'missing' if beat_age is None else f'{beat_age:.0f} s old'}",
               f"{_cmd(root, 'training_controller.py stop --wait 300')} && {start}",
               f"If the stop times out: `kill {pid}`, then `{start}` (it resumes from the last checkpoint).")
-    if current == "paused":
+    if current == "paused" and not gate_held:
         reason = f" ({training['paused_reason']})" if training["paused_reason"] else ""
         resume = _cmd(root, "training_controller.py resume")
         note = ("Once the reason is dealt with (other warnings name its fix): the daemon does "
@@ -867,6 +870,41 @@ def _loss_section(root: Path, cfg: dict, model: dict, training: dict, w: list) -
     return sec
 
 
+def _eval_section(root: Path, model: dict, training: dict, w: list) -> dict:
+    """The quality gate (eval_gate.py): the eval set, current_model's version's eval loss
+    (kept in versions/.eval/vNNN.json), and the file it holds, if any, with the two commands."""
+    import eval_gate
+    p = Paths(root)
+    sec = {"files": [f.name for f in eval_gate.eval_files(root)], "current": None, "recent": [], "held": None}
+    kept = sorted((n[:-5] for n in _listdir(p.versions / eval_gate.CACHE_DIR)
+                   if n[:1] == "v" and n.endswith(".json") and n[1:-5].isdigit()),
+                  key=lambda v: int(v[1:]))
+    vid = model.get("matches_version")
+    for v in kept[-EVAL_RECENT:] + ([vid] if isinstance(vid, str) and vid in kept[:-EVAL_RECENT] else []):
+        doc = eval_gate.read_cached(root, v)  # one small JSON per version
+        if doc is None:
+            continue
+        entry = {"version": v, "global_step": _int(doc.get("global_step")),
+                 "eval": _json_safe(eval_gate.losses(doc)), "rejected": doc.get("rejected") is True}
+        if v == vid:
+            sec["current"] = entry
+        if v in kept[-EVAL_RECENT:]:
+            sec["recent"].append(entry)
+    name = training.get("processing_file")
+    rec = _read(p.processing / f"{name}.record.json") if name else None
+    hold = _dict(_dict(rec).get("hold"))
+    if hold.get("kind") == "gate":
+        sec["held"] = {"file": name, "version": _str(hold.get("version")), "since": _str(hold.get("since")),
+                       "threshold_pct": hold.get("threshold_pct"), "eval": _json_safe(_dict(hold.get("eval")))}
+        _warn(w, "QUALITY_HOLD", "warning", _str(hold.get("reason")) or f"{name} is held by the quality gate",
+              _cmd(root, "training_controller.py reject"),
+              "Ask the user first. reject: the file goes to skipped/ (its record names the command "
+              "that queues it again) and training goes on from the version before it, as if it "
+              f"had never been trained. To keep its training instead: "
+              f"`{_cmd(root, 'training_controller.py accept')}` (publishes {sec['held']['version']}).")
+    return sec
+
+
 def _locks_section(root: Path, daemon: dict, w: list) -> list:
     p = Paths(root)
     out = []
@@ -950,6 +988,7 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
                              f"then `{_cmd(root, 'model_versioner.py snapshot --note restored')}`.")
     loss = _loss_section(root, cfg, model, training, w)
     locks = _locks_section(root, daemon, w)
+    quality = _eval_section(root, model, training, w)
     del versions["_records"], versions["_ids"]
     training["progress"] = _json_safe(training["progress"])  # a daemon may have written NaN
     training["current_file"] = _json_safe(training["current_file"])
@@ -966,7 +1005,7 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
         "critical_count": critical,
         "current_model": model, "versions": versions, "config": config,
         "training": training, "daemon": daemon, "disk": disk, "queue": queue,
-        "backups": backups, "loss": loss, "locks": locks, "warnings": w,
+        "backups": backups, "loss": loss, "locks": locks, "eval": quality, "warnings": w,
         "elapsed_ms": round((time.perf_counter() - started) * 1000, 2),
     }
 

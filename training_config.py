@@ -130,6 +130,16 @@ PARAMS: dict[str, Param] = {
     "min_free_disk_mb": Param(100, "int", "margin kept free beyond one snapshot plus one "
                               "checkpoint", 0, 1 << 30),
     "monitor_port": Param(8080, "int", "live monitor on 127.0.0.1:PORT; 0 turns it off", 0, 65535),
+    # -- the quality gate (eval_gate.py) --
+    "eval_max_tokens": Param(16384, "int", "tokens of ROOT/eval/ scored per version (shared by "
+                             "its files); a forward pass over them costs a few percent of a "
+                             "file's training; 0 turns the eval and the gate off", 0, 1 << 34),
+    "eval_regression_pct": Param(5.0, "float", "hold a file whose weights raise any eval file's "
+                                 "loss by more than this percent over the version before it",
+                                 0.0, 1e6),
+    "notify_command": Param(None, "str", "shell command run with a JSON document on stdin "
+                            "whenever the daemon waits for a person (e.g. notify-send, curl); "
+                            "null: none", nullable=True),
     "nproc_per_node": Param(1, "int", "processes per node; more than 1 runs under torchrun (DDP)",
                             1, 1024),
     "locked": Param(["base_model", "max_length", "learning_rate", "dtype"], "list",
@@ -236,6 +246,12 @@ def validate_config(cfg) -> list[str]:
         msg = _type_error(name, p, value)
         if msg:
             errors.append(msg)
+    notify = cfg.get("notify_command")
+    if isinstance(notify, str) and notify.strip():
+        try:
+            shlex.split(notify)
+        except ValueError as exc:
+            errors.append(f"notify_command: not a shell command line ({exc}): {notify!r}")
     spike = cfg.get("loss_spike_factor")
     if isinstance(spike, (int, float)) and 0 < spike < 1:  # below the average: every step
         errors.append(f"loss_spike_factor: {spike!r} would pause at every step (it is a factor "
@@ -282,8 +298,10 @@ def read_approval(root) -> dict | None:
 
 def approve(root, cfg: dict, by: str = "user") -> dict:
     """Record the current values of the locked parameters as approved."""
+    import eval_gate
     record = {"schema_version": SCHEMA_VERSION, "approved_at": utc_now(), "approved_by": by,
-              "values": {name: cfg.get(name) for name in cfg.get("locked", REQUIRED_LOCKED)}}
+              "values": {name: cfg.get(name) for name in cfg.get("locked", REQUIRED_LOCKED)},
+              "eval_set": eval_gate.fingerprint(root)}  # ROOT/eval/ is frozen like a locked value
     atomic_write_json(Paths(root).config_lock, record)
     return record
 
@@ -304,10 +322,18 @@ def changed_locked(root, cfg: dict) -> list[tuple[str, object, object]]:
         old, new = values.get(name), cfg.get(name)
         if name not in values or json.dumps(old) != json.dumps(new):
             changes.append((name, old, new))
+    import eval_gate  # an approval from before the eval set existed approved none: {}
+    old_set, new_set = approval.get("eval_set") or {}, eval_gate.fingerprint(root)
+    if old_set != new_set:
+        changes.append(("eval_set", old_set, new_set))
     return changes
 
 
 def format_change(name: str, old, new) -> str:
+    if name == "eval_set":  # {name: sha256}: the names and the start of each hash say enough
+        def short(v):
+            return "{" + ", ".join(f"{k}: {str(h)[:12]}" for k, h in sorted((v or {}).items())) + "}"
+        return f"eval_set (ROOT/eval/): {short(old)} -> {short(new)}"
     return f"{name}: {json.dumps(old)} -> {json.dumps(new)}"
 
 

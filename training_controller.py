@@ -1,4 +1,5 @@
-"""Control a running training daemon: stop, pause, resume, skip, status, approve-config.
+"""Control a running training daemon: stop, pause, resume, skip, accept, reject, status,
+approve-config.
 
 Each request is a small JSON file written atomically into `ROOT/control/`; the daemon
 claims it (a rename into `control/claimed/`, so it is consumed exactly once), acts at the
@@ -8,6 +9,7 @@ module is that protocol's library (the daemon imports it) and its command line.
     python3 training_controller.py status
     python3 training_controller.py pause --reason "disk check" --wait
     python3 training_controller.py stop --wait 120 --json
+    python3 training_controller.py accept    # a file the quality gate holds (eval_gate.py)
 
 Standard library only at import time: psutil and rich are imported inside the functions
 that need them, so every command answers in a fraction of a second.
@@ -37,7 +39,7 @@ from trainroot import (BOOT_CLOCK, EXIT_FAILURE, BusyError, FileLock, GuardrailE
 log = logging.getLogger("training_controller")
 
 SCHEMA_VERSION = 1
-ACTIONS = ("stop", "pause", "resume", "skip")
+ACTIONS = ("stop", "pause", "resume", "skip", "accept", "reject")
 OUTCOMES = ("done", "noop", "failed", "rejected", "cancelled")
 STATES = ("idle", "training", "paused", "stopping", "stopped", "dead")
 REQUEST_SUFFIX = ".request.json"
@@ -213,7 +215,7 @@ def pending_requests(root, *, rejected: list | None = None, move_aside: bool = T
             continue  # claimed while we listed
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             doc, problem = None, f"unreadable ({exc.__class__.__name__}: {exc})"
-        if problem is None and doc["action"] in ("stop", "skip"):
+        if problem is None and doc["action"] in ("stop", "skip", "accept", "reject"):
             problem = _stale(doc, daemon_started, daemon_started_at)
         if problem is not None:
             entry = {"name": name, "path": str(path), "error": problem}
@@ -595,7 +597,8 @@ OPERATIONAL_PARAMS = frozenset({
     "loss_spike_factor", "loss_spike_window", "keep_versions", "backup_dir",
     "backup_every_files", "backup_every_hours", "keep_backups", "settle_seconds",
     "retention", "max_disk_gb", "backup_max_disk_gb",
-    "rescan_seconds", "max_attempts", "min_free_disk_mb", "monitor_port", "locked"})
+    "rescan_seconds", "max_attempts", "min_free_disk_mb", "monitor_port", "locked",
+    "eval_set", "eval_max_tokens", "eval_regression_pct", "notify_command"})
 
 
 def file_midway(root) -> dict | None:
@@ -691,6 +694,46 @@ def _out(args, doc: dict, lines: list[str]) -> int:
         for line in lines:
             print(line)
     return 0 if doc.get("ok", True) else EXIT_FAILURE
+
+
+def decide(root, action: str, *, reason: str | None = None, wait: float | None = DEFAULT_WAIT_S) -> dict:
+    """`accept` or `reject` the file the quality gate holds: through the running daemon
+    (a request, waited for), or with no daemon here, holding the daemon lock so none
+    starts meanwhile (eval_gate.decide). Raises GuardrailError when nothing is held."""
+    import eval_gate
+    p = require_root(resolve_root(root))
+    if not daemon_status(p.root)["alive"]:
+        try:
+            lock = FileLock(p.lock("daemon"), f"training_controller {action}").acquire(timeout=0)
+        except BusyError:
+            lock = None  # a daemon is starting: it takes the request
+        if lock is not None:
+            try:
+                out = eval_gate.decide(p.root, action, by="training_controller (no daemon)"
+                                       + (f": {reason}" if reason else ""))
+            finally:
+                lock.release()
+            verb = "accepted" if action == "accept" else "rejected"
+            return {"ok": True, "action": action, "outcome": "done", "request": None, "ack": None,
+                    "waited_s": None, "file": out["file"], "version": out["version"],
+                    "message": f"{out['file']} {verb}: moved to {Path(out['dst']).parent.name}/; "
+                               f"current_model is {out['version']} (no daemon was running)"}
+    return request(p.root, action, reason=reason, wait=DEFAULT_WAIT_S if wait is None else wait)
+
+
+def _decide_cmd(args, action: str) -> int:
+    res = decide(args.root, action, reason=args.reason, wait=args.wait)
+    return _out(args, res, [res["message"]])
+
+
+def cmd_accept(args) -> int:
+    """Publish the version the quality gate held and finish its file as done (it goes on from it)."""
+    return _decide_cmd(args, "accept")
+
+
+def cmd_reject(args) -> int:
+    """Move the file the quality gate held to skipped/; training goes on from the version before it."""
+    return _decide_cmd(args, "reject")
 
 
 def _request_cmd(args, action: str, options: dict | None = None) -> int:
@@ -820,10 +863,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(parser)
     add = subcommands(parser)
     for name, func in (("stop", cmd_stop), ("pause", cmd_pause), ("resume", cmd_resume),
-                       ("skip", cmd_skip), ("status", cmd_status),
+                       ("skip", cmd_skip), ("accept", cmd_accept), ("reject", cmd_reject),
+                       ("status", cmd_status),
                        ("approve-config", cmd_approve_config)):
         sp = add(name, func)
-        if name in ("stop", "pause", "resume", "skip"):
+        if name in ("stop", "pause", "resume", "skip", "accept", "reject"):
             sp.add_argument("--reason", metavar="TEXT", help="why (kept in the request and logs)")
             sp.add_argument("--wait", nargs="?", type=_seconds, const=DEFAULT_WAIT_S, default=None,
                             metavar="SECONDS", help=f"block until done (default {DEFAULT_WAIT_S:g} s); "

@@ -32,6 +32,7 @@ import threading
 import time
 from pathlib import Path
 
+import eval_gate
 import inbox_files
 import root_init
 import torchrun_job
@@ -271,6 +272,7 @@ class Daemon:
         self._monitor = None
         self.warned_files: list[dict] = []  # recent files whose record counts warnings
         self._intake_tok = None               # (key, Encoder) for the intake render check
+        self.notifier = eval_gate.Notifier(self.p.root, self.log)  # config notify_command
 
     # ---------------------------------------------------------------- state file
 
@@ -293,6 +295,8 @@ class Daemon:
 
     def set_state(self, state: str, reason: str | None = None, kind: str | None = None) -> None:
         if state == "paused":
+            if kind != "request" and (self.state != "paused" or reason != self.paused_reason):
+                self.notify(kind or "paused", reason)
             if self.state != "paused":
                 self.paused_since = trainroot.utc_now()
             self.paused_reason, self.pause_kind = reason, kind
@@ -307,6 +311,30 @@ class Daemon:
             self.paused_reason = self.paused_since = self.pause_kind = None
         self.state = state
         self.write_state(force=True)
+
+    def notify(self, what: str, reason: str | None, *, file: str | None = None,
+               commands: list | None = None, numbers: dict | None = None) -> None:
+        """Tell a person the daemon waits for them (config notify_command); never raises."""
+        try:
+            cfg = getattr(self, "cfg", None) or {}
+            if not cfg.get("notify_command"):
+                return
+            data = self._processing_file()
+            hold = (training_queue.read_record(data).get("hold") or {}) if data else {}
+            if commands is None:
+                commands = {"gate": [eval_gate.ACCEPT_CMD, eval_gate.REJECT_CMD],
+                            "spike": ["python3 training_controller.py resume",
+                                      "python3 training_controller.py skip --discard"]}.get(
+                    what, ["python3 training_controller.py resume"])
+            if numbers is None and hold.get("kind") == "gate":
+                numbers = {"eval": hold.get("eval"), "threshold_pct": hold.get("threshold_pct"),
+                           "held_version": hold.get("version")}
+            self.notifier.send(cfg, {
+                "what": what, "reason": reason,
+                "file": file or (self.current or {}).get("name") or (data.name if data else None),
+                "numbers": numbers or {}, "commands": commands})
+        except Exception as exc:  # a notifier never stops training
+            self.log.warning("notify_command not run (%s: %s)", exc.__class__.__name__, exc)
 
     # ---------------------------------------------------------------- engine (lazy, once)
 
@@ -384,7 +412,9 @@ class Daemon:
             elif action == "resume":
                 import training_controller
                 training_controller.clear_pause_record(self.p.root)
-                if self.state == "paused":
+                if self.state == "paused" and self.pause_kind == "gate":
+                    self.ack(req, "noop", f"{self.paused_reason}; resume does not decide it")
+                elif self.state == "paused":
                     self.log.info("resumed (was: %s)", self.paused_reason)
                     if self.pause_kind == "backup":
                         self.backup_failed = None
@@ -395,10 +425,15 @@ class Daemon:
                     self.ack(req, "done", "resumed")
                 else:
                     self.ack(req, "noop", "not paused")
+            elif action in ("accept", "reject"):
+                self.decide(req)
             elif action == "skip":
                 data = self._processing_file()
                 if data is None:
                     self.ack(req, "noop", "nothing is training")
+                elif eval_gate.held_file(self.p.root) == data:
+                    self.ack(req, "failed", f"{data.name} is held by the quality gate: run "
+                                            f"`{eval_gate.ACCEPT_CMD}` or `{eval_gate.REJECT_CMD}`")
                 else:
                     discard = bool((req.get("options") or {}).get("discard"))
                     try:
@@ -409,10 +444,35 @@ class Daemon:
                         self.ack(req, "failed", f"{exc}; {data.name} stays in processing/: send "
                                                 "the skip again once it has finished")
                         continue
+                    if restored is None:
+                        self.ack(req, "done", f"{data.name}: {self.paused_reason}")
+                        continue
                     self.ack(req, "done", f"{data.name} moved to skipped/"
                              + (" and the version before it restored" if restored else
                                 " (current_model, replaced while it waited, kept)" if discard
                                 else ""))
+
+    def decide(self, req: dict) -> None:
+        """`accept` or `reject` the file the quality gate holds (eval_gate.decide)."""
+        action = req["action"]
+        try:
+            out = eval_gate.decide(self.p.root, action, by=f"request {req['id']}")
+        except GuardrailError as exc:
+            self.ack(req, "failed", str(exc))
+            return
+        rec = out["record"]
+        if rec.get("outcome") == "done":
+            self.done[rec["sha256"]] = dict(rec, name=Path(out["dst"]).name)
+        self.current = self.progress = None
+        self.log.info("%s: %s by %s -> %s (current_model: %s)", out["file"], action + "ed"
+                      if action == "reject" else "accepted", req["id"], out["dst"], out["version"])
+        if self.state == "paused" and self.pause_kind == "gate":
+            self.set_state("idle")
+        self.ack(req, "done", f"{out['file']} {'accepted' if action == 'accept' else 'rejected'}: "
+                              f"moved to {Path(out['dst']).parent.name}/; current_model is "
+                              f"{out['version']}")
+        if rec.get("outcome") == "done":
+            self.maybe_backup(rec)
 
     def control_training(self):
         """The engine's callback between micro-batches: None or stop/pause/skip."""
@@ -438,6 +498,10 @@ class Daemon:
                 continue
             if action == "resume":
                 self.ack(req, "noop", "not paused: training")
+                continue
+            if action in ("accept", "reject"):
+                self.ack(req, "failed", f"nothing is held by the quality gate: "
+                                        f"{(self.current or {}).get('name')} is training")
                 continue
             self.pending = (action, req)
             self.log.info("request %s: %s at the next optimizer step", req["id"], action)
@@ -578,6 +642,8 @@ class Daemon:
         if hold:  # a spike or a failed save paused this file before a restart: still paused
             if self.once:
                 raise GuardrailError(f"{data.name} is on hold: {hold.get('reason')}", data,
+                                     f"Run `{eval_gate.ACCEPT_CMD}` or `{eval_gate.REJECT_CMD}`."
+                                     if hold.get("kind") == "gate" else
                                      "Inspect it, then `python3 training_controller.py resume` "
                                      "with the daemon running (or `skip`).")
             self.current = {"name": data.name, "sha256": held.get("sha256"),
@@ -644,6 +710,8 @@ class Daemon:
         self._records_at_start = 0
         self.progress = None
         try:
+            if self._gate_on(cfg):
+                self._gate_prepare(rec, cfg)
             if engine is not None:
                 result = engine.train_file(self.p.root, data, file_id=rec["file_id"], config=cfg,
                                            records_total=rec.get("records"),
@@ -751,7 +819,19 @@ class Daemon:
         self.pending = None
         self.log.info("%s: engine returned %s (%s)", data.name, status, result.get("message") or "")
         if status == "completed":
-            self._finish_done(data, result)
+            held, scored = self._gate(data, result, cfg, "done")
+            if held:
+                if action == "stop":
+                    self.stop_request = req
+                elif req is not None:
+                    self.ack(req, "done" if action == "pause" else "noop",
+                             f"{data.name} finished and is held by the quality gate")
+                if self.once:
+                    raise GuardrailError(self.paused_reason, data, f"Run `{eval_gate.ACCEPT_CMD}` or "
+                                         f"`{eval_gate.REJECT_CMD}`, then run the daemon again.")
+                self.current = self.progress = None
+                return
+            self._finish_done(data, result, scored)
             if action == "skip":
                 self.ack(req, "noop", f"{data.name} finished before the skip took effect")
             elif action == "pause":
@@ -815,9 +895,10 @@ class Daemon:
                                      "daemon again (or `python3 training_controller.py skip`).")
         elif status == "skipped":
             discard = bool(((req or {}).get("options") or {}).get("discard"))
-            self._finish_skipped(data, discard, self._request_reason("skipped by request", req),
-                                 result)
-            self.ack(req, "done", f"{data.name} moved to skipped/"
+            restored = self._finish_skipped(data, discard,
+                                            self._request_reason("skipped by request", req), result)
+            self.ack(req, "done", f"{data.name}: {self.paused_reason}" if restored is None else
+                     f"{data.name} moved to skipped/"
                      + (" and the version before it restored" if discard else ""))
         elif status == "refused":  # the data, not the machine: failed/ with the engine's reason and fix
             self._finish_failed(data, result.get("reason") or result.get("message") or "refused",
@@ -909,13 +990,111 @@ class Daemon:
                          rec["version_before"])
         return True
 
-    def _finish_done(self, data: Path, result: dict) -> None:
+    # ---------------------------------------------------------------- the quality gate
+
+    def _gate_on(self, cfg: dict) -> bool:
+        """An eval set and eval_max_tokens > 0."""
+        return bool(int(cfg.get("eval_max_tokens") or 0) and eval_gate.eval_files(self.p.root))
+
+    def _score(self, cfg: dict, version: str | None) -> dict:
+        """Eval results of `version` (kept per version) or, with None, of current_model: in
+        this process, or under torchrun (where the daemon never imports torch) by
+        `model_versioner.py eval` in a child, after the job has ended."""
+        if int(cfg.get("nproc_per_node") or 1) == 1:
+            self.engine()  # torch and transformers, imported once
+            if version is not None:
+                return eval_gate.eval_version(self.p.root, version, cfg, log=self.log)
+            return eval_gate.evaluate(self.p.root, self.p.current_model, cfg, log=self.log)
+        kept = eval_gate.read_cached(self.p.root, version, eval_gate.cache_key(self.p.root, cfg)) \
+            if version is not None else None
+        if kept is not None:  # no child (and no torch import) for what is already kept
+            return kept
+        proc = subprocess.run([sys.executable, str(SCRIPTS / "model_versioner.py"), "eval",
+                               *([version] if version else []), "--json", "--root", str(self.p.root)],
+                              capture_output=True, text=True, cwd=str(SCRIPTS), timeout=3600)
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
+            raise GuardrailError(f"scoring the eval set failed: {(lines or [proc.stderr[-300:]])[-1]}",
+                                 self.p.root / eval_gate.EVAL_DIR,
+                                 "Fix the eval set (the error names the file), then run "
+                                 "`python3 training_controller.py resume`.")
+        doc = json.loads(proc.stdout)
+        return {"results": doc["results"], "global_step": doc.get("global_step"),
+                "seconds": doc.get("seconds"), "key": eval_gate.cache_key(self.p.root, cfg)}
+
+    def _gate_prepare(self, rec: dict, cfg: dict) -> None:
+        """Before a file trains: pin the checkpoint the next file carries its optimizer from
+        should this one be rejected, and score the version before it (kept per version)."""
+        name = rec.get("name") or (self.current or {}).get("name")
+        pinned = eval_gate.pin_checkpoint(self.p.root, rec.get("global_step_before"),
+                                          rec.get("tokens_seen_before"), name)
+        if pinned:
+            self.log.info("%s: %s kept until the quality gate has decided", name, pinned)
+        if rec.get("version_before"):
+            self._score(cfg, rec["version_before"])
+
+    def _gate(self, data: Path, result: dict, cfg: dict, then: str) -> tuple[bool, dict | None]:
+        """Score current_model (a file's end state) against the version before the file:
+        (held, eval document). Held: the weights kept as a `rejected` version, the version
+        before restored, the file on hold in processing/ and the daemon paused."""
+        import model_versioner
+        if not self._gate_on(cfg):
+            return False, None
+        rec = training_queue.read_record(data)
+        before_vid = rec.get("version_before")
+        if _trainer_state(self.p.current_model).get("file_id") != rec.get("file_id"):
+            return False, None  # nothing of this file is in current_model: nothing to judge
+        try:
+            before = self._score(cfg, before_vid) if before_vid else None
+            after = self._score(cfg, None)
+        except (GuardrailError, OSError) as exc:  # a gate that cannot score lets the file through, loudly
+            self.last_error = f"quality gate: could not score {data.name}: {exc}"
+            self.log.error("%s; the file is not gated", self.last_error)
+            return False, None
+        try:
+            eval_gate.metrics_line(self.p.root, after, None)
+        except OSError as exc:
+            self.log.warning("cannot write the eval line to metrics.jsonl: %s", exc)
+        pct = float(cfg.get("eval_regression_pct", 5.0))
+        cmp = eval_gate.compare(before, after, pct) if before else {}
+        if not any(c["regressed"] for c in cmp.values()):
+            if cmp:
+                self.log.info("%s: quality gate passed (%s)", data.name, ", ".join(
+                    f"{n} {c['before']:.4f} -> {c['after']:.4f}" for n, c in cmp.items()))
+            return False, after
+        now = trainroot.utc_now()
+        held, _ = model_versioner.create_version(
+            self.p.root, f"held:{data.name}", loss=result.get("loss"), force=True,
+            note=f"rejected by the quality gate: {eval_gate.describe(cmp, pct)}",
+            data_files=[{"name": data.name, "sha256": rec.get("sha256")}],
+            extra={"rejected": True, "eval": eval_gate.losses(after),
+                   "gate": {"file": data.name, "version_before": before_vid, "threshold_pct": pct,
+                            "compared": cmp, "held_at": now, "then": then}})
+        eval_gate.write_cached(self.p.root, held, dict(after, rejected=True))
+        self._restore_before(data)
+        reason = eval_gate.hold_reason(data.name, cmp, pct, held, before_vid)
+        update = {"in_training": False, "result": result,
+                  "hold": {"kind": "gate", "reason": reason, "since": now, "version": held,
+                           "then": then, "eval": cmp, "threshold_pct": pct}}
+        if self._timings is not None:
+            update["timings"], self._timings = self._timings, None
+        training_queue.update_record(data, **update)
+        self.log.warning("%s", reason)
+        self.set_state("paused", reason, "gate")
+        return True, after
+
+    def _finish_done(self, data: Path, result: dict, scored: dict | None = None) -> None:
         import model_versioner
         rec = self._final_record(data)
         t0 = time.monotonic()
         after = model_versioner.create_version(
             self.p.root, f"post-train:{data.name}", loss=result.get("loss"),
-            data_files=[{"name": data.name, "sha256": rec.get("sha256")}])
+            data_files=[{"name": data.name, "sha256": rec.get("sha256")}],
+            extra={"eval": eval_gate.losses(scored)} if scored else None)
+        if scored:
+            rec["eval"] = eval_gate.losses(scored)
+            eval_gate.write_cached(self.p.root, _version_id(after), scored)
+            eval_gate.unpin_all(self.p.root)  # passed: this file's end checkpoint carries on
         state = _trainer_state(self.p.current_model)
         timings = dict(rec.get("timings") or {})
         timings["post_snapshot_s"] = round(time.monotonic() - t0, 4)
@@ -980,10 +1159,19 @@ class Daemon:
                 if fix else None)})
         self.last_error = f"{dst.name}: {reason}"
         self.log.error("%s: failed - %s", dst.name, reason)
+        self.notify("failed", reason, file=dst.name,
+                    commands=[training_queue.read_record(dst).get("fix")])
 
     def _finish_skipped(self, data: Path, discard: bool, reason: str,
                         result: dict | None = None) -> bool:
-        """Move the file to skipped/; True if `discard` restored the version before it."""
+        """Move the file to skipped/; True if `discard` restored the version before it; None
+        if the quality gate holds the steps it kept instead (the file stays in processing/)."""
+        if not discard:
+            import training_config
+            held, _ = self._gate(data, result or {}, training_config.load_config(self.p.root), "skipped")
+            if held:
+                self.current = self.progress = None
+                return None
         restored = self._restore_before(data) if discard else False
         rec = self._final_record(data)
         rec.update(outcome="skipped", reason=reason, discarded=discard,
@@ -1280,6 +1468,7 @@ class Daemon:
             self._backup_next = None
         if self.backup_proc is not None:
             self._poll_backup(wait=True)
+        self.notifier.flush()  # what the last file or pause sent still reaches a person
         if self._import_thread is not None:
             self._import_thread.join()
         self.state = "stopped"

@@ -743,11 +743,15 @@ def clean_staging(root) -> list[str]:
     return removed
 
 
+GATE_PIN = ".gate-pin"  # eval_gate.PIN: the pre-file checkpoint a held file may need again
+
+
 def prune_checkpoints(root, keep: int) -> list[str]:
     """Keep the newest `keep` checkpoints plus the newest end-of-file one (optimizer carry)."""
     p = Paths(root)
     ckpts = list_checkpoints(root)
     keepers = {d for d, _ in ckpts[:max(1, keep)]}
+    keepers |= {d for d, _ in ckpts if (d / GATE_PIN).exists()}  # eval_gate: until decided
     for d, meta in ckpts:
         if meta.get("complete"):
             keepers.add(d)

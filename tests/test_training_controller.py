@@ -191,7 +191,7 @@ def test_malformed_control_files_are_moved_aside_with_a_reason_and_never_raise(r
     assert [r["id"] for r in tc.pending_requests(root, rejected=rejected)] == [good["id"]]
     errors = {Path(r["path"]).name: r["error"] for r in rejected}
     assert errors["20260101T000000000001Z-bb.request.json"] == \
-        "action: expected one of stop, pause, resume, skip, got 'halt'"
+        "action: expected one of stop, pause, resume, skip, accept, reject, got 'halt'"
     assert errors["20260101T000000000003Z-dd.request.json"] == "expected a JSON object, got list"
     assert errors["20260101T000000000000Z-aa.request.json"].startswith("unreadable (JSONDecodeError")
     assert errors["20260101T000000000002Z-cc.request.json"].startswith("unreadable (UnicodeDecodeError")

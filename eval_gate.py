@@ -1,0 +1,420 @@
+"""The quality guardrail: a fixed eval set, eval loss per version, and the gate that holds
+a file which made the model worse until a person accepts or rejects it.
+
+The eval set is every `.jsonl` file in `ROOT/eval/` (any format validate_data accepts),
+frozen by its fingerprint `{name: sha256}` in `.config.lock` (a changed eval set needs
+`approve-config`). A version's eval loss (one token-weighted mean per eval file, the rows
+rendered, masked and packed as training does, at most `eval_max_tokens` tokens in all) is
+computed once and kept in `versions/.eval/vNNN.json`, outside the immutable version folder
+so `verify` never sees it. After each data file the daemon compares the new weights with
+the version before the file; a rise above `eval_regression_pct` on any eval file keeps the
+weights as a version marked `rejected`, restores the one before, and holds the file in
+processing/ until `python3 training_controller.py accept` or `reject`.
+
+    python3 model_versioner.py eval            # eval loss of current_model's version
+    python3 training_controller.py accept      # publish the held version, file to done/
+    python3 training_controller.py reject      # file to skipped/, the pre-file model stays
+
+Standard library at import (control scripts use the gate's decisions); torch only inside
+`evaluate`, through training_engine.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import queue
+import shlex
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import trainroot
+from trainroot import GuardrailError, Paths, atomic_write_json, read_json, utc_now
+
+EVAL_DIR = "eval"                 # ROOT/eval/*.jsonl: the eval set
+CACHE_DIR = ".eval"               # versions/.eval/vNNN.json: a version's eval results
+PIN = ".gate-pin"                 # in a checkpoint folder: prune_checkpoints keeps it
+EVAL_DATE = datetime.date(2024, 1, 1)  # templates that print today's date: one fixed day
+NOTIFY_TIMEOUT_S = 10.0           # a notifier that hangs is killed; training never waits longer
+ACCEPT_CMD = "python3 training_controller.py accept"
+REJECT_CMD = "python3 training_controller.py reject"
+SCHEMA_VERSION = 1
+
+
+# --------------------------------------------------------------------------- the eval set
+
+def eval_files(root) -> list[Path]:
+    """The eval set's files, sorted by name: regular `*.jsonl` files in ROOT/eval/."""
+    folder = Paths(root).root / EVAL_DIR
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".jsonl") and not n.startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [folder / n for n in names if (folder / n).is_file()]
+
+
+def fingerprint(root) -> dict:
+    """{name: sha256} of the eval set; {} when there is none (the gate is off)."""
+    return {f.name: trainroot.sha256_file(f) for f in eval_files(root)}
+
+
+def cache_key(root, cfg: dict) -> dict:
+    """What an eval result depends on besides the weights: a cached result with another key
+    is computed again."""
+    return {"eval_set": fingerprint(root), "eval_max_tokens": int(cfg.get("eval_max_tokens") or 0),
+            "max_length": cfg.get("max_length"), "chat_template": cfg.get("chat_template"),
+            "loss_on_prompt": bool(cfg.get("loss_on_prompt")), "fields": cfg.get("fields") or {}}
+
+
+def losses(doc: dict | None) -> dict:
+    """{eval file: loss} of an eval document."""
+    return {name: r.get("loss") for name, r in ((doc or {}).get("results") or {}).items()}
+
+
+# --------------------------------------------------------------------------- computing it
+
+def evaluate(root, model_dir, cfg: dict, *, log=None) -> dict:
+    """Eval loss of the model in `model_dir` on the eval set: deterministic (fixed file and
+    row order, no dropout, no sampling), token-weighted mean per file, the rows packed as
+    training packs them; at most `eval_max_tokens` tokens in all, shared evenly by the files.
+
+    Returns `{schema_version, key, results: {name: {loss, tokens, rows}}, seconds,
+    global_step, tokens_seen, computed_at}`.
+    """
+    import torch
+    import training_engine
+    import validate_data
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    t0 = time.monotonic()
+    files = eval_files(root)
+    key = cache_key(root, cfg)
+    model_dir = Path(model_dir)
+    training_engine._quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    device = training_engine._device(cfg)
+    model.to(device)
+    model.eval()
+    amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.get("dtype"))
+    max_length, batch = int(cfg["max_length"]), int(cfg.get("batch_size") or 8)
+    budget = max(max_length, int(cfg.get("eval_max_tokens") or 0) // max(1, len(files)))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    results = {}
+    for path in files:
+        encoder = training_engine.Encoder(tokenizer, loss_on_prompt=bool(cfg.get("loss_on_prompt")),
+                                          chat_template=cfg.get("chat_template"), root=Paths(root).root,
+                                          date=EVAL_DATE, max_length=max_length)
+        encoder.where = path
+        stream = training_engine.PackedStream(path, encoder, max_length, pad_id,
+                                              **validate_data.read_settings(cfg))
+        total, count, rows, seen = 0.0, 0, 0, 0
+        with torch.no_grad():
+            while seen < budget:
+                chunk = []
+                while len(chunk) < batch and seen < budget:
+                    row = stream.next_row()
+                    if row is None:
+                        break
+                    seen += row[2]
+                    if any(x != -100 for x in row[1][1:]):
+                        chunk.append(row)
+                if not chunk:
+                    break
+                ids = torch.tensor([r[0] for r in chunk], dtype=torch.long, device=device)
+                labels = torch.tensor([r[1] for r in chunk], dtype=torch.long, device=device)
+                with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                    logits = model(input_ids=ids, use_cache=False).logits
+                total += float(torch.nn.functional.cross_entropy(
+                    logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                    ignore_index=-100, reduction="sum"))
+                count += int((labels[:, 1:] != -100).sum())
+                rows += len(chunk)
+        results[path.name] = {"loss": round(total / count, 6) if count else None,
+                              "tokens": count, "rows": rows}
+    state = read_json(model_dir / "trainer_state.json", default={}) or {}
+    doc = {"schema_version": SCHEMA_VERSION, "key": key, "results": results,
+           "seconds": round(time.monotonic() - t0, 3), "global_step": state.get("global_step"),
+           "tokens_seen": state.get("tokens_seen"), "computed_at": utc_now()}
+    if log is not None:
+        log.info("eval of %s: %s (%.1f s)", model_dir.name,
+                 ", ".join(f"{n} {r['loss']}" for n, r in results.items()), doc["seconds"])
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return doc
+
+
+def _cache_path(root, vid: str) -> Path:
+    return Paths(root).versions / CACHE_DIR / f"{vid}.json"
+
+
+def read_cached(root, vid: str, key: dict | None = None) -> dict | None:
+    """A version's kept eval results (None if none, unreadable, or computed under another key)."""
+    try:
+        doc = read_json(_cache_path(root, vid), default=None)
+    except GuardrailError:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), dict):
+        return None
+    if key is not None and doc.get("key") != key:
+        return None
+    return doc
+
+
+def write_cached(root, vid: str, doc: dict) -> None:
+    path = _cache_path(root, vid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, dict(doc, version=vid))
+
+
+def eval_version(root, vid: str, cfg: dict, *, log=None, refresh: bool = False) -> dict:
+    """Version `vid`'s eval results: kept ones when their key still holds, else computed on
+    `versions/vid/` (a complete model folder) and kept."""
+    key = cache_key(root, cfg)
+    doc = None if refresh else read_cached(root, vid, key)
+    if doc is None:
+        doc = evaluate(root, Paths(root).versions / vid, cfg, log=log)
+        write_cached(root, vid, doc)
+    return doc
+
+
+def metrics_line(root, doc: dict, version: str | None) -> None:
+    """One `{"event": "eval", ...}` line in metrics.jsonl (no `loss`: loss readers skip it)."""
+    trainroot.append_line(Paths(root).metrics, json.dumps({
+        "time": utc_now(), "event": "eval", "global_step": doc.get("global_step"),
+        "version": version, "eval_loss": losses(doc)}))
+
+
+# --------------------------------------------------------------------------- the gate
+
+def compare(before: dict, after: dict, pct: float) -> dict:
+    """{file: {before, after, rise_pct, regressed}} for every eval file in both documents."""
+    out = {}
+    old, new = losses(before), losses(after)
+    for name in sorted(set(old) & set(new)):
+        a, b = old[name], new[name]
+        if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or a <= 0:
+            continue
+        rise = (b - a) / a * 100.0
+        out[name] = {"before": a, "after": b, "rise_pct": round(rise, 3),
+                     "regressed": rise > pct or b != b}
+    return out
+
+
+def describe(cmp: dict, pct: float) -> str:
+    worst = [f"{n}: {c['before']:.4f} -> {c['after']:.4f} ({c['rise_pct']:+.1f}%)"
+             for n, c in cmp.items() if c["regressed"]]
+    return f"eval loss rose more than {pct:g}% ({'; '.join(worst)})"
+
+
+def pin_checkpoint(root, global_step, tokens_seen, file: str) -> str | None:
+    """Keep the checkpoint whose step and tokens equal the model a file starts from until the
+    gate has decided on that file (the next file carries its AdamW state after a reject);
+    other pins are dropped. Returns the pinned checkpoint's name, or None."""
+    p = Paths(root)
+    try:
+        names = os.listdir(p.checkpoints)
+    except FileNotFoundError:
+        names = []
+    matches, pinned = [], []
+    for name in names:
+        d = p.checkpoints / name
+        if (d / PIN).exists():
+            pinned.append(d)
+        try:
+            meta = read_json(d / "meta.json", default=None)
+        except GuardrailError:
+            continue
+        if isinstance(meta, dict) and meta.get("global_step") == global_step \
+                and meta.get("tokens_seen") == tokens_seen:
+            matches.append((meta.get("seq") if isinstance(meta.get("seq"), int) else -1, d))
+    # the one training_engine._carry_checkpoint picks: the newest (highest seq) that matches
+    found = max(matches, key=lambda m: (m[0], m[1].name))[1] if matches else None
+    if found is not None:
+        atomic_write_json(found / PIN, {"file": file, "since": utc_now()})
+    for d in pinned:
+        if d != found:
+            (d / PIN).unlink(missing_ok=True)
+    found = found.name if found is not None else None
+    return found
+
+
+def unpin_all(root) -> None:
+    p = Paths(root)
+    try:
+        names = os.listdir(p.checkpoints)
+    except FileNotFoundError:
+        return
+    for name in names:
+        (p.checkpoints / name / PIN).unlink(missing_ok=True)
+
+
+def held_file(root) -> Path | None:
+    """The data file in processing/ the gate holds, or None."""
+    import training_queue
+    p = Paths(root)
+    try:
+        names = sorted(n for n in os.listdir(p.processing) if not training_queue.is_ignored(n))
+    except FileNotFoundError:
+        return None
+    for n in names:
+        hold = training_queue.read_record(p.processing / n).get("hold") or {}
+        if hold.get("kind") == "gate":
+            return p.processing / n
+    return None
+
+
+def hold_reason(name: str, cmp: dict, pct: float, version: str, before: str) -> str:
+    return (f"quality gate: {name} made the model worse on the eval set: {describe(cmp, pct)}. "
+            f"Its weights are kept as {version} (rejected); current_model is back at {before}. "
+            f"Run `{ACCEPT_CMD}` to publish {version} and go on from it, or `{REJECT_CMD}` to "
+            f"move {name} to skipped/ and go on from {before}")
+
+
+def decide(root, action: str, *, by: str) -> dict:
+    """Carry out a person's decision on the held file: `accept` publishes the held version
+    (a new `post-train:NAME` version, the file to done/), `reject` moves the file to
+    skipped/ (current_model stays, or goes back to, the version before it).
+
+    Returns `{action, file, dst, record, version}`. Raises GuardrailError when nothing is held.
+    """
+    import model_versioner
+    import training_queue
+    p = Paths(root)
+    data = held_file(p.root)
+    if data is None:
+        raise GuardrailError(f"nothing is held by the quality gate: no file in processing/ waits "
+                             f"for {action}", p.processing,
+                             "Check `python3 training_controller.py status`.")
+    rec = training_queue.read_record(data)
+    hold = rec["hold"]
+    held, before = hold.get("version"), rec.get("version_before")
+    then = hold.get("then") or "done"
+    result = rec.get("result") or {}
+    now = utc_now()
+    with trainroot.model_lock(p.root, f"{action} {data.name}", timeout=30):
+        if action == "accept":
+            model_versioner.restore_version(p.root, held, reason="accept")
+            reason = f"post-train:{data.name}" if then == "done" else f"post-skip:{data.name}"
+            files = [{"name": data.name, "sha256": rec.get("sha256"),
+                      **({"skipped": True} if then == "skipped" else {})}]
+            kept = read_cached(p.root, held)
+            vid, _ = model_versioner.create_version(
+                p.root, reason, loss=result.get("loss"), data_files=files, force=True,
+                extra={"eval": losses(kept), "gate": {"accepted_from": held, "accepted_at": now,
+                                                       "accepted_by": by, "compared": hold.get("eval")}})
+            if kept is not None:
+                write_cached(p.root, vid, kept)
+            vrec = model_versioner.read_version(p.root, vid)
+            rec.pop("hold", None)
+            rec.pop("in_training", None)
+            rec.update(version_after=vid, finished_at=now, eval=losses(kept),
+                       accepted={"at": now, "by": by, "held_version": held, "eval": hold.get("eval")})
+            if then == "done":
+                rec.update(outcome="done", global_step_after=vrec.get("global_step"),
+                           tokens_seen_after=vrec.get("tokens_seen"),
+                           steps=(vrec.get("global_step") or 0) - (rec.get("global_step_before") or 0),
+                           tokens=result.get("tokens"), loss=result.get("loss"))
+                rec.pop("result", None)
+                dst = training_queue.move_with_record(data, p.done, rec, "accepted after the quality gate held it")
+            else:
+                rec.update(outcome="skipped", discarded=False)
+                dst = training_queue.move_with_record(
+                    data, p.skipped, rec, "skipped (steps kept), accepted after the quality gate held it",
+                    finish=lambda d: {"fix": training_queue.fix_for(p, "skipped", d)})
+            unpin_all(p.root)  # the next file carries the held file's own end checkpoint
+            return {"action": action, "file": data.name, "dst": str(dst), "record": rec, "version": vid}
+        if action != "reject":
+            raise GuardrailError(f"unknown decision {action!r}", data, f"Use `{ACCEPT_CMD}` or `{REJECT_CMD}`.")
+        state = read_json(p.current_model / "trainer_state.json", default={}) or {}
+        if before and state.get("file_id") == rec.get("file_id"):  # the held weights are back: undo
+            model_versioner.restore_version(p.root, before, reason="reject")
+        reason = f"rejected by the quality gate: {describe(hold.get('eval') or {}, hold.get('threshold_pct') or 0)}"
+        rec.pop("hold", None)
+        rec.pop("in_training", None)
+        rec.update(outcome="skipped", reason=reason, discarded=True, rejected_version=held,
+                   finished_at=now, rejected={"at": now, "by": by, "held_version": held,
+                                              "eval": hold.get("eval")})
+        dst = training_queue.move_with_record(
+            data, p.skipped, rec, reason,
+            finish=lambda d: {"fix": training_queue.fix_for(p, "skipped", d)})
+        # the pin stays: the pre-file checkpoint is what the next file carries its optimizer from
+        return {"action": action, "file": data.name, "dst": str(dst), "record": rec, "version": before}
+
+
+# --------------------------------------------------------------------------- notifying a person
+
+def notify(root, cfg: dict, doc: dict, log) -> bool:
+    """Run config `notify_command` (a shell command) with `doc` as JSON on stdin, at most
+    NOTIFY_TIMEOUT_S; its output goes to the log. Never raises: a failing notifier must not
+    stop training. True if it ran and exited 0."""
+    command = cfg.get("notify_command")
+    if not command:
+        return False
+    doc = {"schema_version": SCHEMA_VERSION, "root": str(Paths(root).root), "at": utc_now(), **doc}
+    try:
+        proc = subprocess.run(command, shell=True, input=json.dumps(doc), capture_output=True,
+                              text=True, timeout=NOTIFY_TIMEOUT_S, cwd=str(Paths(root).root),
+                              start_new_session=True)
+    except subprocess.TimeoutExpired:
+        log.warning("notify_command timed out after %g s (%s); training goes on", NOTIFY_TIMEOUT_S,
+                    shlex.quote(command))
+        return False
+    except OSError as exc:
+        log.warning("notify_command could not run (%s); training goes on", exc)
+        return False
+    out = " ".join((proc.stdout + " " + proc.stderr).split())[:500]
+    if proc.returncode != 0:
+        log.warning("notify_command exited %d: %s; training goes on", proc.returncode, out)
+        return False
+    log.info("notified (%s)%s", doc.get("what"), f": {out}" if out else "")
+    return True
+
+
+class Notifier:
+    """`notify` in a worker thread, in order, so a slow notifier never holds training up
+    (the daemon's; `flush` at its exit delivers what is still waiting, within the timeout)."""
+
+    MAX_WAITING = 100
+
+    def __init__(self, root, log):
+        self.root, self.log = root, log
+        self._q: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def send(self, cfg: dict, doc: dict) -> None:
+        if not cfg.get("notify_command"):
+            return
+        with self._lock:
+            if self._q.unfinished_tasks >= self.MAX_WAITING:
+                self.log.warning("notify_command: %d notifications wait already; %s not sent",
+                                 self.MAX_WAITING, doc.get("what"))
+                return
+            self._q.put((dict(cfg), doc))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                try:
+                    cfg, doc = self._q.get_nowait()
+                except queue.Empty:
+                    self._thread = None  # under the lock: a send now starts a new worker
+                    return
+            try:
+                notify(self.root, cfg, doc, self.log)
+            except Exception as exc:  # notify never raises; this is for what it cannot foresee
+                self.log.warning("notify_command not run (%s)", exc)
+            finally:
+                self._q.task_done()
+
+    def flush(self, timeout: float = NOTIFY_TIMEOUT_S + 1) -> None:
+        deadline = time.monotonic() + timeout
+        while self._q.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.02)

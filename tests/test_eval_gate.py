@@ -1,0 +1,294 @@
+"""The quality guardrail (eval_gate.py) with real signals: an eval file of English text, good
+files of similar text that never trip the gate, a file of one repeated junk token at a raised
+learning rate that does; the hold, accept and reject end to end (a real daemon process and
+none), the notifier's document, and "no trace": [good1, bad (rejected), good2] ends bitwise
+equal to [good1, good2]."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+import eval_gate
+import training_config
+import training_daemon
+from conftest import run_script, write_jsonl
+from realdaemon import (assert_same_weights, controller, daemon_fixture, record, set_config,
+                        weights)
+
+pytestmark = pytest.mark.slow
+
+FAST = {"settle_seconds": 0.2, "rescan_seconds": 0.5, "max_length": 32, "batch_size": 2,
+        "checkpoint_every_steps": 5, "keep_checkpoints": 1, "monitor_port": 0,
+        "backup_every_files": 0, "backup_every_hours": 0, "loss_spike_factor": 0.0,
+        "warmup_steps": 2, "num_threads": 1}  # one thread: bitwise-equal weights on CPU
+WORDS = ("the a cat dog sat on mat ran to house garden tree river saw big small red blue old "
+         "new quick slow green bird fish").split()
+BAD_LR = 3e-3
+
+daemons = daemon_fixture()
+
+
+def english(n: int, seed: int) -> list[dict]:
+    r = random.Random(seed)
+    return [{"text": " ".join(r.choice(WORDS) for _ in range(r.randint(6, 14))).capitalize() + "."}
+            for _ in range(n)]
+
+
+def junk(n: int = 120) -> list[dict]:
+    return [{"text": "zq " * 10} for _ in range(n)]
+
+
+def gate_root(path: Path, tiny_model_dir: Path, **over) -> Path:
+    path.mkdir(parents=True)
+    training_daemon.init_root(path, base=str(tiny_model_dir))
+    (path / "eval").mkdir()
+    write_jsonl(path / "eval" / "english.jsonl", english(60, 1))
+    set_config(path, **{**FAST, **over})  # approves the eval set with the config
+    return path
+
+
+def drop(root: Path, name: str, records) -> None:
+    tmp = root / f".{name}.part"
+    write_jsonl(tmp, records)
+    tmp.replace(root / "inbox" / name)
+
+
+def train_once(root: Path) -> int:
+    return training_daemon.Daemon(root, once=True, monitor=False).run()
+
+
+def versions(root: Path) -> dict:
+    import model_versioner
+    return {r["id"]: r for r in model_versioner.list_versions(root)}
+
+
+def end_state(root: Path) -> tuple[dict, dict, dict]:
+    """current_model's weights and trainer state, and the newest checkpoint's AdamW state."""
+    import torch
+    import training_engine
+    ckpt = training_engine.list_checkpoints(root)[0][0]
+    opt = torch.load(ckpt / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    state = json.loads((root / "current_model" / "trainer_state.json").read_text())
+    return weights(root / "current_model"), {k: state[k] for k in ("global_step", "tokens_seen")}, opt
+
+
+def hold_bad_file(root: Path) -> dict:
+    """good1 trains and passes; bad (junk at a raised LR) trains and is held: the record."""
+    drop(root, "good1.jsonl", english(40, 10))
+    assert train_once(root) == 0
+    set_config(root, learning_rate=BAD_LR)
+    drop(root, "bad.jsonl", junk())
+    # a real daemon process (the controller must not take this test's pid for a live daemon)
+    proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # --once: a hold ends the run, exit 1
+    assert "quality gate" in proc.stderr and eval_gate.REJECT_CMD in proc.stderr
+    set_config(root, learning_rate=training_config.PARAMS["learning_rate"].default)
+    return record(root / "processing" / "bad.jsonl")
+
+
+def test_good_files_never_trip_the_gate_at_the_default_threshold(tmp_path, tiny_model_dir):
+    root = gate_root(tmp_path / "root", tiny_model_dir)
+    for i in range(5):
+        drop(root, f"good{i}.jsonl", english(40, 10 + i))
+        assert train_once(root) == 0
+    done = sorted(p.name for p in (root / "done").glob("*.jsonl"))
+    assert done == [f"good{i}.jsonl" for i in range(5)]
+    recs = versions(root)
+    assert not any(r.get("rejected") for r in recs.values())
+    trained = [r for r in recs.values() if r["reason"].startswith("post-train:")]
+    assert len(trained) == 5 and all(isinstance(r["eval"]["english.jsonl"], float) for r in trained)
+    evals = [json.loads(ln) for ln in (root / "metrics.jsonl").read_text().splitlines()
+             if '"event": "eval"' in ln]
+    assert len(evals) == 5 and all("english.jsonl" in e["eval_loss"] and e["global_step"] for e in evals)
+
+
+def test_a_bad_file_is_held_and_rejecting_it_leaves_no_trace(tmp_path, tiny_model_dir):
+    notified = tmp_path / "notified.json"
+    a = gate_root(tmp_path / "a", tiny_model_dir, notify_command=f"cat > {notified}")
+    rec = hold_bad_file(a)
+    hold = rec["hold"]
+    assert hold["kind"] == "gate" and rec.get("in_training") is False
+    cmp = hold["eval"]["english.jsonl"]
+    assert cmp["after"] > cmp["before"] * 1.05 and cmp["regressed"]
+    for number in (f"{cmp['before']:.4f}", f"{cmp['after']:.4f}", eval_gate.ACCEPT_CMD,
+                   eval_gate.REJECT_CMD):
+        assert number in hold["reason"]
+    held = versions(a)[hold["version"]]
+    assert held["rejected"] is True and held["gate"]["compared"] == hold["eval"]
+    assert held["eval"]["english.jsonl"] == cmp["after"]
+    before = rec["version_before"]
+    assert_same_weights(weights(a / "current_model"), weights(a / "versions" / before))
+    doc = json.loads(notified.read_text())  # the notifier got the hold, numbers and commands
+    assert doc["what"] == "gate" and doc["file"] == "bad.jsonl"
+    assert doc["commands"] == [eval_gate.ACCEPT_CMD, eval_gate.REJECT_CMD]
+    assert doc["numbers"]["eval"] == hold["eval"] and doc["numbers"]["held_version"] == hold["version"]
+
+    import jsonschema
+    import state_tracker
+    state = state_tracker.build_state(a)
+    jsonschema.validate(state, json.loads((Path(state_tracker.__file__).parent / "docs" /
+                                           "system_state.schema.json").read_text()))
+    warned = {x["code"]: x for x in state["warnings"]}
+    assert "DAEMON_DEAD" not in warned and "TRAINING_PAUSED" not in warned
+    assert warned["QUALITY_HOLD"]["fix"].startswith("python3 training_controller.py reject")
+    assert eval_gate.ACCEPT_CMD in warned["QUALITY_HOLD"]["note"]
+    assert state["eval"]["held"]["eval"] == hold["eval"]
+    assert state["eval"]["current"]["version"] == before
+
+    out = controller(a, "reject")  # no daemon runs: the controller carries it out itself
+    assert out["outcome"] == "done" and out["version"] == before
+    skipped = record(a / "skipped" / "bad.jsonl")
+    assert skipped["discarded"] is True and skipped["rejected_version"] == hold["version"]
+    assert "training_queue.py add" in skipped["fix"]
+    drop(a, "good2.jsonl", english(40, 11))
+    assert train_once(a) == 0
+
+    b = gate_root(tmp_path / "b", tiny_model_dir)
+    drop(b, "good1.jsonl", english(40, 10))
+    assert train_once(b) == 0
+    drop(b, "good2.jsonl", english(40, 11))
+    assert train_once(b) == 0
+    wa, sa, oa = end_state(a)
+    wb, sb, ob = end_state(b)
+    assert sa == sb
+    assert_same_weights(wa, wb)
+    import torch
+    assert sorted(oa) == sorted(ob)
+    differ = [(k, n) for k in oa for n in oa[k] if not torch.equal(oa[k][n], ob[k][n])]
+    assert differ == [], f"AdamW state differs: {differ[:3]}"
+
+
+def test_accept_with_a_running_daemon_publishes_the_held_version(tmp_path, tiny_model_dir, daemons):
+    root = gate_root(tmp_path / "root", tiny_model_dir)
+    rec = hold_bad_file(root)
+    held = rec["hold"]["version"]
+    d = daemons(root)
+    st = d.until("paused on the gate", lambda: (s := controller(root, "status"))["state"] == "paused" and s)
+    assert eval_gate.ACCEPT_CMD in st["paused_reason"]
+    assert controller(root, "resume", "--wait", "60")["outcome"] == "noop"  # resume does not decide a hold
+    out = controller(root, "accept", "--wait", "120")
+    assert out["outcome"] == "done", out
+    done = record(root / "done" / "bad.jsonl")
+    assert done["accepted"]["held_version"] == held and done["outcome"] == "done"
+    after = versions(root)[done["version_after"]]
+    assert after["reason"] == "post-train:bad.jsonl" and after["gate"]["accepted_from"] == held
+    assert_same_weights(weights(root / "current_model"), weights(root / "versions" / held))
+    assert not (root / "processing" / "bad.jsonl").exists()
+    drop(root, "good2.jsonl", english(40, 11))  # and it goes on from there
+    d.until("good2 done", lambda: (root / "done" / "good2.jsonl").exists())
+    assert controller(root, "stop", "--wait", "120")["outcome"] == "done"
+
+
+def test_accept_or_reject_with_nothing_held_says_so(initialized_root):
+    proc = run_script("training_controller.py", "accept", root=initialized_root)
+    assert proc.returncode == 1
+    assert "nothing is held by the quality gate" in proc.stderr
+
+
+def test_the_eval_set_is_frozen_by_the_approval(initialized_root):
+    root = initialized_root
+    cfg = training_config.load_config(root)
+    assert training_config.changed_locked(root, cfg) == []
+    lock = json.loads((root / ".config.lock").read_text())
+    lock.pop("eval_set")  # an approval written before the eval set existed
+    (root / ".config.lock").write_text(json.dumps(lock))
+    assert training_config.changed_locked(root, cfg) == []  # and no eval folder: equal
+    (root / "eval").mkdir()
+    write_jsonl(root / "eval" / "english.jsonl", english(5, 1))
+    [(name, old, new)] = training_config.changed_locked(root, cfg)
+    assert name == "eval_set" and old == {} and list(new) == ["english.jsonl"]
+    assert "eval_set (ROOT/eval/): {} -> {english.jsonl: " in training_config.format_change(name, old, new)
+    training_config.approve(root, cfg)
+    assert training_config.changed_locked(root, cfg) == []
+    write_jsonl(root / "eval" / "english.jsonl", english(5, 2))  # edited: a locked change again
+    assert [c[0] for c in training_config.changed_locked(root, cfg)] == ["eval_set"]
+
+
+def test_a_skip_that_keeps_steps_is_gated_and_a_failing_notifier_never_stops_training(
+        tmp_path, tiny_model_dir, daemons):
+    root = gate_root(tmp_path / "root", tiny_model_dir, notify_command="echo the hook is down; exit 7")
+    drop(root, "good1.jsonl", english(40, 10))
+    assert train_once(root) == 0
+    set_config(root, learning_rate=BAD_LR)
+    d = daemons(root)
+    drop(root, "bad.jsonl", junk(4000))
+    d.training_step("bad.jsonl", 25)
+    controller(root, "skip", "--wait", "120")  # keeps the steps: the gate judges them
+    st = d.until("paused on the gate", lambda: (s := controller(root, "status"))["state"] == "paused" and s)
+    assert "quality gate" in st["paused_reason"]
+    hold = record(root / "processing" / "bad.jsonl")["hold"]
+    assert hold["then"] == "skipped" and versions(root)[hold["version"]]["rejected"] is True
+    d.until("the notifier's failure logged", lambda: "notify_command exited 7: the hook is down"
+            in (root / "logs" / "daemon.log").read_text())  # sent from a worker thread
+    set_config(root, learning_rate=training_config.PARAMS["learning_rate"].default)
+    out = controller(root, "reject", "--wait", "120")  # with the daemon running
+    assert out["outcome"] == "done", out
+    rec = record(root / "skipped" / "bad.jsonl")
+    assert rec["rejected_version"] == hold["version"] and rec["discarded"] is True
+    drop(root, "good2.jsonl", english(40, 11))  # training goes on
+    d.until("good2 done", lambda: (root / "done" / "good2.jsonl").exists())
+    assert controller(root, "stop", "--wait", "120")["outcome"] == "done"
+
+
+def test_the_monitor_shows_eval_loss_per_version_beside_the_loss_curve(initialized_root, tmp_path):
+    import monitor_server
+    from test_monitor import CHROMIUM, element, render, simulate_training_daemon
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH")
+    root = initialized_root
+    simulate_training_daemon(root)  # metrics over steps 1..600, versions v001 and v002
+    eval_gate.write_cached(root, "v001", {"results": {"english.jsonl": {"loss": 3.25}}, "global_step": 0})
+    eval_gate.write_cached(root, "v002", {"results": {"english.jsonl": {"loss": 4.5}}, "global_step": 300,
+                                          "rejected": True})
+    handle = monitor_server.start_in_thread(root, 0)
+    try:
+        dom = render(handle.url, tmp_path)
+    finally:
+        handle.stop()
+    text = element(dom, "eval-losses")[1]
+    assert text == "eval loss by version: v001 english 3.2500 · v002 (rejected) english 4.5000", text
+
+
+def test_a_file_stopped_then_finished_is_gated_and_accept_works_with_no_daemon(
+        tmp_path, tiny_model_dir, daemons):
+    root = gate_root(tmp_path / "root", tiny_model_dir)
+    drop(root, "good1.jsonl", english(40, 10))
+    assert train_once(root) == 0
+    set_config(root, learning_rate=BAD_LR)
+    d = daemons(root)
+    drop(root, "bad.jsonl", junk(300))
+    d.training_step("bad.jsonl", 20)
+    assert controller(root, "stop", "--wait", "120")["outcome"] == "done"
+    assert (root / "processing" / "bad.jsonl").exists()
+    proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root, timeout=300)
+    assert proc.returncode == 1 and eval_gate.ACCEPT_CMD in proc.stderr, proc.stderr[-2000:]
+    hold = record(root / "processing" / "bad.jsonl")["hold"]
+    assert hold["kind"] == "gate" and hold["then"] == "done"
+    import model_versioner
+    assert "quality gate holds" in " ".join(model_versioner.prune_plan(root, keep=1)["keep"][hold["version"]])
+    out = controller(root, "accept")  # no daemon runs
+    assert out["outcome"] == "done" and "no daemon was running" in out["message"]
+    done = record(root / "done" / "bad.jsonl")
+    assert done["accepted"]["held_version"] == hold["version"]
+    assert_same_weights(weights(root / "current_model"), weights(root / "versions" / hold["version"]))
+    assert versions(root)[done["version_after"]]["eval"] == versions(root)[hold["version"]]["eval"]
+
+
+def test_the_gate_holds_a_bad_file_trained_under_torchrun(tmp_path, tiny_model_dir):
+    """nproc_per_node 2: the daemon never imports torch; the eval runs in a child after the job."""
+    root = gate_root(tmp_path / "root", tiny_model_dir, nproc_per_node=2)
+    drop(root, "good1.jsonl", english(40, 10))
+    proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert isinstance(versions(root)[record(root / "done" / "good1.jsonl")["version_after"]]["eval"]
+                      ["english.jsonl"], float)
+    set_config(root, learning_rate=BAD_LR)
+    drop(root, "bad.jsonl", junk())
+    proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root, timeout=300)
+    assert proc.returncode == 1 and eval_gate.REJECT_CMD in proc.stderr, proc.stderr[-3000:]
+    hold = record(root / "processing" / "bad.jsonl")["hold"]
+    assert hold["kind"] == "gate" and versions(root)[hold["version"]]["rejected"] is True
