@@ -462,7 +462,7 @@ class Daemon:
             return
         rec = out["record"]
         if rec.get("outcome") == "done":
-            self.done[rec["sha256"]] = dict(rec, name=Path(out["dst"]).name)
+            self.done.add(Path(out["dst"]).name, rec)
         self.current = self.progress = None
         self.log.info("%s: %s by %s -> %s (current_model: %s)", out["file"], action + "ed"
                       if action == "reject" else "accepted", req["id"], out["dst"], out["version"])
