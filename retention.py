@@ -175,8 +175,9 @@ def _dev(path: Path) -> int | None:
         return None
 
 
-def folder_bytes(folders, seen: set | None = None) -> int:
-    """Bytes on disk (blocks) of every file under `folders`, each inode once."""
+def folder_bytes(folders, seen: set | None = None, dev: int | None = None) -> int:
+    """Bytes on disk (blocks) of every file under `folders`, each inode once (only those on
+    device `dev` when given)."""
     seen = set() if seen is None else seen
     total = 0
     for folder in folders:
@@ -186,7 +187,7 @@ def folder_bytes(folders, seen: set | None = None) -> int:
                     st = os.stat(os.path.join(dirpath, name), follow_symlinks=False)
                 except OSError:
                     continue
-                if (st.st_dev, st.st_ino) not in seen:
+                if (dev is None or st.st_dev == dev) and (st.st_dev, st.st_ino) not in seen:
                     seen.add((st.st_dev, st.st_ino))
                     total += st.st_blocks * 512
     return total

@@ -712,22 +712,10 @@ def _space_users(root: Path, usage, where: Path) -> list[tuple[str, int]]:
     except (GuardrailError, TypeError, ValueError):
         bdir = p.default_backups
     seen: set = set()
-    out = []
-    for name, folder in (("current_model/", p.current_model), ("versions/", p.versions),
-                         ("checkpoints/", p.checkpoints), ("backups (same disk)", bdir),
-                         ("done/", p.done), ("processing/", p.processing),
-                         ("queue/", p.queue)):
-        total = 0
-        for dirpath, _dirs, files in os.walk(folder):
-            for f in files:
-                try:
-                    st = os.stat(os.path.join(dirpath, f), follow_symlinks=False)
-                except OSError:
-                    continue
-                if st.st_dev == dev and (st.st_dev, st.st_ino) not in seen:
-                    seen.add((st.st_dev, st.st_ino))
-                    total += st.st_blocks * 512
-        out.append((name, total))
+    out = [(name, retention.folder_bytes([folder], seen, dev)) for name, folder in (
+        ("current_model/", p.current_model), ("versions/", p.versions),
+        ("checkpoints/", p.checkpoints), ("backups (same disk)", bdir), ("done/", p.done),
+        ("processing/", p.processing), ("queue/", p.queue))]
     out = [(n, b) for n, b in out if b]
     out.append(("outside the root", max(0, usage.used - sum(b for _, b in out))))
     return sorted(out, key=lambda x: -x[1])
