@@ -1111,11 +1111,13 @@ class Daemon:
         self.done.add(dst.name, rec)
         self.log.info("%s: done (%s -> %s, %s steps, loss %s)", dst.name, rec.get("version_before"),
                       rec["version_after"], rec["steps"], rec.get("loss"))
-        if any(rec["warnings"].values()):
-            self.log.warning("%s: %s", dst.name, ", ".join(
+        if any(rec["warnings"].values()):  # split examples alone are normal (long documents)
+            serious = bool(rec["warnings"]["fallback"] or rec["warnings"]["skipped_records"])
+            self.log.log(logging.WARNING if serious else logging.INFO, "%s: %s", dst.name, ", ".join(
                 f"{k.replace('_', ' ')} {v}" for k, v in rec["warnings"].items() if v))
-            self.warned_files = (self.warned_files + [{"name": dst.name, "rendering": rec.get("rendering"),
-                                                       "warnings": rec["warnings"]}])[-RECENT_WARNED:]
+            if serious:
+                self.warned_files = (self.warned_files + [{"name": dst.name, "warnings": rec["warnings"],
+                                                           "rendering": rec.get("rendering")}])[-RECENT_WARNED:]
         self.apply_retention()
         self.maybe_backup(rec)
 
