@@ -157,7 +157,7 @@ class InboxIntake:
     gives it, and all the intake touches of the daemon:
       paths, cfg, log   the root's `Paths`, the loaded config, the daemon's logger
       wake              the Event the daemon's loop waits on: set when a watched folder changes
-      done              the done index (sha256 -> record): the daemon's dict, kept current by it
+      done              the done index (done_index.DoneIndex: sha256 -> done/ record)
       tend()            write the heartbeat and act on requests (a long pass calls it every 0.5 s)
       stopping()        True once a stop is claimed or signalled: a pass ends there
       on_queued(rec)    a file was queued (the daemon may start loading torch meanwhile, and

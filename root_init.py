@@ -178,8 +178,8 @@ def init_root(root, base: str = "tiny") -> dict:
     vid = version[0]  # create_version: (id, created)
     try:  # which chat rendering chat files will get, said now rather than at the first file
         chat = training_engine.describe_chat_rendering(p.current_model, cfg.get("chat_template"), p.root)
-    except GuardrailError as exc:
-        chat = {"rendering": None, "error": exc.what}
+    except Exception as exc:  # only a report: the root is made, whatever the tokenizer says
+        chat = {"rendering": None, "error": f"{exc.__class__.__name__}: {exc}"}
     return {"ok": True, "root": str(p.root), "base_model": base_model,
             "current_model": str(p.current_model), "version": vid,
             "approved": approval["values"], "chat": chat}

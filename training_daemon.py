@@ -1305,7 +1305,7 @@ class Daemon:
             encoder = self._intake_encoder(engine)
             refused = encoder.check_file(path, limit=INTAKE_RENDER_RECORDS,
                                          **engine.file_reading(path, self.cfg))
-        except (GuardrailError, OSError) as exc:  # the engine's own check decides later
+        except Exception as exc:  # only a head start: the engine's own check decides later
             self.log.warning("%s: not test-rendered at intake (%s); the engine checks it before "
                              "its first step", path.name, exc)
             return
