@@ -28,6 +28,14 @@ the <think> block of turns before the last question, DeepSeek-R1 keeps only what
    the template's turn ending; its first run of non-space characters is the end-of-turn
    marker. F must hold that marker right after the content (else refused); it is trained.
 
+Tool calls: a record's `tools` go to the template; an assistant turn with `tool_calls` is
+probed as a plain answer (the differing region is the call as the template renders it), or,
+for templates whose role checks skip tool calls (Mistral), taken as what the conversation up
+to it adds to the generation prompt; a template that renders the record identically without
+the tools or the call is refused. Tool results and schemas never train. An assistant turn
+with `"weight": 0` is located and rendered, not trained. Templates that print today's date
+get the renderer's `date` (the engine pins it per file).
+
 Turns are located in order and must not overlap. Any jinja error (gemma refuses a system
 role, templates that demand alternating roles) or a turn that cannot be located raises
 ChatRenderError naming the line, the template's reason and the fix: never a silent
