@@ -418,17 +418,6 @@ def jsonl_name(name: str) -> str:
     return (base if ext and base else name) + ".jsonl"
 
 
-def _whole_file_code(path: Path) -> str | None:
-    """json_array or pretty_printed when the file holds JSON that is not JSON lines."""
-    import validate_data
-    try:
-        with open(path, "rb") as f:
-            bad = validate_data._shape(f.read(validate_data.SNIFF_BYTES))
-    except OSError:
-        return None
-    return bad.code if bad is not None else None
-
-
 def fix_for(p: Paths, reason_kind: str, dst: Path, fix: str | None = None,
             report: dict | None = None) -> str:
     """The command that fixes a file put in failed/ or skipped/ (`dst`) for `reason_kind`:
@@ -442,7 +431,7 @@ def fix_for(p: Paths, reason_kind: str, dst: Path, fix: str | None = None,
         return fix
     if reason_kind in ("suffix", "invalid"):  # JSON, but not JSON lines: one jq command
         errors = (report or {}).get("errors") or [{}]
-        code = _whole_file_code(dst) if reason_kind == "suffix" else \
+        code = validate_data.json_shape(dst) if reason_kind == "suffix" else \
             errors[0].get("code") if isinstance(errors[0], dict) else None
         out = p.inbox / jsonl_name(dst.name)
         if (command := validate_data.whole_file_fix(code, dst, out)) is not None:

@@ -535,6 +535,17 @@ def _shape(head: bytes) -> _Bad | None:
     return None
 
 
+def json_shape(path) -> str | None:
+    """"json_array" or "pretty_printed" when the file at `path` holds JSON that is not JSON
+    lines (the intake names the jq command that converts it), else None."""
+    try:
+        with open(path, "rb") as f:
+            bad = _shape(f.read(SNIFF_BYTES))
+    except OSError:
+        return None
+    return bad.code if bad is not None else None
+
+
 def _sniff(head: bytes) -> _Bad | None:
     """A whole-file verdict for content that is not UTF-8 JSON lines at all, else None."""
     if head.startswith(_LFS_POINTER):
