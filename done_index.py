@@ -75,6 +75,8 @@ class DoneIndex:
             except BaseException:
                 db.close()
                 raise
+        except sqlite3.OperationalError:  # busy or an I/O error: not damage, nothing moved
+            raise
         except sqlite3.DatabaseError as exc:  # not SQLite, torn: aside, rebuilt from the records
             aside = self.path.with_name(f"{INDEX_NAME}.damaged-{time.time_ns()}")
             with contextlib.suppress(FileNotFoundError):
