@@ -116,3 +116,61 @@ def test_restore_refused_without_its_base(adapter_root, damage):
     proc = run_script("model_versioner.py", "restore", "v002", root=adapter_root)
     assert proc.returncode == 1
     assert proc.stderr.startswith("Error: version v002 is an adapter on base b001")
+
+
+def test_backup_of_an_adapter_holds_its_base_once(adapter_root):
+    import backup_manager as bm
+    one = bm.create_backup(adapter_root)                 # current_model = v003
+    two = bm.create_backup(adapter_root, "v002")
+    assert one["kind"] == two["kind"] == "adapter"
+    assert one["base"] == two["base"] and one["base"]["id"] == "b001"
+    bdir = Path(one["path"]).parent
+    assert os.listdir(bdir / "bases") == [one["base"]["path"].split("/")[1]]   # one copy
+    copy = bdir / one["base"]["path"]
+    assert (copy / "model.safetensors").read_bytes() == \
+        (adapter_root / "base" / "b001" / "model.safetensors").read_bytes()
+    assert (copy / "model.safetensors").stat().st_ino != \
+        (adapter_root / "base" / "b001" / "model.safetensors").stat().st_ino  # a copy, not a link
+    assert one["total_bytes"] < 200_000                  # the adapter only
+    assert bm.verify_backup(adapter_root, one["id"]) == []
+    w = copy / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 1
+    w.unlink()
+    w.write_bytes(bytes(data))
+    assert bm.verify_backup(adapter_root, one["id"]) == [
+        f"base b001 ({one['base']['path']}): model.safetensors: sha256 mismatch"]
+    with pytest.raises(GuardrailError, match="nothing was restored"):
+        bm.restore_backup(adapter_root, two["id"])
+
+
+def test_backup_restore_brings_back_adapter_and_base(adapter_root):
+    import backup_manager as bm
+    want = logits(adapter_root / "current_model")
+    rec = bm.create_backup(adapter_root)
+    mv.restore_version(adapter_root, "v001")
+    shutil.rmtree(adapter_root / "current_model")
+    shutil.rmtree(adapter_root / "base")
+    with pytest.raises(GuardrailError, match="restore-base b001"):
+        mv.restore_version(adapter_root, "v003")
+    result = bm.restore_backup(adapter_root, rec["id"])
+    assert result["base"] == "b001" and result["base_restored"] == "restored base b001"
+    assert base_store.verify_base(adapter_root, "b001") == []
+    assert base_store.check_base(adapter_root, "b001") == []
+    assert (logits(adapter_root / "current_model") == want).all()
+    # the versions work again too: rollback/restore need only the base
+    assert mv.restore_version(adapter_root, "v002")["restored"] == "v002"
+
+
+def test_restore_base_command(adapter_root):
+    import backup_manager as bm
+    bm.create_backup(adapter_root, "v002")
+    proc = run_script("backup_manager.py", "restore-base", "b001", root=adapter_root)
+    assert proc.returncode == 0 and proc.stdout.startswith("base b001 is already good")
+    shutil.rmtree(adapter_root / "base" / "b001")
+    proc = run_script("backup_manager.py", "restore-base", "b001", "--json", root=adapter_root)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["restored"] is True
+    assert mv.restore_version(adapter_root, "v003")["restored"] == "v003"
+    proc = run_script("backup_manager.py", "restore-base", "b009", root=adapter_root)
+    assert proc.returncode == 1 and proc.stderr.startswith("Error: no backup holds base b009")
