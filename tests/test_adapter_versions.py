@@ -174,3 +174,26 @@ def test_restore_base_command(adapter_root):
     assert mv.restore_version(adapter_root, "v003")["restored"] == "v003"
     proc = run_script("backup_manager.py", "restore-base", "b009", root=adapter_root)
     assert proc.returncode == 1 and proc.stderr.startswith("Error: no backup holds base b009")
+
+
+def test_state_tracker_shows_kind_and_base(adapter_root):
+    import jsonschema
+    schema = json.loads((REPO / "docs" / "system_state.schema.json").read_text())
+    proc = run_script("state_tracker.py", "--json", root=adapter_root, check=True)
+    doc = json.loads(proc.stdout)
+    jsonschema.validate(doc, schema)
+    m = doc["current_model"]
+    assert (m["kind"], m["base"], m["complete"], m["matches_version"]) == ("adapter", "b001", True, "v003")
+    assert "BASE_MISSING" not in {w["code"] for w in doc["warnings"]}
+    text = run_script("state_tracker.py", "--check", root=adapter_root).stdout
+    assert "adapter on base b001" in text
+    shutil.rmtree(adapter_root / "base" / "b001")
+    doc = json.loads(run_script("state_tracker.py", "--json", root=adapter_root).stdout)
+    jsonschema.validate(doc, schema)
+    warn = [w for w in doc["warnings"] if w["code"] == "BASE_MISSING"]
+    assert len(warn) == 1 and warn[0]["severity"] == "critical"
+    assert warn[0]["fix"].startswith("python3 backup_manager.py restore-base b001")
+    assert doc["current_model"]["complete"] is False
+    mv.restore_version(adapter_root, "v001")          # a full model: no base needed
+    doc = json.loads(run_script("state_tracker.py", "--json", root=adapter_root).stdout)
+    assert (doc["current_model"]["kind"], doc["current_model"]["base"]) == ("full", None)
