@@ -197,3 +197,53 @@ def test_state_tracker_shows_kind_and_base(adapter_root):
     mv.restore_version(adapter_root, "v001")          # a full model: no base needed
     doc = json.loads(run_script("state_tracker.py", "--json", root=adapter_root).stdout)
     assert (doc["current_model"]["kind"], doc["current_model"]["base"]) == ("full", None)
+
+
+def test_consolidate_merges_within_tolerance_recorded_never_twice_undoable(adapter_root):
+    want = logits(adapter_root / "current_model")            # v003: b001 + adapter
+    proc = run_script("model_versioner.py", "consolidate", "--note", "weekly", "--json",
+                      root=adapter_root, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert (out["from"], out["base_before"], out["base"], out["version"]) == ("v003", "b001", "b002", "v004")
+    assert out["merged"] == ["v002", "v003"] and out["max_abs_diff"] <= out["tolerance"] == 1e-4 * max(
+        1.0, float(want.abs().max()))
+    assert out["undo"] == "python3 model_versioner.py restore v003"
+    b2 = base_store.read_base(adapter_root, "b002")
+    assert (b2["source"], b2["merged"]) == ("consolidate", ["v002", "v003"])
+    assert base_store.verify_base(adapter_root, "b002") == []
+    rec = mv.read_version(adapter_root, "v004")
+    assert (rec["reason"], rec["note"], rec["kind"], rec["base"]) == ("consolidate", "weekly", "adapter", "b002")
+    assert rec["consolidate"]["merged"] == ["v002", "v003"] and rec["parent"] == "v003"
+    # the merged base alone computes what base+adapter did; the fresh adapter changes nothing
+    assert (logits(adapter_root / "base" / "b002") - want).abs().max() <= out["tolerance"]
+    assert (logits(adapter_root / "current_model") - want).abs().max() <= out["tolerance"]
+    state = json.loads((adapter_root / "current_model" / "trainer_state.json").read_text())
+    assert state["global_step"] == 20 and state["warmup_from_step"] == 20
+    cfg = json.loads((adapter_root / "current_model" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str((adapter_root / "base" / "b002").resolve())
+    assert cfg["r"] == 8
+    # nothing trained since: refused; undo, then a second merge of v003 is refused too
+    with pytest.raises(GuardrailError, match="nothing to consolidate: v004 is the fresh adapter"):
+        mv.consolidate(adapter_root)
+    assert mv.restore_version(adapter_root, "v003")["restored"] == "v003"
+    assert (logits(adapter_root / "current_model") == want).all()
+    with pytest.raises(GuardrailError, match="v002 was already merged into base b002"):
+        mv.consolidate(adapter_root)
+    assert sorted(os.listdir(adapter_root / "base")) == [".last_id", "b001", "b002"]
+
+
+def test_consolidate_full_gives_a_full_model_loadable_in_a_fresh_process(adapter_root):
+    want = logits(adapter_root / "current_model")
+    result = mv.consolidate(adapter_root, full=True)
+    cur = adapter_root / "current_model"
+    assert result["full"] and (cur / "config.json").is_file()
+    assert not base_store.is_adapter_folder(cur)
+    assert json.loads((cur / ".manifest.json").read_text())["kind"] == "full"
+    assert "kind" not in mv.read_version(adapter_root, result["version"])
+    got = loads_in_fresh_process(cur)
+    assert got["cls"] == "LlamaForCausalLM" and len(got["ids"]) == 7
+    assert got["logit"] == pytest.approx(want[0, 2, :3].tolist(), abs=1e-4)
+    with pytest.raises(GuardrailError, match="current_model is a full model, not an adapter"):
+        mv.consolidate(adapter_root)
+    assert mv.restore_version(adapter_root, "v003")["restored"] == "v003"   # the undo
