@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import json
 from pathlib import Path
 
@@ -154,3 +155,87 @@ def test_the_daemon_closes_last_months_metrics_between_files(initialized_root):
     assert full["last_step"] == trained[-1] and full["summarised"] > 0
     doc = state_tracker.build_state(root)
     assert doc["loss"]["last_step"] == trained[-1]
+
+
+# --------------------------------------------------------------------------- done/ archive
+
+def _done_root(tmp_root: Path, n: int = 3) -> list[str]:
+    import hashlib
+    import training_config
+    import training_queue
+    from trainroot import Paths
+    Paths(tmp_root).ensure()
+    training_config.write_config(tmp_root, training_config.default_config(
+        done_archive={"compress_after_days": 30}))
+    names = []
+    for i in range(n):
+        data = "".join(json.dumps({"text": f"record {i}-{k} " * 5}) + "\n" for k in range(50))
+        name = f"f{i}.jsonl"
+        (tmp_root / "done" / name).write_text(data)
+        training_queue.record_path(tmp_root / "done" / name).write_text(json.dumps({
+            "name": name, "outcome": "done", "sha256": hashlib.sha256(data.encode()).hexdigest(),
+            "finished_at": "2026-01-01T00:00:00.000000Z", "version_before": "v001",
+            "version_after": f"v00{i + 2}"}))
+        os.utime(tmp_root / "done" / name, (0, 0))   # trained long ago
+        names.append(name)
+    return names
+
+
+def test_old_done_files_are_compressed_proven_and_requeued_from_the_archive(tmp_root):
+    import done_archive
+    import training_config
+    import training_queue
+    names = _done_root(tmp_root)
+    before = {n: (tmp_root / "done" / n).read_bytes() for n in names}
+    cfg = training_config.load_config(tmp_root)
+    assert done_archive.maintain(tmp_root, cfg) == names
+    for n in names:
+        assert not (tmp_root / "done" / n).exists()
+        assert gzip.decompress((tmp_root / "done" / (n + ".gz")).read_bytes()) == before[n]
+        rec = training_queue.read_record(tmp_root / "done" / n)
+        assert rec["archive"]["path"] == f"done/{n}.gz" and rec["version_after"]
+        assert rec["archive"]["sha256"] == rec["sha256"] and rec["archive"]["size"] == len(before[n])
+    assert done_archive.maintain(tmp_root, cfg) == []        # once an hour at most, and done
+    # the records stay known: the daemon's start-up repair keeps them, the index finds them
+    assert training_queue.recover(tmp_root) == []
+    assert training_queue.done_index(tmp_root).get(rec["sha256"])["name"] == names[-1]
+    assert training_queue.counts(tmp_root)["done"] == 3
+    # re-queued by path or by bare name, from the gzip, as the original bytes
+    with pytest.raises(GuardrailError, match="already trained"):
+        training_queue.enqueue(tmp_root, tmp_root / "done" / names[0], by_hand=True)
+    q = training_queue.enqueue(tmp_root, tmp_root / "done" / names[0], by_hand=True, force=True)
+    assert q["outcome"] == "queued" and Path(q["path"]).read_bytes() == before[names[0]]
+    os.chdir(tmp_root)
+    q = training_queue.enqueue(tmp_root, names[1], by_hand=True, force=True)
+    assert Path(q["path"]).read_bytes() == before[names[1]]
+    assert q["requeued_from"] == f"done/{names[1]}.gz"
+
+
+def test_a_done_file_whose_bytes_differ_from_its_record_is_not_compressed(tmp_root):
+    import done_archive
+    import training_config
+    names = _done_root(tmp_root, 1)
+    (tmp_root / "done" / names[0]).write_text('{"text": "changed"}\n')
+    os.utime(tmp_root / "done" / names[0], (0, 0))
+    assert done_archive.maintain(tmp_root, training_config.load_config(tmp_root)) == []
+    assert (tmp_root / "done" / names[0]).read_text() == '{"text": "changed"}\n'
+    assert not list((tmp_root / "done").glob("*.gz*"))
+
+
+def test_a_compression_cut_short_is_finished_without_loss(tmp_root):
+    import done_archive
+    names = _done_root(tmp_root, 1)
+    data = (tmp_root / "done" / names[0]).read_bytes()
+    # killed after the gzip was renamed into place, before the record said so
+    (tmp_root / "done" / (names[0] + ".gz")).write_bytes(gzip.compress(data))
+    done_archive.compress(tmp_root, names[0])
+    assert not (tmp_root / "done" / names[0]).exists()
+    assert gzip.decompress((tmp_root / "done" / (names[0] + ".gz")).read_bytes()) == data
+
+
+def test_done_archive_config_is_validated():
+    import training_config
+    assert training_config.validate_config({"done_archive": {"compress_after_dayz": 3}}) == [
+        "done_archive.compress_after_dayz: unknown (expected compress_after_days or "
+        "max_files_per_run)"]
+    assert training_config.validate_config({"done_archive": None}) == []
