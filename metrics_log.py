@@ -39,6 +39,7 @@ import trainroot
 from trainroot import GuardrailError, Paths
 
 BUCKET_LINES = 256            # raw lines per summary bucket at most (a bucket never spans files)
+SEGMENT_BUCKETS = 4096        # a closed month's buckets are merged down to about this many
 TAIL_BYTES = 64 * 1024        # raw tail kept beside each closed segment
 OPEN = "open.summary.jsonl"
 _BLOCK = 8 << 20
@@ -127,6 +128,32 @@ def summarise(path: Path, start: int = 0, end: int | None = None) -> tuple[list[
             f.seek(pos)
     s.flush()
     return s.out, pos
+
+
+def coarsen(buckets: list[dict], lines: int, target: int | None = None) -> list[dict]:
+    """Merge consecutive buckets of one file until each holds about lines/target raw lines,
+    so a closed month costs the monitor a few thousand buckets (plus one per file) however
+    many steps it had. Eval lines stay whole and between buckets."""
+    size = max(BUCKET_LINES, -(-lines // (target or SEGMENT_BUCKETS)))
+    out: list[dict] = []
+    for b in buckets:
+        last = out[-1] if out else None
+        if (b.get("summary") is True and last is not None and last.get("summary") is True
+                and last.get("file") == b.get("file") and last["n"] + b["n"] <= size
+                and b["first_step"] > last["global_step"]):
+            n = last["n"] + b["n"]
+            for key in ("loss", "lr", "tokens_per_sec"):
+                x, y = last.get(key), b.get(key)
+                last[key] = (x * last["n"] + y * b["n"]) / n if x is not None and y is not None \
+                    else (x if y is None else y)
+            for key, pick in (("loss_min", min), ("loss_max", max)):
+                vals = [v for v in (last.get(key), b.get(key)) if v is not None]
+                last[key] = pick(vals) if vals else None
+            last.update(n=n, global_step=b["global_step"], time=b.get("time"),
+                        end_offset=b.get("end_offset"))
+        else:
+            out.append(dict(b))
+    return out
 
 
 def _lines(docs: list[dict]) -> str:
@@ -328,14 +355,19 @@ def rotate(root, *, month: str | None = None, force: bool = False, log=None) -> 
     if found:
         with open(found[0], "rb") as f:
             f.readline()
-            buckets = [ln for ln in f.read().split(b"\n") if ln.strip()]
+            for ln in f.read().split(b"\n"):
+                try:
+                    buckets.append(json.loads(ln))
+                except ValueError:
+                    continue  # a torn line of the open summary: the raw segment has its steps
+        buckets = coarsen(buckets, lines)
     head = {"segment": f"{name}.jsonl.gz", "seq": len(segs) + 1, "month": first,
             "source": "metrics.jsonl", "source_bytes": size, "source_sha256": h.hexdigest(),
             "head_sha256": head_sha,
-            "lines": lines, "closed_at": trainroot.utc_now(), "bucket_lines": BUCKET_LINES,
+            "lines": lines, "closed_at": trainroot.utc_now(),
+            "bucket_lines": max(BUCKET_LINES, -(-lines // SEGMENT_BUCKETS)),
             "tail": f"{name}.tail.jsonl"}
-    body = json.dumps(head, separators=(",", ":")).encode() + b"\n" + \
-        b"".join(ln + b"\n" for ln in buckets)
+    body = _lines([head] + buckets).encode()
     trainroot.atomic_write_bytes(d / f"{name}.summary.jsonl", body)   # the commit point
     with open(p.metrics, "rb") as f:
         f.seek(size)

@@ -178,7 +178,9 @@ def grow_metrics(root: Path, scale: int) -> None:
                 "source": "metrics.jsonl", "source_bytes": size, "source_sha256": h.hexdigest(),
                 "head_sha256": hashlib.sha256((chunks[0] if chunks else b"")[:metrics_log.TAIL_BYTES]).hexdigest(),
                 "lines": lines, "closed_at": f"{month}-28T00:00:00.000000Z",
-                "bucket_lines": metrics_log.BUCKET_LINES, "tail": f"{month}.tail.jsonl"}
+                "bucket_lines": max(metrics_log.BUCKET_LINES, -(-lines // metrics_log.SEGMENT_BUCKETS)),
+                "tail": f"{month}.tail.jsonl"}
+        buckets = metrics_log.coarsen(buckets, lines)
         (folder / f"{month}.summary.jsonl").write_text(
             "".join(json.dumps(d, separators=(",", ":")) + "\n" for d in [head] + buckets))
 

@@ -239,3 +239,23 @@ def test_done_archive_config_is_validated():
         "done_archive.compress_after_dayz: unknown (expected compress_after_days or "
         "max_files_per_run)"]
     assert training_config.validate_config({"done_archive": None}) == []
+
+
+def test_a_long_month_is_summarised_in_a_few_thousand_buckets(tmp_root, monkeypatch):
+    monkeypatch.setattr(metrics_log, "SEGMENT_BUCKETS", 4)   # 3,000 lines -> 750 per bucket
+    root = _root(tmp_root, _lines([("a.jsonl", 2000), ("b.jsonl", 1000)]))
+    head = metrics_log.maintain(root)
+    assert head["bucket_lines"] == 751        # 3,002 lines with the two eval lines
+    buckets = [json.loads(x) for x in
+               (root / "metrics" / "2026-01.summary.jsonl").read_text().splitlines()[1:]]
+    steps = [(b["file"], b["first_step"], b["global_step"], b["n"]) for b in buckets
+             if b.get("summary")]
+    # 256-line buckets merged while a file's run fits 751 lines; never across files
+    assert steps == [("a.jsonl", 1, 512, 512), ("a.jsonl", 513, 1024, 512),
+                     ("a.jsonl", 1025, 1536, 512), ("a.jsonl", 1537, 2000, 464),
+                     ("b.jsonl", 2001, 2512, 512), ("b.jsonl", 2513, 3000, 488)]
+    losses = [json.loads(x)["loss"] for x in (root / "metrics" / "2026-01.summary.jsonl")
+              .read_text().splitlines()[1:] if json.loads(x).get("summary")]
+    raw = [json.loads(x) for x in metrics_log.iter_raw(root)]
+    first = [d["loss"] for d in raw if d.get("file") == "a.jsonl"][:512]
+    assert losses[0] == pytest.approx(sum(first) / 512)
