@@ -221,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="done_archive.py", description=__doc__.split("\n\n")[0])
     sub = trainroot.subcommands(parser)
     sub("status", cmd_status)
-    sub("run", cmd_run).add_argument("--days", type=float, default=None)
+    sub("run", cmd_run).add_argument("--days", type=float, default=None,
+                                     help="compress files trained more than this many days ago "
+                                     "(default: config's done_archive.compress_after_days)")
     return parser
 
 
