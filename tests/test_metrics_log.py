@@ -259,3 +259,45 @@ def test_a_long_month_is_summarised_in_a_few_thousand_buckets(tmp_root, monkeypa
     raw = [json.loads(x) for x in metrics_log.iter_raw(root)]
     first = [d["loss"] for d in raw if d.get("file") == "a.jsonl"][:512]
     assert losses[0] == pytest.approx(sum(first) / 512)
+
+
+class _Killed(BaseException):
+    """A crash at a rename: nothing after it runs."""
+
+
+def test_a_rotation_killed_at_any_rename_loses_and_repeats_nothing(tmp_path, monkeypatch):
+    old = _lines([("a.jsonl", 300), ("b.jsonl", 20)])
+    real_replace, calls = os.replace, []
+
+    def counting(src, dst, *a, **kw):
+        calls.append(dst)
+        return real_replace(src, dst, *a, **kw)
+    monkeypatch.setattr(os, "replace", counting)
+    (tmp_path / "count").mkdir()
+    metrics_log.maintain(_root(tmp_path / "count", old))   # a whole rotation: count its renames
+    renames = len(calls)
+    assert renames >= 4   # open summary, segment, tail, summary (the commit), reset
+    for k in range(1, renames + 1):
+        root = tmp_path / f"k{k}"
+        root.mkdir()
+        _root(root, old)
+        n = [0]
+
+        def crash_at_k(src, dst, *a, **kw):
+            n[0] += 1
+            if n[0] == k:
+                raise _Killed(f"killed before rename {k} ({dst})")
+            return real_replace(src, dst, *a, **kw)
+        monkeypatch.setattr(os, "replace", crash_at_k)
+        with pytest.raises(_Killed):
+            metrics_log.maintain(root)
+        monkeypatch.setattr(os, "replace", real_replace)
+        # the next file appends, then the daemon's next call between files
+        newer = _lines([("c.jsonl", 5)], month="2099-05", step0=320)
+        with open(root / "metrics.jsonl", "ab") as f:
+            f.write(newer)
+        metrics_log.maintain(root)
+        assert b"".join(metrics_log.iter_raw(root)) == old + newer, f"crash at rename {k}"
+        assert len(metrics_log.segments(root)) == 1, f"crash at rename {k}"
+        full = monitor_server.MetricsIndex(root / "metrics.jsonl").query(None, 2000)
+        assert full["last_step"] == 325 and full["run_start_step"] <= 300, f"crash at rename {k}"
