@@ -301,3 +301,15 @@ def test_a_rotation_killed_at_any_rename_loses_and_repeats_nothing(tmp_path, mon
         assert len(metrics_log.segments(root)) == 1, f"crash at rename {k}"
         full = monitor_server.MetricsIndex(root / "metrics.jsonl").query(None, 2000)
         assert full["last_step"] == 325 and full["run_start_step"] <= 300, f"crash at rename {k}"
+
+
+def test_a_running_monitor_follows_a_rotation(tmp_root):
+    root = _root(tmp_root, _lines([("a.jsonl", 300)], month="2099-06"))
+    index = monitor_server.MetricsIndex(root / "metrics.jsonl")
+    assert index.query(None, 2000)["summarised"] == 0          # no summary yet: raw lines
+    metrics_log.rotate(root, force=True)
+    with open(root / "metrics.jsonl", "ab") as f:
+        f.write(_lines([("b.jsonl", 4)], month="2099-07", step0=300))
+    after = index.query(None, 2000)
+    assert after["summarised"] == 3 and after["last_step"] == 304
+    assert [p["global_step"] for p in index.query(300, 2000)["points"]] == [301, 302, 303, 304, 304]
