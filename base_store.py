@@ -170,7 +170,7 @@ def read_base(root, base_id: str) -> dict:
     doc = read_json(folder / BASE_FILE, default=None)
     if not isinstance(doc, dict):
         raise GuardrailError(f"base {base_id} is missing (no {BASE_FILE})", folder,
-                             f"Bring it back from a backup that holds it with "
+                             "Bring it back from a backup that holds it with "
                              f"`python3 backup_manager.py restore ID`, or list them with "
                              f"`python3 backup_manager.py list`.")
     return doc

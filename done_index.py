@@ -100,6 +100,7 @@ class DoneIndex:
         if row and row[0] == sig and not force:
             return
         entries = set(os.listdir(self.done))
+        entries |= {n[:-3] for n in entries if n.endswith(".gz")}  # done_archive's NAME.gz
         names = {n[:-len(RECORD_SUFFIX)] for n in entries  # a record beside its data file
                  if n.endswith(RECORD_SUFFIX) and not n.startswith(".")} & entries
         db.execute("BEGIN IMMEDIATE")

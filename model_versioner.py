@@ -1019,7 +1019,8 @@ def prune_plan(root, keep: int | None = None, *, rules: dict | None = None) -> d
     The rules are config `retention.versions` (retention.py; restic's keep_last, keep_daily,
     ...), or `{"keep_last": keep}` with `--keep N`. Always kept besides: the latest, tags,
     current_model (or the version it was trained from), the version a file in processing/
-    started from, and versions marked rejected/held. Backups pin nothing: a backup is an
+    started from, versions marked rejected/held, and the best by eval loss once versions
+    are scored (versions/.eval/). Backups pin nothing: a backup is an
     independent copy that restores without its source version."""
     import retention
     p = Paths(root)
@@ -1053,6 +1054,9 @@ def prune_plan(root, keep: int | None = None, *, rules: dict | None = None) -> d
         why = _under_review(rec)
         if why:
             reasons[rec["id"]].append(why)
+    best = best_by_eval(p.root, ids)
+    if best:
+        reasons[best[0]].append(f"best eval loss {best[1]:.4g}")
     # Bases (ROOT/base/) are never pruned: each is listed with the kept versions naming it.
     bases: dict = {}
     for rec in recs:
@@ -1060,6 +1064,40 @@ def prune_plan(root, keep: int | None = None, *, rules: dict | None = None) -> d
             bases.setdefault(version_base(rec), []).append(rec["id"])
     return {"policy": rules, "keep": {v: r for v, r in reasons.items() if r},
             "delete": [v for v, r in reasons.items() if not r], "bases": bases}
+
+
+def best_by_eval(root, ids: list[str]) -> tuple[str, float] | None:
+    """(version, loss): of `ids`, the one with the lowest token-weighted mean eval loss in
+    versions/.eval/ (eval_gate's results), among those scored under the newest scored
+    version's key (the same eval set and settings: other numbers do not compare); ties go
+    to the newer. None before any eval."""
+    folder = Paths(root).versions / ".eval"
+    scored = []
+    for vid in reversed(ids):  # newest first: its key is the one compared
+        try:
+            doc = read_json(folder / f"{vid}.json", default=None)
+        except GuardrailError:
+            continue  # a damaged result protects nothing; `model_versioner.py eval` redoes it
+        results = doc.get("results") if isinstance(doc, dict) else None
+        if not isinstance(results, dict) or not results:
+            continue
+        if scored and doc.get("key") != scored[0][2]:
+            continue
+        num = den = 0.0
+        for r in results.values():
+            loss = r.get("loss") if isinstance(r, dict) else None
+            if not isinstance(loss, (int, float)) or isinstance(loss, bool) or loss != loss \
+                    or loss in (float("inf"), float("-inf")):
+                num = None
+                break
+            w = r.get("tokens") if isinstance(r.get("tokens"), int) and r["tokens"] > 0 else 1
+            num, den = num + loss * w, den + w
+        if num is not None and den:
+            scored.append((vid, num / den, doc.get("key")))
+    if not scored:
+        return None
+    best = min(scored, key=lambda s: s[1])  # min keeps the first: the newer of equals
+    return best[0], best[1]
 
 
 def prune(root, keep: int | None = None, *, yes: bool = False, rules: dict | None = None) -> dict:

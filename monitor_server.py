@@ -41,6 +41,7 @@ PAGE_PATH = trainroot.SCRIPTS_DIR / PAGE_NAME
 MAX_POINTS = 2000           # what the chart draws at most; more costs time and shows nothing
 MAX_POINTS_LIMIT = 10000    # what a client may ask for
 METRIC_FIELDS = ("time", "global_step", "file", "loss", "lr", "tokens_per_sec")
+SUMMARY_FIELDS = ("first_step", "n", "loss_min", "loss_max")  # a bucket's point adds these
 STATE_TTL = 1.0             # seconds a built state document is reused (several open tabs)
 API_RATE = 20.0             # JSON answers a second beside training: one open page asks for 1
 
@@ -62,6 +63,7 @@ class MetricsIndex:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.root = self.path.parent
         self._lock = threading.Lock()
         self._reset(None)
 
@@ -71,6 +73,34 @@ class MetricsIndex:
         self.run_start = 0   # first line after the last rewind of global_step (a rollback)
         self.boundaries: list[tuple[int, int, str]] = []   # (line index, step, file)
         self._last_file: bytes | None = None
+        # Entries below n_summary are buckets of metrics_log's summaries (closed segments,
+        # then the part of metrics.jsonl the open summary covers): (first entry, path) each.
+        self.n_summary = 0
+        self.sources: list[tuple[int, str]] = []
+
+    def _load_summaries(self, st) -> None:
+        """Index the summaries of the history before metrics.jsonl's uncovered tail, so the
+        first load after a start reads buckets (per file and per 256 steps), not every line."""
+        import metrics_log
+        paths = [s["summary"] for s in metrics_log.segments(self.root)]
+        found = metrics_log.read_open(self.root, st)
+        if found:
+            paths.append(str(found[0]))
+        for path in paths:
+            first = len(self.steps)
+            try:
+                with open(path, "rb") as f:
+                    base = len(f.readline())  # the header: no global_step
+                    data = f.read()
+            except OSError:
+                continue  # gone meanwhile (a rotation): the next reset reads it again
+            data = data[:data.rfind(b"\n") + 1]
+            if data:
+                self._index_block(data, base)
+            if len(self.steps) > first:
+                self.sources.append((first, path))
+        self.n_summary = len(self.steps)
+        self.scanned = found[1] if found else 0
 
     def refresh(self) -> None:
         """Index the lines appended since the last call (a torn last line waits for its end)."""
@@ -84,6 +114,7 @@ class MetricsIndex:
             return
         if st.st_ino != self.ino or st.st_size < self.scanned:
             self._reset(st.st_ino)
+            self._load_summaries(st)
         if st.st_size == self.scanned:
             return
         with open(self.path, "rb") as f:
@@ -185,8 +216,13 @@ class MetricsIndex:
             first = idx[0] if matched else n
             boundaries = [{"global_step": s, "file": f} for i, s, f in self.boundaries
                           if (since is None or s > since) and i >= first]
+            thinned = len(boundaries) > max_points  # years of files: as many as the points
+            if thinned:
+                keep = -(-len(boundaries) // max_points)
+                boundaries = boundaries[::-1][::keep][::-1]
             return {"schema_version": 1, "since": since, "lines": n, "matched": matched,
-                    "stride": stride, "downsampled": stride > 1,
+                    "stride": stride, "downsampled": stride > 1 or (matched > 0 and first < self.n_summary),
+                    "summarised": self.n_summary, "boundaries_thinned": thinned,
                     "last_step": self.steps[-1] if n else None,
                     "run_start_step": self.steps[self.run_start] if n else None,
                     "points": points, "boundaries": boundaries}
@@ -195,15 +231,30 @@ class MetricsIndex:
         out = []
         if not indices:
             return out
-        with open(self.path, "rb") as f:
+        files: dict[str, object] = {}
+        starts = [first for first, _ in self.sources]
+        try:
             for i in indices:
+                if i < self.n_summary:  # a bucket: mean loss, with its min, max and line count
+                    path = self.sources[bisect.bisect_right(starts, i) - 1][1]
+                else:
+                    path = self.path
+                f = files.get(path)
+                if f is None:
+                    f = files[path] = open(path, "rb")
                 f.seek(self.offsets[i])
                 try:
                     obj = json.loads(f.readline())
                 except ValueError:
                     continue  # a corrupt line: the chart does without it
                 if isinstance(obj, dict):
-                    out.append({k: _finite(obj.get(k)) for k in METRIC_FIELDS})
+                    point = {k: _finite(obj.get(k)) for k in METRIC_FIELDS}
+                    if obj.get("summary") is True:
+                        point.update({k: _finite(obj.get(k)) for k in SUMMARY_FIELDS})
+                    out.append(point)
+        finally:
+            for f in files.values():
+                f.close()
         return out
 
 

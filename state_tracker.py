@@ -806,7 +806,13 @@ def _tail_lines(path: Path, nbytes: int = METRICS_TAIL_BYTES) -> list[str]:
     lines = data.split(b"\n")
     if size > nbytes:
         lines = lines[1:]  # the first one is cut
-    return [ln.decode("utf-8", "replace") for ln in lines if ln.strip()]
+    lines = [ln for ln in lines if ln.strip()]
+    if size < nbytes and path.parent.joinpath("metrics").is_dir():
+        # just after a monthly rotation metrics.jsonl is short: the closed segment's kept
+        # tail goes before it, so the loss warnings see the same history as before
+        import metrics_log
+        lines = metrics_log.tail_lines(path.parent, nbytes)
+    return [ln.decode("utf-8", "replace") for ln in lines]
 
 
 def _spike_fix(root: Path, file, training: dict) -> tuple[str, str]:

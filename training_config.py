@@ -113,6 +113,10 @@ PARAMS: dict[str, Param] = {
     "max_disk_gb": Param(None, "float", "budget for the root's models (current_model, versions, "
                          "checkpoints, backups inside it); null: only free space limits it",
                          0.001, 1e9, nullable=True),
+    "done_archive": Param(None, "done_archive", "{\"compress_after_days\": N} gzips done/ data "
+                          "files trained more than N days ago (verified; the record keeps the "
+                          "sha256 and where it is; `add` re-queues from it); null: off",
+                          nullable=True),
     "backup_dir": Param(None, "path", "where backups go (default ROOT/backups); put it on another "
                         "disk, or it is not redundancy", nullable=True),
     "backup_every_files": Param(10, "int", "automatic backup after this many trained files; 0 "
@@ -227,6 +231,10 @@ def validate_config(cfg) -> list[str]:
         if name not in cfg:
             continue
         value = cfg[name]
+        if p.kind == "done_archive":
+            import done_archive
+            errors.extend(done_archive.validate(value, name))
+            continue
         if p.kind == "retention":
             if value is not None:
                 import retention

@@ -631,6 +631,25 @@ class Daemon:
         self._waiting_for = None
         with held:
             self._process(data)
+            self.maintain_metrics()
+
+    def maintain_metrics(self) -> None:
+        """Between files, under the model and engine locks: summarise the file's metrics
+        lines and close metrics.jsonl into a monthly segment once its month is over
+        (metrics_log.py). Never while a file is in processing/ (its resume reads the tail)."""
+        if self._processing_file() is not None:
+            return
+        import done_archive
+        import metrics_log
+        try:
+            metrics_log.maintain(self.p.root, self.log)
+        except (GuardrailError, OSError) as exc:  # metrics.jsonl is untouched; retried next file
+            self.log.warning("metrics rotation after the file failed: %s", exc)
+        try:  # done/ files older than config `done_archive` days: gzip, verified (off by default)
+            import training_config
+            done_archive.maintain(self.p.root, training_config.load_config(self.p.root), self.log)
+        except (GuardrailError, OSError) as exc:
+            self.log.warning("done archive after the file failed: %s", exc)
 
     def _process(self, data: Path) -> None:
         """Pre-flight, snapshot, train, and move the file to done/ (or skipped/, failed/)."""

@@ -270,7 +270,8 @@ def recover(root) -> list[str]:
         present = set(names)
         for n in names:
             if n.endswith(RECORD_SUFFIX):
-                if n[:-len(RECORD_SUFFIX)] not in present:
+                data = n[:-len(RECORD_SUFFIX)]
+                if data not in present and not (folder == p.done and data + ".gz" in present):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(folder / n)
                     actions.append(f"removed orphan record {folder / n}")
@@ -497,9 +498,14 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
     """
     p = Paths(root)
     src = Path(path)
-    name = name or src.name
+    archive = None
+    if by_hand and not move:  # a done/ file compressed by done_archive: queued from its gzip
+        import done_archive
+        archive = done_archive.archived(p, src)
+    name = name or (archive[1].get("name") if archive else None) or src.name
     if by_hand:
-        _check_source(p, src, move)
+        if not archive:
+            _check_source(p, src, move)
     elif not_regular is None and not src.is_file():
         raise GuardrailError("data file not found", src, "Check the path and try again.")
     if priority not in PRIORITIES:
@@ -510,7 +516,8 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
     t0 = time.monotonic()
     record = {"schema_version": SCHEMA_VERSION, "original_name": name, "priority": priority,
               "force": bool(force), "seq": new_seq(p.root), "arrived_at": utc_now(), "source": source,
-              "size": src.lstat().st_size, "attempts": 0}
+              "size": archive[1]["archive"].get("size") if archive else src.lstat().st_size,
+              "attempts": 0}
     record.update(extra or {})
     if not move:  # copy first, so the bytes validated and hashed are the bytes queued
         incoming = p.queue / INCOMING
@@ -518,7 +525,12 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
         fd, tmp = tempfile.mkstemp(dir=incoming, prefix=".add-", suffix=".tmp")
         os.close(fd)
         try:
-            shutil.copyfile(src, tmp)
+            if archive:
+                import gzip
+                with gzip.open(archive[0], "rb") as z, open(tmp, "wb") as out:
+                    shutil.copyfileobj(z, out, 8 << 20)
+            else:
+                shutil.copyfile(src, tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)
@@ -543,6 +555,14 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
         if unreadable:
             fix = None  # fix_for names chmod
         record["sha256"], result = ex["sha256"], ex["result"]
+        if archive and ex["sha256"] != archive[1]["archive"].get("sha256"):
+            raise GuardrailError(f"the compressed copy does not decompress to the bytes its record "
+                                 f"proves (sha256 {ex['sha256'][:12]}, recorded "
+                                 f"{str(archive[1]['archive'].get('sha256'))[:12]})", archive[0],
+                                 f"Restore done/ from a backup of the data, or check the disk "
+                                 f"(`gzip -t {_q(archive[0])}`); nothing was queued.")
+        if archive:
+            record["requeued_from"] = archive[1]["archive"].get("path")
         record["records"] = result["records"]
         record["format"] = result["format"]
         record["validation"] = _summary(result)
@@ -700,7 +720,8 @@ def find_queued(root, name: str) -> dict:
              "See its reason in NAME.record.json; fix it, then `REQUEUE`."),
             (p.skipped, "was skipped (skipped/), not queued",
              "`REQUEUE` queues it again.")):
-        if os.path.lexists(folder / base):
+        if os.path.lexists(folder / base) or (folder == p.done and
+                                               os.path.lexists(folder / (base + ".gz"))):
             raise GuardrailError(f"{base} {state}", folder / base,
                                  fix.replace("REQUEUE", _requeue_cmd(root, folder / base)))
     raise GuardrailError(f"{name} is not in the queue", p.queue, f"See `{LIST_CMD}`.")

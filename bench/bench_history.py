@@ -2,19 +2,28 @@
 
 Grows a root synthetically in the formats the code writes (issue 18): at scale S,
 S versions (hard-linked folders + version.json with its manifest, as `create_version`
-writes them; the first ones through `create_version` itself), 10*S done files (data +
-record), 1 + S/10 backups (backup.json + read-only copies) and 200*S metrics lines; 10,000x is
-10,000 versions, 100,000 done files, 1,001 backups and 2M metrics lines. Then runs each
-routine command as its own process and prints wall time and peak RSS side by side.
+writes them), 10*S done files (data + record), 1 + S/10 backups (backup.json + files,
+hard-linked to save disk: no measured command reads their bytes) and 2,000*S metrics lines
+over three years, as metrics_log leaves them: closed months `metrics/YYYY-MM.jsonl.gz`
+(gzip level 1 for speed: the same format) with their summaries, and this month's lines in
+metrics.jsonl with its open summary covering all but the last file. 10,000x is 10,000
+versions, 100,000 done files, 1,001 backups and 20M metrics lines (~3 GB of raw
+lines, of which ~80 s to grow on one core). Then runs each routine command as its own process, the
+monitor's first load after a start and the daemon's start to first step, and prints wall
+time and peak RSS side by side.
 
-    .venv/bin/python bench/bench_history.py                 # 1x and 100x
+    .venv/bin/python bench/bench_history.py --scales 1 10 --repeat 1     # a quick check
     .venv/bin/python bench/bench_history.py --scales 1 100 10000 --dir /data/tmp
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
+import signal
+import socket
+import urllib.request
 import json
 import os
 import shutil
@@ -70,6 +79,7 @@ def grow(root: Path, scale: int) -> None:
                    created_at=at.isoformat().replace("+00:00", "Z"),
                    data_files=[{"name": f"f{n}.jsonl", "sha256": f"{n:064x}"}])
         (folder / "version.json").write_text(json.dumps(rec, indent=2) + "\n")
+    grow_metrics(root, scale)
     if hasattr(mv, "LAST_ID"):  # the index create_version keeps (absent before issue 18)
         (p.versions / mv.LAST_ID).write_text(json.dumps({"schema_version": 1,
                                                          "last": f"v{n_versions:03d}"}))
@@ -91,18 +101,88 @@ def grow(root: Path, scale: int) -> None:
     for n in range(1 + scale // 10):
         bid = f"b{(T0 + timedelta(hours=n)).strftime('%Y%m%dT%H%M%S')}-{n % 65536:04x}"
         folder = bdir / bid
-        shutil.copytree(src, folder, ignore=shutil.ignore_patterns("version.json"))
+        shutil.copytree(src, folder, ignore=shutil.ignore_patterns("version.json"),
+                        copy_function=os.link)
         at = (T0 + span * n / max(1 + scale // 10, 1)).isoformat().replace("+00:00", "Z")
         rec = {"schema_version": 1, "id": bid, "seq": n + 1, "created_at": at,
                "source": "v001", "version": "v001", "global_step": 0, "tokens_seen": 0,
                "note": None, "files": v1["manifest"], "total_bytes": 0, "verified_at": at,
                "status": "verified"}
         (folder / "backup.json").write_text(json.dumps(rec))
-    with open(p.metrics, "w") as f:
-        for n in range(200 * scale):
-            f.write(json.dumps({"time": "2026-01-01T00:00:00Z", "global_step": n + 1,
-                                "file": "f.jsonl", "loss": 2.0, "lr": 3e-4,
-                                "tokens_per_sec": 1000.0}) + "\n")
+
+
+LINES_PER_SCALE = 2000
+MONTHS = 36
+
+
+def _month(back: int) -> str:
+    """The UTC month `back` months before this one, as YYYY-MM."""
+    now = datetime.now(timezone.utc)
+    y, m = divmod(now.year * 12 + now.month - 1 - back, 12)
+    return f"{y:04d}-{m + 1:02d}"
+
+
+def grow_metrics(root: Path, scale: int) -> None:
+    """2,000*S engine-shaped lines (200 per done file), 36 months: 35 closed segments with
+    summaries, then this month's lines in metrics.jsonl. Buckets are computed from the
+    synthetic pattern (each file's loss is constant), as metrics_log writes them."""
+    import metrics_log
+    p = Paths(root)
+    folder = metrics_log.folder(root)
+    folder.mkdir(exist_ok=True)
+    total, per_file = LINES_PER_SCALE * scale, 200
+    n_files = max(1, total // per_file)
+    line = ('{"time": "%sT12:00:00.000000Z", "global_step": %d, "file": "f%06d.jsonl", '
+            '"file_id": "f%06d.jsonl-%08x", "loss": %.1f, "lr": 0.0003, "tokens_per_sec": 1000.0, '
+            '"grad_norm": 1.0, "tokens_seen": %d, "step_in_file": %d}\n')
+    step = 0
+    for back in range(MONTHS - 1, -1, -1):
+        month = _month(back)
+        files = range(n_files * (MONTHS - 1 - back) // MONTHS, n_files * (MONTHS - back) // MONTHS)
+        chunks, buckets, size = [], [], 0
+        for f in files:
+            loss = 2.0 + (f % 10) / 10
+            start = step
+            body = "".join(line % (f"{month}-15", step + i + 1, f, f, f, loss, (step + i + 1) * 64,
+                                   i + 1) for i in range(per_file)).encode()
+            step += per_file
+            size += len(body)
+            chunks.append(body)
+            for b in range(start, step, metrics_log.BUCKET_LINES):
+                last = min(step, b + metrics_log.BUCKET_LINES)
+                buckets.append({"global_step": last, "first_step": b + 1, "file": f"f{f:06d}.jsonl",
+                                "n": last - b, "first_time": f"{month}-15T12:00:00.000000Z",
+                                "time": f"{month}-15T12:00:00.000000Z", "end_offset": size,
+                                "loss": loss, "loss_min": loss, "loss_max": loss, "lr": 0.0003,
+                                "tokens_per_sec": 1000.0, "summary": True})
+        if back == 0:  # this month: the open segment, summarised up to its last file
+            with open(p.metrics, "wb") as out:
+                for c in chunks:
+                    out.write(c)
+            covered = size - (len(chunks[-1]) if chunks else 0)
+            keep = [b for b in buckets if b["end_offset"] <= covered]
+            head = {"open_summary": 1, "raw_ino": os.stat(p.metrics).st_ino, "covered": covered}
+            (folder / metrics_log.OPEN).write_text(
+                "".join(json.dumps(d, separators=(",", ":")) + "\n" for d in [head] + keep))
+            continue
+        h, lines = hashlib.sha256(), 0
+        with open(folder / f"{month}.jsonl.gz", "wb") as raw:
+            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0) as z:
+                for c in chunks:
+                    h.update(c)
+                    z.write(c)
+                    lines += c.count(b"\n")
+        tail = b"".join(chunks)[-metrics_log.TAIL_BYTES:] if chunks else b""
+        (folder / f"{month}.tail.jsonl").write_bytes(tail[tail.find(b"\n") + 1:])
+        head = {"segment": f"{month}.jsonl.gz", "seq": MONTHS - back, "month": month,
+                "source": "metrics.jsonl", "source_bytes": size, "source_sha256": h.hexdigest(),
+                "head_sha256": hashlib.sha256((chunks[0] if chunks else b"")[:metrics_log.TAIL_BYTES]).hexdigest(),
+                "lines": lines, "closed_at": f"{month}-28T00:00:00.000000Z",
+                "bucket_lines": max(metrics_log.BUCKET_LINES, -(-lines // metrics_log.SEGMENT_BUCKETS)),
+                "tail": f"{month}.tail.jsonl"}
+        buckets = metrics_log.coarsen(buckets, lines)
+        (folder / f"{month}.summary.jsonl").write_text(
+            "".join(json.dumps(d, separators=(",", ":")) + "\n" for d in [head] + buckets))
 
 
 def measure(root: Path, argv: list[str]) -> tuple[float, float, int]:
@@ -113,6 +193,71 @@ def measure(root: Path, argv: list[str]) -> tuple[float, float, int]:
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return time.perf_counter() - t, usage.ru_maxrss / 1024, proc.returncode
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def monitor_first_load(root: Path) -> tuple[float, float, int]:
+    """A monitor started on the root: seconds from its start to the answer of the page's
+    first /api/metrics request (whole history, <= 2000 points), its peak RSS, exit code."""
+    port = _free_port()
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(REPO / "monitor_server.py"), "serve", "--port",
+                             str(port), "--root", str(root)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=REPO)
+    took, code = None, 0
+    try:
+        while took is None and time.perf_counter() - t < 600:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/metrics?max_points=2000",
+                                            timeout=600) as r:
+                    json.loads(r.read())
+                took = time.perf_counter() - t
+            except (ConnectionError, urllib.error.URLError):
+                time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if took is None:
+        took, code = float("nan"), 1
+    return took, usage.ru_maxrss / 1024, code
+
+
+def daemon_first_step(root: Path) -> tuple[float, float, int]:
+    """`training_daemon.py run --once` with one small file in the inbox: seconds from its
+    start to that file's first metrics line, its peak RSS over the whole run, exit code."""
+    import training_config
+    cfg = training_config.load_config(root)
+    cfg.update(settle_seconds=0.2, rescan_seconds=0.5, max_length=32, batch_size=2,
+               monitor_port=0, backup_every_files=0, backup_every_hours=0,
+               loss_spike_factor=0.0, eval_max_tokens=0)
+    training_config.write_config(root, cfg)
+    training_config.approve(root, cfg, by="bench")
+    (root / "inbox" / "bench-first-step.jsonl").write_text(
+        "".join(json.dumps({"text": f"first step {i} the quick brown fox"}) + "\n" for i in range(4)))
+    p = Paths(root)
+    size0 = p.metrics.stat().st_size if p.metrics.exists() else 0
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(REPO / "training_daemon.py"), "run", "--once",
+                             "--no-monitor", "--root", str(root)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=REPO)
+    first = None
+    while first is None and proc.poll() is None:
+        try:
+            with open(p.metrics, "rb") as f:
+                f.seek(size0)
+                if b"bench-first-step" in f.read():
+                    first = time.perf_counter() - t
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+    _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return (first if first is not None else float("nan")), usage.ru_maxrss / 1024, code
 
 
 def main(argv=None) -> int:
@@ -138,6 +283,10 @@ def main(argv=None) -> int:
                 cmd = [c.format(new=new) for c in cmd]
                 runs = sorted(measure(root, cmd) for _ in range(args.repeat))
                 results.setdefault(name, {})[scale] = runs[len(runs) // 2]
+            runs = sorted(monitor_first_load(root) for _ in range(args.repeat))
+            results.setdefault("monitor: start to first /api/metrics", {})[scale] = runs[len(runs) // 2]
+            # last: it trains (and applies retention to the grown history)
+            results.setdefault("daemon: start to first step", {})[scale] = daemon_first_step(root)
             shutil.rmtree(root, ignore_errors=True)
     head = "| command | " + " | ".join(f"{s}x s / MB" for s in args.scales) + " |"
     print(head)

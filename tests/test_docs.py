@@ -19,7 +19,7 @@ import training_config
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = ["state_tracker", "training_daemon", "training_controller", "training_queue",
            "model_versioner", "backup_manager", "validate_data", "monitor_server",
-           "training_engine"]
+           "training_engine", "metrics_log", "done_archive"]
 
 # One fresh interpreter imports every script (training_engine imports torch: keep it out
 # of this process), lists each subcommand's options and runs its --help through main().

@@ -126,6 +126,34 @@ def test_prune_dry_run_shows_what_each_rule_keeps_and_held_versions_stay(root, c
     assert mv.lineage(root, "v006")["chain"] == ["v001", "v002", "v003", "v004", "v005", "v006"]
 
 
+def test_the_best_version_by_eval_loss_is_always_kept(root):
+    for gen in range(2, 7):
+        train(root, gen)
+        mv.create_version(root, f"post-train:f{gen}.jsonl")   # v002..v006
+    key = {"eval_set": {"e.jsonl": "ab"}, "eval_max_tokens": 64}
+
+    def scored(vid, losses, k=key):
+        path = Paths(root).versions / ".eval" / f"{vid}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"key": k, "version": vid, "results": {
+            name: {"loss": loss, "tokens": tokens, "rows": 1}
+            for name, (loss, tokens) in losses.items()}}))
+    scored("v001", {"e.jsonl": (0.1, 10)}, k={"eval_set": {"old.jsonl": "cd"}})  # another eval set
+    scored("v002", {"e.jsonl": (1.0, 10), "f.jsonl": (3.0, 30)})   # token-weighted: 2.5
+    scored("v003", {"e.jsonl": (2.0, 10), "f.jsonl": (2.2, 30)})   # 2.15: the best
+    scored("v005", {"e.jsonl": (2.4, 40)})
+    rules = {"keep_last": 2}
+    plan = mv.prune_plan(root, rules=rules)
+    assert plan["keep"]["v003"] == ["best eval loss 2.15"]
+    assert plan["delete"] == ["v001", "v002", "v004"]          # v001's 0.1 is another eval set
+    assert mv.prune(root, yes=True, rules=rules)["deleted"] == ["v001", "v002", "v004"]
+    assert sorted(mv.list_versions(root), key=lambda r: r["id"])[0]["id"] == "v003"
+    # a newer, better version takes over the protection; the old best is then pruned
+    scored("v006", {"e.jsonl": (1.0, 40)})
+    assert mv.prune_plan(root, rules=rules)["keep"]["v006"][-1] == "best eval loss 1"
+    assert mv.prune_plan(root, rules=rules)["delete"] == ["v003"]
+
+
 def test_a_year_of_daily_files_keeps_the_restic_set_under_the_budget(root, monkeypatch):
     """The years-long run, a file every other day for a year: after each file the daemon's retention
     (mv.prune) and after every 7th an automatic backup with its retention. The versions
@@ -289,3 +317,29 @@ def test_state_tracker_reports_usage_against_the_budget_and_days_left(root):
     (root / retention.USAGE_FILE).unlink()
     fresh = st.build_state(root)["disk"]["budget"]
     assert fresh["root"]["used_bytes"] == retention.usage(root, cfg)["root_used"]
+
+
+@pytest.mark.slow
+def test_the_daemon_applies_retention_after_each_trained_file(initialized_root):
+    """Three real files through `run --once` with retention.versions keep_last 2: after each
+    the daemon prunes, so the root ends with the two newest versions and the records of the
+    others in versions/.pruned/ (lineage intact)."""
+    from conftest import run_script
+    from realdaemon import drop, set_config
+    root = initialized_root
+    set_config(root, settle_seconds=0.2, rescan_seconds=0.5, max_length=16, batch_size=2,
+               monitor_port=0, backup_every_files=0, backup_every_hours=0,
+               loss_spike_factor=0.0, num_threads=1, eval_max_tokens=0,
+               retention={"versions": {"keep_last": 2}})
+    for i in range(3):
+        drop(root, f"f{i}.jsonl", seed=i, lines=8)
+    proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root,
+                      timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    kept = [r["id"] for r in mv.list_versions(root)]
+    assert kept == ["v003", "v004"]
+    assert sorted(p.name for p in (Paths(root).versions / ".pruned").glob("v*.json")) == [
+        "v001.json", "v002.json"]
+    assert "retention: pruned v001" in (root / "logs" / "daemon.log").read_text()
+    files = [f["name"] for f in mv.lineage(root, "v004")["data_files"]]
+    assert files == ["f0.jsonl", "f1.jsonl", "f2.jsonl"]
