@@ -204,6 +204,34 @@ def verify_base(root, base_id: str) -> list[str]:
     return [f"base {base_id}: {p}" for p in problems]
 
 
+def check_base(root, base_id: str) -> list[str]:
+    """Cheap check (no hashing unless a file looks written to): every file of the manifest
+    present with its size, none newer than the manifest. A file written in place after the
+    base was made (its mtime moves) is settled by the full sha256, as `verify_base` does."""
+    folder = base_dir(root, validate_base_id(base_id))
+    if not folder.is_dir():
+        return [f"base {base_id}: missing ({folder})"]
+    try:
+        manifest = model_manifest.read_manifest(folder)
+        sealed = (folder / model_manifest.MANIFEST).stat().st_mtime_ns
+    except (GuardrailError, OSError) as exc:
+        return [f"base {base_id}: {exc}"]
+    if manifest is None:
+        return [f"base {base_id}: {model_manifest.MANIFEST} missing"]
+    problems, touched = [], False
+    for rel, entry in sorted(manifest["files"].items()):
+        try:
+            st = (folder / rel).stat()
+        except OSError:
+            problems.append(f"base {base_id}: {rel}: missing")
+            continue
+        if st.st_size != (entry or {}).get("size"):
+            problems.append(f"base {base_id}: {rel}: size {st.st_size}, expected "
+                            f"{(entry or {}).get('size')}")
+        touched = touched or st.st_mtime_ns > sealed
+    return problems or (verify_base(root, base_id) if touched else [])
+
+
 def adapter_base(folder) -> str | None:
     """The base id an adapter folder names (its manifest's "base"; without one, the
     ROOT/base/<id> its adapter_config.json points at), None for a full model folder."""

@@ -79,17 +79,22 @@ def has_weights(names) -> bool:
 
 
 def check_model_dir(model_dir) -> list[str]:
-    """Cheap completeness check (no hashing): config.json and weights present, names and sizes
-    match the manifest. Returns the problems; empty if the folder looks complete."""
+    """Cheap completeness check (no hashing): config.json and weights present (or, for an
+    adapter folder, adapter_config.json and adapter weights), names and sizes match the manifest. Returns the problems; empty if the folder looks complete."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         return [f"{model_dir}: missing"]
     names = walk(model_dir, skip=(MANIFEST, VERSION_FILE))
     problems = []
-    if "config.json" not in names:
-        problems.append("config.json: missing")
-    if not has_weights(names):
-        problems.append("no weights file (*.safetensors or *.bin)")
+    if "config.json" not in names and "adapter_config.json" in names:
+        # a peft adapter folder (adapter mode): its base lives in ROOT/base/ (base_store.py)
+        if not any(n.startswith("adapter_model.") and n.endswith(WEIGHT_SUFFIXES) for n in names):
+            problems.append("no adapter weights (adapter_model.safetensors)")
+    else:
+        if "config.json" not in names:
+            problems.append("config.json: missing")
+        if not has_weights(names):
+            problems.append("no weights file (*.safetensors or *.bin)")
     try:
         manifest = read_manifest(model_dir)
     except GuardrailError as exc:

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import backup_records
+import base_store
 import cli_guard
 from training_controller import refuse_while_training  # the daemon's liveness, one definition
 from model_manifest import (MANIFEST, READ_ONLY, VERSION_FILE, check_model_dir, has_weights,
@@ -405,16 +406,21 @@ def _ensure_current_manifest(p: Paths) -> dict:
         raise GuardrailError("current_model is missing", cur,
                              f"Bring it back with `{CMD} restore latest`.")
     names = walk(cur, skip=(MANIFEST,))
-    if "config.json" not in names or not has_weights(names):
+    incomplete = [line for line in check_model_dir(cur) if not line.startswith(MANIFEST)
+                  and "manifest" not in line]  # a stale manifest is rewritten below
+    if incomplete or not names:
         raise GuardrailError("current_model is incomplete (" + "; ".join(
-            check_model_dir(cur)) + ")", cur, f"Bring it back with `{CMD} restore latest`.")
+            incomplete) + ")", cur, f"Bring it back with `{CMD} restore latest`.")
     try:
         manifest = read_manifest(cur)
     except GuardrailError:
         manifest = None
     if manifest is None or check_model_dir(cur):
         # New file + rename: the old manifest's inode (maybe shared with a version) is untouched.
-        keep = {k: manifest[k] for k in ("parent_version",) if manifest and k in manifest}
+        keep = {k: manifest[k] for k in ("parent_version", "kind", "base")
+                if manifest and k in manifest}
+        if base_store.is_adapter_folder(cur) and not keep.get("base"):
+            keep.update(kind="adapter", base=base_store.adapter_base(cur))
         manifest = write_manifest(cur, extra=keep)
     return manifest
 
@@ -467,6 +473,8 @@ def _create_version_locked(p: Paths, reason, *, note=None, data_files=None, loss
                   "config": cfg, "manifest": {
                       rel: {**entry, "mtime_ns": (staging / rel).stat().st_mtime_ns}
                       for rel, entry in manifest["files"].items()}}
+        if manifest.get("kind") == "adapter":  # adapter mode: the version names its base
+            record.update(kind="adapter", base=manifest.get("base"))
         record.update({k: v for k, v in (extra or {}).items() if k not in record})
         while True:
             vid = _next_id(p)
@@ -700,6 +708,7 @@ def _restore_locked(p: Paths, vid: str, keep_reason: str) -> dict:
     if problems:
         raise GuardrailError(f"version {vid} is damaged (" + "; ".join(problems) + ")", src,
                              f"Check it with `{CMD} verify {vid}`, then restore another version.")
+    _require_base(p, rec)  # never an adapter without its base
     previous = current_version(p.root) if os.path.lexists(p.current_model) else None
     if previous == vid:
         return {"restored": vid, "previous_version": vid, "kept_version": None,
@@ -726,6 +735,41 @@ def _restore_locked(p: Paths, vid: str, keep_reason: str) -> dict:
             # a broken tree is no version: say where it went, or it looks lost
             "incomplete_kept_in": result.get("kept_in"),
             "undo": f"{CMD} restore {before}" if before else None}
+
+
+def version_base(rec: dict) -> str | None:
+    """The base id an adapter version applies to (None for a full model version)."""
+    return rec.get("base") if rec.get("kind") == "adapter" else None
+
+
+def base_fix(root, base_id: str) -> str:
+    """The command that brings base `base_id` back: from the newest backup holding it."""
+    holders = [b for b in backup_records.list_backups(root)
+               if isinstance(b.get("base"), dict) and b["base"].get("id") == base_id]
+    if holders:
+        return (f"Bring it back with `python3 backup_manager.py restore-base {base_id}` "
+                f"(backup {holders[-1].get('id')} holds it)")
+    return (f"No backup holds base {base_id}: restore a version on another base or a full "
+            f"one (`{CMD} list` shows each version's kind and base)")
+
+
+def _require_base(p: Paths, rec: dict) -> None:
+    """Refuse (GuardrailError) to restore an adapter version whose base is missing or damaged."""
+    base = version_base(rec)
+    if rec.get("kind") != "adapter":
+        return
+    if not base:
+        raise GuardrailError(f"version {rec['id']} is an adapter whose record names no base",
+                             p.versions / rec["id"], f"Restore another version (`{CMD} list`).")
+    problems = base_store.check_base(p.root, base)
+    if problems:
+        raise GuardrailError(
+            f"version {rec['id']} is an adapter on base {base}, which is "
+            + ("missing" if problems[0].endswith(f"({base_store.base_dir(p.root, base)})")
+               else "damaged (" + "; ".join(problems[:3]) + ")")
+            + "; restoring it would leave an adapter without its base, so nothing was changed",
+            base_store.base_dir(p.root, base),
+            base_fix(p.root, base) + f", then run `{CMD} restore {rec['id']}` again.")
 
 
 def _content(files) -> dict:
@@ -807,11 +851,21 @@ def untag(root, name: str) -> dict:
     return {"untagged": name, "version": vid}
 
 
-def verify_version(root, vid) -> list[str]:
-    """Recompute every checksum of a version; returns `vNNN/FILE: problem` lines."""
+def verify_version(root, vid, bases: dict | None = None) -> list[str]:
+    """Recompute every checksum of a version (and of its base, for an adapter version);
+    returns `vNNN/FILE: problem` lines. `bases` caches base results across calls."""
     p = Paths(root)
     rec = read_version(p.root, vid)
-    return [f"{rec['id']}/{line}" for line in verify_files(p.versions / rec["id"], rec["manifest"])]
+    lines = [f"{rec['id']}/{line}" for line in verify_files(p.versions / rec["id"], rec["manifest"])]
+    base = version_base(rec)
+    if rec.get("kind") == "adapter":
+        if not base:
+            return lines + [f"{rec['id']}: an adapter whose record names no base"]
+        bases = {} if bases is None else bases
+        if base not in bases:
+            bases[base] = base_store.verify_base(p.root, base)
+        lines += [f"{rec['id']}: {line}" for line in bases[base]]
+    return lines
 
 
 def backup_versions(root) -> dict:
@@ -904,8 +958,13 @@ def prune_plan(root, keep: int | None = None, *, rules: dict | None = None) -> d
         why = _under_review(rec)
         if why:
             reasons[rec["id"]].append(why)
+    # Bases (ROOT/base/) are never pruned: each is listed with the kept versions naming it.
+    bases: dict = {}
+    for rec in recs:
+        if version_base(rec) and reasons[rec["id"]]:
+            bases.setdefault(version_base(rec), []).append(rec["id"])
     return {"policy": rules, "keep": {v: r for v, r in reasons.items() if r},
-            "delete": [v for v, r in reasons.items() if not r]}
+            "delete": [v for v, r in reasons.items() if not r], "bases": bases}
 
 
 def prune(root, keep: int | None = None, *, yes: bool = False, rules: dict | None = None) -> dict:
@@ -953,7 +1012,9 @@ def lineage(root, vid) -> dict:
     chain.reverse()
     files = [{**f, "version": rec.get("id")} for rec in chain for f in rec.get("data_files") or []]
     return {"version": vid, "chain": [rec.get("id") for rec in chain], "data_files": files,
-            "incomplete_from": missing[0] if missing else None}
+            "incomplete_from": missing[0] if missing else None,
+            # adapter mode: which base each version of the chain applied to (None: full)
+            "bases": {rec.get("id"): version_base(rec) for rec in chain}}
 
 
 # --------------------------------------------------------------------------- CLI
@@ -971,7 +1032,8 @@ def _summary(rec: dict, tags: dict, cur: str | None) -> dict:
             "bytes": sum(e.get("size", 0) for e in files.values() if isinstance(e, dict)),
             "data_files": [f.get("name") for f in rec.get("data_files") or []],
             "tags": sorted(n for n, v in tags.items() if v == rec.get("id")),
-            "current": rec.get("id") == cur}
+            "current": rec.get("id") == cur,
+            "kind": rec.get("kind") or "full", "base": version_base(rec)}
 
 
 def newest_versions(root, limit: int | None) -> tuple[list[dict], list[str], int]:
@@ -1035,7 +1097,9 @@ def cmd_list(args) -> int:
     for r in rows:
         extra = " ".join(f"[{t}]" for t in r["tags"])
         print(f"{'*' if r['current'] else ' '} {r['id']}  {str(r['created_at'] or '')[:19]}  "
-              f"step {r['global_step']}  {r['reason']}" + ("  REJECTED" if r["rejected"] else "")
+              f"step {r['global_step']}  {r['reason']}"
+              + (f"  adapter on {r['base']}" if r["kind"] == "adapter" else "")
+              + ("  REJECTED" if r["rejected"] else "")
               + _eval_text(r["eval"])
               + (f"  note: {r['note']}" if r["note"] else "") + (f"  {extra}" if extra else ""))
     if not os.path.lexists(Paths(root).current_model):
@@ -1050,14 +1114,17 @@ def cmd_show(args) -> int:
     """Show one version's record (V: vNNN, a tag or latest)."""
     root = _root(args)
     rec = read_version(root, resolve_version(root, args.version))
-    out = {**rec, "tags": sorted(n for n, v in read_tags(root).items() if v == rec["id"]),
+    out = {**rec, "kind": rec.get("kind") or "full", "base": version_base(rec),
+           "tags": sorted(n for n, v in read_tags(root).items() if v == rec["id"]),
            "current": current_version(root) == rec["id"], "eval": _eval_of(root, rec)}
     if args.json:
         print_json({"ok": True, "version": out})
     else:
-        for key in ("id", "created_at", "reason", "note", "parent", "global_step", "tokens_seen",
-                    "loss", "tags", "current", "eval", "rejected", "gate"):
-            if key in ("rejected", "gate") and key not in out:
+        for key in ("id", "created_at", "reason", "note", "parent", "kind", "base", "global_step",
+                    "tokens_seen", "loss", "tags", "current", "eval", "rejected", "gate",
+                    "consolidate"):
+            if key in ("rejected", "gate", "consolidate") and key not in out \
+                    or key == "base" and out["base"] is None:
                 continue
             print(f"{key:12} {out.get(key)}")
         for f in rec.get("data_files") or []:
@@ -1144,10 +1211,10 @@ def cmd_verify(args) -> int:
         ids = _version_dirs(Paths(root))
     else:
         ids = [resolve_version(root, "latest" if args.version is None else args.version)]
-    results = {}
+    results, bases = {}, {}
     for vid in ids:
         try:
-            results[vid] = verify_version(root, vid)
+            results[vid] = verify_version(root, vid, bases)
         except GuardrailError as exc:  # e.g. a record edited by hand: report it, go on
             results[vid] = [exc.what if exc.what.startswith(f"version {vid}") else f"{vid}: {exc.what}"]
     bad = [line for lines in results.values() for line in lines]
@@ -1207,7 +1274,8 @@ def cmd_lineage(args) -> int:
     if args.json:
         print_json({"ok": True, **result})
         return 0
-    print(" -> ".join(result["chain"]))
+    print(" -> ".join(v + (f" (adapter on {result['bases'][v]})" if result["bases"].get(v) else "")
+                      for v in result["chain"]))
     for f in result["data_files"]:
         print(f"{f['version']}  {f.get('name')}  {str(f.get('sha256'))[:12]}"
               + ("  (skipped: partly trained)" if f.get("skipped") else ""))

@@ -127,3 +127,17 @@ def test_kill_9_during_create_leaves_no_half_base(tmp_root, tmp_path):
     assert sorted(os.listdir(store)) == [".last_id", "b001"]      # staging cleaned
     assert base_store.verify_base(tmp_root, "b001") == []
     assert (src / "model.safetensors").stat().st_size == 96 << 20  # the source untouched
+
+
+def test_check_base_is_cheap_but_catches_a_write_in_place(tmp_root, tmp_path):
+    base_id = base_store.create_base(tmp_root, full_folder(tmp_path / "a"), source="a")
+    assert base_store.check_base(tmp_root, base_id) == []
+    w = base_store.base_dir(tmp_root, base_id) / "model.safetensors"
+    os.chmod(w, 0o644)
+    with open(w, "r+b") as f:     # in place, same size: its mtime moves past the manifest's
+        f.write(b"z")
+    os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))
+    assert base_store.check_base(tmp_root, base_id) == [
+        "base b001: model.safetensors: sha256 mismatch (changed after it was recorded)"]
+    w.unlink()
+    assert base_store.check_base(tmp_root, base_id) == ["base b001: model.safetensors: missing"]
