@@ -5,10 +5,50 @@ transformers loads in a fresh process, bitwise resume after kill -9, and the eva
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
+import lora_mode
 import training_config as tc
+import training_engine as te
+from conftest import REPO, engine_root, write_jsonl
+from trainroot import GuardrailError, Paths, read_json, sha256_file
+
+FAST = dict(max_length=32, batch_size=2, grad_accum_steps=2, num_threads=1, warmup_steps=3,
+            checkpoint_every_steps=1, checkpoint_every_minutes=0.0, keep_checkpoints=2,
+            loss_spike_factor=0.0, learning_rate=3e-3, finetune="lora")
+
+
+def text_records(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"text": f"{i}:" + "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(3, 90)))}
+            for i in range(n)]
+
+
+def adapter_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    import torch
+    assert a.keys() == b.keys()
+    unequal = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not unequal, f"tensors differ: {unequal}"
+
+
+def metrics(root: Path) -> list[dict]:
+    path = Paths(root).metrics
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
 # --------------------------------------------------------------------------- config
@@ -66,3 +106,169 @@ def test_mode_and_shape_are_locked_even_for_an_older_configs_lock_list(tmp_root)
     tc.approve(tmp_root, dict(cfg, finetune="lora"))
     assert tc.read_approval(tmp_root)["values"]["finetune"] == "lora"
     assert tc.changed_locked(tmp_root, dict(cfg, finetune="lora")) == []
+
+
+# --------------------------------------------------------------------------- training
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir):
+    """One uninterrupted lora file on a fresh root (the full -> lora switch at its start):
+    the equality target of the resume tests."""
+    base = tmp_path_factory.mktemp("lora")
+    data = write_jsonl(base / "data.jsonl", text_records(80, seed=11))
+    root, cfg = engine_root(base / "root", tiny_model_dir, FAST)
+    full_before = {f.name: sha256_file(f) for f in Paths(root).current_model.iterdir() if f.is_file()}
+    result = te.train_file(root, data, file_id="data.jsonl", config=cfg)
+    assert result["status"] == "completed" and result["steps"] > 15, result
+    return {"root": root, "data": data, "cfg": cfg, "result": result, "full_before": full_before,
+            "weights": adapter_weights(Paths(root).current_model)}
+
+
+def test_a_lora_file_trains_only_the_adapter_over_an_immutable_base(lora_run, tiny_model_dir):
+    import base_store
+    root, cur = lora_run["root"], Paths(lora_run["root"]).current_model
+    # the full model current_model was became base b001, byte for byte, read-only
+    bases = base_store.list_bases(root)
+    assert [b["base_id"] for b in bases] == ["b001"] and bases[0]["source"] == "full model at v001"
+    bdir = base_store.base_dir(root, "b001")
+    assert sha256_file(bdir / "model.safetensors") == sha256_file(tiny_model_dir / "model.safetensors")
+    assert sha256_file(bdir / "model.safetensors") == lora_run["full_before"]["model.safetensors"]
+    assert base_store.verify_base(root, "b001") == []
+    # current_model is a peft adapter folder of a few KB naming its base
+    names = sorted(f.name for f in cur.iterdir())
+    assert "config.json" not in names and "model.safetensors" not in names and "README.md" not in names
+    assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.json",
+            ".manifest.json", "tokenizer.json"} <= set(names)
+    assert base_store.is_adapter_folder(cur) and base_store.adapter_base(cur) == "b001"
+    manifest = read_json(cur / ".manifest.json")
+    assert manifest["kind"] == "adapter" and manifest["base"] == "b001"
+    acfg = read_json(cur / "adapter_config.json")
+    assert acfg["base_model_name_or_path"] == str(bdir.resolve()) and acfg["r"] == 8
+    size = (cur / "adapter_model.safetensors").stat().st_size
+    assert size < 0.25 * (bdir / "model.safetensors").stat().st_size, size
+    # it trained: every B matrix moved off peft's zero init, and only adapter tensors exist
+    w = lora_run["weights"]
+    assert w and all("lora_" in k for k in w)
+    assert all(float(t.abs().sum()) > 0 for k, t in w.items() if "lora_B" in k)
+    # checkpoints hold the adapter, AdamW over its parameters only, and say so
+    ckpt, meta = te.list_checkpoints(root)[0]
+    assert meta["kind"] == "adapter" and meta["base"] == "b001"
+    assert not (ckpt / "model.safetensors").exists()
+    import torch
+    from safetensors.torch import load_file
+    saved = load_file(str(ckpt / te.ADAPTER_CKPT))
+    opt = torch.load(ckpt / "optimizer.pt", weights_only=True)["optimizer"]
+    assert len(opt["param_groups"][0]["params"]) == len(saved) == len(w)
+    assert sum(t.numel() for t in saved.values()) == sum(t.numel() for t in w.values())
+
+
+def test_the_adapter_must_train_exactly_its_expected_parameters(lora_run):
+    from peft import PeftModel
+    root, cfg = lora_run["root"], lora_run["cfg"]
+    cur = Paths(root).current_model
+    base = lora_mode.load_base(root, "b001")
+    expected = lora_mode.expected_trainable(base, cfg)
+    # 2 layers x (q, k, v, o: 64+64 each; gate, up: 64+176; down: 176+64) x r 8
+    assert expected == 2 * (4 * 128 + 3 * 240) * 8
+    frozen = PeftModel.from_pretrained(base, cur)  # peft's default: loaded for inference
+    with pytest.raises(GuardrailError) as exc:
+        lora_mode.check_trainable(frozen, expected, cur)
+    assert exc.value.what == "the adapter loaded frozen: 0 parameters would train"
+    assert "approve-config --yes" in exc.value.fix and "consolidate" in exc.value.fix
+    # a changed shape (lora_r) against the adapter current_model holds: refused, not trained
+    with pytest.raises(GuardrailError) as exc:
+        te.load_current_model(root, config=dict(cfg, lora_r=4))
+    assert exc.value.what == (f"{expected} parameters would train, and config.json's LoRA shape "
+                              f"(lora_r, lora_target_modules) gives {expected // 2}")
+    # an adapter current_model is never trained as a full model: consolidate first
+    with pytest.raises(GuardrailError) as exc:
+        te.load_current_model(root, config=dict(cfg, finetune="full"))
+    assert "python3 model_versioner.py consolidate" in exc.value.fix
+    model, _tok, _state = te.load_current_model(root, config=cfg)
+    assert lora_mode.trainable(model) == expected and model.base_id == "b001"
+
+
+PROBE = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], local_files_only=True, dtype=torch.float32)
+ids = torch.tensor([[256, 104, 101, 108, 108, 111, 32, 97, 98]])
+with torch.no_grad():
+    logits = model(input_ids=ids).logits
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=258)
+torch.save(logits, sys.argv[2])
+print(json.dumps({"type": type(model).__name__, "generated": out[0, ids.shape[1]:].tolist()}))
+"""
+
+
+def test_current_model_loads_in_plain_transformers_in_a_fresh_process(lora_run, tmp_path):
+    import torch
+    root = lora_run["root"]
+    out = tmp_path / "logits.pt"
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(Paths(root).current_model), str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(doc["generated"]) == 5
+    model, _tok, _state = te.load_current_model(root, config=lora_run["cfg"])  # the engine's view
+    model.eval()
+    ids = torch.tensor([[256, 104, 101, 108, 108, 111, 32, 97, 98]])
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        merged = model.merge_and_unload()(input_ids=ids).logits
+    theirs = torch.load(out, weights_only=True)
+    assert torch.allclose(theirs, ours, atol=1e-5, rtol=0), float((theirs - ours).abs().max())
+    assert torch.allclose(theirs, merged, atol=1e-5, rtol=0), float((theirs - merged).abs().max())
+    base = lora_mode.load_base(root, "b001")
+    with torch.no_grad():  # and the adapter is not a no-op
+        assert float((base(input_ids=ids).logits - theirs).abs().max()) > 1e-4
+
+
+def _wait_for_step(proc, root: Path, step: int, skip_lines: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(m["global_step"] >= step for m in metrics(root)[skip_lines:]):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early: {proc.returncode} {proc.stderr.read()}")
+        time.sleep(0.01)
+    raise AssertionError(f"trainer never reached step {step}")
+
+
+def test_bitwise_equal_after_kill_9_and_after_pause_in_lora_mode(tmp_path, tiny_model_dir, lora_run):
+    total = lora_run["result"]["global_step"]
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    kill_at = sorted(rng.sample(range(3, total - 3), 2))
+    # a kill in the first lora file: the resume makes the same base again (dedupe) and loads
+    # the checkpoint's adapter onto a fresh one; checkpoints every 3 steps, so steps are redone
+    root, cfg = engine_root(tmp_path / "root", tiny_model_dir, FAST, checkpoint_every_steps=3)
+    env = dict(os.environ, TRAINING_ROOT=str(root))
+    for step in kill_at:
+        lines_before = len(metrics(root))
+        proc = subprocess.Popen([sys.executable, str(REPO / "training_engine.py"), "train",
+                                 str(lora_run["data"]), "--json"], cwd=str(REPO), env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_for_step(proc, root, step, lines_before)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.communicate()
+    # paused (stop/start is the same path: checkpoint, publish, return) past the kills
+    pause_at = kill_at[-1] + 2
+    seen = {}
+    first = te.train_file(root, lora_run["data"], file_id="data.jsonl", config=cfg,
+                          control=lambda: "pause" if seen.get("step", 0) >= pause_at else None,
+                          progress=lambda d: seen.update(step=d["global_step"]))
+    assert first["status"] == "paused" and first["message"].startswith("resumed from checkpoint-"), \
+        (seed, first)
+    assert lora_mode.KIND == read_json(Paths(root).current_model / ".manifest.json")["kind"]
+    result = te.train_file(root, lora_run["data"], file_id="data.jsonl", config=cfg)
+    assert result["status"] == "completed", (seed, result)
+    assert result["global_step"] == total and result["tokens_seen"] == lora_run["result"]["tokens_seen"]
+    assert_bitwise_equal(adapter_weights(Paths(root).current_model), lora_run["weights"])
+    assert [m["global_step"] for m in metrics(root)] == list(range(1, total + 1)), (seed, kill_at)
+    import base_store
+    assert [b["base_id"] for b in base_store.list_bases(root)] == ["b001"]  # made once
