@@ -18,7 +18,7 @@ import pytest
 import lora_mode
 import training_config as tc
 import training_engine as te
-from conftest import REPO, engine_root, write_jsonl
+from conftest import REPO, engine_root, run_script, write_jsonl
 from trainroot import GuardrailError, Paths, read_json, sha256_file
 
 FAST = dict(max_length=32, batch_size=2, grad_accum_steps=2, num_threads=1, warmup_steps=3,
@@ -272,3 +272,39 @@ def test_bitwise_equal_after_kill_9_and_after_pause_in_lora_mode(tmp_path, tiny_
     assert [m["global_step"] for m in metrics(root)] == list(range(1, total + 1)), (seed, kill_at)
     import base_store
     assert [b["base_id"] for b in base_store.list_bases(root)] == ["b001"]  # made once
+
+
+def test_the_eval_gate_holds_a_bad_file_in_lora_mode(tmp_path, tiny_model_dir):
+    """The gate scores adapter versions over their base: a junk file at a raised LR is held,
+    and current_model goes back to the adapter version before it."""
+    import eval_gate
+    from realdaemon import assert_same_weights, record, set_config, weights
+    from test_eval_gate import drop, english, gate_root, junk, train_once, versions
+    root = gate_root(tmp_path / "root", tiny_model_dir, finetune="lora")
+    drop(root, "good1.jsonl", english(40, 10))
+    assert train_once(root) == 0
+    set_config(root, learning_rate=3e-2, eval_regression_pct=1.0)  # tiny LoRA moves less
+    drop(root, "bad.jsonl", junk())
+    proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # --once: a hold ends the run, exit 1
+    assert "quality gate" in proc.stderr and eval_gate.REJECT_CMD in proc.stderr
+    rec = record(root / "processing" / "bad.jsonl")
+    hold = rec["hold"]
+    cmp = hold["eval"]["english.jsonl"]
+    assert cmp["after"] > cmp["before"] * 1.01 and cmp["regressed"]
+    recs = versions(root)
+    held, before = recs[hold["version"]], recs[rec["version_before"]]
+    assert held["rejected"] is True and held["kind"] == before["kind"] == "adapter"
+    assert held["base"] == before["base"] == "b001"
+    trained = recs[before["id"]]  # good1's version was scored as an adapter over b001 too
+    assert isinstance(trained["eval"]["english.jsonl"], float)
+    cur = root / "current_model"
+    assert read_json(cur / ".manifest.json")["kind"] == "adapter"
+    assert_same_weights(weights(cur), weights(root / "versions" / before["id"]))
+    # the base id in the manifest is the truth: after the root moves (adapter_config.json's
+    # absolute base path now stale) a version still scores the same
+    moved = root.rename(tmp_path / "moved")
+    assert not Path(read_json(moved / "versions" / before["id"] / "adapter_config.json")
+                    ["base_model_name_or_path"]).exists()
+    doc = eval_gate.evaluate(moved, moved / "versions" / held["id"], tc.load_config(moved))
+    assert doc["results"]["english.jsonl"]["loss"] == cmp["after"]
