@@ -308,3 +308,43 @@ def test_the_eval_gate_holds_a_bad_file_in_lora_mode(tmp_path, tiny_model_dir):
                     ["base_model_name_or_path"]).exists()
     doc = eval_gate.evaluate(moved, moved / "versions" / held["id"], tc.load_config(moved))
     assert doc["results"]["english.jsonl"]["loss"] == cmp["after"]
+
+
+def test_switching_full_to_lora_between_files_and_a_warm_up_after_consolidate(tmp_path, tiny_model_dir):
+    """full -> lora at a file boundary: the full model becomes the base and AdamW starts
+    fresh (the full run's end checkpoint matches current_model's step but not its kind; it
+    used to be loaded into the adapter's optimizer). A full file's checkpoint is never
+    resumed in lora mode. `warmup_from_step` (consolidate) ramps the LR again."""
+    import base_store
+    data = write_jsonl(tmp_path / "a.jsonl", text_records(30, seed=3))
+    root, cfg = engine_root(tmp_path / "root", tiny_model_dir, FAST, finetune="full")
+    full = te.train_file(root, data, file_id="a", config=cfg)
+    assert full["status"] == "completed" and te.list_checkpoints(root)[0][1].get("kind") is None
+    # a full file paused mid-way is not finished as an adapter
+    seen = {}
+    paused = te.train_file(root, data, file_id="b", config=cfg,
+                           control=lambda: "pause" if seen.get("step", 0) >= 2 else None,
+                           progress=lambda d: seen.update(step=d["step_in_file"]))
+    assert paused["status"] == "paused" and paused["step_in_file"] == 2, paused
+    lora = dict(cfg, finetune="lora")
+    with pytest.raises(GuardrailError) as exc:
+        te.train_file(root, data, file_id="b", config=lora)
+    assert exc.value.what.startswith("b was checkpointed at step ") and \
+        exc.value.what.endswith(" in full mode, and training is now adapter on base b001")
+    assert "training_controller.py skip" in exc.value.fix
+    step = read_json(Paths(root).current_model / "trainer_state.json")["global_step"]
+    first = te.train_file(root, data, file_id="c", config=lora)
+    assert first["status"] == "completed" and first["optimizer"] == "fresh", first
+    assert first["global_step"] > step
+    assert base_store.is_adapter_folder(Paths(root).current_model)
+    assert [b["base_id"] for b in base_store.list_bases(root)] == ["b001"]
+    # consolidate's fresh adapter says where the warm-up restarts (as trainer_state.json)
+    model, tok, state = te.load_current_model(root, config=lora)
+    w = state["global_step"]
+    te.publish_current_model(root, model, tok, dict(state, warmup_from_step=w), reason="test")
+    again = te.train_file(root, data, file_id="d", config=lora)
+    assert again["optimizer"].startswith("carried from"), again  # same base, same step
+    lrs = {m["global_step"]: m["lr"] for m in metrics(root) if m["file_id"] == "d"}
+    assert [lrs[w + k] for k in (1, 2, 3, 4)] == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3])
+    assert read_json(Paths(root).current_model / "trainer_state.json")["warmup_from_step"] == w
+    assert read_json(te.list_checkpoints(root)[0][0] / "meta.json")["warmup_from_step"] == w
