@@ -350,7 +350,8 @@ def approve(root, cfg: dict, by: str = "user") -> dict:
 
 def locked_names(cfg: dict) -> list[str]:
     """The parameters that need approval: config `locked` plus ADAPTER_LOCKED."""
-    names = list(cfg.get("locked", REQUIRED_LOCKED))
+    names = cfg.get("locked", REQUIRED_LOCKED)
+    names = [n for n in names if isinstance(n, str)] if isinstance(names, (list, tuple)) else []
     return names + [n for n in ADAPTER_LOCKED if n not in names]
 
 
