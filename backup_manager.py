@@ -32,6 +32,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import base_backup
+import base_store
 import cli_guard
 from backup_records import (ID_RE, RECORD, backups_dir, config, latest_backup,  # noqa: F401
                             list_backups, next_seq, read_record)
@@ -153,7 +155,8 @@ def _resolve_source(root, src: str | None) -> tuple[Path, str, str | None, set[s
         elif path.parent == p.versions.resolve():
             src = path.name
     if src in (None, "current_model"):
-        if not (p.current_model / "config.json").exists():
+        if not ((p.current_model / "config.json").exists()
+                or base_store.is_adapter_folder(p.current_model)):
             import model_versioner  # a lost current_model comes back from a version, not init
             fix = (f"Bring it back with `python3 model_versioner.py restore latest`, then run "
                    f"`{BACKUP_CMD}`." if model_versioner.latest_version(p.root) else
@@ -369,6 +372,9 @@ def create_backup(root, src: str | None = None, note: str | None = None) -> dict
             break
         started = time.monotonic()
         try:
+            # adapter mode: the base is backed up once (verified), referenced from the record
+            base_id = base_store.adapter_base(folder)
+            base_ref = base_backup.backup_base(p.root, bdir, base_id) if base_id else None
             files = copy_tree_verified(folder, staging, skip=skip, expected=expected,
                                        src_label=str(folder), file_mode=0o444)  # read-only
             state = _trainer_state(staging)
@@ -382,6 +388,8 @@ def create_backup(root, src: str | None = None, note: str | None = None) -> dict
                       "tokens_seen": state.get("tokens_seen"), "note": note, "files": files,
                       "total_bytes": sum(f["size"] for f in files.values()),
                       "verified_at": now, "status": "verified"}
+            if base_ref:
+                record.update(kind="adapter", base=base_ref)
             write_manifest(staging, files=files, global_step=record["global_step"],
                            tokens_seen=record["tokens_seen"])
             atomic_write_json(staging / RECORD, record)
@@ -454,6 +462,8 @@ def verify_backup(root, bid: str) -> list[str]:
         if digest != info.get("sha256"):
             problems.append(f"{rel}: sha256 mismatch ({digest[:12]}…, expected "
                             f"{str(info.get('sha256'))[:12]}…)")
+    if rec.get("base") is not None:  # an adapter's backup: its base copy must be good too
+        problems += base_backup.verify_base_copy(folder.parent, rec["base"])
     rec["status"] = "corrupt" if problems else "verified"
     rec["verified_at"] = utc_now()
     rec["problems"] = problems
@@ -514,6 +524,9 @@ def _restore_locked(p: Paths, folder: Path, bid: str, to) -> dict:
     for old in p.staging.glob("backup-restore-*"):
         _discard(old) if old.is_dir() and not old.is_symlink() else old.unlink()
     staged = p.staging / f"backup-restore-{bid}-{secrets.token_hex(3)}"
+    # an adapter never comes back without its base (verified above with the backup)
+    base_done = base_backup.install_base(p.root, folder.parent, rec["base"]) \
+        if rec.get("base") else None
     try:
         files = copy_tree_verified(folder, staged, skip=set(META_FILES), expected=rec["files"])
         write_manifest(staged, files=files, global_step=rec.get("global_step"),
@@ -525,8 +538,26 @@ def _restore_locked(p: Paths, folder: Path, bid: str, to) -> dict:
     return {"ok": True, "id": bid, "restored_to": str(p.current_model), "kept_version": kept,
             "previous_version": previous, "incomplete_kept_in": str(p.root / ".attic")
             if attic else None, "global_step": rec.get("global_step"),
-            "version": rec.get("version"),
+            "version": rec.get("version"), "base": (rec.get("base") or {}).get("id"),
+            "base_restored": base_done,
             "undo": f"python3 model_versioner.py restore {previous}" if previous else None}
+
+
+def restore_base(root, base_id: str) -> dict:
+    """Bring base `base_id` back into ROOT/base/ from the newest backup holding a copy of
+    it (verified first); nothing changes when the root's base is already good."""
+    p = _p(root)
+    base_store.validate_base_id(base_id)
+    holders = [b for b in list_backups(p.root)
+               if isinstance(b.get("base"), dict) and b["base"].get("id") == base_id]
+    if not holders:
+        raise GuardrailError(f"no backup holds base {base_id}", backups_dir(p.root),
+                             "Restore a version on another base or a full one "
+                             "(`python3 model_versioner.py list` shows each one's kind).")
+    with _lock(p.root, f"restore base {base_id}", bdir=backups_dir(p.root)):
+        done = base_backup.install_base(p.root, backups_dir(p.root), holders[-1]["base"])
+    return {"ok": True, "base": base_id, "from_backup": holders[-1]["id"],
+            "restored": done is not None, "message": done or f"base {base_id} is already good"}
 
 
 def _check_target(p: Paths, bid: str, to) -> Path:
@@ -812,6 +843,14 @@ def cmd_restore(args) -> int:
     return 0
 
 
+def cmd_restore_base(args) -> int:
+    """Bring an adapter's base (b001, ...) back into ROOT/base/ from a backup holding it."""
+    result = restore_base(args.root, args.base_id)
+    print_json(result) if args.json else print(result["message"]
+                                               + f" (from backup {result['from_backup']})")
+    return 0
+
+
 def cmd_prune(args) -> int:
     """Apply the retention policy to backups (config retention.backups, or --keep N: the
     newest N verified); a dry run unless --yes."""
@@ -856,6 +895,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("id", help="backup id, as shown by `list`")
     sp.add_argument("--to", metavar="DIR", default=None,
                     help="restore into this new or empty folder instead of current_model")
+    sp = add("restore-base", cmd_restore_base)
+    sp.add_argument("base_id", help="the base an adapter version names (b001, ...)")
     sp = add("prune", cmd_prune)
     sp.add_argument("--keep", type=int, default=None, help="keep only the newest N verified "
                     "backups (default: the policy in config retention.backups)")

@@ -818,6 +818,101 @@ def rollback(root) -> dict:
         return _restore_locked(p, rollback_target(p.root), "pre-rollback")
 
 
+# --------------------------------------------------------------------------- consolidate (adapter mode)
+
+def _merged_since(p: Paths, vid: str, base: str) -> list[str]:
+    """The adapter versions on `base` in `vid`'s history, oldest first: what a consolidate of
+    `vid` merges. The fresh adapter a consolidate starts (B = 0) trains nothing into it."""
+    out, seen, cursor = [], set(), vid
+    while cursor and cursor not in seen:
+        seen.add(cursor)
+        rec = _load_record(p, cursor) or _pruned_record(p, cursor)
+        if not isinstance(rec, dict) or version_base(rec) != base:
+            break
+        if rec.get("reason") != "consolidate":
+            out.append(cursor)
+        cursor = rec.get("parent")
+    return out[::-1]
+
+
+def consolidate(root, *, note=None, full: bool = False) -> dict:
+    """Merge current_model's adapter into its base (float32, cast once to the base's dtype)
+    as a new immutable base, proven equal on a probe batch, then make current_model a fresh
+    adapter on it (or, with `full`, the merged full model: lora -> full) and version it
+    (reason `consolidate`). Undo: `restore` of the version it names."""
+    p = Paths(root)
+    refuse_while_training(p.root)
+    with model_lock(p.root, "consolidate"), _versions_lock(p, "consolidate"):
+        return _consolidate_locked(p, note, full)
+
+
+def _consolidate_locked(p: Paths, note, full: bool) -> dict:
+    cur = p.current_model
+    if not base_store.is_adapter_folder(cur):
+        raise GuardrailError("current_model is a full model, not an adapter: nothing to "
+                             "consolidate", cur, "Consolidate is for adapter mode (config "
+                             "\"finetune\": \"lora\"); see docs/adapters.md.")
+    before = current_version(p.root) or _create_version_locked(
+        p, "pre-consolidate", note="kept before consolidate")[0]
+    rec = read_version(p.root, before)
+    base = version_base(rec)
+    _require_base(p, rec)
+    merged = _merged_since(p, before, base)
+    if not merged:
+        raise GuardrailError(f"nothing to consolidate: {before} is the fresh adapter the last "
+                             "consolidate started (nothing trained into it since)", cur,
+                             "Train on a file first, then consolidate.")
+    done = {v: b["base_id"] for b in base_store.list_bases(p.root)
+            for v in b.get("merged") or [] if v in merged}
+    if done:
+        v, b = next(iter(done.items()))
+        raise GuardrailError(f"{v} was already merged into base {b}; an adapter is never "
+                             "merged twice", base_store.base_dir(p.root, b),
+                             f"Restore the version that consolidate made on {b} (`{CMD} list`).")
+    import adapter_merge  # torch, transformers and peft: only here
+    base_rec = base_store.read_base(p.root, base)
+    p.staging.mkdir(parents=True, exist_ok=True)
+    work = p.staging / f"{PREFIX}consolidate-{_stamp()}"
+    work.mkdir()
+    try:
+        report = adapter_merge.merge(base_store.base_dir(p.root, base), p.versions / before,
+                                     work / "merged", dtype=base_rec.get("dtype"))
+        new_base = base_store.create_base(p.root, work / "merged", source="consolidate",
+                                          merged=merged)
+        if new_base == base:
+            raise GuardrailError(f"the merged model equals base {base} (the adapter changes "
+                                 "nothing); nothing was changed", cur,
+                                 "Train on a file first, then consolidate.")
+        state = read_json(cur / "trainer_state.json", default={}) or {}
+        state = {**state, "warmup_from_step": state.get("global_step")}  # the engine warms up
+        stage = work / "publish"
+        new_dir = base_store.base_dir(p.root, new_base)
+        if full:  # lora -> full: current_model is the merged model itself (its files linked)
+            stage.mkdir()
+            rels = [r for r in walk(new_dir, skip=(MANIFEST, base_store.BASE_FILE,
+                                                   "trainer_state.json"))]
+            _link_tree(new_dir, stage, rels)
+            atomic_write_json(stage / "trainer_state.json", state)
+            write_manifest(stage, extra={"kind": "full"})
+        else:
+            try:
+                cfg = read_json(p.config, default={}) or {}
+            except GuardrailError:
+                cfg = {}
+            adapter_merge.fresh_adapter(new_dir, cur, stage, seed=int(cfg.get("seed") or 0),
+                                        state=state)
+            write_manifest(stage, extra={"kind": "adapter", "base": new_base})
+        published = _publish_locked(p, stage, "consolidate", "if-unversioned")
+        vid, _ = _create_version_locked(p, "consolidate", note=note, force=True, extra={
+            "consolidate": {"from": before, "base_before": base, "base": new_base,
+                            "merged": merged, "full": full, **report}})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"version": vid, "from": before, "base_before": base, "base": new_base,
+            "merged": merged, "full": full, **report, "publish": published["method"],
+            "undo": f"{CMD} restore {before}"}
+
+
 # --------------------------------------------------------------------------- tags, verify, prune, lineage
 
 def tag_version(root, vid, name: str) -> dict:
@@ -1284,6 +1379,23 @@ def cmd_lineage(args) -> int:
     return 0
 
 
+def cmd_consolidate(args) -> int:
+    """Merge current_model's adapter into a new base (adapter mode) and continue with a fresh
+    adapter on it (--full: with the merged full model); undo with `restore`."""
+    result = consolidate(_root(args), note=args.note, full=args.full)
+    result["undo"] = cli_guard.command(result["undo"], cli_guard.explicit_root(args))
+    if args.json:
+        print_json({"ok": True, **result})
+    else:
+        what = "the merged full model" if result["full"] else f"a fresh adapter on {result['base']}"
+        print(f"Merged {', '.join(result['merged'])} (on {result['base_before']}) into base "
+              f"{result['base']}: logits within {result['max_abs_diff']:.3g} of base+adapter "
+              f"(tolerance {result['tolerance']:.3g}, {result['dtype']}). current_model is "
+              f"{what}, version {result['version']}.")
+        print(f"Undo with `{result['undo']}`.")
+    return 0
+
+
 def cmd_recover(args) -> int:
     """Finish or undo an interrupted swap and remove staging leftovers (the daemon runs this)."""
     result = recover(_root(args))
@@ -1320,6 +1432,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("lineage", cmd_lineage, (("version",), {"metavar": "V"}))
     add("eval", cmd_eval, (("version",), {"metavar": "V", "nargs": "?"}),
         (("--refresh",), {"action": "store_true", "help": "score again, even if kept"}))
+    add("consolidate", cmd_consolidate, (("--note",), {}),
+        (("--full",), {"action": "store_true", "help": "then train the merged full model "
+                       "(lora -> full) instead of a fresh adapter"}))
     add("recover", cmd_recover)
     return parser
 

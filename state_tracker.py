@@ -28,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 import backup_records
+import base_store
 import retention
 import training_config
 from trainroot import (SCRIPTS_DIR, GuardrailError, Paths, add_common_args,
@@ -49,7 +50,7 @@ SEVERITIES = ("info", "warning", "critical")
 MODEL_META = {".manifest.json", "version.json", "backup.json"}
 QUEUE_PRIORITIES = ("high", "normal", "low")
 WARNING_CODES = (
-    "NOT_INITIALIZED", "MODEL_MISSING", "MODEL_INCOMPLETE", "NO_VERSION", "MODEL_NOT_VERSIONED",
+    "NOT_INITIALIZED", "MODEL_MISSING", "BASE_MISSING", "MODEL_INCOMPLETE", "NO_VERSION", "MODEL_NOT_VERSIONED",
     "VERSION_DAMAGED", "CONFIG_MISSING", "CONFIG_INVALID", "CONFIG_UNAPPROVED", "DAEMON_DEAD",
     "DAEMON_NOT_RUNNING", "DAEMON_STATE_UNREADABLE", "TRAINING_STALLED", "TRAINING_PAUSED",
     "FILE_WARNINGS", "PAUSED_LONG", "TRAINING_ERROR",
@@ -258,9 +259,14 @@ def _model_check(folder: Path, manifest: dict | None,
         present.add(rel)
         if inodes is not None:
             inodes[(st.st_dev, st.st_ino)] = st.st_size
-    if "config.json" not in present:
+    if "config.json" not in present and "adapter_config.json" in present:  # adapter mode
+        if not present & {"adapter_model.safetensors", "adapter_model.bin"}:
+            problems.append("adapter_model.safetensors: missing")
+    elif "config.json" not in present:
         problems.append("config.json: missing")
-    if "model.safetensors.index.json" in present:
+    if "config.json" not in present and "adapter_config.json" in present:
+        pass  # the base (ROOT/base/<id>) holds the model's weights: checked by the caller
+    elif "model.safetensors.index.json" in present:
         weight_map = _dict(_dict(_read(folder / "model.safetensors.index.json")).get("weight_map"))
         if not weight_map:
             problems.append("model.safetensors.index.json: no weight_map")
@@ -389,7 +395,7 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
     folder = p.current_model
     sec = {"path": str(folder), "exists": folder.is_dir(), "complete": False, "problems": [],
            "size_bytes": 0, "file_count": 0, "global_step": None, "tokens_seen": None,
-           "matches_version": None}
+           "matches_version": None, "kind": None, "base": None}
     latest = versions.get("latest")
     was = _last_published(root, versions)
     if not sec["exists"]:
@@ -414,6 +420,20 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
     problems, sec["size_bytes"], sec["file_count"] = _model_check(
         folder, manifest if isinstance(manifest, dict) else None)
     sec["problems"] += problems
+    sec["kind"] = "adapter" if base_store.is_adapter_folder(folder) else "full"
+    if sec["kind"] == "adapter":  # adapter mode: the model is the base + this adapter
+        sec["base"] = base_store.adapter_base(folder)
+        base_problems = (base_store.check_base(root, sec["base"], hash_touched=False)
+                         if sec["base"] else ["adapter names no base"])
+        if base_problems:
+            sec["problems"] += base_problems
+            fix = (_cmd(root, f"backup_manager.py restore-base {sec['base']}") if sec["base"]
+                   else _cmd(root, "model_versioner.py list"))
+            _warn(w, "BASE_MISSING", "critical",
+                  f"current_model/ is an adapter whose base {sec['base']} is missing or damaged: "
+                  f"{'; '.join(base_problems[:3])}", fix,
+                  "Brings the base back from the newest backup that holds a copy of it; "
+                  "without one, restore a full version (`model_versioner.py list` shows kinds).")
     sec["complete"] = not sec["problems"]
     state = _read(folder / "trainer_state.json") or {}
     if isinstance(state, dict):
@@ -1039,7 +1059,8 @@ def report_rows(state: dict) -> list[tuple[str, str]]:
     model = ("missing" if not m["exists"] else
              f"{'complete' if m['complete'] else 'INCOMPLETE'}, {_size(m['size_bytes'])}, "
              f"step {m['global_step']}, {m['tokens_seen']} tokens, "
-             f"= {m['matches_version'] or 'no version'}")
+             + (f"adapter on base {m.get('base')}, " if m.get("kind") == "adapter" else "")
+             + f"= {m['matches_version'] or 'no version'}")
     tags = ", ".join(f"{k}={x}" for k, x in v["tagged"].items()) or "no tags"
     changes = ", ".join(ch["text"] for ch in c["changes"])
     conf = ("invalid" if c["exists"] and not c["valid"] else "missing" if not c["exists"] else

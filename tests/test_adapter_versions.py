@@ -116,3 +116,134 @@ def test_restore_refused_without_its_base(adapter_root, damage):
     proc = run_script("model_versioner.py", "restore", "v002", root=adapter_root)
     assert proc.returncode == 1
     assert proc.stderr.startswith("Error: version v002 is an adapter on base b001")
+
+
+def test_backup_of_an_adapter_holds_its_base_once(adapter_root):
+    import backup_manager as bm
+    one = bm.create_backup(adapter_root)                 # current_model = v003
+    two = bm.create_backup(adapter_root, "v002")
+    assert one["kind"] == two["kind"] == "adapter"
+    assert one["base"] == two["base"] and one["base"]["id"] == "b001"
+    bdir = Path(one["path"]).parent
+    assert os.listdir(bdir / "bases") == [one["base"]["path"].split("/")[1]]   # one copy
+    copy = bdir / one["base"]["path"]
+    assert (copy / "model.safetensors").read_bytes() == \
+        (adapter_root / "base" / "b001" / "model.safetensors").read_bytes()
+    assert (copy / "model.safetensors").stat().st_ino != \
+        (adapter_root / "base" / "b001" / "model.safetensors").stat().st_ino  # a copy, not a link
+    assert one["total_bytes"] < 200_000                  # the adapter only
+    assert bm.verify_backup(adapter_root, one["id"]) == []
+    w = copy / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 1
+    w.unlink()
+    w.write_bytes(bytes(data))
+    assert bm.verify_backup(adapter_root, one["id"]) == [
+        f"base b001 ({one['base']['path']}): model.safetensors: sha256 mismatch"]
+    with pytest.raises(GuardrailError, match="nothing was restored"):
+        bm.restore_backup(adapter_root, two["id"])
+
+
+def test_backup_restore_brings_back_adapter_and_base(adapter_root):
+    import backup_manager as bm
+    want = logits(adapter_root / "current_model")
+    rec = bm.create_backup(adapter_root)
+    mv.restore_version(adapter_root, "v001")
+    shutil.rmtree(adapter_root / "current_model")
+    shutil.rmtree(adapter_root / "base")
+    with pytest.raises(GuardrailError, match="restore-base b001"):
+        mv.restore_version(adapter_root, "v003")
+    result = bm.restore_backup(adapter_root, rec["id"])
+    assert result["base"] == "b001" and result["base_restored"] == "restored base b001"
+    assert base_store.verify_base(adapter_root, "b001") == []
+    assert base_store.check_base(adapter_root, "b001") == []
+    assert (logits(adapter_root / "current_model") == want).all()
+    # the versions work again too: rollback/restore need only the base
+    assert mv.restore_version(adapter_root, "v002")["restored"] == "v002"
+
+
+def test_restore_base_command(adapter_root):
+    import backup_manager as bm
+    bm.create_backup(adapter_root, "v002")
+    proc = run_script("backup_manager.py", "restore-base", "b001", root=adapter_root)
+    assert proc.returncode == 0 and proc.stdout.startswith("base b001 is already good")
+    shutil.rmtree(adapter_root / "base" / "b001")
+    proc = run_script("backup_manager.py", "restore-base", "b001", "--json", root=adapter_root)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["restored"] is True
+    assert mv.restore_version(adapter_root, "v003")["restored"] == "v003"
+    proc = run_script("backup_manager.py", "restore-base", "b009", root=adapter_root)
+    assert proc.returncode == 1 and proc.stderr.startswith("Error: no backup holds base b009")
+
+
+def test_state_tracker_shows_kind_and_base(adapter_root):
+    import jsonschema
+    schema = json.loads((REPO / "docs" / "system_state.schema.json").read_text())
+    proc = run_script("state_tracker.py", "--json", root=adapter_root, check=True)
+    doc = json.loads(proc.stdout)
+    jsonschema.validate(doc, schema)
+    m = doc["current_model"]
+    assert (m["kind"], m["base"], m["complete"], m["matches_version"]) == ("adapter", "b001", True, "v003")
+    assert "BASE_MISSING" not in {w["code"] for w in doc["warnings"]}
+    text = run_script("state_tracker.py", "--check", root=adapter_root).stdout
+    assert "adapter on base b001" in text
+    shutil.rmtree(adapter_root / "base" / "b001")
+    doc = json.loads(run_script("state_tracker.py", "--json", root=adapter_root).stdout)
+    jsonschema.validate(doc, schema)
+    warn = [w for w in doc["warnings"] if w["code"] == "BASE_MISSING"]
+    assert len(warn) == 1 and warn[0]["severity"] == "critical"
+    assert warn[0]["fix"].startswith("python3 backup_manager.py restore-base b001")
+    assert doc["current_model"]["complete"] is False
+    mv.restore_version(adapter_root, "v001")          # a full model: no base needed
+    doc = json.loads(run_script("state_tracker.py", "--json", root=adapter_root).stdout)
+    assert (doc["current_model"]["kind"], doc["current_model"]["base"]) == ("full", None)
+
+
+def test_consolidate_merges_within_tolerance_recorded_never_twice_undoable(adapter_root):
+    want = logits(adapter_root / "current_model")            # v003: b001 + adapter
+    proc = run_script("model_versioner.py", "consolidate", "--note", "weekly", "--json",
+                      root=adapter_root, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert (out["from"], out["base_before"], out["base"], out["version"]) == ("v003", "b001", "b002", "v004")
+    assert out["merged"] == ["v002", "v003"] and out["max_abs_diff"] <= out["tolerance"] == 1e-4 * max(
+        1.0, float(want.abs().max()))
+    assert out["undo"] == "python3 model_versioner.py restore v003"
+    b2 = base_store.read_base(adapter_root, "b002")
+    assert (b2["source"], b2["merged"]) == ("consolidate", ["v002", "v003"])
+    assert base_store.verify_base(adapter_root, "b002") == []
+    rec = mv.read_version(adapter_root, "v004")
+    assert (rec["reason"], rec["note"], rec["kind"], rec["base"]) == ("consolidate", "weekly", "adapter", "b002")
+    assert rec["consolidate"]["merged"] == ["v002", "v003"] and rec["parent"] == "v003"
+    # the merged base alone computes what base+adapter did; the fresh adapter changes nothing
+    assert (logits(adapter_root / "base" / "b002") - want).abs().max() <= out["tolerance"]
+    assert (logits(adapter_root / "current_model") - want).abs().max() <= out["tolerance"]
+    state = json.loads((adapter_root / "current_model" / "trainer_state.json").read_text())
+    assert state["global_step"] == 20 and state["warmup_from_step"] == 20
+    cfg = json.loads((adapter_root / "current_model" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str((adapter_root / "base" / "b002").resolve())
+    assert cfg["r"] == 8
+    # nothing trained since: refused; undo, then a second merge of v003 is refused too
+    with pytest.raises(GuardrailError, match="nothing to consolidate: v004 is the fresh adapter"):
+        mv.consolidate(adapter_root)
+    assert mv.restore_version(adapter_root, "v003")["restored"] == "v003"
+    assert (logits(adapter_root / "current_model") == want).all()
+    with pytest.raises(GuardrailError, match="v002 was already merged into base b002"):
+        mv.consolidate(adapter_root)
+    assert sorted(os.listdir(adapter_root / "base")) == [".last_id", "b001", "b002"]
+
+
+def test_consolidate_full_gives_a_full_model_loadable_in_a_fresh_process(adapter_root):
+    want = logits(adapter_root / "current_model")
+    result = mv.consolidate(adapter_root, full=True)
+    cur = adapter_root / "current_model"
+    assert result["full"] and (cur / "config.json").is_file()
+    assert not base_store.is_adapter_folder(cur)
+    assert json.loads((cur / ".manifest.json").read_text())["kind"] == "full"
+    assert "kind" not in mv.read_version(adapter_root, result["version"])
+    got = loads_in_fresh_process(cur)
+    assert got["cls"] == "LlamaForCausalLM" and len(got["ids"]) == 7
+    assert got["logit"] == pytest.approx(want[0, 2, :3].tolist(), abs=1e-4)
+    with pytest.raises(GuardrailError, match="current_model is a full model, not an adapter"):
+        mv.consolidate(adapter_root)
+    assert mv.restore_version(adapter_root, "v003")["restored"] == "v003"   # the undo

@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 CONTROL_SCRIPTS = ["trainroot", "training_config", "training_controller", "training_queue",
                    "model_versioner", "backup_manager", "state_tracker", "validate_data",
-                   "training_daemon", "torchrun_job", "monitor_server", "model_manifest", "base_store",
+                   "training_daemon", "torchrun_job", "monitor_server", "model_manifest", "base_store", "base_backup",
                    "verified_copy", "cli_guard", "eval_gate"]
 
 
