@@ -348,3 +348,24 @@ def test_switching_full_to_lora_between_files_and_a_warm_up_after_consolidate(tm
     assert [lrs[w + k] for k in (1, 2, 3, 4)] == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3])
     assert read_json(Paths(root).current_model / "trainer_state.json")["warmup_from_step"] == w
     assert read_json(te.list_checkpoints(root)[0][0] / "meta.json")["warmup_from_step"] == w
+
+
+def test_after_consolidate_the_next_file_trains_a_fresh_adapter_on_the_new_base(tmp_path,
+                                                                               tiny_model_dir):
+    """model_versioner consolidate (the versions side) hands the engine a fresh adapter on a
+    new base with `warmup_from_step`: AdamW starts fresh (the old adapter's end checkpoint
+    has the same step but another base), and the LR ramps again from that step."""
+    import model_versioner
+    data = write_jsonl(tmp_path / "a.jsonl", text_records(30, seed=5))
+    root, cfg = engine_root(tmp_path / "root", tiny_model_dir, FAST)
+    assert te.train_file(root, data, file_id="a", config=cfg)["status"] == "completed"
+    model_versioner.create_version(root, "post-train:a")
+    out = model_versioner.consolidate(root)
+    assert out["base"] == "b002" and out["base_before"] == "b001"
+    w = read_json(Paths(root).current_model / "trainer_state.json")["warmup_from_step"]
+    after = te.train_file(root, data, file_id="b", config=cfg)
+    assert after["status"] == "completed" and after["optimizer"] == "fresh", after
+    assert read_json(Paths(root).current_model / ".manifest.json")["base"] == "b002"
+    lrs = {m["global_step"]: m["lr"] for m in metrics(root) if m["file_id"] == "b"}
+    assert [lrs[w + k] for k in (1, 2, 3, 4)] == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3])
+    assert te.list_checkpoints(root)[0][1]["base"] == "b002"
