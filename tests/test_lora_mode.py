@@ -369,3 +369,25 @@ def test_after_consolidate_the_next_file_trains_a_fresh_adapter_on_the_new_base(
     lrs = {m["global_step"]: m["lr"] for m in metrics(root) if m["file_id"] == "b"}
     assert [lrs[w + k] for k in (1, 2, 3, 4)] == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3])
     assert te.list_checkpoints(root)[0][1]["base"] == "b002"
+
+
+def test_two_processes_under_torchrun_train_the_adapter_one_with_twice_the_batch(tmp_path,
+                                                                                tiny_model_dir):
+    """DDP over a peft model: 2 ranks x batch 2 equal 1 process x batch 4 (1e-5, as in full
+    mode), and the full -> lora switch makes one base however many ranks load it."""
+    import base_store
+    data = write_jsonl(tmp_path / "d.jsonl", text_records(40, seed=8))
+    over = dict(checkpoint_every_steps=0)
+    one, cfg = engine_root(tmp_path / "one", tiny_model_dir, FAST, batch_size=4, **over)
+    r1 = te.train_file(one, data, file_id="d.jsonl", config=cfg)
+    two, _ = engine_root(tmp_path / "two", tiny_model_dir, FAST, **over)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(REPO / "training_engine.py"), "train",
+                           str(data), "--json"], capture_output=True, text=True, timeout=240,
+                          cwd=str(REPO), env=dict(os.environ, TRAINING_ROOT=str(two)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r2 = json.loads(proc.stdout)
+    assert (r2["status"], r2["steps"], r2["tokens_seen"]) == ("completed", r1["steps"], r1["tokens_seen"])
+    a, b = adapter_weights(Paths(one).current_model), adapter_weights(Paths(two).current_model)
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert [x["base_id"] for x in base_store.list_bases(two)] == ["b001"]
