@@ -391,3 +391,27 @@ def test_two_processes_under_torchrun_train_the_adapter_one_with_twice_the_batch
     a, b = adapter_weights(Paths(one).current_model), adapter_weights(Paths(two).current_model)
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     assert [x["base_id"] for x in base_store.list_bases(two)] == ["b001"]
+
+
+def test_the_daemon_consolidates_every_n_files_when_asked(tmp_path, tiny_model_dir):
+    """config consolidate_every_files 2: after the second file trained on a base, the daemon
+    merges the adapter into a new base (a `consolidate` version); the third trains on it."""
+    import base_store
+    import model_versioner
+    import training_daemon
+    from realdaemon import drop, set_config
+    root = tmp_path / "root"
+    root.mkdir()
+    training_daemon.init_root(root, base=str(tiny_model_dir))
+    set_config(root, **FAST, settle_seconds=0.2, rescan_seconds=0.5, monitor_port=0,
+               backup_every_files=0, backup_every_hours=0.0, consolidate_every_files=2)
+    for i in range(3):
+        drop(root, f"f{i}.jsonl", seed=i, lines=20)
+        assert training_daemon.Daemon(root, once=True, monitor=False).run() == 0
+        bases = [b["base_id"] for b in base_store.list_bases(root)]
+        assert bases == (["b001"] if i == 0 else ["b001", "b002"]), (i, bases)
+    recs = model_versioner.list_versions(root)
+    consolidated = [r for r in recs if r["reason"] == "consolidate"]
+    assert len(consolidated) == 1 and consolidated[0]["base"] == "b002"
+    assert [r["reason"] for r in recs if r.get("base") == "b002"][-1] == "post-train:f2.jsonl"
+    assert base_store.adapter_base(root / "current_model") == "b002"
