@@ -87,14 +87,14 @@ def evaluate(root, model_dir, cfg: dict, *, log=None) -> dict:
     import torch
     import training_engine
     import validate_data
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     t0 = time.monotonic()
     files = eval_files(root)
     key = cache_key(root, cfg)
     model_dir = Path(model_dir)
     training_engine._quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    model = training_engine.load_model_folder(root, model_dir)  # full, or an adapter over its base
     device = training_engine._device(cfg)
     model.to(device)
     model.eval()

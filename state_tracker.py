@@ -204,7 +204,7 @@ def _config_section(root: Path, w: list) -> tuple[dict, dict]:
               "Shows the policy in effect (a dry run). To say it the new way, replace them with "
               "\"retention\": {\"versions\": {\"keep_last\": N, ...}, \"backups\": {...}} "
               "(docs/config.md, Retention).")
-    sec["locked"] = list(cfg.get("locked") or [])
+    sec["locked"] = training_config.locked_names(cfg)  # config `locked` + the adapter keys
     try:
         approval = training_config.read_approval(root)
         changes = training_config.changed_locked(root, cfg)

@@ -39,7 +39,7 @@ class ConfigError(GuardrailError):
 
 class Param(NamedTuple):  # a NamedTuple, not a dataclass: `import dataclasses` costs ~6 ms
     default: object      # at every start of every control script
-    kind: str            # int, float, bool, str, choice, path, list, fields
+    kind: str            # int, float, bool, str, choice, path, list, fields, modules
     why: str             # one line: why this default
     low: float | None = None
     high: float | None = None
@@ -56,6 +56,22 @@ PARAMS: dict[str, Param] = {
     "dtype": Param("float32", "choice", "float32 is exact and reproducible on CPU; bfloat16 "
                    "(autocast) is faster on GPU and AMX CPUs; float16 (autocast with loss "
                    "scaling) works on GPU and CPU", choices=("float32", "bfloat16", "float16")),
+    # -- adapter mode (lora_mode.py; docs/adapters.md) --
+    "finetune": Param("full", "choice", "full trains every weight (each version a full copy); "
+                      "lora trains a small adapter over an immutable base (versions of megabytes)",
+                      choices=("full", "lora")),
+    "lora_r": Param(8, "int", "LoRA rank: 8 on all linear layers is the usual start, an adapter "
+                    "well under 1% of the model", 1, 65_536),
+    "lora_alpha": Param(16, "float", "LoRA scale (alpha / r): twice the rank is the usual choice",
+                        0.0, 1e6),
+    "lora_dropout": Param(0.0, "float", "dropout on the adapter's input; 0 keeps CPU resume "
+                          "bitwise and is fine for continuous training", 0.0, 1.0),
+    "lora_target_modules": Param("all-linear", "modules", "\"all-linear\" adapts every linear "
+                                 "layer but the output head (quality close to full fine-tuning); "
+                                 "or a list of module names, e.g. [\"q_proj\", \"v_proj\"]"),
+    "consolidate_every_files": Param(0, "int", "merge the adapter into a new base every N trained "
+                                     "files (model_versioner.py consolidate); 0: only by hand",
+                                     0, 1_000_000),
     # -- the optimizer and schedule --
     "learning_rate": Param(3e-4, "float", "a safe AdamW rate for small causal LMs; locked because "
                            "a wrong one ruins weeks of training", 0.0, 1.0),
@@ -146,11 +162,21 @@ PARAMS: dict[str, Param] = {
                             "null: none", nullable=True),
     "nproc_per_node": Param(1, "int", "processes per node; more than 1 runs under torchrun (DDP)",
                             1, 1024),
-    "locked": Param(["base_model", "max_length", "learning_rate", "dtype"], "list",
+    "locked": Param(["base_model", "max_length", "learning_rate", "dtype", "finetune", "lora_r",
+                     "lora_alpha", "lora_target_modules"], "list",
                     "parameters that need `approve-config` to change"),
 }
 
 REQUIRED_LOCKED = ("base_model", "max_length", "learning_rate", "dtype")
+# Locked whether or not `locked` names them (configs written before adapter mode do not): the
+# mode and the adapter's shape decide what every later version is. An approval recorded before
+# they existed approved their defaults (locked_names, changed_locked).
+ADAPTER_LOCKED = ("finetune", "lora_r", "lora_alpha", "lora_target_modules")
+# Keys that ask for quantized (QLoRA) loading: refused with a reason, not taken as unknown.
+QUANTIZED_KEYS = ("load_in_4bit", "load_in_8bit", "qlora")
+QUANTIZED_REFUSAL = ("4-bit/8-bit loading (QLoRA) is not supported: it needs CUDA and bitsandbytes "
+                     "and is not tested here; remove the key (\"finetune\": \"lora\" trains an "
+                     "adapter over the full-precision base)")
 # the record fields `fields` may rename (validate_data reads records with these names)
 MAPPABLE_FIELDS = ("completion", "input", "instruction", "messages", "output", "prompt", "text",
                    "tools")
@@ -193,6 +219,14 @@ def _type_error(name: str, p: Param, value) -> str | None:
             return f"{name}: expected a non-empty string, got {value!r}"
     elif p.kind == "fields":
         return _fields_error(name, value)
+    elif p.kind == "modules":
+        if value == "all-linear":
+            return None
+        if (not isinstance(value, list) or not value
+                or not all(isinstance(v, str) and v.strip() for v in value)):
+            return (f"{name}: expected \"all-linear\" or a non-empty list of module names "
+                    f"(e.g. [\"q_proj\", \"v_proj\"]), got {value!r}")
+        return None
     elif p.kind == "choice":
         if value not in p.choices:
             return f"{name}: expected one of {', '.join(p.choices)}, got {value!r}"
@@ -223,6 +257,9 @@ def validate_config(cfg) -> list[str]:
     errors = []
     for key in cfg:
         if key == "schema_version" or key in PARAMS or key in OLD_PARAMS:
+            continue
+        if key in QUANTIZED_KEYS:
+            errors.append(f"{key}: {QUANTIZED_REFUSAL}")
             continue
         import difflib  # only on an unknown key
         close = difflib.get_close_matches(key, PARAMS, n=1)
@@ -260,6 +297,11 @@ def validate_config(cfg) -> list[str]:
             shlex.split(notify)
         except ValueError as exc:
             errors.append(f"notify_command: not a shell command line ({exc}): {notify!r}")
+    alpha, dropout = cfg.get("lora_alpha"), cfg.get("lora_dropout")
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha == 0:
+        errors.append("lora_alpha: must be greater than 0 (it scales the adapter; 0 trains nothing)")
+    if isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and dropout == 1:
+        errors.append("lora_dropout: must be below 1 (1 drops every input of the adapter)")
     spike = cfg.get("loss_spike_factor")
     if isinstance(spike, (int, float)) and 0 < spike < 1:  # below the average: every step
         errors.append(f"loss_spike_factor: {spike!r} would pause at every step (it is a factor "
@@ -308,10 +350,17 @@ def approve(root, cfg: dict, by: str = "user") -> dict:
     """Record the current values of the locked parameters as approved."""
     import eval_gate
     record = {"schema_version": SCHEMA_VERSION, "approved_at": utc_now(), "approved_by": by,
-              "values": {name: cfg.get(name) for name in cfg.get("locked", REQUIRED_LOCKED)},
+              "values": {name: cfg.get(name) for name in locked_names(cfg)},
               "eval_set": eval_gate.fingerprint(root)}  # ROOT/eval/ is frozen like a locked value
     atomic_write_json(Paths(root).config_lock, record)
     return record
+
+
+def locked_names(cfg: dict) -> list[str]:
+    """The parameters that need approval: config `locked` plus ADAPTER_LOCKED."""
+    names = cfg.get("locked", REQUIRED_LOCKED)
+    names = [n for n in names if isinstance(n, str)] if isinstance(names, (list, tuple)) else []
+    return names + [n for n in ADAPTER_LOCKED if n not in names]
 
 
 def changed_locked(root, cfg: dict) -> list[tuple[str, object, object]]:
@@ -325,8 +374,10 @@ def changed_locked(root, cfg: dict) -> list[tuple[str, object, object]]:
     except GuardrailError:
         approval = {"values": {}}
     values = approval["values"]
+    if "approved_at" in approval:  # approved before adapter mode existed: it approved the defaults
+        values = {**{n: PARAMS[n].default for n in ADAPTER_LOCKED}, **values}
     changes = []
-    for name in cfg.get("locked", REQUIRED_LOCKED):
+    for name in locked_names(cfg):
         old, new = values.get(name), cfg.get(name)
         if name not in values or json.dumps(old) != json.dumps(new):
             changes.append((name, old, new))

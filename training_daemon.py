@@ -1138,6 +1138,7 @@ class Daemon:
                 self.warned_files = (self.warned_files + [{"name": dst.name, "warnings": rec["warnings"],
                                                            "rendering": rec.get("rendering")}])[-RECENT_WARNED:]
         self.apply_retention()
+        self.maybe_consolidate()
         self.maybe_backup(rec)
 
     def apply_retention(self) -> None:
@@ -1155,6 +1156,29 @@ class Daemon:
             retention.record_usage(self.p.root, self.cfg)
         except (GuardrailError, OSError) as exc:  # the file is done; retention tries again next
             self.log.warning("retention after the file failed: %s", exc)
+
+    def maybe_consolidate(self) -> None:
+        """Adapter mode with config `consolidate_every_files` N: once N files have trained on
+        current_model's base (its post-train versions), merge the adapter into a new base
+        (`model_versioner.consolidate`; undo: `restore`). A failure is logged, never fatal:
+        training goes on with the adapter."""
+        every = int(self.cfg.get("consolidate_every_files") or 0)
+        if not every or self.cfg.get("finetune") != "lora":
+            return
+        import base_store
+        import model_versioner
+        try:
+            base = base_store.adapter_base(self.p.current_model)
+            trained = sum(1 for r in model_versioner.list_versions(self.p.root)
+                          if r.get("base") == base and str(r.get("reason")).startswith("post-train:"))
+            if not base or trained < every:
+                return
+            out = model_versioner.consolidate(self.p.root, note=f"automatic: every {every} files")
+            self.log.info("consolidated %s into base %s (automatic, every %d files): version %s",
+                          ", ".join(out["merged"]), out["base"], every, out["version"])
+        except (GuardrailError, OSError) as exc:
+            self.log.warning("automatic consolidate failed: %s (training goes on with the "
+                             "adapter; `python3 model_versioner.py consolidate` retries by hand)", exc)
 
     def _final_record(self, data: Path) -> dict:
         """The record as it leaves processing/: no longer in training, timings folded in."""

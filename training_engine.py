@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 from safetensors import SafetensorError
 
+import lora_mode
 from trainroot import (FileLock, GuardrailError, Paths, UsageError, append_line,
                        atomic_write_json, exchange_paths, exit_without_teardown, file_signature,
                        fsync_dir, read_json, rename_noreplace, run_cli, subcommands, utc_now)
@@ -617,11 +618,15 @@ def shard_rows(rows: list, rank: int, world_size: int) -> list:
 
 # --------------------------------------------------------------------------- schedule
 
-def lr_at(step: int, config: dict) -> float:
+def lr_at(step: int, config: dict, *, warmup_from: int | None = None) -> float:
     """Learning rate for optimizer step `step` (0-based) of the whole run: a function of the
-    global step only, so it continues exactly across files and resumes."""
+    global step only, so it continues exactly across files and resumes. `warmup_from`
+    (current_model's trainer_state.json `warmup_from_step`, written by a consolidate that
+    reset the optimizer) ramps it again over warmup_steps from that step."""
     base = float(config["learning_rate"])
     warmup = int(config.get("warmup_steps", 0))
+    if warmup_from is not None and warmup and warmup_from <= step < warmup_from + warmup:
+        return lr_at(step, config) * (step - warmup_from + 1) / warmup
     name = config.get("lr_schedule", "constant_with_warmup")
     if name == "constant":
         return base
@@ -637,6 +642,7 @@ def lr_at(step: int, config: dict) -> float:
 # --------------------------------------------------------------------------- checkpoints
 
 CHECKPOINT_SCHEMA = 1
+ADAPTER_CKPT = "adapter.safetensors"  # adapter mode: the trainable tensors, instead of model.safetensors
 
 
 def _checkpoint_rank(dm: tuple[Path, dict]) -> tuple:
@@ -685,7 +691,10 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
                 seq=next_checkpoint_seq(root))
     stage = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=p.staging))
     try:
-        save_model(_unwrap(model), str(stage / "model.safetensors"))
+        if lora_mode.is_peft(_unwrap(model)):  # the adapter alone: a few MB, the base is immutable
+            lora_mode.save_weights(_unwrap(model), stage / ADAPTER_CKPT)
+        else:
+            save_model(_unwrap(model), str(stage / "model.safetensors"))
         opt = {"optimizer": optimizer.state_dict()}
         if scaler is not None:
             opt["scaler"] = scaler.state_dict()
@@ -772,7 +781,10 @@ def prune_checkpoints(root, keep: int) -> list[str]:
 
 def _load_checkpoint(ckpt: Path, model, optimizer, scaler=None) -> None:
     from safetensors.torch import load_model
-    load_model(_unwrap(model), str(ckpt / "model.safetensors"), strict=True)
+    if lora_mode.is_peft(_unwrap(model)):
+        lora_mode.load_weights(_unwrap(model), ckpt / ADAPTER_CKPT)
+    else:
+        load_model(_unwrap(model), str(ckpt / "model.safetensors"), strict=True)
     _load_optimizer(ckpt, optimizer, scaler)
     rng = torch.load(ckpt / "rng.pt", weights_only=True)
     random.setstate(_as_tuple(rng["python"]))
@@ -803,18 +815,36 @@ def _device(config: dict):
         else torch.device("cpu")
 
 
-def load_current_model(root, device=None):
-    """current_model's weights (fp32 master copy), tokenizer and trainer_state.json."""
+def load_current_model(root, device=None, config=None):
+    """current_model's weights (fp32 master copy), tokenizer and trainer_state.json. With
+    config finetune "lora" the model is a trainable peft adapter over its base
+    (lora_mode.load), and `model.base_id` names the base (None in full mode)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     _quiet_transformers()
     folder = Paths(root).current_model
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    state = read_json(folder / TRAINER_STATE, default={}) or {}
+    if lora_mode.wanted(folder, config or {}):
+        model, base_id = lora_mode.load(root, folder, config, global_step=int(state.get("global_step", 0)))
+    else:
+        model, base_id = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32), None
+    model.base_id = base_id
     if device is not None:
         model.to(device)
-    state = read_json(folder / TRAINER_STATE, default={}) or {}
     return model, tokenizer, {"global_step": int(state.get("global_step", 0)),
-                              "tokens_seen": int(state.get("tokens_seen", 0))}
+                              "tokens_seen": int(state.get("tokens_seen", 0)),
+                              **({"warmup_from_step": int(state["warmup_from_step"])}
+                                 if isinstance(state.get("warmup_from_step"), int) else {})}
+
+
+def load_model_folder(root, folder):
+    """A model folder (current_model or a version) for evaluation, in fp32: a full model,
+    or an adapter over its base in ROOT/base/ (named by its manifest's base id)."""
+    from transformers import AutoModelForCausalLM
+    _quiet_transformers()
+    if lora_mode.wanted(Path(folder), None):
+        return lora_mode.load_frozen(root, Path(folder))
+    return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
 
 
 def publish_current_model(root, model, tokenizer, state: dict, *, reason: str) -> Path:
@@ -824,11 +854,13 @@ def publish_current_model(root, model, tokenizer, state: dict, *, reason: str) -
     p.staging.mkdir(parents=True, exist_ok=True)
     holder = Path(tempfile.mkdtemp(prefix="model-", dir=p.staging))
     staged = holder / "model"
-    _unwrap(model).save_pretrained(staged)
+    _unwrap(model).save_pretrained(staged)  # a peft model saves its adapter alone
+    base_id = getattr(_unwrap(model), "base_id", None)
+    extra = lora_mode.finish_staged(p.root, staged, base_id) if base_id else None
     tokenizer.save_pretrained(staged)
     atomic_write_json(staged / TRAINER_STATE, state)
     model_versioner.write_manifest(staged, global_step=state["global_step"],
-                                   tokens_seen=state["tokens_seen"])
+                                   tokens_seen=state["tokens_seen"], extra=extra)
     fsync_tree(staged)
     model_versioner.publish_model(p.root, staged, reason=reason, keep_old="never")
     shutil.rmtree(holder, ignore_errors=True)  # whatever the publish left behind in staging
@@ -1038,7 +1070,9 @@ class FileRun:
 
         if self.writer:
             clean_staging(self.root)
-        model, self.tokenizer, state = load_current_model(self.root, device)
+        model, self.tokenizer, state = load_current_model(self.root, device, config)
+        self.base_id = model.base_id  # adapter mode: the base the adapter trains on; None: full
+        self.warmup_from = state.pop("warmup_from_step", None)  # a warm-up again (consolidate)
         positions = model_max_positions(model.config.to_dict())
         if positions and int(config["max_length"]) > positions:
             raise GuardrailError(
@@ -1066,6 +1100,8 @@ class FileRun:
         self.resume = _resume_checkpoint(self.root, self.file_id, state)
         if self.resume:
             ckpt, meta = self.resume
+            lora_mode.check_checkpoint(ckpt, meta, self.base_id, self.file_id)
+            self.warmup_from = meta.get("warmup_from_step", self.warmup_from)
             _load_checkpoint(ckpt, model, self.optimizer, self.scaler)
             state = {"global_step": int(meta["global_step"]), "tokens_seen": int(meta["tokens_seen"])}
             position, self.step_in_file = meta["position"], int(meta.get("step_in_file", 0))
@@ -1077,6 +1113,8 @@ class FileRun:
             optimizer_source = "resumed"
         else:
             carry = _carry_checkpoint(self.root, state)
+            if carry and not lora_mode.same_lineage(carry[1], self.base_id):
+                carry = None  # another mode's or base's optimizer state (a switch, a consolidate)
             if carry:
                 _load_optimizer(carry[0], self.optimizer, self.scaler)
                 self.loss_history = list(carry[1].get("loss_history", []))
@@ -1206,7 +1244,7 @@ class FileRun:
         model, device, ws = self.model, self.device, self.world_size
         n_trained, real_tokens = _all_sum(batch.trained, ws), _all_sum(batch.tokens, ws)
         real_tokens += batch.untrained  # every rank read (and skipped) the same rows: add once
-        self.lr = lr = lr_at(self.state["global_step"], self.config)
+        self.lr = lr = lr_at(self.state["global_step"], self.config, warmup_from=self.warmup_from)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
@@ -1324,7 +1362,8 @@ class FileRun:
                 "scheduler": {"name": config.get("lr_schedule"), "global_step": state["global_step"],
                               "next_lr": lr_at(state["global_step"], config)},
                 "world_size": self.world_size, "config": config,
-                "chat_date": self.chat_date.isoformat()}
+                "chat_date": self.chat_date.isoformat(), "warmup_from_step": self.warmup_from,
+                **lora_mode.checkpoint_meta(self.base_id)}
 
     def checkpoint(self, complete=False) -> str | None:
         """Write one; on a full or failing disk say why instead of crashing (the run pauses)."""
@@ -1362,6 +1401,8 @@ class FileRun:
         if publish and self.writer and (result["steps"] or self.resume or state != self.state_at_start):
             model_state = {"global_step": state["global_step"], "tokens_seen": state["tokens_seen"],
                            "file_id": self.file_id, "status": status, "updated_at": utc_now()}
+            if self.warmup_from is not None:  # the warm-up after a consolidate continues
+                model_state["warmup_from_step"] = self.warmup_from
             try:
                 publish_current_model(self.root, self.model, self.tokenizer, model_state, reason=publish)
             except WRITE_ERRORS as exc:  # the checkpoint beside it is complete: resume is exact
