@@ -19,6 +19,7 @@ import collections
 import contextlib
 import datetime
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -634,6 +636,92 @@ def lr_at(step: int, config: dict) -> float:
     return base
 
 
+# --------------------------------------------------------------------------- weights files
+
+# The dtypes a base model's config.json may name; the engine trains float32 master weights
+# whatever it says, and publishes current_model (and so every version) in it.
+BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16",
+                       torch.float16: "F16", torch.int64: "I64", torch.int32: "I32",
+                       torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def base_dtype(model_dir) -> torch.dtype:
+    """The dtype a model folder's config.json names (`dtype`; `torch_dtype` before
+    transformers 5); float32 when it names none or one the engine does not publish in."""
+    try:
+        cfg = read_json(Path(model_dir) / "config.json", default={}) or {}
+    except GuardrailError as exc:  # from_pretrained has read it already: say, do not fail
+        log.warning("reading the dtype of %s: %s; publishing float32", model_dir, exc)
+        cfg = {}
+    name = cfg.get("dtype") or cfg.get("torch_dtype") if isinstance(cfg, dict) else None
+    return BASE_DTYPES.get(name, torch.float32) if isinstance(name, str) else torch.float32
+
+
+def saved_tensors(model) -> tuple[dict, bool]:
+    """The tensors save_pretrained writes (tied weights once, under the name it keeps), and
+    whether a publish writes exactly these (no keys ignored on save, no weight-name
+    conversion): then an fp32 checkpoint's weights file is byte for byte the published one."""
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    model = _unwrap(model)
+    tensors = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    ignored = [k for k in getattr(model, "_keys_to_ignore_on_save", None) or () if k in tensors]
+    published = revert_weight_conversion(model, dict(tensors))
+    same = (not ignored and published.keys() == tensors.keys()
+            and all(published[k] is tensors[k] for k in tensors))
+    return tensors, same
+
+
+def published_tensors(model) -> dict:
+    """What save_pretrained writes as the model's weights: saved_tensors less the keys the
+    model ignores on save, under the names it was loaded from (revert_weight_conversion)."""
+    from transformers.core_model_loading import revert_weight_conversion
+    model = _unwrap(model)
+    tensors, same = saved_tensors(model)
+    if same:
+        return tensors
+    for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
+        tensors.pop(key, None)
+    return revert_weight_conversion(model, tensors)
+
+
+def write_safetensors(path, tensors: dict, dtype=None, *, hashing: bool = True) -> dict:
+    """Write `tensors` as a new safetensors file, each floating one cast to `dtype` when it is
+    written (one tensor at a time: never a second copy of the whole model in memory).
+    Returns {size, sha256} (sha256 of the bytes as written, without reading them back; None
+    unless `hashing`). Byte for byte what safetensors' save_file writes for the same tensors."""
+    items = []
+    for name, t in tensors.items():
+        out = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        if out not in _SAFETENSORS_DTYPES:
+            raise GuardrailError(f"tensor {name} has dtype {out}, which the engine cannot save",
+                                 path, "Report this model type; train a model whose weights are "
+                                 "float32, bfloat16 or float16.")
+        items.append((name, t, out))
+    items.sort(key=lambda x: (-x[2].itemsize, x[0]))
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t, out in items:
+        size = t.numel() * out.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[out], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
+    head = struct.pack("<Q", len(raw)) + raw
+    digest = hashlib.sha256() if hashing else None
+    with open(path, "xb") as f:  # x: a new file, never one a link elsewhere shares
+        f.write(head)
+        if digest:
+            digest.update(head)
+        for _name, t, out in items:
+            data = t.detach().to("cpu", out).contiguous().reshape(-1).view(torch.uint8).numpy()
+            f.write(data)
+            if digest:
+                digest.update(data)
+    return {"size": len(head) + offset, "sha256": digest.hexdigest() if digest else None}
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 CHECKPOINT_SCHEMA = 1
@@ -675,8 +763,8 @@ def list_checkpoints(root) -> list[tuple[Path, dict]]:
 
 
 def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: int = 2) -> Path:
-    """Write a checkpoint into .staging, fsync it, rename it into checkpoints/, prune old ones."""
-    from safetensors.torch import save_model
+    """Write a checkpoint into .staging, fsync it, rename it into checkpoints/, prune old ones.
+    Its model.safetensors holds the fp32 master weights under save_pretrained's names."""
     p = Paths(root)
     p.staging.mkdir(parents=True, exist_ok=True)
     p.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -685,7 +773,10 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
                 seq=next_checkpoint_seq(root))
     stage = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=p.staging))
     try:
-        save_model(_unwrap(model), str(stage / "model.safetensors"))
+        tensors, linkable = saved_tensors(model)
+        weights = write_safetensors(stage / "model.safetensors", tensors, hashing=False)
+        # linkable: these are the very bytes save_pretrained would write for an fp32 base
+        meta["weights"] = {"model.safetensors": dict(weights, dtype="float32", linkable=linkable)}
         opt = {"optimizer": optimizer.state_dict()}
         if scaler is not None:
             opt["scaler"] = scaler.state_dict()
@@ -804,12 +895,14 @@ def _device(config: dict):
 
 
 def load_current_model(root, device=None):
-    """current_model's weights (fp32 master copy), tokenizer and trainer_state.json."""
+    """current_model's weights (upcast to the fp32 master copy; the base's dtype is kept as
+    `model.guardrails_base_dtype`), tokenizer and trainer_state.json."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     _quiet_transformers()
     folder = Paths(root).current_model
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    model.guardrails_base_dtype = base_dtype(folder)  # what publish_current_model writes
     if device is not None:
         model.to(device)
     state = read_json(folder / TRAINER_STATE, default={}) or {}
@@ -817,22 +910,72 @@ def load_current_model(root, device=None):
                               "tokens_seen": int(state.get("tokens_seen", 0))}
 
 
-def publish_current_model(root, model, tokenizer, state: dict, *, reason: str) -> Path:
-    """Save into a fresh .staging folder, fsync, then swap it in with model_versioner."""
+def publish_current_model(root, model, tokenizer, state: dict, *, reason: str,
+                          checkpoint=None) -> Path:
+    """Save into a fresh .staging folder in the base model's dtype, fsync, then swap it in
+    with model_versioner. `checkpoint`: the checkpoint folder holding the weights the model
+    has now. An fp32 base hard-links its weights file (the same bytes: written once per
+    file, not twice); its meta.json records what was published (`published`), the proof
+    that lets the next file take the fp32 master weights from it (_master_weights)."""
     import model_versioner
+    from model_manifest import MANIFEST, walk
+    from trainroot import sha256_file
     p = Paths(root)
     p.staging.mkdir(parents=True, exist_ok=True)
     holder = Path(tempfile.mkdtemp(prefix="model-", dir=p.staging))
     staged = holder / "model"
-    _unwrap(model).save_pretrained(staged)
+    weights = _save_model_folder(model, staged, checkpoint)
     tokenizer.save_pretrained(staged)
     atomic_write_json(staged / TRAINER_STATE, state)
-    model_versioner.write_manifest(staged, global_step=state["global_step"],
+    files = {rel: weights.get(rel) or {"sha256": sha256_file(staged / rel),
+                                       "size": (staged / rel).stat().st_size}
+             for rel in walk(staged, skip=(MANIFEST,))}
+    model_versioner.write_manifest(staged, files=files, global_step=state["global_step"],
                                    tokens_seen=state["tokens_seen"])
     fsync_tree(staged)
+    meta = read_json(Path(checkpoint) / "meta.json", default=None) if checkpoint is not None else None
+    if isinstance(meta, dict):  # before the swap: naming a cast never swapped in only fails to match
+        atomic_write_json(Path(checkpoint) / "meta.json", dict(meta, published=weights))
     model_versioner.publish_model(p.root, staged, reason=reason, keep_old="never")
     shutil.rmtree(holder, ignore_errors=True)  # whatever the publish left behind in staging
     return p.current_model
+
+
+def _save_model_folder(model, staged: Path, checkpoint=None) -> dict:
+    """save_pretrained's folder (config, generation config, model.safetensors) with the
+    weights in the base's dtype, cast tensor by tensor. Returns {relpath: {sha256, size}}
+    of the weights files."""
+    from trainroot import sha256_file
+    model = _unwrap(model)
+    dtype = getattr(model, "guardrails_base_dtype", torch.float32)
+    dtype_name = str(dtype).split(".")[1]
+    staged.mkdir(parents=True)
+    kept = model.config.dtype
+    model.config.dtype = dtype_name  # config.json says what the weights are, as save_pretrained does
+    model.config.architectures = [model.__class__.__name__]
+    try:
+        model.config.save_pretrained(staged)
+    finally:
+        model.config.dtype = kept
+    if model.can_generate():
+        model.generation_config.save_pretrained(staged)
+    name = "model.safetensors"
+    if checkpoint is not None and dtype == torch.float32:
+        source = Path(checkpoint) / name
+        try:
+            record = read_json(Path(checkpoint) / "meta.json")["weights"][name]
+            if (record["linkable"] and record["dtype"] == "float32"
+                    and record["size"] == source.stat().st_size and saved_tensors(model)[1]):
+                # The checkpoint's file holds these very bytes: a second name for it, no second
+                # write. Safe to share: no file here is ever written in place (a new file and a
+                # rename), and publish makes it read-only.
+                os.link(source, staged / name)
+                return {name: {"sha256": record.get("sha256") or sha256_file(staged / name),
+                               "size": record["size"]}}
+        except (GuardrailError, OSError, KeyError, TypeError) as exc:
+            log.info("writing current_model's weights instead of linking %s's: %s",
+                     Path(checkpoint).name, exc)
+    return {name: write_safetensors(staged / name, published_tensors(model), dtype)}
 
 
 METRICS_TAIL_BYTES = 1 << 20  # how far back a resume looks for steps already logged
@@ -905,6 +1048,42 @@ def _carry_checkpoint(root, state: dict):
         if (int(meta.get("global_step", -1)) == state["global_step"]
                 and int(meta.get("tokens_seen", -1)) == state["tokens_seen"]):
             return d, meta
+    return None
+
+
+def _published_here(meta: dict, folder: Path) -> bool | None:
+    """Whether `folder`'s weights files are the ones the checkpoint of `meta` published: the
+    sha256 and size it recorded (`published`) against folder's manifest and the files' sizes
+    (cheap: no hashing). None when it recorded none (written before the engine did)."""
+    from model_manifest import WEIGHT_SUFFIXES, read_manifest
+    published = meta.get("published")
+    if not isinstance(published, dict) or not published:
+        return None
+    try:
+        files = (read_manifest(folder) or {}).get("files") or {}
+        here = {rel for rel in files if rel.endswith(WEIGHT_SUFFIXES)}
+        return here == set(published) and all(
+            files[rel].get("sha256") == rec.get("sha256")
+            and (folder / rel).stat().st_size == rec.get("size") for rel, rec in published.items())
+    except (GuardrailError, OSError, AttributeError) as exc:
+        log.info("current_model's manifest cannot prove which checkpoint it came from: %s", exc)
+        return False
+
+
+def _master_weights(carry, model, folder: Path) -> str | None:
+    """The carry checkpoint's fp32 master weights into `model` when current_model is what it
+    published; None if so (its optimizer carries over), else why not (the optimizer starts
+    fresh on current_model's weights, upcast from the base's dtype)."""
+    from safetensors.torch import load_model
+    ckpt, meta = carry
+    dtype = getattr(_unwrap(model), "guardrails_base_dtype", torch.float32)
+    proof = _published_here(meta, folder)
+    if proof is None and dtype == torch.float32:
+        return None  # written before the record: fp32 current_model holds the master bits
+    if not proof:
+        return f"current_model is not what {ckpt.name} published"
+    if dtype != torch.float32:  # current_model is their cast: train on from the originals
+        load_model(_unwrap(model), str(ckpt / "model.safetensors"), strict=True)
     return None
 
 
@@ -1019,6 +1198,7 @@ class FileRun:
         self.write_kind = "disk"   # why the last failed write failed: the pause_reason
         self.last_loss = None
         self.spike = False
+        self.seconds = collections.Counter()  # per-file fixed costs: load, checkpoint, publish
 
     # ------------------------------------------------------------------ set up
 
@@ -1038,6 +1218,7 @@ class FileRun:
 
         if self.writer:
             clean_staging(self.root)
+        t0 = time.perf_counter()
         model, self.tokenizer, state = load_current_model(self.root, device)
         positions = model_max_positions(model.config.to_dict())
         if positions and int(config["max_length"]) > positions:
@@ -1064,9 +1245,11 @@ class FileRun:
         position, self.loss_history, self.step_in_file = None, [], 0
         self.file_start = state["global_step"]
         self.resume = _resume_checkpoint(self.root, self.file_id, state)
+        self.ckpt_dir = None       # the checkpoint holding the weights the model has now
         if self.resume:
             ckpt, meta = self.resume
             _load_checkpoint(ckpt, model, self.optimizer, self.scaler)
+            self.ckpt_dir = ckpt
             state = {"global_step": int(meta["global_step"]), "tokens_seen": int(meta["tokens_seen"])}
             position, self.step_in_file = meta["position"], int(meta.get("step_in_file", 0))
             self.loss_history = list(meta.get("loss_history", []))
@@ -1077,20 +1260,31 @@ class FileRun:
             optimizer_source = "resumed"
         else:
             carry = _carry_checkpoint(self.root, state)
+            unproven = _master_weights(carry, model, p.current_model) if carry else None
+            if unproven:
+                self.notes.append(f"optimizer started fresh at step {state['global_step']}: "
+                                  f"{unproven}")
+                carry = None
             if carry:
                 _load_optimizer(carry[0], self.optimizer, self.scaler)
                 self.loss_history = list(carry[1].get("loss_history", []))
                 optimizer_source = f"carried from {carry[0].name}"
             else:
                 optimizer_source = "fresh"
-                if state["global_step"]:
+                if state["global_step"] and not unproven:
                     self.notes.append(f"optimizer started fresh at step {state['global_step']}: no "
                                       "checkpoint matches current_model (first file after init, "
                                       "restore or rollback)")
+                dtype = getattr(model, "guardrails_base_dtype", torch.float32)
+                if state["global_step"] and dtype != torch.float32:
+                    self.notes.append(f"weights upcast from current_model's "
+                                      f"{str(dtype).split('.')[1]}: the "
+                                      "float32 master weights of this version are not kept")
             seed = int(config.get("seed", 0)) + state["global_step"]
             random.seed(seed)
             torch.manual_seed(seed)
         self.state, self.state_at_start = state, dict(state)
+        self.seconds["load"] += time.perf_counter() - t0  # weights, optimizer state, RNG
         for note in self.notes if self.writer else ():  # once per job, not once per rank
             log.info("%s: %s", self.file_id, note)
         if self.writer:
@@ -1329,9 +1523,11 @@ class FileRun:
     def checkpoint(self, complete=False) -> str | None:
         """Write one; on a full or failing disk say why instead of crashing (the run pauses)."""
         if self.writer:
+            t0 = time.perf_counter()
             try:
-                save_checkpoint(self.root, self.model, self.optimizer, self.meta_now(complete),
-                                scaler=self.scaler, keep=self.keep)
+                self.ckpt_dir = save_checkpoint(self.root, self.model, self.optimizer,
+                                                self.meta_now(complete), scaler=self.scaler,
+                                                keep=self.keep)
             except WRITE_ERRORS as exc:
                 step = self.state["global_step"]
                 log.error("checkpoint at step %d failed: %s", step, exc)
@@ -1339,6 +1535,7 @@ class FileRun:
                 return (f"checkpoint at step {step} failed ({_io_reason(exc)}); "
                         f"paused: {_WRITE_FIXES[self.write_kind]} (training restarts from the last "
                         "good checkpoint)")
+            self.seconds["checkpoint"] += time.perf_counter() - t0
         self.dirty, self.last_ckpt_time = False, time.monotonic()
         return None
 
@@ -1362,8 +1559,11 @@ class FileRun:
         if publish and self.writer and (result["steps"] or self.resume or state != self.state_at_start):
             model_state = {"global_step": state["global_step"], "tokens_seen": state["tokens_seen"],
                            "file_id": self.file_id, "status": status, "updated_at": utc_now()}
+            t0 = time.perf_counter()
             try:
-                publish_current_model(self.root, self.model, self.tokenizer, model_state, reason=publish)
+                publish_current_model(self.root, self.model, self.tokenizer, model_state, reason=publish,
+                                      checkpoint=None if self.dirty else self.ckpt_dir)
+                self.seconds["publish"] += time.perf_counter() - t0
             except WRITE_ERRORS as exc:  # the checkpoint beside it is complete: resume is exact
                 log.error("saving current_model failed: %s", exc)
                 disk, self.write_kind = True, _write_failure(exc)
@@ -1377,7 +1577,8 @@ class FileRun:
                       records=pos["records"], tokens=pos["tokens"], loss=self.last_loss,
                       step_in_file=self.step_in_file, message="; ".join(self.notes + [message]),
                       chat_date=self.chat_date.isoformat(),
-                      rendered=dict(pos.get("encoder_stats") or {}))
+                      rendered=dict(pos.get("encoder_stats") or {}),
+                      seconds={k: round(v, 4) for k, v in self.seconds.items()})
         if disk:  # not a person's pause: the daemon should say so (disk, readonly, permission)
             result["pause_reason"] = self.write_kind
         return result
