@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import datetime
 import errno
@@ -39,7 +40,8 @@ from safetensors import SafetensorError
 
 from trainroot import (FileLock, GuardrailError, Paths, UsageError, append_line,
                        atomic_write_json, exchange_paths, exit_without_teardown, file_signature,
-                       fsync_dir, read_json, rename_noreplace, run_cli, subcommands, utc_now)
+                       fsync_dir, read_json, rename_noreplace, run_cli, sha256_file, subcommands,
+                       utc_now)
 
 log = logging.getLogger("training_engine")
 
@@ -777,10 +779,16 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
         weights = write_safetensors(stage / "model.safetensors", tensors, hashing=False)
         # linkable: these are the very bytes save_pretrained would write for an fp32 base
         meta["weights"] = {"model.safetensors": dict(weights, dtype="float32", linkable=linkable)}
-        opt = {"optimizer": optimizer.state_dict()}
-        if scaler is not None:
-            opt["scaler"] = scaler.state_dict()
-        torch.save(opt, stage / "optimizer.pt")  # a new file in staging: never over a file we need
+        # its sha256 (the manifest's, should current_model link it) and fsync, in a thread
+        # while the optimizer is written: hashlib, fsync and the writes all release the GIL
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            digest = pool.submit(_hash_and_sync, stage / "model.safetensors")
+            opt = {"optimizer": optimizer.state_dict()}
+            if scaler is not None:
+                opt["scaler"] = scaler.state_dict()
+            with _no_zip_crc():
+                torch.save(opt, stage / "optimizer.pt")  # a new file in staging: never over a file we need
+            meta["weights"]["model.safetensors"]["sha256"] = digest.result()
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -808,6 +816,30 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
             shutil.rmtree(stage, ignore_errors=True)
     prune_checkpoints(root, keep)
     return final
+
+
+def _hash_and_sync(path: Path) -> str:
+    """sha256 of a file just written (read from the page cache), then fsync it."""
+    digest = sha256_file(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return digest
+
+
+@contextlib.contextmanager
+def _no_zip_crc():
+    """torch.save without the zip records' CRC32: half its time on a large optimizer state,
+    and torch.load never checks it (a flipped byte loads either way, measured)."""
+    from torch.utils.serialization import config
+    kept = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = kept
 
 
 STAGING_PREFIXES = ("checkpoint-", "old-checkpoint-", "model-")  # ROOT/.staging/: the engine's
@@ -919,7 +951,6 @@ def publish_current_model(root, model, tokenizer, state: dict, *, reason: str,
     that lets the next file take the fp32 master weights from it (_master_weights)."""
     import model_versioner
     from model_manifest import MANIFEST, walk
-    from trainroot import sha256_file
     p = Paths(root)
     p.staging.mkdir(parents=True, exist_ok=True)
     holder = Path(tempfile.mkdtemp(prefix="model-", dir=p.staging))
@@ -945,7 +976,6 @@ def _save_model_folder(model, staged: Path, checkpoint=None) -> dict:
     """save_pretrained's folder (config, generation config, model.safetensors) with the
     weights in the base's dtype, cast tensor by tensor. Returns {relpath: {sha256, size}}
     of the weights files."""
-    from trainroot import sha256_file
     model = _unwrap(model)
     dtype = getattr(model, "guardrails_base_dtype", torch.float32)
     dtype_name = str(dtype).split(".")[1]
