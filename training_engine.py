@@ -66,12 +66,15 @@ def _quiet_transformers() -> None:
 
 
 def fsync_tree(folder: str | os.PathLike, mode: int = 0o644) -> None:
-    """chmod every file to `mode` (safetensors writes 0600), fsync it, then fsync the folders."""
+    """chmod every file to `mode` (safetensors writes 0600), fsync it, then fsync the folders.
+    A file with other links (a checkpoint's weights linked into a staged model) keeps its
+    mode: the inode may be a version's too, and nothing changes a version's file."""
     folder = Path(folder)
     for dirpath, _dirs, files in os.walk(folder):
         for name in files:
             path = os.path.join(dirpath, name)
-            os.chmod(path, mode)
+            if os.stat(path).st_nlink == 1:
+                os.chmod(path, mode)
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -712,7 +715,8 @@ def write_safetensors(path, tensors: dict, dtype=None, *, hashing: bool = True) 
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
     head = struct.pack("<Q", len(raw)) + raw
     digest = hashlib.sha256() if hashing else None
-    with open(path, "xb") as f:  # x: a new file, never one a link elsewhere shares
+    hashed = None  # the previous tensor's hash, in a thread beside this one's write (both free the GIL)
+    with open(path, "xb") as f, concurrent.futures.ThreadPoolExecutor(1) as pool:
         f.write(head)
         if digest:
             digest.update(head)
@@ -720,7 +724,11 @@ def write_safetensors(path, tensors: dict, dtype=None, *, hashing: bool = True) 
             data = t.detach().to("cpu", out).contiguous().reshape(-1).view(torch.uint8).numpy()
             f.write(data)
             if digest:
-                digest.update(data)
+                if hashed is not None:
+                    hashed.result()  # in order, and at most two tensors' bytes held at once
+                hashed = pool.submit(digest.update, data)
+        if hashed is not None:
+            hashed.result()
     return {"size": len(head) + offset, "sha256": digest.hexdigest() if digest else None}
 
 

@@ -898,3 +898,19 @@ def test_published_weights_are_what_save_pretrained_writes_tied_or_not(tmp_path,
         got = load_file(str(half))
         assert got.keys() == tensors.keys()
         assert all(torch.equal(got[k], tensors[k].to(torch.bfloat16)) for k in got), name
+
+
+def test_fsync_tree_never_changes_the_mode_of_a_file_linked_elsewhere(tmp_path):
+    """A staged model may hold a link to a checkpoint's weights that a version shares
+    (a publish retried from that checkpoint): its read-only mode stays as it is."""
+    version, staged = tmp_path / "v001", tmp_path / "staged"
+    version.mkdir()
+    staged.mkdir()
+    (version / "model.safetensors").write_bytes(b"weights")
+    os.chmod(version / "model.safetensors", 0o444)
+    os.link(version / "model.safetensors", staged / "model.safetensors")
+    (staged / "config.json").write_text("{}")
+    os.chmod(staged / "config.json", 0o600)
+    te.fsync_tree(staged)
+    assert (version / "model.safetensors").stat().st_mode & 0o777 == 0o444
+    assert (staged / "config.json").stat().st_mode & 0o777 == 0o644
