@@ -1,7 +1,7 @@
 """Per-file fixed cost at real sizes: bytes written and time, against one fsynced write of them.
 
     .venv/bin/python bench/bench_filecost.py               # ~100 MB of fp32 weights, bf16 and fp32 bases
-    .venv/bin/python bench/bench_filecost.py --large       # also ~1 GB (a few minutes, ~10 GB of disk)
+    .venv/bin/python bench/bench_filecost.py --large       # also ~1 GB (minutes; ~10 GB of disk, ~8 GB RAM)
     .venv/bin/python bench/bench_filecost.py --work /var/tmp/fc --files 3
 
 For each size and base dtype: a Llama model built here (random weights, no download) and
@@ -151,6 +151,8 @@ def main(argv=None) -> int:
         for size in ["100MB"] + (["1GB"] if args.large else []):
             for dtype_name in ("bfloat16", "float32"):
                 rows += run_case(work, size, dtype_name, args.files)
+                if not args.work:  # one case on disk at a time (the 1 GB ones take ~8 GB each)
+                    shutil.rmtree(work / f"{size}-{dtype_name}", ignore_errors=True)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
