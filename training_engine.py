@@ -691,14 +691,16 @@ def published_tensors(model) -> dict:
     return revert_weight_conversion(model, tensors)
 
 
-def write_safetensors(path, tensors: dict, dtype=None, *, hashing: bool = True) -> dict:
-    """Write `tensors` as a new safetensors file, each floating one cast to `dtype` when it is
-    written (one tensor at a time: never a second copy of the whole model in memory).
+def write_safetensors(path, tensors: dict, dtype=None, *, hashing: bool = True,
+                      keep=frozenset()) -> dict:
+    """Write `tensors` as a new safetensors file, each floating one (but those named in
+    `keep`) cast to `dtype` when it is written (one tensor at a time: never a second copy of
+    the whole model in memory).
     Returns {size, sha256} (sha256 of the bytes as written, without reading them back; None
     unless `hashing`). Byte for byte what safetensors' save_file writes for the same tensors."""
     items = []
     for name, t in tensors.items():
-        out = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        out = dtype if dtype is not None and t.is_floating_point() and name not in keep else t.dtype
         if out not in _SAFETENSORS_DTYPES:
             raise GuardrailError(f"tensor {name} has dtype {out}, which the engine cannot save",
                                  path, "Report this model type; train a model whose weights are "
@@ -1013,7 +1015,26 @@ def _save_model_folder(model, staged: Path, checkpoint=None) -> dict:
         except (GuardrailError, OSError, KeyError, TypeError) as exc:
             log.info("writing current_model's weights instead of linking %s's: %s",
                      Path(checkpoint).name, exc)
-    return {name: write_safetensors(staged / name, published_tensors(model), dtype)}
+    tensors = published_tensors(model)
+    return {name: write_safetensors(staged / name, tensors, dtype, keep=_kept_in_fp32(model, dtype, tensors))}
+
+
+def _kept_in_fp32(model, dtype, tensors) -> set:
+    """Names of the tensors a model keeps in float32 when loaded in `dtype` (its
+    `_keep_in_fp32_modules[_strict]`, as from_pretrained applies them): published so too."""
+    if dtype == torch.float32:
+        return set()
+    try:
+        from transformers.core_model_loading import build_glob_alternation
+        plan = model._get_dtype_plan(dtype)
+        if not plan:
+            return set()
+        pattern = build_glob_alternation(list(plan))[0]
+    except (AttributeError, ImportError, TypeError) as exc:  # another transformers: say so
+        log.warning("cannot read which modules %s keeps in float32 (%s): publishing all in %s",
+                    type(model).__name__, exc, dtype)
+        return set()
+    return {name for name in tensors if pattern.search(name)}
 
 
 METRICS_TAIL_BYTES = 1 << 20  # how far back a resume looks for steps already logged

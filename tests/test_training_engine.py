@@ -914,3 +914,19 @@ def test_fsync_tree_never_changes_the_mode_of_a_file_linked_elsewhere(tmp_path):
     te.fsync_tree(staged)
     assert (version / "model.safetensors").stat().st_mode & 0o777 == 0o444
     assert (staged / "config.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_modules_a_model_keeps_in_float32_are_published_in_float32(tmp_path, tiny_model_dir):
+    """A bf16 base whose class keeps some modules in fp32 (`_keep_in_fp32_modules_strict`,
+    as from_pretrained applies it) publishes those in fp32, the rest in bf16."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True)
+    model._keep_in_fp32_modules_strict = {"lm_head"}
+    model.guardrails_base_dtype = torch.bfloat16
+    te._save_model_folder(model, tmp_path / "staged")
+    got = weights(tmp_path / "staged")
+    assert got["lm_head.weight"].dtype == torch.float32
+    assert {t.dtype for k, t in got.items() if k != "lm_head.weight"} == {torch.bfloat16}
+    assert read_json(tmp_path / "staged" / "config.json")["dtype"] == "bfloat16"
+    assert model.config.dtype == torch.float32  # the training model's own config is left as it was
