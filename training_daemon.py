@@ -130,6 +130,17 @@ def _folder_bytes(folder: Path) -> int:
     return total
 
 
+def _widening(model_dir: Path) -> int:
+    """How much bigger a parameter is in a checkpoint (fp32 weights and AdamW moments) than in
+    current_model, which keeps the base model's dtype: 2 for bfloat16/float16, else 1."""
+    try:
+        cfg = trainroot.read_json(model_dir / "config.json", default={}) or {}
+    except GuardrailError:
+        return 1  # the pre-flight's load check reports a bad config.json
+    name = (cfg.get("dtype") or cfg.get("torch_dtype")) if isinstance(cfg, dict) else None
+    return 2 if name in ("bfloat16", "float16") else 1
+
+
 def _printable(text: str) -> str:
     """`text` on one log line: control characters and undecodable bytes, which a file name
     may hold (`new\\nline.jsonl`, a Latin-1 name), escaped as Python writes them."""
@@ -547,7 +558,7 @@ class Daemon:
         # The file's saves (a checkpoint, a new model) must fit max_disk_gb and the free
         # space before any is written; retention is applied first when they do not.
         import retention
-        need = _folder_bytes(self.p.current_model) * (1 + OPTIMIZER_FACTOR)
+        need = _folder_bytes(self.p.current_model) * (1 + OPTIMIZER_FACTOR * _widening(self.p.current_model))
         room = retention.make_room(self.p.root, cfg, need, "root")
         for vid in room["pruned_versions"]:
             self.log.info("pre-flight: retention pruned %s to make room", vid)

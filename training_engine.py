@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import datetime
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -26,6 +28,7 @@ import os
 import random
 import re
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -38,7 +41,8 @@ from safetensors import SafetensorError
 import lora_mode
 from trainroot import (FileLock, GuardrailError, Paths, UsageError, append_line,
                        atomic_write_json, exchange_paths, exit_without_teardown, file_signature,
-                       fsync_dir, read_json, rename_noreplace, run_cli, subcommands, utc_now)
+                       fsync_dir, read_json, rename_noreplace, run_cli, sha256_file, subcommands,
+                       utc_now)
 
 log = logging.getLogger("training_engine")
 
@@ -63,12 +67,15 @@ def _quiet_transformers() -> None:
 
 
 def fsync_tree(folder: str | os.PathLike, mode: int = 0o644) -> None:
-    """chmod every file to `mode` (safetensors writes 0600), fsync it, then fsync the folders."""
+    """chmod every file to `mode` (safetensors writes 0600), fsync it, then fsync the folders.
+    A file with other links (a checkpoint's weights linked into a staged model) keeps its
+    mode: the inode may be a version's too, and nothing changes a version's file."""
     folder = Path(folder)
     for dirpath, _dirs, files in os.walk(folder):
         for name in files:
             path = os.path.join(dirpath, name)
-            os.chmod(path, mode)
+            if os.stat(path).st_nlink == 1:
+                os.chmod(path, mode)
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -639,6 +646,99 @@ def lr_at(step: int, config: dict, *, warmup_from: int | None = None) -> float:
     return base
 
 
+# --------------------------------------------------------------------------- weights files
+
+# The dtypes a base model's config.json may name; the engine trains float32 master weights
+# whatever it says, and publishes current_model (and so every version) in it.
+BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16",
+                       torch.float16: "F16", torch.int64: "I64", torch.int32: "I32",
+                       torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def base_dtype(model_dir) -> torch.dtype:
+    """The dtype a model folder's config.json names (`dtype`; `torch_dtype` before
+    transformers 5); float32 when it names none or one the engine does not publish in."""
+    try:
+        cfg = read_json(Path(model_dir) / "config.json", default={}) or {}
+    except GuardrailError as exc:  # from_pretrained has read it already: say, do not fail
+        log.warning("reading the dtype of %s: %s; publishing float32", model_dir, exc)
+        cfg = {}
+    name = cfg.get("dtype") or cfg.get("torch_dtype") if isinstance(cfg, dict) else None
+    return BASE_DTYPES.get(name, torch.float32) if isinstance(name, str) else torch.float32
+
+
+def saved_tensors(model) -> tuple[dict, bool]:
+    """The tensors save_pretrained writes (tied weights once, under the name it keeps), and
+    whether a publish writes exactly these (no keys ignored on save, no weight-name
+    conversion): then an fp32 checkpoint's weights file is byte for byte the published one."""
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    model = _unwrap(model)
+    tensors = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    ignored = [k for k in getattr(model, "_keys_to_ignore_on_save", None) or () if k in tensors]
+    published = revert_weight_conversion(model, dict(tensors))
+    same = (not ignored and published.keys() == tensors.keys()
+            and all(published[k] is tensors[k] for k in tensors))
+    return tensors, same
+
+
+def published_tensors(model) -> dict:
+    """What save_pretrained writes as the model's weights: saved_tensors less the keys the
+    model ignores on save, under the names it was loaded from (revert_weight_conversion)."""
+    from transformers.core_model_loading import revert_weight_conversion
+    model = _unwrap(model)
+    tensors, same = saved_tensors(model)
+    if same:
+        return tensors
+    for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
+        tensors.pop(key, None)
+    return revert_weight_conversion(model, tensors)
+
+
+def write_safetensors(path, tensors: dict, dtype=None, *, hashing: bool = True,
+                      keep=frozenset()) -> dict:
+    """Write `tensors` as a new safetensors file, each floating one (but those named in
+    `keep`) cast to `dtype` when it is written (one tensor at a time: never a second copy of
+    the whole model in memory).
+    Returns {size, sha256} (sha256 of the bytes as written, without reading them back; None
+    unless `hashing`). Byte for byte what safetensors' save_file writes for the same tensors."""
+    items = []
+    for name, t in tensors.items():
+        out = dtype if dtype is not None and t.is_floating_point() and name not in keep else t.dtype
+        if out not in _SAFETENSORS_DTYPES:
+            raise GuardrailError(f"tensor {name} has dtype {out}, which the engine cannot save",
+                                 path, "Report this model type; train a model whose weights are "
+                                 "float32, bfloat16 or float16.")
+        items.append((name, t, out))
+    items.sort(key=lambda x: (-x[2].itemsize, x[0]))
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t, out in items:
+        size = t.numel() * out.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[out], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
+    head = struct.pack("<Q", len(raw)) + raw
+    digest = hashlib.sha256() if hashing else None
+    hashed = None  # the previous tensor's hash, in a thread beside this one's write (both free the GIL)
+    with open(path, "xb") as f, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        f.write(head)
+        if digest:
+            digest.update(head)
+        for _name, t, out in items:
+            data = t.detach().to("cpu", out).contiguous().reshape(-1).view(torch.uint8).numpy()
+            f.write(data)
+            if digest:
+                if hashed is not None:
+                    hashed.result()  # in order, and at most two tensors' bytes held at once
+                hashed = pool.submit(digest.update, data)
+        if hashed is not None:
+            hashed.result()
+    return {"size": len(head) + offset, "sha256": digest.hexdigest() if digest else None}
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 CHECKPOINT_SCHEMA = 1
@@ -681,8 +781,8 @@ def list_checkpoints(root) -> list[tuple[Path, dict]]:
 
 
 def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: int = 2) -> Path:
-    """Write a checkpoint into .staging, fsync it, rename it into checkpoints/, prune old ones."""
-    from safetensors.torch import save_model
+    """Write a checkpoint into .staging, fsync it, rename it into checkpoints/, prune old ones.
+    Its model.safetensors holds the fp32 master weights under save_pretrained's names."""
     p = Paths(root)
     p.staging.mkdir(parents=True, exist_ok=True)
     p.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -691,14 +791,28 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
                 seq=next_checkpoint_seq(root))
     stage = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=p.staging))
     try:
-        if lora_mode.is_peft(_unwrap(model)):  # the adapter alone: a few MB, the base is immutable
-            lora_mode.save_weights(_unwrap(model), stage / ADAPTER_CKPT)
-        else:
-            save_model(_unwrap(model), str(stage / "model.safetensors"))
         opt = {"optimizer": optimizer.state_dict()}
         if scaler is not None:
             opt["scaler"] = scaler.state_dict()
-        torch.save(opt, stage / "optimizer.pt")  # a new file in staging: never over a file we need
+
+        def save_optimizer():
+            with _no_zip_crc():
+                torch.save(opt, stage / "optimizer.pt")  # a new file in staging: never over a file we need
+
+        if lora_mode.is_peft(_unwrap(model)):  # the adapter alone: a few MB, the base is immutable
+            lora_mode.save_weights(_unwrap(model), stage / ADAPTER_CKPT)
+            save_optimizer()
+        else:
+            tensors, linkable = saved_tensors(model)
+            weights = write_safetensors(stage / "model.safetensors", tensors, hashing=False)
+            # linkable: these are the very bytes save_pretrained would write for an fp32 base
+            meta["weights"] = {"model.safetensors": dict(weights, dtype="float32", linkable=linkable)}
+            # its sha256 (the manifest's, should current_model link it) and fsync, in a thread
+            # while the optimizer is written: hashlib, fsync and the writes all release the GIL
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                digest = pool.submit(_hash_and_sync, stage / "model.safetensors")
+                save_optimizer()
+                meta["weights"]["model.safetensors"]["sha256"] = digest.result()
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -726,6 +840,30 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
             shutil.rmtree(stage, ignore_errors=True)
     prune_checkpoints(root, keep)
     return final
+
+
+def _hash_and_sync(path: Path) -> str:
+    """sha256 of a file just written (read from the page cache), then fsync it."""
+    digest = sha256_file(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return digest
+
+
+@contextlib.contextmanager
+def _no_zip_crc():
+    """torch.save without the zip records' CRC32: half its time on a large optimizer state,
+    and torch.load never checks it (a flipped byte loads either way, measured)."""
+    from torch.utils.serialization import config
+    kept = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = kept
 
 
 STAGING_PREFIXES = ("checkpoint-", "old-checkpoint-", "model-")  # ROOT/.staging/: the engine's
@@ -816,9 +954,10 @@ def _device(config: dict):
 
 
 def load_current_model(root, device=None, config=None):
-    """current_model's weights (fp32 master copy), tokenizer and trainer_state.json. With
-    config finetune "lora" the model is a trainable peft adapter over its base
-    (lora_mode.load), and `model.base_id` names the base (None in full mode)."""
+    """current_model's weights (upcast to the fp32 master copy; the base's dtype is kept as
+    `model.guardrails_base_dtype`), tokenizer and trainer_state.json. With config finetune
+    "lora" the model is a trainable peft adapter over its base (lora_mode.load), and
+    `model.base_id` names the base (None in full mode)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     _quiet_transformers()
     folder = Paths(root).current_model
@@ -828,6 +967,7 @@ def load_current_model(root, device=None, config=None):
         model, base_id = lora_mode.load(root, folder, config, global_step=int(state.get("global_step", 0)))
     else:
         model, base_id = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32), None
+        model.guardrails_base_dtype = base_dtype(folder)  # what publish_current_model writes
     model.base_id = base_id
     if device is not None:
         model.to(device)
@@ -847,24 +987,94 @@ def load_model_folder(root, folder):
     return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
 
 
-def publish_current_model(root, model, tokenizer, state: dict, *, reason: str) -> Path:
-    """Save into a fresh .staging folder, fsync, then swap it in with model_versioner."""
+def publish_current_model(root, model, tokenizer, state: dict, *, reason: str,
+                          checkpoint=None) -> Path:
+    """Save into a fresh .staging folder in the base model's dtype, fsync, then swap it in
+    with model_versioner. `checkpoint`: the checkpoint folder holding the weights the model
+    has now. An fp32 base hard-links its weights file (the same bytes: written once per
+    file, not twice); its meta.json records what was published (`published`), the proof
+    that lets the next file take the fp32 master weights from it (_master_weights)."""
     import model_versioner
+    from model_manifest import MANIFEST, walk
     p = Paths(root)
     p.staging.mkdir(parents=True, exist_ok=True)
     holder = Path(tempfile.mkdtemp(prefix="model-", dir=p.staging))
     staged = holder / "model"
-    _unwrap(model).save_pretrained(staged)  # a peft model saves its adapter alone
     base_id = getattr(_unwrap(model), "base_id", None)
-    extra = lora_mode.finish_staged(p.root, staged, base_id) if base_id else None
+    if base_id:  # a peft model saves its adapter alone (fp32: the adapter is its own master copy)
+        _unwrap(model).save_pretrained(staged)
+        extra, weights = lora_mode.finish_staged(p.root, staged, base_id), {}
+    else:
+        extra, weights = None, _save_model_folder(model, staged, checkpoint)
     tokenizer.save_pretrained(staged)
     atomic_write_json(staged / TRAINER_STATE, state)
-    model_versioner.write_manifest(staged, global_step=state["global_step"],
+    files = {rel: weights.get(rel) or {"sha256": sha256_file(staged / rel),
+                                       "size": (staged / rel).stat().st_size}
+             for rel in walk(staged, skip=(MANIFEST,))}
+    model_versioner.write_manifest(staged, files=files, global_step=state["global_step"],
                                    tokens_seen=state["tokens_seen"], extra=extra)
     fsync_tree(staged)
+    meta = read_json(Path(checkpoint) / "meta.json", default=None) if checkpoint is not None else None
+    if isinstance(meta, dict) and weights:  # full mode; before the swap: naming a cast never swapped in only fails to match
+        atomic_write_json(Path(checkpoint) / "meta.json", dict(meta, published=weights))
     model_versioner.publish_model(p.root, staged, reason=reason, keep_old="never")
     shutil.rmtree(holder, ignore_errors=True)  # whatever the publish left behind in staging
     return p.current_model
+
+
+def _save_model_folder(model, staged: Path, checkpoint=None) -> dict:
+    """save_pretrained's folder (config, generation config, model.safetensors) with the
+    weights in the base's dtype, cast tensor by tensor. Returns {relpath: {sha256, size}}
+    of the weights files."""
+    model = _unwrap(model)
+    dtype = getattr(model, "guardrails_base_dtype", torch.float32)
+    dtype_name = str(dtype).split(".")[1]
+    staged.mkdir(parents=True)
+    kept = model.config.dtype
+    model.config.dtype = dtype_name  # config.json says what the weights are, as save_pretrained does
+    model.config.architectures = [model.__class__.__name__]
+    try:
+        model.config.save_pretrained(staged)
+    finally:
+        model.config.dtype = kept
+    if model.can_generate():
+        model.generation_config.save_pretrained(staged)
+    name = "model.safetensors"
+    if checkpoint is not None and dtype == torch.float32:
+        source = Path(checkpoint) / name
+        try:
+            record = read_json(Path(checkpoint) / "meta.json")["weights"][name]
+            if (record["linkable"] and record["dtype"] == "float32"
+                    and record["size"] == source.stat().st_size and saved_tensors(model)[1]):
+                # The checkpoint's file holds these very bytes: a second name for it, no second
+                # write. Safe to share: no file here is ever written in place (a new file and a
+                # rename), and publish makes it read-only.
+                os.link(source, staged / name)
+                return {name: {"sha256": record.get("sha256") or sha256_file(staged / name),
+                               "size": record["size"]}}
+        except (GuardrailError, OSError, KeyError, TypeError) as exc:
+            log.info("writing current_model's weights instead of linking %s's: %s",
+                     Path(checkpoint).name, exc)
+    tensors = published_tensors(model)
+    return {name: write_safetensors(staged / name, tensors, dtype, keep=_kept_in_fp32(model, dtype, tensors))}
+
+
+def _kept_in_fp32(model, dtype, tensors) -> set:
+    """Names of the tensors a model keeps in float32 when loaded in `dtype` (its
+    `_keep_in_fp32_modules[_strict]`, as from_pretrained applies them): published so too."""
+    if dtype == torch.float32:
+        return set()
+    try:
+        from transformers.core_model_loading import build_glob_alternation
+        plan = model._get_dtype_plan(dtype)
+        if not plan:
+            return set()
+        pattern = build_glob_alternation(list(plan))[0]
+    except (AttributeError, ImportError, TypeError) as exc:  # another transformers: say so
+        log.warning("cannot read which modules %s keeps in float32 (%s): publishing all in %s",
+                    type(model).__name__, exc, dtype)
+        return set()
+    return {name for name in tensors if pattern.search(name)}
 
 
 METRICS_TAIL_BYTES = 1 << 20  # how far back a resume looks for steps already logged
@@ -937,6 +1147,42 @@ def _carry_checkpoint(root, state: dict):
         if (int(meta.get("global_step", -1)) == state["global_step"]
                 and int(meta.get("tokens_seen", -1)) == state["tokens_seen"]):
             return d, meta
+    return None
+
+
+def _published_here(meta: dict, folder: Path) -> bool | None:
+    """Whether `folder`'s weights files are the ones the checkpoint of `meta` published: the
+    sha256 and size it recorded (`published`) against folder's manifest and the files' sizes
+    (cheap: no hashing). None when it recorded none (written before the engine did)."""
+    from model_manifest import WEIGHT_SUFFIXES, read_manifest
+    published = meta.get("published")
+    if not isinstance(published, dict) or not published:
+        return None
+    try:
+        files = (read_manifest(folder) or {}).get("files") or {}
+        here = {rel for rel in files if rel.endswith(WEIGHT_SUFFIXES)}
+        return here == set(published) and all(
+            files[rel].get("sha256") == rec.get("sha256")
+            and (folder / rel).stat().st_size == rec.get("size") for rel, rec in published.items())
+    except (GuardrailError, OSError, AttributeError) as exc:
+        log.info("current_model's manifest cannot prove which checkpoint it came from: %s", exc)
+        return False
+
+
+def _master_weights(carry, model, folder: Path) -> str | None:
+    """The carry checkpoint's fp32 master weights into `model` when current_model is what it
+    published; None if so (its optimizer carries over), else why not (the optimizer starts
+    fresh on current_model's weights, upcast from the base's dtype)."""
+    from safetensors.torch import load_model
+    ckpt, meta = carry
+    dtype = getattr(_unwrap(model), "guardrails_base_dtype", torch.float32)
+    proof = _published_here(meta, folder)
+    if proof is None and dtype == torch.float32:
+        return None  # written before the record: fp32 current_model holds the master bits
+    if not proof:
+        return f"current_model is not what {ckpt.name} published"
+    if dtype != torch.float32:  # current_model is their cast: train on from the originals
+        load_model(_unwrap(model), str(ckpt / "model.safetensors"), strict=True)
     return None
 
 
@@ -1051,6 +1297,7 @@ class FileRun:
         self.write_kind = "disk"   # why the last failed write failed: the pause_reason
         self.last_loss = None
         self.spike = False
+        self.seconds = collections.Counter()  # per-file fixed costs: load, checkpoint, publish
 
     # ------------------------------------------------------------------ set up
 
@@ -1070,6 +1317,7 @@ class FileRun:
 
         if self.writer:
             clean_staging(self.root)
+        t0 = time.perf_counter()
         model, self.tokenizer, state = load_current_model(self.root, device, config)
         self.base_id = model.base_id  # adapter mode: the base the adapter trains on; None: full
         self.warmup_from = state.pop("warmup_from_step", None)  # a warm-up again (consolidate)
@@ -1098,11 +1346,13 @@ class FileRun:
         position, self.loss_history, self.step_in_file = None, [], 0
         self.file_start = state["global_step"]
         self.resume = _resume_checkpoint(self.root, self.file_id, state)
+        self.ckpt_dir = None       # the checkpoint holding the weights the model has now
         if self.resume:
             ckpt, meta = self.resume
             lora_mode.check_checkpoint(ckpt, meta, self.base_id, self.file_id)
             self.warmup_from = meta.get("warmup_from_step", self.warmup_from)
             _load_checkpoint(ckpt, model, self.optimizer, self.scaler)
+            self.ckpt_dir = ckpt
             state = {"global_step": int(meta["global_step"]), "tokens_seen": int(meta["tokens_seen"])}
             position, self.step_in_file = meta["position"], int(meta.get("step_in_file", 0))
             self.loss_history = list(meta.get("loss_history", []))
@@ -1115,20 +1365,34 @@ class FileRun:
             carry = _carry_checkpoint(self.root, state)
             if carry and not lora_mode.same_lineage(carry[1], self.base_id):
                 carry = None  # another mode's or base's optimizer state (a switch, a consolidate)
+            # full mode: the fp32 master weights come from the checkpoint that published
+            # current_model (an adapter is saved in fp32: it is its own master copy)
+            unproven = _master_weights(carry, model, p.current_model) if carry and not self.base_id \
+                else None
+            if unproven:
+                self.notes.append(f"optimizer started fresh at step {state['global_step']}: "
+                                  f"{unproven}")
+                carry = None
             if carry:
                 _load_optimizer(carry[0], self.optimizer, self.scaler)
                 self.loss_history = list(carry[1].get("loss_history", []))
                 optimizer_source = f"carried from {carry[0].name}"
             else:
                 optimizer_source = "fresh"
-                if state["global_step"]:
+                if state["global_step"] and not unproven:
                     self.notes.append(f"optimizer started fresh at step {state['global_step']}: no "
                                       "checkpoint matches current_model (first file after init, "
                                       "restore or rollback)")
+                dtype = getattr(model, "guardrails_base_dtype", torch.float32)
+                if state["global_step"] and dtype != torch.float32:
+                    self.notes.append(f"weights upcast from current_model's "
+                                      f"{str(dtype).split('.')[1]}: the "
+                                      "float32 master weights of this version are not kept")
             seed = int(config.get("seed", 0)) + state["global_step"]
             random.seed(seed)
             torch.manual_seed(seed)
         self.state, self.state_at_start = state, dict(state)
+        self.seconds["load"] += time.perf_counter() - t0  # weights, optimizer state, RNG
         for note in self.notes if self.writer else ():  # once per job, not once per rank
             log.info("%s: %s", self.file_id, note)
         if self.writer:
@@ -1368,9 +1632,11 @@ class FileRun:
     def checkpoint(self, complete=False) -> str | None:
         """Write one; on a full or failing disk say why instead of crashing (the run pauses)."""
         if self.writer:
+            t0 = time.perf_counter()
             try:
-                save_checkpoint(self.root, self.model, self.optimizer, self.meta_now(complete),
-                                scaler=self.scaler, keep=self.keep)
+                self.ckpt_dir = save_checkpoint(self.root, self.model, self.optimizer,
+                                                self.meta_now(complete), scaler=self.scaler,
+                                                keep=self.keep)
             except WRITE_ERRORS as exc:
                 step = self.state["global_step"]
                 log.error("checkpoint at step %d failed: %s", step, exc)
@@ -1378,6 +1644,7 @@ class FileRun:
                 return (f"checkpoint at step {step} failed ({_io_reason(exc)}); "
                         f"paused: {_WRITE_FIXES[self.write_kind]} (training restarts from the last "
                         "good checkpoint)")
+            self.seconds["checkpoint"] += time.perf_counter() - t0
         self.dirty, self.last_ckpt_time = False, time.monotonic()
         return None
 
@@ -1403,8 +1670,11 @@ class FileRun:
                            "file_id": self.file_id, "status": status, "updated_at": utc_now()}
             if self.warmup_from is not None:  # the warm-up after a consolidate continues
                 model_state["warmup_from_step"] = self.warmup_from
+            t0 = time.perf_counter()
             try:
-                publish_current_model(self.root, self.model, self.tokenizer, model_state, reason=publish)
+                publish_current_model(self.root, self.model, self.tokenizer, model_state, reason=publish,
+                                      checkpoint=None if self.dirty else self.ckpt_dir)
+                self.seconds["publish"] += time.perf_counter() - t0
             except WRITE_ERRORS as exc:  # the checkpoint beside it is complete: resume is exact
                 log.error("saving current_model failed: %s", exc)
                 disk, self.write_kind = True, _write_failure(exc)
@@ -1418,7 +1688,8 @@ class FileRun:
                       records=pos["records"], tokens=pos["tokens"], loss=self.last_loss,
                       step_in_file=self.step_in_file, message="; ".join(self.notes + [message]),
                       chat_date=self.chat_date.isoformat(),
-                      rendered=dict(pos.get("encoder_stats") or {}))
+                      rendered=dict(pos.get("encoder_stats") or {}),
+                      seconds={k: round(v, 4) for k, v in self.seconds.items()})
         if disk:  # not a person's pause: the daemon should say so (disk, readonly, permission)
             result["pause_reason"] = self.write_kind
         return result

@@ -714,3 +714,30 @@ def test_a_restore_while_a_file_is_paused_is_where_the_file_restarts_and_what_it
     assert json.loads((root / "versions" / rec["version_before"] / "version.json").read_text(
     ))["global_step"] == rec["global_step_before"] == 0
     assert rec["steps"] == rec["global_step_after"]  # the whole file, from the restored model
+
+
+def test_the_preflight_counts_a_bf16_base_checkpoint_in_fp32(tmp_path, tiny_model_dir):
+    """current_model keeps a bf16 base's dtype, the checkpoint holds fp32 weights and AdamW
+    moments: the next file writes 7x current_model's bytes, not 4x, and must fit first."""
+    from trainroot import Paths
+    import shutil
+    import torch
+    import training_config
+    from transformers import AutoModelForCausalLM
+    base = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True,
+                                         dtype=torch.bfloat16).save_pretrained(base)
+    for name in os.listdir(tiny_model_dir):
+        if name.startswith(("tokenizer", "special_tokens", "chat_template", "trainer_state")):
+            shutil.copyfile(tiny_model_dir / name, base / name)
+    root = tmp_path / "root"
+    training_daemon.init_root(root, base=str(base))
+    model = training_daemon._folder_bytes(Paths(root).current_model)
+    used = training_daemon._folder_bytes(root)
+    cfg = json.loads((root / "config.json").read_text())
+    cfg["max_disk_gb"] = round((used + 5.5 * model) / 1e9, 6)  # 4x fits, 7x does not
+    (root / "config.json").write_text(json.dumps(cfg))
+    d = training_daemon.Daemon(root, once=True, monitor=False)
+    with pytest.raises(training_daemon._Paused) as info:
+        d.preflight(training_config.load_config(root))
+    assert f"{7 * model / 1e6:.1f} MB to write is over it" in info.value.error.what

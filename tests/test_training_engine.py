@@ -745,3 +745,188 @@ def test_a_model_that_ignores_document_boundaries_is_found_and_named(tiny_model_
     mode, line = te.packing_isolation(model, te_config())
     assert mode == "shared" and "honours neither" in line, line
     assert te.packing_isolation(model, te_config(pack_isolation=False))[0] == "off"
+
+
+# --------------------------------------------------------------------------- the base's dtype
+
+def _base_in(src: Path, out: Path, dtype_name: str, via: str | None = None) -> Path:
+    """A copy of model folder `src` (through dtype `via` first: its rounding) saved in dtype_name."""
+    import shutil
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True,
+                                                 dtype=getattr(torch, via or dtype_name))
+    model.to(getattr(torch, dtype_name)).save_pretrained(out)
+    for name in os.listdir(src):
+        if name.startswith(("tokenizer", "special_tokens", "chat_template", "trainer_state")):
+            shutil.copyfile(src / name, out / name)
+    return out
+
+
+def _weights_dtypes(model_dir: Path) -> set:
+    return {str(t.dtype) for t in weights(model_dir).values()}
+
+
+def test_a_bfloat16_base_publishes_bfloat16_and_trains_on_from_the_fp32_master(tmp_path,
+                                                                              tiny_model_dir):
+    """current_model and versions keep the base's bfloat16 (half the bytes); the next file
+    takes the fp32 master weights from the end checkpoint, so its steps equal a run on an
+    fp32 base holding the same values (the upcast of that bfloat16 base)."""
+    import torch
+    import model_versioner
+    bf16 = _base_in(tiny_model_dir, tmp_path / "bf16", "bfloat16")
+    fp32 = _base_in(bf16, tmp_path / "fp32", "float32", via="bfloat16")  # the same values, upcast
+    a = write_jsonl(tmp_path / "a.jsonl", text_records(16, seed=11))
+    b = write_jsonl(tmp_path / "b.jsonl", text_records(16, seed=12))
+    runs = {}
+    for name, base in (("bf16", bf16), ("fp32", fp32)):
+        root, cfg = make_root(tmp_path / f"root-{name}", base, checkpoint_every_steps=0)
+        ra = te.train_file(root, a, file_id="a", config=cfg)
+        model_versioner.create_version(root, "after a")
+        rb = te.train_file(root, b, file_id="b", config=cfg)
+        assert ra["status"] == rb["status"] == "completed" and ra["steps"] and rb["steps"], (ra, rb)
+        assert rb["optimizer"] == f"carried from checkpoint-{ra['global_step']:08d}", rb
+        assert "fresh" not in rb["message"] and "upcast" not in rb["message"], rb["message"]
+        runs[name] = root
+    cur = Paths(runs["bf16"]).current_model
+    assert _weights_dtypes(cur) == {"torch.bfloat16"}
+    assert read_json(cur / "config.json")["dtype"] == "bfloat16"
+    version = Paths(runs["bf16"]).versions / model_versioner.latest_version(runs["bf16"])
+    assert _weights_dtypes(version) == {"torch.bfloat16"}
+    assert not model_versioner.verify_version(runs["bf16"], version.name)
+    half = (Paths(runs["fp32"]).current_model / "model.safetensors").stat().st_size
+    assert (cur / "model.safetensors").stat().st_size < 0.55 * half
+    # the fp32 master after file b: equal to the fp32 run's, bit for bit
+    end = {n: Paths(r).checkpoints / f"checkpoint-{read_json(Paths(r).current_model / 'trainer_state.json')['global_step']:08d}"
+           for n, r in runs.items()}
+    assert_bitwise_equal(weights(end["bf16"]), weights(end["fp32"]))
+    assert_bitwise_equal(weights(cur), {k: v.to(torch.bfloat16) for k, v in weights(end["fp32"]).items()})
+
+
+def test_a_rollback_to_a_bfloat16_version_upcasts_with_a_fresh_optimizer_and_a_note(tmp_path,
+                                                                                   tiny_model_dir):
+    import model_versioner
+    bf16 = _base_in(tiny_model_dir, tmp_path / "bf16", "bfloat16")
+    root, cfg = make_root(tmp_path / "root", bf16, checkpoint_every_steps=0, keep_checkpoints=1)
+    a = write_jsonl(tmp_path / "a.jsonl", text_records(16, seed=11))
+    b = write_jsonl(tmp_path / "b.jsonl", text_records(16, seed=12))
+    ra = te.train_file(root, a, file_id="a", config=cfg)
+    after_a, _ = model_versioner.create_version(root, "after a")
+    te.train_file(root, b, file_id="b", config=cfg)  # a's end checkpoint is pruned (keep 1)
+    model_versioner.restore_version(root, after_a)
+    c = write_jsonl(tmp_path / "c.jsonl", text_records(16, seed=13))
+    rc = te.train_file(root, c, file_id="c", config=cfg)
+    assert rc["status"] == "completed" and rc["steps"] and rc["optimizer"] == "fresh", rc
+    assert rc["global_step"] == ra["global_step"] + rc["steps"]
+    assert "weights upcast from current_model's bfloat16" in rc["message"], rc["message"]
+    assert _weights_dtypes(Paths(root).current_model) == {"torch.bfloat16"}
+
+
+def test_a_checkpoint_that_did_not_publish_current_model_lends_it_no_master_weights(tmp_path,
+                                                                                   tiny_model_dir):
+    """Same step and tokens are not proof: current_model must be the cast that checkpoint
+    published (its recorded sha256), else the optimizer starts fresh, and says why."""
+    bf16 = _base_in(tiny_model_dir, tmp_path / "bf16", "bfloat16")
+    root, cfg = make_root(tmp_path / "root", bf16, checkpoint_every_steps=0)
+    ra = te.train_file(root, write_jsonl(tmp_path / "a.jsonl", text_records(16, seed=11)),
+                       file_id="a", config=cfg)
+    ckpt = Paths(root).checkpoints / f"checkpoint-{ra['global_step']:08d}"
+    meta = read_json(ckpt / "meta.json")
+    assert meta["published"]["model.safetensors"]["sha256"] == \
+        sha256_file(Paths(root).current_model / "model.safetensors")
+    meta["published"]["model.safetensors"]["sha256"] = "0" * 64  # another cast than this one
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    rb = te.train_file(root, write_jsonl(tmp_path / "b.jsonl", text_records(16, seed=12)),
+                       file_id="b", config=cfg)
+    assert rb["status"] == "completed" and rb["optimizer"] == "fresh", rb
+    assert f"current_model is not what {ckpt.name} published" in rb["message"], rb["message"]
+
+
+def test_an_fp32_base_links_the_checkpoint_weights_and_a_shared_inode_is_never_written(
+        tmp_path, tiny_model_dir):
+    """An fp32 base writes its weights once per file: current_model's model.safetensors is
+    the end checkpoint's (one inode), byte for byte what save_pretrained writes. Later files,
+    pruning, a rollback and retraining to the same step never change the shared bytes."""
+    import model_versioner
+    from transformers import AutoModelForCausalLM
+    root, cfg = make_root(tmp_path / "root", tiny_model_dir, checkpoint_every_steps=0,
+                          keep_checkpoints=1)
+    p = Paths(root)
+    a = write_jsonl(tmp_path / "a.jsonl", text_records(16, seed=11))
+    ra = te.train_file(root, a, file_id="a", config=cfg)
+    end = p.checkpoints / f"checkpoint-{ra['global_step']:08d}" / "model.safetensors"
+    cur = p.current_model / "model.safetensors"
+    assert os.stat(end).st_ino == os.stat(cur).st_ino and os.stat(cur).st_nlink == 2
+    saved = tmp_path / "saved"
+    AutoModelForCausalLM.from_pretrained(p.current_model, local_files_only=True).save_pretrained(saved)
+    assert (saved / "model.safetensors").read_bytes() == cur.read_bytes()
+    after_a, _ = model_versioner.create_version(root, "after a")
+    shared = p.versions / after_a / "model.safetensors"
+    assert os.stat(shared).st_ino == os.stat(cur).st_ino
+    before = (sha256_file(shared), os.stat(shared).st_mtime_ns)
+    rb = te.train_file(root, write_jsonl(tmp_path / "b.jsonl", text_records(16, seed=12)),
+                       file_id="b", config=cfg)  # a's checkpoint pruned: its link removed
+    assert rb["optimizer"] == f"carried from checkpoint-{ra['global_step']:08d}", rb
+    assert not end.exists() and os.stat(shared).st_nlink == 1
+    model_versioner.restore_version(root, after_a)  # a's version back as current_model
+    ra2 = te.train_file(root, write_jsonl(tmp_path / "a2.jsonl", text_records(16, seed=14)),
+                        file_id="a2", config=cfg)  # retrained from it, over the same steps
+    assert ra2["status"] == "completed" and ra2["global_step"] > ra["global_step"]
+    assert (sha256_file(shared), os.stat(shared).st_mtime_ns) == before
+    assert not model_versioner.verify_version(root, after_a)
+    assert os.stat(p.current_model / "model.safetensors").st_ino != os.stat(shared).st_ino
+
+
+def test_published_weights_are_what_save_pretrained_writes_tied_or_not(tmp_path, tiny_model_dir):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    tied = Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=1, tie_word_embeddings=True))
+    llama = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True)
+    for name, model in (("qwen2-tied", tied), ("llama", llama)):
+        model.save_pretrained(tmp_path / name)
+        tensors, linkable = te.saved_tensors(model)
+        assert linkable, name
+        mine = tmp_path / f"{name}.safetensors"
+        out = te.write_safetensors(mine, tensors)
+        assert mine.read_bytes() == (tmp_path / name / "model.safetensors").read_bytes(), name
+        assert out == {"size": mine.stat().st_size, "sha256": sha256_file(mine)}
+        half = tmp_path / f"{name}-bf16.safetensors"
+        te.write_safetensors(half, tensors, torch.bfloat16)
+        got = load_file(str(half))
+        assert got.keys() == tensors.keys()
+        assert all(torch.equal(got[k], tensors[k].to(torch.bfloat16)) for k in got), name
+
+
+def test_fsync_tree_never_changes_the_mode_of_a_file_linked_elsewhere(tmp_path):
+    """A staged model may hold a link to a checkpoint's weights that a version shares
+    (a publish retried from that checkpoint): its read-only mode stays as it is."""
+    version, staged = tmp_path / "v001", tmp_path / "staged"
+    version.mkdir()
+    staged.mkdir()
+    (version / "model.safetensors").write_bytes(b"weights")
+    os.chmod(version / "model.safetensors", 0o444)
+    os.link(version / "model.safetensors", staged / "model.safetensors")
+    (staged / "config.json").write_text("{}")
+    os.chmod(staged / "config.json", 0o600)
+    te.fsync_tree(staged)
+    assert (version / "model.safetensors").stat().st_mode & 0o777 == 0o444
+    assert (staged / "config.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_modules_a_model_keeps_in_float32_are_published_in_float32(tmp_path, tiny_model_dir):
+    """A bf16 base whose class keeps some modules in fp32 (`_keep_in_fp32_modules_strict`,
+    as from_pretrained applies it) publishes those in fp32, the rest in bf16."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True)
+    model._keep_in_fp32_modules_strict = {"lm_head"}
+    model.guardrails_base_dtype = torch.bfloat16
+    te._save_model_folder(model, tmp_path / "staged")
+    got = weights(tmp_path / "staged")
+    assert got["lm_head.weight"].dtype == torch.float32
+    assert {t.dtype for k, t in got.items() if k != "lm_head.weight"} == {torch.bfloat16}
+    assert read_json(tmp_path / "staged" / "config.json")["dtype"] == "bfloat16"
+    assert model.config.dtype == torch.float32  # the training model's own config is left as it was

@@ -1,0 +1,178 @@
+"""Per-file fixed cost at real sizes: bytes written and time, against one fsynced write of them.
+
+    .venv/bin/python bench/bench_filecost.py               # ~100 MB of fp32 weights, bf16 and fp32 bases
+    .venv/bin/python bench/bench_filecost.py --large       # also ~1 GB (minutes; ~10 GB of disk, ~8 GB RAM)
+    .venv/bin/python bench/bench_filecost.py --work /var/tmp/fc --files 3
+
+For each size and base dtype: a Llama model built here (random weights, no download) and
+saved in that dtype, a root initialised from it (`init`), then `--files` one-step files, each
+after the daemon's pre-file snapshot (model_versioner.create_version) and trained through the
+engine's entry point (train_file). The first file starts a fresh optimizer; the ones after it
+take the fp32 master weights and AdamW from the end checkpoint (what every later file pays).
+Printed per file:
+  bytes written: the end checkpoint (fp32 weights + optimizer + rng + meta), current_model
+    (new files only: its weights hard-linked to the checkpoint's cost nothing), the snapshot
+    (links: ~0), and what the kernel counted (/proc/self/io write_bytes);
+  fixed time: the engine's own `seconds` (load, checkpoint, publish) plus the snapshot, against
+    the time to write those same bytes once with fsync in this run, on the same filesystem.
+Goal (issue 15): fixed / write-once <= 1.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# (hidden, layers, intermediate, vocab), untied: 26M and 271M parameters, 104 MB and 1.08 GB in fp32
+SIZES = {"100MB": (512, 4, 1536, 12000), "1GB": (1024, 16, 2816, 32000)}
+
+
+def build_model(out: Path, size: str, dtype_name: str) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import training_engine as te
+    hidden, layers, inter, vocab = SIZES[size]
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                      num_key_value_heads=hidden // 64, max_position_embeddings=2048,
+                      bos_token_id=256, eos_token_id=257, pad_token_id=258, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype_name))
+    model.save_pretrained(out)
+    te.build_tiny_tokenizer().save_pretrained(out)
+    (out / "trainer_state.json").write_text(json.dumps({"global_step": 0, "tokens_seen": 0}))
+    return out
+
+
+def write_bytes() -> int:
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("write_bytes")).split()[1])
+
+
+def new_bytes(folder: Path, shared_inodes=frozenset()) -> int:
+    """Bytes of the files under `folder` that are not links to an inode of `shared_inodes`
+    nor to any other name (a hard link writes nothing)."""
+    total = 0
+    for path in folder.rglob("*"):
+        if path.is_file():
+            st = path.stat()
+            if st.st_ino not in shared_inodes and st.st_nlink == 1:
+                total += st.st_size
+    return total
+
+
+def fsynced_write_s(folder: Path, nbytes: int) -> float:
+    """Seconds to write `nbytes` into a new file and fsync it (the limit the engine is held to)."""
+    block = os.urandom(64 << 20)
+    path = folder / "write-once.bin"
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        left = nbytes
+        while left > 0:
+            left -= f.write(block[:min(left, len(block))])
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return seconds
+
+
+def run_case(work: Path, size: str, dtype_name: str, files: int) -> list[dict]:
+    import model_versioner
+    import training_config
+    import training_daemon
+    import training_engine as te
+    from trainroot import Paths
+    case = work / f"{size}-{dtype_name}"
+    base = build_model(case / "base", size, dtype_name)
+    root = case / "root"
+    training_daemon.init_root(root, base=str(base))
+    cfg = training_config.default_config(max_length=64, batch_size=1, grad_accum_steps=1,
+                                         warmup_steps=0, checkpoint_every_steps=0,
+                                         checkpoint_every_minutes=0.0, keep_checkpoints=1)
+    training_config.write_config(root, cfg)
+    p = Paths(root)
+    rows = []
+    for i in range(files):
+        data = case / f"file{i}.jsonl"
+        data.write_text(json.dumps({"text": f"file {i}: one short record, one step."}) + "\n")
+        t0 = time.perf_counter()
+        vid, _ = model_versioner.create_version(root, f"pre-train:{data.name}")
+        snapshot_s = time.perf_counter() - t0
+        version_bytes = new_bytes(p.versions / vid)  # now, while current_model shares its files
+        io0, t0 = write_bytes(), time.perf_counter()
+        result = te.train_file(root, data, file_id=f"f{i}", config=cfg)
+        train_s = time.perf_counter() - t0
+        io = write_bytes() - io0
+        if result["status"] != "completed" or result["steps"] != 1:
+            raise SystemExit(f"{size} {dtype_name} file {i}: {result}")
+        ckpt = te.list_checkpoints(root)[0][0]
+        ckpt_inodes = {f.stat().st_ino for f in ckpt.iterdir()}
+        written = {"checkpoint": new_bytes(ckpt) + sum(f.stat().st_size for f in ckpt.iterdir()
+                                                         if f.stat().st_nlink > 1),
+                   "current_model": new_bytes(p.current_model, ckpt_inodes),
+                   "version": version_bytes}
+        secs = dict(result.get("seconds") or {})
+        fixed = snapshot_s + sum(secs.values())
+        once = fsynced_write_s(case, sum(written.values()))
+        weights = p.current_model / "model.safetensors"
+        rows.append({"size": size, "base": dtype_name, "file": i, "optimizer": result["optimizer"],
+                     "bytes": written, "kernel_write_bytes": io,
+                     "weights_linked": weights.stat().st_ino in ckpt_inodes,
+                     "seconds": {**{k: round(v, 3) for k, v in secs.items()},
+                                 "snapshot": round(snapshot_s, 3)},
+                     "train_s": round(train_s, 3), "fixed_s": round(fixed, 3),
+                     "write_once_s": round(once, 3), "ratio": round(fixed / once, 2)})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--large", action="store_true", help="also the ~1 GB model")
+    ap.add_argument("--files", type=int, default=2, help="one-step files per case (default 2)")
+    ap.add_argument("--work", help="folder to work in (default: a temp folder, removed)")
+    ap.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    args = ap.parse_args(argv)
+    import training_engine as te
+    te._quiet_transformers()
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-filecost-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for size in ["100MB"] + (["1GB"] if args.large else []):
+            for dtype_name in ("bfloat16", "float32"):
+                rows += run_case(work, size, dtype_name, args.files)
+                if not args.work:  # one case on disk at a time (the 1 GB ones take ~8 GB each)
+                    shutil.rmtree(work / f"{size}-{dtype_name}", ignore_errors=True)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    mb = 1e6
+    print(f"{'case':16} {'file':>4} {'ckpt MB':>8} {'cur MB':>7} {'ver MB':>7} {'kernel MB':>9} "
+          f"{'load':>6} {'ckpt':>6} {'publ':>6} {'snap':>6} {'fixed s':>7} {'write1 s':>8} {'ratio':>6}")
+    for r in rows:
+        s, b = r["seconds"], r["bytes"]
+        print(f"{r['size'] + ' ' + r['base']:16} {r['file']:>4} {b['checkpoint'] / mb:8.1f} "
+              f"{b['current_model'] / mb:7.1f} {b['version'] / mb:7.2f} "
+              f"{r['kernel_write_bytes'] / mb:9.1f} {s.get('load', 0):6.2f} "
+              f"{s.get('checkpoint', 0):6.2f} {s.get('publish', 0):6.2f} {s['snapshot']:6.3f} "
+              f"{r['fixed_s']:7.2f} {r['write_once_s']:8.2f} {r['ratio']:6.2f}"
+              f"{'  (weights linked)' if r['weights_linked'] else ''}")
+    print("goal: ratio <= 1.3 (fixed per-file time against one fsynced write of the same bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
