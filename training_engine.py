@@ -1015,7 +1015,8 @@ def publish_current_model(root, model, tokenizer, state: dict, *, reason: str,
                                    tokens_seen=state["tokens_seen"], extra=extra)
     fsync_tree(staged)
     meta = read_json(Path(checkpoint) / "meta.json", default=None) if checkpoint is not None else None
-    if isinstance(meta, dict) and weights:  # full mode; before the swap: naming a cast never swapped in only fails to match
+    # full mode, before the swap: naming a cast never swapped in only fails to match
+    if isinstance(meta, dict) and weights:
         atomic_write_json(Path(checkpoint) / "meta.json", dict(meta, published=weights))
     model_versioner.publish_model(p.root, staged, reason=reason, keep_old="never")
     shutil.rmtree(holder, ignore_errors=True)  # whatever the publish left behind in staging
