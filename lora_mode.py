@@ -52,7 +52,7 @@ def wanted(folder: Path, config: dict | None) -> bool:
         raise GuardrailError(
             f"current_model is a LoRA adapter on base {base_store.adapter_base(folder)} and config "
             "finetune is \"full\": full training needs the adapter merged into its base first",
-            folder, f"Run `{CONSOLIDATE_COMMAND}` (current_model becomes the merged full model), "
+            folder, f"Run `{CONSOLIDATE_COMMAND} --full` (current_model becomes the merged full model), "
             "or set \"finetune\": \"lora\" back in config.json.")
     return False
 
