@@ -371,6 +371,36 @@ def test_after_consolidate_the_next_file_trains_a_fresh_adapter_on_the_new_base(
     assert te.list_checkpoints(root)[0][1]["base"] == "b002"
 
 
+def test_switching_lora_to_full_is_refused_until_consolidate_full_then_trains_the_merged_model(
+        tmp_path, tiny_model_dir):
+    """lora -> full: with an adapter current_model, a full-mode file is refused before any
+    step with the command that merges it; after `consolidate --full` the same file trains
+    every weight of the merged model, starting from the merged logits."""
+    import model_versioner
+    import torch
+    data = write_jsonl(tmp_path / "a.jsonl", text_records(30, seed=6))
+    root, cfg = engine_root(tmp_path / "root", tiny_model_dir, FAST)
+    assert te.train_file(root, data, file_id="a", config=cfg)["status"] == "completed"
+    model_versioner.create_version(root, "post-train:a")
+    full = dict(cfg, finetune="full")
+    with pytest.raises(GuardrailError) as refused:
+        te.train_file(root, data, file_id="b", config=full)
+    assert "consolidate --full" in refused.value.fix
+    adapter_view = te.load_model_folder(root, Paths(root).current_model).eval()
+    out = model_versioner.consolidate(root, full=True)
+    cur = Paths(root).current_model
+    assert (cur / "config.json").is_file() and not (cur / "adapter_config.json").exists()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    merged = te.load_model_folder(root, cur).eval()
+    with torch.no_grad():
+        gap = float((merged(ids).logits - adapter_view(ids).logits).abs().max())
+    assert gap < 1e-4, gap
+    after = te.train_file(root, data, file_id="b", config=full)
+    assert after["status"] == "completed" and after["steps"] >= 1, after
+    assert not te.list_checkpoints(root)[0][1].get("base")  # a full checkpoint now
+    assert out["base"] != out["base_before"]
+
+
 def test_two_processes_under_torchrun_train_the_adapter_one_with_twice_the_batch(tmp_path,
                                                                                 tiny_model_dir):
     """DDP over a peft model: 2 ranks x batch 2 equal 1 process x batch 4 (1e-5, as in full
