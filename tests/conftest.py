@@ -61,6 +61,32 @@ def write_jsonl(path: Path, records, ensure_ascii: bool = True) -> Path:
     return path
 
 
+
+def text_records(n: int, seed: int = 0, alphabet: str = "abcdefgh ") -> list[dict]:
+    """`n` text records of 3-90 random characters, numbered (a seed gives the same file)."""
+    import random
+    rng = random.Random(seed)
+    return [{"text": f"{i}:" + "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 90)))}
+            for i in range(n)]
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    """Two {name: tensor} dicts hold the same names and bit-for-bit equal tensors."""
+    import torch
+    assert a.keys() == b.keys()
+    unequal = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not unequal, f"tensors differ: {unequal}"
+
+
+def metrics(root: Path) -> list[dict]:
+    """metrics.jsonl's complete lines (a torn last line is left out)."""
+    import json
+    from trainroot import Paths
+    path = Paths(root).metrics
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
 def kill_9_when(args: list[str], root: Path, ready, timeout: float = 30) -> int:
     """Run `python3 ARGS` on `root`, SIGKILL it as soon as `ready()` is true (or when the
     timeout ends), and return its exit status (-9 when the kill landed)."""

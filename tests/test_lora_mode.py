@@ -18,7 +18,8 @@ import pytest
 import lora_mode
 import training_config as tc
 import training_engine as te
-from conftest import REPO, engine_root, run_script, write_jsonl
+from conftest import (REPO, assert_bitwise_equal, engine_root, metrics, run_script, text_records,
+                      write_jsonl)
 from trainroot import GuardrailError, Paths, read_json, sha256_file
 
 FAST = dict(max_length=32, batch_size=2, grad_accum_steps=2, num_threads=1, warmup_steps=3,
@@ -26,29 +27,9 @@ FAST = dict(max_length=32, batch_size=2, grad_accum_steps=2, num_threads=1, warm
             loss_spike_factor=0.0, learning_rate=3e-3, finetune="lora")
 
 
-def text_records(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    return [{"text": f"{i}:" + "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(3, 90)))}
-            for i in range(n)]
-
-
 def adapter_weights(folder: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(str(folder / "adapter_model.safetensors"))
-
-
-def assert_bitwise_equal(a: dict, b: dict) -> None:
-    import torch
-    assert a.keys() == b.keys()
-    unequal = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not unequal, f"tensors differ: {unequal}"
-
-
-def metrics(root: Path) -> list[dict]:
-    path = Paths(root).metrics
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
 # --------------------------------------------------------------------------- config

@@ -16,7 +16,7 @@ import pytest
 
 import training_engine as te
 import validate_data  # the record parser the engine reads through
-from conftest import REPO, engine_root, write_jsonl
+from conftest import REPO, assert_bitwise_equal, engine_root, metrics, text_records, write_jsonl
 from trainroot import GuardrailError, Paths, read_json, sha256_file
 
 FAST = dict(max_length=32, batch_size=2, grad_accum_steps=2, num_threads=1, warmup_steps=3,
@@ -31,29 +31,9 @@ def make_root(path: Path, model_dir: Path, **overrides) -> tuple[Path, dict]:
 
 
 
-def text_records(n: int, seed: int = 0, alphabet: str = "abcdefgh ") -> list[dict]:
-    rng = random.Random(seed)
-    return [{"text": f"{i}:" + "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 90)))}
-            for i in range(n)]
-
-
 def weights(model_dir: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(str(model_dir / "model.safetensors"))
-
-
-def assert_bitwise_equal(a: dict, b: dict) -> None:
-    import torch
-    assert a.keys() == b.keys()
-    unequal = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not unequal, f"tensors differ: {unequal}"
-
-
-def metrics(root: Path) -> list[dict]:
-    path = Paths(root).metrics
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
 @pytest.fixture(scope="module")
