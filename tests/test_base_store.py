@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,10 @@ def full_folder(path: Path, weights: bytes = b"w" * 1000, step: int = 0) -> Path
     return path
 
 
-def test_create_makes_an_immutable_verified_base(tmp_root, tiny_model_dir):
+def test_create_makes_an_immutable_verified_base(tmp_root, tmp_path, tiny_model_dir):
+    # a copy: the base hard-links its source's files and makes them read-only (the session's
+    # shared tiny model must stay as other tests expect it)
+    tiny_model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "src"))
     base_id = base_store.create_base(tmp_root, tiny_model_dir, source="full model at v001")
     assert base_id == "b001"
     folder = base_store.base_dir(tmp_root, base_id)
