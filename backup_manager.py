@@ -530,7 +530,7 @@ def _restore_locked(p: Paths, folder: Path, bid: str, to) -> dict:
     try:
         files = copy_tree_verified(folder, staged, skip=set(META_FILES), expected=rec["files"])
         write_manifest(staged, files=files, global_step=rec.get("global_step"),
-                       tokens_seen=rec.get("tokens_seen"))
+                       tokens_seen=rec.get("tokens_seen"), extra=_kind_of(rec))
         model_versioner.publish_model(p.root, staged, reason="backup-restore")
     finally:
         if staged.exists():
@@ -573,6 +573,12 @@ def _check_target(p: Paths, bid: str, to) -> Path:
     return target
 
 
+def _kind_of(rec: dict) -> dict | None:
+    """The manifest's kind and base for a restored copy of backup `rec` (None: full)."""
+    base = rec.get("base")
+    return {"kind": "adapter", "base": base["id"]} if isinstance(base, dict) else None
+
+
 def _restore_to(folder: Path, rec: dict, to: Path) -> dict:
     fix = ("Choose a new or empty folder: `python3 backup_manager.py restore "
            f"{rec.get('id') or folder.name} --to {shlex.quote(str(to) + '-restored')}`.")
@@ -585,8 +591,10 @@ def _restore_to(folder: Path, rec: dict, to: Path) -> dict:
     staged = to.parent / f".{to.name}.restore-{secrets.token_hex(3)}"
     try:
         files = copy_tree_verified(folder, staged, skip=set(META_FILES), expected=rec["files"])
+        if rec.get("base"):  # an adapter never comes back without its base: a copy inside
+            files.update(base_backup.export_base(folder.parent, rec["base"], staged, to))
         write_manifest(staged, files=files, global_step=rec.get("global_step"),
-                       tokens_seen=rec.get("tokens_seen"))
+                       tokens_seen=rec.get("tokens_seen"), extra=_kind_of(rec))
         if to.exists():
             os.rmdir(to)  # empty (checked above); fails rather than lose anything if not
         rename_noreplace(staged, to)

@@ -157,6 +157,30 @@ def install_base(root, bdir, ref: dict) -> str | None:
         return done
 
 
+def export_base(bdir, ref: dict, staged: Path, final: Path) -> dict:
+    """For `restore ID --to DIR` of an adapter: the verified copy of its base into
+    `staged/base/<id>/` and the adapter's adapter_config.json pointed at `final/base/<id>`
+    (where the folder will be), so the exported adapter loads with its own base. Returns
+    the manifest entries to add or replace ({relpath: {sha256, size}})."""
+    problems = verify_base_copy(bdir, ref)
+    if problems:
+        raise GuardrailError(f"the backup's copy of base {ref.get('id')} is damaged ({problems[0]}); "
+                             "nothing was restored", copy_path(bdir, ref),
+                             "List the other backups with `python3 backup_manager.py list`.")
+    src = copy_path(bdir, ref)
+    rel = f"{base_store.BASE_DIR}/{base_store.validate_base_id(ref['id'])}"
+    (staged / rel).parent.mkdir(exist_ok=True)
+    files = copy_tree_verified(src, staged / rel, skip={COPY_RECORD},
+                               expected=read_json(src / COPY_RECORD)["files"], src_label=str(src))
+    out = {f"{rel}/{name}": entry for name, entry in files.items()}
+    cfg_path = staged / "adapter_config.json"
+    cfg = read_json(cfg_path)
+    cfg["base_model_name_or_path"] = str(Path(final) / rel)
+    atomic_write_json(cfg_path, cfg)
+    out["adapter_config.json"] = {"sha256": sha256_file(cfg_path), "size": cfg_path.stat().st_size}
+    return out
+
+
 class _base_lock:
     """base_store's lock: a restore's staging is never cleaned by a create running beside it."""
 

@@ -162,6 +162,26 @@ def test_backup_restore_brings_back_adapter_and_base(adapter_root):
     assert mv.restore_version(adapter_root, "v002")["restored"] == "v002"
 
 
+def test_restore_to_a_folder_exports_the_adapter_with_its_base(adapter_root, tmp_path):
+    """`restore ID --to DIR` of an adapter backup: DIR holds the adapter and a verified copy
+    of its base under DIR/base/<id>, adapter_config.json points there, and the folder loads
+    on its own after the root's base is gone (an adapter never comes back without its base)."""
+    import backup_manager as bm
+    from model_manifest import check_model_dir, read_manifest, verify_files
+    want = logits(adapter_root / "current_model")
+    rec = bm.create_backup(adapter_root)
+    shutil.rmtree(adapter_root / "base")
+    out = tmp_path / "export"
+    bm.restore_backup(adapter_root, rec["id"], to=out)
+    assert (out / "base" / "b001" / "config.json").is_file()
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(out / "base" / "b001")
+    manifest = read_manifest(out)
+    assert (manifest["kind"], manifest["base"]) == ("adapter", "b001")
+    assert check_model_dir(out) == [] and verify_files(out, manifest["files"]) == []
+    assert (logits(out) == want).all()
+
+
 def test_restore_base_command(adapter_root):
     import backup_manager as bm
     bm.create_backup(adapter_root, "v002")
