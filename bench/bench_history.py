@@ -277,11 +277,18 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             subprocess.run([sys.executable, __file__, "--grow", str(root), str(scale)], check=True)
             print(f"grew {scale}x in {time.perf_counter() - t:.1f}s", file=sys.stderr)
-            new = Path(tmp) / "new.jsonl"
-            new.write_text('{"text": "a file never trained"}\n')
+            runs_made = 0
+
+            def fresh_file() -> Path:  # `add` of a file already queued is refused: one per run
+                nonlocal runs_made
+                runs_made += 1
+                new = Path(tmp) / f"new-{scale}-{runs_made}.jsonl"
+                new.write_text(json.dumps({"text": f"a file never trained, {scale}x run {runs_made}"}) + "\n")
+                return new
+
             for name, cmd in COMMANDS:
-                cmd = [c.format(new=new) for c in cmd]
-                runs = sorted(measure(root, cmd) for _ in range(args.repeat))
+                runs = sorted(measure(root, [c.format(new=fresh_file()) if "{new}" in c else c
+                                             for c in cmd]) for _ in range(args.repeat))
                 results.setdefault(name, {})[scale] = runs[len(runs) // 2]
             runs = sorted(monitor_first_load(root) for _ in range(args.repeat))
             results.setdefault("monitor: start to first /api/metrics", {})[scale] = runs[len(runs) // 2]
