@@ -87,6 +87,19 @@ def metrics(root: Path) -> list[dict]:
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
+
+def wait_for_step(proc, root: Path, step: int, skip_lines: int, timeout: float = 120) -> None:
+    """Until `proc` (a trainer) has written a metrics line for `step` or later, past the
+    first `skip_lines` lines; AssertionError if it exits first or never gets there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(m["global_step"] >= step for m in metrics(root)[skip_lines:]):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early: {proc.returncode} {proc.stderr.read()}")
+        time.sleep(0.01)
+    raise AssertionError(f"trainer never reached step {step}")
+
 def kill_9_when(args: list[str], root: Path, ready, timeout: float = 30) -> int:
     """Run `python3 ARGS` on `root`, SIGKILL it as soon as `ready()` is true (or when the
     timeout ends), and return its exit status (-9 when the kill landed)."""

@@ -10,7 +10,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import lora_mode
 import training_config as tc
 import training_engine as te
 from conftest import (REPO, assert_bitwise_equal, engine_root, metrics, run_script, text_records,
-                      write_jsonl)
+                      wait_for_step, write_jsonl)
 from trainroot import GuardrailError, Paths, read_json, sha256_file
 
 FAST = dict(max_length=32, batch_size=2, grad_accum_steps=2, num_threads=1, warmup_steps=3,
@@ -205,16 +204,6 @@ def test_current_model_loads_in_plain_transformers_in_a_fresh_process(lora_run, 
         assert float((base(input_ids=ids).logits - theirs).abs().max()) > 1e-4
 
 
-def _wait_for_step(proc, root: Path, step: int, skip_lines: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(m["global_step"] >= step for m in metrics(root)[skip_lines:]):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"trainer exited early: {proc.returncode} {proc.stderr.read()}")
-        time.sleep(0.01)
-    raise AssertionError(f"trainer never reached step {step}")
-
 
 def test_bitwise_equal_after_kill_9_and_after_pause_in_lora_mode(tmp_path, tiny_model_dir, lora_run):
     total = lora_run["result"]["global_step"]
@@ -232,7 +221,7 @@ def test_bitwise_equal_after_kill_9_and_after_pause_in_lora_mode(tmp_path, tiny_
                                  str(lora_run["data"]), "--json"], cwd=str(REPO), env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            _wait_for_step(proc, root, step, lines_before)
+            wait_for_step(proc, root, step, lines_before)
             os.kill(proc.pid, signal.SIGKILL)
         finally:
             proc.kill()

@@ -16,7 +16,8 @@ import pytest
 
 import training_engine as te
 import validate_data  # the record parser the engine reads through
-from conftest import REPO, assert_bitwise_equal, engine_root, metrics, text_records, write_jsonl
+from conftest import (REPO, assert_bitwise_equal, engine_root, metrics, text_records,
+                      wait_for_step, write_jsonl)
 from trainroot import GuardrailError, Paths, read_json, sha256_file
 
 FAST = dict(max_length=32, batch_size=2, grad_accum_steps=2, num_threads=1, warmup_steps=3,
@@ -196,17 +197,6 @@ def reference(tmp_path_factory, tiny_model_dir):
             "weights": weights(Paths(root).current_model)}
 
 
-def _wait_for_step(proc, root: Path, step: int, skip_lines: int, timeout: float = 90) -> None:
-    """Until this process has written a metrics line for `step` or later."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(m["global_step"] >= step for m in metrics(root)[skip_lines:]):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"trainer exited early: {proc.returncode} {proc.stderr.read()}")
-        time.sleep(0.01)
-    raise AssertionError(f"trainer never reached step {step}")
-
 
 def test_bitwise_equal_after_kill_9_at_random_steps(tmp_path, tiny_model_dir, reference):
     total = reference["result"]["global_step"]
@@ -224,7 +214,7 @@ def test_bitwise_equal_after_kill_9_at_random_steps(tmp_path, tiny_model_dir, re
                                  str(reference["data"]), "--json"], cwd=str(REPO), env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            _wait_for_step(proc, root, step, lines_before)
+            wait_for_step(proc, root, step, lines_before)
             os.kill(proc.pid, signal.SIGKILL)
         finally:
             proc.kill()
