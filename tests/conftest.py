@@ -100,6 +100,25 @@ def wait_for_step(proc, root: Path, step: int, skip_lines: int, timeout: float =
         time.sleep(0.01)
     raise AssertionError(f"trainer never reached step {step}")
 
+
+def kill_trainer_at(root: Path, data: Path, steps) -> None:
+    """Run `training_engine.py train DATA` on `root` once per step in `steps`, each killed
+    with SIGKILL as soon as it has logged that step (a crash mid-file, for resume tests)."""
+    import signal
+    import subprocess
+    env = dict(os.environ, TRAINING_ROOT=str(root))
+    for step in steps:
+        lines_before = len(metrics(root))
+        proc = subprocess.Popen([sys.executable, str(REPO / "training_engine.py"), "train",
+                                 str(data), "--json"], cwd=str(REPO), env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for_step(proc, root, step, lines_before)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.communicate()
+
 def kill_9_when(args: list[str], root: Path, ready, timeout: float = 30) -> int:
     """Run `python3 ARGS` on `root`, SIGKILL it as soon as `ready()` is true (or when the
     timeout ends), and return its exit status (-9 when the kill landed)."""

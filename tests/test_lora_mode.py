@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import lora_mode
 import training_config as tc
 import training_engine as te
 from conftest import (REPO, assert_bitwise_equal, engine_root, metrics, run_script, text_records,
-                      wait_for_step, write_jsonl)
+                      kill_trainer_at, write_jsonl)
 from trainroot import GuardrailError, Paths, read_json, sha256_file
 
 FAST = dict(max_length=32, batch_size=2, grad_accum_steps=2, num_threads=1, warmup_steps=3,
@@ -214,18 +213,7 @@ def test_bitwise_equal_after_kill_9_and_after_pause_in_lora_mode(tmp_path, tiny_
     # a kill in the first lora file: the resume makes the same base again (dedupe) and loads
     # the checkpoint's adapter onto a fresh one; checkpoints every 3 steps, so steps are redone
     root, cfg = engine_root(tmp_path / "root", tiny_model_dir, FAST, checkpoint_every_steps=3)
-    env = dict(os.environ, TRAINING_ROOT=str(root))
-    for step in kill_at:
-        lines_before = len(metrics(root))
-        proc = subprocess.Popen([sys.executable, str(REPO / "training_engine.py"), "train",
-                                 str(lora_run["data"]), "--json"], cwd=str(REPO), env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            wait_for_step(proc, root, step, lines_before)
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.communicate()
+    kill_trainer_at(root, lora_run["data"], kill_at)
     # paused (stop/start is the same path: checkpoint, publish, return) past the kills
     pause_at = kill_at[-1] + 2
     seen = {}

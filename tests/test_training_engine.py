@@ -17,7 +17,7 @@ import pytest
 import training_engine as te
 import validate_data  # the record parser the engine reads through
 from conftest import (REPO, assert_bitwise_equal, engine_root, metrics, text_records,
-                      wait_for_step, write_jsonl)
+                      kill_trainer_at, write_jsonl)
 from trainroot import GuardrailError, Paths, read_json, sha256_file
 
 FAST = dict(max_length=32, batch_size=2, grad_accum_steps=2, num_threads=1, warmup_steps=3,
@@ -207,18 +207,7 @@ def test_bitwise_equal_after_kill_9_at_random_steps(tmp_path, tiny_model_dir, re
     # checkpoints every 3 steps, so most kills land between two: the resume redoes steps,
     # and the reference (checkpointing every step) shows checkpoints never perturb training
     root, cfg = make_root(tmp_path / "root", tiny_model_dir, checkpoint_every_steps=3)
-    env = dict(os.environ, TRAINING_ROOT=str(root))
-    for step in kill_at:
-        lines_before = len(metrics(root))
-        proc = subprocess.Popen([sys.executable, str(REPO / "training_engine.py"), "train",
-                                 str(reference["data"]), "--json"], cwd=str(REPO), env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            wait_for_step(proc, root, step, lines_before)
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.communicate()
+    kill_trainer_at(root, reference["data"], kill_at)
     assert Paths(root).checkpoints.is_dir() and list_steps(root)
     result = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg)
     assert result["status"] == "completed", (seed, result)
