@@ -1081,10 +1081,12 @@ def _kept_in_fp32(model, dtype, tensors) -> set:
 METRICS_TAIL_BYTES = 1 << 20  # how far back a resume looks for steps already logged
 
 
-def _logged_upto(metrics_path: Path, file_id: str) -> int:
-    """The highest global_step metrics.jsonl's tail holds for `file_id` (0 if none): a
-    resume after a crash redoes the steps since its checkpoint, exactly, and they are
-    already logged once."""
+def _logged_upto(metrics_path: Path, file_id: str, above: int) -> int:
+    """The highest global_step above `above` (the file's first step - 1) that metrics.jsonl's
+    tail holds for `file_id` (0 if none). A restart after a crash redoes the steps since the
+    file's last checkpoint, or since its start when it died before the first one, exactly,
+    and they are already logged once. The daemon's file ids are unique per arrival, so a
+    file queued again (after a rollback, a skip) logs all its steps afresh."""
     try:
         with open(metrics_path, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - METRICS_TAIL_BYTES))
@@ -1100,7 +1102,7 @@ def _logged_upto(metrics_path: Path, file_id: str) -> int:
         except ValueError:
             continue  # the window's cut first line, or a torn last one
         step = doc.get("global_step") if isinstance(doc, dict) else None
-        if doc.get("file_id") == file_id and isinstance(step, int):
+        if doc.get("file_id") == file_id and isinstance(step, int) and step > above:
             upto = max(upto, step)
     return upto
 
@@ -1359,7 +1361,6 @@ class FileRun:
             self.loss_history = list(meta.get("loss_history", []))
             self.file_start = int(meta["file_start_global_step"])
             self.notes.append(f"resumed from {ckpt.name} at step {state['global_step']}")
-            self.logged_upto = _logged_upto(p.metrics, self.file_id) if self.writer else 0
             _check_world_size(ckpt, meta, self.file_id, self.world_size)
             optimizer_source = "resumed"
         else:
@@ -1393,6 +1394,8 @@ class FileRun:
             random.seed(seed)
             torch.manual_seed(seed)
         self.state, self.state_at_start = state, dict(state)
+        if self.writer:  # resumed, or restarted from the file's start by a crash before a checkpoint
+            self.logged_upto = _logged_upto(p.metrics, self.file_id, above=self.file_start)
         self.seconds["load"] += time.perf_counter() - t0  # weights, optimizer state, RNG
         for note in self.notes if self.writer else ():  # once per job, not once per rank
             log.info("%s: %s", self.file_id, note)
