@@ -42,6 +42,7 @@ NOTIFY_TIMEOUT_S = 10.0           # a notifier that hangs is killed; training ne
 ACCEPT_CMD = "python3 training_controller.py accept"
 REJECT_CMD = "python3 training_controller.py reject"
 SCHEMA_VERSION = 1
+GATE_SHARE = 0.15                 # eval tokens per trained token after a file (gate_tokens)
 
 
 # --------------------------------------------------------------------------- the eval set
@@ -69,20 +70,47 @@ def cache_key(root, cfg: dict) -> dict:
             "loss_on_prompt": bool(cfg.get("loss_on_prompt")), "fields": cfg.get("fields") or {}}
 
 
-def losses(doc: dict | None) -> dict:
-    """{eval file: loss} of an eval document."""
-    return {name: r.get("loss") for name, r in ((doc or {}).get("results") or {}).items()}
+def losses(doc: dict | None, *, partial: bool = False) -> dict:
+    """{eval file: loss} of an eval document: its complete results only (a version's eval
+    loss, comparable across versions), or with `partial` also the prefix a gate scored."""
+    return {name: r.get("loss") for name, r in ((doc or {}).get("results") or {}).items()
+            if partial or r.get("complete", True)}
+
+
+def is_complete(doc: dict | None) -> bool:
+    """Every eval file scored up to its share of eval_max_tokens (or to its end). Results
+    written before prefixes existed were always complete."""
+    results = (doc or {}).get("results")
+    return isinstance(results, dict) and bool(results) and \
+        all(isinstance(r, dict) and r.get("complete", True) for r in results.values())
+
+
+def gate_tokens(cfg: dict, file_tokens: int) -> int:
+    """Eval tokens the gate scores after a file of `file_tokens` trained tokens: GATE_SHARE of
+    them (one eval token costs about a third of a trained one: ~5% of the file's training
+    time), at least one batch of rows per eval file, at most eval_max_tokens."""
+    cap = int(cfg.get("eval_max_tokens") or 0)
+    floor = int(cfg.get("batch_size") or 8) * int(cfg["max_length"])
+    return min(cap, max(floor, int(GATE_SHARE * max(0, int(file_tokens or 0)))))
 
 
 # --------------------------------------------------------------------------- computing it
 
-def evaluate(root, model_dir, cfg: dict, *, log=None) -> dict:
+def evaluate(root, model_dir, cfg: dict, *, log=None, max_tokens: int | None = None,
+             extend: dict | None = None, interrupt=None) -> dict:
     """Eval loss of the model in `model_dir` on the eval set: deterministic (fixed file and
     row order, no dropout, no sampling), token-weighted mean per file, the rows packed as
     training packs them; at most `eval_max_tokens` tokens in all, shared evenly by the files.
 
-    Returns `{schema_version, key, results: {name: {loss, tokens, rows}}, seconds,
-    global_step, tokens_seen, computed_at}`.
+    Scored as a prefix of each file's rows: `max_tokens` (the gate's share, gate_tokens)
+    scores fewer; `extend`, an earlier result of the same weights under the same key, is
+    carried on from where it stopped (its rows are not scored again); `interrupt()`, asked
+    between batches, stops early with what is scored so far. Each file's result keeps the
+    loss sum and token count of every scored row (`sums`), so two versions compare on the
+    rows both have (compare) and a prefix grows into the whole eval without rescoring.
+
+    Returns `{schema_version, key, results: {name: {loss, tokens, rows, sums, seen,
+    next_row, complete}}, complete, seconds, global_step, tokens_seen, computed_at}`.
     """
     import torch
     import training_engine
@@ -92,6 +120,8 @@ def evaluate(root, model_dir, cfg: dict, *, log=None) -> dict:
     files = eval_files(root)
     key = cache_key(root, cfg)
     model_dir = Path(model_dir)
+    if extend is not None and extend.get("key") != key:
+        extend = None
     training_engine._quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = training_engine.load_model_folder(root, model_dir)  # full, or an adapter over its base
@@ -100,51 +130,79 @@ def evaluate(root, model_dir, cfg: dict, *, log=None) -> dict:
     model.eval()
     amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.get("dtype"))
     max_length, batch = int(cfg["max_length"]), int(cfg.get("batch_size") or 8)
-    budget = max(max_length, int(cfg.get("eval_max_tokens") or 0) // max(1, len(files)))
+    share = max(max_length, int(cfg.get("eval_max_tokens") or 0) // max(1, len(files)))
+    want = share if max_tokens is None else \
+        min(share, max(max_length, int(max_tokens) // max(1, len(files))))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    results = {}
+    results, stopped = {}, False
     for path in files:
+        prior = ((extend or {}).get("results") or {}).get(path.name)
+        if not (isinstance(prior, dict) and isinstance(prior.get("sums"), list)):
+            prior = {}
+        sums, seen, next_row = list(prior.get("sums", [])), int(prior.get("seen", 0)), \
+            int(prior.get("next_row", 0))
+        ended = bool(prior.get("ended"))
+        if prior.get("complete") or ended or seen >= want or stopped:
+            results[path.name] = _file_result(sums, seen, next_row, ended, share) if prior else \
+                _file_result([], 0, 0, False, share)
+            continue
         encoder = training_engine.Encoder(tokenizer, loss_on_prompt=bool(cfg.get("loss_on_prompt")),
                                           chat_template=cfg.get("chat_template"), root=Paths(root).root,
                                           date=EVAL_DATE, max_length=max_length)
         encoder.where = path
         stream = training_engine.PackedStream(path, encoder, max_length, pad_id,
                                               **validate_data.read_settings(cfg))
-        total, count, rows, seen = 0.0, 0, 0, 0
+        for _ in range(next_row):  # rows already scored: rendered again, not scored again
+            stream.next_row()
         with torch.no_grad():
-            while seen < budget:
+            while seen < want and not ended:
+                if interrupt is not None and interrupt():
+                    stopped = True
+                    break
                 chunk = []
-                while len(chunk) < batch and seen < budget:
+                while len(chunk) < batch and seen < want:
                     row = stream.next_row()
                     if row is None:
+                        ended = True
                         break
-                    seen += row[2]
+                    seen, next_row = seen + row[2], next_row + 1
                     if any(x != -100 for x in row[1][1:]):
                         chunk.append(row)
                 if not chunk:
-                    break
+                    continue
                 ids = torch.tensor([r[0] for r in chunk], dtype=torch.long, device=device)
                 labels = torch.tensor([r[1] for r in chunk], dtype=torch.long, device=device)
                 with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                     logits = model(input_ids=ids, use_cache=False).logits
-                total += float(torch.nn.functional.cross_entropy(
-                    logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                    ignore_index=-100, reduction="sum"))
-                count += int((labels[:, 1:] != -100).sum())
-                rows += len(chunk)
-        results[path.name] = {"loss": round(total / count, 6) if count else None,
-                              "tokens": count, "rows": rows}
+                target = labels[:, 1:]
+                per_token = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                    ignore_index=-100, reduction="none").view(target.shape)
+                counts = (target != -100).sum(dim=1).tolist()
+                sums += [[s, c] for s, c in zip(per_token.sum(dim=1).tolist(), counts)]
+        results[path.name] = _file_result(sums, seen, next_row, ended, share)
     state = read_json(model_dir / "trainer_state.json", default={}) or {}
+    seconds = time.monotonic() - t0 + float((extend or {}).get("seconds") or 0)
     doc = {"schema_version": SCHEMA_VERSION, "key": key, "results": results,
-           "seconds": round(time.monotonic() - t0, 3), "global_step": state.get("global_step"),
+           "complete": all(r["complete"] for r in results.values()),
+           "seconds": round(seconds, 3), "global_step": state.get("global_step"),
            "tokens_seen": state.get("tokens_seen"), "computed_at": utc_now()}
     if log is not None:
-        log.info("eval of %s: %s (%.1f s)", model_dir.name,
-                 ", ".join(f"{n} {r['loss']}" for n, r in results.items()), doc["seconds"])
+        log.info("eval of %s: %s (%s tokens, %.1f s)", model_dir.name,
+                 ", ".join(f"{n} {r['loss']}" for n, r in results.items()),
+                 sum(r["tokens"] for r in results.values()), time.monotonic() - t0)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return doc
+
+
+def _file_result(sums: list, seen: int, next_row: int, ended: bool, share: int) -> dict:
+    """One eval file's result from its scored rows' [loss sum, tokens]."""
+    total, count = sum(s for s, _ in sums), sum(c for _, c in sums)
+    return {"loss": round(total / count, 6) if count else None, "tokens": count, "rows": len(sums),
+            "sums": sums, "seen": seen, "next_row": next_row, "ended": ended,
+            "complete": ended or seen >= share}
 
 
 def _cache_path(root, vid: str) -> Path:
@@ -170,15 +228,32 @@ def write_cached(root, vid: str, doc: dict) -> None:
     atomic_write_json(path, dict(doc, version=vid))
 
 
-def eval_version(root, vid: str, cfg: dict, *, log=None, refresh: bool = False) -> dict:
-    """Version `vid`'s eval results: kept ones when their key still holds, else computed on
-    `versions/vid/` (a complete model folder) and kept."""
+def eval_version(root, vid: str, cfg: dict, *, log=None, refresh: bool = False,
+                 max_tokens: int | None = None, interrupt=None) -> dict:
+    """Version `vid`'s eval results, computed on `versions/vid/` (a complete model folder)
+    and kept: the kept ones when their key holds and they cover what is asked (the whole
+    eval, or `max_tokens` of it), else the kept prefix carried on to that."""
     key = cache_key(root, cfg)
     doc = None if refresh else read_cached(root, vid, key)
-    if doc is None:
-        doc = evaluate(root, Paths(root).versions / vid, cfg, log=log)
-        write_cached(root, vid, doc)
+    if doc is not None and covers(doc, cfg, max_tokens):
+        return doc
+    doc = evaluate(root, Paths(root).versions / vid, cfg, log=log, max_tokens=max_tokens,
+                   extend=doc, interrupt=interrupt)
+    write_cached(root, vid, doc)
     return doc
+
+
+def covers(doc: dict, cfg: dict, max_tokens: int | None) -> bool:
+    """Whether a result scored what is asked: the whole eval (`max_tokens` None), or at least
+    `max_tokens` of it, shared by the eval files, with row sums to pair with another prefix."""
+    results = doc.get("results") or {}
+    if max_tokens is None:
+        return is_complete(doc)
+    if not all(isinstance(r, dict) and isinstance(r.get("sums"), list) for r in results.values()):
+        return False  # a whole result written before row sums cannot pair with a prefix
+    want = max(int(cfg["max_length"]), int(max_tokens) // max(1, len(results)))
+    return is_complete(doc) or all(r.get("ended") or int(r.get("seen") or 0) >= want
+                                   for r in results.values())
 
 
 def metrics_line(root, doc: dict, version: str | None) -> None:
@@ -193,15 +268,32 @@ def metrics_line(root, doc: dict, version: str | None) -> None:
 def compare(before: dict, after: dict, pct: float) -> dict:
     """{file: {before, after, rise_pct, regressed}} for every eval file in both documents."""
     out = {}
-    old, new = losses(before), losses(after)
+    old, new = (before or {}).get("results") or {}, (after or {}).get("results") or {}
     for name in sorted(set(old) & set(new)):
-        a, b = old[name], new[name]
+        a, b, tokens = _paired(old[name], new[name])
         if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or a <= 0:
             continue
         rise = (b - a) / a * 100.0
         out[name] = {"before": a, "after": b, "rise_pct": round(rise, 3),
-                     "regressed": rise > pct or b != b}
+                     "regressed": rise > pct or b != b, "tokens": tokens}
     return out
+
+
+def _paired(old: dict, new: dict) -> tuple:
+    """(loss before, loss after, tokens) of one eval file over the rows both results scored
+    (the same rows: the same file, key and order); results without row sums (written before
+    prefixes existed) compare whole."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return None, None, 0
+    a, b = old.get("sums"), new.get("sums")
+    if not (isinstance(a, list) and isinstance(b, list)):
+        return old.get("loss"), new.get("loss"), new.get("tokens")
+    k = min(len(a), len(b))
+    count = sum(c for _, c in a[:k])
+    if not count:
+        return None, None, 0
+    return (round(sum(s for s, _ in a[:k]) / count, 6), round(sum(s for s, _ in b[:k]) / count, 6),
+            count)
 
 
 def describe(cmp: dict, pct: float) -> str:
@@ -304,14 +396,15 @@ def decide(root, action: str, *, by: str) -> dict:
             kept = read_cached(p.root, held)
             vid, _ = model_versioner.create_version(
                 p.root, reason, loss=result.get("loss"), data_files=files, force=True,
-                extra={"eval": losses(kept), "gate": {"accepted_from": held, "accepted_at": now,
-                                                       "accepted_by": by, "compared": hold.get("eval")}})
+                extra={**({"eval": losses(kept)} if is_complete(kept) else {}),  # else the idle daemon's
+                       "gate": {"accepted_from": held, "accepted_at": now, "accepted_by": by,
+                                "compared": hold.get("eval")}})
             if kept is not None:
                 write_cached(p.root, vid, kept)
             vrec = model_versioner.read_version(p.root, vid)
             rec.pop("hold", None)
             rec.pop("in_training", None)
-            rec.update(version_after=vid, finished_at=now, eval=losses(kept),
+            rec.update(version_after=vid, finished_at=now, eval=losses(kept, partial=True),
                        accepted={"at": now, "by": by, "held_version": held, "eval": hold.get("eval")})
             if then == "done":
                 rec.update(outcome="done", global_step_after=vrec.get("global_step"),

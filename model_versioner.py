@@ -1079,8 +1079,8 @@ def best_by_eval(root, ids: list[str]) -> tuple[str, float] | None:
         except GuardrailError:
             continue  # a damaged result protects nothing; `model_versioner.py eval` redoes it
         results = doc.get("results") if isinstance(doc, dict) else None
-        if not isinstance(results, dict) or not results:
-            continue
+        if not isinstance(results, dict) or not results or doc.get("complete") is False:
+            continue  # (a gate's prefix compares with no other version)
         if scored and doc.get("key") != scored[0][2]:
             continue
         num = den = 0.0
@@ -1193,7 +1193,7 @@ def _eval_of(root, rec: dict) -> dict | None:
         return rec["eval"]
     import eval_gate
     doc = eval_gate.read_cached(root, rec["id"])
-    return eval_gate.losses(doc) if doc else None
+    return eval_gate.losses(doc) or None if doc else None  # a gate's prefix: not yet a version's loss
 
 
 def _eval_text(losses: dict | None) -> str:

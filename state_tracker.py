@@ -899,7 +899,8 @@ def _eval_section(root: Path, model: dict, training: dict, w: list) -> dict:
         if doc is None:
             continue
         entry = {"version": v, "global_step": _int(doc.get("global_step")),
-                 "eval": _json_safe(eval_gate.losses(doc)), "rejected": doc.get("rejected") is True}
+                 "eval": _json_safe(eval_gate.losses(doc)), "rejected": doc.get("rejected") is True,
+                 "complete": eval_gate.is_complete(doc)}
         if v == vid:
             sec["current"] = entry
         if v in kept[-EVAL_RECENT:]:

@@ -152,8 +152,11 @@ PARAMS: dict[str, Param] = {
     "monitor_port": Param(8080, "int", "live monitor on 127.0.0.1:PORT; 0 turns it off", 0, 65535),
     # -- the quality gate (eval_gate.py) --
     "eval_max_tokens": Param(16384, "int", "tokens of ROOT/eval/ scored per version (shared by "
-                             "its files); a forward pass over them costs a few percent of a "
-                             "file's training; 0 turns the eval and the gate off", 0, 1 << 34),
+                             "its files); 0 turns the eval and the gate off. After a file the "
+                             "gate scores 15% of the file's tokens (~5% of its training time; "
+                             "at least one batch per eval file, at most this), paired with the "
+                             "same rows of the version before; the idle daemon completes each "
+                             "version's eval to this many tokens", 0, 1 << 34),
     "eval_regression_pct": Param(5.0, "float", "hold a file whose weights raise any eval file's "
                                  "loss by more than this percent over the version before it",
                                  0.0, 1e6),

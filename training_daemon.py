@@ -268,6 +268,7 @@ class Daemon:
         self.wake = threading.Event()
         self.done = training_queue.done_index(self.p.root)  # .index/done.sqlite, read lazily
         self.backup_proc = None
+        self._eval_completed: str | None = None  # the version complete_eval last finished
         self._backup_next: dict | None = None  # a file done while a backup ran: its turn next
         self.backup_failed: str | None = None
         self.exit_code = 0
@@ -1026,15 +1027,18 @@ class Daemon:
         """An eval set and eval_max_tokens > 0."""
         return bool(int(cfg.get("eval_max_tokens") or 0) and eval_gate.eval_files(self.p.root))
 
-    def _score(self, cfg: dict, version: str | None) -> dict:
-        """Eval results of `version` (kept per version) or, with None, of current_model: in
-        this process, or under torchrun (where the daemon never imports torch) by
-        `model_versioner.py eval` in a child, after the job has ended."""
+    def _score(self, cfg: dict, version: str | None, max_tokens: int | None = None) -> dict:
+        """Eval results of `version` (kept per version) or, with None, of current_model, over
+        `max_tokens` of the eval set (None: all of it): in this process, or under torchrun
+        (where the daemon never imports torch) by `model_versioner.py eval` in a child, after
+        the job has ended (the whole eval)."""
         if int(cfg.get("nproc_per_node") or 1) == 1:
             self.engine()  # torch and transformers, imported once
             if version is not None:
-                return eval_gate.eval_version(self.p.root, version, cfg, log=self.log)
-            return eval_gate.evaluate(self.p.root, self.p.current_model, cfg, log=self.log)
+                return eval_gate.eval_version(self.p.root, version, cfg, log=self.log,
+                                              max_tokens=max_tokens)
+            return eval_gate.evaluate(self.p.root, self.p.current_model, cfg, log=self.log,
+                                      max_tokens=max_tokens)
         kept = eval_gate.read_cached(self.p.root, version, eval_gate.cache_key(self.p.root, cfg)) \
             if version is not None else None
         if kept is not None:  # no child (and no torch import) for what is already kept
@@ -1054,14 +1058,13 @@ class Daemon:
 
     def _gate_prepare(self, rec: dict, cfg: dict) -> None:
         """Before a file trains: pin the checkpoint the next file carries its optimizer from
-        should this one be rejected, and score the version before it (kept per version)."""
+        should this one be rejected. (The version before it is scored after it, over as many
+        eval tokens as the file's size asks: gate_tokens.)"""
         name = rec.get("name") or (self.current or {}).get("name")
         pinned = eval_gate.pin_checkpoint(self.p.root, rec.get("global_step_before"),
                                           rec.get("tokens_seen_before"), name)
         if pinned:
             self.log.info("%s: %s kept until the quality gate has decided", name, pinned)
-        if rec.get("version_before"):
-            self._score(cfg, rec["version_before"])
 
     def _gate(self, data: Path, result: dict, cfg: dict, then: str) -> tuple[bool, dict | None]:
         """Score current_model (a file's end state) against the version before the file:
@@ -1074,30 +1077,42 @@ class Daemon:
         before_vid = rec.get("version_before")
         if _trainer_state(self.p.current_model).get("file_id") != rec.get("file_id"):
             return False, None  # nothing of this file is in current_model: nothing to judge
+        # ~5% of the file's training time: a prefix of the eval set as long as the file asks,
+        # the same rows for the version before it (kept, carried on if it scored fewer)
+        trained = int(_trainer_state(self.p.current_model).get("tokens_seen") or 0) \
+            - int(rec.get("tokens_seen_before") or 0)
+        need = eval_gate.gate_tokens(cfg, trained)
+        t0 = time.monotonic()
         try:
-            before = self._score(cfg, before_vid) if before_vid else None
-            after = self._score(cfg, None)
+            before = self._score(cfg, before_vid, need) if before_vid else None
+            after = self._score(cfg, None, need)
         except (GuardrailError, OSError) as exc:  # a gate that cannot score lets the file through, loudly
             self.last_error = f"quality gate: could not score {data.name}: {exc}"
             self.log.error("%s; the file is not gated", self.last_error)
             return False, None
-        try:
-            eval_gate.metrics_line(self.p.root, after, None)
-        except OSError as exc:
-            self.log.warning("cannot write the eval line to metrics.jsonl: %s", exc)
+        if self._timings is not None:  # the done record's: gate_s beside train_s
+            self._timings["gate_s"] = round(time.monotonic() - t0, 4)
+        if eval_gate.is_complete(after):  # else the idle daemon completes it (complete_eval)
+            try:
+                eval_gate.metrics_line(self.p.root, after, None)
+            except OSError as exc:
+                self.log.warning("cannot write the eval line to metrics.jsonl: %s", exc)
         pct = float(cfg.get("eval_regression_pct", 5.0))
         cmp = eval_gate.compare(before, after, pct) if before else {}
         if not any(c["regressed"] for c in cmp.values()):
             if cmp:
-                self.log.info("%s: quality gate passed (%s)", data.name, ", ".join(
-                    f"{n} {c['before']:.4f} -> {c['after']:.4f}" for n, c in cmp.items()))
+                self.log.info("%s: quality gate passed (%s; %d eval tokens for %d trained)",
+                              data.name, ", ".join(f"{n} {c['before']:.4f} -> {c['after']:.4f}"
+                                                   for n, c in cmp.items()),
+                              sum(c["tokens"] or 0 for c in cmp.values()), trained)
             return False, after
         now = trainroot.utc_now()
         held, _ = model_versioner.create_version(
             self.p.root, f"held:{data.name}", loss=result.get("loss"), force=True,
             note=f"rejected by the quality gate: {eval_gate.describe(cmp, pct)}",
             data_files=[{"name": data.name, "sha256": rec.get("sha256")}],
-            extra={"rejected": True, "eval": eval_gate.losses(after),
+            extra={"rejected": True, **({"eval": eval_gate.losses(after)}
+                                        if eval_gate.is_complete(after) else {}),
                    "gate": {"file": data.name, "version_before": before_vid, "threshold_pct": pct,
                             "compared": cmp, "held_at": now, "then": then}})
         eval_gate.write_cached(self.p.root, held, dict(after, rejected=True))
@@ -1113,6 +1128,50 @@ class Daemon:
         self.set_state("paused", reason, "gate")
         return True, after
 
+    def complete_eval(self) -> None:
+        """Idle: carry the eval of current_model's version on from the prefix the gate scored
+        to the whole eval set (its loss in `list`, the state and the monitor then compares
+        with every other version's), kept as it goes. It gives way at once to a file, a
+        request or a stop (interrupted between batches, what is scored kept)."""
+        cfg = self.cfg
+        if not cfg or not self._gate_on(cfg) or int(cfg.get("nproc_per_node") or 1) != 1:
+            return
+        import model_versioner
+        vid = model_versioner.current_version(self.p.root)
+        if vid is None or vid == self._eval_completed:
+            return
+        doc = eval_gate.read_cached(self.p.root, vid, eval_gate.cache_key(self.p.root, cfg))
+        if doc is None or eval_gate.is_complete(doc):
+            self._eval_completed = vid  # nothing to carry on (never scored: `model_versioner.py eval`)
+            return
+        self.wake.clear()  # what woke the loop is taken; what arrives from now interrupts
+        if self._has_work() or self._idle_interrupted():
+            return
+        self.engine()
+        try:
+            doc = eval_gate.eval_version(self.p.root, vid, cfg, log=self.log,
+                                         interrupt=self._idle_interrupted)
+        except (GuardrailError, OSError) as exc:
+            self.log.warning("completing the eval of %s failed: %s", vid, exc)
+            self._eval_completed = vid  # not again in this daemon; `model_versioner.py eval` redoes it
+            return
+        if eval_gate.is_complete(doc):
+            self._eval_completed = vid
+            try:
+                eval_gate.metrics_line(self.p.root, doc, vid)
+            except OSError as exc:
+                self.log.warning("cannot write the eval line to metrics.jsonl: %s", exc)
+
+    def _idle_interrupted(self) -> bool:
+        """complete_eval's question between batches: has anything arrived that comes first?"""
+        self.write_state()
+        if self.stop_signal or self.stop_request or self.wake.is_set():
+            return True
+        try:
+            return any(n.endswith(".request.json") for n in os.listdir(self.p.control))
+        except OSError:
+            return False
+
     def _finish_done(self, data: Path, result: dict, scored: dict | None = None) -> None:
         import model_versioner
         rec = self._final_record(data)
@@ -1120,9 +1179,10 @@ class Daemon:
         after = model_versioner.create_version(
             self.p.root, f"post-train:{data.name}", loss=result.get("loss"),
             data_files=[{"name": data.name, "sha256": rec.get("sha256")}],
-            extra={"eval": eval_gate.losses(scored)} if scored else None)
-        if scored:
-            rec["eval"] = eval_gate.losses(scored)
+            extra={"eval": eval_gate.losses(scored)} if eval_gate.is_complete(scored) else None)
+        if scored:  # a prefix: the version's record gets its loss when complete_eval ends it
+            rec["eval"] = eval_gate.losses(scored, partial=True)
+            rec["eval_tokens"] = sum(r.get("tokens") or 0 for r in scored["results"].values())
             eval_gate.write_cached(self.p.root, _version_id(after), scored)
             eval_gate.unpin_all(self.p.root)  # passed: this file's end checkpoint carries on
         state = _trainer_state(self.p.current_model)
@@ -1486,6 +1546,8 @@ class Daemon:
                     self._recheck_at = time.monotonic() + self.cfg["rescan_seconds"]
                     self.set_state("paused", f"{exc.error}", exc.kind)
                 continue
+            if not self.intake.waiting():
+                self.complete_eval()
             if self.once and not self.intake.waiting() and self._processing_file() is None:
                 if self.backup_proc is not None:
                     self._poll_backup(wait=True)

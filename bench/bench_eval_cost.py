@@ -1,15 +1,17 @@
-"""What the quality gate costs a file: one eval (eval_gate.evaluate) against its training.
+"""What the quality gate costs a file, as the daemon reports it: gate seconds / training seconds.
 
-    python3 bench/bench_eval_cost.py                       # 300 records, ~2 minutes on 2 cores
-    python3 bench/bench_eval_cost.py --records 1500 --eval-max-tokens 32768
+    .venv/bin/python bench/bench_eval_cost.py                      # tiny model, 5k/20k/100k-token files
+    .venv/bin/python bench/bench_eval_cost.py --model qwen --tokens 5000 20000   # 151k vocabulary
 
-Trains files of the tiny model with `training_engine.train_file` on the default config
-(batch 8 x 256, 2 threads), as the daemon does, and after each scores current_model on an
-eval set of English-like text with `eval_gate.evaluate` (model load included) at the
-default `eval_max_tokens`. The daemon scores each file once (the version before a file is
-the version after the last one: its result is kept). Figures: eval seconds / training
-seconds per file (median over rounds), eval tokens/s, and the file size (tokens) from which
-one eval costs at most 5% of the file's training.
+A root with an eval set of English-like text (~40k tokens, more than the default
+`eval_max_tokens`), the default config (B=8 x L=256, 2 threads, the gate on at its
+defaults); one file of each size dropped into inbox/ and trained by
+`training_daemon.py run --once` in a fresh process, smallest first. Figures from the daemon's
+own done record: `timings.train_s` (the engine's whole run: load, steps, checkpoints,
+publish) and `timings.gate_s` (scoring the new weights and the version before on the prefix
+the file asks for, `eval_gate.gate_tokens`, model loads included), `eval_tokens`; and the
+whole eval the idle daemon then completes (versions/.eval/vNNN.json `seconds`), which is
+what scoring every file on all `eval_max_tokens` would cost. Goal: gate <= 5% of training.
 """
 
 from __future__ import annotations
@@ -17,70 +19,75 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
+import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 WORDS = ("the a cat dog sat on mat ran to house garden tree river saw big small red blue old "
          "new quick slow green bird fish").split()
 
 
-def english(n: int, seed: int) -> str:
-    r = random.Random(seed)
-    return "".join(json.dumps({"text": " ".join(r.choice(WORDS) for _ in range(r.randint(60, 200)))})
-                   + "\n" for _ in range(n))
+def english(tokenizer, tokens: int, seed: int) -> str:
+    """Records of 60-200 words until they hold `tokens` tokens of `tokenizer`."""
+    r, lines, n = random.Random(seed), [], 0
+    while n < tokens:
+        text = " ".join(r.choice(WORDS) for _ in range(r.randint(60, 200)))
+        n += len(tokenizer(text)["input_ids"]) + 1
+        lines.append(json.dumps({"text": text}) + "\n")
+    return "".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--records", type=int, default=300, help="records per trained file (~700 B each)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--eval-max-tokens", type=int, default=None, help="default: config's default")
+    ap.add_argument("--model", choices=("tiny", "qwen"), default="tiny")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[5000, 20000, 100000],
+                    help="sizes of the trained files, in tokens")
+    ap.add_argument("--eval-tokens", type=int, default=40000, help="size of the eval set")
     args = ap.parse_args(argv)
-    import eval_gate
     import training_config
     import training_daemon
-    import training_engine
+    from bench_endtoend import build_model
+    from transformers import AutoTokenizer
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
+        model_dir = build_model(Path(tmp), args.model)
+        tok = AutoTokenizer.from_pretrained(model_dir)
         root = Path(tmp) / "root"
-        training_daemon.init_root(root, base="tiny")
+        training_daemon.init_root(root, base=str(model_dir))
         (root / "eval").mkdir()
-        (root / "eval" / "english.jsonl").write_text(english(400, 1))
-        over = {} if args.eval_max_tokens is None else {"eval_max_tokens": args.eval_max_tokens}
-        cfg = training_config.default_config(num_threads=2, checkpoint_every_steps=0,
-                                             loss_spike_factor=0.0, **over)
+        (root / "eval" / "english.jsonl").write_text(english(tok, args.eval_tokens, 1))
+        cfg = training_config.load_config(root)
+        cfg.update(monitor_port=0, num_threads=2, loss_spike_factor=0.0, backup_every_files=0,
+                   backup_every_hours=0.0)
+        training_config.write_config(root, cfg)
+        training_config.approve(root, cfg, by="bench")
         rows = []
-        for n in range(args.rounds + 1):
-            data = Path(tmp) / f"f{n}.jsonl"
-            data.write_text(english(args.records, 100 + n))
-            t0 = time.perf_counter()
-            r = training_engine.train_file(root, data, file_id=f"f{n}", config=cfg)
-            train_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            doc = eval_gate.evaluate(root, root / "current_model", cfg)
-            eval_s = time.perf_counter() - t0
-            tokens = sum(x["tokens"] for x in doc["results"].values())
-            if n == 0:
-                continue  # warm-up: imports, first-file costs
-            rows.append((train_s, eval_s, r["tokens"], tokens))
-            print(f"round {n}: trained {r['tokens']} tokens in {train_s:.1f} s "
-                  f"({r['tokens'] / train_s:.0f} tok/s); eval {tokens} tokens in {eval_s:.2f} s "
-                  f"-> {eval_s / train_s:.2%}", file=sys.stderr)
-    ratio = statistics.median(e / t for t, e, _, _ in rows)
-    train_tps = statistics.median(n / t for t, _, n, _ in rows)
-    eval_s = statistics.median(e for _, e, _, _ in rows)
-    print(f"\neval_max_tokens {cfg['eval_max_tokens']}, default config (batch {cfg['batch_size']} x "
-          f"{cfg['max_length']}), {args.records}-record files of ~{rows[0][2]} tokens:")
-    print(f"  eval / training time per file  {ratio:.2%}  "
-          f"({', '.join(f'{e / t:.2%}' for t, e, _, _ in rows)})")
-    print(f"  one eval: {eval_s:.2f} s ({statistics.median(k / e for _, e, _, k in rows):.0f} "
-          f"scored tokens/s); training {train_tps:.0f} tokens/s")
-    print(f"  at most 5% for files of {eval_s * train_tps / 0.05:.0f} tokens or more")
+        for i, size in enumerate(sorted(args.tokens)):
+            name = f"f{i}-{size}.jsonl"
+            (root / "inbox" / name).write_text(english(tok, size, 100 + i))
+            subprocess.run([sys.executable, str(REPO / "training_daemon.py"), "run", "--once",
+                            "--no-monitor", "--root", str(root)], check=True, capture_output=True,
+                           cwd=str(REPO))
+            rec = json.loads((root / "done" / f"{name}.record.json").read_text())
+            whole = json.loads((root / "versions" / ".eval" / f"{rec['version_after']}.json").read_text())
+            trained = rec["tokens_seen_after"] - rec["tokens_seen_before"]
+            t = rec["timings"]
+            rows.append((trained, t["train_s"], t["gate_s"], rec["eval_tokens"], whole["seconds"],
+                         sum(r["tokens"] for r in whole["results"].values())))
+            print(f"{name}: {trained} tokens trained in {t['train_s']:.1f} s; gate {rec['eval_tokens']} "
+                  f"eval tokens in {t['gate_s']:.2f} s ({t['gate_s'] / t['train_s']:.1%}); whole eval "
+                  f"{rows[-1][5]} tokens in {whole['seconds']:.2f} s", file=sys.stderr)
+    print(f"\nmodel {args.model}, default config (batch {cfg['batch_size']} x {cfg['max_length']}, "
+          f"eval_max_tokens {cfg['eval_max_tokens']}), figures from the daemon's done records:")
+    print(f"{'trained tokens':>15} {'train_s':>8} {'gate_s':>7} {'gate/train':>10} {'eval tokens':>11} "
+          f"{'whole eval s':>12} {'whole/train':>11}")
+    for trained, train_s, gate_s, eval_tokens, whole_s, _ in rows:
+        print(f"{trained:>15} {train_s:>8.1f} {gate_s:>7.2f} {gate_s / train_s:>10.1%} {eval_tokens:>11} "
+              f"{whole_s:>12.2f} {whole_s / train_s:>11.1%}")
     return 0
 
 

@@ -100,10 +100,87 @@ def test_good_files_never_trip_the_gate_at_the_default_threshold(tmp_path, tiny_
     recs = versions(root)
     assert not any(r.get("rejected") for r in recs.values())
     trained = [r for r in recs.values() if r["reason"].startswith("post-train:")]
-    assert len(trained) == 5 and all(isinstance(r["eval"]["english.jsonl"], float) for r in trained)
+    # the gate scored a prefix as long as each file asks (~15% of its tokens); the idle daemon
+    # carried each version's eval on to the whole eval set, which `list` shows
+    import model_versioner
+    assert len(trained) == 5 and all(isinstance(model_versioner._eval_of(root, r)["english.jsonl"], float)
+                                     for r in trained)
+    for i, r in enumerate(trained):
+        whole = eval_gate.read_cached(root, r["id"])
+        done = record(root / "done" / f"good{i}.jsonl")
+        assert eval_gate.is_complete(whole) and 0 < done["eval_tokens"] < whole["results"]["english.jsonl"]["tokens"]
+        assert done["timings"]["gate_s"] > 0
     evals = [json.loads(ln) for ln in (root / "metrics.jsonl").read_text().splitlines()
              if '"event": "eval"' in ln]
     assert len(evals) == 5 and all("english.jsonl" in e["eval_loss"] and e["global_step"] for e in evals)
+    assert [e["version"] for e in evals] == [r["id"] for r in trained]
+
+
+def test_a_prefix_the_gate_scores_grows_into_the_whole_eval(tmp_path, tiny_model_dir):
+    """The gate scores a prefix of the eval set (gate_tokens); carried on (extend), even after
+    an interruption, it ends at the loss one whole eval gives, and two results compare on the
+    rows both scored."""
+    import model_versioner
+    root = gate_root(tmp_path / "root", tiny_model_dir)
+    cfg = training_config.load_config(root)
+    assert [eval_gate.gate_tokens(cfg, n) for n in (0, 10_000, 10**9)] == [2 * 32, 1500, 16384]
+    model = root / "current_model"
+    whole = eval_gate.evaluate(root, model, cfg)
+    w = whole["results"]["english.jsonl"]
+    assert whole["complete"] and w["ended"] and w["rows"] == len(w["sums"]) > 20
+    part = eval_gate.evaluate(root, model, cfg, max_tokens=200)
+    r = part["results"]["english.jsonl"]
+    assert not part["complete"] and 200 <= r["seen"] < w["seen"] and 0 < r["rows"] < w["rows"]
+    assert eval_gate.losses(part) == {} and eval_gate.losses(part, partial=True) == {"english.jsonl": r["loss"]}
+    [cmp] = eval_gate.compare(whole, part, 5.0).values()  # same weights, the rows both have
+    assert cmp["tokens"] == r["tokens"] and cmp["before"] == pytest.approx(cmp["after"], rel=1e-5)
+    asked = []
+    cut = eval_gate.evaluate(root, model, cfg, extend=part,
+                             interrupt=lambda: asked.append(1) or len(asked) > 2)  # two batches more
+    c = cut["results"]["english.jsonl"]
+    assert not cut["complete"] and c["rows"] == r["rows"] + 2 * 2 and c["sums"][:r["rows"]] == r["sums"]
+    done = eval_gate.evaluate(root, model, cfg, extend=cut)
+    d = done["results"]["english.jsonl"]
+    assert done["complete"] and (d["rows"], d["seen"], d["tokens"]) == (w["rows"], w["seen"], w["tokens"])
+    assert d["loss"] == pytest.approx(w["loss"], rel=1e-5)
+    for (s1, n1), (s2, n2) in zip(d["sums"], w["sums"]):
+        assert n1 == n2 and s1 == pytest.approx(s2, rel=1e-4)
+    # kept per version: a prefix asked for is served from the kept one, the whole carries it on
+    vid = model_versioner.current_version(root)
+    eval_gate.write_cached(root, vid, part)
+    assert eval_gate.eval_version(root, vid, cfg, max_tokens=100) == eval_gate.read_cached(root, vid)
+    full = eval_gate.eval_version(root, vid, cfg)
+    assert eval_gate.is_complete(eval_gate.read_cached(root, vid)) and \
+        full["results"]["english.jsonl"]["sums"][:r["rows"]] == r["sums"]
+    assert model_versioner.best_by_eval(root, [vid])[0] == vid
+
+
+def test_the_idle_daemon_completes_an_eval_and_gives_way_to_a_request(tmp_path, tiny_model_dir):
+    """complete_eval carries the gate's prefix on to the whole eval set while the daemon is
+    idle, and does not start (nor load the model) while a request waits in control/."""
+    import model_versioner
+    root = gate_root(tmp_path / "root", tiny_model_dir)
+    cfg = training_config.load_config(root)
+    vid = model_versioner.current_version(root)
+    part = eval_gate.evaluate(root, root / "current_model", cfg, max_tokens=100)
+    eval_gate.write_cached(root, vid, part)
+    d = training_daemon.Daemon(root, once=True, monitor=False)
+    d.cfg = cfg
+    request = root / "control" / "x.request.json"
+    request.write_text("{}")
+    d.complete_eval()
+    assert eval_gate.read_cached(root, vid) == dict(part, version=vid)  # untouched
+    request.unlink()
+    d.stop_signal = True
+    d.complete_eval()
+    assert not eval_gate.is_complete(eval_gate.read_cached(root, vid))
+    d.stop_signal = False
+    d.complete_eval()
+    whole = eval_gate.read_cached(root, vid)
+    assert eval_gate.is_complete(whole) and model_versioner._eval_of(
+        root, model_versioner.read_version(root, vid)) == eval_gate.losses(whole)
+    line = json.loads((root / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["event"] == "eval" and line["version"] == vid
 
 
 def test_a_bad_file_is_held_and_rejecting_it_leaves_no_trace(tmp_path, tiny_model_dir):
@@ -119,7 +196,10 @@ def test_a_bad_file_is_held_and_rejecting_it_leaves_no_trace(tmp_path, tiny_mode
         assert number in hold["reason"]
     held = versions(a)[hold["version"]]
     assert held["rejected"] is True and held["gate"]["compared"] == hold["eval"]
-    assert held["eval"]["english.jsonl"] == cmp["after"]
+    # the gate's prefix (kept beside the version), paired with the same rows of the one before
+    kept = eval_gate.read_cached(a, hold["version"])
+    assert eval_gate.losses(kept, partial=True)["english.jsonl"] == cmp["after"]
+    assert cmp["tokens"] == kept["results"]["english.jsonl"]["tokens"] < 1000  # of ~4,000
     before = rec["version_before"]
     assert_same_weights(weights(a / "current_model"), weights(a / "versions" / before))
     doc = json.loads(notified.read_text())  # the notifier got the hold, numbers and commands
@@ -275,7 +355,9 @@ def test_a_file_stopped_then_finished_is_gated_and_accept_works_with_no_daemon(
     done = record(root / "done" / "bad.jsonl")
     assert done["accepted"]["held_version"] == hold["version"]
     assert_same_weights(weights(root / "current_model"), weights(root / "versions" / hold["version"]))
-    assert versions(root)[done["version_after"]]["eval"] == versions(root)[hold["version"]]["eval"]
+    # the accepted version keeps the held one's eval (the gate's prefix, completed when idle)
+    assert eval_gate.read_cached(root, done["version_after"])["results"] == \
+        eval_gate.read_cached(root, hold["version"])["results"]
 
 
 def test_the_gate_holds_a_bad_file_trained_under_torchrun(tmp_path, tiny_model_dir):
