@@ -697,7 +697,7 @@ def published_tensors(model) -> dict:
 
 
 def write_safetensors(path, tensors: dict, dtype=None, *, hashing: bool = True,
-                      keep=frozenset()) -> dict:
+                      keep=frozenset(), metadata: dict | None = None) -> dict:
     """Write `tensors` as a new safetensors file, each floating one (but those named in
     `keep`) cast to `dtype` when it is written (one tensor at a time: never a second copy of
     the whole model in memory).
@@ -712,7 +712,7 @@ def write_safetensors(path, tensors: dict, dtype=None, *, hashing: bool = True,
                                  "float32, bfloat16 or float16.")
         items.append((name, t, out))
     items.sort(key=lambda x: (-x[2].itemsize, x[0]))
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
     for name, t, out in items:
         size = t.numel() * out.itemsize
         header[name] = {"dtype": _SAFETENSORS_DTYPES[out], "shape": list(t.shape),
@@ -743,6 +743,8 @@ def write_safetensors(path, tensors: dict, dtype=None, *, hashing: bool = True,
 
 CHECKPOINT_SCHEMA = 1
 ADAPTER_CKPT = "adapter.safetensors"  # adapter mode: the trainable tensors, instead of model.safetensors
+OPTIMIZER_CKPT = "optimizer.safetensors"  # AdamW's state (optimizer.pt, torch.save, before it)
+OPTIMIZER_META = "guardrails.optimizer"   # its header's metadata key: param groups, scaler
 
 
 def _checkpoint_rank(dm: tuple[Path, dict]) -> tuple:
@@ -791,13 +793,8 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
                 seq=next_checkpoint_seq(root))
     stage = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=p.staging))
     try:
-        opt = {"optimizer": optimizer.state_dict()}
-        if scaler is not None:
-            opt["scaler"] = scaler.state_dict()
-
-        def save_optimizer():
-            with _no_zip_crc():
-                torch.save(opt, stage / "optimizer.pt")  # a new file in staging: never over a file we need
+        def save_optimizer():  # a new file in staging: never over a file we need
+            _save_optimizer(stage / OPTIMIZER_CKPT, optimizer, scaler)
 
         if lora_mode.is_peft(_unwrap(model)):  # the adapter alone: a few MB, the base is immutable
             lora_mode.save_weights(_unwrap(model), stage / ADAPTER_CKPT)
@@ -853,17 +850,42 @@ def _hash_and_sync(path: Path) -> str:
     return digest
 
 
-@contextlib.contextmanager
-def _no_zip_crc():
-    """torch.save without the zip records' CRC32: half its time on a large optimizer state,
-    and torch.load never checks it (a flipped byte loads either way, measured)."""
-    from torch.utils.serialization import config
-    kept = config.save.compute_crc32
-    config.save.compute_crc32 = False
-    try:
-        yield
-    finally:
-        config.save.compute_crc32 = kept
+def _save_optimizer(path: Path, optimizer, scaler=None) -> None:
+    """The optimizer's state as safetensors (AdamW's moments are twice the fp32 weights: a
+    plain sequential write, ~1.6x faster than torch.save's zip at 2 GB, and read back by
+    mmap): tensors named `state.<param index>.<key>`, the rest (param groups, non-tensor
+    state, the fp16 scaler) as JSON in the header's metadata."""
+    sd = optimizer.state_dict()
+    tensors, other = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = value
+            else:
+                other[f"{idx}.{key}"] = value
+    extra = {"param_groups": sd["param_groups"], "state": other,
+             "scaler": scaler.state_dict() if scaler is not None else None}
+    write_safetensors(path, tensors, hashing=False, metadata={OPTIMIZER_META: json.dumps(extra)})
+
+
+def _read_optimizer(ckpt: Path) -> tuple[dict, dict | None]:
+    """(optimizer state_dict, scaler state_dict or None) of a checkpoint: optimizer.safetensors,
+    or the optimizer.pt of a checkpoint written before it."""
+    path = ckpt / OPTIMIZER_CKPT
+    if not path.exists() and (ckpt / "optimizer.pt").exists():
+        opt = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+        return opt["optimizer"], opt.get("scaler")
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        extra = json.loads((f.metadata() or {})[OPTIMIZER_META])
+        state: dict[int, dict] = {}
+        for name in f.keys():
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = f.get_tensor(name)
+    for name, value in extra["state"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": extra["param_groups"]}, extra.get("scaler")
 
 
 STAGING_PREFIXES = ("checkpoint-", "old-checkpoint-", "model-")  # ROOT/.staging/: the engine's
@@ -932,10 +954,10 @@ def _load_checkpoint(ckpt: Path, model, optimizer, scaler=None) -> None:
 
 
 def _load_optimizer(ckpt: Path, optimizer, scaler=None) -> None:
-    opt = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(opt["optimizer"])
-    if scaler is not None and "scaler" in opt:
-        scaler.load_state_dict(opt["scaler"])
+    state, scaler_state = _read_optimizer(ckpt)
+    optimizer.load_state_dict(state)
+    if scaler is not None and scaler_state is not None:
+        scaler.load_state_dict(scaler_state)
 
 
 def _as_tuple(x):
@@ -1081,7 +1103,7 @@ def _kept_in_fp32(model, dtype, tensors) -> set:
 METRICS_TAIL_BYTES = 1 << 20  # how far back a resume looks for steps already logged
 
 
-def _logged_upto(metrics_path: Path, file_id: str, above: int) -> int:
+def _logged_upto(metrics_path: Path, file_id: str, above: int = 0) -> int:
     """The highest global_step above `above` (the file's first step - 1) that metrics.jsonl's
     tail holds for `file_id` (0 if none). A restart after a crash redoes the steps since the
     file's last checkpoint, or since its start when it died before the first one, exactly,
@@ -1093,9 +1115,9 @@ def _logged_upto(metrics_path: Path, file_id: str, above: int) -> int:
             lines = f.read().splitlines()
     except OSError:
         return 0
-    upto = 0
+    upto, needle = 0, json.dumps(file_id)[1:-1].encode()  # as log_step's json.dumps wrote it
     for raw in lines:
-        if file_id.encode() not in raw:
+        if needle not in raw:
             continue  # most lines: another file's
         try:
             doc = json.loads(raw)

@@ -68,10 +68,9 @@ def versions(root: Path) -> dict:
 
 def end_state(root: Path) -> tuple[dict, dict, dict]:
     """current_model's weights and trainer state, and the newest checkpoint's AdamW state."""
-    import torch
     import training_engine
     ckpt = training_engine.list_checkpoints(root)[0][0]
-    opt = torch.load(ckpt / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    opt = training_engine._read_optimizer(ckpt)[0]["state"]
     state = json.loads((root / "current_model" / "trainer_state.json").read_text())
     return weights(root / "current_model"), {k: state[k] for k in ("global_step", "tokens_seen")}, opt
 

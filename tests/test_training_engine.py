@@ -409,9 +409,7 @@ def test_schedule_and_optimizer_continue_across_files(tmp_path, tiny_model_dir):
     state = read_json(Paths(root).current_model / "trainer_state.json")
     assert (state["global_step"], state["tokens_seen"]) == (rb["global_step"], rb["tokens_seen"])
     # the carried optimizer is the one that trained file a: its step count continues
-    import torch
-    opt = torch.load(Paths(root).checkpoints / f"checkpoint-{rb['global_step']:08d}" / "optimizer.pt",
-                     weights_only=True)["optimizer"]
+    opt = te._read_optimizer(Paths(root).checkpoints / f"checkpoint-{rb['global_step']:08d}")[0]
     assert int(next(iter(opt["state"].values()))["step"]) == rb["global_step"]
 
 
@@ -423,7 +421,8 @@ def test_checkpoint_folders_are_complete_and_pruned(tmp_path, tiny_model_dir):
     assert len(ckpts) == 2 and ckpts[0][1]["complete"] and ckpts[0][1]["global_step"] == r["global_step"]
     folder, meta = ckpts[1]
     assert folder.name == f"checkpoint-{meta['global_step']:08d}"
-    assert sorted(os.listdir(folder)) == ["meta.json", "model.safetensors", "optimizer.pt", "rng.pt"]
+    assert sorted(os.listdir(folder)) == ["meta.json", "model.safetensors", "optimizer.safetensors",
+                                          "rng.pt"]
     assert all((folder / n).stat().st_mode & 0o777 == 0o644 for n in os.listdir(folder))
     for key in ("file_id", "position", "global_step", "tokens_seen", "config", "scheduler"):
         assert key in meta
@@ -891,3 +890,46 @@ def test_modules_a_model_keeps_in_float32_are_published_in_float32(tmp_path, tin
     assert {t.dtype for k, t in got.items() if k != "lm_head.weight"} == {torch.bfloat16}
     assert read_json(tmp_path / "staged" / "config.json")["dtype"] == "bfloat16"
     assert model.config.dtype == torch.float32  # the training model's own config is left as it was
+
+
+def test_optimizer_state_round_trips_bitwise_and_old_checkpoints_still_load(tmp_path):
+    """AdamW's state is saved as optimizer.safetensors (moments as tensors, groups and the
+    fp16 scaler as JSON metadata) and reads back bit for bit; a checkpoint written before it
+    (optimizer.pt, torch.save) still loads."""
+    import torch
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-7, weight_decay=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for _ in range(2):
+        model(torch.randn(3, 8)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    want = opt.state_dict()
+    new, old = tmp_path / "new", tmp_path / "old"
+    new.mkdir(), old.mkdir()
+    te._save_optimizer(new / te.OPTIMIZER_CKPT, opt, scaler)
+    torch.save({"optimizer": want, "scaler": scaler.state_dict()}, old / "optimizer.pt")
+    for ckpt in (new, old):
+        got, got_scaler = te._read_optimizer(ckpt)
+        assert got_scaler == scaler.state_dict()
+        assert [dict(g, betas=tuple(g["betas"])) for g in got["param_groups"]] == want["param_groups"]
+        assert sorted(got["state"]) == sorted(want["state"])
+        for i, state in want["state"].items():
+            assert sorted(got["state"][i]) == sorted(state)
+            for key, value in state.items():
+                assert torch.equal(got["state"][i][key], value) and got["state"][i][key].dtype == value.dtype
+        fresh = torch.optim.AdamW(model.parameters(), lr=5.0)
+        te._load_optimizer(ckpt, fresh)  # and the optimizer takes it: groups, moments and step
+        assert fresh.param_groups[0]["lr"] == 1e-3 and int(fresh.state_dict()["state"][0]["step"]) == 2
+
+
+def test_steps_already_logged_are_found_for_any_file_name(tmp_path):
+    """A restart skips the steps metrics.jsonl already holds for its file, whatever the name
+    (json.dumps escapes non-ASCII, surrogates and quotes in the line), above the file's start."""
+    metrics = tmp_path / "metrics.jsonl"
+    for fid in ("données.jsonl#1", "bad\udcffname.jsonl#2", 'quo"te.jsonl#3', "plain.jsonl#4"):
+        metrics.write_text("".join(json.dumps({"file_id": f, "global_step": n}) + "\n"
+                                   for n, f in [(1, fid), (2, "other#9"), (3, fid), (5, fid), (6, "other#9")]))
+        assert te._logged_upto(metrics, fid, above=2) == 5
+        assert te._logged_upto(metrics, fid, above=5) == 0  # steps up to its start: another run's
