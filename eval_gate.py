@@ -42,7 +42,7 @@ NOTIFY_TIMEOUT_S = 10.0           # a notifier that hangs is killed; training ne
 ACCEPT_CMD = "python3 training_controller.py accept"
 REJECT_CMD = "python3 training_controller.py reject"
 SCHEMA_VERSION = 1
-GATE_SHARE = 0.15                 # eval tokens per trained token after a file (gate_tokens)
+GATE_SHARE = 0.10                 # eval tokens per trained token after a file (gate_tokens)
 
 
 # --------------------------------------------------------------------------- the eval set
@@ -67,7 +67,8 @@ def cache_key(root, cfg: dict) -> dict:
     is computed again."""
     return {"eval_set": fingerprint(root), "eval_max_tokens": int(cfg.get("eval_max_tokens") or 0),
             "max_length": cfg.get("max_length"), "chat_template": cfg.get("chat_template"),
-            "loss_on_prompt": bool(cfg.get("loss_on_prompt")), "fields": cfg.get("fields") or {}}
+            "loss_on_prompt": bool(cfg.get("loss_on_prompt")), "fields": cfg.get("fields") or {},
+            "pack_isolation": bool(cfg.get("pack_isolation", True))}
 
 
 def losses(doc: dict | None, *, partial: bool = False) -> dict:
@@ -87,11 +88,11 @@ def is_complete(doc: dict | None) -> bool:
 
 def gate_tokens(cfg: dict, file_tokens: int) -> int:
     """Eval tokens the gate scores after a file of `file_tokens` trained tokens: GATE_SHARE of
-    them (one eval token costs about a third of a trained one: ~5% of the file's training
-    time), at least one batch of rows per eval file, at most eval_max_tokens."""
+    them (one eval token costs a third of a trained one or a little more, and the model is
+    loaded for it: within 5% of the file's training time), at least one row per eval file
+    (evaluate's floor), at most eval_max_tokens."""
     cap = int(cfg.get("eval_max_tokens") or 0)
-    floor = int(cfg.get("batch_size") or 8) * int(cfg["max_length"])
-    return min(cap, max(floor, int(GATE_SHARE * max(0, int(file_tokens or 0)))))
+    return min(cap, int(GATE_SHARE * max(0, int(file_tokens or 0))))
 
 
 # --------------------------------------------------------------------------- computing it
@@ -115,7 +116,6 @@ def evaluate(root, model_dir, cfg: dict, *, log=None, max_tokens: int | None = N
     import torch
     import training_engine
     import validate_data
-    from transformers import AutoTokenizer
     t0 = time.monotonic()
     files = eval_files(root)
     key = cache_key(root, cfg)
@@ -123,10 +123,11 @@ def evaluate(root, model_dir, cfg: dict, *, log=None, max_tokens: int | None = N
     if extend is not None and extend.get("key") != key:
         extend = None
     training_engine._quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tokenizer = training_engine.load_tokenizer(model_dir)  # once per process for the same files
     model = training_engine.load_model_folder(root, model_dir)  # full, or an adapter over its base
     device = training_engine._device(cfg)
     model.to(device)
+    isolation, _ = training_engine.packing_isolation(model, cfg)  # packed documents as training sees them
     model.eval()
     amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.get("dtype"))
     max_length, batch = int(cfg["max_length"]), int(cfg.get("batch_size") or 8)
@@ -170,16 +171,11 @@ def evaluate(root, model_dir, cfg: dict, *, log=None, max_tokens: int | None = N
                         chunk.append(row)
                 if not chunk:
                     continue
-                ids = torch.tensor([r[0] for r in chunk], dtype=torch.long, device=device)
-                labels = torch.tensor([r[1] for r in chunk], dtype=torch.long, device=device)
+                labels = training_engine.long_tensor([r.labels for r in chunk]).to(device)
                 with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-                    logits = model(input_ids=ids, use_cache=False).logits
-                target = labels[:, 1:]
-                per_token = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                    ignore_index=-100, reduction="none").view(target.shape)
-                counts = (target != -100).sum(dim=1).tolist()
-                sums += [[s, c] for s, c in zip(per_token.sum(dim=1).tolist(), counts)]
+                    logits = model(**training_engine.model_inputs(chunk, isolation, device)).logits
+                sums += _row_sums(logits, labels)
+                del logits
         results[path.name] = _file_result(sums, seen, next_row, ended, share)
     state = read_json(model_dir / "trainer_state.json", default={}) or {}
     seconds = time.monotonic() - t0 + float((extend or {}).get("seconds") or 0)
@@ -195,6 +191,19 @@ def evaluate(root, model_dir, cfg: dict, *, log=None, max_tokens: int | None = N
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return doc
+
+
+def _row_sums(logits, labels) -> list[list]:
+    """[next-token loss sum, trained tokens] of each row: the labels shift, not the logits
+    (no copy of the largest tensor, the vocabulary's width at every position)."""
+    import torch
+    target = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.dtype != torch.float32:
+        flat = flat.float()  # (an eval batch: widened once, as the engine's loss does at its targets)
+    per_token = torch.nn.functional.cross_entropy(flat, target.reshape(-1), ignore_index=-100,
+                                                  reduction="none").view(target.shape)
+    return [[s, c] for s, c in zip(per_token.sum(dim=1).tolist(), (target != -100).sum(dim=1).tolist())]
 
 
 def _file_result(sums: list, seen: int, next_row: int, ended: bool, share: int) -> dict:

@@ -153,8 +153,8 @@ PARAMS: dict[str, Param] = {
     # -- the quality gate (eval_gate.py) --
     "eval_max_tokens": Param(16384, "int", "tokens of ROOT/eval/ scored per version (shared by "
                              "its files); 0 turns the eval and the gate off. After a file the "
-                             "gate scores 15% of the file's tokens (~5% of its training time; "
-                             "at least one batch per eval file, at most this), paired with the "
+                             "gate scores 10% of the file's tokens (within 5% of its training time; "
+                             "at least one row per eval file, at most this), paired with the "
                              "same rows of the version before; the idle daemon completes each "
                              "version's eval to this many tokens", 0, 1 << 34),
     "eval_regression_pct": Param(5.0, "float", "hold a file whose weights raise any eval file's "

@@ -1434,12 +1434,11 @@ class Daemon:
 
     def _intake_encoder(self, engine):
         """An Encoder for current_model's tokenizer, loaded once per published model."""
-        from transformers import AutoTokenizer
         folder = self.p.current_model
         st = os.stat(folder / "tokenizer_config.json")
         key = (st.st_ino, st.st_mtime_ns, repr(self.cfg.get("chat_template")))
         if self._intake_tok is None or self._intake_tok[0] != key:
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            tokenizer = engine.load_tokenizer(folder)  # the engine's: loaded once for both
             self._intake_tok = (key, engine.Encoder(tokenizer, chat_template=self.cfg.get("chat_template"),
                                                     root=self.p.root))
         return self._intake_tok[1]

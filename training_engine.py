@@ -975,15 +975,47 @@ def _device(config: dict):
         else torch.device("cpu")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json")
+_TOKENIZERS: dict[str, object] = {}  # load_tokenizer's: by content, the last few
+
+
+def load_tokenizer(folder):
+    """The tokenizer of a model folder, loaded once per process for each content: building a
+    151k-entry BPE costs 3-4 s on CPU, and current_model, its versions and the eval gate's
+    every load carry the same files. Keyed by the sha256 of the tokenizer files (~20 ms for
+    Qwen's), so edited files load afresh; callers never modify the object."""
+    from transformers import AutoTokenizer
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        try:
+            with open(folder / name, "rb") as f:
+                digest.update(f"{name}\0{os.fstat(f.fileno()).st_size}\0".encode())
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except FileNotFoundError:
+            continue
+    key = digest.hexdigest()
+    tokenizer = _TOKENIZERS.pop(key, None)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    _TOKENIZERS[key] = tokenizer  # newest last
+    while len(_TOKENIZERS) > 4:
+        _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
+    return tokenizer
+
+
 def load_current_model(root, device=None, config=None):
     """current_model's weights (upcast to the fp32 master copy; the base's dtype is kept as
     `model.guardrails_base_dtype`), tokenizer and trainer_state.json. With config finetune
     "lora" the model is a trainable peft adapter over its base (lora_mode.load), and
     `model.base_id` names the base (None in full mode)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     _quiet_transformers()
     folder = Paths(root).current_model
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer = load_tokenizer(folder)
     state = read_json(folder / TRAINER_STATE, default={}) or {}
     if lora_mode.wanted(folder, config or {}):
         model, base_id = lora_mode.load(root, folder, config, global_step=int(state.get("global_step", 0)))

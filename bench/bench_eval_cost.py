@@ -5,8 +5,9 @@
 
 A root with an eval set of English-like text (~40k tokens, more than the default
 `eval_max_tokens`), the default config (B=8 x L=256, 2 threads, the gate on at its
-defaults); one file of each size dropped into inbox/ and trained by
-`training_daemon.py run --once` in a fresh process, smallest first. Figures from the daemon's
+defaults); one file of each size (in the order given) dropped into inbox/ and trained by
+`training_daemon.py run --once` in a fresh process (the first file also scores the initial
+version; each process loads its tokenizer once, for training and gate). Figures from the daemon's
 own done record: `timings.train_s` (the engine's whole run: load, steps, checkpoints,
 publish) and `timings.gate_s` (scoring the new weights and the version before on the prefix
 the file asks for, `eval_gate.gate_tokens`, model loads included), `eval_tokens`; and the
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=("tiny", "qwen"), default="tiny")
     ap.add_argument("--tokens", type=int, nargs="+", default=[5000, 20000, 100000],
-                    help="sizes of the trained files, in tokens")
+                    help="sizes of the trained files, in tokens, in this order (the first file also scores the initial version)")
     ap.add_argument("--eval-tokens", type=int, default=40000, help="size of the eval set")
     args = ap.parse_args(argv)
     import training_config
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
         training_config.write_config(root, cfg)
         training_config.approve(root, cfg, by="bench")
         rows = []
-        for i, size in enumerate(sorted(args.tokens)):
+        for i, size in enumerate(args.tokens):
             name = f"f{i}-{size}.jsonl"
             (root / "inbox" / name).write_text(english(tok, size, 100 + i))
             subprocess.run([sys.executable, str(REPO / "training_daemon.py"), "run", "--once",

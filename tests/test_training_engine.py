@@ -933,3 +933,19 @@ def test_steps_already_logged_are_found_for_any_file_name(tmp_path):
                                    for n, f in [(1, fid), (2, "other#9"), (3, fid), (5, fid), (6, "other#9")]))
         assert te._logged_upto(metrics, fid, above=2) == 5
         assert te._logged_upto(metrics, fid, above=5) == 0  # steps up to its start: another run's
+
+
+def test_a_tokenizer_is_loaded_once_per_process_for_the_same_files(tmp_path, tiny_model_dir):
+    """current_model, its versions and the eval gate share one tokenizer object while the
+    files are the same (a 151k BPE costs seconds to build); edited files load afresh."""
+    import shutil
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_model_dir, a)
+    shutil.copytree(tiny_model_dir, b)
+    tok = te.load_tokenizer(a)
+    assert te.load_tokenizer(b) is tok
+    cfg = json.loads((b / "tokenizer_config.json").read_text())
+    cfg["model_max_length"] = 77
+    (b / "tokenizer_config.json").write_text(json.dumps(cfg))
+    other = te.load_tokenizer(b)
+    assert other is not tok and other.model_max_length == 77 and te.load_tokenizer(a) is tok
