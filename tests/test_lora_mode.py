@@ -267,7 +267,9 @@ def test_the_eval_gate_holds_a_bad_file_in_lora_mode(tmp_path, tiny_model_dir):
     assert not Path(read_json(moved / "versions" / before["id"] / "adapter_config.json")
                     ["base_model_name_or_path"]).exists()
     doc = eval_gate.evaluate(moved, moved / "versions" / held["id"], tc.load_config(moved))
-    assert doc["results"]["english.jsonl"]["loss"] == cmp["after"]
+    kept = eval_gate.read_cached(moved, held["id"])  # the gate's prefix: the same rows again
+    again = eval_gate.compare(kept, doc, 1.0)["english.jsonl"]
+    assert again["before"] == cmp["after"] and again["after"] == pytest.approx(cmp["after"], rel=1e-5)
 
 
 def test_switching_full_to_lora_between_files_and_a_warm_up_after_consolidate(tmp_path, tiny_model_dir):
