@@ -1058,13 +1058,18 @@ class Daemon:
 
     def _gate_prepare(self, rec: dict, cfg: dict) -> None:
         """Before a file trains: pin the checkpoint the next file carries its optimizer from
-        should this one be rejected. (The version before it is scored after it, over as many
-        eval tokens as the file's size asks: gate_tokens.)"""
+        should this one be rejected, and, when the version before it has no eval result yet,
+        score its first row of each eval file (an eval set that cannot be scored is refused
+        here, before training; after the file the gate carries it on as far as it asks)."""
         name = rec.get("name") or (self.current or {}).get("name")
         pinned = eval_gate.pin_checkpoint(self.p.root, rec.get("global_step_before"),
                                           rec.get("tokens_seen_before"), name)
         if pinned:
             self.log.info("%s: %s kept until the quality gate has decided", name, pinned)
+        before = rec.get("version_before")
+        if before and eval_gate.read_cached(self.p.root, before,
+                                            eval_gate.cache_key(self.p.root, cfg)) is None:
+            self._score(cfg, before, 0)
 
     def _gate(self, data: Path, result: dict, cfg: dict, then: str) -> tuple[bool, dict | None]:
         """Score current_model (a file's end state) against the version before the file:

@@ -182,6 +182,20 @@ def test_the_idle_daemon_completes_an_eval_and_gives_way_to_a_request(tmp_path, 
     assert line["event"] == "eval" and line["version"] == vid
 
 
+def test_an_eval_set_that_cannot_be_scored_stops_before_training(tmp_path, tiny_model_dir):
+    """The version before a file is scored (its first rows) before the file trains: a broken
+    eval file is refused there, naming it, and nothing trains ungated."""
+    root = gate_root(tmp_path / "root", tiny_model_dir)
+    (root / "eval" / "english.jsonl").write_text("this is not json\n")
+    set_config(root)  # approved as it is now
+    drop(root, "good1.jsonl", english(40, 10))
+    proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "english.jsonl" in proc.stderr
+    assert not list((root / "done").glob("*.jsonl"))
+    assert json.loads((root / "current_model" / "trainer_state.json").read_text())["global_step"] == 0
+
+
 def test_a_bad_file_is_held_and_rejecting_it_leaves_no_trace(tmp_path, tiny_model_dir):
     notified = tmp_path / "notified.json"
     a = gate_root(tmp_path / "a", tiny_model_dir, notify_command=f"cat > {notified}")
