@@ -268,7 +268,7 @@ class Daemon:
         self.wake = threading.Event()
         self.done = training_queue.done_index(self.p.root)  # .index/done.sqlite, read lazily
         self.backup_proc = None
-        self._eval_completed: str | None = None  # the version complete_eval last finished
+        self._eval_completed: tuple | None = None  # complete_eval: current_model (and config) last done
         self._backup_next: dict | None = None  # a file done while a backup ran: its turn next
         self.backup_failed: str | None = None
         self.exit_code = 0
@@ -1141,13 +1141,19 @@ class Daemon:
         cfg = self.cfg
         if not cfg or not self._gate_on(cfg) or int(cfg.get("nproc_per_node") or 1) != 1:
             return
+        try:  # called every idle tick: nothing more while current_model is the one last seen
+            st = os.stat(self.p.current_model / ".manifest.json")
+        except OSError:
+            return
+        mark = (st.st_ino, st.st_mtime_ns, trainroot.file_signature(self.p.config))
+        if mark == self._eval_completed:
+            return
         import model_versioner
         vid = model_versioner.current_version(self.p.root)
-        if vid is None or vid == self._eval_completed:
-            return
-        doc = eval_gate.read_cached(self.p.root, vid, eval_gate.cache_key(self.p.root, cfg))
+        doc = eval_gate.read_cached(self.p.root, vid, eval_gate.cache_key(self.p.root, cfg)) \
+            if vid else None
         if doc is None or eval_gate.is_complete(doc):
-            self._eval_completed = vid  # nothing to carry on (never scored: `model_versioner.py eval`)
+            self._eval_completed = mark  # nothing to carry on (never scored: `model_versioner.py eval`)
             return
         self.wake.clear()  # what woke the loop is taken; what arrives from now interrupts
         if self._has_work() or self._idle_interrupted():
@@ -1158,10 +1164,10 @@ class Daemon:
                                          interrupt=self._idle_interrupted)
         except (GuardrailError, OSError) as exc:
             self.log.warning("completing the eval of %s failed: %s", vid, exc)
-            self._eval_completed = vid  # not again in this daemon; `model_versioner.py eval` redoes it
+            self._eval_completed = mark  # not again for this model; `model_versioner.py eval` redoes it
             return
         if eval_gate.is_complete(doc):
-            self._eval_completed = vid
+            self._eval_completed = mark
             try:
                 eval_gate.metrics_line(self.p.root, doc, vid)
             except OSError as exc:
