@@ -975,28 +975,30 @@ def _device(config: dict):
         else torch.device("cpu")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
-                   "chat_template.jinja", "chat_template.json")
+NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+PER_VERSION_FILES = {TRAINER_STATE, ".manifest.json", "version.json", "README.md"}  # (not the tokenizer)
 _TOKENIZERS: dict[str, object] = {}  # load_tokenizer's: by content, the last few
 
 
 def load_tokenizer(folder):
     """The tokenizer of a model folder, loaded once per process for each content: building a
     151k-entry BPE costs 3-4 s on CPU, and current_model, its versions and the eval gate's
-    every load carry the same files. Keyed by the sha256 of the tokenizer files (~20 ms for
-    Qwen's), so edited files load afresh; callers never modify the object."""
+    every load carry the same files. Keyed by the sha256 of every file in the folder but the
+    weights and the per-version records (~20 ms for Qwen's), so any other file that differs,
+    whatever the tokenizer type names it, loads afresh; callers never modify the object."""
     from transformers import AutoTokenizer
     folder = Path(folder)
     digest = hashlib.sha256()
-    for name in TOKENIZER_FILES:
-        try:
-            with open(folder / name, "rb") as f:
-                digest.update(f"{name}\0{os.fstat(f.fileno()).st_size}\0".encode())
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        except FileNotFoundError:
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(NOT_TOKENIZER) or name in PER_VERSION_FILES:
             continue
+        path = folder / name
+        if not path.is_file():  # (not a folder, nor a pipe that would block the read)
+            continue
+        with open(path, "rb") as f:
+            digest.update(f"{name}\0{os.fstat(f.fileno()).st_size}\0".encode())
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     key = digest.hexdigest()
     tokenizer = _TOKENIZERS.pop(key, None)
     if tokenizer is None:
