@@ -1386,8 +1386,7 @@ class FileRun:
                 f"max_length {config['max_length']} is longer than the model's {positions} positions",
                 p.config, f"Set max_length to {positions} or less in config.json, then run "
                 "`python3 training_controller.py approve-config` (it is a locked parameter).")
-        model.train()
-        model.config.use_cache = False
+        model.train()  # (no KV cache: model_inputs asks for none, and config.json keeps the base's use_cache)
         self.isolation, isolation_line = packing_isolation(model, config)  # before DDP wraps it
         self.params = [q for q in model.parameters() if q.requires_grad]
         # adam_eps 0 is in the documented range, but AdamW then divides 0 by 0 for every weight

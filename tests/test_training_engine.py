@@ -475,6 +475,9 @@ def test_trained_model_loads_in_plain_transformers_and_generates(reference):
     text = eval(proc.stdout.strip())
     assert isinstance(text, str) and len(text) > 0
     assert set(text) & set("abcdefgh "), text  # it learned the data's alphabet
+    # generation keeps its KV cache: config.json says what the base said (training asks none)
+    config = json.loads((Paths(reference["root"]).current_model / "config.json").read_text())
+    assert config["use_cache"] is True
 
 
 def test_train_command_reports_a_missing_config(tmp_root):
