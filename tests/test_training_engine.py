@@ -398,8 +398,15 @@ def test_schedule_and_optimizer_continue_across_files(tmp_path, tiny_model_dir):
     a = write_jsonl(tmp_path / "a.jsonl", text_records(30, seed=1))
     b = write_jsonl(tmp_path / "b.jsonl", text_records(30, seed=2))
     ra = te.train_file(root, a, file_id="a", config=cfg)
+    cur = Paths(root).current_model
+    inodes = {n: (cur / n).stat().st_ino for n in ("tokenizer.json", "config.json", "model.safetensors")}
     rb = te.train_file(root, b, file_id="b", config=cfg)
     assert ra["optimizer"] == "fresh" and rb["optimizer"] == f"carried from checkpoint-{ra['global_step']:08d}"
+    # the tokenizer and config of file b's publish are file a's inodes (the same bytes: no copy
+    # per version), the weights new; the manifest still checks out
+    assert [(cur / n).stat().st_ino == i for n, i in inodes.items()] == [True, True, False]
+    import model_versioner
+    assert model_versioner.check_model_dir(cur) == []
     rows = metrics(root)
     assert [m["global_step"] for m in rows] == list(range(1, rb["global_step"] + 1))
     assert [m["lr"] for m in rows] == [te.lr_at(i, cfg) for i in range(rb["global_step"])]
