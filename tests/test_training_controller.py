@@ -675,9 +675,13 @@ def test_skip_discard_restores_the_version_before_the_file_and_skip_keeps_the_tr
                              weights(root / "versions" / record["version_before"]))
     assert step_of(root) >= 3
 
-    # kill -9 (not reaped yet: a zombie): status says dead at once, and nothing is training
+    # kill -9 (not reaped yet: a zombie): status says dead as soon as the kernel has torn the
+    # process down (its lock released; under load that can take longer than a fixed sleep),
+    # and nothing is training
     d.proc.kill()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30  # (no d.until: its poll() would reap the zombie)
+    while tc.daemon_status(root)["alive"] and time.monotonic() < deadline:
+        time.sleep(0.05)
     st = tc.daemon_status(root)
     assert (st["alive"], st["state"], st["reported_state"], st["last_pid"]) == \
         (False, "dead", "idle", d.proc.pid)
