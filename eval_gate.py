@@ -124,8 +124,10 @@ def evaluate(root, model_dir, cfg: dict, *, log=None, max_tokens: int | None = N
         extend = None
     training_engine._quiet_transformers()
     tokenizer = training_engine.load_tokenizer(model_dir)  # once per process for the same files
-    model = training_engine.load_model_folder(root, model_dir)  # full, or an adapter over its base
     device = training_engine._device(cfg)
+    if device.type != "cpu":  # a GPU holds one training model at a time: the kept one goes back
+        training_engine.release_warm()
+    model = training_engine.load_model_folder(root, model_dir)  # full, or an adapter over its base
     model.to(device)
     isolation, _ = training_engine.packing_isolation(model, cfg)  # packed documents as training sees them
     model.eval()

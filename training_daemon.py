@@ -779,6 +779,13 @@ class Daemon:
             return
         train_s = time.monotonic() - self._train_started
         timings["train_s"] = round(float(timings.get("train_s") or 0) + train_s, 4)
+        # the engine's fixed part of train_s (load, checkpoint, publish), over every attempt
+        engine_s = dict(timings.get("engine_s") or {})
+        for key, value in (result.get("seconds") or {}).items():
+            engine_s[key] = round(float(engine_s.get(key) or 0) + float(value), 4)
+        timings["engine_s"] = engine_s
+        if result.get("model_source"):
+            timings["model_from"] = result["model_source"]  # memory: the last file's, kept
         self._timings = timings   # written with the file's next record (one write, not two)
         if result.get("status") in ("stopped", "paused", "spike"):  # it stays in processing/
             try:
@@ -1557,6 +1564,8 @@ class Daemon:
                     self.set_state("paused", f"{exc.error}", exc.kind)
                 continue
             if not self.intake.waiting():
+                if self._engine is not None:  # idle: the model kept for a next file goes back
+                    self._engine.release_warm()
                 self.complete_eval()
             if self.once and not self.intake.waiting() and self._processing_file() is None:
                 if self.backup_proc is not None:

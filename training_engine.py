@@ -31,6 +31,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -41,8 +42,8 @@ from safetensors import SafetensorError
 import lora_mode
 from trainroot import (FileLock, GuardrailError, Paths, UsageError, append_line,
                        atomic_write_json, exchange_paths, exit_without_teardown, file_signature,
-                       fsync_dir, read_json, rename_noreplace, run_cli, sha256_file, subcommands,
-                       utc_now)
+                       fsync_dir, fsync_paths, read_json, rename_noreplace, run_cli, sha256_file,
+                       subcommands, utc_now)
 
 log = logging.getLogger("training_engine")
 
@@ -587,6 +588,14 @@ def packing_isolation(model, config: dict) -> tuple[str, str]:
     alone. Runs in eval mode without gradients: no dropout, no RNG drawn (exact resume)."""
     if not config.get("pack_isolation", True):
         return "off", "pack_isolation is off: documents in a row attend to each other"
+    known = getattr(model, "guardrails_isolation", None)  # probed already (a model kept in memory)
+    if known is not None:
+        return known
+    model.guardrails_isolation = found = _probe_isolation(model)
+    return found
+
+
+def _probe_isolation(model) -> tuple[str, str]:
     was_training = model.training
     model.eval()
     try:
@@ -801,15 +810,15 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
             save_optimizer()
         else:
             tensors, linkable = saved_tensors(model)
-            weights = write_safetensors(stage / "model.safetensors", tensors, hashing=False)
-            # linkable: these are the very bytes save_pretrained would write for an fp32 base
+            # its sha256 (the manifest's, should current_model link it) hashed from memory as
+            # it is written; linkable: the very bytes save_pretrained would write (fp32 base)
+            weights = write_safetensors(stage / "model.safetensors", tensors)
             meta["weights"] = {"model.safetensors": dict(weights, dtype="float32", linkable=linkable)}
-            # its sha256 (the manifest's, should current_model link it) and fsync, in a thread
-            # while the optimizer is written: hashlib, fsync and the writes all release the GIL
+            # its fsync in a thread while the optimizer is written (both release the GIL)
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                digest = pool.submit(_hash_and_sync, stage / "model.safetensors")
+                synced = pool.submit(fsync_paths, [stage / "model.safetensors"])
                 save_optimizer()
-                meta["weights"]["model.safetensors"]["sha256"] = digest.result()
+                synced.result()
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -837,17 +846,6 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
             shutil.rmtree(stage, ignore_errors=True)
     prune_checkpoints(root, keep)
     return final
-
-
-def _hash_and_sync(path: Path) -> str:
-    """sha256 of a file just written (read from the page cache), then fsync it."""
-    digest = sha256_file(path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return digest
 
 
 def _save_optimizer(path: Path, optimizer, scaler=None) -> None:
@@ -895,6 +893,7 @@ def clean_staging(root) -> list[str]:
     """Remove what a killed engine left in `.staging/` (a half-written checkpoint or model:
     gigabytes on a real model). Only the engine writes these names, and one engine trains a
     root at a time (the engine lock), so any found when a file starts are leftovers."""
+    _wait_for_deletions()
     p = Paths(root)
     removed = []
     try:
@@ -934,9 +933,28 @@ def prune_checkpoints(root, keep: int) -> list[str]:
         removed.append(d.name)
     if trash:  # durable first: a half-deleted checkpoint must never come back after a power cut
         fsync_dir(p.checkpoints)
-        for t in trash:
-            shutil.rmtree(t, ignore_errors=True)
+        _delete_later(trash)
     return removed
+
+
+_DELETING: list = []  # threads removing old checkpoints moved into .staging/
+
+
+def _delete_later(folders: list[Path]) -> None:
+    """Remove folders already moved into .staging/ in a thread: freeing a checkpoint's
+    gigabytes (and their cached pages) took ~1.5 s per 3 GB here, and nothing waits for
+    it. clean_staging waits for these first, and removes what a killed process left."""
+    def work():
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+    thread = threading.Thread(target=work, name="delete-old-checkpoints", daemon=True)
+    thread.start()
+    _DELETING.append(thread)
+
+
+def _wait_for_deletions() -> None:
+    while _DELETING:
+        _DELETING.pop().join()
 
 
 def _load_checkpoint(ckpt: Path, model, optimizer, scaler=None) -> None:
@@ -1009,6 +1027,73 @@ def load_tokenizer(folder):
     return tokenizer
 
 
+class _Warm(NamedTuple):
+    """What a completed file ended with, kept for the next file of this process (_take_warm)."""
+    root: Path
+    ckpt: Path             # the end checkpoint: its weights and AdamW state are these
+    meta_sig: tuple        # its meta.json's (inode, mtime_ns, size): the same checkpoint still
+    config: str            # the whole config (sorted JSON): any change loads from disk
+    model: object          # fp32 master weights, unwrapped
+    optimizer: dict        # AdamW's state_dict (the checkpoint's optimizer.safetensors)
+    scaler: dict | None
+
+
+_WARM: list[_Warm] = []  # at most one
+
+
+def _meta_sig(ckpt: Path) -> tuple:
+    st = os.stat(ckpt / "meta.json")
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _config_key(config: dict) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def _take_warm(root, file_id: str, config: dict) -> _Warm | None:
+    """The model and AdamW state the last completed file of this process ended with, when the
+    next file would load exactly them from disk: same root and config, no checkpoint of this
+    file to resume, the carry checkpoint is the one they were saved as (unchanged), and
+    current_model is what it published (no rollback, restore or base switch since). A queue of
+    files then trains on without reading ~3x the weights back. Taken once; None otherwise."""
+    if not _WARM:
+        return None
+    warm = _WARM.pop()
+    folder = Paths(root).current_model
+    try:
+        if warm.root != Path(root).resolve() or warm.config != _config_key(config):
+            return None
+        state = _model_state(folder)
+        carry = _carry_checkpoint(root, state)
+        if (_resume_checkpoint(root, file_id, state) or not carry or carry[0] != warm.ckpt
+                or _meta_sig(carry[0]) != warm.meta_sig or lora_mode.wanted(folder, config)
+                or not _published_here(carry[1], folder)):
+            return None
+    except (OSError, GuardrailError, ValueError) as exc:
+        log.info("loading current_model from disk: %s", exc)
+        return None
+    return warm
+
+
+def release_warm() -> None:
+    """Let go of the model and AdamW state kept between files (the daemon does when idle, and
+    before an eval loads a model on a GPU): the next file loads from disk."""
+    if _WARM:
+        _WARM.clear()
+        import gc
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _model_state(folder: Path) -> dict:
+    state = read_json(folder / TRAINER_STATE, default={}) or {}
+    return {"global_step": int(state.get("global_step", 0)),
+            "tokens_seen": int(state.get("tokens_seen", 0)),
+            **({"warmup_from_step": int(state["warmup_from_step"])}
+               if isinstance(state.get("warmup_from_step"), int) else {})}
+
+
 def load_current_model(root, device=None, config=None):
     """current_model's weights (upcast to the fp32 master copy; the base's dtype is kept as
     `model.guardrails_base_dtype`), tokenizer and trainer_state.json. With config finetune
@@ -1018,19 +1103,16 @@ def load_current_model(root, device=None, config=None):
     _quiet_transformers()
     folder = Paths(root).current_model
     tokenizer = load_tokenizer(folder)
-    state = read_json(folder / TRAINER_STATE, default={}) or {}
+    state = _model_state(folder)
     if lora_mode.wanted(folder, config or {}):
-        model, base_id = lora_mode.load(root, folder, config, global_step=int(state.get("global_step", 0)))
+        model, base_id = lora_mode.load(root, folder, config, global_step=state["global_step"])
     else:
         model, base_id = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32), None
         model.guardrails_base_dtype = base_dtype(folder)  # what publish_current_model writes
     model.base_id = base_id
     if device is not None:
         model.to(device)
-    return model, tokenizer, {"global_step": int(state.get("global_step", 0)),
-                              "tokens_seen": int(state.get("tokens_seen", 0)),
-                              **({"warmup_from_step": int(state["warmup_from_step"])}
-                                 if isinstance(state.get("warmup_from_step"), int) else {})}
+    return model, tokenizer, state
 
 
 def load_model_folder(root, folder):
@@ -1337,7 +1419,6 @@ class BatchPrefetcher:
 
     def __init__(self, read):
         import queue
-        import threading
         self._read, self._done = read, threading.Event()
         self._queue = queue.Queue(maxsize=1)
         self._thread = threading.Thread(target=self._work, name="batch-prefetch", daemon=True)
@@ -1412,7 +1493,14 @@ class FileRun:
         if self.writer:
             clean_staging(self.root)
         t0 = time.perf_counter()
-        model, self.tokenizer, state = load_current_model(self.root, device, config)
+        # the last file's model and AdamW, still in memory when they are what disk would give
+        self.warm = warm = _take_warm(self.root, self.file_id, config) if self.writer and not self.ddp \
+            else None
+        if warm:
+            model, self.tokenizer = warm.model, load_tokenizer(p.current_model)
+            state = _model_state(p.current_model)
+        else:
+            model, self.tokenizer, state = load_current_model(self.root, device, config)
         self.base_id = model.base_id  # adapter mode: the base the adapter trains on; None: full
         self.warmup_from = state.pop("warmup_from_step", None)  # a warm-up again (consolidate)
         positions = model_max_positions(model.config.to_dict())
@@ -1458,15 +1546,21 @@ class FileRun:
             if carry and not lora_mode.same_lineage(carry[1], self.base_id):
                 carry = None  # another mode's or base's optimizer state (a switch, a consolidate)
             # full mode: the fp32 master weights come from the checkpoint that published
-            # current_model (an adapter is saved in fp32: it is its own master copy)
-            unproven = _master_weights(carry, model, p.current_model) if carry and not self.base_id \
-                else None
+            # current_model (an adapter is saved in fp32: it is its own master copy); a warm
+            # model holds them already (_take_warm proved it)
+            unproven = _master_weights(carry, model, p.current_model) \
+                if carry and not self.base_id and not warm else None
             if unproven:
                 self.notes.append(f"optimizer started fresh at step {state['global_step']}: "
                                   f"{unproven}")
                 carry = None
             if carry:
-                _load_optimizer(carry[0], self.optimizer, self.scaler)
+                if warm:  # the very state carry[0] holds, not read back
+                    self.optimizer.load_state_dict(warm.optimizer)
+                    if self.scaler is not None and warm.scaler is not None:
+                        self.scaler.load_state_dict(warm.scaler)
+                else:
+                    _load_optimizer(carry[0], self.optimizer, self.scaler)
                 self.loss_history = list(carry[1].get("loss_history", []))
                 optimizer_source = f"carried from {carry[0].name}"
             else:
@@ -1512,6 +1606,7 @@ class FileRun:
         encoder.where = self.data_path
         reading = file_reading(self.data_path, config)
         self.result = {"file_id": self.file_id, "steps": 0, "optimizer": optimizer_source,
+                       "model_source": "memory" if warm else "disk",
                        "rendering": encoder.rendering, "pack_isolation": self.isolation}
         if position is None:  # refused before the first step, not hours into the file
             refused = encoder.check_file(self.data_path, **reading)
@@ -1744,6 +1839,21 @@ class FileRun:
 
     # ------------------------------------------------------------------ finish
 
+    def keep_warm(self, result: dict) -> None:
+        """After a completed file whose end checkpoint published current_model: keep the fp32
+        model and AdamW state for the next file of this process (_take_warm checks it may)."""
+        _WARM.clear()
+        if (not self.writer or self.ddp or result.get("status") != "completed" or self.dirty
+                or self.ckpt_dir is None or lora_mode.is_peft(_unwrap(self.model))):
+            return
+        try:
+            sig = _meta_sig(self.ckpt_dir)
+        except OSError:
+            return
+        _WARM.append(_Warm(Path(self.root).resolve(), self.ckpt_dir, sig, _config_key(self.config),
+                           _unwrap(self.model), self.optimizer.state_dict(),
+                           self.scaler.state_dict() if self.scaler is not None else None))
+
     def stop_for(self, action: str) -> dict:
         """Checkpoint what is not yet, then publish: stop, pause and skip end the call here."""
         step = self.state["global_step"]
@@ -1849,7 +1959,10 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     error = run.checkpoint(complete=True)
     if error:
         return run.finish("paused", error, disk=True)
-    return run.finish("completed", f"trained to step {run.state['global_step']}", publish="end-of-file")
+    result = run.finish("completed", f"trained to step {run.state['global_step']}", publish="end-of-file")
+    # 11. The model and AdamW stay in memory for the next file (what it would load from disk).
+    run.keep_warm(result)
+    return result
 
 
 # A write refused for a reason free space does not fix: its own pause_reason and fix.

@@ -168,6 +168,9 @@ def test_once_finds_files_dropped_while_down_in_priority_order(initialized_root)
         assert (root / "versions" / rec["version_after"] / "version.json").exists()
         assert {"validate_s", "snapshot_s", "train_s"} <= set(rec["timings"])
         steps += rec["steps"]
+    # a queue trains on from the model the file before ended with (no load), the first from disk
+    assert [recs[n]["timings"]["model_from"] for n in order] == ["disk", "memory", "memory", "memory"]
+    assert all(set(recs[n]["timings"]["engine_s"]) >= {"load", "checkpoint", "publish"} for n in order)
     # one file after another: each starts from the version the previous one produced
     assert recs["b_normal.jsonl"]["version_before"] == recs["c_high.jsonl"]["version_after"]
     assert recs["a_later.jsonl"]["version_before"] == recs["b_normal.jsonl"]["version_after"]

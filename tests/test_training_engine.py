@@ -773,6 +773,41 @@ def test_a_bfloat16_base_publishes_bfloat16_and_trains_on_from_the_fp32_master(t
     assert_bitwise_equal(weights(cur), {k: v.to(torch.bfloat16) for k, v in weights(end["fp32"]).items()})
 
 
+def test_a_queue_trains_on_from_memory_bit_for_bit_as_from_disk(tmp_path, tiny_model_dir):
+    """The next file of the same process takes the model and AdamW the last one ended with
+    (no load): its weights, optimizer state and losses equal a run that loads them from the
+    end checkpoint and current_model (a bfloat16 base: the fp32 master from the checkpoint)."""
+    bf16 = _base_in(tiny_model_dir, tmp_path / "bf16", "bfloat16")
+    a = write_jsonl(tmp_path / "a.jsonl", text_records(16, seed=21))
+    b = write_jsonl(tmp_path / "b.jsonl", text_records(16, seed=22))
+    runs = {}
+    for how in ("memory", "disk"):
+        root, cfg = make_root(tmp_path / how, bf16, checkpoint_every_steps=0)
+        ra = te.train_file(root, a, file_id="a", config=cfg)
+        if how == "disk":
+            te.release_warm()
+        rb = te.train_file(root, b, file_id="b", config=cfg)
+        assert ra["model_source"] == "disk" and rb["model_source"] == how, (ra, rb)
+        assert rb["optimizer"] == f"carried from checkpoint-{ra['global_step']:08d}", rb
+        runs[how] = (root, rb)
+    ends = {how: Paths(root).checkpoints / f"checkpoint-{rb['global_step']:08d}"
+            for how, (root, rb) in runs.items()}
+    assert_bitwise_equal(weights(ends["memory"]), weights(ends["disk"]))
+    opt = {how: te._read_optimizer(end)[0] for how, end in ends.items()}
+    assert opt["memory"]["param_groups"] == opt["disk"]["param_groups"]
+    for idx, state in opt["disk"]["state"].items():
+        assert_bitwise_equal(opt["memory"]["state"][idx], state)
+    assert [m["loss"] for m in metrics(runs["memory"][0]) if "loss" in m] == \
+        [m["loss"] for m in metrics(runs["disk"][0]) if "loss" in m]
+    assert_bitwise_equal(weights(Paths(runs["memory"][0]).current_model),
+                         weights(Paths(runs["disk"][0]).current_model))
+    # a change of config between files loads from disk (whatever it changed)
+    root, cfg = runs["memory"]
+    rc = te.train_file(root, write_jsonl(tmp_path / "c.jsonl", text_records(8, seed=23)),
+                       file_id="c", config=dict(cfg, max_grad_norm=0.5))
+    assert rc["status"] == "completed" and rc["model_source"] == "disk", rc
+
+
 def test_a_rollback_to_a_bfloat16_version_upcasts_with_a_fresh_optimizer_and_a_note(tmp_path,
                                                                                    tiny_model_dir):
     import model_versioner
@@ -787,6 +822,7 @@ def test_a_rollback_to_a_bfloat16_version_upcasts_with_a_fresh_optimizer_and_a_n
     c = write_jsonl(tmp_path / "c.jsonl", text_records(16, seed=13))
     rc = te.train_file(root, c, file_id="c", config=cfg)
     assert rc["status"] == "completed" and rc["steps"] and rc["optimizer"] == "fresh", rc
+    assert rc["model_source"] == "disk", rc  # b's model, kept in memory, is not current_model
     assert rc["global_step"] == ra["global_step"] + rc["steps"]
     assert "weights upcast from current_model's bfloat16" in rc["message"], rc["message"]
     assert _weights_dtypes(Paths(root).current_model) == {"torch.bfloat16"}
