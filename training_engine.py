@@ -810,9 +810,12 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
             save_optimizer()
         else:
             tensors, linkable = saved_tensors(model)
-            # its sha256 (the manifest's, should current_model link it) hashed from memory as
-            # it is written; linkable: the very bytes save_pretrained would write (fp32 base)
-            weights = write_safetensors(stage / "model.safetensors", tensors)
+            # linkable: the very bytes save_pretrained would write; with an fp32 base the
+            # publish links them, so their sha256 (the manifest's) is hashed from memory as
+            # they are written (another base's publish writes its own cast: no hash needed)
+            linked = linkable and getattr(_unwrap(model), "guardrails_base_dtype",
+                                          torch.float32) == torch.float32
+            weights = write_safetensors(stage / "model.safetensors", tensors, hashing=linked)
             meta["weights"] = {"model.safetensors": dict(weights, dtype="float32", linkable=linkable)}
             # its fsync in a thread while the optimizer is written (both release the GIL)
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
