@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_filecost.py               # ~100 MB of fp32 weights, bf16 and fp32 bases
     .venv/bin/python bench/bench_filecost.py --large       # also ~1 GB (minutes; ~10 GB of disk, ~8 GB RAM)
     .venv/bin/python bench/bench_filecost.py --work /var/tmp/fc --files 3
+    .venv/bin/python bench/bench_filecost.py --daemon --files 3   # as users see it: the done records
 
 For each size and base dtype: a Llama model built here (random weights, no download) and
 saved in that dtype, a root initialised from it (`init`), then `--files` one-step files, each
@@ -144,12 +145,67 @@ def run_case(work: Path, size: str, dtype_name: str, files: int, *, from_disk=Fa
     return rows
 
 
+def run_daemon_case(work: Path, size: str, dtype_name: str, files: int) -> list[dict]:
+    """The same files through `training_daemon.py run --once` (a queue, as users run it):
+    per file the done record's timings, the daemon's own figures: snapshot before, the
+    engine's load/checkpoint/publish, the version after."""
+    import subprocess
+    import training_config
+    import training_daemon
+    import training_queue
+    from trainroot import Paths
+    case = work / f"daemon-{size}-{dtype_name}"
+    base = build_model(case / "base", size, dtype_name)
+    root = case / "root"
+    training_daemon.init_root(root, base=str(base))
+    cfg = dict(training_config.load_config(root), max_length=64, batch_size=1, grad_accum_steps=1,
+               warmup_steps=0, checkpoint_every_steps=0, checkpoint_every_minutes=0.0,
+               keep_checkpoints=1)
+    training_config.write_config(root, cfg)
+    subprocess.run([sys.executable, str(REPO / "training_controller.py"), "approve-config", "--yes",
+                    "--root", str(root)], check=True, capture_output=True)
+    p = Paths(root)
+    for i in range(files):
+        (p.inbox / f"file{i}.jsonl").write_text(
+            json.dumps({"text": f"file {i}: one short record, one step."}) + "\n")
+    proc = subprocess.run([sys.executable, str(REPO / "training_daemon.py"), "run", "--once",
+                    "--no-monitor", "--root", str(root)], check=False, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"the daemon exited {proc.returncode}: {proc.stderr[-2000:]}")
+    import training_engine as te
+    ckpt = te.list_checkpoints(root)[0][0]
+    ckpt_inodes = {f.stat().st_ino for f in ckpt.iterdir()}
+    # the checkpoint, and current_model's weights unless they are the checkpoint's (its other
+    # files and the version after it are links to earlier ones: no bytes)
+    written = sum(f.stat().st_size for f in ckpt.iterdir()) + sum(
+        f.stat().st_size for f in p.current_model.glob("*.safetensors")
+        if f.stat().st_ino not in ckpt_inodes)
+    onces = sorted(fsynced_write_s(case, written) for _ in range(3))
+    rows = []
+    for i in range(files):
+        t = training_queue.read_record(p.done / f"file{i}.jsonl")["timings"]
+        eng = t.get("engine_s") or {}
+        secs = {"load": eng.get("load", 0), "checkpoint": eng.get("checkpoint", 0),
+                "publish": eng.get("publish", 0),
+                "snapshot": float(t.get("snapshot_s") or 0) + float(t.get("post_snapshot_s") or 0)}
+        fixed = sum(secs.values())
+        rows.append({"size": size, "base": dtype_name, "file": i, "daemon": True,
+                     "model_source": t.get("model_from"), "seconds": secs,
+                     "train_s": t.get("train_s"), "fixed_s": round(fixed, 3),
+                     "bytes": {"written": written}, "write_once_s": round(onces[1], 3),
+                     "write_once_range": [round(onces[0], 2), round(onces[-1], 2)],
+                     "ratio": round(fixed / onces[1], 2)})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--large", action="store_true", help="also the ~1 GB model")
     ap.add_argument("--files", type=int, default=2, help="one-step files per case (default 2)")
     ap.add_argument("--work", help="folder to work in (default: a temp folder, removed)")
     ap.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    ap.add_argument("--daemon", action="store_true",
+                    help="the files through `training_daemon.py run --once` (the done records' timings)")
     ap.add_argument("--from-disk", action="store_true",
                     help="let go of the model kept in memory between files (each file loads it)")
     args = ap.parse_args(argv)
@@ -161,9 +217,13 @@ def main(argv=None) -> int:
     try:
         for size in ["100MB"] + (["1GB"] if args.large else []):
             for dtype_name in ("bfloat16", "float32"):
-                rows += run_case(work, size, dtype_name, args.files, from_disk=args.from_disk)
+                if args.daemon:
+                    rows += run_daemon_case(work, size, dtype_name, args.files)
+                else:
+                    rows += run_case(work, size, dtype_name, args.files, from_disk=args.from_disk)
                 if not args.work:  # one case on disk at a time (the 1 GB ones take ~8 GB each)
                     shutil.rmtree(work / f"{size}-{dtype_name}", ignore_errors=True)
+                    shutil.rmtree(work / f"daemon-{size}-{dtype_name}", ignore_errors=True)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -175,6 +235,13 @@ def main(argv=None) -> int:
           f"{'load':>6} {'ckpt':>6} {'publ':>6} {'snap':>6} {'fixed s':>7} {'write1 s':>8} {'ratio':>6}")
     for r in rows:
         s, b = r["seconds"], r["bytes"]
+        if r.get("daemon"):  # the done records' figures: no per-part byte counts
+            print(f"{r['size'] + ' ' + r['base']:16} {r['file']:>4} {b['written'] / mb:8.1f} "
+                  f"{'(daemon)':>7} {'':7} {'':9} {s['load']:6.2f} {s['checkpoint']:6.2f} "
+                  f"{s['publish']:6.2f} {s['snapshot']:6.3f} {r['fixed_s']:7.2f} "
+                  f"{r['write_once_s']:8.2f} {r['ratio']:6.2f}  write1 {r['write_once_range'][0]:.2f}-"
+                  f"{r['write_once_range'][1]:.2f}, model from {r['model_source']}")
+            continue
         print(f"{r['size'] + ' ' + r['base']:16} {r['file']:>4} {b['checkpoint'] / mb:8.1f} "
               f"{b['current_model'] / mb:7.1f} {b['version'] / mb:7.2f} "
               f"{r['kernel_write_bytes'] / mb:9.1f} {s.get('load', 0):6.2f} "
