@@ -1515,6 +1515,15 @@ class FileRun:
         model.train()  # (no KV cache: model_inputs asks for none, and config.json keeps the base's use_cache)
         self.isolation, isolation_line = packing_isolation(model, config)  # before DDP wraps it
         self.params = [q for q in model.parameters() if q.requires_grad]
+        # what a checkpoint writes: the saved weights in fp32 (all of a full model, the adapter
+        # alone) and AdamW's two moments; what a publish writes: the weights in the base's
+        # dtype (nothing new for an fp32 base: a link to the checkpoint's), or the adapter
+        trainable = sum(q.numel() for q in self.params)
+        everything = sum(q.numel() for q in model.parameters())
+        dtype = getattr(model, "guardrails_base_dtype", torch.float32)
+        self.need = {"checkpoint": 4 * (trainable if self.base_id else everything) + 8 * trainable,
+                     "current_model": 4 * trainable if self.base_id else
+                     (0 if dtype == torch.float32 else dtype.itemsize * everything)}
         # adam_eps 0 is in the documented range, but AdamW then divides 0 by 0 for every weight
         # whose gradient has always been zero (embedding rows of bytes the data never used) and
         # writes NaN into them: the smallest normal float keeps that 0/eps = 0 and changes nothing else
@@ -1821,9 +1830,34 @@ class FileRun:
                 "chat_date": self.chat_date.isoformat(), "warmup_from_step": self.warmup_from,
                 **lora_mode.checkpoint_meta(self.base_id)}
 
+    def no_room(self, what: str) -> str | None:
+        """Why `what` ("checkpoint" or "current_model") would not fit the free space of the
+        root's disk beyond min_free_disk_mb, or None. Checked before writing: a full disk
+        pauses the run with the figures instead of failing halfway through a write (the
+        daemon's pre-flight reserved the file's bytes in the budget before it started)."""
+        margin = int(self.config.get("min_free_disk_mb") or 0) << 20
+        try:
+            free = shutil.disk_usage(self.p.root).free
+        except OSError:
+            return None  # the write itself will say what is wrong
+        if free >= self.need[what] + margin:
+            return None
+        self.write_kind = "disk"
+        mb = 1 << 20
+        return (f"saving {what} at step {self.state['global_step']} needs "
+                f"{self.need[what] / mb:.1f} MB plus min_free_disk_mb {margin // mb} MB, and "
+                f"{free / mb:.1f} MB are free on the disk of {self.p.root}; paused before "
+                f"writing: free disk space (`python3 model_versioner.py prune --keep 3` lists what "
+                "retention can remove), then resume (training restarts from the last good "
+                "checkpoint)")
+
     def checkpoint(self, complete=False) -> str | None:
         """Write one; on a full or failing disk say why instead of crashing (the run pauses)."""
         if self.writer:
+            full = self.no_room("checkpoint")
+            if full:
+                log.error("%s", full)
+                return full
             t0 = time.perf_counter()
             try:
                 self.ckpt_dir = save_checkpoint(self.root, self.model, self.optimizer,
@@ -1878,10 +1912,16 @@ class FileRun:
             if self.warmup_from is not None:  # the warm-up after a consolidate continues
                 model_state["warmup_from_step"] = self.warmup_from
             t0 = time.perf_counter()
+            full = self.no_room("current_model")
             try:
-                publish_current_model(self.root, self.model, self.tokenizer, model_state, reason=publish,
-                                      checkpoint=None if self.dirty else self.ckpt_dir)
-                self.seconds["publish"] += time.perf_counter() - t0
+                if full:  # the checkpoint beside it is complete: resume is exact
+                    log.error("%s", full)
+                    disk, status, message = True, "paused", full
+                else:
+                    publish_current_model(self.root, self.model, self.tokenizer, model_state,
+                                          reason=publish,
+                                          checkpoint=None if self.dirty else self.ckpt_dir)
+                    self.seconds["publish"] += time.perf_counter() - t0
             except WRITE_ERRORS as exc:  # the checkpoint beside it is complete: resume is exact
                 log.error("saving current_model failed: %s", exc)
                 disk, self.write_kind = True, _write_failure(exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import random
 import signal
 import subprocess
@@ -515,6 +516,29 @@ def test_a_failing_disk_pauses_instead_of_crashing(tmp_path, tiny_model_dir, ref
     assert r["status"] == "paused" and r["global_step"] == 1 and r["pause_reason"] == "disk", r
     assert r["message"] == ("checkpoint at step 1 failed (File too large); paused: free disk space, "
                             "then resume (training restarts from the last good checkpoint)")
+    assert sha256_file(cur / "model.safetensors") == before
+    assert te.list_checkpoints(root) == []
+    assert not [n for n in os.listdir(Paths(root).staging) if n.startswith("checkpoint-")]
+    again = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg)
+    assert again["status"] == "completed"
+    assert_bitwise_equal(weights(cur), reference["weights"])
+
+
+def test_a_checkpoint_that_would_not_fit_pauses_before_writing_with_the_figures(
+        tmp_path, tiny_model_dir, reference):
+    """The free space is checked before a checkpoint is written (here: min_free_disk_mb asks
+    for more than any disk has): the file pauses with what is needed and what is free, and
+    writes nothing; with room again it trains to the uninterrupted result."""
+    root, cfg = make_root(tmp_path / "root", tiny_model_dir)
+    cur = Paths(root).current_model
+    before = sha256_file(cur / "model.safetensors")
+    r = te.train_file(root, reference["data"], file_id="data.jsonl",
+                      config=dict(cfg, min_free_disk_mb=1 << 30))
+    assert r["status"] == "paused" and r["pause_reason"] == "disk", r
+    assert re.search(r"saving checkpoint at step \d+ needs [\d.]+ MB plus min_free_disk_mb "
+                     r"1073741824 MB, and [\d.]+ MB are free on the disk of .*; paused before "
+                     r"writing: free disk space \(`python3 model_versioner.py prune --keep 3`",
+                     r["message"]), r["message"]
     assert sha256_file(cur / "model.safetensors") == before
     assert te.list_checkpoints(root) == []
     assert not [n for n in os.listdir(Paths(root).staging) if n.startswith("checkpoint-")]
