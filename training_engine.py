@@ -1035,6 +1035,7 @@ class _Warm(NamedTuple):
     root: Path
     ckpt: Path             # the end checkpoint: its weights and AdamW state are these
     meta_sig: tuple        # its meta.json's (inode, mtime_ns, size): the same checkpoint still
+    model_sig: tuple       # every current_model file's: nothing there replaced or edited since
     config: str            # the whole config (sorted JSON): any change loads from disk
     model: object          # fp32 master weights, unwrapped
     optimizer: dict        # AdamW's state_dict (the checkpoint's optimizer.safetensors)
@@ -1049,22 +1050,29 @@ def _meta_sig(ckpt: Path) -> tuple:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
+def _folder_sig(folder: Path) -> tuple:
+    return tuple(sorted((e.name, e.inode(), e.stat().st_mtime_ns, e.stat().st_size)
+                        for e in os.scandir(folder)))
+
+
 def _config_key(config: dict) -> str:
     return json.dumps(config, sort_keys=True, default=str)
 
 
 def _take_warm(root, file_id: str, config: dict) -> _Warm | None:
     """The model and AdamW state the last completed file of this process ended with, when the
-    next file would load exactly them from disk: same root and config, no checkpoint of this
-    file to resume, the carry checkpoint is the one they were saved as (unchanged), and
-    current_model is what it published (no rollback, restore or base switch since). A queue of
+    next file would load exactly them from disk: same root and config, no file of
+    current_model replaced or edited, no checkpoint of this file to resume, the carry
+    checkpoint is the one they were saved as (unchanged), and current_model is what it
+    published (no rollback, restore or base switch since). A queue of
     files then trains on without reading ~3x the weights back. Taken once; None otherwise."""
     if not _WARM:
         return None
     warm = _WARM.pop()
     folder = Paths(root).current_model
     try:
-        if warm.root != Path(root).resolve() or warm.config != _config_key(config):
+        if (warm.root != Path(root).resolve() or warm.config != _config_key(config)
+                or _folder_sig(folder) != warm.model_sig):
             return None
         state = _model_state(folder)
         carry = _carry_checkpoint(root, state)
@@ -1884,10 +1892,11 @@ class FileRun:
                 or self.ckpt_dir is None or lora_mode.is_peft(_unwrap(self.model))):
             return
         try:
-            sig = _meta_sig(self.ckpt_dir)
+            sig, model_sig = _meta_sig(self.ckpt_dir), _folder_sig(self.p.current_model)
         except OSError:
             return
-        _WARM.append(_Warm(Path(self.root).resolve(), self.ckpt_dir, sig, _config_key(self.config),
+        _WARM.append(_Warm(Path(self.root).resolve(), self.ckpt_dir, sig, model_sig,
+                           _config_key(self.config),
                            _unwrap(self.model), self.optimizer.state_dict(),
                            self.scaler.state_dict() if self.scaler is not None else None))
 
