@@ -20,6 +20,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import shlex
 import stat
 import sys
@@ -1145,29 +1146,41 @@ def _budget_text(budget: dict) -> str:
 
 
 def print_report(state: dict, warnings_only: bool = False) -> None:
-    """A rich table when stdout is a terminal or rich is wanted; plain lines otherwise."""
-    from rich.console import Console  # lazy: ~60 ms, only for the human report
-    console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())  # piped: greppable lines
+    """A rich table when stdout is a terminal (or FORCE_COLOR asks for colour); the same
+    lines as plain text otherwise, without importing rich (~100 ms of every piped --check)."""
+    if sys.stdout.isatty() or os.environ.get("FORCE_COLOR"):
+        from rich.console import Console  # lazy: only for the human report
+        console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
+
+        def out(text, end="\n", markup=True, soft_wrap=None):
+            console.print(text, end=end, markup=markup, soft_wrap=soft_wrap)
+    else:
+        def out(text, end="\n", markup=True, soft_wrap=None):  # piped: greppable lines
+            print(_MARKUP.sub("", text) if markup else text, end=end)
     colours = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
     if not warnings_only:
         verdict = ("[bold green]OK[/]" if state["ok"] else
                    f"[bold red]{state['critical_count']} CRITICAL[/]")
-        console.print(f"[bold]Training Guardrails state[/] — {verdict}  ({state['generated_at']})")
+        out(f"[bold]Training Guardrails state[/] — {verdict}  ({state['generated_at']})")
         for key, line in report_rows(state):
-            console.print(f"  [bold]{key:<9}[/] ", end="")
-            console.print(line, markup=False)
+            out(f"  [bold]{key:<9}[/] ", end="")
+            out(line, markup=False)
     if not state["warnings"]:
-        console.print("No warnings." if warnings_only else "[green]No warnings.[/]")
+        out("No warnings." if warnings_only else "[green]No warnings.[/]")
         return
-    console.print(f"[bold]Warnings ({len(state['warnings'])})[/]")
+    out(f"[bold]Warnings ({len(state['warnings'])})[/]")
     for x in state["warnings"]:
-        console.print(f"  [{colours[x['severity']]}]{x['severity'].upper():<8} {x['code']}[/] ", end="")
-        console.print(x["message"], markup=False)
-        console.print("    [bold]fix:[/] ", end="")
-        console.print(x["fix"], markup=False, soft_wrap=True)
+        out(f"  [{colours[x['severity']]}]{x['severity'].upper():<8} {x['code']}[/] ", end="")
+        out(x["message"], markup=False)
+        out("    [bold]fix:[/] ", end="")
+        out(x["fix"], markup=False, soft_wrap=True)
         if x.get("note"):
-            console.print("    note: ", end="")
-            console.print(x["note"], markup=False)
+            out("    note: ", end="")
+            out(x["note"], markup=False)
+
+
+# the markup print_report writes (never what it prints with markup=False: messages, paths)
+_MARKUP = re.compile(r"\[(?:/|bold|bold green|bold red|green|yellow|cyan)\]")
 
 
 # --------------------------------------------------------------------------- CLI

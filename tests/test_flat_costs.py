@@ -260,3 +260,42 @@ def test_is_ignored_matches_the_patterns():
         want = any(fnmatch.fnmatchcase(n, pat) for pat in training_queue.IGNORED_PATTERNS) \
             or n.endswith(training_queue.RECORD_SUFFIX)
         assert training_queue.is_ignored(n) == want, n
+
+
+def test_piped_check_prints_what_rich_printed_without_importing_it(initialized_root, capsys):
+    """--check piped (an assistant's shell, a log) is plain text: the lines rich printed
+    there, markup stripped, and no ~100 ms import of rich."""
+    import io
+    import subprocess
+    from rich.console import Console
+    root = initialized_root
+    (root / "current_model" / "config.json").unlink()  # a critical warning with a fix and a note
+    state = st.build_state(root)
+    assert state["warnings"] and any(x["note"] for x in state["warnings"])
+    for warnings_only in (False, True):
+        buf = io.StringIO()
+        console = Console(file=buf, highlight=False, soft_wrap=True)  # as it was when piped
+        colours = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
+        if not warnings_only:
+            verdict = "[bold green]OK[/]" if state["ok"] else f"[bold red]{state['critical_count']} CRITICAL[/]"
+            console.print(f"[bold]Training Guardrails state[/] — {verdict}  ({state['generated_at']})")
+            for key, line in st.report_rows(state):
+                console.print(f"  [bold]{key:<9}[/] ", end="")
+                console.print(line, markup=False)
+        console.print(f"[bold]Warnings ({len(state['warnings'])})[/]")
+        for x in state["warnings"]:
+            console.print(f"  [{colours[x['severity']]}]{x['severity'].upper():<8} {x['code']}[/] ", end="")
+            console.print(x["message"], markup=False)
+            console.print("    [bold]fix:[/] ", end="")
+            console.print(x["fix"], markup=False, soft_wrap=True)
+            if x.get("note"):
+                console.print("    note: ", end="")
+                console.print(x["note"], markup=False)
+        st.print_report(state, warnings_only=warnings_only)
+        assert capsys.readouterr().out == buf.getvalue()
+    code = ("import sys, state_tracker; rc = state_tracker.main(['--check', '--root', sys.argv[1]]); "
+            "print('rich' in sys.modules, rc, file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True,
+                          cwd=Path(st.__file__).parent, timeout=120)
+    assert proc.stderr.strip().splitlines()[-1] == "False 1", proc.stderr
+    assert "CRITICAL MODEL_INCOMPLETE" in proc.stdout and "[bold" not in proc.stdout
