@@ -13,7 +13,6 @@ so neither imports the other and a backup is listed, ordered and typed one way.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import sys
@@ -179,6 +178,7 @@ def summaries(root, cfg: dict | None = None) -> list[dict]:
             atomic_write_json(path, {"schema_version": 1, "dir": str(bdir), "backups": fresh},
                               sync=False)  # a cache: lost, it is rebuilt
         except OSError as exc:  # a read-only root: every record is read next time too
+            import logging  # lazy: ~5 ms of every status command otherwise
             logging.getLogger("backup_records").info("cannot keep %s (%s)", path, exc.strerror)
     out.sort(key=order_key)
     return out

@@ -447,11 +447,14 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
                 break
         else:  # an older version: a snapshot hard-links the manifest, so its inode tells
             try:
-                ino = os.stat(folder / ".manifest.json").st_ino
+                st_m = os.stat(folder / ".manifest.json")
+                # a manifest with one link is shared with no version: no scan of 10,000
+                ino = st_m.st_ino if st_m.st_nlink > 1 else None
             except OSError:
                 ino = None  # replaced while we looked: the next run will tell
-            for vid in reversed(versions["_ids"] if ino else []):
-                if vid in versions["_records"]:
+            # the version it was last published as first (a rollback or restore), then the rest
+            for vid in ([was, *reversed(versions["_ids"])] if ino else []):
+                if not vid or vid in versions["_records"]:
                     continue
                 try:
                     if os.stat(os.path.join(p.versions, vid, ".manifest.json")).st_ino == ino:

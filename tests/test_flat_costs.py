@@ -299,3 +299,22 @@ def test_piped_check_prints_what_rich_printed_without_importing_it(initialized_r
                           cwd=Path(st.__file__).parent, timeout=120)
     assert proc.stderr.strip().splitlines()[-1] == "False 1", proc.stderr
     assert "CRITICAL MODEL_INCOMPLETE" in proc.stdout and "[bold" not in proc.stdout
+
+
+def test_an_unversioned_current_model_is_not_looked_for_in_every_version(initialized_root, monkeypatch):
+    """current_model trained since its last snapshot matches no version: its manifest has
+    one link, so no version shares it and none of 10,000 manifests is stat-ed to find out."""
+    root = initialized_root
+    grow(root, versions=40)
+    manifest = root / "current_model" / ".manifest.json"
+    doc = json.loads(manifest.read_text())
+    name = sorted(doc["files"])[0]
+    doc["files"][name] = dict(doc["files"][name], sha256="0" * 64)  # trained: other bytes
+    (root / "current_model" / ".manifest.tmp").write_text(json.dumps(doc))
+    os.replace(root / "current_model" / ".manifest.tmp", manifest)  # a new inode, as a publish
+    retention.record_usage(root, training_config.load_config(root))  # the daemon's sample: no walk
+    with recorded(monkeypatch) as seen:
+        state = st.build_state(root)
+    assert state["current_model"]["matches_version"] is None
+    assert any(x["code"] == "MODEL_NOT_VERSIONED" for x in state["warnings"])
+    assert not [x for x in _under(seen["stat"], root / "versions") if x.endswith(".manifest.json")]
