@@ -318,3 +318,39 @@ def test_an_unversioned_current_model_is_not_looked_for_in_every_version(initial
     assert state["current_model"]["matches_version"] is None
     assert any(x["code"] == "MODEL_NOT_VERSIONED" for x in state["warnings"])
     assert not [x for x in _under(seen["stat"], root / "versions") if x.endswith(".manifest.json")]
+
+
+def test_backup_summary_two_writers_and_kill_9(initialized_root):
+    """Two processes refreshing the summary while records change, one of them killed -9
+    mid-way: the summary always parses, and the answers are the records'."""
+    import signal
+    import subprocess
+    import time
+    root = initialized_root
+    grow(root, backups=40)
+    bdir = Paths(root).default_backups
+    code = ("import sys, backup_records\n"
+            "while True: backup_records.summaries(sys.argv[1])\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(root)], cwd=Path(st.__file__).parent)
+             for _ in range(2)]
+    try:
+        ids = sorted(b for b in os.listdir(bdir) if backup_records.ID_RE.fullmatch(b))
+        for i, bid in enumerate(ids):  # records rewritten by rename while both refresh
+            rec = json.loads((bdir / bid / "backup.json").read_text())
+            tmp = bdir / bid / ".backup.json.tmp"
+            tmp.write_text(json.dumps(dict(rec, status="corrupt" if i % 3 == 0 else "verified")))
+            os.replace(tmp, bdir / bid / "backup.json")
+            time.sleep(0.01)
+            summary = root / backup_records.SUMMARY
+            if summary.exists():
+                json.loads(summary.read_text())  # never torn
+        procs[0].send_signal(signal.SIGKILL)
+        time.sleep(0.3)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    json.loads((root / backup_records.SUMMARY).read_text())
+    truth = [(b["id"], b["status"]) for b in backup_records.list_backups(root)]
+    assert [(b["id"], b["status"]) for b in backup_records.summaries(root)] == truth
+    assert sum(1 for _, s in truth if s == "corrupt") == 14
