@@ -13,6 +13,7 @@ so neither imports the other and a backup is listed, ordered and typed one way.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -21,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 import training_config
-from trainroot import GuardrailError, Paths, age_seconds, atomic_write_json, read_json, resolve_root
+from trainroot import GuardrailError, Paths, age_seconds, atomic_write_text, read_json, resolve_root
 
 RECORD = "backup.json"
 SUMMARY = ".index/backups.json"  # in ROOT: each backup's record but its file list (a cache)
@@ -87,7 +88,7 @@ def _typed(rec: dict | None, entry: str, bdir: Path, age) -> dict:
     listing (sort, table, policy); a missing or unreadable one is status "unreadable"."""
     if rec is None:
         rec = {"id": entry, "status": "unreadable", "created_at": None, "files": {}}
-    rec = dict(rec, id=entry, path=str(bdir / entry))
+    rec = dict(rec, id=entry, path=os.path.join(bdir, entry))
     for key in ("created_at", "verified_at", "status"):
         if not isinstance(rec.get(key), str):
             rec[key] = "unknown" if key == "status" and key in rec else None
@@ -175,7 +176,8 @@ def summaries(root, cfg: dict | None = None) -> list[dict]:
     if fresh != kept and p.root.is_dir():
         try:
             path.parent.mkdir(exist_ok=True)
-            atomic_write_json(path, {"schema_version": 1, "dir": str(bdir), "backups": fresh},
+            atomic_write_text(path, json.dumps({"schema_version": 1, "dir": str(bdir),  # compact:
+                                                "backups": fresh}, separators=(",", ":")),  # read often
                               sync=False)  # a cache: lost, it is rebuilt
         except OSError as exc:  # a read-only root: every record is read next time too
             import logging  # lazy: ~5 ms of every status command otherwise
