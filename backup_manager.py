@@ -32,6 +32,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import backup_records
 import base_backup
 import base_store
 import cli_guard
@@ -774,19 +775,30 @@ def cmd_backup(args) -> int:
 
 
 def cmd_list(args) -> int:
-    """List backups: age, size, verified-at and status (never the staging ones)."""
-    backups = list_backups(args.root)
+    """List the newest backups, oldest first: age, size, verified-at and status (never the
+    staging ones); --limit N (default 50), --all for every one."""
+    limit = None if args.all else args.limit
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {limit}", backups_dir(args.root),
+                         f"Run `{cli_guard.command('python3 backup_manager.py list --all', cli_guard.explicit_root(args))}`.")
+    every = backup_records.summaries(args.root)  # each record but its file list
+    backups = every[-limit:] if limit else every
+    more = len(every) - len(backups)
     warning = _same_fs_warning(args.root)
     if args.json:
         print_json({"ok": True, "backup_dir": str(backups_dir(args.root)),
                     "same_filesystem": warning is not None,
-                    "warnings": [warning] if warning else [], "backups": backups})
+                    "warnings": [warning] if warning else [], "backups": backups,
+                    "total": len(every), "not_listed": more})
         return 0
     if not backups_dir(args.root).is_dir():
         print(f"backup_dir {backups_dir(args.root)} does not exist (no backup yet, or its disk is "
               f"not mounted); `{BACKUP_CMD}` creates it")
     elif not backups:
         print(f"no backups in {backups_dir(args.root)}; make one with `{BACKUP_CMD}`")
+    if more:
+        print(f"  ({more} older backup(s) not listed: "
+              f"`{cli_guard.command('python3 backup_manager.py list --all', cli_guard.explicit_root(args))}`)")
     for b in backups:
         print(f"{b['id']}  {_human_age(b.get('age_seconds')):>6} ago  "
               f"{_human_bytes(b.get('total_bytes')):>9}  {b.get('status', '?'):<10}  "
@@ -895,7 +907,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--idle", action="store_true", help="run at SCHED_IDLE CPU priority")
     sp.add_argument("--prune", action="store_true", help="then apply the retention policy "
                     "(config retention.backups), trusting each kept backup's last verification")
-    add("list", cmd_list)
+    sp = add("list", cmd_list)
+    sp.add_argument("--limit", type=int, default=50, metavar="N",
+                    help="the newest N backups (default 50)")
+    sp.add_argument("--all", action="store_true", help="every backup")
     sp = add("verify", cmd_verify)
     sp.add_argument("id", nargs="?", default=None, help="backup id (default: the newest)")
     sp.add_argument("--all", action="store_true", help="verify every backup")

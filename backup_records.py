@@ -13,15 +13,19 @@ so neither imports the other and a backup is listed, ordered and typed one way.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 
 import training_config
-from trainroot import GuardrailError, Paths, age_seconds, read_json, resolve_root
+from trainroot import GuardrailError, Paths, age_seconds, atomic_write_text, read_json, resolve_root
 
 RECORD = "backup.json"
+SUMMARY = ".index/backups.json"  # in ROOT: each backup's record but its file list (a cache)
 ID_RE = re.compile(r"b\d{8}T\d{6}-[0-9a-f]{4}")
 
 
@@ -79,11 +83,31 @@ def read_record(folder: Path) -> dict | None:
     return doc if isinstance(doc, dict) else None
 
 
+def _typed(rec: dict | None, entry: str, bdir: Path, age) -> dict:
+    """A record as every listing gives it: a hand-edited backup.json must not break every
+    listing (sort, table, policy); a missing or unreadable one is status "unreadable"."""
+    if rec is None:
+        rec = {"id": entry, "status": "unreadable", "created_at": None, "files": {}}
+    rec = dict(rec, id=entry, path=os.path.join(bdir, entry))
+    for key in ("created_at", "verified_at", "status"):
+        if not isinstance(rec.get(key), str):
+            rec[key] = "unknown" if key == "status" and key in rec else None
+    if rec["status"] is None:
+        rec["status"] = "unknown"
+    if not isinstance(rec.get("total_bytes"), int):
+        rec["total_bytes"] = None
+    if not (isinstance(rec.get("seq"), int) and not isinstance(rec["seq"], bool)):
+        rec["seq"] = None  # written before seq existed (or hand-edited): ranked by time
+    rec["age_seconds"] = age(rec.get("created_at"))
+    return rec
+
+
 def list_backups(root, cfg: dict | None = None) -> list[dict]:
     """Every published backup, oldest first; `.staging-*`/`.deleting-*` are never listed.
 
     A folder whose backup.json is missing or unreadable is listed with status
-    "unreadable" (never as good).
+    "unreadable" (never as good). Each record whole, with its file list: `summaries`
+    gives the same without it, for a cost that does not grow with every record's size.
     """
     bdir = backups_dir(root, cfg)
     out = []
@@ -92,22 +116,72 @@ def list_backups(root, cfg: dict | None = None) -> list[dict]:
     for entry in sorted(os.listdir(bdir)):
         if not ID_RE.fullmatch(entry) or not (bdir / entry).is_dir():
             continue
-        rec = read_record(bdir / entry)
-        if rec is None:
-            rec = {"id": entry, "status": "unreadable", "created_at": None, "files": {}}
-        rec = dict(rec, id=entry, path=str(bdir / entry))
-        # a hand-edited backup.json must not break every listing (sort, table, policy)
-        for key in ("created_at", "verified_at", "status"):
-            if not isinstance(rec.get(key), str):
-                rec[key] = "unknown" if key == "status" and key in rec else None
-        if rec["status"] is None:
-            rec["status"] = "unknown"
-        if not isinstance(rec.get("total_bytes"), int):
-            rec["total_bytes"] = None
-        if not (isinstance(rec.get("seq"), int) and not isinstance(rec["seq"], bool)):
-            rec["seq"] = None  # written before seq existed (or hand-edited): ranked by time
-        rec["age_seconds"] = age_seconds(rec.get("created_at"))
-        out.append(rec)
+        out.append(_typed(read_record(bdir / entry), entry, bdir, age_seconds))
+    out.sort(key=order_key)
+    return out
+
+
+def _age(text) -> float | None:
+    """trainroot.age_seconds through `fromisoformat` (C code; strptime cost ~45 us a record)."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return max(0.0, time.time() - datetime.fromisoformat(text).timestamp())
+    except ValueError:
+        return None
+
+
+def summaries(root, cfg: dict | None = None) -> list[dict]:
+    """`list_backups` without each record's file list (`files`), oldest first, for the
+    routine commands (`list`, the state report, the newest backup): a backup.json is read
+    only when it changed since the last call, which ROOT/.index/backups.json remembers
+    (each record's inode, size and mtime, and its fields but the file list).
+
+    That summary is a cache, never trusted over a record: one stat per backup tells
+    whether it still holds (a record is rewritten by rename, so its inode changes); a
+    missing or damaged summary is rebuilt from the records, and it is written atomically
+    (kill -9 leaves the old or the new; two writers: the last wins, both right).
+    """
+    p = _p(root)
+    bdir = backups_dir(root, cfg)
+    path = p.root / SUMMARY
+    try:
+        doc = read_json(path, default=None)
+    except GuardrailError:
+        doc = None  # damaged: rebuilt from the records below
+    kept = doc.get("backups") if isinstance(doc, dict) and doc.get("schema_version") == 1 \
+        and doc.get("dir") == str(bdir) else None
+    kept = kept if isinstance(kept, dict) else {}
+    try:
+        with os.scandir(bdir) as it:
+            entries = sorted(e.name for e in it if ID_RE.fullmatch(e.name) and e.is_dir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    fresh, out = {}, []
+    for entry in entries:
+        try:
+            st = os.stat(os.path.join(bdir, entry, RECORD))
+            sig = [st.st_ino, st.st_size, st.st_mtime_ns]
+        except OSError:
+            sig = None  # no record: "unreadable", read again each time (it may come back)
+        hit = kept.get(entry)
+        if sig is not None and isinstance(hit, dict) and hit.get("sig") == sig \
+                and isinstance(hit.get("rec"), (dict, type(None))):
+            rec = hit["rec"]
+        else:  # stat first, then read: what is kept is never older than its signature
+            rec = read_record(bdir / entry)
+            rec = {k: v for k, v in rec.items() if k != "files"} if rec is not None else None
+        fresh[entry] = {"sig": sig, "rec": rec}
+        out.append(_typed(rec, entry, bdir, _age))
+    if fresh != kept and p.root.is_dir():
+        try:
+            path.parent.mkdir(exist_ok=True)
+            atomic_write_text(path, json.dumps({"schema_version": 1, "dir": str(bdir),  # compact:
+                                                "backups": fresh}, separators=(",", ":")),  # read often
+                              sync=False)  # a cache: lost, it is rebuilt
+        except OSError as exc:  # a read-only root: every record is read next time too
+            import logging  # lazy: ~5 ms of every status command otherwise
+            logging.getLogger("backup_records").info("cannot keep %s (%s)", path, exc.strerror)
     out.sort(key=order_key)
     return out
 
@@ -123,10 +197,10 @@ def order_key(rec: dict) -> tuple:
 
 def next_seq(root) -> int:
     """One above every listed backup's `seq`; call only holding the `backups` lock."""
-    return max((b["seq"] for b in list_backups(root) if b["seq"] is not None), default=0) + 1
+    return max((b["seq"] for b in summaries(root) if b["seq"] is not None), default=0) + 1
 
 
 def latest_backup(root) -> dict | None:
     """The newest backup whose last verification passed, or None."""
-    good = [b for b in list_backups(root) if b.get("status") == "verified"]
+    good = [b for b in summaries(root) if b.get("status") == "verified"]
     return good[-1] if good else None

@@ -175,13 +175,22 @@ def _dev(path: Path) -> int | None:
         return None
 
 
-def folder_bytes(folders, seen: set | None = None, dev: int | None = None) -> int:
+class TooManyFiles(Exception):
+    """A bounded measurement (`usage(limit=N)`) met more than N files: not measured."""
+
+
+def folder_bytes(folders, seen: set | None = None, dev: int | None = None,
+                 left: list | None = None) -> int:
     """Bytes on disk (blocks) of every file under `folders`, each inode once (only those on
-    device `dev` when given)."""
+    device `dev` when given). `left`: [files this walk may still stat]; TooManyFiles past it."""
     seen = set() if seen is None else seen
     total = 0
     for folder in folders:
         for dirpath, _dirs, files in os.walk(folder):
+            if left is not None:
+                left[0] -= len(files) + 1
+                if left[0] < 0:
+                    raise TooManyFiles(folder)
             for name in files:
                 try:
                     st = os.stat(os.path.join(dirpath, name), follow_symlinks=False)
@@ -201,28 +210,46 @@ def _backup_dir(root: Path, cfg: dict) -> Path:
         return Paths(root).default_backups
 
 
-def usage(root, cfg: dict) -> dict:
+def usage(root, cfg: dict, limit: int | None = None) -> dict | None:
     """What the budgets count: the root's model data (current_model, versions, checkpoints,
-    .staging, .attic, and backup_dir when it lies inside the root) and backup_dir."""
+    .staging, .attic, and backup_dir when it lies inside the root) and backup_dir; also
+    `versions_used` (versions/ alone, each inode once). A walk of every file: the daemon's,
+    once per file. With `limit`: None when the root holds more than `limit` files (a status
+    measures a small root now, never a long history)."""
     p = Paths(root)
     bdir = _backup_dir(p.root, cfg)
     inside = bdir.resolve().is_relative_to(p.root.resolve()) if bdir.exists() else \
         str(bdir).startswith(str(p.root))
     seen: set = set()
-    root_used = folder_bytes([p.current_model, p.versions, p.checkpoints, p.staging,
-                              p.root / ".attic"], seen)
-    backup_used = folder_bytes([bdir], set() if not inside else seen)
+    left = None if limit is None else [limit]
+    try:
+        versions_used = folder_bytes([p.versions], seen, left=left)
+        root_used = versions_used + folder_bytes([p.current_model, p.checkpoints, p.staging,
+                                                  p.root / ".attic"], seen, left=left)
+        backup_used = folder_bytes([bdir], set() if not inside else seen, left=left)
+    except TooManyFiles:
+        return None
     return {"root_used": root_used + (backup_used if inside else 0), "backup_used": backup_used,
-            "backup_dir": str(bdir), "backups_inside_root": inside}
+            "versions_used": versions_used, "backup_dir": str(bdir), "backups_inside_root": inside}
 
 
-def disk_report(root, cfg: dict, *, disk_usage=None, used: dict | None = None) -> dict:
+def disk_report(root, cfg: dict, *, disk_usage=None, used: dict | None = None,
+                walk: bool = True) -> dict:
     """Usage vs budget and free space, for the root and backup_dir, with days left at the
-    rate the daemon's samples show (None while there are too few or usage shrinks)."""
-    import shutil
-    disk_usage = disk_usage or shutil.disk_usage
+    rate the daemon's samples show (None while there are too few or usage shrinks).
+
+    `used`: a measurement already made (the daemon's last sample); without one, `walk`
+    measures now, else used_bytes is None and `measured_at` None: not measured yet."""
     p = Paths(root)
-    u = used or usage(p.root, cfg)
+    if disk_usage is None:
+        import shutil
+        disk_usage = shutil.disk_usage
+    u = used or (usage(p.root, cfg) if walk else None)
+    if u is None:
+        bdir = _backup_dir(p.root, cfg)
+        u = {"root_used": None, "backup_used": None, "backup_dir": str(bdir),
+             "backups_inside_root": str(bdir.resolve()).startswith(str(p.root.resolve()) + os.sep),
+             "measured_at": None}
     out = {}
     for name, path, used_bytes, key in (
             ("root", p.root, u["root_used"], "max_disk_gb"),
@@ -237,7 +264,8 @@ def disk_report(root, cfg: dict, *, disk_usage=None, used: dict | None = None) -
         budget = _budget(cfg, key)
         out[name] = {"path": str(path), "used_bytes": used_bytes, "budget_bytes": budget,
                      "free_bytes": free, "budget_key": key,
-                     "left_bytes": None if budget is None else budget - used_bytes}
+                     "left_bytes": None if budget is None or used_bytes is None
+                     else budget - used_bytes}
     rate = growth_per_day(p.root)
     for name, key in (("root", "root_used"), ("backups", "backup_used")):
         sec = out[name]
@@ -246,7 +274,7 @@ def disk_report(root, cfg: dict, *, disk_usage=None, used: dict | None = None) -
         sec["growth_bytes_per_day"] = None if r is None else int(r)
         sec["days_left"] = (round(max(0, min(room)) / r, 1) if r and r > 0 and room else None)
     out["backups_inside_root"] = u["backups_inside_root"]
-    out["measured_at"] = u.get("measured_at") or utc_now()
+    out["measured_at"] = None if u["root_used"] is None else (u.get("measured_at") or utc_now())
     return out
 
 
@@ -324,7 +352,7 @@ def record_usage(root, cfg: dict, used: dict | None = None) -> dict:
     samples = doc.get("samples") if isinstance(doc, dict) else None
     samples = [s for s in samples if isinstance(s, dict)] if isinstance(samples, list) else []
     samples.append({"at": utc_now(), "t": time.time(), "root_used": u["root_used"],
-                    "backup_used": u["backup_used"]})
+                    "backup_used": u["backup_used"], "versions_used": u.get("versions_used")})
     atomic_write_json(p.root / USAGE_FILE, {"schema_version": 1, "samples": samples[-USAGE_SAMPLES:]},
                       sync=False)  # a hint: a lost sample only blurs the rate
     return u
@@ -346,7 +374,8 @@ def recorded_usage(root, cfg: dict) -> dict | None:
         return None
     bdir = _backup_dir(p.root, cfg)
     return {"root_used": last["root_used"], "backup_used": last["backup_used"],
-            "backup_dir": str(bdir), "measured_at": last.get("at"),
+            "versions_used": last.get("versions_used") if isinstance(last.get("versions_used"), int)
+            else None, "backup_dir": str(bdir), "measured_at": last.get("at"),
             "backups_inside_root": str(bdir.resolve()).startswith(str(p.root.resolve()) + os.sep)}
 
 

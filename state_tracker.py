@@ -20,6 +20,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import shlex
 import stat
 import sys
@@ -43,6 +44,7 @@ LOCK_HELD_LONG_S = 3600.0       # versions/config locks are held for seconds; ba
 TRAINING_LOCKS = ("daemon", "model", "engine")  # held while the daemon runs / one file trains
 METRICS_TAIL_BYTES = 64 * 1024  # metrics.jsonl may be a year long: read only its tail
 MODEL_SPACE_FACTOR = 4          # next save (1x) + checkpoint weights (1x) + AdamW state (2x)
+MEASURE_NOW_FILES = 500         # no usage sample yet: a root this small is measured now
 CHECK_VERSIONS = 20             # versions given the cheap check each run (plus tagged ones)
 EVAL_RECENT = 10                # versions whose eval loss the document (and the monitor) shows
 LIST_LIMIT = 20                 # failed/skipped files listed in full (the count is exact)
@@ -226,13 +228,12 @@ def _config_section(root: Path, w: list) -> tuple[dict, dict]:
     return sec, cfg
 
 
-def _model_check(folder: Path, manifest: dict | None,
-                 inodes: dict | None = None) -> tuple[list[str], int, int]:
+def _model_check(folder: Path, manifest: dict | None) -> tuple[list[str], int, int]:
     """Cheap completeness check of a model folder: (problems, size_bytes, file_count).
 
     With a manifest: every listed file present with its recorded size. Always: a
     config.json and weights (every shard an index names). One stat per file, on plain
-    strings (pathlib costs more than the stat here); `inodes` collects (dev, ino) -> size.
+    strings (pathlib costs more than the stat here).
     """
     problems, size, present = [], 0, set()
     base = str(folder) + os.sep
@@ -257,8 +258,6 @@ def _model_check(folder: Path, manifest: dict | None,
             problems.append(f"{rel}: written in place after it was versioned")
         size += st.st_size
         present.add(rel)
-        if inodes is not None:
-            inodes[(st.st_dev, st.st_ino)] = st.st_size
     if "config.json" not in present and "adapter_config.json" in present:  # adapter mode
         if not present & {"adapter_model.safetensors", "adapter_model.bin"}:
             problems.append("adapter_model.safetensors: missing")
@@ -284,12 +283,13 @@ def _manifest_key(files) -> str | None:
     return json.dumps({k: _dict(v).get("sha256") for k, v in files.items()}, sort_keys=True)
 
 
-def _versions_section(root: Path, w: list) -> dict:
+def _versions_section(root: Path, w: list, measured: dict | None = None) -> dict:
     """versions/: count, latest, tags, unique bytes; the cheap check on the newest and tagged.
 
-    Reading every version.json would make the tracker O(versions) in JSON parsing after a
-    year of snapshots; the newest CHECK_VERSIONS and the tagged ones are checked, the
-    rest only counted and sized (one stat per file, through scandir).
+    Reading every version.json (or stat-ing every file) would make the tracker O(versions)
+    after a year of snapshots; the newest CHECK_VERSIONS and the tagged ones are checked,
+    the rest only counted from one listing of versions/. Their size is the last disk
+    measurement's (`measured`: the daemon's sample, or a small root measured now).
     """
     p = Paths(root)
     sec = {"count": 0, "latest": None, "latest_created_at": None, "oldest": None,
@@ -298,21 +298,18 @@ def _versions_section(root: Path, w: list) -> dict:
     tags = _read(p.versions / "tags.json")
     if isinstance(tags, dict):
         sec["tagged"] = {str(k): v for k, v in tags.items() if isinstance(v, str)}
-    ids = sorted((v for v in _listdir(p.versions) if v[:1] == "v" and v[1:].isdigit()
-                  and os.path.isdir(os.path.join(p.versions, v))), key=lambda v: int(v[1:]))
+    try:  # one listing; the entry's type comes with it (no stat per version)
+        with os.scandir(p.versions) as it:
+            ids = [e.name for e in it if e.name[:1] == "v" and e.name[1:].isdigit()
+                   and e.is_dir()]
+    except (FileNotFoundError, NotADirectoryError):
+        ids = []
+    ids.sort(key=lambda v: int(v[1:]))
     checked = set(ids[-CHECK_VERSIONS:]) | set(sec["tagged"].values())
-    inodes: dict = {}  # hard links share one copy: count each inode once
     for vid in ids:
-        folder = p.versions / vid
         if vid not in checked:
-            try:
-                with os.scandir(folder) as it:
-                    for e in it:
-                        st = e.stat(follow_symlinks=False)
-                        inodes[(st.st_dev, st.st_ino)] = st.st_size
-            except OSError:
-                pass  # gone while we looked (pruned): nothing to count
             continue
+        folder = p.versions / vid
         sec["checked"].append(vid)
         read_problems: list = []
         rec = _read(folder / "version.json", read_problems)
@@ -323,7 +320,7 @@ def _versions_section(root: Path, w: list) -> dict:
         if not isinstance(manifest, dict):
             manifest = _dict(_read(folder / ".manifest.json")).get("files")
         problems, _, _ = _model_check(folder, {"files": manifest} if isinstance(manifest, dict)
-                                      else None, inodes)
+                                      else None)
         if problems:
             sec["problems"].append({"id": vid, "problems": problems})
         sec["_records"][vid] = {"created_at": _str(rec.get("created_at")), "reason": rec.get("reason"),
@@ -332,7 +329,7 @@ def _versions_section(root: Path, w: list) -> dict:
                                 "key": _manifest_key(manifest)}
     # a summary, not every id (153 KB at 10,000 versions, rebuilt at each monitor poll)
     sec["_ids"], sec["ids"], sec["count"] = ids, ids[-CHECK_VERSIONS:], len(ids)
-    sec["total_size_bytes"] = sum(inodes.values())
+    sec["total_size_bytes"] = (measured or {}).get("versions_used")
     sec["oldest"] = ids[0] if ids else None
     sec["oldest_created_at"] = _str(_dict(_read(p.versions / ids[0] / "version.json")).get(
         "created_at")) if ids else None
@@ -450,11 +447,14 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
                 break
         else:  # an older version: a snapshot hard-links the manifest, so its inode tells
             try:
-                ino = os.stat(folder / ".manifest.json").st_ino
+                st_m = os.stat(folder / ".manifest.json")
+                # a manifest with one link is shared with no version: no scan of 10,000
+                ino = st_m.st_ino if st_m.st_nlink > 1 else None
             except OSError:
                 ino = None  # replaced while we looked: the next run will tell
-            for vid in reversed(versions["_ids"] if ino else []):
-                if vid in versions["_records"]:
+            # the version it was last published as first (a rollback or restore), then the rest
+            for vid in ([was, *reversed(versions["_ids"])] if ino else []):
+                if not vid or vid in versions["_records"]:
                     continue
                 try:
                     if os.stat(os.path.join(p.versions, vid, ".manifest.json")).st_ino == ino:
@@ -591,12 +591,19 @@ def _file_warnings(root: Path, files, w: list) -> None:
           "over (`add --skip-invalid`), listed in the record.")
 
 
+def _done_count(root: Path) -> int:
+    """Trained files in done/: from the done index while it is up to date (done/ holds
+    every file trained for years: one listing of it costs ~0.2 s at 100,000)."""
+    import done_index  # sqlite3: only here
+    return done_index.count(root)
+
+
 def _queue_section(root: Path, daemon: dict, w: list) -> dict:
     p = Paths(root)
     counts = {pr: len(_data_names(p.queue / pr)) for pr in QUEUE_PRIORITIES}
     inbox = sum(len(_data_names(d)) for d in (p.inbox, p.inbox_high, p.inbox_low))
     sec = {"counts": counts, "queued": sum(counts.values()), "inbox": inbox,
-           "processing": (_data_names(p.processing) or [None])[0], "done": len(_data_names(p.done)),
+           "processing": (_data_names(p.processing) or [None])[0], "done": _done_count(root),
            "failed": [], "failed_count": 0, "skipped": [], "skipped_count": 0}
     for kind in ("failed", "skipped"):
         folder = getattr(p, kind)
@@ -636,7 +643,18 @@ def _queue_section(root: Path, daemon: dict, w: list) -> dict:
     return sec
 
 
-def _disk_section(root: Path, cfg: dict, model: dict, disk_usage, w: list) -> dict:
+def _measured_usage(root: Path, cfg: dict) -> dict | None:
+    """The disk usage the budget is read against: the daemon's last sample (after each file,
+    `.disk_usage.json`), or a small root measured now; None (not measured yet) for a root
+    with more than MEASURE_NOW_FILES files and no sample: a status never walks the history."""
+    try:
+        return retention.recorded_usage(root, cfg) or retention.usage(root, cfg, limit=MEASURE_NOW_FILES)
+    except (GuardrailError, OSError, TypeError, ValueError):
+        return None  # an unreadable backup_dir setting: CONFIG_INVALID says so
+
+
+def _disk_section(root: Path, cfg: dict, model: dict, disk_usage, w: list,
+                  measured: dict | None = None) -> dict:
     p = Paths(root)
     where = p.current_model if model["exists"] else p.root
     usage = disk_usage(where)
@@ -646,12 +664,17 @@ def _disk_section(root: Path, cfg: dict, model: dict, disk_usage, w: list) -> di
            "model_size_bytes": model["size_bytes"], "needed_bytes": needed,
            "min_free_bytes": min_free, "enough": usage.free >= needed}
     try:
-        sec["budget"] = retention.disk_report(root, cfg, disk_usage=disk_usage,
-                                              used=retention.recorded_usage(root, cfg))
+        sec["budget"] = retention.disk_report(root, cfg, disk_usage=disk_usage, used=measured,
+                                              walk=False)
     except OSError as exc:
         sec["budget"] = {"error": str(exc)}
+    if "error" not in sec["budget"] and sec["budget"]["measured_at"] is None:
+        sec["budget"]["not_measured"] = (
+            f"not measured yet: the root holds more than {MEASURE_NOW_FILES} files and the daemon "
+            f"has not sampled it (it does after each trained file); `{_cmd(root, 'state_tracker.py --measure-disk')}` "
+            "measures it now (a walk of every file) and keeps the sample")
     root_budget = sec["budget"].get("root") or {}
-    if root_budget.get("budget_bytes") is not None and \
+    if root_budget.get("budget_bytes") is not None and root_budget["used_bytes"] is not None and \
             root_budget["used_bytes"] + needed - min_free > root_budget["budget_bytes"]:
         _warn(w, "DISK_BUDGET", "critical",
               f"the root's models use {root_budget['used_bytes'] / 1e9:.3f} GB of max_disk_gb "
@@ -662,7 +685,7 @@ def _disk_section(root: Path, cfg: dict, model: dict, disk_usage, w: list) -> di
               "held versions stay); add --yes once the user agrees. Or raise max_disk_gb in "
               "config.json, or free space on that disk.")
     back = sec["budget"].get("backups") or {}
-    if back.get("budget_bytes") is not None and \
+    if back.get("budget_bytes") is not None and back["used_bytes"] is not None and \
             back["used_bytes"] + model["size_bytes"] > back["budget_bytes"]:
         _warn(w, "DISK_BUDGET", "warning",
               f"backups use {back['used_bytes'] / 1e9:.3f} GB of backup_max_disk_gb "
@@ -750,7 +773,7 @@ def _backups_section(root: Path, cfg: dict, w: list) -> dict:
     records = [{"id": r["id"], "created_at": r["created_at"], "verified_at": r["verified_at"],
                 "status": r["status"], "version": _str(r.get("version")),
                 "global_step": _int(r.get("global_step"))}
-               for r in backup_records.list_backups(root, cfg)]
+               for r in backup_records.summaries(root, cfg)]
     good = [r for r in records if r["status"] == "verified"]
     sec["count"], sec["verified_count"] = len(records), len(good)
     sec["problems"] = [{"id": r["id"], "status": r["status"]} for r in records
@@ -964,7 +987,8 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
     p = Paths(root)
     w: list = []
     config, cfg = _config_section(root, w)
-    versions = _versions_section(root, w)
+    measured = _measured_usage(root, cfg)
+    versions = _versions_section(root, w, measured)
     model = _current_model_section(root, versions, w)
     if os.path.lexists(root) and not root.is_dir():
         _warn(w, "NOT_INITIALIZED", "critical",
@@ -991,7 +1015,7 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
     _damaged_versions(root, versions, model, w)
     daemon, training = _daemon_and_training(root, w)
     queue = _queue_section(root, daemon, w)
-    disk = _disk_section(root, cfg, model, disk_usage, w)
+    disk = _disk_section(root, cfg, model, disk_usage, w, measured)
     backups = _backups_section(root, cfg, w)
     if not versions["count"] and backups["latest"]:  # only a backup holds the trained model
         b = backups["latest"]
@@ -1125,29 +1149,41 @@ def _budget_text(budget: dict) -> str:
 
 
 def print_report(state: dict, warnings_only: bool = False) -> None:
-    """A rich table when stdout is a terminal or rich is wanted; plain lines otherwise."""
-    from rich.console import Console  # lazy: ~60 ms, only for the human report
-    console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())  # piped: greppable lines
+    """A rich table when stdout is a terminal (or FORCE_COLOR asks for colour); the same
+    lines as plain text otherwise, without importing rich (~100 ms of every piped --check)."""
+    if sys.stdout.isatty() or os.environ.get("FORCE_COLOR"):
+        from rich.console import Console  # lazy: only for the human report
+        console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
+
+        def out(text, end="\n", markup=True, soft_wrap=None):
+            console.print(text, end=end, markup=markup, soft_wrap=soft_wrap)
+    else:
+        def out(text, end="\n", markup=True, soft_wrap=None):  # piped: greppable lines
+            print(_MARKUP.sub("", text) if markup else text, end=end)
     colours = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
     if not warnings_only:
         verdict = ("[bold green]OK[/]" if state["ok"] else
                    f"[bold red]{state['critical_count']} CRITICAL[/]")
-        console.print(f"[bold]Training Guardrails state[/] — {verdict}  ({state['generated_at']})")
+        out(f"[bold]Training Guardrails state[/] — {verdict}  ({state['generated_at']})")
         for key, line in report_rows(state):
-            console.print(f"  [bold]{key:<9}[/] ", end="")
-            console.print(line, markup=False)
+            out(f"  [bold]{key:<9}[/] ", end="")
+            out(line, markup=False)
     if not state["warnings"]:
-        console.print("No warnings." if warnings_only else "[green]No warnings.[/]")
+        out("No warnings." if warnings_only else "[green]No warnings.[/]")
         return
-    console.print(f"[bold]Warnings ({len(state['warnings'])})[/]")
+    out(f"[bold]Warnings ({len(state['warnings'])})[/]")
     for x in state["warnings"]:
-        console.print(f"  [{colours[x['severity']]}]{x['severity'].upper():<8} {x['code']}[/] ", end="")
-        console.print(x["message"], markup=False)
-        console.print("    [bold]fix:[/] ", end="")
-        console.print(x["fix"], markup=False, soft_wrap=True)
+        out(f"  [{colours[x['severity']]}]{x['severity'].upper():<8} {x['code']}[/] ", end="")
+        out(x["message"], markup=False)
+        out("    [bold]fix:[/] ", end="")
+        out(x["fix"], markup=False, soft_wrap=True)
         if x.get("note"):
-            console.print("    note: ", end="")
-            console.print(x["note"], markup=False)
+            out("    note: ", end="")
+            out(x["note"], markup=False)
+
+
+# the markup print_report writes (never what it prints with markup=False: messages, paths)
+_MARKUP = re.compile(r"\[(?:/|bold|bold green|bold red|green|yellow|cyan)\]")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -1155,6 +1191,8 @@ def print_report(state: dict, warnings_only: bool = False) -> None:
 def cmd_state(args) -> int:
     """Refresh .system_state.json (default), or print the report, the warnings or the JSON."""
     root = resolve_root(args.root)
+    if args.measure_disk:
+        measure_disk(root)
     state = build_state(root)
     if args.json:
         print_json(state)
@@ -1183,6 +1221,26 @@ def cmd_state(args) -> int:
     return exit_code(state)
 
 
+def measure_disk(root) -> dict:
+    """Walk every file the disk budget counts now and keep it as a usage sample (what the
+    daemon does after each trained file): for a root the daemon has not sampled yet."""
+    root = resolve_root(root)
+    if not is_training_root(root):
+        raise GuardrailError("cannot measure the disk usage: not a training root", root,
+                             f"Create one with `python3 training_daemon.py init --root {shlex.quote(str(root))}`.")
+    try:
+        cfg = training_config.load_config(root)
+    except training_config.ConfigError as exc:
+        raise GuardrailError(f"cannot measure the disk usage: config.json is invalid ({'; '.join(exc.errors)})",
+                             Paths(root).config, f"Fix the keys named, then `{_cmd(root, 'state_tracker.py --measure-disk')}`.")
+    try:
+        return retention.record_usage(root, cfg)
+    except OSError as exc:
+        raise GuardrailError(f"cannot keep the usage sample ({exc.strerror})", Path(root) / retention.USAGE_FILE,
+                             "Free space or fix the permissions of the training root, then run "
+                             f"`{_cmd(root, 'state_tracker.py --measure-disk')}` again.") from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="state_tracker.py", description=__doc__.split("\n\n")[0],
@@ -1191,6 +1249,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="print a readable report with every warning")
     mode.add_argument("--warnings", action="store_true", help="print only the warnings")
+    parser.add_argument("--measure-disk", action="store_true",
+                        help="walk the root now and keep a disk-usage sample (the daemon keeps "
+                             "one after each trained file), then report")
     parser.set_defaults(func=cmd_state)
     return parser
 

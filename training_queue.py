@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import errno
 import fcntl
-import fnmatch
 import functools
 import os
 import shlex
@@ -41,14 +40,16 @@ RECORD_SUFFIX = ".record.json"
 INCOMING = ".incoming"          # queue/.incoming/: claimed from the inbox, not yet validated
 IGNORED_PATTERNS = (".*", "*.tmp", "*.part", "*.partial", "*~", "*.swp", "4913")
 LIST_CMD = "python3 training_queue.py list"
+_IGNORED_ENDINGS = (".tmp", ".part", ".partial", "~", ".swp", RECORD_SUFFIX)  # is_ignored
 
 
 # --------------------------------------------------------------------------- names and records
 
 def is_ignored(name: str) -> bool:
     """Hidden and temporary names (editors, downloads, copies in progress) are never taken."""
-    return any(fnmatch.fnmatchcase(name, pat) for pat in IGNORED_PATTERNS) \
-        or name.endswith(RECORD_SUFFIX)
+    # IGNORED_PATTERNS as string tests (fnmatch per pattern cost ~12 us a name: 2.6 s
+    # for a done/ of 100,000 files)
+    return name.startswith(".") or name.endswith(_IGNORED_ENDINGS) or name == "4913"
 
 
 def record_path(data_path) -> Path:
@@ -748,8 +749,10 @@ def counts(root) -> dict:
     out = {pr: n_data(p.queue / pr) for pr in PRIORITIES}
     out["queued"] = sum(out[pr] for pr in PRIORITIES)
     out["inbox"] = sum(n_takeable(d) for d in (p.inbox_high, p.inbox, p.inbox_low))
+    import done_index
     for name in ("processing", "done", "failed", "skipped"):
-        out[name] = n_data(getattr(p, name))
+        # done/: the index while it is up to date, not a listing of 100,000 names
+        out[name] = done_index.count(root) if name == "done" else n_data(getattr(p, name))
     return out
 
 

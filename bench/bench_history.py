@@ -109,6 +109,13 @@ def grow(root: Path, scale: int) -> None:
                "note": None, "files": v1["manifest"], "total_bytes": 0, "verified_at": at,
                "status": "verified"}
         (folder / "backup.json").write_text(json.dumps(rec))
+    # what the daemon keeps beside the data after each file: the done index (as `add` and
+    # the daemon build it) and a disk-usage sample (the state tracker reports the last one)
+    import done_index
+    import retention
+    import training_config
+    len(done_index.DoneIndex(root))
+    retention.record_usage(root, training_config.load_config(root))
 
 
 LINES_PER_SCALE = 2000
