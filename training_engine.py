@@ -828,6 +828,7 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
         torch.save(rng, stage / "rng.pt")
         atomic_write_json(stage / "meta.json", meta)
         fsync_tree(stage)
+        _drop_cached(stage / OPTIMIZER_CKPT)
         final = p.checkpoints / f"checkpoint-{meta['global_step']:08d}"
         if os.path.lexists(final):  # same step again (end of file, or a rolled-back lineage)
             try:
@@ -849,6 +850,22 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
             shutil.rmtree(stage, ignore_errors=True)
     prune_checkpoints(root, keep)
     return final
+
+
+def _drop_cached(path: Path) -> None:
+    """Give the page cache of a file just made durable back: AdamW's state (twice the
+    weights) is read again only after a restart, and keeping gigabytes of it cached per file
+    pushes out what is read (data, the base) and slows the next writes' page allocation."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
+    finally:
+        os.close(fd)
 
 
 def _save_optimizer(path: Path, optimizer, scaler=None) -> None:
@@ -940,13 +957,24 @@ def prune_checkpoints(root, keep: int) -> list[str]:
     return removed
 
 
-_DELETING: list = []  # threads removing old checkpoints moved into .staging/
+_TRASH: list[Path] = []   # old checkpoints moved into .staging/, to remove
+_DELETING: list = []      # the threads removing them
 
 
 def _delete_later(folders: list[Path]) -> None:
-    """Remove folders already moved into .staging/ in a thread: freeing a checkpoint's
-    gigabytes (and their cached pages) took ~1.5 s per 3 GB here, and nothing waits for
-    it. clean_staging waits for these first, and removes what a killed process left."""
+    """Folders already moved into .staging/, removed by `start_deletions` in a thread:
+    freeing a checkpoint's gigabytes took ~1.5 s per 3 GB here, nothing waits for it, and
+    it is started after the file's writes (its journal traffic slowed the publish's fsyncs
+    ~1 s). clean_staging waits for them first, and removes what a killed process left."""
+    _TRASH.extend(folders)
+
+
+def start_deletions() -> None:
+    if not _TRASH:
+        return
+    folders = list(_TRASH)
+    _TRASH.clear()
+
     def work():
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
@@ -956,6 +984,7 @@ def _delete_later(folders: list[Path]) -> None:
 
 
 def _wait_for_deletions() -> None:
+    start_deletions()
     while _DELETING:
         _DELETING.pop().join()
 
@@ -1871,6 +1900,8 @@ class FileRun:
                 self.ckpt_dir = save_checkpoint(self.root, self.model, self.optimizer,
                                                 self.meta_now(complete), scaler=self.scaler,
                                                 keep=self.keep)
+                if not complete:  # (the end of a file removes the old ones after its publish)
+                    start_deletions()
             except WRITE_ERRORS as exc:
                 step = self.state["global_step"]
                 log.error("checkpoint at step %d failed: %s", step, exc)
@@ -1936,6 +1967,7 @@ class FileRun:
                 disk, self.write_kind = True, _write_failure(exc)
                 status, message = "paused", (f"saving current_model failed ({_io_reason(exc)}); "
                                              f"paused: {_WRITE_FIXES[self.write_kind]}")
+        start_deletions()  # the checkpoints this file's saves pruned, after its writes
         if self.ddp:
             import torch.distributed as dist
             dist.barrier()  # every rank returns after rank 0 has written
