@@ -61,7 +61,7 @@ def index_path(root) -> Path:
 
 def _num(name: str) -> int | None:
     m = _ID.fullmatch(name)
-    return int(m.group(1)) if m and int(m.group(1)) >= 1 else None
+    return int(m.group(1)) if m else None
 
 
 def _file_sig(path) -> str:
@@ -122,11 +122,26 @@ class VersionsIndex:
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("CREATE TABLE IF NOT EXISTS versions (num INTEGER PRIMARY KEY, id TEXT, "
-                   "dir_ino INTEGER, sig TEXT, ok INTEGER, created_at TEXT, reason TEXT, "
-                   "parent TEXT, kind TEXT, base TEXT, review TEXT, manifest_ino INTEGER)")
-        db.execute("CREATE INDEX IF NOT EXISTS by_manifest ON versions (manifest_ino)")
-        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA:
+            return db
+        db.execute("BEGIN IMMEDIATE")  # new, or another layout: (re)made once, by one process
+        try:
+            if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA:
+                db.execute("DROP TABLE IF EXISTS versions")
+                db.execute("DROP TABLE IF EXISTS meta")
+                # keyed by the folder's name: `v7` and `v007` are two folders (a hand-made one)
+                db.execute("CREATE TABLE versions (num INTEGER, id TEXT PRIMARY KEY, dir_ino "
+                           "INTEGER, sig TEXT, ok INTEGER, created_at TEXT, reason TEXT, "
+                           "parent TEXT, kind TEXT, base TEXT, review TEXT, manifest_ino INTEGER)")
+                db.execute("CREATE INDEX by_num ON versions (num)")
+                db.execute("CREATE INDEX by_manifest ON versions (manifest_ino)")
+                db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+                db.execute(f"PRAGMA user_version = {SCHEMA}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            db.close()
+            raise
         return db
 
     @contextlib.contextmanager
@@ -172,14 +187,13 @@ class VersionsIndex:
         return self._connect()
 
     def _scan(self) -> dict:
-        """{num: (name, folder inode)} of every version folder (scandir: no stat each)."""
+        """{name: folder inode} of every version folder (scandir: no stat each)."""
         out = {}
         try:
             with os.scandir(self.versions) as it:
                 for e in it:
-                    num = _num(e.name)
-                    if num is not None and e.is_dir():
-                        out[num] = (e.name, e.inode())
+                    if _num(e.name) is not None and e.is_dir():
+                        out[e.name] = e.inode()
         except FileNotFoundError:
             pass
         return out
@@ -195,14 +209,14 @@ class VersionsIndex:
         found = self._scan()
         db.execute("BEGIN IMMEDIATE")
         try:
-            known = dict(db.execute("SELECT num, dir_ino FROM versions"))
+            known = dict(db.execute("SELECT id, dir_ino FROM versions"))
             if not known and found and (fresh or row is None):
                 log.warning("%s is missing: rebuilding it from %d version folders", self.path,
                             len(found))
             gone = set(known) - set(found)
-            db.executemany("DELETE FROM versions WHERE num = ?", ((n,) for n in gone))
-            for num, (name, ino) in sorted(found.items()):
-                if known.get(num) != ino:  # new, or a folder replaced under the same name
+            db.executemany("DELETE FROM versions WHERE id = ?", ((n,) for n in gone))
+            for name, ino in sorted(found.items()):
+                if known.get(name) != ino:  # new, or a folder replaced under the same name
                     db.execute(f"INSERT OR REPLACE INTO versions VALUES ({','.join('?' * len(COLUMNS))})",
                                read_row(self.versions, name, ino))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('dir', ?)",
@@ -227,8 +241,12 @@ class VersionsIndex:
                                f"({','.join('?' * len(COLUMNS))})", stale)
         return out
 
+    def _scanned(self) -> list[tuple[str, int]]:
+        """[(name, folder inode)] oldest first, from the folder itself."""
+        return sorted(self._scan().items(), key=lambda kv: (_num(kv[0]), kv[0]))
+
     def _scanned_rows(self) -> list[tuple]:
-        return [read_row(self.versions, name, ino) for _, (name, ino) in sorted(self._scan().items())]
+        return [read_row(self.versions, name, ino) for name, ino in self._scanned()]
 
     # ------------------------------------------------------------------ questions
 
@@ -236,15 +254,15 @@ class VersionsIndex:
         """Every version folder's id (readable record or not), oldest first."""
         with self._db() as db:
             if db is None:
-                return [name for _, (name, _) in sorted(self._scan().items())]
-            return [r[0] for r in db.execute("SELECT id FROM versions ORDER BY num")]
+                return [name for name, _ in self._scanned()]
+            return [r[0] for r in db.execute("SELECT id FROM versions ORDER BY num, id")]
 
     def rows(self) -> list[dict]:
         """The versions with a readable record, oldest first, as dicts of COLUMNS (one
         query and a stat per version: no version.json read unless it changed)."""
         with self._db() as db:
             rows = self._scanned_rows() if db is None else self._fresh(db, list(db.execute(
-                f"SELECT {', '.join(COLUMNS)} FROM versions ORDER BY num")))
+                f"SELECT {', '.join(COLUMNS)} FROM versions ORDER BY num, id")))
         return [_as_dict(r) for r in rows if r[4]]
 
     def newest(self, limit: int | None = None, *, readable: bool = False) -> list[dict]:
@@ -256,7 +274,7 @@ class VersionsIndex:
             out, offset, page = [], 0, 16 if limit is None else max(limit, 1)
             while limit is None or len(out) < limit:
                 batch = list(db.execute(f"SELECT {', '.join(COLUMNS)} FROM versions ORDER BY num "
-                                        "DESC LIMIT ? OFFSET ?", (page, offset)))
+                                        "DESC, id DESC LIMIT ? OFFSET ?", (page, offset)))
                 if not batch:
                     break
                 offset += len(batch)
@@ -276,4 +294,4 @@ class VersionsIndex:
                 rows = self._scanned_rows()[::-1]
                 return [r[1] for r in rows if r[11] == ino]
             return [r[0] for r in db.execute("SELECT id FROM versions WHERE manifest_ino = ? "
-                                             "ORDER BY num DESC", (ino,))]
+                                             "ORDER BY num DESC, id DESC", (ino,))]
