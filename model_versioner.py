@@ -365,10 +365,11 @@ def _next_id(p: Paths) -> str:
     current_model's parent are read besides it: no version.json or backup.json per
     snapshot. Missing or damaged (rm, a hand edit), it is rebuilt by the full scan, with a
     warning; it can only raise the next id, never lower it below a folder's."""
-    named = list(_version_dirs(p))
+    dirs = _version_dirs(p)
+    named = dirs[-1:]  # oldest first by number: the last folder is the highest
     last = _read_last_id(p)
     if last is None:
-        if named:  # a new root has none yet; an older root or an `rm` lost it
+        if dirs:  # a new root has none yet; an older root or an `rm` lost it
             print(f"model_versioner: {p.versions / LAST_ID} is missing or damaged; rebuilding "
                   "it from every version and backup record", file=sys.stderr)
         named += _named_ids(p)
