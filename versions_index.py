@@ -295,3 +295,17 @@ class VersionsIndex:
                 return [r[1] for r in rows if r[11] == ino]
             return [r[0] for r in db.execute("SELECT id FROM versions WHERE manifest_ino = ? "
                                              "ORDER BY num DESC, id DESC", (ino,))]
+
+    def summary(self) -> dict:
+        """{count, oldest, newest} of the version folders (for a state document that
+        summarises instead of listing every id): one query."""
+        with self._db() as db:
+            if db is None:
+                names = [name for name, _ in self._scanned()]
+                return {"count": len(names), "oldest": names[0] if names else None,
+                        "newest": names[-1] if names else None}
+            count = db.execute("SELECT count(*) FROM versions").fetchone()[0]
+            ends = [db.execute(f"SELECT id FROM versions ORDER BY num {d}, id {d} LIMIT 1").fetchone()
+                    for d in ("ASC", "DESC")]
+        return {"count": count, "oldest": ends[0][0] if ends[0] else None,
+                "newest": ends[1][0] if ends[1] else None}
