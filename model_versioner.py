@@ -38,9 +38,9 @@ from training_controller import refuse_while_training  # the daemon's liveness, 
 from model_manifest import (MANIFEST, READ_ONLY, VERSION_FILE, check_model_dir, has_weights,
                             read_manifest, verify_files, walk, write_manifest)
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
-                       atomic_write_json, exchange_paths, fsync_dir, model_lock, print_json,
-                       read_json, rename_noreplace, resolve_root, run_cli, sha256_file,
-                       subcommands, utc_now)
+                       atomic_write_json, exchange_paths, fsync_dir, fsync_paths, model_lock,
+                       print_json, read_json, rename_noreplace, resolve_root, run_cli,
+                       sha256_file, subcommands, utc_now)
 
 SCHEMA_VERSION = 1
 TAGS_FILE = "tags.json"
@@ -1113,20 +1113,35 @@ def prune(root, keep: int | None = None, *, yes: bool = False, rules: dict | Non
         plan = prune_plan(p.root, keep, rules=rules)
         deleted = []
         if yes and plan["delete"]:
-            (p.versions / ".pruned").mkdir(exist_ok=True)
+            # Batched: every record written, then one fsync each and one of .pruned/ (all
+            # durable before any folder goes), then the renames and one fsync of versions/.
+            # A first pass over years of history prunes thousands: 3 fsyncs per version
+            # took ~60 s for 10,000, now ~1 per version.
+            pruned = p.versions / ".pruned"
+            pruned.mkdir(exist_ok=True)
+            written = []
             for vid in plan["delete"]:
                 rec = _load_record(p, vid)
                 if rec is not None:
                     rec = {k: v for k, v in rec.items() if k != "manifest"}
-                    atomic_write_json(p.versions / ".pruned" / f"{vid}.json", rec)
-                doomed = p.versions / f".staging-pruned-{vid}-{_stamp()}"
-                os.rename(p.versions / vid, doomed)  # gone from `list` at once
-                fsync_dir(p.versions)
-                if doomed.is_symlink():  # only the link is ours to delete, not its target
-                    doomed.unlink()
-                else:
-                    shutil.rmtree(doomed)
-                deleted.append(vid)
+                    atomic_write_json(pruned / f"{vid}.json", rec, sync=False)
+                    written.append(pruned / f"{vid}.json")
+            fsync_paths(written, [pruned])
+            doomed = []
+            try:
+                for vid in plan["delete"]:
+                    folder = p.versions / f".staging-pruned-{vid}-{_stamp()}"
+                    os.rename(p.versions / vid, folder)  # gone from `list` at once
+                    doomed.append((vid, folder))
+            finally:  # what was renamed is deleted (recover() would, at the next start)
+                if doomed:
+                    fsync_dir(p.versions)
+                for vid, folder in doomed:
+                    if folder.is_symlink():  # only the link is ours to delete, not its target
+                        folder.unlink()
+                    else:
+                        shutil.rmtree(folder)
+                    deleted.append(vid)
     return {"dry_run": not yes, "deleted": deleted, **plan}
 
 
