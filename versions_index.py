@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import sqlite3
 import time
 from pathlib import Path
@@ -48,7 +47,6 @@ INDEX_DIR, INDEX_NAME = ".index", "versions.sqlite"
 VERSION_FILE, MANIFEST = "version.json", ".manifest.json"
 SCHEMA = 1
 RACY_S = 2.0  # a directory signature younger than this is not believed (same-tick changes)
-_ID = re.compile(r"v(\d{1,9})")
 log = logging.getLogger("versions_index")
 
 COLUMNS = ("num", "id", "dir_ino", "sig", "ok", "created_at", "reason", "parent", "kind",
@@ -60,8 +58,10 @@ def index_path(root) -> Path:
 
 
 def _num(name: str) -> int | None:
-    m = _ID.fullmatch(name)
-    return int(m.group(1)) if m else None
+    """vNNN's number (model_versioner.VERSION_RE: `v` and 1 to 9 digits), else None; string
+    tests, not the regex: a resync asks this of every name in versions/."""
+    return int(name[1:]) if 2 <= len(name) <= 10 and name[0] == "v" and name[1:].isdecimal() \
+        else None
 
 
 def _file_sig(path) -> str:
@@ -207,6 +207,9 @@ class VersionsIndex:
         if row and row[0] == sig and believable:
             return
         found = self._scan()
+        meta = sig if believable else f"racy:{sig}"
+        if row and row[0] == meta and dict(db.execute("SELECT id, dir_ino FROM versions")) == found:
+            return  # listed again (a young signature) and nothing changed: no write, no fsync
         db.execute("BEGIN IMMEDIATE")
         try:
             known = dict(db.execute("SELECT id, dir_ino FROM versions"))
@@ -219,8 +222,7 @@ class VersionsIndex:
                 if known.get(name) != ino:  # new, or a folder replaced under the same name
                     db.execute(f"INSERT OR REPLACE INTO versions VALUES ({','.join('?' * len(COLUMNS))})",
                                read_row(self.versions, name, ino))
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('dir', ?)",
-                       (sig if believable else f"racy:{sig}",))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('dir', ?)", (meta,))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
