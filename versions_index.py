@@ -12,8 +12,9 @@ parent, kind, base, why it is under review, and its manifest's inode.
   signature (inode, mtime); when that changed (a version made, pruned, or a folder
   moved by hand) the folder is listed (`scandir`: names and inodes, no stat each) and the
   folders that came, went or were replaced are read or dropped. A signature younger than
-  two seconds is not believed (a change within the same clock tick would not move the
-  mtime), so the folder is listed again until it is older.
+  0.1 s (2 s on a file system with whole-second times) is not believed (a change within
+  the same clock tick would not move the mtime), so the folder is listed again until it
+  is older.
 - A row is used only while version.json's stat signature is the one it was read with
   (a hand edit is read again); the files themselves are still read for what is shown.
 - Missing, it is rebuilt from the folders (a warning when there were versions); damaged
@@ -47,6 +48,7 @@ INDEX_DIR, INDEX_NAME = ".index", "versions.sqlite"
 VERSION_FILE, MANIFEST = "version.json", ".manifest.json"
 SCHEMA = 1
 RACY_S = 2.0  # a directory signature younger than this is not believed (same-tick changes)
+RACY_FINE_S = 0.1  # ... on a file system with sub-second timestamps (10x a kernel tick)
 log = logging.getLogger("versions_index")
 
 COLUMNS = ("num", "id", "dir_ino", "sig", "ok", "created_at", "reason", "parent", "kind",
@@ -73,10 +75,13 @@ def _file_sig(path) -> str:
 
 
 def _dir_sig(path: Path) -> tuple[str, bool]:
-    """(signature, believable): a directory changed within RACY_S (or in the future, a clock
-    stepped back) may change again within the same mtime tick unseen."""
+    """(signature, believable): a directory changed within its file system's timestamp
+    tick (or in the future: a clock stepped back) may change again unseen. A file system
+    with sub-second mtimes (ext4, xfs: a tick of 1-10 ms) is given RACY_FINE_S, one with
+    whole seconds (or a time that happens to fall on one) RACY_S."""
     st = os.stat(path)
-    racy = not (st.st_mtime_ns / 1e9 < time.time() - RACY_S)
+    margin = RACY_FINE_S if st.st_mtime_ns % 1_000_000_000 else RACY_S
+    racy = not (st.st_mtime_ns / 1e9 < time.time() - margin)
     return f"{st.st_ino}:{st.st_mtime_ns}", not racy
 
 

@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -207,18 +208,22 @@ def test_the_index_follows_the_folders(tmp_root):
     assert mv.prune_plan(tmp_root, 1)["keep"]["v003"] == ["held (under review)"]
 
 
-def test_a_change_in_the_same_clock_tick_is_not_missed(tmp_root):
+def test_a_change_in_the_same_clock_tick_is_not_missed(tmp_root, monkeypatch):
     """versions/'s mtime may not move for a change within one tick: a signature younger
-    than two seconds is not believed, so the folder is listed again."""
+    than the file system's tick margin is not believed, so the folder is listed again."""
+    import types
     synthetic(tmp_root, 3)
     p = Paths(tmp_root)
-    assert mv.latest_version(tmp_root) == "v003"
     st = os.stat(p.versions)
+    clock = types.SimpleNamespace(time=lambda: st.st_mtime_ns / 1e9 + 0.01, time_ns=time.time_ns)
+    monkeypatch.setattr(versions_index, "time", clock)  # the index is read 10 ms after the change
+    assert mv.latest_version(tmp_root) == "v003"
     (p.versions / "v004").mkdir()
     (p.versions / "v004" / "version.json").write_text(json.dumps(
         {"id": "v004", "created_at": "2026-01-01T00:00:00Z", "manifest": {}}))
     os.utime(p.versions, ns=(st.st_atime_ns, st.st_mtime_ns))  # as if the same tick
     assert mv.latest_version(tmp_root) == "v004"
+    monkeypatch.undo()
     # an old signature is believed: one stat, no listing
     os.utime(p.versions, ns=(1, 1))
     mv.latest_version(tmp_root)
