@@ -282,12 +282,35 @@ def _size(n: int) -> str:
     return f"{n / GB:.3f} GB" if abs(n) >= GB else f"{n / 1e6:.1f} MB"
 
 
+def _free_only(root, cfg: dict, where: str, disk_usage=None) -> dict:
+    """disk_report()'s section for `where` without usage: free space only (no budget set)."""
+    import shutil
+    p = Paths(root)
+    path = p.root if where == "root" else _backup_dir(p.root, cfg)
+    target = path
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    try:
+        free = (disk_usage or shutil.disk_usage)(target).free
+    except OSError:
+        free = None
+    return {"path": str(path), "free_bytes": free, "budget_bytes": None,
+            "budget_key": "max_disk_gb" if where == "root" else "backup_max_disk_gb"}
+
+
 def check_write(root, cfg: dict, need: int, where: str = "root", *, disk_usage=None,
                 report: dict | None = None) -> str | None:
     """None if writing `need` more bytes under `where` ("root" or "backups") fits both its
-    budget and the free space (plus min_free_disk_mb), else what does not fit, in figures."""
-    rep = report or disk_report(root, cfg, disk_usage=disk_usage)
-    sec = rep[where]
+    budget and the free space (plus min_free_disk_mb), else what does not fit, in figures.
+
+    Without a budget for `where` only the free space counts: no walk over every version
+    and checkpoint file (the daemon checks before each file; at 10,000 versions the walk
+    took seconds of its start to first step)."""
+    key = "max_disk_gb" if where == "root" else "backup_max_disk_gb"
+    if report is None and _budget(cfg, key) is None:
+        sec = _free_only(root, cfg, where, disk_usage)
+    else:
+        sec = (report or disk_report(root, cfg, disk_usage=disk_usage))[where]
     margin = int(cfg.get("min_free_disk_mb") or 0) << 20 if where == "root" else 0
     problems = []
     if sec["budget_bytes"] is not None and sec["used_bytes"] + need > sec["budget_bytes"]:

@@ -1238,9 +1238,11 @@ class Daemon:
         import retention
         try:
             pruned = model_versioner.prune(self.p.root, yes=True)["deleted"]
-            if pruned:
+            if pruned:  # a first pass over years of history names thousands: a few, then a count
+                names = ", ".join(pruned) if len(pruned) <= 12 else \
+                    f"{', '.join(pruned[:6])}, ... {', '.join(pruned[-3:])} ({len(pruned)} versions)"
                 self.log.info("retention: pruned %s (%s); `python3 model_versioner.py lineage` "
-                              "still lists their data files", ", ".join(pruned),
+                              "still lists their data files", names,
                               retention.describe(retention.policy(self.cfg, "versions")))
             retention.record_usage(self.p.root, self.cfg)
         except (GuardrailError, OSError) as exc:  # the file is done; retention tries again next
@@ -1258,7 +1260,8 @@ class Daemon:
         import model_versioner
         try:
             base = base_store.adapter_base(self.p.current_model)
-            trained = sum(1 for r in model_versioner.list_versions(self.p.root)
+            import versions_index  # the index's rows: not every version.json after each file
+            trained = sum(1 for r in versions_index.VersionsIndex(self.p.root).rows()
                           if r.get("base") == base and str(r.get("reason")).startswith("post-train:"))
             if not base or trained < every:
                 return
