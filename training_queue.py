@@ -279,6 +279,8 @@ def recover(root) -> list[str]:
                 continue
             if is_ignored(n) or folder.parent.name == INCOMING:
                 continue
+            if folder not in (p.failed, p.skipped) and folder.parent != p.queue:
+                continue  # done/, processing/: nothing here acts on their records (was a read of each)
             if _record_ok(folder / n):
                 if folder.parent == p.queue:
                     seq = read_record(folder / n).get("seq")
