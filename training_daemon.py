@@ -268,6 +268,8 @@ class Daemon:
         self.wake = threading.Event()
         self.done = training_queue.done_index(self.p.root)  # .index/done.sqlite, read lazily
         self.backup_proc = None
+        self._gave_way = None  # why complete_eval last gave way: wake, request or stop
+        self._wake_retries = 0  # --once: a wake-up does not end the run with the eval half done
         self._eval_completed: tuple | None = None  # complete_eval: current_model (and config) last done
         self._backup_next: dict | None = None  # a file done while a backup ran: its turn next
         self.backup_failed: str | None = None
@@ -1140,31 +1142,32 @@ class Daemon:
         self.set_state("paused", reason, "gate")
         return True, after
 
-    def complete_eval(self) -> None:
+    def complete_eval(self) -> bool:
         """Idle: carry the eval of current_model's version on from the prefix the gate scored
         to the whole eval set (its loss in `list`, the state and the monitor then compares
         with every other version's), kept as it goes. It gives way at once to a file, a
-        request or a stop (interrupted between batches, what is scored kept)."""
-        cfg = self.cfg
+        request or a stop (interrupted between batches, what is scored kept). False when it
+        gave way with the eval not complete; True when there is nothing (more) to do."""
+        cfg, self._gave_way = self.cfg, None
         if not cfg or not self._gate_on(cfg) or int(cfg.get("nproc_per_node") or 1) != 1:
-            return
+            return True
         try:  # called every idle tick: nothing more while current_model is the one last seen
             st = os.stat(self.p.current_model / ".manifest.json")
         except OSError:
-            return
+            return True
         mark = (st.st_ino, st.st_mtime_ns, trainroot.file_signature(self.p.config))
         if mark == self._eval_completed:
-            return
+            return True
         import model_versioner
         vid = model_versioner.current_version(self.p.root)
         doc = eval_gate.read_cached(self.p.root, vid, eval_gate.cache_key(self.p.root, cfg)) \
             if vid else None
         if doc is None or eval_gate.is_complete(doc):
             self._eval_completed = mark  # nothing to carry on (never scored: `model_versioner.py eval`)
-            return
+            return True
         self.wake.clear()  # what woke the loop is taken; what arrives from now interrupts
         if self._has_work() or self._idle_interrupted():
-            return
+            return False
         self.engine()
         try:
             doc = eval_gate.eval_version(self.p.root, vid, cfg, log=self.log,
@@ -1172,19 +1175,24 @@ class Daemon:
         except (GuardrailError, OSError) as exc:
             self.log.warning("completing the eval of %s failed: %s", vid, exc)
             self._eval_completed = mark  # not again for this model; `model_versioner.py eval` redoes it
-            return
-        if eval_gate.is_complete(doc):
-            self._eval_completed = mark
-            try:
-                eval_gate.metrics_line(self.p.root, doc, vid)
-            except OSError as exc:
-                self.log.warning("cannot write the eval line to metrics.jsonl: %s", exc)
+            return True
+        if not eval_gate.is_complete(doc):
+            return False
+        self._eval_completed = mark
+        try:
+            eval_gate.metrics_line(self.p.root, doc, vid)
+        except OSError as exc:
+            self.log.warning("cannot write the eval line to metrics.jsonl: %s", exc)
+        return True
 
     def _idle_interrupted(self) -> bool:
         """complete_eval's question between batches: has anything arrived that comes first?"""
         self.write_state()
+        self._gave_way = "wake" if self.wake.is_set() and not (self.stop_signal or self.stop_request) \
+            else "stop"
         if self.stop_signal or self.stop_request or self.wake.is_set():
             return True
+        self._gave_way = "request"
         try:
             return any(n.endswith(".request.json") for n in os.listdir(self.p.control))
         except OSError:
@@ -1566,11 +1574,15 @@ class Daemon:
                     self._recheck_at = time.monotonic() + self.cfg["rescan_seconds"]
                     self.set_state("paused", f"{exc.error}", exc.kind)
                 continue
+            evaluated = True
             if not self.intake.waiting():
                 if self._engine is not None:  # idle: the model kept for a next file goes back
                     self._engine.release_warm()
-                self.complete_eval()
+                evaluated = self.complete_eval()
             if self.once and not self.intake.waiting() and self._processing_file() is None:
+                if not evaluated and self._gave_way == "wake" and self._wake_retries < 100:
+                    self._wake_retries += 1  # it gave way to a wake-up (a late inotify event of
+                    continue                 # its own moves): what came is seen, then it carries on
                 if self.backup_proc is not None:
                     self._poll_backup(wait=True)
                     continue

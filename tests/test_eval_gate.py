@@ -182,6 +182,28 @@ def test_the_idle_daemon_completes_an_eval_and_gives_way_to_a_request(tmp_path, 
     assert line["event"] == "eval" and line["version"] == vid
 
 
+def test_once_carries_the_idle_eval_on_after_a_wake_up(tmp_path, tiny_model_dir):
+    """`run --once` ends with the new version's whole eval even when a wake-up (a late inotify
+    event of the daemon's own moves) interrupts the idle completion: it was left at the
+    prefix, intermittently, before."""
+    import model_versioner
+    root = gate_root(tmp_path / "root", tiny_model_dir)
+    drop(root, "good1.jsonl", english(40, 10))
+    d = training_daemon.Daemon(root, once=True, monitor=False)
+    asked, real = [], d._idle_interrupted
+
+    def interrupted():
+        asked.append(1)
+        if len(asked) == 2:  # between the first batches of the idle completion
+            d.wake.set()
+        return real()
+    d._idle_interrupted = interrupted
+    assert d.run() == 0
+    vid = model_versioner.current_version(root)
+    assert vid and len(asked) > 2
+    assert eval_gate.is_complete(eval_gate.read_cached(root, vid))
+
+
 def test_an_eval_set_that_cannot_be_scored_stops_before_training(tmp_path, tiny_model_dir):
     """The version before a file is scored (its first rows) before the file trains: a broken
     eval file is refused there, naming it, and nothing trains ungated."""
