@@ -25,7 +25,6 @@ import shlex
 import stat
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import backup_records
@@ -134,16 +133,7 @@ def disk_usage(path) -> DiskUsage:
     return DiskUsage(total, (st.f_blocks - st.f_bfree) * st.f_frsize, free)
 
 
-def age_seconds(text) -> float | None:
-    """Seconds since a `utc_now()` timestamp, or None. Like trainroot.age_seconds, but
-    `fromisoformat` is C code while `strptime` imports _strptime, calendar and locale
-    (a few ms of every start-up)."""
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        return max(0.0, time.time() - datetime.fromisoformat(text).timestamp())
-    except ValueError:
-        return None
+age_seconds = backup_records.quick_age_seconds
 
 
 def _finite(x):

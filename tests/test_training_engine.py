@@ -497,6 +497,18 @@ def test_train_command_reports_a_missing_config(tmp_root):
                                    f"Run `python3 training_daemon.py init --root {tmp_root}`.")
 
 
+def _nothing_written_then_resumes(root, cfg, reference, before: str) -> None:
+    """After a pause on the disk: current_model as it was, no checkpoint, nothing staged;
+    trained again, the uninterrupted result."""
+    cur = Paths(root).current_model
+    assert sha256_file(cur / "model.safetensors") == before
+    assert te.list_checkpoints(root) == []
+    assert not [n for n in os.listdir(Paths(root).staging) if n.startswith("checkpoint-")]
+    again = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg)
+    assert again["status"] == "completed"
+    assert_bitwise_equal(weights(cur), reference["weights"])
+
+
 def test_a_failing_disk_pauses_instead_of_crashing(tmp_path, tiny_model_dir, reference):
     """A real write failure: RLIMIT_FSIZE below the weights' size makes every checkpoint write
     fail with EFBIG (SIGXFSZ ignored), as a full disk would fail it. The file pauses with the
@@ -516,12 +528,7 @@ def test_a_failing_disk_pauses_instead_of_crashing(tmp_path, tiny_model_dir, ref
     assert r["status"] == "paused" and r["global_step"] == 1 and r["pause_reason"] == "disk", r
     assert r["message"] == ("checkpoint at step 1 failed (File too large); paused: free disk space, "
                             "then resume (training restarts from the last good checkpoint)")
-    assert sha256_file(cur / "model.safetensors") == before
-    assert te.list_checkpoints(root) == []
-    assert not [n for n in os.listdir(Paths(root).staging) if n.startswith("checkpoint-")]
-    again = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg)
-    assert again["status"] == "completed"
-    assert_bitwise_equal(weights(cur), reference["weights"])
+    _nothing_written_then_resumes(root, cfg, reference, before)
 
 
 def test_a_checkpoint_that_would_not_fit_pauses_before_writing_with_the_figures(
@@ -539,12 +546,7 @@ def test_a_checkpoint_that_would_not_fit_pauses_before_writing_with_the_figures(
                      r"1073741824 MB, and [\d.]+ MB are free on the disk of .*; paused before "
                      r"writing: free disk space \(`python3 model_versioner.py prune --keep 3`",
                      r["message"]), r["message"]
-    assert sha256_file(cur / "model.safetensors") == before
-    assert te.list_checkpoints(root) == []
-    assert not [n for n in os.listdir(Paths(root).staging) if n.startswith("checkpoint-")]
-    again = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg)
-    assert again["status"] == "completed"
-    assert_bitwise_equal(weights(cur), reference["weights"])
+    _nothing_written_then_resumes(root, cfg, reference, before)
 
 
 def test_a_failed_save_is_classified_by_errno_not_all_as_a_full_disk():
