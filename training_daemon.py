@@ -1188,15 +1188,18 @@ class Daemon:
     def _idle_interrupted(self) -> bool:
         """complete_eval's question between batches: has anything arrived that comes first?"""
         self.write_state()
-        self._gave_way = "wake" if self.wake.is_set() and not (self.stop_signal or self.stop_request) \
-            else "stop"
-        if self.stop_signal or self.stop_request or self.wake.is_set():
-            return True
-        self._gave_way = "request"
-        try:
-            return any(n.endswith(".request.json") for n in os.listdir(self.p.control))
-        except OSError:
-            return False
+        if self.stop_signal or self.stop_request:
+            self._gave_way = "stop"
+        elif self.wake.is_set():
+            self._gave_way = "wake"
+        else:
+            try:
+                if not any(n.endswith(".request.json") for n in os.listdir(self.p.control)):
+                    return False
+            except OSError:
+                return False
+            self._gave_way = "request"
+        return True
 
     def _finish_done(self, data: Path, result: dict, scored: dict | None = None) -> None:
         import model_versioner
