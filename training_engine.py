@@ -1093,8 +1093,8 @@ def _take_warm(root, file_id: str, config: dict) -> _Warm | None:
     next file would load exactly them from disk: same root and config, no file of
     current_model replaced or edited, no checkpoint of this file to resume, the carry
     checkpoint is the one they were saved as (unchanged), and current_model is what it
-    published (no rollback, restore or base switch since). A queue of
-    files then trains on without reading ~3x the weights back. Taken once; None otherwise."""
+    published (no rollback, restore or base switch since). A queue of files then trains on
+    without reading ~3x the weights back. Taken once; None otherwise."""
     if not _WARM:
         return None
     warm = _WARM.pop()
