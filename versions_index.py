@@ -100,8 +100,14 @@ def read_row(versions: Path, name: str, dir_ino: int) -> tuple:
     if not (isinstance(doc, dict) and isinstance(doc.get("manifest"), dict)):
         return (_num(name), name, dir_ino, sig, 0, None, None, None, None, None, None, manifest_ino)
 
-    def text(v):
-        return v if isinstance(v, str) else None
+    def text(v):  # a lone surrogate (a data file's undecodable name in `reason`) stored as bytes
+        if not isinstance(v, str):
+            return None
+        try:
+            v.encode("utf-8")
+            return v
+        except UnicodeEncodeError:
+            return v.encode("utf-8", "surrogatepass")
 
     parent = text(doc.get("parent"))
     parent = f"v{_num(parent):03d}" if parent and _num(parent) else None
@@ -111,7 +117,8 @@ def read_row(versions: Path, name: str, dir_ino: int) -> tuple:
 
 
 def _as_dict(row) -> dict:
-    return dict(zip(COLUMNS, row))
+    return {k: v.decode("utf-8", "surrogatepass") if isinstance(v, bytes) else v
+            for k, v in zip(COLUMNS, row)}
 
 
 class VersionsIndex:

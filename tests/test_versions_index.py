@@ -339,3 +339,13 @@ def test_a_prune_of_many_versions_syncs_each_record_once(tmp_root, monkeypatch):
     assert order.count("fsync") <= 38 + 3
     assert order[:order.index("rename")].count("fsync") >= 38  # every record synced first
     assert [n for n in os.listdir(p.versions) if n.startswith(".staging")] == []
+
+
+def test_a_reason_naming_an_undecodable_file_name_is_kept(tmp_path):
+    """A data file named with a byte that is not UTF-8 gives a version whose reason holds a
+    lone surrogate (as JSON writes it): the index stores it and gives it back unchanged (it
+    refused the row, and the daemon's retention crashed after such a file)."""
+    synthetic(tmp_path, 3, v002={"reason": "post-train:bad\udcffname.jsonl"})
+    rows = {r["id"]: r for r in versions_index.VersionsIndex(tmp_path).rows()}
+    assert rows["v002"]["reason"] == "post-train:bad\udcffname.jsonl"
+    assert [r["id"] for r in versions_index.VersionsIndex(tmp_path).newest(2)] == ["v003", "v002"]
