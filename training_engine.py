@@ -1534,8 +1534,7 @@ class FileRun:
             clean_staging(self.root)
         t0 = time.perf_counter()
         # the last file's model and AdamW, still in memory when they are what disk would give
-        self.warm = warm = _take_warm(self.root, self.file_id, config) if self.writer and not self.ddp \
-            else None
+        warm = _take_warm(self.root, self.file_id, config) if self.writer and not self.ddp else None
         if warm:
             model, self.tokenizer = warm.model, load_tokenizer(p.current_model)
             state = _model_state(p.current_model)
