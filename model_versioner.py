@@ -365,11 +365,11 @@ def _next_id(p: Paths) -> str:
     current_model's parent are read besides it: no version.json or backup.json per
     snapshot. Missing or damaged (rm, a hand edit), it is rebuilt by the full scan, with a
     warning; it can only raise the next id, never lower it below a folder's."""
-    dirs = _version_dirs(p)
-    named = dirs[-1:]  # oldest first by number: the last folder is the highest
+    newest = versions_index.VersionsIndex(p.root).summary()["newest"]  # the highest folder
+    named = [newest]
     last = _read_last_id(p)
     if last is None:
-        if dirs:  # a new root has none yet; an older root or an `rm` lost it
+        if newest:  # a new root has none yet; an older root or an `rm` lost it
             print(f"model_versioner: {p.versions / LAST_ID} is missing or damaged; rebuilding "
                   "it from every version and backup record", file=sys.stderr)
         named += _named_ids(p)
@@ -456,6 +456,7 @@ def _create_version_locked(p: Paths, reason, *, note=None, data_files=None, loss
     except GuardrailError:
         cfg = None
     p.versions.mkdir(parents=True, exist_ok=True)
+    vid = _next_id(p)  # before the staging folder changes versions/ (the index would list it)
     staging = p.versions / f".staging-{_stamp()}"
     staging.mkdir()
     try:
@@ -481,14 +482,14 @@ def _create_version_locked(p: Paths, reason, *, note=None, data_files=None, loss
             record.update(kind="adapter", base=manifest.get("base"))
         record.update({k: v for k, v in (extra or {}).items() if k not in record})
         while True:
-            vid = _next_id(p)
             record["id"] = vid
             _write_private(staging / VERSION_FILE, record)
             _fsync_tree(staging)
             try:
                 rename_noreplace(staging, p.versions / vid)
-            except FileExistsError:
-                continue  # a folder appeared by hand under that name: take the next
+            except FileExistsError:  # a folder appeared by hand under that name: take the next
+                vid = _next_id(p)
+                continue
             try:
                 _note_last_id(p, vid)
             except OSError as exc:  # the version is made; the next one rebuilds the index

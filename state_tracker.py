@@ -31,6 +31,7 @@ import backup_records
 import base_store
 import retention
 import training_config
+import versions_index
 from trainroot import (SCRIPTS_DIR, GuardrailError, Paths, add_common_args,
                        atomic_write_json, daemon_liveness, is_training_root, print_json,
                        process_running, read_json, read_lock_holder, resolve_root, run_cli,
@@ -278,7 +279,8 @@ def _versions_section(root: Path, w: list, measured: dict | None = None) -> dict
 
     Reading every version.json (or stat-ing every file) would make the tracker O(versions)
     after a year of snapshots; the newest CHECK_VERSIONS and the tagged ones are checked,
-    the rest only counted from one listing of versions/. Their size is the last disk
+    the rest only counted (versions_index: the folders' rows, kept in step with versions/
+    by its signature). Their size is the last disk
     measurement's (`measured`: the daemon's sample, or a small root measured now).
     """
     p = Paths(root)
@@ -288,17 +290,13 @@ def _versions_section(root: Path, w: list, measured: dict | None = None) -> dict
     tags = _read(p.versions / "tags.json")
     if isinstance(tags, dict):
         sec["tagged"] = {str(k): v for k, v in tags.items() if isinstance(v, str)}
-    try:  # one listing; the entry's type comes with it (no stat per version)
-        with os.scandir(p.versions) as it:
-            ids = [e.name for e in it if e.name[:1] == "v" and e.name[1:].isdigit()
-                   and e.is_dir()]
-    except (FileNotFoundError, NotADirectoryError):
-        ids = []
-    ids.sort(key=lambda v: int(v[1:]))
-    checked = set(ids[-CHECK_VERSIONS:]) | set(sec["tagged"].values())
-    for vid in ids:
-        if vid not in checked:
-            continue
+    # count, ends and the newest ids from the versions index (one stat of versions/ while
+    # nothing changed; a listing of 10,000 names was ~25 ms of every report and poll)
+    summary = versions_index.VersionsIndex(root).summary(CHECK_VERSIONS)
+    ids = summary["last"]
+    tagged = [v for v in sec["tagged"].values() if versions_index.version_number(v) is not None
+              and v not in ids and (p.versions / v).is_dir()]
+    for vid in sorted(set(tagged), key=versions_index.version_number) + ids:
         folder = p.versions / vid
         sec["checked"].append(vid)
         read_problems: list = []
@@ -318,11 +316,11 @@ def _versions_section(root: Path, w: list, measured: dict | None = None) -> dict
                                 "global_step": _int(rec.get("global_step")),
                                 "key": _manifest_key(manifest)}
     # a summary, not every id (153 KB at 10,000 versions, rebuilt at each monitor poll)
-    sec["_ids"], sec["ids"], sec["count"] = ids, ids[-CHECK_VERSIONS:], len(ids)
+    sec["ids"], sec["count"] = ids, summary["count"]
     sec["total_size_bytes"] = (measured or {}).get("versions_used")
-    sec["oldest"] = ids[0] if ids else None
-    sec["oldest_created_at"] = _str(_dict(_read(p.versions / ids[0] / "version.json")).get(
-        "created_at")) if ids else None
+    sec["oldest"] = summary["oldest"]
+    sec["oldest_created_at"] = _str(_dict(_read(p.versions / sec["oldest"] / "version.json")).get(
+        "created_at")) if sec["oldest"] else None
     if ids:
         sec["latest"] = ids[-1]
         sec["latest_created_at"] = sec["_records"].get(ids[-1], {}).get("created_at")
@@ -363,7 +361,8 @@ def _last_published(root: Path, versions: dict) -> str | None:
     latest = versions.get("latest")
     note = _dict(_read(Paths(root).versions / ".published.json"))
     vid = _str(note.get("version")) or _str(note.get("parent_version"))
-    if latest and note.get("latest") == latest and vid in versions["_ids"]:
+    if latest and note.get("latest") == latest and vid and versions_index.version_number(vid) \
+            and (Paths(root).versions / vid).is_dir():
         return vid
     return latest
 
@@ -442,8 +441,10 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
                 ino = st_m.st_ino if st_m.st_nlink > 1 else None
             except OSError:
                 ino = None  # replaced while we looked: the next run will tell
-            # the version it was last published as first (a rollback or restore), then the rest
-            for vid in ([was, *reversed(versions["_ids"])] if ino else []):
+            # the version it was last published as first (a rollback or restore), then the
+            # versions indexed with this manifest (each checked below: the index is a cache)
+            candidates = versions_index.VersionsIndex(root).with_manifest(ino) if ino else []
+            for vid in ([was, *candidates] if ino else []):
                 if not vid or vid in versions["_records"]:
                     continue
                 try:
@@ -1018,7 +1019,7 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
     loss = _loss_section(root, cfg, model, training, w)
     locks = _locks_section(root, daemon, w)
     quality = _eval_section(root, model, training, w)
-    del versions["_records"], versions["_ids"]
+    del versions["_records"]
     training["progress"] = _json_safe(training["progress"])  # a daemon may have written NaN
     training["current_file"] = _json_safe(training["current_file"])
     if any(x["code"] == "NOT_INITIALIZED" for x in w):  # everything else would be noise

@@ -28,6 +28,7 @@ import retention
 import state_tracker as st
 import training_config
 import training_queue
+import versions_index
 from trainroot import Paths
 
 _ACTIVE: list = []  # the recorder in use; an audit hook cannot be removed once added
@@ -103,6 +104,13 @@ def _costs(root, monkeypatch, fn):
     return out, seen
 
 
+def _settled(folder: Path) -> None:
+    """As a folder looks a moment after its last change: its mtime older than the racy
+    window in which versions_index lists it again (a same-tick change could hide)."""
+    past = os.stat(folder).st_mtime - 10
+    os.utime(folder, (past, past))
+
+
 def _status_commands(root):
     return {
         "state": lambda: st.build_state(root),
@@ -125,10 +133,14 @@ def test_status_commands_read_the_same_files_at_any_history(initialized_root, mo
     p = Paths(root)
     grow(root, versions=24, done=20, backups=2)
     len(done_index.DoneIndex(root))  # the index the daemon keeps in step with done/
+    _settled(p.versions)
+    versions_index.VersionsIndex(root).ids()  # ... and the versions index (each snapshot)
     retention.record_usage(root, training_config.load_config(root))  # the daemon's sample
     small = {name: _costs(root, monkeypatch, fn)[1] for name, fn in _status_commands(root).items()}
     grow(root, versions=100, done=400, backups=40)
     len(done_index.DoneIndex(root))
+    _settled(p.versions)
+    versions_index.VersionsIndex(root).ids()
     big = {}
     for name, fn in _status_commands(root).items():
         out, big[name] = _costs(root, monkeypatch, fn)
@@ -313,6 +325,7 @@ def test_an_unversioned_current_model_is_not_looked_for_in_every_version(initial
     (root / "current_model" / ".manifest.tmp").write_text(json.dumps(doc))
     os.replace(root / "current_model" / ".manifest.tmp", manifest)  # a new inode, as a publish
     retention.record_usage(root, training_config.load_config(root))  # the daemon's sample: no walk
+    versions_index.VersionsIndex(root).ids()  # in step with versions/, as after each snapshot
     with recorded(monkeypatch) as seen:
         state = st.build_state(root)
     assert state["current_model"]["matches_version"] is None

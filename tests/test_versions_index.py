@@ -197,8 +197,8 @@ def test_the_index_follows_the_folders(tmp_root):
     assert mv.latest_version(tmp_root) == "v004"
     assert "v005" in mv._version_dirs(p)                    # still a folder (verify --all sees it)
     (p.versions / "v7").mkdir()                             # a hand-made name: its own folder
-    assert versions_index.VersionsIndex(tmp_root).summary() == {"count": 6, "oldest": "v001",
-                                                                "newest": "v7"}
+    assert versions_index.VersionsIndex(tmp_root).summary(2) == {
+        "count": 6, "oldest": "v001", "newest": "v7", "last": ["v005", "v7"]}
     os.rmdir(p.versions / "v7")
     # a folder replaced under the same name (rm -rf, then another copied in): read again
     shutil.rmtree(p.versions / "v003")
