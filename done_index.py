@@ -12,7 +12,9 @@ changes the folder it watches):
 - It follows done/ by itself: done/'s directory signature (inode, mtime) is stored with
   it; when the folder changed (a file moved in or out by anyone: the daemon, `add`, a
   person with `mv`), the names that came or went are read or dropped. A resync lists
-  done/ (not every record): ~50 ms at 100,000 files; a missing index is rebuilt once.
+  done/ (not every record): ~50 ms at 100,000 files; a missing index is rebuilt once. A
+  signature younger than the file system's timestamp tick is not believed (a second
+  change within the same tick would not move it): done/ is listed again next time.
 - A damaged index (not SQLite, a torn file) is moved aside and rebuilt, with a warning.
 - SQLite makes each update atomic (kill -9 leaves the old or the new state) and serialises
   writers across processes (the daemon and a person's `add` at once).
@@ -30,6 +32,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import versions_index
 from trainroot import Paths, read_json
 
 INDEX_DIR, INDEX_NAME = ".index", "done.sqlite"
@@ -91,13 +94,16 @@ class DoneIndex:
             db.close()
 
     def _signature(self) -> str:
-        st = os.stat(self.done)
-        return f"{st.st_ino}:{st.st_mtime_ns}"
+        """done/'s signature; prefixed `racy:` while it is too young to be believed (a
+        change within the same timestamp tick would not move it: versions_index.dir_signature):
+        such a one is never trusted, and done/ is listed again until it is older."""
+        sig, believable = versions_index.dir_signature(self.done)
+        return sig if believable else f"racy:{sig}"
 
     def _sync(self, db: sqlite3.Connection, force: bool = False) -> None:
         sig = self._signature()
         row = db.execute("SELECT value FROM meta WHERE key = 'dir'").fetchone()
-        if row and row[0] == sig and not force:
+        if row and row[0] == sig and not force and not sig.startswith("racy:"):
             return
         names = record_names(os.listdir(self.done))
         db.execute("BEGIN IMMEDIATE")
@@ -181,7 +187,7 @@ class DoneIndex:
             return None
         try:
             row = db.execute("SELECT value FROM meta WHERE key = 'dir'").fetchone()
-            if not row or row[0] != sig:
+            if not row or row[0] != sig or sig.startswith("racy:"):
                 return None
             return db.execute("SELECT count(*) FROM files").fetchone()[0]
         except sqlite3.Error:  # missing, busy, damaged: the caller counts done/ itself

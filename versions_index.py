@@ -74,7 +74,7 @@ def _file_sig(path) -> str:
     return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _dir_sig(path: Path) -> tuple[str, bool]:
+def dir_signature(path: Path) -> tuple[str, bool]:
     """(signature, believable): a directory changed within its file system's timestamp
     tick (or in the future: a clock stepped back) may change again unseen. A file system
     with sub-second mtimes (ext4, xfs: a tick of 1-10 ms) is given RACY_FINE_S, one with
@@ -216,7 +216,7 @@ class VersionsIndex:
 
     def _sync(self, db: sqlite3.Connection, fresh: bool = False) -> None:
         try:
-            sig, believable = _dir_sig(self.versions)
+            sig, believable = dir_signature(self.versions)
         except FileNotFoundError:
             sig, believable = "missing", True
         row = db.execute("SELECT value FROM meta WHERE key = 'dir'").fetchone()

@@ -19,6 +19,7 @@ import pytest
 from conftest import REPO
 import done_index
 import training_queue
+import versions_index
 from trainroot import Paths
 
 
@@ -62,6 +63,20 @@ def test_a_hit_is_read_back_from_its_record_and_follows_done(root):
     assert idx.trained_since({"version": "v002"}) == 2 and idx.trained_since(None) == 3
 
 
+def test_a_change_in_the_same_clock_tick_as_the_last_listing_is_not_missed(root):
+    """done/ listed just after a change, then changed again within the same timestamp
+    tick (its mtime does not move: set back here by hand): the second file is found."""
+    put_done(root, "a.jsonl", '{"text": "a"}\n', "v002")
+    done = Paths(root).done
+    tick = os.stat(done).st_mtime_ns
+    idx = training_queue.done_index(root)
+    assert len(idx) == 1  # listed while done/'s signature is young
+    b = put_done(root, "b.jsonl", '{"text": "b"}\n', "v003")
+    os.utime(done, ns=(tick, tick))  # the same tick: the signature is the one just stored
+    time.sleep(versions_index.RACY_FINE_S * 1.5)
+    assert idx.get(b)["name"] == "b.jsonl" and len(idx) == 2
+
+
 def test_a_missing_or_damaged_index_is_rebuilt_from_the_records(root, caplog):
     a = put_done(root, "a.jsonl", '{"text": "a"}\n', "v002")
     idx = done_index.DoneIndex(root)
@@ -94,6 +109,8 @@ def writer(root: Path, tag: str, n: int) -> subprocess.Popen:
 
 
 def test_two_writers_and_a_kill_9_leave_a_consistent_index(root):
+    past = time.time_ns() - 10**10  # done/ as it looks a moment after its last change: the
+    os.utime(Paths(root).done, ns=(past, past))  # writers' rows are not resynced away
     done_index.DoneIndex(root).get("x")  # created
     procs = [writer(root, "aa", 150), writer(root, "bb", 150)]
     for proc in procs:
