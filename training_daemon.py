@@ -25,6 +25,7 @@ import os
 import re
 import shlex
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -267,6 +268,7 @@ class Daemon:
         self.intake: inbox_files.InboxIntake | None = None  # made once config.json is loaded
         self.wake = threading.Event()
         self.done = training_queue.done_index(self.p.root)  # .index/done.sqlite, read lazily
+        self._done_settled = None  # done/'s (inode, mtime) when the index last matched it
         self.backup_proc = None
         self._gave_way = None  # why complete_eval last gave way: wake, request or stop
         self._wake_retries = 0  # --once: a wake-up does not end the run with the eval half done
@@ -562,6 +564,8 @@ class Daemon:
         # space before any is written; retention is applied first when they do not.
         import retention
         need = _folder_bytes(self.p.current_model) * (1 + OPTIMIZER_FACTOR * _widening(self.p.current_model))
+        if self._engine is not None:  # the checkpoint kept to be written over needs no new room
+            need = max(0, need - self._engine.spare_bytes())
         room = retention.make_room(self.p.root, cfg, need, "root")
         for vid in room["pruned_versions"]:
             self.log.info("pre-flight: retention pruned %s to make room", vid)
@@ -1185,6 +1189,26 @@ class Daemon:
             self.log.warning("cannot write the eval line to metrics.jsonl: %s", exc)
         return True
 
+    def _settle_done_index(self) -> None:
+        """Idle: bring the done index in step with done/ once done/ stopped changing. Its
+        signature just after a file moved in is too young to be believed (done_index), and
+        status commands count done/ from the index only while it matches (else they list
+        100,000 names); one stat per idle tick, one listing after each change."""
+        try:
+            st = os.stat(self.p.done)
+        except OSError:
+            return
+        if (st.st_ino, st.st_mtime_ns) == self._done_settled:
+            return
+        try:
+            if self.done.fresh_count() is None:
+                len(self.done)  # a resync: one listing of done/
+        except (OSError, sqlite3.Error) as exc:  # busy, read-only: the next tick tries again
+            self.log.debug("done index not brought in step: %s", exc)
+            return
+        if self.done.fresh_count() is not None:
+            self._done_settled = (st.st_ino, st.st_mtime_ns)
+
     def _idle_interrupted(self) -> bool:
         """complete_eval's question between batches: has anything arrived that comes first?"""
         self.write_state()
@@ -1581,6 +1605,7 @@ class Daemon:
             if not self.intake.waiting():
                 if self._engine is not None:  # idle: the model kept for a next file goes back
                     self._engine.release_warm()
+                self._settle_done_index()
                 evaluated = self.complete_eval()
             if self.once and not self.intake.waiting() and self._processing_file() is None:
                 if not evaluated and self._gave_way == "wake" and self._wake_retries < 100:

@@ -28,6 +28,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import struct
 import sys
 import tempfile
@@ -706,10 +707,11 @@ def published_tensors(model) -> dict:
 
 
 def write_safetensors(path, tensors: dict, dtype=None, *, hashing: bool = True,
-                      keep=frozenset(), metadata: dict | None = None) -> dict:
+                      keep=frozenset(), metadata: dict | None = None, over: bool = False) -> dict:
     """Write `tensors` as a new safetensors file, each floating one (but those named in
     `keep`) cast to `dtype` when it is written (one tensor at a time: never a second copy of
-    the whole model in memory).
+    the whole model in memory). `over`: a file already at `path` (a spare's, see _SPARE)
+    is written over in place and cut to the new size.
     Returns {size, sha256} (sha256 of the bytes as written, without reading them back; None
     unless `hashing`). Byte for byte what safetensors' save_file writes for the same tensors."""
     items = []
@@ -732,7 +734,7 @@ def write_safetensors(path, tensors: dict, dtype=None, *, hashing: bool = True,
     head = struct.pack("<Q", len(raw)) + raw
     digest = hashlib.sha256() if hashing else None
     hashed = None  # the previous tensor's hash, in a thread beside this one's write (both free the GIL)
-    with open(path, "xb") as f, concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with _open_new(path, over) as f, concurrent.futures.ThreadPoolExecutor(1) as pool:
         f.write(head)
         if digest:
             digest.update(head)
@@ -745,7 +747,25 @@ def write_safetensors(path, tensors: dict, dtype=None, *, hashing: bool = True,
                 hashed = pool.submit(digest.update, data)
         if hashed is not None:
             hashed.result()
+        f.truncate()  # a spare's file longer than this one (another model's) ends here
     return {"size": len(head) + offset, "sha256": digest.hexdigest() if digest else None}
+
+
+def _open_new(path: Path, over: bool):
+    """`path` for writing: a new file, or (`over`) the file there written over in place,
+    only while no other name links it (a version's or current_model's weights never)."""
+    if over:
+        try:
+            f = open(path, "r+b")
+        except (FileNotFoundError, PermissionError):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # read-only: this name goes, a new file takes it
+        else:
+            if os.fstat(f.fileno()).st_nlink == 1:
+                return f
+            f.close()
+            os.unlink(path)  # linked elsewhere: this name goes, the other keeps its bytes
+    return open(path, "xb")
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -802,7 +822,9 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
                 seq=next_checkpoint_seq(root))
     stage = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=p.staging))
     try:
-        def save_optimizer():  # a new file in staging: never over a file we need
+        _reuse_spare(stage)  # a pruned checkpoint's big files, written over (see _SPARE)
+
+        def save_optimizer():  # in staging: never over a file we need
             _save_optimizer(stage / OPTIMIZER_CKPT, optimizer, scaler)
 
         if lora_mode.is_peft(_unwrap(model)):  # the adapter alone: a few MB, the base is immutable
@@ -815,7 +837,8 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
             # they are written (another base's publish writes its own cast: no hash needed)
             linked = linkable and getattr(_unwrap(model), "guardrails_base_dtype",
                                           torch.float32) == torch.float32
-            weights = write_safetensors(stage / "model.safetensors", tensors, hashing=linked)
+            weights = write_safetensors(stage / "model.safetensors", tensors, hashing=linked,
+                                        over=True)
             meta["weights"] = {"model.safetensors": dict(weights, dtype="float32", linkable=linkable)}
             # its fsync in a thread while the optimizer is written (both release the GIL)
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -883,7 +906,8 @@ def _save_optimizer(path: Path, optimizer, scaler=None) -> None:
                 other[f"{idx}.{key}"] = value
     extra = {"param_groups": sd["param_groups"], "state": other,
              "scaler": scaler.state_dict() if scaler is not None else None}
-    write_safetensors(path, tensors, hashing=False, metadata={OPTIMIZER_META: json.dumps(extra)})
+    write_safetensors(path, tensors, hashing=False, metadata={OPTIMIZER_META: json.dumps(extra)},
+                      over=True)
 
 
 def _read_optimizer(ckpt: Path) -> tuple[dict, dict | None]:
@@ -912,7 +936,9 @@ STAGING_PREFIXES = ("checkpoint-", "old-checkpoint-", "model-")  # ROOT/.staging
 def clean_staging(root) -> list[str]:
     """Remove what a killed engine left in `.staging/` (a half-written checkpoint or model:
     gigabytes on a real model). Only the engine writes these names, and one engine trains a
-    root at a time (the engine lock), so any found when a file starts are leftovers."""
+    root at a time (the engine lock), so any found when a file starts are leftovers; but
+    one pruned checkpoint (`old-checkpoint-*`) is kept as the spare the next checkpoint is
+    written over (_SPARE), when this process holds none."""
     _wait_for_deletions()
     p = Paths(root)
     removed = []
@@ -920,9 +946,15 @@ def clean_staging(root) -> list[str]:
         names = os.listdir(p.staging)
     except (FileNotFoundError, NotADirectoryError):
         return removed
-    for name in names:
+    spare = {f.name for f in _SPARE}  # this process's, kept on purpose
+    for name in sorted(names, reverse=True):  # mkdtemp names: no order; any spare will do
         path = p.staging / name
-        if name.startswith(STAGING_PREFIXES) and path.is_dir() and not path.is_symlink():
+        if name.startswith("old-checkpoint-") and not _SPARE and path.is_dir() \
+                and not path.is_symlink():  # a pruned one the last process kept as its spare
+            _SPARE.append(path)
+            continue
+        if name.startswith(STAGING_PREFIXES) and name not in spare and path.is_dir() \
+                and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
             removed.append(name)
     if removed:
@@ -959,14 +991,67 @@ def prune_checkpoints(root, keep: int) -> list[str]:
 
 _TRASH: list[Path] = []   # old checkpoints moved into .staging/, to remove
 _DELETING: list = []      # the threads removing them
+# One pruned checkpoint (its folder in .staging/) whose weights and optimizer files the
+# next checkpoint is written over, in place, while files come one after another: freeing
+# a checkpoint's gigabytes and allocating them again per file cost more than writing them
+# (on a disk mounted with `discard`, each fsync for ~2 s after 3 GB were freed: at 1 GB of
+# weights the daemon's checkpoint took 6-9 s against 4-6 s written over). Let go (deleted)
+# when the daemon is idle (release_warm); a file linked elsewhere is never written over.
+_SPARE: list[Path] = []
+SPARE_FILES = ("model.safetensors", OPTIMIZER_CKPT)
 
 
 def _delete_later(folders: list[Path]) -> None:
-    """Folders already moved into .staging/, removed by `start_deletions` in a thread:
-    freeing a checkpoint's gigabytes took ~1.5 s per 3 GB here, nothing waits for it, and
-    it is started after the file's writes (its journal traffic slowed the publish's fsyncs
-    ~1 s). clean_staging waits for them first, and removes what a killed process left."""
-    _TRASH.extend(folders)
+    """Folders already moved into .staging/: the newest becomes the spare (while none is
+    kept), the rest are removed by `start_deletions` in a thread: freeing a checkpoint's
+    gigabytes took ~1.5 s per 3 GB here, nothing waits for it, and it is started after the
+    file's writes (its journal traffic slowed the publish's fsyncs ~1 s). clean_staging
+    waits for them first, and removes what a killed process left."""
+    for folder in folders:
+        (_TRASH if _SPARE else _SPARE).append(folder)
+
+
+def _spare_files() -> list[Path]:
+    """The spare's files that a checkpoint may be written over (one link: nothing else
+    names them), or []."""
+    out = []
+    for folder in _SPARE:
+        for f in folder.glob("*/*"):
+            try:
+                st = f.lstat()
+            except OSError:
+                continue
+            if f.name in SPARE_FILES and stat.S_ISREG(st.st_mode) and st.st_nlink == 1 \
+                    and st.st_mode & 0o200:  # (a once-linked weights file left read-only: no)
+                out.append(f)
+    return out
+
+
+def spare_bytes() -> int:
+    """Bytes the next checkpoint will write over instead of taking from the free space."""
+    total = 0
+    for f in _spare_files():
+        with contextlib.suppress(OSError):
+            total += f.stat().st_size
+    return total
+
+
+def _reuse_spare(stage: Path) -> None:
+    """Move the spare's big files into `stage` to be written over (a spare of this root's
+    .staging/ only); what is left of its folder is deleted later."""
+    for f in _spare_files():
+        if f.parent.parent.parent == stage.parent:
+            with contextlib.suppress(OSError):
+                os.rename(f, stage / f.name)
+    _TRASH.extend(_SPARE)
+    _SPARE.clear()
+
+
+def release_spare() -> None:
+    """Delete the spare (the daemon is idle: its disk space goes back)."""
+    _TRASH.extend(_SPARE)
+    _SPARE.clear()
+    start_deletions()
 
 
 def start_deletions() -> None:
@@ -1117,7 +1202,9 @@ def _take_warm(root, file_id: str, config: dict) -> _Warm | None:
 
 def release_warm() -> None:
     """Let go of the model and AdamW state kept between files (the daemon does when idle, and
-    before an eval loads a model on a GPU): the next file loads from disk."""
+    before an eval loads a model on a GPU): the next file loads from disk. The spare
+    checkpoint's disk space goes back too."""
+    release_spare()
     if _WARM:
         _WARM.clear()
         import gc
@@ -1876,6 +1963,8 @@ class FileRun:
             free = shutil.disk_usage(self.p.root).free
         except OSError:
             return None  # the write itself will say what is wrong
+        if what == "checkpoint":
+            free += spare_bytes()  # written over: no new blocks
         if free >= self.need[what] + margin:
             return None
         self.write_kind = "disk"

@@ -168,8 +168,11 @@ def run_daemon_case(work: Path, size: str, dtype_name: str, files: int) -> list[
     for i in range(files):
         (p.inbox / f"file{i}.jsonl").write_text(
             json.dumps({"text": f"file {i}: one short record, one step."}) + "\n")
-    proc = subprocess.run([sys.executable, str(REPO / "training_daemon.py"), "run", "--once",
-                    "--no-monitor", "--root", str(root)], check=False, capture_output=True, text=True)
+    # BENCH_DAEMON_WRAP: a command to run the daemon under (a profiler: `py-spy record -o F --`)
+    wrap = os.environ.get("BENCH_DAEMON_WRAP", "").split()
+    proc = subprocess.run([*wrap, sys.executable, str(REPO / "training_daemon.py"), "run", "--once",
+                           "--no-monitor", "--root", str(root)], check=False, capture_output=True,
+                          text=True)
     if proc.returncode:
         raise SystemExit(f"the daemon exited {proc.returncode}: {proc.stderr[-2000:]}")
     import training_engine as te
@@ -208,6 +211,8 @@ def main(argv=None) -> int:
                     help="the files through `training_daemon.py run --once` (the done records' timings)")
     ap.add_argument("--from-disk", action="store_true",
                     help="let go of the model kept in memory between files (each file loads it)")
+    ap.add_argument("--cases", nargs="+", metavar="SIZE:DTYPE",
+                    help="only these cases, e.g. 1GB:bfloat16 (default: every size and dtype)")
     args = ap.parse_args(argv)
     import training_engine as te
     te._quiet_transformers()
@@ -215,8 +220,11 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
-        for size in ["100MB"] + (["1GB"] if args.large else []):
+        large = args.large or any(c.startswith("1GB:") for c in args.cases or [])
+        for size in ["100MB"] + (["1GB"] if large else []):
             for dtype_name in ("bfloat16", "float32"):
+                if args.cases and f"{size}:{dtype_name}" not in args.cases:
+                    continue
                 if args.daemon:
                     rows += run_daemon_case(work, size, dtype_name, args.files)
                 else:

@@ -435,10 +435,58 @@ def test_checkpoint_folders_are_complete_and_pruned(tmp_path, tiny_model_dir):
     for key in ("file_id", "position", "global_step", "tokens_seen", "config", "scheduler"):
         assert key in meta
     assert {"next_offset", "record_offset", "skip_tokens", "records"} <= meta["position"].keys()
-    assert not [n for n in os.listdir(Paths(root).staging) if "checkpoint" in n]
+    staged = os.listdir(Paths(root).staging)  # nothing half-made; one pruned one, the spare
+    assert not [n for n in staged if n.startswith("checkpoint-")]
+    assert len([n for n in staged if n.startswith("old-checkpoint-")]) <= 1
     m = metrics(root)[-1]
     assert {"time", "global_step", "file", "file_id", "loss", "lr", "grad_norm", "tokens_per_sec",
             "tokens_seen"} <= m.keys()
+
+
+def test_checkpoints_are_written_over_the_spare_byte_for_byte_and_never_over_a_linked_file(
+        tmp_path, tiny_model_dir):
+    """Files one after another, keep_checkpoints 1: each checkpoint is written over the big
+    files of the one pruned before it (the spare: no freeing, no allocating gigabytes per
+    file), and holds the same bytes as a new file would (another root, spare let go before
+    each file; the spare's optimizer file made longer first, so it must be cut). A file
+    another name links (current_model's weights, a version's) is never written over, and
+    release_warm (the idle daemon) gives the spare's space back."""
+    def run(name, use_spare):
+        root, cfg = make_root(tmp_path / name, tiny_model_dir, checkpoint_every_steps=0,
+                              keep_checkpoints=1)
+        p, files = Paths(root), []
+        for i in range(3):
+            if not use_spare:
+                te.release_spare()
+            elif te._SPARE:
+                spare, = te._spare_files()[-1:] or [None]
+                if spare is not None:
+                    with open(spare, "ab") as f:
+                        f.write(b"left over" * 1000)
+            data = write_jsonl(tmp_path / f"{name}-{i}.jsonl", text_records(6, seed=40 + i))
+            assert te.train_file(root, data, file_id=f"d{i}", config=cfg)["status"] == "completed"
+            (ckpt, _), = te.list_checkpoints(root)
+            files.append({n: ((ckpt / n).stat().st_ino, sha256_file(ckpt / n))
+                          for n in ("model.safetensors", te.OPTIMIZER_CKPT)})
+        return root, files
+
+    te.release_warm()
+    root, over = run("over", True)
+    p = Paths(root)
+    assert over[2][te.OPTIMIZER_CKPT][0] == over[0][te.OPTIMIZER_CKPT][0]  # written over
+    staged = [n for n in os.listdir(p.staging) if n.startswith("old-checkpoint-")]
+    assert len(staged) == 1 and te._SPARE
+    for version in sorted(p.versions.glob("v*")) + [p.current_model]:  # linked: untouched
+        manifest = read_json(version / ".manifest.json")["files"]
+        for rel, entry in manifest.items():
+            assert sha256_file(version / rel) == entry["sha256"], (version.name, rel)
+    te.release_warm()  # idle: the spare goes
+    te._wait_for_deletions()
+    assert not te._SPARE and not list(p.staging.glob("old-checkpoint-*"))
+    _, fresh = run("fresh", False)
+    assert [{n: h for n, (_, h) in f.items()} for f in over] == \
+        [{n: h for n, (_, h) in f.items()} for f in fresh]
+    te.release_warm()
 
 
 def test_killed_between_end_checkpoint_and_publish_publishes_on_retry(tmp_path, tiny_model_dir):
@@ -901,7 +949,10 @@ def test_an_fp32_base_links_the_checkpoint_weights_and_a_shared_inode_is_never_w
     assert rb["optimizer"] == f"carried from checkpoint-{ra['global_step']:08d}", rb
     assert not end.exists()  # out of checkpoints/ at once; its files go in a thread after the file
     te._wait_for_deletions()
-    assert os.stat(shared).st_nlink == 1
+    # a's checkpoint is the spare the next one is written over: its weights, linked to the
+    # version, are not among the files written over (only the optimizer's)
+    assert os.stat(shared).st_nlink == 2
+    assert [f.name for f in te._spare_files()] == [te.OPTIMIZER_CKPT]
     model_versioner.restore_version(root, after_a)  # a's version back as current_model
     ra2 = te.train_file(root, write_jsonl(tmp_path / "a2.jsonl", text_records(16, seed=14)),
                         file_id="a2", config=cfg)  # retrained from it, over the same steps
