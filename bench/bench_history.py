@@ -109,12 +109,17 @@ def grow(root: Path, scale: int) -> None:
                "note": None, "files": v1["manifest"], "total_bytes": 0, "verified_at": at,
                "status": "verified"}
         (folder / "backup.json").write_text(json.dumps(rec))
-    # what the daemon keeps beside the data after each file: the done index (as `add` and
-    # the daemon build it) and a disk-usage sample (the state tracker reports the last one)
+    # what the daemon keeps beside the data after each file: the done and versions indexes
+    # (as `add`, snapshots and the idle daemon leave them: synced once done/ and versions/
+    # are older than the timestamp tick that makes a signature believable) and a disk-usage
+    # sample (the state tracker reports the last one)
     import done_index
     import retention
     import training_config
+    import versions_index
+    time.sleep(versions_index.RACY_S)
     len(done_index.DoneIndex(root))
+    versions_index.VersionsIndex(root).ids()
     retention.record_usage(root, training_config.load_config(root))
 
 
@@ -235,8 +240,9 @@ def monitor_first_load(root: Path) -> tuple[float, float, int]:
 
 
 def daemon_first_step(root: Path) -> tuple[float, float, int]:
-    """`training_daemon.py run --once` with one small file in the inbox: seconds from its
-    start to that file's first metrics line, its peak RSS over the whole run, exit code."""
+    """`training_daemon.py run --once` with one small file in the inbox (after the files the
+    `add` runs queued): seconds from its start to the first training step's metrics line
+    (whichever file it is), its peak RSS over the whole run, exit code."""
     import training_config
     cfg = training_config.load_config(root)
     cfg.update(settle_seconds=0.2, rescan_seconds=0.5, max_length=32, batch_size=2,
@@ -257,7 +263,7 @@ def daemon_first_step(root: Path) -> tuple[float, float, int]:
         try:
             with open(p.metrics, "rb") as f:
                 f.seek(size0)
-                if b"bench-first-step" in f.read():
+                if b'"tokens_per_sec"' in f.read():  # a step's line (not an eval's)
                     first = time.perf_counter() - t
         except FileNotFoundError:
             pass
