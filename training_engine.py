@@ -1016,12 +1016,16 @@ def _spare_files() -> list[Path]:
     names them), or []."""
     out = []
     for folder in _SPARE:
-        for f in folder.glob("*/*"):
+        try:
+            subs = [d for d in folder.iterdir() if d.is_dir() and not d.is_symlink()]
+        except OSError:
+            continue
+        for f in (d / name for d in subs for name in SPARE_FILES):
             try:
                 st = f.lstat()
             except OSError:
                 continue
-            if f.name in SPARE_FILES and stat.S_ISREG(st.st_mode) and st.st_nlink == 1 \
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 \
                     and st.st_mode & 0o200:  # (a once-linked weights file left read-only: no)
                 out.append(f)
     return out

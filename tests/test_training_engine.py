@@ -489,6 +489,34 @@ def test_checkpoints_are_written_over_the_spare_byte_for_byte_and_never_over_a_l
     te.release_warm()
 
 
+def test_the_spare_never_reaches_outside_its_folder(tmp_path, monkeypatch):
+    """Only the spare's own regular files, with one link and writable, are written over: not
+    through a symlinked folder or file planted in .staging/, not a linked or read-only one."""
+    staging = tmp_path / ".staging"
+    outside = tmp_path / "user-data"
+    outside.mkdir()
+    (outside / te.OPTIMIZER_CKPT).write_bytes(b"the user's own file")
+    spare = staging / "old-checkpoint-x"
+    (spare / "checkpoint-00000002").mkdir(parents=True)
+    (spare / "checkpoint-00000001").symlink_to(outside, target_is_directory=True)
+    own = spare / "checkpoint-00000002"
+    (own / te.OPTIMIZER_CKPT).write_bytes(b"spare")
+    (own / "model.safetensors").symlink_to(outside / te.OPTIMIZER_CKPT)
+    monkeypatch.setattr(te, "_SPARE", [spare])
+    assert te._spare_files() == [own / te.OPTIMIZER_CKPT]
+    os.link(own / te.OPTIMIZER_CKPT, tmp_path / "another-name")  # linked: no
+    assert te._spare_files() == []
+    os.unlink(tmp_path / "another-name")
+    os.chmod(own / te.OPTIMIZER_CKPT, 0o444)  # read-only: no
+    assert te._spare_files() == [] and te.spare_bytes() == 0
+    stage = staging / "checkpoint-new"
+    stage.mkdir()
+    te._reuse_spare(stage)
+    assert os.listdir(stage) == [] and (outside / te.OPTIMIZER_CKPT).read_bytes() == b"the user's own file"
+    assert te._SPARE == [] and te._TRASH[-1:] == [spare]
+    te._TRASH.remove(spare)
+
+
 def test_killed_between_end_checkpoint_and_publish_publishes_on_retry(tmp_path, tiny_model_dir):
     """current_model put back to its pre-file state stands for a death after the end-of-file
     checkpoint but before the publish: the retry publishes that end state, training nothing."""
