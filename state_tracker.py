@@ -292,7 +292,11 @@ def _versions_section(root: Path, w: list, measured: dict | None = None) -> dict
         sec["tagged"] = {str(k): v for k, v in tags.items() if isinstance(v, str)}
     # count, ends and the newest ids from the versions index (one stat of versions/ while
     # nothing changed; a listing of 10,000 names was ~25 ms of every report and poll)
-    summary = versions_index.VersionsIndex(root).summary(CHECK_VERSIONS)
+    try:
+        summary = versions_index.VersionsIndex(root).summary(CHECK_VERSIONS)
+    except OSError as exc:  # versions/ unreadable: the report says so instead of failing
+        summary = {"count": 0, "oldest": None, "last": []}
+        sec["problems"].append({"id": None, "problems": [f"cannot list {p.versions}: {exc}"]})
     ids = summary["last"]
     tagged = [v for v in sec["tagged"].values() if versions_index.version_number(v) is not None
               and v not in ids and (p.versions / v).is_dir()]

@@ -210,14 +210,14 @@ class VersionsIndex:
                     if name[:1] == "v" and 2 <= len(name) <= 10 and name[1:].isdecimal() \
                             and e.is_dir():
                         out[name] = e.inode()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # none yet, or a file in its place
             pass
         return out
 
     def _sync(self, db: sqlite3.Connection, fresh: bool = False) -> None:
         try:
             sig, believable = dir_signature(self.versions)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             sig, believable = "missing", True
         row = db.execute("SELECT value FROM meta WHERE key = 'dir'").fetchone()
         if row and row[0] == sig and believable:
