@@ -1191,17 +1191,26 @@ def newest_versions(root, limit: int | None) -> tuple[list[dict], list[str], int
     """(records of the newest `limit` versions oldest first, damaged ids among the folders
     looked at, how many version folders exist): reads `limit` records, not every one."""
     p = Paths(root)
-    dirs = _version_dirs(p)
-    rows, damaged = [], []
-    for vid in reversed(dirs):
-        if limit is not None and len(rows) >= limit:
-            break
-        rec = _load_record(p, vid)
-        if rec is None:
-            damaged.append(vid)
+    take = limit
+    while True:  # the newest ids from the index (not all 10,000); more if some are damaged
+        if take is None:
+            dirs = _version_dirs(p)
+            total = len(dirs)
         else:
-            rows.append(rec)
-    return rows[::-1], damaged[::-1], len(dirs)
+            summary = versions_index.VersionsIndex(p.root).summary(take)
+            dirs, total = summary["last"], summary["count"]
+        rows, damaged = [], []
+        for vid in reversed(dirs):
+            if limit is not None and len(rows) >= limit:
+                break
+            rec = _load_record(p, vid)
+            if rec is None:
+                damaged.append(vid)
+            else:
+                rows.append(rec)
+        if take is None or len(rows) >= limit or len(dirs) >= total:
+            return rows[::-1], damaged[::-1], total
+        take *= 4
 
 
 def _eval_of(root, rec: dict) -> dict | None:
