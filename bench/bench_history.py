@@ -10,7 +10,9 @@ metrics.jsonl with its open summary covering all but the last file. 10,000x is 1
 versions, 100,000 done files, 1,001 backups and 20M metrics lines (~3 GB of raw
 lines, of which ~80 s to grow on one core). Then runs each routine command as its own process, the
 monitor's first load after a start and the daemon's start to first step, and prints wall
-time and peak RSS side by side.
+time and peak RSS side by side: the median of --repeat runs, the scales' runs alternating
+(this VM's pace drifts by tens of percent within minutes; alternating, every scale sees
+the same drift).
 
     .venv/bin/python bench/bench_history.py --scales 1 10 --repeat 1     # a quick check
     .venv/bin/python bench/bench_history.py --scales 1 100 10000 --dir /data/tmp
@@ -285,29 +287,36 @@ def main(argv=None) -> int:
         return 0
     results: dict = {}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        for scale in args.scales:
-            root = Path(tmp) / f"x{scale}"
+        roots = {scale: Path(tmp) / f"x{scale}" for scale in args.scales}
+        for scale, root in roots.items():  # every root first: the runs below alternate them
             t = time.perf_counter()
             subprocess.run([sys.executable, __file__, "--grow", str(root), str(scale)], check=True)
             print(f"grew {scale}x in {time.perf_counter() - t:.1f}s", file=sys.stderr)
-            runs_made = 0
+        os.sync()  # the growth's gigabytes written back first: not beside the commands timed
+        made = [0]
 
-            def fresh_file() -> Path:  # `add` of a file already queued is refused: one per run
-                nonlocal runs_made
-                runs_made += 1
-                new = Path(tmp) / f"new-{scale}-{runs_made}.jsonl"
-                new.write_text(json.dumps({"text": f"a file never trained, {scale}x run {runs_made}"}) + "\n")
-                return new
+        def fresh_file(scale) -> Path:  # `add` of a file already queued is refused: one per run
+            made[0] += 1
+            new = Path(tmp) / f"new-{scale}-{made[0]}.jsonl"
+            new.write_text(json.dumps({"text": f"a file never trained, {scale}x run {made[0]}"}) + "\n")
+            return new
 
-            for name, cmd in COMMANDS:
-                runs = sorted(measure(root, [c.format(new=fresh_file()) if "{new}" in c else c
-                                             for c in cmd]) for _ in range(args.repeat))
-                results.setdefault(name, {})[scale] = runs[len(runs) // 2]
-            runs = sorted(monitor_first_load(root) for _ in range(args.repeat))
-            results.setdefault("monitor: start to first /api/metrics", {})[scale] = runs[len(runs) // 2]
-            # last: it trains (and applies retention to the grown history)
+        def alternating(name, run) -> None:
+            """`repeat` runs per scale, the scales taking turns (the machine's pace drifts
+            by tens of percent within minutes: each scale sees the same drift); the median."""
+            runs: dict = {scale: [] for scale in roots}
+            for _ in range(args.repeat):
+                for scale, root in roots.items():
+                    runs[scale].append(run(scale, root))
+            for scale, got in runs.items():
+                results.setdefault(name, {})[scale] = sorted(got)[len(got) // 2]
+
+        for name, cmd in COMMANDS:
+            alternating(name, lambda scale, root, cmd=cmd: measure(root, [
+                c.format(new=fresh_file(scale)) if "{new}" in c else c for c in cmd]))
+        alternating("monitor: start to first /api/metrics", lambda scale, root: monitor_first_load(root))
+        for scale, root in roots.items():  # last: it trains (and applies retention to the history)
             results.setdefault("daemon: start to first step", {})[scale] = daemon_first_step(root)
-            shutil.rmtree(root, ignore_errors=True)
     head = "| command | " + " | ".join(f"{s}x s / MB" for s in args.scales) + " |"
     print(head)
     print("|---|" + "---|" * len(args.scales))
