@@ -275,6 +275,26 @@ def daemon_first_step(root: Path) -> tuple[float, float, int]:
     return (first if first is not None else float("nan")), usage.ru_maxrss / 1024, code
 
 
+def per_file_overhead(root: Path) -> tuple[float, float]:
+    """From the done records of the files that run trained (the `add` runs' and the bench's
+    own, in the order trained): each file's wall time from its start to the next file's,
+    less its train_s (the engine's own time: load, steps, checkpoint, publish). That is
+    what the daemon adds per file: snapshots, records, indexes, retention, disk samples.
+    Returns (the first file's, the median of the others'); the last file has no next."""
+    import training_queue
+    p = Paths(root)
+    recs = sorted((r for r in (training_queue.read_record(f) for f in p.done.glob("*.jsonl"))
+                   if r.get("started_at") and (r.get("name") or "").startswith(("new-", "bench-"))),
+                  key=lambda r: r["started_at"])
+    t = [datetime.fromisoformat(r["started_at"].replace("Z", "+00:00")).timestamp() for r in recs]
+    over = [t[i + 1] - t[i] - float(recs[i]["timings"].get("train_s") or 0)
+            for i in range(len(recs) - 1)]
+    if not over:
+        return float("nan"), float("nan")
+    rest = sorted(over[1:]) or [float("nan")]
+    return over[0], rest[len(rest) // 2]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 100])
@@ -317,12 +337,15 @@ def main(argv=None) -> int:
         alternating("monitor: start to first /api/metrics", lambda scale, root: monitor_first_load(root))
         for scale, root in roots.items():  # last: it trains (and applies retention to the history)
             results.setdefault("daemon: start to first step", {})[scale] = daemon_first_step(root)
+            first, rest = per_file_overhead(root)
+            results.setdefault("daemon: per-file overhead, first file (s; with the engine import it waits for)", {})[scale] = (first, 0, 0)
+            results.setdefault("daemon: per-file overhead, later files (s)", {})[scale] = (rest, 0, 0)
     head = "| command | " + " | ".join(f"{s}x s / MB" for s in args.scales) + " |"
     print(head)
     print("|---|" + "---|" * len(args.scales))
     for name, by_scale in results.items():
-        cells = [f"{by_scale[s][0]:.3f} / {by_scale[s][1]:.0f}" + (
-            f" (exit {by_scale[s][2]})" if by_scale[s][2] else "") for s in args.scales]
+        cells = [f"{by_scale[s][0]:.3f}" + ("" if "overhead" in name else f" / {by_scale[s][1]:.0f}")
+                 + (f" (exit {by_scale[s][2]})" if by_scale[s][2] else "") for s in args.scales]
         print(f"| `{name}` | " + " | ".join(cells) + " |")
     return 0
 
