@@ -50,6 +50,10 @@ COMMANDS = [
     ("model_versioner.py list", ["model_versioner.py", "list"]),
     ("model_versioner.py show latest", ["model_versioner.py", "show", "latest"]),
     ("model_versioner.py snapshot --force", ["model_versioner.py", "snapshot", "--force"]),
+    # current_model put back as the oldest version, then as the latest (rollback is a
+    # restore of the version before; the grown versions all hold the same weights)
+    ("model_versioner.py restore v001", ["model_versioner.py", "restore", "v001"]),
+    ("model_versioner.py restore latest", ["model_versioner.py", "restore", "latest"]),
     ("model_versioner.py prune (dry run)", ["model_versioner.py", "prune"]),
     ("backup_manager.py list", ["backup_manager.py", "list"]),
     # a new file checked against every trained one (the median: the index built once before)
