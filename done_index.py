@@ -67,14 +67,16 @@ class DoneIndex:
         return db
 
     @contextlib.contextmanager
-    def _db(self):
-        """A connection to an up-to-date index (one per call: threads and processes alike)."""
+    def _db(self, sync: bool = True):
+        """A connection to an up-to-date index (one per call: threads and processes alike);
+        without `sync`, to the index as it is (still rebuilt when damaged)."""
         self.done.mkdir(parents=True, exist_ok=True)
         self.path.parent.mkdir(exist_ok=True)
         try:
             db = self._connect()
-            try:
-                self._sync(db)
+            try:  # (never synced, e.g. just rebuilt after an `rm`: synced whatever is asked)
+                if sync or not db.execute("SELECT 1 FROM meta WHERE key = 'dir'").fetchone():
+                    self._sync(db)
             except BaseException:
                 db.close()
                 raise
@@ -153,15 +155,18 @@ class DoneIndex:
         return None  # the index named records that no longer say so, even after a resync
 
     def add(self, name: str, rec: dict) -> None:
-        """The daemon moved `name` into done/ with `rec`: index it now (no resync needed)."""
-        with self._db() as db:
+        """The daemon moved `name` into done/ with `rec`: index it now, without listing
+        done/ (100,000 names, every file); the stored signature stays the one before the
+        move, so the next query that needs done/ whole lists it once."""
+        with self._db(sync=False) as db:
             self._put(db, name, rec)
 
-    def trained_since(self, backup: dict | None) -> int:
+    def trained_since(self, backup: dict | None, *, sync: bool = True) -> int:
         """Files trained after `backup` was taken: by version ids, which only grow (a clock
         that ran ahead when the backup was made cannot hide files); by time only for a
-        backup that names no version; every file when there is no backup."""
-        with self._db() as db:
+        backup that names no version; every file when there is no backup. `sync=False`:
+        the rows as they are (the daemon's count for its backup trigger, which `add` keeps)."""
+        with self._db(sync=sync) as db:
             if backup is None:
                 return db.execute("SELECT count(*) FROM files WHERE sha256 IS NOT NULL").fetchone()[0]
             num = _version_num(backup.get("version"))

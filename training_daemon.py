@@ -88,6 +88,7 @@ OPTIMIZER_FACTOR = 3     # a checkpoint holds the weights plus AdamW's two momen
 STATE_EVERY_S = 1.0      # .daemon_state.json at most once a second
 CONTROL_EVERY_S = 0.2    # a directory scan of control/ at most this often while training
 IDLE_TICK_S = 0.25       # idle loop: control requests are seen well within a second
+DONE_SETTLE_BUSY_S = 60.0  # between files: the done index brought in step at most this often
 _VERSION_ID = re.compile(r"v\d{3,}")  # model_versioner's ids: they only grow
 # Writes the filesystem refuses for a reason free space does not fix (read-only, permissions)
 WRITE_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -269,6 +270,7 @@ class Daemon:
         self.wake = threading.Event()
         self.done = training_queue.done_index(self.p.root)  # .index/done.sqlite, read lazily
         self._done_settled = None  # done/'s (inode, mtime) when the index last matched it
+        self._done_settle_tried = 0.0  # monotonic time of the last try
         self.backup_proc = None
         self._gave_way = None  # why complete_eval last gave way: wake, request or stop
         self._wake_retries = 0  # --once: a wake-up does not end the run with the eval half done
@@ -1189,11 +1191,16 @@ class Daemon:
             self.log.warning("cannot write the eval line to metrics.jsonl: %s", exc)
         return True
 
-    def _settle_done_index(self) -> None:
-        """Idle: bring the done index in step with done/ once done/ stopped changing. Its
-        signature just after a file moved in is too young to be believed (done_index), and
-        status commands count done/ from the index only while it matches (else they list
-        100,000 names); one stat per idle tick, one listing after each change."""
+    def _settle_done_index(self, busy: bool = False) -> None:
+        """Bring the done index in step with done/ once done/ stopped changing: status
+        commands count done/ from the index only while it matches (else they list 100,000
+        names), and the daemon's own `add` leaves it behind (no listing per file; a
+        signature just after a change is too young to be believed anyway). Idle: one stat
+        per tick, one listing after each change; `busy` (between files): at most once per
+        DONE_SETTLE_BUSY_S, so a queue of short files does not list done/ for each."""
+        if busy and time.monotonic() - self._done_settle_tried < DONE_SETTLE_BUSY_S:
+            return
+        self._done_settle_tried = time.monotonic()
         try:
             st = os.stat(self.p.done)
         except OSError:
@@ -1381,7 +1388,7 @@ class Daemon:
         import backup_manager
         try:
             latest = backup_manager.latest_backup(self.p.root)
-            n = self.done.trained_since(latest)
+            n = self.done.trained_since(latest, sync=False)  # `add` counted this file: no listing
             if not backup_manager.backup_due(self.p.root, self.cfg, n):
                 return
         except GuardrailError as exc:
@@ -1587,6 +1594,7 @@ class Daemon:
                 continue
             job = self.next_job()
             if job is not None:
+                self._settle_done_index(busy=True)
                 try:
                     self.process(job)
                 except OSError as exc:

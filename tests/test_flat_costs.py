@@ -256,6 +256,30 @@ def test_the_idle_daemon_brings_the_done_index_in_step(initialized_root, monkeyp
     assert not seen["os.listdir"] and not seen["os.scandir"]
 
 
+def test_the_daemons_own_file_into_done_lists_nothing(initialized_root, monkeypatch):
+    """Per trained file the daemon indexes the file it moved into done/ and counts the files
+    since the last backup without listing done/ (100,000 names after years, each file); the
+    next question that needs done/ whole lists it once and still sees everything."""
+    root = initialized_root
+    p = Paths(root)
+    grow(root, done=30)
+    _settled(p.done)
+    idx = done_index.DoneIndex(root)
+    assert len(idx) == 30
+    sha = "f" * 64
+    (p.done / "trained.jsonl").write_text('{"text": "trained"}\n')
+    rec = {"name": "trained.jsonl", "sha256": sha, "outcome": "done", "version_after": "v002"}
+    (p.done / "trained.jsonl.record.json").write_text(json.dumps(rec))  # the daemon's move
+    with recorded(monkeypatch) as seen:
+        idx.add("trained.jsonl", rec)
+        assert idx.trained_since({"version": "v001"}, sync=False) == 1
+    assert not seen["os.listdir"] and not seen["os.scandir"]
+    (p.done / "by-hand.jsonl").write_text("{}\n")  # meanwhile a person adds one by hand
+    (p.done / "by-hand.jsonl.record.json").write_text(json.dumps(dict(rec, name="by-hand.jsonl",
+                                                                      sha256="e" * 64)))
+    assert idx.get("e" * 64)["name"] == "by-hand.jsonl" and len(idx) == 32
+
+
 def test_disk_usage_is_the_daemons_sample_or_not_measured(initialized_root, monkeypatch, capsys):
     """A status never walks a long history: with no sample, a root of more than
     MEASURE_NOW_FILES files is 'not measured yet' with the command that measures it;
