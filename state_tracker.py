@@ -292,10 +292,11 @@ def _versions_section(root: Path, w: list, measured: dict | None = None) -> dict
         sec["tagged"] = {str(k): v for k, v in tags.items() if isinstance(v, str)}
     # count, ends and the newest ids from the versions index (one stat of versions/ while
     # nothing changed; a listing of 10,000 names was ~25 ms of every report and poll)
-    try:
-        summary = versions_index.VersionsIndex(root).summary(CHECK_VERSIONS)
+    summary = {"count": 0, "oldest": None, "last": []}
+    try:  # (no versions/: not a root yet, and nothing written into a folder that is not one)
+        if p.versions.is_dir():
+            summary = versions_index.VersionsIndex(root).summary(CHECK_VERSIONS)
     except OSError as exc:  # versions/ unreadable: the report says so instead of failing
-        summary = {"count": 0, "oldest": None, "last": []}
         sec["problems"].append({"id": None, "problems": [f"cannot list {p.versions}: {exc}"]})
     ids = summary["last"]
     tagged = [v for v in sec["tagged"].values() if versions_index.version_number(v) is not None
@@ -447,7 +448,10 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
                 ino = None  # replaced while we looked: the next run will tell
             # the version it was last published as first (a rollback or restore), then the
             # versions indexed with this manifest (each checked below: the index is a cache)
-            candidates = versions_index.VersionsIndex(root).with_manifest(ino) if ino else []
+            try:
+                candidates = versions_index.VersionsIndex(root).with_manifest(ino) if ino else []
+            except OSError:
+                candidates = []  # versions/ unreadable: said in the versions section
             for vid in ([was, *candidates] if ino else []):
                 if not vid or vid in versions["_records"]:
                     continue

@@ -210,6 +210,16 @@ def test_not_initialized_then_init_fixes_it(template):
     assert set(INIT_SCENARIO["after"]) == BASELINE
 
 
+def test_a_folder_that_is_not_a_root_is_left_as_it_was(tmp_path):
+    """The report on a folder that is no training root writes nothing into it (no index)."""
+    folder = tmp_path / "not-a-root"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    state = st.build_state(folder)
+    assert [w["code"] for w in state["warnings"]] == ["NOT_INITIALIZED"]
+    assert sorted(os.listdir(folder)) == ["notes.txt"]
+
+
 # --------------------------------------------------------------------------- the model
 
 def test_rm_rf_current_model_is_critical_and_its_fix_restores_it(root):
