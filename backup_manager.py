@@ -706,12 +706,14 @@ def prune_backups(root, keep: int | None = None, yes: bool = False, *,
             "deleted" if yes else "would_delete": doomed}
 
 
-def backup_due(root, cfg: dict, files_since_last: int) -> bool:
+def backup_due(root, cfg: dict, files_since_last: int, latest: dict | None | bool = False) -> bool:
     """True when the backup policy asks for a backup now (every N files and/or hours).
 
     Not due when the newest verified backup already holds current_model's global_step.
+    `latest`: latest_backup(root) when the caller has read it already.
     """
-    latest = latest_backup(root)
+    if latest is False:
+        latest = latest_backup(root)
     if latest is not None:
         state = _trainer_state(_p(root).current_model)
         if state.get("global_step") is not None and state.get("global_step") == latest.get(

@@ -1389,7 +1389,7 @@ class Daemon:
         try:
             latest = backup_manager.latest_backup(self.p.root)
             n = self.done.trained_since(latest, sync=False)  # `add` counted this file: no listing
-            if not backup_manager.backup_due(self.p.root, self.cfg, n):
+            if not backup_manager.backup_due(self.p.root, self.cfg, n, latest):
                 return
         except GuardrailError as exc:
             self.backup_failed = f"automatic backup check failed: {exc}"

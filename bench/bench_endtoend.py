@@ -3,13 +3,15 @@
     .venv/bin/python bench/bench_endtoend.py                  # tiny model, 5 pairs, ~4 minutes on 2 cores
     .venv/bin/python bench/bench_endtoend.py --steps 20 --pairs 2
     .venv/bin/python bench/bench_endtoend.py --model qwen --batch-size 2   # 151k vocabulary
+    python3 bench/bench_endtoend.py --model qwen --dtype bfloat16          # on a GPU: both on it
 
 What users get is the daemon: `training_daemon.py run --once` on a fresh root, default
 config (B=8, L=256, pack_isolation on; monitor_port 0 so no port is taken), tokens/s taken
 from its own metrics.jsonl (steps after the first two). The baseline is a bare loop in a
 fresh interpreter with the same model, the same packed rows already as tensors, the same
 model inputs (position ids restarting per document), loss, clipping, AdamW and threads:
-forward, backward, step and nothing else. Daemon and bare loop alternate, `--pairs` times,
+forward, backward, step and nothing else (on a GPU, both use it, with config `dtype` as
+autocast, and the bare loop's batches are on the GPU before its clock starts). Daemon and bare loop alternate, `--pairs` times,
 so both see the same load on a shared machine; each side's rate is that of its faster
 half of steps (noise only slows steps), and the ratio is the median of the pairs.
 Goal: >= 0.97. Also printed: the overhead per step in ms (daemon step minus bare step),
@@ -72,7 +74,7 @@ def make_root(work: Path, model_dir: Path, args) -> Path:
     root = work / "root0"
     training_daemon.init_root(root, base=str(model_dir))
     cfg = training_config.load_config(root)
-    cfg.update(monitor_port=0, batch_size=args.batch_size, max_length=args.max_length,
+    cfg.update(monitor_port=0, batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype,
                num_threads=args.threads if args.threads != (os.cpu_count() or 1) else 0,
                loss_spike_factor=0.0, backup_every_files=0, backup_every_hours=0.0)
     training_config.write_config(root, cfg)
@@ -99,7 +101,7 @@ def daemon_run(template: Path, data: Path, work: Path, k: int) -> list[tuple[int
 def bare_run(model_dir: Path, data: Path, args, mode: str) -> list[tuple[int, float]]:
     out = subprocess.run([sys.executable, __file__, "--bare", str(model_dir), str(data), mode,
                           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-                          "--threads", str(args.threads)],
+                          "--threads", str(args.threads), "--dtype", args.dtype],
                          check=True, capture_output=True, text=True, cwd=str(REPO))
     return [tuple(x) for x in json.loads(out.stdout)]
 
@@ -119,8 +121,12 @@ def bare_loop(model_dir: str, data: str, mode: str, args) -> list[tuple[int, flo
     B = args.batch_size
     batches = [(te.model_inputs(rows[i:i + B], mode), torch.tensor([r.labels for r in rows[i:i + B]]),
                 sum(r.tokens for r in rows[i:i + B])) for i in range(0, len(rows), B)]
+    device = te._device(cfg)
+    batches = [({k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()},
+                labels.to(device), tokens) for inputs, labels, tokens in batches]
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
-    model.train()
+    model.to(device).train()
+    amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["learning_rate"], betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=0.0)
@@ -128,12 +134,15 @@ def bare_loop(model_dir: str, data: str, mode: str, args) -> list[tuple[int, flo
     for inputs, labels, tokens in batches:
         t0 = time.perf_counter()
         n = int((labels[:, 1:] != -100).sum())
-        loss = te.next_token_loss(model(**inputs).logits, labels) / max(1, n)
+        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            logits = model(**inputs).logits
+        loss = te.next_token_loss(logits, labels) / max(1, n)
+        del logits
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
         opt.step()
         opt.zero_grad(set_to_none=True)
-        float(loss.detach())
+        float(loss.detach())  # (on a GPU: waits for the step's kernels, queued before it)
         steps.append((tokens, time.perf_counter() - t0))
     return steps
 
@@ -159,6 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads of both (default all cores: the daemon's num_threads 0)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                    help="config dtype: autocast of both (default float32, the default config)")
     ap.add_argument("--bare", nargs=3, metavar=("MODEL", "DATA", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.bare:
@@ -185,7 +196,7 @@ def main(argv=None) -> int:
     ratios = [d[0] / b[0] for d, b in pairs]
     overhead = statistics.median(d[1] - b[1] for d, b in pairs)
     bare_iso = statistics.median(b[0] for _, b in pairs)
-    print(f"end to end ({args.model}, B={args.batch_size} L={args.max_length}, {args.threads} "
+    print(f"end to end ({args.model}, {args.dtype}, B={args.batch_size} L={args.max_length}, {args.threads} "
           f"threads, {args.steps} steps, {args.pairs} pairs): daemon/bare ratio median "
           f"{statistics.median(ratios):.3f} (goal >= 0.97; pairs " + ", ".join(f"{r:.3f}" for r in ratios)
           + f"); overhead {overhead:+.1f} ms/step; isolation costs the bare loop "

@@ -242,7 +242,8 @@ def test_the_eval_gate_holds_a_bad_file_in_lora_mode(tmp_path, tiny_model_dir):
     root = gate_root(tmp_path / "root", tiny_model_dir, finetune="lora")
     drop(root, "good1.jsonl", english(40, 10))
     assert train_once(root) == 0
-    set_config(root, learning_rate=3e-2, eval_regression_pct=1.0)  # tiny LoRA moves less
+    # tiny LoRA moves less: junk raised the eval loss 0.94% on one machine, >1% on another
+    set_config(root, learning_rate=3e-2, eval_regression_pct=0.3)
     drop(root, "bad.jsonl", junk())
     proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # --once: a hold ends the run, exit 1
@@ -250,7 +251,7 @@ def test_the_eval_gate_holds_a_bad_file_in_lora_mode(tmp_path, tiny_model_dir):
     rec = record(root / "processing" / "bad.jsonl")
     hold = rec["hold"]
     cmp = hold["eval"]["english.jsonl"]
-    assert cmp["after"] > cmp["before"] * 1.01 and cmp["regressed"]
+    assert cmp["after"] > cmp["before"] * 1.003 and cmp["regressed"]
     recs = versions(root)
     held, before = recs[hold["version"]], recs[rec["version_before"]]
     assert held["rejected"] is True and held["kind"] == before["kind"] == "adapter"

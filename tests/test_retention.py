@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -343,3 +344,64 @@ def test_the_daemon_applies_retention_after_each_trained_file(initialized_root):
     assert "retention: pruned v001" in (root / "logs" / "daemon.log").read_text()
     files = [f["name"] for f in mv.lineage(root, "v004")["data_files"]]
     assert files == ["f0.jsonl", "f1.jsonl", "f2.jsonl"]
+
+
+def test_usage_from_the_last_walk_equals_a_full_walk_as_folders_change(tmp_path, monkeypatch):
+    """The daemon's sample after each file lists only the written-once folders that changed
+    (versions/, backup_dir): after every kind of change it equals a full walk, hard links
+    counted once; a change in the same clock tick as the last listing is not missed."""
+    monkeypatch.setattr(retention, "_TREES", {})
+    top = tmp_path / "versions"
+
+    def full():
+        full.last = retention.folder_bytes([top])
+        return full.last
+
+    def cached():
+        return retention.tree_bytes(top, set())
+
+    def fill(folder, n, size):
+        folder.mkdir(parents=True)
+        for i in range(n):
+            (folder / f"f{i}").write_bytes(os.urandom(size))
+    for v in range(5):
+        fill(top / f"v{v:03d}" / "sub", 3, 5000 * (v + 1))
+        (top / f"v{v:03d}" / "version.json").write_text("{}")
+    os.link(top / "v000" / "sub" / "f0", top / "v004" / "linked")   # one inode, two names
+    os.symlink(top / "v001", top / "v004" / "a-link")                # not followed
+    assert cached() == full()
+    opened = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda p: opened.append(p) or real_scandir(p))
+    old = time.time() - 60
+    for d in [top, *top.rglob("*")]:  # older than the same-tick window: trusted as listed
+        if d.is_dir() and not d.is_symlink():
+            os.utime(d, (old, old))
+    assert cached() == full()
+    opened.clear()
+    assert cached() == full.last and opened == []                   # nothing changed: no listing
+    full.before = full.last
+    (top / "v001" / "sub" / "new").write_bytes(os.urandom(70000))   # a file added
+    tmp = top / "v002" / "version.json.tmp"
+    tmp.write_text("x" * 9000)
+    os.replace(tmp, top / "v002" / "version.json")                   # replaced by a rename
+    shutil.rmtree(top / "v003")                                       # a folder removed
+    fill(top / "v005", 2, 3000)                                       # one added
+    opened.clear()
+    got = cached()
+    listed = sorted(map(os.fspath, opened))
+    assert got == full() != full.before
+    assert listed == sorted(os.fspath(top / n) for n in (
+        "", "v001/sub", "v002", "v005"))
+    os.utime(top / "v001" / "sub", (old, old))
+    cached()
+    st = (top / "v001" / "sub").stat()
+    (top / "v001" / "sub" / "same-tick").write_bytes(os.urandom(40000))
+    os.utime(top / "v001" / "sub", ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime did not move
+    assert cached() != full()  # what an old listing with an unmoved mtime cannot see...
+    monkeypatch.setattr(retention, "_TREES", {})
+    cached()  # ...so a folder listed within TREE_YOUNG_NS of its change is listed again
+    st = (top / "v005").stat()
+    (top / "v005" / "same-tick").write_bytes(os.urandom(40000))
+    os.utime(top / "v005", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cached() == full()
