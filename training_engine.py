@@ -1839,7 +1839,7 @@ class FileRun:
         self.lr = lr = lr_at(self.state["global_step"], self.config, warmup_from=self.warmup_from)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
+        loss_sum = None  # on the device: read once per step, with the gradient norm
         for i, (inputs, labels) in enumerate(batch.micro):
             if device.type != "cpu":
                 inputs = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
@@ -1855,19 +1855,22 @@ class FileRun:
                 # DDP averages gradients over ranks; the loss is already over the global count
                 scaled = loss * ws if self.ddp else loss
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            loss_sum += float(loss.detach())
+            # summed in float64 in micro-batch order: the float each step logged before
+            part = loss.detach().double()
+            loss_sum = part if loss_sum is None else loss_sum + part
             if self.control and self.writer:
                 self.pending = self.control() or self.pending
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip if self.clip > 0 else float("inf"))
+        # one wait for the device per step (a GPU idles while the CPU waits and queues again)
+        loss_sum, self.grad_norm = torch.stack([loss_sum, norm.double().to(loss_sum.device)]).tolist()
         loss_sum = _all_sum(loss_sum, ws)
         if not math.isfinite(loss_sum):
             self.optimizer.zero_grad(set_to_none=True)
             return self.finish("nan", f"non-finite loss ({loss_sum}) at step "
                                f"{self.state['global_step'] + 1}; current_model left as it was "
                                "before this file")
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            self.params, self.clip if self.clip > 0 else float("inf")))
         if not math.isfinite(self.grad_norm) and not self.scaler:
             self.optimizer.zero_grad(set_to_none=True)
             return self.finish("nan", f"non-finite gradient norm at step "
