@@ -15,6 +15,9 @@ changes the folder it watches):
   done/ (not every record): ~50 ms at 100,000 files; a missing index is rebuilt once. A
   signature younger than the file system's timestamp tick is not believed (a second
   change within the same tick would not move it): done/ is listed again next time.
+- The daemon's own index (`owner`) is synced once per process, then kept by the daemon:
+  it indexes each file it moves into done/, and lists done/ for what others changed at
+  most once a minute and when idle; its duplicate check per queued file lists nothing.
 - A damaged index (not SQLite, a torn file) is moved aside and rebuilt, with a warning.
 - SQLite makes each update atomic (kill -9 leaves the old or the new state) and serialises
   writers across processes (the daemon and a person's `add` at once).
@@ -49,9 +52,15 @@ def _version_num(vid) -> int | None:
 class DoneIndex:
     """done/'s records by content hash, in done/.index.sqlite (see the module docstring)."""
 
-    def __init__(self, root):
+    def __init__(self, root, *, owner: bool = False):
+        """`owner`: the daemon's index. Its questions use the index as it is once it was
+        synced in this process: the daemon indexes every file it moves into done/ (`add`)
+        and brings the index in step with what others did to done/ between files, at most
+        once a minute, and when idle (a listing of 100,000 names per file otherwise). A
+        hit is still read back from its record; a person's `add` always syncs first."""
         self.done = Paths(root).done
         self.path = index_path(root)
+        self.owner, self._synced = owner, False
 
     # ------------------------------------------------------------------ the file
 
@@ -105,6 +114,7 @@ class DoneIndex:
     def _sync(self, db: sqlite3.Connection, force: bool = False) -> None:
         sig = self._signature()
         row = db.execute("SELECT value FROM meta WHERE key = 'dir'").fetchone()
+        self._synced = True
         if row and row[0] == sig and not force and not sig.startswith("racy:"):
             return
         names = record_names(os.listdir(self.done))
@@ -139,7 +149,7 @@ class DoneIndex:
         if not isinstance(sha256, str):
             return None
         for attempt in range(2):
-            with self._db() as db:
+            with self._db(sync=not (self.owner and self._synced)) as db:
                 if attempt:
                     self._sync(db, force=True)
                 rows = db.execute("SELECT name FROM files WHERE sha256 = ? ORDER BY "

@@ -268,7 +268,7 @@ class Daemon:
         self._queue_order = training_queue.QueueOrder(self.p.root)  # next_job's view
         self.intake: inbox_files.InboxIntake | None = None  # made once config.json is loaded
         self.wake = threading.Event()
-        self.done = training_queue.done_index(self.p.root)  # .index/done.sqlite, read lazily
+        self.done = training_queue.done_index(self.p.root, owner=True)  # .index/done.sqlite
         self._done_settled = None  # done/'s (inode, mtime) when the index last matched it
         self._done_settle_tried = 0.0  # monotonic time of the last try
         self.backup_proc = None

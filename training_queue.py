@@ -329,12 +329,12 @@ def _summary(result: dict) -> dict:
 
 # --------------------------------------------------------------------------- the done index
 
-def done_index(root):
+def done_index(root, *, owner: bool = False):
     """sha256 -> record of the file in done/ that trained that content (newest wins): a
     done_index.DoneIndex (`.get(sha256)`), kept in ROOT/.index/done.sqlite, read back from
-    the record before it is believed."""
+    the record before it is believed (`owner`: the daemon's, see DoneIndex)."""
     import done_index
-    return done_index.DoneIndex(root)
+    return done_index.DoneIndex(root, owner=owner)
 
 
 # --------------------------------------------------------------------------- enqueue

@@ -280,6 +280,36 @@ def test_the_daemons_own_file_into_done_lists_nothing(initialized_root, monkeypa
     assert idx.get("e" * 64)["name"] == "by-hand.jsonl" and len(idx) == 32
 
 
+def test_the_daemons_duplicate_check_after_its_own_move_lists_nothing(initialized_root, monkeypatch):
+    """The daemon's index (owner) asks done/ once in its process, then answers each queued
+    file's duplicate check from what it indexed itself: no listing of done/ per file. A hit
+    is still read back from its record (a record gone makes it list again), and what a
+    person did to done/ meanwhile is seen once the daemon brings the index in step."""
+    root = initialized_root
+    p = Paths(root)
+    grow(root, done=30)
+    _settled(p.done)
+    idx = done_index.DoneIndex(root, owner=True)
+    assert idx.get("a" * 64) is None  # the first question of the process: in step with done/
+    rec = {"name": "trained.jsonl", "sha256": "f" * 64, "outcome": "done", "version_after": "v002"}
+    (p.done / "trained.jsonl").write_text('{"text": "trained"}\n')
+    (p.done / "trained.jsonl.record.json").write_text(json.dumps(rec))  # the daemon's move
+    idx.add("trained.jsonl", rec)
+    with recorded(monkeypatch) as seen:
+        assert idx.get("f" * 64)["name"] == "trained.jsonl"
+        assert idx.get("d" * 64) is None
+    assert not seen["os.listdir"] and not seen["os.scandir"]
+    (p.done / "by-hand.jsonl").write_text("{}\n")
+    (p.done / "by-hand.jsonl.record.json").write_text(json.dumps(dict(rec, name="by-hand.jsonl",
+                                                                      sha256="e" * 64)))
+    assert done_index.DoneIndex(root).get("e" * 64)["name"] == "by-hand.jsonl"  # a person's add
+    os.remove(p.done / "trained.jsonl.record.json")  # gone: not believed, done/ listed again
+    with recorded(monkeypatch) as seen:
+        assert idx.get("f" * 64) is None
+    assert seen["os.listdir"]
+    assert len(idx) == 31  # what the daemon's settle runs: in step with done/
+
+
 def test_disk_usage_is_the_daemons_sample_or_not_measured(initialized_root, monkeypatch, capsys):
     """A status never walks a long history: with no sample, a root of more than
     MEASURE_NOW_FILES files is 'not measured yet' with the command that measures it;
