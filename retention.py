@@ -209,7 +209,10 @@ def folder_bytes(folders, seen: set | None = None, dev: int | None = None,
 # files' (dev, inode, bytes), so the daemon's sample after each file lists only the folders
 # that changed (at 10,000 versions and 1,001 backups a full walk took ~0.7 s per file).
 # A folder changed within the last TREE_YOUNG_NS is listed again next time (a change in the
-# same clock tick would not move its mtime); everything is walked afresh every TREE_REFRESH_S.
+# same clock tick would not move its mtime). While the top folder's mtime has not moved (no
+# version or backup came or went), its subfolders are taken as they were, unasked (each
+# written once: what changes in one later is a small record); everything is walked
+# afresh every TREE_REFRESH_S.
 _TREES: dict[str, tuple] = {}
 _TREES_SINCE = [0.0]
 TREE_YOUNG_NS = 2_000_000_000
@@ -222,19 +225,23 @@ def tree_bytes(folder, seen: set) -> int:
     if time.monotonic() - _TREES_SINCE[0] > TREE_REFRESH_S:
         _TREES.clear()
         _TREES_SINCE[0] = time.monotonic()
-    return _tree_bytes(str(folder), seen)
+    return _tree_bytes(str(folder), seen, top=True)
 
 
-def _tree_bytes(folder: str, seen: set) -> int:
-    try:
-        st = os.stat(folder, follow_symlinks=False)
-    except OSError:
-        return 0
-    if not stat.S_ISDIR(st.st_mode):
-        return 0
-    key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+def _tree_bytes(folder: str, seen: set, top: bool = False, trusted: bool = False) -> int:
     cached = _TREES.get(folder)
-    if cached is None or cached[0] != key:
+    if trusted and cached is not None and cached[0] is not None:
+        key = cached[0]  # (a subfolder of an unchanged top folder: see _TREES)
+    else:
+        try:
+            st = os.stat(folder, follow_symlinks=False)
+        except OSError:
+            return 0
+        if not stat.S_ISDIR(st.st_mode):
+            return 0
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+    unchanged = cached is not None and cached[0] == key
+    if not unchanged:
         old, old_dirs = (cached[1], cached[2]) if cached else ({}, [])
         files, subdirs = {}, []
         try:
@@ -265,7 +272,8 @@ def _tree_bytes(folder: str, seen: set) -> int:
             seen.add((dev, ino))
             total += nbytes
     for name in cached[2]:
-        total += _tree_bytes(os.path.join(folder, name), seen)
+        total += _tree_bytes(os.path.join(folder, name), seen,
+                             trusted=(trusted or top) and unchanged)
     return total
 
 

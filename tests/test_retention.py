@@ -405,3 +405,32 @@ def test_usage_from_the_last_walk_equals_a_full_walk_as_folders_change(tmp_path,
     (top / "v005" / "same-tick").write_bytes(os.urandom(40000))
     os.utime(top / "v005", ns=(st.st_atime_ns, st.st_mtime_ns))
     assert cached() == full()
+
+
+def test_an_unchanged_versions_folder_is_summed_without_asking_its_versions(tmp_path, monkeypatch):
+    """While versions/ (or backup_dir) has not changed, its written-once subfolders are not
+    even stat'ed (1,001 backups: a stat each, per file); a change inside one is counted once
+    a version or backup comes or goes, or at the hourly walk."""
+    monkeypatch.setattr(retention, "_TREES", {})
+    top = tmp_path / "backups"
+    for b in range(4):
+        (top / f"b{b}").mkdir(parents=True)
+        (top / f"b{b}" / "model.safetensors").write_bytes(os.urandom(20000))
+    old = time.time() - 60
+    for d in [top, *top.iterdir()]:
+        os.utime(d, (old, old))
+    before = retention.tree_bytes(top, set())
+    assert before == retention.folder_bytes([top])
+    stats = []
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: stats.append(os.fspath(p)) or real_stat(p, *a, **k))
+    (top / "b1" / "late.json").write_bytes(os.urandom(9000))
+    assert retention.tree_bytes(top, set()) == before and stats == [os.fspath(top)]
+    (top / "b4").mkdir()  # a backup comes: every one is asked again
+    assert retention.tree_bytes(top, set()) == retention.folder_bytes([top]) > before
+    os.utime(top, (old, old))
+    retention.tree_bytes(top, set())
+    (top / "b2" / "late.json").write_bytes(os.urandom(9000))
+    assert retention.tree_bytes(top, set()) < retention.folder_bytes([top])  # not asked...
+    monkeypatch.setattr(retention, "_TREES_SINCE", [time.monotonic() - retention.TREE_REFRESH_S - 1])
+    assert retention.tree_bytes(top, set()) == retention.folder_bytes([top])  # ...until the hourly walk
