@@ -1103,3 +1103,52 @@ def test_a_tokenizer_is_loaded_once_per_process_for_the_same_files(tmp_path, tin
     (b / "tokenizer_config.json").write_text(json.dumps(cfg))
     other = te.load_tokenizer(b)
     assert other is not tok and other.model_max_length == 77 and te.load_tokenizer(a) is tok
+
+
+def test_records_tokenized_ahead_in_one_batch_pack_as_one_at_a_time(tmp_path, monkeypatch):
+    """A BPE tokenizer's texts are tokenized READ_AHEAD records at a time (one call that
+    releases the GIL): the ids are the tokenizer class's, the rows and positions are those
+    of one record at a time, and a bad line still stops the stream only where it is."""
+    import chat_fixtures
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(chat_fixtures.cached_qwen_tokenizer_dir())
+    rng = random.Random(5)
+    words = ["Hello", "world", "über", "  spaced", "\n\n", "<|im_end|>", "tab\there", "🙂", "naïve"]
+    recs = [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(1, 60)))} for _ in range(150)]
+    recs[40] = {"prompt": "Q: <|endoftext|> why?", "completion": " Because."}
+    recs[41] = dict(recs[7])  # the same text twice
+    data = write_jsonl(tmp_path / "bpe.jsonl", recs)
+    enc = te.Encoder(tok)
+    assert enc._backend is not None  # the Qwen fixture takes the direct path
+    for r in recs[:60]:
+        for text in ([r["text"]] if "text" in r else [r["prompt"], r["completion"]]):
+            assert enc.ids(text) == tok(text, add_special_tokens=False)["input_ids"], text
+
+    def stream_rows(read_ahead, direct=True):
+        monkeypatch.setattr(te, "READ_AHEAD", read_ahead)
+        encoder = te.Encoder(tok)
+        if not direct:
+            encoder._backend = None  # every text through the tokenizer class
+        stream = te.PackedStream(data, encoder, 64, tok.pad_token_id, isolate=True, allow_mixed=True)
+        out = []
+        while (row := stream.next_row()) is not None:
+            out.append((row, stream.position()))
+        return out
+    one_at_a_time = stream_rows(1, direct=False)
+    assert stream_rows(64) == one_at_a_time and len(one_at_a_time) > 20
+    pos = one_at_a_time[len(one_at_a_time) // 2][1]  # a resume from a mid-file position too
+    resumed = te.PackedStream(data, te.Encoder(tok), 64, tok.pad_token_id, isolate=True,
+                             position=pos, allow_mixed=True)
+    assert list(iter(resumed.next_row, None)) == [r for r, _ in one_at_a_time[len(one_at_a_time) // 2 + 1:]]
+    lines = data.read_text().splitlines()
+    lines[100] = "{not json"
+    data.write_text("\n".join(lines) + "\n")
+    stream = te.PackedStream(data, te.Encoder(tok), 64, tok.pad_token_id, isolate=True,
+                             allow_mixed=True)
+    seen = []
+    with pytest.raises(GuardrailError):
+        while (row := stream.next_row()) is not None:
+            seen.append(row)
+    assert seen == [r for r, _ in one_at_a_time[:len(seen)]]
+    assert len(seen) >= sum(p["records"] < 100 for _, p in one_at_a_time)
+    assert stream.records == 100  # every record before the bad line was packed first
