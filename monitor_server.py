@@ -71,7 +71,9 @@ class MetricsIndex:
         self.ino, self.scanned = ino, 0
         self.steps, self.offsets = array("q"), array("q")
         self.run_start = 0   # first line after the last rewind of global_step (a rollback)
-        self.boundaries: list[tuple[int, int, str]] = []   # (line index, step, file)
+        # entries where the file changes (its line names it: read back when asked for, so
+        # years of files cost 8 bytes each here, not a tuple and a name)
+        self.boundaries = array("q")
         self._last_file: bytes | None = None
         # Entries below n_summary are buckets of metrics_log's summaries (closed segments,
         # then the part of metrics.jsonl the open summary covers): (first entry, path) each.
@@ -185,10 +187,8 @@ class MetricsIndex:
             changes = itertools.compress(range(len(files)),
                                          map(operator.ne, files, [self._last_file, *files[:-1]]))
         for i in changes:
-            raw = files[i]
-            name = json.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode("utf-8", "replace")
-            self.boundaries.append((first + i, steps[i], name))
-            self._last_file = raw
+            self.boundaries.append(first + i)
+            self._last_file = files[i]
         self.steps.extend(steps)
         self.offsets.extend(starts)
 
@@ -214,12 +214,13 @@ class MetricsIndex:
                 chosen[-1] = idx[-1]
             points = self._read(chosen)
             first = idx[0] if matched else n
-            boundaries = [{"global_step": s, "file": f} for i, s, f in self.boundaries
-                          if (since is None or s > since) and i >= first]
-            thinned = len(boundaries) > max_points  # years of files: as many as the points
+            picked = self.boundaries[bisect.bisect_left(self.boundaries, first):]  # (steps > since)
+            thinned = len(picked) > max_points  # years of files: as many as the points
             if thinned:
-                keep = -(-len(boundaries) // max_points)
-                boundaries = boundaries[::-1][::keep][::-1]
+                keep = -(-len(picked) // max_points)
+                picked = picked[::-1][::keep][::-1]
+            boundaries = [{"global_step": self.steps[i], "file": obj.get("file")}
+                          for i, obj in self._objects(picked)]
             return {"schema_version": 1, "since": since, "lines": n, "matched": matched,
                     "stride": stride, "downsampled": stride > 1 or (matched > 0 and first < self.n_summary),
                     "summarised": self.n_summary, "boundaries_thinned": thinned,
@@ -227,15 +228,24 @@ class MetricsIndex:
                     "run_start_step": self.steps[self.run_start] if n else None,
                     "points": points, "boundaries": boundaries}
 
-    def _read(self, indices: list[int]) -> list[dict]:
+    def _read(self, indices) -> list[dict]:
         out = []
-        if not indices:
-            return out
+        for _, obj in self._objects(indices):
+            point = {k: _finite(obj.get(k)) for k in METRIC_FIELDS}
+            if obj.get("summary") is True:  # a bucket: mean loss, with its min, max and line count
+                point.update({k: _finite(obj.get(k)) for k in SUMMARY_FIELDS})
+            out.append(point)
+        return out
+
+    def _objects(self, indices):
+        """(entry, its line as a dict) for each of `indices` whose line is a JSON object."""
+        if not len(indices):
+            return
         files: dict[str, object] = {}
         starts = [first for first, _ in self.sources]
         try:
             for i in indices:
-                if i < self.n_summary:  # a bucket: mean loss, with its min, max and line count
+                if i < self.n_summary:  # a bucket of a summary
                     path = self.sources[bisect.bisect_right(starts, i) - 1][1]
                 else:
                     path = self.path
@@ -248,14 +258,10 @@ class MetricsIndex:
                 except ValueError:
                     continue  # a corrupt line: the chart does without it
                 if isinstance(obj, dict):
-                    point = {k: _finite(obj.get(k)) for k in METRIC_FIELDS}
-                    if obj.get("summary") is True:
-                        point.update({k: _finite(obj.get(k)) for k in SUMMARY_FIELDS})
-                    out.append(point)
+                    yield i, obj
         finally:
             for f in files.values():
                 f.close()
-        return out
 
 
 def _finite(value):
