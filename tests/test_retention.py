@@ -344,6 +344,8 @@ def test_the_daemon_applies_retention_after_each_trained_file(initialized_root):
     assert "retention: pruned v001" in (root / "logs" / "daemon.log").read_text()
     files = [f["name"] for f in mv.lineage(root, "v004")["data_files"]]
     assert files == ["f0.jsonl", "f1.jsonl", "f2.jsonl"]
+    samples = json.loads((root / retention.USAGE_FILE).read_text())["samples"]
+    assert len(samples) == 1  # after the first file; then at most every USAGE_EVERY_S
 
 
 def test_usage_from_the_last_walk_equals_a_full_walk_as_folders_change(tmp_path, monkeypatch):
