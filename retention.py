@@ -206,8 +206,8 @@ def folder_bytes(folders, seen: set | None = None, dev: int | None = None,
 # Sizes of the folders that are written once (versions/ and backup_dir: a version or a
 # backup is made in staging and renamed in; what changes later is replaced by an atomic
 # rename, which moves its folder's mtime): per folder, its (dev, inode, mtime) and its
-# files' (dev, inode, bytes), so the daemon's sample after each file lists only the folders
-# that changed (at 10,000 versions and 1,001 backups a full walk took ~0.7 s per file).
+# files' (dev, inode, bytes), so the daemon's usage sample lists only the folders that
+# changed (at 10,000 versions and 1,001 backups a full walk took ~0.7 s).
 # A folder changed within the last TREE_YOUNG_NS is listed again next time (a change in the
 # same clock tick would not move its mtime). While the top folder's mtime has not moved (no
 # version or backup came or went), its subfolders are taken as they were, unasked (each
@@ -298,8 +298,8 @@ def usage(root, cfg: dict, limit: int | None = None) -> dict | None:
     seen: set = set()
     left = None if limit is None else [limit]
     try:
-        # written-once folders from what the last walk saw (the daemon's sample per file),
-        # unless bounded (a status measuring a small root walks it)
+        # written-once folders from what the last walk saw (the daemon's samples), unless
+        # bounded (a status measuring a small root walks it)
         versions_used = tree_bytes(p.versions, seen) if left is None else \
             folder_bytes([p.versions], seen, left=left)
         root_used = versions_used + folder_bytes([p.current_model, p.checkpoints, p.staging,

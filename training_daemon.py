@@ -89,7 +89,7 @@ STATE_EVERY_S = 1.0      # .daemon_state.json at most once a second
 CONTROL_EVERY_S = 0.2    # a directory scan of control/ at most this often while training
 IDLE_TICK_S = 0.25       # idle loop: control requests are seen well within a second
 DONE_SETTLE_BUSY_S = 60.0  # between files: the done index brought in step at most this often
-USAGE_EVERY_S = 300.0      # after a file: a disk-usage sample (state report, days left) at most this often
+USAGE_EVERY_S = 300.0      # after a file: a disk-usage sample (the report's usage, days left)
 _VERSION_ID = re.compile(r"v\d{3,}")  # model_versioner's ids: they only grow
 # Writes the filesystem refuses for a reason free space does not fix (read-only, permissions)
 WRITE_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)
