@@ -11,9 +11,10 @@ from its own metrics.jsonl (steps after the first two). The baseline is a bare l
 fresh interpreter with the same model, the same packed rows already as tensors, the same
 model inputs (position ids restarting per document), loss, clipping, AdamW and threads:
 forward, backward, step and nothing else (on a GPU, both use it, with config `dtype` as
-autocast, and the bare loop's batches are on the GPU before its clock starts). Daemon and bare loop alternate, `--pairs` times,
-so both see the same load on a shared machine; each side's rate is that of its faster
-half of steps (noise only slows steps), and the ratio is the median of the pairs.
+autocast, and the bare loop's batches are on the GPU before its clock starts). Daemon and
+bare loop alternate, `--pairs` times, so both see the same load on a shared machine; each
+side's rate is that of its faster half of steps (noise only slows steps), and the ratio is
+the median of the pairs.
 Goal: >= 0.97. Also printed: the overhead per step in ms (daemon step minus bare step),
 and the bare loop with plain causal rows (what isolation itself costs).
 """
