@@ -679,16 +679,54 @@ def _probe_isolation(model) -> tuple[str, str]:
                       "and the first token of each is still not a target")
 
 
+# logits elements per piece of the loss: 64 MB of float32 at a time on a CPU, 256 MB on a
+# GPU (fewer, larger kernels: its time is launches, and its memory is larger)
+LOSS_CHUNK = {"cpu": 1 << 24, "gpu": 1 << 26}
+
+
 def next_token_loss(logits, labels):
-    """Summed next-token cross-entropy over the trained positions. The labels shift, not the
-    logits (no copy of the largest tensor); low-precision logits are widened to float32 only
-    at trained positions, never as a full float32 copy."""
+    """Summed next-token cross-entropy over the trained positions (labels -100 are not).
+    The labels shift, not the logits (no copy of the largest tensor), and no float32 copy
+    of the logits is ever whole: see _ChunkedCrossEntropy."""
     target = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
-    flat = logits.reshape(-1, logits.shape[-1])
-    if flat.dtype != torch.float32:
-        keep = (target != -100).nonzero().squeeze(1)
-        flat, target = flat.index_select(0, keep).float(), target.index_select(0, keep)
-    return torch.nn.functional.cross_entropy(flat, target, ignore_index=-100, reduction="sum")
+    return _ChunkedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), target)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy summed over rows of `flat` (positions x vocabulary), its gradient made
+    in the forward pass, LOSS_CHUNK elements at a time, in float32 whatever the logits'
+    dtype, and kept in that dtype.
+
+    Why: with a 151k vocabulary the logits are the largest tensors of a step (1.2 GB of
+    float32 at B=8, L=256). The plain cross_entropy keeps a float32 log-softmax of them for
+    the backward and makes a float32 gradient; on bf16 logits it first widens them to a
+    float32 copy. Here what outlives the forward is the gradient, in the logits' dtype, and
+    the float32 work is one chunk at a time (bench/bench_loss.py: the peak beyond logits
+    and gradient drops from ~1-2 GB to one chunk's). No device sync either (untrained
+    positions are masked, not selected)."""
+
+    @staticmethod
+    def forward(ctx, flat, target):
+        chunk = LOSS_CHUNK["cpu" if flat.device.type == "cpu" else "gpu"]
+        rows = max(1, chunk // max(1, flat.shape[1]))
+        grad = torch.empty_like(flat)
+        total = flat.new_zeros((), dtype=torch.float32)
+        for i in range(0, flat.shape[0], rows):
+            t = target[i:i + rows]
+            trained = (t != -100).unsqueeze(1)
+            t = t.clamp(min=0).unsqueeze(1)
+            logp = torch.log_softmax(flat[i:i + rows].float(), dim=-1)
+            total = total - logp.gather(1, t).masked_fill(~trained, 0).sum()
+            part = logp.exp_()  # softmax, minus one at the target: d(loss)/d(logits)
+            part.scatter_add_(1, t, -trained.to(part.dtype))
+            torch.mul(part, trained, out=grad[i:i + rows])  # positions not trained: no gradient
+        ctx.grad = grad
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad, ctx.grad = ctx.grad, None  # one backward per step (the graph is never kept)
+        return grad.mul_(grad_total), None
 
 
 def shard_rows(rows: list, rank: int, world_size: int) -> list:

@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_endtoend.py --steps 20 --pairs 2
     .venv/bin/python bench/bench_endtoend.py --model qwen --batch-size 2   # 151k vocabulary
     python3 bench/bench_endtoend.py --model qwen --dtype bfloat16          # on a GPU: both on it
+    python3 bench/bench_endtoend.py --model qwen0.5b --dtype bfloat16 --pairs 2   # a realistic size, GPU
 
 What users get is the daemon: `training_daemon.py run --once` on a fresh root, default
 config (B=8, L=256, pack_isolation on; monitor_port 0 so no port is taken), tokens/s taken
@@ -57,13 +58,17 @@ def build_model(work: Path, kind: str) -> Path:
     from chat_fixtures import cached_qwen_tokenizer_dir
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(cached_qwen_tokenizer_dir())
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=False)
+    shape = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=False)
+    if kind == "qwen0.5b":  # Qwen2.5-0.5B's shape (494M parameters), random weights, bf16 as published
+        shape = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                     num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = Qwen2Config(vocab_size=len(tok), max_position_embeddings=2048, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, **shape)
     torch.manual_seed(0)
-    out = work / "qwen"
-    Qwen2ForCausalLM(cfg).save_pretrained(out)
+    out = work / kind
+    model = Qwen2ForCausalLM(cfg)
+    (model.to(torch.bfloat16) if kind == "qwen0.5b" else model).save_pretrained(out)
     tok.save_pretrained(out)
     te.atomic_write_json(out / te.TRAINER_STATE, {"global_step": 0, "tokens_seen": 0})
     return out
@@ -162,7 +167,8 @@ def rate(steps) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=("tiny", "qwen"), default="tiny")
+    ap.add_argument("--model", choices=("tiny", "qwen", "qwen0.5b"), default="tiny",
+                    help="qwen: ~10M parameters around the 151k vocabulary; qwen0.5b: Qwen2.5-0.5B's shape")
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=8)

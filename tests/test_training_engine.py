@@ -708,6 +708,33 @@ def test_the_train_command_refuses_beside_a_live_daemon_or_a_held_engine_lock(tm
     assert (root / "current_model" / ".manifest.json").read_text() == model
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_chunked_loss_and_its_gradient_are_torchs_cross_entropy(monkeypatch, dtype):
+    """Across chunk edges (a short last chunk too), with untrained positions (a prompt, a
+    whole row of them, the shift's last column): the summed loss and d(loss)/d(logits)."""
+    import torch
+    torch.manual_seed(0)
+    B, L, V = 3, 11, 50
+    monkeypatch.setattr(te, "LOSS_CHUNK", {"cpu": 7 * V})  # 33 positions: chunks of 7, the last of 5
+    labels = torch.randint(0, V, (B, L))
+    labels[0, :4] = -100
+    labels[1] = -100
+    logits = (torch.randn(B, L, V) * 4).to(getattr(torch, dtype))
+    got_in, want_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got = te.next_token_loss(got_in, labels)
+    target = torch.cat([labels[:, 1:], torch.full((B, 1), -100)], 1).reshape(-1)
+    want = torch.nn.functional.cross_entropy(want_in.float().reshape(-1, V), target,
+                                             ignore_index=-100, reduction="sum")
+    assert got.dtype == torch.float32
+    assert abs(float(got) - float(want)) <= 1e-5 * float(want), (float(got), float(want))
+    (got * 0.5).backward()
+    (want * 0.5).backward()
+    assert got_in.grad.dtype == logits.dtype
+    assert torch.allclose(got_in.grad.float(), want_in.grad.float(), atol=1e-3 if dtype == "bfloat16" else 1e-6,
+                          rtol=1e-2 if dtype == "bfloat16" else 1e-5)
+    assert not got_in.grad[1].any() and not got_in.grad[0, :3].any() and not got_in.grad[:, -1].any()
+
+
 # --------------------------------------------------------------------------- document isolation
 
 def _rows(path: Path, enc, max_length: int, isolate: bool) -> list:
