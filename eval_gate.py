@@ -197,15 +197,13 @@ def evaluate(root, model_dir, cfg: dict, *, log=None, max_tokens: int | None = N
 
 def _row_sums(logits, labels) -> list[list]:
     """[next-token loss sum, trained tokens] of each row: the labels shift, not the logits
-    (no copy of the largest tensor, the vocabulary's width at every position)."""
+    (no copy of the largest tensor), and one row at a time is widened to float32 (a whole
+    batch's float32 log-softmax is gigabytes with a 151k vocabulary)."""
     import torch
     target = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-    flat = logits.reshape(-1, logits.shape[-1])
-    if flat.dtype != torch.float32:
-        flat = flat.float()  # (an eval batch: widened once, as the engine's loss does at its targets)
-    per_token = torch.nn.functional.cross_entropy(flat, target.reshape(-1), ignore_index=-100,
-                                                  reduction="none").view(target.shape)
-    return [[s, c] for s, c in zip(per_token.sum(dim=1).tolist(), (target != -100).sum(dim=1).tolist())]
+    sums = torch.stack([torch.nn.functional.cross_entropy(row.float(), t, ignore_index=-100, reduction="sum")
+                        for row, t in zip(logits, target)])
+    return [[s, c] for s, c in zip(sums.tolist(), (target != -100).sum(dim=1).tolist())]
 
 
 def _file_result(sums: list, seen: int, next_row: int, ended: bool, share: int) -> dict:

@@ -17,7 +17,9 @@ Printed per file:
     (new files only: its weights hard-linked to the checkpoint's cost nothing), the snapshot
     (links: ~0), and what the kernel counted (/proc/self/io write_bytes);
   fixed time: the engine's own `seconds` (load, checkpoint, publish) plus the snapshot, against
-    the time to write those same bytes once with fsync in this run, on the same filesystem.
+    the time to write those same bytes once with fsync, on the same filesystem: the median of
+    one such write just before the file and two just after it (`--daemon`: three after the
+    run), since this disk's pace swings 2-5x within minutes.
 Goal (issue 15): fixed / write-once <= 1.3.
 """
 
@@ -114,6 +116,9 @@ def run_case(work: Path, size: str, dtype_name: str, files: int, *, from_disk=Fa
         version_bytes = new_bytes(p.versions / vid)  # now, while current_model shares its files
         if from_disk:
             te.release_warm()
+        # the disk's own pace swings 2-5x within minutes on a VM: the baseline is the median of
+        # one write just before the file and two just after it (the size: the last file's)
+        before = fsynced_write_s(case, rows[-1]["bytes_total"]) if rows else None
         io0, t0 = write_bytes(), time.perf_counter()
         result = te.train_file(root, data, file_id=f"f{i}", config=cfg)
         train_s = time.perf_counter() - t0
@@ -128,13 +133,13 @@ def run_case(work: Path, size: str, dtype_name: str, files: int, *, from_disk=Fa
                    "version": version_bytes}
         secs = dict(result.get("seconds") or {})
         fixed = snapshot_s + sum(secs.values())
-        # the disk's own pace swings 5-10 s for the same 3 GB within minutes on a VM: the
-        # baseline is the median of three writes, and its spread is printed beside it
-        onces = sorted(fsynced_write_s(case, sum(written.values())) for _ in range(3))
+        total = sum(written.values())
+        onces = sorted([fsynced_write_s(case, total) for _ in range(2 if before else 3)] +
+                       ([before * total / rows[-1]["bytes_total"]] if before else []))
         once = onces[1]
         weights = p.current_model / "model.safetensors"
         rows.append({"size": size, "base": dtype_name, "file": i, "optimizer": result["optimizer"],
-                     "bytes": written, "kernel_write_bytes": io,
+                     "bytes": written, "bytes_total": total, "kernel_write_bytes": io,
                      "weights_linked": weights.stat().st_ino in ckpt_inodes,
                      "seconds": {**{k: round(v, 3) for k, v in secs.items()},
                                  "snapshot": round(snapshot_s, 3)},
