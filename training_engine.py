@@ -260,6 +260,7 @@ class Encoder:
         self._byte_fast = self._is_byte_identity(tokenizer)
         self._backend = None if self._byte_fast else self._direct_backend(tokenizer)
         self._ready: dict[str, list[int]] = {}  # texts tokenized ahead (tokenize_ahead)
+        self._rendered: dict[int, tuple] = {}  # chat records rendered and tokenized ahead
         if self._byte_fast:
             specials = sorted(tokenizer.all_special_tokens, key=len, reverse=True)
             self._special_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
@@ -292,25 +293,43 @@ class Encoder:
         probe = ("Az é\x00\n\t~ÿ🙂 <x>  two  spaces\r\n" + " ".join(tokenizer.all_special_tokens)
                  + "end." + "".join(tokenizer.all_special_tokens[:2]) + "x" * 300)
         try:
-            want = list(tokenizer(probe, add_special_tokens=False)["input_ids"])  # (clears both)
+            want = tokenizer(probe, add_special_tokens=False, return_offsets_mapping=True)  # (clears both)
             if backend.truncation is not None or backend.padding is not None:
                 return None
-            return backend if backend.encode(probe, add_special_tokens=False).ids == want else None
+            got = backend.encode(probe, add_special_tokens=False)
+            same = got.ids == list(want["input_ids"]) and got.offsets == [tuple(o) for o in want["offset_mapping"]]
+            return backend if same else None
         except Exception:  # an odd tokenizer is simply not the fast path
             return None
 
     def tokenize_ahead(self, records) -> None:
-        """Tokenize the texts of `records` (those without messages) in one call to the fast
-        tokenizer, for ids() to hand out as they come: its Rust side releases the GIL for
-        the whole batch and runs on every core, where one call per text took and gave
-        the GIL back per record (on a GPU, the step's kernel launches wait for it)."""
-        self._ready = {}
+        """Tokenize `records` in one call to the fast tokenizer, for ids() and _encode() to
+        hand out as they come: the texts of plain records, and chat records rendered by the
+        template first (what rendering raises is kept, raised when the record is encoded).
+        The Rust side releases the GIL for the whole batch and runs on every core, where one
+        call per text took and gave the GIL back per record, through ~0.1 ms of the
+        tokenizer class's Python each (on a GPU, the step's kernel launches wait for it)."""
+        self._ready, self._rendered = {}, {}
         if self._backend is None:
             return
-        texts = list({text for r in records if r.messages is None for text, _ in r.segments if text})
-        if texts:
-            encoded = self._backend.encode_batch(texts, add_special_tokens=False)
-            self._ready = {t: e.ids for t, e in zip(texts, encoded)}
+        texts = {text: None for r in records if r.messages is None for text, _ in r.segments if text}
+        chats = []
+        for r in records:
+            if r.messages is not None and self.has_template:
+                try:
+                    pieces, ends_with_marker = self._render(r)
+                except Exception as exc:  # noqa: BLE001 (raised in its turn by _encode)
+                    self._rendered[id(r)] = (r, exc)
+                    continue
+                chats.append((r, pieces, ends_with_marker, "".join(text for text, _ in pieces)))
+                texts[chats[-1][3]] = None
+        texts = [t for t in texts if t]
+        encoded = dict(zip(texts, self._backend.encode_batch(texts, add_special_tokens=False))) if texts else {}
+        self._ready = {t: e.ids for t, e in encoded.items()}
+        for r, pieces, ends_with_marker, text in chats:
+            e = encoded.get(text)
+            ids, starts = (e.ids, [start for start, _ in e.offsets]) if e is not None else ([], [])
+            self._rendered[id(r)] = (r, (pieces, ends_with_marker, ids, starts))
 
     def ids(self, text: str) -> list[int]:
         if not text:
@@ -350,6 +369,9 @@ class Encoder:
                         starts.extend(pos + j for j, ch in enumerate(piece) for _ in ch.encode("utf-8"))
                 pos += len(piece)
             return ids, starts
+        if self._backend is not None:
+            enc = self._backend.encode(text, add_special_tokens=False)
+            return enc.ids, [start for start, _ in enc.offsets]
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return list(enc["input_ids"]), [start for start, _ in enc["offset_mapping"]]
 
@@ -409,8 +431,14 @@ class Encoder:
     def _encode(self, record, where=None) -> tuple[list[int], list[int]]:
         if record.messages is not None and self.has_template:
             import chat_render
-            pieces, ends_with_marker = self._render(record, where)
-            ids, starts = self.ids_and_starts("".join(text for text, _ in pieces))
+            ahead = self._rendered.pop(id(record), None) if where is None else None
+            if ahead is not None and ahead[0] is record:  # rendered and tokenized ahead
+                if isinstance(ahead[1], Exception):
+                    raise ahead[1]
+                pieces, ends_with_marker, ids, starts = ahead[1]
+            else:
+                pieces, ends_with_marker = self._render(record, where)
+                ids, starts = self.ids_and_starts("".join(text for text, _ in pieces))
             labels = chat_render.label_pieces(pieces, ids, starts, all_trained=self.loss_on_prompt)
             if not ends_with_marker:  # the template ends the last turn with nothing: EOS stops it
                 ids.append(self.eos_id)

@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_endtoend.py                  # tiny model, 5 pairs, ~4 minutes on 2 cores
     .venv/bin/python bench/bench_endtoend.py --steps 20 --pairs 2
     .venv/bin/python bench/bench_endtoend.py --model qwen --batch-size 2   # 151k vocabulary
+    .venv/bin/python bench/bench_endtoend.py --chat      # chat records through the model's template
     python3 bench/bench_endtoend.py --model qwen --dtype bfloat16          # on a GPU: both on it
     python3 bench/bench_endtoend.py --model qwen0.5b --dtype bfloat16 --pairs 2   # a realistic size, GPU
 
@@ -69,6 +70,8 @@ def build_model(work: Path, kind: str) -> Path:
     out = work / kind
     model = Qwen2ForCausalLM(cfg)
     (model.to(torch.bfloat16) if kind == "qwen0.5b" else model).save_pretrained(out)
+    from chat_fixtures import template
+    tok.chat_template = template("qwen2.5")  # (the tiny model has its own)
     tok.save_pretrained(out)
     te.atomic_write_json(out / te.TRAINER_STATE, {"global_step": 0, "tokens_seen": 0})
     return out
@@ -177,6 +180,8 @@ def main(argv=None) -> int:
                     help="torch threads of both (default all cores: the daemon's num_threads 0)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                     help="config dtype: autocast of both (default float32, the default config)")
+    ap.add_argument("--chat", action="store_true",
+                    help="chat records (user, assistant) rendered by the model's template, not text")
     ap.add_argument("--bare", nargs=3, metavar=("MODEL", "DATA", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.bare:
@@ -189,8 +194,13 @@ def main(argv=None) -> int:
         data = work / "data.jsonl"
         tokens = args.steps * args.batch_size * args.max_length
         with open(data, "w", encoding="utf-8") as f:
-            for t in lognormal_texts(tokens // 110, seed=1):  # ~110 tokens a record, EOS included
-                f.write(json.dumps({"text": t}) + "\n")
+            texts = lognormal_texts(tokens // 110, seed=1)  # ~110 tokens a record, EOS included
+            for i, t in enumerate(texts):
+                if not args.chat:
+                    f.write(json.dumps({"text": t}) + "\n")
+                elif i % 2:  # a question and its answer, rendered by the model's chat template
+                    f.write(json.dumps({"messages": [{"role": "user", "content": "Q: " + texts[i - 1]},
+                                                     {"role": "assistant", "content": t}]}) + "\n")
         pairs = []
         for k in range(args.pairs):
             daemon = rate(daemon_run(template, data, work, k))
@@ -203,7 +213,7 @@ def main(argv=None) -> int:
     ratios = [d[0] / b[0] for d, b in pairs]
     overhead = statistics.median(d[1] - b[1] for d, b in pairs)
     bare_iso = statistics.median(b[0] for _, b in pairs)
-    print(f"end to end ({args.model}, {args.dtype}, B={args.batch_size} L={args.max_length}, {args.threads} "
+    print(f"end to end ({args.model}{', chat' if args.chat else ''}, {args.dtype}, B={args.batch_size} L={args.max_length}, {args.threads} "
           f"threads, {args.steps} steps, {args.pairs} pairs): daemon/bare ratio median "
           f"{statistics.median(ratios):.3f} (goal >= 0.97; pairs " + ", ".join(f"{r:.3f}" for r in ratios)
           + f"); overhead {overhead:+.1f} ms/step; isolation costs the bare loop "

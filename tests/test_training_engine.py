@@ -1179,3 +1179,66 @@ def test_records_tokenized_ahead_in_one_batch_pack_as_one_at_a_time(tmp_path, mo
     assert seen == [r for r, _ in one_at_a_time[:len(seen)]]
     assert len(seen) >= sum(p["records"] < 100 for _, p in one_at_a_time)
     assert stream.records == 100  # every record before the bad line was packed first
+
+
+def test_chat_records_rendered_and_tokenized_ahead_pack_as_one_at_a_time(tmp_path, monkeypatch):
+    """Chat records are rendered by the template and tokenized READ_AHEAD at a time (ids and
+    offsets from one call): rows, labels and positions are those of one record at a time
+    through the tokenizer class, and a record the template refuses stops the stream at
+    itself, with the same error."""
+    import chat_fixtures
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(chat_fixtures.cached_qwen_tokenizer_dir())
+    tok.chat_template = ("{% for m in messages %}{% if m['content'] == 'FORBIDDEN' %}"
+                         "{{ raise_exception('this turn is refused') }}{% endif %}{% endfor %}"
+                         + chat_fixtures.template("qwen2.5"))
+    rng = random.Random(7)
+    words = ["Hello", "world", "über", "  spaced", "\n\n", "tab\there", "🙂", "naïve", "<|im_start|>"]
+
+    def say():
+        return rng.choice(["Hi", "Tell me", "Sure:"]) + " " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))
+    recs = [{"messages": [{"role": "user", "content": say()}, {"role": "assistant", "content": say()}]}
+            for _ in range(120)]
+    recs[10]["messages"] += [{"role": "user", "content": say()},
+                             {"role": "assistant", "content": say(), "weight": 0}]
+    recs[11] = {"messages": [{"role": "system", "content": say()}, *recs[3]["messages"]]}
+    recs[12] = json.loads(json.dumps(recs[5]))  # the same conversation twice
+    recs[30] = {"text": say()}
+    data = write_jsonl(tmp_path / "chat.jsonl", recs)
+
+    def stream_rows(read_ahead, direct=True, position=None):
+        monkeypatch.setattr(te, "READ_AHEAD", read_ahead)
+        encoder = te.Encoder(tok)
+        assert encoder.rendering == "template" and encoder._backend is not None
+        if not direct:
+            encoder._backend = None  # every record through the tokenizer class
+        stream = te.PackedStream(data, encoder, 64, tok.pad_token_id, isolate=True, allow_mixed=True,
+                                 position=position)
+        out = []
+        try:
+            while (row := stream.next_row()) is not None:
+                out.append((row, stream.position()))
+        except GuardrailError as exc:
+            return out, (stream.records, str(exc))
+        return out, None
+    one_at_a_time, error = stream_rows(1, direct=False)
+    ahead, error_ahead = stream_rows(64)
+    assert error is None and error_ahead is None
+    assert ahead == one_at_a_time and len(one_at_a_time) > 20
+    assert any(-100 in r.labels[1:] for r, _ in ahead)  # prompts and the weight-0 turn untrained
+    mid = len(one_at_a_time) // 2
+    resumed, error = stream_rows(64, position=one_at_a_time[mid][1])
+    assert error is None and [r for r, _ in resumed] == [r for r, _ in one_at_a_time[mid + 1:]]
+    encoder = te.Encoder(tok)
+    stream = te.PackedStream(data, encoder, 64, tok.pad_token_id, isolate=True, allow_mixed=True)
+    stream.next_row()
+    assert len(encoder._rendered) > 30  # the records read ahead wait rendered and tokenized
+    while stream.next_row() is not None:
+        pass
+    assert not encoder._rendered  # each was handed out when its record was packed
+    recs[70]["messages"][0]["content"] = "FORBIDDEN"
+    write_jsonl(data, recs)
+    slow, slow_error = stream_rows(1, direct=False)
+    fast, fast_error = stream_rows(64)
+    assert fast == slow and fast_error == slow_error
+    assert fast_error[0] == 70 and "line 71" in fast_error[1] and "this turn is refused" in fast_error[1]
