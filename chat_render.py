@@ -311,9 +311,10 @@ class ChatRenderer:
                 before = prompt = None
             if before is not None and full.startswith(before) and prompt.startswith(before):
                 start = max(len(before), min(a, _lcp(full, prompt, len(before))))
-        # 3. the end: the template's own end-of-turn marker after the content
+        # 3. the end: the template's own end-of-turn marker after the content (the last
+        #    turn's probe is this very conversation: rendered once)
         try:
-            alone = self.render([*messages[:k], probe_msg], tools=tools)
+            alone = other if k == len(messages) - 1 else self.render([*messages[:k], probe_msg], tools=tools)
         except Exception as exc:
             raise self._refuse(line, f"{exc.__class__.__name__}: {exc}", where) from None
         tail = alone[alone.index(s) + 1:] if alone.count(s) == 1 else ""
