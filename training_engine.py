@@ -318,7 +318,7 @@ class Encoder:
             if r.messages is not None and self.has_template:
                 try:
                     pieces, ends_with_marker = self._render(r)
-                except Exception as exc:  # noqa: BLE001 (raised in its turn by _encode)
+                except Exception as exc:  # raised in its turn, by _encode
                     self._rendered[id(r)] = (r, exc)
                     continue
                 chats.append((r, pieces, ends_with_marker, "".join(text for text, _ in pieces)))
@@ -977,7 +977,8 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, stage / "rng.pt")
+        with open(stage / "rng.pt", "wb") as f:  # (torch.save on a path raises RuntimeError
+            f.write(_torch_bytes(rng))              # for a refused write: here it is an OSError)
         atomic_write_json(stage / "meta.json", meta)
         fsync_tree(stage)
         _drop_cached(stage / OPTIMIZER_CKPT)
@@ -1002,6 +1003,14 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
             shutil.rmtree(stage, ignore_errors=True)
     prune_checkpoints(root, keep)
     return final
+
+
+def _torch_bytes(obj) -> bytes:
+    """`obj` as torch.save writes it (a small one: the RNG states)."""
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def _drop_cached(path: Path) -> None:

@@ -76,8 +76,9 @@ def main(argv=None) -> int:
     ap.add_argument("--one", nargs=2, metavar=("VARIANT", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
-        import torch  # noqa: F401  (its own memory is not the loss's)
-        import training_engine  # noqa: F401
+        import importlib
+        for module in ("torch", "training_engine"):  # their own memory is not the loss's
+            importlib.import_module(module)
         args._rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(json.dumps(one(*args.one, args)))
         return 0

@@ -641,6 +641,27 @@ def test_a_failed_save_is_classified_by_errno_not_all_as_a_full_disk():
     assert te._write_failure(wrapped) == "permission" and te._io_reason(wrapped) == "Permission denied"
 
 
+def test_a_root_turning_read_only_inside_a_checkpoint_pauses_naming_it(tmp_path, tiny_model_dir,
+                                                                      reference, read_only, monkeypatch):
+    """The remount lands between a checkpoint's files (after AdamW's, before the RNG
+    states'): the file pauses as read-only, with the fix. torch.save on a path raised a
+    RuntimeError there, which the daemon logged as a crash, traceback and all."""
+    root, cfg = make_root(tmp_path / "root", tiny_model_dir)
+    save_optimizer, mounted = te._save_optimizer, []
+
+    def then_read_only(*args, **kw):
+        save_optimizer(*args, **kw)
+        mounted.append(read_only(root))
+    monkeypatch.setattr(te, "_save_optimizer", then_read_only)
+    r = te.train_file(root, reference["data"], file_id="data.jsonl",
+                      config=dict(cfg, checkpoint_every_steps=2))
+    if not mounted[0]:
+        pytest.skip("mount not permitted here: a write refused inside torch's own writer needs one")
+    assert r["status"] == "paused" and r["global_step"] == 2, r
+    assert r["message"].startswith("checkpoint at step 2 failed (Read-only file system); paused: "
+                                   "the filesystem holding the training root is read-only"), r
+
+
 def test_a_template_that_refuses_a_conversation_refuses_the_record(tmp_path, tokenizer):
     """Many real templates raise on roles they do not know: the record is refused, naming the
     line and the template's reason (it was silently trained in the plain format instead)."""
