@@ -240,10 +240,11 @@ root, tag, n = {root!r}, {tag!r}, {n}
 idx = versions_index.VersionsIndex(root)
 for i in range(n):
     num = {base} + i
-    folder = os.path.join(root, "versions", f"v{{num:03d}}")
-    os.mkdir(folder)
-    with open(os.path.join(folder, "version.json"), "w") as f:
+    staging = os.path.join(root, "versions", f".staging-{tag}")  # as model_versioner makes one:
+    os.mkdir(staging)                                            # whole, then renamed into place
+    with open(os.path.join(staging, "version.json"), "w") as f:
         json.dump({{"id": f"v{{num:03d}}", "created_at": "2026-01-01T00:00:00Z", "manifest": {{}}}}, f)
+    os.rename(staging, os.path.join(root, "versions", f"v{{num:03d}}"))
     idx.ids()
     print(i, flush=True)
 """
@@ -278,7 +279,8 @@ def test_two_writers_and_a_kill_9_leave_a_consistent_index(tmp_root):
     db = sqlite3.connect(versions_index.index_path(tmp_root))
     assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     db.close()
-    expected = sorted(os.listdir(p.versions), key=lambda n: int(n[1:]))
+    expected = sorted((n for n in os.listdir(p.versions) if versions_index.version_number(n)),
+                      key=versions_index.version_number)  # (not a kill's .staging-c)
     idx = versions_index.VersionsIndex(tmp_root)
     assert idx.ids() == expected and len(expected) >= 150
     assert [r["id"] for r in idx.rows()] == [v for v in expected
