@@ -321,8 +321,9 @@ class Encoder:
                 except Exception as exc:  # raised in its turn, by _encode
                     self._rendered[id(r)] = (r, exc)
                     continue
-                chats.append((r, pieces, ends_with_marker, "".join(text for text, _ in pieces)))
-                texts[chats[-1][3]] = None
+                rendered = "".join(text for text, _ in pieces)
+                chats.append((r, pieces, ends_with_marker, rendered))
+                texts[rendered] = None
         texts = [t for t in texts if t]
         encoded = dict(zip(texts, self._backend.encode_batch(texts, add_special_tokens=False))) if texts else {}
         self._ready = {t: e.ids for t, e in encoded.items()}
