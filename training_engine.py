@@ -948,6 +948,8 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
     # created_at/created_ns are for people; the order is `seq` (one trainer per root: the engine lock)
     meta = dict(meta, schema_version=CHECKPOINT_SCHEMA, created_at=utc_now(), created_ns=time.time_ns(),
                 seq=next_checkpoint_seq(root))
+    for older in p.checkpoints.glob(f"checkpoint-*/{OPTIMIZER_CKPT}"):
+        _drop_cached(older)  # before this one's writes take pages (see _drop_cached)
     stage = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=p.staging))
     try:
         _reuse_spare(stage)  # a pruned checkpoint's big files, written over (see _SPARE)
@@ -980,7 +982,6 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
             f.write(_torch_bytes(rng))              # for a refused write: here it is an OSError)
         atomic_write_json(stage / "meta.json", meta)
         fsync_tree(stage)
-        _drop_cached(stage / OPTIMIZER_CKPT)
         final = p.checkpoints / f"checkpoint-{meta['global_step']:08d}"
         if os.path.lexists(final):  # same step again (end of file, or a rolled-back lineage)
             try:
@@ -1013,9 +1014,12 @@ def _torch_bytes(obj) -> bytes:
 
 
 def _drop_cached(path: Path) -> None:
-    """Give the page cache of a file just made durable back: AdamW's state (twice the
-    weights) is read again only after a restart, and keeping gigabytes of it cached per file
-    pushes out what is read (data, the base) and slows the next writes' page allocation."""
+    """Give a durable file's page cache back. AdamW's state (twice the weights) of an older
+    checkpoint is dropped as the next one is written: a queue of files keeps it in memory and
+    never reads it, and keeping gigabytes of it cached per file pushes out what is read (data,
+    the base) and slows the next writes' page allocation. The newest one's stays cached: the
+    first file after an idle spell or a restart reads it back (100 MB model here: 0.014 s
+    from the cache against 0.14 s from the disk)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

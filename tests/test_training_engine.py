@@ -490,6 +490,54 @@ def test_checkpoints_are_written_over_the_spare_byte_for_byte_and_never_over_a_l
     te.release_warm()
 
 
+def resident_pages(path: Path) -> tuple[int, int]:
+    """(pages of `path` in the page cache, pages of it), by mincore(2) over a mapping."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+            return sum(v & 1 for v in vec), pages
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def test_only_the_newest_checkpoints_optimizer_stays_in_the_page_cache(tmp_path, tiny_model_dir):
+    """AdamW's state of an older checkpoint leaves the page cache as the next one is written
+    (a queue of files never reads it); the newest one's stays, for the first file after an
+    idle spell or a restart to read from memory."""
+    probe = tmp_path / "probe"
+    probe.write_bytes(os.urandom(1 << 20))
+    with open(probe, "rb+") as f:
+        os.fsync(f.fileno())
+    te._drop_cached(probe)
+    if resident_pages(probe)[0]:
+        pytest.skip("this filesystem keeps pages posix_fadvise(DONTNEED) gives back (tmpfs)")
+    root, cfg = make_root(tmp_path / "root", tiny_model_dir, checkpoint_every_steps=1,
+                          keep_checkpoints=2)
+    data = write_jsonl(tmp_path / "d.jsonl", text_records(30, seed=4))
+    assert te.train_file(root, data, file_id="d", config=cfg)["status"] == "completed"
+    (newest, _), (older, _) = te.list_checkpoints(root)
+    cached, pages = resident_pages(newest / te.OPTIMIZER_CKPT)
+    assert cached == pages > 10
+    assert resident_pages(older / te.OPTIMIZER_CKPT)[0] == 0
+    te.release_warm()
+
+
 def test_the_spare_never_reaches_outside_its_folder(tmp_path, monkeypatch):
     """Only the spare's own regular files, with one link and writable, are written over: not
     through a symlinked folder or file planted in .staging/, not a linked or read-only one."""
