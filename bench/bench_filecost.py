@@ -11,7 +11,7 @@ after the daemon's pre-file snapshot (model_versioner.create_version) and traine
 engine's entry point (train_file). The first file starts a fresh optimizer; the ones after it
 take the fp32 master weights and AdamW the file before ended with: kept in memory by the
 engine (a queue of files), or read from the end checkpoint (`--from-disk`: the first file after
-a daemon start or an idle spell).
+an idle spell, which also let go of the spare checkpoint; its deletion is over first).
 Printed per file:
   bytes written: the end checkpoint (fp32 weights + optimizer + rng + meta), current_model
     (new files only: its weights hard-linked to the checkpoint's cost nothing), the snapshot
@@ -117,8 +117,9 @@ def run_case(work: Path, size: str, dtype_name: str, files: int, *, from_disk=Fa
         vid, _ = model_versioner.create_version(root, f"pre-train:{data.name}")
         snapshot_s = time.perf_counter() - t0
         version_bytes = new_bytes(p.versions / vid)  # now, while current_model shares its files
-        if from_disk:
-            te.release_warm()
+        if from_disk:  # an idle spell: the model and the spare checkpoint let go, and the
+            te.release_warm()  # spare's deletion over before the next file comes
+            te._wait_for_deletions()
         # the disk's own pace swings 2-5x within minutes on a VM: the baseline is the median of
         # one write just before the file and two just after it (the size: the last file's)
         before = fsynced_write_s(case, rows[-1]["bytes_total"]) if rows else None
