@@ -972,6 +972,48 @@ def test_a_bfloat16_base_publishes_bfloat16_and_trains_on_from_the_fp32_master(t
     assert_bitwise_equal(weights(cur), {k: v.to(torch.bfloat16) for k, v in weights(end["fp32"]).items()})
 
 
+def test_a_bfloat16_bases_weights_are_written_beside_the_end_checkpoint(tmp_path, tiny_model_dir,
+                                                                        monkeypatch):
+    """At a file's end, a bf16 base's current_model weights are written (CastAhead) while the
+    checkpoint is: the cast of the fp32 master, as the manifest says, nothing left in
+    .staging; a checkpoint that fails leaves current_model as it was and removes them."""
+    import errno
+    import torch
+    made = []
+
+    class Spy(te.CastAhead):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+    monkeypatch.setattr(te, "CastAhead", Spy)
+    bf16 = _base_in(tiny_model_dir, tmp_path / "bf16", "bfloat16")
+    root, cfg = make_root(tmp_path / "root", bf16, checkpoint_every_steps=0)
+    p = Paths(root)
+    r = te.train_file(root, write_jsonl(tmp_path / "a.jsonl", text_records(16, seed=11)),
+                      file_id="a", config=cfg)
+    assert r["status"] == "completed" and len(made) == 1, r
+    end = p.checkpoints / f"checkpoint-{r['global_step']:08d}"
+    assert_bitwise_equal(weights(p.current_model),
+                         {k: v.to(torch.bfloat16) for k, v in weights(end).items()})
+    manifest = read_json(p.current_model / ".manifest.json")["files"]["model.safetensors"]
+    assert manifest["sha256"] == sha256_file(p.current_model / "model.safetensors")
+    assert read_json(end / "meta.json")["published"]["model.safetensors"]["sha256"] == manifest["sha256"]
+    assert not list(p.staging.glob("model-*")) and not made[0].holder.exists()
+
+    before = sha256_file(p.current_model / "model.safetensors")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(te, "save_checkpoint", full)
+    te.release_warm()
+    r = te.train_file(root, write_jsonl(tmp_path / "b.jsonl", text_records(16, seed=12)),
+                      file_id="b", config=cfg)
+    assert r["status"] == "paused" and r["pause_reason"] == "disk" and len(made) == 2, r
+    assert sha256_file(p.current_model / "model.safetensors") == before
+    assert not list(p.staging.glob("model-*")) and not made[1].holder.exists()
+    te.release_warm()
+
+
 def test_a_queue_trains_on_from_memory_bit_for_bit_as_from_disk(tmp_path, tiny_model_dir):
     """The next file of the same process takes the model and AdamW the last one ended with
     (no load): its weights, optimizer state and losses equal a run that loads them from the
