@@ -2237,6 +2237,21 @@ class FileRun:
                            _unwrap(self.model), self.optimizer.state_dict(),
                            self.scaler.state_dict() if self.scaler is not None else None))
 
+    def end_of_file(self) -> dict:
+        """The end checkpoint, then current_model (a base that is not fp32: its weights
+        written beside the checkpoint, cast_ahead)."""
+        ahead = self.cast_ahead()
+        try:
+            error = self.checkpoint(complete=True)
+        except BaseException:
+            if ahead is not None:
+                ahead.discard()
+            raise
+        if error:
+            return self.finish("paused", error, disk=True, ahead=ahead)
+        return self.finish("completed", f"trained to step {self.state['global_step']}",
+                           publish="end-of-file", ahead=ahead)
+
     def stop_for(self, action: str) -> dict:
         """Checkpoint what is not yet, then publish: stop, pause and skip end the call here."""
         step = self.state["global_step"]
@@ -2351,13 +2366,8 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     finally:
         batches.close()
     # 10. The end of the file: its end checkpoint (the next file carries the optimizer
-    #     over), then current_model (a bf16 base's weights written beside the checkpoint).
-    ahead = run.cast_ahead()
-    error = run.checkpoint(complete=True)
-    if error:
-        return run.finish("paused", error, disk=True, ahead=ahead)
-    result = run.finish("completed", f"trained to step {run.state['global_step']}",
-                        publish="end-of-file", ahead=ahead)
+    #     over), then current_model.
+    result = run.end_of_file()
     # 11. The model and AdamW stay in memory for the next file (what it would load from disk).
     run.keep_warm(result)
     return result
