@@ -863,20 +863,55 @@ def write_safetensors(path, tensors: dict, dtype=None, *, hashing: bool = True,
     digest = hashlib.sha256() if hashing else None
     hashed = None  # the previous tensor's hash, in a thread beside this one's write (both free the GIL)
     with _open_new(path, over) as f, concurrent.futures.ThreadPoolExecutor(1) as pool:
-        f.write(head)
+        pages = _PageWriter(f)
+        pages.write(head)
         if digest:
             digest.update(head)
         for _name, t, out in items:
             data = t.detach().to("cpu", out).contiguous().reshape(-1).view(torch.uint8).numpy()
-            f.write(data)
+            pages.write(data)
             if digest:
                 if hashed is not None:
                     hashed.result()  # in order, and at most two tensors' bytes held at once
                 hashed = pool.submit(digest.update, data)
         if hashed is not None:
             hashed.result()
+        pages.close()
         f.truncate()  # a spare's file longer than this one (another model's) ends here
     return {"size": len(head) + offset, "sha256": digest.hexdigest() if digest else None}
+
+
+class _PageWriter:
+    """Writes to `f` in whole pages: each write starts on a page and covers whole pages,
+    the bytes of a tensor's last partial page carried into the next write. Written over a
+    spare file whose pages are not cached (_drop_cached), a write ending inside a page made
+    the kernel read that page from the disk first (read-modify-write), once per tensor: a
+    100 MB model's checkpoint took 0.155 s against 0.100 s with those pages cached."""
+
+    PAGE = 4096
+
+    def __init__(self, f):
+        self.f, self.tail = f, bytearray()
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        if self.tail:
+            fill = min(len(view), self.PAGE - len(self.tail))
+            self.tail += view[:fill]
+            view = view[fill:]
+            if len(self.tail) < self.PAGE:
+                return
+            self.f.write(self.tail)
+            self.tail = bytearray()
+        whole = len(view) - len(view) % self.PAGE
+        if whole:
+            self.f.write(view[:whole])
+        self.tail += view[whole:]
+
+    def close(self) -> None:
+        if self.tail:
+            self.f.write(self.tail)
+            self.tail = bytearray()
 
 
 def _open_new(path: Path, over: bool):

@@ -1152,6 +1152,38 @@ def test_published_weights_are_what_save_pretrained_writes_tied_or_not(tmp_path,
         assert all(torch.equal(got[k], tensors[k].to(torch.bfloat16)) for k in got), name
 
 
+def test_tensors_reach_the_file_in_whole_pages(tmp_path):
+    """write_safetensors hands the kernel whole pages only (a write ending inside a page of a
+    spare file not in the page cache makes the kernel read that page first), and the bytes
+    are the same: every write starts on a page and but the last covers whole pages."""
+    import io
+    import numpy as np
+
+    class Recorder(io.RawIOBase):
+        def __init__(self):
+            self.data, self.writes = bytearray(), []
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.writes.append((len(self.data), len(b)))
+            self.data += bytes(b)
+            return len(b)
+    rng = random.Random(3)
+    chunks = [np.frombuffer(rng.randbytes(n), dtype=np.uint8)
+              for n in [8, 3, 4093, 1, 4096, 9000, 0, 12288, 5, 70000, 4091, 2]]
+    raw = Recorder()
+    pages = te._PageWriter(io.BufferedWriter(raw))
+    for chunk in chunks:
+        pages.write(chunk)
+    pages.close()
+    pages.f.flush()
+    assert bytes(raw.data) == b"".join(c.tobytes() for c in chunks)
+    assert all(start % 4096 == 0 for start, _ in raw.writes), raw.writes
+    assert all(size % 4096 == 0 for _, size in raw.writes[:-1]), raw.writes
+
+
 def test_fsync_tree_never_changes_the_mode_of_a_file_linked_elsewhere(tmp_path):
     """A staged model may hold a link to a checkpoint's weights that a version shares
     (a publish retried from that checkpoint): its read-only mode stays as it is."""
