@@ -516,25 +516,39 @@ def resident_pages(path: Path) -> tuple[int, int]:
         os.close(fd)
 
 
-def test_only_the_newest_checkpoints_optimizer_stays_in_the_page_cache(tmp_path, tiny_model_dir):
-    """AdamW's state of an older checkpoint leaves the page cache as the next one is written
-    (a queue of files never reads it); the newest one's stays, for the first file after an
-    idle spell or a restart to read from memory."""
+def test_checkpoints_stay_in_the_page_cache_for_the_spare_to_be_written_over(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """No checkpoint's pages are given back: the newest one's AdamW state is read from memory
+    by the first file after an idle spell or a restart, and the older ones become the spare
+    that a later checkpoint writes over in place, page for page (pages given back made that
+    write take new ones: 1 GB model, 0.83-2.4 s per checkpoint against 0.69-0.77 s)."""
     probe = tmp_path / "probe"
     probe.write_bytes(os.urandom(1 << 20))
     with open(probe, "rb+") as f:
         os.fsync(f.fileno())
-    te._drop_cached(probe)
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     if resident_pages(probe)[0]:
         pytest.skip("this filesystem keeps pages posix_fadvise(DONTNEED) gives back (tmpfs)")
     root, cfg = make_root(tmp_path / "root", tiny_model_dir, checkpoint_every_steps=1,
                           keep_checkpoints=2)
     data = write_jsonl(tmp_path / "d.jsonl", text_records(30, seed=4))
+    inodes = set()
+    real = te._reuse_spare
+
+    def reuse(stage):
+        real(stage)
+        if (stage / te.OPTIMIZER_CKPT).exists():
+            inodes.add((stage / te.OPTIMIZER_CKPT).stat().st_ino)
+    monkeypatch.setattr(te, "_reuse_spare", reuse)
     assert te.train_file(root, data, file_id="d", config=cfg)["status"] == "completed"
-    (newest, _), (older, _) = te.list_checkpoints(root)
-    cached, pages = resident_pages(newest / te.OPTIMIZER_CKPT)
-    assert cached == pages > 10
-    assert resident_pages(older / te.OPTIMIZER_CKPT)[0] == 0
+    kept = te.list_checkpoints(root)
+    assert len(kept) == 2
+    for folder in [d for d, _ in kept] + [f.parent for f in te._spare_files()]:
+        optimizer = folder / te.OPTIMIZER_CKPT
+        if optimizer.exists():
+            cached, pages = resident_pages(optimizer)
+            assert cached == pages > 10, optimizer
+    assert (kept[0][0] / te.OPTIMIZER_CKPT).stat().st_ino in inodes  # written over a spare
     te.release_warm()
 
 
@@ -1145,8 +1159,10 @@ def test_published_weights_are_what_save_pretrained_writes_tied_or_not(tmp_path,
         out = te.write_safetensors(mine, tensors)
         assert mine.read_bytes() == (tmp_path / name / "model.safetensors").read_bytes(), name
         assert out == {"size": mine.stat().st_size, "sha256": sha256_file(mine)}
+        assert te.safetensors_sha256(tensors) == out["sha256"]  # the checkpoint's, from memory
         half = tmp_path / f"{name}-bf16.safetensors"
         te.write_safetensors(half, tensors, torch.bfloat16)
+        assert te.safetensors_sha256(tensors, torch.bfloat16) == sha256_file(half)
         got = load_file(str(half))
         assert got.keys() == tensors.keys()
         assert all(torch.equal(got[k], tensors[k].to(torch.bfloat16)) for k in got), name
