@@ -866,32 +866,52 @@ def _tensor_bytes(t, out):
 
 
 def write_safetensors(path, tensors: dict, dtype=None, *, hashing: bool = True,
-                      keep=frozenset(), metadata: dict | None = None, over: bool = False) -> dict:
+                      keep=frozenset(), metadata: dict | None = None, over: bool = False,
+                      kept: bool = False) -> dict:
     """Write `tensors` as a new safetensors file, each floating one (but those named in
     `keep`) cast to `dtype` when it is written (one tensor at a time: never a second copy of
     the whole model in memory). `over`: a file already at `path` (a spare's, see _SPARE)
-    is written over in place and cut to the new size.
+    is written over in place and cut to the new size. `kept`: a file no checkpoint will write
+    over (published weights: the versions keep them), written around the page cache
+    (_DirectWriter) when it is new, DIRECT_MIN bytes or more, and the filesystem allows it;
+    the others go through it, and a later checkpoint writes over their cached pages in place
+    (a spare written around it made the next write take new pages: 100 MB model, 0.39-0.44 s
+    against 0.09-0.13 s per checkpoint).
     Returns {size, sha256} (sha256 of the bytes as written, without reading them back; None
     unless `hashing`). Byte for byte what safetensors' save_file writes for the same tensors."""
-    head, items, size = _safetensors_layout(tensors, dtype, keep, metadata, path)
+    layout = _safetensors_layout(tensors, dtype, keep, metadata, path)
+    f, direct = _open_new(path, over, direct=kept and layout[2] >= DIRECT_MIN)
+    if direct:
+        try:
+            return _write_layout(f, _DirectWriter, layout, hashing)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            log.info("%s: O_DIRECT writes refused (%s); writing through the page cache", path, exc)
+            os.unlink(path)  # our own new file, half written
+            f = open(path, "xb")
+    return _write_layout(f, _PageWriter, layout, hashing)
+
+
+def _write_layout(f, writer, layout: tuple, hashing: bool) -> dict:
+    head, items, size = layout
     digest = hashlib.sha256() if hashing else None
     hashed = None  # the previous tensor's hash, in a thread beside this one's write (both free the GIL)
-    with _open_new(path, over) as f, concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pages = _PageWriter(f)
-        pages.write(head)
+    with f, writer(f) as out, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        out.write(head)
         if digest:
             digest.update(head)
-        for _name, t, out in items:
-            data = _tensor_bytes(t, out)
-            pages.write(data)
+        for _name, t, dt in items:
+            data = _tensor_bytes(t, dt)
+            out.write(data)
             if digest:
                 if hashed is not None:
                     hashed.result()  # in order, and at most two tensors' bytes held at once
                 hashed = pool.submit(digest.update, data)
         if hashed is not None:
             hashed.result()
-        pages.close()
-        f.truncate()  # a spare's file longer than this one (another model's) ends here
+        out.close()
+        f.truncate(size)  # a spare's file longer than this one (another model's) ends here
     return {"size": size, "sha256": digest.hexdigest() if digest else None}
 
 
@@ -921,6 +941,12 @@ class _PageWriter:
     def __init__(self, f):
         self.f, self.tail = f, bytearray()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
         if self.tail:
@@ -942,9 +968,78 @@ class _PageWriter:
             self.tail = bytearray()
 
 
-def _open_new(path: Path, over: bool):
-    """`path` for writing: a new file, or (`over`) the file there written over in place,
-    only while no other name links it (a version's or current_model's weights never)."""
+DIRECT_MIN = 64 << 20
+
+
+class _DirectWriter:
+    """Writes a new file with O_DIRECT: the bytes are copied into one of two page-aligned
+    buffers while a thread writes the other to the disk, never taking page-cache pages. A new
+    file written through the page cache takes a new page per 4 KB; on this VM, which hands
+    free memory back to its host, that ran at 2.9-3.4 s per GB, against 0.62-0.70 s per GB
+    with O_DIRECT (1 GB files, alternating). The last buffer is written padded to whole
+    pages, and the caller cuts the file to its size."""
+
+    CHUNK = 8 << 20
+    _free: list = []  # buffers kept for the next file (mapped pages: not taken again)
+    _lock = threading.Lock()
+
+    def __init__(self, f):
+        import mmap
+        self.fd = f.fileno()
+        with self._lock:
+            self.bufs = [self._free.pop() if self._free else mmap.mmap(-1, self.CHUNK)
+                         for _ in range(2)]
+        self.fill, self.pending = 0, None
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="direct-write")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.pending is not None and not exc[0]:
+                self.pending.result()
+        finally:
+            self.pool.shutdown(wait=True)  # no write of a buffer still going when it is reused
+            with self._lock:
+                self._free.extend(self.bufs)
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            n = min(len(view), self.CHUNK - self.fill)
+            self.bufs[0][self.fill:self.fill + n] = view[:n]
+            self.fill += n
+            view = view[n:]
+            if self.fill == self.CHUNK:
+                self._flush(self.CHUNK)
+
+    def _flush(self, n: int) -> None:
+        if self.pending is not None:
+            self.pending.result()  # the other buffer is free again
+        self.pending = self.pool.submit(self._write_all, memoryview(self.bufs[0])[:n])
+        self.bufs.reverse()
+        self.fill = 0
+
+    def _write_all(self, view) -> None:
+        while len(view):
+            view = view[os.write(self.fd, view):]
+
+    def close(self) -> None:
+        if self.fill:
+            pad = -self.fill % _PageWriter.PAGE
+            self.bufs[0][self.fill:self.fill + pad] = bytes(pad)
+            self._flush(self.fill + pad)
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+
+def _open_new(path: Path, over: bool, direct: bool = False):
+    """(`path` open for writing, whether with O_DIRECT): a new file, or (`over`) the file
+    there written over in place (through its cached pages), only while no other name links
+    it (a version's or current_model's weights never). `direct`: a new file is opened with
+    O_DIRECT where the filesystem takes it."""
     if over:
         try:
             f = open(path, "r+b")
@@ -953,10 +1048,18 @@ def _open_new(path: Path, over: bool):
                 os.unlink(path)  # read-only: this name goes, a new file takes it
         else:
             if os.fstat(f.fileno()).st_nlink == 1:
-                return f
+                return f, False
             f.close()
             os.unlink(path)  # linked elsewhere: this name goes, the other keeps its bytes
-    return open(path, "xb")
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o666)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # (tmpfs refuses O_DIRECT)
+                raise
+        else:
+            return os.fdopen(fd, "wb", buffering=0), True
+    return open(path, "xb"), False
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -1024,18 +1127,22 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
         else:
             tensors, linkable = saved_tensors(model)
             # linkable: the very bytes save_pretrained would write; with an fp32 base the
-            # publish links them, so their sha256 (the manifest's) is needed: hashed from
-            # memory in a thread while the weights and the optimizer are written one after
-            # the other (another base's publish writes its own cast: no hash). 1 GB of fp32
-            # weights: 0.61 s against 1.06 s written and hashed in a thread beside the
-            # optimizer's write, and 0.62 s for one fsynced write of the checkpoint's bytes
+            # publish links them (the versions keep them), so their sha256 (the manifest's) is
+            # hashed from memory in a thread (another base's publish writes its own cast: no
+            # hash), and they are written around the page cache (`kept`) in a thread while
+            # AdamW's state goes over the spare's cached pages: 1 GB of fp32 weights, 3.25 GB
+            # in all, 0.78-0.93 s against 1.04-1.16 s one after the other, and 1.9-2.4 s
+            # through the page cache. Another base's weights go over the spare's, then AdamW's.
             linked = linkable and getattr(_unwrap(model), "guardrails_base_dtype",
                                           torch.float32) == torch.float32
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
                 digest = pool.submit(safetensors_sha256, tensors) if linked else None
-                weights = write_safetensors(stage / "model.safetensors", tensors, hashing=False,
-                                            over=True)
+                weights = pool.submit(write_safetensors, stage / "model.safetensors", tensors,
+                                      hashing=False, over=True, kept=linked)
+                if not linked:
+                    weights.result()
                 save_optimizer()
+                weights = weights.result()
                 if digest:
                     weights["sha256"] = digest.result()
             meta["weights"] = {"model.safetensors": dict(weights, dtype="float32", linkable=linkable)}
@@ -1460,7 +1567,7 @@ class CastAhead:
         keep = _kept_in_fp32(m, dtype, tensors)
 
         def write():
-            written = write_safetensors(self.path, tensors, dtype, keep=keep)
+            written = write_safetensors(self.path, tensors, dtype, keep=keep, kept=True)
             fsync_paths([self.path])
             return written
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cast-ahead")
@@ -1589,7 +1696,8 @@ def _save_model_folder(model, staged: Path, checkpoint=None, ahead: CastAhead | 
             log.info("writing current_model's weights instead of linking %s's: %s",
                      Path(checkpoint).name, exc)
     tensors = published_tensors(model)
-    return {name: write_safetensors(staged / name, tensors, dtype, keep=_kept_in_fp32(model, dtype, tensors))}
+    return {name: write_safetensors(staged / name, tensors, dtype, keep=_kept_in_fp32(model, dtype, tensors),
+                                    kept=True)}
 
 
 def _kept_in_fp32(model, dtype, tensors) -> set:

@@ -3,6 +3,9 @@ schedule continuity, and a saved current_model that plain transformers loads and
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import itertools
 import json
 import os
 import re
@@ -1166,6 +1169,101 @@ def test_published_weights_are_what_save_pretrained_writes_tied_or_not(tmp_path,
         got = load_file(str(half))
         assert got.keys() == tensors.keys()
         assert all(torch.equal(got[k], tensors[k].to(torch.bfloat16)) for k in got), name
+
+
+def _direct_refused(folder: Path) -> bool:
+    """Whether `folder`'s filesystem refuses O_DIRECT (tmpfs)."""
+    try:
+        os.close(os.open(folder / "direct-probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except OSError:
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(folder / "direct-probe")
+    return False
+
+
+def test_a_new_big_file_is_written_around_the_page_cache(tmp_path, monkeypatch, caplog):
+    """A new file of DIRECT_MIN bytes or more that is kept (no checkpoint writes over it) is
+    written with O_DIRECT (none of its pages cached; another one goes through the cache),
+    byte for byte what save_file writes, its sha256 hashed as written; a filesystem
+    that refuses O_DIRECT's writes gets the same file through the page cache; another error
+    is raised and leaves no writer thread behind."""
+    import errno
+    import threading
+    import torch
+    from safetensors.torch import save_file
+    if _direct_refused(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT (tmpfs)")
+    torch.manual_seed(0)
+    tensors = {f"w{i}": torch.randn(300 + 37 * i, 129) for i in range(24)}  # odd sizes: pads
+    tensors["half"] = torch.randn(5, 3).to(torch.bfloat16)
+    monkeypatch.setattr(te, "DIRECT_MIN", 1 << 20)
+    monkeypatch.setattr(te._DirectWriter, "CHUNK", 1 << 20)  # several buffers' worth
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    ref = (tmp_path / "ref.safetensors").read_bytes()
+    assert len(ref) > 5 << 20
+    te.write_safetensors(tmp_path / "spare.safetensors", tensors)  # (not kept: the page cache)
+    assert resident_pages(tmp_path / "spare.safetensors")[0] > 0
+    out = te.write_safetensors(tmp_path / "direct.safetensors", tensors, kept=True)
+    assert (tmp_path / "direct.safetensors").read_bytes() == ref
+    assert out == {"size": len(ref), "sha256": hashlib.sha256(ref).hexdigest()}
+    te.write_safetensors(tmp_path / "again.safetensors", tensors, kept=True)
+    assert resident_pages(tmp_path / "again.safetensors")[0] == 0  # never through the cache
+
+    def refuse(self, view):
+        raise OSError(errno.EINVAL, "Invalid argument")
+    monkeypatch.setattr(te._DirectWriter, "_write_all", refuse)
+    with caplog.at_level("INFO", logger=te.log.name):
+        out = te.write_safetensors(tmp_path / "fallback.safetensors", tensors, kept=True)
+    assert (tmp_path / "fallback.safetensors").read_bytes() == ref and out["size"] == len(ref)
+    assert "through the page cache" in caplog.text
+
+    def full(self, view):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(te._DirectWriter, "_write_all", full)
+    with pytest.raises(OSError) as exc:
+        te.write_safetensors(tmp_path / "full.safetensors", tensors, kept=True)
+    assert exc.value.errno == errno.ENOSPC
+    assert not [t for t in threading.enumerate() if t.name.startswith("direct-write")]
+
+
+def test_training_writes_the_same_bytes_around_the_page_cache(tmp_path, tiny_model_dir,
+                                                             monkeypatch):
+    """Checkpoints, current_model and a file that loads them back are the same bytes whether
+    the published weights are written with O_DIRECT or through the page cache (fp32: the
+    checkpoint's, linked; bf16: the cast written ahead)."""
+    if _direct_refused(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT (tmpfs)")
+    direct = []
+
+    class Spy(te._DirectWriter):
+        def __init__(self, f):
+            super().__init__(f)
+            direct.append(f.name)
+    monkeypatch.setattr(te, "_DirectWriter", Spy)
+    bf16 = _base_in(tiny_model_dir, tmp_path / "bf16", "bfloat16")
+    a = write_jsonl(tmp_path / "a.jsonl", text_records(16, seed=31))
+    b = write_jsonl(tmp_path / "b.jsonl", text_records(16, seed=32))
+    ends = {}
+    for (how, least), base in itertools.product((("direct", 0), ("cached", 1 << 60)),
+                                                (tiny_model_dir, bf16)):
+        monkeypatch.setattr(te, "DIRECT_MIN", least)
+        root, cfg = make_root(tmp_path / f"{how}-{base.name}", base, checkpoint_every_steps=3)
+        assert te.train_file(root, a, file_id="a", config=cfg)["status"] == "completed"
+        te.release_warm()  # b loads a's end checkpoint and current_model from the disk
+        rb = te.train_file(root, b, file_id="b", config=cfg)
+        assert rb["status"] == "completed" and rb["model_source"] == "disk", rb
+        p = Paths(root)
+        end = p.checkpoints / f"checkpoint-{rb['global_step']:08d}"
+        ends[how, base] = {f"{f.parent.name}/{f.name}": sha256_file(f)
+                     for f in [*end.glob("*.safetensors"), *p.current_model.glob("*.safetensors")]}
+        manifest = read_json(p.current_model / ".manifest.json")["files"]["model.safetensors"]
+        assert manifest["sha256"] == sha256_file(p.current_model / "model.safetensors")
+        te.release_warm()
+    for base in (tiny_model_dir, bf16):
+        assert ends["direct", base] == ends["cached", base], base
+    assert len(ends["direct", bf16]) == 3 and len(direct) >= 4  # (bf16: its own current_model)
 
 
 def test_tensors_reach_the_file_in_whole_pages(tmp_path):
