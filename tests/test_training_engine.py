@@ -1210,6 +1210,15 @@ def test_a_new_big_file_is_written_around_the_page_cache(tmp_path, monkeypatch, 
     assert out == {"size": len(ref), "sha256": hashlib.sha256(ref).hexdigest()}
     te.write_safetensors(tmp_path / "again.safetensors", tensors, kept=True)
     assert resident_pages(tmp_path / "again.safetensors")[0] == 0  # never through the cache
+    # over a spare's file (cached, longer): in place, around the cache, cut to its size
+    fewer = dict(list(tensors.items())[4:])
+    save_file(fewer, str(tmp_path / "fewer.safetensors"), metadata={"format": "pt"})
+    inode = (tmp_path / "spare.safetensors").stat().st_ino
+    te.write_safetensors(tmp_path / "spare.safetensors", fewer, over=True, kept=True)
+    assert resident_pages(tmp_path / "spare.safetensors")[0] == 0
+    assert (tmp_path / "spare.safetensors").read_bytes() == \
+        (tmp_path / "fewer.safetensors").read_bytes()
+    assert (tmp_path / "spare.safetensors").stat().st_ino == inode
 
     def refuse(self, view):
         raise OSError(errno.EINVAL, "Invalid argument")
