@@ -19,13 +19,15 @@ Printed per file:
   fixed time: the engine's own `seconds` (load, checkpoint, publish) plus the snapshot, against
     the time to write those same bytes once with fsync, on the same filesystem
     (fsynced_write_s), two ways: `write1`, as the file must write them (its published weights,
-    which the version after it keeps, into a new file; the rest over a file kept between
+    which the version after it keeps, into a new file with O_DIRECT, the fastest way this
+    machine writes a new file; the rest over a file kept between
     writes, as a checkpoint writes over the spare), and `kept`, all of them over the kept
     file (its pages cached: the fastest write this machine does); each the median of one
     such write just before the file and two just after it (`--daemon`: before and after the
     run), since this disk's pace swings 2-5x within minutes;
-and, per model source (memory: kept from the file before; disk: loaded), the median ratio
-over the files, the figure to quote (one file's swings with the disk).
+and, per model source (memory: kept from the file before; disk: loaded) and whether the
+checkpoint was written over the spare (not for a root's first two files, nor after an idle
+spell), the median ratio over the files, the figure to quote (one file's swings with the disk).
 Goal (issue 15): fixed / write-once <= 1.3.
 """
 
