@@ -984,13 +984,19 @@ class _DirectWriter:
     _lock = threading.Lock()
 
     def __init__(self, f):
-        import mmap
         self.fd = f.fileno()
-        with self._lock:
-            self.bufs = [self._free.pop() if self._free else mmap.mmap(-1, self.CHUNK)
-                         for _ in range(2)]
+        self.bufs = [self._buffer() for _ in range(2)]
         self.fill, self.pending = 0, None
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="direct-write")
+
+    def _buffer(self):
+        import mmap
+        with self._lock:
+            while self._free:
+                buf = self._free.pop()
+                if len(buf) == self.CHUNK:  # (one of another size is let go)
+                    return buf
+        return mmap.mmap(-1, self.CHUNK)
 
     def __enter__(self):
         return self

@@ -1219,6 +1219,9 @@ def test_a_new_big_file_is_written_around_the_page_cache(tmp_path, monkeypatch, 
     assert (tmp_path / "spare.safetensors").read_bytes() == \
         (tmp_path / "fewer.safetensors").read_bytes()
     assert (tmp_path / "spare.safetensors").stat().st_ino == inode
+    monkeypatch.setattr(te._DirectWriter, "CHUNK", 2 << 20)  # the kept 1 MB buffers: not reused
+    te.write_safetensors(tmp_path / "bigger-chunks.safetensors", tensors, kept=True)
+    assert (tmp_path / "bigger-chunks.safetensors").read_bytes() == ref
 
     def refuse(self, view):
         raise OSError(errno.EINVAL, "Invalid argument")
