@@ -93,8 +93,10 @@ USAGE_EVERY_S = 300.0      # after a file: a disk-usage sample (the report's usa
 _VERSION_ID = re.compile(r"v\d{3,}")  # model_versioner's ids: they only grow
 # Writes the filesystem refuses for a reason free space does not fix (read-only, permissions)
 WRITE_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _WRITE_REFUSED_KINDS = ("disk", "readonly", "permission")  # the engine's pause_reason values
 _WRITE_FIXES = {
+    "disk": "the disk is full: free space (`python3 state_tracker.py --check` says what takes it)",
     "readonly": "the filesystem is read-only: check `dmesg`, remount it read-write "
                 "(`mount -o remount,rw MOUNTPOINT`)",
     "permission": "the training root is not writable by the daemon's user: give it back "
@@ -767,7 +769,7 @@ class Daemon:
             self._settle_pending(f"the training engine refused {data.name}: {exc}")
             raise _Paused(exc, "engine") from None
         except Exception as exc:
-            if isinstance(exc, OSError) and exc.errno in WRITE_REFUSED:
+            if isinstance(exc, OSError) and exc.errno in WRITE_REFUSED + DISK_FULL:
                 raise  # not the data's fault nor a crash: the loop pauses (_write_refused)
             if isinstance(exc, torchrun_job.TorchrunFailed):  # its cause is in the message, not our stack
                 self.log.error("training %s crashed: %s (torchrun's log: %s)", data.name, exc,
@@ -800,8 +802,8 @@ class Daemon:
         if result.get("status") in ("stopped", "paused", "spike"):  # it stays in processing/
             try:
                 training_queue.update_record(data, in_training=False, timings=timings)
-            except OSError as exc:
-                if exc.errno not in WRITE_REFUSED or result.get("pause_reason") is None:
+            except OSError as exc:  # (the engine paused for it: the pause below says so)
+                if exc.errno not in WRITE_REFUSED + DISK_FULL or result.get("pause_reason") is None:
                     raise
                 self.log.warning("cannot update %s's record: %s", data.name, exc)
             self._timings = None
@@ -985,9 +987,10 @@ class Daemon:
                                  "from its last checkpoint.") from None
 
     def _write_refused(self, data: Path, exc: OSError) -> None:
-        """A write the filesystem refused outside the engine's saves (a record, metrics):
-        pause naming the problem and its fix, never a crash with a traceback."""
-        kind = "readonly" if exc.errno == errno.EROFS else "permission"
+        """A write the filesystem refused outside the engine's saves (a record, metrics), or
+        a full disk: pause naming the problem and its fix, never a crash with a traceback."""
+        kind = ("disk" if exc.errno in DISK_FULL else
+                "readonly" if exc.errno == errno.EROFS else "permission")
         problem = f"cannot write {exc.filename or self.p.root} while training {data.name} ({exc.strerror})"
         msg = f"{problem}: {_WRITE_FIXES[kind]}, then run `python3 training_controller.py resume`"
         self.log.error("%s", msg)
@@ -999,7 +1002,8 @@ class Daemon:
                                  "The file stays in processing/ and resumes from its last "
                                  "checkpoint at the next start.")
         self.set_state("paused", msg, kind)
-        self._stop_if_state_unwritable(problem, kind)
+        if kind != "disk":  # (a full disk: the pause shows once space is freed; no stop)
+            self._stop_if_state_unwritable(problem, kind)
 
     @staticmethod
     def _hold(data: Path, kind: str, reason: str) -> None:
@@ -1605,7 +1609,7 @@ class Daemon:
                 try:
                     self.process(job)
                 except OSError as exc:
-                    if exc.errno not in WRITE_REFUSED:
+                    if exc.errno not in WRITE_REFUSED + DISK_FULL:
                         raise
                     self._write_refused(job, exc)
                 except _Paused as exc:

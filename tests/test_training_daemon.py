@@ -521,6 +521,59 @@ def test_a_read_only_metrics_file_pauses_then_resume_finishes(initialized_root, 
     assert "Traceback" not in d.output()
 
 
+def test_a_full_disk_around_the_engines_pause_pauses_the_daemon(initialized_root, monkeypatch):
+    """The disk fills up completely just as the engine pauses for it: the file's record
+    cannot be updated either. The daemon used to exit (`Error: No space left on device`);
+    now it pauses with kind `disk`. A full disk outside the engine's saves (a record) pauses
+    it the same way, never counting as a crash of the file."""
+    import errno
+    import training_queue
+    root = initialized_root
+    tune(root)
+    src = write_data(root.parent / "src" / "full.jsonl", 3, "full")
+    daemon = training_daemon.Daemon(root, once=False, monitor=False)
+    assert run_script("training_queue.py", "add", str(src), root=root).returncode == 0
+    job = daemon.next_job()
+    assert job is not None
+
+    class PausedEngine:  # the engine at its boundary: it paused for the disk, nothing written
+        @staticmethod
+        def train_file(*args, **kwargs):
+            return {"status": "paused", "pause_reason": "disk", "global_step": 0, "steps": 0,
+                    "message": "saving checkpoint at step 9 needs 1.5 MB; paused before writing",
+                    "seconds": {"checkpoint": 0.0}}
+
+        @staticmethod
+        def release_warm():
+            pass
+    monkeypatch.setattr(daemon, "engine", lambda: PausedEngine)
+    real_update = training_queue.update_record
+
+    def full(path, **fields):
+        if fields.get("in_training") is False or "hold" in fields:  # after the engine returns
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_update(path, **fields)
+    monkeypatch.setattr(training_queue, "update_record", full)
+    daemon.process(job)
+    assert daemon.state == "paused" and daemon.pause_kind == "disk", daemon.paused_reason
+    assert "Free disk space" in daemon.paused_reason
+    data = root / "processing" / "full.jsonl"
+    assert data.exists() and not record(data).get("attempts")
+
+    # outside the engine's saves: the record's write fails, the file is not crashed
+    def full_again(path, **fields):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(training_queue, "update_record", full_again)
+    daemon.set_state("idle")
+    with pytest.raises(OSError) as exc:
+        daemon.process(data)
+    daemon._write_refused(data, exc.value)
+    assert daemon.state == "paused" and daemon.pause_kind == "disk"
+    assert "the disk is full: free space" in daemon.paused_reason
+    monkeypatch.setattr(training_queue, "update_record", real_update)
+    assert not record(data).get("attempts")
+
+
 def test_a_file_cut_short_behind_its_record_fails_and_the_real_one_trains(initialized_root):
     """After a power cut a data file can be 0 bytes beside a record of 3 records (its content
     never reached the disk): never trained, never in done/ (the real file would then be
