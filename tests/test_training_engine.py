@@ -1268,8 +1268,8 @@ def test_training_writes_the_same_bytes_around_the_page_cache(tmp_path, tiny_mod
         assert rb["status"] == "completed" and rb["model_source"] == "disk", rb
         p = Paths(root)
         end = p.checkpoints / f"checkpoint-{rb['global_step']:08d}"
-        ends[how, base] = {f"{f.parent.name}/{f.name}": sha256_file(f)
-                     for f in [*end.glob("*.safetensors"), *p.current_model.glob("*.safetensors")]}
+        files = [*end.glob("*.safetensors"), *p.current_model.glob("*.safetensors")]
+        ends[how, base] = {f"{f.parent.name}/{f.name}": sha256_file(f) for f in files}
         manifest = read_json(p.current_model / ".manifest.json")["files"]["model.safetensors"]
         assert manifest["sha256"] == sha256_file(p.current_model / "model.safetensors")
         te.release_warm()
