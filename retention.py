@@ -358,6 +358,12 @@ def disk_report(root, cfg: dict, *, disk_usage=None, used: dict | None = None,
     return out
 
 
+def _same_disk(root: Path, path: Path) -> bool:
+    """Whether `path` (or the folder it will be made in) is on the root's filesystem."""
+    dev = _dev(root)
+    return dev is not None and dev == _dev(path)
+
+
 def _size(n: int) -> str:
     return f"{n / GB:.3f} GB" if abs(n) >= GB else f"{n / 1e6:.1f} MB"
 
@@ -403,18 +409,113 @@ def check_write(root, cfg: dict, need: int, where: str = "root", *, disk_usage=N
     return "; ".join(problems) or None
 
 
-def make_room(root, cfg: dict, need: int, where: str = "root", *, disk_usage=None) -> dict:
-    """Check a write; if it does not fit, apply retention (versions for the root, backups
-    for backup_dir, and backups too when they lie in the root) and check again.
+# --------------------------------------------------------------------------- the spare
 
-    Returns {"ok", "problem", "pruned_versions", "pruned_backups", "fix"}: `fix` is the
-    command that frees space when retention alone cannot."""
+# The engine keeps one pruned checkpoint in ROOT/.staging/ (its folder named SPARE_PREFIX...)
+# whose weights and optimizer files the next checkpoint writes over in place: freeing a
+# checkpoint's gigabytes and allocating them again per file cost more than writing them
+# (docs/design.md, "The engine"). It stays through idle spells and restarts, counted in
+# max_disk_gb like the rest of .staging/; it is given back (deleted: it is a pruned
+# checkpoint, nothing reads it) before anything is pruned to make room, and by the idle
+# daemon when the disk runs short.
+SPARE_PREFIX = "old-checkpoint-"
+SPARE_FILES = ("model.safetensors", "optimizer.safetensors")  # the big files written over
+
+
+def spare_folders(root) -> list[Path]:
+    """The root's pruned checkpoints in .staging/ (the spare, and any whose deletion is
+    still under way), newest name first; never a symlink."""
+    staging = Paths(root).staging
+    try:
+        names = sorted(os.listdir(staging), reverse=True)
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        path = staging / name
+        if name.startswith(SPARE_PREFIX) and path.is_dir() and not path.is_symlink():
+            out.append(path)
+    return out
+
+
+def spare_files(folders) -> list[Path]:
+    """The files of these pruned checkpoints that a checkpoint may write over: their own
+    regular files, writable, with one link (nothing else names them: never a version's or
+    current_model's weights, nothing through a symlink)."""
+    out = []
+    for folder in folders:
+        try:
+            subs = [d for d in Path(folder).iterdir() if d.is_dir() and not d.is_symlink()]
+        except OSError:
+            continue
+        for f in (d / name for d in subs for name in SPARE_FILES):
+            try:
+                st = f.lstat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_mode & 0o200:
+                out.append(f)
+    return out
+
+
+def spare_bytes(root) -> int:
+    """Bytes the root's next checkpoint writes over instead of taking from the free space:
+    the newest-named pruned checkpoint's, the one an engine starting takes as its spare
+    (the others are being deleted)."""
+    total = 0
+    for f in spare_files(spare_folders(root)[:1]):
+        try:
+            total += f.stat().st_size
+        except OSError:
+            continue
+    return total
+
+
+def release_spare(root) -> int:
+    """Delete the root's pruned checkpoints in .staging/ unless a file is training (the
+    engine lock: its checkpoint may be writing over them); the bytes given back."""
+    import shutil
+    from trainroot import BusyError, FileLock
+    p = Paths(root)
+    if not p.staging.is_dir():
+        return 0
+    try:
+        lock = FileLock(p.lock("engine"), "release the spare checkpoint").acquire(timeout=0)
+    except (BusyError, OSError):
+        return 0
+    try:
+        folders = spare_folders(p.root)
+        freed = folder_bytes(folders)
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        return freed
+    finally:
+        lock.release()
+
+
+def make_room(root, cfg: dict, need: int, where: str = "root", *, disk_usage=None,
+              keep_spare: bool = False) -> dict:
+    """Check a write; if it does not fit, give back the spare checkpoint (unless
+    `keep_spare`: the write is the checkpoint that goes over it, and `need` already leaves
+    its bytes out), then apply retention (versions for the root, backups for backup_dir,
+    and backups too when they lie in the root) and check again.
+
+    Returns {"ok", "problem", "pruned_versions", "pruned_backups", "released_spare_bytes",
+    "fix"}: `fix` is the command that frees space when retention alone cannot."""
     problem = check_write(root, cfg, need, where, disk_usage=disk_usage)
     out = {"ok": problem is None, "problem": problem, "pruned_versions": [],
-           "pruned_backups": [], "fix": None}
+           "pruned_backups": [], "released_spare_bytes": 0, "fix": None}
     if problem is None:
         return out
     p = Paths(root)
+    if not keep_spare and _same_disk(p.root, Path(_backup_dir(p.root, cfg)) if where == "backups"
+                                     else p.root):
+        out["released_spare_bytes"] = release_spare(p.root)
+        if out["released_spare_bytes"]:
+            out["problem"] = check_write(root, cfg, need, where, disk_usage=disk_usage)
+            if out["problem"] is None:
+                out["ok"] = True
+                return out
     if where == "root":
         import model_versioner
         try:

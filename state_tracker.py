@@ -658,10 +658,13 @@ def _disk_section(root: Path, cfg: dict, model: dict, disk_usage, w: list,
     where = p.current_model if model["exists"] else p.root
     usage = disk_usage(where)
     min_free = int(cfg.get("min_free_disk_mb") or 0) * 1024 * 1024
-    needed = model["size_bytes"] * MODEL_SPACE_FACTOR + min_free
+    # the spare checkpoint in .staging/ is written over by the next checkpoint: no new room
+    spare = retention.spare_bytes(root)
+    needed = max(0, model["size_bytes"] * MODEL_SPACE_FACTOR - spare) + min_free
     sec = {"path": str(where), "free_bytes": usage.free, "total_bytes": usage.total,
            "model_size_bytes": model["size_bytes"], "needed_bytes": needed,
-           "min_free_bytes": min_free, "enough": usage.free >= needed}
+           "min_free_bytes": min_free, "spare_checkpoint_bytes": spare,
+           "enough": usage.free >= needed}
     try:
         sec["budget"] = retention.disk_report(root, cfg, disk_usage=disk_usage, used=measured,
                                               walk=False)
@@ -1125,13 +1128,21 @@ def report_rows(state: dict) -> list[tuple[str, str]]:
         ("daemon", f"alive, pid {d['pid']}" if d["alive"] else "not running"),
         ("training", train),
         ("disk", f"{_size(disk['free_bytes'])} free, next snapshot+checkpoint need "
-                 f"{_size(disk['needed_bytes'])}" + _budget_text(disk.get("budget") or {})),
+                 f"{_size(disk['needed_bytes'])}" + _spare_text(disk)
+                 + _budget_text(disk.get("budget") or {})),
         ("queue", f"high {q['counts']['high']}, normal {q['counts']['normal']}, low "
                   f"{q['counts']['low']}, inbox {q['inbox']}, done {q['done']}, failed "
                   f"{q['failed_count']}, skipped {q['skipped_count']}"),
         ("backups", backups),
         ("loss", trend),
     ]
+
+
+def _spare_text(disk: dict) -> str:
+    """The spare checkpoint in .staging/, when there is one: the disk it holds is no leak."""
+    spare = disk.get("spare_checkpoint_bytes") or 0
+    return (f" (beyond the {_size(spare)} of a pruned checkpoint in .staging/ that the next "
+            "checkpoint writes over; given back when the disk runs short)") if spare else ""
 
 
 def _budget_text(budget: dict) -> str:

@@ -117,9 +117,11 @@ PARAMS: dict[str, Param] = {
     "checkpoint_every_minutes": Param(10.0, "float", "bounds lost wall time on slow steps; 0 turns "
                                       "the time trigger off", 0.0, 1e6),
     "keep_checkpoints": Param(2, "int", "two, so a checkpoint torn by a crash has a good one "
-                              "beside it; while files come one after another, one more pruned "
-                              "checkpoint waits in `.staging/` to be written over by the next "
-                              "(freed when the daemon goes idle)", 1, 1000),
+                              "beside it; one more pruned checkpoint waits in `.staging/` to be "
+                              "written over by the next, through idle spells and restarts "
+                              "(counted in `max_disk_gb`; given back before retention prunes "
+                              "anything to make room, and by the idle daemon once less is free "
+                              "than it holds plus `min_free_disk_mb`)", 1, 1000),
     "loss_spike_factor": Param(3.0, "float", "pause when a step's loss exceeds this many times "
                                "the running average; 0 turns it off (else at least 1)", 0.0, 1e6),
     "loss_spike_window": Param(50, "int", "steps in the running average for the spike check",

@@ -24,6 +24,7 @@ import logging.handlers
 import os
 import re
 import shlex
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -288,6 +289,7 @@ class Daemon:
         self._timings: dict | None = None
         self._refused_config: tuple | None = None
         self._recheck_at = 0.0  # a paused pre-flight (or engine refusal) is re-checked then
+        self._spare_checked = 0.0  # idle: when the disk was last checked for the spare
         self._import_thread: threading.Thread | None = None
         self._waiting_for: str | None = None      # the lock holders a queued file waits for
         self._engine = None
@@ -570,9 +572,10 @@ class Daemon:
         # space before any is written; retention is applied first when they do not.
         import retention
         need = _folder_bytes(self.p.current_model) * (1 + OPTIMIZER_FACTOR * _widening(self.p.current_model))
-        if self._engine is not None:  # the checkpoint kept to be written over needs no new room
-            need = max(0, need - self._engine.spare_bytes())
-        room = retention.make_room(self.p.root, cfg, need, "root")
+        # the spare checkpoint is written over: no new room (nor given back to make room)
+        spare = (self._engine.spare_bytes() if self._engine is not None else 0) or \
+            retention.spare_bytes(self.p.root)  # (one a daemon before this one kept)
+        room = retention.make_room(self.p.root, cfg, max(0, need - spare), "root", keep_spare=True)
         for vid in room["pruned_versions"]:
             self.log.info("pre-flight: retention pruned %s to make room", vid)
         if not room["ok"]:
@@ -1301,6 +1304,31 @@ class Daemon:
         except (GuardrailError, OSError) as exc:  # the file is done; retention tries again next
             self.log.warning("retention after the file failed: %s", exc)
 
+    def _spare_room(self) -> None:
+        """Idle, every rescan_seconds: the spare checkpoint (a pruned one the next file's
+        checkpoint writes over, retention.SPARE_PREFIX) goes back when the disk runs short:
+        less free than it holds plus min_free_disk_mb."""
+        import retention
+        now = time.monotonic()
+        if now - self._spare_checked < self.cfg["rescan_seconds"]:
+            return
+        self._spare_checked = now
+        try:
+            spare = retention.spare_bytes(self.p.root)
+            if not spare:
+                return
+            free = shutil.disk_usage(self.p.root).free
+            if free >= spare + (int(self.cfg.get("min_free_disk_mb") or 0) << 20):
+                return
+            freed = retention.release_spare(self.p.root)
+        except OSError as exc:
+            self.log.warning("could not check the spare checkpoint in %s: %s", self.p.staging, exc)
+            return
+        if freed:
+            self.log.info("the disk runs short (%.1f MB free): gave back the spare checkpoint "
+                          "(%.1f MB in %s; the next file's checkpoint takes new room)",
+                          free / 1e6, freed / 1e6, self.p.staging)
+
     def maybe_consolidate(self) -> None:
         """Adapter mode with config `consolidate_every_files` N: once N files have trained on
         current_model's base (its post-train versions), merge the adapter into a new base
@@ -1624,6 +1652,7 @@ class Daemon:
             if not self.intake.waiting():
                 if self._engine is not None:  # idle: the model kept for a next file goes back
                     self._engine.release_warm()
+                self._spare_room()
                 self._settle_done_index()
                 evaluated = self.complete_eval()
             if self.once and not self.intake.waiting() and self._processing_file() is None:

@@ -28,7 +28,6 @@ import os
 import random
 import re
 import shutil
-import stat
 import struct
 import sys
 import tempfile
@@ -41,6 +40,7 @@ import torch
 from safetensors import SafetensorError
 
 import lora_mode
+import retention
 from trainroot import (FileLock, GuardrailError, Paths, UsageError, append_line,
                        atomic_write_json, exchange_paths, exit_without_teardown, file_signature,
                        fsync_dir, fsync_paths, read_json, rename_noreplace, run_cli, sha256_file,
@@ -1179,7 +1179,7 @@ def save_checkpoint(root, model, optimizer, meta: dict, *, scaler=None, keep: in
                     raise
                 log.info("renameat2 exchange unavailable (%s): replacing %s in two renames",
                          exc, final.name)
-                old = Path(tempfile.mkdtemp(prefix="old-checkpoint-", dir=p.staging))
+                old = Path(tempfile.mkdtemp(prefix=retention.SPARE_PREFIX, dir=p.staging))
                 os.rename(final, old / final.name)
                 os.rename(stage, final)
                 fsync_dir(p.checkpoints)  # or after a power cut the old one may be back
@@ -1240,7 +1240,7 @@ def _read_optimizer(ckpt: Path) -> tuple[dict, dict | None]:
     return {"state": state, "param_groups": extra["param_groups"]}, extra.get("scaler")
 
 
-STAGING_PREFIXES = ("checkpoint-", "old-checkpoint-", "model-")  # ROOT/.staging/: the engine's
+STAGING_PREFIXES = ("checkpoint-", retention.SPARE_PREFIX, "model-")  # ROOT/.staging/: the engine's
 
 
 def clean_staging(root) -> list[str]:
@@ -1256,10 +1256,10 @@ def clean_staging(root) -> list[str]:
         names = os.listdir(p.staging)
     except (FileNotFoundError, NotADirectoryError):
         return removed
-    spare = {f.name for f in _SPARE}  # this process's, kept on purpose
+    spare = {f.name for f in _live_spare()}  # this process's, kept on purpose
     for name in sorted(names, reverse=True):  # mkdtemp names: no order; any spare will do
         path = p.staging / name
-        if name.startswith("old-checkpoint-") and not _SPARE and path.is_dir() \
+        if name.startswith(retention.SPARE_PREFIX) and not _SPARE and path.is_dir() \
                 and not path.is_symlink():  # a pruned one the last process kept as its spare
             _SPARE.append(path)
             continue
@@ -1290,7 +1290,7 @@ def prune_checkpoints(root, keep: int) -> list[str]:
     for d, _ in ckpts:
         if d in keepers:
             continue
-        trash.append(Path(tempfile.mkdtemp(prefix="old-checkpoint-", dir=p.staging)))
+        trash.append(Path(tempfile.mkdtemp(prefix=retention.SPARE_PREFIX, dir=p.staging)))
         os.rename(d, trash[-1] / d.name)  # out of checkpoints/ in one step, then delete at leisure
         removed.append(d.name)
     if trash:  # durable first: a half-deleted checkpoint must never come back after a power cut
@@ -1305,10 +1305,18 @@ _DELETING: list = []      # the threads removing them
 # next checkpoint is written over, in place, while files come one after another: freeing
 # a checkpoint's gigabytes and allocating them again per file cost more than writing them
 # (on a disk mounted with `discard`, each fsync for ~2 s after 3 GB were freed: at 1 GB of
-# weights the daemon's checkpoint took 6-9 s against 4-6 s written over). Let go (deleted)
-# when the daemon is idle (release_warm); a file linked elsewhere is never written over.
+# weights the daemon's checkpoint took 6-9 s against 4-6 s written over). Kept through idle
+# spells and restarts (counted in max_disk_gb); deleted before anything is pruned to make
+# room, and by the idle daemon when the disk runs short (retention.release_spare, from any
+# process between files); a file linked elsewhere is never written over.
 _SPARE: list[Path] = []
-SPARE_FILES = ("model.safetensors", OPTIMIZER_CKPT)
+assert OPTIMIZER_CKPT in retention.SPARE_FILES
+
+
+def _live_spare() -> list[Path]:
+    """_SPARE, less a folder another process deleted (retention.release_spare)."""
+    _SPARE[:] = [f for f in _SPARE if f.is_dir()]
+    return _SPARE
 
 
 def _delete_later(folders: list[Path]) -> None:
@@ -1318,27 +1326,12 @@ def _delete_later(folders: list[Path]) -> None:
     file's writes (its journal traffic slowed the publish's fsyncs ~1 s). clean_staging
     waits for them first, and removes what a killed process left."""
     for folder in folders:
-        (_TRASH if _SPARE else _SPARE).append(folder)
+        (_TRASH if _live_spare() else _SPARE).append(folder)
 
 
 def _spare_files() -> list[Path]:
-    """The spare's files that a checkpoint may be written over (one link: nothing else
-    names them), or []."""
-    out = []
-    for folder in _SPARE:
-        try:
-            subs = [d for d in folder.iterdir() if d.is_dir() and not d.is_symlink()]
-        except OSError:
-            continue
-        for f in (d / name for d in subs for name in SPARE_FILES):
-            try:
-                st = f.lstat()
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 \
-                    and st.st_mode & 0o200:  # (a once-linked weights file left read-only: no)
-                out.append(f)
-    return out
+    """This process's spare's files that a checkpoint may be written over, or []."""
+    return retention.spare_files(_SPARE)
 
 
 def spare_bytes() -> int:
@@ -1362,7 +1355,7 @@ def _reuse_spare(stage: Path) -> None:
 
 
 def release_spare() -> None:
-    """Delete the spare (the daemon is idle: its disk space goes back)."""
+    """Delete this process's spare (its disk space goes back)."""
     _TRASH.extend(_SPARE)
     _SPARE.clear()
     start_deletions()
@@ -1517,8 +1510,7 @@ def _take_warm(root, file_id: str, config: dict) -> _Warm | None:
 def release_warm() -> None:
     """Let go of the model and AdamW state kept between files (the daemon does when idle, and
     before an eval loads a model on a GPU): the next file loads from disk. The spare
-    checkpoint's disk space goes back too."""
-    release_spare()
+    checkpoint stays for it to write over (see _SPARE)."""
     if _WARM:
         _WARM.clear()
         import gc

@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_filecost.py --large       # also ~1 GB (minutes; ~10 GB of disk, ~8 GB RAM)
     .venv/bin/python bench/bench_filecost.py --work /var/tmp/fc --files 3
     .venv/bin/python bench/bench_filecost.py --daemon --files 3   # as users see it: the done records
+    .venv/bin/python bench/bench_filecost.py --daemon --from-disk --files 4   # one `run --once` per file
 
 For each size and base dtype: a Llama model built here (random weights, no download) and
 saved in that dtype, a root initialised from it (`init`), then `--files` one-step files, each
@@ -11,7 +12,7 @@ after the daemon's pre-file snapshot (model_versioner.create_version) and traine
 engine's entry point (train_file). The first file starts a fresh optimizer; the ones after it
 take the fp32 master weights and AdamW the file before ended with: kept in memory by the
 engine (a queue of files), or read from the end checkpoint (`--from-disk`: the first file after
-an idle spell, which also let go of the spare checkpoint; its deletion is over first).
+an idle spell; the spare checkpoint stays through it, as the idle daemon keeps it).
 Printed per file:
   bytes written: the end checkpoint (fp32 weights + optimizer + rng + meta), current_model
     (new files only: its weights hard-linked to the checkpoint's cost nothing), the snapshot
@@ -26,8 +27,8 @@ Printed per file:
     such write just before the file and two just after it (`--daemon`: before and after the
     run), since this disk's pace swings 2-5x within minutes;
 and, per model source (memory: kept from the file before; disk: loaded) and whether the
-checkpoint was written over the spare (not for a root's first two files, nor after an idle
-spell), the median ratio over the files, the figure to quote (one file's swings with the disk).
+checkpoint was written over the spare (not for a root's first two files), the median ratio
+over the files, the figure to quote (one file's swings with the disk).
 Goal (issue 15): fixed / write-once <= 1.3.
 """
 
@@ -183,8 +184,8 @@ def run_case(work: Path, size: str, dtype_name: str, files: int, *, from_disk=Fa
         vid, _ = model_versioner.create_version(root, f"pre-train:{data.name}")
         snapshot_s = time.perf_counter() - t0
         version_bytes = new_bytes(p.versions / vid)  # now, while current_model shares its files
-        if from_disk:  # an idle spell: the model and the spare checkpoint let go, and the
-            te.release_warm()  # spare's deletion over before the next file comes
+        if from_disk:  # an idle spell: the model let go (the spare checkpoint stays), and
+            te.release_warm()  # old checkpoints' deletions over before the next file comes
             te._wait_for_deletions()
         # the disk's own pace swings 2-5x within minutes on a VM: the baseline is the median of
         # one write just before the file and two just after it (the size: the last file's)
@@ -224,11 +225,15 @@ def run_case(work: Path, size: str, dtype_name: str, files: int, *, from_disk=Fa
     return rows
 
 
-def run_daemon_case(work: Path, size: str, dtype_name: str, files: int) -> list[dict]:
-    """The same files through `training_daemon.py run --once` (a queue, as users run it):
-    per file the done record's timings, the daemon's own figures: snapshot before, the
-    engine's load/checkpoint/publish, the version after."""
+def run_daemon_case(work: Path, size: str, dtype_name: str, files: int, *,
+                    from_disk=False) -> list[dict]:
+    """The same files through `training_daemon.py run --once` (a queue, as users run it; with
+    `from_disk`, one run per file: each comes after an idle spell, into a new process that
+    loads the model and takes the spare checkpoint the run before it kept): per file the
+    done record's timings, the daemon's own figures: snapshot before, the engine's
+    load/checkpoint/publish, the version after."""
     import subprocess
+    import retention
     import training_config
     import training_daemon
     import training_queue
@@ -244,7 +249,8 @@ def run_daemon_case(work: Path, size: str, dtype_name: str, files: int) -> list[
     subprocess.run([sys.executable, str(REPO / "training_controller.py"), "approve-config", "--yes",
                     "--root", str(root)], check=True, capture_output=True)
     p = Paths(root)
-    for i in range(files):
+
+    def drop(i: int) -> None:
         (p.inbox / f"file{i}.jsonl").write_text(
             json.dumps({"text": f"file {i}: one short record, one step."}) + "\n")
     # BENCH_DAEMON_WRAP: a command to run the daemon under (a profiler: `py-spy record -o F --`)
@@ -257,11 +263,21 @@ def run_daemon_case(work: Path, size: str, dtype_name: str, files: int) -> list[
     estimate = 12 * params + (base_bytes if dtype_name != "float32" else 0)
     before = ({"new": fsynced_write_s(case, estimate, base_bytes),
                "kept": fsynced_write_s(case, estimate)}, estimate)
-    proc = subprocess.run([*wrap, sys.executable, str(REPO / "training_daemon.py"), "run", "--once",
-                           "--no-monitor", "--root", str(root)], check=False, capture_output=True,
-                          text=True)
-    if proc.returncode:
-        raise SystemExit(f"the daemon exited {proc.returncode}: {proc.stderr[-2000:]}")
+
+    def run() -> None:
+        proc = subprocess.run([*wrap, sys.executable, str(REPO / "training_daemon.py"), "run",
+                               "--once", "--no-monitor", "--root", str(root)], check=False,
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"the daemon exited {proc.returncode}: {proc.stderr[-2000:]}")
+    spare = {}
+    for i in range(files):
+        drop(i)
+        if from_disk:
+            spare[i] = retention.spare_bytes(root) > 0
+            run()
+    if not from_disk:
+        run()
     import training_engine as te
     ckpt = te.list_checkpoints(root)[0][0]
     ckpt_inodes = {f.stat().st_ino for f in ckpt.iterdir()}
@@ -281,6 +297,7 @@ def run_daemon_case(work: Path, size: str, dtype_name: str, files: int) -> list[
         fixed = sum(secs.values())
         rows.append({"size": size, "base": dtype_name, "file": i, "daemon": True,
                      "model_source": t.get("model_from"), "seconds": secs,
+                     "over_spare": spare.get(i),
                      "train_s": t.get("train_s"), "fixed_s": round(fixed, 3),
                      "bytes": {"written": written}, **limits(fixed, once)})
     return rows
@@ -295,7 +312,8 @@ def main(argv=None) -> int:
     ap.add_argument("--daemon", action="store_true",
                     help="the files through `training_daemon.py run --once` (the done records' timings)")
     ap.add_argument("--from-disk", action="store_true",
-                    help="let go of the model kept in memory between files (each file loads it)")
+                    help="each file after an idle spell: it loads the model "
+                         "(--daemon: one run --once per file)")
     ap.add_argument("--cases", nargs="+", metavar="SIZE:DTYPE",
                     help="only these cases, e.g. 1GB:bfloat16 (default: every size and dtype)")
     args = ap.parse_args(argv)
@@ -311,7 +329,8 @@ def main(argv=None) -> int:
                 if args.cases and f"{size}:{dtype_name}" not in args.cases:
                     continue
                 if args.daemon:
-                    rows += run_daemon_case(work, size, dtype_name, args.files)
+                    rows += run_daemon_case(work, size, dtype_name, args.files,
+                                            from_disk=args.from_disk)
                 else:
                     rows += run_case(work, size, dtype_name, args.files, from_disk=args.from_disk)
                 if not args.work:  # one case on disk at a time (the 1 GB ones take ~8 GB each)

@@ -436,3 +436,49 @@ def test_an_unchanged_versions_folder_is_summed_without_asking_its_versions(tmp_
     assert retention.tree_bytes(top, set()) < retention.folder_bytes([top])  # not asked...
     monkeypatch.setattr(retention, "_TREES_SINCE", [time.monotonic() - retention.TREE_REFRESH_S - 1])
     assert retention.tree_bytes(top, set()) == retention.folder_bytes([top])  # ...until the hourly walk
+
+
+def _spare(root: Path, size: int) -> Path:
+    """A pruned checkpoint in .staging/ as the engine keeps it to write the next one over."""
+    folder = Paths(root).staging / f"{retention.SPARE_PREFIX}x1y2/checkpoint-00000007"
+    folder.mkdir(parents=True)
+    for name in retention.SPARE_FILES:
+        (folder / name).write_bytes(os.urandom(size // 2))
+    (folder / "meta.json").write_text("{}")
+    return folder.parent
+
+
+def test_the_spare_checkpoint_goes_back_before_any_version_is_pruned(root):
+    """The spare checkpoint stays through idle spells, counted in max_disk_gb. A write that
+    does not fit gives it back first: no version is pruned while it holds the room. The
+    checkpoint that writes over it keeps it (`keep_spare`); a file training holds it (the
+    engine lock); the tracker counts it as the next checkpoint's room, and says so."""
+    import state_tracker as st
+    from trainroot import FileLock
+    p = Paths(root)
+    mv.create_version(root, "manual", force=True)
+    spare = _spare(root, 4_000_000)
+    assert retention.spare_bytes(root) == 4_000_000
+    cfg = training_config.load_config(root)
+    used = retention.usage(root, cfg)["root_used"]
+    need = 3_000_000  # fits once the spare is gone, not beside it
+    _set_config(root, max_disk_gb=(used - 2_000_000) / 1e9 + need / 1e9)
+    cfg = training_config.load_config(root)
+    versions = [r["id"] for r in mv.list_versions(root)]
+
+    held = retention.make_room(root, cfg, need, keep_spare=True)  # the checkpoint over it
+    assert not held["ok"] and spare.is_dir() and held["released_spare_bytes"] == 0
+    with FileLock(p.lock("engine"), "a file training"):
+        assert retention.release_spare(root) == 0 and spare.is_dir()
+    state = st.build_state(root)["disk"]
+    assert state["spare_checkpoint_bytes"] == 4_000_000
+    model = state["model_size_bytes"] * st.MODEL_SPACE_FACTOR
+    assert state["needed_bytes"] == max(0, model - 4_000_000) + state["min_free_bytes"]
+    assert "of a pruned checkpoint in .staging/ that the next checkpoint writes over" in \
+        dict(st.report_rows(st.build_state(root)))["disk"]
+
+    _set_config(root, retention={"versions": {"keep_last": 1}})
+    room = retention.make_room(root, training_config.load_config(root), need)
+    assert room["ok"] and room["released_spare_bytes"] >= 4_000_000, room
+    assert room["pruned_versions"] == [] and [r["id"] for r in mv.list_versions(root)] == versions
+    assert not spare.exists() and retention.spare_bytes(root) == 0

@@ -797,3 +797,34 @@ def test_the_preflight_counts_a_bf16_base_checkpoint_in_fp32(tmp_path, tiny_mode
     with pytest.raises(training_daemon._Paused) as info:
         d.preflight(training_config.load_config(root))
     assert f"{7 * model / 1e6:.1f} MB to write is over it" in info.value.error.what
+
+
+def test_the_idle_daemon_gives_the_spare_checkpoint_back_when_the_disk_runs_short(
+        initialized_root, monkeypatch, caplog):
+    """Idle, the daemon keeps the spare checkpoint (a pruned one the next file's checkpoint
+    writes over) while the disk has as much free as it holds plus min_free_disk_mb; once
+    less is free, it gives it back and says so."""
+    import collections
+    import shutil
+    import retention
+    import training_config
+    root = initialized_root
+    spare = root / ".staging" / f"{retention.SPARE_PREFIX}abc" / "checkpoint-00000004"
+    spare.mkdir(parents=True)
+    for name in retention.SPARE_FILES:
+        (spare / name).write_bytes(b"\0" * 600_000)
+    daemon = training_daemon.Daemon(root, once=False, monitor=False)
+    daemon.cfg = dict(training_config.load_config(root), min_free_disk_mb=1, rescan_seconds=60)
+    usage = collections.namedtuple("usage", "total used free")
+    free = [10 << 20]
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 0, free[0]))
+    daemon._spare_room()
+    assert spare.is_dir()  # 10 MB free: room for it
+    free[0] = (1 << 20) + 1_200_000 - 1  # one byte short of the spare plus the margin
+    daemon._spare_room()
+    assert spare.is_dir()  # checked every rescan_seconds, not every idle tick
+    daemon._spare_checked -= 60
+    with caplog.at_level("INFO", logger="training_daemon"):
+        daemon._spare_room()
+    assert not spare.parent.exists() and retention.spare_bytes(root) == 0
+    assert "gave back the spare checkpoint (1.2 MB in" in caplog.text

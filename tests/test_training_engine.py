@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import retention
 import training_engine as te
 import validate_data  # the record parser the engine reads through
 from conftest import (REPO, assert_bitwise_equal, engine_root, metrics, text_records,
@@ -453,8 +454,10 @@ def test_checkpoints_are_written_over_the_spare_byte_for_byte_and_never_over_a_l
     file), and holds the same bytes as a new file would (another root, spare let go before
     each file; the spare's optimizer file made longer first, so it must be cut). A file
     another name links (current_model's weights, a version's) is never written over, and
-    release_warm (the idle daemon) gives the spare's space back."""
+    the spare stays through release_warm (the idle daemon: the file after it writes over it
+    too), and retention.release_spare (the disk runs short) gives its space back."""
     def run(name, use_spare):
+        nonlocal cfg
         root, cfg = make_root(tmp_path / name, tiny_model_dir, checkpoint_every_steps=0,
                               keep_checkpoints=1)
         p, files = Paths(root), []
@@ -473,6 +476,7 @@ def test_checkpoints_are_written_over_the_spare_byte_for_byte_and_never_over_a_l
                           for n in ("model.safetensors", te.OPTIMIZER_CKPT)})
         return root, files
 
+    cfg = None
     te.release_warm()
     root, over = run("over", True)
     p = Paths(root)
@@ -484,7 +488,23 @@ def test_checkpoints_are_written_over_the_spare_byte_for_byte_and_never_over_a_l
         manifest = read_json(version / ".manifest.json")["files"]
         for rel, entry in manifest.items():
             assert sha256_file(version / rel) == entry["sha256"], (version.name, rel)
-    te.release_warm()  # idle: the spare goes
+    te.release_warm()  # idle: the model goes, the spare stays for the next file
+    spare_optimizer = {f.name: f.stat().st_ino for f in te._spare_files()}[te.OPTIMIZER_CKPT]
+    data = write_jsonl(tmp_path / "after-idle.jsonl", text_records(6, seed=50))
+    result = te.train_file(root, data, file_id="after-idle", config=cfg)
+    assert result["status"] == "completed" and result["model_source"] == "disk"
+    (ckpt, _), = te.list_checkpoints(root)
+    assert (ckpt / te.OPTIMIZER_CKPT).stat().st_ino == spare_optimizer
+    te.release_warm()
+    te._wait_for_deletions()
+    assert retention.spare_bytes(root) == te.spare_bytes() > 0
+    assert retention.release_spare(root) > 0  # the disk runs short: it goes
+    assert not list(p.staging.glob("old-checkpoint-*")) and te.spare_bytes() == 0
+    data = write_jsonl(tmp_path / "after-release.jsonl", text_records(6, seed=51))
+    assert te.train_file(root, data, file_id="after-release", config=cfg)["status"] == "completed"
+    te._wait_for_deletions()
+    assert te._SPARE and te.spare_bytes() > 0  # the pruned checkpoint is the spare again
+    te.release_spare()
     te._wait_for_deletions()
     assert not te._SPARE and not list(p.staging.glob("old-checkpoint-*"))
     _, fresh = run("fresh", False)
