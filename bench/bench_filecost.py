@@ -26,6 +26,9 @@ Printed per file:
     file (its pages cached: the fastest write this machine does); each the median of one
     such write just before the file and two just after it (`--daemon`: before and after the
     run), since this disk's pace swings 2-5x within minutes;
+  file s: the whole file (train_file; --daemon: the done record's train_s), its one step too
+    (the first step after a load from disk once paid for copying every page the load had
+    left mapped from the files, unseen by the fixed time);
 and, per model source (memory: kept from the file before; disk: loaded) and whether the
 checkpoint was written over the spare (not for a root's first two files), the median ratio
 over the files, the figure to quote (one file's swings with the disk).
@@ -345,7 +348,7 @@ def main(argv=None) -> int:
     mb = 1e6
     print(f"{'case':16} {'file':>4} {'ckpt MB':>8} {'cur MB':>7} {'ver MB':>7} {'kernel MB':>9} "
           f"{'load':>6} {'ckpt':>6} {'publ':>6} {'snap':>6} {'fixed s':>7} {'write1 s':>8} {'ratio':>6} "
-          f"{'kept s':>6} {'ratio':>6}")
+          f"{'kept s':>6} {'ratio':>6} {'file s':>6}")
     for r in rows:
         s, b = r["seconds"], r["bytes"]
         if r.get("daemon"):  # the done records' figures: no per-part byte counts
@@ -357,7 +360,7 @@ def main(argv=None) -> int:
         print(f"{r['size'] + ' ' + r['base']:16} {r['file']:>4} {parts[0]} {s.get('load', 0):6.2f} "
               f"{s.get('checkpoint', 0):6.2f} {s.get('publish', 0):6.2f} {s['snapshot']:6.3f} "
               f"{r['fixed_s']:7.2f} {r['write_once_s']:8.2f} {r['ratio']:6.2f} "
-              f"{r['write_kept_s']:6.2f} {r['ratio_kept']:6.2f}  write1 "
+              f"{r['write_kept_s']:6.2f} {r['ratio_kept']:6.2f} {r['train_s'] or 0:6.2f}  write1 "
               f"{r['write_once_range'][0]:.2f}-{r['write_once_range'][1]:.2f}, kept "
               f"{r['write_kept_range'][0]:.2f}-{r['write_kept_range'][1]:.2f}, model from "
               f"{r['model_source']}{parts[1]}{', over the spare' if r.get('over_spare') else ''}")
