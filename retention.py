@@ -485,10 +485,10 @@ def release_spare(root) -> int:
         return 0
     try:
         folders = spare_folders(p.root)
-        freed = folder_bytes(folders)
+        held = folder_bytes(folders)
         for folder in folders:
-            shutil.rmtree(folder, ignore_errors=True)
-        return freed
+            shutil.rmtree(folder, ignore_errors=True)  # (what cannot be removed stays)
+        return held - folder_bytes([f for f in folders if f.exists()])
     finally:
         lock.release()
 
