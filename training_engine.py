@@ -1396,9 +1396,30 @@ def _load_checkpoint(ckpt: Path, model, optimizer, scaler=None) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def adamw(params, **kwargs):
+    """torch's AdamW, fused where this build has the kernel for the parameters' device (CPU
+    and CUDA): one kernel per step in place of a dozen ops per tensor and a temporary of
+    each weight's size (270M parameters on this VM's 2 cores: 0.08-0.11 s a step against
+    0.63-0.97 s); else its default implementation."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError) as exc:
+        log.info("fused AdamW unavailable here (%s): its default implementation", exc)
+        return torch.optim.AdamW(params, **kwargs)
+
+
+def _as_built(state: dict, optimizer) -> dict:
+    """A saved AdamW state_dict with this optimizer's implementation (fused or not):
+    load_state_dict takes the saved groups whole, flags included, so a checkpoint written
+    by another implementation (or before adamw()) would bring its own back."""
+    groups = [dict(saved, **{k: group.get(k) for k in ("fused", "foreach") if k in group})
+              for saved, group in zip(state["param_groups"], optimizer.param_groups)]
+    return dict(state, param_groups=groups)
+
+
 def _load_optimizer(ckpt: Path, optimizer, scaler=None) -> None:
     state, scaler_state = _read_optimizer(ckpt)
-    optimizer.load_state_dict(state)
+    optimizer.load_state_dict(_as_built(state, optimizer))
     # AdamW's moments, still mapped from the file, in memory of their own
     mapped = {id(t) for t in _file_mapped([v for entry in optimizer.state.values()
                                            for v in entry.values() if isinstance(v, torch.Tensor)])}
@@ -2043,9 +2064,9 @@ class FileRun:
             log.info("adam_eps %g: using %g instead, so weights without gradient stay finite",
                      eps, torch.finfo(torch.float32).tiny)
             eps = torch.finfo(torch.float32).tiny
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr_at(state["global_step"], config),
-                                           betas=(config["adam_beta1"], config["adam_beta2"]),
-                                           eps=eps, weight_decay=config["weight_decay"])
+        self.optimizer = adamw(self.params, lr=lr_at(state["global_step"], config),
+                               betas=(config["adam_beta1"], config["adam_beta2"]),
+                               eps=eps, weight_decay=config["weight_decay"])
         self.logged_upto = 0  # steps redone after a crash are not logged a second time
         position, self.loss_history, self.step_in_file = None, [], 0
         self.file_start = state["global_step"]
@@ -2079,7 +2100,7 @@ class FileRun:
                 carry = None
             if carry:
                 if warm:  # the very state carry[0] holds, not read back
-                    self.optimizer.load_state_dict(warm.optimizer)
+                    self.optimizer.load_state_dict(_as_built(warm.optimizer, self.optimizer))
                     if self.scaler is not None and warm.scaler is not None:
                         self.scaler.load_state_dict(warm.scaler)
                 else:

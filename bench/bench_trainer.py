@@ -73,8 +73,8 @@ class BareLoop:
                                                           dtype=torch.float32)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg["learning_rate"], betas=(0.9, 0.999),
-                                     eps=1e-8, weight_decay=0.0)
+        self.opt = te.adamw(self.params, lr=cfg["learning_rate"], betas=(0.9, 0.999),
+                            eps=1e-8, weight_decay=0.0)  # the engine's (fused where it can be)
         self.batches, self.clip, self.i = batches, cfg["max_grad_norm"], 0
 
     def step(self) -> None:

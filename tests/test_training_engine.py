@@ -1397,7 +1397,8 @@ def test_modules_a_model_keeps_in_float32_are_published_in_float32(tmp_path, tin
 def test_optimizer_state_round_trips_bitwise_and_old_checkpoints_still_load(tmp_path):
     """AdamW's state is saved as optimizer.safetensors (moments as tensors, groups and the
     fp16 scaler as JSON metadata) and reads back bit for bit; a checkpoint written before it
-    (optimizer.pt, torch.save) still loads."""
+    (optimizer.pt, torch.save) still loads, and one of the unfused implementation goes on
+    fused (load_state_dict would take the saved flags)."""
     import torch
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
@@ -1421,9 +1422,14 @@ def test_optimizer_state_round_trips_bitwise_and_old_checkpoints_still_load(tmp_
             assert sorted(got["state"][i]) == sorted(state)
             for key, value in state.items():
                 assert torch.equal(got["state"][i][key], value) and got["state"][i][key].dtype == value.dtype
-        fresh = torch.optim.AdamW(model.parameters(), lr=5.0)
+        fresh = te.adamw(model.parameters(), lr=5.0)  # the engine's: fused on this CPU
+        assert fresh.param_groups[0]["fused"] is True
         te._load_optimizer(ckpt, fresh)  # and the optimizer takes it: groups, moments and step
         assert fresh.param_groups[0]["lr"] == 1e-3 and int(fresh.state_dict()["state"][0]["step"]) == 2
+        assert fresh.param_groups[0]["fused"] is True  # not the saved one's implementation
+        model(torch.randn(3, 8)).pow(2).sum().backward()
+        fresh.step()
+        assert int(fresh.state_dict()["state"][0]["step"]) == 3
 
 
 def test_steps_already_logged_are_found_for_any_file_name(tmp_path):
