@@ -508,8 +508,8 @@ def make_room(root, cfg: dict, need: int, where: str = "root", *, disk_usage=Non
     if problem is None:
         return out
     p = Paths(root)
-    if not keep_spare and _same_disk(p.root, Path(_backup_dir(p.root, cfg)) if where == "backups"
-                                     else p.root):
+    target = Path(_backup_dir(p.root, cfg)) if where == "backups" else p.root
+    if not keep_spare and _same_disk(p.root, target):  # (the spare is on the root's disk)
         out["released_spare_bytes"] = release_spare(p.root)
         if out["released_spare_bytes"]:
             out["problem"] = check_write(root, cfg, need, where, disk_usage=disk_usage)
