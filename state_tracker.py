@@ -1141,8 +1141,8 @@ def report_rows(state: dict) -> list[tuple[str, str]]:
 def _spare_text(disk: dict) -> str:
     """The spare checkpoint in .staging/, when there is one: the disk it holds is no leak."""
     spare = disk.get("spare_checkpoint_bytes") or 0
-    return (f" (beyond the {_size(spare)} of a pruned checkpoint in .staging/ that the next "
-            "checkpoint writes over; given back when the disk runs short)") if spare else ""
+    return (f" (the next checkpoint writes over the {_size(spare)} pruned checkpoint kept in "
+            ".staging/, given back when the disk runs short)") if spare else ""
 
 
 def _budget_text(budget: dict) -> str:

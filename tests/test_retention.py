@@ -474,7 +474,7 @@ def test_the_spare_checkpoint_goes_back_before_any_version_is_pruned(root):
     assert state["spare_checkpoint_bytes"] == 4_000_000
     model = state["model_size_bytes"] * st.MODEL_SPACE_FACTOR
     assert state["needed_bytes"] == max(0, model - 4_000_000) + state["min_free_bytes"]
-    assert "of a pruned checkpoint in .staging/ that the next checkpoint writes over" in \
+    assert "the next checkpoint writes over the 3.8 MiB pruned checkpoint kept in .staging/" in \
         dict(st.report_rows(st.build_state(root)))["disk"]
 
     _set_config(root, retention={"versions": {"keep_last": 1}})
