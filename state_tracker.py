@@ -699,7 +699,9 @@ def _disk_section(root: Path, cfg: dict, model: dict, disk_usage, w: list,
     if not sec["enough"]:
         message = (f"{usage.free / 2**20:.0f} MiB free on the disk of {where}; the next snapshot "
                    f"and checkpoint need {needed / 2**20:.0f} MiB (model "
-                   f"{model['size_bytes'] / 2**20:.1f} MiB x {MODEL_SPACE_FACTOR} + min_free_disk_mb)")
+                   f"{model['size_bytes'] / 2**20:.1f} MiB x {MODEL_SPACE_FACTOR}"
+                   + (f" - {spare / 2**20:.1f} MiB of the pruned checkpoint it writes over in "
+                      ".staging/" if spare else "") + " + min_free_disk_mb)")
         freed, doomed = _prune_frees(root)
         if freed:
             _warn(w, "DISK_LOW", "critical",

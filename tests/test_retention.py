@@ -476,6 +476,9 @@ def test_the_spare_checkpoint_goes_back_before_any_version_is_pruned(root):
     assert state["needed_bytes"] == max(0, model - 4_000_000) + state["min_free_bytes"]
     assert "the next checkpoint writes over the 3.8 MiB pruned checkpoint kept in .staging/" in \
         dict(st.report_rows(st.build_state(root)))["disk"]
+    low = lambda path: shutil._ntuple_diskusage(10**12, 10**12, state["needed_bytes"] - 1)  # noqa: E731
+    warning, = [w for w in st.build_state(root, disk_usage=low)["warnings"] if w["code"] == "DISK_LOW"]
+    assert "- 3.8 MiB of the pruned checkpoint it writes over in .staging/" in warning["message"]
 
     _set_config(root, retention={"versions": {"keep_last": 1}})
     room = retention.make_room(root, training_config.load_config(root), need)
