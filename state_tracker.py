@@ -512,7 +512,8 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
                 "paused_since": state.get("paused_since"),
                 "paused_reason": state.get("paused_reason"),
                 "paused_for_s": None, "last_error": state.get("last_error"),
-                "file_attempts": None, "file_error": None}
+                "file_attempts": None, "file_error": None,
+                "memory_kept": _memory_kept(state) if alive and state.get("pid") == pid else None}
     gate_held = False  # the quality gate holds it: QUALITY_HOLD says what to do (_eval_section)
     if processing:  # a crashed try (a rank that died, an engine error) is in the file's record
         rec = _read(p.processing / f"{processing[0]}.record.json")
@@ -565,6 +566,15 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
               f"mv {_arg(root, '.daemon_state.json')} {_arg(root, '.daemon_state.json.corrupt')}",
               "Safe while no daemon runs: the daemon rewrites the file within a second of starting.")
     return daemon, training
+
+
+def _memory_kept(state: dict) -> dict | None:
+    """The daemon's `memory_kept` ({bytes, device, until}: the model and AdamW state it keeps
+    for a next file while idle, keep_warm_seconds), typed; None when there is none."""
+    kept = state.get("memory_kept")
+    if not isinstance(kept, dict) or not isinstance(kept.get("bytes"), int):
+        return None
+    return {"bytes": kept["bytes"], "device": _str(kept.get("device")), "until": _str(kept.get("until"))}
 
 
 def _file_warnings(root: Path, files, w: list) -> None:
@@ -1111,6 +1121,11 @@ def report_rows(state: dict) -> list[tuple[str, str]]:
         train += f", heartbeat {_age(t['heartbeat_age_s'])} ago"
     if t["stalled"]:
         train += " (STALLED)"
+    kept = t.get("memory_kept")
+    if kept:
+        until = (kept["until"] or "")[11:19]
+        train += (f", the model and AdamW state ({_size(kept['bytes'])}) kept in memory for a next "
+                  f"file{f' until {until} UTC' if until else ''} (keep_warm_seconds)")
     if t["file_error"] or t["last_error"]:
         train += f"; last error: {t['file_error'] or t['last_error']}"
     latest = b["latest"]

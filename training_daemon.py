@@ -290,6 +290,7 @@ class Daemon:
         self._refused_config: tuple | None = None
         self._recheck_at = 0.0  # a paused pre-flight (or engine refusal) is re-checked then
         self._spare_checked = 0.0  # idle: when the disk was last checked for the spare
+        self._idle_since: float | None = None  # when the queue last emptied (keep_warm_seconds)
         self._import_thread: threading.Thread | None = None
         self._waiting_for: str | None = None      # the lock holders a queued file waits for
         self._engine = None
@@ -309,7 +310,8 @@ class Daemon:
                "heartbeat": trainroot.utc_now(), "state": self.state,
                "paused_reason": self.paused_reason, "paused_since": self.paused_since,
                "current_file": self.current, "progress": self.progress,
-               "last_error": self.last_error, "file_warnings": self.warned_files, **self.identity,
+               "last_error": self.last_error, "file_warnings": self.warned_files,
+               "memory_kept": self._memory_kept(), **self.identity,
                "heartbeat_clock": round(trainroot.boot_clock(), 3)}
         try:
             # Atomic for readers; no fsync: a heartbeat is worthless after a power cut anyway.
@@ -636,6 +638,7 @@ class Daemon:
         restore, rollback, backup restore or engine CLI lands in between (docs/design.md,
         "The root"). While someone else holds them the file waits in the queue."""
         import training_config
+        self._idle_since = None  # a file to train: the window of keep_warm_seconds starts again after it
         nproc = int(training_config.load_config(self.p.root).get("nproc_per_node") or 1)
         held = contextlib.ExitStack()
         try:
@@ -1304,6 +1307,46 @@ class Daemon:
         except (GuardrailError, OSError) as exc:  # the file is done; retention tries again next
             self.log.warning("retention after the file failed: %s", exc)
 
+    def _memory_kept(self) -> dict | None:
+        """{bytes, device, until} of the model and AdamW state kept for a next file while the
+        daemon is idle (_warm_room), for the state tracker; None otherwise."""
+        held = self._engine.warm_held() if self._engine is not None else None
+        if held is None or self._idle_since is None:
+            return None
+        left = max(0.0, self._idle_since + self._keep_warm_s() - time.monotonic())
+        return {**held, "until": trainroot.utc_at(time.time() + left)}
+
+    def _keep_warm_s(self) -> float:
+        return float((getattr(self, "cfg", None) or {}).get("keep_warm_seconds") or 0)
+
+    def _warm_room(self) -> None:
+        """Idle or paused: the model and AdamW state the last file ended with, kept in memory
+        for a next file (training_engine.warm_held), go back once the queue has been empty for
+        keep_warm_seconds, at once when the daemon is paused, and sooner when less than 10% of
+        the machine's memory is available. A file dropped within the window trains without
+        loading them from disk (its done record's timings say model_from "memory")."""
+        held = self._engine.warm_held() if self._engine is not None else None
+        if held is None:
+            return
+        now = time.monotonic()
+        if self._idle_since is None:
+            self._idle_since = now
+        keep = self._keep_warm_s()
+        if self.state == "paused":
+            why = "the daemon is paused"
+        elif now - self._idle_since >= keep:
+            why = f"idle for {keep:g} s (keep_warm_seconds)"
+        else:
+            import psutil
+            memory = psutil.virtual_memory()
+            if memory.available >= memory.total / 10:
+                return
+            why = f"memory runs short ({memory.available / 2**20:.0f} MiB available)"
+        self._engine.release_warm()
+        self.log.info("gave back the model and AdamW state kept in %s memory for a next file "
+                      "(%.1f MB): %s; the next file loads them from disk", held["device"].upper()
+                      if held["device"] != "cpu" else "host", held["bytes"] / 1e6, why)
+
     def _spare_room(self) -> None:
         """Idle, every rescan_seconds: the spare checkpoint (a pruned one the next file's
         checkpoint writes over, retention.SPARE_PREFIX) goes back when the disk runs short:
@@ -1623,6 +1666,7 @@ class Daemon:
             if self.stop_request or self.stop_signal:
                 return
             if self.state == "paused":
+                self._warm_room()  # a pause may last days: the memory goes back now
                 if self.pause_kind in ("preflight", "engine") and \
                         time.monotonic() >= self._recheck_at:
                     self._recheck_at = time.monotonic() + self.cfg["rescan_seconds"]
@@ -1650,8 +1694,7 @@ class Daemon:
                 continue
             evaluated = True
             if not self.intake.waiting():
-                if self._engine is not None:  # idle: the model kept for a next file goes back
-                    self._engine.release_warm()
+                self._warm_room()
                 self._spare_room()
                 self._settle_done_index()
                 evaluated = self.complete_eval()

@@ -1517,6 +1517,8 @@ class _Warm(NamedTuple):
     model: object          # fp32 master weights, unwrapped
     optimizer: dict        # AdamW's state_dict (the checkpoint's optimizer.safetensors)
     scaler: dict | None
+    nbytes: int            # the memory the weights and AdamW's moments hold (warm_held)
+    device: str
 
 
 _WARM: list[_Warm] = []  # at most one
@@ -1563,9 +1565,15 @@ def _take_warm(root, file_id: str, config: dict) -> _Warm | None:
     return warm
 
 
+def warm_held() -> dict | None:
+    """{"bytes", "device"} of the model and AdamW state kept for the next file, or None."""
+    return {"bytes": _WARM[0].nbytes, "device": _WARM[0].device} if _WARM else None
+
+
 def release_warm() -> None:
-    """Let go of the model and AdamW state kept between files (the daemon does when idle, and
-    before an eval loads a model on a GPU): the next file loads from disk. The spare
+    """Let go of the model and AdamW state kept between files (the daemon does once it has
+    been idle keep_warm_seconds, or paused, and before an eval loads a model on a GPU): the
+    next file loads from disk. The spare
     checkpoint stays for it to write over (see _SPARE)."""
     if _WARM:
         _WARM.clear()
@@ -2447,10 +2455,13 @@ class FileRun:
             sig, model_sig = _meta_sig(self.ckpt_dir), _folder_sig(self.p.current_model)
         except OSError:
             return
+        model, optimizer = _unwrap(self.model), self.optimizer.state_dict()
+        tensors = [*model.parameters(), *model.buffers(), *(
+            v for moments in optimizer["state"].values() for v in moments.values() if torch.is_tensor(v))]
         _WARM.append(_Warm(Path(self.root).resolve(), self.ckpt_dir, sig, model_sig,
-                           _config_key(self.config),
-                           _unwrap(self.model), self.optimizer.state_dict(),
-                           self.scaler.state_dict() if self.scaler is not None else None))
+                           _config_key(self.config), model, optimizer,
+                           self.scaler.state_dict() if self.scaler is not None else None,
+                           sum(t.numel() * t.element_size() for t in tensors), self.device.type))
 
     def end_of_file(self) -> dict:
         """The end checkpoint, then current_model (a base that is not fp32: its weights

@@ -163,7 +163,12 @@ def paths(root: str | os.PathLike | None = None) -> Paths:
 
 def utc_now() -> str:
     """An ISO-8601 UTC timestamp with microseconds, e.g. 2026-11-28T17:20:01.123456Z."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc_at(time.time())
+
+
+def utc_at(seconds: float) -> str:
+    """`utc_now`'s format for a time in seconds since the epoch."""
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_time(text: str) -> float:

@@ -5,6 +5,7 @@
     .venv/bin/python bench/bench_filecost.py --work /var/tmp/fc --files 3
     .venv/bin/python bench/bench_filecost.py --daemon --files 3   # as users see it: the done records
     .venv/bin/python bench/bench_filecost.py --daemon --from-disk --files 4   # one `run --once` per file
+    .venv/bin/python bench/bench_filecost.py --daemon --idle 5 --files 4   # one at a time, 5 s apart
 
 For each size and base dtype: a Llama model built here (random weights, no download) and
 saved in that dtype, a root initialised from it (`init`), then `--files` one-step files, each
@@ -229,12 +230,14 @@ def run_case(work: Path, size: str, dtype_name: str, files: int, *, from_disk=Fa
 
 
 def run_daemon_case(work: Path, size: str, dtype_name: str, files: int, *,
-                    from_disk=False) -> list[dict]:
+                    from_disk=False, idle: float | None = None) -> list[dict]:
     """The same files through `training_daemon.py run --once` (a queue, as users run it; with
     `from_disk`, one run per file: each comes after an idle spell, into a new process that
-    loads the model and takes the spare checkpoint the run before it kept): per file the
-    done record's timings, the daemon's own figures: snapshot before, the engine's
-    load/checkpoint/publish, the version after."""
+    loads the model and takes the spare checkpoint the run before it kept; with `idle`, one
+    running daemon, each file dropped that many seconds after the one before is done: within
+    keep_warm_seconds it trains on the model kept in memory): per file the done record's
+    timings, the daemon's own figures: snapshot before, the engine's load/checkpoint/publish,
+    the version after."""
     import subprocess
     import retention
     import training_config
@@ -274,12 +277,29 @@ def run_daemon_case(work: Path, size: str, dtype_name: str, files: int, *,
         if proc.returncode:
             raise SystemExit(f"the daemon exited {proc.returncode}: {proc.stderr[-2000:]}")
     spare = {}
-    for i in range(files):
+    if idle is not None:  # one daemon; each file once the one before is done and `idle` s passed
+        daemon = subprocess.Popen([*wrap, sys.executable, str(REPO / "training_daemon.py"), "run",
+                                   "--no-monitor", "--root", str(root)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            for i in range(files):
+                spare[i] = retention.spare_bytes(root) > 0
+                drop(i)
+                while not (p.done / f"file{i}.jsonl.record.json").exists():
+                    if daemon.poll() is not None:
+                        raise SystemExit(f"the daemon exited {daemon.returncode}: "
+                                         f"{daemon.stderr.read()[-2000:]}")
+                    time.sleep(0.05)
+                time.sleep(idle if i < files - 1 else 0)
+        finally:
+            daemon.terminate()
+            daemon.wait(120)
+    for i in range(files if idle is None else 0):
         drop(i)
         if from_disk:
             spare[i] = retention.spare_bytes(root) > 0
             run()
-    if not from_disk:
+    if not from_disk and idle is None:
         run()
     import training_engine as te
     ckpt = te.list_checkpoints(root)[0][0]
@@ -317,6 +337,9 @@ def main(argv=None) -> int:
     ap.add_argument("--from-disk", action="store_true",
                     help="each file after an idle spell: it loads the model "
                          "(--daemon: one run --once per file)")
+    ap.add_argument("--idle", type=float, metavar="S",
+                    help="--daemon: one running daemon, each file dropped S seconds after the one "
+                         "before is done (the queue empty meanwhile)")
     ap.add_argument("--cases", nargs="+", metavar="SIZE:DTYPE",
                     help="only these cases, e.g. 1GB:bfloat16 (default: every size and dtype)")
     args = ap.parse_args(argv)
@@ -333,7 +356,7 @@ def main(argv=None) -> int:
                     continue
                 if args.daemon:
                     rows += run_daemon_case(work, size, dtype_name, args.files,
-                                            from_disk=args.from_disk)
+                                            from_disk=args.from_disk, idle=args.idle)
                 else:
                     rows += run_case(work, size, dtype_name, args.files, from_disk=args.from_disk)
                 if not args.work:  # one case on disk at a time (the 1 GB ones take ~8 GB each)

@@ -828,3 +828,84 @@ def test_the_idle_daemon_gives_the_spare_checkpoint_back_when_the_disk_runs_shor
         daemon._spare_room()
     assert not spare.parent.exists() and retention.spare_bytes(root) == 0
     assert "gave back the spare checkpoint (1.2 MB in" in caplog.text
+
+
+def test_the_idle_daemon_keeps_the_model_in_memory_for_keep_warm_seconds(initialized_root,
+                                                                         monkeypatch, caplog):
+    """keep_warm_seconds: after the queue empties, the last file's model and AdamW state stay
+    in memory, so the next file does not load them from disk; they go back once the window
+    has passed, sooner when less than 10% of memory is available, and at once on a pause,
+    each time saying so; the file after that loads from disk."""
+    import collections
+    import psutil
+    import training_engine
+    from trainroot import parse_time
+    root = initialized_root
+    tune(root, keep_warm_seconds=60)
+    caplog.set_level("INFO", logger="training_daemon")
+    daemon = _in_process_daemon(root)
+    real_memory = psutil.virtual_memory
+    memory = collections.namedtuple("svmem", "total available")
+    total = 10 << 30
+
+    def train(name: str) -> str:
+        daemon.process(_queue(root, name, 3, name[0]))
+        return record(root / "done" / name)["timings"]["model_from"]
+
+    assert train("a.jsonl") == "disk"
+    held = training_engine.warm_held()
+    params = sum(p.numel() for p in training_engine._WARM[0].model.parameters())
+    assert held["device"] == "cpu" and held["bytes"] >= 12 * params  # fp32 weights, two moments
+    daemon._warm_room()  # idle from now: within the window, with memory to spare, it stays
+    kept = daemon._memory_kept()
+    assert kept["bytes"] == held["bytes"] and kept["device"] == "cpu"
+    assert 55 < parse_time(kept["until"]) - time.time() <= 60
+    assert train("b.jsonl") == "memory"  # as if it had been queued behind a
+
+    daemon._warm_room()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(total, 1 << 30))
+    daemon._warm_room()
+    assert training_engine.warm_held() is not None  # 10% available: kept
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(total, (1 << 30) - 1))
+    daemon._warm_room()
+    assert training_engine.warm_held() is None and daemon._memory_kept() is None
+    assert "memory runs short (1024 MiB available)" in caplog.text and "next file loads them from disk" in caplog.text
+    monkeypatch.setattr(psutil, "virtual_memory", real_memory)
+    assert train("c.jsonl") == "disk"
+
+    daemon._warm_room()
+    daemon._idle_since -= 59
+    daemon._warm_room()
+    assert training_engine.warm_held() is not None
+    daemon._idle_since -= 1
+    daemon._warm_room()
+    assert training_engine.warm_held() is None and "idle for 60 s (keep_warm_seconds)" in caplog.text
+    assert train("d.jsonl") == "disk"
+
+    daemon.set_state("paused", "look at the loss", "request")
+    daemon._warm_room()
+    assert training_engine.warm_held() is None and "the daemon is paused" in caplog.text
+
+
+def test_the_state_tracker_says_what_the_idle_daemon_keeps_in_memory(initialized_root, daemons):
+    """A running daemon, idle after a file: the state tracker shows the model and AdamW state
+    it keeps (training.memory_kept, in the schema) and the report says until when; a file
+    dropped then trains on them; a pause gives them back at once."""
+    root = initialized_root
+    tune(root, keep_warm_seconds=600)
+    d = daemons(root)
+    d.wait_ready()
+    for name in ("a.jsonl", "b.jsonl"):
+        write_data(root / "inbox" / name, 3, name[0])
+        wait_for(lambda: (root / "done" / f"{name}.record.json").exists(), 60, name, d.proc)
+        kept = wait_for(lambda: d.state().get("memory_kept"), 10, "memory_kept", d.proc)
+    assert record(root / "done" / "b.jsonl")["timings"]["model_from"] == "memory"
+    doc = json.loads(run_script("state_tracker.py", "--json", root=root, check=True).stdout)
+    assert doc["training"]["memory_kept"] == kept and kept["device"] == "cpu" and kept["bytes"] > 0
+    text = run_script("state_tracker.py", "--check", root=root, check=True).stdout
+    assert f"kept in memory for a next file until {kept['until'][11:19]} UTC" in text, text
+    assert run_script("training_controller.py", "pause", root=root).returncode == 0
+    wait_for(lambda: d.state().get("state") == "paused" and d.state().get("memory_kept") is None,
+             30, "the pause to give the memory back", d.proc)
+    assert "the daemon is paused; the next file loads them from disk" in d.output()
+    assert d.stop() == 0
