@@ -572,7 +572,7 @@ def _memory_kept(state: dict) -> dict | None:
     """The daemon's `memory_kept` ({bytes, device, until}: the model and AdamW state it keeps
     for a next file while idle, keep_warm_seconds), typed; None when there is none."""
     kept = state.get("memory_kept")
-    if not isinstance(kept, dict) or not isinstance(kept.get("bytes"), int):
+    if not isinstance(kept, dict) or _int(kept.get("bytes")) is None:
         return None
     return {"bytes": kept["bytes"], "device": _str(kept.get("device")), "until": _str(kept.get("until"))}
 

@@ -151,8 +151,9 @@ PARAMS: dict[str, Param] = {
     "rescan_seconds": Param(5.0, "float", "inbox rescans catch what inotify missed", 0.1, 3600.0),
     "keep_warm_seconds": Param(120.0, "float", "after the queue empties, the model and AdamW state "
                                "stay in memory this long, so a file dropped meanwhile trains without "
-                               "loading them from disk; given back sooner when the daemon pauses or "
-                               "less than 10% of memory is available; 0: as soon as it is idle",
+                               "loading them from disk; given back sooner when the daemon pauses, "
+                               "config.json changes or less than 10% of the memory holding them "
+                               "is free; 0: as soon as it is idle",
                                0.0, 86400.0),
     "max_attempts": Param(3, "int", "a file that crashes training this often goes to failed/",
                           1, 1000),

@@ -112,6 +112,61 @@ def _version_id(v) -> str | None:
     return v.get("id") if isinstance(v, dict) else str(v)
 
 
+def _memory_short(device: str) -> str | None:
+    """Why the model kept for a next file should go back for want of memory, or None: less
+    than 10% of the GPU's memory free (other programs took it), or of the machine's (psutil's
+    available, within this process's cgroup memory limit where it has one: in a container
+    psutil sees the host's). Where it cannot be read: that reason (it goes back)."""
+    try:
+        if device == "cuda":
+            import torch
+            free, total = torch.cuda.mem_get_info()
+            what = "GPU memory"
+        else:
+            import psutil
+            memory = psutil.virtual_memory()
+            free, total, what = memory.available, memory.total, "memory"
+            limit = _cgroup_memory()
+            if limit is not None:
+                total, free = min(total, limit[0]), min(free, max(0, limit[0] - limit[1]))
+    except Exception as exc:  # noqa: BLE001 (psutil, /proc, the driver: never the daemon's end)
+        return f"the free memory could not be read ({exc.__class__.__name__}: {exc})"
+    if free >= total / 10:
+        return None
+    return f"{what} runs short ({free / 2**20:.0f} of {total / 2**20:.0f} MiB free)"
+
+
+def _cgroup_memory(proc: Path = Path("/proc/self/cgroup"),
+                   sysfs: Path = Path("/sys/fs/cgroup")) -> tuple[int, int] | None:
+    """(limit, used) bytes of this process's memory cgroup (v2, or v1's memory controller;
+    found through /proc/self/cgroup), used less the page cache the kernel can reclaim
+    (inactive_file); None without a limit or a cgroup to read."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if not controllers:  # v2
+            base, names = sysfs / path.lstrip("/"), (
+                "memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            base, names = sysfs / "memory" / path.lstrip("/"), (
+                "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        try:
+            limit = (base / names[0]).read_text().strip()
+            if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as ~2**63
+                return None
+            stat = dict(x.split() for x in (base / "memory.stat").read_text().splitlines())
+            used = int((base / names[1]).read_text()) - int(stat.get(names[2], 0))
+            return int(limit), max(0, used)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def _file_id(name: str, rec: dict) -> str:
     """The engine's checkpoint id for one queued file: readable (metrics.jsonl shows it as
     `file`), and unique per arrival so a re-trained name or content never resumes an old
@@ -291,6 +346,8 @@ class Daemon:
         self._recheck_at = 0.0  # a paused pre-flight (or engine refusal) is re-checked then
         self._spare_checked = 0.0  # idle: when the disk was last checked for the spare
         self._idle_since: float | None = None  # when the queue last emptied (keep_warm_seconds)
+        self._keep_warm: float | None = None    # keep_warm_seconds as of the last file
+        self._warm_config: tuple | None = None  # config.json's signature as of the last file
         self._import_thread: threading.Thread | None = None
         self._waiting_for: str | None = None      # the lock holders a queued file waits for
         self._engine = None
@@ -638,7 +695,6 @@ class Daemon:
         restore, rollback, backup restore or engine CLI lands in between (docs/design.md,
         "The root"). While someone else holds them the file waits in the queue."""
         import training_config
-        self._idle_since = None  # a file to train: the window of keep_warm_seconds starts again after it
         nproc = int(training_config.load_config(self.p.root).get("nproc_per_node") or 1)
         held = contextlib.ExitStack()
         try:
@@ -657,8 +713,10 @@ class Daemon:
             if busy != self._waiting_for:  # once per holder, not every tick
                 self._waiting_for = busy
                 self.log.info("%s waits: %s", data.name, busy or "a lock was busy")
+            self._warm_room()  # (a restore or an eval holds them: the window still runs)
             return
         self._waiting_for = None
+        self._idle_since = None  # a file trains: the window of keep_warm_seconds starts after it
         with held:
             self._process(data)
             self.maintain_metrics()
@@ -685,7 +743,9 @@ class Daemon:
         """Pre-flight, snapshot, train, and move the file to done/ (or skipped/, failed/)."""
         import model_versioner
         import training_config
+        self._warm_config = trainroot.file_signature(self.p.config)  # (before: a change between goes too)
         cfg = training_config.load_config(self.p.root)
+        self._keep_warm = float(cfg.get("keep_warm_seconds") or 0)
         held = training_queue.read_record(data) if data.parent == self.p.processing else {}
         hold = held.get("hold")
         if hold:  # a spike or a failed save paused this file before a restart: still paused
@@ -751,6 +811,8 @@ class Daemon:
                           tokens_seen_before=state.get("tokens_seen"))
         nproc = int(cfg.get("nproc_per_node") or 1)
         engine = self.engine() if nproc == 1 else None  # under torchrun each rank imports it
+        if engine is None and self._engine is not None:
+            self._engine.release_warm()  # the ranks take the GPUs (and the memory) it held
         # One write: the snapshot taken and "training started" (a crash from here counts).
         rec = training_queue.update_record(data, **update)
         self.set_state("training")
@@ -1235,6 +1297,8 @@ class Daemon:
             self._gave_way = "stop"
         elif self.wake.is_set():
             self._gave_way = "wake"
+        elif self._warm_expired():  # the next tick gives the kept model back, then it goes on
+            self._gave_way = "memory"
         else:
             try:
                 if not any(n.endswith(".request.json") for n in os.listdir(self.p.control)):
@@ -1317,14 +1381,29 @@ class Daemon:
         return {**held, "until": trainroot.utc_at(time.time() + left)}
 
     def _keep_warm_s(self) -> float:
+        """keep_warm_seconds as of the last file (config.json as it was then); 0 under --once,
+        which exits as soon as the queue is empty."""
+        if self.once:
+            return 0.0
+        if self._keep_warm is not None:
+            return self._keep_warm
         return float((getattr(self, "cfg", None) or {}).get("keep_warm_seconds") or 0)
 
+    def _warm_expired(self) -> bool:
+        """The kept model's window is over (complete_eval then gives way for _warm_room)."""
+        return (self._idle_since is not None and self._engine is not None
+                and self._engine.warm_held() is not None
+                and time.monotonic() - self._idle_since >= self._keep_warm_s())
+
     def _warm_room(self) -> None:
-        """Idle or paused: the model and AdamW state the last file ended with, kept in memory
-        for a next file (training_engine.warm_held), go back once the queue has been empty for
-        keep_warm_seconds, at once when the daemon is paused, and sooner when less than 10% of
-        the machine's memory is available. A file dropped within the window trains without
-        loading them from disk (its done record's timings say model_from "memory")."""
+        """Idle, paused or waiting for a lock: the model and AdamW state the last file ended
+        with, kept in memory for a next file (training_engine.warm_held), go back once the
+        queue has been empty for keep_warm_seconds; at once when the daemon is paused or
+        config.json changed (the next file could not take them: _take_warm compares the whole
+        config; so setting keep_warm_seconds to 0 frees them at the next tick); and sooner when
+        less than 10% of the memory they are in is free (_memory_short). A file dropped within
+        the window trains without loading them from disk (its done record's timings say
+        model_from "memory")."""
         held = self._engine.warm_held() if self._engine is not None else None
         if held is None:
             return
@@ -1334,14 +1413,14 @@ class Daemon:
         keep = self._keep_warm_s()
         if self.state == "paused":
             why = "the daemon is paused"
+        elif self._warm_config is not None and trainroot.file_signature(self.p.config) != self._warm_config:
+            why = "config.json changed"
         elif now - self._idle_since >= keep:
             why = f"idle for {keep:g} s (keep_warm_seconds)"
         else:
-            import psutil
-            memory = psutil.virtual_memory()
-            if memory.available >= memory.total / 10:
+            why = _memory_short(held["device"])
+            if why is None:
                 return
-            why = f"memory runs short ({memory.available / 2**20:.0f} MiB available)"
         self._engine.release_warm()
         self.log.info("gave back the model and AdamW state kept in %s memory for a next file "
                       "(%.1f MB): %s; the next file loads them from disk", held["device"].upper()
@@ -1693,8 +1772,8 @@ class Daemon:
                     self.set_state("paused", f"{exc.error}", exc.kind)
                 continue
             evaluated = True
+            self._warm_room()  # (also while a file settles in the inbox: it may never)
             if not self.intake.waiting():
-                self._warm_room()
                 self._spare_room()
                 self._settle_done_index()
                 evaluated = self.complete_eval()

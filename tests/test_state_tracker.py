@@ -726,3 +726,23 @@ def test_the_locks_held_while_one_file_trains_for_hours_are_not_stale(root):
     finally:
         for lock in held:
             lock.release()
+
+
+def test_the_memory_a_live_idle_daemon_keeps_is_reported_and_typed(root):
+    """`memory_kept` from the daemon (keep_warm_seconds) reaches training.memory_kept only for
+    the live daemon that wrote it, typed (a hand-edited `true` is not a byte count), in the
+    schema; the report says until when."""
+    kept = {"bytes": 3 << 30, "device": "cuda", "until": "2026-12-05T03:04:05.000000Z"}
+    write_daemon_state(root, pid=dead_pid(), memory_kept=kept)
+    assert state(root)["training"]["memory_kept"] is None  # no daemon: nothing is kept
+    with Holder(root, "daemon") as daemon:
+        write_daemon_state(root, pid=daemon.pid, memory_kept=kept)
+        assert state(root)["training"]["memory_kept"] == kept
+        out = run_script("state_tracker.py", "--check", root=root).stdout
+        assert ("the model and AdamW state (3.0 GiB) kept in memory for a next file until "
+                "03:04:05 UTC (keep_warm_seconds)") in out, out
+        for bad in ({**kept, "bytes": True}, {**kept, "bytes": "3"}, [kept], "3 GB"):
+            write_daemon_state(root, pid=daemon.pid, memory_kept=bad)
+            assert state(root)["training"]["memory_kept"] is None
+        write_daemon_state(root, pid=daemon.pid, memory_kept={"bytes": 5, "device": 7, "until": None})
+        assert state(root)["training"]["memory_kept"] == {"bytes": 5, "device": None, "until": None}

@@ -834,16 +834,20 @@ def test_the_idle_daemon_keeps_the_model_in_memory_for_keep_warm_seconds(initial
                                                                          monkeypatch, caplog):
     """keep_warm_seconds: after the queue empties, the last file's model and AdamW state stay
     in memory, so the next file does not load them from disk; they go back once the window
-    has passed, sooner when less than 10% of memory is available, and at once on a pause,
-    each time saying so; the file after that loads from disk."""
+    has passed (an idle eval gives way for that), sooner when less than 10% of memory is
+    free, and at once on a pause or a config change, each time saying so; the file after
+    that loads from disk. A file waiting for a lock does not hold them past the window."""
     import collections
     import psutil
     import training_engine
+    import trainroot
     from trainroot import parse_time
     root = initialized_root
     tune(root, keep_warm_seconds=60)
     caplog.set_level("INFO", logger="training_daemon")
     daemon = _in_process_daemon(root)
+    assert daemon._keep_warm_s() == 0  # `run --once` exits once the queue is empty: no window
+    daemon.once = False  # as `run` (this test calls the loop's steps itself)
     real_memory = psutil.virtual_memory
     memory = collections.namedtuple("svmem", "total available")
     total = 10 << 30
@@ -869,22 +873,71 @@ def test_the_idle_daemon_keeps_the_model_in_memory_for_keep_warm_seconds(initial
     monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(total, (1 << 30) - 1))
     daemon._warm_room()
     assert training_engine.warm_held() is None and daemon._memory_kept() is None
-    assert "memory runs short (1024 MiB available)" in caplog.text and "next file loads them from disk" in caplog.text
+    assert "memory runs short (1024 of 10240 MiB free)" in caplog.text and "next file loads them from disk" in caplog.text
     monkeypatch.setattr(psutil, "virtual_memory", real_memory)
     assert train("c.jsonl") == "disk"
 
     daemon._warm_room()
     daemon._idle_since -= 59
     daemon._warm_room()
-    assert training_engine.warm_held() is not None
+    assert training_engine.warm_held() is not None and not daemon._idle_interrupted()
     daemon._idle_since -= 1
+    assert daemon._idle_interrupted() and daemon._gave_way == "memory"  # an idle eval gives way
     daemon._warm_room()
     assert training_engine.warm_held() is None and "idle for 60 s (keep_warm_seconds)" in caplog.text
     assert train("d.jsonl") == "disk"
 
+    # a file that waits for a lock (a restore holds it) does not hold the memory past the window
+    waiting = _queue(root, "e.jsonl", 3, "e")
+    held_lock, let_go = threading.Event(), threading.Event()
+
+    def restore():  # another thread: the daemon's own thread would re-enter the lock
+        with trainroot.model_lock(root, "a restore", timeout=1):
+            held_lock.set()
+            let_go.wait(30)
+    other = threading.Thread(target=restore)
+    other.start()
+    assert held_lock.wait(30)
+    daemon.process(waiting)
+    assert training_engine.warm_held() is not None and waiting.exists()
+    daemon._idle_since -= 60
+    daemon.process(waiting)
+    assert training_engine.warm_held() is None and waiting.exists()
+    let_go.set()
+    other.join()
+    daemon.process(waiting)
+    assert record(root / "done" / "e.jsonl")["timings"]["model_from"] == "disk"
+
+    set_config(root, keep_warm_seconds=0)  # config.json changed: the next tick frees them
+    daemon._warm_room()
+    assert training_engine.warm_held() is None and "config.json changed" in caplog.text
+    assert train("f.jsonl") == "disk"
+
     daemon.set_state("paused", "look at the loss", "request")
     daemon._warm_room()
     assert training_engine.warm_held() is None and "the daemon is paused" in caplog.text
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_the_memory_check_reads_the_cgroup_limit_a_container_sets(tmp_path, version):
+    """In a container psutil sees the host's memory: the check reads the cgroup's limit and
+    use (less the page cache the kernel can reclaim), found through /proc/self/cgroup."""
+    proc = tmp_path / "cgroup"
+    if version == "v2":
+        proc.write_text("0::/box\n")
+        base, names = tmp_path / "box", ("memory.max", "memory.current", "inactive_file")
+    else:
+        proc.write_text("5:devices:/\n4:memory:/box\n0::/\n")
+        base, names = tmp_path / "memory" / "box", (
+            "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+    base.mkdir(parents=True)
+    (base / names[0]).write_text(f"{8 << 30}\n")
+    (base / names[1]).write_text(f"{7 << 30}\n")
+    (base / "memory.stat").write_text(f"anon 123\n{names[2]} {2 << 30}\n")
+    assert training_daemon._cgroup_memory(proc, tmp_path) == (8 << 30, 5 << 30)
+    (base / names[0]).write_text("max\n" if version == "v2" else "9223372036854771712\n")
+    assert training_daemon._cgroup_memory(proc, tmp_path) is None  # no limit
+    assert training_daemon._cgroup_memory(tmp_path / "missing", tmp_path) is None
 
 
 def test_the_state_tracker_says_what_the_idle_daemon_keeps_in_memory(initialized_root, daemons):
