@@ -278,9 +278,11 @@ def run_daemon_case(work: Path, size: str, dtype_name: str, files: int, *,
             raise SystemExit(f"the daemon exited {proc.returncode}: {proc.stderr[-2000:]}")
     spare = {}
     if idle is not None:  # one daemon; each file once the one before is done and `idle` s passed
-        daemon = subprocess.Popen([*wrap, sys.executable, str(REPO / "training_daemon.py"), "run",
-                                   "--no-monitor", "--root", str(root)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        out = case / "daemon.out"  # (a file, not a pipe nobody reads while it runs)
+        with open(out, "w") as log:
+            daemon = subprocess.Popen([*wrap, sys.executable, str(REPO / "training_daemon.py"), "run",
+                                       "--no-monitor", "--root", str(root)],
+                                      stdout=log, stderr=subprocess.STDOUT)
         try:
             for i in range(files):
                 spare[i] = retention.spare_bytes(root) > 0
@@ -288,7 +290,7 @@ def run_daemon_case(work: Path, size: str, dtype_name: str, files: int, *,
                 while not (p.done / f"file{i}.jsonl.record.json").exists():
                     if daemon.poll() is not None:
                         raise SystemExit(f"the daemon exited {daemon.returncode}: "
-                                         f"{daemon.stderr.read()[-2000:]}")
+                                         f"{out.read_text()[-2000:]}")
                     time.sleep(0.05)
                 time.sleep(idle if i < files - 1 else 0)
         finally:
