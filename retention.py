@@ -462,8 +462,13 @@ def spare_bytes(root) -> int:
     """Bytes the root's next checkpoint writes over instead of taking from the free space:
     the newest-named pruned checkpoint's, the one an engine starting takes as its spare
     (the others are being deleted)."""
+    return files_size(spare_files(spare_folders(root)[:1]))
+
+
+def files_size(files) -> int:
+    """The sizes of these files added up (one gone meanwhile counts 0)."""
     total = 0
-    for f in spare_files(spare_folders(root)[:1]):
+    for f in files:
         try:
             total += f.stat().st_size
         except OSError:

@@ -1337,11 +1337,7 @@ def _spare_files() -> list[Path]:
 
 def spare_bytes() -> int:
     """Bytes the next checkpoint will write over instead of taking from the free space."""
-    total = 0
-    for f in _spare_files():
-        with contextlib.suppress(OSError):
-            total += f.stat().st_size
-    return total
+    return retention.files_size(_spare_files())
 
 
 def _reuse_spare(stage: Path) -> None:
@@ -1573,8 +1569,7 @@ def warm_held() -> dict | None:
 def release_warm() -> None:
     """Let go of the model and AdamW state kept between files (the daemon does once it has
     been idle keep_warm_seconds, or paused, and before an eval loads a model on a GPU): the
-    next file loads from disk. The spare
-    checkpoint stays for it to write over (see _SPARE)."""
+    next file loads from disk. The spare checkpoint stays for it to write over (_SPARE)."""
     if _WARM:
         _WARM.clear()
         import gc
