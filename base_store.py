@@ -171,8 +171,8 @@ def read_base(root, base_id: str) -> dict:
     if not isinstance(doc, dict):
         raise GuardrailError(f"base {base_id} is missing (no {BASE_FILE})", folder,
                              "Bring it back from a backup that holds it with "
-                             f"`python3 backup_manager.py restore ID`, or list them with "
-                             f"`python3 backup_manager.py list`.")
+                             "`python3 backup_manager.py restore ID`, or list them with "
+                             "`python3 backup_manager.py list`.")
     return doc
 
 

@@ -35,7 +35,7 @@ import base_store
 import cli_guard
 import versions_index
 from training_controller import refuse_while_training  # the daemon's liveness, one definition
-from model_manifest import (MANIFEST, READ_ONLY, VERSION_FILE, check_model_dir, has_weights,
+from model_manifest import (MANIFEST, READ_ONLY, VERSION_FILE, check_model_dir,
                             read_manifest, verify_files, walk, write_manifest)
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
                        atomic_write_json, exchange_paths, fsync_dir, fsync_paths, model_lock,

@@ -191,7 +191,7 @@ def bench_stream_memory(work: Path, model_dir: Path, args) -> dict:
     stream = te.PackedStream(path, te.Encoder(tok), 256, tok.pad_token_id)
     samples, next_mark, rows = [], 0.1, 0
     t0 = time.perf_counter()
-    while (row := stream.next_row()) is not None:
+    while stream.next_row() is not None:
         rows += 1
         if rows % 2048 == 0 and stream.next_offset >= next_mark * size:
             samples.append((round(next_mark, 1), rss_mb()))

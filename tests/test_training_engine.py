@@ -460,7 +460,7 @@ def test_checkpoints_are_written_over_the_spare_byte_for_byte_and_never_over_a_l
         nonlocal cfg
         root, cfg = make_root(tmp_path / name, tiny_model_dir, checkpoint_every_steps=0,
                               keep_checkpoints=1)
-        p, files = Paths(root), []
+        files = []
         for i in range(3):
             if not use_spare:
                 te.release_spare()
