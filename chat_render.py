@@ -66,11 +66,16 @@ JQ_MERGE_SYSTEM = ('if .messages[0].role == "system" and .messages[1].role == "u
                    '.messages[1].content)}] + .messages[2:] else . end')
 
 
-def merge_system_command(path) -> str:
-    """The shell command writing a copy of `path` with each system turn merged into the user's."""
+def merge_system_command(path, out_dir=None) -> str:
+    """The shell command writing a copy of `path` with each system turn merged into the
+    user's, into `out_dir` (a root's inbox/, where the daemon takes it) or beside it."""
     path = Path(path)
-    out = path.with_name(path.stem + "-merged" + path.suffix)
+    out = Path(out_dir or path.parent) / (path.stem + "-merged" + path.suffix)
     return f"jq -c {shlex.quote(JQ_MERGE_SYSTEM)} {shlex.quote(str(path))} > {shlex.quote(str(out))}"
+
+
+_PLAIN_CHOICE = (', or to "plain" to train in the plain <|system|>/<|user|>/<|assistant|> '
+                 'format on purpose,')
 
 
 class ChatRenderError(GuardrailError):
@@ -187,6 +192,10 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         self.setting = setting
         self.template = resolve_template(tokenizer, setting, root)
+        own = getattr(tokenizer, "chat_template", None)
+        self.named_only = sorted(own) if setting is None and isinstance(own, dict) and \
+            not own.get("default") else None  # templates to choose from, and none by default
+        self.inbox = Path(root) / "inbox" if root is not None else None  # where fixes write
         self.mode = TEMPLATE if self.template else PLAIN
         self.date = date or datetime.date.today()
         self._date_kwargs = {"date_string": self.date.strftime(DATE_STRING_FORMAT)}
@@ -196,6 +205,9 @@ class ChatRenderer:
             self.template = _PINNED_NOW + self.template
 
     def describe(self) -> str:
+        if self.named_only:
+            return (f"no template: the model has named chat templates ({', '.join(self.named_only)}) "
+                    "and no default one")
         if self.mode == PLAIN:
             return ("the plain rendering (config.json chat_template \"plain\")" if self.setting == PLAIN
                     else "the plain rendering (the model has no chat template)")
@@ -210,13 +222,13 @@ class ChatRenderer:
     def _refuse(self, line, why: str, where, *, system: bool = False) -> ChatRenderError:
         at = f"line {line}: " if line is not None else ""
         fix = ("Set `chat_template` in config.json to another template (a named template of "
-               "the model or a .jinja file), or to \"plain\" to train in the plain "
-               "<|system|>/<|user|>/<|assistant|> format on purpose, and queue the file "
-               "again.")
+               "the model or a .jinja file)" + _PLAIN_CHOICE + " and queue the file again.")
         if system and where:
             fix = (f"This template has no system role: merge each system turn into the first "
-                   f"user turn with `{merge_system_command(where)}` and drop the merged file "
-                   "into inbox/; or " + fix[0].lower() + fix[1:])
+                   f"user turn with `{merge_system_command(where, self.inbox)}`"
+                   + (" (it writes the merged file into the inbox, where the daemon takes it)"
+                      if self.inbox else " and drop the merged file into inbox/")
+                   + "; or " + fix[0].lower() + fix[1:])
         return ChatRenderError(f"{at}the chat template ({self.describe()}) cannot render this "
                                f"record: {why}", where, fix, line=line)
 
@@ -230,6 +242,15 @@ class ChatRenderer:
         `ends_with_marker` is False only when the template puts nothing after the last
         assistant turn (the caller then appends EOS so the model still learns to stop).
         """
+        try:
+            return self._pieces(messages, tools, line, where)
+        except ChatRenderError as err:
+            if tools or any(is_tool_call(m) or m.get("role") == "tool" for m in messages
+                            if isinstance(m, dict)):  # the plain rendering refuses tool turns too
+                err.fix = err.fix.replace(_PLAIN_CHOICE, " or train files without tool turns,")
+            raise
+
+    def _pieces(self, messages, tools, line, where) -> tuple[list[tuple[str, bool]], bool]:
         messages = template_messages(messages)
         has_system = any(isinstance(m, dict) and m.get("role") == "system" for m in messages)
         try:
@@ -242,13 +263,7 @@ class ChatRenderer:
         except Exception as exc:  # jinja raises what the template author chose (roles etc.)
             raise self._refuse(line, f"{exc.__class__.__name__}: {exc}", where,
                                system=has_system) from None
-        for k, msg in enumerate(messages):  # a template may drop a turn (Mistral: the system
-            text = msg.get("content")         # text when the conversation ends with an answer)
-            if msg.get("role") != "assistant" and isinstance(text, str) and text.strip() \
-                    and text.strip() not in full and json.dumps(text) not in full:
-                raise self._refuse(line, f"the {msg.get('role')} turn {k + 1} is not in the "
-                                   "rendered text (the template drops it)", where,
-                                   system=msg.get("role") == "system")
+        self._check_no_turn_dropped(messages, tools, full, line, where)
         spans: list[tuple[int, int, bool]] = []
         ends_with_marker = True
         for k, msg in enumerate(messages):
@@ -268,6 +283,42 @@ class ChatRenderer:
         if pos < len(full):
             out.append((full[pos:], False))
         return out, ends_with_marker
+
+    def _check_no_turn_dropped(self, messages, tools, full: str, line, where) -> None:
+        """Refuses a record whose rendering leaves out a system, user or tool turn (Mistral's
+        templates drop the system text unless the conversation ends on a user turn). A turn
+        whose text is found once, and nowhere else in the record, is rendered; one whose text
+        also stands elsewhere (a user turn repeating the system prompt) is looked for as a
+        marker put in its place, in one more rendering."""
+        def dropped(k):
+            role = messages[k].get("role")
+            return self._refuse(line, f"the {role} turn {k + 1} is not in the rendered text (the "
+                                "template drops it)", where, system=role == "system")
+        unsure = []
+        for k, msg in enumerate(messages):
+            text = msg.get("content")
+            if msg.get("role") == "assistant" or not isinstance(text, str) or not text.strip():
+                continue
+            t = text.strip()
+            if t not in full and json.dumps(text) not in full:
+                raise dropped(k)
+            if full.count(t) > 1 or t in json.dumps(tools or "", ensure_ascii=False) or any(
+                    t in json.dumps(m, ensure_ascii=False) for j, m in enumerate(messages) if j != k):
+                unsure.append(k)
+        if not unsure:
+            return
+        used = full + "".join(json.dumps(m, ensure_ascii=False) for m in messages)
+        s = next((c for c in SENTINELS if c not in used), None)
+        if s is None:
+            raise self._refuse(line, "the record contains every private-use marker character", where)
+        probe = [dict(m, content=f"{s}{k}{s}") if k in unsure else m for k, m in enumerate(messages)]
+        try:
+            rendered = self.render(probe, tools=tools)
+        except Exception as exc:
+            raise self._refuse(line, f"{exc.__class__.__name__}: {exc}", where) from None
+        for k in unsure:
+            if f"{s}{k}{s}" not in rendered:
+                raise dropped(k)
 
     def _locate(self, full: str, messages, tools, k: int, not_before: int, line, where):
         msg = messages[k]

@@ -162,7 +162,8 @@ class InboxIntake:
       stopping()        True once a stop is claimed or signalled: a pass ends there
       on_queued(rec)    a file was queued (the daemon may start loading torch meanwhile, and
                         test-renders its first records with the model's chat template)
-      on_failed(msg)    intake of one file failed; it stays claimed (the daemon's last_error)
+      on_failed(msg)    intake of one file failed (the daemon's last_error): it stays claimed
+                        after a disk error, else goes to failed/ (training_queue.fail_intake)
     The daemon calls `start_watching`, `recover_incoming`, `scan_inbox`, `take`,
     `between_steps`, `waiting` and `stop_watching`. Its own state: the candidates (inbox
     path -> first seen), the watcher's hints, the warnings already given, and its timers.
@@ -388,7 +389,13 @@ class InboxIntake:
                 source="inbox", done=self.done, name=name, batch=batch,
                 not_regular=special and special[0], fix=special and special[1],
                 examined=examined)
-        except Exception as exc:  # never lose it: whatever broke, the file stays claimed
+        except Exception as exc:  # never lose it: whatever broke, the file is kept
+            if not isinstance(exc, OSError):  # not the disk: it would crash at every start
+                with contextlib.suppress(OSError):
+                    dst = training_queue.fail_intake(self.p.root, claimed, name, priority, exc)
+                    self.log.exception("intake of %s crashed; it is kept in %s", name, dst)
+                    self.on_failed(f"intake of {name} crashed ({exc}); it is in failed/")
+                    return
             self.log.exception("intake of %s failed; it stays in %s", name, claimed.parent)
             self.on_failed(f"intake of {name} failed: {exc}")
             return

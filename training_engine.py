@@ -383,8 +383,17 @@ class Encoder:
                                     where=where or self.where)
 
     def _plain_refusal(self, record, where=None):
-        """The error for a record with tool calls when there is no template to render them."""
+        """The error for a chat record when no template is chosen among the model's named
+        ones, or with tool calls when there is no template to render them."""
         import chat_render
+        if record.messages is not None and self.renderer.named_only:
+            names = self.renderer.named_only
+            return chat_render.ChatRenderError(
+                f"line {record.line}: chat records need a chat template, and the model has "
+                f"named ones ({', '.join(names)}) with none marked default", where or self.where,
+                f"Set `chat_template` in config.json to the one to train with (e.g. "
+                f"\"{names[0]}\"), or to \"plain\" to train in the plain format on purpose, then "
+                "queue the file again.", line=record.line)
         if record.messages is None or not (record.tools or any(
                 m.get("role") == "tool" or chat_render.is_tool_call(m) for m in record.messages)):
             return None

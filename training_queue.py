@@ -459,6 +459,20 @@ def fix_for(p: Paths, reason_kind: str, dst: Path, fix: str | None = None,
     return f"`{_requeue_cmd(p.root, dst, '--force')}` queues it anyway."
 
 
+def fail_intake(root, claimed, name: str, priority: str, exc: BaseException) -> Path:
+    """A claimed inbox file whose intake crashed (not a disk error, which a later start
+    retries) -> failed/ with the reason, where status and the state tracker show it: left
+    claimed, it would crash again at every start, out of every view."""
+    p = Paths(root)
+    reason = f"intake crashed: {type(exc).__name__}: {exc}"
+    record = {"schema_version": SCHEMA_VERSION, "original_name": name, "priority": priority,
+              "arrived_at": utc_now(), "source": "inbox", "sha256": None, "records": None,
+              "outcome": "failed", "reason": reason}
+    return move_with_record(claimed, p.failed, record, reason, name=name, finish=lambda d: {
+        "fix": f"See its problems with `python3 validate_data.py {_q(d)}` and the traceback in "
+               f"logs/daemon.log; once the cause is fixed, `{_requeue_cmd(p.root, d)}`."})
+
+
 def examine(work, name: str, cfg: dict, not_regular: str | None = None) -> dict:
     """Hash and validate a data file (no move, nothing written): what `enqueue` decides on.
     The daemon runs it in a thread for a big file (`enqueue(..., examined=)`), so its

@@ -206,6 +206,24 @@ def _byte_len(text: str, where: str) -> int:
                    f"\\u{ord(text[exc.start]):04x}, which is not valid Unicode") from None
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how JSON writes half a pair
+
+
+def _no_lone_surrogate(value, where: str = "") -> None:
+    """Raises lone_surrogate naming the first string (or key) in `value` that holds one:
+    it could never be encoded, so a tokenizer would fail on it halfway through training."""
+    if type(value) is str:
+        _byte_len(value, where)
+    elif type(value) is dict:
+        for key, item in value.items():
+            name = json.dumps(key) if not where else f"{where.strip(chr(34))}.{key}"
+            _byte_len(key, f"a key of {where or 'the record'}")
+            _no_lone_surrogate(item, name)
+    elif type(value) is list:
+        for i, item in enumerate(value):
+            _no_lone_surrogate(item, f"{where.strip(chr(34))}[{i}]")
+
+
 def _string(obj: dict, key: str, owner: str, *, allow_empty: bool = False) -> str:
     """obj[key] if it is a non-empty string; `owner` names obj in the message."""
     if key not in obj:
@@ -268,11 +286,22 @@ def _tool_calls(msg: dict, where: str) -> list:
         fn = call.get("function", call)
         if type(fn) is not dict:
             raise _Bad("wrong_type", f"{at}.function must be an object, got {_json_type(fn)}")
-        _string(fn, "name", at + (".function" if "function" in call else ""))
+        fn_at = at + (".function" if "function" in call else "")
+        _string(fn, "name", fn_at)
         args = fn.get("arguments")
         if args is not None and type(args) not in (dict, str):
             raise _Bad("wrong_type", f"{at} arguments must be an object or a JSON string, got "
                        f"{_json_type(args)}")
+        if type(args) is str:             # OpenAI's form: the object, written as JSON text
+            try:
+                held = json.loads(args)
+            except (ValueError, RecursionError):
+                held = None
+            if type(held) is not dict:
+                raise _Bad("wrong_type", f"{fn_at}.arguments is a string that does not hold a "
+                           f"JSON object ({_quote(args, 40)}): the model would learn to write "
+                           "that call malformed; write the arguments as an object")
+            _no_lone_surrogate(held, f"{fn_at}.arguments")
     return calls
 
 
@@ -656,9 +685,12 @@ def _check_line(box: list, start: int, line_no: int, terminated: bool, state: _S
         except ValueError as exc:         # an integer literal over Python's 4300-digit limit
             raise _Bad("invalid_json", f"a number too long to read ({str(exc).split(';')[0]}); "
                        "write it as a string") from None
+        escaped_surrogate = _SURROGATE_ESCAPE.search(text) is not None
         text = None
         if state.fields:
             obj = _map_fields(obj, state.fields)
+        if escaped_surrogate:             # anywhere: tool calls, tools, ignored fields too
+            _no_lone_surrogate(obj)
         fmt, segments, messages, tokens, ends_on_user, tools = _parse_object(obj)
         _check_format(fmt, line_no, state)
     except _Bad as bad:

@@ -129,6 +129,54 @@ def test_a_template_that_cannot_render_a_record_is_refused_with_a_working_fix(qw
     assert first_user == {"role": "user", "content": SYSTEM + "\n\n" + NO_SYSTEM[0]["content"]}
 
 
+@pytest.mark.parametrize("elsewhere", ["answer", "user"])
+def test_a_dropped_system_turn_is_refused_even_when_its_text_stands_elsewhere(
+        elsewhere, qwen_tokenizer, tmp_path):
+    """Mistral's templates drop the system text of a conversation that ends with an answer;
+    the text also standing in another turn must not pass for the system turn rendered."""
+    import chat_render
+    system = "You are a pirate."
+    chat = [{"role": "system", "content": system},
+            {"role": "user", "content": (system + " Say hi.") if elsewhere == "user" else "hi"},
+            {"role": "assistant", "content": "Arr! " + system if elsewhere == "answer" else "Arr!"}]
+    data = write_jsonl(tmp_path / "pirate.jsonl", [{"messages": chat}])
+    root = tmp_path / "root"
+    enc = te_encoder(qwen_tokenizer, "mistral-nemo", root)
+    err = enc.check_file(data)
+    assert isinstance(err, chat_render.ChatRenderError) and err.line == 1
+    assert "the system turn 1 is not in the rendered text (the template drops it)" in err.what
+    # the fix writes the merged file into the root's inbox, where the daemon takes it
+    assert f"> {root / 'inbox' / 'pirate-merged.jsonl'}`" in err.fix and "plain" in err.fix
+    # a template that renders the system turn, with the same text elsewhere: trained as before
+    pieces, _ = encoder(qwen_tokenizer, "qwen2.5").pieces(records_of(data)[0])
+    assert "".join(t for t, on in pieces if not on).count(system) >= 1
+
+
+def te_encoder(tokenizer, name, root):
+    import training_engine as te
+    return te.Encoder(tokenizer, chat_template=str(chat_fixtures.TEMPLATES / f"{name}.jinja"), root=root)
+
+
+def test_named_templates_without_a_default_refuse_chat_records_naming_them(qwen_dir, tmp_path):
+    """Only named templates (no "default"): chat records are refused naming the choices
+    (transformers refuses to pick one too), never rendered plain; text records train."""
+    import chat_render
+    import training_engine as te
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(qwen_dir, local_files_only=True)
+    tok.chat_template = {"tool_use": chat_fixtures.template("qwen2.5")}
+    enc = te.Encoder(tok)
+    data = write_jsonl(tmp_path / "c.jsonl", [{"messages": NO_SYSTEM}])
+    err = enc.check_file(data)
+    assert isinstance(err, chat_render.ChatRenderError) and err.line == 1
+    assert "named ones (tool_use) with none marked default" in err.what
+    assert '"tool_use"' in err.fix and "chat_template" in err.fix
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "plain text trains"}])
+    assert enc.check_file(text) is None and enc.encode(records_of(text)[0])[0]
+    chosen = te.Encoder(tok, chat_template="tool_use")
+    assert chosen.check_file(data) is None and chosen.rendering == "template"
+
+
 def test_plain_rendering_only_when_there_is_no_template_or_config_says_so(qwen_tokenizer, tmp_path):
     import training_engine as te
     data = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATION}])
@@ -210,6 +258,8 @@ def test_tool_calls_train_the_call_not_the_result_or_are_refused(name, qwen_toke
         with pytest.raises(chat_render.ChatRenderError) as err:
             enc.pieces(rec)
         assert "line 1: the chat template" in err.value.what
+        # the plain rendering refuses tool turns as well: the fix does not offer it
+        assert "plain" not in err.value.fix and "train files without tool turns" in err.value.fix
         return
     pieces, rendering = enc.pieces(rec)
     trained = [t for t, on in pieces if on]

@@ -440,3 +440,39 @@ def test_a_big_inbox_file_does_not_block_the_heartbeat_nor_a_stop(qroot):
     # it stopped before the validation ended: the file waits, whole, for the next start
     assert claimed.stat().st_size == size and not training_queue.record_path(claimed).exists()
     assert "big.jsonl: stopping before its validation ended" in text
+
+
+@pytest.mark.parametrize("crash", [ValueError("a validator bug"), OSError(28, "No space left")])
+def test_a_file_whose_intake_crashes_is_kept_where_status_shows_it(qroot, monkeypatch, crash):
+    """A crash while taking a file in (a bug, not the disk) must not leave it claimed in
+    queue/.incoming/, out of every view, crashing again at every start: it goes to failed/
+    with the reason and the fix. A disk error leaves it claimed, for a later start."""
+    import logging
+    import threading
+    import inbox_files
+    p = Paths(qroot)
+    claimed = p.queue / training_queue.INCOMING / "normal" / "a.jsonl"
+    data = put(claimed, lines("a", 3))
+
+    def crashing(*args, **kwargs):
+        raise crash
+    monkeypatch.setattr(training_queue, "enqueue", crashing)  # (the fault injected)
+    said = []
+    intake = inbox_files.InboxIntake(
+        p, training_config.load_config(qroot), logging.getLogger("test"), threading.Event(),
+        done={}, tend=lambda: None, stopping=lambda: False, on_queued=None,
+        on_failed=said.append)
+    intake.recover_incoming()
+    if isinstance(crash, OSError):
+        assert claimed.read_bytes() == data and not list(p.failed.glob("*.jsonl"))
+        assert said == ["intake of a.jsonl failed: [Errno 28] No space left"]
+        return
+    assert not claimed.exists() and (p.failed / "a.jsonl").read_bytes() == data
+    rec = record(p.failed / "a.jsonl")
+    assert rec["outcome"] == "failed" and rec["reason"] == "intake crashed: ValueError: a validator bug"
+    assert_fix_in_record(rec)
+    assert "validate_data.py" in rec["fix"] and "training_queue.py add" in rec["fix"]
+    assert said == ["intake of a.jsonl crashed (a validator bug); it is in failed/"]
+    monkeypatch.undo()
+    status = run_script("training_queue.py", "status", "--json", root=qroot)
+    assert json.loads(status.stdout)["counts"]["failed"] == 1, status.stdout

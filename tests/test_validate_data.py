@@ -116,6 +116,29 @@ CORPUS = [
     ("lone-surrogate-in-chat", CHAT_OK + chat(("user", "\x00"), ("assistant", "\ud800"))
      .replace(b"\\u0000", "é".encode()),
      "lone_surrogate", 2, "messages[1].content holds a lone surrogate \\ud800"),
+    # anywhere in a record: a tokenizer would fail on it halfway through training
+    ("lone-surrogate-in-tool-call-arguments", CHAT_OK + b'{"messages": [{"role": "user", "content": '
+     b'"w?"}, {"role": "assistant", "content": null, "tool_calls": [{"type": "function", '
+     b'"function": {"name": "w", "arguments": {"city": "P\\ud800"}}}]}, {"role": "tool", '
+     b'"content": "sun"}, {"role": "assistant", "content": "Sunny."}]}\n', "lone_surrogate", 2,
+     "messages[1].tool_calls[0].function.arguments.city holds a lone surrogate \\ud800"),
+    ("lone-surrogate-in-tools", CHAT_OK + b'{"messages": [{"role": "user", "content": "w?"}, '
+     b'{"role": "assistant", "content": "Sunny."}], "tools": [{"type": "function", "function": '
+     b'{"name": "w", "description": "x \\udc00"}}]}\n', "lone_surrogate", 2,
+     "tools[0].function.description holds a lone surrogate \\udc00"),
+    ("lone-surrogate-in-string-arguments", CHAT_OK + b'{"messages": [{"role": "user", "content": '
+     b'"w?"}, {"role": "assistant", "content": null, "tool_calls": [{"type": "function", '
+     b'"function": {"name": "w", "arguments": "{\\"c\\": \\"\\\\ud800\\"}"}}]}, {"role": "tool", '
+     b'"content": "sun"}, {"role": "assistant", "content": "Sunny."}]}\n', "lone_surrogate", 2,
+     "messages[1].tool_calls[0].function.arguments.c holds a lone surrogate \\ud800"),
+    ("lone-surrogate-in-an-ignored-key", GOOD + b'{"text": "a", "meta": {"\\ud800": 1}}\n',
+     "lone_surrogate", 2, 'a key of "meta" holds a lone surrogate \\ud800'),
+    ("string-arguments-not-json", CHAT_OK + b'{"messages": [{"role": "user", "content": "w?"}, '
+     b'{"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": '
+     b'{"name": "w", "arguments": "{not json"}}]}, {"role": "tool", "content": "sun"}, '
+     b'{"role": "assistant", "content": "Sunny."}]}\n', "wrong_type", 2,
+     'messages[1].tool_calls[0].function.arguments is a string that does not hold a JSON object '
+     '("{not json")'),
     # a role holding "|" once passed the fast path's joined-roles pattern as two turns
     ("role-with-a-pipe", CHAT_OK + chat(("user|assistant", "x")), "unknown_role", 2,
      'messages[0].role is "user|assistant"'),
