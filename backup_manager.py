@@ -39,7 +39,7 @@ import cli_guard
 from backup_records import (ID_RE, RECORD, backups_dir, config, latest_backup,  # noqa: F401
                             list_backups, next_seq, read_record)
 import training_controller
-from model_manifest import MANIFEST, has_weights, write_manifest
+from model_manifest import MANIFEST, has_weights, not_its_own, write_manifest
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
                        atomic_write_json, fsync_dir, model_lock, parse_time, print_json,
                        read_json, rename_noreplace, resolve_root, run_cli, subcommands, utc_now)
@@ -451,6 +451,9 @@ def verify_backup(root, bid: str) -> list[str]:
         if not isinstance(info, dict):  # backup.json edited by hand
             problems.append(f"{rel}: no sha256/size in {RECORD}")
             continue
+        if (linked := not_its_own(folder, rel)) is not None:  # a backup holds its own copies
+            problems.append(linked)
+            continue
         size, want_size = os.path.getsize(path), info.get("size")
         if not isinstance(want_size, int):  # backup.json edited by hand
             problems.append(f"{rel}: no valid size in {RECORD} (got {want_size!r})")
@@ -532,7 +535,13 @@ def _restore_locked(p: Paths, folder: Path, bid: str, to) -> dict:
         files = copy_tree_verified(folder, staged, skip=set(META_FILES), expected=rec["files"])
         write_manifest(staged, files=files, global_step=rec.get("global_step"),
                        tokens_seen=rec.get("tokens_seen"), extra=_kind_of(rec))
-        model_versioner.publish_model(p.root, staged, reason="backup-restore")
+        # its parent is the version it was a backup of (rollback goes back from there, and
+        # lineage lists what trained into that), not the model it replaces: none if unknown
+        source = rec.get("version")
+        known = isinstance(source, str) and model_versioner.VERSION_RE.fullmatch(source) and (
+            (p.versions / source).is_dir() or (p.versions / ".pruned" / f"{source}.json").is_file())
+        model_versioner.publish_model(p.root, staged, reason="backup-restore",
+                                      parent=source if known else None)
     finally:
         if staged.exists():
             _discard(staged)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 
 from trainroot import GuardrailError, atomic_write_json, read_json, sha256_file, utc_now
@@ -114,6 +115,23 @@ def check_model_dir(model_dir) -> list[str]:
     return problems
 
 
+def not_its_own(folder, rel: str) -> str | None:
+    """Why `folder/rel` is not a regular file held by the folder itself (a symbolic link, or
+    under one: its bytes live elsewhere and can change or vanish there), else None."""
+    path, parts = Path(folder), rel.split("/")
+    for i, part in enumerate(parts):
+        path = path / part
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None  # missing: said by the caller
+        if stat.S_ISLNK(st.st_mode):
+            where = "" if i == len(parts) - 1 else f" ({'/'.join(parts[:i + 1])}/ is one)"
+            return (f"{rel}: a symbolic link{where} to {os.readlink(path)}, not a file of its "
+                    "own (its bytes live elsewhere)")
+    return None if stat.S_ISREG(st.st_mode) else f"{rel}: not a regular file"
+
+
 def verify_files(folder, manifest_files: dict) -> list[str]:
     """Recompute every sha256 against `manifest_files`; returns one line per bad file."""
     folder = Path(folder)
@@ -125,7 +143,9 @@ def verify_files(folder, manifest_files: dict) -> list[str]:
         except OSError:
             problems.append(f"{rel}: missing")
             continue
-        if size != entry.get("size"):
+        if (linked := not_its_own(folder, rel)) is not None:
+            problems.append(linked)
+        elif size != entry.get("size"):
             problems.append(f"{rel}: size {size}, expected {entry.get('size')}")
         elif sha256_file(path) != entry.get("sha256"):
             problems.append(f"{rel}: sha256 mismatch (changed after it was recorded)")

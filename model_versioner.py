@@ -35,7 +35,7 @@ import base_store
 import cli_guard
 import versions_index
 from training_controller import refuse_while_training  # the daemon's liveness, one definition
-from model_manifest import (MANIFEST, READ_ONLY, VERSION_FILE, check_model_dir,
+from model_manifest import (MANIFEST, READ_ONLY, VERSION_FILE, check_model_dir, not_its_own,
                             read_manifest, verify_files, walk, write_manifest)
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
                        atomic_write_json, exchange_paths, fsync_dir, fsync_paths, model_lock,
@@ -78,11 +78,13 @@ def check_version(root, vid) -> list[str]:
     problems = []
     for rel, entry in sorted(rec["manifest"].items()):
         try:
-            st = (folder / rel).stat()
+            st = os.lstat(folder / rel)  # a symbolic link is not the versioned file
         except OSError:
             problems.append(f"{rec['id']}/{rel}: missing")
             continue
-        if st.st_size != entry.get("size"):
+        if not stat.S_ISREG(st.st_mode):
+            problems.append(f"{rec['id']}/{not_its_own(folder, rel) or rel + ': not a regular file'}")
+        elif st.st_size != entry.get("size"):
             problems.append(f"{rec['id']}/{rel}: size {st.st_size}, expected {entry.get('size')}")
         elif entry.get("mtime_ns") not in (None, st.st_mtime_ns):
             problems.append(f"{rec['id']}/{rel}: written in place after it was versioned")
@@ -186,11 +188,24 @@ def latest_version(root) -> str | None:
     return None
 
 
-def read_tags(root) -> dict:
+def read_tags(root, *, strict: bool = False) -> dict:
+    """versions/tags.json: {name: version}. A damaged file (a hand edit) reads as no tags
+    for showing and resolving; `strict` (prune, tag, untag: what would delete a tagged
+    version or write the file over) raises instead, naming it."""
+    path = Paths(root).versions / TAGS_FILE
     try:
-        tags = read_json(Paths(root).versions / TAGS_FILE, default={})
-    except GuardrailError:
-        return {}
+        tags = read_json(path, default={})
+        problem = None if isinstance(tags, dict) else f"holds {type(tags).__name__}, not an object"
+        if problem is None and any(not isinstance(v, str) for v in tags.values()):
+            problem = "a tag names something that is not a version id"
+    except GuardrailError as exc:
+        tags, problem = {}, exc.what
+    if problem is not None and strict:
+        raise GuardrailError(f"versions/tags.json is damaged ({problem}): which versions are "
+                             "tagged, and so kept, cannot be known; nothing was pruned or "
+                             "tagged", path, f"Fix it by hand (`python3 -m json.tool {path}` "
+                             "shows where it breaks; the form is {\"name\": \"v012\"}), or "
+                             "bring it back from a backup of the root.")
     return {k: v for k, v in tags.items() if isinstance(v, str)} if isinstance(tags, dict) else {}
 
 
@@ -511,23 +526,29 @@ def _exchange_available() -> bool:
     return os.environ.get("GUARDRAILS_NO_RENAME_EXCHANGE") != "1"
 
 
+_TRAINED_FROM_OLD = object()  # publish_model's default parent: the tree it replaces
+
+
 def publish_model(root, staged_dir, *, reason: str = "publish",
-                  keep_old: str = "if-unversioned") -> dict:
+                  keep_old: str = "if-unversioned", parent=_TRAINED_FROM_OLD) -> dict:
     """Make a complete, fsynced folder the new `current_model/` in one atomic step.
 
     The old tree is discarded when it equals a version; otherwise, with
     keep_old="if-unversioned", it is first kept as a version (reason `superseded`);
     keep_old="never" discards it (the trainer replacing its own intermediate save).
+    The new tree's `parent_version` is the old one's version (it was trained from it), or
+    `parent` when given (a backup restored: the version it was taken of, or None).
     Returns `{method, previous_version, kept_version, parent_version}`.
     """
     if keep_old not in ("if-unversioned", "never"):
         raise ValueError(f"keep_old must be 'if-unversioned' or 'never', not {keep_old!r}")
     p = Paths(root)
     with _versions_lock(p, f"publish ({reason})"):
-        return _publish_locked(p, Path(staged_dir), reason, keep_old)
+        return _publish_locked(p, Path(staged_dir), reason, keep_old, parent)
 
 
-def _publish_locked(p: Paths, staged: Path, reason: str, keep_old: str) -> dict:
+def _publish_locked(p: Paths, staged: Path, reason: str, keep_old: str,
+                    parent=_TRAINED_FROM_OLD) -> dict:
     if read_manifest(staged) is None:
         write_manifest(staged)
     problems = check_model_dir(staged)
@@ -542,7 +563,7 @@ def _publish_locked(p: Paths, staged: Path, reason: str, keep_old: str) -> dict:
         os.rename(staged, work)  # ours now: recover() cleans it if we die
     new_ino = work.stat().st_ino
     try:
-        return _swap_in(p, work, reason, keep_old)
+        return _swap_in(p, work, reason, keep_old, parent)
     except BaseException:
         with contextlib.suppress(OSError):  # not swapped: the caller keeps its folder
             if (work != staged and work.stat().st_ino == new_ino
@@ -551,7 +572,7 @@ def _publish_locked(p: Paths, staged: Path, reason: str, keep_old: str) -> dict:
         raise
 
 
-def _swap_in(p: Paths, work: Path, reason: str, keep_old: str) -> dict:
+def _swap_in(p: Paths, work: Path, reason: str, keep_old: str, parent=_TRAINED_FROM_OLD) -> dict:
     cur = p.current_model
     old_exists = os.path.lexists(cur)
     previous = _tree_version(p, cur) if old_exists else None
@@ -572,7 +593,8 @@ def _swap_in(p: Paths, work: Path, reason: str, keep_old: str) -> dict:
                 else:  # a file or a link where the folder belongs: someone's, keep it
                     os.link(cur, attic / cur.name, follow_symlinks=False)
                 _fsync_tree(attic.parent)
-    parent = previous or kept or (old_manifest or {}).get("parent_version")
+    if parent is _TRAINED_FROM_OLD:
+        parent = previous or kept or (old_manifest or {}).get("parent_version")
     becomes = _tree_version(p, work)
     if becomes is None:  # a version's own manifest is shared: leave it be
         manifest = read_manifest(work)
@@ -604,6 +626,23 @@ def _swap_in(p: Paths, work: Path, reason: str, keep_old: str) -> dict:
     _note_published(p, becomes, parent, reason)
     return {"method": method, "previous_version": previous, "kept_version": kept,
             "parent_version": parent, "kept_in": str(attic) if attic else None}
+
+
+def last_published(p: Paths) -> str | None:
+    """The version current_model last became (a rollback or restore: its note; a backup
+    restored: the version it was a backup of) while no version was taken since; else the
+    latest. Read without current_model, which may be gone."""
+    latest = latest_version(p.root)
+    try:
+        note = read_json(p.versions / PUBLISHED, default=None)
+    except GuardrailError:
+        note = None
+    note = note if isinstance(note, dict) else {}
+    vid = note.get("version") or note.get("parent_version")
+    if latest and note.get("latest") == latest and isinstance(vid, str) and VERSION_RE.fullmatch(vid) \
+            and (p.versions / vid).is_dir():
+        return vid
+    return latest
 
 
 def _note_published(p: Paths, version, parent, reason: str) -> None:
@@ -930,7 +969,7 @@ def tag_version(root, vid, name: str) -> dict:
                          f"Choose another name, e.g. `{CMD} tag {vid} baseline`.")
     with _versions_lock(p, f"tag {name}"):
         vid = resolve_version(p.root, vid)
-        tags = read_tags(p.root)
+        tags = read_tags(p.root, strict=True)
         if tags.get(name) not in (None, vid):
             raise GuardrailError(f"tag {name} already names {tags[name]}", p.versions / TAGS_FILE,
                                  f"Run `{CMD} untag {name}` first.")
@@ -942,7 +981,7 @@ def tag_version(root, vid, name: str) -> dict:
 def untag(root, name: str) -> dict:
     p = Paths(root)
     with _versions_lock(p, f"untag {name}"):
-        tags = read_tags(p.root)
+        tags = read_tags(p.root, strict=True)
         if name not in tags:
             raise GuardrailError(f"no tag {name!r}", p.versions / TAGS_FILE,
                                  f"Run `{CMD} list` to see the tags.")
@@ -1033,7 +1072,7 @@ def prune_plan(root, keep: int | None = None, *, rules: dict | None = None) -> d
     ids = [rec["id"] for rec in recs]
     by_rules = retention.apply_rules([(rec["id"], rec.get("created_at")) for rec in recs], rules)
     reasons: dict = {vid: list(by_rules.get(vid, [])) for vid in ids}
-    for name, vid in read_tags(p.root).items():
+    for name, vid in read_tags(p.root, strict=True).items():
         if vid in reasons:
             reasons[vid].append(f"tag {name}")
     if ids:
@@ -1041,10 +1080,16 @@ def prune_plan(root, keep: int | None = None, *, rules: dict | None = None) -> d
     cur = current_version(p.root)
     if cur in reasons:
         reasons[cur].append("current_model")
+    manifest = None
     with contextlib.suppress(GuardrailError, OSError):
-        parent = (read_manifest(p.current_model) or {}).get("parent_version")
+        manifest = read_manifest(p.current_model)
+        parent = (manifest or {}).get("parent_version")
         if parent in reasons and cur is None:
             reasons[parent].append("current_model was trained from it")
+    if cur is None and manifest is None:  # current_model missing or damaged: the way back
+        was = last_published(p)             # is the version it last was (what the report names)
+        if was in reasons:
+            reasons[was].append("current_model was it when it went missing")
     for vid, why in _processing_versions(p).items():
         if vid in reasons:  # skip --discard, the loss guard and accept restore it
             reasons[vid].append(why)

@@ -53,7 +53,7 @@ MODEL_META = {".manifest.json", "version.json", "backup.json"}
 QUEUE_PRIORITIES = ("high", "normal", "low")
 WARNING_CODES = (
     "NOT_INITIALIZED", "MODEL_MISSING", "BASE_MISSING", "MODEL_INCOMPLETE", "NO_VERSION", "MODEL_NOT_VERSIONED",
-    "VERSION_DAMAGED", "CONFIG_MISSING", "CONFIG_INVALID", "CONFIG_UNAPPROVED", "DAEMON_DEAD",
+    "VERSION_DAMAGED", "TAGS_DAMAGED", "CONFIG_MISSING", "CONFIG_INVALID", "CONFIG_UNAPPROVED", "DAEMON_DEAD",
     "DAEMON_NOT_RUNNING", "DAEMON_STATE_UNREADABLE", "TRAINING_STALLED", "TRAINING_PAUSED",
     "FILE_WARNINGS", "PAUSED_LONG", "TRAINING_ERROR",
     "DISK_LOW", "DISK_BUDGET", "CONFIG_OLD_KEYS", "BACKUP_NONE", "BACKUP_OLD", "BACKUP_UNVERIFIED",
@@ -287,9 +287,12 @@ def _versions_section(root: Path, w: list, measured: dict | None = None) -> dict
     sec = {"count": 0, "latest": None, "latest_created_at": None, "oldest": None,
            "oldest_created_at": None, "ids": [], "tagged": {},
            "checked": [], "total_size_bytes": 0, "problems": [], "_records": {}}
-    tags = _read(p.versions / "tags.json")
+    tag_problems: list = []
+    tags = _read(p.versions / "tags.json", tag_problems)
     if isinstance(tags, dict):
         sec["tagged"] = {str(k): v for k, v in tags.items() if isinstance(v, str)}
+    if tag_problems or tags is not None and (not isinstance(tags, dict) or len(sec["tagged"]) < len(tags)):
+        sec["_tags_problem"] = tag_problems[0] if tag_problems else "not {name: version id}"
     # count, ends and the newest ids from the versions index (one stat of versions/ while
     # nothing changed; a listing of 10,000 names was ~25 ms of every report and poll)
     summary = {"count": 0, "oldest": None, "last": []}
@@ -356,6 +359,14 @@ def _damaged_versions(root: Path, versions: dict, model: dict, w: list) -> None:
                     "content is as versioned.")
         _warn(w, "VERSION_DAMAGED", "warning", message,
               _cmd(root, "model_versioner.py verify " + vid), note)
+    if versions.get("_tags_problem"):
+        path = Paths(root).versions / "tags.json"
+        _warn(w, "TAGS_DAMAGED", "warning", f"versions/tags.json is damaged "
+              f"({versions['_tags_problem']}): which versions are tagged cannot be known, so "
+              "prune and the daemon's retention delete nothing until it is fixed",
+              f"python3 -m json.tool {shlex.quote(str(path))}",
+              'Shows where the JSON breaks. Fix it by hand (the form is {"name": "v012"}) or '
+              "bring it back from a backup of the root; tags and versions are otherwise intact.")
 
 
 def _last_published(root: Path, versions: dict) -> str | None:
@@ -1043,6 +1054,7 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
     locks = _locks_section(root, daemon, w)
     quality = _eval_section(root, model, training, w)
     del versions["_records"]
+    versions.pop("_tags_problem", None)
     training["progress"] = _json_safe(training["progress"])  # a daemon may have written NaN
     training["current_file"] = _json_safe(training["current_file"])
     if any(x["code"] == "NOT_INITIALIZED" for x in w):  # everything else would be noise

@@ -19,7 +19,7 @@ import backup_manager
 import training_config
 import verified_copy
 from conftest import REPO, kill_9_when
-from trainroot import utc_now
+from trainroot import GuardrailError, utc_now
 
 LIST = "python3 backup_manager.py list"
 
@@ -194,7 +194,17 @@ def _truncate(path: Path) -> None:
     os.truncate(path, path.stat().st_size - 1)
 
 
+def _link_out(path: Path) -> None:
+    """The same bytes, kept outside the backup: a link is not an independent copy."""
+    outside = path.parent.parent / (path.parent.name + "-" + path.name)
+    shutil.copyfile(path, outside)
+    path.unlink()
+    path.symlink_to(outside)
+
+
 CORRUPTIONS = {
+    "linked": (lambda f: _link_out(f / "model.safetensors"),
+               "model.safetensors: a symbolic link to "),
     "flipped": (lambda f: _flip(f / "model.safetensors"),
                 "model.safetensors: sha256 mismatch"),
     "truncated": (lambda f: _truncate(f / "model.safetensors"),
@@ -419,6 +429,12 @@ def test_restore_keeps_prior_state_and_loads(initialized_root, capsys):
     now = _tree_hashes(root / "current_model")
     assert {k: v for k, v in now.items() if k != ".manifest.json"} == \
         {k: v for k, v in backed_up.items() if k != ".manifest.json"}
+    # its parent is the version it was a backup of (v001), not the one it replaced: a
+    # rollback goes back from there, never forward to the trained model
+    assert doc["version"] == "v001"
+    assert model_versioner.read_manifest(root / "current_model")["parent_version"] == "v001"
+    with pytest.raises(GuardrailError, match="nothing to roll back to"):  # v001's content
+        model_versioner.rollback(root)                                     # has no earlier version
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(root / "current_model", local_files_only=True)
     assert sum(p.numel() for p in model.parameters()) > 0

@@ -19,7 +19,7 @@ import pytest
 
 import model_versioner as mv
 from conftest import run_script
-from trainroot import FileLock, Paths, fsync_dir, utc_now
+from trainroot import FileLock, GuardrailError, Paths, fsync_dir, utc_now
 
 
 # --------------------------------------------------------------------------- fake models
@@ -206,6 +206,27 @@ def test_verify_catches_a_flipped_byte(root, capsys):
     assert cli(capsys, "verify")[0] == 0          # default: the latest
 
 
+def test_a_version_file_swapped_for_a_symbolic_link_fails_verify_and_restore(root, capsys, tmp_path):
+    """Same bytes, kept outside the version: `verify` said ok and `restore` put the link into
+    current_model, which broke when the outside copy went."""
+    train(root, 2)
+    mv.create_version(root, "manual")
+    folder = Paths(root).versions / "v001"
+    outside = tmp_path / "outside.safetensors"
+    shutil.copyfile(folder / "model.safetensors", outside)
+    os.unlink(folder / "model.safetensors")  # (root ignores the version's read-only modes)
+    (folder / "model.safetensors").symlink_to(outside)
+    code, out, _ = cli(capsys, "verify", "v001", "--json")
+    assert code == 1
+    assert json.loads(out)["versions"]["v001"]["problems"] == [
+        f"v001/model.safetensors: a symbolic link to {outside}, not a file of its own (its bytes "
+        "live elsewhere)"]
+    code, _, err = cli(capsys, "restore", "v001")
+    assert code == 1 and "symbolic link" in err, err
+    assert model_gen(Paths(root).current_model) == 2 and not any(
+        f.is_symlink() for f in Paths(root).current_model.rglob("*"))
+
+
 def test_prune_keeps_tagged_latest_current_and_not_backed_up(root, capsys):
     """Backups pin no version (was: every backup kept its source version forever, 1,002 of
     1,047 kept versions at 10,000): a backup is an independent copy."""
@@ -264,6 +285,49 @@ def test_tags(root, capsys):
     assert cli(capsys, "untag", "base")[0] == 0
     assert json.loads((Paths(root).versions / "tags.json").read_text()) == {}
     assert cli(capsys, "tag", "v001", "v7")[0] == 2
+
+
+@pytest.mark.parametrize("damage", ['{"golden": "v002",}\n', '["v002"]', '{"golden": 2}'])
+def test_a_damaged_tags_file_stops_prune_and_tag_instead_of_reading_as_no_tags(root, capsys, damage):
+    """A hand edit that breaks tags.json once read as "no tags": prune (and the daemon's
+    retention after every file) deleted the tagged versions, and `tag` wrote the file over."""
+    import state_tracker
+    p = Paths(root)
+    for gen in (2, 3, 4):
+        train(root, gen)
+        mv.create_version(root, "manual")
+    assert cli(capsys, "tag", "v002", "golden")[0] == 0
+    (p.versions / "tags.json").write_text(damage)
+    for args in (("prune", "--keep", "1", "--yes"), ("prune", "--keep", "1"), ("tag", "v003", "other"),
+                 ("untag", "golden")):
+        code, _, err = cli(capsys, *args)
+        assert code == 1 and "versions/tags.json is damaged" in err and "nothing was pruned" in err, err
+        assert "python3 -m json.tool" in err
+    with pytest.raises(GuardrailError):
+        mv.prune(root, keep=1, yes=True)  # what the daemon's retention calls
+    assert [r["id"] for r in mv.list_versions(root)] == ["v001", "v002", "v003", "v004"]
+    assert (p.versions / "tags.json").read_text() == damage  # not written over
+    w = {x["code"]: x for x in state_tracker.build_state(root)["warnings"]}["TAGS_DAMAGED"]
+    assert "delete nothing until it is fixed" in w["message"] and "json.tool" in w["fix"]
+    (p.versions / "tags.json").write_text('{"golden": "v002"}')
+    assert mv.prune(root, keep=1, yes=True)["deleted"] == ["v001", "v003"]
+    assert "TAGS_DAMAGED" not in {x["code"] for x in state_tracker.build_state(root)["warnings"]}
+
+
+def test_prune_keeps_the_version_current_model_was_when_it_went_missing(root, capsys):
+    """After a rollback, `rm -rf current_model`: the report names the version it was (not
+    the newer one rolled back); prune must not delete exactly that way back."""
+    import state_tracker
+    for gen in (2, 3):
+        train(root, gen)
+        mv.create_version(root, "manual")
+    assert cli(capsys, "rollback")[0] == 0          # current_model = v002, latest v003
+    shutil.rmtree(Paths(root).current_model)
+    w = {x["code"]: x for x in state_tracker.build_state(root)["warnings"]}["MODEL_MISSING"]
+    assert "restore v002" in w["fix"]
+    plan = mv.prune(root, keep=1, yes=True)
+    assert plan["deleted"] == ["v001"] and "current_model was it when it went missing" in plan["keep"]["v002"]
+    assert cli(capsys, "restore", "v002")[0] == 0 and model_gen(Paths(root).current_model) == 2
 
 
 @pytest.mark.parametrize("bad", ["../x", "v1/..", "/abs", "v001/../../etc", "", "v0", "v000"])
