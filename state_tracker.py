@@ -33,8 +33,8 @@ import retention
 import training_config
 import versions_index
 from trainroot import (SCRIPTS_DIR, GuardrailError, Paths, add_common_args,
-                       atomic_write_json, daemon_liveness, is_training_root, print_json,
-                       process_running, read_json, read_lock_holder, resolve_root, run_cli,
+                       atomic_write_json, daemon_liveness, is_training_root, model_folder, print_json,
+                       process_running, read_json, read_lock_holder, require_root, resolve_root, run_cli,
                        utc_now)
 
 SCHEMA_VERSION = 1
@@ -1021,6 +1021,11 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
               "python3 state_tracker.py --check --root DIR",
               "DIR: the folder that holds config.json, current_model/ and versions/ (or set "
               "TRAINING_ROOT to it); nothing was written.")
+    elif (inside := model_folder(root)) is not None:
+        _warn(w, "NOT_INITIALIZED", "critical", f"{root} is not a training root: {inside[0]}",
+              f"python3 state_tracker.py --check --root {shlex.quote(str(inside[1]))}" if inside[1]
+              else "python3 state_tracker.py --check --root DIR",
+              "Nothing was written into the model folder.")
     elif not is_training_root(root):
         _warn(w, "NOT_INITIALIZED", "critical", f"{root} is not a training root yet",
               f"python3 training_daemon.py init --root {shlex.quote(str(root))}")
@@ -1241,6 +1246,8 @@ def cmd_state(args) -> int:
         # --json only reads, and so does a report on a root that does not exist yet;
         # every other form also refreshes the file
         path = Paths(root).system_state
+        if model_folder(root) is not None:  # a snapshot would keep what we wrote there
+            require_root(root)  # raises, naming the root it belongs to
         if not root.is_dir():
             is_file = os.path.lexists(root)
             raise GuardrailError(

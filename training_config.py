@@ -21,7 +21,7 @@ import shlex
 from pathlib import Path
 from typing import NamedTuple
 
-from trainroot import GuardrailError, Paths, atomic_write_json, read_json, utc_now
+from trainroot import GuardrailError, Paths, atomic_write_json, model_folder, read_json, require_root, utc_now
 
 SCHEMA_VERSION = 1
 APPROVE_COMMAND = "python3 training_controller.py approve-config"
@@ -331,6 +331,8 @@ def load_config(root) -> dict:
     raw = read_json(p.config)
     errors = validate_config(raw)
     if errors:
+        if model_folder(p.root) is not None:  # --root ROOT/current_model: the model's config
+            require_root(p.root)              # (raises, naming the root it belongs to)
         raise ConfigError(errors, p.config)
     cfg = default_config()
     cfg.update(raw)

@@ -126,9 +126,34 @@ ROOT_MARKERS = ("config.json", "current_model", "versions")  # what `init` makes
 
 def is_training_root(root: str | os.PathLike) -> bool:
     """The one check of "is this a training root": a folder holding config.json,
-    current_model/ or versions/ (so a root that lost one of them still counts)."""
+    current_model/ or versions/ (so a root that lost one of them still counts), and not a
+    model folder (whose config.json is the model's: `model_folder`)."""
     root = Path(root)
-    return root.is_dir() and any(os.path.lexists(root / name) for name in ROOT_MARKERS)
+    return root.is_dir() and any(os.path.lexists(root / name) for name in ROOT_MARKERS) \
+        and model_folder(root) is None
+
+
+def model_folder(folder: str | os.PathLike) -> tuple[str, Path | None] | None:
+    """(what it is, the training root it belongs to or None) for a Hugging Face model
+    folder given where a root belongs (current_model/, a version, a backup, a base model),
+    else None. Its config.json is the model's; what a command would write there (a state
+    document, an index) would end up in the next version."""
+    folder = Path(folder)
+    if os.path.lexists(folder / "current_model") or os.path.lexists(folder / "versions"):
+        return None
+    product = os.path.lexists(folder / ".manifest.json") or os.path.lexists(folder / "version.json")
+    if not product:
+        try:
+            doc = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(doc, dict) or not ("model_type" in doc or "architectures" in doc):
+            return None
+    up = folder.resolve()
+    for owner in (up.parent, up.parent.parent):  # ROOT/current_model, ROOT/versions/v012
+        if owner != up and os.path.isdir(owner / "current_model") and os.path.lexists(owner / "config.json"):
+            return (f"{folder.name}/, a model folder of the training root {owner}", owner)
+    return ("a model folder (its config.json is the model's), not a training root", None)
 
 
 def require_root(root: str | os.PathLike) -> Paths:
@@ -144,6 +169,12 @@ def require_root(root: str | os.PathLike) -> Paths:
                              "TRAINING_ROOT, e.g. `python3 training_controller.py status --root DIR`.")
     if not p.root.exists():
         raise GuardrailError("not a training root (no such folder)", p.root, fix)
+    if (inside := model_folder(p.root)) is not None:
+        what, owner = inside
+        raise GuardrailError(f"not a training root: {what}", p.root,
+                             f"Give the root itself: --root {_shell_quote(str(owner))}." if owner else
+                             f"To train this model, make a root from it: `python3 training_daemon.py "
+                             f"init --root NEW_ROOT --base {quoted}`.")
     if not is_training_root(p.root):
         raise GuardrailError("not a training root (no config.json, current_model/ or versions/)",
                              p.root, fix)

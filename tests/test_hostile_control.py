@@ -420,3 +420,24 @@ def test_a_fifo_in_place_of_metrics_jsonl_does_not_hang_the_report(root):
     proc = run_script("state_tracker.py", "--json", root=root, timeout=20)
     assert proc.returncode in (0, 1), proc.stderr
     jsonschema.validate(one_json(proc.stdout), SCHEMA)
+
+
+def test_a_model_folder_given_as_the_root_is_refused_and_nothing_is_written_there(initialized_root):
+    """`--root ROOT/current_model` (an easy slip): its config.json is the model's, so it
+    once passed for a root; read-only commands wrote .index/ and .system_state.json into
+    current_model/, and the next snapshot versioned them."""
+    root = initialized_root
+    for folder in (root / "current_model", root / "versions" / "v001"):
+        before = sorted(p.name for p in folder.rglob("*"))
+        for script, *args in (("model_versioner.py", "list"), ("state_tracker.py",),
+                              ("training_controller.py", "status"), ("training_queue.py", "status"),
+                              ("backup_manager.py", "list")):
+            proc = run_script(script, *args, "--root", str(folder))
+            assert proc.returncode == 1, (script, proc.stdout, proc.stderr)
+            assert f"a model folder of the training root {root}" in proc.stderr, proc.stderr
+            assert f"--root {root}" in proc.stderr
+        state = state_tracker.build_state(folder)
+        w = {x["code"]: x for x in state["warnings"]}["NOT_INITIALIZED"]
+        assert w["fix"] == f"python3 state_tracker.py --check --root {root}"
+        assert sorted(p.name for p in folder.rglob("*")) == before
+    assert state_tracker.build_state(root)["ok"] is True
