@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -65,9 +66,17 @@ def backup_base(root, bdir, base_id: str) -> dict:
     ref = {"id": base_id, "manifest_sha256": manifest_sha}
     dest = copy_path(bdir, ref)
     ref["path"] = f"{BASES_DIR}/{dest.name}"
-    if read_json(dest / COPY_RECORD, default=None):
-        return ref  # copied and verified by an earlier backup; `verify` re-reads it
     store = Path(bdir) / BASES_DIR
+    if read_json(dest / COPY_RECORD, default=None):
+        # copied and verified by an earlier backup (`verify` re-reads it): reused unless it
+        # looks written to since, and then re-read; a bad one is set aside for a fresh copy,
+        # which every backup naming it shares (the copy's name is its content's)
+        if not _looks_touched(dest) or not verify_base_copy(bdir, ref):
+            return ref
+        aside = store / f".damaged-{dest.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+        os.rename(dest, aside)  # kept, never deleted: `backup_manager.py prune` leaves it be
+        print(f"backup_manager: the copy of base {base_id} in {store} was damaged; kept it as "
+              f"{aside.name} and made a fresh one", file=sys.stderr)
     store.mkdir(parents=True, exist_ok=True)
     for name in os.listdir(store):  # left by a killed backup (we hold the backups lock)
         if name.startswith(STAGING_PREFIX):
@@ -88,6 +97,21 @@ def backup_base(root, bdir, base_id: str) -> dict:
         if staging.exists():
             shutil.rmtree(staging)
     return ref
+
+
+def _looks_touched(dest: Path) -> bool:
+    """A base copy's file newer than its record, or with another size than recorded (the
+    cheap check; a flipped bit with its time stamp kept is found by `verify`)."""
+    try:
+        rec = read_json(dest / COPY_RECORD)
+        sealed = (dest / COPY_RECORD).stat().st_mtime_ns
+        for rel, info in rec["files"].items():
+            st = (dest / rel).stat()
+            if st.st_mtime_ns > sealed or st.st_size != info.get("size"):
+                return True
+    except (GuardrailError, OSError, KeyError, TypeError, AttributeError):
+        return True
+    return False
 
 
 def verify_base_copy(bdir, ref: dict) -> list[str]:

@@ -620,6 +620,18 @@ class Daemon:
                 "pre-flight: current_model is not usable (" + "; ".join(problems[:5]) + ")",
                 self.p.current_model, "Bring it back with `python3 model_versioner.py restore "
                 f"latest`, then {self._go_on()}."))
+        import base_store
+        base = base_store.adapter_base(self.p.current_model)
+        if base is not None or base_store.is_adapter_folder(self.p.current_model):
+            # an adapter is only as good as its base: a damaged one trains garbage
+            problems = base_store.check_base(self.p.root, base) if base else ["names no base"]
+            if problems:
+                raise _Paused(GuardrailError(
+                    f"pre-flight: current_model is an adapter whose base {base} is damaged or "
+                    "missing (" + "; ".join(problems[:3]) + ")", self.p.root / "base" / str(base),
+                    f"Bring the base back with `python3 backup_manager.py restore-base {base}` "
+                    "(`python3 backup_manager.py list` shows the backups), or restore a version "
+                    f"on another base (`python3 model_versioner.py list`), then {self._go_on()}."))
         changed = training_config.changed_locked(self.p.root, cfg)
         if changed:
             text = "; ".join(training_config.format_change(*c) for c in changed)

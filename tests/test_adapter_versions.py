@@ -142,6 +142,13 @@ def test_backup_of_an_adapter_holds_its_base_once(adapter_root):
         f"base b001 ({one['base']['path']}): model.safetensors: sha256 mismatch"]
     with pytest.raises(GuardrailError, match="nothing was restored"):
         bm.restore_backup(adapter_root, two["id"])
+    # the next backup does not reuse the damaged copy (what `verify` names as the fix): it
+    # keeps it aside and copies the base again, which every backup naming it shares
+    three = bm.create_backup(adapter_root)
+    assert bm.verify_backup(adapter_root, three["id"]) == []
+    assert bm.verify_backup(adapter_root, one["id"]) == [] == bm.verify_backup(adapter_root, two["id"])
+    aside = [n for n in os.listdir(bdir / "bases") if n.startswith(".damaged-")]
+    assert len(aside) == 1 and (bdir / "bases" / aside[0] / "model.safetensors").read_bytes() == bytes(data)
 
 
 def test_backup_restore_brings_back_adapter_and_base(adapter_root):

@@ -408,3 +408,28 @@ def test_the_daemon_consolidates_every_n_files_when_asked(tmp_path, tiny_model_d
     assert len(consolidated) == 1 and consolidated[0]["base"] == "b002"
     assert [r["reason"] for r in recs if r.get("base") == "b002"][-1] == "post-train:f2.jsonl"
     assert base_store.adapter_base(root / "current_model") == "b002"
+
+
+def test_the_daemon_never_trains_an_adapter_over_a_damaged_base(tmp_path, tiny_model_dir):
+    """A base written in place (an editor, a `dd`): in full mode a damaged current_model is
+    refused before training; an adapter over a damaged base trained garbage (loss 1e14)."""
+    import base_store
+    root, cfg = engine_root(tmp_path / "root", tiny_model_dir, FAST, monitor_port=0,
+                            backup_every_files=0, backup_every_hours=0)
+    tc.approve(root, cfg, by="test")
+    from adapter_fixtures import make_base, publish_adapter
+    base = make_base(root)
+    publish_adapter(root, base)
+    cur_before = {f.name: sha256_file(f) for f in Paths(root).current_model.iterdir() if f.is_file()}
+    weights = base_store.base_dir(root, base) / "model.safetensors"
+    os.chmod(weights, 0o644)
+    with open(weights, "r+b") as f:  # same size, new bytes: only the mtime and sha256 tell
+        f.seek(20_000)
+        f.write(b"XXXX")
+    write_jsonl(Paths(root).inbox / "good.jsonl", text_records(20, seed=3))
+    proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"current_model is an adapter whose base {base} is damaged" in proc.stderr, proc.stderr
+    assert f"backup_manager.py restore-base {base}" in proc.stderr
+    assert not list(Paths(root).done.glob("*.jsonl")) and not (root / "metrics.jsonl").exists()
+    assert {f.name: sha256_file(f) for f in Paths(root).current_model.iterdir() if f.is_file()} == cur_before
