@@ -1030,6 +1030,9 @@ class Daemon:
             self.ack(req, "done", f"{data.name}: {self.paused_reason}" if restored is None else
                      f"{data.name} moved to skipped/"
                      + (" and the version before it restored" if discard else ""))
+            if restored is None and self.once:  # the gate holds what it kept: as after a file
+                raise GuardrailError(self.paused_reason, data, f"Run `{eval_gate.ACCEPT_CMD}` or "
+                                     f"`{eval_gate.REJECT_CMD}`, then run the daemon again.")
         elif status == "refused":  # the data, not the machine: failed/ with the engine's reason and fix
             self._finish_failed(data, result.get("reason") or result.get("message") or "refused",
                                 result, fix=result.get("fix"))

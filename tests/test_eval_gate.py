@@ -349,6 +349,23 @@ def test_a_skip_that_keeps_steps_is_gated_and_a_failing_notifier_never_stops_tra
     assert controller(root, "stop", "--wait", "120")["outcome"] == "done"
 
 
+def test_run_once_exits_1_when_a_skip_leaves_the_gate_holding_the_steps_it_kept(
+        tmp_path, tiny_model_dir, daemons):
+    """A cron or CI `run --once` must not wait for an accept nobody will give: a hold after
+    a skip ends it with exit 1, as a hold after a finished file does."""
+    root = gate_root(tmp_path / "root", tiny_model_dir)
+    drop(root, "good1.jsonl", english(40, 10))
+    assert train_once(root) == 0
+    set_config(root, learning_rate=BAD_LR)
+    d = daemons(root, "--once", "--no-monitor")
+    drop(root, "bad.jsonl", junk(4000))
+    d.training_step("bad.jsonl", 25)
+    controller(root, "skip", "--wait", "120")
+    assert d.wait(120) == 1, d.output()
+    assert "quality gate" in d.output() and eval_gate.ACCEPT_CMD in d.output()
+    assert record(root / "processing" / "bad.jsonl")["hold"]["then"] == "skipped"
+
+
 def test_the_monitor_shows_eval_loss_per_version_beside_the_loss_curve(initialized_root, tmp_path):
     import monitor_server
     from test_monitor import CHROMIUM, element, render, simulate_training_daemon
