@@ -34,7 +34,7 @@ import backup_records
 import base_store
 import cli_guard
 import versions_index
-from training_controller import refuse_while_training  # the daemon's liveness, one definition
+from training_controller import file_midway, refuse_while_training  # the daemon's liveness, one definition
 from model_manifest import (MANIFEST, READ_ONLY, VERSION_FILE, check_model_dir, not_its_own,
                             read_manifest, verify_files, walk, write_manifest)
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
@@ -886,6 +886,15 @@ def consolidate(root, *, note=None, full: bool = False) -> dict:
     (reason `consolidate`). Undo: `restore` of the version it names."""
     p = Paths(root)
     refuse_while_training(p.root)
+    midway = file_midway(p.root)
+    if midway:  # its checkpoint holds an adapter of this base: it could not resume on the new one
+        raise GuardrailError(
+            f"cannot consolidate while processing/{midway['name']} is part-way trained "
+            f"(checkpoint at step {midway['global_step']}): the rest of it must train on the "
+            "adapter and base its start trained", p.processing,
+            "Finish the file first (`python3 training_daemon.py run --once`, or `python3 "
+            "training_controller.py skip` with the daemon running, which keeps its steps), "
+            f"then `{CMD} consolidate`.")
     with model_lock(p.root, "consolidate"), _versions_lock(p, "consolidate"):
         return _consolidate_locked(p, note, full)
 

@@ -433,3 +433,31 @@ def test_the_daemon_never_trains_an_adapter_over_a_damaged_base(tmp_path, tiny_m
     assert f"backup_manager.py restore-base {base}" in proc.stderr
     assert not list(Paths(root).done.glob("*.jsonl")) and not (root / "metrics.jsonl").exists()
     assert {f.name: sha256_file(f) for f in Paths(root).current_model.iterdir() if f.is_file()} == cur_before
+
+
+def test_consolidate_is_refused_while_a_file_is_part_way_trained(tmp_path, tiny_model_dir, lora_run):
+    """Its checkpoint holds an adapter of the old base: consolidating under it left a file
+    that could not resume, and errors naming fixes that did not apply (no daemon to skip)."""
+    import model_versioner as mv
+    root, cfg = engine_root(tmp_path / "root", tiny_model_dir, FAST)
+    p = Paths(root)
+    data = p.processing / "data.jsonl"  # where the daemon trains it, with its record
+    data.write_bytes(lora_run["data"].read_bytes())
+    (p.processing / "data.jsonl.record.json").write_text(json.dumps({"file_id": "data.jsonl#1"}))
+    seen = {}
+    paused = te.train_file(root, data, file_id="data.jsonl#1", config=cfg,
+                           control=lambda: "pause" if seen.get("step", 0) >= 4 else None,
+                           progress=lambda d: seen.update(step=d["global_step"]))
+    assert paused["status"] == "paused"
+    mv.create_version(root, "manual")
+    before = sorted(os.listdir(p.root / "base"))
+    with pytest.raises(GuardrailError) as err:
+        mv.consolidate(root)
+    assert "cannot consolidate while processing/data.jsonl is part-way trained" in err.value.what
+    assert "training_daemon.py run --once" in err.value.fix
+    assert sorted(os.listdir(p.root / "base")) == before  # nothing merged
+    result = te.train_file(root, data, file_id="data.jsonl#1", config=cfg)
+    assert result["status"] == "completed"
+    for name in ("data.jsonl", "data.jsonl.record.json"):  # done, as the daemon moves it
+        os.rename(p.processing / name, p.done / name)
+    assert mv.consolidate(root)["base"] != "b001"          # once it is done: as before
