@@ -105,13 +105,16 @@ def merge(base_dir, adapter_dir, out_dir, *, dtype: str | None) -> dict:
     return report
 
 
-def fresh_adapter(base_dir, adapter_dir, out_dir, *, seed: int, state: dict) -> None:
-    """A new adapter with the LoRA config of `adapter_dir` on `base_dir`, initialised as peft
-    does with `seed` (B = 0: its model equals the base), saved into `out_dir` (new) with
-    the tokenizer and `state` as trainer_state.json."""
+def fresh_adapter(base_dir, adapter_dir, out_dir, *, seed: int, state: dict,
+                  config: dict | None = None) -> None:
+    """A new adapter on `base_dir` of config.json's LoRA shape (`config`; without it the
+    shape of `adapter_dir`: a consolidate is also how a new lora_r takes effect),
+    initialised as peft does with `seed` (B = 0: its model equals the base), saved into
+    `out_dir` (new) with the tokenizer of `adapter_dir` and `state` as trainer_state.json."""
     from peft import LoraConfig, get_peft_model
+    import lora_mode
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
-    cfg = LoraConfig.from_pretrained(str(adapter_dir))
+    cfg = lora_mode.lora_config(config) if config else LoraConfig.from_pretrained(str(adapter_dir))
     cfg.base_model_name_or_path = str(base_dir.resolve())
     cfg.inference_mode = False
     with torch.random.fork_rng(devices=[]):

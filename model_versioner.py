@@ -953,7 +953,7 @@ def _consolidate_locked(p: Paths, note, full: bool) -> dict:
             except GuardrailError:
                 cfg = {}
             adapter_merge.fresh_adapter(new_dir, cur, stage, seed=int(cfg.get("seed") or 0),
-                                        state=state)
+                                        state=state, config=cfg if isinstance(cfg, dict) else None)
             write_manifest(stage, extra={"kind": "adapter", "base": new_base})
         published = _publish_locked(p, stage, "consolidate", "if-unversioned")
         vid, _ = _create_version_locked(p, "consolidate", note=note, force=True, extra={

@@ -332,6 +332,14 @@ def test_after_consolidate_the_next_file_trains_a_fresh_adapter_on_the_new_base(
     lrs = {m["global_step"]: m["lr"] for m in metrics(root) if m["file_id"] == "b"}
     assert [lrs[w + k] for k in (1, 2, 3, 4)] == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3])
     assert te.list_checkpoints(root)[0][1]["base"] == "b002"
+    # a new LoRA shape (what the refusal of a changed lora_r names): the fresh adapter
+    # consolidate starts has config.json's shape, and it trains
+    model_versioner.create_version(root, "post-train:b")
+    cfg4 = dict(cfg, lora_r=4)
+    tc.write_config(root, cfg4)
+    assert model_versioner.consolidate(root)["base"] == "b003"
+    assert read_json(Paths(root).current_model / "adapter_config.json")["r"] == 4
+    assert te.train_file(root, data, file_id="c", config=cfg4)["status"] == "completed"
 
 
 def test_switching_lora_to_full_is_refused_until_consolidate_full_then_trains_the_merged_model(
