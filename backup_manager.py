@@ -574,12 +574,16 @@ def _check_target(p: Paths, bid: str, to) -> Path:
     """`--to DIR` resolved; never inside a folder the product manages (a model folder put
     in versions/ would look like a version; in current_model/ it would bypass the swap)."""
     target = Path(to).expanduser().resolve()
-    for managed in (p.current_model, p.versions, p.staging, backups_dir(p.root).resolve()):
-        if target == managed or managed in target.parents:
-            raise GuardrailError(
-                f"--to is inside {managed}, which only the product writes", target,
-                f"Make the backup current_model with `python3 backup_manager.py restore {bid}`, "
-                "or give --to a folder outside the training root's model folders.")
+    bdir = backups_dir(p.root).resolve()
+    managed = p.managed_inside(target) or (bdir if target == bdir or bdir in target.parents else None)
+    if managed is not None:
+        raise GuardrailError(
+            f"--to is {'the training root or above it' if managed == p.root.resolve() else 'inside ' + str(managed)}"
+            ", where only the product writes (a model folder there would be taken for data, "
+            "a version or a backup)", target,
+            f"Make the backup current_model with `python3 backup_manager.py restore {bid}`, "
+            "or give --to a folder outside the training root's folders (e.g. "
+            f"{shlex.quote(str(p.root.resolve().parent / ('restored-' + bid)))}).")
     return target
 
 

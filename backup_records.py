@@ -72,7 +72,19 @@ def config(root) -> dict:
 
 
 def backups_dir(root, cfg: dict | None = None) -> Path:
-    return training_config.backup_dir(_p(root).root, cfg if cfg is not None else config(root))
+    """config `backup_dir`; refused inside a folder the product manages (a backup written
+    into current_model/ or inbox/ would be taken for the model or for data) or at or above
+    the root (prune would look at the root's own folders as backups)."""
+    p = _p(root)
+    bdir = training_config.backup_dir(p.root, cfg if cfg is not None else config(root))
+    managed = p.managed_inside(bdir)
+    if managed is not None:
+        raise GuardrailError(
+            f"backup_dir {bdir} is " + ("the training root or above it" if managed == p.root.resolve()
+                                        else f"inside {managed}, which only the product writes"),
+            p.config, "Set `backup_dir` in config.json to a folder of its own, best on another "
+            "disk (e.g. /mnt/backup/training), or remove it for ROOT/backups.")
+    return bdir
 
 
 def read_record(folder: Path) -> dict | None:

@@ -115,6 +115,20 @@ class Paths:
                 self.processing, self.done, self.failed, self.skipped, self.checkpoints,
                 self.control, self.logs, self.staging, self.locks]
 
+    def managed_inside(self, path) -> Path | None:
+        """The folder of this root that only the product writes (the model, versions,
+        bases, the data lifecycle, checkpoints, ...) holding `path`, or the root itself
+        when `path` is the root or above it; None for a place of one's own (backups/, a
+        folder beside the root)."""
+        target, root = Path(path).resolve(), self.root.resolve()
+        if target == root or target in root.parents:
+            return root
+        for d in [*self.runtime_dirs(), self.current_model, root / "base", root / ".attic"]:
+            d = d.resolve()
+            if target == d or d in target.parents:
+                return d
+        return None
+
     def ensure(self) -> "Paths":
         for d in self.runtime_dirs():
             d.mkdir(parents=True, exist_ok=True)

@@ -595,6 +595,22 @@ def test_a_folder_that_is_not_a_root_is_refused_and_left_untouched(tmp_path, cap
     assert os.listdir(other) == []
 
 
+@pytest.mark.parametrize("where", ["current_model/bk", "versions", "inbox", "processing/b", ".", "..", "/"])
+def test_a_backup_dir_inside_the_roots_managed_folders_or_above_it_is_refused(fake_root, capsys, where):
+    """A backup written into current_model/ made a restore take it for a damaged model; in
+    inbox/ or processing/ it would be taken for data; at or above the root prune would look
+    at the root's folders (or the whole disk) as backups."""
+    cfg = training_config.default_config(backup_dir=where)
+    training_config.write_config(fake_root, cfg)
+    before = sorted(str(x) for x in fake_root.rglob("*"))
+    for argv in (("backup",), ("list",), ("prune", "--yes")):
+        code, _, err = _cli(capsys, *argv)
+        assert code == 1 and "Error: backup_dir " in err and "which only the product writes" in err \
+            or "the training root or above it" in err, (argv, err)
+        assert "Set `backup_dir` in config.json" in err
+    assert sorted(str(x) for x in fake_root.rglob("*")) == before
+
+
 @pytest.mark.parametrize("argv", [["restore"], ["bogus"], ["prune", "--keep", "x"],
                                   ["verify", "b20261128T172301-3f9a", "--all"], [],
                                   ["restore", "b20261128T172301-3f9a", "--to", ""]])
@@ -608,12 +624,15 @@ def test_restore_to_inside_the_roots_model_folders_is_refused(fake_root, capsys)
     """Regression: `restore ID --to ROOT/versions/v009` wrote a model folder that looked
     like a version (and moved the next version id)."""
     doc = _backup(capsys)
-    for inside in ("versions/v009", "backups/x", "current_model/sub", ".staging/y"):
+    for inside in ("versions/v009", "backups/x", "current_model/sub", ".staging/y", "processing",
+                   "inbox/high", "queue/normal", "checkpoints/c", "base/b009", "failed/x", "."):
         target = fake_root / inside
+        existed = target.exists()
         code, _, err = _cli(capsys, "restore", doc["id"], "--to", str(target))
-        assert code == 1 and err.startswith("Error: --to is inside "), inside
+        assert code == 1 and err.startswith("Error: --to is "), inside  # (a model in processing/
+        assert "where only the product writes" in err, err               # was trained as data)
         assert f"`python3 backup_manager.py restore {doc['id']}`" in err
-        assert not target.exists()
+        assert target.exists() == existed and not (existed and (target / "config.json").exists())
     (fake_root / "a-file").write_text("mine")
     code, _, err = _cli(capsys, "restore", doc["id"], "--to", str(fake_root / "a-file"))
     assert code == 1 and err.startswith("Error: --to names a file; restore never writes over files")
