@@ -620,6 +620,17 @@ class Daemon:
                 "pre-flight: current_model is not usable (" + "; ".join(problems[:5]) + ")",
                 self.p.current_model, "Bring it back with `python3 model_versioner.py restore "
                 f"latest`, then {self._go_on()}."))
+        template = cfg.get("chat_template")
+        if isinstance(template, str) and template.endswith(".jinja"):  # every file's encoder reads it
+            path = self.p.root / os.path.expanduser(template)  # (an absolute path stays itself)
+            try:
+                path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise _Paused(GuardrailError(
+                    f"pre-flight: chat_template {template!r} cannot be read "
+                    f"({getattr(exc, 'strerror', None) or exc.__class__.__name__})", path,
+                    "Fix the path in config.json's `chat_template`, or set it to null for the "
+                    f"model's own template, then {self._go_on()}."))
         import base_store
         base = base_store.adapter_base(self.p.current_model)
         if base is not None or base_store.is_adapter_folder(self.p.current_model):
@@ -1725,6 +1736,10 @@ class Daemon:
             if self._has_work() and not (self.stop_request or self.stop_signal):
                 self.preload_engine()
             self._loop()
+        except Exception as exc:  # the log's last line says why it ended (--once: exit 1)
+            self._ended_by = exc if isinstance(exc, (GuardrailError, _Paused)) else \
+                GuardrailError(exc.__class__.__name__)
+            raise
         finally:
             self._shutdown(lock, old)
         return self.exit_code
@@ -1838,7 +1853,10 @@ class Daemon:
             self._import_thread.join()
         self.state = "stopped"
         self.write_state(force=True)
+        ended = getattr(self, "_ended_by", None)
         why = self.stop_signal or (f"request {self.stop_request['id']}" if self.stop_request
+                                   else f"on an error: {ended.error.what if isinstance(ended, _Paused) else ended.what}"
+                                   if ended is not None
                                    else "queue empty" if self.once else "exit")
         self.log.info("daemon %d stopped (%s)", os.getpid(), why)
         stopped = "stopped; checkpoint durable" + ("; the file in processing/ resumes at the "

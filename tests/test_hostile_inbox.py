@@ -476,3 +476,22 @@ def test_a_file_whose_intake_crashes_is_kept_where_status_shows_it(qroot, monkey
     monkeypatch.undo()
     status = run_script("training_queue.py", "status", "--json", root=qroot)
     assert json.loads(status.stdout)["counts"]["failed"] == 1, status.stdout
+
+
+def test_once_with_an_unreadable_chat_template_stops_before_taking_a_file(initialized_root):
+    """A mistyped `chat_template` path: every file's encoder would fail on it. Pre-flight
+    names it before a file is moved into processing/ (where the report then called it
+    half-trained), and the log's last line says why the run ended."""
+    root = initialized_root
+    tune(root)
+    cfg = training_config.load_config(root)
+    cfg["chat_template"] = "missing.jinja"
+    training_config.write_config(root, cfg)
+    put(root / "inbox" / "t.jsonl", lines("t", 3))
+    proc = run_once(root)
+    assert proc.returncode == 1, proc.stderr
+    no_traceback(proc)
+    assert "pre-flight: chat_template 'missing.jinja' cannot be read" in proc.stderr
+    assert "set it to null" in proc.stderr and "run --once" in proc.stderr
+    assert (root / "queue" / "normal" / "t.jsonl").exists() and not os.listdir(root / "processing")
+    assert "stopped (on an error: pre-flight: chat_template" in (root / "logs" / "daemon.log").read_text()
