@@ -859,7 +859,20 @@ def rollback(root) -> dict:
     p = Paths(root)
     refuse_while_training(p.root)
     with model_lock(p.root, "rollback"), _versions_lock(p, "rollback"):
-        return _restore_locked(p, rollback_target(p.root), "pre-rollback")
+        target = rollback_target(p.root)
+        result = _restore_locked(p, target, "pre-rollback")
+    # what it undoes: the data files of the versions from the one it left back to the target
+    # (more than the last file when retention pruned the versions between)
+    undone, cursor, seen = [], result.get("previous_version") or result.get("kept_version"), set()
+    while cursor and cursor != target and cursor not in seen:
+        seen.add(cursor)
+        rec = _load_record(p, cursor) or _pruned_record(p, cursor)
+        if rec is None:
+            break
+        undone = [{"name": f.get("name"), "version": cursor} for f in rec.get("data_files") or []
+                  if isinstance(f, dict)] + undone
+        cursor = rec.get("parent")
+    return dict(result, undone_files=undone)
 
 
 # --------------------------------------------------------------------------- consolidate (adapter mode)
@@ -1399,6 +1412,11 @@ def _print_restore(args, result: dict, verb: str) -> None:
         if result.get("incomplete_kept_in"):
             print("The incomplete current_model it replaced is kept in "
                   f"{result['incomplete_kept_in']}/ (copy back what you need from there).")
+        undone = result.get("undone_files") or []
+        if len(undone) > 1:  # retention pruned the versions between: say all it undoes
+            print(f"This undoes {len(undone)} trained files, not only the last: "
+                  + ", ".join(f"{f['name']} ({f['version']})" for f in undone)
+                  + " (the versions between them were pruned). Their copies are in done/.")
         if result["undo"]:
             print(f"Undo with `{result['undo']}`.")
 

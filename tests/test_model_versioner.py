@@ -314,6 +314,24 @@ def test_a_damaged_tags_file_stops_prune_and_tag_instead_of_reading_as_no_tags(r
     assert "TAGS_DAMAGED" not in {x["code"] for x in state_tracker.build_state(root)["warnings"]}
 
 
+def test_a_rollback_past_pruned_versions_names_every_file_it_undoes(root, capsys):
+    """Retention pruned the versions between: the version before the last file is gone, so
+    rollback goes back further, which undid b, c and d while saying nothing of it."""
+    for gen, name in ((2, "a"), (3, "b"), (4, "c"), (5, "d")):
+        train(root, gen)
+        mv.create_version(root, f"post-train:{name}.jsonl",
+                          data_files=[{"name": f"{name}.jsonl", "sha256": f"{gen:064x}"}])
+    assert cli(capsys, "tag", "v002", "golden")[0] == 0
+    assert mv.prune(root, keep=1, yes=True)["deleted"] == ["v001", "v003", "v004"]
+    code, out, _ = cli(capsys, "rollback")
+    assert code == 0
+    assert out.splitlines()[:2] == [
+        "Rolled back current_model to v002.",
+        "This undoes 3 trained files, not only the last: b.jsonl (v003), c.jsonl (v004), d.jsonl "
+        "(v005) (the versions between them were pruned). Their copies are in done/."]
+    assert model_gen(Paths(root).current_model) == 2
+
+
 def test_prune_keeps_the_version_current_model_was_when_it_went_missing(root, capsys):
     """After a rollback, `rm -rf current_model`: the report names the version it was (not
     the newer one rolled back); prune must not delete exactly that way back."""
