@@ -1228,7 +1228,10 @@ def lineage(root, vid) -> dict:
         chain.append(rec)
         cursor = rec.get("parent")
     chain.reverse()
-    files = [{**f, "version": rec.get("id")} for rec in chain for f in rec.get("data_files") or []]
+    # an accepted hold's version names the file its parent (the held version) trained: once
+    files = [{**f, "version": rec.get("id")} for rec in chain for f in rec.get("data_files") or []
+             if not (isinstance(rec.get("gate"), dict) and rec.get("parent") is not None
+                     and rec["gate"].get("accepted_from") == rec.get("parent"))]
     return {"version": vid, "chain": [rec.get("id") for rec in chain], "data_files": files,
             "incomplete_from": missing[0] if missing else None,
             # adapter mode: which base each version of the chain applied to (None: full)

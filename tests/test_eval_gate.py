@@ -410,6 +410,9 @@ def test_a_file_stopped_then_finished_is_gated_and_accept_works_with_no_daemon(
     # the accepted version keeps the held one's eval (the gate's prefix, completed when idle)
     assert eval_gate.read_cached(root, done["version_after"])["results"] == \
         eval_gate.read_cached(root, hold["version"])["results"]
+    # lineage lists the file once (the held version trained it; the accepted one names it)
+    names = [f["name"] for f in model_versioner.lineage(root, done["version_after"])["data_files"]]
+    assert names == ["good1.jsonl", "bad.jsonl"], names
 
 
 def test_the_gate_holds_a_bad_file_trained_under_torchrun(tmp_path, tiny_model_dir):
