@@ -667,6 +667,17 @@ def approve_config(root, *, confirm=None) -> dict:
             f"a stopped one: start it); "
             f"or, with the daemon running, `python3 training_controller.py skip` (keeps its "
             f"steps; `skip --discard` undoes them), then `{training_config.APPROVE_COMMAND} --yes`.")
+    if any(c["name"] == "eval_set" for c in doc["changes"]):
+        # every start would fail on a bad eval file: it is refused here, where it is approved
+        import eval_gate
+        import training_queue
+        for path in eval_gate.eval_files(p.root):
+            checked = training_queue.validate(path, cfg)
+            if not checked["ok"]:
+                raise GuardrailError(
+                    f"cannot approve the eval set: {path.name} is {checked['verdict'] or 'invalid'}",
+                    path, f"See every problem with `python3 validate_data.py {shlex.quote(str(path))}`; "
+                    f"fix or remove the file, then `{training_config.APPROVE_COMMAND} --yes`.")
     if confirm is None or not confirm(doc["changes"]):
         listed = ", ".join(c["text"] for c in doc["changes"])
         raise GuardrailError(f"approval not confirmed ({listed})", p.config,

@@ -449,6 +449,20 @@ def test_stop_with_control_not_writable_names_sigterm_and_the_pid(root, fake_dae
     assert daemon.poll() is None and request_files(root) == []
 
 
+def test_an_eval_set_with_an_invalid_file_is_not_approved(root, capsys):
+    """Approved, a bad eval file made every daemon start fail; it is named here instead."""
+    (root / "eval").mkdir()
+    bad = root / "eval" / "bad.jsonl"
+    bad.write_text("not json\n")
+    code = tc.main(["approve-config", "--yes"])
+    err = capsys.readouterr().err
+    assert code == 1 and "cannot approve the eval set: bad.jsonl is invalid" in err, err
+    assert f"validate_data.py {bad}" in err
+    assert not training_config.read_approval(root).get("eval_set")  # still the approved none
+    bad.write_text('{"text": "a good line"}\n')
+    assert tc.main(["approve-config", "--yes"]) == 0
+
+
 def test_approve_config_is_refused_while_a_file_is_part_way_trained(root, capsys):
     """A paused (or stopped) file resumes from its checkpoint: approving a new max_length
     let the rest of it be packed another way (was accepted). Operational parameters pass."""
