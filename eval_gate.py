@@ -368,10 +368,19 @@ def held_file(root) -> Path | None:
     return None
 
 
-def hold_reason(name: str, cmp: dict, pct: float, version: str, before: str) -> str:
+def decision_cmds(root=None) -> tuple[str, str]:
+    """(accept, reject) as commands to paste: with `--root R` unless R is the root they
+    find by themselves (TRAINING_ROOT, or the scripts' folder)."""
+    import cli_guard
+    shown = None if root is None or Path(root).resolve() == trainroot.resolve_root(None) else root
+    return cli_guard.command(ACCEPT_CMD, shown), cli_guard.command(REJECT_CMD, shown)
+
+
+def hold_reason(name: str, cmp: dict, pct: float, version: str, before: str, root=None) -> str:
+    accept, reject = decision_cmds(root)
     return (f"quality gate: {name} made the model worse on the eval set: {describe(cmp, pct)}. "
             f"Its weights are kept as {version} (rejected); current_model is back at {before}. "
-            f"Run `{ACCEPT_CMD}` to publish {version} and go on from it, or `{REJECT_CMD}` to "
+            f"Run `{accept}` to publish {version} and go on from it, or `{reject}` to "
             f"move {name} to skipped/ and go on from {before}")
 
 

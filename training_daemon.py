@@ -405,7 +405,7 @@ class Daemon:
             data = self._processing_file()
             hold = (training_queue.read_record(data).get("hold") or {}) if data else {}
             if commands is None:
-                commands = {"gate": [eval_gate.ACCEPT_CMD, eval_gate.REJECT_CMD],
+                commands = {"gate": list(eval_gate.decision_cmds(self.p.root)),
                             "spike": ["python3 training_controller.py resume",
                                       "python3 training_controller.py skip --discard"]}.get(
                     what, ["python3 training_controller.py resume"])
@@ -515,8 +515,9 @@ class Daemon:
                 if data is None:
                     self.ack(req, "noop", "nothing is training")
                 elif eval_gate.held_file(self.p.root) == data:
+                    accept, reject = eval_gate.decision_cmds(self.p.root)
                     self.ack(req, "failed", f"{data.name} is held by the quality gate: run "
-                                            f"`{eval_gate.ACCEPT_CMD}` or `{eval_gate.REJECT_CMD}`")
+                                            f"`{accept}` or `{reject}`")
                 else:
                     discard = bool((req.get("options") or {}).get("discard"))
                     try:
@@ -774,7 +775,7 @@ class Daemon:
         if hold:  # a spike or a failed save paused this file before a restart: still paused
             if self.once:
                 raise GuardrailError(f"{data.name} is on hold: {hold.get('reason')}", data,
-                                     f"Run `{eval_gate.ACCEPT_CMD}` or `{eval_gate.REJECT_CMD}`."
+                                     "Run `{}` or `{}`.".format(*eval_gate.decision_cmds(self.p.root))
                                      if hold.get("kind") == "gate" else
                                      "Inspect it, then `python3 training_controller.py resume` "
                                      "with the daemon running (or `skip`).")
@@ -968,8 +969,8 @@ class Daemon:
                     self.ack(req, "done" if action == "pause" else "noop",
                              f"{data.name} finished and is held by the quality gate")
                 if self.once:
-                    raise GuardrailError(self.paused_reason, data, f"Run `{eval_gate.ACCEPT_CMD}` or "
-                                         f"`{eval_gate.REJECT_CMD}`, then run the daemon again.")
+                    raise GuardrailError(self.paused_reason, data, "Run `{}` or `{}`, then run the "
+                                         "daemon again.".format(*eval_gate.decision_cmds(self.p.root)))
                 self.current = self.progress = None
                 return
             self._finish_done(data, result, scored)
@@ -1042,8 +1043,8 @@ class Daemon:
                      f"{data.name} moved to skipped/"
                      + (" and the version before it restored" if discard else ""))
             if restored is None and self.once:  # the gate holds what it kept: as after a file
-                raise GuardrailError(self.paused_reason, data, f"Run `{eval_gate.ACCEPT_CMD}` or "
-                                     f"`{eval_gate.REJECT_CMD}`, then run the daemon again.")
+                raise GuardrailError(self.paused_reason, data, "Run `{}` or `{}`, then run the "
+                                     "daemon again.".format(*eval_gate.decision_cmds(self.p.root)))
         elif status == "refused":  # the data, not the machine: failed/ with the engine's reason and fix
             self._finish_failed(data, result.get("reason") or result.get("message") or "refused",
                                 result, fix=result.get("fix"))
@@ -1237,7 +1238,7 @@ class Daemon:
                             "compared": cmp, "held_at": now, "then": then}})
         eval_gate.write_cached(self.p.root, held, dict(after, rejected=True))
         self._restore_before(data)
-        reason = eval_gate.hold_reason(data.name, cmp, pct, held, before_vid)
+        reason = eval_gate.hold_reason(data.name, cmp, pct, held, before_vid, self.p.root)
         update = {"in_training": False, "result": result,
                   "hold": {"kind": "gate", "reason": reason, "since": now, "version": held,
                            "then": then, "eval": cmp, "threshold_pct": pct}}

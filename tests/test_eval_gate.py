@@ -362,7 +362,8 @@ def test_run_once_exits_1_when_a_skip_leaves_the_gate_holding_the_steps_it_kept(
     d.training_step("bad.jsonl", 25)
     controller(root, "skip", "--wait", "120")
     assert d.wait(120) == 1, d.output()
-    assert "quality gate" in d.output() and eval_gate.ACCEPT_CMD in d.output()
+    assert "quality gate" in d.output()
+    assert f"`{eval_gate.ACCEPT_CMD} --root {root}`" in d.output()  # pasted, it acts on this root
     assert record(root / "processing" / "bad.jsonl")["hold"]["then"] == "skipped"
 
 
