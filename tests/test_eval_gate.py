@@ -362,8 +362,11 @@ def test_run_once_exits_1_when_a_skip_leaves_the_gate_holding_the_steps_it_kept(
     d.training_step("bad.jsonl", 25)
     controller(root, "skip", "--wait", "120")
     assert d.wait(120) == 1, d.output()
-    assert "quality gate" in d.output()
-    assert f"`{eval_gate.ACCEPT_CMD} --root {root}`" in d.output()  # pasted, it acts on this root
+    assert "quality gate" in d.output() and eval_gate.ACCEPT_CMD in d.output()
+    # (the daemon found this root through TRAINING_ROOT: its commands need no --root;
+    # for another root they carry it, so that pasted they act on the held file's root)
+    assert eval_gate.decision_cmds(tmp_path / "other")[0] == \
+        f"{eval_gate.ACCEPT_CMD} --root {tmp_path / 'other'}"
     assert record(root / "processing" / "bad.jsonl")["hold"]["then"] == "skipped"
 
 
