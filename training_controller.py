@@ -352,6 +352,15 @@ def daemon_status(root) -> dict:
                             if not n.startswith(".") and not n.endswith(".record.json"))
     except FileNotFoundError:
         processing = []
+    hold = None
+    if processing:  # a file a person must decide on (the gate, a loss spike) does not resume by itself
+        try:
+            got = read_json(p.processing / (processing[0] + ".record.json"), default={})
+        except GuardrailError:
+            got = {}
+        got = (got or {}).get("hold") if isinstance(got, dict) else None
+        if isinstance(got, dict) and isinstance(got.get("kind"), str):
+            hold = {"kind": got["kind"], "reason": got.get("reason") if isinstance(got.get("reason"), str) else None}
     kept = None
     if not alive:
         pauses = [r for r in pending if r["action"] == "pause"]
@@ -379,6 +388,7 @@ def daemon_status(root) -> dict:
         "current_file": state.get("current_file") if same_daemon or current == "dead" else None,
         "progress": state.get("progress") if same_daemon or current == "dead" else None,
         "processing_file": processing[0] if processing else None,
+        "processing_hold": hold,
         "last_error": state.get("last_error"),
         "state_file_error": state_error,
         "pending": pending,
@@ -813,6 +823,12 @@ def _status_rows(st: dict) -> list[tuple[str, str]]:
     cf = st["current_file"]
     if cf:
         rows.append(("file", f"{cf.get('name')} ({cf.get('priority', 'normal')})"))
+    elif st["processing_file"] and (st.get("processing_hold") or {}).get("kind") == "gate":
+        rows.append(("file", f"{st['processing_file']} is held by the quality gate: it waits for "
+                             f"`python3 training_controller.py accept` or `reject` (no daemon needed)"))
+    elif st["processing_file"] and st.get("processing_hold"):
+        rows.append(("file", f"{st['processing_file']} is on hold ({st['processing_hold']['kind']}): "
+                             f"{st['processing_hold']['reason'] or 'see its record'}"))
     elif st["processing_file"]:
         rows.append(("file", f"{st['processing_file']} waits in processing/ (resumes from its "
                              f"checkpoint)"))

@@ -406,6 +406,10 @@ def test_a_file_stopped_then_finished_is_gated_and_accept_works_with_no_daemon(
     assert hold["kind"] == "gate" and hold["then"] == "done"
     import model_versioner
     assert "quality gate holds" in " ".join(model_versioner.prune_plan(root, keep=1)["keep"][hold["version"]])
+    st = controller(root, "status")  # waits for a person, not for a daemon to resume it
+    assert st["processing_hold"]["kind"] == "gate" and "quality gate" in st["processing_hold"]["reason"]
+    text = run_script("training_controller.py", "status", root=root).stdout
+    assert "bad.jsonl is held by the quality gate: it waits for" in text, text
     out = controller(root, "accept")  # no daemon runs
     assert out["outcome"] == "done" and "no daemon was running" in out["message"]
     done = record(root / "done" / "bad.jsonl")
