@@ -441,7 +441,8 @@ def decide(root, action: str, *, by: str) -> dict:
         if action != "reject":
             raise GuardrailError(f"unknown decision {action!r}", data, f"Use `{ACCEPT_CMD}` or `{REJECT_CMD}`.")
         state = read_json(p.current_model / "trainer_state.json", default={}) or {}
-        if before and state.get("file_id") == rec.get("file_id"):  # the held weights are back: undo
+        restored = bool(before and state.get("file_id") == rec.get("file_id"))
+        if restored:  # the held weights are back (an accept undone, a restore of them): undo
             model_versioner.restore_version(p.root, before, reason="reject")
         reason = f"rejected by the quality gate: {describe(hold.get('eval') or {}, hold.get('threshold_pct') or 0)}"
         rec.pop("hold", None)
@@ -453,7 +454,10 @@ def decide(root, action: str, *, by: str) -> dict:
             data, p.skipped, rec, reason,
             finish=lambda d: {"fix": training_queue.fix_for(p, "skipped", d)})
         # the pin stays: the pre-file checkpoint is what the next file carries its optimizer from
-        return {"action": action, "file": data.name, "dst": str(dst), "record": rec, "version": before}
+        # what current_model is now: the version before the file, or what a person restored
+        # during the hold (kept as it is)
+        return {"action": action, "file": data.name, "dst": str(dst), "record": rec,
+                "version": before if restored else model_versioner.current_version(p.root)}
 
 
 # --------------------------------------------------------------------------- notifying a person

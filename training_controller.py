@@ -738,7 +738,8 @@ def decide(root, action: str, *, reason: str | None = None, wait: float | None =
             return {"ok": True, "action": action, "outcome": "done", "request": None, "ack": None,
                     "waited_s": None, "file": out["file"], "version": out["version"],
                     "message": f"{out['file']} {verb}: moved to {Path(out['dst']).parent.name}/; "
-                               f"current_model is {out['version']} (no daemon was running)"}
+                               f"current_model is {out['version'] or 'not a version (snapshot it to keep it)'} "
+                               "(no daemon was running)"}
     return request(p.root, action, reason=reason, wait=DEFAULT_WAIT_S if wait is None else wait)
 
 

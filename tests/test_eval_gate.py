@@ -277,6 +277,20 @@ def test_a_bad_file_is_held_and_rejecting_it_leaves_no_trace(tmp_path, tiny_mode
     assert differ == [], f"AdamW state differs: {differ[:3]}"
 
 
+def test_reject_after_a_restore_during_the_hold_keeps_it_and_says_what_current_model_is(
+        tmp_path, tiny_model_dir):
+    """A person restored v001 while the file was held: reject leaves that as it is, and its
+    message names v001 (it said the version before the file, which current_model was not)."""
+    import model_versioner
+    root = gate_root(tmp_path / "root", tiny_model_dir)
+    rec = hold_bad_file(root)
+    model_versioner.restore_version(root, "v001")
+    out = controller(root, "reject")
+    assert out["outcome"] == "done" and out["version"] == "v001" != rec["version_before"], out
+    assert "current_model is v001" in out["message"]
+    assert model_versioner.current_version(root) == "v001"
+
+
 def test_accept_with_a_running_daemon_publishes_the_held_version(tmp_path, tiny_model_dir, daemons):
     root = gate_root(tmp_path / "root", tiny_model_dir)
     rec = hold_bad_file(root)
