@@ -189,6 +189,12 @@ class DoneIndex:
             return db.execute("SELECT count(*) FROM files WHERE finished_at > ?",
                               (backup.get("created_at") or "",)).fetchone()[0]
 
+    def highest_version(self) -> int | None:
+        """The highest version number a done/ record names as `version_after` (a new id
+        must not be one of them, even after versions/ itself was lost)."""
+        with self._db() as db:
+            return db.execute("SELECT max(version_num) FROM files").fetchone()[0]
+
     def __len__(self) -> int:
         with self._db() as db:
             return db.execute("SELECT count(*) FROM files").fetchone()[0]

@@ -215,9 +215,16 @@ def read_version(root, vid) -> dict:
     vid = validate_version_id(vid, p.versions)
     rec = _load_record(p, vid)
     if rec is None and (p.versions / ".pruned" / f"{vid}.json").is_file():
+        held = []
+        with contextlib.suppress(GuardrailError, OSError):  # a verified backup of it brings it back
+            held = [b["id"] for b in backup_records.list_backups(p.root)
+                    if b.get("version") == vid and b.get("status") == "verified"]
         raise GuardrailError(f"version {vid} was pruned (only its record is kept, for lineage)",
                              p.versions / ".pruned" / f"{vid}.json",
-                             f"Run `{CMD} list` to see the versions that remain.")
+                             f"A verified backup holds it: `python3 backup_manager.py restore {held[-1]}` "
+                             f"makes it current_model (then `{CMD} snapshot`)." if held else
+                             f"Run `{CMD} list` to see the versions that remain (`python3 "
+                             "backup_manager.py list` the backups).")
     if rec is None and (p.versions / vid).is_dir():
         raise GuardrailError(f"version {vid} has no readable {VERSION_FILE} (damaged; its folder "
                              "is left as it is)", p.versions / vid / VERSION_FILE,
@@ -358,6 +365,11 @@ def _named_ids(p: Paths) -> list:
         named += [n[:-5] for n in os.listdir(pruned) if n.endswith(".json")]
     named += list(backup_versions(p.root))
     named += [rec.get("parent") for rec in list_versions(p.root)]
+    with contextlib.suppress(Exception):  # the trained files' records (versions/ may be gone)
+        import done_index
+        top = done_index.DoneIndex(p.root).highest_version()
+        if top:
+            named.append(f"v{top:03d}")
     return named
 
 
@@ -628,11 +640,11 @@ def _swap_in(p: Paths, work: Path, reason: str, keep_old: str, parent=_TRAINED_F
             "parent_version": parent, "kept_in": str(attic) if attic else None}
 
 
-def last_published(p: Paths) -> str | None:
+def last_published(p: Paths, latest: str | None = None) -> str | None:
     """The version current_model last became (a rollback or restore: its note; a backup
     restored: the version it was a backup of) while no version was taken since; else the
-    latest. Read without current_model, which may be gone."""
-    latest = latest_version(p.root)
+    latest (`latest` when the caller knows it). Read without current_model, which may be gone."""
+    latest = latest or latest_version(p.root)
     try:
         note = read_json(p.versions / PUBLISHED, default=None)
     except GuardrailError:
@@ -1109,7 +1121,7 @@ def prune_plan(root, keep: int | None = None, *, rules: dict | None = None) -> d
         if parent in reasons and cur is None:
             reasons[parent].append("current_model was trained from it")
     if cur is None and manifest is None:  # current_model missing or damaged: the way back
-        was = last_published(p)             # is the version it last was (what the report names)
+        was = last_published(p, ids[-1] if ids else None)  # is the version it last was (the report names it)
         if was in reasons:
             reasons[was].append("current_model was it when it went missing")
     for vid, why in _processing_versions(p).items():
@@ -1216,7 +1228,12 @@ def prune(root, keep: int | None = None, *, yes: bool = False, rules: dict | Non
 def lineage(root, vid) -> dict:
     """Every data file, in order, trained into `vid` since v001 (following `parent` links)."""
     p = Paths(root)
-    vid = resolve_version(p.root, vid)
+    try:
+        vid = resolve_version(p.root, vid)
+    except GuardrailError:  # a pruned version: its record is kept for this
+        if _pruned_record(p, vid) is None:
+            raise
+        vid = validate_version_id(vid)
     chain, seen, missing = [], set(), []
     cursor = vid
     while cursor and cursor not in seen:

@@ -744,14 +744,33 @@ def test_rollback_passes_versions_equal_to_current_model(root, capsys):
     assert model_gen(Paths(root).current_model) == 1
 
 
+def test_a_new_id_after_versions_was_lost_is_past_every_id_a_done_record_names(root):
+    """`rm -rf versions/`, a backup restored, a snapshot: its id must not be one that done/
+    records already name as `version_after` (their lineage would point at the new one)."""
+    p = Paths(root)
+    p.done.mkdir(exist_ok=True)
+    (p.done / "x.jsonl").write_text('{"text": "a"}\n')
+    (p.done / "x.jsonl.record.json").write_text(json.dumps(
+        {"sha256": "0" * 64, "version_after": "v007", "finished_at": utc_now()}))
+    shutil.rmtree(p.versions)
+    assert mv.create_version(root, "manual") == ("v008", True)
+
+
 def test_show_a_pruned_version_says_so(root, capsys):
     for gen in (2, 3):
         train(root, gen)
         mv.create_version(root, "manual")
+    import backup_manager
+    backup = backup_manager.create_backup(root, "v002")
     mv.prune(root, keep=1, yes=True)
     code, _, err = cli(capsys, "show", "v002")
     assert code == 1 and err.startswith("Error: version v002 was pruned (only its record is "
                                         "kept, for lineage), ")
+    # the verified backup that holds it is the way back; lineage still reads its record
+    code, _, err = cli(capsys, "restore", "v002")
+    assert code == 1 and f"`python3 backup_manager.py restore {backup['id']}`" in err, err
+    code, out, _ = cli(capsys, "lineage", "v002", "--json")
+    assert code == 0 and json.loads(out)["chain"] == ["v001", "v002"]
 
 
 def test_a_file_where_current_model_belongs_is_kept_by_restore(root, capsys):
