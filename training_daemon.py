@@ -662,6 +662,11 @@ class Daemon:
         for vid in room["pruned_versions"]:
             self.log.info("pre-flight: retention pruned %s to make room", vid)
         if not room["ok"]:
+            now = time.monotonic()  # what the state tracker reports (DISK_BUDGET) is the last sample
+            if self._usage_sampled is None or now - self._usage_sampled >= 60:
+                with contextlib.suppress(GuardrailError, OSError):
+                    retention.record_usage(self.p.root, cfg)
+                self._usage_sampled = now
             raise _Paused(GuardrailError(
                 f"pre-flight: the next checkpoint and model do not fit ({room['problem']}); "
                 "retention has pruned what its rules allow", self.p.root,

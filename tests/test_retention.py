@@ -277,6 +277,35 @@ def test_a_write_over_the_budget_pauses_with_the_figures_and_the_freeing_command
     d.preflight(training_config.load_config(root))  # room now: no pause
 
 
+def test_the_report_says_what_the_pre_flight_found_over_the_budget(initialized_root):
+    """The report read the usage sampled after a file minutes ago ("OK") while the daemon was
+    paused on the budget: the pre-flight that pauses keeps a fresh sample."""
+    import state_tracker
+    import training_daemon
+    root = initialized_root
+    p = Paths(root)
+    retention.record_usage(root, training_config.load_config(root))  # the daemon's, files ago
+    used0 = retention.recorded_usage(root, training_config.load_config(root))["root_used"]
+    model = training_daemon._folder_bytes(p.current_model)
+    for k in (1, 2, 3):  # more versions since that sample (other weights: no shared files)
+        staged = p.staging / f"copy-{k}"
+        shutil.copytree(p.current_model, staged, ignore=shutil.ignore_patterns(".manifest.json"))
+        w = next(staged.glob("*.safetensors"))
+        blob = bytearray(w.read_bytes())
+        blob[-1] = k
+        w.chmod(0o644)
+        w.write_bytes(bytes(blob))
+        mv.publish_model(root, staged, reason="test")
+        mv.create_version(root, "manual")
+    need = training_daemon.OPTIMIZER_FACTOR * model + model
+    _set_config(root, max_disk_gb=round((used0 + need + model) / 1e9, 9))  # fits the old sample
+    d = training_daemon.Daemon(root, once=True, monitor=False)
+    with pytest.raises(training_daemon._Paused, match="do not fit"):
+        d.preflight(training_config.load_config(root))
+    budget = {x["code"]: x for x in state_tracker.build_state(root)["warnings"]}.get("DISK_BUDGET")
+    assert budget is not None and budget["severity"] == "critical", state_tracker.build_state(root)["warnings"]
+
+
 def test_a_backup_over_its_budget_is_refused_before_writing(root):
     bdir = Paths(root).default_backups
     bm.create_backup(root)
