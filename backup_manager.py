@@ -372,6 +372,8 @@ def create_backup(root, src: str | None = None, note: str | None = None) -> dict
                 continue
             break
         started = time.monotonic()
+        with contextlib.suppress(OSError):
+            started_ino = os.stat(folder).st_ino  # a swap (restore, rollback, publish) moves it
         try:
             # adapter mode: the base is backed up once (verified), referenced from the record
             base_id = base_store.adapter_base(folder)
@@ -397,6 +399,14 @@ def create_backup(root, src: str | None = None, note: str | None = None) -> dict
             rename_noreplace(staging, bdir / bid)
         except BaseException as exc:
             _discard(staging)
+            swapped = False
+            with contextlib.suppress(OSError, NameError):
+                swapped = source == "current_model" and os.stat(folder).st_ino != started_ino
+            if swapped and isinstance(exc, (OSError, GuardrailError)):  # not damage: a race
+                raise GuardrailError(
+                    "backup failed: current_model was replaced while it was copied (a restore, "
+                    "a rollback or a trained file); nothing was kept", folder,
+                    f"Run `{BACKUP_CMD}` again: it copies current_model as it is now.") from exc
             if isinstance(exc, OSError):
                 reason = ("no space left on device" if exc.errno == errno.ENOSPC
                           else f"{exc.strerror or exc}")
@@ -560,13 +570,16 @@ def restore_base(root, base_id: str) -> dict:
     base_store.validate_base_id(base_id)
     holders = [b for b in list_backups(p.root)
                if isinstance(b.get("base"), dict) and b["base"].get("id") == base_id]
-    if not holders:
+    ref = holders[-1]["base"] if holders else None
+    if ref is None:  # its backups were pruned, but a verified copy may still be there
+        ref = next(iter(base_backup.kept_copies(backups_dir(p.root), base_id)), None)
+    if ref is None:
         raise GuardrailError(f"no backup holds base {base_id}", backups_dir(p.root),
                              "Restore a version on another base or a full one "
                              "(`python3 model_versioner.py list` shows each one's kind).")
     with _lock(p.root, f"restore base {base_id}", bdir=backups_dir(p.root)):
-        done = base_backup.install_base(p.root, backups_dir(p.root), holders[-1]["base"])
-    return {"ok": True, "base": base_id, "from_backup": holders[-1]["id"],
+        done = base_backup.install_base(p.root, backups_dir(p.root), ref)
+    return {"ok": True, "base": base_id, "from_backup": holders[-1]["id"] if holders else ref["path"],
             "restored": done is not None, "message": done or f"base {base_id} is already good"}
 
 

@@ -49,6 +49,26 @@ def copy_path(bdir, ref: dict) -> Path:
     return Path(bdir) / BASES_DIR / _copy_name(ref)
 
 
+def kept_copies(bdir, base_id: str) -> list[dict]:
+    """References to the good copies of base `base_id` in `bdir/bases/` that no backup
+    record may name any more (their backups were pruned; the copy stays): verified now."""
+    store = Path(bdir) / BASES_DIR
+    try:
+        names = sorted(n for n in os.listdir(store) if NAME_RE.fullmatch(n) and n.startswith(base_id + "-"))
+    except OSError:
+        return []
+    refs = []
+    for name in names:
+        rec = read_json(store / name / COPY_RECORD, default=None) if (store / name).is_dir() else None
+        sha = ((rec or {}).get("files") or {}).get(MANIFEST, {}).get("sha256") if isinstance(rec, dict) else None
+        if not isinstance(sha, str) or rec.get("base_id") != base_id:
+            continue
+        ref = {"id": base_id, "manifest_sha256": sha, "path": f"{BASES_DIR}/{name}"}
+        if _copy_name(ref) == name and not verify_base_copy(bdir, ref):
+            refs.append(ref)
+    return refs
+
+
 def backup_base(root, bdir, base_id: str) -> dict:
     """A verified copy of base `base_id` under `bdir/bases/` (made once, reused while its
     record is there); returns the reference a backup record keeps. Call holding the

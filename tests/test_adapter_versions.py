@@ -198,6 +198,14 @@ def test_restore_base_command(adapter_root):
     proc = run_script("backup_manager.py", "restore-base", "b001", "--json", root=adapter_root)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["restored"] is True
+    # its backups pruned, the verified copy of the base they shared is still there: used
+    bdir = adapter_root / "backups"
+    for b in bm.list_backups(adapter_root):
+        shutil.rmtree(bdir / b["id"])
+    shutil.rmtree(adapter_root / "base" / "b001")
+    out = bm.restore_base(adapter_root, "b001")
+    assert out["restored"] is True and out["from_backup"].startswith("bases/b001-")
+    assert base_store.verify_base(adapter_root, "b001") == []
     assert mv.restore_version(adapter_root, "v003")["restored"] == "v003"
     proc = run_script("backup_manager.py", "restore-base", "b009", root=adapter_root)
     assert proc.returncode == 1 and proc.stderr.startswith("Error: no backup holds base b009")

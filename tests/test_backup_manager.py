@@ -276,6 +276,24 @@ def test_disk_full_on_a_small_tmpfs(fake_root, tmp_path, capsys):
         subprocess.run(["umount", str(mnt)], check=True)
 
 
+def test_a_backup_racing_a_restore_says_so_not_corruption(fake_root, capsys, monkeypatch):
+    """A restore swapped current_model while the backup copied it: the copy failed as "does
+    not match its manifest" or a missing file, which read like damage. It is named a race."""
+    real = backup_manager.copy_tree_verified
+
+    def swapped_midway(src, dst, **kw):  # the copy reads the old tree, which the restore removes
+        os.rename(fake_root / "current_model", fake_root / "old_model")  # what a restore's swap
+        shutil.copytree(fake_root / "old_model", fake_root / "current_model")  # does to the path
+        shutil.rmtree(fake_root / "old_model")
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "tokenizer/vocab.json")
+    monkeypatch.setattr(backup_manager, "copy_tree_verified", swapped_midway)
+    code, _, err = _cli(capsys, "backup")
+    assert code == 1 and "current_model was replaced while it was copied" in err, err
+    assert "`python3 backup_manager.py backup` again" in err
+    monkeypatch.setattr(backup_manager, "copy_tree_verified", real)
+    assert _backup(capsys)["status"] == "verified"
+
+
 def test_disk_full_injected(fake_root, capsys, monkeypatch):
     """ENOSPC from the kernel's write(2), injected at that boundary for the backup's files."""
     before = _tree_hashes(fake_root / "current_model")
