@@ -399,16 +399,16 @@ class InboxIntake:
             self.log.exception("intake of %s failed; it stays in %s", name, claimed.parent)
             self.on_failed(f"intake of {name} failed: {exc}")
             return
-        if rec["outcome"] == "queued":
-            self.on_queued(rec)
         self._intake_count += 1
         if self._intake_count > BURST_LOG_LINES and rec["outcome"] != "queued":
             self._burst_quiet += 1  # a burst: one summary line instead of 10,000
-            return
-        level = logging.INFO if rec["outcome"] == "queued" else logging.WARNING
-        self.log.log(level, "%s: %s (%s)%s%s", name, rec["outcome"], priority,
-                     f" - {rec['reason']}" if rec.get("reason") else "",
-                     f". {rec['fix']}" if rec.get("fix") else "")
+        else:
+            level = logging.INFO if rec["outcome"] == "queued" else logging.WARNING
+            self.log.log(level, "%s: %s (%s)%s%s", name, rec["outcome"], priority,
+                         f" - {rec['reason']}" if rec.get("reason") else "",
+                         f". {rec['fix']}" if rec.get("fix") else "")
+        if rec["outcome"] == "queued":  # (after the line: its test render may fail it next)
+            self.on_queued(rec)
 
     def _examine_aside(self, claimed: Path, name: str) -> dict | None:
         """Hash and validate a big file (over 32 MB; a 2 GB one takes ~20 s) in a thread,
