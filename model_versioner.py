@@ -366,10 +366,13 @@ def _named_ids(p: Paths) -> list:
     named += list(backup_versions(p.root))
     named += [rec.get("parent") for rec in list_versions(p.root)]
     with contextlib.suppress(Exception):  # the trained files' records (versions/ may be gone)
-        import done_index
-        top = done_index.DoneIndex(p.root).highest_version()
-        if top:
-            named.append(f"v{top:03d}")
+        with os.scandir(p.done) as entries:
+            trained = any(e.name.endswith(".record.json") for e in entries)
+        if trained:  # (a new root has none: no index is built for it)
+            import done_index
+            top = done_index.DoneIndex(p.root).highest_version()
+            if top:
+                named.append(f"v{top:03d}")
     return named
 
 

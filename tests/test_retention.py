@@ -241,6 +241,21 @@ def test_list_pages_the_newest(root, capsys):
 
 # --------------------------------------------------------------------------- the budget
 
+def _version_of_other_weights(root: Path, k: int) -> None:
+    """current_model with its last weight byte set to `k` (no file shared with the others),
+    published and versioned."""
+    p = Paths(root)
+    staged = p.staging / f"copy-{k}"
+    shutil.copytree(p.current_model, staged, ignore=shutil.ignore_patterns(".manifest.json"))
+    w = next(staged.glob("*.safetensors"))
+    blob = bytearray(w.read_bytes())
+    blob[-1] = k
+    w.chmod(0o644)
+    w.write_bytes(bytes(blob))
+    mv.publish_model(root, staged, reason="test")
+    mv.create_version(root, "manual")
+
+
 def test_a_write_over_the_budget_pauses_with_the_figures_and_the_freeing_command(
         initialized_root, monkeypatch):
     """Pre-flight: the next file's checkpoint and model do not fit max_disk_gb. Retention
@@ -251,15 +266,7 @@ def test_a_write_over_the_budget_pauses_with_the_figures_and_the_freeing_command
     p = Paths(root)
     for day in (1, 2, 3):  # versions of other models, a day apart: the rules keep the newest
         monkeypatch.setattr(mv, "utc_now", lambda d=day: _iso(T0 + timedelta(days=d)))
-        staged = p.staging / f"copy-{day}"
-        shutil.copytree(p.current_model, staged, ignore=shutil.ignore_patterns(".manifest.json"))
-        w = next(staged.glob("*.safetensors"))
-        blob = bytearray(w.read_bytes())
-        blob[-1] = day
-        w.chmod(0o644)
-        w.write_bytes(bytes(blob))
-        mv.publish_model(root, staged, reason="test")
-        mv.create_version(root, "manual")
+        _version_of_other_weights(root, day)
     model = training_daemon._folder_bytes(p.current_model)
     _set_config(root, max_disk_gb=round(2 * model / 1e9, 6),  # the next file needs 4 x model
                 retention={"versions": {"keep_last": 1}})
@@ -288,15 +295,7 @@ def test_the_report_says_what_the_pre_flight_found_over_the_budget(initialized_r
     used0 = retention.recorded_usage(root, training_config.load_config(root))["root_used"]
     model = training_daemon._folder_bytes(p.current_model)
     for k in (1, 2, 3):  # more versions since that sample (other weights: no shared files)
-        staged = p.staging / f"copy-{k}"
-        shutil.copytree(p.current_model, staged, ignore=shutil.ignore_patterns(".manifest.json"))
-        w = next(staged.glob("*.safetensors"))
-        blob = bytearray(w.read_bytes())
-        blob[-1] = k
-        w.chmod(0o644)
-        w.write_bytes(bytes(blob))
-        mv.publish_model(root, staged, reason="test")
-        mv.create_version(root, "manual")
+        _version_of_other_weights(root, k)
     need = training_daemon.OPTIMIZER_FACTOR * model + model
     _set_config(root, max_disk_gb=round((used0 + need + model) / 1e9, 9))  # fits the old sample
     d = training_daemon.Daemon(root, once=True, monitor=False)
