@@ -91,13 +91,16 @@ def _refuse_over_a_backup(p: Paths) -> None:
     except (GuardrailError, OSError):
         return
     if b:
+        import cli_guard
+        shown = None if p.root.resolve() == resolve_root(None) else p.root  # pasted: this root
         raise GuardrailError(
             f"current_model is gone but a verified backup of it exists ({b['id']}, step "
             f"{b.get('global_step')}); init would start a new random model instead", p.root,
-            f"Bring it back with `python3 backup_manager.py restore {b['id']}` (then `python3 "
-            "model_versioner.py snapshot --note restored`). To start a new model anyway, first "
-            f"move the backups aside: `mv {shlex.quote(str(bdir))} "
-            f"{shlex.quote(str(bdir) + '.old')}`.")
+            cli_guard.with_root(
+                f"Bring it back with `python3 backup_manager.py restore {b['id']}` (then `python3 "
+                "model_versioner.py snapshot --note restored`). To start a new model anyway, first "
+                f"move the backups aside: `mv {shlex.quote(str(bdir))} "
+                f"{shlex.quote(str(bdir) + '.old')}`.", shown))
 
 
 def init_root(root, base: str = "tiny") -> dict:

@@ -184,6 +184,11 @@ def test_init_never_starts_a_new_model_beside_a_verified_backup_of_the_lost_one(
                                   f"exists ({bid}, step 0)")
     assert f"`python3 backup_manager.py restore {bid}`" in proc.stderr
     assert not (root / "current_model").exists() and not (root / "versions").exists()
+    # given with --root from elsewhere, the commands it names act on that root when pasted
+    elsewhere = run_script("training_daemon.py", "init", "--root", str(root), env={"TRAINING_ROOT": ""})
+    assert elsewhere.returncode == 1
+    assert f"`python3 backup_manager.py restore {bid} --root {root}`" in elsewhere.stderr, elsewhere.stderr
+    assert f"`python3 model_versioner.py snapshot --note restored --root {root}`" in elsewhere.stderr
     restored = run_script("backup_manager.py", "restore", bid, root=root)
     assert restored.returncode == 0, restored.stderr
     assert (root / "current_model" / "config.json").exists()
