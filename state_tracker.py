@@ -423,11 +423,13 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
         folder, manifest if isinstance(manifest, dict) else None)
     sec["problems"] += problems
     sec["kind"] = "adapter" if base_store.is_adapter_folder(folder) else "full"
+    base_only = False  # only the base is bad: BASE_MISSING says it (restoring a version fails too)
     if sec["kind"] == "adapter":  # adapter mode: the model is the base + this adapter
         sec["base"] = base_store.adapter_base(folder)
         base_problems = (base_store.check_base(root, sec["base"], hash_touched=False)
                          if sec["base"] else ["adapter names no base"])
         if base_problems:
+            base_only = not sec["problems"]
             sec["problems"] += base_problems
             fix = (_cmd(root, f"backup_manager.py restore-base {sec['base']}") if sec["base"]
                    else _cmd(root, "model_versioner.py list"))
@@ -472,7 +474,7 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
                         break
                 except OSError:
                     continue  # a version without a manifest cannot be current_model's
-    if not sec["complete"]:
+    if not sec["complete"] and not base_only:
         fix, what = _restore_what(root, sec["matches_version"] or was, latest) if latest else (None, "")
         note = f"Puts back {what}; the damaged folder is kept aside first."
         if not latest:

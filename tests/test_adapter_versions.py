@@ -229,6 +229,8 @@ def test_state_tracker_shows_kind_and_base(adapter_root):
     assert len(warn) == 1 and warn[0]["severity"] == "critical"
     assert warn[0]["fix"].startswith("python3 backup_manager.py restore-base b001")
     assert doc["current_model"]["complete"] is False
+    # not also MODEL_INCOMPLETE, whose `restore latest` fails on the same missing base
+    assert "MODEL_INCOMPLETE" not in {w["code"] for w in doc["warnings"]}
     mv.restore_version(adapter_root, "v001")          # a full model: no base needed
     doc = json.loads(run_script("state_tracker.py", "--json", root=adapter_root).stdout)
     assert (doc["current_model"]["kind"], doc["current_model"]["base"]) == ("full", None)
