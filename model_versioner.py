@@ -643,23 +643,6 @@ def _swap_in(p: Paths, work: Path, reason: str, keep_old: str, parent=_TRAINED_F
             "parent_version": parent, "kept_in": str(attic) if attic else None}
 
 
-def last_published(p: Paths, latest: str | None = None) -> str | None:
-    """The version current_model last became (a rollback or restore: its note; a backup
-    restored: the version it was a backup of) while no version was taken since; else the
-    latest (`latest` when the caller knows it). Read without current_model, which may be gone."""
-    latest = latest or latest_version(p.root)
-    try:
-        note = read_json(p.versions / PUBLISHED, default=None)
-    except GuardrailError:
-        note = None
-    note = note if isinstance(note, dict) else {}
-    vid = note.get("version") or note.get("parent_version")
-    if latest and note.get("latest") == latest and isinstance(vid, str) and VERSION_RE.fullmatch(vid) \
-            and (p.versions / vid).is_dir():
-        return vid
-    return latest
-
-
 def _note_published(p: Paths, version, parent, reason: str) -> None:
     """Record which version current_model became (`versions/PUBLISHED`), with the newest id
     then: after a rollback and `rm -rf current_model`, state_tracker names this version
@@ -1123,9 +1106,9 @@ def prune_plan(root, keep: int | None = None, *, rules: dict | None = None) -> d
         parent = (manifest or {}).get("parent_version")
         if parent in reasons and cur is None:
             reasons[parent].append("current_model was trained from it")
-    if cur is None and manifest is None:  # current_model missing or damaged: the way back
-        was = last_published(p, ids[-1] if ids else None)  # is the version it last was (the report names it)
-        if was in reasons:
+    if cur is None and manifest is None:  # current_model missing or damaged: the version it
+        was = versions_index.last_published(p.root, ids[-1] if ids else None)  # last was is the
+        if was in reasons:                                                      # way back
             reasons[was].append("current_model was it when it went missing")
     for vid, why in _processing_versions(p).items():
         if vid in reasons:  # skip --discard, the loss guard and accept restore it

@@ -369,20 +369,6 @@ def _damaged_versions(root: Path, versions: dict, model: dict, w: list) -> None:
               "bring it back from a backup of the root; tags and versions are otherwise intact.")
 
 
-def _last_published(root: Path, versions: dict) -> str | None:
-    """The version current_model last became, read without current_model (it may be gone):
-    model_versioner's note of its last publish (a rollback or restore to an older one),
-    while no version was taken since; else the latest (every version is current_model
-    as it was when taken)."""
-    latest = versions.get("latest")
-    note = _dict(_read(Paths(root).versions / ".published.json"))
-    vid = _str(note.get("version")) or _str(note.get("parent_version"))
-    if latest and note.get("latest") == latest and vid and versions_index.version_number(vid) \
-            and (Paths(root).versions / vid).is_dir():
-        return vid
-    return latest
-
-
 def _restore_what(root: Path, vid: str, latest: str) -> tuple[str, str]:
     """(fix, what it brings back) for putting version `vid` back as current_model."""
     if vid == latest:
@@ -399,7 +385,7 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
            "size_bytes": 0, "file_count": 0, "global_step": None, "tokens_seen": None,
            "matches_version": None, "kind": None, "base": None}
     latest = versions.get("latest")
-    was = _last_published(root, versions)
+    was = versions_index.last_published(root, versions.get("latest"))
     if not sec["exists"]:
         in_place = "is not a folder" if os.path.lexists(folder) else "does not exist"
         if latest:

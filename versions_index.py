@@ -66,6 +66,25 @@ def version_number(name: str) -> int | None:
         else None
 
 
+def last_published(root, latest: str | None) -> str | None:
+    """The version current_model last became, read without current_model (it may be gone):
+    model_versioner's note of its last publish (`versions/.published.json`: a rollback or a
+    restore to an older one, a backup restored), while no version was taken since (the
+    note's `latest` is still `latest`); else `latest` (every version is current_model as it
+    was when taken)."""
+    versions = Paths(root).versions
+    try:
+        note = read_json(versions / ".published.json", default=None)
+    except GuardrailError:
+        note = None
+    note = note if isinstance(note, dict) else {}
+    vid = note.get("version") or note.get("parent_version")
+    if latest and note.get("latest") == latest and isinstance(vid, str) and version_number(vid) \
+            and (versions / vid).is_dir():
+        return vid
+    return latest
+
+
 def _file_sig(path) -> str:
     try:
         st = os.stat(path)
