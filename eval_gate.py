@@ -129,7 +129,7 @@ def evaluate(root, model_dir, cfg: dict, *, log=None, max_tokens: int | None = N
         training_engine.release_warm()
     model = training_engine.load_model_folder(root, model_dir)  # full, or an adapter over its base
     model.to(device)
-    isolation, _ = training_engine.packing_isolation(model, cfg)  # packed documents as training sees them
+    isolation, _ = training_engine.packing_isolation(model, cfg, root)  # packed documents as training sees them
     model.eval()
     amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.get("dtype"))
     max_length, batch = int(cfg["max_length"]), int(cfg.get("batch_size") or 8)

@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -224,6 +225,29 @@ def test_bitwise_equal_after_kill_9_at_random_steps(tmp_path, tiny_model_dir, re
     steps = [m["global_step"] for m in metrics(root)]
     # each step logged once: the steps a resume redoes (exactly) were logged before the kill
     assert steps == list(range(1, total + 1)), f"seed {seed}, kills at {kill_at}"
+
+
+def test_batches_are_read_ahead_in_a_thread_unless_torch_fills_every_core(
+        tmp_path, tiny_model_dir, reference, monkeypatch):
+    """A thread reads the next batch while a step runs, except on a CPU whose every core runs
+    torch's threads, where it would only take turns with them: there the batch is read in
+    line. Either way the run is the same, bit for bit."""
+    readers = []
+    read_batch = te.FileRun.read_batch
+
+    def spy(run):
+        readers.append(threading.current_thread().name)
+        return read_batch(run)
+
+    monkeypatch.setattr(te.FileRun, "read_batch", spy)
+    for cores, reader in ((1, "MainThread"), (4, "batch-prefetch")):  # num_threads is 1
+        monkeypatch.setattr(te.os, "cpu_count", lambda: cores)
+        readers.clear()
+        root, cfg = make_root(tmp_path / f"cores{cores}", tiny_model_dir)
+        result = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg)
+        assert result["status"] == "completed"
+        assert set(readers) == {reader} and len(readers) == result["steps"] + 1
+        assert_bitwise_equal(weights(Paths(root).current_model), reference["weights"])
 
 
 def list_steps(root: Path) -> list[int]:
@@ -984,6 +1008,47 @@ def test_a_model_that_ignores_document_boundaries_is_found_and_named(tiny_model_
     assert mode == "shared" and "honours neither" in line, line
     assert te.packing_isolation(model, te_config(pack_isolation=False))[0] == "off"
 
+
+
+def test_the_isolation_probe_runs_once_per_kind_of_model_and_is_kept_in_the_root(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """The probe's answer depends on the modeling code and config, not on the weights: asked
+    again for a model of the same kind (another folder too), in this process or another, it
+    is not probed again; another attention implementation, transformers version or a damaged
+    cache file is."""
+    import shutil
+    import transformers
+    from transformers import AutoModelForCausalLM
+    probes = []
+    probe = te._probe_isolation
+    monkeypatch.setattr(te, "_probe_isolation", lambda model: probes.append(1) or probe(model))
+    monkeypatch.setattr(te, "_ISOLATION_SEEN", {})
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "elsewhere")
+
+    def asked(folder=tiny_model_dir, attn="sdpa", new_process=True):
+        if new_process:
+            te._ISOLATION_SEEN.clear()
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
+                                                     attn_implementation=attn)
+        return te.packing_isolation(model, te_config(), root)
+
+    root = tmp_path / "root"
+    root.mkdir()
+    first = asked(new_process=False)
+    assert first[0] == "position_ids" and len(probes) == 1
+    assert asked(new_process=False) == first and len(probes) == 1  # this process
+    assert asked() == first and asked(copy) == first and len(probes) == 1  # the root's file
+    assert asked(attn="eager")[0] == "position_ids" and len(probes) == 2
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers, "__version__", "99.0.0")
+        assert asked() == first and len(probes) == 3
+    cache = root / ".index" / "isolation.json"
+    assert len(json.loads(cache.read_text())) == 3
+    cache.write_text("{damaged")
+    assert asked() == first and len(probes) == 4
+    assert len(json.loads(cache.read_text())) == 1
+    assert te.packing_isolation(AutoModelForCausalLM.from_pretrained(tiny_model_dir), te_config(),
+                                None) == first  # no root: this process only
 
 # --------------------------------------------------------------------------- the base's dtype
 
