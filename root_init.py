@@ -103,6 +103,29 @@ def _refuse_over_a_backup(p: Paths) -> None:
                 f"{shlex.quote(str(bdir) + '.old')}`.", shown))
 
 
+def _refuse_over_versions(p: Paths) -> None:
+    """A root that lost current_model but kept its versions: init would start a new random
+    model as the newest version (global_step back to 0), and `restore latest` would then
+    bring back that one; restoring the version current_model was is what is meant."""
+    import versions_index
+    try:
+        latest = versions_index.VersionsIndex(p.root).latest()
+    except (GuardrailError, OSError):
+        return
+    if not latest:
+        return
+    import cli_guard
+    was = versions_index.last_published(p.root, latest)
+    shown = None if p.root.resolve() == resolve_root(None) else p.root  # pasted: this root
+    raise GuardrailError(
+        f"current_model is gone but its versions are here (it was {was}; the latest is "
+        f"{latest}); init would start a new random model as a newer version instead", p.root,
+        cli_guard.with_root(
+            f"Bring it back with `python3 model_versioner.py restore {was}` (under a second). "
+            "To start a new model anyway, first move the versions aside: "
+            f"`mv {shlex.quote(str(p.versions))} {shlex.quote(str(p.versions) + '.old')}`.", shown))
+
+
 def init_root(root, base: str = "tiny") -> dict:
     """Create config.json, current_model/ and version v001 in `root`, and approve the config.
 
@@ -124,6 +147,7 @@ def init_root(root, base: str = "tiny") -> dict:
             p.current_model, f"Remove the empty folder with `rmdir {shlex.quote(str(p.current_model))}`, "
             f"then run `python3 training_daemon.py init --root {shlex.quote(str(p.root))}` again.")
     if not os.path.lexists(p.current_model):
+        _refuse_over_versions(p)
         _refuse_over_a_backup(p)
     if os.path.lexists(p.current_model):
         raise GuardrailError(

@@ -157,15 +157,55 @@ def check_loadable(model_dir: str | os.PathLike) -> dict:
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        model, loading = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
+                                                              output_loading_info=True)
     except Exception as exc:  # transformers raises many types here; all mean "not loadable"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise GuardrailError(f"cannot load the model ({exc.__class__.__name__}: {first[:200]})",
                              folder, fix) from None
+    _check_trainable(folder, tokenizer, model, loading, fix)
     params = sum(p.numel() for p in model.parameters())
     del model
     return {"model_type": getattr(config, "model_type", None), "parameters": params,
             "vocab_size": len(tokenizer), "has_chat_template": bool(tokenizer.chat_template)}
+
+
+def _check_trainable(folder: Path, tokenizer, model, loading: dict, fix: str) -> None:
+    """What loading alone does not prove, and training would find file after file: weights
+    for every layer (none made up at random), a tokenizer that turns text into tokens the
+    embedding has rows for, and attention that is causal (a masked LM loads as a causal
+    one and trains, seeing each next token)."""
+    missing = sorted(loading.get("missing_keys") or [])
+    if missing:
+        raise GuardrailError(
+            f"the folder has no weights for {len(missing)} of the model's tensors ("
+            f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): they would start "
+            "random; is it another kind of model (not a causal LM), or a part of one?", folder, fix)
+    ids = tokenizer("Hello, world. 1234", add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise GuardrailError(
+            "the tokenizer turns text into no tokens (no tokenizer files in the folder?); every "
+            "file would train nothing", folder,
+            "Copy the model's tokenizer files (tokenizer.json or its vocabulary, "
+            "tokenizer_config.json) into the folder, then run init again.")
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise GuardrailError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: "
+            "a token past them would stop training", folder,
+            "Use the tokenizer this model was trained with, or resize the model's embeddings "
+            "(`model.resize_token_embeddings(len(tokenizer))`, then save_pretrained) first.")
+    probe = torch.tensor([[ids[0], ids[-1], ids[0], ids[-1]], [ids[0], ids[-1], ids[0], ids[0]]])
+    if ids[0] == ids[-1]:
+        probe[1, -1] = (ids[0] + 1) % rows
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe, use_cache=False).logits.float()
+    if not torch.allclose(logits[0, :-1], logits[1, :-1], atol=1e-4, rtol=0):
+        raise GuardrailError(
+            f"the model is not causal: its outputs at a position change with the tokens after it "
+            f"({type(model).__name__}; a masked or encoder model?), so it would learn to copy "
+            "the next token instead of predicting it", folder, fix)
 
 
 SAMPLE_CHAT = [{"role": "system", "content": "You are helpful."},

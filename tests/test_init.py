@@ -114,6 +114,43 @@ def test_init_base_path_that_does_not_load_changes_nothing(tmp_root):
     assert not (tmp_root / "config.json").exists()
 
 
+def _base_folders(out: Path) -> dict:
+    """Folders that load as a causal LM in transformers but would not train: no tokenizer
+    (text becomes no tokens), a tokenizer larger than the embedding, a masked LM (loads as
+    BertLMHeadModel, not causal), an encoder without the LM head (made up at random)."""
+    import training_engine as te
+    from transformers import BertConfig, BertForMaskedLM, BertModel, GPT2Config, GPT2LMHeadModel
+    bert = BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64)
+    models = {"no tokenizer": GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2)),
+              "small embedding": GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2)),
+              "masked LM": BertForMaskedLM(bert), "encoder": BertModel(bert)}
+    for name, model in models.items():
+        model.save_pretrained(out / name)
+        if name != "no tokenizer":
+            te.build_tiny_tokenizer().save_pretrained(out / name)
+    return {name: out / name for name in models}
+
+
+def test_init_refuses_a_base_that_loads_but_would_not_train(tmp_path):
+    import root_init
+    from trainroot import GuardrailError
+    expected = {"no tokenizer": "the tokenizer turns text into no tokens",
+                "small embedding": "the tokenizer has 259 tokens but the model's embedding has 100 rows",
+                "masked LM": "the model is not causal",
+                "encoder": "the folder has no weights for 6 of the model's tensors (cls.predictions"}
+    for name, folder in _base_folders(tmp_path / "bases").items():
+        root = tmp_path / name.replace(" ", "-")
+        root.mkdir()
+        with pytest.raises(GuardrailError) as err:
+            root_init.init_root(root, base=str(folder))
+        assert err.value.what.startswith(expected[name]), (name, err.value.what)
+        assert not (root / "current_model").exists() and not (root / "versions" / "v001").exists()
+    proc = run_script("training_daemon.py", "init", "--base", str(tmp_path / "bases" / "no tokenizer"),
+                      root=tmp_path / "no-tokenizer")
+    assert proc.returncode == 1 and "Copy the model's tokenizer files" in proc.stderr, proc.stderr
+
+
 def test_init_missing_base_path(tmp_root):
     missing = tmp_root.parent / "nowhere"
     proc = run_script("training_daemon.py", "init", "--base", str(missing), root=tmp_root)
@@ -166,6 +203,28 @@ def test_a_deleted_config_json_comes_back_with_init_from_the_newest_version(init
     assert not {"CONFIG_MISSING", "CONFIG_UNAPPROVED"} & {w["code"] for w in report["warnings"]}
     again = run_script("training_daemon.py", "init", root=root)
     assert again.returncode == 1 and "current_model already exists" in again.stderr
+
+
+def test_init_never_starts_a_new_model_beside_the_versions_of_the_lost_one(initialized_root):
+    """`rm -rf current_model` with versions kept: init would build a new random model as the
+    newest version (step 0), which `restore latest` would then bring back; it refuses, naming
+    the restore of the version current_model was."""
+    import shutil
+    root = initialized_root
+    shutil.rmtree(root / "current_model")
+    versions_before = sorted(os.listdir(root / "versions"))
+    proc = run_script("training_daemon.py", "init", root=root)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("Error: current_model is gone but its versions are here (it was "
+                                  "v001; the latest is v001)"), proc.stderr
+    assert "`python3 model_versioner.py restore v001`" in proc.stderr
+    assert not (root / "current_model").exists()
+    assert sorted(os.listdir(root / "versions")) == versions_before
+    elsewhere = run_script("training_daemon.py", "init", "--root", str(root), env={"TRAINING_ROOT": ""})
+    assert f"`python3 model_versioner.py restore v001 --root {root}`" in elsewhere.stderr, elsewhere.stderr
+    restored = run_script("model_versioner.py", "restore", "v001", root=root)
+    assert restored.returncode == 0, restored.stderr
+    assert (root / "current_model" / "config.json").exists()
 
 
 def test_init_never_starts_a_new_model_beside_a_verified_backup_of_the_lost_one(initialized_root):
