@@ -109,6 +109,8 @@ def _refuse_over_versions(p: Paths) -> None:
     bring back that one; restoring the version current_model was is what is meant."""
     import versions_index
     try:
+        if not any(versions_index.version_number(name) for name in os.listdir(p.versions)):
+            return  # (nothing written into a root init may still refuse)
         latest = versions_index.VersionsIndex(p.root).latest()
     except (GuardrailError, OSError):
         return
