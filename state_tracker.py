@@ -378,6 +378,33 @@ def _restore_what(root: Path, vid: str, latest: str) -> tuple[str, str]:
             "restore replaced; `restore latest` would bring that back instead)")
 
 
+def _restore_undamaged(root: Path, versions: dict, vid: str, latest: str) -> tuple[str, str, str]:
+    """(fix, what it brings back, why not `vid`) for putting back version `vid`. When the
+    cheap check found `vid` damaged (a hard-linked file written to is damaged in every
+    version sharing it): of the newest checked version that is not and the newest verified
+    backup, the one with more training. `why` is "" when `vid` is sound."""
+    damaged = {bad["id"] for bad in versions["problems"]}
+    if vid not in damaged:
+        return (*_restore_what(root, vid, latest), "")
+    why = f"{vid}, the version it was, is damaged too (VERSION_DAMAGED)"
+    sound = next((v for v in reversed(versions["ids"]) if v not in damaged), None)
+    try:
+        backup = backup_records.latest_backup(root)
+    except (GuardrailError, OSError):
+        backup = None
+    step = versions["_records"].get(sound, {}).get("global_step") if sound else None
+    if backup and (step is None or (_int(backup.get("global_step")) or 0) > step):
+        return (_cmd(root, f"backup_manager.py restore {backup['id']}"),
+                f"the newest verified backup, {backup['id']} (step {backup.get('global_step')}; "
+                f"then `{_cmd(root, 'model_versioner.py snapshot --note restored')}`)", why)
+    if sound:
+        return (_cmd(root, f"model_versioner.py restore {sound}"), f"{sound}, the newest version "
+                "the cheap check finds sound (the files trained after it are undone: "
+                f"`{_cmd(root, f'model_versioner.py lineage {vid}')}` lists them)", why)
+    return (_cmd(root, "backup_manager.py list"), "a copy from a backup, if there is one", why
+            + ", and so is every version checked")
+
+
 def _current_model_section(root: Path, versions: dict, w: list) -> dict:
     p = Paths(root)
     folder = p.current_model
@@ -389,10 +416,10 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
     if not sec["exists"]:
         in_place = "is not a folder" if os.path.lexists(folder) else "does not exist"
         if latest:
-            restore, what = _restore_what(root, was, latest)
+            restore, what, why = _restore_undamaged(root, versions, was, latest)
             _warn(w, "MODEL_MISSING", "critical",
-                  f"current_model/ {in_place}; it was {was} (the latest version is {latest})",
-                  restore, f"Brings back {what} in under a second.")
+                  f"current_model/ {in_place}; it was {was} (the latest version is {latest})"
+                  + (f"; {why}" if why else ""), restore, f"Brings back {what} in under a second.")
         elif p.config.exists():  # a root with a config but nothing to train: not OK either
             fix = _cmd(root, "training_daemon.py init")
             if os.path.lexists(folder):  # init never replaces it: keep it aside first
@@ -461,13 +488,15 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
                 except OSError:
                     continue  # a version without a manifest cannot be current_model's
     if not sec["complete"] and not base_only:
-        fix, what = _restore_what(root, sec["matches_version"] or was, latest) if latest else (None, "")
+        fix, what, why = _restore_undamaged(root, versions, sec["matches_version"] or was, latest) \
+            if latest else (None, "", "")
         note = f"Puts back {what}; the damaged folder is kept aside first."
         if not latest:
             fix, note = (_cmd(root, "backup_manager.py list"),
                          f"There is no version: restore a backup with `{_cmd(root, 'backup_manager.py restore ID')}`.")
         _warn(w, "MODEL_INCOMPLETE", "critical",
-              f"current_model/ is incomplete: {'; '.join(sec['problems'][:3])}", fix, note)
+              f"current_model/ is incomplete: {'; '.join(sec['problems'][:3])}"
+              + (f"; {why}" if why else ""), fix, note)
     return sec
 
 

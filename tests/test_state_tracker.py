@@ -746,3 +746,34 @@ def test_the_memory_a_live_idle_daemon_keeps_is_reported_and_typed(root):
             assert state(root)["training"]["memory_kept"] is None
         write_daemon_state(root, pid=daemon.pid, memory_kept={"bytes": 5, "device": 7, "until": None})
         assert state(root)["training"]["memory_kept"] == {"bytes": 5, "device": None, "until": None}
+
+
+@pytest.mark.parametrize("backup", [False, True])
+def test_a_model_whose_version_is_damaged_too_is_restored_from_a_sound_copy(root, backup):
+    """A file written in place in current_model is written in every version hard-linked to
+    it: MODEL_INCOMPLETE's fix must not name a version that fails the same check, but the
+    newest sound version, or the newest verified backup when that holds more training."""
+    import model_versioner as mv
+    publish_trained(root, 7)
+    assert mv.create_version(root, "post-train:test") == ("v002", True)
+    if backup:
+        made = run_script("backup_manager.py", "backup", "--json", root=root)
+        assert made.returncode == 0, made.stderr
+        bid = json.loads(made.stdout)["id"]
+    os.truncate(root / "current_model" / "model.safetensors", 100)  # v002's too (same inode)
+    doc = state(root)
+    damaged = {v for v in doc["versions"]["ids"]
+               if any(x["code"] == "VERSION_DAMAGED" and f"version {v} " in x["message"]
+                      for x in doc["warnings"])}
+    assert damaged == {"v002"}, damaged
+    w = codes(root)["MODEL_INCOMPLETE"]
+    assert "v002, the version it was, is damaged too" in w["message"], w
+    if backup:  # step 7, where v001 is step 0
+        assert w["fix"] == f"python3 backup_manager.py restore {bid} --root {root}"
+        assert f"the newest verified backup, {bid} (step 7" in w["note"]
+    else:
+        assert w["fix"] == f"python3 model_versioner.py restore v001 --root {root}"
+        assert "files trained after it are undone" in w["note"]
+    left = fix_and_check(root, "MODEL_INCOMPLETE")
+    assert "MODEL_INCOMPLETE" not in left and "VERSION_DAMAGED" in left
+    assert state(root)["current_model"]["global_step"] == (7 if backup else 0)
