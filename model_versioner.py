@@ -205,7 +205,7 @@ def read_tags(root, *, strict: bool = False) -> dict:
                              "tagged, and so kept, cannot be known; nothing was pruned or "
                              "tagged", path, f"Fix it by hand (`python3 -m json.tool {path}` "
                              "shows where it breaks; the form is {\"name\": \"v012\"}), or "
-                             "bring it back from a backup of the root.")
+                             "move it aside and tag again (`python3 model_versioner.py tag V NAME`).")
     return {k: v for k, v in tags.items() if isinstance(v, str)} if isinstance(tags, dict) else {}
 
 

@@ -365,8 +365,9 @@ def _damaged_versions(root: Path, versions: dict, model: dict, w: list) -> None:
               f"({versions['_tags_problem']}): which versions are tagged cannot be known, so "
               "prune and the daemon's retention delete nothing until it is fixed",
               f"python3 -m json.tool {shlex.quote(str(path))}",
-              'Shows where the JSON breaks. Fix it by hand (the form is {"name": "v012"}) or '
-              "bring it back from a backup of the root; tags and versions are otherwise intact.")
+              'Shows where the JSON breaks. Fix it by hand (the form is {"name": "v012"}), or '
+              "move it aside and tag again (`" + _cmd(root, "model_versioner.py tag V NAME")
+              + "`); versions are otherwise intact (backups do not hold tags).")
 
 
 def _restore_what(root: Path, vid: str, latest: str) -> tuple[str, str]:
@@ -591,7 +592,7 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
     if problems:
         _warn(w, "DAEMON_STATE_UNREADABLE", "warning",
               f"the daemon state file cannot be read: {problems[0]}",
-              f"mv {_arg(root, '.daemon_state.json')} {_arg(root, '.daemon_state.json.corrupt')}",
+              f"mv {_arg(root, '.daemon_state.json')} {_arg(root, '.daemon_state.json.bad')}",
               "Safe while no daemon runs: the daemon rewrites the file within a second of starting.")
     return daemon, training
 
