@@ -665,10 +665,13 @@ def _queue_section(root: Path, daemon: dict, w: list) -> dict:
         sec[kind] = entries
     if sec["failed_count"]:
         first = sec["failed"][0]
+        fix = _cmd(root, f"training_queue.py add {_arg(root, 'failed/' + first['name'])} --move")
+        if not first["name"].endswith(".jsonl"):  # add refuses the name: into the inbox as data
+            from training_queue import jsonl_name
+            fix = f"mv {_arg(root, 'failed/' + first['name'])} {_arg(root, 'inbox/' + jsonl_name(first['name']))}"
         _warn(w, "FILES_FAILED", "warning",
               f"{sec['failed_count']} file(s) in failed/ wait for a decision; newest: "
-              f"{first['name']} ({first['reason']})",
-              _cmd(root, f"training_queue.py add {_arg(root, 'failed/' + first['name'])} --move"),
+              f"{first['name']} ({first['reason']})", fix,
               "Read the reason and fix the file first; this re-validates and queues it. To file "
               f"it away instead: `mkdir -p {_arg(root, 'failed/reviewed')} && mv "
               f"{_arg(root, 'failed/' + first['name'])} {_arg(root, 'failed/' + first['name'] + '.record.json')} "

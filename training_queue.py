@@ -417,7 +417,11 @@ def _requeue_cmd(root, path, *flags: str) -> str:
 
 
 def jsonl_name(name: str) -> str:
-    """The name a file with a wrong suffix (`x.JSONL`, `x.json`, `x`) would have as data."""
+    """The name a file with a wrong suffix (`x.JSONL`, `x.json`, `x`, `x.jsonl.part`) would
+    have as data."""
+    data = name.lower().rfind(".jsonl")
+    if data > 0:  # a suffix after it (x.jsonl.part, and the .file failed/ adds to such a name)
+        return name[:data] + ".jsonl"
     base, ext = os.path.splitext(name)
     return (base if ext and base else name) + ".jsonl"
 

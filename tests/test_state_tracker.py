@@ -558,6 +558,20 @@ def test_failed_file_with_its_reason_then_requeued(root, tmp_path):
     assert state(root)["queue"]["counts"]["normal"] == 1
 
 
+def test_a_failed_file_without_the_jsonl_suffix_is_named_back_into_the_inbox(root, tmp_path):
+    """`add` refuses a name without .jsonl, so FILES_FAILED's fix for one is the rename."""
+    import training_queue
+    for name, kept in (("data.csv", "data.csv"), ("part.jsonl.part", "part.jsonl.part.file")):
+        (tmp_path / name).write_text('{"text": "fine"}\n')
+        training_queue.enqueue(root, tmp_path / name, move=True)
+        w = codes(root)["FILES_FAILED"]
+        assert kept in w["message"]
+        assert w["fix"].startswith(f"mv {root / 'failed' / kept} "), w["fix"]
+        after = fix_and_check(root, "FILES_FAILED")
+        assert "FILES_FAILED" not in after and "DAEMON_NOT_RUNNING" in after
+    assert sorted(os.listdir(root / "inbox")) == ["data.jsonl", "high", "low", "part.jsonl"]
+
+
 def test_queue_counts_per_priority_and_skip_reasons(root, tmp_path):
     import training_queue
     for i, pr in enumerate(("high", "normal", "normal", "low")):

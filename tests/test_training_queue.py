@@ -569,3 +569,15 @@ def test_json_that_is_not_json_lines_fails_once_with_a_command_that_works(root, 
     assert out.read_text() == '{"text":"a"}\n{"text":"b"}\n'
     again = training_queue.enqueue(root, out, move=True, source="inbox")
     assert again["outcome"] == "queued" and again["records"] == 2
+
+
+def test_the_rename_a_wrong_suffix_is_given_never_doubles_jsonl(root, tmp_path):
+    import training_queue
+    cases = {"x.JSONL": "x.jsonl", "x.json": "x.jsonl", "x": "x.jsonl", "y.jsonl.part": "y.jsonl",
+             "y.jsonl.tmp": "y.jsonl", "y.jsonl.part.file": "y.jsonl", ".jsonl": ".jsonl.jsonl"}
+    assert {name: training_queue.jsonl_name(name) for name in cases} == cases
+    src = tmp_path / "y.jsonl.part"
+    src.write_text('{"text": "a"}\n')
+    proc = run_script("training_queue.py", "add", str(src), root=root)
+    assert proc.returncode == 1
+    assert f"(`mv {src} {tmp_path / 'y.jsonl'}`)" in proc.stderr, proc.stderr
