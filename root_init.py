@@ -137,6 +137,13 @@ def init_root(root, base: str = "tiny") -> dict:
     a root that only lost its config.json gets back the one its newest version recorded).
     """
     p = Paths(resolve_root(root))
+    if (inside := trainroot.enclosing_root(p.root)) is not None:
+        owner, managed = inside
+        raise GuardrailError(
+            f"{p.root} is inside {managed.name}/ of the training root {owner}, which only the "
+            "product writes: a root there would be taken for its data or versions", p.root,
+            "Make the new root in a folder of its own, beside it: `python3 training_daemon.py "
+            f"init --root {shlex.quote(str(owner.parent / 'NEW_ROOT'))}`.")
     if os.path.lexists(p.current_model) and not os.path.lexists(p.config) and \
             (restored := restore_config(p)):
         return restored

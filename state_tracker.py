@@ -33,9 +33,9 @@ import retention
 import training_config
 import versions_index
 from trainroot import (SCRIPTS_DIR, GuardrailError, Paths, add_common_args,
-                       atomic_write_json, daemon_liveness, is_training_root, model_folder, print_json,
-                       process_running, read_json, read_lock_holder, require_root, resolve_root, run_cli,
-                       utc_now)
+                       atomic_write_json, daemon_liveness, enclosing_root, is_training_root,
+                       model_folder, print_json, process_running, read_json, read_lock_holder,
+                       require_root, resolve_root, run_cli, utc_now)
 
 SCHEMA_VERSION = 1
 STALL_AFTER_S = 120.0           # a training daemon writes its heartbeat about once a second
@@ -1047,6 +1047,12 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
               f"python3 state_tracker.py --check --root {shlex.quote(str(inside[1]))}" if inside[1]
               else "python3 state_tracker.py --check --root DIR",
               "Nothing was written into the model folder.")
+    elif (around := enclosing_root(root)) is not None:
+        _warn(w, "NOT_INITIALIZED", "critical", f"{root} is not a training root: it is inside "
+              f"{around[1].name}/ of the training root {around[0]}",
+              f"python3 state_tracker.py --check --root {shlex.quote(str(around[0]))}",
+              "Nothing was written there; a root inside another's folders would be taken for "
+              "its data or versions.")
     elif not is_training_root(root):
         _warn(w, "NOT_INITIALIZED", "critical", f"{root} is not a training root yet",
               f"python3 training_daemon.py init --root {shlex.quote(str(root))}")
@@ -1267,8 +1273,9 @@ def cmd_state(args) -> int:
         # --json only reads, and so does a report on a root that does not exist yet;
         # every other form also refreshes the file
         path = Paths(root).system_state
-        if model_folder(root) is not None:  # a snapshot would keep what we wrote there
-            require_root(root)  # raises, naming the root it belongs to
+        if model_folder(root) is not None or enclosing_root(root) is not None:
+            require_root(root)  # raises, naming the root it belongs to (a snapshot or the
+            # outer root's daemon would keep what we wrote there)
         if not root.is_dir():
             is_file = os.path.lexists(root)
             raise GuardrailError(

@@ -170,6 +170,20 @@ def model_folder(folder: str | os.PathLike) -> tuple[str, Path | None] | None:
     return ("a model folder (its config.json is the model's), not a training root", None)
 
 
+def enclosing_root(folder: str | os.PathLike) -> tuple[Path, Path] | None:
+    """(the training root, its folder) when `folder` lies inside a folder a training root
+    manages (inbox/high/, queue/normal/, versions/v012/, ...), else None: a root made or
+    looked for there is the outer root's data, version or clutter (its daemon would move
+    the pieces of one dropped in its inbox into failed/)."""
+    target = Path(folder).resolve()
+    for up in list(target.parents)[:6]:
+        if is_training_root(up):
+            managed = Paths(up).managed_inside(target)
+            if managed is not None and managed != up.resolve():
+                return up, managed
+    return None
+
+
 def require_root(root: str | os.PathLike) -> Paths:
     """The root's Paths, or the error every script gives for a folder that is no training
     root (missing, a file, or none of its markers), naming `init` and --root."""
@@ -181,14 +195,20 @@ def require_root(root: str | os.PathLike) -> Paths:
         raise GuardrailError("not a training root (a file, not a folder)", p.root,
                              "Give the folder that holds config.json with --root DIR or "
                              "TRAINING_ROOT, e.g. `python3 training_controller.py status --root DIR`.")
-    if not p.root.exists():
-        raise GuardrailError("not a training root (no such folder)", p.root, fix)
     if (inside := model_folder(p.root)) is not None:
         what, owner = inside
         raise GuardrailError(f"not a training root: {what}", p.root,
                              f"Give the root itself: --root {_shell_quote(str(owner))}." if owner else
                              f"To train this model, make a root from it: `python3 training_daemon.py "
                              f"init --root NEW_ROOT --base {quoted}`.")
+    if (inside := enclosing_root(p.root)) is not None:
+        owner, managed = inside
+        where = "" if managed == p.root.resolve() else "inside "
+        raise GuardrailError(f"not a training root: it is {where}{managed.name}/ of the training "
+                             f"root {owner}, which only the product writes", p.root,
+                             f"Give the root itself: --root {_shell_quote(str(owner))}.")
+    if not p.root.exists():
+        raise GuardrailError("not a training root (no such folder)", p.root, fix)
     if not is_training_root(p.root):
         raise GuardrailError("not a training root (no config.json, current_model/ or versions/)",
                              p.root, fix)

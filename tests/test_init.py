@@ -251,3 +251,24 @@ def test_init_never_starts_a_new_model_beside_a_verified_backup_of_the_lost_one(
     restored = run_script("backup_manager.py", "restore", bid, root=root)
     assert restored.returncode == 0, restored.stderr
     assert (root / "current_model" / "config.json").exists()
+
+
+def test_a_folder_inside_a_roots_managed_folders_is_no_root_and_gets_none(initialized_root):
+    """`--root ROOT/inbox/high` (or queue/normal, versions/v001): every script names the root
+    around it instead of offering `init` there, init refuses to make a root there (the outer
+    daemon would move its pieces into failed/), and nothing is written into it."""
+    root = initialized_root
+    for inner in (root / "inbox" / "high", root / "queue" / "normal", root / "inbox" / "new"):
+        before = sorted(os.listdir(inner)) if inner.exists() else None
+        listed = run_script("training_queue.py", "list", "--root", str(inner), env={"TRAINING_ROOT": ""})
+        assert listed.returncode == 1
+        assert listed.stderr.strip().endswith(f"Give the root itself: --root {root}."), listed.stderr
+        assert f"inside {inner.parent.name}/ of the training root {root}" in listed.stderr
+        init = run_script("training_daemon.py", "init", "--root", str(inner), env={"TRAINING_ROOT": ""})
+        assert init.returncode == 1 and "a root there would be taken for its data" in init.stderr
+        report = run_script("state_tracker.py", "--warnings", "--root", str(inner),
+                            env={"TRAINING_ROOT": ""})
+        assert f"fix: python3 state_tracker.py --check --root {root}" in report.stdout, report.stdout
+        assert (sorted(os.listdir(inner)) if inner.exists() else None) == before
+    status = run_script("training_controller.py", "status", root=root)
+    assert status.returncode == 0, status.stderr
