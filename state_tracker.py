@@ -202,11 +202,11 @@ def _config_section(root: Path, w: list) -> tuple[dict, dict]:
         approval = training_config.read_approval(root)
         changes = training_config.changed_locked(root, cfg)
     except GuardrailError as exc:  # a corrupt .config.lock approves nothing
-        approval, changes = None, [(n, None, cfg.get(n)) for n in sec["locked"]]
+        approval, changes = None, [training_config.Change(n, None, cfg.get(n)) for n in sec["locked"]]
         sec["errors"].append(str(exc))
     sec["approved_at"] = (approval or {}).get("approved_at")
-    sec["changes"] = [{"name": n, "old": o, "new": v,
-                       "text": training_config.format_change(n, o, v)} for n, o, v in changes]
+    sec["changes"] = [{"name": c.name, "old": c.old, "new": c.new,
+                       "text": training_config.format_change(*c)} for c in changes]
     sec["approved"] = not changes
     if changes:
         listed = ", ".join(c["text"] for c in sec["changes"])
@@ -215,7 +215,9 @@ def _config_section(root: Path, w: list) -> tuple[dict, dict]:
               "will not train until they are approved or reverted",
               _cmd(root, "training_controller.py approve-config --yes"),
               "Only with the user's approval. To revert instead, put the old values back in "
-              "config.json; either way the warning clears.")
+              "config.json" + (" (a newly locked one: take it out of `locked`)"
+                               if any(c.newly for c in changes) else "")
+              + "; either way the warning clears.")
     return sec, cfg
 
 

@@ -8,7 +8,7 @@ the daemon refuses to train and the state tracker warns, naming `old -> new` and
 
     from training_config import load_config, changed_locked
     cfg = load_config(root)               # raises ConfigError listing every bad key
-    for name, old, new in changed_locked(root, cfg): ...
+    for name, old, new, newly in changed_locked(root, cfg): ...
 
 Standard library only: control scripts import it and must stay fast.
 """
@@ -329,7 +329,7 @@ def load_config(root) -> dict:
         raise GuardrailError("no config.json in the training root", p.root,
                              f"Run `python3 training_daemon.py init --root {shlex.quote(str(p.root))}`.")
     raw = read_json(p.config)
-    errors = validate_config(raw)
+    errors = validate_config(raw) + _keys_given_twice(p.config)
     if errors:
         if model_folder(p.root) is not None:  # --root ROOT/current_model: the model's config
             require_root(p.root)              # (raises, naming the root it belongs to)
@@ -337,6 +337,26 @@ def load_config(root) -> dict:
     cfg = default_config()
     cfg.update(raw)
     return cfg
+
+
+def _keys_given_twice(path: Path) -> list[str]:
+    """A key written twice in config.json (a hand edit that added a line instead of changing
+    one): JSON keeps the last, so the file says one value where it reads as the other."""
+    twice = []
+
+    def pairs_hook(pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                twice.append(f"{key}: given twice ({json.dumps(seen[key])}, then {json.dumps(value)}); "
+                             "keep one")
+            seen[key] = value
+        return seen
+    try:
+        json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=pairs_hook)
+    except (OSError, ValueError):
+        return []  # read_json has said what is wrong
+    return twice
 
 
 def backup_dir(root, cfg: dict) -> Path:
@@ -378,8 +398,17 @@ def locked_names(cfg: dict) -> list[str]:
     return names + [n for n in ADAPTER_LOCKED if n not in names]
 
 
-def changed_locked(root, cfg: dict) -> list[tuple[str, object, object]]:
-    """Locked parameters whose value differs from the approved one: (name, old, new).
+class Change(NamedTuple):
+    """A locked parameter whose value is not the approved one. `newly`: it was added to
+    `locked` after the approval, which recorded no value for it (`old` is None)."""
+    name: str
+    old: object
+    new: object
+    newly: bool = False
+
+
+def changed_locked(root, cfg: dict) -> list[Change]:
+    """Locked parameters whose value differs from the approved one: (name, old, new, newly).
 
     A never-approved config, or one whose `.config.lock` is damaged, reports every locked
     parameter as changed from None: nothing trains until a person approves again.
@@ -395,19 +424,21 @@ def changed_locked(root, cfg: dict) -> list[tuple[str, object, object]]:
     for name in locked_names(cfg):
         old, new = values.get(name), cfg.get(name)
         if name not in values or json.dumps(old) != json.dumps(new):
-            changes.append((name, old, new))
+            changes.append(Change(name, old, new, "approved_at" in approval and name not in values))
     import eval_gate  # an approval from before the eval set existed approved none: {}
     old_set, new_set = approval.get("eval_set") or {}, eval_gate.fingerprint(root)
     if old_set != new_set:
-        changes.append(("eval_set", old_set, new_set))
+        changes.append(Change("eval_set", old_set, new_set))
     return changes
 
 
-def format_change(name: str, old, new) -> str:
+def format_change(name: str, old, new, newly: bool = False) -> str:
     if name == "eval_set":  # {name: sha256}: the names and the start of each hash say enough
         def short(v):
             return "{" + ", ".join(f"{k}: {str(h)[:12]}" for k, h in sorted((v or {}).items())) + "}"
         return f"eval_set (ROOT/eval/): {short(old)} -> {short(new)}"
+    if newly:  # no approved value to go back to: approve it, or take it out of `locked`
+        return f"{name}: newly locked at {json.dumps(new)}, not approved yet"
     return f"{name}: {json.dumps(old)} -> {json.dumps(new)}"
 
 

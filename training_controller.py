@@ -651,8 +651,8 @@ def approve_config(root, *, confirm=None) -> dict:
     cfg = training_config.load_config(p.root)
     changes = training_config.changed_locked(p.root, cfg)
     doc = {"ok": True, "approved": False,
-           "changes": [{"name": n, "old": o, "new": v, "text": training_config.format_change(n, o, v)}
-                       for n, o, v in changes]}
+           "changes": [{"name": c.name, "old": c.old, "new": c.new,
+                        "text": training_config.format_change(*c)} for c in changes]}
     if not changes:
         return dict(doc, message="the config is already approved: no locked parameter changed")
     if is_training(p.root):

@@ -650,7 +650,9 @@ class Daemon:
             raise _Paused(GuardrailError(f"pre-flight: locked config changed ({text})",
                                          self.p.config,
                                          f"Run `{training_config.APPROVE_COMMAND}` to approve it, "
-                                         "or put the old values back."))
+                                         "or put the old values back" + (
+                                             " (a newly locked one: take it out of `locked`)"
+                                             if any(c.newly for c in changed) else "") + "."))
         # The file's saves (a checkpoint, a new model) must fit max_disk_gb and the free
         # space before any is written; retention is applied first when they do not.
         import retention

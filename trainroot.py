@@ -352,7 +352,7 @@ def read_json(path: str | os.PathLike, default=_MISSING):
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise _unreadable(path, "not a regular file")
-            text = f.read().decode("utf-8")
+            text = f.read().decode("utf-8-sig")  # a BOM, as some editors save: still the JSON
     except UnicodeDecodeError:
         raise _unreadable(path, "not UTF-8 text") from None
     except OSError as exc:

@@ -328,8 +328,8 @@ def test_the_eval_set_is_frozen_by_the_approval(initialized_root):
     assert training_config.changed_locked(root, cfg) == []  # and no eval folder: equal
     (root / "eval").mkdir()
     write_jsonl(root / "eval" / "english.jsonl", english(5, 1))
-    [(name, old, new)] = training_config.changed_locked(root, cfg)
-    assert name == "eval_set" and old == {} and list(new) == ["english.jsonl"]
+    [(name, old, new, newly)] = training_config.changed_locked(root, cfg)
+    assert name == "eval_set" and old == {} and list(new) == ["english.jsonl"] and not newly
     assert "eval_set (ROOT/eval/): {} -> {english.jsonl: " in training_config.format_change(name, old, new)
     training_config.approve(root, cfg)
     assert training_config.changed_locked(root, cfg) == []

@@ -79,7 +79,7 @@ def test_mode_and_shape_are_locked_even_for_an_older_configs_lock_list(tmp_root)
     for name, value in (("finetune", "lora"), ("lora_r", 16), ("lora_alpha", 8),
                         ("lora_target_modules", ["q_proj"])):
         assert tc.changed_locked(tmp_root, dict(cfg, **{name: value})) == \
-            [(name, tc.PARAMS[name].default, value)], name
+            [(name, tc.PARAMS[name].default, value, False)], name
     # the dropout and the consolidation period do not shape what a version is: not locked
     assert tc.changed_locked(tmp_root, dict(cfg, lora_dropout=0.1, consolidate_every_files=5)) == []
     tc.approve(tmp_root, dict(cfg, finetune="lora"))

@@ -53,6 +53,17 @@ def test_load_config_raises_one_error_listing_all(tmp_root):
         "`python3 training_controller.py approve-config` if a locked parameter changed.")
 
 
+def test_a_key_given_twice_is_an_error_and_a_bom_is_read_past(tmp_root):
+    """A hand edit that added a line instead of changing one: JSON keeps the last value, so
+    the file reads as one value and trains with the other. A BOM (some editors) is fine."""
+    (tmp_root / "config.json").write_text('{"batch_size": 8, "max_length": 64, "batch_size": 512}')
+    with pytest.raises(tc.ConfigError) as exc:
+        tc.load_config(tmp_root)
+    assert exc.value.errors == ["batch_size: given twice (8, then 512); keep one"]
+    (tmp_root / "config.json").write_bytes(b'\xef\xbb\xbf{"batch_size": 4}')
+    assert tc.load_config(tmp_root)["batch_size"] == 4
+
+
 def test_missing_config_names_init(tmp_root):
     with pytest.raises(GuardrailError) as exc:
         tc.load_config(tmp_root)
@@ -74,10 +85,15 @@ def test_changed_locked_names_old_and_new(tmp_root):
     cfg["learning_rate"] = 1e-3
     cfg["batch_size"] = 64  # not locked: needs no approval
     changes = tc.changed_locked(tmp_root, cfg)
-    assert changes == [("learning_rate", 3e-4, 1e-3)]
+    assert changes == [("learning_rate", 3e-4, 1e-3, False)]
     assert tc.format_change(*changes[0]) == "learning_rate: 0.0003 -> 0.001"
     tc.approve(tmp_root, cfg)
     assert tc.changed_locked(tmp_root, cfg) == []
+    # a parameter added to `locked` after the approval has no approved value to show
+    cfg["locked"] = [*cfg["locked"], "batch_size"]
+    [change] = tc.changed_locked(tmp_root, cfg)
+    assert change == ("batch_size", None, 64, True)
+    assert tc.format_change(*change) == "batch_size: newly locked at 64, not approved yet"
 
 
 @pytest.mark.parametrize("text", ['[1, 2]', '"yes"', '{"values": ["learning_rate"]}', '{"val', ''])

@@ -490,7 +490,7 @@ def test_approve_config_is_refused_while_a_file_is_part_way_trained(root, capsys
         "or, with the daemon running, `python3 training_controller.py skip` (keeps its steps; "
         "`skip --discard` undoes them), then `python3 training_controller.py approve-config "
         "--yes`.\n")
-    assert training_config.changed_locked(root, cfg) == [("max_length", 256, 128)]
+    assert training_config.changed_locked(root, cfg) == [("max_length", 256, 128, False)]
 
     # a parameter that only steers the daemon keeps the resume exact: approved
     cfg["max_length"] = 256
