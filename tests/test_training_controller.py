@@ -498,7 +498,7 @@ def test_approve_config_is_refused_while_a_file_is_part_way_trained(root, capsys
     cfg["keep_backups"] = 9
     training_config.write_config(root, cfg)
     code, out, _ = ctl(capsys, "approve-config", "--yes")
-    assert (code, out) == (0, "keep_backups: null -> 9\napproved 1 changed locked parameter(s)\n")
+    assert (code, out) == (0, "keep_backups: newly locked at 9, not approved yet\napproved 1 changed locked parameter(s)\n")
 
     # the file finished (its end-of-file checkpoint only waits for the publish): approved
     cfg["max_length"] = 128
