@@ -423,6 +423,21 @@ def _typed_state(state: dict) -> dict:
     return out
 
 
+SKIP_WITHOUT_DAEMON = ("to skip it instead: `python3 training_controller.py pause` (kept until "
+                       "the daemon starts), start the daemon (`python3 training_daemon.py run`), "
+                       "then `python3 training_controller.py skip`")
+
+
+def stopped_part_way(root) -> str | None:
+    """With no daemon running: what waits in processing/ and how to skip it, or None."""
+    import training_queue
+    names = [item["name"] for item in training_queue._processing(root)]
+    if not names:
+        return None
+    return (f"{names[0]} waits in processing/ (stopped part-way) and resumes from its "
+            f"checkpoint when the daemon starts; {SKIP_WITHOUT_DAEMON}")
+
+
 def is_training(root) -> bool:
     """True while a live daemon is training a file or stopping: others must not swap the model."""
     return is_busy(daemon_status(root))
@@ -465,8 +480,10 @@ def request(root, action: str, *, reason: str | None = None, options: dict | Non
     if not st["alive"]:
         if action in ("stop", "skip"):
             verb = "stop" if action == "stop" else "skip"
+            waiting = stopped_part_way(root) if action == "skip" else None
             return dict(result, outcome="nothing",
-                        message=f"no daemon is running in {root}: nothing to {verb}")
+                        message=f"no daemon is running in {root}: nothing to {verb}"
+                        + (f" now; {waiting}" if waiting else ""))
         if action == "pause":
             kept = kept_pause(root)
             if kept is None:

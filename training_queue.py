@@ -732,9 +732,14 @@ def find_queued(root, name: str) -> dict:
         which = " or ".join(f"{m['priority']}/{base}" for m in matches)
         raise UsageError(f"{base} is queued {len(matches)} times", p.queue,
                          f"Name one: {which} (see `{LIST_CMD}`).")
+    import training_controller
+    live = training_controller.daemon_status(root)["alive"]
     for folder, state, fix in (
-            (p.processing, "is being trained now, not queued",
-             "`python3 training_controller.py skip` abandons it (to skipped/, nothing is lost)."),
+            (p.processing, "is being trained now, not queued", "`python3 training_controller.py "
+             "skip` abandons it (to skipped/, nothing is lost).") if live else
+            (p.processing, "was stopped part-way (processing/), not queued: it resumes from its "
+             "checkpoint when the daemon starts", training_controller.SKIP_WITHOUT_DAEMON[0].upper()
+             + training_controller.SKIP_WITHOUT_DAEMON[1:] + "."),
             (p.done, "was trained already (done/), not queued",
              "Nothing to change; `python3 model_versioner.py rollback` undoes its training."),
             (p.failed, "failed (failed/), not queued",
@@ -865,8 +870,12 @@ def cmd_status(args) -> int:
     print(f"inbox {c['inbox']}  queued {c['queued']} (high {c['high']}, normal {c['normal']}, "
           f"low {c['low']})  processing {c['processing']}  done {c['done']}  "
           f"failed {c['failed']}  skipped {c['skipped']}")
-    for n in processing:
-        print(f"training: {n}")
+    if processing:
+        import training_controller
+        live = training_controller.daemon_status(root)["alive"]
+        for n in processing:
+            print(f"training: {n}" if live else
+                  f"stopped part-way: {n} (resumes when the daemon starts)")
     return 0
 
 

@@ -260,9 +260,16 @@ def test_a_file_being_trained_or_trained_is_not_taken_by_queue_commands(root, tm
     before = busy.read_bytes()
     code, _, err = q(root, capsys, "remove", "busy.jsonl")
     assert code == 1
-    assert err.strip() == (f"Error: busy.jsonl is being trained now, not queued, {busy}. "
-                           "`python3 training_controller.py skip` abandons it (to skipped/, "
-                           "nothing is lost).")
+    # no daemon runs: it was stopped part-way, and `skip` alone would find nothing to act on
+    assert err.strip() == (f"Error: busy.jsonl was stopped part-way (processing/), not queued: it "
+                           f"resumes from its checkpoint when the daemon starts, {busy}. To skip it "
+                           "instead: `python3 training_controller.py pause` (kept until the daemon "
+                           "starts), start the daemon (`python3 training_daemon.py run`), then "
+                           "`python3 training_controller.py skip`.")
+    status = run_script("training_queue.py", "status", root=root)
+    assert "stopped part-way: busy.jsonl (resumes when the daemon starts)" in status.stdout
+    skip = run_script("training_controller.py", "skip", root=root)
+    assert skip.returncode == 0 and "nothing to skip now; busy.jsonl waits in processing/" in skip.stdout
     assert q(root, capsys, "set-priority", "busy.jsonl", "high")[0] == 1
     assert "was trained already (done/)" in q(root, capsys, "remove", "old.jsonl")[2]
     for path, folder in ((busy, "processing"), (trained, "done")):
