@@ -1223,6 +1223,25 @@ def _print_report(report: dict) -> None:
               f"{_count(report['warning_count'], 'warning')}")
 
 
+def _name_warning(report: dict, path: Path) -> None:
+    """A name the daemon and `training_queue.py add` do not take as data (no .jsonl suffix,
+    or hidden or temporary), whatever its content: said here too, with the rename."""
+    import shlex
+    from training_queue import is_ignored, jsonl_name
+    name = path.name
+    if is_ignored(name):
+        new = jsonl_name(name.lstrip(".") or "data")
+        why = "the daemon ignores hidden and temporary names"
+    elif not name.endswith(".jsonl"):
+        new, why = jsonl_name(name), "the daemon and `training_queue.py add` take only .jsonl names"
+    else:
+        return
+    report["warning_count"] += 1
+    report["warnings"].insert(0, {"line": None, "code": "data_name", "message": f"{why}: rename it "
+                                  f"(`mv {shlex.quote(str(path))} {shlex.quote(str(path.with_name(new)))}`)"})
+    report["verdict"] = _verdict(report)
+
+
 def cmd_validate(args) -> int:
     """Check .jsonl data files before training; exit 0 if all are valid, 1 if not, 2 on usage errors."""
     settings = _settings(args)
@@ -1236,6 +1255,7 @@ def cmd_validate(args) -> int:
             reports.append({"path": str(name), "ok": False, "verdict": f"not checked: {exc.what}",
                             "error": exc.to_dict()})
             continue
+        _name_warning(report, Path(name))
         all_ok = all_ok and report["ok"]
         reports.append(report)
         if not args.json:

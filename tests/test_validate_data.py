@@ -270,6 +270,26 @@ def test_the_whole_corpus_through_the_cli_without_a_traceback(tmp_path):
     assert got == [(c[2], c[3]) for c in CORPUS]
 
 
+def test_a_name_the_daemon_would_not_take_is_a_warning_with_its_rename(tmp_path):
+    """Valid content under a name `add` refuses and the daemon fails (or ignores): the
+    validator says so too, not a bare "valid"."""
+    names = {"UP.JSONL": "UP.jsonl", "notes.txt": "notes.jsonl", "y.jsonl.part": "y.jsonl",
+             ".hidden.jsonl": "hidden.jsonl"}
+    for name in names:
+        write(tmp_path / name, GOOD)
+    write(tmp_path / "fine.jsonl", GOOD)
+    proc = run_script("validate_data.py", *(str(tmp_path / n) for n in [*names, "fine.jsonl"]),
+                      "--json", root=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    files = json.loads(proc.stdout)["files"]
+    for report, (name, new) in zip(files, names.items()):
+        [warning] = [w for w in report["warnings"] if w["code"] == "data_name"]
+        assert warning["line"] is None and warning["message"].endswith(
+            f"(`mv {tmp_path / name} {tmp_path / new}`)"), warning
+        assert report["ok"] and report["verdict"].endswith("1 warning")
+    assert files[-1]["warning_count"] == 0
+
+
 def test_error_listing_stops_at_100_then_counts(tmp_path):
     path = write(tmp_path / "many.jsonl", GOOD + b"[1]\n" * 150)
     report = vd.validate_file(path)
