@@ -674,6 +674,20 @@ class Daemon:
                 "retention has pruned what its rules allow", self.p.root,
                 f"Free space with `{room['fix']}` ({room['fix_note']}), then {self._go_on()}."))
 
+    def _file_config(self) -> dict:
+        """config.json for the next file. Invalid or unreadable (a hand edit while the daemon
+        runs): a pre-flight pause, retried every rescan until it is fixed, never an exit."""
+        import training_config
+        try:
+            return training_config.load_config(self.p.root)
+        except GuardrailError as exc:
+            raise _Paused(GuardrailError(f"pre-flight: {exc.what}", exc.where,
+                                         f"Fix config.json (`python3 state_tracker.py --warnings` "
+                                         f"lists every problem); training goes on by itself once "
+                                         f"it reads again (or {self._go_on()})."
+                                         if not self.once else
+                                         f"Fix config.json, then {self._go_on()}.")) from None
+
     def _go_on(self) -> str:
         """How to carry on once the cause is fixed: a running daemon waits for `resume`;
         a --once one has exited, so it is started again."""
@@ -725,8 +739,7 @@ class Daemon:
         before it is taken from the queue to its end-of-file publish or its pause: no
         restore, rollback, backup restore or engine CLI lands in between (docs/design.md,
         "The root"). While someone else holds them the file waits in the queue."""
-        import training_config
-        nproc = int(training_config.load_config(self.p.root).get("nproc_per_node") or 1)
+        nproc = int(self._file_config().get("nproc_per_node") or 1)
         held = contextlib.ExitStack()
         try:
             held.enter_context(trainroot.model_lock(self.p.root, f"training {data.name}",
@@ -773,9 +786,8 @@ class Daemon:
     def _process(self, data: Path) -> None:
         """Pre-flight, snapshot, train, and move the file to done/ (or skipped/, failed/)."""
         import model_versioner
-        import training_config
         self._warm_config = trainroot.file_signature(self.p.config)  # (before: a change between goes too)
-        cfg = training_config.load_config(self.p.root)
+        cfg = self._file_config()
         self._keep_warm = float(cfg.get("keep_warm_seconds") or 0)
         held = training_queue.read_record(data) if data.parent == self.p.processing else {}
         hold = held.get("hold")
@@ -1541,8 +1553,11 @@ class Daemon:
         """Move the file to skipped/; True if `discard` restored the version before it; None
         if the quality gate holds the steps it kept instead (the file stays in processing/)."""
         if not discard:
-            import training_config
-            held, _ = self._gate(data, result or {}, training_config.load_config(self.p.root), "skipped")
+            try:
+                cfg = self._file_config()
+            except _Paused:  # config.json broken meanwhile: the gate as the daemon started
+                cfg = self.cfg
+            held, _ = self._gate(data, result or {}, cfg, "skipped")
             if held:
                 self.current = self.progress = None
                 return None
@@ -1828,11 +1843,10 @@ class Daemon:
             self.wake.clear()
 
     def _retry_preflight(self) -> None:
-        import training_config
         if self.pause_kind == "engine" and trainroot.file_signature(self.p.config) == self._refused_config:
             return  # the same config would be refused the same way (and cost a torchrun launch)
         try:
-            self.preflight(training_config.load_config(self.p.root))
+            self.preflight(self._file_config())
         except (_Paused, GuardrailError) as exc:
             why = str(exc.error if isinstance(exc, _Paused) else exc)
             if why != self.paused_reason:  # say what is wrong now, not what was

@@ -962,3 +962,33 @@ def test_the_state_tracker_says_what_the_idle_daemon_keeps_in_memory(initialized
              30, "the pause to give the memory back", d.proc)
     assert "the daemon is paused; the next file loads them from disk" in d.output()
     assert d.stop() == 0
+
+
+def test_a_config_json_broken_while_the_daemon_runs_pauses_it_until_fixed(initialized_root):
+    """A hand edit that leaves config.json invalid or unreadable while the daemon runs: the
+    next file pauses on pre-flight (the file stays queued), and training goes on by itself
+    once config.json reads again; the daemon never exits on it."""
+    import training_config
+    root = initialized_root
+    tune(root)
+    daemon = training_daemon.Daemon(root, once=False, monitor=False)
+    daemon.cfg = training_config.load_config(root)
+    job = _queue(root, "f.jsonl", 3, "f")
+    good = (root / "config.json").read_text()
+    for broken, what in ((json.dumps(dict(json.loads(good), batch_size=0)),
+                          "pre-flight: invalid config (batch_size: 0 is out of range"),
+                         (good + ",", "pre-flight: corrupt JSON")):
+        (root / "config.json").write_text(broken)
+        with pytest.raises(training_daemon._Paused) as paused:
+            daemon.process(job)
+        assert paused.value.error.what.startswith(what), paused.value.error
+        assert "training goes on by itself once it reads again" in paused.value.error.fix
+        assert job.exists() and data_files(root) == {"queue/normal": ["f.jsonl"]}
+        daemon.set_state("paused", str(paused.value.error), paused.value.kind)
+        daemon._retry_preflight()
+        assert daemon.state == "paused"
+    (root / "config.json").write_text(good)
+    daemon._retry_preflight()
+    assert daemon.state == "idle"
+    assert daemon.process(job) is None
+    assert data_files(root) == {"done": ["f.jsonl"]}
