@@ -485,7 +485,14 @@ class Daemon:
                 self.stop_request = req
                 return
             if action == "pause":
-                if self.state == "paused":
+                if self.state == "paused" and self.pause_kind in ("preflight", "engine"):
+                    # a pause that lifts itself once its cause is fixed: a person's pause
+                    # must hold until `resume`, so it takes its place
+                    was = self.paused_reason
+                    why = "paused by request" + (f": {req['reason']}" if req.get("reason") else "")
+                    self.set_state("paused", why, "request")
+                    self.ack(req, "done", f"paused until `resume` (it was paused on: {was})")
+                elif self.state == "paused":
                     self.ack(req, "noop", f"already paused: {self.paused_reason}")
                 else:
                     why = "paused by request" + (f": {req['reason']}" if req.get("reason") else "")
@@ -505,7 +512,13 @@ class Daemon:
                     if data is not None and training_queue.read_record(data).get("hold"):
                         training_queue.update_record(data, hold=None)
                     self.set_state("idle")
-                    self.ack(req, "done", "resumed")
+                    refused = self._preflight_now() if (
+                        data is not None or training_queue.counts(self.p.root)["queued"]) else None
+                    if refused is None:
+                        self.ack(req, "done", "resumed")
+                    else:  # said now, not "resumed" while the next file pauses at once
+                        self.set_state("paused", str(refused.error), refused.kind)
+                        self.ack(req, "failed", f"resumed, but pre-flight pauses again: {refused.error}")
                 else:
                     self.ack(req, "noop", "not paused")
             elif action in ("accept", "reject"):
@@ -673,6 +686,16 @@ class Daemon:
                 f"pre-flight: the next checkpoint and model do not fit ({room['problem']}); "
                 "retention has pruned what its rules allow", self.p.root,
                 f"Free space with `{room['fix']}` ({room['fix_note']}), then {self._go_on()}."))
+
+    def _preflight_now(self) -> "_Paused | None":
+        """What pre-flight would pause the next file on now, or None."""
+        try:
+            self.preflight(self._file_config())
+        except _Paused as paused:
+            return paused
+        except GuardrailError as exc:
+            return _Paused(exc)
+        return None
 
     def _file_config(self) -> dict:
         """config.json for the next file. Invalid or unreadable (a hand edit while the daemon
@@ -1845,10 +1868,9 @@ class Daemon:
     def _retry_preflight(self) -> None:
         if self.pause_kind == "engine" and trainroot.file_signature(self.p.config) == self._refused_config:
             return  # the same config would be refused the same way (and cost a torchrun launch)
-        try:
-            self.preflight(self._file_config())
-        except (_Paused, GuardrailError) as exc:
-            why = str(exc.error if isinstance(exc, _Paused) else exc)
+        refused = self._preflight_now()
+        if refused is not None:
+            why = str(refused.error)
             if why != self.paused_reason:  # say what is wrong now, not what was
                 self.set_state("paused", why, "preflight")
             return

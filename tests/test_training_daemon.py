@@ -992,3 +992,42 @@ def test_a_config_json_broken_while_the_daemon_runs_pauses_it_until_fixed(initia
     assert daemon.state == "idle"
     assert daemon.process(job) is None
     assert data_files(root) == {"done": ["f.jsonl"]}
+
+
+def test_a_persons_pause_holds_through_a_preflight_pause_and_resume_says_if_it_pauses_again(
+        initialized_root):
+    """A pause asked while pre-flight has paused the daemon (a pause that lifts itself once
+    its cause is fixed) takes its place and holds until `resume`; a resume that pre-flight
+    would pause again at once says so instead of "resumed"."""
+    import training_config
+    import training_controller as tc
+    root = initialized_root
+    cfg = tune(root)
+    daemon = training_daemon.Daemon(root, once=False, monitor=False)
+    daemon.cfg = training_config.load_config(root)
+    job = _queue(root, "f.jsonl", 3, "f")
+    training_config.write_config(root, dict(cfg, learning_rate=0.001))  # not approved
+
+    def asked(action):
+        rid = tc.request(root, action)["request"]["id"]
+        daemon.control_idle()
+        return tc.read_ack(root, rid)
+
+    with pytest.raises(training_daemon._Paused) as paused:
+        daemon.process(job)
+    daemon.set_state("paused", str(paused.value.error), paused.value.kind)
+    ack = asked("pause")
+    assert ack["outcome"] == "done" and ack["message"].startswith(
+        "paused until `resume` (it was paused on: pre-flight: locked config changed"), ack
+    assert (daemon.state, daemon.pause_kind) == ("paused", "request")
+    training_config.write_config(root, cfg)  # the cause is fixed: the person's pause holds
+    assert daemon.pause_kind == "request"  # (the loop retries pre-flight only for its own kinds)
+    training_config.write_config(root, dict(cfg, learning_rate=0.001))
+    ack = asked("resume")
+    assert ack["outcome"] == "failed" and ack["message"].startswith(
+        "resumed, but pre-flight pauses again: pre-flight: locked config changed"), ack
+    assert (daemon.state, daemon.pause_kind) == ("paused", "preflight")
+    training_config.write_config(root, cfg)
+    ack = asked("resume")
+    assert ack["outcome"] == "done" and daemon.state == "idle"
+    assert daemon.process(job) is None and data_files(root) == {"done": ["f.jsonl"]}
