@@ -881,7 +881,8 @@ class Daemon:
             self._engine.release_warm()  # the ranks take the GPUs (and the memory) it held
         # One write: the snapshot taken and "training started" (a crash from here counts).
         rec = training_queue.update_record(data, **update)
-        self.set_state("training")
+        self.last_error = None  # what paused or failed before this file is over (its own
+        self.set_state("training")  # earlier tries' errors are in its record)
         self.pending = None
         self._train_started = time.monotonic()
         self._records_at_start = 0
@@ -1876,6 +1877,7 @@ class Daemon:
             return
         self.log.info("config.json changed: trying again" if self.pause_kind == "engine"
                       else "pre-flight passes again: continuing")
+        self.last_error = None
         self.set_state("idle")
 
     def _shutdown(self, lock, old_handlers) -> None:

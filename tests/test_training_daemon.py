@@ -984,12 +984,15 @@ def test_a_config_json_broken_while_the_daemon_runs_pauses_it_until_fixed(initia
         assert paused.value.error.what.startswith(what), paused.value.error
         assert "training goes on by itself once it reads again" in paused.value.error.fix
         assert job.exists() and data_files(root) == {"queue/normal": ["f.jsonl"]}
+        daemon.last_error = str(paused.value.error)  # as the loop keeps it
         daemon.set_state("paused", str(paused.value.error), paused.value.kind)
         daemon._retry_preflight()
         assert daemon.state == "paused"
     (root / "config.json").write_text(good)
     daemon._retry_preflight()
     assert daemon.state == "idle"
+    # what paused it is over: not reported as the error of the file that trains next
+    assert json.loads((root / ".daemon_state.json").read_text())["last_error"] is None
     assert daemon.process(job) is None
     assert data_files(root) == {"done": ["f.jsonl"]}
 
