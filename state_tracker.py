@@ -556,11 +556,13 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
         training["paused_for_s"] = _round(age_seconds(state.get("paused_since")), 1)
     start = _cmd(root, "training_daemon.py run")
     if not alive and not gate_held and (processing or reported in ("training", "stopping", "paused")):
-        what = f"processing/{processing[0]}" if processing else "its last file"
+        waits = (f"while processing/{processing[0]} waits half-trained" if processing else
+                 "; no file waits half-trained (processing/ is empty): it died between files")
         _warn(w, "DAEMON_DEAD", "critical",
               f"the daemon is not running (last pid {state.get('pid')}, state said "
-              f"{reported or 'nothing'}) while {what} waits half-trained",
-              start, "Resumes the file from its last checkpoint. Installed as a service: "
+              f"{reported or 'nothing'}) {waits}".replace(") ;", ");"),
+              start, ("Resumes the file from its last checkpoint." if processing else
+                      "Trains what waits in the queue.") + " Installed as a service: "
               "`systemctl restart training-guardrails` instead.")
     error = training["file_error"] or (training["last_error"] if processing else None)
     if error and current != "paused":  # a pause says its own reason (TRAINING_PAUSED)

@@ -367,6 +367,13 @@ def test_daemon_dead_with_a_file_in_processing_is_critical(root):
     assert run_script("state_tracker.py", "--warnings", root=root).returncode == 1
     # Its fix, `python3 training_daemon.py run`, is run on this very scenario (and the file
     # trained to done/) by tests/test_claude_md.py::test_daemon_dead.
+    # killed once the file was in done/, before its state said so: nothing waits half-trained
+    (root / "processing" / "notes.jsonl").rename(root / "done" / "notes.jsonl")
+    w = codes(root)["DAEMON_DEAD"]
+    assert w["message"] == (f"the daemon is not running (last pid {doc['daemon']['last_pid']}, state "
+                            "said training); no file waits half-trained (processing/ is empty): "
+                            "it died between files"), w["message"]
+    assert w["note"].startswith("Trains what waits in the queue.")
 
 
 def test_stalled_heartbeat_while_training(root):
