@@ -18,7 +18,8 @@ import re
 import shlex
 from pathlib import Path
 
-from trainroot import SCRIPTS_DIR, GuardrailError, os_error, require_root, resolve_root
+import trainroot
+from trainroot import GuardrailError, os_error, require_root, resolve_root
 
 _COMMAND = re.compile(r"`(python3 [\w.-]+\.py(?: [^`]*)?)`")
 
@@ -40,10 +41,7 @@ def with_root(text, root: Path | None):
 def explicit_root(args) -> Path | None:
     """The root when it came from `--root` and is not the scripts' folder, else None: only
     then does a printed command need `--root` to act on the same root."""
-    if not getattr(args, "root", None):
-        return None
-    root = resolve_root(args.root)
-    return None if root == SCRIPTS_DIR else root
+    return trainroot._explicit_root(args)
 
 
 def guarded(func, *, needs_root: bool = True):

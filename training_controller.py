@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+import cli_guard
+import trainroot
 from trainroot import (BOOT_CLOCK, EXIT_FAILURE, BusyError, FileLock, GuardrailError, Paths,
                        add_common_args, age_seconds, atomic_write_json, atomic_write_text, boot_id,
                        daemon_liveness, fsync_dir, parse_time, print_json, read_json,
@@ -726,11 +728,14 @@ def approve_config(root, *, confirm=None) -> dict:
 # --------------------------------------------------------------------------- CLI
 
 def _out(args, doc: dict, lines: list[str]) -> int:
+    shown = trainroot._explicit_root(args)  # commands it names carry that --root, pasted
     if args.json:
+        if isinstance(doc.get("message"), str):
+            doc = dict(doc, message=cli_guard.with_root(doc["message"], shown))
         print_json(doc)
     else:
         for line in lines:
-            print(line)
+            print(cli_guard.with_root(line, shown))
     return 0 if doc.get("ok", True) else EXIT_FAILURE
 
 
@@ -807,7 +812,8 @@ def cmd_status(args) -> int:
     if args.json:
         print_json(dict(st, ok=True))
         return 0
-    rows = _status_rows(st)
+    shown = trainroot._explicit_root(args)
+    rows = [(key, cli_guard.with_root(value, shown)) for key, value in _status_rows(st)]
     if sys.stdout.isatty():
         from rich.console import Console  # lazy: ~0.1 s, only for people at a terminal
         from rich.table import Table

@@ -804,6 +804,18 @@ def os_error(exc: OSError) -> GuardrailError:
     return GuardrailError(exc.strerror or str(exc), exc.filename or None, fix)
 
 
+def _explicit_root(args) -> Path | None:
+    """The root when it came from `--root` and is not the scripts' folder, else None."""
+    given = getattr(args, "root", None)
+    if not given:
+        return None
+    try:
+        root = resolve_root(given)
+    except GuardrailError:
+        return None
+    return None if root == SCRIPTS_DIR else root
+
+
 def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parse, dispatch to `args.func(args)`, and turn errors into `Error: ...` and exit codes.
 
@@ -836,6 +848,10 @@ def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
             raise os_error(exc) from exc
         return EXIT_OK if code is None else int(code)
     except GuardrailError as exc:
+        shown = _explicit_root(locals().get("args"))
+        if shown is not None:  # pasted, the commands it names act on the root it was given
+            import cli_guard
+            exc.fix = cli_guard.with_root(exc.fix, shown)
         print(f"Error: {exc}", file=sys.stderr)
         if want_json:
             print_json({"ok": False, "error": exc.to_dict()})

@@ -298,8 +298,8 @@ def test_approve_config_with_stdin_closed(root, changed):
     if changed:
         assert proc.returncode == 1 and doc["error"]["what"] == \
             "approval not confirmed (learning_rate: 0.0003 -> 0.001)"
-        assert doc["error"]["fix"] == ("Read the changes, then run "
-                                       "`python3 training_controller.py approve-config --yes`.")
+        assert doc["error"]["fix"] == ("Read the changes, then run "  # given --root: it carries it
+                                       f"`python3 training_controller.py approve-config --yes --root {root}`.")
         assert training_config.changed_locked(root, cfg)  # still not approved
     else:
         assert proc.returncode == 0 and doc["approved"] is False and doc["changes"] == []

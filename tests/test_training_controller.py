@@ -701,3 +701,21 @@ def test_skip_discard_restores_the_version_before_the_file_and_skip_keeps_the_tr
         (False, "dead", "idle", d.proc.pid)
     assert tc.is_training(root) is False
     assert d.wait() == -9
+
+
+def test_commands_printed_for_a_root_given_with_root_carry_it(initialized_root):
+    """Pasted from another folder, the commands a message names must act on the same root:
+    the controller's own lines, its status rows, and every script's `Error:` fix."""
+    root = initialized_root
+    env = {"TRAINING_ROOT": ""}
+    pause = run_script("training_controller.py", "pause", "--root", str(root), env=env)
+    assert pause.stdout.strip().endswith(
+        f"undo it with `python3 training_controller.py resume --root {root}`"), pause.stdout
+    status = run_script("training_controller.py", "status", "--root", str(root), env=env)
+    assert f"clear it with `python3 training_controller.py resume --root {root}`" in status.stdout
+    init = run_script("training_daemon.py", "init", "--root", str(root), env=env)
+    assert init.returncode == 1
+    assert f"`python3 state_tracker.py --check --root {root}`" in init.stderr, init.stderr
+    # from the root's own variable, the same lines stay short
+    pause = run_script("training_controller.py", "pause", root=root)
+    assert "--root" not in pause.stdout, pause.stdout
