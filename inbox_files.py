@@ -234,8 +234,10 @@ class InboxIntake:
         except FileNotFoundError:
             self.candidates.pop(path, None)
             return
-        if stat.S_ISDIR(st.st_mode):
-            if path not in (str(self.p.inbox_high), str(self.p.inbox_low)):
+        priority_dir = path in (str(self.p.inbox_high), str(self.p.inbox_low))
+        if stat.S_ISDIR(st.st_mode) or (priority_dir and os.path.isdir(path)):
+            # (inbox/high or inbox/low may be a link to a folder elsewhere, as inbox/ may)
+            if not priority_dir:
                 self._warn_once(path, "%s is a folder: the daemon never looks inside folders "
                                 "(only inbox/, inbox/high/, inbox/low/), so what it holds stays "
                                 "there untouched. Move its .jsonl files into %s/ to train them.",

@@ -289,6 +289,26 @@ def test_inbox_on_another_filesystem_is_taken_not_a_crash(tmp_root, tmp_path):
         shutil.rmtree(remote, ignore_errors=True)
 
 
+def test_inbox_high_and_low_as_links_to_folders_elsewhere_are_read_not_failed(tmp_root, tmp_path):
+    """inbox/high -> a folder elsewhere (as inbox/ itself may be): its files are taken with
+    their priority; the link is a folder to read, not a bad file to move into failed/."""
+    root = tmp_root
+    Paths(root).ensure()
+    training_config.write_config(root, dict(training_config.default_config(), **FAST))
+    for pr in ("high", "low"):
+        (root / "inbox" / pr).rmdir()
+        (tmp_path / f"{pr}-elsewhere").mkdir()
+        os.symlink(tmp_path / f"{pr}-elsewhere", root / "inbox" / pr)
+        put(tmp_path / f"{pr}-elsewhere" / f"{pr}.jsonl", b"{not json\n")
+    proc = run_once(root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    no_traceback(proc)
+    assert sorted(n for n in os.listdir(root / "failed") if n.endswith(".jsonl")) == ["high.jsonl", "low.jsonl"]
+    assert [record(root / "failed" / f"{pr}.jsonl")["priority"] for pr in ("high", "low")] == ["high", "low"]
+    for pr in ("high", "low"):
+        assert os.path.islink(root / "inbox" / pr) and os.listdir(tmp_path / f"{pr}-elsewhere") == []
+
+
 def test_a_lifecycle_folder_that_is_a_file_is_named_with_the_fix(qroot):
     root = qroot
     (root / "inbox" / "high").rmdir()
