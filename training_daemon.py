@@ -1743,6 +1743,12 @@ class Daemon:
     def _intake_failed(self, message: str) -> None:
         self.last_error = message
 
+    def _second_daemon(self, pid) -> trainroot.BusyError:
+        return trainroot.BusyError(
+            f"another daemon is running on this root (pid {pid})",
+            self.p.root, "Check it with `python3 training_controller.py status`; stop it with "
+            "`python3 training_controller.py stop --wait`.")
+
     def run(self) -> int:
         import training_config
         training_config.load_config(self.p.root)  # a mistyped --root fails, creating nothing
@@ -1752,10 +1758,11 @@ class Daemon:
             lock.acquire()
         except trainroot.BusyError:
             holder = trainroot.read_lock_holder(self.p.lock("daemon")) or {}
-            raise trainroot.BusyError(
-                f"another daemon is running on this root (pid {holder.get('pid', '?')})",
-                self.p.root, "Check it with `python3 training_controller.py status`; stop it with "
-                "`python3 training_controller.py stop --wait`.") from None
+            raise self._second_daemon(holder.get("pid", "?")) from None
+        other = trainroot.daemon_without_its_lock(self.p.root)  # its .locks/ deleted under it
+        if other is not None:
+            lock.release()
+            raise self._second_daemon(other)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         old[signal.SIGIO] = signal.signal(signal.SIGIO, signal.SIG_IGN)  # lease breaks (settle)
         try:

@@ -662,6 +662,27 @@ def _same_process(pid: int, state: dict) -> bool:
         return True  # cannot tell: keep the heartbeat's word
 
 
+def _alive_by_its_state(pid, state: dict) -> bool:
+    """The daemon that wrote `state` still runs: its heartbeat is fresh and its pid is that
+    same process (boot id + start time), whatever became of its lock file."""
+    age = heartbeat_age(state)
+    return (type(pid) is int and age is not None and age <= HEARTBEAT_STALE_S
+            and process_running(pid) and _same_process(pid, state))
+
+
+def daemon_without_its_lock(root: str | os.PathLike) -> int | None:
+    """The pid of another live daemon of this root that `.locks/` no longer shows (its lock
+    folder deleted under it), for one that just took the lock; else None."""
+    try:
+        state = read_json(Paths(root).daemon_state, default=None)
+    except GuardrailError:
+        return None
+    if not isinstance(state, dict):
+        return None
+    pid = state.get("pid")
+    return pid if pid != os.getpid() and _alive_by_its_state(pid, state) else None
+
+
 def daemon_liveness(root: str | os.PathLike, state: dict | None) -> dict:
     """The one definition of "the daemon is alive" (docs/design.md, Daemon liveness).
 
@@ -681,7 +702,7 @@ def daemon_liveness(root: str | os.PathLike, state: dict | None) -> dict:
     if holder is not None:
         alive = process_running(pid)
     else:
-        alive = fresh and process_running(pid) and _same_process(pid, state)
+        alive = _alive_by_its_state(pid, state)
     if alive:
         verdict = "alive"
     else:

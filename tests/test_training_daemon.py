@@ -1034,3 +1034,22 @@ def test_a_persons_pause_holds_through_a_preflight_pause_and_resume_says_if_it_p
     ack = asked("resume")
     assert ack["outcome"] == "done" and daemon.state == "idle"
     assert daemon.process(job) is None and data_files(root) == {"done": ["f.jsonl"]}
+
+
+def test_a_second_daemon_is_refused_even_with_the_lock_folder_deleted(initialized_root, daemons):
+    """`rm -rf .locks` under a running daemon: the flock a second one takes is a new file,
+    so the second also reads the first one's state (its pid, same process, fresh heartbeat)."""
+    import shutil
+    root = initialized_root
+    tune(root)
+    d = daemons(root)
+    d.wait_ready()
+    shutil.rmtree(root / ".locks")
+    second = run_script("training_daemon.py", "run", "--no-monitor", root=root, timeout=60)
+    assert second.returncode == 3, second.stderr
+    assert second.stderr.strip().startswith(
+        f"Error: another daemon is running on this root (pid {d.proc.pid}), {root}.")
+    assert d.proc.poll() is None
+    assert d.stop() == 0, d.output()
+    again = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root, timeout=120)
+    assert again.returncode == 0, again.stderr  # the first one gone: starts as always
