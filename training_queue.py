@@ -254,9 +254,10 @@ def _record_ok(data_path: Path) -> bool:
 def recover(root) -> list[str]:
     """Start-up repair of the lifecycle folders (call holding the daemon lock); says what it did.
 
-    Orphan records (their data file moved on before a crash) are removed. A queued file
-    without a readable record goes back to `queue/.incoming/` for intake; a failed or
-    skipped one gets a stub record saying its record was lost.
+    Orphan records (their data file moved on before a crash) are removed. A queued file,
+    or one in processing/, without a readable record (one put there by hand) goes back to
+    `queue/.incoming/` for intake; a failed or skipped one gets a stub record saying its
+    record was lost.
     """
     p = Paths(root)
     actions = []
@@ -279,15 +280,18 @@ def recover(root) -> list[str]:
                 continue
             if is_ignored(n) or folder.parent.name == INCOMING:
                 continue
-            if folder not in (p.failed, p.skipped) and folder.parent != p.queue:
-                continue  # done/, processing/: nothing here acts on their records (was a read of each)
-            if _record_ok(folder / n):
+            if folder not in (p.failed, p.skipped, p.processing) and folder.parent != p.queue:
+                continue  # done/: nothing here acts on its records (was a read of each)
+            if _record_ok(folder / n) and (folder != p.processing or read_record(folder / n).get("sha256")):
                 if folder.parent == p.queue:
                     seq = read_record(folder / n).get("seq")
                     top_seq = max(top_seq, seq if isinstance(seq, int) else 0)
                 continue
-            if folder.parent == p.queue:
-                dst = trainroot.move_unique(folder / n, p.queue / INCOMING / folder.name)
+            if folder.parent == p.queue or folder == p.processing:
+                # (a file put into processing/ by hand, or its record lost: validated again,
+                # and a checkpoint of the same content still resumes it)
+                priority = folder.name if folder.parent == p.queue else "normal"
+                dst = trainroot.move_unique(folder / n, p.queue / INCOMING / priority)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(record_path(folder / n))
                 actions.append(f"{folder / n}: record unreadable, back to intake as {dst.name}")

@@ -1053,3 +1053,23 @@ def test_a_second_daemon_is_refused_even_with_the_lock_folder_deleted(initialize
     assert d.stop() == 0, d.output()
     again = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root, timeout=120)
     assert again.returncode == 0, again.stderr  # the first one gone: starts as always
+
+
+def test_a_file_put_into_processing_by_hand_is_validated_like_any_other(initialized_root):
+    """processing/ holds a file without its record (put there by hand, or its record lost):
+    at start-up it goes back to intake, so it is validated and its content hash recorded
+    (a later copy is then skipped), and an invalid one fails instead of reaching the engine."""
+    root = initialized_root
+    tune(root)
+    write_data(root / "processing" / "manual.jsonl", 3, "manual")
+    proc = run_once(root)
+    assert proc.returncode == 0, proc.stderr
+    assert "processing/manual.jsonl: record unreadable, back to intake" in proc.stderr
+    assert data_files(root) == {"done": ["manual.jsonl"]}
+    assert record(root / "done" / "manual.jsonl")["sha256"] == sha(root / "done" / "manual.jsonl")
+    (root / "inbox" / "again.jsonl").write_bytes((root / "done" / "manual.jsonl").read_bytes())
+    (root / "processing" / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    proc = run_once(root)
+    assert proc.returncode == 0, proc.stderr
+    assert data_files(root) == {"done": ["manual.jsonl"], "failed": ["bad.jsonl"],
+                                "skipped": ["again.jsonl"]}
