@@ -1911,6 +1911,7 @@ class Daemon:
                                    else f"on an error: {ended.error.what if isinstance(ended, _Paused) else ended.what}"
                                    if ended is not None
                                    else "queue empty" if self.once else "exit")
+        self.ended = why
         self.log.info("daemon %d stopped (%s)", os.getpid(), why)
         stopped = "stopped; checkpoint durable" + ("; the file in processing/ resumes at the "
                                                    "next start" if self._processing_file() else "")
@@ -1934,7 +1935,19 @@ def run_daemon(root, *, once: bool = False, monitor: bool = True) -> int:
 
 def cmd_run(args) -> int:
     """Watch inbox/ and train every file once (the default command); --once exits when empty."""
-    return run_daemon(resolve_root(args.root), once=args.once, monitor=not args.no_monitor)
+    root = resolve_root(args.root)
+    if not args.json:
+        return run_daemon(root, once=args.once, monitor=not args.no_monitor)
+    # --json: the log goes to stderr as always; at the end, one document of what this run did
+    before = training_queue.counts(root) if trainroot.is_training_root(root) else {}
+    daemon = Daemon(root, once=args.once, monitor=not args.no_monitor)
+    code = daemon.run()
+    after = training_queue.counts(root)
+    print_json({"ok": code == 0, "root": str(root), "once": args.once,
+                "ended": getattr(daemon, "ended", None),
+                "files": {k: after.get(k, 0) - before.get(k, 0) for k in ("done", "failed", "skipped")},
+                "left": {k: after.get(k, 0) for k in ("inbox", "queued", "processing")}})
+    return code
 
 
 # --------------------------------------------------------------------------- CLI

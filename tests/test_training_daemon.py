@@ -1073,3 +1073,17 @@ def test_a_file_put_into_processing_by_hand_is_validated_like_any_other(initiali
     assert proc.returncode == 0, proc.stderr
     assert data_files(root) == {"done": ["manual.jsonl"], "failed": ["bad.jsonl"],
                                 "skipped": ["again.jsonl"]}
+
+
+def test_run_json_prints_one_document_of_what_the_run_did(initialized_root):
+    root = initialized_root
+    tune(root)
+    (root / "inbox" / "bad.jsonl").write_text("not json\n")
+    (root / "inbox" / "later.jsonl").write_text("")
+    proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", "--json", root=root)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc == {"ok": True, "root": str(root), "once": True, "ended": "queue empty",
+                   "files": {"done": 0, "failed": 2, "skipped": 0},
+                   "left": {"inbox": 0, "queued": 0, "processing": 0}}
+    assert "daemon" in proc.stderr and "stopped (queue empty)" in proc.stderr
