@@ -73,6 +73,9 @@ def check_id(bid: str, where=None) -> str:
 
 def _backup_path(root, bid: str) -> Path:
     folder = backups_dir(root) / check_id(bid, backups_dir(root))
+    earlier = backup_records.earlier_folder(root)
+    if not folder.is_dir() and earlier is not None and (earlier / bid).is_dir():
+        return earlier / bid  # made before backup_dir changed: still a backup of this root
     if not folder.is_dir():
         raise GuardrailError(f"no backup {bid}", backups_dir(root),
                              f"List backups with `{LIST_CMD}`.")

@@ -218,3 +218,31 @@ def latest_backup(root) -> dict | None:
     """The newest backup whose last verification passed, or None."""
     good = [b for b in summaries(root) if b.get("status") == "verified"]
     return good[-1] if good else None
+
+
+def earlier_folder(root) -> Path | None:
+    """ROOT/backups when config `backup_dir` now names another folder: where the backups
+    made before that change still are (restore and verify find an ID there too)."""
+    p = _p(root)
+    try:
+        bdir = backups_dir(root)
+    except GuardrailError:
+        return None
+    default = p.default_backups
+    return default if default.resolve() != bdir.resolve() and default.is_dir() else None
+
+
+def latest_earlier_backup(root) -> dict | None:
+    """The newest verified backup in `earlier_folder` (for a root that lost its model and
+    has none in backup_dir): read from the records, no cache."""
+    folder = earlier_folder(root)
+    if folder is None:
+        return None
+    good = []
+    for entry in sorted(os.listdir(folder)):
+        if ID_RE.fullmatch(entry) and (folder / entry).is_dir():
+            rec = _typed(read_record(folder / entry), entry, folder, quick_age_seconds)
+            if rec.get("status") == "verified":
+                good.append(rec)
+    good.sort(key=order_key)
+    return good[-1] if good else None

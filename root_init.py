@@ -15,6 +15,7 @@ import stat
 import tempfile
 from pathlib import Path
 
+import backup_records
 import trainroot
 from trainroot import GuardrailError, Paths, resolve_root
 
@@ -88,6 +89,9 @@ def _refuse_over_a_backup(p: Paths) -> None:
     try:
         b = backup_manager.latest_backup(p.root)
         bdir = backup_manager.backups_dir(p.root)
+        if b is None:  # made before backup_dir changed: still this root's
+            b = backup_records.latest_earlier_backup(p.root)
+            bdir = backup_records.earlier_folder(p.root) or bdir
     except (GuardrailError, OSError):
         return
     if b:
@@ -95,7 +99,8 @@ def _refuse_over_a_backup(p: Paths) -> None:
         shown = None if p.root.resolve() == resolve_root(None) else p.root  # pasted: this root
         raise GuardrailError(
             f"current_model is gone but a verified backup of it exists ({b['id']}, step "
-            f"{b.get('global_step')}); init would start a new random model instead", p.root,
+            f"{b.get('global_step')}, in {os.path.dirname(b['path'])}); init would start a new "
+            "random model instead", p.root,
             cli_guard.with_root(
                 f"Bring it back with `python3 backup_manager.py restore {b['id']}` (then `python3 "
                 "model_versioner.py snapshot --note restored`). To start a new model anyway, first "

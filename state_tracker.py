@@ -1078,11 +1078,15 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
     queue = _queue_section(root, daemon, w)
     disk = _disk_section(root, cfg, model, disk_usage, w, measured)
     backups = _backups_section(root, cfg, w)
-    if not versions["count"] and backups["latest"]:  # only a backup holds the trained model
-        b = backups["latest"]
+    b = backups["latest"]
+    if not versions["count"] and not b and any(x["code"] == "MODEL_MISSING" for x in w):
+        b = backup_records.latest_earlier_backup(root)  # in ROOT/backups, before backup_dir changed
+    if not versions["count"] and b:  # only a backup holds the trained model
         for x in w:
             if x["code"] == "MODEL_MISSING":
-                x["message"] += f"; the newest verified backup is {b['id']} (step {b['global_step']})"
+                x["message"] += (f"; the newest verified backup is {b['id']} (step {b['global_step']})"
+                                 + ("" if b is backups["latest"] else f", in {os.path.dirname(b['path'])}"
+                                    " (made before backup_dir changed)"))
                 x["fix"] = _cmd(root, f"backup_manager.py restore {b['id']}")
                 x["note"] = ("Brings the trained model back (init would start a new random one); "
                              f"then `{_cmd(root, 'model_versioner.py snapshot --note restored')}`.")

@@ -506,6 +506,18 @@ def request(root, action: str, *, reason: str | None = None, options: dict | Non
                 cleared.append(req["id"])
         if clear_pause_record(root):
             cleared.append(f"the pause the last daemon carried out ({PAUSE_RECORD})")
+        import training_queue  # a file held in processing/ (a loss spike, a failed save)
+        for item in training_queue._processing(root):
+            hold = item.get("hold")
+            if not isinstance(hold, dict):
+                continue
+            if hold.get("kind") == "gate":
+                import eval_gate
+                raise GuardrailError(f"{item['name']} is held by the quality gate; resume does not "
+                                     "decide it", item["path"], "Run `{}` or `{}` (no daemon "
+                                     "needed).".format(*eval_gate.decision_cmds(root)))
+            training_queue.update_record(Path(item["path"]), hold=None)
+            cleared.append(f"the hold on {item['name']} ({hold.get('reason')})")
         if not cleared:
             return dict(result, outcome="nothing",
                         message=f"no daemon is running and no pause is kept in {root}: nothing to resume")

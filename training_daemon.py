@@ -819,8 +819,9 @@ class Daemon:
                 raise GuardrailError(f"{data.name} is on hold: {hold.get('reason')}", data,
                                      "Run `{}` or `{}`.".format(*eval_gate.decision_cmds(self.p.root))
                                      if hold.get("kind") == "gate" else
-                                     "Inspect it, then `python3 training_controller.py resume` "
-                                     "with the daemon running (or `skip`).")
+                                     "Inspect it, then run `python3 training_controller.py "
+                                     "resume` (it clears the hold; no daemon needed), then "
+                                     f"{self._go_on()}.")
             self.current = {"name": data.name, "sha256": held.get("sha256"),
                             "priority": held.get("priority"), "records": held.get("records")}
             self.set_state("paused", hold.get("reason"), hold.get("kind"))

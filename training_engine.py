@@ -2063,19 +2063,16 @@ class BatchPrefetcher:
     and made tensors while the current step computes (on a GPU this keeps it busy). Errors
     surface in `next()`, where the batch would have come. Always `close()` it.
 
-    With `ahead=False`, `next()` reads the batch itself. That is for a CPU whose every core
-    runs torch's threads: there a thread reading ahead only takes turns with them, and the
-    step pays more than the read costs (tiny model, 2 cores: 0.45-0.8 ms a step, against
-    0.25 ms read in line)."""
+    On a CPU whose every core runs torch's threads, reading in line between steps instead
+    measured no faster end to end (tiny model, 2 cores, 3 x 5 pairs: 0.952-0.963 against
+    0.934-0.974 with the thread): part of the read hides in the step's own pauses."""
 
-    def __init__(self, read, ahead: bool = True):
+    def __init__(self, read):
         import queue
         self._read, self._done = read, threading.Event()
         self._queue = queue.Queue(maxsize=1)
-        self._thread = None
-        if ahead:
-            self._thread = threading.Thread(target=self._work, name="batch-prefetch", daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._work, name="batch-prefetch", daemon=True)
+        self._thread.start()
 
     def _work(self) -> None:
         while not self._done.is_set():
@@ -2088,8 +2085,6 @@ class BatchPrefetcher:
                 return
 
     def next(self) -> Batch:
-        if self._thread is None:
-            return self._read()
         batch, exc = self._queue.get()
         if exc is not None:
             raise exc
@@ -2100,8 +2095,6 @@ class BatchPrefetcher:
         record the position of the last trained one)."""
         import queue
         self._done.set()
-        if self._thread is None:
-            return
         try:
             self._queue.get_nowait()  # frees a put the thread waits in
         except queue.Empty:
@@ -2142,9 +2135,6 @@ class FileRun:
         threads = int(config.get("num_threads") or 0) or max(1, (os.cpu_count() or 1) // per_node)
         torch.set_num_threads(threads)
         self.device = device = _device(config)
-        # the next batch read in a thread while a step runs, unless torch's threads fill every
-        # core (a CPU run): then in line, between steps (BatchPrefetcher)
-        self.read_ahead = device.type != "cpu" or threads * per_node < (os.cpu_count() or 1)
         dtype_name = config.get("dtype", "float32")
         self.amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype_name)
         # float16 autocast needs loss scaling on CUDA and CPU alike (torch >= 2.3 has a CPU scaler)
@@ -2311,8 +2301,8 @@ class FileRun:
     # ------------------------------------------------------------------ data
 
     def read_batch(self) -> Batch:
-        """The next optimizer step's rows, made tensors (runs in the prefetch thread, when
-        there is one: it touches only the stream, never the model)."""
+        """The next optimizer step's rows, made tensors (runs in the prefetch thread: it
+        touches only the stream, never the model)."""
         micro, tokens, trained, untrained = [], 0, 0, 0
         W, pin = self.world_size, self.device.type == "cuda"
         for _ in range(self.accum):
@@ -2661,9 +2651,8 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
     early = run.set_up()
     if early is not None:
         return early
-    # 2. The batches: read, tokenized, packed and made tensors one step ahead, in a thread
-    #    (in line on a CPU that torch's threads fill).
-    batches = BatchPrefetcher(run.read_batch, ahead=run.read_ahead)
+    # 2. The batches: read, tokenized, packed and made tensors one step ahead, in a thread.
+    batches = BatchPrefetcher(run.read_batch)
     try:
         t_last = started = time.perf_counter()
         while True:

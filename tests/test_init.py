@@ -240,7 +240,7 @@ def test_init_never_starts_a_new_model_beside_a_verified_backup_of_the_lost_one(
     proc = run_script("training_daemon.py", "init", root=root)
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"Error: current_model is gone but a verified backup of it "
-                                  f"exists ({bid}, step 0)")
+                                  f"exists ({bid}, step 0, in {root / 'backups'})")
     assert f"`python3 backup_manager.py restore {bid}`" in proc.stderr
     assert not (root / "current_model").exists() and not (root / "versions").exists()
     # given with --root from elsewhere, the commands it names act on that root when pasted
@@ -272,3 +272,29 @@ def test_a_folder_inside_a_roots_managed_folders_is_no_root_and_gets_none(initia
         assert (sorted(os.listdir(inner)) if inner.exists() else None) == before
     status = run_script("training_controller.py", "status", root=root)
     assert status.returncode == 0, status.stderr
+
+
+def test_a_backup_made_before_backup_dir_changed_still_brings_a_lost_model_back(initialized_root,
+                                                                               tmp_path):
+    """Backups went to ROOT/backups, then config's backup_dir moved elsewhere (as
+    BACKUP_SAME_FILESYSTEM advises) and current_model and versions/ were lost: init refuses
+    (it would start a random model), the report names that backup, and its restore works."""
+    import shutil
+    import training_config
+    root = initialized_root
+    made = run_script("backup_manager.py", "backup", "--json", root=root)
+    assert made.returncode == 0, made.stderr
+    bid = json.loads(made.stdout)["id"]
+    cfg = training_config.load_config(root)
+    training_config.write_config(root, dict(cfg, backup_dir=str(tmp_path / "elsewhere")))
+    shutil.rmtree(root / "current_model")
+    shutil.rmtree(root / "versions")
+    proc = run_script("training_daemon.py", "init", root=root)
+    assert proc.returncode == 1 and f"({bid}, step 0, in {root / 'backups'})" in proc.stderr
+    report = json.loads(run_script("state_tracker.py", "--json", root=root).stdout)
+    [missing] = [x for x in report["warnings"] if x["code"] == "MODEL_MISSING"]
+    assert f"in {root / 'backups'} (made before backup_dir changed)" in missing["message"]
+    assert missing["fix"].startswith(f"python3 backup_manager.py restore {bid}")
+    restored = run_script("backup_manager.py", "restore", bid, root=root)
+    assert restored.returncode == 0, restored.stderr
+    assert (root / "current_model" / "config.json").exists()

@@ -1087,3 +1087,27 @@ def test_run_json_prints_one_document_of_what_the_run_did(initialized_root):
                    "files": {"done": 0, "failed": 2, "skipped": 0},
                    "left": {"inbox": 0, "queued": 0, "processing": 0}}
     assert "daemon" in proc.stderr and "stopped (queue empty)" in proc.stderr
+
+
+def test_a_held_file_with_no_daemon_running_is_released_by_resume(initialized_root):
+    """A file held in processing/ (a loss spike) when the daemon stopped: `run --once` says
+    to resume, and `resume` with no daemon clears the hold (before it found "nothing to
+    resume"), so the next run trains it."""
+    import training_queue
+    root = initialized_root
+    tune(root)
+    data = write_data(root / "processing" / "spiky.jsonl", 3, "spiky")
+    training_queue.update_record(data, name="spiky.jsonl", sha256=sha(data), records=3,
+                                 priority="normal", hold={"kind": "spike", "reason": "loss spike at step 3"})
+    proc = run_once(root)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"Error: spiky.jsonl is on hold: loss spike at step 3, {data}. Inspect it, then run "
+        "`python3 training_controller.py resume` (it clears the hold; no daemon needed), then "
+        "run `python3 training_daemon.py run --once` again.")
+    resumed = run_script("training_controller.py", "resume", root=root)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "the hold on spiky.jsonl (loss spike at step 3)" in resumed.stdout
+    proc = run_once(root)
+    assert proc.returncode == 0, proc.stderr
+    assert data_files(root) == {"done": ["spiky.jsonl"]}

@@ -13,7 +13,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -225,29 +224,6 @@ def test_bitwise_equal_after_kill_9_at_random_steps(tmp_path, tiny_model_dir, re
     steps = [m["global_step"] for m in metrics(root)]
     # each step logged once: the steps a resume redoes (exactly) were logged before the kill
     assert steps == list(range(1, total + 1)), f"seed {seed}, kills at {kill_at}"
-
-
-def test_batches_are_read_ahead_in_a_thread_unless_torch_fills_every_core(
-        tmp_path, tiny_model_dir, reference, monkeypatch):
-    """A thread reads the next batch while a step runs, except on a CPU whose every core runs
-    torch's threads, where it would only take turns with them: there the batch is read in
-    line. Either way the run is the same, bit for bit."""
-    readers = []
-    read_batch = te.FileRun.read_batch
-
-    def spy(run):
-        readers.append(threading.current_thread().name)
-        return read_batch(run)
-
-    monkeypatch.setattr(te.FileRun, "read_batch", spy)
-    for cores, reader in ((1, "MainThread"), (4, "batch-prefetch")):  # num_threads is 1
-        monkeypatch.setattr(te.os, "cpu_count", lambda: cores)
-        readers.clear()
-        root, cfg = make_root(tmp_path / f"cores{cores}", tiny_model_dir)
-        result = te.train_file(root, reference["data"], file_id="data.jsonl", config=cfg)
-        assert result["status"] == "completed"
-        assert set(readers) == {reader} and len(readers) == result["steps"] + 1
-        assert_bitwise_equal(weights(Paths(root).current_model), reference["weights"])
 
 
 def list_steps(root: Path) -> list[int]:
@@ -852,8 +828,8 @@ def test_the_train_command_refuses_beside_a_live_daemon_or_a_held_engine_lock(tm
         assert proc.returncode == 3, proc.stderr
         assert proc.stderr.strip().splitlines()[-1] == (
             f"Error: the training daemon (pid {daemon.proc.pid}) is running on this root, {root}. "
-            "Stop it first with `python3 training_controller.py stop --wait` (or drop the file "
-            "into inbox/ for the daemon to train), then run this again.")
+            f"Stop it first with `python3 training_controller.py stop --wait --root {root}` (or "
+            "drop the file into inbox/ for the daemon to train), then run this again.")
         assert (root / "current_model" / ".manifest.json").read_text() == model  # nothing published
         assert sorted((d.name, (d / "meta.json").read_text())
                       for d in (root / "checkpoints").glob("checkpoint-*")) == checkpoints
