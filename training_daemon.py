@@ -1604,8 +1604,11 @@ class Daemon:
             finish=lambda d: {"fix": training_queue.fix_for(self.p, "skipped", d)})
         self.log.warning("%s: skipped - %s", dst.name, reason)
         self.current = self.progress = None
-        if self.state == "paused" and self.pause_kind in ("request", "spike"):
-            pass  # a skip while paused keeps the pause: resume is a separate decision
+        if self.state == "paused" and self.pause_kind == "spike":
+            # that pause was this file's (held for a person to look; a restart would not
+            # pause again either): skipped, the queue goes on. A pause by request stays.
+            self.log.info("the file the loss spike paused on was skipped: going on")
+            self.set_state("idle")
         return restored
 
     # ---------------------------------------------------------------- backups

@@ -1111,3 +1111,24 @@ def test_a_held_file_with_no_daemon_running_is_released_by_resume(initialized_ro
     proc = run_once(root)
     assert proc.returncode == 0, proc.stderr
     assert data_files(root) == {"done": ["spiky.jsonl"]}
+
+
+def test_skipping_the_file_a_loss_spike_paused_on_lets_the_queue_go_on(initialized_root):
+    """The spike's pause is that file's (a restart would not pause again once it is gone):
+    skipped, the daemon goes back to idle; a person's pause would have stayed."""
+    import training_config
+    import training_controller as tc
+    import training_queue
+    root = initialized_root
+    tune(root)
+    daemon = training_daemon.Daemon(root, once=False, monitor=False)
+    daemon.cfg = training_config.load_config(root)
+    data = write_data(root / "processing" / "spiky.jsonl", 3, "spiky")
+    training_queue.update_record(data, name="spiky.jsonl", sha256=sha(data), records=3,
+                                 priority="normal", hold={"kind": "spike", "reason": "loss spike at step 3"})
+    daemon.process(data)
+    assert (daemon.state, daemon.pause_kind) == ("paused", "spike")
+    rid = tc.request(root, "skip")["request"]["id"]
+    daemon.control_idle()
+    assert tc.read_ack(root, rid)["outcome"] == "done"
+    assert daemon.state == "idle" and data_files(root) == {"skipped": ["spiky.jsonl"]}
