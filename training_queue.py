@@ -836,7 +836,7 @@ def remove(root, name: str, reason: str | None = None) -> dict:
 
 def _public(rec: dict) -> dict:
     keep = ("name", "priority", "was", "sha256", "records", "format", "size", "seq", "arrived_at",
-            "force", "source", "outcome", "reason", "path", "changed", "undo")
+            "force", "source", "outcome", "reason", "path", "changed", "undo", "skipped_records")
     return {k: rec[k] for k in keep if k in rec}
 
 
@@ -892,7 +892,10 @@ def cmd_add(args) -> int:
         if args.json:
             print_json({"ok": True, **_public(rec)})
         else:
-            print(f"Queued {rec['name']} ({args.priority}, {_records(rec['records'])}).")
+            skipped = (rec.get("skipped_records") or {}).get("count")
+            print(f"Queued {rec['name']} ({args.priority}, {_records(rec['records'])})"
+                  + (f"; {skipped} invalid line(s) will be passed over, listed in its record "
+                     "(skipped_records)" if skipped else "") + ".")
         return 0
     # --move of a file that cannot be queued: it is kept where it went, with its reason
     fix = (rec["fix"] if rec.get("reason") == "not a .jsonl file"  # a rename, not an edit

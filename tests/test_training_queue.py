@@ -83,12 +83,18 @@ def test_add_invalid_file_is_refused_and_left_where_it_was(root, tmp_path, capsy
     assert code == 1
     assert err.strip() == (
         "Error: invalid: 1 error; first: line 2: Expecting value (column 1); not queued, "
-        f"{bad}. See `python3 validate_data.py {bad}`, fix the file, add it again (or add it with "
-        "--skip-invalid: its valid records train, the others are listed).")
+        f"{bad}. See `python3 validate_data.py {bad} --root {root}`, fix the file, add it again (or "
+        "add it with --skip-invalid: its valid records train, the others are listed).")
     assert out["ok"] is False
     assert bad.read_bytes() == before
     assert training_queue.list_queue(root) == []
     assert names_in(root / "queue" / ".incoming") == [] and names_in(root / "failed") == []
+    # --skip-invalid says how many lines it passes over, in words and in --json
+    code, out, _ = q(root, capsys, "add", str(bad), "--skip-invalid")
+    assert code == 0 and out["skipped_records"]["count"] == 1 and out["records"] == 1
+    plain = run_script("training_queue.py", "add", str(bad), "--skip-invalid", "--force", root=root)
+    assert plain.stdout.strip() == ("Queued bad-2.jsonl (normal, 1 record); 1 invalid line(s) will be "
+                                    "passed over, listed in its record (skipped_records)."), plain.stdout
 
 
 def test_add_move_moves_the_file(root, tmp_path, capsys):
