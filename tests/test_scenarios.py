@@ -491,10 +491,12 @@ def test_a_fresh_shell_learns_everything_from_state_tracker_json(initialized_roo
     assert "already trained" in q["skipped"][0]["reason"]
     assert doc["training"]["processing_file"] == "a_long.jsonl"
     # stopped cleanly (the one liveness definition: `status` says the same); the file that
-    # waits half-trained in processing/ is what DAEMON_DEAD reports
+    # waits half-trained in processing/ is said, not as a dead daemon: it was stopped on purpose
     assert doc["training"]["state"] == "stopped"
-    assert "DAEMON_DEAD" in codes(doc) and "FILES_FAILED" in codes(doc)
-    assert "training_daemon.py run" in warning(doc, "DAEMON_DEAD")["fix"]
+    assert "DAEMON_DEAD" not in codes(doc) and "FILES_FAILED" in codes(doc)
+    stopped = warning(doc, "DAEMON_NOT_RUNNING")
+    assert stopped["severity"] == "info" and "processing/a_long.jsonl part-way" in stopped["message"]
+    assert "training_daemon.py run" in stopped["fix"]
     fix = warning(doc, "FILES_FAILED")["fix"]
     assert "training_queue.py add" in fix and "--move" in fix
     assert "last_error" in doc["training"]
