@@ -369,6 +369,7 @@ class Daemon:
                "current_file": self.current, "progress": self.progress,
                "last_error": self.last_error, "file_warnings": self.warned_files,
                "memory_kept": self._memory_kept(), **self.identity,
+               "lock_inode": getattr(self, "_lock_inode", None),
                "heartbeat_clock": round(trainroot.boot_clock(), 3)}
         try:
             # Atomic for readers; no fsync: a heartbeat is worthless after a power cut anyway.
@@ -1767,6 +1768,7 @@ class Daemon:
         if other is not None:
             lock.release()
             raise self._second_daemon(other)
+        self._lock_inode = os.fstat(lock._fd).st_ino  # (in the state: what a second one checks)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         old[signal.SIGIO] = signal.signal(signal.SIGIO, signal.SIG_IGN)  # lease breaks (settle)
         try:

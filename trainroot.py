@@ -662,25 +662,31 @@ def _same_process(pid: int, state: dict) -> bool:
         return True  # cannot tell: keep the heartbeat's word
 
 
-def _alive_by_its_state(pid, state: dict) -> bool:
-    """The daemon that wrote `state` still runs: its heartbeat is fresh and its pid is that
-    same process (boot id + start time), whatever became of its lock file."""
-    age = heartbeat_age(state)
-    return (type(pid) is int and age is not None and age <= HEARTBEAT_STALE_S
-            and process_running(pid) and _same_process(pid, state))
-
-
 def daemon_without_its_lock(root: str | os.PathLike) -> int | None:
-    """The pid of another live daemon of this root that `.locks/` no longer shows (its lock
-    folder deleted under it), for one that just took the lock; else None."""
+    """The pid of another daemon of this root that still holds the daemon lock on a file
+    `.locks/` no longer shows (the folder deleted under it), for one that just took the
+    lock anew; else None. The kernel says it: /proc/locks lists that process's flock on the
+    inode its `.daemon_state.json` names (`lock_inode`). Where /proc/locks cannot be read,
+    None."""
     try:
         state = read_json(Paths(root).daemon_state, default=None)
     except GuardrailError:
         return None
     if not isinstance(state, dict):
         return None
-    pid = state.get("pid")
-    return pid if pid != os.getpid() and _alive_by_its_state(pid, state) else None
+    pid, inode = state.get("pid"), state.get("lock_inode")
+    if type(pid) is not int or type(inode) is not int or pid == os.getpid():
+        return None
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()  # "1: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF"
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[4] == str(pid) \
+                        and fields[5].rsplit(":", 1)[-1] == str(inode):
+                    return pid
+    except OSError:
+        pass
+    return None
 
 
 def daemon_liveness(root: str | os.PathLike, state: dict | None) -> dict:
@@ -702,7 +708,7 @@ def daemon_liveness(root: str | os.PathLike, state: dict | None) -> dict:
     if holder is not None:
         alive = process_running(pid)
     else:
-        alive = _alive_by_its_state(pid, state)
+        alive = fresh and process_running(pid) and _same_process(pid, state)
     if alive:
         verdict = "alive"
     else:

@@ -36,8 +36,10 @@ def data(path: Path, n: int = 2, tag: str = "x") -> Path:
 
 
 def q(root: Path, capsys, *args: str) -> tuple[int, dict | None, str]:
-    """Run `training_queue.py ARGS --json --root ROOT` in-process: (exit code, JSON, stderr)."""
-    code = training_queue.main([*args, "--json", "--root", str(root)])
+    """Run `training_queue.py ARGS --json` in-process on ROOT (as $TRAINING_ROOT, so the
+    commands it prints need no --root): (exit code, JSON, stderr)."""
+    assert os.environ.get("TRAINING_ROOT") == str(root)
+    code = training_queue.main([*args, "--json"])
     out, err = capsys.readouterr()
     return code, (json.loads(out) if out.strip() else None), err
 
@@ -83,7 +85,7 @@ def test_add_invalid_file_is_refused_and_left_where_it_was(root, tmp_path, capsy
     assert code == 1
     assert err.strip() == (
         "Error: invalid: 1 error; first: line 2: Expecting value (column 1); not queued, "
-        f"{bad}. See `python3 validate_data.py {bad} --root {root}`, fix the file, add it again (or "
+        f"{bad}. See `python3 validate_data.py {bad}`, fix the file, add it again (or "
         "add it with --skip-invalid: its valid records train, the others are listed).")
     assert out["ok"] is False
     assert bad.read_bytes() == before
