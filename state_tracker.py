@@ -555,7 +555,8 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
     if current == "paused":
         training["paused_for_s"] = _round(age_seconds(state.get("paused_since")), 1)
     start = _cmd(root, "training_daemon.py run")
-    if not alive and not gate_held and processing and reported == "stopped":
+    if not alive and not gate_held and processing and reported == "stopped" \
+            and state.get("ended_by") in ("request", "signal"):
         # stopped on purpose (`stop`, SIGTERM) part-way: not dead, and not for an assistant
         # to start again on its own
         _warn(w, "DAEMON_NOT_RUNNING", "info",
@@ -563,11 +564,11 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
               f"{processing[0]} part-way; it resumes from its checkpoint when the daemon starts",
               start, "Start it when the user wants training to go on: it was stopped on purpose.")
     elif not alive and not gate_held and (processing or reported in ("training", "stopping", "paused")):
-        waits = (f"while processing/{processing[0]} waits half-trained" if processing else
+        waits = (f" while processing/{processing[0]} waits half-trained" if processing else
                  "; no file waits half-trained (processing/ is empty): it died between files")
         _warn(w, "DAEMON_DEAD", "critical",
               f"the daemon is not running (last pid {state.get('pid')}, state said "
-              f"{reported or 'nothing'}) {waits}".replace(") ;", ");"),
+              f"{reported or 'nothing'}){waits}",
               start, ("Resumes the file from its last checkpoint." if processing else
                       "Trains what waits in the queue.") + " Installed as a service: "
               "`systemctl restart training-guardrails` instead.")

@@ -370,6 +370,7 @@ class Daemon:
                "last_error": self.last_error, "file_warnings": self.warned_files,
                "memory_kept": self._memory_kept(), **self.identity,
                "lock_inode": getattr(self, "_lock_inode", None),
+               "ended_by": getattr(self, "_ended_kind", None) if self.state == "stopped" else None,
                "heartbeat_clock": round(trainroot.boot_clock(), 3)}
         try:
             # Atomic for readers; no fsync: a heartbeat is worthless after a power cut anyway.
@@ -1910,14 +1911,17 @@ class Daemon:
         self.notifier.flush()  # what the last file or pause sent still reaches a person
         if self._import_thread is not None:
             self._import_thread.join()
-        self.state = "stopped"
-        self.write_state(force=True)
         ended = getattr(self, "_ended_by", None)
         why = self.stop_signal or (f"request {self.stop_request['id']}" if self.stop_request
                                    else f"on an error: {ended.error.what if isinstance(ended, _Paused) else ended.what}"
                                    if ended is not None
                                    else "queue empty" if self.once else "exit")
-        self.ended = why
+        # in the last state written: a stop asked for (a request, a signal) is not a crash
+        self.ended, self._ended_kind = why, ("signal" if self.stop_signal else "request"
+                                             if self.stop_request else "error" if ended is not None
+                                             else "once" if self.once else "exit")
+        self.state = "stopped"
+        self.write_state(force=True)
         self.log.info("daemon %d stopped (%s)", os.getpid(), why)
         stopped = "stopped; checkpoint durable" + ("; the file in processing/ resumes at the "
                                                    "next start" if self._processing_file() else "")

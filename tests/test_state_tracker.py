@@ -374,6 +374,17 @@ def test_daemon_dead_with_a_file_in_processing_is_critical(root):
                             "said training); no file waits half-trained (processing/ is empty): "
                             "it died between files"), w["message"]
     assert w["note"].startswith("Trains what waits in the queue.")
+    # stopped with a file part-way: on purpose (a request, a signal) it is said, not alarmed;
+    # ended by an error (its last state says stopped too) it is a dead daemon
+    (root / "done" / "notes.jsonl").rename(root / "processing" / "notes.jsonl")
+    for ended_by, code, severity in (("request", "DAEMON_NOT_RUNNING", "info"),
+                                     ("signal", "DAEMON_NOT_RUNNING", "info"),
+                                     ("error", "DAEMON_DEAD", "critical"), (None, "DAEMON_DEAD", "critical")):
+        write_daemon_state(root, pid=dead_pid(), state="stopped", ended_by=ended_by)
+        found = codes(root)
+        assert found[code]["severity"] == severity, (ended_by, found)
+        assert "processing/notes.jsonl" in found[code]["message"]
+        assert {"DAEMON_NOT_RUNNING", "DAEMON_DEAD"} - {code} - set(found) == {"DAEMON_NOT_RUNNING", "DAEMON_DEAD"} - {code}
 
 
 def test_stalled_heartbeat_while_training(root):

@@ -1087,6 +1087,7 @@ def test_run_json_prints_one_document_of_what_the_run_did(initialized_root):
                    "files": {"done": 0, "failed": 2, "skipped": 0},
                    "left": {"inbox": 0, "queued": 0, "processing": 0}}
     assert "daemon" in proc.stderr and "stopped (queue empty)" in proc.stderr
+    assert json.loads((root / ".daemon_state.json").read_text())["ended_by"] == "once"
 
 
 def test_a_held_file_with_no_daemon_running_is_released_by_resume(initialized_root):
@@ -1105,6 +1106,8 @@ def test_a_held_file_with_no_daemon_running_is_released_by_resume(initialized_ro
         f"Error: spiky.jsonl is on hold: loss spike at step 3, {data}. Inspect it, then run "
         "`python3 training_controller.py resume` (it clears the hold; no daemon needed), then "
         "run `python3 training_daemon.py run --once` again.")
+    # ended on an error, not on request: the report must not take it for a stop on purpose
+    assert json.loads((root / ".daemon_state.json").read_text())["ended_by"] == "error"
     resumed = run_script("training_controller.py", "resume", root=root)
     assert resumed.returncode == 0, resumed.stderr
     assert "the hold on spiky.jsonl (loss spike at step 3)" in resumed.stdout
