@@ -177,7 +177,10 @@ def enclosing_root(folder: str | os.PathLike) -> tuple[Path, Path] | None:
     the pieces of one dropped in its inbox into failed/)."""
     target = Path(folder).resolve()
     for up in list(target.parents)[:6]:
-        if is_training_root(up):
+        # a whole root (config.json and its model or versions), not any folder holding a
+        # config.json (a project's settings file above a root must lock no one out)
+        if os.path.isfile(up / "config.json") and is_training_root(up) and (
+                os.path.lexists(up / "current_model") or os.path.lexists(up / "versions")):
             managed = Paths(up).managed_inside(target)
             if managed is not None and managed != up.resolve():
                 return up, managed
@@ -201,8 +204,10 @@ def require_root(root: str | os.PathLike) -> Paths:
                              f"Give the root itself: --root {_shell_quote(str(owner))}." if owner else
                              f"To train this model, make a root from it: `python3 training_daemon.py "
                              f"init --root NEW_ROOT --base {quoted}`.")
-    if (inside := enclosing_root(p.root)) is not None:
-        owner, managed = inside
+    whole = os.path.isfile(p.root / "config.json") and (
+        os.path.lexists(p.current_model) or os.path.lexists(p.versions))
+    if not whole and (inside := enclosing_root(p.root)) is not None:  # (a root made there
+        owner, managed = inside                                       # before: still usable)
         where = "" if managed == p.root.resolve() else "inside "
         raise GuardrailError(f"not a training root: it is {where}{managed.name}/ of the training "
                              f"root {owner}, which only the product writes", p.root,

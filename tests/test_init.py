@@ -298,3 +298,16 @@ def test_a_backup_made_before_backup_dir_changed_still_brings_a_lost_model_back(
     restored = run_script("backup_manager.py", "restore", bid, root=root)
     assert restored.returncode == 0, restored.stderr
     assert (root / "current_model" / "config.json").exists()
+
+
+def test_a_settings_file_above_a_root_locks_no_one_out(initialized_root, tmp_path):
+    """A folder holding only a config.json of its own (a project's settings) is no root:
+    a root in its logs/ or versions/ subfolder is not "inside" anything."""
+    outer = tmp_path / "project"
+    (outer / "logs").mkdir(parents=True)
+    (outer / "config.json").write_text('{"editor": 1}')
+    root = outer / "logs" / "root"
+    import shutil
+    shutil.copytree(initialized_root, root, symlinks=True)
+    status = run_script("training_controller.py", "status", "--root", str(root), env={"TRAINING_ROOT": ""})
+    assert status.returncode == 0, status.stderr
