@@ -680,7 +680,9 @@ def _queue_section(root: Path, daemon: dict, w: list) -> dict:
         fix = _cmd(root, f"training_queue.py add {_arg(root, 'failed/' + first['name'])} --move")
         if not first["name"].endswith(".jsonl"):  # add refuses the name: into the inbox as data
             from training_queue import jsonl_name
-            fix = f"mv {_arg(root, 'failed/' + first['name'])} {_arg(root, 'inbox/' + jsonl_name(first['name']))}"
+            from trainroot import unique_path  # (a file of that name waiting there stays whole)
+            new = unique_path(Paths(root).inbox, jsonl_name(first["name"])).name
+            fix = f"mv {_arg(root, 'failed/' + first['name'])} {_arg(root, 'inbox/' + new)}"
         _warn(w, "FILES_FAILED", "warning",
               f"{sec['failed_count']} file(s) in failed/ wait for a decision; newest: "
               f"{first['name']} ({first['reason']})", fix,

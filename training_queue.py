@@ -445,12 +445,12 @@ def fix_for(p: Paths, reason_kind: str, dst: Path, fix: str | None = None,
         errors = (report or {}).get("errors") or [{}]
         code = validate_data.json_shape(dst) if reason_kind == "suffix" else \
             errors[0].get("code") if isinstance(errors[0], dict) else None
-        out = p.inbox / jsonl_name(dst.name)
+        out = trainroot.unique_path(p.inbox, jsonl_name(dst.name))  # never over a waiting file
         if (command := validate_data.whole_file_fix(code, dst, out)) is not None:
             return (f"`{command}` writes it as JSON lines into the inbox (one object per line), "
                     "where the daemon takes it.")
     if reason_kind == "suffix":
-        return (f"If it holds JSON lines, `mv {_q(dst)} {_q(p.inbox / jsonl_name(dst.name))}` "
+        return (f"If it holds JSON lines, `mv {_q(dst)} {_q(trainroot.unique_path(p.inbox, jsonl_name(dst.name)))}` "
                 "drops it in the inbox under a .jsonl name.")
     if reason_kind == "special":
         return (f"Save the data as a regular .jsonl file and drop that into {_q(p.inbox)}/ "
@@ -610,7 +610,7 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
             if stays:
                 raise GuardrailError(f"{reason}; not queued", src, (
                     f"Rename it to end in .jsonl (`mv {_q(src)} "
-                    f"{_q(src.with_name(jsonl_name(src.name)))}`), then add it again."
+                    f"{_q(trainroot.unique_path(src.parent, jsonl_name(src.name)))}`), then add it again."
                     if kind == "suffix" else f"See `python3 validate_data.py {_q(src)}`, fix "
                     "the file, add it again" + ("" if problem or not result["records"] else
                                                 " (or add it with --skip-invalid: its valid "

@@ -1228,17 +1228,19 @@ def _name_warning(report: dict, path: Path) -> None:
     or hidden or temporary), whatever its content: said here too, with the rename."""
     import shlex
     from training_queue import is_ignored, jsonl_name
+    from trainroot import unique_path
     name = path.name
-    if is_ignored(name):
-        new = jsonl_name(name.lstrip(".") or "data")
-        why = "the daemon ignores hidden and temporary names"
+    if is_ignored(name):  # an editor's backup or swap file, a copy in progress: no rename
+        message = ("the daemon ignores hidden and temporary names (editors' backups and swap "
+                   "files, copies in progress): it never takes this file as data")
     elif not name.endswith(".jsonl"):
-        new, why = jsonl_name(name), "the daemon and `training_queue.py add` take only .jsonl names"
+        new = unique_path(path.parent, jsonl_name(name))  # never over a file of that name
+        message = ("the daemon and `training_queue.py add` take only .jsonl names: rename it "
+                   f"(`mv {shlex.quote(str(path))} {shlex.quote(str(new))}`)")
     else:
         return
     report["warning_count"] += 1
-    report["warnings"].insert(0, {"line": None, "code": "data_name", "message": f"{why}: rename it "
-                                  f"(`mv {shlex.quote(str(path))} {shlex.quote(str(path.with_name(new)))}`)"})
+    report["warnings"].insert(0, {"line": None, "code": "data_name", "message": message})
     report["verdict"] = _verdict(report)
 
 

@@ -588,6 +588,10 @@ def test_a_failed_file_without_the_jsonl_suffix_is_named_back_into_the_inbox(roo
         after = fix_and_check(root, "FILES_FAILED")
         assert "FILES_FAILED" not in after and "DAEMON_NOT_RUNNING" in after
     assert sorted(os.listdir(root / "inbox")) == ["data.jsonl", "high", "low", "part.jsonl"]
+    # a file of that name already waits in the inbox: the rename takes a free name
+    (tmp_path / "data.csv").write_text('{"text": "other"}\n')
+    training_queue.enqueue(root, tmp_path / "data.csv", move=True)
+    assert codes(root)["FILES_FAILED"]["fix"].endswith(f"{root / 'inbox' / 'data-2.jsonl'}")
 
 
 def test_queue_counts_per_priority_and_skip_reasons(root, tmp_path):

@@ -596,3 +596,6 @@ def test_the_rename_a_wrong_suffix_is_given_never_doubles_jsonl(root, tmp_path):
     proc = run_script("training_queue.py", "add", str(src), root=root)
     assert proc.returncode == 1
     assert f"(`mv {src} {tmp_path / 'y.jsonl'}`)" in proc.stderr, proc.stderr
+    (tmp_path / "y.jsonl").write_text('{"text": "the finished copy"}\n')  # never renamed over
+    proc = run_script("training_queue.py", "add", str(src), root=root)
+    assert f"(`mv {src} {tmp_path / 'y-2.jsonl'}`)" in proc.stderr, proc.stderr
