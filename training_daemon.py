@@ -487,9 +487,10 @@ class Daemon:
                 self.stop_request = req
                 return
             if action == "pause":
-                if self.state == "paused" and self.pause_kind in ("preflight", "engine"):
-                    # a pause that lifts itself once its cause is fixed: a person's pause
-                    # must hold until `resume`, so it takes its place
+                if self.state == "paused" and self.pause_kind in ("preflight", "engine", "spike"):
+                    # a pause that lifts itself once its cause is fixed (or, a spike's, once its
+                    # file is skipped): a person's pause must hold until `resume`, so it takes
+                    # its place (a held file keeps its hold)
                     was = self.paused_reason
                     why = "paused by request" + (f": {req['reason']}" if req.get("reason") else "")
                     self.set_state("paused", why, "request")

@@ -1135,3 +1135,14 @@ def test_skipping_the_file_a_loss_spike_paused_on_lets_the_queue_go_on(initializ
     daemon.control_idle()
     assert tc.read_ack(root, rid)["outcome"] == "done"
     assert daemon.state == "idle" and data_files(root) == {"skipped": ["spiky.jsonl"]}
+    # a person who paused meanwhile: their pause takes the spike's place and outlives the skip
+    data = write_data(root / "processing" / "spiky2.jsonl", 3, "spiky2")
+    training_queue.update_record(data, name="spiky2.jsonl", sha256=sha(data), records=3,
+                                 priority="normal", hold={"kind": "spike", "reason": "loss spike at step 5"})
+    daemon.process(data)
+    for action in ("pause", "skip"):
+        rid = tc.request(root, action)["request"]["id"]
+        daemon.control_idle()
+        assert tc.read_ack(root, rid)["outcome"] == "done", action
+    assert (daemon.state, daemon.pause_kind) == ("paused", "request")
+    assert data_files(root) == {"skipped": ["spiky.jsonl", "spiky2.jsonl"]}
