@@ -724,6 +724,7 @@ def _isolation_gap(model, mode: str) -> float:
 
 
 ISOLATION_CACHE = Path(".index") / "isolation.json"  # in the root: probe answers by model kind
+ISOLATION_PROBE = 1  # in the key: a change to the probe (or its tolerance) asks again
 _ISOLATION_SEEN: dict[str, tuple[str, str]] = {}       # the same, for this process
 
 
@@ -744,9 +745,12 @@ def packing_isolation(model, config: dict, root=None) -> tuple[str, str]:
     key = _isolation_key(model)
     found = _ISOLATION_SEEN.get(key) or _kept_isolation(root, key)
     if found is None:
-        found = _probe_isolation(model)
-        _keep_isolation(root, key, found)
-    _ISOLATION_SEEN[key] = model.guardrails_isolation = found
+        failed: list = []
+        found = _probe_isolation(model, failed)
+        if not failed:  # a mode that raised (out of memory, ...) may pass next time: not kept
+            _keep_isolation(root, key, found)
+            _ISOLATION_SEEN[key] = found
+    model.guardrails_isolation = found
     return found
 
 
@@ -758,7 +762,7 @@ def _isolation_key(model) -> str:
     config = model.config.to_dict()
     config.pop("_name_or_path", None)
     first = next(model.parameters())
-    described = [[f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()][:4],
+    described = [ISOLATION_PROBE, [f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()][:4],
                  config, getattr(model.config, "_attn_implementation", None),
                  transformers.__version__, torch.__version__, first.device.type, str(first.dtype)]
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
@@ -794,7 +798,8 @@ def _keep_isolation(root, key: str, found: tuple[str, str]) -> None:
         log.info("pack_isolation: could not keep the probe's answer in %s: %s", path, exc)
 
 
-def _probe_isolation(model) -> tuple[str, str]:
+def _probe_isolation(model, failed: list | None = None) -> tuple[str, str]:
+    """The probe itself; each mode that raised is appended to `failed`."""
     was_training = model.training
     model.eval()
     try:
@@ -804,6 +809,8 @@ def _probe_isolation(model) -> tuple[str, str]:
                 gaps[mode] = _isolation_gap(model, mode)
             except Exception as exc:  # an architecture that refuses the argument: try the next
                 log.info("pack_isolation: %s mode failed on this model: %s", mode, exc)
+                if failed is not None:
+                    failed.append(mode)
                 continue
             if gaps[mode] <= ISOLATION_TOLERANCE:
                 return mode, f"documents isolated by {mode} (probe gap {gaps[mode]:.1e})"

@@ -997,7 +997,8 @@ def test_the_isolation_probe_runs_once_per_kind_of_model_and_is_kept_in_the_root
     from transformers import AutoModelForCausalLM
     probes = []
     probe = te._probe_isolation
-    monkeypatch.setattr(te, "_probe_isolation", lambda model: probes.append(1) or probe(model))
+    monkeypatch.setattr(te, "_probe_isolation",
+                        lambda model, failed=None: probes.append(1) or probe(model, failed))
     monkeypatch.setattr(te, "_ISOLATION_SEEN", {})
     copy = shutil.copytree(tiny_model_dir, tmp_path / "elsewhere")
 
@@ -1025,6 +1026,16 @@ def test_the_isolation_probe_runs_once_per_kind_of_model_and_is_kept_in_the_root
     assert len(json.loads(cache.read_text())) == 1
     assert te.packing_isolation(AutoModelForCausalLM.from_pretrained(tiny_model_dir), te_config(),
                                 None) == first  # no root: this process only
+    # a probe in which a mode raised (out of memory, ...) is not kept: asked again next time
+    real_gap = te._isolation_gap
+
+    def flaky(model, mode):
+        if mode == "position_ids":
+            raise RuntimeError("out of memory")
+        return real_gap(model, mode)
+    monkeypatch.setattr(te, "_isolation_gap", flaky)
+    assert asked(attn="eager")[0] == "mask" and len(probes) == 5
+    assert asked(attn="eager")[0] == "mask" and len(probes) == 6
 
 # --------------------------------------------------------------------------- the base's dtype
 
