@@ -384,28 +384,60 @@ def _restore_what(root: Path, vid: str, latest: str) -> tuple[str, str]:
 def _restore_undamaged(root: Path, versions: dict, vid: str, latest: str) -> tuple[str, str, str]:
     """(fix, what it brings back, why not `vid`) for putting back version `vid`. When the
     cheap check found `vid` damaged (a hard-linked file written to is damaged in every
-    version sharing it): of the newest checked version that is not and the newest verified
-    backup, the one with more training. `why` is "" when `vid` is sound."""
+    version sharing it): of the newest sound version in its own lineage (its parent, the
+    parent's parent, ...: never a line a rollback or restore left) and the newest verified
+    backup of one of those, the one with more training. `why` is "" when `vid` is sound."""
     damaged = {bad["id"] for bad in versions["problems"]}
     if vid not in damaged:
         return (*_restore_what(root, vid, latest), "")
     why = f"{vid}, the version it was, is damaged too (VERSION_DAMAGED)"
-    sound = next((v for v in reversed(versions["ids"]) if v not in damaged), None)
+    line = _lineage_of(root, vid)
+    sound = next((v for v in line[1:] if v not in damaged and _sound_version(root, v, versions)), None)
     try:
-        backup = backup_records.latest_backup(root)
+        backup = next((b for b in reversed(backup_records.summaries(root))
+                       if b.get("status") == "verified" and b.get("version") in line), None)
     except (GuardrailError, OSError):
         backup = None
-    step = versions["_records"].get(sound, {}).get("global_step") if sound else None
+    step = _int(_dict(_read(Paths(root).versions / sound / "version.json")).get("global_step")) \
+        if sound else None
     if backup and (step is None or (_int(backup.get("global_step")) or 0) > step):
         return (_cmd(root, f"backup_manager.py restore {backup['id']}"),
-                f"the newest verified backup, {backup['id']} (step {backup.get('global_step')}; "
-                f"then `{_cmd(root, 'model_versioner.py snapshot --note restored')}`)", why)
+                f"the newest verified backup of its lineage, {backup['id']} (of {backup.get('version')}, "
+                f"step {backup.get('global_step')}; then "
+                f"`{_cmd(root, 'model_versioner.py snapshot --note restored')}`)", why)
     if sound:
         return (_cmd(root, f"model_versioner.py restore {sound}"), f"{sound}, the newest version "
-                "the cheap check finds sound (the files trained after it are undone: "
-                f"`{_cmd(root, f'model_versioner.py lineage {vid}')}` lists them)", why)
+                f"it was trained from that the cheap check finds sound (the files trained after "
+                f"it are undone: `{_cmd(root, f'model_versioner.py lineage {vid}')}` lists them)", why)
     return (_cmd(root, "backup_manager.py list"), "a copy from a backup, if there is one", why
-            + ", and so is every version checked")
+            + ", and so is every version it was trained from")
+
+
+def _lineage_of(root: Path, vid: str, limit: int = 200) -> list[str]:
+    """`vid`, its parent, the parent's parent, ... (version.json `parent`), newest first."""
+    line, seen = [vid], {vid}
+    while len(line) < limit:
+        parent = _str(_dict(_read(Paths(root).versions / line[-1] / "version.json")).get("parent"))
+        if not parent or parent in seen or not versions_index.version_number(parent):
+            break
+        line.append(parent)
+        seen.add(parent)
+    return line
+
+
+def _sound_version(root: Path, vid: str, versions: dict) -> bool:
+    """The cheap check of one version (done already for the checked ones)."""
+    if vid in versions["checked"]:
+        return True  # (damaged ones are in versions["problems"], excluded by the caller)
+    folder = Paths(root).versions / vid
+    rec = _dict(_read(folder / "version.json"))
+    manifest = rec.get("manifest")
+    if not isinstance(manifest, dict):
+        manifest = _dict(_read(folder / ".manifest.json")).get("files")
+    if not rec or not isinstance(manifest, dict):
+        return False
+    problems, _, _ = _model_check(folder, {"files": manifest})
+    return not problems
 
 
 def _current_model_section(root: Path, versions: dict, w: list) -> dict:

@@ -806,10 +806,27 @@ def test_a_model_whose_version_is_damaged_too_is_restored_from_a_sound_copy(root
     assert "v002, the version it was, is damaged too" in w["message"], w
     if backup:  # step 7, where v001 is step 0
         assert w["fix"] == f"python3 backup_manager.py restore {bid} --root {root}"
-        assert f"the newest verified backup, {bid} (step 7" in w["note"]
+        assert f"the newest verified backup of its lineage, {bid} (of v002, step 7" in w["note"]
     else:
         assert w["fix"] == f"python3 model_versioner.py restore v001 --root {root}"
         assert "files trained after it are undone" in w["note"]
     left = fix_and_check(root, "MODEL_INCOMPLETE")
     assert "MODEL_INCOMPLETE" not in left and "VERSION_DAMAGED" in left
     assert state(root)["current_model"]["global_step"] == (7 if backup else 0)
+
+
+def test_the_sound_version_named_for_a_damaged_model_is_in_its_own_lineage(root):
+    """current_model was restored to v002 (v003, trained after it, left aside); v002's own
+    trainer_state.json is then damaged in place: the fix restores v002's parent v001, never
+    the newer v003 of the line the restore left."""
+    import model_versioner as mv
+    publish_trained(root, 7)
+    assert mv.create_version(root, "post-train:test") == ("v002", True)
+    publish_trained(root, 9)
+    assert mv.create_version(root, "post-train:test") == ("v003", True)
+    mv.restore_version(root, "v002")
+    os.truncate(root / "current_model" / "trainer_state.json", 3)  # v002's too (same inode)
+    w = codes(root)["MODEL_INCOMPLETE"]
+    assert "v002, the version it was, is damaged too" in w["message"], w
+    assert w["fix"] == f"python3 model_versioner.py restore v001 --root {root}", w
+    assert "the newest version it was trained from" in w["note"]
