@@ -20,6 +20,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import json
 import os
 import shlex
 import shutil
@@ -251,6 +252,36 @@ def _record_ok(data_path: Path) -> bool:
         return False
 
 
+def _recover_processing(p: Paths, data: Path) -> str:
+    """A file in processing/ without a usable record (put there by hand, or its record
+    damaged): a damaged record is kept aside in `.attic/`. If a checkpoint of this
+    very content exists (its id names the file and its sha256), it was trained part-way:
+    the record is rebuilt from that id and the file stays, so it resumes there rather than
+    training its first steps twice. Else it goes back to intake: validated, hashed and
+    deduplicated like any file, never fed to the engine unchecked."""
+    rec_path = record_path(data)
+    if os.path.lexists(rec_path):
+        attic = p.root / ".attic"
+        attic.mkdir(exist_ok=True)
+        os.replace(rec_path, attic / f"{rec_path.name}.damaged-{time.time_ns()}")
+    sha = sha256_file(data)
+    for meta_path in sorted(p.checkpoints.glob("*/meta.json")):
+        try:
+            file_id = json.loads(meta_path.read_text()).get("file_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        prefix = f"{data.name}#{sha[:12]}-"
+        seq = file_id[len(prefix):] if isinstance(file_id, str) and file_id.startswith(prefix) else ""
+        if seq.isdigit():
+            atomic_write_json(rec_path, {
+                "schema_version": SCHEMA_VERSION, "name": data.name, "original_name": data.name,
+                "sha256": sha, "seq": int(seq), "priority": "normal", "in_training": True,
+                "source": f"record rebuilt from {meta_path.parent.name}"})
+            return f"{data}: record unreadable, rebuilt from {meta_path.parent.name} (it resumes there)"
+    dst = trainroot.move_unique(data, p.queue / INCOMING / "normal")
+    return f"{data}: record unreadable, back to intake as {dst.name}"
+
+
 def recover(root) -> list[str]:
     """Start-up repair of the lifecycle folders (call holding the daemon lock); says what it did.
 
@@ -287,11 +318,10 @@ def recover(root) -> list[str]:
                     seq = read_record(folder / n).get("seq")
                     top_seq = max(top_seq, seq if isinstance(seq, int) else 0)
                 continue
-            if folder.parent == p.queue or folder == p.processing:
-                # (a file put into processing/ by hand, or its record lost: validated again,
-                # and a checkpoint of the same content still resumes it)
-                priority = folder.name if folder.parent == p.queue else "normal"
-                dst = trainroot.move_unique(folder / n, p.queue / INCOMING / priority)
+            if folder == p.processing:
+                actions.append(_recover_processing(p, folder / n))
+            elif folder.parent == p.queue:
+                dst = trainroot.move_unique(folder / n, p.queue / INCOMING / folder.name)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(record_path(folder / n))
                 actions.append(f"{folder / n}: record unreadable, back to intake as {dst.name}")

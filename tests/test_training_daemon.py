@@ -1146,3 +1146,36 @@ def test_skipping_the_file_a_loss_spike_paused_on_lets_the_queue_go_on(initializ
         assert tc.read_ack(root, rid)["outcome"] == "done", action
     assert (daemon.state, daemon.pause_kind) == ("paused", "request")
     assert data_files(root) == {"skipped": ["spiky.jsonl", "spiky2.jsonl"]}
+
+
+def test_a_part_trained_file_whose_record_is_damaged_resumes_from_its_checkpoint(
+        initialized_root, tiny_model_dir, daemons, tmp_path):
+    """Stopped part-way, then its record damaged: the record is rebuilt from the checkpoint
+    that names this content (the damaged one kept aside), so the file resumes there, bit for
+    bit as an uninterrupted run, instead of training its first steps twice."""
+    import training_daemon
+    root = initialized_root
+    tune(root)
+    data = write_data(root / "inbox" / "long.jsonl", 10, "long")
+    twin = tmp_path / "twin"
+    training_daemon.init_root(twin, base=str(tiny_model_dir))
+    tune(twin)
+    (twin / "inbox" / "long.jsonl").write_bytes(data.read_bytes())
+    uninterrupted = daemons(twin, "--once")
+    d = daemons(root)
+    metrics = root / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 3, 90,
+             "three optimizer steps", d.proc)
+    stop = run_script("training_controller.py", "stop", "--wait", "60", root=root)
+    assert stop.returncode == 0, stop.stderr
+    d.close()
+    assert data_files(root) == {"processing": ["long.jsonl"]}
+    (root / "processing" / "long.jsonl.record.json").write_text("{damaged")
+    proc = run_once(root)
+    assert proc.returncode == 0, proc.stderr
+    assert "record unreadable, rebuilt from checkpoint-" in proc.stderr
+    assert data_files(root) == {"done": ["long.jsonl"]}
+    [aside] = [n for n in os.listdir(root / ".attic") if n.startswith("long.jsonl.record.json.damaged-")]
+    assert (root / ".attic" / aside).read_text() == "{damaged"  # kept, not deleted
+    assert uninterrupted.proc.wait(120) == 0, uninterrupted.output()
+    assert _trained_state(root) == _trained_state(twin)  # same step, bitwise-equal weights
