@@ -465,6 +465,38 @@ def refuse_while_training(root) -> None:
 
 # --------------------------------------------------------------------------- requests, end to end
 
+def _resume_without_daemon(root: Path, result: dict) -> dict:
+    """`resume` with no daemon (holding its lock): the kept pauses and a held file's hold
+    (a loss spike, a failed save) cleared; a file the quality gate holds is refused first,
+    before anything changes (resume does not decide it)."""
+    import training_queue
+    held = [item for item in training_queue._processing(root) if isinstance(item.get("hold"), dict)]
+    for item in held:
+        if item["hold"].get("kind") == "gate":
+            import eval_gate
+            raise GuardrailError(f"{item['name']} is held by the quality gate; resume does not "
+                                 "decide it (nothing was changed)", item["path"], "Run `{}` or "
+                                 "`{}` (no daemon needed).".format(*eval_gate.decision_cmds(root)))
+    # acks/ made first, so a request is never claimed and then left without its acknowledgement
+    _ensure(control_dirs(root)["acks"])
+    cleared = []
+    for req in pending_requests(root):
+        if req["action"] == "pause" and claim_request(root, req):
+            acknowledge(root, req, "cancelled", "resumed before a daemon started")
+            cleared.append(req["id"])
+    if clear_pause_record(root):
+        cleared.append(f"the pause the last daemon carried out ({PAUSE_RECORD})")
+    for item in held:
+        training_queue.update_record(Path(item["path"]), hold=None)
+        cleared.append(f"the hold on {item['name']} ({item['hold'].get('reason')})")
+    if not cleared:
+        return dict(result, outcome="nothing",
+                    message=f"no daemon is running and no pause is kept in {root}: nothing to resume")
+    return dict(result, outcome="cleared", request={"cleared": cleared},
+                message=f"cleared the kept pause ({', '.join(cleared)}); the daemon will "
+                        f"train when it starts")
+
+
 def request(root, action: str, *, reason: str | None = None, options: dict | None = None,
             wait: float | None = None) -> dict:
     """Ask the daemon to `action`, or apply the no-daemon rule; with `wait`, block until done.
@@ -496,34 +528,18 @@ def request(root, action: str, *, reason: str | None = None, options: dict | Non
                            f"since {kept['created_at']}) and applies when it starts")
             return dict(result, outcome="kept", request=kept,
                         message=message + "; undo it with `python3 training_controller.py resume`")
-        # resume with no daemon: drop every kept pause (acks/ checked first, so a request
-        # is never claimed and then left without its acknowledgement).
-        _ensure(control_dirs(root)["acks"])
-        cleared = []
-        for req in pending_requests(root):
-            if req["action"] == "pause" and claim_request(root, req):
-                acknowledge(root, req, "cancelled", "resumed before a daemon started")
-                cleared.append(req["id"])
-        if clear_pause_record(root):
-            cleared.append(f"the pause the last daemon carried out ({PAUSE_RECORD})")
-        import training_queue  # a file held in processing/ (a loss spike, a failed save)
-        for item in training_queue._processing(root):
-            hold = item.get("hold")
-            if not isinstance(hold, dict):
-                continue
-            if hold.get("kind") == "gate":
-                import eval_gate
-                raise GuardrailError(f"{item['name']} is held by the quality gate; resume does not "
-                                     "decide it", item["path"], "Run `{}` or `{}` (no daemon "
-                                     "needed).".format(*eval_gate.decision_cmds(root)))
-            training_queue.update_record(Path(item["path"]), hold=None)
-            cleared.append(f"the hold on {item['name']} ({hold.get('reason')})")
-        if not cleared:
-            return dict(result, outcome="nothing",
-                        message=f"no daemon is running and no pause is kept in {root}: nothing to resume")
-        return dict(result, outcome="cleared", request={"cleared": cleared},
-                    message=f"cleared the kept pause ({', '.join(cleared)}); the daemon will "
-                            f"train when it starts")
+        # resume with no daemon: drop every kept pause and a held file's hold, holding the
+        # daemon lock so none starts meanwhile and reads them half-cleared (one starting
+        # now holds it: the request below reaches it instead)
+        try:
+            lock = FileLock(Paths(root).lock("daemon"), "training_controller resume").acquire(timeout=0)
+        except BusyError:
+            lock = None
+        if lock is not None:
+            try:
+                return _resume_without_daemon(root, result)
+            finally:
+                lock.release()
     try:
         req = submit_request(root, action, reason=reason, options=options)
     except OSError as exc:

@@ -1179,3 +1179,20 @@ def test_a_part_trained_file_whose_record_is_damaged_resumes_from_its_checkpoint
     assert (root / ".attic" / aside).read_text() == "{damaged"  # kept, not deleted
     assert uninterrupted.proc.wait(120) == 0, uninterrupted.output()
     assert _trained_state(root) == _trained_state(twin)  # same step, bitwise-equal weights
+
+
+def test_resume_with_no_daemon_refuses_a_gate_hold_before_changing_anything(initialized_root):
+    import training_queue
+    root = initialized_root
+    tune(root)
+    data = write_data(root / "processing" / "gated.jsonl", 3, "gated")
+    training_queue.update_record(data, name="gated.jsonl", sha256=sha(data), records=3,
+                                 priority="normal", hold={"kind": "gate", "reason": "held by the gate"})
+    kept = run_script("training_controller.py", "pause", root=root)
+    assert kept.returncode == 0, kept.stderr
+    proc = run_script("training_controller.py", "resume", root=root)
+    assert proc.returncode == 1 and "resume does not decide it (nothing was changed)" in proc.stderr
+    assert "`python3 training_controller.py accept`" in proc.stderr
+    status = run_script("training_controller.py", "status", "--json", root=root)
+    assert json.loads(status.stdout)["kept_pause"] is not None  # the kept pause is still there
+    assert record(data)["hold"]["kind"] == "gate"
