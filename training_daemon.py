@@ -698,6 +698,10 @@ class Daemon:
             return paused
         except GuardrailError as exc:
             return _Paused(exc)
+        except OSError as exc:  # (making room on the disk failed): a pause, retried, never a crash
+            return _Paused(GuardrailError(f"pre-flight: {exc.strerror or exc}", exc.filename or self.p.root,
+                                          f"Fix the cause; training goes on by itself once "
+                                          f"pre-flight passes (or {self._go_on()})."))
         return None
 
     def _file_config(self) -> dict:
