@@ -189,10 +189,15 @@ def _check_trainable(folder: Path, tokenizer, model, loading: dict, fix: str) ->
             "Copy the model's tokenizer files (tokenizer.json or its vocabulary, "
             "tokenizer_config.json) into the folder, then run init again.")
     rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
+    # the ids training emits for sure: text, and the special tokens (eos between documents,
+    # the pad of a file's last row, a chat template's markers); an added token no data
+    # uses may lie past the rows, as in some published models
+    used = set(ids) | {i for i in tokenizer.all_special_ids if isinstance(i, int)}
+    if max(used) >= rows:
+        past = sorted(i for i in used if i >= rows)
         raise GuardrailError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: "
-            "a token past them would stop training", folder,
+            f"the tokenizer gives ids up to {max(used)} (e.g. {past[:3]}) but the model's "
+            f"embedding has {rows} rows: the first such token would stop training", folder,
             "Use the tokenizer this model was trained with, or resize the model's embeddings "
             "(`model.resize_token_embeddings(len(tokenizer))`, then save_pretrained) first.")
     probe = torch.tensor([[ids[0], ids[-1], ids[0], ids[-1]], [ids[0], ids[-1], ids[0], ids[0]]])

@@ -136,7 +136,7 @@ def test_init_refuses_a_base_that_loads_but_would_not_train(tmp_path):
     import root_init
     from trainroot import GuardrailError
     expected = {"no tokenizer": "the tokenizer turns text into no tokens",
-                "small embedding": "the tokenizer has 259 tokens but the model's embedding has 100 rows",
+                "small embedding": "the tokenizer gives ids up to 258 (e.g. [100, 101, ",
                 "masked LM": "the model is not causal",
                 "encoder": "the folder has no weights for 6 of the model's tensors (cls.predictions"}
     for name, folder in _base_folders(tmp_path / "bases").items():
@@ -149,6 +149,15 @@ def test_init_refuses_a_base_that_loads_but_would_not_train(tmp_path):
     proc = run_script("training_daemon.py", "init", "--base", str(tmp_path / "bases" / "no tokenizer"),
                       root=tmp_path / "no-tokenizer")
     assert proc.returncode == 1 and "Copy the model's tokenizer files" in proc.stderr, proc.stderr
+    # an added token no data uses may lie past the embedding (as in some published models)
+    import training_engine as te
+    from transformers import GPT2Config, GPT2LMHeadModel
+    fits = tmp_path / "bases" / "unused added token"
+    GPT2LMHeadModel(GPT2Config(vocab_size=259, n_embd=32, n_layer=1, n_head=2)).save_pretrained(fits)
+    tokenizer = te.build_tiny_tokenizer()
+    tokenizer.add_tokens(["<unused>"])
+    tokenizer.save_pretrained(fits)
+    assert te.check_loadable(fits)["vocab_size"] == 260
 
 
 def test_init_missing_base_path(tmp_root):
