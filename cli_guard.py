@@ -38,10 +38,7 @@ def with_root(text, root: Path | None):
     return _COMMAND.sub(lambda m: f"`{command(m.group(1), root)}`", text)
 
 
-def explicit_root(args) -> Path | None:
-    """The root when it came from `--root` and is not the scripts' folder, else None: only
-    then does a printed command need `--root` to act on the same root."""
-    return trainroot._explicit_root(args)
+explicit_root = trainroot.explicit_root  # (the one definition, also used by trainroot.run_cli)
 
 
 def guarded(func, *, needs_root: bool = True):

@@ -425,9 +425,11 @@ def _typed_state(state: dict) -> dict:
     return out
 
 
-SKIP_WITHOUT_DAEMON = ("to skip it instead: `python3 training_controller.py pause` (kept until "
-                       "the daemon starts), start the daemon (`python3 training_daemon.py run`), "
-                       "then `python3 training_controller.py skip`")
+def skip_without_daemon(first: str = "to skip it instead") -> str:
+    """How to skip the file in processing/ when no daemon runs (`skip` needs one)."""
+    return (f"{first}: `python3 training_controller.py pause` (kept until the daemon starts), "
+            "start the daemon (`python3 training_daemon.py run`), then `python3 "
+            "training_controller.py skip`, then `python3 training_controller.py resume`")
 
 
 def stopped_part_way(root) -> str | None:
@@ -437,7 +439,7 @@ def stopped_part_way(root) -> str | None:
     if not names:
         return None
     return (f"{names[0]} waits in processing/ (stopped part-way) and resumes from its "
-            f"checkpoint when the daemon starts; {SKIP_WITHOUT_DAEMON}")
+            f"checkpoint when the daemon starts; {skip_without_daemon()}")
 
 
 def is_training(root) -> bool:
@@ -756,7 +758,7 @@ def approve_config(root, *, confirm=None) -> dict:
 # --------------------------------------------------------------------------- CLI
 
 def _out(args, doc: dict, lines: list[str]) -> int:
-    shown = trainroot._explicit_root(args)  # commands it names carry that --root, pasted
+    shown = trainroot.explicit_root(args)  # commands it names carry that --root, pasted
     if args.json:
         if isinstance(doc.get("message"), str):
             doc = dict(doc, message=cli_guard.with_root(doc["message"], shown))
@@ -840,7 +842,7 @@ def cmd_status(args) -> int:
     if args.json:
         print_json(dict(st, ok=True))
         return 0
-    shown = trainroot._explicit_root(args)
+    shown = trainroot.explicit_root(args)
     rows = [(key, cli_guard.with_root(value, shown)) for key, value in _status_rows(st)]
     if sys.stdout.isatty():
         from rich.console import Console  # lazy: ~0.1 s, only for people at a terminal

@@ -1774,7 +1774,7 @@ class Daemon:
         if other is not None:
             lock.release()
             raise self._second_daemon(other)
-        self._lock_inode = os.fstat(lock._fd).st_ino  # (in the state: what a second one checks)
+        self._lock_inode = lock.inode()  # (in the state: what a second one checks)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         old[signal.SIGIO] = signal.signal(signal.SIGIO, signal.SIG_IGN)  # lease breaks (settle)
         try:

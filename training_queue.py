@@ -772,8 +772,8 @@ def find_queued(root, name: str) -> dict:
             (p.processing, "is being trained now, not queued", "`python3 training_controller.py "
              "skip` abandons it (to skipped/, nothing is lost).") if live else
             (p.processing, "was stopped part-way (processing/), not queued: it resumes from its "
-             "checkpoint when the daemon starts", training_controller.SKIP_WITHOUT_DAEMON[0].upper()
-             + training_controller.SKIP_WITHOUT_DAEMON[1:] + "."),
+             "checkpoint when the daemon starts", training_controller.skip_without_daemon(
+                 "To skip it instead") + "."),
             (p.done, "was trained already (done/), not queued",
              "Nothing to change; `python3 model_versioner.py rollback` undoes its training."),
             (p.failed, "failed (failed/), not queued",

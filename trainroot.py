@@ -517,6 +517,10 @@ class FileLock:
         self._fd = fd
         return self
 
+    def inode(self) -> int | None:
+        """The inode of the file this lock holds (what /proc/locks lists), or None."""
+        return os.fstat(self._fd).st_ino if self._fd is not None else None
+
     def release(self) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
@@ -836,16 +840,18 @@ def os_error(exc: OSError) -> GuardrailError:
     return GuardrailError(exc.strerror or str(exc), exc.filename or None, fix)
 
 
-def _explicit_root(args) -> Path | None:
-    """The root when it came from `--root` and is not the scripts' folder, else None."""
+def explicit_root(args) -> Path | None:
+    """The root when it came from `--root`, else None: then a printed command needs
+    `--root` to act on the same root when pasted (in any shell: $TRAINING_ROOT may differ
+    there). None too for the scripts' folder when no $TRAINING_ROOT points elsewhere."""
     given = getattr(args, "root", None)
     if not given:
         return None
     try:
         root = resolve_root(given)
+        return None if root == SCRIPTS_DIR == resolve_root(None) else root
     except GuardrailError:
         return None
-    return None if root == SCRIPTS_DIR else root
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
@@ -859,6 +865,7 @@ def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     want_json = asks_json(argv)
     _usage_errors_raise(parser)
+    args = None
     try:
         try:
             args = parser.parse_args(argv)
@@ -880,7 +887,7 @@ def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
             raise os_error(exc) from exc
         return EXIT_OK if code is None else int(code)
     except GuardrailError as exc:
-        shown = _explicit_root(locals().get("args"))
+        shown = explicit_root(args)
         if shown is not None:  # pasted, the commands it names act on the root it was given
             import cli_guard
             exc.fix = cli_guard.with_root(exc.fix, shown)

@@ -273,7 +273,8 @@ def test_a_file_being_trained_or_trained_is_not_taken_by_queue_commands(root, tm
                            f"resumes from its checkpoint when the daemon starts, {busy}. To skip it "
                            "instead: `python3 training_controller.py pause` (kept until the daemon "
                            "starts), start the daemon (`python3 training_daemon.py run`), then "
-                           "`python3 training_controller.py skip`.")
+                           "`python3 training_controller.py skip`, then `python3 "
+                           "training_controller.py resume`.")
     status = run_script("training_queue.py", "status", root=root)
     assert "stopped part-way: busy.jsonl (resumes when the daemon starts)" in status.stdout
     skip = run_script("training_controller.py", "skip", root=root)
