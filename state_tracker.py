@@ -577,11 +577,13 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
                 "paused_for_s": None, "last_error": state.get("last_error"),
                 "file_attempts": None, "file_error": None,
                 "memory_kept": _memory_kept(state) if alive and state.get("pid") == pid else None}
-    gate_held = False  # the quality gate holds it: QUALITY_HOLD says what to do (_eval_section)
+    gate_held = False  # the quality gate holds it: QUALITY_HOLD
+    hold_reason = None  # a loss spike or a failed save holds it: a start pauses on it again says what to do (_eval_section)
     if processing:  # a crashed try (a rank that died, an engine error) is in the file's record
         rec = _read(p.processing / f"{processing[0]}.record.json")
         if isinstance(rec, dict):
             gate_held = _dict(rec.get("hold")).get("kind") == "gate"
+            hold_reason = _str(_dict(rec.get("hold")).get("reason")) if not gate_held else None
             training["file_attempts"] = rec.get("attempts") if isinstance(rec.get("attempts"), int) else None
             training["file_error"] = rec.get("last_error") if isinstance(rec.get("last_error"), str) else None
     if current == "paused":
@@ -593,7 +595,10 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
         # to start again on its own
         _warn(w, "DAEMON_NOT_RUNNING", "info",
               f"the daemon was stopped (last pid {state.get('pid')}) with processing/"
-              f"{processing[0]} part-way; it resumes from its checkpoint when the daemon starts",
+              f"{processing[0]} part-way; " + (
+                  f"it is held ({hold_reason}): `{_cmd(root, 'training_controller.py resume')}` "
+                  "clears the hold, then it resumes from its checkpoint when the daemon starts"
+                  if hold_reason else "it resumes from its checkpoint when the daemon starts"),
               start, "Start it when the user wants training to go on: it was stopped on purpose.")
     elif not alive and not gate_held and (processing or reported in ("training", "stopping", "paused")):
         waits = (f" while processing/{processing[0]} waits half-trained" if processing else

@@ -897,7 +897,8 @@ def cmd_status(args) -> int:
     """Count files in the inbox, the queue by priority, processing, done, failed, skipped."""
     root = _root(args)
     c = counts(root)
-    processing = [item["name"] for item in _processing(root)]
+    items = _processing(root)
+    processing = [item["name"] for item in items]
     if args.json:
         print_json({"ok": True, "counts": c, "processing": processing})
         return 0
@@ -907,9 +908,13 @@ def cmd_status(args) -> int:
     if processing:
         import training_controller
         live = training_controller.daemon_status(root)["alive"]
-        for n in processing:
-            print(f"training: {n}" if live else
-                  f"stopped part-way: {n} (resumes when the daemon starts)")
+        for item in items:
+            hold = item.get("hold") if isinstance(item.get("hold"), dict) else {}
+            clears = ("`python3 training_controller.py accept` or `reject` decides it"
+                      if hold.get("kind") == "gate" else "`python3 training_controller.py resume` clears it")
+            print(f"training: {item['name']}" if live else
+                  f"stopped part-way: {item['name']} (held: {hold.get('reason')}; {clears})" if hold else
+                  f"stopped part-way: {item['name']} (resumes when the daemon starts)")
     return 0
 
 

@@ -1196,3 +1196,20 @@ def test_resume_with_no_daemon_refuses_a_gate_hold_before_changing_anything(init
     status = run_script("training_controller.py", "status", "--json", root=root)
     assert json.loads(status.stdout)["kept_pause"] is not None  # the kept pause is still there
     assert record(data)["hold"]["kind"] == "gate"
+
+
+def test_a_held_file_of_a_stopped_daemon_is_said_held_with_what_clears_it(initialized_root):
+    import training_queue
+    root = initialized_root
+    tune(root)
+    data = write_data(root / "processing" / "spiky.jsonl", 3, "spiky")
+    training_queue.update_record(data, name="spiky.jsonl", sha256=sha(data), records=3,
+                                 priority="normal", hold={"kind": "spike", "reason": "loss spike at step 3"})
+    status = run_script("training_queue.py", "status", root=root)
+    assert ("stopped part-way: spiky.jsonl (held: loss spike at step 3; `python3 "
+            "training_controller.py resume` clears it)") in status.stdout, status.stdout
+    state = json.loads((root / ".daemon_state.json").read_text()) if (root / ".daemon_state.json").exists() else {}
+    (root / ".daemon_state.json").write_text(json.dumps(dict(state, pid=None, state="stopped", ended_by="request")))
+    report = json.loads(run_script("state_tracker.py", "--json", root=root).stdout)
+    [w] = [x for x in report["warnings"] if x["code"] == "DAEMON_NOT_RUNNING"]
+    assert "it is held (loss spike at step 3)" in w["message"] and "training_controller.py resume" in w["message"]
