@@ -817,7 +817,9 @@ def cmd_list(args) -> int:
     more = len(every) - len(backups)
     warning = _same_fs_warning(args.root)
     if args.json:
+        earlier = backup_records.earlier_folder(args.root)
         print_json({"ok": True, "backup_dir": str(backups_dir(args.root)),
+                    "earlier_backup_dir": str(earlier) if earlier is not None else None,
                     "same_filesystem": warning is not None,
                     "warnings": [warning] if warning else [], "backups": backups,
                     "total": len(every), "not_listed": more})
@@ -836,6 +838,10 @@ def cmd_list(args) -> int:
               f"verified {b.get('verified_at') or '-'}  {b.get('source') or '-'}"
               f"@{b.get('version') or '-'} step {b.get('global_step')}"
               + (f"  {b['note']}" if b.get("note") else ""))
+    earlier = backup_records.earlier_folder(args.root)
+    if earlier is not None and any(backup_records.ID_RE.fullmatch(n) for n in os.listdir(earlier)):
+        print(f"  (backups made before backup_dir changed are in {earlier}: `restore ID` and "
+              "`verify ID` find them there too)")
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     return 0

@@ -304,6 +304,8 @@ def test_a_backup_made_before_backup_dir_changed_still_brings_a_lost_model_back(
     [missing] = [x for x in report["warnings"] if x["code"] == "MODEL_MISSING"]
     assert f"in {root / 'backups'} (made before backup_dir changed)" in missing["message"]
     assert missing["fix"].startswith(f"python3 backup_manager.py restore {bid}")
+    listed = run_script("backup_manager.py", "list", root=root)
+    assert f"backups made before backup_dir changed are in {root / 'backups'}" in listed.stdout
     restored = run_script("backup_manager.py", "restore", bid, root=root)
     assert restored.returncode == 0, restored.stderr
     assert (root / "current_model" / "config.json").exists()
