@@ -170,6 +170,12 @@ def model_folder(folder: str | os.PathLike) -> tuple[str, Path | None] | None:
     return ("a model folder (its config.json is the model's), not a training root", None)
 
 
+def _whole_root(folder: Path) -> bool:
+    """config.json and the model or the versions beside it: a root, not a stray settings file."""
+    return os.path.isfile(folder / "config.json") and (
+        os.path.lexists(folder / "current_model") or os.path.lexists(folder / "versions"))
+
+
 def enclosing_root(folder: str | os.PathLike) -> tuple[Path, Path] | None:
     """(the training root, its folder) when `folder` lies inside a folder a training root
     manages (inbox/high/, queue/normal/, versions/v012/, ...), else None: a root made or
@@ -177,10 +183,9 @@ def enclosing_root(folder: str | os.PathLike) -> tuple[Path, Path] | None:
     the pieces of one dropped in its inbox into failed/)."""
     target = Path(folder).resolve()
     for up in list(target.parents)[:6]:
-        # a whole root (config.json and its model or versions), not any folder holding a
-        # config.json (a project's settings file above a root must lock no one out)
-        if os.path.isfile(up / "config.json") and is_training_root(up) and (
-                os.path.lexists(up / "current_model") or os.path.lexists(up / "versions")):
+        # a whole root, not any folder holding a config.json (a project's settings file
+        # above a root must lock no one out)
+        if _whole_root(up) and is_training_root(up):
             managed = Paths(up).managed_inside(target)
             if managed is not None and managed != up.resolve():
                 return up, managed
@@ -204,10 +209,8 @@ def require_root(root: str | os.PathLike) -> Paths:
                              f"Give the root itself: --root {_shell_quote(str(owner))}." if owner else
                              f"To train this model, make a root from it: `python3 training_daemon.py "
                              f"init --root NEW_ROOT --base {quoted}`.")
-    whole = os.path.isfile(p.root / "config.json") and (
-        os.path.lexists(p.current_model) or os.path.lexists(p.versions))
-    if not whole and (inside := enclosing_root(p.root)) is not None:  # (a root made there
-        owner, managed = inside                                       # before: still usable)
+    if not _whole_root(p.root) and (inside := enclosing_root(p.root)) is not None:
+        owner, managed = inside  # (a whole root made there before: still usable)
         where = "" if managed == p.root.resolve() else "inside "
         raise GuardrailError(f"not a training root: it is {where}{managed.name}/ of the training "
                              f"root {owner}, which only the product writes", p.root,
