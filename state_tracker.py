@@ -577,8 +577,8 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
                 "paused_for_s": None, "last_error": state.get("last_error"),
                 "file_attempts": None, "file_error": None,
                 "memory_kept": _memory_kept(state) if alive and state.get("pid") == pid else None}
-    gate_held = False  # the quality gate holds it: QUALITY_HOLD
-    hold_reason = None  # a loss spike or a failed save holds it: a start pauses on it again says what to do (_eval_section)
+    gate_held = False  # the quality gate holds it: QUALITY_HOLD says what to do (_eval_section)
+    hold_reason = None  # a loss spike or a failed save holds it: a start pauses on it again
     if processing:  # a crashed try (a rank that died, an engine error) is in the file's record
         rec = _read(p.processing / f"{processing[0]}.record.json")
         if isinstance(rec, dict):
