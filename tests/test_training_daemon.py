@@ -282,23 +282,30 @@ def _trained_state(root: Path) -> tuple[dict, bytes]:
             (root / "current_model" / "model.safetensors").read_bytes())
 
 
-def test_kill_9_mid_file_then_restart_trains_it_exactly_once(initialized_root, tiny_model_dir,
-                                                             daemons, tmp_path):
+def _three_steps_in_beside_a_twin(root: Path, model_dir: Path, daemons, tmp_path: Path):
+    """A daemon three optimizer steps into long.jsonl (~10 steps of 64 tokens) on `root`, and
+    the same file on a twin root, never interrupted, run alongside (to save wall time):
+    (twin root, its --once daemon, the daemon on root)."""
     import training_daemon
-    killed = initialized_root
-    tune(killed)
-    data = write_data(killed / "inbox" / "long.jsonl", 10, "long")   # ~10 steps of 64 tokens
-    # The same file on a twin root, never interrupted (run alongside, to save wall time).
+    tune(root)
+    data = write_data(root / "inbox" / "long.jsonl", 10, "long")
     twin = tmp_path / "twin"
-    training_daemon.init_root(twin, base=str(tiny_model_dir))
+    training_daemon.init_root(twin, base=str(model_dir))
     tune(twin)
     (twin / "inbox" / "long.jsonl").write_bytes(data.read_bytes())
     uninterrupted = daemons(twin, "--once")
-
-    d = daemons(killed)
-    metrics = killed / "metrics.jsonl"
+    d = daemons(root)
+    metrics = root / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 3, 90,
              "three optimizer steps", d.proc)
+    return twin, uninterrupted, d
+
+
+def test_kill_9_mid_file_then_restart_trains_it_exactly_once(initialized_root, tiny_model_dir,
+                                                             daemons, tmp_path):
+    killed = initialized_root
+    twin, uninterrupted, d = _three_steps_in_beside_a_twin(killed, tiny_model_dir, daemons, tmp_path)
+    metrics = killed / "metrics.jsonl"
     d.proc.kill()  # kill -9: no checkpoint on the way out, no cleanup
     d.proc.wait()
     d.close()
@@ -1153,19 +1160,8 @@ def test_a_part_trained_file_whose_record_is_damaged_resumes_from_its_checkpoint
     """Stopped part-way, then its record damaged: the record is rebuilt from the checkpoint
     that names this content (the damaged one kept aside), so the file resumes there, bit for
     bit as an uninterrupted run, instead of training its first steps twice."""
-    import training_daemon
     root = initialized_root
-    tune(root)
-    data = write_data(root / "inbox" / "long.jsonl", 10, "long")
-    twin = tmp_path / "twin"
-    training_daemon.init_root(twin, base=str(tiny_model_dir))
-    tune(twin)
-    (twin / "inbox" / "long.jsonl").write_bytes(data.read_bytes())
-    uninterrupted = daemons(twin, "--once")
-    d = daemons(root)
-    metrics = root / "metrics.jsonl"
-    wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 3, 90,
-             "three optimizer steps", d.proc)
+    twin, uninterrupted, d = _three_steps_in_beside_a_twin(root, tiny_model_dir, daemons, tmp_path)
     stop = run_script("training_controller.py", "stop", "--wait", "60", root=root)
     assert stop.returncode == 0, stop.stderr
     d.close()
