@@ -1097,16 +1097,22 @@ def test_run_json_prints_one_document_of_what_the_run_did(initialized_root):
     assert json.loads((root / ".daemon_state.json").read_text())["ended_by"] == "once"
 
 
+def _held(root: Path, name: str, kind: str, reason: str) -> Path:
+    """processing/NAME.jsonl as a stopped daemon leaves a file held (a spike, the gate)."""
+    import training_queue
+    data = write_data(root / "processing" / f"{name}.jsonl", 3, name)
+    training_queue.update_record(data, name=f"{name}.jsonl", sha256=sha(data), records=3,
+                                 priority="normal", hold={"kind": kind, "reason": reason})
+    return data
+
+
 def test_a_held_file_with_no_daemon_running_is_released_by_resume(initialized_root):
     """A file held in processing/ (a loss spike) when the daemon stopped: `run --once` says
     to resume, and `resume` with no daemon clears the hold (before it found "nothing to
     resume"), so the next run trains it."""
-    import training_queue
     root = initialized_root
     tune(root)
-    data = write_data(root / "processing" / "spiky.jsonl", 3, "spiky")
-    training_queue.update_record(data, name="spiky.jsonl", sha256=sha(data), records=3,
-                                 priority="normal", hold={"kind": "spike", "reason": "loss spike at step 3"})
+    data = _held(root, "spiky", "spike", "loss spike at step 3")
     proc = run_once(root)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
@@ -1128,14 +1134,11 @@ def test_skipping_the_file_a_loss_spike_paused_on_lets_the_queue_go_on(initializ
     skipped, the daemon goes back to idle; a person's pause would have stayed."""
     import training_config
     import training_controller as tc
-    import training_queue
     root = initialized_root
     tune(root)
     daemon = training_daemon.Daemon(root, once=False, monitor=False)
     daemon.cfg = training_config.load_config(root)
-    data = write_data(root / "processing" / "spiky.jsonl", 3, "spiky")
-    training_queue.update_record(data, name="spiky.jsonl", sha256=sha(data), records=3,
-                                 priority="normal", hold={"kind": "spike", "reason": "loss spike at step 3"})
+    data = _held(root, "spiky", "spike", "loss spike at step 3")
     daemon.process(data)
     assert (daemon.state, daemon.pause_kind) == ("paused", "spike")
     rid = tc.request(root, "skip")["request"]["id"]
@@ -1143,9 +1146,7 @@ def test_skipping_the_file_a_loss_spike_paused_on_lets_the_queue_go_on(initializ
     assert tc.read_ack(root, rid)["outcome"] == "done"
     assert daemon.state == "idle" and data_files(root) == {"skipped": ["spiky.jsonl"]}
     # a person who paused meanwhile: their pause takes the spike's place and outlives the skip
-    data = write_data(root / "processing" / "spiky2.jsonl", 3, "spiky2")
-    training_queue.update_record(data, name="spiky2.jsonl", sha256=sha(data), records=3,
-                                 priority="normal", hold={"kind": "spike", "reason": "loss spike at step 5"})
+    data = _held(root, "spiky2", "spike", "loss spike at step 5")
     daemon.process(data)
     for action in ("pause", "skip"):
         rid = tc.request(root, action)["request"]["id"]
@@ -1178,12 +1179,9 @@ def test_a_part_trained_file_whose_record_is_damaged_resumes_from_its_checkpoint
 
 
 def test_resume_with_no_daemon_refuses_a_gate_hold_before_changing_anything(initialized_root):
-    import training_queue
     root = initialized_root
     tune(root)
-    data = write_data(root / "processing" / "gated.jsonl", 3, "gated")
-    training_queue.update_record(data, name="gated.jsonl", sha256=sha(data), records=3,
-                                 priority="normal", hold={"kind": "gate", "reason": "held by the gate"})
+    data = _held(root, "gated", "gate", "held by the gate")
     kept = run_script("training_controller.py", "pause", root=root)
     assert kept.returncode == 0, kept.stderr
     proc = run_script("training_controller.py", "resume", root=root)
@@ -1195,12 +1193,9 @@ def test_resume_with_no_daemon_refuses_a_gate_hold_before_changing_anything(init
 
 
 def test_a_held_file_of_a_stopped_daemon_is_said_held_with_what_clears_it(initialized_root):
-    import training_queue
     root = initialized_root
     tune(root)
-    data = write_data(root / "processing" / "spiky.jsonl", 3, "spiky")
-    training_queue.update_record(data, name="spiky.jsonl", sha256=sha(data), records=3,
-                                 priority="normal", hold={"kind": "spike", "reason": "loss spike at step 3"})
+    _held(root, "spiky", "spike", "loss spike at step 3")
     status = run_script("training_queue.py", "status", root=root)
     assert ("stopped part-way: spiky.jsonl (held: loss spike at step 3; `python3 "
             "training_controller.py resume` clears it)") in status.stdout, status.stdout
