@@ -498,25 +498,31 @@ class FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    holder = read_lock_holder(self.path) or {}
-                    who = f"pid {holder.get('pid', '?')}"
-                    if holder.get("purpose"):
-                        who += f" ({holder['purpose']})"
-                    raise BusyError(f"busy: held by {who}", self.path,
-                                    "Wait for it to finish, or check it with "
-                                    "`python3 training_controller.py status`.") from None
-                time.sleep(0.05)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = read_lock_holder(self.path) or {}
+                        who = f"pid {holder.get('pid', '?')}"
+                        if holder.get("purpose"):
+                            who += f" ({holder['purpose']})"
+                        raise BusyError(f"busy: held by {who}", self.path,
+                                        "Wait for it to finish, or check it with "
+                                        "`python3 training_controller.py status`.") from None
+                    time.sleep(0.05)
+        except BaseException:  # (an interrupt too): the descriptor, and any lock, go with it
+            os.close(fd)
+            raise
         record = json.dumps({"pid": os.getpid(), "purpose": self.purpose,
                              "since": utc_now()}).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record, 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)
+        except OSError:  # a full disk: the lock holds all the same; /proc/locks names the
+            pass         # holder (read_lock_holder), so prune and resume still work there
         self._fd = fd
         return self
 
@@ -526,7 +532,8 @@ class FileLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -555,6 +562,8 @@ def read_lock_holder(path: str | os.PathLike) -> dict | None:
                 holder = None
             holder = holder if isinstance(holder, dict) else {}
             pid = holder.get("pid")
+            if pid is None:  # held, no record (a full disk refused it): the kernel knows
+                pid = next(iter(_flock_pids(os.fstat(fd).st_ino)), None)
             text = {k: v if isinstance(v := holder.get(k), str) else None
                     for k in ("purpose", "since")}
             return {"pid": pid if type(pid) is int and 0 < pid < 2**31 else None, **text}
@@ -689,16 +698,23 @@ def daemon_without_its_lock(root: str | os.PathLike) -> int | None:
     pid, inode = state.get("pid"), state.get("lock_inode")
     if type(pid) is not int or type(inode) is not int or pid == os.getpid():
         return None
+    return pid if pid in _flock_pids(inode) else None
+
+
+def _flock_pids(inode: int) -> list[int]:
+    """The pids holding a flock on the file with this inode, from /proc/locks (lines like
+    "1: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF"); [] where it cannot be read."""
+    pids = []
     try:
         with open("/proc/locks") as f:
             for line in f:
-                fields = line.split()  # "1: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF"
-                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[4] == str(pid) \
+                fields = line.split()
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[4].isdigit() \
                         and fields[5].rsplit(":", 1)[-1] == str(inode):
-                    return pid
+                    pids.append(int(fields[4]))
     except OSError:
         pass
-    return None
+    return pids
 
 
 def daemon_liveness(root: str | os.PathLike, state: dict | None) -> dict:

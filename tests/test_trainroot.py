@@ -159,6 +159,26 @@ def test_lock_excludes_second_process_and_names_holder(tmp_path):
         assert read_lock_holder(lock_path)["purpose"] == "third"
 
 
+def test_a_lock_taken_on_a_full_disk_holds_names_its_holder_and_is_given_back(tmp_path, monkeypatch):
+    """The holder record is a write: on a full disk it fails. The lock must hold all the
+    same (its holder named by the kernel's /proc/locks), and be given back on release;
+    before, the descriptor leaked and the lock stayed held until the process ended."""
+    import errno
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    path = tmp_path / "daemon.lock"
+    with monkeypatch.context() as disk:
+        disk.setattr(trainroot.os, "pwrite", full)
+        lock = FileLock(path, "prune").acquire()
+        assert read_lock_holder(path) == {"pid": os.getpid(), "purpose": None, "since": None}
+        with pytest.raises(BusyError):
+            FileLock(path, "another").acquire()
+        lock.release()
+    assert read_lock_holder(path) is None
+    FileLock(path, "again").acquire().release()
+
+
 def test_exchange_swaps_non_empty_folders(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(); b.mkdir()
