@@ -1069,15 +1069,17 @@ def _processing_versions(p: Paths) -> dict:
     return out
 
 
-def prune_plan(root, keep: int | None = None, *, rules: dict | None = None) -> dict:
+def prune_plan(root, keep: int | None = None, *, rules: dict | None = None,
+               protect: dict | None = None) -> dict:
     """Which versions prune would delete, and why each other one is kept.
 
     The rules are config `retention.versions` (retention.py; restic's keep_last, keep_daily,
     ...), or `{"keep_last": keep}` with `--keep N`. Always kept besides: the latest, tags,
     current_model (or the version it was trained from), the version a file in processing/
-    started from, versions marked rejected/held, and the best by eval loss once versions
-    are scored (versions/.eval/). Backups pin nothing: a backup is an
-    independent copy that restores without its source version."""
+    started from, versions marked rejected/held, the best by eval loss once versions
+    are scored (versions/.eval/), and `protect` ({version: why}: the daemon's automatic
+    backup copying one). Backups pin nothing: a backup is an independent copy that restores
+    without its source version."""
     import retention
     p = Paths(root)
     if keep is not None and keep < 1:
@@ -1112,6 +1114,9 @@ def prune_plan(root, keep: int | None = None, *, rules: dict | None = None) -> d
             reasons[was].append("current_model was it when it went missing")
     for vid, why in _processing_versions(p).items():
         if vid in reasons:  # skip --discard, the loss guard and accept restore it
+            reasons[vid].append(why)
+    for vid, why in (protect or {}).items():
+        if vid in reasons:
             reasons[vid].append(why)
     for rec in recs:
         if rec["review"]:  # `rejected`/`held` in its version.json (versions_index.read_row)
@@ -1168,7 +1173,8 @@ def best_by_eval(root, ids: list[str]) -> tuple[str, float] | None:
     return best[0], best[1]
 
 
-def prune(root, keep: int | None = None, *, yes: bool = False, rules: dict | None = None) -> dict:
+def prune(root, keep: int | None = None, *, yes: bool = False, rules: dict | None = None,
+          protect: dict | None = None) -> dict:
     """Delete the versions the retention policy does not keep (dry run unless `yes`).
 
     A pruned version's record stays in `versions/.pruned/` so `lineage` still works, and
@@ -1176,7 +1182,7 @@ def prune(root, keep: int | None = None, *, yes: bool = False, rules: dict | Non
     """
     p = Paths(root)
     with _versions_lock(p, "prune"):
-        plan = prune_plan(p.root, keep, rules=rules)
+        plan = prune_plan(p.root, keep, rules=rules, protect=protect)
         deleted = []
         if yes and plan["delete"]:
             # Batched: every record written, then one fsync each and one of .pruned/ (all

@@ -332,6 +332,7 @@ class Daemon:
         self._done_settle_tried = 0.0  # monotonic time of the last try
         self._usage_sampled: float | None = None  # monotonic time of the last usage sample
         self.backup_proc = None
+        self._backup_src: str | None = None  # the version the running automatic backup copies
         self._gave_way = None  # why complete_eval last gave way: wake, request or stop
         self._wake_retries = 0  # --once: a wake-up does not end the run with the eval half done
         self._eval_completed: tuple | None = None  # complete_eval: current_model (and config) last done
@@ -1435,7 +1436,12 @@ class Daemon:
         import model_versioner
         import retention
         try:
-            pruned = model_versioner.prune(self.p.root, yes=True)["deleted"]
+            # the versions an automatic backup copies (at idle priority: slower than files)
+            # or waits to copy are not pruned under it
+            copying = [self._backup_src if self.backup_proc is not None else None,
+                       (self._backup_next or {}).get("version_after")]
+            pruned = model_versioner.prune(self.p.root, yes=True, protect={
+                v: "an automatic backup copies it" for v in copying if v})["deleted"]
             if pruned:  # a first pass over years of history names thousands: a few, then a count
                 names = ", ".join(pruned) if len(pruned) <= 12 else \
                     f"{', '.join(pruned[:6])}, ... {', '.join(pruned[-3:])} ({len(pruned)} versions)"
@@ -1628,6 +1634,9 @@ class Daemon:
         if self.backup_proc is not None and self._poll_backup() is None:
             self._backup_next = rec
             return
+        if self.backup_proc is not None:  # the one that ended started the one that waited:
+            self._backup_next = rec       # this one waits in turn (never two at once)
+            return
         if self.backup_failed is not None:
             return  # paused on it: `resume` clears it, the next file backs up again
         import backup_manager
@@ -1644,6 +1653,7 @@ class Daemon:
                "--prune", "--json", "--root", str(self.p.root), "--note",
                f"automatic after {rec['name']}"]
         self.log.info("automatic backup of %s started", src)
+        self._backup_src = src
         self.backup_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                             text=True, cwd=str(SCRIPTS))
 

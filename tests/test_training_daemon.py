@@ -1204,3 +1204,22 @@ def test_a_held_file_of_a_stopped_daemon_is_said_held_with_what_clears_it(initia
     report = json.loads(run_script("state_tracker.py", "--json", root=root).stdout)
     [w] = [x for x in report["warnings"] if x["code"] == "DAEMON_NOT_RUNNING"]
     assert "it is held (loss spike at step 3)" in w["message"] and "training_controller.py resume" in w["message"]
+
+
+def test_automatic_backups_one_at_a_time_of_versions_retention_keeps_for_them(initialized_root):
+    """keep_last 1 and a backup after every file: the automatic backup (idle priority, slower
+    than a tiny file) copies a version the next files' retention would prune; and a backup
+    that ended while the next was due started the waiting one and a second beside it, the
+    first never looked at again. Every backup must finish verified, one at a time."""
+    root = initialized_root
+    tune(root, backup_every_files=1, retention={"versions": {"keep_last": 1}})
+    for i in range(6):
+        write_data(root / "inbox" / f"f{i}.jsonl", 2, f"f{i}")
+    proc = run_once(root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "automatic backup failed" not in proc.stderr
+    started = proc.stderr.count("automatic backup of ")
+    assert started >= 2 and proc.stderr.count("automatic backup done") == started, proc.stderr[-3000:]
+    listed = json.loads(run_script("backup_manager.py", "list", "--json", root=root).stdout)["backups"]
+    assert listed and all(b["status"] == "verified" for b in listed), listed
+    assert listed[-1]["global_step"] == max(b["global_step"] for b in listed)
