@@ -179,6 +179,7 @@ class InboxIntake:
         self.warned: set[str] = set()            # inbox entries already warned about, once each
         self.hint_lock = threading.Lock()
         self._next_rescan = 0.0                  # a full rescan then (cfg rescan_seconds)
+        self._claimed_left = False               # an intake failed on the disk: retried then
         self._checked_while_training = 0.0       # the last pass between training steps
         self._intake_count = self._burst_quiet = 0
         self._observer = None
@@ -294,6 +295,9 @@ class InboxIntake:
         full = now >= self._next_rescan
         if full:
             self._next_rescan = now + self.cfg["rescan_seconds"]
+            if self._claimed_left and budget_s is None:  # an intake the disk refused: again
+                self._claimed_left = False
+                self.recover_incoming()
         self.scan_inbox(full)
         settle = self.cfg["settle_seconds"]
         # arrival order: when first seen, then (files found by one scan, e.g. at start-up)
@@ -398,7 +402,9 @@ class InboxIntake:
                     self.log.exception("intake of %s crashed; it is kept in %s", name, dst)
                     self.on_failed(f"intake of {name} crashed ({exc}); it is in failed/")
                     return
-            self.log.exception("intake of %s failed; it stays in %s", name, claimed.parent)
+            self.log.exception("intake of %s failed; it stays in %s and is taken again at "
+                               "the next rescan", name, claimed.parent)
+            self._claimed_left = True
             self.on_failed(f"intake of {name} failed: {exc}")
             return
         self._intake_count += 1

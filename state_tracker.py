@@ -688,7 +688,8 @@ def _done_count(root: Path) -> int:
 def _queue_section(root: Path, daemon: dict, w: list) -> dict:
     p = Paths(root)
     counts = {pr: len(_data_names(p.queue / pr)) for pr in QUEUE_PRIORITIES}
-    inbox = sum(len(_data_names(d)) for d in (p.inbox, p.inbox_high, p.inbox_low))
+    inbox = sum(len(_data_names(d)) for d in (p.inbox, p.inbox_high, p.inbox_low,
+                                              *(p.queue / ".incoming" / pr for pr in QUEUE_PRIORITIES)))
     sec = {"counts": counts, "queued": sum(counts.values()), "inbox": inbox,
            "processing": (_data_names(p.processing) or [None])[0], "done": _done_count(root),
            "failed": [], "failed_count": 0, "skipped": [], "skipped_count": 0}

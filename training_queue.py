@@ -807,7 +807,8 @@ def counts(root) -> dict:
             return 0
     out = {pr: n_data(p.queue / pr) for pr in PRIORITIES}
     out["queued"] = sum(out[pr] for pr in PRIORITIES)
-    out["inbox"] = sum(n_takeable(d) for d in (p.inbox_high, p.inbox, p.inbox_low))
+    out["inbox"] = sum(n_takeable(d) for d in (p.inbox_high, p.inbox, p.inbox_low)) + \
+        sum(n_takeable(p.queue / INCOMING / pr) for pr in PRIORITIES)  # being taken from it
     import done_index
     for name in ("processing", "done", "failed", "skipped"):
         # done/: the index while it is up to date, not a listing of 100,000 names

@@ -476,16 +476,24 @@ def test_a_file_whose_intake_crashes_is_kept_where_status_shows_it(qroot, monkey
 
     def crashing(*args, **kwargs):
         raise crash
+    enqueue = training_queue.enqueue
     monkeypatch.setattr(training_queue, "enqueue", crashing)  # (the fault injected)
     said = []
     intake = inbox_files.InboxIntake(
         p, training_config.load_config(qroot), logging.getLogger("test"), threading.Event(),
-        done={}, tend=lambda: None, stopping=lambda: False, on_queued=None,
+        done={}, tend=lambda: None, stopping=lambda: False, on_queued=lambda *a, **k: None,
         on_failed=said.append)
     intake.recover_incoming()
     if isinstance(crash, OSError):
         assert claimed.read_bytes() == data and not list(p.failed.glob("*.jsonl"))
         assert said == ["intake of a.jsonl failed: [Errno 28] No space left"]
+        # seen meanwhile (status counts it with the inbox), and taken again at the next
+        # rescan once the disk has room: not only at the daemon's next start
+        assert training_queue.counts(qroot)["inbox"] == 1
+        monkeypatch.setattr(training_queue, "enqueue", enqueue)
+        intake._next_rescan = 0.0
+        intake.take()
+        assert not claimed.exists() and (p.queue / "normal" / "a.jsonl").read_bytes() == data
         return
     assert not claimed.exists() and (p.failed / "a.jsonl").read_bytes() == data
     rec = record(p.failed / "a.jsonl")
