@@ -326,7 +326,7 @@ def _make_room(root: Path, cfg: dict, need: int, bdir: Path, prune: bool = True)
         else:
             problem, fix = retention.check_write(root, cfg, need, where), None
         if problem:
-            fix = fix or "python3 backup_manager.py prune --keep 2"
+            fix = fix or "python3 backup_manager.py prune --keep 1"
             raise GuardrailError(f"not enough free space for a backup ({need} bytes needed: "
                                  f"{problem}); nothing was written", bdir,
                                  f"Free space with `{fix}` (a dry run; add --yes once the user "

@@ -540,12 +540,42 @@ def make_room(root, cfg: dict, need: int, where: str = "root", *, disk_usage=Non
     out["ok"] = out["problem"] is None
     if not out["ok"]:
         key = rep[where]["budget_key"]
-        out["fix"] = ("python3 model_versioner.py prune --keep 3" if where == "root"
-                      else "python3 backup_manager.py prune --keep 2")
-        out["fix_note"] = (f"a dry run listing what a deeper prune removes; add --yes once the "
+        out["fix"] = ("python3 model_versioner.py prune --keep 1" if where == "root"
+                      else "python3 backup_manager.py prune --keep 1")
+        import shutil
+        try:
+            used = shutil.disk_usage(target).used
+        except OSError:
+            used = 0
+        out["fix_note"] = (f"a dry run listing what the deepest prune removes; add --yes once the "
                            f"user agrees (tags, current and protected versions stay); or raise "
-                           f"{key} in config.json, or free space on that disk")
+                           f"{key} in config.json, or free space on that disk. The space is used "
+                           f"by: {space_users(p.root, cfg, target, used)}")
     return out
+
+
+def space_users(root, cfg: dict, where, used: int) -> str:
+    """What takes the space on the disk of `where`, biggest first, as "current_model/ 1.2
+    MiB, checkpoints/ ..., outside the root ...": the root's big folders (each inode
+    counted once) and the rest of the disk's `used` bytes."""
+    p = Paths(root)
+    try:
+        dev = os.stat(where).st_dev
+    except OSError:
+        return "(cannot be read)"
+    try:
+        bdir = _backup_dir(p.root, cfg)
+    except (GuardrailError, TypeError, ValueError):
+        bdir = p.default_backups
+    seen: set = set()
+    out = [(name, folder_bytes([folder], seen, dev)) for name, folder in (
+        ("current_model/", p.current_model), ("versions/", p.versions),
+        ("checkpoints/", p.checkpoints), (".staging/ (the spare checkpoint)", p.staging),
+        ("backups (same disk)", bdir), ("done/", p.done), ("processing/", p.processing),
+        ("queue/", p.queue))]
+    out = [(n, b) for n, b in out if b]
+    out.append(("outside the root", max(0, used - sum(b for _, b in out))))
+    return ", ".join(f"{name} {n / 2**20:.1f} MiB" for name, n in sorted(out, key=lambda x: -x[1]))
 
 
 # --------------------------------------------------------------------------- the rate

@@ -776,10 +776,11 @@ def _disk_section(root: Path, cfg: dict, model: dict, disk_usage, w: list,
               f"the root's models use {root_budget['used_bytes'] / 1e9:.3f} GB of max_disk_gb "
               f"{root_budget['budget_bytes'] / 1e9:g} GB; the next snapshot and checkpoint need "
               f"{(needed - min_free) / 1e9:.3f} GB more, so the daemon pauses before the next file",
-              _cmd(root, "model_versioner.py prune --keep 3"),
-              "A dry run: it lists what a deeper prune removes (tagged, latest, current and "
+              _cmd(root, "model_versioner.py prune --keep 1"),
+              "A dry run: it lists what the deepest prune removes (tagged, latest, current and "
               "held versions stay); add --yes once the user agrees. Or raise max_disk_gb in "
-              "config.json, or free space on that disk.")
+              "config.json, or free space on that disk. The space is used by: "
+              + retention.space_users(root, cfg, root, root_budget["used_bytes"]))
     back = sec["budget"].get("backups") or {}
     if back.get("budget_bytes") is not None and back["used_bytes"] is not None and \
             back["used_bytes"] + model["size_bytes"] > back["budget_bytes"]:
@@ -787,7 +788,7 @@ def _disk_section(root: Path, cfg: dict, model: dict, disk_usage, w: list,
               f"backups use {back['used_bytes'] / 1e9:.3f} GB of backup_max_disk_gb "
               f"{back['budget_bytes'] / 1e9:g} GB; the next backup "
               f"({model['size_bytes'] / 1e9:.3f} GB) does not fit",
-              _cmd(root, "backup_manager.py prune --keep 2"),
+              _cmd(root, "backup_manager.py prune --keep 1"),
               "A dry run listing what goes (the newest verified backup always stays); add "
               "--yes once the user agrees. Or raise backup_max_disk_gb in config.json.")
     if not sec["enough"]:
@@ -797,19 +798,19 @@ def _disk_section(root: Path, cfg: dict, model: dict, disk_usage, w: list,
                    + (f" - {spare / 2**20:.1f} MiB of the pruned checkpoint it writes over in "
                       ".staging/" if spare else "") + " + min_free_disk_mb)")
         freed, doomed = _prune_frees(root)
-        if freed:
+        if freed and freed >= min(2**20, max(1, needed - usage.free)):  # (KBs of records: no fix)
             _warn(w, "DISK_LOW", "critical",
                   f"{message}; pruning {len(doomed)} version(s) beyond the keep policy frees "
                   f"{freed / 2**20:.1f} MiB", _cmd(root, "model_versioner.py prune --yes"),
-                  f"Run it without --yes first to see what goes (tagged, latest and backed-up "
+                  f"Run it without --yes first to see what goes (tagged, latest and current "
                   f"versions stay); `{_cmd(root, 'backup_manager.py prune --yes')}` frees backups "
                   "likewise, or free space on that disk.")
         else:
-            users = _space_users(root, usage, where)
-            listed = ", ".join(f"{name} {n / 2**20:.1f} MiB" for name, n in users)
+            listed = retention.space_users(root, _dict(_read(p.config)), where, usage.used)
             _warn(w, "DISK_LOW", "critical",
-                  f"{message}; pruning versions frees nothing (every version is kept by the "
-                  f"keep policy, a tag, a backup or current_model); the space is used by: {listed}",
+                  f"{message}; pruning versions frees next to nothing ({freed / 2**20:.1f} MiB: "
+                  f"the keep policy, tags and current_model keep the rest, and versions share "
+                  f"their files); the space is used by: {listed}",
                   f"du -xsh {shlex.quote(str(root))}/* | sort -h",
                   "Lists what takes the space in the root, biggest last. Free space on that disk "
                   "(outside the root if that is most of it); a backup_dir on another disk moves "
@@ -837,29 +838,6 @@ def _prune_frees(root: Path) -> tuple[int, list]:
                 links, size, count = seen.get(key, (st.st_nlink, st.st_size, 0))
                 seen[key] = (links, size, count + 1)
     return sum(size for links, size, count in seen.values() if count >= links), doomed
-
-
-def _space_users(root: Path, usage, where: Path) -> list[tuple[str, int]]:
-    """[(what, bytes)] on the disk of `where`, biggest first: the root's big folders and the
-    rest of the disk (each inode counted once)."""
-    p = Paths(root)
-    try:
-        dev = os.stat(where).st_dev
-    except OSError:
-        return []
-    cfg = _dict(_read(p.config))
-    try:
-        bdir = training_config.backup_dir(root, cfg)
-    except (GuardrailError, TypeError, ValueError):
-        bdir = p.default_backups
-    seen: set = set()
-    out = [(name, retention.folder_bytes([folder], seen, dev)) for name, folder in (
-        ("current_model/", p.current_model), ("versions/", p.versions),
-        ("checkpoints/", p.checkpoints), ("backups (same disk)", bdir), ("done/", p.done),
-        ("processing/", p.processing), ("queue/", p.queue))]
-    out = [(n, b) for n, b in out if b]
-    out.append(("outside the root", max(0, usage.used - sum(b for _, b in out))))
-    return sorted(out, key=lambda x: -x[1])
 
 
 def _backups_section(root: Path, cfg: dict, w: list) -> dict:

@@ -2505,7 +2505,7 @@ class FileRun:
         return (f"saving {what} at step {self.state['global_step']} needs "
                 f"{self.need[what] / mb:.1f} MB plus min_free_disk_mb {margin // mb} MB, and "
                 f"{free / mb:.1f} MB are free on the disk of {self.p.root}; paused before "
-                f"writing: free disk space (`python3 model_versioner.py prune --keep 3` lists what "
+                f"writing: free disk space (`python3 model_versioner.py prune --keep 1` lists what "
                 "retention can remove), then resume (training restarts from the last good "
                 "checkpoint)")
 

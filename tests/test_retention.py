@@ -277,7 +277,8 @@ def test_a_write_over_the_budget_pauses_with_the_figures_and_the_freeing_command
     err = info.value.error
     assert err.what.startswith("pre-flight: the next checkpoint and model do not fit (max_disk_gb ")
     assert f"MB used + {4 * model / 1e6:.1f} MB to write is over it" in err.what
-    assert err.fix.startswith("Free space with `python3 model_versioner.py prune --keep 3` (a dry run")
+    assert err.fix.startswith("Free space with `python3 model_versioner.py prune --keep 1` (a dry run")
+    assert "The space is used by: " in err.fix and "current_model/ " in err.fix  # what to free
     assert [r["id"] for r in mv.list_versions(root)] == ["v004"]  # retention went first
     assert not any(p.checkpoints.iterdir()) if p.checkpoints.is_dir() else True  # nothing written
     _set_config(root, max_disk_gb=1000)
@@ -317,7 +318,7 @@ def test_a_backup_over_its_budget_is_refused_before_writing(root):
         bm.create_backup(root)
     assert info.value.what.startswith("not enough free space for a backup (")
     assert "backup_max_disk_gb 0.001 GB: " in info.value.what and "MB to write is over it" in info.value.what
-    assert "python3 backup_manager.py prune --keep 2" in info.value.fix
+    assert "python3 backup_manager.py prune --keep 1" in info.value.fix
     assert sorted(os.listdir(bdir)) == before  # nothing half-written
 
 

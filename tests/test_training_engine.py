@@ -738,7 +738,7 @@ def test_a_checkpoint_that_would_not_fit_pauses_before_writing_with_the_figures(
     assert r["status"] == "paused" and r["pause_reason"] == "disk", r
     assert re.search(r"saving checkpoint at step \d+ needs [\d.]+ MB plus min_free_disk_mb "
                      r"1073741824 MB, and [\d.]+ MB are free on the disk of .*; paused before "
-                     r"writing: free disk space \(`python3 model_versioner.py prune --keep 3`",
+                     r"writing: free disk space \(`python3 model_versioner.py prune --keep 1`",
                      r["message"]), r["message"]
     _nothing_written_then_resumes(root, cfg, reference, before)
 
