@@ -553,6 +553,9 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
     """
     p = Paths(root)
     src = Path(path)
+    if by_hand and not src.is_absolute() and not os.path.lexists(src) and (
+            os.path.lexists(p.root / src) or os.path.lexists(p.root / f"{src}.gz")):
+        src = p.root / src  # `add done/NAME.jsonl`, as the docs write it: from the root
     archive = None
     if by_hand and not move:  # a done/ file compressed by done_archive: queued from its gzip
         import done_archive

@@ -600,3 +600,13 @@ def test_the_rename_a_wrong_suffix_is_given_never_doubles_jsonl(root, tmp_path):
     (tmp_path / "y.jsonl").write_text('{"text": "the finished copy"}\n')  # never renamed over
     proc = run_script("training_queue.py", "add", str(src), root=root)
     assert f"(`mv {src} {tmp_path / 'y-2.jsonl'}`)" in proc.stderr, proc.stderr
+
+
+def test_a_path_relative_to_the_root_is_found_from_any_folder(root, tmp_path):
+    """`add done/NAME.jsonl --force` as the docs write it, run from the scripts' folder (the
+    path is the root's, not the working folder's)."""
+    data(root / "done" / "old.jsonl", tag="old")
+    proc = run_script("training_queue.py", "add", "done/old.jsonl", "--force", root=root)
+    assert proc.returncode == 0, proc.stderr
+    assert names_in(root / "queue" / "normal") == ["old.jsonl"]
+    assert (root / "done" / "old.jsonl").exists()  # copied: the trained file stays where it is
