@@ -227,6 +227,27 @@ class _OneLine(logging.Filter):
 _ONE_LINE = _OneLine()
 
 
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """logs/daemon.log. A write the disk refuses (full) is said once on stderr, not as
+    logging's traceback for every line (40 lines a second while the disk stays full); the
+    lines still reach stderr through the other handler."""
+
+    _failing = False
+
+    def emit(self, record) -> None:
+        self._failed_now = False
+        super().emit(record)
+        if not self._failed_now:
+            self._failing = False
+
+    def handleError(self, record) -> None:
+        self._failed_now = True
+        if not self._failing:
+            self._failing = True
+            sys.stderr.write(f"cannot write {self.baseFilename} ({sys.exc_info()[1]}); its "
+                             "lines go to stderr only until it can\n")
+
+
 def _setup_logging(p: Paths) -> logging.Logger:
     log = logging.getLogger("training_daemon")
     log.setLevel(logging.INFO)
@@ -237,9 +258,8 @@ def _setup_logging(p: Paths) -> logging.Logger:
         log.removeHandler(h)
         h.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    fh = logging.handlers.RotatingFileHandler(p.logs / "daemon.log", maxBytes=5 << 20,
-                                              backupCount=5, encoding="utf-8",
-                                              errors="backslashreplace")
+    fh = _LogFile(p.logs / "daemon.log", maxBytes=5 << 20, backupCount=5, encoding="utf-8",
+                  errors="backslashreplace")
     fh.setFormatter(fmt)
     sh = logging.StreamHandler(sys.stderr)
     sh.setFormatter(fmt)

@@ -1223,3 +1223,28 @@ def test_automatic_backups_one_at_a_time_of_versions_retention_keeps_for_them(in
     listed = json.loads(run_script("backup_manager.py", "list", "--json", root=root).stdout)["backups"]
     assert listed and all(b["status"] == "verified" for b in listed), listed
     assert listed[-1]["global_step"] == max(b["global_step"] for b in listed)
+
+
+def test_a_log_file_the_disk_refuses_is_said_once_not_a_traceback_a_line(tmp_path, capsys):
+    import errno
+    import logging
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+    handler = training_daemon._LogFile(tmp_path / "daemon.log")
+    handler.stream = Full()
+    records = [logging.LogRecord("t", logging.INFO, __file__, 1, f"line {i}", None, None) for i in range(5)]
+    for record in records:
+        handler.emit(record)
+    err = capsys.readouterr().err
+    assert err.count("cannot write") == 1 and "Traceback" not in err, err
+    handler.stream = open(tmp_path / "daemon.log", "a")  # room again: said again next time
+    handler.emit(records[0])
+    handler.stream = Full()
+    handler.emit(records[1])
+    assert capsys.readouterr().err.count("cannot write") == 1
+    handler.close()
