@@ -392,6 +392,9 @@ def _check_source(p: Paths, src: Path, move: bool) -> None:
         with open(src, "rb"):
             pass
     except FileNotFoundError:
+        if Path(src).resolve().parent in (p.inbox.resolve(), p.inbox_high.resolve(),
+                                          p.inbox_low.resolve()):
+            raise _left_the_inbox(src) from None
         raise UsageError("data file not found", src, "Check the path and try again.") from None
     except PermissionError:
         raise UsageError("cannot read the file (permission denied)", src,
@@ -981,10 +984,31 @@ def _os_errors_as_guardrail(func):
         try:
             return func(args)
         except OSError as exc:
+            if exc.errno == errno.ENOENT and _in_inbox(args, exc.filename):
+                raise _left_the_inbox(exc.filename) from None
             raise GuardrailError(f"cannot change the queue ({exc.strerror or exc})",
                                  exc.filename, "Run as the training root's owner and check its "
                                  "free space, then try again.") from None
     return run
+
+
+def _in_inbox(args, path) -> bool:
+    """`path` is in the root's inbox (or its priority folders), where the daemon takes files."""
+    try:
+        p = Paths(resolve_root(args.root))
+        return path is not None and Path(path).resolve().parent in (
+            p.inbox.resolve(), p.inbox_high.resolve(), p.inbox_low.resolve())
+    except (GuardrailError, OSError):
+        return False
+
+
+def _left_the_inbox(path) -> GuardrailError:
+    """A file `add --move` was given in the inbox, gone while it ran: the daemon took it."""
+    return GuardrailError(f"{Path(path).name} is not in the inbox (any more): the daemon takes "
+                          "what is dropped there by itself, and may have taken it while this ran",
+                          path,
+                          f"See where it is with `{LIST_CMD}` and `python3 training_queue.py "
+                          "status`; nothing is lost.")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -610,3 +610,14 @@ def test_a_path_relative_to_the_root_is_found_from_any_folder(root, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert names_in(root / "queue" / "normal") == ["old.jsonl"]
     assert (root / "done" / "old.jsonl").exists()  # copied: the trained file stays where it is
+
+
+def test_add_move_of_an_inbox_file_the_daemon_took_meanwhile_says_so(root):
+    """`add --move inbox/X` racing the daemon's intake: not "check the path", nor a
+    permission or free-space fix, but that the daemon takes inbox files by itself."""
+    gone = root / "inbox" / "taken.jsonl"  # (the daemon took it just before)
+    proc = run_script("training_queue.py", "add", str(gone), "--move", root=root)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("Error: taken.jsonl is not in the inbox (any more): the daemon "
+                                  "takes what is dropped there by itself"), proc.stderr
+    assert "python3 training_queue.py list" in proc.stderr
