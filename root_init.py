@@ -163,6 +163,8 @@ def init_root(root, base: str = "tiny") -> dict:
     if not os.path.lexists(p.current_model):
         _refuse_over_versions(p)
         _refuse_over_a_backup(p)
+    elif _cut_short(p):  # an init killed between publishing the model and its first version
+        return _finish(p)
     if os.path.lexists(p.current_model):
         raise GuardrailError(
             "current_model already exists; init never replaces a model", p.current_model,
@@ -216,11 +218,50 @@ def init_root(root, base: str = "tiny") -> dict:
             shutil.rmtree(staged, ignore_errors=True)
         version = model_versioner.create_version(p.root, "init")
         approval = training_config.approve(p.root, cfg, by="init")
-    vid = version[0]  # create_version: (id, created)
-    try:  # which chat rendering chat files will get, said now rather than at the first file
+    return _made(p, cfg, version[0], approval)  # create_version: (id, created)
+
+
+def _made(p: Paths, cfg: dict, vid: str, approval: dict) -> dict:
+    """init's result, with the chat rendering chat files will get (said now rather than at
+    the first file)."""
+    import training_engine
+    try:
         chat = training_engine.describe_chat_rendering(p.current_model, cfg.get("chat_template"), p.root)
     except Exception as exc:  # only a report: the root is made, whatever the tokenizer says
         chat = {"rendering": None, "error": f"{exc.__class__.__name__}: {exc}"}
-    return {"ok": True, "root": str(p.root), "base_model": base_model,
+    return {"ok": True, "root": str(p.root), "base_model": cfg.get("base_model"),
             "current_model": str(p.current_model), "version": vid,
             "approved": approval["values"], "chat": chat}
+
+
+def _cut_short(p: Paths) -> bool:
+    """current_model as an init publishes it, with none of what init does next: no version,
+    no approval, nothing trained (step 0, done/ empty), config.json written by that init."""
+    import versions_index
+    if not p.config.exists() or os.path.lexists(p.config_lock):
+        return False
+    try:
+        if any(versions_index.version_number(n) for n in os.listdir(p.versions)):
+            return False
+        if any(not n.startswith(".") for n in os.listdir(p.done)):
+            return False
+    except FileNotFoundError:
+        pass
+    try:
+        state = trainroot.read_json(p.current_model / "trainer_state.json", default={})
+    except GuardrailError:
+        return False
+    return isinstance(state, dict) and state.get("global_step") == 0 and \
+        os.path.isfile(p.current_model / ".manifest.json")
+
+
+def _finish(p: Paths) -> dict:
+    """What an init killed after publishing current_model left undone: version v001 and the
+    approval of the config.json it wrote (no locked value was ever approved otherwise)."""
+    import model_versioner
+    import training_config
+    cfg = training_config.load_config(p.root)
+    with trainroot.FileLock(p.lock("daemon"), "init"):
+        version = model_versioner.create_version(p.root, "init")
+        approval = training_config.approve(p.root, cfg, by="init (finishing one cut short)")
+    return _made(p, cfg, version[0], approval)

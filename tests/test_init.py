@@ -322,3 +322,26 @@ def test_a_settings_file_above_a_root_locks_no_one_out(initialized_root, tmp_pat
     shutil.copytree(initialized_root, root, symlinks=True)
     status = run_script("training_controller.py", "status", "--root", str(root), env={"TRAINING_ROOT": ""})
     assert status.returncode == 0, status.stderr
+
+
+def test_an_init_cut_short_after_publishing_the_model_is_finished_by_the_next(initialized_root):
+    """`kill -9` of init between publishing current_model and its first version and
+    approval: the next init finishes it (a version, the approval of the config.json that
+    init wrote), instead of refusing over a model nothing can restore."""
+    import shutil
+    root = initialized_root
+    for folder in (root / "versions" / "v001",):  # as if init never got that far
+        for path in folder.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+    (root / ".config.lock").unlink()
+    proc = run_script("training_daemon.py", "init", "--json", root=root)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["version"] and (root / "versions" / doc["version"]).is_dir()
+    report = json.loads(run_script("state_tracker.py", "--json", root=root).stdout)
+    codes = {w["code"] for w in report["warnings"]}
+    assert not codes & {"CONFIG_UNAPPROVED", "NO_VERSION", "MODEL_NOT_VERSIONED"}, codes
+    again = run_script("training_daemon.py", "init", root=root)
+    assert again.returncode == 1 and "current_model already exists" in again.stderr
