@@ -130,6 +130,24 @@ def fit_name(name: str) -> str:
     return (base or "data") + ext
 
 
+ORPHAN_STALE_S = 60.0  # a record without its data this old is no mover's claim in progress
+
+
+def _drop_own_orphan(dst: Path, record: dict) -> None:
+    """The record a mover killed between its two steps left at `dst` (its data never came):
+    this very content's (same sha256) or stale, it is removed, so a rerun keeps the name
+    (before: `x-2.jsonl`, beside a record of `x.jsonl` with no file, which read as a loss)."""
+    rec_path = record_path(dst)
+    try:
+        if os.path.lexists(dst) or not os.path.lexists(rec_path):
+            return
+        mine = record.get("sha256") and read_record(dst).get("sha256") == record.get("sha256")
+        if mine or time.time() - os.lstat(rec_path).st_mtime > ORPHAN_STALE_S:
+            os.unlink(rec_path)
+    except (OSError, GuardrailError):
+        return  # (gone meanwhile, or unreadable: the name is skipped as before)
+
+
 def _free_destination(directory: Path, name: str, moving: Path | None = None) -> Path:
     """A name free for both the data file and its record (an orphan record blocks it too).
 
@@ -186,6 +204,7 @@ def move_with_record(src, directory, record: dict, event: str | None = None,
     record = dict(record)
     if event:
         record.setdefault("history", []).append({"at": utc_now(), "to": directory.name, "why": event})
+    _drop_own_orphan(directory / fit_name(name or src.name), record)
     while True:
         dst = _free_destination(directory, name or src.name, moving=src)
         record["name"] = dst.name

@@ -621,3 +621,28 @@ def test_add_move_of_an_inbox_file_the_daemon_took_meanwhile_says_so(root):
     assert proc.stderr.startswith("Error: taken.jsonl is not in the inbox (any more): the daemon "
                                   "takes what is dropped there by itself"), proc.stderr
     assert "python3 training_queue.py list" in proc.stderr
+
+
+def test_a_rerun_after_a_mover_was_killed_between_its_steps_keeps_the_name(root, tmp_path):
+    """kill -9 of `add --move` after it wrote the new record, before the rename: the rerun
+    reuses the name its own record claimed (same content), and a stale orphan's; a fresh
+    record of other content is someone's claim in progress and still blocks the name."""
+    import hashlib
+    src = data(tmp_path / "x.jsonl", tag="x")
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    normal = root / "queue" / "normal"
+    normal.mkdir(parents=True, exist_ok=True)
+    (normal / "x.jsonl.record.json").write_text(json.dumps({"name": "x.jsonl", "sha256": sha}))
+    assert run_script("training_queue.py", "add", str(src), "--move", root=root).returncode == 0
+    assert names_in(normal) == ["x.jsonl"] and training_queue.read_record(normal / "x.jsonl")["sha256"] == sha
+    for age, expected in ((0, "y-2.jsonl"), (3600, "y.jsonl")):
+        other = data(tmp_path / "y.jsonl", tag=f"y{age}")
+        orphan = normal / "y.jsonl.record.json"
+        orphan.write_text(json.dumps({"name": "y.jsonl", "sha256": "0" * 64}))
+        os.utime(orphan, (time.time() - age, time.time() - age))
+        assert run_script("training_queue.py", "add", str(other), "--move", root=root).returncode == 0
+        assert expected in names_in(normal), names_in(normal)
+        for n in ("y.jsonl", "y-2.jsonl"):
+            if (normal / n).exists():
+                training_queue.remove(root, n)
+        orphan.unlink(missing_ok=True)
