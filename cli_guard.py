@@ -41,6 +41,12 @@ def with_root(text, root: Path | None):
 explicit_root = trainroot.explicit_root  # (the one definition, also used by trainroot.run_cli)
 
 
+def unless_found(root) -> Path | None:
+    """`root`, unless it is the one a plain command finds by itself (TRAINING_ROOT, or the
+    scripts' folder): what `command()` needs for a command printed without parsed args."""
+    return None if root is None or Path(root).resolve() == resolve_root(None) else Path(root)
+
+
 def guarded(func, *, needs_root: bool = True):
     """Wrap a `cmd_<verb>(args)` handler with the guards above."""
     @functools.wraps(func)

@@ -372,7 +372,7 @@ def decision_cmds(root=None) -> tuple[str, str]:
     """(accept, reject) as commands to paste: with `--root R` unless R is the root they
     find by themselves (TRAINING_ROOT, or the scripts' folder)."""
     import cli_guard
-    shown = None if root is None or Path(root).resolve() == trainroot.resolve_root(None) else root
+    shown = cli_guard.unless_found(root)
     return cli_guard.command(ACCEPT_CMD, shown), cli_guard.command(REJECT_CMD, shown)
 
 

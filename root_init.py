@@ -96,7 +96,7 @@ def _refuse_over_a_backup(p: Paths) -> None:
         return
     if b:
         import cli_guard
-        shown = None if p.root.resolve() == resolve_root(None) else p.root  # pasted: this root
+        shown = cli_guard.unless_found(p.root)  # pasted: this root
         raise GuardrailError(
             f"current_model is gone but a verified backup of it exists ({b['id']}, step "
             f"{b.get('global_step')}, in {os.path.dirname(b['path'])}); init would start a new "
@@ -123,7 +123,7 @@ def _refuse_over_versions(p: Paths) -> None:
         return
     import cli_guard
     was = versions_index.last_published(p.root, latest)
-    shown = None if p.root.resolve() == resolve_root(None) else p.root  # pasted: this root
+    shown = cli_guard.unless_found(p.root)  # pasted: this root
     raise GuardrailError(
         f"current_model is gone but its versions are here (it was {was}; the latest is "
         f"{latest}); init would start a new random model as a newer version instead", p.root,

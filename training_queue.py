@@ -411,8 +411,7 @@ def _check_source(p: Paths, src: Path, move: bool) -> None:
         with open(src, "rb"):
             pass
     except FileNotFoundError:
-        if Path(src).resolve().parent in (p.inbox.resolve(), p.inbox_high.resolve(),
-                                          p.inbox_low.resolve()):
+        if _in_the_inbox(p, src):
             raise _left_the_inbox(src) from None
         raise UsageError("data file not found", src, "Check the path and try again.") from None
     except PermissionError:
@@ -1003,7 +1002,7 @@ def _os_errors_as_guardrail(func):
         try:
             return func(args)
         except OSError as exc:
-            if exc.errno == errno.ENOENT and _in_inbox(args, exc.filename):
+            if exc.errno == errno.ENOENT and _root_inbox_holds(args, exc.filename):
                 raise _left_the_inbox(exc.filename) from None
             raise GuardrailError(f"cannot change the queue ({exc.strerror or exc})",
                                  exc.filename, "Run as the training root's owner and check its "
@@ -1011,14 +1010,17 @@ def _os_errors_as_guardrail(func):
     return run
 
 
-def _in_inbox(args, path) -> bool:
-    """`path` is in the root's inbox (or its priority folders), where the daemon takes files."""
+def _root_inbox_holds(args, path) -> bool:
     try:
-        p = Paths(resolve_root(args.root))
-        return path is not None and Path(path).resolve().parent in (
-            p.inbox.resolve(), p.inbox_high.resolve(), p.inbox_low.resolve())
+        return _in_the_inbox(Paths(resolve_root(args.root)), path)
     except (GuardrailError, OSError):
         return False
+
+
+def _in_the_inbox(p: Paths, path) -> bool:
+    """`path` is in the root's inbox (or its priority folders), where the daemon takes files."""
+    return path is not None and Path(path).resolve().parent in (
+        p.inbox.resolve(), p.inbox_high.resolve(), p.inbox_low.resolve())
 
 
 def _left_the_inbox(path) -> GuardrailError:
