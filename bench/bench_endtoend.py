@@ -1,7 +1,7 @@
 """End to end: the daemon's own tokens/s (metrics.jsonl) against a bare PyTorch loop.
 
-    .venv/bin/python bench/bench_endtoend.py                  # tiny model, 5 pairs, ~4 minutes on 2 cores
-    .venv/bin/python bench/bench_endtoend.py --steps 20 --pairs 2
+    .venv/bin/python bench/bench_endtoend.py                  # tiny model, 3 pairs, ~2 minutes on 2 cores
+    .venv/bin/python bench/bench_endtoend.py --pairs 1 --windows 4
     .venv/bin/python bench/bench_endtoend.py --model qwen --batch-size 2   # 151k vocabulary
     .venv/bin/python bench/bench_endtoend.py --chat      # chat records through the model's template
     python3 bench/bench_endtoend.py --model qwen --dtype bfloat16          # on a GPU: both on it
@@ -9,16 +9,19 @@
 
 What users get is the daemon: `training_daemon.py run --once` on a fresh root, default
 config (B=8, L=256, pack_isolation on; monitor_port 0 so no port is taken), tokens/s taken
-from its own metrics.jsonl (steps after the first two). The baseline is a bare loop in a
-fresh interpreter with the same model, the same packed rows already as tensors, the same
+from its own metrics.jsonl (steps after the first two). The baseline is a bare loop in its
+own interpreter with the same model, the same packed rows already as tensors, the same
 model inputs (position ids restarting per document), loss, clipping, AdamW and threads:
 forward, backward, step and nothing else (on a GPU, both use it, with config `dtype` as
-autocast, and the bare loop's batches are on the GPU before its clock starts). Daemon and
-bare loop alternate, `--pairs` times, so both see the same load on a shared machine; each
-side's rate is that of its faster half of steps (noise only slows steps), and the ratio is
-the median of the pairs.
+autocast, and the bare loop's batches are on the GPU before its clock starts).
+
+The two take turns of `--window-steps` steps, `--windows` times per pair: the daemon is
+frozen (SIGSTOP) while the bare loop trains, so both see the same machine within a second
+or two (this VM's speed drifts by up to 20% between runs a minute apart, more than the gap
+measured). Each side's rate is that of its faster half of steps (noise only slows steps);
+the ratio is the median of `--pairs` pairs (a daemon and a bare loop each).
 Goal: >= 0.97. Also printed: the overhead per step in ms (daemon step minus bare step),
-and the bare loop with plain causal rows (what isolation itself costs).
+and the bare loop with plain causal rows, in the same turns (what isolation itself costs).
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import signal
 import time
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,56 +96,140 @@ def make_root(work: Path, model_dir: Path, args) -> Path:
     return root
 
 
-def daemon_run(template: Path, data: Path, work: Path, k: int) -> list[tuple[int, float]]:
-    """(tokens, seconds) of each step the daemon logged, from its own metrics."""
-    root = work / f"run{k}"
-    shutil.copytree(template, root, symlinks=True)
-    shutil.copy(data, root / "inbox" / data.name)
-    subprocess.run([sys.executable, str(REPO / "training_daemon.py"), "run", "--once", "--no-monitor",
-                    "--root", str(root)], check=True, capture_output=True, cwd=str(REPO))
-    lines = [json.loads(x) for x in (root / "metrics.jsonl").read_text().splitlines()]
+def metrics_steps(path: Path) -> list[tuple[int, float, float]]:
+    """(tokens, seconds, end time) of each step the daemon logged, from its own metrics."""
     steps, seen = [], 0
-    for m in lines:
+    for line in path.read_text().splitlines():
+        m = json.loads(line)
         tokens, seen = m["tokens_seen"] - seen, m["tokens_seen"]
-        steps.append((tokens, tokens / m["tokens_per_sec"]))
-    shutil.rmtree(root, ignore_errors=True)
+        end = datetime.fromisoformat(m["time"].replace("Z", "+00:00")).timestamp()
+        steps.append((tokens, tokens / m["tokens_per_sec"], end))
     return steps
 
 
-def bare_run(model_dir: Path, data: Path, args, mode: str) -> list[tuple[int, float]]:
-    out = subprocess.run([sys.executable, __file__, "--bare", str(model_dir), str(data), mode,
-                          "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-                          "--threads", str(args.threads), "--dtype", args.dtype],
-                         check=True, capture_output=True, text=True, cwd=str(REPO))
-    return [tuple(x) for x in json.loads(out.stdout)]
+class Lines:
+    """Counts the lines of a file another process appends to (read incrementally)."""
+
+    def __init__(self, path: Path):
+        self.path, self.count, self._f = path, 0, None
+
+    def now(self) -> int:
+        if self._f is None and self.path.exists():
+            self._f = open(self.path, "rb")
+        if self._f is not None:
+            self.count += self._f.read().count(b"\n")
+        return self.count
 
 
-def bare_loop(model_dir: str, data: str, mode: str, args) -> list[tuple[int, float]]:
-    """The baseline, in this fresh interpreter: every batch a tensor before the clock starts."""
+def wait_for(lines: Lines, n: int, proc, timeout: float = 300.0) -> bool:
+    """Waits until `lines` has n lines; False if the daemon ended first."""
+    deadline = time.monotonic() + timeout
+    while lines.now() < n:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def interleaved_run(template: Path, data: Path, model_dir: Path, work: Path, args, k: int) -> dict:
+    """One daemon and one bare loop taking turns on the machine: the daemon trains a file
+    (`run --once`) and is frozen (SIGSTOP) after every `--window-steps` steps while the bare
+    loop runs as many steps with isolated rows, then as many with plain causal rows; then
+    the daemon goes on (SIGCONT). A frozen process takes no CPU, and turns of a second or two
+    see the same machine: a shared VM's speed drifts by 20% between runs a minute apart,
+    which no pairing of whole runs cancels. Steps that a freeze interrupted, and each side's
+    first step of a turn (caches), are left out."""
+    root = work / f"run{k}"
+    shutil.copytree(template, root, symlinks=True)
+
+    def bare_loop_process(*extra):
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--bare", str(model_dir), str(data), "--batch-size",
+             str(args.batch_size), "--max-length", str(args.max_length), "--threads", str(args.threads),
+             "--dtype", args.dtype, "--window-steps", str(args.window_steps), *extra],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            cwd=str(REPO))
+        if proc.stdout.readline().strip() != "ready":
+            raise SystemExit("the bare loop did not start")
+        return proc
+    # (bare loop, mode): isolated rows, plain causal rows, and isolated rows in a bare loop
+    # that keeps freed memory as the daemon does (training_engine.hold_freed_memory)
+    bare, held = bare_loop_process(), bare_loop_process("--hold-freed-memory")
+    turns = {"bare": (bare, "position_ids"), "plain": (bare, "off"), "held": (held, "position_ids")}
+    shutil.copy(data, root / "inbox" / data.name)
+    daemon = subprocess.Popen([sys.executable, str(REPO / "training_daemon.py"), "run", "--once",
+                               "--no-monitor", "--root", str(root)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, cwd=str(REPO))
+    lines, frozen = Lines(root / "metrics.jsonl"), []
+    sides = {side: [] for side in turns}
+    try:
+        target = WARMUP_STEPS + 1
+        for _ in range(args.windows):
+            if not wait_for(lines, target, daemon):
+                raise SystemExit(f"the daemon ended or stalled after {lines.count} steps")
+            os.kill(daemon.pid, signal.SIGSTOP)
+            t_stop = time.time()
+            for side, (proc, mode) in turns.items():
+                proc.stdin.write(mode + "\n")
+                proc.stdin.flush()
+                sides[side] += json.loads(proc.stdout.readline())[1:]  # the turn's first: caches
+            frozen.append((t_stop, time.time()))
+            os.kill(daemon.pid, signal.SIGCONT)
+            target = lines.count + args.window_steps + 1
+        wait_for(lines, target, daemon)
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+        daemon.send_signal(signal.SIGTERM)  # a stop: checkpoint and exit
+        daemon.wait()
+        for proc in (bare, held):
+            proc.stdin.write("quit\n")
+            proc.stdin.close()
+            proc.wait()
+    steps, kept = metrics_steps(root / "metrics.jsonl")[WARMUP_STEPS:], []
+    for i, (tokens, seconds, end) in enumerate(steps):
+        start = end - seconds
+        before = steps[i - 1][2] - steps[i - 1][1] if i else start
+        # interrupted by a freeze, or the first of a turn (the step before was interrupted)
+        if not any(a - 0.002 < end and start - 0.002 < b for a, b in frozen) and \
+                not any(a - 0.002 < steps[i - 1][2] and before - 0.002 < b for a, b in frozen if i):
+            kept.append((tokens, seconds))
+    shutil.rmtree(root, ignore_errors=True)
+    return {"daemon": rate(kept), **{side: rate(steps) for side, steps in sides.items()},
+            "steps": (len(kept), len(sides["bare"]))}
+
+
+def bare_loop(model_dir: str, data: str, args) -> None:
+    """The baseline, in its own interpreter: every batch a tensor before its clock starts.
+    Prints `ready`, then for each mode read from stdin (position_ids: the daemon's isolated
+    rows; off: plain causal rows) runs `--window-steps` steps and prints their (tokens,
+    seconds); `quit` ends it."""
     import torch
     import training_config
     import training_engine as te
     from transformers import AutoModelForCausalLM, AutoTokenizer
     torch.set_num_threads(args.threads)
+    if args.hold_freed_memory:
+        te.hold_freed_memory()
     cfg = training_config.default_config()
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    stream = te.PackedStream(data, te.Encoder(tok), args.max_length, tok.pad_token_id,
-                             isolate=mode != "off")
-    rows = list(iter(stream.next_row, None))
-    B = args.batch_size
-    batches = [(te.model_inputs(rows[i:i + B], mode), torch.tensor([r.labels for r in rows[i:i + B]]),
-                sum(r.tokens for r in rows[i:i + B])) for i in range(0, len(rows), B)]
     device = te._device(cfg)
-    batches = [({k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()},
-                labels.to(device), tokens) for inputs, labels, tokens in batches]
+    B, batches = args.batch_size, {}
+    for mode in ("position_ids", "off"):
+        stream = te.PackedStream(data, te.Encoder(tok), args.max_length, tok.pad_token_id,
+                                 isolate=mode != "off")
+        rows = list(iter(stream.next_row, None))
+        batches[mode] = [({k: v.to(device) if torch.is_tensor(v) else v
+                           for k, v in te.model_inputs(rows[i:i + B], mode).items()},
+                          torch.tensor([r.labels for r in rows[i:i + B]]).to(device),
+                          sum(r.tokens for r in rows[i:i + B])) for i in range(0, len(rows) - B + 1, B)]
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     model.to(device).train()
     amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = te.adamw(params, lr=cfg["learning_rate"], betas=(0.9, 0.999), eps=1e-8,
                    weight_decay=0.0)  # the engine's implementation (fused where it can be)
-    steps = []
-    for inputs, labels, tokens in batches:
+
+    def step(inputs, labels, tokens):
         t0 = time.perf_counter()
         n = int((labels[:, 1:] != -100).sum())
         with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
@@ -152,17 +241,31 @@ def bare_loop(model_dir: str, data: str, mode: str, args) -> list[tuple[int, flo
         opt.step()
         opt.zero_grad(set_to_none=True)
         float(loss.detach())  # (on a GPU: waits for the step's kernels, queued before it)
-        steps.append((tokens, time.perf_counter() - t0))
-    return steps
+        return tokens, time.perf_counter() - t0
+
+    at = dict.fromkeys(batches, 0)
+    for mode in batches:  # first-call costs (allocator, kernels): before any turn
+        for _ in range(WARMUP_STEPS):
+            step(*batches[mode][0])
+    print("ready", flush=True)
+    for line in sys.stdin:
+        mode = line.strip()
+        if mode not in batches:
+            return
+        steps = []
+        for _ in range(args.window_steps):
+            steps.append(step(*batches[mode][at[mode] % len(batches[mode])]))
+            at[mode] += 1
+        print(json.dumps(steps), flush=True)
 
 
 def rate(steps) -> tuple[float, float]:
-    """(tokens/s, ms per step) of the faster half of the steps after the warm-up ones.
+    """(tokens/s, ms per step) of the faster half of the steps.
 
     Other work on a shared machine only ever slows a step, and by chance: the faster half
     is each side's least-disturbed steps, while what the daemon adds to every step
     (per-step files, control checks, data preparation) stays in every one of them."""
-    kept = sorted(steps[WARMUP_STEPS:], key=lambda ts: ts[1] / max(ts[0], 1))
+    kept = sorted(steps, key=lambda ts: ts[1] / max(ts[0], 1))
     kept = kept[:max(1, len(kept) // 2)]
     tokens, seconds = sum(t for t, _ in kept), sum(s for _, s in kept)
     return tokens / seconds, 1000 * seconds / len(kept)
@@ -172,8 +275,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("tiny", "qwen", "qwen0.5b"), default="tiny",
                     help="qwen: ~10M parameters around the 151k vocabulary; qwen0.5b: Qwen2.5-0.5B's shape")
-    ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--pairs", type=int, default=3, help="daemon runs, each with its own bare loop")
+    ap.add_argument("--windows", type=int, default=12, help="turns each side takes per pair")
+    ap.add_argument("--window-steps", type=int, default=16, help="steps each side trains per turn")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
@@ -182,17 +286,19 @@ def main(argv=None) -> int:
                     help="config dtype: autocast of both (default float32, the default config)")
     ap.add_argument("--chat", action="store_true",
                     help="chat records (user, assistant) rendered by the model's template, not text")
-    ap.add_argument("--bare", nargs=3, metavar=("MODEL", "DATA", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--hold-freed-memory", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--bare", nargs=2, metavar=("MODEL", "DATA"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.bare:
-        print(json.dumps(bare_loop(*args.bare, args)))
+        bare_loop(*args.bare, args)
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-endtoend-") as tmp:
         work = Path(tmp)
         model_dir = build_model(work, args.model)
         template = make_root(work, model_dir, args)
         data = work / "data.jsonl"
-        tokens = args.steps * args.batch_size * args.max_length
+        steps = WARMUP_STEPS + args.windows * (args.window_steps + 3) + 30  # the daemon's file
+        tokens = steps * args.batch_size * args.max_length
         with open(data, "w", encoding="utf-8") as f:
             texts = lognormal_texts(tokens // 110, seed=1)  # ~110 tokens a record, EOS included
             for i, t in enumerate(texts):
@@ -203,22 +309,26 @@ def main(argv=None) -> int:
                                                      {"role": "assistant", "content": t}]}) + "\n")
         pairs = []
         for k in range(args.pairs):
-            daemon = rate(daemon_run(template, data, work, k))
-            bare = rate(bare_run(model_dir, data, args, "position_ids"))
-            pairs.append((daemon, bare))
-            print(f"pair {k + 1}: daemon {daemon[0]:.0f} tok/s ({daemon[1]:.1f} ms/step), bare loop "
-                  f"{bare[0]:.0f} tok/s ({bare[1]:.1f} ms/step): ratio {daemon[0] / bare[0]:.3f}",
-                  flush=True)
-        plain = rate(bare_run(model_dir, data, args, "off"))
-    ratios = [d[0] / b[0] for d, b in pairs]
-    overhead = statistics.median(d[1] - b[1] for d, b in pairs)
-    bare_iso = statistics.median(b[0] for _, b in pairs)
-    print(f"end to end ({args.model}{', chat' if args.chat else ''}, {args.dtype}, B={args.batch_size} L={args.max_length}, {args.threads} "
-          f"threads, {args.steps} steps, {args.pairs} pairs): daemon/bare ratio median "
-          f"{statistics.median(ratios):.3f} (goal >= 0.97; pairs " + ", ".join(f"{r:.3f}" for r in ratios)
-          + f"); overhead {overhead:+.1f} ms/step; isolation costs the bare loop "
-          f"{1 - bare_iso / plain[0]:+.1%} of plain causal rows ({plain[0]:.0f} tok/s); machine "
-          f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+            run = interleaved_run(template, data, model_dir, work, args, k)
+            pairs.append(run)
+            (d, d_ms), (b, b_ms), (p, _), (h, h_ms) = (run[x] for x in ("daemon", "bare", "plain", "held"))
+            print(f"pair {k + 1}: daemon {d:.0f} tok/s ({d_ms:.1f} ms/step), bare loop {b:.0f} "
+                  f"tok/s ({b_ms:.1f} ms/step): ratio {d / b:.3f}; bare loop holding freed memory "
+                  f"{h:.0f} tok/s ({h_ms:.1f} ms/step): ratio {d / h:.3f}; plain causal rows {p:.0f} "
+                  f"tok/s ({run['steps'][0]} daemon and {run['steps'][1]} bare steps kept)", flush=True)
+
+    def median(of):
+        return statistics.median(of(r) for r in pairs)
+    ratios = [r["daemon"][0] / r["bare"][0] for r in pairs]
+    print(f"end to end ({args.model}{', chat' if args.chat else ''}, {args.dtype}, B={args.batch_size} "
+          f"L={args.max_length}, {args.threads} threads, {args.pairs} pairs of {args.windows} turns x "
+          f"{args.window_steps} steps): daemon/bare ratio median {statistics.median(ratios):.3f} (goal "
+          ">= 0.97; pairs " + ", ".join(f"{r:.3f}" for r in ratios) + "); overhead "
+          f"{median(lambda r: r['daemon'][1] - r['bare'][1]):+.2f} ms/step; against a bare loop "
+          f"holding freed memory as the daemon does: {median(lambda r: r['daemon'][0] / r['held'][0]):.3f}, "
+          f"{median(lambda r: r['daemon'][1] - r['held'][1]):+.2f} ms/step; isolation costs the bare "
+          f"loop {median(lambda r: 1 - r['bare'][0] / r['plain'][0]):+.1%} of plain causal rows; "
+          f"machine load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     return 0
 
 

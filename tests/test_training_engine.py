@@ -1621,3 +1621,128 @@ def test_chat_records_rendered_and_tokenized_ahead_pack_as_one_at_a_time(tmp_pat
     fast, fast_error = stream_rows(64)
     assert fast == slow and fast_error == slow_error
     assert fast_error[0] == 70 and "line 71" in fast_error[1] and "this turn is refused" in fast_error[1]
+
+
+# --------------------------------------------------------------------------- reading ahead
+
+def test_the_next_batch_is_read_once_asked_one_at_a_time_in_order():
+    """BatchPrefetcher reads a batch ahead only when asked (`ahead()`, as a step's backward
+    begins: a read during the forward made the training thread wait for the GIL); `next()`
+    asks itself if no step did; an error surfaces where its batch would have come."""
+    reads = []
+
+    def reader(items):
+        it = iter(items)
+
+        def read():
+            item = next(it)
+            reads.append(item)
+            if isinstance(item, Exception):
+                raise item
+            return te.Batch([item] if item is not None else [], 1, 1, 0, {"records": item})
+        return read
+
+    batches = te.BatchPrefetcher(reader([0, 1, 2, None]))
+    try:
+        assert batches.next().micro == [0]
+        time.sleep(0.1)
+        assert reads == [0]  # nothing read until the step asks
+        batches.ahead()
+        batches.ahead()  # once per batch taken: a second ask reads nothing more
+        assert batches.next().micro == [1]
+        time.sleep(0.1)
+        assert reads == [0, 1]
+        assert batches.next().micro == [2]  # a step that did not ask: next() asks
+        assert batches.next().micro == []   # the file's end: the thread is done
+    finally:
+        batches.close()
+    assert not batches._thread.is_alive()
+
+    batches = te.BatchPrefetcher(reader([0, OSError("disk read failed")]))
+    try:
+        batches.next()
+        with pytest.raises(OSError, match="disk read failed"):
+            batches.next()
+    finally:
+        batches.close()
+    waiting = te.BatchPrefetcher(reader([0, 1]))
+    waiting.next()
+    started = time.monotonic()
+    waiting.close()  # a thread waiting to be asked ends at once
+    assert not waiting._thread.is_alive() and time.monotonic() - started < 5 and reads[-1] == 0
+
+
+def test_training_asks_for_the_next_batch_as_each_steps_backward_begins(tmp_path, tiny_model_dir,
+                                                                        monkeypatch):
+    """The read of the next batch starts right before the first micro-batch's backward,
+    once per optimizer step, and the file trains as it did (every step logged)."""
+    import torch
+    root, cfg = make_root(tmp_path / "root", tiny_model_dir, checkpoint_every_steps=0)
+    data = write_jsonl(tmp_path / "a.jsonl", text_records(20, seed=3))
+    events = []
+    ahead, taken, backward = te.BatchPrefetcher.ahead, te.BatchPrefetcher.next, torch.Tensor.backward
+
+    def recorded(name, call):
+        def wrapper(*a, **kw):
+            events.append(name)
+            return call(*a, **kw)
+        return wrapper
+    monkeypatch.setattr(te.BatchPrefetcher, "ahead", recorded("A", ahead))
+    monkeypatch.setattr(te.BatchPrefetcher, "next", recorded("N", taken))
+    monkeypatch.setattr(torch.Tensor, "backward", recorded("b", backward))
+    result = te.train_file(root, data, file_id="a", config=cfg)
+    steps = result["steps"]
+    assert result["status"] == "completed" and steps > 3 and len(metrics(root)) == steps
+    # per step: next() (which asks, a no-op once asked), the ask before the first backward,
+    # the micro-batches' backwards; then the file's end
+    assert "".join(events) == ("NAA" + "b" * cfg["grad_accum_steps"]) * steps + "NA"
+
+
+_ALLOCATION_ROUNDS = r"""
+import ctypes, json, os, resource, sys
+sys.path.insert(0, sys.argv[1])
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+held = None
+if sys.argv[2] == "hold":
+    import training_engine
+    held = training_engine.hold_freed_memory()
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+faults, blocks = [], 6
+for _ in range(4):  # what a step does: blocks of activations allocated, written, freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ptrs = [libc.malloc(8 << 20) for _ in range(blocks)]
+    for p in ptrs:
+        ctypes.memset(p, 1, 8 << 20)
+    for p in ptrs:
+        libc.free(p)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+kept = rss()
+if held:
+    training_engine.give_back_freed_memory()
+print(json.dumps({"held": held, "faults": faults, "pages": blocks * (8 << 20) // os.sysconf("SC_PAGE_SIZE"),
+                  "given_back": kept - rss()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_steps_fault_no_pages_once_freed_memory_is_held_and_it_is_given_back_after(tmp_path):
+    """glibc hands a step's freed blocks back to the system and the next step faults them in
+    again (zeroed by the kernel); the engine keeps them while it trains, gives them back
+    after, and leaves a user's own MALLOC_* settings alone."""
+    def rounds(mode, **env):
+        out = subprocess.run([sys.executable, "-c", _ALLOCATION_ROUNDS, str(REPO), mode],
+                             capture_output=True, text=True, env={**os.environ, **env}, check=True)
+        return json.loads(out.stdout)
+    default = rounds("default")
+    assert default["faults"][1] > default["pages"] // 2  # the second step faults it all again
+    held = rounds("hold")
+    assert held["held"] is True
+    assert max(held["faults"][1:]) < held["pages"] // 100, held
+    assert held["given_back"] > (held["pages"] // 2) * os.sysconf("SC_PAGE_SIZE")
+    chosen = rounds("hold", MALLOC_TRIM_THRESHOLD_="200000")
+    assert chosen["held"] is False and chosen["faults"][1] > chosen["pages"] // 2
