@@ -192,6 +192,7 @@ def evaluate(root, model_dir, cfg: dict, *, log=None, max_tokens: int | None = N
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    training_engine.give_back_freed_memory()  # the model's memory, held if a file trained here
     return doc
 
 
