@@ -2117,16 +2117,18 @@ class Batch(NamedTuple):
 
 class BatchPrefetcher:
     """Reads the next batch (`read()`: read, tokenized, packed, made tensors) in a thread,
-    one batch ahead, started by `ahead()` as the step's backward begins: the backward runs in
-    C++ without the GIL for milliseconds, while the forward's Python holds it. A read
-    started as soon as a batch was taken (as this did before) ran during the forward, and
-    the training thread waited for the GIL: 0.5 ms a step of 28 on the tiny model, 2
-    cores. `next()` starts the read itself if no step did (the first, a step cut short).
+    one batch ahead, started by `ahead()` from the step's backward once it has left the
+    loss (FileRun._read_ahead): the rest of the backward runs in C++ without the GIL for
+    milliseconds, while the forward's Python holds it. A read started as soon as a batch
+    was taken (as this did before) ran during the forward, and the training thread waited
+    for the GIL: 0.5 ms a step of 28 on the tiny model, 2 cores. `next()` starts the read
+    itself if no step did (the first, a step cut short).
     Errors surface in `next()`, where the batch would have come. Always `close()` it.
 
     On a CPU whose every core runs torch's threads, reading in line between steps instead
     measured no faster end to end (tiny model, 2 cores, 3 x 5 pairs: 0.952-0.963 against
-    0.934-0.974 with the thread): part of the read hides in the step's own pauses."""
+    0.934-0.974 with the thread): part of the read hides in the step's own pauses. Its CPU
+    time (~0.5 ms a batch there) still takes a core from torch's threads."""
 
     def __init__(self, read):
         import queue
@@ -2441,12 +2443,12 @@ class FileRun:
                 with torch.autocast(device.type, dtype=self.amp_dtype or torch.bfloat16,
                                     enabled=self.amp_dtype is not None):
                     logits = model(**inputs).logits
+                if i == 0 and self.read_ahead is not None and logits.requires_grad:
+                    logits.register_hook(self._read_ahead)
                 loss = next_token_loss(logits, labels) / max(1, n_trained)
                 del logits
                 # DDP averages gradients over ranks; the loss is already over the global count
                 scaled = loss * ws if self.ddp else loss
-                if i == 0 and self.read_ahead is not None:
-                    self.read_ahead()  # the next batch, while the backward frees the GIL
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             # summed in float64 in micro-batch order: the float each step logged before
             part = loss.detach().double()
@@ -2485,6 +2487,12 @@ class FileRun:
         self.real_tokens = real_tokens
         self._watch_spikes()
         return None
+
+    def _read_ahead(self, grad) -> None:
+        """A hook on the logits' gradient: once the backward has left the loss (whose
+        backward is Python), the rest of it runs in C++ without the GIL for milliseconds,
+        and the next batch is read in that time (BatchPrefetcher.ahead)."""
+        self.read_ahead()
 
     def _watch_spikes(self) -> None:
         self.spike = False

@@ -1672,10 +1672,11 @@ def test_the_next_batch_is_read_once_asked_one_at_a_time_in_order():
     assert not waiting._thread.is_alive() and time.monotonic() - started < 5 and reads[-1] == 0
 
 
-def test_training_asks_for_the_next_batch_as_each_steps_backward_begins(tmp_path, tiny_model_dir,
-                                                                        monkeypatch):
-    """The read of the next batch starts right before the first micro-batch's backward,
-    once per optimizer step, and the file trains as it did (every step logged)."""
+def test_training_asks_for_the_next_batch_once_each_steps_backward_leaves_the_loss(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """The read of the next batch starts inside the first micro-batch's backward (a hook on
+    the logits' gradient: past the loss, whose backward is Python, the rest runs without
+    the GIL), once per optimizer step, and the file trains as it did (every step logged)."""
     import torch
     root, cfg = make_root(tmp_path / "root", tiny_model_dir, checkpoint_every_steps=0)
     data = write_jsonl(tmp_path / "a.jsonl", text_records(20, seed=3))
@@ -1687,15 +1688,20 @@ def test_training_asks_for_the_next_batch_as_each_steps_backward_begins(tmp_path
             events.append(name)
             return call(*a, **kw)
         return wrapper
+
+    def backward_of(self, *a, **kw):
+        events.append("(")
+        backward(self, *a, **kw)
+        events.append(")")
     monkeypatch.setattr(te.BatchPrefetcher, "ahead", recorded("A", ahead))
     monkeypatch.setattr(te.BatchPrefetcher, "next", recorded("N", taken))
-    monkeypatch.setattr(torch.Tensor, "backward", recorded("b", backward))
+    monkeypatch.setattr(torch.Tensor, "backward", backward_of)
     result = te.train_file(root, data, file_id="a", config=cfg)
     steps = result["steps"]
     assert result["status"] == "completed" and steps > 3 and len(metrics(root)) == steps
-    # per step: next() (which asks, a no-op once asked), the ask before the first backward,
-    # the micro-batches' backwards; then the file's end
-    assert "".join(events) == ("NAA" + "b" * cfg["grad_accum_steps"]) * steps + "NA"
+    # per step: next() (which asks too: a no-op once a step asked), the first micro-batch's
+    # backward asking, the other micro-batches' backwards; then the file's end
+    assert "".join(events) == ("NA(A)" + "()" * (cfg["grad_accum_steps"] - 1)) * steps + "NA"
 
 
 _ALLOCATION_ROUNDS = r"""
