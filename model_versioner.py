@@ -75,7 +75,7 @@ def check_version(root, vid) -> list[str]:
     p = Paths(root)
     rec = read_version(p.root, vid)
     folder = p.versions / rec["id"]
-    problems = []
+    problems = not_its_own_folder(p, rec["id"])
     for rel, entry in sorted(rec["manifest"].items()):
         try:
             st = os.lstat(folder / rel)  # a symbolic link is not the versioned file
@@ -259,6 +259,9 @@ def resolve_version(root, text) -> str:
         tags = read_tags(root)
         if text in tags:
             return validate_version_id(tags[text], Paths(root).versions / TAGS_FILE)
+        raise GuardrailError(f"no version or tag named {text!r}" + (
+            f" (the tags: {', '.join(sorted(tags)[:10])})" if tags else " (no version has a tag)"),
+            Paths(root).versions / TAGS_FILE, f"Run `{CMD} list` to see the versions and their tags.")
     return read_version(root, text)["id"]
 
 
@@ -433,18 +436,25 @@ def _normalize_data_files(data_files) -> list[dict]:
     return out
 
 
+def bring_back(root) -> str:
+    """The restore that brings a missing current_model back as it last was: the version it
+    last became (after a rollback or a restore to an older one, not `latest`, which would
+    bring back what was rolled back), else `latest`."""
+    was = versions_index.last_published(root, latest_version(root))
+    return f"{CMD} restore {was or 'latest'}"
+
+
 def _ensure_current_manifest(p: Paths) -> dict:
     """current_model's manifest, rewritten (hashing) only when missing or stale in names/sizes."""
     cur = p.current_model
     if not cur.is_dir():
-        raise GuardrailError("current_model is missing", cur,
-                             f"Bring it back with `{CMD} restore latest`.")
+        raise GuardrailError("current_model is missing", cur, f"Bring it back with `{bring_back(p.root)}`.")
     names = walk(cur, skip=(MANIFEST,))
     incomplete = [line for line in check_model_dir(cur) if not line.startswith(MANIFEST)
                   and "manifest" not in line]  # a stale manifest is rewritten below
     if incomplete or not names:
         raise GuardrailError("current_model is incomplete (" + "; ".join(
-            incomplete) + ")", cur, f"Bring it back with `{CMD} restore latest`.")
+            incomplete) + ")", cur, f"Bring it back with `{bring_back(p.root)}`.")
     try:
         manifest = read_manifest(cur)
     except GuardrailError:
@@ -1010,12 +1020,30 @@ def untag(root, name: str) -> dict:
     return {"untagged": name, "version": vid}
 
 
+def not_its_own_folder(p: Paths, vid: str) -> list[str]:
+    """A version folder that is a link, or that holds another version (its record names
+    another id: a copy of that version's folder), is not version `vid`, sound as its files
+    may be."""
+    folder = p.versions / vid
+    if folder.is_symlink():
+        return [f"{vid}: a link to {os.readlink(folder)}, not a version folder of its own"]
+    try:
+        said = read_json(folder / VERSION_FILE, default=None)
+    except GuardrailError:
+        return []  # (an unreadable record is said by whoever reads it)
+    said = said.get("id") if isinstance(said, dict) else None
+    if isinstance(said, str) and said != vid:
+        return [f"{vid}: its {VERSION_FILE} is {said}'s (the folder holds another version)"]
+    return []
+
+
 def verify_version(root, vid, bases: dict | None = None) -> list[str]:
     """Recompute every checksum of a version (and of its base, for an adapter version);
     returns `vNNN/FILE: problem` lines. `bases` caches base results across calls."""
     p = Paths(root)
     rec = read_version(p.root, vid)
-    lines = [f"{rec['id']}/{line}" for line in verify_files(p.versions / rec["id"], rec["manifest"])]
+    lines = not_its_own_folder(p, rec["id"]) + [
+        f"{rec['id']}/{line}" for line in verify_files(p.versions / rec["id"], rec["manifest"])]
     base = version_base(rec)
     if rec.get("kind") == "adapter":
         if not base:
@@ -1331,6 +1359,12 @@ def cmd_list(args) -> int:
     if more > 0:
         print(f"  ({more} older version(s) not listed: "
               f"`{cli_guard.command(f'{CMD} list --all', cli_guard.explicit_root(args))}`)")
+    there = os.path.lexists(Paths(root).current_model)
+    if not rows and not damaged and not there:
+        print("No versions and no current_model: bring the model back from a backup (`"
+              + cli_guard.command("python3 backup_manager.py list", cli_guard.explicit_root(args))
+              + "`, then `backup_manager.py restore ID`).")
+        return 0
     if not rows:
         print(f"No versions yet. Take one with `{CMD} snapshot`.")
     for r in rows:
@@ -1341,9 +1375,9 @@ def cmd_list(args) -> int:
               + ("  REJECTED" if r["rejected"] else "")
               + _eval_text(r["eval"])
               + (f"  note: {r['note']}" if r["note"] else "") + (f"  {extra}" if extra else ""))
-    if not os.path.lexists(Paths(root).current_model):
+    if not there:
         print("  current_model is missing: bring it back with "
-              f"`{cli_guard.command(f'{CMD} restore latest', cli_guard.explicit_root(args))}`.")
+              f"`{cli_guard.command(bring_back(root), cli_guard.explicit_root(args))}`.")
     elif rows and cur is None:
         print("  current_model is not a version yet (trained since, or changed).")
     return 0

@@ -693,9 +693,29 @@ def test_list_says_when_current_model_is_missing(root, capsys):
     code, out, _ = cli(capsys, "list")
     assert code == 0 and out.splitlines()[-1] == (
         "  current_model is missing: bring it back with "
-        "`python3 model_versioner.py restore latest`.")
+        "`python3 model_versioner.py restore v001`.")
     code, doc, _ = json_cli(capsys, "list")
     assert doc["current_model_exists"] is False and doc["current"] is None
+    Paths(root).config.write_text("{}")  # (a root as init makes it: found by its config.json)
+    shutil.rmtree(Paths(root).versions)  # nothing left to restore from but a backup
+    code, out, _ = cli(capsys, "list")
+    assert code == 0 and out.strip() == (
+        "No versions and no current_model: bring the model back from a backup (`python3 "
+        "backup_manager.py list`, then `backup_manager.py restore ID`).")
+
+
+def test_a_missing_current_model_after_a_rollback_is_brought_back_as_rolled_back(root, capsys):
+    """Regression: `list` and `snapshot` named `restore latest`, which brought back the
+    training the rollback had undone (the report named the right version)."""
+    train(root, 2)
+    mv.create_version(root, "post-train")
+    assert cli(capsys, "rollback")[0] == 0  # current_model: v001 again; v002 stays
+    shutil.rmtree(Paths(root).current_model)
+    fix = "`python3 model_versioner.py restore v001`"
+    code, out, _ = cli(capsys, "list")
+    assert code == 0 and out.splitlines()[-1].endswith(fix + ".")
+    code, _, err = cli(capsys, "snapshot")
+    assert code == 1 and fix in err
 
 
 def test_commands_shown_carry_the_root_given_with_root(root, capsys, monkeypatch):
@@ -805,3 +825,34 @@ def test_a_version_with_an_unreadable_record_is_reported_not_hidden(root, capsys
                                    "`python3 model_versioner.py verify v002`)")
     assert json_cli(capsys, "list")[1]["damaged"] == ["v002"]
     assert record.read_text() == "{not json"  # reported, never touched
+
+
+def test_a_version_folder_holding_another_version_is_not_that_version(root, capsys):
+    """Regression: a copy of v002's folder (or a link to it) in v001's place verified OK,
+    `show` and `restore v001` gave v002's model."""
+    train(root, 2)
+    mv.create_version(root, "post-train")
+    versions = Paths(root).versions
+    os.chmod(versions / "v001", 0o755)
+    shutil.rmtree(versions / "v001")
+    shutil.copytree(versions / "v002", versions / "v001", symlinks=True)
+    assert mv.verify_version(root, "v001") == [
+        "v001: its version.json is v002's (the folder holds another version)"]
+    code, _, err = cli(capsys, "restore", "v001")
+    assert code == 1 and "version v001 is damaged" in err and model_gen(Paths(root).current_model) == 2
+    shutil.rmtree(versions / "v001")
+    (versions / "v001").symlink_to(versions / "v002")
+    code, out, err = cli(capsys, "verify", "--all")
+    assert code == 1 and out.splitlines() == ["v001: BAD", "v002: ok"]
+    assert "v001: a link to" in err and "not a version folder of its own" in err
+
+
+def test_an_unknown_tag_is_named_as_such_not_as_a_malformed_id(root, capsys):
+    """Regression: `restore nosuchtag` said "invalid version id" (exit 2), as for a typo."""
+    code, _, err = cli(capsys, "restore", "nosuchtag")
+    assert code == 1 and "no version or tag named 'nosuchtag' (no version has a tag)" in err
+    mv.tag_version(root, "v001", "baseline")
+    code, _, err = cli(capsys, "show", "golden")
+    assert code == 1 and "no version or tag named 'golden' (the tags: baseline)" in err
+    assert cli(capsys, "show", "baseline")[0] == 0
+    assert cli(capsys, "restore", "../v001")[0] == 2  # no name a tag can have: a malformed id
