@@ -656,8 +656,9 @@ class Daemon:
         if problems:
             raise _Paused(GuardrailError(
                 "pre-flight: current_model is not usable (" + "; ".join(problems[:5]) + ")",
-                self.p.current_model, "Bring it back with `python3 model_versioner.py restore "
-                f"latest`, then {self._go_on()}."))
+                self.p.current_model, f"Bring it back with `{model_versioner.bring_back(self.p.root)}`, "
+                f"then {self._go_on()}."))
+        self._unchanged_since_versioned(model_versioner)
         template = cfg.get("chat_template")
         if isinstance(template, str) and template.endswith(".jinja"):  # every file's encoder reads it
             path = self.p.root / os.path.expanduser(template)  # (an absolute path stays itself)
@@ -738,6 +739,27 @@ class Daemon:
                                          f"it reads again (or {self._go_on()})."
                                          if not self.once else
                                          f"Fix config.json, then {self._go_on()}.")) from None
+
+    def _unchanged_since_versioned(self, model_versioner) -> None:
+        """current_model shares its files (hard links) with the version it is: a file written
+        in place changed both. The cheap check sees a moved time stamp; the checksums tell a
+        `touch` from changed bytes, which would train (NaN, or worse, a new version made from
+        them) and then find the version to go back to damaged too."""
+        vid = model_versioner.current_version(self.p.root)
+        moved = vid and [x for x in model_versioner.check_version(self.p.root, vid)
+                         if x.endswith("written in place after it was versioned")]
+        bad = moved and model_versioner.verify_version(self.p.root, vid)
+        if not bad:
+            return
+        parent = model_versioner.read_version(self.p.root, vid).get("parent")
+        raise _Paused(GuardrailError(
+            f"pre-flight: current_model's files changed since they were versioned as {vid}, "
+            f"whose files they are (hard links): {'; '.join(bad[:3])}", self.p.current_model,
+            f"Bring back a sound copy: a verified backup of {vid} (`python3 backup_manager.py "
+            "list`, then `python3 backup_manager.py restore ID`)"
+            + (f", or the version it was trained from (`python3 model_versioner.py restore "
+               f"{parent}`; the files trained since are listed by `python3 model_versioner.py "
+               f"lineage {vid}`)" if parent else "") + f"; then {self._go_on()}."))
 
     def _go_on(self) -> str:
         """How to carry on once the cause is fixed: a running daemon waits for `resume`;

@@ -1248,3 +1248,36 @@ def test_a_log_file_the_disk_refuses_is_said_once_not_a_traceback_a_line(tmp_pat
     handler.emit(records[1])
     assert capsys.readouterr().err.count("cannot write") == 1
     handler.close()
+
+
+def test_preflight_pauses_on_a_current_model_whose_versioned_bytes_changed_in_place(
+        initialized_root):
+    """Regression: bytes written into current_model's weights (hard links shared with the
+    version it is) passed pre-flight: the file trained to a NaN, then the version to go back
+    to was damaged too and the daemon died. A moved time stamp alone (`touch`) still trains."""
+    import model_versioner
+    root = initialized_root
+    tune(root)
+    daemon = training_daemon.Daemon(root, once=False, monitor=False)
+    import training_config
+    daemon.cfg = training_config.load_config(root)
+    weights = root / "current_model" / "model.safetensors"
+    os.utime(weights)  # the same bytes, a new mtime: the checksums say it is as versioned
+    job = _queue(root, "f.jsonl", 3, "f")
+    assert daemon.process(job) is None and data_files(root) == {"done": ["f.jsonl"]}
+    vid = model_versioner.current_version(root)
+    with open(weights, "r+b") as f:  # a byte changed where the tensors are
+        f.seek(weights.stat().st_size - 64)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    job = _queue(root, "g.jsonl", 3, "g")
+    with pytest.raises(training_daemon._Paused) as paused:
+        daemon.process(job)
+    message = str(paused.value.error)
+    assert message.startswith(f"pre-flight: current_model's files changed since they were "
+                              f"versioned as {vid}, whose files they are (hard links): "
+                              f"{vid}/model.safetensors: sha256 mismatch"), message
+    parent = model_versioner.read_version(root, vid)["parent"]
+    assert f"`python3 model_versioner.py restore {parent}" in message
+    assert data_files(root)["done"] == ["f.jsonl"]  # g.jsonl waits, untrained
