@@ -609,6 +609,14 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
               start, ("Resumes the file from its last checkpoint." if processing else
                       "Trains what waits in the queue.") + " Installed as a service: "
               "`systemctl restart training-guardrails` instead.")
+    elif not alive and not processing and reported == "stopped" and state.get("ended_by") == "error":
+        # ended on an error between files (pre-flight with --once, a broken config at start):
+        # not a stop on purpose, and starting it again fails the same way until it is fixed
+        _warn(w, "DAEMON_DEAD", "critical",
+              f"the daemon stopped on an error (last pid {state.get('pid')}): "
+              f"{training['last_error'] or 'see logs/daemon.log'}", start,
+              "Do what the error names first; this then starts it again (the same error "
+              f"otherwise). `tail -n 50 {shlex.quote(str(p.logs / 'daemon.log'))}` shows the whole story.")
     error = training["file_error"] or (training["last_error"] if processing else None)
     if error and current != "paused":  # a pause says its own reason (TRAINING_PAUSED)
         tries = (f" ({training['file_attempts']} failed tr{'y' if training['file_attempts'] == 1 else 'ies'})"
@@ -729,7 +737,8 @@ def _queue_section(root: Path, daemon: dict, w: list) -> dict:
               f"{_arg(root, 'failed/' + first['name'])} {_arg(root, 'failed/' + first['name'] + '.record.json')} "
               f"{_arg(root, 'failed/reviewed/')}`.")
     waiting = sec["queued"] + inbox
-    if waiting and not daemon["alive"] and not sec["processing"]:
+    if waiting and not daemon["alive"] and not sec["processing"] and \
+            not any(x["code"] == "DAEMON_DEAD" for x in w):  # (which says why it is not)
         _warn(w, "DAEMON_NOT_RUNNING", "info",
               f"{waiting} file(s) wait in inbox/ and queue/ but no daemon is running",
               _cmd(root, "training_daemon.py run"), "Trains them in priority order.")

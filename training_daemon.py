@@ -1977,6 +1977,8 @@ class Daemon:
         self.ended, self._ended_kind = why, ("signal" if self.stop_signal else "request"
                                              if self.stop_request else "error" if ended is not None
                                              else "once" if self.once else "exit")
+        if ended is not None and not self.last_error:  # the report names it (DAEMON_DEAD)
+            self.last_error = str(ended.error if isinstance(ended, _Paused) else ended)
         self.state = "stopped"
         self.write_state(force=True)
         self.log.info("daemon %d stopped (%s)", os.getpid(), why)

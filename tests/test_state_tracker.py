@@ -387,6 +387,24 @@ def test_daemon_dead_with_a_file_in_processing_is_critical(root):
         assert {"DAEMON_NOT_RUNNING", "DAEMON_DEAD"} - {code} - set(found) == {"DAEMON_NOT_RUNNING", "DAEMON_DEAD"} - {code}
 
 
+def test_a_daemon_that_ended_on_an_error_between_files_is_dead_and_says_why(root):
+    """Regression: a `run --once` that pre-flight stopped (a chat_template that cannot be
+    read) with files waiting read as DAEMON_NOT_RUNNING, "stopped on purpose: do not start
+    it", and the error was nowhere in the report."""
+    (root / "inbox" / "notes.jsonl").write_text('{"text": "hello"}\n')
+    error = ("pre-flight: chat_template 'missing.jinja' cannot be read (No such file or "
+             "directory), ROOT/missing.jinja. Fix the path in config.json's `chat_template`.")
+    write_daemon_state(root, pid=dead_pid(), state="stopped", ended_by="error", last_error=error)
+    found = codes(root)
+    assert "DAEMON_NOT_RUNNING" not in found
+    w = found["DAEMON_DEAD"]
+    assert w["severity"] == "critical" and w["message"].endswith(f"): {error}"), w
+    assert w["note"].startswith("Do what the error names first")
+    write_daemon_state(root, pid=dead_pid(), state="stopped", ended_by="once")  # queue emptied
+    found = codes(root)
+    assert "DAEMON_DEAD" not in found and found["DAEMON_NOT_RUNNING"]["severity"] == "info"
+
+
 def test_stalled_heartbeat_while_training(root):
     with Holder(root, "daemon") as daemon:
         write_daemon_state(root, pid=daemon.pid, state="training", heartbeat=ago(600),

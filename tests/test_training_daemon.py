@@ -1120,7 +1120,9 @@ def test_a_held_file_with_no_daemon_running_is_released_by_resume(initialized_ro
         "`python3 training_controller.py resume` (it clears the hold; no daemon needed), then "
         "run `python3 training_daemon.py run --once` again.")
     # ended on an error, not on request: the report must not take it for a stop on purpose
-    assert json.loads((root / ".daemon_state.json").read_text())["ended_by"] == "error"
+    last = json.loads((root / ".daemon_state.json").read_text())
+    assert last["ended_by"] == "error" and last["last_error"].startswith(
+        "spiky.jsonl is on hold: loss spike at step 3")  # (the report's DAEMON_DEAD names it)
     resumed = run_script("training_controller.py", "resume", root=root)
     assert resumed.returncode == 0, resumed.stderr
     assert "the hold on spiky.jsonl (loss spike at step 3)" in resumed.stdout
