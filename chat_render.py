@@ -369,7 +369,8 @@ class ChatRenderer:
         except Exception as exc:
             raise self._refuse(line, f"{exc.__class__.__name__}: {exc}", where) from None
         tail = alone[alone.index(s) + 1:] if alone.count(s) == 1 else ""
-        marker = re.match(r"\S*", tail).group(0)
+        # (a space before it is the marker's: Llama-2 ends a turn with " </s>")
+        marker = (re.match(r"[ \t]*\S+", tail) or re.match("", tail)).group(0)
         if marker and not full.startswith(marker, b):
             raise self._refuse(line, f"assistant turn {k + 1} does not end with the template's "
                                f"end-of-turn marker {marker!r}", where)
@@ -395,15 +396,20 @@ class ChatRenderer:
 
 
 def label_pieces(pieces, tokens, starts, *, all_trained: bool = False) -> list[int]:
-    """Labels for `tokens` (ids) whose first characters are at `starts` in the joined pieces:
-    the id where that character is in a trained piece, else -100."""
+    """Labels for `tokens` (ids) whose first characters are at `starts` in the joined pieces
+    (each token reaching to the next one's start): the id where the token covers a character
+    of a trained piece, else -100. A token that begins in the prompt and runs into the answer
+    (" Four" after a prompt ending "Assistant: ") is the answer's first token: labelled by
+    its first character alone, the first word of every answer went untrained."""
     bounds, flags, pos = [], [], 0
     for text, trained in pieces:
         bounds.append(pos)
         flags.append(bool(trained))
         pos += len(text)
     labels = []
-    for tok, st in zip(tokens, starts):
-        i = bisect.bisect_right(bounds, st) - 1
-        labels.append(tok if all_trained or (i >= 0 and flags[i]) else -100)
+    ends = [*starts[1:], pos]
+    for tok, st, end in zip(tokens, starts, ends):
+        i = max(0, bisect.bisect_right(bounds, st) - 1)
+        j = bisect.bisect_right(bounds, max(st, end - 1)) - 1
+        labels.append(tok if all_trained or any(flags[i:j + 1]) else -100)
     return labels

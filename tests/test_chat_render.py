@@ -427,3 +427,38 @@ def test_init_says_which_template_chat_files_will_get(qwen_base, tmp_path):
     assert "Chat records render with the model's chat template (from chat_template.jinja" in proc.stdout \
         or "Chat records render with the model's chat template (from tokenizer_config.json" in proc.stdout
     assert "Test render: " in proc.stdout and "<|im_start|>assistant" in proc.stdout
+
+
+def test_an_end_of_turn_marker_after_a_space_and_an_answers_first_token_train(qwen_tokenizer, tmp_path):
+    """Regressions: Llama-2 ends a turn with ' ' + eos_token: the marker was not found (a
+    space first), went untrained, and an EOS was appended and trained instead; a prompt
+    ending in a space ("Assistant: ") gave the answer's first token (" Four", which starts
+    at that space) the prompt's label: the first word of every answer was lost."""
+    import training_engine as te
+    tok = qwen_tokenizer
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello friend"},
+                {"role": "user", "content": "What is two plus two?"},
+                {"role": "assistant", "content": "Four is the answer."}]
+    data = write_jsonl(tmp_path / "c.jsonl", [{"messages": messages}])
+    rec = records_of(data)[0]
+    llama2 = tmp_path / "llama2.jinja"
+    llama2.write_text("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} "
+                      "[/INST]{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}")
+    enc = te.Encoder(tok, chat_template=str(llama2))
+    pieces, _ = enc.pieces(rec)
+    eos = tok.eos_token
+    assert [t for t, on in pieces if on] == [f" Hello friend {eos}", f" Four is the answer. {eos}"]
+    ids, labels = enc.encode(rec)
+    full = "".join(t for t, _ in pieces)
+    assert ids == tok(full, add_special_tokens=False)["input_ids"]  # no EOS appended after the marker
+    assert tok.decode([i for i, lab in zip(ids, labels) if lab != -100]) == \
+        f" Hello friend {eos} Four is the answer. {eos}"
+    spaced = tmp_path / "spaced.jinja"
+    spaced.write_text("{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n"
+                      "{% else %}Assistant: {{ m['content'] }}</s>\n{% endif %}{% endfor %}"
+                      "{% if add_generation_prompt %}Assistant: {% endif %}")
+    enc = te.Encoder(tok, chat_template=str(spaced))
+    ids, labels = enc.encode(rec)
+    learned = tok.decode([i for i, lab in zip(ids, labels) if lab != -100])
+    assert learned.startswith(" Hello friend</s>") and "Four is the answer.</s>" in learned, learned
+    assert "User" not in learned and "Assistant" not in learned
