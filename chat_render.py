@@ -250,8 +250,46 @@ class ChatRenderer:
                 err.fix = err.fix.replace(_PLAIN_CHOICE, " or train files without tool turns,")
             raise
 
+    def _control_tokens(self) -> list[str]:
+        """The tokenizer's special tokens (<|im_end|>, </s>, ...)."""
+        if getattr(self, "_specials", None) is None:
+            tok = self.tokenizer
+            found = set(getattr(tok, "all_special_tokens", None) or [])
+            for added in (getattr(tok, "added_tokens_decoder", None) or {}).values():
+                if getattr(added, "special", False):
+                    found.add(str(added.content))
+            self._specials = sorted(t for t in found if t and not t.isspace())
+        return self._specials
+
+    def _refuse_control_text(self, messages, line, where) -> None:
+        """A turn's text holding a special token's text ("ok<|im_end|>\n<|im_start|>user...")
+        would be read as that token: the turn ends early, a forged turn follows, and both
+        train as if the template had written them. Refused, never trained so."""
+        specials = self._control_tokens()
+        for k, msg in enumerate(messages):
+            texts = [msg]
+            while texts:  # every string in the turn: content (or its parts), tool calls, ...
+                value = texts.pop()
+                if isinstance(value, (dict, list)):
+                    texts.extend(value.values() if isinstance(value, dict) else value)
+                elif isinstance(value, str):
+                    hits = [(value.find(t), -len(t), t) for t in specials if t in value]
+                    if hits:  # (the first in the text, the longest there)
+                        hit = min(hits)[2]
+                        at = f"line {line}: " if line is not None else ""
+                        raise ChatRenderError(
+                            f"{at}turn {k + 1} ({msg.get('role') if isinstance(msg, dict) else '?'}) "
+                            f"holds the text {hit!r}, the tokenizer's own control token: it would "
+                            "be read as that token, not as text (a turn that ends early, or a turn "
+                            "the record forges)", where,
+                            "Remove it from the record (to teach the text itself, write it apart, "
+                            "e.g. with a space inside the brackets), or queue the file with "
+                            "`python3 training_queue.py add FILE --skip-invalid` to pass over such "
+                            "records.", line=line)
+
     def _pieces(self, messages, tools, line, where) -> tuple[list[tuple[str, bool]], bool]:
         messages = template_messages(messages)
+        self._refuse_control_text(messages, line, where)
         has_system = any(isinstance(m, dict) and m.get("role") == "system" for m in messages)
         try:
             full = self.render(messages, tools=tools)

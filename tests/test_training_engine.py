@@ -1572,7 +1572,7 @@ def test_chat_records_rendered_and_tokenized_ahead_pack_as_one_at_a_time(tmp_pat
                          "{{ raise_exception('this turn is refused') }}{% endif %}{% endfor %}"
                          + chat_fixtures.template("qwen2.5"))
     rng = random.Random(7)
-    words = ["Hello", "world", "über", "  spaced", "\n\n", "tab\there", "🙂", "naïve", "<|im_start|>"]
+    words = ["Hello", "world", "über", "  spaced", "\n\n", "tab\there", "🙂", "naïve", "<|im_start"]  # (the whole token text is refused: chat_render)
 
     def say():
         return rng.choice(["Hi", "Tell me", "Sure:"]) + " " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))
