@@ -62,7 +62,34 @@ def _next_id(store: Path) -> str:
         recorded = int((store / LAST_ID).read_text().strip())
     except (FileNotFoundError, ValueError):
         recorded = 0  # missing or damaged: the folder names alone are the floor
-    return f"b{max(highest, recorded) + 1:03d}"
+    return f"b{max(highest, recorded, _highest_named(store.parent)) + 1:03d}"
+
+
+def _highest_named(root: Path) -> int:
+    """The highest base number a version (kept or pruned) or a backup names: with base/
+    deleted (its .last_id too), an id they name must not be given to other weights, or an
+    old adapter version would load onto them, verified "ok"."""
+    numbers = []
+    versions = root / "versions"
+    records = [*versions.glob("v*/" + model_manifest.VERSION_FILE), *versions.glob(".pruned/v*.json")]
+    for path in records:
+        try:
+            doc = read_json(path, default=None)
+        except GuardrailError:
+            continue
+        base = doc.get("base") if isinstance(doc, dict) else None
+        if isinstance(base, str) and ID_RE.match(base):
+            numbers.append(int(base[1:]))
+    import backup_records
+    try:
+        held = backup_records.list_backups(root)
+    except (GuardrailError, OSError):
+        held = []
+    for b in held:
+        base = b.get("base") if isinstance(b.get("base"), dict) else {}
+        if isinstance(base.get("id"), str) and ID_RE.match(base["id"]):
+            numbers.append(int(base["id"][1:]))
+    return max(numbers, default=0)
 
 
 def _weights_of(manifest: dict) -> dict:

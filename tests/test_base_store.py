@@ -71,6 +71,29 @@ def test_a_deleted_base_id_is_never_given_again(tmp_root, tmp_path):
                                   source="c") == "b003"
 
 
+def test_with_base_deleted_whole_an_id_a_version_or_backup_names_is_not_given_again(tmp_root, tmp_path):
+    """Regression: `rm -rf base/` took .last_id with it; the next base got b002 again, and an
+    adapter version made on the old b002 verified "ok" and loaded onto the new weights."""
+    import backup_records
+    import trainroot
+    base_store.create_base(tmp_root, full_folder(tmp_path / "a"), source="a")
+    for vid, base in (("v003", "b002"), ("v004", "b003")):
+        (tmp_root / "versions" / vid).mkdir(parents=True)
+        trainroot.atomic_write_json(tmp_root / "versions" / vid / "version.json",
+                                    {"id": vid, "kind": "adapter", "base": base, "manifest": {}})
+    (tmp_root / "versions" / ".pruned").mkdir()
+    trainroot.atomic_write_json(tmp_root / "versions" / ".pruned" / "v005.json",
+                                {"id": "v005", "kind": "adapter", "base": "b004"})
+    shutil.rmtree(tmp_root / "base")
+    assert base_store.create_base(tmp_root, full_folder(tmp_path / "c", weights=b"c"), source="c") == "b005"
+    shutil.rmtree(tmp_root / "base")
+    held = backup_records.backups_dir(tmp_root) / "b20261205T000000-abcd"  # a backup holding b009
+    held.mkdir(parents=True)
+    trainroot.atomic_write_json(held / "backup.json", {"id": held.name, "status": "verified",
+                                                       "base": {"id": "b009"}})
+    assert base_store.create_base(tmp_root, full_folder(tmp_path / "d", weights=b"d"), source="d") == "b010"
+
+
 def test_verify_finds_a_changed_and_a_missing_file(tmp_root, tmp_path):
     base_id = base_store.create_base(tmp_root, full_folder(tmp_path / "a"), source="a")
     w = base_store.base_dir(tmp_root, base_id) / "model.safetensors"
