@@ -936,13 +936,17 @@ def _consolidate_locked(p: Paths, note, full: bool) -> dict:
         raise GuardrailError(f"nothing to consolidate: {before} is the fresh adapter the last "
                              "consolidate started (nothing trained into it since)", cur,
                              "Train on a file first, then consolidate.")
-    done = {v: b["base_id"] for b in base_store.list_bases(p.root)
-            for v in b.get("merged") or [] if v in merged}
-    if done:
-        v, b = next(iter(done.items()))
-        raise GuardrailError(f"{v} was already merged into base {b}; an adapter is never "
-                             "merged twice", base_store.base_dir(p.root, b),
-                             f"Restore the version that consolidate made on {b} (`{CMD} list`).")
+    # The same merge again (a consolidate undone, nothing trained since) would make the same
+    # base: refused. Trained on after the undo, the adapter is another one on the same base
+    # (the versions it has in common with an earlier merge are in it once): a new merge.
+    same = next((b["base_id"] for b in base_store.list_bases(p.root)
+                 if (b.get("merged") or []) == merged), None)
+    if same:
+        raise GuardrailError(f"{', '.join(merged)} {'was' if len(merged) == 1 else 'were'} "
+                             f"merged into base {same} already (a consolidate undone, nothing "
+                             "trained since)", base_store.base_dir(p.root, same),
+                             f"Restore the version that consolidate made on {same} (`{CMD} "
+                             "list`: reason consolidate), or train on a file first.")
     import adapter_merge  # torch, transformers and peft: only here
     base_rec = base_store.read_base(p.root, base)
     p.staging.mkdir(parents=True, exist_ok=True)

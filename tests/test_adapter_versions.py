@@ -236,7 +236,7 @@ def test_state_tracker_shows_kind_and_base(adapter_root):
     assert (doc["current_model"]["kind"], doc["current_model"]["base"]) == ("full", None)
 
 
-def test_consolidate_merges_within_tolerance_recorded_never_twice_undoable(adapter_root):
+def test_consolidate_merges_within_tolerance_recorded_never_the_same_twice_undoable(adapter_root):
     want = logits(adapter_root / "current_model")            # v003: b001 + adapter
     proc = run_script("model_versioner.py", "consolidate", "--note", "weekly", "--json",
                       root=adapter_root, timeout=300)
@@ -265,9 +265,14 @@ def test_consolidate_merges_within_tolerance_recorded_never_twice_undoable(adapt
         mv.consolidate(adapter_root)
     assert mv.restore_version(adapter_root, "v003")["restored"] == "v003"
     assert (logits(adapter_root / "current_model") == want).all()
-    with pytest.raises(GuardrailError, match="v002 was already merged into base b002"):
+    with pytest.raises(GuardrailError, match="v002, v003 were merged into base b002 already"):
         mv.consolidate(adapter_root)
     assert sorted(os.listdir(adapter_root / "base")) == [".last_id", "b001", "b002"]
+    # trained on after the undo: another adapter on b001, merged into a new base (before:
+    # refused for good, and `consolidate --full`, the way back to full mode, too)
+    assert publish_adapter(adapter_root, "b001", seed=3, step=30) == "v005"
+    again = mv.consolidate(adapter_root, full=True)
+    assert (again["base_before"], again["base"], again["merged"]) == ("b001", "b003", ["v002", "v003", "v005"])
 
 
 def test_consolidate_full_gives_a_full_model_loadable_in_a_fresh_process(adapter_root):
