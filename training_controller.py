@@ -303,10 +303,11 @@ def pause_record(root) -> dict | None:
     return doc if isinstance(doc, dict) and isinstance(doc.get("reason"), str) else None
 
 
-def keep_pause_record(root, reason: str, since: str | None) -> None:
-    """Written (durably) by the daemon when it pauses by request."""
+def keep_pause_record(root, reason: str, since: str | None, kind: str = "request") -> None:
+    """Written (durably) by the daemon when it pauses by request, or on a failed automatic
+    backup (`kind` "backup": a restart must not train on without a backup)."""
     atomic_write_json(_ensure(control_dirs(root)["control"]) / PAUSE_RECORD,
-                      {"reason": reason, "since": since or utc_now()})
+                      {"reason": reason, "since": since or utc_now(), "kind": kind})
 
 
 def clear_pause_record(root) -> bool:

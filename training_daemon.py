@@ -407,10 +407,10 @@ class Daemon:
                 self.paused_since = trainroot.utc_now()
             self.paused_reason, self.pause_kind = reason, kind
             self.log.warning("paused: %s", reason)
-            if kind == "request":  # kept across restarts until `resume` (control/paused.json)
+            if kind in ("request", "backup"):  # kept across restarts until `resume` (control/paused.json)
                 import training_controller
                 try:
-                    training_controller.keep_pause_record(self.p.root, reason, self.paused_since)
+                    training_controller.keep_pause_record(self.p.root, reason, self.paused_since, kind)
                 except OSError as exc:  # a full disk: the pause holds while this daemon runs
                     self.log.warning("cannot keep the pause across restarts: %s", exc)
         else:
@@ -1869,13 +1869,17 @@ class Daemon:
         kept = training_controller.pause_record(self.p.root)
         if not kept:
             return
+        kind = "backup" if kept.get("kind") == "backup" else "request"
         if self.once:  # nothing may train until `resume`: --once has nothing to do
-            raise GuardrailError(f"paused by request since {kept.get('since')} ({kept['reason']}); "
+            raise GuardrailError(f"paused {'by request' if kind == 'request' else 'on a failed backup'} "
+                                 f"since {kept.get('since')} ({kept['reason']}); "
                                  "the pause holds until resume", self.p.control / "paused.json",
                                  "Run `python3 training_controller.py resume` (it clears the "
                                  f"pause), then {self._go_on()}.")
+        if kind == "backup":  # resume clears it; the next file's backup is tried again
+            self.backup_failed = kept["reason"]
         self.state, self.paused_since = "paused", kept.get("since") or trainroot.utc_now()
-        self.set_state("paused", kept["reason"], "request")  # keeps paused_since
+        self.set_state("paused", kept["reason"], kind)  # keeps paused_since
         self.log.info("still paused since %s (kept across the restart); "
                       "`python3 training_controller.py resume` continues", self.paused_since)
 

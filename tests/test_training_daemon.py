@@ -1283,3 +1283,23 @@ def test_preflight_pauses_on_a_current_model_whose_versioned_bytes_changed_in_pl
     parent = model_versioner.read_version(root, vid)["parent"]
     assert f"`python3 model_versioner.py restore {parent}" in message
     assert data_files(root)["done"] == ["f.jsonl"]  # g.jsonl waits, untrained
+
+
+def test_a_failed_automatic_backup_pause_holds_across_restarts_until_resume(initialized_root, tmp_path):
+    """Regression: the pause on a failed automatic backup died with the daemon, and the next
+    start trained the next file without a backup (SPEC §12: pause instead)."""
+    root = initialized_root
+    (tmp_path / "a-file").write_text("")
+    tune(root, backup_dir=str(tmp_path / "a-file" / "backups"), backup_every_files=1)
+    write_data(root / "inbox" / "c.jsonl", 4, "c")
+    first = run_once(root)
+    assert first.returncode == 1 and "automatic backup failed: cannot create backup_dir" in first.stderr
+    write_data(root / "inbox" / "d.jsonl", 4, "d")
+    second = run_once(root)
+    assert second.returncode == 1 and "paused on a failed backup since" in second.stderr, second.stderr
+    assert data_files(root)["done"] == ["c.jsonl"]  # d.jsonl waits: no file trains unbacked
+    assert json.loads((root / "control" / "paused.json").read_text())["kind"] == "backup"
+    resumed = run_script("training_controller.py", "resume", root=root)
+    assert resumed.returncode == 0, resumed.stderr
+    third = run_once(root)  # resumed: d trains, its backup fails again and pauses again
+    assert third.returncode == 1 and data_files(root)["done"] == ["c.jsonl", "d.jsonl"]
