@@ -11,8 +11,8 @@ only; memory stays bounded whatever the file's size and whatever one line's size
     python3 validate_data.py big.jsonl --max-length 2048 --max-record-bytes 1000000
 
 Formats (one JSON object per line, detected per record; one format per file unless
-config `allow_mixed_formats` / `--allow-mixed`; unknown extra fields are ignored, with
-one warning per field name; config `fields` renames a file's own field names to these,
+config `allow_mixed_formats` / `--allow-mixed`; unknown extra fields (of a record, or of
+a chat turn: a misspelled "weight") are ignored, with one warning per field name; config `fields` renames a file's own field names to these,
 e.g. {"prompt": "user_prompt", "completion": "expected_answer"}). Each record becomes
 `segments`, a list of (text, trained) - the plain rendering, used for a model without a
 chat template - and, for every format but text, `messages`: the conversation the
@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import difflib
 import json
 import os
 import re
@@ -86,6 +87,10 @@ _KEY_FORMAT = {"text": "text", "messages": "messages", "prompt": "prompt_complet
                "input": "instruction", "output": "instruction"}
 _KNOWN_KEYS = frozenset(_KEY_FORMAT)
 _RECORD_KEYS = _KNOWN_KEYS | {"tools"}     # "tools": function schemas a chat's template is given
+# A turn's keys the product reads, or chat templates commonly do (the whole turn is handed
+# to the template); any other is reported (a misspelled "weight" trains the turn).
+_MESSAGE_KEYS = frozenset({"role", "content", "weight", "tool_calls", "function_call",
+                           "tool_call_id", "name", "reasoning_content", "reasoning", "thinking"})
 assert _RECORD_KEYS == set(training_config.MAPPABLE_FIELDS)   # what config.json `fields` may map
 
 # Every problem code, with what it means (errors reject the file; warnings do not).
@@ -125,7 +130,7 @@ WARNING_CODES = {
     "duplicate": "the same line as an earlier one (by hash)",
     "too_long": "estimated tokens over max_length: the trainer splits it, nothing is dropped",
     "trailing_user_turn": "a conversation ending on a user turn (that turn trains nothing)",
-    "ignored_field": "a field no format uses (reported once per name)",
+    "ignored_field": "a field no format uses, or a turn field nothing reads (reported once per name)",
     "duplicates_unchecked": "more distinct lines than the duplicate tracker holds",
 }
 
@@ -707,6 +712,13 @@ def _check_line(box: list, start: int, line_no: int, terminated: bool, state: _S
         for name in sorted(obj.keys() - used):
             problems.append(("ignored", _Bad("ignored_field", f"field {_quote(name)} is not "
                                              "used by any format (ignored)")))
+    unknown = {name for msg in messages or () if type(msg) is dict for name in msg.keys() - _MESSAGE_KEYS}
+    for name in sorted(unknown):
+        near = difflib.get_close_matches(name, _MESSAGE_KEYS, n=1, cutoff=0.75)
+        problems.append(("ignored", _Bad("ignored_field", f"turn field {_quote(name)} is not one "
+                                         "the product reads; the chat template is given it, and "
+                                         "most ignore it" + (f" (did you mean {_quote(near[0])}? "
+                                                             "as written, it does nothing)" if near else ""))))
     return Record(line_no, start, 0, fmt, segments, messages, tools), tokens, problems, key
 
 

@@ -393,6 +393,24 @@ def test_iter_records_resumes_from_next_offset(tmp_path):
             == whole[i + 1:]
 
 
+def test_a_turn_field_nothing_reads_is_reported_once_per_name_with_a_close_name(tmp_path):
+    """Regression: only top-level fields were reported: a misspelled `"wieght": 0` trained
+    the turn it meant to keep out, with no word from validate."""
+    turn = {"role": "assistant", "content": "BAD ANSWER", "wieght": 0}
+    recs = [{"messages": [{"role": "user", "content": "hi"}, turn, {"role": "user", "content": "more"},
+                          {"role": "assistant", "content": "good", "reasoning_content": "r", "meta": 1}]},
+            {"messages": [{"role": "user", "content": "hi", "wieght": 1}, {"role": "assistant", "content": "x"}]}]
+    path = tmp_path / "turns.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    report = vd.validate_file(path)
+    assert report["ok"] and report["error_count"] == 0
+    assert [(w["line"], w["message"]) for w in report["warnings"]] == [
+        (1, 'turn field "meta" is not one the product reads; the chat template is given it, and '
+            "most ignore it"),
+        (1, 'turn field "wieght" is not one the product reads; the chat template is given it, and '
+            'most ignore it (did you mean "weight"? as written, it does nothing)')]
+
+
 def test_warnings_do_not_reject(tmp_path):
     data = (b"\xef\xbb\xbf" + GOOD.replace(b"\n", b"\r\n")      # 1: BOM + CRLF
             + b"\r\n"                                           # 2: blank
