@@ -837,7 +837,7 @@ def cmd_list(args) -> int:
               f"{_human_bytes(b.get('total_bytes')):>9}  {b.get('status', '?'):<10}  "
               f"verified {b.get('verified_at') or '-'}  {b.get('source') or '-'}"
               f"@{b.get('version') or '-'} step {b.get('global_step')}"
-              + (f"  {b['note']}" if b.get("note") else ""))
+              + (f"  {cli_guard.shown(b['note'])}" if b.get("note") else ""))
     earlier = backup_records.earlier_folder(args.root)
     if earlier is not None and any(backup_records.ID_RE.fullmatch(n) for n in os.listdir(earlier)):
         print(f"  (backups made before backup_dir changed are in {earlier}: `restore ID` and "

@@ -24,6 +24,17 @@ from trainroot import GuardrailError, os_error, require_root, resolve_root
 _COMMAND = re.compile(r"`(python3 [\w.-]+\.py(?: [^`]*)?)`")
 
 
+_UNSHOWN = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(text, limit: int = 300) -> str:
+    """A note or name as a terminal line: control characters, escape sequences and bidi
+    overrides written as escapes (a note holding a newline and a fake "* v099" line, or
+    ESC[2J, must not redraw what `list` shows), and cut at `limit` characters."""
+    text = _UNSHOWN.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), str(text))
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def command(cmd: str | None, root: Path | None) -> str | None:
     """`cmd` with `--root R` appended, unless it has one or `root` is None."""
     if not cmd or root is None or "--root" in cmd:

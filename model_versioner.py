@@ -1374,11 +1374,11 @@ def cmd_list(args) -> int:
     for r in rows:
         extra = " ".join(f"[{t}]" for t in r["tags"])
         print(f"{'*' if r['current'] else ' '} {r['id']}  {str(r['created_at'] or '')[:19]}  "
-              f"step {r['global_step']}  {r['reason']}"
+              f"step {r['global_step']}  {cli_guard.shown(r['reason'])}"
               + (f"  adapter on {r['base']}" if r["kind"] == "adapter" else "")
               + ("  REJECTED" if r["rejected"] else "")
               + _eval_text(r["eval"])
-              + (f"  note: {r['note']}" if r["note"] else "") + (f"  {extra}" if extra else ""))
+              + (f"  note: {cli_guard.shown(r['note'])}" if r["note"] else "") + (f"  {extra}" if extra else ""))
     if not there:
         print("  current_model is missing: bring it back with "
               f"`{cli_guard.command(bring_back(root), cli_guard.explicit_root(args))}`.")
@@ -1403,7 +1403,7 @@ def cmd_show(args) -> int:
             if key in ("rejected", "gate", "consolidate") and key not in out \
                     or key == "base" and out["base"] is None:
                 continue
-            print(f"{key:12} {out.get(key)}")
+            print(f"{key:12} {cli_guard.shown(out.get(key), 2000)}")
         for f in rec.get("data_files") or []:
             print(f"data_file    {f.get('name')}  {str(f.get('sha256'))[:12]}")
         for rel, e in sorted(rec["manifest"].items()):

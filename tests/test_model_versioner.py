@@ -856,3 +856,21 @@ def test_an_unknown_tag_is_named_as_such_not_as_a_malformed_id(root, capsys):
     assert code == 1 and "no version or tag named 'golden' (the tags: baseline)" in err
     assert cli(capsys, "show", "baseline")[0] == 0
     assert cli(capsys, "restore", "../v001")[0] == 2  # no name a tag can have: a malformed id
+
+
+def test_notes_are_shown_as_one_line_with_escapes_and_cut(root, capsys):
+    """Regression: a note holding a newline and a fake "* v099" line, or ESC[2J, redrew what
+    `list` and `show` print; a 120 KB note printed whole."""
+    train(root, 2)
+    mv.create_version(root, "manual", note="ok\n* v099  2026  step 99  fake\x1b[2J\u202e")
+    code, out, _ = cli(capsys, "list")
+    assert code == 0 and len(out.splitlines()) == 2
+    assert out.splitlines()[-1].endswith("note: ok\\n* v099  2026  step 99  fake\\x1b[2J\\u202e")
+    code, out, _ = cli(capsys, "show", "v002")
+    assert "note         ok\\n* v099" in out and "\x1b" not in out
+    train(root, 3)
+    mv.create_version(root, "manual", note="n" * 120_000)
+    code, out, _ = cli(capsys, "list")
+    assert out.splitlines()[-1].endswith("n... (119700 more characters)")
+    code, doc, _ = json_cli(capsys, "show", "v003")
+    assert doc["version"]["note"] == "n" * 120_000  # the record keeps it whole
