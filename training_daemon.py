@@ -659,6 +659,15 @@ class Daemon:
                 self.p.current_model, f"Bring it back with `{model_versioner.bring_back(self.p.root)}`, "
                 f"then {self._go_on()}."))
         self._unchanged_since_versioned(model_versioner)
+        import lora_mode
+        try:  # an adapter with config finetune "full": the engine would refuse it mid-take
+            lora_mode.wanted(self.p.current_model, cfg)
+        except GuardrailError as exc:
+            raise _Paused(GuardrailError(
+                f"pre-flight: {exc.what}", exc.where,
+                "Run `python3 model_versioner.py consolidate --full` (current_model becomes the "
+                "merged full model), or set \"finetune\": \"lora\" back in config.json and "
+                f"approve it (`python3 training_controller.py approve-config`); then {self._go_on()}."))
         template = cfg.get("chat_template")
         if isinstance(template, str) and template.endswith(".jinja"):  # every file's encoder reads it
             path = self.p.root / os.path.expanduser(template)  # (an absolute path stays itself)

@@ -357,6 +357,14 @@ def test_switching_lora_to_full_is_refused_until_consolidate_full_then_trains_th
     with pytest.raises(GuardrailError) as refused:
         te.train_file(root, data, file_id="b", config=full)
     assert "consolidate --full" in refused.value.fix
+    # the daemon finds it at pre-flight, before the file leaves the queue (it was taken into
+    # processing/ and then refused: reported as a file waiting half-trained)
+    import training_daemon
+    daemon = training_daemon.Daemon(root, once=False, monitor=False)
+    with pytest.raises(training_daemon._Paused) as paused:
+        daemon.preflight(full)
+    assert paused.value.error.what.startswith("pre-flight: current_model is a LoRA adapter on base b001")
+    assert "consolidate --full" in paused.value.error.fix and "approve-config" in paused.value.error.fix
     adapter_view = te.load_model_folder(root, Paths(root).current_model).eval()
     out = model_versioner.consolidate(root, full=True)
     cur = Paths(root).current_model
