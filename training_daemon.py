@@ -296,12 +296,14 @@ def file_warnings(rec: dict, result: dict) -> dict:
     """What concerns one trained file, counted for its done/ record: chat records rendered
     plain (`fallback`: the model has no template, or config.json chose "plain"), records
     longer than max_length (`split_examples`: they continue in the next row, nothing is
-    dropped) and invalid records passed over (`skipped_records`, `add --skip-invalid`)."""
+    dropped) and invalid records passed over (`skipped_records`, `add --skip-invalid`: lines
+    validation refuses, and records the chat template refuses, `rendered` skipped_refused)."""
     rendered = result.get("rendered") or {}
     skipped = rec.get("skipped_records") or {}
     return {"fallback": int(rendered.get("plain", 0)),
             "split_examples": int(rendered.get("split", 0)),
-            "skipped_records": int(skipped.get("count", 0)) if isinstance(skipped, dict) else 0}
+            "skipped_records": (int(skipped.get("count", 0)) if isinstance(skipped, dict) else 0)
+            + int(rendered.get("skipped_refused", 0))}
 
 
 def _import_engine(model_dir: Path) -> None:

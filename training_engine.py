@@ -474,7 +474,8 @@ class Encoder:
                 elif (refusal := self._plain_refusal(record, data_path)) is not None:
                     return refusal
             except GuardrailError as exc:
-                return exc
+                if not (reading.get("skip_invalid") and _template_refusal(exc)):
+                    return exc
         return None
 
     def encode(self, record, where=None) -> tuple[list[int], list[int]]:
@@ -521,6 +522,13 @@ class Encoder:
 
 # --------------------------------------------------------------------------- packing
 
+def _template_refusal(exc: BaseException) -> bool:
+    """A record the chat template refuses (a file queued with `add --skip-invalid` passes
+    over it, as over an invalid line)."""
+    import chat_render
+    return isinstance(exc, chat_render.ChatRenderError)
+
+
 class Row(NamedTuple):
     """One packed row: `ids`/`labels` of max_length, `tokens` new real tokens in it, the row
     indexes where a document (or the row's piece of one) `starts`, and `context`: 1 when
@@ -555,6 +563,7 @@ class PackedStream:
         """`reading`: iter_records' keywords (validate_data.read_settings and skip_invalid)."""
         import validate_data
         self.encoder, self.max_length, self.pad_id, self.isolate = encoder, max_length, pad_id, isolate
+        self.skip_refused = bool(reading.get("skip_invalid"))
         pos = dict(position or {})
         self.records = int(pos.get("records", 0))
         self.tokens = int(pos.get("tokens", 0))         # real tokens emitted in rows so far
@@ -622,7 +631,14 @@ class PackedStream:
         if record is None:
             self.exhausted = True
             return False
-        ids, labels = self.encoder.encode(record)
+        try:
+            ids, labels = self.encoder.encode(record)
+        except GuardrailError as exc:
+            if not (self.skip_refused and _template_refusal(exc)):
+                raise
+            self.encoder.stats["skipped_refused"] += 1  # passed over, as an invalid line is
+            self.next_offset, self.next_line = record.next_offset, record.line + 1
+            return True
         self._drop_emitted()  # before growing the buffer
         self._starts.append(len(self.buf_ids))
         self.buf_ids.extend(ids)
