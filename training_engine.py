@@ -1858,6 +1858,7 @@ def publish_current_model(root, model, tokenizer, state: dict, *, reason: str,
         extra, weights = None, _save_model_folder(model, staged, checkpoint, ahead)
     tokenizer.save_pretrained(staged)
     _link_unchanged(p.current_model, staged, walk(staged, skip=(MANIFEST, TRAINER_STATE, *weights)))
+    _carry_other_files(p.current_model, staged)
     atomic_write_json(staged / TRAINER_STATE, state)
     files = {rel: weights.get(rel) or {"sha256": sha256_file(staged / rel),
                                        "size": (staged / rel).stat().st_size}
@@ -1872,6 +1873,39 @@ def publish_current_model(root, model, tokenizer, state: dict, *, reason: str,
     model_versioner.publish_model(p.root, staged, reason=reason, keep_old="never")
     shutil.rmtree(holder, ignore_errors=True)  # whatever the publish left behind in staging
     return p.current_model
+
+
+_NEVER_CARRIED = ("config.json", "adapter_config.json", "generation_config.json", TRAINER_STATE,
+                  "version.json")
+
+
+def _carry_other_files(current: Path, staged: Path) -> list[str]:
+    """current_model's files that saving the model and tokenizer does not write (a model
+    card, a LICENSE, notes that came with the base), hard-linked into the new one: training
+    must not drop them. Never a weights file (a stale one could be loaded, or shadow the new
+    weights), a shard index, or a config the save writes for its own kind of model."""
+    from model_manifest import walk
+    carried = []
+    try:
+        rels = walk(current)
+    except OSError:
+        return carried
+    for rel in rels:
+        name = rel.rsplit("/", 1)[-1]
+        if (staged / rel).exists() or name.startswith(".") or name in _NEVER_CARRIED \
+                or name.endswith(NOT_TOKENIZER) or name.endswith(".index.json") \
+                or name.startswith("adapter_model."):
+            continue
+        try:
+            (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.link(current / rel, staged / rel)
+        except OSError:
+            try:
+                shutil.copy2(current / rel, staged / rel)
+            except OSError:
+                continue
+        carried.append(rel)
+    return carried
 
 
 def _link_unchanged(current: Path, staged: Path, rels) -> list[str]:

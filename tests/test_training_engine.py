@@ -1752,3 +1752,26 @@ def test_steps_fault_no_pages_once_freed_memory_is_held_and_it_is_given_back_aft
     assert held["given_back"] > (held["pages"] // 2) * os.sysconf("SC_PAGE_SIZE")
     chosen = rounds("hold", MALLOC_TRIM_THRESHOLD_="200000")
     assert chosen["held"] is False and chosen["faults"][1] > chosen["pages"] // 2
+
+
+def test_files_that_came_with_the_model_stay_with_it_after_training(tmp_path, tiny_model_dir):
+    """Regression: a model card, a LICENSE or notes in the base's folder were dropped from
+    current_model at the first publish (saving writes only the model's and tokenizer's own
+    files); a stale weights file is never carried (it could be loaded instead)."""
+    import shutil
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "README.md").write_text("# card\n")
+    (base / "LICENSE").write_text("terms\n")
+    (base / "notes").mkdir()
+    (base / "notes" / "eval.txt").write_text("scores\n")
+    (base / "pytorch_model.bin").write_bytes(b"stale")
+    root, cfg = make_root(tmp_path / "root", base)
+    data = write_jsonl(tmp_path / "a.jsonl", text_records(8, seed=4))
+    assert te.train_file(root, data, file_id="a", config=cfg)["status"] == "completed"
+    cur = Paths(root).current_model
+    assert (cur / "README.md").read_text() == "# card\n" and (cur / "LICENSE").is_file()
+    assert (cur / "notes" / "eval.txt").read_text() == "scores\n"
+    assert not (cur / "pytorch_model.bin").exists()
+    import model_versioner
+    assert model_versioner.check_model_dir(cur) == []  # in its manifest, as every file
