@@ -507,7 +507,9 @@ def fix_for(p: Paths, reason_kind: str, dst: Path, fix: str | None = None,
         return (f"Save the data as a regular .jsonl file and drop that into {_q(p.inbox)}/ "
                 f"(`cp --dereference SOURCE {_q(p.inbox)}/NAME.jsonl`).")
     if reason_kind == "invalid":
-        return (f"See every bad line with `python3 validate_data.py {_q(dst)}`; fix them, then "
+        root = Path(p.root).resolve()  # its config.json (fields, limits) judges the file
+        check = f"python3 validate_data.py {_q(dst)}" + ("" if root == SCRIPTS_DIR else f" --root {_q(root)}")
+        return (f"See every bad line with `{check}`; fix them, then "
                 f"`{_requeue_cmd(p.root, dst)}` (or train its valid records only, the others "
                 f"counted and listed in its record: `{_requeue_cmd(p.root, dst, '--skip-invalid')}`).")
     if reason_kind == "training":

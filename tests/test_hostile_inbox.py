@@ -171,8 +171,11 @@ def test_what_cannot_be_data_goes_to_failed_with_its_reason_and_fix(qroot):
         assert_fix_in_record(record(failed / name))
     bad_mid = record(failed / "badmid.jsonl")
     assert [e["line"] for e in bad_mid["report"]["errors"]] == [3]
+    # with --root: run from elsewhere, validate would judge it by another root's config
+    # (a `fields` mapping, limits) and report other errors
     assert bad_mid["fix"].startswith(
-        f"See every bad line with `python3 validate_data.py {failed / 'badmid.jsonl'}`")
+        f"See every bad line with `python3 validate_data.py {failed / 'badmid.jsonl'} --root "
+        f"{root.resolve()}`")
     # a wrong suffix is fixed by a rename, not by editing lines
     assert record(failed / "upper.JSONL")["fix"] == (
         f"If it holds JSON lines, `mv {failed / 'upper.JSONL'} {inbox / 'upper.jsonl'}` drops it "
