@@ -1422,6 +1422,10 @@ def cmd_eval(args) -> int:
         raise GuardrailError("no eval set: ROOT/eval/ holds no .jsonl file", root / eval_gate.EVAL_DIR,
                              "Put one or more .jsonl files there (any format validate_data.py "
                              "accepts), then run `python3 training_controller.py approve-config`.")
+    if not int(cfg.get("eval_max_tokens") or 0):  # (it scored one row, kept as complete)
+        raise GuardrailError("the eval is off: config.json eval_max_tokens is 0", Paths(root).config,
+                             "Set `eval_max_tokens` above 0 (16384 by default) and approve it "
+                             "(`python3 training_controller.py approve-config`), then run eval again.")
     vid = resolve_version(root, args.version) if args.version else current_version(root)
     if vid is not None:
         doc = eval_gate.eval_version(root, vid, cfg, refresh=args.refresh)

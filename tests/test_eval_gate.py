@@ -451,3 +451,15 @@ def test_the_gate_holds_a_bad_file_trained_under_torchrun(tmp_path, tiny_model_d
     assert proc.returncode == 1 and eval_gate.REJECT_CMD in proc.stderr, proc.stderr[-3000:]
     hold = record(root / "processing" / "bad.jsonl")["hold"]
     assert hold["kind"] == "gate" and versions(root)[hold["version"]]["rejected"] is True
+
+
+def test_eval_of_a_version_with_the_eval_off_is_refused_not_kept_from_one_row(initialized_root):
+    """Regression: with eval_max_tokens 0 (the eval and the gate off), `model_versioner.py
+    eval` scored one row and kept it as the version's complete result, over a whole one."""
+    root = initialized_root
+    (root / "eval").mkdir()
+    write_jsonl(root / "eval" / "english.jsonl", english(5, 1))
+    set_config(root, eval_max_tokens=0)
+    proc = run_script("model_versioner.py", "eval", "v001", root=root)
+    assert proc.returncode == 1 and "the eval is off: config.json eval_max_tokens is 0" in proc.stderr
+    assert not (root / "versions" / ".eval").exists() or not list((root / "versions" / ".eval").iterdir())
