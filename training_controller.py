@@ -436,10 +436,17 @@ def skip_without_daemon(first: str = "to skip it instead") -> str:
 def stopped_part_way(root) -> str | None:
     """With no daemon running: what waits in processing/ and how to skip it, or None."""
     import training_queue
-    names = [item["name"] for item in training_queue._processing(root)]
-    if not names:
+    items = training_queue._processing(root)
+    if not items:
         return None
-    return (f"{names[0]} waits in processing/ (stopped part-way) and resumes from its "
+    hold = items[0].get("hold") if isinstance(items[0].get("hold"), dict) else {}
+    if hold.get("kind") == "gate":  # neither skip nor resume decides it
+        import eval_gate
+        accept, reject = eval_gate.decision_cmds(root)
+        return (f"{items[0]['name']} waits in processing/, held by the quality gate "
+                f"({hold.get('reason') or 'its weights raised an eval loss'}): `{reject}` files it "
+                f"in skipped/ with no trace in the model, `{accept}` publishes it (no daemon needed)")
+    return (f"{items[0]['name']} waits in processing/ (stopped part-way) and resumes from its "
             f"checkpoint when the daemon starts; {skip_without_daemon()}")
 
 

@@ -1303,3 +1303,15 @@ def test_a_failed_automatic_backup_pause_holds_across_restarts_until_resume(init
     assert resumed.returncode == 0, resumed.stderr
     third = run_once(root)  # resumed: d trains, its backup fails again and pauses again
     assert third.returncode == 1 and data_files(root)["done"] == ["c.jsonl", "d.jsonl"]
+
+
+def test_skip_with_no_daemon_on_a_file_the_gate_holds_names_accept_and_reject(initialized_root):
+    """Regression: `skip` said the held file was stopped part-way and named the pause,
+    start, skip, resume recipe, whose skip the daemon then refuses for a gate-held file."""
+    root = initialized_root
+    _held(root, "worse", "gate", "quality gate: eval loss up 8.1%")
+    proc = run_script("training_controller.py", "skip", root=root)
+    assert proc.returncode == 0, proc.stderr
+    assert "worse.jsonl waits in processing/, held by the quality gate (quality gate: eval loss " \
+           "up 8.1%): `python3 training_controller.py reject" in proc.stdout, proc.stdout
+    assert "training_controller.py accept" in proc.stdout and "stopped part-way" not in proc.stdout
