@@ -12,7 +12,8 @@ only; memory stays bounded whatever the file's size and whatever one line's size
 
 Formats (one JSON object per line, detected per record; one format per file unless
 config `allow_mixed_formats` / `--allow-mixed`; unknown extra fields (of a record, or of
-a chat turn: a misspelled "weight") are ignored, with one warning per field name; config `fields` renames a file's own field names to these,
+a chat turn: a misspelled "weight") are ignored, with one warning per field name; config
+`fields` renames a file's own field names to these,
 e.g. {"prompt": "user_prompt", "completion": "expected_answer"}). Each record becomes
 `segments`, a list of (text, trained) - the plain rendering, used for a model without a
 chat template - and, for every format but text, `messages`: the conversation the
@@ -59,7 +60,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import difflib
 import json
 import os
 import re
@@ -714,6 +714,7 @@ def _check_line(box: list, start: int, line_no: int, terminated: bool, state: _S
                                              "used by any format (ignored)")))
     unknown = {name for msg in messages or () if type(msg) is dict for name in msg.keys() - _MESSAGE_KEYS}
     for name in sorted(unknown):
+        import difflib  # (only for a record that has one: validate starts fast)
         near = difflib.get_close_matches(name, _MESSAGE_KEYS, n=1, cutoff=0.75)
         problems.append(("ignored", _Bad("ignored_field", f"turn field {_quote(name)} is not one "
                                          "the product reads; the chat template is given it, and "
