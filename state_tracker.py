@@ -351,7 +351,11 @@ def _damaged_versions(root: Path, versions: dict, model: dict, w: list) -> None:
             back = (f"`{_cmd(root, f'model_versioner.py restore {parent}')}` (the version it was "
                     "trained from; then train its files again)" if parent else
                     f"a backup (`{_cmd(root, 'backup_manager.py list')}`)")
-            shared = model.get("matches_version") == vid
+            # the same files only where they are the same inodes: a copy restored from a
+            # backup matches the version's manifest and holds its own, sound bytes
+            written = [x.split(":")[0] for x in bad["problems"] if x.endswith("written in place after it was versioned")]
+            shared = model.get("matches_version") == vid and any(
+                _same_file(Paths(root).versions / vid / rel, Paths(root).current_model / rel) for rel in written)
             if shared:
                 message += " (current_model/ is this version: the same files, hard-linked)"
             note = ("Recomputes every checksum. If it names bad files, the bytes changed"
@@ -370,6 +374,13 @@ def _damaged_versions(root: Path, versions: dict, model: dict, w: list) -> None:
               'Shows where the JSON breaks. Fix it by hand (the form is {"name": "v012"}), or '
               "move it aside and tag again (`" + _cmd(root, "model_versioner.py tag V NAME")
               + "`); versions are otherwise intact (backups do not hold tags).")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _restore_what(root: Path, vid: str, latest: str) -> tuple[str, str]:

@@ -311,6 +311,13 @@ def test_in_place_write_to_current_model_is_seen_and_verify_names_the_file(root)
     assert f"model_versioner.py restore v001 --root {root}" in w["note"]
     proc = run_fix(w["fix"], root)  # verify: the bytes did change
     assert proc.returncode == 1 and "config.json" in proc.stdout + proc.stderr
+    # current_model given back its own copy of the versioned bytes (a backup restored):
+    # the version is still damaged, but current_model no longer shares its files
+    os.unlink(path)
+    path.write_bytes(text)
+    w = codes(root)["VERSION_DAMAGED"]
+    assert "current_model/ is this version" not in w["message"], w["message"]
+    assert "in current_model/ too" not in w["note"]
 
 
 # --------------------------------------------------------------------------- config
