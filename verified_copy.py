@@ -280,15 +280,17 @@ def _model_files(src_fd: int, skip: set[str]) -> list[str]:
 
 def copy_tree_verified(src: Path, dst: Path, *, skip: set[str] = frozenset(),
                        expected: dict | None = None, src_label: str | None = None,
-                       file_mode: int = 0o644) -> dict:
+                       file_mode: int = 0o644,
+                       check_cmd: str = "python3 model_versioner.py verify") -> dict:
     """Copy every file of `src` into the new folder `dst`, hashing in the same pass; each
     piece is synced, dropped from the page cache, read back and compared with the bytes
     hashed (see `_copy_file_streaming`); then every file and folder is fsynced.
 
     `expected` ({relpath: {sha256, size}}, e.g. the source's manifest) is what the source
     should hold; without it the hashes taken while reading the source are the reference.
-    Returns {relpath: {sha256, size}}. Raises GuardrailError on any mismatch; an OSError
-    (ENOSPC, EIO) propagates. The caller removes `dst` on failure.
+    Returns {relpath: {sha256, size}}. Raises GuardrailError on any mismatch (its fix runs
+    `check_cmd` on the source); an OSError (ENOSPC, EIO) propagates. The caller removes
+    `dst` on failure.
     """
     label = src_label or str(src)
     src_fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)  # one folder, even if src is swapped
@@ -299,7 +301,7 @@ def copy_tree_verified(src: Path, dst: Path, *, skip: set[str] = frozenset(),
             extra = sorted(set(rels) - set(expected))
             raise GuardrailError(
                 f"source does not match its manifest (missing {missing}, extra {extra})",
-                label, f"Check it with `python3 model_versioner.py verify`, then run `{BACKUP_CMD}`.")
+                label, f"Check it with `{check_cmd}`, then run `{BACKUP_CMD}`.")
         dst.mkdir(exist_ok=True)
         files: dict[str, dict] = {}
         for rel in rels:
@@ -319,7 +321,7 @@ def copy_tree_verified(src: Path, dst: Path, *, skip: set[str] = frozenset(),
                     f"source file {rel} does not match its manifest while copying "
                     f"(sha256 {digest[:12]}…, {size} bytes; manifest {str(want.get('sha256'))[:12]}…, "
                     f"{want.get('size')} bytes)", label,
-                    "Check the source with `python3 model_versioner.py verify`, then back up again.")
+                    f"Check the source with `{check_cmd}`, then back up again.")
             if wrong_at is not None:
                 raise GuardrailError(
                     f"copy of {rel} reads back wrong from disk at byte {wrong_at}", dst,

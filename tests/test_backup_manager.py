@@ -157,6 +157,8 @@ def test_a_damaged_version_is_never_backed_up_under_its_name(fake_root, capsys):
     code, _, err = _cli(capsys, "backup", "v001")
     assert code == 1 and err.startswith("Error: backup failed: source file tokenizer/vocab.json "
                                         "does not match its manifest while copying")
+    # the check named is of that version (a bare `verify` checks the latest, here sound)
+    assert "Check the source with `python3 model_versioner.py verify v001" in err
     assert backup_manager.list_backups(fake_root) == []
 
 
