@@ -69,6 +69,16 @@ def _version_number(vid: str) -> int:
     return int(vid[1:])
 
 
+WRITTEN_IN_PLACE = "written in place after it was versioned"  # check_version: a moved mtime
+
+
+def moved_in_place(root, vid) -> list[str]:
+    """The files of version `vid` whose time stamp moved since it was taken (the cheap
+    check's "written in place"): changed bytes, or only a `touch`; the checksums tell."""
+    tail = f": {WRITTEN_IN_PLACE}"
+    return [line[len(vid) + 1:-len(tail)] for line in check_version(root, vid) if line.endswith(tail)]
+
+
 def check_version(root, vid) -> list[str]:
     """Cheap check of a version (no hashing): every file present with its recorded size and
     mtime. A file written in place through any hard link changes its mtime for all links."""
@@ -87,7 +97,7 @@ def check_version(root, vid) -> list[str]:
         elif st.st_size != entry.get("size"):
             problems.append(f"{rec['id']}/{rel}: size {st.st_size}, expected {entry.get('size')}")
         elif entry.get("mtime_ns") not in (None, st.st_mtime_ns):
-            problems.append(f"{rec['id']}/{rel}: written in place after it was versioned")
+            problems.append(f"{rec['id']}/{rel}: {WRITTEN_IN_PLACE}")
     return problems
 
 
@@ -750,7 +760,7 @@ def _restore_locked(p: Paths, vid: str, keep_reason: str) -> dict:
     rec = read_version(p.root, vid)
     src = p.versions / vid
     problems = check_version(p.root, vid)
-    if problems and all(line.endswith(": written in place after it was versioned")
+    if problems and all(line.endswith(f": {WRITTEN_IN_PLACE}")
                         for line in problems):
         # Only mtimes moved (a rewrite with the same bytes, a copy tool keeping sizes): the
         # full hash decides, as `verify` does, or restore refuses what verify calls OK.

@@ -221,6 +221,9 @@ def _config_section(root: Path, w: list) -> tuple[dict, dict]:
     return sec, cfg
 
 
+_IN_PLACE = "written in place after it was versioned"  # (model_versioner.WRITTEN_IN_PLACE)
+
+
 def _model_check(folder: Path, manifest: dict | None) -> tuple[list[str], int, int]:
     """Cheap completeness check of a model folder: (problems, size_bytes, file_count).
 
@@ -248,7 +251,7 @@ def _model_check(folder: Path, manifest: dict | None) -> tuple[list[str], int, i
         if want is not None and st.st_size != want:
             problems.append(f"{rel}: size {st.st_size}, manifest says {want}")
         elif _int(mtime) is not None and st.st_mtime_ns != mtime:  # versions record it
-            problems.append(f"{rel}: written in place after it was versioned")
+            problems.append(f"{rel}: {_IN_PLACE}")
         size += st.st_size
         present.add(rel)
     if "config.json" not in present and "adapter_config.json" in present:  # adapter mode
@@ -342,7 +345,8 @@ def _damaged_versions(root: Path, versions: dict, model: dict, w: list) -> None:
     place shares the written file with current_model when current_model is that version."""
     for bad in versions["problems"]:
         vid = bad["id"]
-        in_place = any(x.endswith("written in place after it was versioned") for x in bad["problems"])
+        written = [x[:-len(_IN_PLACE) - 2] for x in bad["problems"] if x.endswith(f": {_IN_PLACE}")]
+        in_place = bool(written)
         note = ("Lists every bad file. Versions are immutable: if you need this one, get it back "
                 f"from a backup (`{_cmd(root, 'backup_manager.py list')}`).")
         message = f"version {vid} fails the cheap check: {'; '.join(bad['problems'][:3])}"
@@ -353,7 +357,6 @@ def _damaged_versions(root: Path, versions: dict, model: dict, w: list) -> None:
                     f"a backup (`{_cmd(root, 'backup_manager.py list')}`)")
             # the same files only where they are the same inodes: a copy restored from a
             # backup matches the version's manifest and holds its own, sound bytes
-            written = [x.split(":")[0] for x in bad["problems"] if x.endswith("written in place after it was versioned")]
             shared = model.get("matches_version") == vid and any(
                 _same_file(Paths(root).versions / vid / rel, Paths(root).current_model / rel) for rel in written)
             if shared:

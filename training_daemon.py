@@ -757,14 +757,12 @@ class Daemon:
         `touch` from changed bytes, which would train (NaN, or worse, a new version made from
         them) and then find the version to go back to damaged too."""
         vid = model_versioner.current_version(self.p.root)
-        moved = vid and [x for x in model_versioner.check_version(self.p.root, vid)
-                         if x.endswith("written in place after it was versioned")]
+        moved = vid and model_versioner.moved_in_place(self.p.root, vid)
         if not moved:
             return
         try:  # a `touch` verified once is not hashed again before every file
-            seen = (vid, tuple(os.stat(self.p.current_model / x.split(":")[0].split("/", 1)[1]).st_mtime_ns
-                               for x in moved))
-        except (OSError, IndexError):
+            seen = (vid, tuple(os.stat(self.p.current_model / rel).st_mtime_ns for rel in moved))
+        except OSError:
             seen = None
         if seen is not None and seen == getattr(self, "_verified_as", None):
             return
