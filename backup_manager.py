@@ -381,10 +381,13 @@ def create_backup(root, src: str | None = None, note: str | None = None) -> dict
             # adapter mode: the base is backed up once (verified), referenced from the record
             base_id = base_store.adapter_base(folder)
             base_ref = base_backup.backup_base(p.root, bdir, base_id) if base_id else None
-            files = copy_tree_verified(folder, staging, skip=skip, expected=expected,
-                                       src_label=str(folder), file_mode=0o444,  # read-only
-                                       check_cmd="python3 model_versioner.py verify"
-                                       + (f" {version}" if version else ""))  # not the latest
+            import model_versioner
+            with (contextlib.nullcontext() if source == "current_model" else
+                  model_versioner.pinned(p.root, source, f"backup {bid}")):  # no prune meanwhile
+                files = copy_tree_verified(folder, staging, skip=skip, expected=expected,
+                                           src_label=str(folder), file_mode=0o444,  # read-only
+                                           check_cmd="python3 model_versioner.py verify"
+                                           + (f" {version}" if version else ""))  # not the latest
             state = _trainer_state(staging)
             if source == "current_model" and _current_version(p.root) != version:
                 version = None  # current_model was replaced while we copied: claim nothing

@@ -1119,8 +1119,8 @@ def prune_plan(root, keep: int | None = None, *, rules: dict | None = None,
     ...), or `{"keep_last": keep}` with `--keep N`. Always kept besides: the latest, tags,
     current_model (or the version it was trained from), the version a file in processing/
     started from, versions marked rejected/held, the best by eval loss once versions
-    are scored (versions/.eval/), and `protect` ({version: why}: the daemon's automatic
-    backup copying one). Backups pin nothing: a backup is an independent copy that restores
+    are scored (versions/.eval/), `protect` ({version: why}: the daemon's automatic
+    backup copying one) and a version a backup is copying (`pinned`). Backups pin nothing: a backup is an independent copy that restores
     without its source version."""
     import retention
     p = Paths(root)
@@ -1160,6 +1160,9 @@ def prune_plan(root, keep: int | None = None, *, rules: dict | None = None,
     for vid, why in (protect or {}).items():
         if vid in reasons:
             reasons[vid].append(why)
+    for _, vid in _pins(p.versions / PINS):
+        if vid in reasons and "a backup is copying it" not in reasons[vid]:
+            reasons[vid].append("a backup is copying it")
     for rec in recs:
         if rec["review"]:  # `rejected`/`held` in its version.json (versions_index.read_row)
             reasons[rec["id"]].append(rec["review"])
@@ -1173,6 +1176,78 @@ def prune_plan(root, keep: int | None = None, *, rules: dict | None = None,
             bases.setdefault(version_base(rec), []).append(rec["id"])
     return {"policy": rules, "keep": {v: r for v, r in reasons.items() if r},
             "delete": [v for v, r in reasons.items() if not r], "bases": bases}
+
+
+PINS = ".backup-pins"  # versions/.backup-pins/: one file per backup copying a version now
+
+
+@contextlib.contextmanager
+def pinned(root, vid: str, why: str):
+    """Keep version `vid` from prune while `why` (a backup) copies it: a file in
+    versions/.backup-pins/ naming it, flocked by this process for as long (a pin whose lock
+    can be taken was left by a killed process: it protects nothing, and the next pin
+    removes it). Written under the versions lock once `vid` is seen still there, so a prune
+    either ended before (GuardrailError here: the version is gone) or keeps `vid` until the
+    pin goes. A root that cannot be written gets no pin (nothing prunes there either)."""
+    import fcntl
+    p = Paths(root)
+    folder, fd = p.versions / PINS, None
+    try:
+        with _versions_lock(p, f"pin {vid} for {why}"):
+            if not (p.versions / vid / VERSION_FILE).is_file():
+                raise GuardrailError(f"version {vid} is gone (pruned or removed) before {why} "
+                                     "could copy it", p.versions / vid,
+                                     f"See `{CMD} list` for the versions there are, and back up one of them.")
+            folder.mkdir(exist_ok=True)
+            for stale, _ in _pins(folder, live=False):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+            path = folder / f"{vid}-{_stamp()}.json"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            os.write(fd, json.dumps({"version": vid, "for": why, "pid": os.getpid()}).encode())
+    except OSError as exc:
+        if fd is not None:
+            os.close(fd)
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            os.close(fd)
+
+
+def _pins(folder: Path, live: bool = True) -> list[tuple[Path, str]]:
+    """(pin file, version) of the pins in `folder` held by a live process (`live`), or of
+    those left by a killed one."""
+    import fcntl
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        vid = name.split("-", 1)[0]
+        if not name.endswith(".json") or versions_index.version_number(vid) is None:
+            continue
+        try:
+            fd = os.open(folder / name, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = False
+        except BlockingIOError:
+            held = True
+        finally:
+            os.close(fd)
+        if held == live:
+            found.append((folder / name, vid))
+    return found
 
 
 def best_by_eval(root, ids: list[str]) -> tuple[str, float] | None:
@@ -1520,11 +1595,42 @@ def cmd_verify(args) -> int:
     else:
         for vid, lines in results.items():
             print(f"{vid}: {'ok' if not lines else 'BAD'}")
-    for line in bad:
-        print(f"Error: {line}, {Paths(root).versions}. " + cli_guard.with_root(
-            f"Restore a good version with `{CMD} restore VNNN` (see `{CMD} list`).",
-            cli_guard.explicit_root(args)), file=sys.stderr)
+    for vid, lines in results.items():
+        fix = cli_guard.with_root(_verify_fix(root, vid, results), cli_guard.explicit_root(args))
+        for line in lines:
+            print(f"Error: {line}, {Paths(root).versions}. {fix}", file=sys.stderr)
     return 1 if bad else 0
+
+
+def _verify_fix(root, vid: str, results: dict) -> str:
+    """What to do about version `vid` that failed verify: restore a verified backup of it,
+    or else a sound version (the newest that verified, or passes the cheap check)."""
+    try:
+        backup = next((b for b in reversed(backup_records.summaries(root))
+                       if b.get("status") == "verified" and b.get("version") == vid), None)
+    except (GuardrailError, OSError):
+        backup = None
+    if backup:
+        return (f"Its verified backup {backup['id']} holds it: `python3 backup_manager.py restore "
+                f"{backup['id']}` puts it back as current_model (`{CMD} list` shows the others).")
+    good = None
+    for other in sorted(_version_dirs(Paths(root)), key=versions_index.version_number, reverse=True):
+        if other in results:
+            sound = not results[other]
+        else:
+            try:
+                sound = not check_version(root, other)
+            except GuardrailError:
+                sound = False
+        if sound:
+            good = other
+            break
+    if good is None:
+        return (f"No version passes its checks and no backup holds {vid}: see "
+                "`python3 backup_manager.py list` for a backup of another version.")
+    return (f"No backup holds {vid}; restore a sound version instead: `{CMD} restore {good}` "
+            f"(the newest that {'verified' if good in results else 'passes the cheap check'}; "
+            f"`{CMD} verify {good}` recomputes its checksums).")
 
 
 def cmd_tag(args) -> int:

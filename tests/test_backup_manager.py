@@ -135,6 +135,66 @@ def test_backup_of_a_version_and_invalid_source(fake_root, capsys):
     assert code == 1 and err.startswith("Error: no version v1000000, ")
 
 
+def _new_weights(root: Path) -> None:
+    """current_model's weights replaced (never written in place: a version may link them)."""
+    weights = root / "current_model" / "model.safetensors"
+    weights.unlink()
+    weights.write_bytes(os.urandom(1000))
+
+
+def test_prune_keeps_a_version_a_backup_is_copying(fake_root, capsys, monkeypatch):
+    """`prune --yes` (or the daemon's retention) while `backup v001` copied it deleted v001
+    under the copy. The backup pins the version for its copy (versions/.backup-pins/, a file
+    it holds an flock on, written under the versions lock): prune keeps it meanwhile, and
+    deletes it once the backup is done. A pin left by a killed backup protects nothing."""
+    import model_versioner as mv
+    for _ in range(3):
+        _new_weights(fake_root)
+        mv.create_version(fake_root, "manual")
+    assert mv.latest_version(fake_root) == "v003"
+    real, plans = verified_copy.copy_tree_verified, []
+
+    def copy_while_pruning(*args, **kwargs):
+        plans.append(mv.prune(fake_root, keep=1, yes=True))  # another process would, now
+        return real(*args, **kwargs)
+    monkeypatch.setattr(backup_manager, "copy_tree_verified", copy_while_pruning)
+    doc = _backup(capsys, "v001")
+    assert doc["version"] == "v001" and plans[0]["deleted"] == ["v002"]
+    assert plans[0]["keep"]["v001"] == ["a backup is copying it"]
+    monkeypatch.setattr(backup_manager, "copy_tree_verified", real)
+    assert _cli(capsys, "verify", doc["id"], "--json")[0] == 0
+    assert not os.listdir(fake_root / "versions" / mv.PINS)  # the pin went with the copy
+    assert mv.prune(fake_root, keep=1, yes=True)["deleted"] == ["v001"]
+    # a backup killed mid-copy leaves its pin, unlocked (it protects nothing: the next test)
+    pin = fake_root / "versions" / mv.PINS / "v003-1-2.json"
+    pin.write_text('{"version": "v003"}')
+    with mv.pinned(fake_root, "v003", "backup x"):  # the next pin removes it
+        assert [f.name for f in (fake_root / "versions" / mv.PINS).iterdir()][0] != pin.name
+        assert not pin.exists()
+    # a version pruned before the backup could pin it: said, nothing kept
+    with pytest.raises(GuardrailError, match="version v002 is gone"):
+        with mv.pinned(fake_root, "v002", "backup y"):
+            pass
+
+
+def test_a_pin_held_by_another_process_keeps_its_version_until_it_is_killed(fake_root):
+    import model_versioner as mv
+    for _ in range(2):
+        _new_weights(fake_root)
+        mv.create_version(fake_root, "manual")
+    code = ("import sys, time, model_versioner as mv\n"
+            f"with mv.pinned({str(fake_root)!r}, 'v001', 'backup z'):\n"
+            "    print('pinned', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "pinned"
+        assert mv.prune_plan(fake_root, keep=1)["keep"]["v001"] == ["a backup is copying it"]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert mv.prune_plan(fake_root, keep=1)["delete"] == ["v001"]
+
+
 def test_a_damaged_version_is_never_backed_up_under_its_name(fake_root, capsys):
     """Regression: a version with a missing, a changed and an extra file was backed up as
     `verified` with `version: v001` (its stale .manifest.json made the copy hash whatever

@@ -200,10 +200,33 @@ def test_verify_catches_a_flipped_byte(root, capsys):
         "v001/model.safetensors: sha256 mismatch (changed after it was recorded)"]
     assert err.splitlines() == [
         f"Error: v001/model.safetensors: sha256 mismatch (changed after it was recorded), "
-        f"{Paths(root).versions}. Restore a good version with `python3 model_versioner.py "
-        "restore VNNN` (see `python3 model_versioner.py list`)."]
+        f"{Paths(root).versions}. No backup holds v001; restore a sound version instead: "
+        "`python3 model_versioner.py restore v002` (the newest that verified; `python3 "
+        "model_versioner.py verify v002` recomputes its checksums)."]
     assert cli(capsys, "verify", "v002")[0] == 0
     assert cli(capsys, "verify")[0] == 0          # default: the latest
+    code, _, err = cli(capsys, "verify", "v001")  # v002 not verified now: the cheap check
+    assert code == 1 and "`python3 model_versioner.py restore v002` (the newest that passes " \
+        "the cheap check;" in err
+
+
+def test_verify_names_the_backup_that_holds_a_damaged_version(root, capsys):
+    import backup_manager
+    assert backup_manager.main(["backup", "v001", "--root", str(root), "--json"]) == 0
+    backup_id = json.loads(capsys.readouterr().out)["id"]
+    target = Paths(root).versions / "v001" / "model.safetensors"
+    with open(target, "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    code, _, err = cli(capsys, "verify", "v001")
+    assert code == 1 and err.strip().endswith(
+        f"Its verified backup {backup_id} holds it: `python3 backup_manager.py restore {backup_id}` "
+        "puts it back as current_model (`python3 model_versioner.py list` shows the others).")
+    assert backup_manager.main(["restore", backup_id, "--root", str(root)]) == 0  # the fix works
+    cur = Paths(root).current_model
+    assert mv.verify_files(cur, mv.read_manifest(cur)["files"]) == [] and model_gen(cur) == 1
 
 
 def test_a_version_file_swapped_for_a_symbolic_link_fails_verify_and_restore(root, capsys, tmp_path):
