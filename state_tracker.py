@@ -57,7 +57,7 @@ WARNING_CODES = (
     "DAEMON_NOT_RUNNING", "DAEMON_STATE_UNREADABLE", "TRAINING_STALLED", "TRAINING_PAUSED",
     "FILE_WARNINGS", "PAUSED_LONG", "TRAINING_ERROR",
     "DISK_LOW", "DISK_BUDGET", "CONFIG_OLD_KEYS", "BACKUP_NONE", "BACKUP_OLD", "BACKUP_UNVERIFIED",
-    "BACKUP_SAME_FILESYSTEM",
+    "BACKUP_SAME_FILESYSTEM", "BACKUP_DIR_UNUSABLE",
     "FILES_FAILED", "LOSS_SPIKE", "LOCK_STALE", "QUALITY_HOLD")
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", "~", ".swp", ".record.json", ".error.txt",
                     ".report.json")
@@ -878,15 +878,23 @@ def _backups_section(root: Path, cfg: dict, w: list) -> dict:
     sec["problems"] = [{"id": r["id"], "status": r["status"]} for r in records
                        if r["status"] != "verified"]
     backup = _cmd(root, "backup_manager.py backup")
+    unusable = _unusable_dir(bdir)
+    if unusable:
+        problem, shown = unusable
+        _warn(w, "BACKUP_DIR_UNUSABLE", "warning",
+              f"backup_dir {bdir} cannot hold backups: {problem}; every backup, the daemon's "
+              "automatic ones too, fails until it is changed", f"ls -ld {shlex.quote(str(shown))}",
+              "Shows what is in the way. Set \"backup_dir\" in config.json to a folder that can "
+              f"be written (on another disk), then run `{backup}`.")
     if good:
         sec["latest"] = good[-1]
         sec["latest_age_s"] = _round(age_seconds(good[-1]["created_at"]), 1)
     hours = float(cfg.get("backup_every_hours") or 0)
     too_old = max(2 * hours, 24.0) * 3600 if hours else 7 * 86400
     if not good:
-        _warn(w, "BACKUP_NONE", "warning",
-              "there is no verified backup: a lost disk or a deleted folder would lose everything",
-              backup)
+        if not unusable:  # (its fix would fail: BACKUP_DIR_UNUSABLE says why)
+            _warn(w, "BACKUP_NONE", "warning", "there is no verified backup: a lost disk or a "
+                  "deleted folder would lose everything", backup)
     elif sec["latest_age_s"] is None or sec["latest_age_s"] > too_old:
         days = (sec["latest_age_s"] or 0) / 86400
         _warn(w, "BACKUP_OLD", "warning",
@@ -896,6 +904,8 @@ def _backups_section(root: Path, cfg: dict, w: list) -> dict:
               f"backup {bad['id']} is {bad['status'] or 'without a status'}: it is not a good copy",
               _cmd(root, "backup_manager.py verify " + bad["id"]),
               f"If it stays bad, make a new one with `{backup}`.")
+    if unusable:
+        sec["problems"].append({"id": None, "status": f"backup_dir unusable: {unusable[0]}"})
     try:
         target = bdir
         while not target.exists() and target != target.parent:
@@ -904,12 +914,29 @@ def _backups_section(root: Path, cfg: dict, w: list) -> dict:
         sec["same_filesystem"] = os.stat(target).st_dev == os.stat(model).st_dev
     except OSError as exc:
         sec["problems"].append({"id": None, "status": f"cannot stat: {exc}"})
-    if sec["same_filesystem"]:
+    if sec["same_filesystem"] and not unusable:
         _warn(w, "BACKUP_SAME_FILESYSTEM", "warning",
               f"backup_dir {bdir} is on the same filesystem as current_model: one failed disk "
               "loses both",
               backup, "First set \"backup_dir\" in config.json to a folder on another disk.")
     return sec
+
+
+def _unusable_dir(folder: Path) -> tuple[str, Path] | None:
+    """(why, the path in the way) when `folder` cannot be created or written, else None."""
+    target = folder
+    try:
+        while not os.path.lexists(target) and target != target.parent:
+            target = target.parent
+        st = os.stat(target)
+    except OSError as exc:
+        return f"{target} cannot be read ({exc.strerror})", target
+    if not stat.S_ISDIR(st.st_mode):
+        return (f"{target} is not a folder" if target == folder else
+                f"{target} is a file, so no folder can be made under it"), target
+    if not os.access(target, os.W_OK | os.X_OK):
+        return f"{target} cannot be written (permission denied)", target
+    return None
 
 
 def _tail_lines(path: Path, nbytes: int = METRICS_TAIL_BYTES) -> list[str]:

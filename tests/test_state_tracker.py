@@ -580,6 +580,25 @@ def test_backup_on_another_filesystem_clears_the_warning(root):
         shutil.rmtree(other, ignore_errors=True)
 
 
+def test_an_unusable_backup_dir_is_named_with_what_is_in_the_way(root, tmp_path):
+    """backup_dir under a file (or a file itself): every backup fails, yet the report said
+    BACKUP_NONE (its fix fails) and BACKUP_SAME_FILESYSTEM (for a path that cannot exist)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for bdir in (blocker / "backups", blocker):
+        edit_config(root, backup_dir=str(bdir))
+        w = codes(root)
+        assert "BACKUP_NONE" not in w and "BACKUP_SAME_FILESYSTEM" not in w
+        unusable = w["BACKUP_DIR_UNUSABLE"]
+        assert unusable["message"].startswith(f"backup_dir {bdir} cannot hold backups: {blocker} is ")
+        assert unusable["fix"] == f"ls -ld {blocker}" and run_fix(unusable["fix"], root).returncode == 0
+        assert 'Set "backup_dir" in config.json' in unusable["note"]
+        assert run_fix(f"python3 backup_manager.py backup --root {root}", root).returncode != 0
+    edit_config(root, backup_dir=str(tmp_path / "backups" / "new"))  # what the note says: clears
+    assert "BACKUP_DIR_UNUSABLE" not in codes(root)
+    assert set(fix_and_check(root, "BACKUP_NONE")) <= {"BACKUP_SAME_FILESYSTEM"}
+
+
 # --------------------------------------------------------------------------- queue
 
 def test_failed_file_with_its_reason_then_requeued(root, tmp_path):
