@@ -533,7 +533,7 @@ def _restore_locked(p: Paths, folder: Path, bid: str, to) -> dict:
     import model_versioner
     kept, previous, attic = None, None, False
     if os.path.lexists(p.current_model):
-        previous = model_versioner.current_version(p.root)
+        previous = model_versioner.present_version(p.root)  # (a copy of one: not stored again)
         if previous is None and not model_versioner.check_model_dir(p.current_model):
             # keep the present state first, so this restore can be undone
             kept, _ = model_versioner.create_version(p.root, "pre-backup-restore")
@@ -551,6 +551,8 @@ def _restore_locked(p: Paths, folder: Path, bid: str, to) -> dict:
         if rec.get("base") else None
     try:
         files = copy_tree_verified(folder, staged, skip=set(META_FILES), expected=rec["files"])
+        for rel, entry in files.items():  # a write in place moves it (model_versioner.copy_of_version)
+            entry["mtime_ns"] = os.stat(staged / rel).st_mtime_ns
         write_manifest(staged, files=files, global_step=rec.get("global_step"),
                        tokens_seen=rec.get("tokens_seen"), extra=_kind_of(rec))
         # its parent is the version it was a backup of (rollback goes back from there, and

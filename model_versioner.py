@@ -311,6 +311,42 @@ def current_version(root) -> str | None:
     return _tree_version(p, p.current_model)
 
 
+def copy_of_version(root) -> str | None:
+    """The version whose very bytes current_model holds in files of its own (a backup
+    restore's verified copy), or None: its manifest's sha256s equal those of the version it
+    names as its parent, and every file is as that manifest recorded it, size and mtime
+    (`mtime_ns`, which a backup restore records: a write in place moves it). Cheap: no
+    hashing. Keeping such a current_model before a restore, or a snapshot of it, would
+    store the same bytes again as a new version."""
+    p = Paths(root)
+    try:
+        manifest = read_manifest(p.current_model)
+    except (GuardrailError, OSError):
+        return None
+    files = (manifest or {}).get("files")
+    vid = (manifest or {}).get("parent_version")
+    if not files or not isinstance(vid, str) or not VERSION_RE.fullmatch(vid):
+        return None
+    for rel, entry in files.items():
+        try:
+            _require_safe_rel(rel, p.current_model)
+            st = os.lstat(p.current_model / rel)
+        except (OSError, GuardrailError):
+            return None
+        if not isinstance(entry, dict) or entry.get("mtime_ns") != st.st_mtime_ns \
+                or entry.get("size") != st.st_size or not stat.S_ISREG(st.st_mode):
+            return None
+    if check_model_dir(p.current_model):  # (no file beside those the manifest lists)
+        return None
+    rec = _load_record(p, vid)
+    return vid if rec and _content(rec.get("manifest")) == _content(files) else None
+
+
+def present_version(root) -> str | None:
+    """The version current_model is (its files), or holds the very bytes of (a copy)."""
+    return current_version(root) or copy_of_version(root)
+
+
 # --------------------------------------------------------------------------- creating versions
 
 def _stamp() -> str:
@@ -454,6 +490,19 @@ def bring_back(root) -> str:
     return f"{CMD} restore {was or 'latest'}"
 
 
+def _moved(folder: Path, manifest: dict) -> bool:
+    """A file whose manifest entry records an mtime (a backup restore's copy) and that was
+    written since: its recorded sha256 no longer holds."""
+    for rel, entry in manifest["files"].items():
+        if isinstance(entry, dict) and "mtime_ns" in entry:
+            try:
+                if os.stat(folder / rel).st_mtime_ns != entry["mtime_ns"]:
+                    return True
+            except OSError:
+                return True
+    return False
+
+
 def _ensure_current_manifest(p: Paths) -> dict:
     """current_model's manifest, rewritten (hashing) only when missing or stale in names/sizes."""
     cur = p.current_model
@@ -469,7 +518,7 @@ def _ensure_current_manifest(p: Paths) -> dict:
         manifest = read_manifest(cur)
     except GuardrailError:
         manifest = None
-    if manifest is None or check_model_dir(cur):
+    if manifest is None or check_model_dir(cur) or _moved(cur, manifest):
         # New file + rename: the old manifest's inode (maybe shared with a version) is untouched.
         keep = {k: manifest[k] for k in ("parent_version", "kind", "base")
                 if manifest and k in manifest}
@@ -497,7 +546,7 @@ def create_version(root, reason: str, *, note=None, data_files=None, loss=None,
 def _create_version_locked(p: Paths, reason, *, note=None, data_files=None, loss=None,
                            force=False, extra=None) -> tuple[str, bool]:
     manifest = _ensure_current_manifest(p)
-    same = current_version(p.root)
+    same = present_version(p.root)
     latest = latest_version(p.root)
     if same is not None and same == latest and not force:
         return same, False
@@ -610,7 +659,7 @@ def _publish_locked(p: Paths, staged: Path, reason: str, keep_old: str,
 def _swap_in(p: Paths, work: Path, reason: str, keep_old: str, parent=_TRAINED_FROM_OLD) -> dict:
     cur = p.current_model
     old_exists = os.path.lexists(cur)
-    previous = _tree_version(p, cur) if old_exists else None
+    previous = (_tree_version(p, cur) or copy_of_version(p.root)) if old_exists else None
     kept = attic = None
     old_manifest = None
     if old_exists and previous is None:
@@ -771,7 +820,7 @@ def _restore_locked(p: Paths, vid: str, keep_reason: str) -> dict:
         raise GuardrailError(f"version {vid} is damaged (" + "; ".join(problems) + ")", src,
                              f"Check it with `{CMD} verify {vid}`, then restore another version.")
     _require_base(p, rec)  # never an adapter without its base
-    previous = current_version(p.root) if os.path.lexists(p.current_model) else None
+    previous = present_version(p.root) if os.path.lexists(p.current_model) else None
     if previous == vid:
         return {"restored": vid, "previous_version": vid, "kept_version": None,
                 "changed": False, "undo": None, "incomplete_kept_in": None}
@@ -1432,7 +1481,8 @@ def cmd_list(args) -> int:
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1, got {limit}", Paths(root).versions,
                          f"Run `{CMD} list --all` to list every version.")
-    tags, cur = read_tags(root), current_version(root)
+    tags, linked = read_tags(root), current_version(root)
+    cur = linked or copy_of_version(root)  # (a backup restore's copy holds a version's bytes)
     recs, damaged, total = newest_versions(root, limit)
     rows = [dict(_summary(rec, tags, cur), eval=_eval_of(root, rec),
                  rejected=rec.get("rejected") is True) for rec in recs]
@@ -1469,6 +1519,8 @@ def cmd_list(args) -> int:
               f"`{cli_guard.command(bring_back(root), cli_guard.explicit_root(args))}`.")
     elif rows and cur is None:
         print("  current_model is not a version yet (trained since, or changed).")
+    elif cur != linked:
+        print(f"  current_model holds {cur}'s bytes in files of its own (a backup restored).")
     return 0
 
 
@@ -1478,7 +1530,7 @@ def cmd_show(args) -> int:
     rec = read_version(root, resolve_version(root, args.version))
     out = {**rec, "kind": rec.get("kind") or "full", "base": version_base(rec),
            "tags": sorted(n for n, v in read_tags(root).items() if v == rec["id"]),
-           "current": current_version(root) == rec["id"], "eval": _eval_of(root, rec)}
+           "current": present_version(root) == rec["id"], "eval": _eval_of(root, rec)}
     if args.json:
         print_json({"ok": True, "version": out})
     else:
@@ -1627,7 +1679,8 @@ def _verify_fix(root, vid: str, results: dict) -> str:
             break
     if good is None:
         return (f"No version passes its checks and no backup holds {vid}: see "
-                "`python3 backup_manager.py list` for a backup of another version.")
+                "`python3 backup_manager.py list` for a backup of another version (`"
+                f"{CMD} list` shows the versions).")
     return (f"No backup holds {vid}; restore a sound version instead: `{CMD} restore {good}` "
             f"(the newest that {'verified' if good in results else 'passes the cheap check'}; "
             f"`{CMD} verify {good}` recomputes its checksums).")

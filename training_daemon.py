@@ -1229,7 +1229,7 @@ class Daemon:
         import model_versioner
         if _trainer_state(self.p.current_model).get("file_id") == rec.get("file_id"):
             return None
-        now = model_versioner.current_version(self.p.root)
+        now = model_versioner.present_version(self.p.root)  # (a backup restore's copy of it too)
         return None if now == rec.get("version_before") else (now or "an unversioned model")
 
     def _restore_before(self, data: Path) -> bool:
@@ -1379,7 +1379,7 @@ class Daemon:
         if mark == self._eval_completed:
             return True
         import model_versioner
-        vid = model_versioner.current_version(self.p.root)
+        vid = model_versioner.present_version(self.p.root)
         doc = eval_gate.read_cached(self.p.root, vid, eval_gate.cache_key(self.p.root, cfg)) \
             if vid else None
         if doc is None or eval_gate.is_complete(doc):

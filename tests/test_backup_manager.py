@@ -195,6 +195,37 @@ def test_a_pin_held_by_another_process_keeps_its_version_until_it_is_killed(fake
     assert mv.prune_plan(fake_root, keep=1)["delete"] == ["v001"]
 
 
+def test_a_backup_restored_again_is_no_new_version_but_a_changed_copy_is_kept(fake_root, capsys):
+    """A backup restore writes a verified copy of its version's bytes (files of its own, not
+    the version's links): restoring it twice stored the same bytes again as a
+    `pre-backup-restore` version, a snapshot after it a `manual` one, and `list` said "not a
+    version yet" while the report said `= v002`. The copy is known as its version by its
+    manifest's sha256s and the size and mtime of each file (a write in place moves it), so
+    nothing is stored twice and a changed copy is still kept before the next restore."""
+    import model_versioner as mv
+    assert mv.create_version(fake_root, "init") == ("v001", True)
+    bid = _backup(capsys)["id"]
+    for _ in range(2):
+        doc = _cli(capsys, "restore", bid, "--json")[1]
+        assert doc["previous_version"] == "v001" and doc["kept_version"] is None
+    assert mv.current_version(fake_root) is None and mv.copy_of_version(fake_root) == "v001"
+    assert mv.create_version(fake_root, "manual") == ("v001", False)
+    assert mv.main(["list", "--root", str(fake_root)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("* v001") and "v002" not in out
+    assert "current_model holds v001's bytes in files of its own" in out
+    weights = fake_root / "current_model" / "model.safetensors"
+    os.chmod(weights, 0o644)
+    with open(weights, "r+b") as f:  # the same size, other bytes: no longer v001
+        f.write(b"changed")
+    assert mv.copy_of_version(fake_root) is None
+    doc = _cli(capsys, "restore", bid, "--json")[1]
+    assert doc["kept_version"] == "v002"  # kept first: nothing is lost
+    kept = (fake_root / "versions" / "v002" / "model.safetensors").read_bytes()
+    assert kept.startswith(b"changed") and mv.verify_version(fake_root, "v002") == []
+    assert mv.copy_of_version(fake_root) == "v001"
+
+
 def test_a_damaged_version_is_never_backed_up_under_its_name(fake_root, capsys):
     """Regression: a version with a missing, a changed and an extra file was backed up as
     `verified` with `version: v001` (its stale .manifest.json made the copy hash whatever
