@@ -881,6 +881,10 @@ class Daemon:
         self._warm_config = trainroot.file_signature(self.p.config)  # (before: a change between goes too)
         cfg = self._file_config()
         self._keep_warm = float(cfg.get("keep_warm_seconds") or 0)
+        if data.parent == self.p.processing and not training_queue.usable_record(data):
+            # put there by hand while the daemon ran (start-up recovery does the same)
+            self.log.warning("recovery: %s", training_queue.recover_processing(self.p, data))
+            return
         held = training_queue.read_record(data) if data.parent == self.p.processing else {}
         hold = held.get("hold")
         if hold:  # a spike or a failed save paused this file before a restart: still paused
@@ -1038,20 +1042,45 @@ class Daemon:
         """To failed/, never trained: training it would put a truncated file in done/ under
         the real content's sha256, and the real file would then be refused as a duplicate."""
         rec = self._final_record(data)
-        reason = (f"not the file its record describes ({why}): most likely cut short by a "
-                  "crash before its content reached the disk; not trained")
-        rec.update(outcome="failed", reason=reason, finished_at=trainroot.utc_now())
+        partly = self._version_trained_part(data, rec)
         original = rec.get("original_name") or data.name
-        fix = (f"Drop the original {original} into {shlex.quote(str(self.p.inbox))}/ again (or "
-               f"`python3 training_queue.py add PATH`); this copy stays here, untouched.")
+        if partly:  # changed in processing/ (paused, stopped) after steps were trained on it
+            reason = (f"not the file its record describes ({why}): it changed after part of "
+                      "it was trained; those steps (on its content as recorded) stay in "
+                      f"current_model, versioned as {partly}")
+            rec["version_after"] = partly
+            fix = lambda d: (  # noqa: E731
+                f"To train it as it is now, `{training_queue.add_cmd(self.p.root, d, '--move')}`; "
+                "to take out the part trained first, `" + training_queue.with_root(
+                    self.p.root, f"python3 model_versioner.py restore {rec['version_before']}")
+                + "`.")
+        else:
+            reason = (f"not the file its record describes ({why}): most likely cut short by a "
+                      "crash before its content reached the disk; not trained")
+            fix = lambda d: (  # noqa: E731
+                f"Drop the original {original} into {shlex.quote(str(self.p.inbox))}/ again (or "
+                f"`python3 training_queue.py add PATH`); this copy stays here, untouched.")
+        rec.update(outcome="failed", reason=reason, finished_at=trainroot.utc_now())
         try:
             dst = training_queue.move_with_record(data, self.p.failed, rec, reason,
-                                                  finish=lambda d: {"fix": fix})
+                                                  finish=lambda d: {"fix": fix(d)})
         except FileNotFoundError:
             return  # `set-priority`/`remove` moved it meanwhile: looked at again where it went
         self.last_error = f"{dst.name}: {reason}"
         self.current = self.progress = None
-        self.log.error("%s: failed - %s. %s", dst.name, reason, fix)
+        self.log.error("%s: failed - %s. %s", dst.name, reason, fix(dst))
+
+    def _version_trained_part(self, data: Path, rec: dict) -> str | None:
+        """The version of the steps current_model holds from `data` (a file in processing/
+        trained part-way, then changed), so lineage names it; None if it holds none."""
+        if data.parent != self.p.processing or not rec.get("version_before") or \
+                _trainer_state(self.p.current_model).get("file_id") != rec.get("file_id"):
+            return None
+        import model_versioner
+        vid, _ = model_versioner.create_version(
+            self.p.root, f"post-fail:{data.name}", note="failed: partly trained, then changed",
+            data_files=[{"name": data.name, "sha256": rec.get("sha256"), "skipped": True}])
+        return vid
 
     def _settle_pending(self, why: str) -> None:
         """A request claimed while the engine ran, when training ended without acting on it

@@ -271,7 +271,13 @@ def _record_ok(data_path: Path) -> bool:
         return False
 
 
-def _recover_processing(p: Paths, data: Path) -> str:
+def usable_record(data: Path) -> bool:
+    """A file in processing/ has a readable record with its sha256 (what the daemon writes
+    before it moves a file there)."""
+    return _record_ok(data) and bool(read_record(data).get("sha256"))
+
+
+def recover_processing(p: Paths, data: Path) -> str:
     """A file in processing/ without a usable record (put there by hand, or its record
     damaged): a damaged record is kept aside in `.attic/`. If a checkpoint of this
     very content exists (its id names the file and its sha256), it was trained part-way:
@@ -332,13 +338,13 @@ def recover(root) -> list[str]:
                 continue
             if folder not in (p.failed, p.skipped, p.processing) and folder.parent != p.queue:
                 continue  # done/: nothing here acts on its records (was a read of each)
-            if _record_ok(folder / n) and (folder != p.processing or read_record(folder / n).get("sha256")):
+            if _record_ok(folder / n) and (folder != p.processing or usable_record(folder / n)):
                 if folder.parent == p.queue:
                     seq = read_record(folder / n).get("seq")
                     top_seq = max(top_seq, seq if isinstance(seq, int) else 0)
                 continue
             if folder == p.processing:
-                actions.append(_recover_processing(p, folder / n))
+                actions.append(recover_processing(p, folder / n))
             elif folder.parent == p.queue:
                 dst = trainroot.move_unique(folder / n, p.queue / INCOMING / folder.name)
                 with contextlib.suppress(FileNotFoundError):
@@ -458,12 +464,17 @@ def _q(path) -> str:
     return shlex.quote(str(path))
 
 
+def with_root(root, cmd: str) -> str:
+    """`cmd` with `--root ROOT` unless the root is the scripts' folder: kept in records, it
+    must work from a shell without $TRAINING_ROOT."""
+    root = Path(root).resolve()
+    return cmd if root == SCRIPTS_DIR else f"{cmd} --root {_q(root)}"
+
+
 def add_cmd(root, path, *flags: str) -> str:
     """`python3 training_queue.py add PATH FLAGS` for `root`, with --root unless it is the
     scripts' folder: kept in records, it must work from a shell without $TRAINING_ROOT."""
-    cmd = " ".join(["python3 training_queue.py add", _q(path), *flags])
-    root = Path(root).resolve()
-    return cmd if root == SCRIPTS_DIR else f"{cmd} --root {_q(root)}"
+    return with_root(root, " ".join(["python3 training_queue.py add", _q(path), *flags]))
 
 
 def _requeue_cmd(root, path, *flags: str) -> str:

@@ -616,6 +616,68 @@ def test_a_file_cut_short_behind_its_record_fails_and_the_real_one_trains(initia
     assert record(root / "done" / "cut.jsonl")["sha256"] == sha(src)
 
 
+def test_a_file_changed_after_part_of_it_trained_fails_with_its_steps_versioned(initialized_root):
+    """A file in processing/ trained part-way (paused), then changed by hand: it went to
+    failed/ as "not trained" while current_model kept its steps, unversioned, and lineage
+    missed it. Its steps are versioned now (the file marked skipped: partly trained, under
+    the content they were trained on), and the fix names how to take them out."""
+    import shutil
+
+    import model_versioner
+    import training_queue
+    from trainroot import Paths
+    root = initialized_root
+    tune(root)
+    p = Paths(root)
+    data = write_data(root / "processing" / "part.jsonl", 3, "part")
+    trained = sha(data)
+    training_queue.update_record(data, sha256=trained, size=data.stat().st_size, records=3,
+                                 version_before="v001", file_id="part-1", in_training=False)
+    staged = p.staging / "save-part"  # what the engine publishes at a pause: its steps
+    shutil.copytree(p.current_model, staged, ignore=shutil.ignore_patterns(".manifest.json"))
+    state = json.loads((staged / "trainer_state.json").read_text())
+    (staged / "trainer_state.json").unlink()
+    (staged / "trainer_state.json").write_text(json.dumps(dict(state, file_id="part-1", global_step=2)))
+    model_versioner.publish_model(root, staged, reason="pause")
+    with open(data, "a") as f:
+        f.write('{"text": "one more line, added by hand"}\n')
+    proc = run_once(root)
+    assert proc.returncode == 0, proc.stderr
+    assert data_files(root) == {"failed": ["part.jsonl"]}
+    rec = record(root / "failed" / "part.jsonl")
+    assert rec["reason"].startswith("not the file its record describes (")
+    assert "those steps (on its content as recorded) stay in current_model, versioned as v002" \
+        in rec["reason"] and rec["version_after"] == "v002"
+    assert rec["fix"].endswith("to take out the part trained first, `python3 model_versioner.py "
+                               f"restore v001 --root {root}`.")
+    assert model_versioner.current_version(root) == "v002"
+    assert model_versioner.lineage(root, "v002")["data_files"] == [
+        {"name": "part.jsonl", "sha256": trained, "skipped": True, "version": "v002"}]
+
+
+def test_a_file_put_into_processing_by_hand_is_validated_and_queued_first(initialized_root):
+    """The daemon moves a file into processing/ only with its record: one put there by hand
+    was trained unchecked, into done/ with no sha256. It goes to inbox/ now, is validated
+    and queued like any other, then trained (a bad one fails validation, untrained)."""
+    import training_daemon
+    root = initialized_root
+    tune(root)
+    daemon = training_daemon.Daemon(root, once=True, monitor=False)  # running: recovery is done
+    for name, text in (("byhand.jsonl", None), ("bad.jsonl", "{not json\n")):
+        data = write_data(root / "processing" / name, 3, "byhand")
+        if text:
+            data.write_text(text)
+        assert daemon.next_job() == data
+        daemon.process(data)
+        assert not data.exists() and (root / "queue" / ".incoming" / "normal" / name).exists()
+    assert not (root / "versions" / "v002").exists()  # nothing trained unchecked
+    proc = run_once(root)
+    assert proc.returncode == 0, proc.stderr
+    files = data_files(root)
+    assert files["done"] == ["byhand.jsonl"] and files["failed"] == ["bad.jsonl"], files
+    assert record(root / "done" / "byhand.jsonl")["sha256"] == sha(root / "done" / "byhand.jsonl")
+
+
 def test_set_priority_as_the_daemon_takes_the_head_does_not_kill_it(initialized_root,
                                                                     monkeypatch):
     """`set-priority` moves the queue's head between the daemon listing the queue and taking
