@@ -224,12 +224,11 @@ def index_path(root) -> Path:
 
 
 def record_names(entries) -> set:
-    """The trained files among done/'s entries: a record beside its data file (or beside
-    done_archive's NAME.gz); hidden names never."""
-    entries = set(entries)
-    entries |= {n[:-3] for n in entries if n.endswith(".gz")}  # done_archive's NAME.gz
+    """The trained files among done/'s entries: each record (beside its data file, done_archive's
+    NAME.gz, or alone once the data file was deleted by hand: what was trained stays
+    known); hidden names never."""
     return {n[:-len(RECORD_SUFFIX)] for n in entries
-            if n.endswith(RECORD_SUFFIX) and not n.startswith(".")} & entries
+            if n.endswith(RECORD_SUFFIX) and not n.startswith(".")}
 
 
 def count(root) -> int:

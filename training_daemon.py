@@ -810,8 +810,9 @@ class Daemon:
                 continue  # moved meanwhile (set-priority, remove)
             prior = self.done.get(rec.get("sha256"))
             if prior and not rec.get("force"):
-                reason = (f"already trained: same content as done/{prior.get('name')} "
-                          f"(into version {prior.get('version_after')})")
+                reason = (f"already trained: same content as done/{prior.get('name')}"
+                          + (" (its data file since removed)" if prior.get("data_removed") else "")
+                          + f" (into version {prior.get('version_after')})")
                 rec.update(reason=reason, duplicate_of=prior.get("name"),
                            trained_into=prior.get("version_after"), outcome="skipped")
                 try:

@@ -139,7 +139,8 @@ def _drop_own_orphan(dst: Path, record: dict) -> None:
     (before: `x-2.jsonl`, beside a record of `x.jsonl` with no file, which read as a loss)."""
     rec_path = record_path(dst)
     try:
-        if os.path.lexists(dst) or not os.path.lexists(rec_path):
+        if os.path.lexists(dst) or not os.path.lexists(rec_path) or \
+                read_record(dst).get("data_removed"):  # a trained file's record: stays
             return
         mine = record.get("sha256") and read_record(dst).get("sha256") == record.get("sha256")
         if mine or time.time() - os.lstat(rec_path).st_mtime > ORPHAN_STALE_S:
@@ -307,6 +308,35 @@ def recover_processing(p: Paths, data: Path) -> str:
     return f"{data}: record unreadable, back to intake as {dst.name}"
 
 
+def _removed_by_hand(p: Paths, data: Path) -> str | None:
+    """For a done/ record without its data file: None when it is a mover's claim that never
+    got its data (the file it names, the same `file_id`, is still in processing/ beside its
+    own record: removed, as any orphan); else the data file was deleted by hand (to free
+    space), and the record stays: it says what was trained into which version, and keeps
+    the same content from being trained again. Marked `data_removed` once (said once)."""
+    try:
+        rec = read_record(data)
+    except (GuardrailError, OSError):
+        return None
+    if rec.get("outcome") != "done" or not isinstance(rec.get("sha256"), str):
+        return None
+    if rec.get("data_removed"):
+        return ""
+    file_id = rec.get("file_id")
+    try:
+        names = os.listdir(p.processing)
+    except OSError:
+        names = []
+    for n in names:
+        if n.endswith(RECORD_SUFFIX) and file_id is not None:
+            with contextlib.suppress(GuardrailError, OSError):
+                if read_record(p.processing / n[:-len(RECORD_SUFFIX)]).get("file_id") == file_id:
+                    return None
+    atomic_write_json(record_path(data), dict(rec, data_removed=utc_now()))
+    return (f"{data}: its data file was removed; its record stays (what it trained into "
+            f"{rec.get('version_after')}; the same content is not trained again unless forced)")
+
+
 def recover(root) -> list[str]:
     """Start-up repair of the lifecycle folders (call holding the daemon lock); says what it did.
 
@@ -330,6 +360,11 @@ def recover(root) -> list[str]:
             if n.endswith(RECORD_SUFFIX):
                 data = n[:-len(RECORD_SUFFIX)]
                 if data not in present and not (folder == p.done and data + ".gz" in present):
+                    kept = _removed_by_hand(p, folder / data) if folder == p.done else None
+                    if kept is not None:  # what was trained stays known (dedup, history)
+                        if kept:
+                            actions.append(kept)
+                        continue
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(folder / n)
                     actions.append(f"removed orphan record {folder / n}")
@@ -444,8 +479,10 @@ def _duplicate(p: Paths, sha256: str, done, queued: bool) -> tuple[str, str, dic
     queued or being trained; else None."""
     prior = done.get(sha256)
     if prior:
-        return (f"already trained: same content as done/{prior.get('name')} (into version "
-                f"{prior.get('version_after')})", "Add it with --force to train it again.",
+        return (f"already trained: same content as done/{prior.get('name')}"
+                + (" (its data file since removed)" if prior.get("data_removed") else "")
+                + f" (into version {prior.get('version_after')})",
+                "Add it with --force to train it again.",
                 {"duplicate_of": prior.get("name"), "trained_into": prior.get("version_after")})
     if not queued:
         return None

@@ -230,13 +230,13 @@ def test_done_count_after_the_index_is_deleted_damaged_or_stale(initialized_root
     assert training_queue.counts(root)["done"] == 32
     assert st.build_state(root)["queue"]["done"] == 32
     (p.done / "loose.jsonl").write_text("{}\n")  # a data file without a record is not a done file
-    (p.done / "f000000.jsonl").unlink()           # a record without its data file neither
+    (p.done / "f000000.jsonl").unlink()  # a record whose data file was deleted: still trained
     len(done_index.DoneIndex(root))
-    assert done_index.count(root) == 31
+    assert done_index.count(root) == 32
     index.write_bytes(b"not sqlite at all" * 10)
-    assert done_index.count(root) == 31 == training_queue.counts(root)["done"]
+    assert done_index.count(root) == 32 == training_queue.counts(root)["done"]
     index.unlink()
-    assert st.build_state(root)["queue"]["done"] == 31
+    assert st.build_state(root)["queue"]["done"] == 32
 
 
 def test_the_idle_daemon_brings_the_done_index_in_step(initialized_root, monkeypatch):
@@ -444,8 +444,8 @@ def test_backup_summary_two_writers_and_kill_9(initialized_root):
 
 
 def test_the_start_up_recovery_reads_no_done_record(initialized_root, monkeypatch):
-    """recover() lists done/ (orphan records) but reads none of its records: nothing there
-    acts on them (was a read of each, 7.5 s of a daemon start at 100,000 done files)."""
+    """recover() lists done/ (orphan records) but reads none of its records but an orphan's
+    (was a read of each, 7.5 s of a daemon start at 100,000 done files)."""
     root = initialized_root
     grow(root, done=300)
     p = Paths(root)
@@ -453,4 +453,4 @@ def test_the_start_up_recovery_reads_no_done_record(initialized_root, monkeypatc
     with recorded(monkeypatch) as seen:
         actions = training_queue.recover(root)
     assert actions == [f"removed orphan record {p.done / 'orphan.jsonl.record.json'}"]
-    assert _under(seen["open"], p.done) == []
+    assert _under(seen["open"], p.done) == [str(p.done / "orphan.jsonl.record.json")]

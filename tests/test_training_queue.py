@@ -18,7 +18,7 @@ from conftest import REPO, run_script
 
 import training_config
 import training_queue
-from trainroot import Paths
+from trainroot import GuardrailError, Paths, sha256_file
 
 
 @pytest.fixture
@@ -173,6 +173,35 @@ def test_recover_removes_orphan_records_and_requeues_recordless_files(root):
     assert json.loads((root / "failed" / "f.jsonl.record.json").read_text())["outcome"] == "failed"
     assert len(actions) == 3
     assert failed.exists()
+
+
+def test_a_done_record_whose_data_file_was_deleted_by_hand_stays(root):
+    """`rm done/a.jsonl` (to free space): the next start removed its record as an orphan, so
+    nothing said which version it trained into and the same content trained again. The record
+    stays (marked `data_removed`, said once) and still refuses a copy; a mover's claim that
+    never got its data (the same file still in processing/, same file_id) is removed."""
+    trained = data(root / "done" / "a.jsonl")
+    digest = sha256_file(trained)
+    (root / "done" / "a.jsonl.record.json").write_text(json.dumps(
+        {"name": "a.jsonl", "sha256": digest, "outcome": "done", "version_after": "v002",
+         "file_id": "a.jsonl#1"}))
+    trained.unlink()
+    claim = root / "done" / "b.jsonl.record.json"  # a move processing/ -> done/ killed halfway
+    source = data(root / "processing" / "b.jsonl")
+    rec = {"name": "b.jsonl", "sha256": sha256_file(source), "file_id": "b.jsonl#1"}
+    (root / "processing" / "b.jsonl.record.json").write_text(json.dumps(rec))
+    claim.write_text(json.dumps(dict(rec, outcome="done", version_after="v003")))
+    actions = training_queue.recover(root)
+    assert not claim.exists() and f"removed orphan record {claim}" in actions
+    kept = json.loads((root / "done" / "a.jsonl.record.json").read_text())
+    assert kept["data_removed"] and [a for a in actions if "its data file was removed" in a]
+    assert not [a for a in training_queue.recover(root) if "done" in a]  # said once
+    copy = data(root.parent / "copy.jsonl")  # the same content
+    assert sha256_file(copy) == digest
+    with pytest.raises(GuardrailError, match=r"already trained: same content as done/a\.jsonl "
+                       r"\(its data file since removed\) \(into version v002\)"):
+        training_queue.enqueue(root, copy)
+    assert training_queue.counts(root)["done"] == 1
 
 
 def test_ignored_names():
