@@ -351,10 +351,19 @@ def _damaged_versions(root: Path, versions: dict, model: dict, w: list) -> None:
                 f"from a backup (`{_cmd(root, 'backup_manager.py list')}`).")
         message = f"version {vid} fails the cheap check: {'; '.join(bad['problems'][:3])}"
         if in_place:
-            parent = versions["_records"].get(vid, {}).get("parent")
-            back = (f"`{_cmd(root, f'model_versioner.py restore {parent}')}` (the version it was "
-                    "trained from; then train its files again)" if parent else
-                    f"a backup (`{_cmd(root, 'backup_manager.py list')}`)")
+            damaged = {b["id"] for b in versions["problems"]}
+            sound = next((v for v in _lineage_of(root, vid)[1:] if v not in damaged
+                          and (Paths(root).versions / v).is_dir()
+                          and _sound_version(root, v, versions)), None)  # (never a pruned one)
+            back = (f"`{_cmd(root, f'model_versioner.py restore {sound}')}` (the newest sound "
+                    f"version it was trained from; then train the files since again: "
+                    f"`{_cmd(root, f'model_versioner.py lineage {vid}')}`)" if sound else
+                    f"a backup of another version (`{_cmd(root, 'backup_manager.py list')}`)")
+            try:
+                held = next((b["id"] for b in reversed(backup_records.summaries(root))
+                             if b.get("status") == "verified" and b.get("version") == vid), None)
+            except (GuardrailError, OSError):
+                held = None
             # the same files only where they are the same inodes: a copy restored from a
             # backup matches the version's manifest and holds its own, sound bytes
             shared = model.get("matches_version") == vid and any(
@@ -363,8 +372,9 @@ def _damaged_versions(root: Path, versions: dict, model: dict, w: list) -> None:
                 message += " (current_model/ is this version: the same files, hard-linked)"
             note = ("Recomputes every checksum. If it names bad files, the bytes changed"
                     + (" in current_model/ too" if shared else "")
-                    + f": restore a backup of {vid} (`{_cmd(root, 'backup_manager.py list')}`) or "
-                    f"{back}. If it says OK, only the time stamp moved (e.g. `touch`) and the "
+                    + (f": restore its backup (`{_cmd(root, f'backup_manager.py restore {held}')}`) or "
+                       if held else f": no backup holds {vid}; restore ")
+                    + f"{back}. If it says OK, only the time stamp moved (e.g. `touch`) and the "
                     "content is as versioned.")
         _warn(w, "VERSION_DAMAGED", "warning", message,
               _cmd(root, "model_versioner.py verify " + vid), note)
@@ -428,10 +438,14 @@ def _restore_undamaged(root: Path, versions: dict, vid: str, latest: str) -> tup
 
 
 def _lineage_of(root: Path, vid: str, limit: int = 200) -> list[str]:
-    """`vid`, its parent, the parent's parent, ... (version.json `parent`), newest first."""
+    """`vid`, its parent, the parent's parent, ... (version.json `parent`, through the records
+    pruned versions leave in versions/.pruned/), newest first."""
     line, seen = [vid], {vid}
+    versions = Paths(root).versions
     while len(line) < limit:
-        parent = _str(_dict(_read(Paths(root).versions / line[-1] / "version.json")).get("parent"))
+        rec = _dict(_read(versions / line[-1] / "version.json")) or \
+            _dict(_read(versions / ".pruned" / f"{line[-1]}.json"))
+        parent = _str(rec.get("parent"))
         if not parent or parent in seen or not versions_index.version_number(parent):
             break
         line.append(parent)

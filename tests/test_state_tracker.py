@@ -859,6 +859,41 @@ def test_a_model_whose_version_is_damaged_too_is_restored_from_a_sound_copy(root
     assert state(root)["current_model"]["global_step"] == (7 if backup else 0)
 
 
+@pytest.mark.parametrize("backed_up", [False, True])
+def test_a_damaged_version_s_fix_never_names_a_pruned_version(root, capsys, backed_up):
+    """VERSION_DAMAGED (a tagged v003 written in place) named `restore v002`, its parent,
+    which retention had pruned (the command failed), and "a backup of v003" where none was.
+    Now: the newest sound version of its line that still exists (v001, through v002's
+    pruned record), and the backup that holds v003 when there is one."""
+    import backup_manager
+    import model_versioner as mv
+    for step, vid in ((3, "v002"), (5, "v003"), (7, "v004")):
+        publish_trained(root, step)
+        assert mv.create_version(root, "post-train:test") == (vid, True)
+    mv.tag_version(root, "v003", "golden")
+    mv.tag_version(root, "v001", "start")
+    assert mv.prune(root, keep=1, yes=True)["deleted"] == ["v002"]
+    assert backup_manager.main(["backup", "v003" if backed_up else "v004", "--json",
+                                "--root", str(root)]) == 0
+    bid = json.loads(capsys.readouterr().out)["id"]
+    weights = next((root / "versions" / "v003").glob("*.safetensors"))
+    os.chmod(weights, 0o644)
+    with open(weights, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    note = codes(root)["VERSION_DAMAGED"]["note"]
+    assert "restore v002" not in note
+    assert f"`python3 model_versioner.py restore v001 --root {root}` (the newest sound version" in note
+    if backed_up:
+        held = f"restore its backup (`python3 backup_manager.py restore {bid} --root {root}`)"
+        assert held in note
+        assert run_fix(f"python3 backup_manager.py restore {bid} --root {root}", root).returncode == 0
+    else:
+        assert "no backup holds v003" in note
+    proc = run_fix(f"python3 model_versioner.py restore v001 --root {root}", root)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_the_sound_version_named_for_a_damaged_model_is_in_its_own_lineage(root):
     """current_model was restored to v002 (v003, trained after it, left aside); v002's own
     trainer_state.json is then damaged in place: the fix restores v002's parent v001, never
