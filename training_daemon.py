@@ -318,6 +318,11 @@ def _import_engine(model_dir: Path) -> None:
         logging.getLogger("training_daemon").debug("engine preload incomplete", exc_info=True)
 
 
+class _Unrestorable(GuardrailError):
+    """`skip --discard` cannot restore the version taken before the file (deleted or
+    damaged by hand meanwhile): refused, nothing moved."""
+
+
 class _Paused(Exception):
     """Pause (or, with --once, exit 1) with this message: pre-flight failed ("preflight",
     retried every rescan) or the engine refused the file ("engine", retried when config.json
@@ -566,6 +571,11 @@ class Daemon:
                     except trainroot.BusyError as exc:  # a restore held current_model throughout
                         self.ack(req, "failed", f"{exc}; {data.name} stays in processing/: send "
                                                 "the skip again once it has finished")
+                        continue
+                    except _Unrestorable as exc:  # nothing moved: the file waits, still paused
+                        self.log.error("skip --discard refused: %s", exc)
+                        self.ack(req, "failed", f"{exc.what}; {data.name} stays in processing/: "
+                                                f"{exc.fix}")
                         continue
                     if restored is None:
                         self.ack(req, "done", f"{data.name}: {self.paused_reason}")
@@ -1180,8 +1190,16 @@ class Daemon:
                                      "daemon again (or `python3 training_controller.py skip`).")
         elif status == "skipped":
             discard = bool(((req or {}).get("options") or {}).get("discard"))
-            restored = self._finish_skipped(data, discard,
-                                            self._request_reason("skipped by request", req), result)
+            try:
+                restored = self._finish_skipped(data, discard,
+                                                self._request_reason("skipped by request", req), result)
+            except _Unrestorable as exc:  # the file waits in processing/, paused
+                self.set_state("paused", f"skip --discard refused: {exc.what}", "request")
+                self.ack(req, "failed", f"{exc.what}; {data.name} stays in processing/ (paused): "
+                                        f"{exc.fix}")
+                if self.once:
+                    raise
+                return
             self.ack(req, "done", f"{data.name}: {self.paused_reason}" if restored is None else
                      f"{data.name} moved to skipped/"
                      + (" and the version before it restored" if discard else ""))
@@ -1195,7 +1213,10 @@ class Daemon:
                 self.ack(req, "noop", f"{data.name} was refused before its first step")
         elif status == "nan":
             reason = f"loss became NaN/inf: {result.get('message') or ''}".strip()
-            self._restore_before(data)
+            try:
+                self._restore_before(data)
+            except _Unrestorable as exc:  # failed all the same; what current_model holds is said
+                reason += f"; {exc.what}: current_model is as the file's last save left it"
             self._finish_failed(data, reason, result)
             if req is not None:
                 self.ack(req, "noop", f"{data.name} failed (NaN loss) before the {action}")
@@ -1275,7 +1296,18 @@ class Daemon:
                 self.log.warning("%s: not restoring %s: current_model was replaced (%s) while "
                                  "the file waited", data.name, rec["version_before"], now)
                 return False
-            model_versioner.restore_version(self.p.root, rec["version_before"])
+            try:
+                model_versioner.restore_version(self.p.root, rec["version_before"])
+            except trainroot.BusyError:
+                raise
+            except GuardrailError as exc:  # deleted or damaged by hand while the file waited
+                raise _Unrestorable(
+                    f"the version taken before {data.name}, {rec['version_before']}, cannot be "
+                    f"restored ({exc.what})", exc.where,
+                    "`python3 training_controller.py skip` (without --discard) keeps the steps "
+                    f"trained on it and moves it to skipped/; or bring {rec['version_before']} "
+                    "back from a backup (`python3 backup_manager.py list`), then skip with "
+                    "--discard again") from None
         self.log.warning("%s: restored %s (the version before it)", data.name,
                          rec["version_before"])
         return True

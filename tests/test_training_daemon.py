@@ -655,6 +655,39 @@ def test_a_file_changed_after_part_of_it_trained_fails_with_its_steps_versioned(
         {"name": "part.jsonl", "sha256": trained, "skipped": True, "version": "v002"}]
 
 
+def test_skip_discard_with_the_version_before_gone_is_refused_and_the_file_waits(initialized_root):
+    """`rm -rf versions/v002` (the version taken before the file) while it was paused, then
+    `skip --discard`: the daemon died on "no version v002". The skip is refused now, naming
+    plain `skip` (the steps kept) or a backup, and nothing moves; plain `skip` then works."""
+    import shutil
+
+    import model_versioner
+    import training_daemon
+    import training_queue
+    from trainroot import Paths
+    root = initialized_root
+    p = Paths(root)
+    data = write_data(root / "processing" / "part.jsonl", 3, "part")
+    training_queue.update_record(data, sha256=sha(data), records=3, version_before="v002",
+                                 file_id="part-1", in_training=False)
+    staged = p.staging / "save-part"  # its steps, published at the pause
+    shutil.copytree(p.current_model, staged, ignore=shutil.ignore_patterns(".manifest.json"))
+    state = json.loads((staged / "trainer_state.json").read_text())
+    (staged / "trainer_state.json").unlink()
+    (staged / "trainer_state.json").write_text(json.dumps(dict(state, file_id="part-1")))
+    model_versioner.publish_model(root, staged, reason="pause")
+    daemon = training_daemon.Daemon(root, once=True, monitor=False)
+    with pytest.raises(training_daemon._Unrestorable) as exc:
+        daemon._finish_skipped(data, True, "skipped by request")
+    assert "the version taken before part.jsonl, v002, cannot be restored (no version v002" \
+        in exc.value.what and "`python3 training_controller.py skip` (without --discard)" in exc.value.fix
+    assert data.exists() and record(data)["version_before"] == "v002"  # nothing moved
+    daemon._finish_skipped(data, False, "skipped by request")  # what the refusal names
+    assert data_files(root) == {"skipped": ["part.jsonl"]}
+    after = record(root / "skipped" / "part.jsonl")["version_after"]
+    assert [f["name"] for f in model_versioner.lineage(root, after)["data_files"]] == ["part.jsonl"]
+
+
 def test_a_file_put_into_processing_by_hand_is_validated_and_queued_first(initialized_root):
     """The daemon moves a file into processing/ only with its record: one put there by hand
     was trained unchecked, into done/ with no sha256. It goes to inbox/ now, is validated
