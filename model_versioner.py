@@ -1365,6 +1365,8 @@ def prune(root, keep: int | None = None, *, yes: bool = False, rules: dict | Non
                     atomic_write_json(pruned / f"{vid}.json", rec, sync=False)
                     written.append(pruned / f"{vid}.json")
             fsync_paths(written, [pruned])
+            import retention
+            freed = retention.unique_bytes([p.versions / vid for vid in plan["delete"]])
             doomed = []
             try:
                 for vid in plan["delete"]:
@@ -1380,6 +1382,8 @@ def prune(root, keep: int | None = None, *, yes: bool = False, rules: dict | Non
                     else:
                         shutil.rmtree(folder)
                     deleted.append(vid)
+            if deleted:
+                retention.note_freed(p.root, freed)
     return {"dry_run": not yes, "deleted": deleted, **plan}
 
 

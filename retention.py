@@ -19,7 +19,9 @@ Standard library only (control scripts import it; no policy lives in trainroot).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
 import stat
 import time
 from datetime import datetime, timezone
@@ -547,10 +549,27 @@ def make_room(root, cfg: dict, need: int, where: str = "root", *, disk_usage=Non
             used = shutil.disk_usage(target).used
         except OSError:
             used = 0
+        users = space_users(p.root, cfg, target, used)
         out["fix_note"] = (f"a dry run listing what the deepest prune removes; add --yes once the "
                            f"user agrees (tags, current and protected versions stay); or raise "
                            f"{key} in config.json, or free space on that disk. The space is used "
-                           f"by: {space_users(p.root, cfg, target, used)}")
+                           f"by: {users}")
+        if where == "root":  # versions share their files: a prune may free next to nothing
+            import model_versioner
+            try:
+                doomed = model_versioner.prune_plan(p.root, 1)["delete"]
+            except GuardrailError:
+                doomed = []
+            freed = unique_bytes([p.versions / vid for vid in doomed])
+            budget = rep["root"].get("budget_bytes")
+            short = need if budget is None or rep["root"].get("used_bytes") is None else \
+                rep["root"]["used_bytes"] + need - budget
+            if freed < short:
+                out["fix"] = f"du -xsh {shlex.quote(str(p.root))}/* | sort -h"
+                out["fix_note"] = (f"even pruning to the newest version frees only {freed / 2**20:.1f} "
+                                   "MiB (versions share their files with current_model and the "
+                                   f"checkpoints): raise {key} in config.json to what the model "
+                                   f"needs, or free space on that disk. The space is used by: {users}")
     return out
 
 
@@ -579,6 +598,47 @@ def space_users(root, cfg: dict, where, used: int) -> str:
 
 
 # --------------------------------------------------------------------------- the rate
+
+def unique_bytes(folders) -> int:
+    """Bytes on disk (blocks, as usage() counts) deleting `folders` gives back: files whose
+    every hard link lies in them (a version's files are shared with other versions,
+    current_model, checkpoints)."""
+    seen: dict = {}
+    for folder in folders:
+        for dirpath, _dirs, files in os.walk(folder):
+            for name in files:
+                try:
+                    st = os.stat(os.path.join(dirpath, name), follow_symlinks=False)
+                except OSError:
+                    continue
+                key = (st.st_dev, st.st_ino)
+                links, size, count = seen.get(key, (st.st_nlink, st.st_blocks * 512, 0))
+                seen[key] = (links, size, count + 1)
+    return sum(size for links, size, count in seen.values() if count >= links)
+
+
+def note_freed(root, freed: int) -> None:
+    """After a prune gave back `freed` bytes of versions: a usage sample that many bytes
+    lower, so the report does not keep the old figure (a pause on max_disk_gb said to be
+    still over it) until the daemon's next walk."""
+    p = Paths(root)
+    try:
+        doc = read_json(p.root / USAGE_FILE, default=None)
+    except GuardrailError:
+        return
+    samples = doc.get("samples") if isinstance(doc, dict) else None
+    last = samples[-1] if isinstance(samples, list) and samples else None
+    if not freed or not isinstance(last, dict) or not isinstance(last.get("root_used"), int):
+        return
+    lower = dict(last, at=utc_now(), t=time.time(), root_used=max(0, last["root_used"] - freed),
+                 pruned=freed)  # (no walk: the last one's figures less what the prune freed)
+    if isinstance(last.get("versions_used"), int):
+        lower["versions_used"] = max(0, last["versions_used"] - freed)
+    with contextlib.suppress(OSError):
+        atomic_write_json(p.root / USAGE_FILE, {"schema_version": 1,
+                                                "samples": (samples + [lower])[-USAGE_SAMPLES:]},
+                          sync=False)
+
 
 def record_usage(root, cfg: dict, used: dict | None = None) -> dict:
     """Append a usage sample (what the daemon calls after each file); keeps the last 64."""

@@ -809,15 +809,26 @@ def _disk_section(root: Path, cfg: dict, model: dict, disk_usage, w: list,
     root_budget = sec["budget"].get("root") or {}
     if root_budget.get("budget_bytes") is not None and root_budget["used_bytes"] is not None and \
             root_budget["used_bytes"] + needed - min_free > root_budget["budget_bytes"]:
-        _warn(w, "DISK_BUDGET", "critical",
-              f"the root's models use {root_budget['used_bytes'] / 1e9:.3f} GB of max_disk_gb "
-              f"{root_budget['budget_bytes'] / 1e9:g} GB; the next snapshot and checkpoint need "
-              f"{(needed - min_free) / 1e9:.3f} GB more, so the daemon pauses before the next file",
-              _cmd(root, "model_versioner.py prune --keep 1"),
-              "A dry run: it lists what the deepest prune removes (tagged, latest, current and "
-              "held versions stay); add --yes once the user agrees. Or raise max_disk_gb in "
-              "config.json, or free space on that disk. The space is used by: "
-              + retention.space_users(root, cfg, root, root_budget["used_bytes"]))
+        over = root_budget["used_bytes"] + needed - min_free - root_budget["budget_bytes"]
+        freed, _ = _prune_frees(root, keep=1)
+        message = (f"the root's models use {root_budget['used_bytes'] / 1e9:.3f} GB of max_disk_gb "
+                   f"{root_budget['budget_bytes'] / 1e9:g} GB; the next snapshot and checkpoint need "
+                   f"{(needed - min_free) / 1e9:.3f} GB more, so the daemon pauses before the next file")
+        users = retention.space_users(root, cfg, root, root_budget["used_bytes"])
+        if freed >= over:
+            _warn(w, "DISK_BUDGET", "critical", message + f"; pruning to the newest version frees "
+                  f"{freed / 2**20:.1f} MiB", _cmd(root, "model_versioner.py prune --keep 1"),
+                  "A dry run: it lists what the deepest prune removes (tagged, latest, current and "
+                  "held versions stay); add --yes once the user agrees. Or raise max_disk_gb in "
+                  "config.json, or free space on that disk. The space is used by: " + users)
+        else:  # (versions share their files with current_model and checkpoints)
+            _warn(w, "DISK_BUDGET", "critical", message + f"; even pruning to the newest version "
+                  f"frees only {freed / 2**20:.1f} MiB of the {over / 2**20:.1f} MiB over (versions "
+                  "share their files with current_model and the checkpoints)",
+                  f"du -xsh {shlex.quote(str(root))}/* | sort -h",
+                  "Lists what takes the space in the root, biggest last. Raise max_disk_gb in "
+                  "config.json to what the model needs (then `"
+                  + _cmd(root, "training_controller.py resume") + "`); the space is used by: " + users)
     back = sec["budget"].get("backups") or {}
     if back.get("budget_bytes") is not None and back["used_bytes"] is not None and \
             back["used_bytes"] + model["size_bytes"] > back["budget_bytes"]:
@@ -855,26 +866,15 @@ def _disk_section(root: Path, cfg: dict, model: dict, disk_usage, w: list,
     return sec
 
 
-def _prune_frees(root: Path) -> tuple[int, list]:
-    """(bytes `model_versioner.py prune --yes` would free, the versions it would delete):
-    only inodes with no link outside those versions count (snapshots share files)."""
+def _prune_frees(root: Path, keep: int | None = None) -> tuple[int, list]:
+    """(bytes `model_versioner.py prune --yes` (`--keep N`) would free, the versions it would
+    delete): only inodes with no link outside those versions count (snapshots share files)."""
     import model_versioner  # lazy: only on a low disk
     try:
-        doomed = model_versioner.prune_plan(root)["delete"]
+        doomed = model_versioner.prune_plan(root, keep)["delete"]
     except GuardrailError:
         return 0, []
-    seen: dict = {}
-    for vid in doomed:
-        for dirpath, _dirs, files in os.walk(Paths(root).versions / vid):
-            for name in files:
-                try:
-                    st = os.stat(os.path.join(dirpath, name), follow_symlinks=False)
-                except OSError:
-                    continue
-                key = (st.st_dev, st.st_ino)
-                links, size, count = seen.get(key, (st.st_nlink, st.st_size, 0))
-                seen[key] = (links, size, count + 1)
-    return sum(size for links, size, count in seen.values() if count >= links), doomed
+    return retention.unique_bytes([Paths(root).versions / vid for vid in doomed]), doomed
 
 
 def _backups_section(root: Path, cfg: dict, w: list) -> dict:

@@ -277,7 +277,10 @@ def test_a_write_over_the_budget_pauses_with_the_figures_and_the_freeing_command
     err = info.value.error
     assert err.what.startswith("pre-flight: the next checkpoint and model do not fit (max_disk_gb ")
     assert f"MB used + {4 * model / 1e6:.1f} MB to write is over it" in err.what
-    assert err.fix.startswith("Free space with `python3 model_versioner.py prune --keep 1` (a dry run")
+    # retention left the newest only: a deeper prune frees nothing, so it is not the fix
+    assert err.fix.startswith(f"Free space with `du -xsh {root}/* | sort -h` (even pruning to "
+                              "the newest version frees only 0.0 MiB")
+    assert "raise max_disk_gb in config.json" in err.fix
     assert "The space is used by: " in err.fix and "current_model/ " in err.fix  # what to free
     assert [r["id"] for r in mv.list_versions(root)] == ["v004"]  # retention went first
     assert not any(p.checkpoints.iterdir()) if p.checkpoints.is_dir() else True  # nothing written
@@ -304,6 +307,34 @@ def test_the_report_says_what_the_pre_flight_found_over_the_budget(initialized_r
         d.preflight(training_config.load_config(root))
     budget = {x["code"]: x for x in state_tracker.build_state(root)["warnings"]}.get("DISK_BUDGET")
     assert budget is not None and budget["severity"] == "critical", state_tracker.build_state(root)["warnings"]
+
+
+def test_a_prune_lowers_the_usage_the_report_reads_and_names_itself_only_where_it_frees(
+        initialized_root):
+    """After `prune --keep 1 --yes` the report kept the daemon's older sample (the next walk
+    comes minutes later): DISK_BUDGET still critical, naming the same prune. The prune now
+    takes what it gave back off the sample; DISK_BUDGET names a prune only where pruning to
+    the newest frees enough, else what takes the space and raising the budget."""
+    import state_tracker
+    root = initialized_root
+    for k in (1, 2, 3):  # versions of other weights: each one's files its own
+        _version_of_other_weights(root, k)
+    cfg = training_config.load_config(root)
+    before = retention.record_usage(root, cfg)["root_used"]
+    model = sum(f.stat().st_size for f in Paths(root).current_model.iterdir())
+    _set_config(root, max_disk_gb=round((before + model) / 1e9, 9))  # over by the next file
+
+    def budget():
+        return {x["code"]: x for x in state_tracker.build_state(root)["warnings"]}.get("DISK_BUDGET")
+    assert budget()["fix"] == f"python3 model_versioner.py prune --keep 1 --root {root}"
+    assert "pruning to the newest version frees " in budget()["message"]
+    gone = mv.prune(root, keep=1, yes=True)["deleted"]
+    assert gone == ["v001", "v002", "v003"]
+    after = retention.recorded_usage(root, training_config.load_config(root))["root_used"]
+    walked = retention.usage(root, cfg)["root_used"]  # (plus the prune's own small records)
+    assert after < before and 0 <= walked - after <= 64 << 10, (before, after, walked)
+    w = budget()
+    assert w is None or w["fix"] == f"du -xsh {root}/* | sort -h", w  # never the same prune again
 
 
 def test_a_backup_over_its_budget_is_refused_before_writing(root):
@@ -374,7 +405,8 @@ def test_the_daemon_applies_retention_after_each_trained_file(initialized_root):
     files = [f["name"] for f in mv.lineage(root, "v004")["data_files"]]
     assert files == ["f0.jsonl", "f1.jsonl", "f2.jsonl"]
     samples = json.loads((root / retention.USAGE_FILE).read_text())["samples"]
-    assert len(samples) == 1  # after the first file; then at most every USAGE_EVERY_S
+    walked = [s for s in samples if "pruned" not in s]  # (a prune's: the last less what it freed)
+    assert len(walked) == 1  # after the first file; then at most every USAGE_EVERY_S
 
 
 def test_usage_from_the_last_walk_equals_a_full_walk_as_folders_change(tmp_path, monkeypatch):
