@@ -314,9 +314,10 @@ def current_version(root) -> str | None:
 def copy_of_version(root) -> str | None:
     """The version whose very bytes current_model holds in files of its own (a backup
     restore's verified copy), or None: its manifest's sha256s equal those of the version it
-    names as its parent, and every file is as that manifest recorded it, size and mtime
-    (`mtime_ns`, which a backup restore records: a write in place moves it). Cheap: no
-    hashing. Keeping such a current_model before a restore, or a snapshot of it, would
+    names as its parent, every file is as that manifest recorded it, size and mtime
+    (`mtime_ns`, which a backup restore records: a write in place moves it), and the version
+    passes its cheap check (a damaged one, restored from a backup, is versioned anew). Cheap:
+    no hashing. Keeping such a current_model before a restore, or a snapshot of it, would
     store the same bytes again as a new version."""
     p = Paths(root)
     try:
@@ -339,7 +340,12 @@ def copy_of_version(root) -> str | None:
     if check_model_dir(p.current_model):  # (no file beside those the manifest lists)
         return None
     rec = _load_record(p, vid)
-    return vid if rec and _content(rec.get("manifest")) == _content(files) else None
+    if not rec or _content(rec.get("manifest")) != _content(files):
+        return None
+    try:  # a damaged version holds other bytes than it records: the copy is no copy of it
+        return None if check_version(root, vid) else vid
+    except GuardrailError:
+        return None
 
 
 def present_version(root) -> str | None:

@@ -53,7 +53,7 @@ MODEL_META = {".manifest.json", "version.json", "backup.json"}
 QUEUE_PRIORITIES = ("high", "normal", "low")
 WARNING_CODES = (
     "NOT_INITIALIZED", "MODEL_MISSING", "BASE_MISSING", "MODEL_INCOMPLETE", "NO_VERSION", "MODEL_NOT_VERSIONED",
-    "VERSION_DAMAGED", "TAGS_DAMAGED", "CONFIG_MISSING", "CONFIG_INVALID", "CONFIG_UNAPPROVED", "DAEMON_DEAD",
+    "VERSION_DAMAGED", "VERSION_GONE", "TAGS_DAMAGED", "CONFIG_MISSING", "CONFIG_INVALID", "CONFIG_UNAPPROVED", "DAEMON_DEAD",
     "DAEMON_NOT_RUNNING", "DAEMON_STATE_UNREADABLE", "TRAINING_STALLED", "TRAINING_PAUSED",
     "FILE_WARNINGS", "PAUSED_LONG", "TRAINING_ERROR",
     "DISK_LOW", "DISK_BUDGET", "CONFIG_OLD_KEYS", "BACKUP_NONE", "BACKUP_OLD", "BACKUP_UNVERIFIED",
@@ -387,6 +387,55 @@ def _damaged_versions(root: Path, versions: dict, model: dict, w: list) -> None:
               'Shows where the JSON breaks. Fix it by hand (the form is {"name": "v012"}), or '
               "move it aside and tag again (`" + _cmd(root, "model_versioner.py tag V NAME")
               + "`); versions are otherwise intact (backups do not hold tags).")
+
+
+def _gone_versions(root: Path, versions: dict, model: dict, w: list) -> bool:
+    """VERSION_GONE for a version whose folder was deleted by hand (`rm -rf versions/v031`):
+    one above the newest there is (versions/.last_id, written with each new one: prune never
+    deletes the latest) or a tagged one (prune never deletes those either), with no record in
+    versions/.pruned/. True when current_model was the newest such one (then it is what
+    current_model holds, not training since: a snapshot versions it again)."""
+    vp = Paths(root).versions
+    last = _dict(_read(vp / ".last_id")).get("last")
+    top = versions_index.version_number(versions.get("latest") or "") or 0
+    gone: dict = {}
+    n = versions_index.version_number(last) if isinstance(last, str) else None
+    for k in range(top + 1, (n or 0) + 1):
+        gone.setdefault(f"v{k:03d}", [])
+    for name, vid in sorted(versions.get("tagged", {}).items()):
+        if versions_index.version_number(vid) and not (vp / vid).is_dir():
+            gone.setdefault(vid, []).append(name)
+    gone = {v: tags for v, tags in gone.items()
+            if not (vp / v).is_dir() and not (vp / ".pruned" / f"{v}.json").exists()}
+    if not gone:
+        return False
+    try:
+        backups = [b for b in backup_records.summaries(root) if b.get("status") == "verified"]
+    except (GuardrailError, OSError):
+        backups = []
+    newest = max(gone, key=versions_index.version_number)
+    current = newest if n and versions_index.version_number(newest) == n and model["complete"] \
+        and model["matches_version"] is None else None
+    for vid in sorted(gone, key=versions_index.version_number):
+        held = next((b["id"] for b in reversed(backups) if b.get("version") == vid), None)
+        bytes_at = (f"a verified backup holds its bytes: `{_cmd(root, f'backup_manager.py restore {held}')}` "
+                    "makes them current_model" if held else f"no backup holds {vid}")
+        why = (" (tagged " + ", ".join(gone[vid]) + ")" if gone[vid] else "")
+        message = (f"version {vid}{why} is gone: its folder was deleted by hand (prune keeps "
+                   "the latest and tagged versions, and leaves a record of each one it deletes)")
+        if vid == current:
+            _warn(w, "VERSION_GONE", "warning", message + "; current_model still holds it, unversioned",
+                  _cmd(root, "model_versioner.py snapshot --note versioned-again"),
+                  f"Versions current_model again (a new id; {vid} stays gone). Lineage from it "
+                  f"stops where {vid} was.")
+        elif gone[vid]:
+            _warn(w, "VERSION_GONE", "warning", message,
+                  _cmd(root, f"model_versioner.py untag {gone[vid][0]}"),
+                  f"Clears the tag (each one naming it). {bytes_at[0].upper() + bytes_at[1:]}.")
+        else:
+            _warn(w, "VERSION_GONE", "warning", message, _cmd(root, "model_versioner.py list"),
+                  f"Lists the versions there are; {bytes_at}.")
+    return current is not None
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -1130,6 +1179,7 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
     measured = _measured_usage(root, cfg)
     versions = _versions_section(root, w, measured)
     model = _current_model_section(root, versions, w)
+    gone_current = p.versions.is_dir() and _gone_versions(root, versions, model, w)
     if os.path.lexists(root) and not root.is_dir():
         _warn(w, "NOT_INITIALIZED", "critical",
               f"{root} is a file, not a training root folder",
@@ -1159,7 +1209,8 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
               _cmd(root, "training_daemon.py init"),
               "On a root with a model, init only writes back the config the newest version "
               "trained with (current_model untouched); then check again.")
-    elif model["complete"] and versions["count"] and model["matches_version"] is None:
+    elif model["complete"] and versions["count"] and model["matches_version"] is None \
+            and not gone_current:
         _warn(w, "MODEL_NOT_VERSIONED", "info",
               "current_model/ differs from every version (trained since the last snapshot)",
               _cmd(root, "model_versioner.py snapshot"), "Keeps it as a version.")

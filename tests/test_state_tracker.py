@@ -895,6 +895,32 @@ def test_a_damaged_version_s_fix_never_names_a_pruned_version(root, capsys, back
     assert proc.returncode == 0, proc.stderr
 
 
+def test_a_version_folder_deleted_by_hand_is_named_with_a_fix_that_clears_it(root):
+    """`rm -rf versions/v002` (tagged) and `rm -rf versions/v004` (the latest, current_model):
+    verify said OK, the report showed the tag and said "trained since the last snapshot".
+    VERSION_GONE names each (prune never deletes those and leaves a record of what it
+    deletes), with a fix that works: untag, or a snapshot of current_model."""
+    import model_versioner as mv
+    for step, vid in ((3, "v002"), (5, "v003"), (7, "v004")):
+        publish_trained(root, step)
+        assert mv.create_version(root, "post-train:test") == (vid, True)
+    mv.tag_version(root, "v002", "golden")
+    assert mv.prune(root, keep=2, yes=True)["deleted"] == ["v001"]  # pruned: recorded, not gone
+    for vid in ("v002", "v004"):
+        shutil.rmtree(root / "versions" / vid)
+    gone = [x for x in state(root)["warnings"] if x["code"] == "VERSION_GONE"]
+    assert [x["message"].split(" is gone")[0] for x in gone] == ["version v002 (tagged golden)",
+                                                                  "version v004"]
+    assert "MODEL_NOT_VERSIONED" not in codes(root)
+    assert gone[0]["fix"] == f"python3 model_versioner.py untag golden --root {root}"
+    assert "current_model still holds it, unversioned" in gone[1]["message"]
+    for x in gone:
+        assert run_fix(x["fix"], root).returncode == 0, x
+    left = codes(root)
+    assert "VERSION_GONE" not in left and "MODEL_NOT_VERSIONED" not in left, left
+    assert mv.current_version(root) == "v005"
+
+
 def test_the_sound_version_named_for_a_damaged_model_is_in_its_own_lineage(root):
     """current_model was restored to v002 (v003, trained after it, left aside); v002's own
     trainer_state.json is then damaged in place: the fix restores v002's parent v001, never
