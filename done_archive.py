@@ -207,8 +207,12 @@ def cmd_run(args) -> int:
     root = trainroot.resolve_root(args.root)
     cfg = training_config.load_config(root)
     if args.days is not None:
-        cfg = dict(cfg, done_archive={**(cfg.get("done_archive") or {}),
-                                      "compress_after_days": args.days})
+        if not args.days >= 0 or args.days == float("inf"):  # (a NaN too)
+            raise trainroot.UsageError(f"--days must be 0 or more, got {args.days:g}", root / "done",
+                                       "Pass --days N: files trained more than N days ago are "
+                                       "compressed (0: every trained file).")
+        cfg = dict(cfg, done_archive={**(cfg.get("done_archive") or {}),  # (0 in config is off)
+                                      "compress_after_days": args.days or 1e-9})
     if not _policy(cfg)[0]:
         raise GuardrailError("done_archive is off", root / "config.json",
                              "Pass --days N, or set \"done_archive\": {\"compress_after_days\": N}.")

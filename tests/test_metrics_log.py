@@ -211,6 +211,20 @@ def test_old_done_files_are_compressed_proven_and_requeued_from_the_archive(tmp_
     assert q["requeued_from"] == f"done/{names[1]}.gz"
 
 
+def test_done_archive_run_days_0_compresses_every_file_and_a_negative_is_refused(tmp_root, capsys):
+    """`run --days 0` said "done_archive is off ... Pass --days N" (0 was read as not given)
+    and `--days -1` compressed everything: 0 is every trained file now, below 0 a usage error."""
+    import done_archive
+    names = _done_root(tmp_root, 2)
+    for n in names:
+        os.utime(tmp_root / "done" / n)  # trained just now
+    assert done_archive.main(["run", "--days", "-1", "--root", str(tmp_root)]) == 2
+    assert "--days must be 0 or more, got -1" in capsys.readouterr().err
+    assert not list((tmp_root / "done").glob("*.gz"))
+    assert done_archive.main(["run", "--days", "0", "--root", str(tmp_root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["compressed"] == names
+
+
 def test_a_done_file_whose_bytes_differ_from_its_record_is_not_compressed(tmp_root):
     import done_archive
     import training_config
