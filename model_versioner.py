@@ -1061,8 +1061,8 @@ def _consolidate_locked(p: Paths, note, full: bool) -> dict:
 def tag_version(root, vid, name: str) -> dict:
     """Name a version in `versions/tags.json` (versions themselves are immutable)."""
     p = Paths(root)
-    if not isinstance(name, str) or not TAG_RE.fullmatch(name) or re.fullmatch(r"v\d+", name) \
-            or name in ("latest", "current"):  # v + any digits would read as a version id
+    if not isinstance(name, str) or not TAG_RE.fullmatch(name) or re.fullmatch(r"[vV]\d+", name) \
+            or name.lower() in ("latest", "current"):  # V002 or Latest would read as v002, latest
         raise UsageError(f"invalid tag name {name!r} (a letter, then up to 63 letters, digits, "
                          ". _ -; not vNNN, latest or current)", p.versions / TAGS_FILE,
                          f"Choose another name, e.g. `{CMD} tag {vid} baseline`.")

@@ -700,7 +700,8 @@ def test_errors_name_where_and_the_fix(root, capsys):
         f"Error: invalid tag name 'a b' (a letter, then up to 63 letters, digits, . _ -; not "
         f"vNNN, latest or current), {Paths(root).versions / 'tags.json'}. Choose another name, "
         "e.g. `python3 model_versioner.py tag v001 baseline`.")
-    for name in ("v" + "9" * 20, "v0001", "latest", "current", "1st", "-x", "a/b", "é"):
+    for name in ("v" + "9" * 20, "v0001", "latest", "current", "1st", "-x", "a/b", "é",
+                 "V001", "Latest", "CURRENT"):  # (V002 showed v031 while `show v002` was v002)
         assert cli(capsys, "tag", "v001", name)[0] == 2, name  # a long v-number read as a tag
     assert mv.read_tags(root) == {}
     code, _, err = cli(capsys, "prune", "--keep", "0")
