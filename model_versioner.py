@@ -1175,8 +1175,8 @@ def prune_plan(root, keep: int | None = None, *, rules: dict | None = None,
     current_model (or the version it was trained from), the version a file in processing/
     started from, versions marked rejected/held, the best by eval loss once versions
     are scored (versions/.eval/), `protect` ({version: why}: the daemon's automatic
-    backup copying one) and a version a backup is copying (`pinned`). Backups pin nothing: a backup is an independent copy that restores
-    without its source version."""
+    backup copying one) and a version a backup is copying now (`pinned`). A finished backup
+    pins nothing: it is an independent copy that restores without its source version."""
     import retention
     p = Paths(root)
     if keep is not None and keep < 1:
@@ -1252,7 +1252,8 @@ def pinned(root, vid: str, why: str):
             if not (p.versions / vid / VERSION_FILE).is_file():
                 raise GuardrailError(f"version {vid} is gone (pruned or removed) before {why} "
                                      "could copy it", p.versions / vid,
-                                     f"See `{CMD} list` for the versions there are, and back up one of them.")
+                                     f"See `{CMD} list` for the versions there are, and back "
+                                     "up one of them.")
             folder.mkdir(exist_ok=True)
             for stale, _ in _pins(folder, live=False):
                 with contextlib.suppress(OSError):

@@ -53,7 +53,8 @@ MODEL_META = {".manifest.json", "version.json", "backup.json"}
 QUEUE_PRIORITIES = ("high", "normal", "low")
 WARNING_CODES = (
     "NOT_INITIALIZED", "MODEL_MISSING", "BASE_MISSING", "MODEL_INCOMPLETE", "NO_VERSION", "MODEL_NOT_VERSIONED",
-    "VERSION_DAMAGED", "VERSION_GONE", "TAGS_DAMAGED", "CONFIG_MISSING", "CONFIG_INVALID", "CONFIG_UNAPPROVED", "DAEMON_DEAD",
+    "VERSION_DAMAGED", "VERSION_GONE", "TAGS_DAMAGED", "CONFIG_MISSING", "CONFIG_INVALID",
+    "CONFIG_UNAPPROVED", "DAEMON_DEAD",
     "DAEMON_NOT_RUNNING", "DAEMON_STATE_UNREADABLE", "TRAINING_STALLED", "TRAINING_PAUSED",
     "FILE_WARNINGS", "PAUSED_LONG", "TRAINING_ERROR",
     "DISK_LOW", "DISK_BUDGET", "CONFIG_OLD_KEYS", "BACKUP_NONE", "BACKUP_OLD", "BACKUP_UNVERIFIED",
@@ -391,17 +392,16 @@ def _damaged_versions(root: Path, versions: dict, model: dict, w: list) -> None:
 
 def _gone_versions(root: Path, versions: dict, model: dict, w: list) -> bool:
     """VERSION_GONE for a version whose folder was deleted by hand (`rm -rf versions/v031`):
-    one above the newest there is (versions/.last_id, written with each new one: prune never
-    deletes the latest) or a tagged one (prune never deletes those either), with no record in
-    versions/.pruned/. True when current_model was the newest such one (then it is what
-    current_model holds, not training since: a snapshot versions it again)."""
+    the newest one given (versions/.last_id, written once each new one is in place: prune
+    never deletes the latest) or a tagged one (prune never deletes those either), with no
+    record in versions/.pruned/. (Ids between may never have been given: not judged.) True
+    when current_model was the newest one (then it is what current_model holds, not
+    training since: a snapshot versions it again)."""
     vp = Paths(root).versions
     last = _dict(_read(vp / ".last_id")).get("last")
-    top = versions_index.version_number(versions.get("latest") or "") or 0
-    gone: dict = {}
     n = versions_index.version_number(last) if isinstance(last, str) else None
-    for k in range(top + 1, (n or 0) + 1):
-        gone.setdefault(f"v{k:03d}", [])
+    gone: dict = {f"v{n:03d}": []} if n and n > (versions_index.version_number(
+        versions.get("latest") or "") or 0) else {}
     for name, vid in sorted(versions.get("tagged", {}).items()):
         if versions_index.version_number(vid) and not (vp / vid).is_dir():
             gone.setdefault(vid, []).append(name)
@@ -418,8 +418,9 @@ def _gone_versions(root: Path, versions: dict, model: dict, w: list) -> bool:
         and model["matches_version"] is None else None
     for vid in sorted(gone, key=versions_index.version_number):
         held = next((b["id"] for b in reversed(backups) if b.get("version") == vid), None)
-        bytes_at = (f"a verified backup holds its bytes: `{_cmd(root, f'backup_manager.py restore {held}')}` "
-                    "makes them current_model" if held else f"no backup holds {vid}")
+        restore = _cmd(root, f"backup_manager.py restore {held}")
+        bytes_at = (f"a verified backup holds its bytes: `{restore}` makes them current_model"
+                    if held else f"no backup holds {vid}")
         why = (" (tagged " + ", ".join(gone[vid]) + ")" if gone[vid] else "")
         message = (f"version {vid}{why} is gone: its folder was deleted by hand (prune keeps "
                    "the latest and tagged versions, and leaves a record of each one it deletes)")

@@ -34,6 +34,7 @@ import threading
 import time
 from pathlib import Path
 
+import cli_guard
 import eval_gate
 import inbox_files
 import root_init
@@ -1303,11 +1304,12 @@ class Daemon:
             except GuardrailError as exc:  # deleted or damaged by hand while the file waited
                 raise _Unrestorable(
                     f"the version taken before {data.name}, {rec['version_before']}, cannot be "
-                    f"restored ({exc.what})", exc.where,
-                    "`python3 training_controller.py skip` (without --discard) keeps the steps "
-                    f"trained on it and moves it to skipped/; or bring {rec['version_before']} "
-                    "back from a backup (`python3 backup_manager.py list`), then skip with "
-                    "--discard again") from None
+                    f"restored ({exc.what})", exc.where, cli_guard.with_root(
+                        "`python3 training_controller.py skip` (without --discard) keeps the "
+                        f"steps trained on it and moves it to skipped/; or bring "
+                        f"{rec['version_before']} back from a backup (`python3 backup_manager.py "
+                        "list`), then skip with --discard again",
+                        cli_guard.unless_found(self.p.root))) from None
         self.log.warning("%s: restored %s (the version before it)", data.name,
                          rec["version_before"])
         return True
