@@ -927,7 +927,15 @@ class Daemon:
                               "taking the queue's head again", data.name)
                 return
         rec = training_queue.read_record(data)
-        if rec.get("in_training"):  # the last process died while training this file
+        reached = self._checkpointed_step(rec.get("file_id"))
+        if rec.get("in_training") and reached is not None and reached > rec.get("attempt_step", -1):
+            # killed from outside (kill -9, a power cut) after a checkpoint of progress: not
+            # a crash of its training, whatever the number of such kills
+            self.log.warning("%s: resuming after the daemon was stopped at step %d (a checkpoint "
+                             "since the last start: not counted as a failed attempt)", data.name,
+                             reached)
+            rec["attempts"] = 0
+        elif rec.get("in_training"):  # the last process died while training this file
             rec["attempts"] = int(rec.get("attempts") or 0) + 1
             if rec["attempts"] >= cfg["max_attempts"]:
                 training_queue.update_record(data, attempts=rec["attempts"], in_training=False)
@@ -940,7 +948,8 @@ class Daemon:
                         "priority": rec.get("priority"), "records": rec.get("records")}
         timings = dict(rec.get("timings") or {})
         update = {"in_training": True, "attempts": rec.get("attempts", 0),
-                  "file_id": rec.get("file_id") or _file_id(data.name, rec)}
+                  "file_id": rec.get("file_id") or _file_id(data.name, rec),
+                  "attempt_step": -1 if reached is None else reached}  # (progress since: not a crash)
         if not rec.get("version_before"):
             t0 = time.monotonic()
             before = model_versioner.create_version(self.p.root, f"pre-train:{data.name}")
@@ -1029,6 +1038,23 @@ class Daemon:
                 self.log.warning("cannot update %s's record: %s", data.name, exc)
             self._timings = None
         self._after_training(data, result, cfg)
+
+    def _checkpointed_step(self, file_id) -> int | None:
+        """The highest step a checkpoint of file `file_id` holds (checkpoints/*/meta.json),
+        or None."""
+        steps = []
+        try:
+            folders = os.listdir(self.p.checkpoints) if file_id else []
+        except OSError:
+            folders = []
+        for name in folders:
+            meta = None
+            with contextlib.suppress(GuardrailError, OSError):  # (a damaged one is skipped)
+                meta = trainroot.read_json(self.p.checkpoints / name / "meta.json", default=None)
+            if isinstance(meta, dict) and meta.get("file_id") == file_id and \
+                    isinstance(meta.get("global_step"), int):
+                steps.append(meta["global_step"])
+        return max(steps, default=None)
 
     def _not_as_recorded(self, data: Path) -> str | None:
         """Why `data` is not the file its record describes (a crash before its content

@@ -353,6 +353,32 @@ def test_burst_of_10000_invalid_files_all_accounted_for(initialized_root, daemon
     assert "invalid" in record(failed / "up-04999.jsonl")["reason"]
 
 
+def test_a_file_killed_with_the_daemon_after_each_checkpoint_never_fails(initialized_root):
+    """`kill -9` of the daemon three times, each after a new checkpoint of the file: the file
+    went to failed/ as "training crashed 3 times" and its steps were thrown away. A kill
+    after progress is no crash of its training: it resumes and finishes."""
+    import training_engine as te
+    from conftest import REPO, kill_9_when
+    root = initialized_root
+    tune(root, max_attempts=2, checkpoint_every_steps=2)
+    data = write_data(root / "inbox" / "long.jsonl", 120, "long")
+    steps = []
+
+    def newer_checkpoint():
+        ckpts = te.list_checkpoints(root) if (root / "checkpoints").is_dir() else []
+        step = max((m.get("global_step", 0) for _, m in ckpts if m.get("file_id")), default=0)
+        return step > (steps[-1] if steps else 0) and not steps.append(step)
+    for _ in range(3):
+        assert kill_9_when([str(REPO / "training_daemon.py"), "run"], root, newer_checkpoint,
+                           timeout=60) == -9
+    assert len(steps) == 3 and steps == sorted(steps)
+    proc = run_once(root)
+    assert proc.returncode == 0, proc.stderr
+    assert data_files(root) == {"done": ["long.jsonl"]}
+    assert "not counted as a failed attempt" in (root / "logs" / "daemon.log").read_text()
+    assert not data.exists()
+
+
 def test_crashed_file_goes_to_failed_after_max_attempts(initialized_root):
     """A file whose training crashed the daemon max_attempts times is not tried again."""
     import training_queue
