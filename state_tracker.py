@@ -687,6 +687,14 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
               start, ("Resumes the file from its last checkpoint." if processing else
                       "Trains what waits in the queue.") + " Installed as a service: "
               "`systemctl restart training-guardrails` instead.")
+    elif not alive and not gate_held and reported == "idle":
+        # killed (kill -9, the OOM killer, a power cut) while it waited for files: it never
+        # said it stopped, so nothing new is trained until it is started again
+        _warn(w, "DAEMON_DEAD", "critical",
+              f"the daemon is not running (last pid {state.get('pid')}, state said idle): it "
+              "died while it waited for files, without stopping", start,
+              "Trains what waits in the queue and what arrives in inbox/. Installed as a "
+              "service: `systemctl restart training-guardrails` instead.")
     elif not alive and not processing and reported == "stopped" and state.get("ended_by") == "error":
         # ended on an error between files (pre-flight with --once, a broken config at start):
         # not a stop on purpose, and starting it again fails the same way until it is fixed
@@ -723,6 +731,8 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
                   resume, note)
         else:
             _warn(w, "TRAINING_PAUSED", "info", f"training is paused{reason}", resume, note)
+    elif not alive and not gate_held:
+        _kept_pause(root, w)
     _file_warnings(root, state.get("file_warnings"), w)
     if problems:
         _warn(w, "DAEMON_STATE_UNREADABLE", "warning",
@@ -730,6 +740,23 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
               f"mv {_arg(root, '.daemon_state.json')} {_arg(root, '.daemon_state.json.bad')}",
               "Safe while no daemon runs: the daemon rewrites the file within a second of starting.")
     return daemon, training
+
+
+def _kept_pause(root: Path, w: list) -> None:
+    """TRAINING_PAUSED for a pause kept with no daemon (`pause` with none running, or the
+    pause a stopped or killed daemon carried out): the next start pauses at once, so the
+    fix is `resume` (no daemon needed), not a start alone."""
+    import training_controller  # (only with no daemon: what it keeps is its to read)
+    record, kept = training_controller.pause_record(root), training_controller.kept_pause(root)
+    if not (record or kept):
+        return
+    why = record["reason"] if record else (kept.get("reason") or "paused by request")
+    since = (record or {}).get("since") or (kept or {}).get("created_at")
+    _warn(w, "TRAINING_PAUSED", "info",
+          f"no daemon runs and a pause is kept (since {since}: {why}): the daemon starts "
+          "paused and trains nothing until `resume`", _cmd(root, "training_controller.py resume"),
+          "Clears the kept pause (no daemon needed) once its reason is dealt with; "
+          f"`{_cmd(root, 'training_daemon.py run')}` then trains what waits.")
 
 
 def _memory_kept(state: dict) -> dict | None:
@@ -816,7 +843,8 @@ def _queue_section(root: Path, daemon: dict, w: list) -> dict:
               f"{_arg(root, 'failed/reviewed/')}`.")
     waiting = sec["queued"] + inbox
     if waiting and not daemon["alive"] and not sec["processing"] and \
-            not any(x["code"] == "DAEMON_DEAD" for x in w):  # (which says why it is not)
+            not any(x["code"] in ("DAEMON_DEAD", "TRAINING_PAUSED") for x in w):  # (which say
+        # why it is not running, or that a start alone trains nothing: a kept pause)
         _warn(w, "DAEMON_NOT_RUNNING", "info",
               f"{waiting} file(s) wait in inbox/ and queue/ but no daemon is running",
               _cmd(root, "training_daemon.py run"), "Trains them in priority order.")

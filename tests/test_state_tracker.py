@@ -412,6 +412,37 @@ def test_a_daemon_that_ended_on_an_error_between_files_is_dead_and_says_why(root
     assert "DAEMON_DEAD" not in found and found["DAEMON_NOT_RUNNING"]["severity"] == "info"
 
 
+def test_a_daemon_killed_while_idle_is_dead_and_a_kept_pause_is_said(root):
+    """`kill -9` of an idle daemon: the controller said dead, the report said OK (and with a
+    file waiting, DAEMON_NOT_RUNNING: "stopped on purpose"). A pause kept with no daemon (a
+    `pause` then, or one a stopped daemon carried out) was not in the report, whose fix,
+    a start, trained nothing: TRAINING_PAUSED names `resume`, which clears it."""
+    write_daemon_state(root, pid=dead_pid(), state="idle")
+    w = codes(root)["DAEMON_DEAD"]
+    assert w["severity"] == "critical" and "state said idle" in w["message"]
+    assert run_script("state_tracker.py", "--check", root=root).returncode == 1
+    (root / "inbox" / "notes.jsonl").write_text('{"text": "hello"}\n')
+    assert "DAEMON_NOT_RUNNING" not in codes(root)
+    write_daemon_state(root, pid=dead_pid(), state="stopped", ended_by="request")
+    assert set(codes(root)) >= {"DAEMON_NOT_RUNNING"}
+    proc = run_script("training_controller.py", "pause", "--reason", "checking data", root=root)
+    assert proc.returncode == 0, proc.stderr
+    found = codes(root)
+    assert "DAEMON_NOT_RUNNING" not in found  # a start alone would only pause
+    w = found["TRAINING_PAUSED"]
+    assert "no daemon runs and a pause is kept" in w["message"] and "checking data" in w["message"]
+    assert w["fix"] == f"python3 training_controller.py resume --root {root}"
+    assert run_fix(w["fix"], root).returncode == 0
+    found = codes(root)
+    assert "TRAINING_PAUSED" not in found and "DAEMON_NOT_RUNNING" in found
+    # the pause a daemon carried out, kept across its stop
+    import training_controller
+    training_controller.keep_pause_record(root, "paused by request", None)
+    assert "a pause is kept" in codes(root)["TRAINING_PAUSED"]["message"]
+    assert run_fix(f"python3 training_controller.py resume --root {root}", root).returncode == 0
+    assert "TRAINING_PAUSED" not in codes(root)
+
+
 def test_stalled_heartbeat_while_training(root):
     with Holder(root, "daemon") as daemon:
         write_daemon_state(root, pid=daemon.pid, state="training", heartbeat=ago(600),
