@@ -932,8 +932,9 @@ def remove(root, name: str, reason: str | None = None) -> dict:
         dst = move_with_record(item["path"], Paths(root).skipped, rec, why)
     except FileNotFoundError:
         raise _took_it(root, item["name"], item["path"]) from None
-    undo = _requeue_cmd(root, dst, "--priority", item["priority"],
-                        *(["--force"] if rec.get("force") else []))
+    # --force where the content is queued (a forced copy) or trained meanwhile: the undo works
+    again = rec.get("force") or _duplicate(Paths(root), rec.get("sha256"), done_index(root), True)
+    undo = _requeue_cmd(root, dst, "--priority", item["priority"], *(["--force"] if again else []))
     return dict(rec, name=dst.name, path=str(dst), priority=item["priority"], undo=undo)
 
 

@@ -291,6 +291,17 @@ def test_remove_says_where_the_file_went_and_how_to_undo(root, tmp_path, capsys,
     assert out["undo"] == undo
 
 
+def test_the_undo_of_remove_works_with_a_forced_copy_queued(root, tmp_path, capsys):
+    """`add u1`, `add u1copy --force` (the same content), `remove u1`: the printed undo was
+    refused ("already queued: same content as u1copy ... --force"). It carries --force."""
+    assert q(root, capsys, "add", str(data(tmp_path / "u1.jsonl")))[0] == 0
+    assert q(root, capsys, "add", str(data(tmp_path / "u1copy.jsonl")), "--force")[0] == 0
+    undo = training_queue.remove(root, "u1.jsonl")["undo"]
+    assert "--force" in undo
+    assert training_queue.main(shlex.split(undo)[2:]) == 0
+    assert sorted(i["name"] for i in training_queue.list_queue(root)) == ["u1.jsonl", "u1copy.jsonl"]
+
+
 def test_a_file_being_trained_or_trained_is_not_taken_by_queue_commands(root, tmp_path, capsys):
     busy = data(root / "processing" / "busy.jsonl")
     trained = data(root / "done" / "old.jsonl", tag="old")
