@@ -26,6 +26,7 @@ import os
 import secrets
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -573,6 +574,94 @@ def _restore_locked(p: Paths, folder: Path, bid: str, to) -> dict:
             "undo": f"python3 model_versioner.py restore {previous}" if previous else None}
 
 
+def repair_version(root, vid: str) -> dict:
+    """Put back the bytes of version `vid` that changed since it was recorded (bit rot, a
+    write in place) from the newest verified backup holding them: each bad file is copied
+    from the backup beside the version, checked against the version's own record, and
+    renamed over the bad one; a current_model that shared the bad file (it was `vid`) is
+    given the sound one too. A file with its recorded bytes but a moved time stamp (a
+    `touch`) only has its time stamp recorded again. VERSION_DAMAGED then clears."""
+    import model_versioner
+    p = _p(root)
+    training_controller.refuse_while_training(p.root)
+    with model_lock(p.root, f"repair {vid}"), model_versioner.versions_lock(p, f"repair {vid}"):
+        vid = model_versioner.resolve_version(p.root, vid)
+        rec = model_versioner.read_version(p.root, vid)
+        folder = p.versions / vid
+        bad, touched = [], []
+        for rel, entry in sorted(rec["manifest"].items()):
+            path = folder / rel
+            try:
+                model_versioner.require_safe_rel(rel, folder)
+                st = os.lstat(path)
+                sound = stat.S_ISREG(st.st_mode) and hash_file(path, cold=False) == (
+                    entry.get("sha256"), entry.get("size"))
+            except OSError:
+                sound = False
+            if not sound:
+                bad.append(rel)
+            elif entry.get("mtime_ns") not in (None, st.st_mtime_ns):
+                touched.append(rel)
+        holder = None
+        if bad:
+            holder = next((b for b in reversed(list_backups(p.root)) if b.get("status") == "verified"
+                           and all(_dict(_dict(b.get("files")).get(rel)).get("sha256")
+                                   == rec["manifest"][rel].get("sha256") for rel in bad)), None)
+            if holder is None:
+                raise GuardrailError(
+                    f"version {vid}'s {', '.join(bad[:5])} changed since it was recorded, and no "
+                    "verified backup holds those bytes; nothing was changed", folder,
+                    f"Restore another version (`python3 model_versioner.py list`), or a backup of "
+                    f"another one (`{LIST_CMD}`).")
+        staging = p.versions / f".staging-repair-{secrets.token_hex(4)}"
+        shared = set()
+        try:
+            for n, rel in enumerate(bad):
+                tmp = staging / str(n)
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                src = _backup_path(p.root, holder["id"]) / rel
+                shutil.copyfile(src, tmp)
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                entry = rec["manifest"][rel]
+                if hash_file(tmp) != (entry.get("sha256"), entry.get("size")):
+                    raise GuardrailError(f"backup {holder['id']}'s {rel} does not hold what "
+                                         f"version {vid} recorded; nothing was changed", src,
+                                         f"Check it with `python3 backup_manager.py verify {holder['id']}`.")
+            for n, rel in enumerate(bad):  # all copied and proven: now swap them in
+                if _same_inode(folder / rel, p.current_model / rel):
+                    shared.add(rel)
+                os.chmod(staging / str(n), model_versioner.READ_ONLY)
+                os.replace(staging / str(n), folder / rel)
+                if rel in shared:  # current_model was this version: its link to the sound bytes
+                    tmp = p.current_model / f".repair-{secrets.token_hex(4)}"
+                    os.link(folder / rel, tmp)
+                    os.replace(tmp, p.current_model / rel)
+            if bad or touched:
+                manifest = {rel: ({**e, "mtime_ns": os.stat(folder / rel).st_mtime_ns}
+                                  if rel in bad or rel in touched else e)
+                            for rel, e in rec["manifest"].items()}
+                atomic_write_json(folder / model_versioner.VERSION_FILE, {**rec, "manifest": manifest})
+                os.chmod(folder / model_versioner.VERSION_FILE, model_versioner.READ_ONLY)
+            for d in {folder, p.current_model, *((folder / r).parent for r in bad)}:
+                fsync_dir(d)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return {"ok": True, "version": vid, "repaired": bad, "time_stamps": touched,
+            "from_backup": holder["id"] if holder else None, "current_model_too": sorted(shared)}
+
+
+def _same_inode(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _dict(x) -> dict:
+    return x if isinstance(x, dict) else {}
+
+
 def restore_base(root, base_id: str) -> dict:
     """Bring base `base_id` back into ROOT/base/ from the newest backup holding a copy of
     it (verified first); nothing changes when the root's base is already good."""
@@ -907,6 +996,24 @@ def cmd_restore(args) -> int:
     return 0
 
 
+def cmd_repair(args) -> int:
+    """Put back a version's changed files from the newest verified backup holding them."""
+    result = repair_version(args.root, args.version)
+    if args.json:
+        print_json(result)
+    elif not result["repaired"] and not result["time_stamps"]:
+        print(f"version {result['version']} holds what it recorded: nothing to repair")
+    else:
+        if result["repaired"]:
+            print(f"repaired {result['version']}: {', '.join(result['repaired'])} from backup "
+                  f"{result['from_backup']}" + (" (current_model, which shares them, too)"
+                                                if result["current_model_too"] else ""))
+        if result["time_stamps"]:
+            print(f"{result['version']}: {', '.join(result['time_stamps'])} hold what was "
+                  "recorded (only the time stamp moved): recorded again")
+    return 0
+
+
 def cmd_restore_base(args) -> int:
     """Bring an adapter's base (b001, ...) back into ROOT/base/ from a backup holding it."""
     result = restore_base(args.root, args.base_id)
@@ -962,6 +1069,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("id", help="backup id, as shown by `list`")
     sp.add_argument("--to", metavar="DIR", default=None,
                     help="restore into this new or empty folder instead of current_model")
+    sp = add("repair", cmd_repair)
+    sp.add_argument("version", help="the damaged version (vNNN, a tag or latest)")
     sp = add("restore-base", cmd_restore_base)
     sp.add_argument("base_id", help="the base an adapter version names (b001, ...)")
     sp = add("prune", cmd_prune)

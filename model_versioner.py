@@ -373,6 +373,9 @@ def _require_safe_rel(rel, where) -> None:
                              f"`{CMD} restore VNNN` (see `{CMD} list`).")
 
 
+versions_lock, require_safe_rel = _versions_lock, _require_safe_rel  # (backup_manager.repair_version)
+
+
 def _fsync_files(folder: Path, rels) -> None:
     """fsync each file: what the product publishes already is (a no-op then), but a file a
     person wrote into current_model by hand may not be, and the version vouches for it."""
@@ -1674,8 +1677,8 @@ def _verify_fix(root, vid: str, results: dict) -> str:
     except (GuardrailError, OSError):
         backup = None
     if backup:
-        return (f"Its verified backup {backup['id']} holds it: `python3 backup_manager.py restore "
-                f"{backup['id']}` puts it back as current_model (`{CMD} list` shows the others).")
+        return (f"Its verified backup {backup['id']} holds it: `python3 backup_manager.py repair "
+                f"{vid}` puts its bytes back (in current_model too where it shares them).")
     good = None
     for other in sorted(_version_dirs(Paths(root)), key=versions_index.version_number, reverse=True):
         if other in results:

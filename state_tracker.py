@@ -373,7 +373,8 @@ def _damaged_versions(root: Path, versions: dict, model: dict, w: list) -> None:
                 message += " (current_model/ is this version: the same files, hard-linked)"
             note = ("Recomputes every checksum. If it names bad files, the bytes changed"
                     + (" in current_model/ too" if shared else "")
-                    + (f": restore its backup (`{_cmd(root, f'backup_manager.py restore {held}')}`) or "
+                    + (f": put its bytes back from its backup {held} (`"
+                       f"{_cmd(root, f'backup_manager.py repair {vid}')}`) or restore "
                        if held else f": no backup holds {vid}; restore ")
                     + f"{back}. If it says OK, only the time stamp moved (e.g. `touch`) and the "
                     "content is as versioned.")

@@ -226,6 +226,40 @@ def test_a_backup_restored_again_is_no_new_version_but_a_changed_copy_is_kept(fa
     assert mv.copy_of_version(fake_root) == "v001"
 
 
+def test_repair_puts_a_damaged_version_back_from_its_backup(fake_root, capsys):
+    """A version damaged in place (through current_model, which shares its files: bit rot,
+    a hand edit) could never be made sound again: VERSION_DAMAGED stayed for good. `repair`
+    copies the bad files from the newest verified backup holding them, checks them against
+    the version's record, and swaps them in, in the version and in current_model."""
+    import model_versioner as mv
+    assert mv.create_version(fake_root, "init") == ("v001", True)
+    bid = _backup(capsys, "v001")["id"]
+    weights = fake_root / "current_model" / "model.safetensors"
+    good = weights.read_bytes()
+    with open(weights, "r+b") as f:  # in place: v001's file is the same inode
+        f.seek(1000)
+        f.write(b"\xff\xfe")
+    (fake_root / "current_model" / "config.json").touch()  # a touch: the bytes as recorded
+    assert mv.verify_version(fake_root, "v001") and mv.check_version(fake_root, "v001")
+    code, doc, err = _cli(capsys, "repair", "v001", "--json")
+    assert code == 0, err
+    assert doc["repaired"] == ["model.safetensors"] and doc["from_backup"] == bid
+    assert doc["time_stamps"] == ["config.json"] and doc["current_model_too"] == ["model.safetensors"]
+    assert mv.verify_version(fake_root, "v001") == [] and mv.check_version(fake_root, "v001") == []
+    assert weights.read_bytes() == good and mv.current_version(fake_root) == "v001"
+    code, out, _ = _cli(capsys, "repair", "v001")
+    assert code == 0 and "nothing to repair" in out
+    # no backup holds the bytes: refused, nothing changed
+    os.chmod(weights, 0o644)
+    with open(weights, "r+b") as f:
+        f.write(b"rot")
+    shutil.rmtree(fake_root / "backups" / bid)
+    before = weights.read_bytes()
+    code, _, err = _cli(capsys, "repair", "v001")
+    assert code == 1 and "no verified backup holds those bytes; nothing was changed" in err
+    assert weights.read_bytes() == before
+
+
 def test_a_damaged_version_is_never_backed_up_under_its_name(fake_root, capsys):
     """Regression: a version with a missing, a changed and an extra file was backed up as
     `verified` with `version: v001` (its stale .manifest.json made the copy hash whatever

@@ -222,9 +222,10 @@ def test_verify_names_the_backup_that_holds_a_damaged_version(root, capsys):
         f.write(bytes([byte[0] ^ 0xFF]))
     code, _, err = cli(capsys, "verify", "v001")
     assert code == 1 and err.strip().endswith(
-        f"Its verified backup {backup_id} holds it: `python3 backup_manager.py restore {backup_id}` "
-        "puts it back as current_model (`python3 model_versioner.py list` shows the others).")
-    assert backup_manager.main(["restore", backup_id, "--root", str(root)]) == 0  # the fix works
+        f"Its verified backup {backup_id} holds it: `python3 backup_manager.py repair v001` "
+        "puts its bytes back (in current_model too where it shares them).")
+    assert backup_manager.main(["repair", "v001", "--root", str(root)]) == 0  # the fix works
+    assert cli(capsys, "verify", "v001")[0] == 0
     cur = Paths(root).current_model
     assert mv.verify_files(cur, mv.read_manifest(cur)["files"]) == [] and model_gen(cur) == 1
 

@@ -917,9 +917,10 @@ def test_a_damaged_version_s_fix_never_names_a_pruned_version(root, capsys, back
     assert "restore v002" not in note
     assert f"`python3 model_versioner.py restore v001 --root {root}` (the newest sound version" in note
     if backed_up:
-        held = f"restore its backup (`python3 backup_manager.py restore {bid} --root {root}`)"
+        held = f"put its bytes back from its backup {bid} (`python3 backup_manager.py repair v003 --root {root}`)"
         assert held in note
-        assert run_fix(f"python3 backup_manager.py restore {bid} --root {root}", root).returncode == 0
+        assert run_fix(f"python3 backup_manager.py repair v003 --root {root}", root).returncode == 0
+        assert "VERSION_DAMAGED" not in codes(root)  # repaired: the warning clears
     else:
         assert "no backup holds v003" in note
     proc = run_fix(f"python3 model_versioner.py restore v001 --root {root}", root)
