@@ -629,14 +629,17 @@ def repair_version(root, vid: str) -> dict:
                                          f"version {vid} recorded; nothing was changed", src,
                                          f"Check it with `python3 backup_manager.py verify {holder['id']}`.")
             for n, rel in enumerate(bad):  # all copied and proven: now swap them in
+                sound = staging / str(n)
+                os.chmod(sound, model_versioner.READ_ONLY)
                 if _same_inode(folder / rel, p.current_model / rel):
+                    # current_model was this version: its link first, so a repair killed
+                    # between the two renames is finished by running it again
                     shared.add(rel)
-                os.chmod(staging / str(n), model_versioner.READ_ONLY)
-                os.replace(staging / str(n), folder / rel)
-                if rel in shared:  # current_model was this version: its link to the sound bytes
-                    tmp = p.current_model / f".repair-{secrets.token_hex(4)}"
-                    os.link(folder / rel, tmp)
+                    p.staging.mkdir(parents=True, exist_ok=True)  # (a leftover: recover's)
+                    tmp = p.staging / f"{model_versioner.PREFIX}repair-{secrets.token_hex(4)}"
+                    os.link(sound, tmp)
                     os.replace(tmp, p.current_model / rel)
+                os.replace(sound, folder / rel)
             if bad or touched:
                 manifest = {rel: ({**e, "mtime_ns": os.stat(folder / rel).st_mtime_ns}
                                   if rel in bad or rel in touched else e)
