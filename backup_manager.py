@@ -554,13 +554,18 @@ def _restore_locked(p: Paths, folder: Path, bid: str, to) -> dict:
         files = copy_tree_verified(folder, staged, skip=set(META_FILES), expected=rec["files"])
         for rel, entry in files.items():  # a write in place moves it (model_versioner.copy_of_version)
             entry["mtime_ns"] = os.stat(staged / rel).st_mtime_ns
-        write_manifest(staged, files=files, global_step=rec.get("global_step"),
-                       tokens_seen=rec.get("tokens_seen"), extra=_kind_of(rec))
         # its parent is the version it was a backup of (rollback goes back from there, and
         # lineage lists what trained into that), not the model it replaces: none if unknown
         source = rec.get("version")
         known = isinstance(source, str) and model_versioner.VERSION_RE.fullmatch(source) and (
             (p.versions / source).is_dir() or (p.versions / ".pruned" / f"{source}.json").is_file())
+        # the copy is that version's bytes only if the version still holds them: hashed now (a
+        # restore reads the whole model anyway), as bit rot keeps sizes and time stamps
+        copy_of = source if known and (p.versions / source).is_dir() and \
+            _version_holds(p.root, source, files) else None
+        write_manifest(staged, files=files, global_step=rec.get("global_step"),
+                       tokens_seen=rec.get("tokens_seen"),
+                       extra={**(_kind_of(rec) or {}), **({"copy_of": copy_of} if copy_of else {})})
         model_versioner.publish_model(p.root, staged, reason="backup-restore",
                                       parent=source if known else None)
     finally:
@@ -652,6 +657,18 @@ def repair_version(root, vid: str) -> dict:
             shutil.rmtree(staging, ignore_errors=True)
     return {"ok": True, "version": vid, "repaired": bad, "time_stamps": touched,
             "from_backup": holder["id"] if holder else None, "current_model_too": sorted(shared)}
+
+
+def _version_holds(root, vid: str, files: dict) -> bool:
+    """Version `vid` records exactly `files`' sha256s and its files hold them (hashed)."""
+    import model_versioner
+    try:
+        rec = model_versioner.read_version(root, vid)
+        recorded = {rel: e.get("sha256") for rel, e in rec["manifest"].items()}
+        return recorded == {rel: e.get("sha256") for rel, e in files.items()} and \
+            not model_versioner.verify_version(root, vid)
+    except (GuardrailError, OSError):
+        return False
 
 
 def _same_inode(a: Path, b: Path) -> bool:

@@ -313,11 +313,12 @@ def current_version(root) -> str | None:
 
 def copy_of_version(root) -> str | None:
     """The version whose very bytes current_model holds in files of its own (a backup
-    restore's verified copy), or None: its manifest's sha256s equal those of the version it
-    names as its parent, every file is as that manifest recorded it, size and mtime
-    (`mtime_ns`, which a backup restore records: a write in place moves it), and the version
-    passes its cheap check (a damaged one, restored from a backup, is versioned anew). Cheap:
-    no hashing. Keeping such a current_model before a restore, or a snapshot of it, would
+    restore's verified copy), or None: its manifest names it as `copy_of` (the restore
+    hashed the version and found it holds those bytes: bit rot keeps sizes and time stamps),
+    its sha256s equal the version's, every file is as that manifest recorded it, size and
+    mtime (`mtime_ns`, which a backup restore records: a write in place moves it), and the
+    version passes its cheap check (a damaged one, restored from a backup, is versioned
+    anew). Cheap: no hashing. Keeping such a current_model before a restore, or a snapshot of it, would
     store the same bytes again as a new version."""
     p = Paths(root)
     try:
@@ -325,8 +326,9 @@ def copy_of_version(root) -> str | None:
     except (GuardrailError, OSError):
         return None
     files = (manifest or {}).get("files")
-    vid = (manifest or {}).get("parent_version")
-    if not files or not isinstance(vid, str) or not VERSION_RE.fullmatch(vid):
+    vid = (manifest or {}).get("copy_of")  # (a backup restore hashed the version to say so)
+    if not files or not isinstance(vid, str) or not VERSION_RE.fullmatch(vid) \
+            or manifest.get("parent_version") != vid:
         return None
     for rel, entry in files.items():
         try:

@@ -226,6 +226,28 @@ def test_a_backup_restored_again_is_no_new_version_but_a_changed_copy_is_kept(fa
     assert mv.copy_of_version(fake_root) == "v001"
 
 
+def test_a_backup_restored_over_a_silently_rotten_version_is_versioned_anew(fake_root, capsys):
+    """Bit rot keeps sizes and time stamps: v001 (and current_model, its files) rotted, the
+    backup restored a sound copy, and the recipe's snapshot said "already equals v001" (the
+    rotten one), so `verify latest` failed and a later rollback loaded the rot. The restore
+    hashes the version before it calls the copy that version's bytes."""
+    import model_versioner as mv
+    assert mv.create_version(fake_root, "init") == ("v001", True)
+    bid = _backup(capsys)["id"]
+    weights = fake_root / "current_model" / "model.safetensors"
+    st = weights.stat()
+    with open(weights, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\x01")
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # silent: the cheap check sees nothing
+    assert mv.check_version(fake_root, "v001") == [] and mv.verify_version(fake_root, "v001")
+    assert _cli(capsys, "restore", bid)[0] == 0
+    assert mv.copy_of_version(fake_root) is None
+    assert mv.create_version(fake_root, "manual", note="restored from backup") == ("v002", True)
+    assert mv.verify_version(fake_root, mv.latest_version(fake_root)) == []
+    assert _cli(capsys, "repair", "v001")[0] == 0 and mv.verify_version(fake_root, "v001") == []
+
+
 def test_repair_puts_a_damaged_version_back_from_its_backup(fake_root, capsys):
     """A version damaged in place (through current_model, which shares its files: bit rot,
     a hand edit) could never be made sound again: VERSION_DAMAGED stayed for good. `repair`
