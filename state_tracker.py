@@ -705,7 +705,8 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
               "Do what the error names first; this then starts it again (the same error "
               f"otherwise). `tail -n 50 {shlex.quote(str(p.logs / 'daemon.log'))}` shows the whole story.")
     error = training["file_error"] or (training["last_error"] if processing else None)
-    if error and current != "paused":  # a pause says its own reason (TRAINING_PAUSED)
+    if error and current != "paused" and not gate_held:  # a pause says its own reason
+        # (TRAINING_PAUSED), a hold its decision (QUALITY_HOLD): neither is retried
         tries = (f" ({training['file_attempts']} failed tr{'y' if training['file_attempts'] == 1 else 'ies'})"
                  if training["file_attempts"] else "")
         log = p.logs / ("engine.log" if (p.logs / "engine.log").exists() else "daemon.log")

@@ -319,6 +319,11 @@ def _import_engine(model_dir: Path) -> None:
         logging.getLogger("training_daemon").debug("engine preload incomplete", exc_info=True)
 
 
+class _GateHeld(GuardrailError):
+    """`run --once` ends on a file the quality gate holds: a decision waits (accept or
+    reject, no daemon needed), not an error to start the daemon again for."""
+
+
 class _Unrestorable(GuardrailError):
     """`skip --discard` cannot restore the version taken before the file (deleted or
     damaged by hand meanwhile): refused, nothing moved."""
@@ -901,7 +906,8 @@ class Daemon:
         hold = held.get("hold")
         if hold:  # a spike or a failed save paused this file before a restart: still paused
             if self.once:
-                raise GuardrailError(f"{data.name} is on hold: {hold.get('reason')}", data,
+                raise (_GateHeld if hold.get("kind") == "gate" else GuardrailError)(
+                                     f"{data.name} is on hold: {hold.get('reason')}", data,
                                      "Run `{}` or `{}`.".format(*eval_gate.decision_cmds(self.p.root))
                                      if hold.get("kind") == "gate" else
                                      "Inspect it, then run `python3 training_controller.py "
@@ -1149,7 +1155,7 @@ class Daemon:
                     self.ack(req, "done" if action == "pause" else "noop",
                              f"{data.name} finished and is held by the quality gate")
                 if self.once:
-                    raise GuardrailError(self.paused_reason, data, "Run `{}` or `{}`, then run the "
+                    raise _GateHeld(self.paused_reason, data, "Run `{}` or `{}`, then run the "
                                          "daemon again.".format(*eval_gate.decision_cmds(self.p.root)))
                 self.current = self.progress = None
                 return
@@ -1231,7 +1237,7 @@ class Daemon:
                      f"{data.name} moved to skipped/"
                      + (" and the version before it restored" if discard else ""))
             if restored is None and self.once:  # the gate holds what it kept: as after a file
-                raise GuardrailError(self.paused_reason, data, "Run `{}` or `{}`, then run the "
+                raise _GateHeld(self.paused_reason, data, "Run `{}` or `{}`, then run the "
                                      "daemon again.".format(*eval_gate.decision_cmds(self.p.root)))
         elif status == "refused":  # the data, not the machine: failed/ with the engine's reason and fix
             self._finish_failed(data, result.get("reason") or result.get("message") or "refused",
@@ -2088,8 +2094,10 @@ class Daemon:
                                    else "queue empty" if self.once else "exit")
         # in the last state written: a stop asked for (a request, a signal) is not a crash
         self.ended, self._ended_kind = why, ("signal" if self.stop_signal else "request"
-                                             if self.stop_request else "error" if ended is not None
-                                             else "once" if self.once else "exit")
+                                             if self.stop_request else "hold"
+                                             if isinstance(ended, _GateHeld) else "error"
+                                             if ended is not None else "once" if self.once
+                                             else "exit")
         if ended is not None and not self.last_error:  # the report names it (DAEMON_DEAD)
             self.last_error = str(ended.error if isinstance(ended, _Paused) else ended)
         self.state = "stopped"

@@ -382,6 +382,14 @@ def test_run_once_exits_1_when_a_skip_leaves_the_gate_holding_the_steps_it_kept(
     assert eval_gate.decision_cmds(tmp_path / "other")[0] == \
         f"{eval_gate.ACCEPT_CMD} --root {tmp_path / 'other'}"
     assert record(root / "processing" / "bad.jsonl")["hold"]["then"] == "skipped"
+    # a decision waits, not an error: QUALITY_HOLD alone, then nothing once it is made
+    import state_tracker
+    assert json.loads((root / ".daemon_state.json").read_text())["ended_by"] == "hold"
+    found = {w["code"] for w in state_tracker.build_state(root)["warnings"]}
+    assert "QUALITY_HOLD" in found and not found & {"TRAINING_ERROR", "DAEMON_DEAD"}, found
+    controller(root, "reject")
+    found = {w["code"] for w in state_tracker.build_state(root)["warnings"]}
+    assert not found & {"QUALITY_HOLD", "TRAINING_ERROR", "DAEMON_DEAD"}, found
 
 
 def test_the_monitor_shows_eval_loss_per_version_beside_the_loss_curve(initialized_root, tmp_path):
