@@ -426,15 +426,18 @@ def _typed_state(state: dict) -> dict:
     return out
 
 
-def skip_without_daemon(first: str = "to skip it instead") -> str:
-    """How to skip the file in processing/ when no daemon runs (`skip` needs one)."""
+def skip_without_daemon(first: str = "to skip it instead", discard: bool = False) -> str:
+    """How to skip the file in processing/ when no daemon runs (`skip` needs one);
+    `discard`: the skip that restores the version before it (`skip --discard`)."""
     return (f"{first}: `python3 training_controller.py pause` (kept until the daemon starts), "
             "start the daemon (`python3 training_daemon.py run`), then `python3 "
-            "training_controller.py skip`, then `python3 training_controller.py resume`")
+            f"training_controller.py skip{' --discard' if discard else ''}`, then `python3 "
+            "training_controller.py resume`")
 
 
-def stopped_part_way(root) -> str | None:
-    """With no daemon running: what waits in processing/ and how to skip it, or None."""
+def stopped_part_way(root, discard: bool = False) -> str | None:
+    """With no daemon running: what waits in processing/ and how to skip it (`discard`:
+    dropping its training), or None."""
     import training_queue
     items = training_queue._processing(root)
     if not items:
@@ -447,7 +450,9 @@ def stopped_part_way(root) -> str | None:
                 f"({hold.get('reason') or 'its weights raised an eval loss'}): `{reject}` files it "
                 f"in skipped/ with no trace in the model, `{accept}` publishes it (no daemon needed)")
     return (f"{items[0]['name']} waits in processing/ (stopped part-way) and resumes from its "
-            f"checkpoint when the daemon starts; {skip_without_daemon()}")
+            f"checkpoint when the daemon starts; " + skip_without_daemon(
+                "to skip it and drop its training instead" if discard else "to skip it instead",
+                discard))
 
 
 def is_training(root) -> bool:
@@ -524,7 +529,8 @@ def request(root, action: str, *, reason: str | None = None, options: dict | Non
     if not st["alive"]:
         if action in ("stop", "skip"):
             verb = "stop" if action == "stop" else "skip"
-            waiting = stopped_part_way(root) if action == "skip" else None
+            waiting = stopped_part_way(root, bool((options or {}).get("discard"))) \
+                if action == "skip" else None
             return dict(result, outcome="nothing",
                         message=f"no daemon is running in {root}: nothing to {verb}"
                         + (f" now; {waiting}" if waiting else ""))

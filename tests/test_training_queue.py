@@ -319,6 +319,10 @@ def test_a_file_being_trained_or_trained_is_not_taken_by_queue_commands(root, tm
     assert "stopped part-way: busy.jsonl (resumes when the daemon starts)" in status.stdout
     skip = run_script("training_controller.py", "skip", root=root)
     assert skip.returncode == 0 and "nothing to skip now; busy.jsonl waits in processing/" in skip.stdout
+    # `skip --discard`: the recipe keeps --discard (it said `skip`, keeping the bad steps)
+    skip = run_script("training_controller.py", "skip", "--discard", root=root)
+    assert "to skip it and drop its training instead: " in skip.stdout
+    assert "then `python3 training_controller.py skip --discard`, then" in skip.stdout
     assert q(root, capsys, "set-priority", "busy.jsonl", "high")[0] == 1
     assert "was trained already (done/)" in q(root, capsys, "remove", "old.jsonl")[2]
     for path, folder in ((busy, "processing"), (trained, "done")):
