@@ -942,15 +942,26 @@ def rollback(root) -> dict:
     # what it undoes: the data files of the versions from the one it left back to the target
     # (more than the last file when retention pruned the versions between)
     undone, cursor, seen = [], result.get("previous_version") or result.get("kept_version"), set()
+    pruned = False
     while cursor and cursor != target and cursor not in seen:
         seen.add(cursor)
-        rec = _load_record(p, cursor) or _pruned_record(p, cursor)
+        rec = _load_record(p, cursor)
+        if rec is None:
+            rec, pruned = _pruned_record(p, cursor), True
         if rec is None:
             break
-        undone = [{"name": f.get("name"), "version": cursor} for f in rec.get("data_files") or []
-                  if isinstance(f, dict)] + undone
+        if not _accepted_hold(rec):  # (its file is its parent's, the held version's: once)
+            undone = [{"name": f.get("name"), "version": cursor}
+                      for f in rec.get("data_files") or [] if isinstance(f, dict)] + undone
         cursor = rec.get("parent")
-    return dict(result, undone_files=undone)
+    return dict(result, undone_files=undone, undone_pruned=pruned)
+
+
+def _accepted_hold(rec: dict) -> bool:
+    """A version an `accept` published: it names the file the held version (its parent)
+    trained, which lineage and rollback count once."""
+    return isinstance(rec.get("gate"), dict) and rec.get("parent") is not None \
+        and rec["gate"].get("accepted_from") == rec.get("parent")
 
 
 # --------------------------------------------------------------------------- consolidate (adapter mode)
@@ -1421,8 +1432,7 @@ def lineage(root, vid) -> dict:
     chain.reverse()
     # an accepted hold's version names the file its parent (the held version) trained: once
     files = [{**f, "version": rec.get("id")} for rec in chain for f in rec.get("data_files") or []
-             if not (isinstance(rec.get("gate"), dict) and rec.get("parent") is not None
-                     and rec["gate"].get("accepted_from") == rec.get("parent"))]
+             if not _accepted_hold(rec)]
     return {"version": vid, "chain": [rec.get("id") for rec in chain], "data_files": files,
             "incomplete_from": missing[0] if missing else None,
             # adapter mode: which base each version of the chain applied to (None: full)
@@ -1620,10 +1630,11 @@ def _print_restore(args, result: dict, verb: str) -> None:
             print("The incomplete current_model it replaced is kept in "
                   f"{result['incomplete_kept_in']}/ (copy back what you need from there).")
         undone = result.get("undone_files") or []
-        if len(undone) > 1:  # retention pruned the versions between: say all it undoes
+        if len(undone) > 1:  # (retention pruned the versions between): say all it undoes
             print(f"This undoes {len(undone)} trained files, not only the last: "
                   + ", ".join(f"{f['name']} ({f['version']})" for f in undone)
-                  + " (the versions between them were pruned). Their copies are in done/.")
+                  + (" (the versions between them were pruned)" if result.get("undone_pruned")
+                     else "") + ". Their copies are in done/.")
         if result["undo"]:
             print(f"Undo with `{result['undo']}`.")
 

@@ -443,6 +443,9 @@ def test_a_file_stopped_then_finished_is_gated_and_accept_works_with_no_daemon(
     # lineage lists the file once (the held version trained it; the accepted one names it)
     names = [f["name"] for f in model_versioner.lineage(root, done["version_after"])["data_files"]]
     assert names == ["good1.jsonl", "bad.jsonl"], names
+    # and a rollback undoes it once (it said two files, "the versions between were pruned")
+    rolled = model_versioner.rollback(root)
+    assert [f["name"] for f in rolled["undone_files"]] == ["bad.jsonl"] and not rolled["undone_pruned"]
 
 
 def test_the_gate_holds_a_bad_file_trained_under_torchrun(tmp_path, tiny_model_dir):
