@@ -994,10 +994,19 @@ def _backups_section(root: Path, cfg: dict, w: list) -> dict:
         _warn(w, "BACKUP_OLD", "warning",
               f"the latest verified backup ({good[-1]['id']}) is {days:.1f} days old", backup)
     for bad in sec["problems"]:
-        _warn(w, "BACKUP_UNVERIFIED", "warning",
-              f"backup {bad['id']} is {bad['status'] or 'without a status'}: it is not a good copy",
-              _cmd(root, "backup_manager.py verify " + bad["id"]),
-              f"If it stays bad, make a new one with `{backup}`.")
+        message = f"backup {bad['id']} is {bad['status'] or 'without a status'}: it is not a good copy"
+        if bad["status"] == "corrupt" and good:  # verify found it bad; a good one exists
+            _warn(w, "BACKUP_UNVERIFIED", "warning", message,
+                  _cmd(root, "backup_manager.py prune --yes"),
+                  "Deletes it (a corrupt copy restores nothing; verify re-read it and found it "
+                  "bad) and applies the retention policy, the newest verified backup always "
+                  f"kept; `{_cmd(root, 'backup_manager.py prune')}` lists what goes first. "
+                  f"`{_cmd(root, 'backup_manager.py verify ' + bad['id'])}` re-reads it once more.")
+        else:
+            _warn(w, "BACKUP_UNVERIFIED", "warning", message,
+                  _cmd(root, "backup_manager.py verify " + bad["id"]),
+                  f"If it stays bad, make a new one with `{backup}`, then "
+                  f"`{_cmd(root, 'backup_manager.py prune --yes')}` deletes the bad one.")
     if unusable:
         sec["problems"].append({"id": None, "status": f"backup_dir unusable: {unusable[0]}"})
     try:

@@ -596,6 +596,25 @@ def test_old_backup_and_unverified_backup(root):
     assert set(fix_and_check(root, "BACKUP_OLD")) == {"BACKUP_SAME_FILESYSTEM"}
 
 
+def test_a_corrupt_backup_beside_a_good_one_is_cleared_by_its_fix(root):
+    """verify found a backup corrupt and a new one was made: BACKUP_UNVERIFIED stayed, its
+    fix still `verify` (bad again). With a good backup there, its fix deletes the bad one."""
+    assert run_fix(codes(root)["BACKUP_NONE"]["fix"], root).returncode == 0
+    (bid,) = [n for n in os.listdir(root / "backups") if not n.startswith(".")]
+    weights = next((root / "backups" / bid).glob("*.safetensors"))
+    os.chmod(weights, 0o644)
+    with open(weights, "r+b") as f:
+        f.write(b"rot")
+    assert run_fix(f"python3 backup_manager.py verify {bid} --root {root}", root).returncode == 1
+    w = codes(root)["BACKUP_UNVERIFIED"]
+    assert w["fix"] == f"python3 backup_manager.py verify {bid} --root {root}"  # no good one yet
+    assert run_fix(f"python3 backup_manager.py backup --root {root}", root).returncode == 0
+    w = codes(root)["BACKUP_UNVERIFIED"]
+    assert w["fix"] == f"python3 backup_manager.py prune --yes --root {root}"
+    assert set(fix_and_check(root, "BACKUP_UNVERIFIED")) == {"BACKUP_SAME_FILESYSTEM"}
+    assert not (root / "backups" / bid).exists() and state(root)["backups"]["verified_count"] == 1
+
+
 def test_backup_on_another_filesystem_clears_the_warning(root):
     other = Path("/dev/shm") / f"tg-backups-{uuid.uuid4().hex[:8]}"
     if not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == os.stat(root).st_dev:
