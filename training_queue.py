@@ -472,6 +472,19 @@ def _check_source(p: Paths, src: Path, move: bool) -> None:
             raise UsageError(f"refusing to move a file out of {folder.relative_to(p.root)}/ "
                              f"({why})", src, "Add a copy instead (leave out --move; --force "
                              "if its content was trained before), or use set-priority.")
+    # anywhere else in the root but the places a person hands files over (inbox/) or takes
+    # them back (failed/, skipped/) is the product's own: a version's, current_model's or a
+    # checkpoint's file, an index, config.json; moved out, it would be damaged or lost
+    try:
+        inside = here.relative_to(p.root.resolve()).parts
+    except ValueError:
+        return
+    if not inside or inside[0] not in (p.inbox.name, p.failed.name, p.skipped.name):
+        where = "the root" if not inside else f"{inside[0]}/"
+        raise UsageError(f"refusing to move a file out of {where} (the training root's own "
+                         "files: a version, current_model, a checkpoint, an index or the "
+                         "config; moved, it would be damaged)", src,
+                         "Add a copy instead (leave out --move), or put data files into inbox/.")
 
 
 def _duplicate(p: Paths, sha256: str, done, queued: bool) -> tuple[str, str, dict] | None:

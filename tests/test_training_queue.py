@@ -291,6 +291,26 @@ def test_remove_says_where_the_file_went_and_how_to_undo(root, tmp_path, capsys,
     assert out["undo"] == undo
 
 
+def test_add_move_never_takes_a_file_of_the_root_s_own(root, capsys):
+    """`add R/versions/v001/config.json --move` (and current_model/, checkpoints/, .index/,
+    config.json) moved the file to failed/ ("not a .jsonl file"): the version was damaged.
+    Only inbox/, failed/ and skipped/ give files up; the rest is refused, nothing moved."""
+    own = {root / "versions" / "v001" / "config.json": "versions/",
+           root / "current_model" / "tokenizer_config.json": "current_model/",
+           root / "checkpoints" / "checkpoint-00000001" / "meta.json": "checkpoints/",
+           root / ".index" / "done.sqlite": ".index/", root / "config.json": "the root"}
+    for path, where in own.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.write_text("{}\n")
+        before = path.read_bytes()
+        code, _, err = q(root, capsys, "add", str(path), "--move")
+        assert code == 2 and err.startswith(f"Error: refusing to move a file out of {where} "), err
+        assert path.read_bytes() == before and not os.listdir(root / "failed")
+    back = data(root / "failed" / "fixed.jsonl")  # the places a person takes files back from
+    assert q(root, capsys, "add", str(back), "--move")[0] == 0 and not back.exists()
+
+
 def test_the_undo_of_remove_works_with_a_forced_copy_queued(root, tmp_path, capsys):
     """`add u1`, `add u1copy --force` (the same content), `remove u1`: the printed undo was
     refused ("already queued: same content as u1copy ... --force"). It carries --force."""
