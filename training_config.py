@@ -421,7 +421,9 @@ def changed_locked(root, cfg: dict) -> list[Change]:
     if "approved_at" in approval:  # approved before adapter mode existed: it approved the defaults
         values = {**{n: PARAMS[n].default for n in ADAPTER_LOCKED}, **values}
     changes = []
-    for name in locked_names(cfg):
+    # the parameters locked now, and those locked when approved (taking one out of `locked`
+    # in the same edit that changes it must not let the change through unapproved)
+    for name in dict.fromkeys([*locked_names(cfg), *(n for n in values if n in PARAMS)]):
         old, new = values.get(name), cfg.get(name)
         if name not in values or json.dumps(old) != json.dumps(new):
             changes.append(Change(name, old, new, "approved_at" in approval and name not in values))

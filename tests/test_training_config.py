@@ -94,6 +94,14 @@ def test_changed_locked_names_old_and_new(tmp_root):
     [change] = tc.changed_locked(tmp_root, cfg)
     assert change == ("batch_size", None, 64, True)
     assert tc.format_change(*change) == "batch_size: newly locked at 64, not approved yet"
+    # taking a parameter out of `locked` in the edit that changes it: still a change to approve
+    cfg["locked"] = [n for n in cfg["locked"] if n != "learning_rate"]
+    assert tc.changed_locked(tmp_root, cfg)[1:] == []  # (batch_size, newly locked, is the first)
+    cfg["learning_rate"] = 0.5
+    assert ("learning_rate", 1e-3, 0.5, False) in tc.changed_locked(tmp_root, cfg)
+    tc.approve(tmp_root, cfg)  # approved with learning_rate unlocked: free from then on
+    cfg["learning_rate"] = 0.25
+    assert tc.changed_locked(tmp_root, cfg) == []
 
 
 @pytest.mark.parametrize("text", ['[1, 2]', '"yes"', '{"values": ["learning_rate"]}', '{"val', ''])
