@@ -13,6 +13,7 @@ import shlex
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import backup_records
@@ -198,6 +199,7 @@ def init_root(root, base: str = "tiny") -> dict:
         import training_engine  # the only torch import, paid here and only here
         for old in p.staging.glob("init-*"):  # a killed init's copy (inits hold this lock)
             shutil.rmtree(old, ignore_errors=True)
+        kept = _keep_old_checkpoints(p)
         staged = Path(tempfile.mkdtemp(prefix="init-", dir=p.staging))
         model_dir = staged / "model"
         try:
@@ -218,7 +220,26 @@ def init_root(root, base: str = "tiny") -> dict:
             shutil.rmtree(staged, ignore_errors=True)
         version = model_versioner.create_version(p.root, "init")
         approval = training_config.approve(p.root, cfg, by="init")
-    return _made(p, cfg, version[0], approval)  # create_version: (id, created)
+    return dict(_made(p, cfg, version[0], approval),  # create_version: (id, created)
+                checkpoints_kept_in=str(kept) if kept else None)
+
+
+def _keep_old_checkpoints(p: Paths) -> Path | None:
+    """The checkpoints a model trained here before left (init over a root whose
+    current_model and versions were lost: they may hold the last copy of its weights), moved
+    whole into `.attic/` before the new model trains: its checkpoints take the same step
+    names and would be written over them."""
+    try:
+        if not any(os.scandir(p.checkpoints)):
+            return None
+    except OSError:
+        return None
+    dst = p.root / ".attic" / f"checkpoints-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(p.checkpoints, dst)
+    p.checkpoints.mkdir()
+    trainroot.fsync_dir(p.root)
+    return dst
 
 
 def _made(p: Paths, cfg: dict, vid: str, approval: dict) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
@@ -539,11 +540,21 @@ def _current_model_section(root: Path, versions: dict, w: list) -> dict:
             if os.path.lexists(folder):  # init never replaces it: keep it aside first
                 fix = (f"mv {_arg(root, 'current_model')} {_arg(root, 'current_model.moved-aside')}"
                        f" && {fix}")
+            steps = []
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(p.checkpoints):
+                    step = _dict(_read(Path(entry.path) / "meta.json")).get("global_step")
+                    if isinstance(step, int) and not isinstance(step, bool):
+                        steps.append((step, entry.name))
+            kept = (f" checkpoints/{max(steps)[1]} holds the weights trained to step "
+                    f"{max(steps)[0]} (model.safetensors: the last copy of the model trained "
+                    "here): init moves checkpoints/ into .attic/ untouched, out of the new "
+                    "model's way." if steps else "")
             _warn(w, "MODEL_MISSING", "critical",
                   f"current_model/ {in_place} and there is no version to restore it from",
                   fix, "init builds the model config.json names (base_model) and its first "
                   "version; for another base add `--base PATH`. Or restore a backup: "
-                  f"`{_cmd(root, 'backup_manager.py list')}`.")
+                  f"`{_cmd(root, 'backup_manager.py list')}`." + kept)
         return sec
     manifest = _read(folder / ".manifest.json", sec["problems"])
     problems, sec["size_bytes"], sec["file_count"] = _model_check(

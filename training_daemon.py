@@ -62,8 +62,12 @@ def cmd_init(args) -> int:
         print(f"Initialised {result['root']}: current_model from {result['base_model']}, "
               f"version {result['version']}, config approved.")
         _print_chat_rendering(result.get("chat") or {}, result["root"])
+        if result.get("checkpoints_kept_in"):
+            print(f"The checkpoints of the model trained here before (its weights, the last "
+                  f"copy of them) are kept in {result['checkpoints_kept_in']}/, out of the new "
+                  "model's way.")
         print(f"Next: drop .jsonl files into {result['root']}/inbox/ and run "
-              f"`python3 training_daemon.py run --root {result['root']}`.")
+              f"`python3 training_daemon.py run --root {shlex.quote(result['root'])}`.")
     return 0
 
 

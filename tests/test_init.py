@@ -236,6 +236,29 @@ def test_init_never_starts_a_new_model_beside_the_versions_of_the_lost_one(initi
     assert (root / "current_model" / "config.json").exists()
 
 
+def test_init_over_a_lost_model_keeps_the_old_checkpoints_aside(initialized_root):
+    """`rm -rf current_model versions` (no backup): the report said only "init", and the new
+    model's checkpoints took the same step names as the old run's, writing over the last
+    copy of its weights. The report names them; init moves checkpoints/ into .attic/."""
+    import shutil
+    import state_tracker
+    root = initialized_root
+    old = root / "checkpoints" / "checkpoint-00000019"
+    old.mkdir(parents=True)
+    (old / "meta.json").write_text(json.dumps({"global_step": 19, "file_id": "a.jsonl#1"}))
+    (old / "model.safetensors").write_bytes(b"trained weights")
+    shutil.rmtree(root / "current_model")
+    shutil.rmtree(root / "versions")
+    w = {x["code"]: x for x in state_tracker.build_state(root)["warnings"]}["MODEL_MISSING"]
+    assert "checkpoints/checkpoint-00000019 holds the weights trained to step 19" in w["note"]
+    base = json.loads((root / "config.json").read_text())["base_model"]  # (the fixture's)
+    proc = run_script("training_daemon.py", "init", "--base", base, root=root)
+    assert proc.returncode == 0, proc.stderr
+    (kept,) = (root / ".attic").glob("checkpoints-*")
+    assert (kept / "checkpoint-00000019" / "model.safetensors").read_bytes() == b"trained weights"
+    assert f"are kept in {kept}/" in proc.stdout and not os.listdir(root / "checkpoints")
+
+
 def test_init_never_starts_a_new_model_beside_a_verified_backup_of_the_lost_one(initialized_root):
     """`rm -rf current_model versions`: init would build a new random model at step 0 and
     the report would say OK; it refuses, naming the backup restore (and how to start over)."""
