@@ -150,6 +150,14 @@ def init_root(root, base: str = "tiny") -> dict:
             "product writes: a root there would be taken for its data or versions", p.root,
             "Make the new root in a folder of its own, beside it: `python3 training_daemon.py "
             f"init --root {shlex.quote(str(owner.parent / 'NEW_ROOT'))}`.")
+    if p.config.is_symlink() and not p.config.exists():  # init never replaces a link of yours
+        raise GuardrailError(
+            f"config.json is a link to {os.readlink(p.config)}, which is not there (a disk "
+            "not mounted?)", p.config,
+            "Mount what it points into; or replace the link (`rm "
+            f"{shlex.quote(str(p.config))}`), then run `python3 training_daemon.py init --root "
+            f"{shlex.quote(str(p.root))}`, which writes back the config the newest version "
+            "trained with.")
     if os.path.lexists(p.current_model) and not os.path.lexists(p.config) and \
             (restored := restore_config(p)):
         return restored

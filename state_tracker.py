@@ -1255,6 +1255,13 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
         _warn(w, "NO_VERSION", "critical",
               "there is no version in versions/: nothing to go back to",
               _cmd(root, "model_versioner.py snapshot --note first"))
+    elif p.config.is_symlink() and not p.config.exists():
+        _warn(w, "CONFIG_MISSING", "critical",
+              f"{p.config} is a link to {os.readlink(p.config)}, which is not there (a disk not "
+              "mounted?); the daemon cannot train", f"ls -l {_arg(root, 'config.json')}",
+              "Mount what it points into; or replace the link: `rm "
+              f"{_arg(root, 'config.json')} && {_cmd(root, 'training_daemon.py init')}` (init "
+              "writes back the config the newest version trained with).")
     elif not p.config.exists():
         _warn(w, "CONFIG_MISSING", "critical", f"{p.config} is missing; the daemon cannot train",
               _cmd(root, "training_daemon.py init"),

@@ -212,6 +212,19 @@ def test_a_deleted_config_json_comes_back_with_init_from_the_newest_version(init
     assert not {"CONFIG_MISSING", "CONFIG_UNAPPROVED"} & {w["code"] for w in report["warnings"]}
     again = run_script("training_daemon.py", "init", root=root)
     assert again.returncode == 1 and "current_model already exists" in again.stderr
+    # config.json a link into a disk that is not mounted: said, and init never replaces it
+    config.unlink()
+    config.symlink_to(root.parent / "usbdisk" / "config.json")
+    report = json.loads(run_script("state_tracker.py", "--json", root=root).stdout)
+    (missing,) = [w for w in report["warnings"] if w["code"] == "CONFIG_MISSING"]
+    assert f"is a link to {root.parent / 'usbdisk' / 'config.json'}, which is not there" in missing["message"]
+    assert missing["fix"] == f"ls -l {root / 'config.json'}"
+    linked = run_script("training_daemon.py", "init", root=root)
+    assert linked.returncode == 1 and "config.json is a link to " in linked.stderr
+    assert config.is_symlink()
+    config.unlink()  # what the note says: then init writes it back
+    assert run_script("training_daemon.py", "init", root=root).returncode == 0
+    assert json.loads(config.read_text()) == before
 
 
 def test_init_never_starts_a_new_model_beside_the_versions_of_the_lost_one(initialized_root):
