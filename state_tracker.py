@@ -210,7 +210,20 @@ def _config_section(root: Path, w: list) -> tuple[dict, dict]:
     sec["changes"] = [{"name": c.name, "old": c.old, "new": c.new,
                        "text": training_config.format_change(*c)} for c in changes]
     sec["approved"] = not changes
-    if changes:
+    if changes and approval is None:  # no approved values to compare with: name the file,
+        # and what the newest version trained with (what an approval would change from)
+        lock = Paths(root).config_lock
+        state = f"damaged ({sec['errors'][-1]})" if sec["errors"] else "missing"
+        trained, vid = _newest_trained_config(root)
+        differ = [f"{n}: {json.dumps(trained[n])} -> {json.dumps(cfg.get(n))}" for n in sec["locked"]
+                  if n in trained and json.dumps(trained[n]) != json.dumps(cfg.get(n))]
+        against = (f"; against what {vid} trained with: " + (", ".join(differ) if differ else
+                                                             "no locked value differs")) if vid else ""
+        _warn(w, "CONFIG_UNAPPROVED", "critical",
+              f"{lock} is {state}: no config value is approved, so the daemon will not train"
+              + against, _cmd(root, "training_controller.py approve-config --yes"),
+              "Only with the user's approval: it approves the locked values config.json holds now.")
+    elif changes:
         listed = ", ".join(c["text"] for c in sec["changes"])
         _warn(w, "CONFIG_UNAPPROVED", "critical",
               f"locked config parameters changed without approval ({listed}); the daemon "
@@ -221,6 +234,17 @@ def _config_section(root: Path, w: list) -> tuple[dict, dict]:
                                if any(c.newly for c in changes) else "")
               + "; either way the warning clears.")
     return sec, cfg
+
+
+def _newest_trained_config(root: Path) -> tuple[dict, str | None]:
+    """(config, id) the newest version recorded in its version.json, or ({}, None)."""
+    try:
+        last = versions_index.VersionsIndex(root).summary(1)["last"]
+    except (GuardrailError, OSError):
+        return {}, None
+    vid = last[-1] if last else None
+    cfg = _dict(_dict(_read(Paths(root).versions / vid / "version.json")).get("config")) if vid else {}
+    return cfg, vid if cfg else None
 
 
 _IN_PLACE = "written in place after it was versioned"  # (model_versioner.WRITTEN_IN_PLACE)

@@ -443,6 +443,22 @@ def test_a_daemon_killed_while_idle_is_dead_and_a_kept_pause_is_said(root):
     assert "TRAINING_PAUSED" not in codes(root)
 
 
+def test_a_lost_config_lock_is_named_and_compared_with_what_the_newest_version_trained_with(
+        initialized_root):
+    """`rm .config.lock` then learning_rate 0.5: CONFIG_UNAPPROVED listed every locked value
+    as `null -> ...` and never named the file, hiding the one real change."""
+    root = initialized_root
+    (root / ".config.lock").unlink()
+    edit_config(root, learning_rate=0.5)
+    w = codes(root)["CONFIG_UNAPPROVED"]
+    assert w["message"].startswith(f"{root / '.config.lock'} is missing: no config value is approved")
+    assert w["message"].endswith("against what v001 trained with: learning_rate: 0.0003 -> 0.5"), w
+    (root / ".config.lock").write_text("garbage")
+    assert "is damaged (" in codes(root)["CONFIG_UNAPPROVED"]["message"]
+    assert run_fix(codes(root)["CONFIG_UNAPPROVED"]["fix"], root).returncode == 0
+    assert "CONFIG_UNAPPROVED" not in codes(root)
+
+
 def test_stalled_heartbeat_while_training(root):
     with Holder(root, "daemon") as daemon:
         write_daemon_state(root, pid=daemon.pid, state="training", heartbeat=ago(600),
