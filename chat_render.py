@@ -304,11 +304,12 @@ class ChatRenderer:
         self._check_no_turn_dropped(messages, tools, full, line, where)
         spans: list[tuple[int, int, bool]] = []
         ends_with_marker = True
+        sentinel = self._sentinel(full, messages)
         for k, msg in enumerate(messages):
             if msg.get("role") != "assistant":
                 continue
             start, end, marker = self._locate(full, messages, tools, k,
-                                              spans[-1][1] if spans else 0, line, where)
+                                              spans[-1][1] if spans else 0, line, where, sentinel)
             spans.append((start, end, msg.get("weight", 1) != 0))
             ends_with_marker = bool(marker)
         out, pos = [], 0
@@ -333,6 +334,8 @@ class ChatRenderer:
             return self._refuse(line, f"the {role} turn {k + 1} is not in the rendered text (the "
                                 "template drops it)", where, system=role == "system")
         unsure = []
+        dumped = [json.dumps(m, ensure_ascii=False) for m in messages]  # (once: n turns, not n^2)
+        everything, tools_text = "\x00".join(dumped), json.dumps(tools or "", ensure_ascii=False)
         for k, msg in enumerate(messages):
             text = msg.get("content")
             if msg.get("role") == "assistant" or not isinstance(text, str) or not text.strip():
@@ -340,8 +343,8 @@ class ChatRenderer:
             t = text.strip()
             if t not in full and json.dumps(text) not in full:
                 raise dropped(k)
-            if full.count(t) > 1 or t in json.dumps(tools or "", ensure_ascii=False) or any(
-                    t in json.dumps(m, ensure_ascii=False) for j, m in enumerate(messages) if j != k):
+            # in another turn: more times in all of them than in this one's own
+            if full.count(t) > 1 or t in tools_text or everything.count(t) > dumped[k].count(t):
                 unsure.append(k)
         if not unsure:
             return
@@ -358,12 +361,17 @@ class ChatRenderer:
             if f"{s}{k}{s}" not in rendered:
                 raise dropped(k)
 
-    def _locate(self, full: str, messages, tools, k: int, not_before: int, line, where):
+    def _sentinel(self, full: str, messages) -> str | None:
+        """A private-use character in neither the rendering nor any turn's text."""
+        used = full + "".join(m.get("content") or "" for m in messages if isinstance(m.get("content"), str))
+        return next((c for c in SENTINELS if c not in used), None)
+
+    def _locate(self, full: str, messages, tools, k: int, not_before: int, line, where,
+                s: str | None = None):
         msg = messages[k]
         if not isinstance(msg.get("content"), str):
             raise self._refuse(line, f"assistant turn {k + 1} has no text content", where)
-        used = full + "".join(m.get("content") or "" for m in messages if isinstance(m.get("content"), str))
-        s = next((c for c in SENTINELS if c not in used), None)
+        s = s or self._sentinel(full, messages)  # (the caller's, found once per record)
         if s is None:
             raise self._refuse(line, "the record contains every private-use marker character", where)
         # a tool-call turn is probed as a plain answer: what differs is the call as rendered

@@ -1896,7 +1896,7 @@ class Daemon:
         try:
             engine = self.engine()
             encoder = self._intake_encoder(engine)
-            refused = encoder.check_file(path, limit=INTAKE_RENDER_RECORDS,
+            refused = encoder.check_file(path, limit=INTAKE_RENDER_RECORDS, tick=self._tend,
                                          **engine.file_reading(path, self.cfg))
         except Exception as exc:  # only a head start: the engine's own check decides later
             self.log.warning("%s: not test-rendered at intake (%s); the engine checks it before "

@@ -458,14 +458,22 @@ class Encoder:
             raise refusal
         return [(text, bool(trained)) for text, trained in record.segments], "plain"
 
-    def check_file(self, data_path, limit: int | None = None, **reading):
+    def check_file(self, data_path, limit: int | None = None, tick=None, **reading):
         """Render every chat record of a file once (no tokenizing; the first `limit` records
         only if given): the first ChatRenderError, or None. A file the template cannot
-        render is refused before its first step (and by the daemon when it is queued)."""
+        render is refused before its first step (and by the daemon when it is queued).
+        `tick()` is called between records at most every CHECK_TICK_S (the daemon's
+        heartbeat and requests: a big chat file takes minutes); a stop, pause or skip it
+        returns ends the check there (None: the request is carried out before any step)."""
         import itertools
         import validate_data
         records = validate_data.iter_records(Path(data_path), **reading)
+        ticked = time.monotonic()
         for record in itertools.islice(records, limit):
+            if tick is not None and time.monotonic() - ticked >= CHECK_TICK_S:
+                ticked = time.monotonic()
+                if tick() in ("stop", "pause", "skip"):
+                    return None
             if record.messages is None:
                 continue
             try:
@@ -521,6 +529,9 @@ class Encoder:
 
 
 # --------------------------------------------------------------------------- packing
+
+CHECK_TICK_S = 0.5  # Encoder.check_file: the daemon's heartbeat and requests, between records
+
 
 def _template_refusal(exc: BaseException) -> bool:
     """A record the chat template refuses (a file queued with `add --skip-invalid` passes
@@ -2454,7 +2465,8 @@ class FileRun:
                        "model_source": "memory" if warm else "disk",
                        "rendering": encoder.rendering, "pack_isolation": self.isolation}
         if position is None:  # refused before the first step, not hours into the file
-            refused = encoder.check_file(self.data_path, **reading)
+            refused = encoder.check_file(self.data_path, tick=self.control if self.writer
+                                         and not self.ddp else None, **reading)
             if refused is not None:
                 log.error("%s: refused: %s", self.file_id, refused)
                 return {"file_id": self.file_id, "status": "refused", "steps": 0,

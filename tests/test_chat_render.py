@@ -111,6 +111,22 @@ def test_deepseek_r1_trains_what_its_template_renders(qwen_tokenizer, tmp_path):
                                               "\n\nIt is 84 🙂<｜end▁of▁sentence｜>"]
 
 
+def test_the_check_of_every_record_ticks_the_daemon_and_stops_when_asked(qwen_tokenizer, tmp_path,
+                                                                        monkeypatch):
+    """The check of every chat record before a file's first step (and at intake) ran with
+    no heartbeat and no requests read: a big chat file made the daemon look hung for
+    minutes. It calls `tick` between records; a stop, pause or skip it returns ends it."""
+    import training_engine as te
+    monkeypatch.setattr(te, "CHECK_TICK_S", 0.0)
+    data = write_jsonl(tmp_path / "c.jsonl", [{"messages": NO_SYSTEM}] * 3 + [{"messages": CONVERSATION}],
+                       ensure_ascii=False)
+    enc = encoder(qwen_tokenizer, "gemma-2")  # the last record has a system turn: refused
+    ticks = []
+    assert enc.check_file(data, tick=lambda: ticks.append(1)) is not None and len(ticks) == 4
+    ticks.clear()
+    assert enc.check_file(data, tick=lambda: ticks.append(1) or "pause") is None and ticks == [1]
+
+
 def test_a_template_that_cannot_render_a_record_is_refused_with_a_working_fix(qwen_tokenizer, tmp_path):
     import chat_render
     data = write_jsonl(tmp_path / "sys.jsonl", [{"messages": NO_SYSTEM}, {"messages": CONVERSATION}],
