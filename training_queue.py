@@ -543,10 +543,11 @@ def jsonl_name(name: str) -> str:
 
 
 def fix_for(p: Paths, reason_kind: str, dst: Path, fix: str | None = None,
-            report: dict | None = None) -> str:
+            report: dict | None = None, source: Path | None = None) -> str:
     """The command that fixes a file put in failed/ or skipped/ (`dst`) for `reason_kind`:
     unreadable, suffix, special, invalid (intake); training (failed while it trained),
-    skipped (by request); anything else: a duplicate. `report` is validate_data's."""
+    skipped (by request); anything else: a duplicate. `report` is validate_data's;
+    `source`: where the file is while the record is written (before it moves to `dst`)."""
     import validate_data
     if reason_kind == "unreadable":
         return (f"Make it readable for the daemon's user (`chmod a+r {_q(dst)}`), then "
@@ -555,10 +556,12 @@ def fix_for(p: Paths, reason_kind: str, dst: Path, fix: str | None = None,
         return fix
     if reason_kind in ("suffix", "invalid"):  # JSON, but not JSON lines: one jq command
         errors = (report or {}).get("errors") or [{}]
-        code = validate_data.json_shape(dst) if reason_kind == "suffix" else \
-            errors[0].get("code") if isinstance(errors[0], dict) else None
-        out = trainroot.unique_path(p.inbox, jsonl_name(dst.name))  # never over a waiting file
-        if (command := validate_data.whole_file_fix(code, dst, out)) is not None:
+        first = errors[0] if isinstance(errors[0], dict) else {}
+        code = validate_data.json_shape(source or dst) if reason_kind == "suffix" else first.get("code")
+        out = p.inbox / jsonl_name(dst.name)  # never over a waiting file (but the one moving)
+        if source is None or out != Path(source):
+            out = trainroot.unique_path(p.inbox, out.name)
+        if (command := validate_data.whole_file_fix(code, dst, out, first.get("message"))) is not None:
             return (f"`{command}` writes it as JSON lines into the inbox (one object per line), "
                     "where the daemon takes it.")
     if reason_kind == "suffix":
@@ -735,7 +738,7 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
             record.update(reason=reason, report=result["report"], outcome="failed")
             report = result.get("report")
             dst = move_with_record(work, p.failed, record, reason, name=name, batch=batch,
-                                   finish=lambda d: {"fix": fix_for(p, kind, d, fix, report)})
+                                   finish=lambda d: {"fix": fix_for(p, kind, d, fix, report, work)})
             return dict(record, name=dst.name, path=str(dst), fix=fix_for(p, kind, dst, fix, report))
         if done is None:
             done = done_index(p.root)

@@ -542,14 +542,19 @@ JQ_COMPACT = "jq -c ."            # pretty-printed objects -> one object per lin
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
-def whole_file_fix(code: str, src, dst) -> str | None:
+def whole_file_fix(code: str, src, dst, message: str | None = None) -> str | None:
     """The shell command that rewrites `src` as JSON lines into `dst` for a json_array or
-    pretty_printed file (None for other codes)."""
+    pretty_printed file, or (from its error `message`) decompresses a compressed one or
+    converts UTF-16/32 to UTF-8 (None for other codes)."""
     import shlex
     jq = {"json_array": JQ_SPLIT_ARRAY, "pretty_printed": JQ_COMPACT}.get(code)
-    if jq is None:
+    if jq is not None:
+        return f"{jq} {shlex.quote(str(src))} > {shlex.quote(str(dst))}"
+    found = re.search(r"\(([^()]*) FILE > NEW\.jsonl\)", message or "") \
+        if code in ("compressed_file", "utf16_file") else None
+    if found is None:
         return None
-    return f"{jq} {shlex.quote(str(src))} > {shlex.quote(str(dst))}"
+    return f"{found.group(1)} {shlex.quote(str(src))} > {shlex.quote(str(dst))}"
 
 
 def _shape(head: bytes) -> _Bad | None:

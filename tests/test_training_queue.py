@@ -291,6 +291,30 @@ def test_remove_says_where_the_file_went_and_how_to_undo(root, tmp_path, capsys,
     assert out["undo"] == undo
 
 
+def test_the_failed_record_of_a_json_array_gzip_or_utf16_file_names_a_working_conversion(root):
+    """Dropped as data.json (an array), logs.jsonl (gzip) or u16.jsonl (UTF-16): the failed/
+    record's fix was `mv ... inbox/data.jsonl` (failing again: its shape was read after the
+    move, from where the file was not yet) or `--skip-invalid` (refused for a whole-file
+    problem). Each names the command that writes it as JSON lines into the inbox."""
+    import gzip
+    lines = '{"text": "a"}\n{"text": "b"}\n'
+    drops = {"data.json": b'[{"text": "a"}, {"text": "b"}]\n', "logs.jsonl": gzip.compress(lines.encode()),
+             "u16.jsonl": lines.encode("utf-16")}
+    for name, blob in drops.items():
+        src = root / "inbox" / name
+        src.write_bytes(blob)
+        out = training_queue.enqueue(root, src, move=True)
+        assert out["outcome"] == "failed", out
+        fix = training_queue.read_record(Path(out["path"]))["fix"]
+        assert fix == out["fix"] and fix.endswith("writes it as JSON lines into the inbox (one object "
+                                                  "per line), where the daemon takes it."), fix
+        proc = subprocess.run(fix.split("`")[1], shell=True, cwd=root, capture_output=True, text=True)
+        assert proc.returncode == 0, (fix, proc.stderr)
+        made = root / "inbox" / (Path(name).stem + ".jsonl")
+        assert [json.loads(x) for x in made.read_text().splitlines()] == [{"text": "a"}, {"text": "b"}]
+        made.unlink()
+
+
 def test_add_move_never_takes_a_file_of_the_root_s_own(root, capsys):
     """`add R/versions/v001/config.json --move` (and current_model/, checkpoints/, .index/,
     config.json) moved the file to failed/ ("not a .jsonl file"): the version was damaged.
