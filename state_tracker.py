@@ -191,6 +191,20 @@ def _config_section(root: Path, w: list) -> tuple[dict, dict]:
               _cmd(root, "state_tracker.py --warnings"),
               f"Edit the keys named in the message in {p.config} first; this command re-checks.")
         return sec, training_config.default_config()
+    template = cfg.get("chat_template")
+    if isinstance(template, str) and template.endswith(".jinja"):  # read at every file's start
+        path = Path(template) if Path(template).is_absolute() else Path(root) / template
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            sec["valid"] = False
+            sec["errors"] = [f"chat_template {template!r} cannot be read ({exc.strerror}): {path}"]
+            _warn(w, "CONFIG_INVALID", "critical",
+                  f"config.json is invalid: {sec['errors'][0]}; the daemon stops before the next "
+                  "file", _cmd(root, "state_tracker.py --warnings"),
+                  f"Fix the path in {p.config}'s `chat_template` (relative to the root), or set "
+                  "it to null to use the model's own template; this command re-checks.")
     note = retention.old_keys_note(cfg)
     if note:
         _warn(w, "CONFIG_OLD_KEYS", "info",

@@ -459,6 +459,16 @@ def test_a_lost_config_lock_is_named_and_compared_with_what_the_newest_version_t
     assert "CONFIG_UNAPPROVED" not in codes(root)
 
 
+def test_a_chat_template_file_that_cannot_be_read_is_said(root):
+    """`"chat_template": "nope.jinja"` with no such file: the report said OK and approved,
+    and the next `run --once` stopped in pre-flight."""
+    edit_config(root, chat_template="nope.jinja")
+    w = codes(root)["CONFIG_INVALID"]
+    assert "chat_template 'nope.jinja' cannot be read (No such file or directory)" in w["message"]
+    (root / "nope.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert "CONFIG_INVALID" not in codes(root)
+
+
 def test_stalled_heartbeat_while_training(root):
     with Holder(root, "daemon") as daemon:
         write_daemon_state(root, pid=daemon.pid, state="training", heartbeat=ago(600),
