@@ -630,9 +630,10 @@ def repair_version(root, vid: str) -> dict:
                     os.fsync(f.fileno())
                 entry = rec["manifest"][rel]
                 if hash_file(tmp) != (entry.get("sha256"), entry.get("size")):
-                    raise GuardrailError(f"backup {holder['id']}'s {rel} does not hold what "
-                                         f"version {vid} recorded; nothing was changed", src,
-                                         f"Check it with `python3 backup_manager.py verify {holder['id']}`.")
+                    raise GuardrailError(
+                        f"backup {holder['id']}'s {rel} does not hold what version {vid} "
+                        "recorded; nothing was changed", src,
+                        f"Check it with `python3 backup_manager.py verify {holder['id']}`.")
             for n, rel in enumerate(bad):  # all copied and proven: now swap them in
                 sound = staging / str(n)
                 os.chmod(sound, model_versioner.READ_ONLY)

@@ -318,8 +318,8 @@ def copy_of_version(root) -> str | None:
     its sha256s equal the version's, every file is as that manifest recorded it, size and
     mtime (`mtime_ns`, which a backup restore records: a write in place moves it), and the
     version passes its cheap check (a damaged one, restored from a backup, is versioned
-    anew). Cheap: no hashing. Keeping such a current_model before a restore, or a snapshot of it, would
-    store the same bytes again as a new version."""
+    anew). Cheap: no hashing. Keeping such a current_model before a restore, or a snapshot
+    of it, would store the same bytes again as a new version."""
     p = Paths(root)
     try:
         manifest = read_manifest(p.current_model)

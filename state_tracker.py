@@ -465,7 +465,8 @@ def _gone_versions(root: Path, versions: dict, model: dict, w: list) -> bool:
         message = (f"version {vid}{why} is gone: its folder was deleted by hand (prune keeps "
                    "the latest and tagged versions, and leaves a record of each one it deletes)")
         if vid == current:
-            _warn(w, "VERSION_GONE", "warning", message + "; current_model still holds it, unversioned",
+            _warn(w, "VERSION_GONE", "warning",
+                  message + "; current_model still holds it, unversioned",
                   _cmd(root, "model_versioner.py snapshot --note versioned-again"),
                   f"Versions current_model again (a new id; {vid} stays gone). Lineage from it "
                   f"stops where {vid} was.")
