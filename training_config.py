@@ -155,7 +155,9 @@ PARAMS: dict[str, Param] = {
                                "config.json changes or less than 10% of the memory holding them "
                                "is free; 0: as soon as it is idle",
                                0.0, 86400.0),
-    "max_attempts": Param(3, "int", "a file that crashes training this often goes to failed/",
+    "max_attempts": Param(3, "int", "a file that crashes training this often goes to failed/ "
+                          "(a daemon killed after a new checkpoint of the file since its last "
+                          "start, `kill -9` or a power cut, is no failed attempt: it resumes)",
                           1, 1000),
     "min_free_disk_mb": Param(100, "int", "margin kept free beyond one snapshot plus one "
                               "checkpoint", 0, 1 << 30),

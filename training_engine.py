@@ -462,18 +462,38 @@ class Encoder:
         """Render every chat record of a file once (no tokenizing; the first `limit` records
         only if given): the first ChatRenderError, or None. A file the template cannot
         render is refused before its first step (and by the daemon when it is queued).
-        `tick()` is called between records at most every CHECK_TICK_S (the daemon's
-        heartbeat and requests: a big chat file takes minutes); a stop, pause or skip it
-        returns ends the check there (None: the request is carried out before any step)."""
+        With `tick`, the records are rendered in a thread while this one calls `tick()`
+        every CHECK_TICK_S (the daemon's heartbeat and requests: a big chat file, or one
+        record of thousands of turns, takes minutes); a stop, pause or skip it returns ends
+        the wait at once (None: the request is carried out before any step; the thread
+        stops after the record it renders)."""
+        if tick is None:
+            return self._check_records(data_path, limit, threading.Event(), reading)
+        stop, out = threading.Event(), {}
+
+        def work():
+            try:
+                out["result"] = self._check_records(data_path, limit, stop, reading)
+            except BaseException as exc:  # (raised in the caller's thread)
+                out["error"] = exc
+        worker = threading.Thread(target=work, name="check-records", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(CHECK_TICK_S)
+            if worker.is_alive() and tick() in ("stop", "pause", "skip"):
+                stop.set()
+                return None
+        if "error" in out:
+            raise out["error"]
+        return out.get("result")
+
+    def _check_records(self, data_path, limit, stop: threading.Event, reading: dict):
         import itertools
         import validate_data
         records = validate_data.iter_records(Path(data_path), **reading)
-        ticked = time.monotonic()
         for record in itertools.islice(records, limit):
-            if tick is not None and time.monotonic() - ticked >= CHECK_TICK_S:
-                ticked = time.monotonic()
-                if tick() in ("stop", "pause", "skip"):
-                    return None
+            if stop.is_set():
+                return None
             if record.messages is None:
                 continue
             try:
@@ -530,7 +550,7 @@ class Encoder:
 
 # --------------------------------------------------------------------------- packing
 
-CHECK_TICK_S = 0.5  # Encoder.check_file: the daemon's heartbeat and requests, between records
+CHECK_TICK_S = 0.5  # Encoder.check_file: the daemon's heartbeat and requests, while it renders
 
 
 def _template_refusal(exc: BaseException) -> bool:
@@ -2282,9 +2302,19 @@ class BatchPrefetcher:
             self._reading = True
             self._asked.release()
 
-    def next(self) -> Batch:
+    def next(self, waiting=None) -> Batch | None:
+        """The next batch. `waiting()` is called every CHECK_TICK_S while it is not read yet
+        (a record of thousands of chat turns renders for minutes: the daemon's heartbeat and
+        requests go on); None when it returns a stop, pause or skip (the batch is dropped)."""
+        import queue
         self.ahead()
-        batch, exc = self._queue.get()
+        while True:
+            try:
+                batch, exc = self._queue.get(timeout=None if waiting is None else CHECK_TICK_S)
+                break
+            except queue.Empty:
+                if waiting() in ("stop", "pause", "skip"):
+                    return None
         self._reading = False
         if exc is not None:
             raise exc
@@ -2292,10 +2322,14 @@ class BatchPrefetcher:
 
     def close(self) -> None:
         """Stop reading ahead (a batch read and not trained is simply dropped: checkpoints
-        record the position of the last trained one)."""
+        record the position of the last trained one). A read that runs on (a long one after
+        `next` gave up on it) is left to end by itself: nothing waits for it."""
         self._done.set()
         self._asked.release()  # wakes a thread waiting to be asked; a read in progress ends
-        self._thread.join()
+        self._thread.join(timeout=READ_JOIN_S)
+
+
+READ_JOIN_S = 5.0  # BatchPrefetcher.close: a read takes milliseconds, but a long render minutes
 
 
 class FileRun:
@@ -2868,8 +2902,11 @@ def _train_file(root, data_path, *, file_id, config, records_total, control, pro
             action = run.poll_control()
             if action is not None:
                 return run.stop_for(action)
-            # 4. The next batch; none left: the file is trained.
-            batch = batches.next()
+            # 4. The next batch (the daemon's requests read while a slow one is read; under
+            #    DDP only at the boundary, where every rank asks); none left: the file is trained.
+            batch = batches.next(None if run.ddp else run.poll_control)
+            if batch is None:
+                return run.stop_for(run.pending)
             if not batch.micro:
                 if batch.untrained:  # the file ends in rows without a target: consumed, not trained
                     run.state["tokens_seen"] += batch.untrained

@@ -114,17 +114,28 @@ def test_deepseek_r1_trains_what_its_template_renders(qwen_tokenizer, tmp_path):
 def test_the_check_of_every_record_ticks_the_daemon_and_stops_when_asked(qwen_tokenizer, tmp_path,
                                                                         monkeypatch):
     """The check of every chat record before a file's first step (and at intake) ran with
-    no heartbeat and no requests read: a big chat file made the daemon look hung for
-    minutes. It calls `tick` between records; a stop, pause or skip it returns ends it."""
+    no heartbeat and no requests read: a big chat file, or one record of thousands of turns
+    (minutes to render), made the daemon look hung. The records render in a thread while
+    `tick` is called; a stop, pause or skip it returns ends the wait at once."""
+    import time
     import training_engine as te
-    monkeypatch.setattr(te, "CHECK_TICK_S", 0.0)
+    monkeypatch.setattr(te, "CHECK_TICK_S", 0.05)
     data = write_jsonl(tmp_path / "c.jsonl", [{"messages": NO_SYSTEM}] * 3 + [{"messages": CONVERSATION}],
                        ensure_ascii=False)
     enc = encoder(qwen_tokenizer, "gemma-2")  # the last record has a system turn: refused
+    real = enc.renderer.pieces
+
+    def slow(*args, **kwargs):  # a record that takes long to render
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(enc.renderer, "pieces", slow)
     ticks = []
-    assert enc.check_file(data, tick=lambda: ticks.append(1)) is not None and len(ticks) == 4
-    ticks.clear()
-    assert enc.check_file(data, tick=lambda: ticks.append(1) or "pause") is None and ticks == [1]
+    err = enc.check_file(data, tick=lambda: ticks.append(1))
+    assert err is not None and err.line == 4 and len(ticks) >= 10  # ticked while it rendered
+    t0 = time.monotonic()
+    assert enc.check_file(data, tick=lambda: "pause") is None  # asked to pause: at once
+    assert time.monotonic() - t0 < 0.25
+    assert enc.check_file(data) is not None  # (no tick: in this thread, as before)
 
 
 def test_a_template_that_cannot_render_a_record_is_refused_with_a_working_fix(qwen_tokenizer, tmp_path):

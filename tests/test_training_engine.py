@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -1738,6 +1739,36 @@ def test_the_next_batch_is_read_once_asked_one_at_a_time_in_order():
     started = time.monotonic()
     waiting.close()  # a thread waiting to be asked ends at once
     assert not waiting._thread.is_alive() and time.monotonic() - started < 5 and reads[-1] == 0
+
+
+def test_a_slow_batch_read_keeps_the_daemon_ticking_and_a_stop_does_not_wait_for_it(monkeypatch):
+    """A batch holding a record of thousands of chat turns reads for minutes: the training
+    thread waited for it with no heartbeat and no request read. `next(waiting)` calls
+    `waiting()` while it waits; a stop, pause or skip returns None at once, and close()
+    leaves the read to end by itself."""
+    monkeypatch.setattr(te, "CHECK_TICK_S", 0.05)
+    monkeypatch.setattr(te, "READ_JOIN_S", 0.1)
+    release = threading.Event()
+
+    def read():
+        release.wait(5)
+        return te.Batch([0], 1, 1, 0, {"records": 0})
+    ticks = []
+    batches = te.BatchPrefetcher(read)
+    try:
+        threading.Timer(0.4, release.set).start()
+        assert batches.next(lambda: ticks.append(1)).micro == [0] and len(ticks) >= 3
+        release.clear()
+        started = time.monotonic()
+        assert batches.next(lambda: "pause") is None
+        assert time.monotonic() - started < 0.5
+    finally:
+        started = time.monotonic()
+        batches.close()
+        assert time.monotonic() - started < 1.0  # the read still runs: not waited for
+        release.set()
+    batches._thread.join(5)
+    assert not batches._thread.is_alive()
 
 
 def test_training_asks_for_the_next_batch_once_each_steps_backward_leaves_the_loss(
