@@ -1896,8 +1896,9 @@ class Daemon:
         try:
             engine = self.engine()
             encoder = self._intake_encoder(engine)
-            refused = encoder.check_file(path, limit=INTAKE_RENDER_RECORDS, tick=self._tend,
-                                         **engine.file_reading(path, self.cfg))
+            refused = encoder.check_file(  # (a stop asked meanwhile ends it: the engine checks later)
+                path, limit=INTAKE_RENDER_RECORDS, tick=lambda: self._tend() or (
+                    "stop" if self._stopping() else None), **engine.file_reading(path, self.cfg))
         except Exception as exc:  # only a head start: the engine's own check decides later
             self.log.warning("%s: not test-rendered at intake (%s); the engine checks it before "
                              "its first step", path.name, exc)
