@@ -43,7 +43,8 @@ import training_controller
 from model_manifest import MANIFEST, has_weights, not_its_own, write_manifest
 from trainroot import (BusyError, FileLock, GuardrailError, Paths, UsageError, add_common_args,
                        atomic_write_json, fsync_dir, model_lock, parse_time, print_json,
-                       read_json, rename_noreplace, resolve_root, run_cli, subcommands, utc_now)
+                       read_json, rename_noreplace, resolve_root, run_cli, same_file, subcommands,
+                       utc_now)
 from verified_copy import copy_tree_verified, hash_file, list_files, set_idle_priority
 
 SCHEMA_VERSION = 1
@@ -609,9 +610,11 @@ def repair_version(root, vid: str) -> dict:
                 touched.append(rel)
         holder = None
         if bad:
+            def holds(b, rel) -> bool:  # (a hand-edited record: anything but a dict holds nothing)
+                entry = b.get("files", {}).get(rel) if isinstance(b.get("files"), dict) else None
+                return isinstance(entry, dict) and entry.get("sha256") == rec["manifest"][rel].get("sha256")
             holder = next((b for b in reversed(list_backups(p.root)) if b.get("status") == "verified"
-                           and all(_dict(_dict(b.get("files")).get(rel)).get("sha256")
-                                   == rec["manifest"][rel].get("sha256") for rel in bad)), None)
+                           and all(holds(b, rel) for rel in bad)), None)
             if holder is None:
                 raise GuardrailError(
                     f"version {vid}'s {', '.join(bad[:5])} changed since it was recorded, and no "
@@ -637,7 +640,7 @@ def repair_version(root, vid: str) -> dict:
             for n, rel in enumerate(bad):  # all copied and proven: now swap them in
                 sound = staging / str(n)
                 os.chmod(sound, model_versioner.READ_ONLY)
-                if _same_inode(folder / rel, p.current_model / rel):
+                if same_file(folder / rel, p.current_model / rel):
                     # current_model was this version: its link first, so a repair killed
                     # between the two renames is finished by running it again
                     shared.add(rel)
@@ -670,17 +673,6 @@ def _version_holds(root, vid: str, files: dict) -> bool:
             not model_versioner.verify_version(root, vid)
     except (GuardrailError, OSError):
         return False
-
-
-def _same_inode(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _dict(x) -> dict:
-    return x if isinstance(x, dict) else {}
 
 
 def restore_base(root, base_id: str) -> dict:

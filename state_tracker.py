@@ -36,7 +36,7 @@ import versions_index
 from trainroot import (SCRIPTS_DIR, GuardrailError, Paths, add_common_args,
                        atomic_write_json, daemon_liveness, enclosing_root, is_training_root,
                        model_folder, print_json, process_running, read_json, read_lock_holder,
-                       require_root, resolve_root, run_cli, utc_now)
+                       require_root, resolve_root, run_cli, same_file, utc_now)
 
 SCHEMA_VERSION = 1
 STALL_AFTER_S = 120.0           # a training daemon writes its heartbeat about once a second
@@ -407,7 +407,8 @@ def _damaged_versions(root: Path, versions: dict, model: dict, w: list) -> None:
             # the same files only where they are the same inodes: a copy restored from a
             # backup matches the version's manifest and holds its own, sound bytes
             shared = model.get("matches_version") == vid and any(
-                _same_file(Paths(root).versions / vid / rel, Paths(root).current_model / rel) for rel in written)
+                same_file(Paths(root).versions / vid / rel, Paths(root).current_model / rel)
+                for rel in written)
             if shared:
                 message += " (current_model/ is this version: the same files, hard-linked)"
             note = ("Recomputes every checksum. If it names bad files, the bytes changed"
@@ -478,13 +479,6 @@ def _gone_versions(root: Path, versions: dict, model: dict, w: list) -> bool:
             _warn(w, "VERSION_GONE", "warning", message, _cmd(root, "model_versioner.py list"),
                   f"Lists the versions there are; {bytes_at}.")
     return current is not None
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _restore_what(root: Path, vid: str, latest: str) -> tuple[str, str]:

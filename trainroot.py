@@ -441,6 +441,14 @@ def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> None:
         fsync_dir(b.parent)
 
 
+def same_file(a, b) -> bool:
+    """`a` and `b` are one file (the same inode: hard links); False if either is missing."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike, *, sync: bool = True) -> None:
     """Rename that fails with FileExistsError instead of replacing `dst` (`sync=False`: the
     caller fsyncs both folders later, see `fsync_paths`)."""
