@@ -1112,9 +1112,11 @@ class _PageWriter:
     pages cached."""
 
     PAGE = 4096
+    KICK = 8 << 20  # written bytes whose write-out to the disk is started (_start_writeback)
 
     def __init__(self, f):
         self.f, self.tail = f, bytearray()
+        self.pos = self.kicked = 0  # bytes written, and those whose write-out was started
 
     def __enter__(self):
         return self
@@ -1130,17 +1132,54 @@ class _PageWriter:
             view = view[fill:]
             if len(self.tail) < self.PAGE:
                 return
-            self.f.write(self.tail)
+            self._put(self.tail)
             self.tail = bytearray()
         whole = len(view) - len(view) % self.PAGE
         if whole:
-            self.f.write(view[:whole])
+            self._put(view[:whole])
         self.tail += view[whole:]
+
+    def _put(self, data) -> None:
+        self.f.write(data)
+        self.pos += len(data)
+        # up to a 2 MB boundary only: the page cache keeps a file in folios of up to 2 MB,
+        # and a folio written out before its last bytes came was written twice (+10%)
+        end = self.pos - self.pos % (2 << 20)
+        if end - self.kicked >= self.KICK:
+            self.f.flush()
+            _start_writeback(self.f.fileno(), self.kicked, end - self.kicked)
+            self.kicked = end
 
     def close(self) -> None:
         if self.tail:
             self.f.write(self.tail)
             self.tail = bytearray()
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start writing these bytes of `fd` from the page cache to the disk now, without
+    waiting (sync_file_range, Linux): the fsync after the file's last write then waits for
+    the rest only, while the writes go on beside it. 208 MB written over cached pages, then
+    fsynced: 49-53 ms with a start every 8-16 MB, against 69-76 ms (medians of 6,
+    alternating). Elsewhere, or where the call fails, nothing (the fsync writes them all)."""
+    if _SYNC_FILE_RANGE:
+        _SYNC_FILE_RANGE[0](fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE; its errors: the fsync's
+
+
+def _sync_file_range() -> list:
+    """[libc's sync_file_range] on Linux, else []."""
+    if not sys.platform.startswith("linux"):
+        return []
+    import ctypes
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return []
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return [fn]
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
 
 
 DIRECT_MIN = 64 << 20

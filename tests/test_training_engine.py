@@ -1483,6 +1483,34 @@ def test_tensors_reach_the_file_in_whole_pages(tmp_path):
     assert all(size % 4096 == 0 for _, size in raw.writes[:-1]), raw.writes
 
 
+def test_writes_through_the_page_cache_start_their_write_out_as_they_go(tmp_path, monkeypatch):
+    """A file written through the page cache has each 8 MB or more started to the disk
+    while the rest is written (the fsync after it waits for less), in ranges that end on
+    2 MB (a folio started before its last bytes came is written twice), in order, every
+    byte once; the file is byte for byte save_file's."""
+    import torch
+    from safetensors.torch import save_file
+    torch.manual_seed(1)
+    tensors = {f"w{i}": torch.randn(1000 + 77 * i, 257) for i in range(24)}  # ~28 MB, odd sizes
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    ref = (tmp_path / "ref.safetensors").read_bytes()
+    started = []
+    real = te._start_writeback
+
+    def spy(fd, offset, nbytes):
+        started.append((offset, nbytes))
+        real(fd, offset, nbytes)
+    monkeypatch.setattr(te, "_start_writeback", spy)
+    (tmp_path / "spare.safetensors").write_bytes(bytes(len(ref) + 12345))
+    out = te.write_safetensors(tmp_path / "spare.safetensors", tensors, over=True)
+    assert (tmp_path / "spare.safetensors").read_bytes() == ref and out["size"] == len(ref)
+    assert started and started[0][0] == 0
+    for (offset, nbytes), (after, _n) in zip(started, started[1:] + [(None, 0)]):
+        assert nbytes >= te._PageWriter.KICK and (offset + nbytes) % (2 << 20) == 0
+        assert after is None or after == offset + nbytes
+    assert len(ref) - sum(n for _o, n in started) < te._PageWriter.KICK + (2 << 20)
+
+
 def test_fsync_tree_never_changes_the_mode_of_a_file_linked_elsewhere(tmp_path):
     """A staged model may hold a link to a checkpoint's weights that a version shares
     (a publish retried from that checkpoint): its read-only mode stays as it is."""
