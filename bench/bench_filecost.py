@@ -207,7 +207,9 @@ def run_case(work: Path, size: str, dtype_name: str, files: int, *, from_disk=Fa
             last = rows[-1]
             before = ({"new": fsynced_write_s(case, last["bytes_total"], last["bytes_new"]),
                        "kept": fsynced_write_s(case, last["bytes_total"])}, last["bytes_total"])
-        spare = te.spare_bytes()  # a pruned checkpoint's files to write over (none for the first two)
+        # a pruned checkpoint's files of this root to write over (none for its first two files;
+        # the case before it leaves its own spare in this process)
+        spare = sum(f.stat().st_size for f in te._spare_files() if p.staging in f.parents)
         io0, t0 = write_bytes(), time.perf_counter()
         result = te.train_file(root, data, file_id=f"f{i}", config=cfg)
         train_s = time.perf_counter() - t0
