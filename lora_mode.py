@@ -67,6 +67,32 @@ def lora_config(config: dict):
                       bias="none", task_type="CAUSAL_LM")
 
 
+def _no_layer(config: dict, where) -> GuardrailError:
+    return GuardrailError(f"lora_target_modules {json.dumps(config.get('lora_target_modules'))} "
+                          "names no layer of the model", where,
+                          "Set lora_target_modules to \"all-linear\" or to layer names the "
+                          "model has (e.g. [\"q_proj\", \"v_proj\"]) in config.json, then "
+                          "`python3 training_controller.py approve-config --yes`.")
+
+
+def refuse_missing_targets(config: dict, model_dir: Path, where) -> None:
+    """Raise when config.json's lora_target_modules names no layer of the model in
+    `model_dir`, read from its safetensors headers (no torch: before anything is written)."""
+    targets = config.get("lora_target_modules", "all-linear") if isinstance(config, dict) else None
+    if not isinstance(targets, list) or not targets:
+        return  # "all-linear", or a value training_config refuses
+    modules = set()
+    for f in Path(model_dir).glob("*.safetensors"):
+        try:
+            with open(f, "rb") as fh:
+                head = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        except (OSError, ValueError):
+            return  # an unreadable model: its own check says so
+        modules.update(name.rsplit(".", 1)[0] for name in head if name != "__metadata__")
+    if modules and not any(m == t or m.endswith("." + t) for m in modules for t in map(str, targets)):
+        raise _no_layer(config, where)
+
+
 def expected_trainable(base, config: dict) -> int:
     """Adapter parameters the LoRA shape gives this base: r x (in + out) per targeted layer
     ("all-linear": every linear layer but the output head, as peft picks them)."""
@@ -156,11 +182,7 @@ def load(root, folder: Path, config: dict, *, global_step: int) -> tuple[object,
     base = load_base(root, base_id)
     expected = expected_trainable(base, config)
     if expected == 0:
-        raise GuardrailError(f"lora_target_modules {json.dumps(config.get('lora_target_modules'))} "
-                             "names no layer of the model", folder,
-                             "Set lora_target_modules to \"all-linear\" or to layer names the "
-                             "model has (e.g. [\"q_proj\", \"v_proj\"]) in config.json, then "
-                             "`python3 training_controller.py approve-config --yes`.")
+        raise _no_layer(config, folder)
     if fresh:
         with torch.random.fork_rng(devices=[]):  # the run's own RNG stream is left as it was
             torch.manual_seed(int(config.get("seed", 0)) + int(global_step))

@@ -33,6 +33,7 @@ from pathlib import Path
 import backup_records
 import base_store
 import cli_guard
+import lora_mode
 import versions_index
 from training_controller import file_midway, refuse_while_training  # the daemon's liveness, one definition
 from model_manifest import (MANIFEST, READ_ONLY, VERSION_FILE, check_model_dir, not_its_own,
@@ -802,18 +803,67 @@ def recover(root) -> dict:
 
 # --------------------------------------------------------------------------- restore, rollback
 
-def restore_version(root, vid, reason: str = "restore") -> dict:
+def restore_version(root, vid, reason: str = "restore", *, by_person: bool = False) -> dict:
     """Make current_model equal to version `vid`, keeping the present state as a version first
-    (reason `pre-<reason>`: pre-restore, pre-backup-restore, ...).
+    (reason `pre-<reason>`: pre-restore, pre-backup-restore, ...). `latest` is the newest
+    version the quality gate did not reject (or hold); a rejected one named by its id is
+    restored, and said. `by_person` (the CLI): refused while the gate holds a file, but for
+    the version before it (accept and reject restore what they decide themselves).
 
-    Returns `{restored, previous_version, kept_version, changed, undo}`.
+    Returns `{restored, previous_version, kept_version, changed, undo, passed_over, rejected}`.
     """
     p = Paths(root)
     refuse_while_training(p.root)
     # the model lock: never in the window between the daemon taking a file and its training
     with model_lock(p.root, f"restore {vid}"), _versions_lock(p, f"restore {vid}"):
+        passed_over = []
+        if vid == "latest":
+            for row in versions_index.VersionsIndex(p.root).newest(readable=True):
+                if not row.get("review"):
+                    vid = row["id"]
+                    break
+                passed_over.append(row["id"])
+            else:
+                passed_over = []  # every one rejected: `latest` as it reads
         vid = resolve_version(p.root, vid)
-        return _restore_locked(p, vid, f"pre-{reason}")  # pre-restore, pre-backup-restore, ...
+        if by_person:
+            _refuse_during_hold(p, f"restore {vid}", allowed=vid)
+        result = _restore_locked(p, vid, f"pre-{reason}")  # pre-restore, pre-backup-restore, ...
+        rec = _load_record(p, vid) or {}
+        rejected = ((rec.get("gate") or {}).get("file") or "its file") if rec.get("rejected") else None
+        return dict(result, passed_over=passed_over, rejected=rejected)
+
+
+def gate_hold(root) -> dict | None:
+    """The quality gate's hold: {file, version (the held training), before (current_model's
+    version meanwhile)}, or None."""
+    import eval_gate
+    import training_queue
+    held = eval_gate.held_file(root)
+    if held is None:
+        return None
+    rec = training_queue.read_record(held)
+    return {"file": held.name, "version": (rec.get("hold") or {}).get("version"),
+            "before": rec.get("version_before")}
+
+
+def _refuse_during_hold(p: Paths, what: str, allowed: str | None = None) -> None:
+    """While the gate holds a file, current_model stays at the version before it and the
+    decision (accept/reject) publishes or drops the held training: a rollback or restore
+    meanwhile would be undone by it, or undo the file before the held one. Restoring the
+    version before it (current_model deleted meanwhile) is allowed."""
+    hold = gate_hold(p.root)
+    if hold is None or (allowed is not None and allowed == hold["before"]):
+        return
+    import eval_gate
+    accept, reject = eval_gate.decision_cmds(p.root)
+    raise GuardrailError(
+        f"cannot {what} while processing/{hold['file']} is held by the quality gate: its "
+        f"training is kept as {hold['version']}, not in current_model (still "
+        f"{hold['before']}), and the decision on it would undo this", p.processing / hold["file"],
+        f"Decide first: `{reject}` (the file goes to skipped/, current_model stays "
+        f"{hold['before']}) or `{accept}` (current_model becomes its training); then "
+        f"`{CMD} {what.split()[0]}` again if you still want it.")
 
 
 def _restore_locked(p: Paths, vid: str, keep_reason: str) -> dict:
@@ -937,6 +987,7 @@ def rollback(root) -> dict:
     p = Paths(root)
     refuse_while_training(p.root)
     with model_lock(p.root, "rollback"), _versions_lock(p, "rollback"):
+        _refuse_during_hold(p, "rollback")
         target = rollback_target(p.root)
         result = _restore_locked(p, target, "pre-rollback")
     # what it undoes: the data files of the versions from the one it left back to the target
@@ -981,6 +1032,55 @@ def _merged_since(p: Paths, vid: str, base: str) -> list[str]:
     return out[::-1]
 
 
+def _merge_and_stage(p: Paths, before: str, base: str, base_rec: dict, merged: list,
+                     work: Path, full: bool) -> tuple[str, Path, dict]:
+    """Merge `before`'s adapter into a new base and stage what current_model becomes:
+    (new base id, the staged folder, the merge's report). Nothing published yet."""
+    import adapter_merge
+    cur = p.current_model
+    report = adapter_merge.merge(base_store.base_dir(p.root, base), p.versions / before,
+                                 work / "merged", dtype=base_rec.get("dtype"))
+    new_base = base_store.create_base(p.root, work / "merged", source="consolidate",
+                                      merged=merged)
+    if new_base == base:
+        raise GuardrailError(f"the merged model equals base {base} (the adapter changes "
+                             "nothing); nothing was changed", cur,
+                             "Train on a file first, then consolidate.")
+    state = read_json(cur / "trainer_state.json", default={}) or {}
+    state = {**state, "warmup_from_step": state.get("global_step")}  # the engine warms up
+    stage = work / "publish"
+    new_dir = base_store.base_dir(p.root, new_base)
+    if full:  # lora -> full: current_model is the merged model itself (its files linked)
+        stage.mkdir()
+        rels = [r for r in walk(new_dir, skip=(MANIFEST, base_store.BASE_FILE,
+                                               "trainer_state.json"))]
+        _link_tree(new_dir, stage, rels)
+        atomic_write_json(stage / "trainer_state.json", state)
+        write_manifest(stage, extra={"kind": "full"})
+    else:
+        try:
+            cfg = read_json(p.config, default={}) or {}
+        except GuardrailError:
+            cfg = {}
+        adapter_merge.fresh_adapter(new_dir, cur, stage, seed=int(cfg.get("seed") or 0),
+                                    state=state, config=cfg if isinstance(cfg, dict) else None)
+        write_manifest(stage, extra={"kind": "adapter", "base": new_base})
+    return new_base, stage, report
+
+
+def _consolidated_into(p: Paths, base_id: str) -> bool:
+    """Whether a consolidate version (kept or pruned) made `base_id`."""
+    pruned = p.versions / ".pruned"
+    vids = _version_dirs(p) + sorted(f.stem for f in pruned.glob("v*.json")) if pruned.is_dir() \
+        else _version_dirs(p)
+    for vid in vids:
+        rec = _load_record(p, vid) or _pruned_record(p, vid)
+        made = rec.get("consolidate") if isinstance(rec, dict) else None
+        if isinstance(made, dict) and made.get("base") == base_id:
+            return True
+    return False
+
+
 def consolidate(root, *, note=None, full: bool = False) -> dict:
     """Merge current_model's adapter into its base (float32, cast once to the base's dtype)
     as a new immutable base, proven equal on a probe batch, then make current_model a fresh
@@ -988,6 +1088,7 @@ def consolidate(root, *, note=None, full: bool = False) -> dict:
     (reason `consolidate`). Undo: `restore` of the version it names."""
     p = Paths(root)
     refuse_while_training(p.root)
+    _refuse_during_hold(p, "consolidate")
     midway = file_midway(p.root)
     if midway:  # its checkpoint holds an adapter of this base: it could not resume on the new one
         raise GuardrailError(
@@ -1019,48 +1120,35 @@ def _consolidate_locked(p: Paths, note, full: bool) -> dict:
                              "Train on a file first, then consolidate.")
     # The same merge again (a consolidate undone, nothing trained since) would make the same
     # base: refused. Trained on after the undo, the adapter is another one on the same base
-    # (the versions it has in common with an earlier merge are in it once): a new merge.
+    # (the versions it has in common with an earlier merge are in it once): a new merge. A
+    # base no consolidate version names is what a failed or killed one left: merged again
+    # (create_base finds it by its weights).
     same = next((b["base_id"] for b in base_store.list_bases(p.root)
-                 if (b.get("merged") or []) == merged), None)
+                 if (b.get("merged") or []) == merged and _consolidated_into(p, b["base_id"])), None)
     if same:
         raise GuardrailError(f"{', '.join(merged)} {'was' if len(merged) == 1 else 'were'} "
                              f"merged into base {same} already (a consolidate undone, nothing "
                              "trained since)", base_store.base_dir(p.root, same),
                              f"Restore the version that consolidate made on {same} (`{CMD} "
                              "list`: reason consolidate), or train on a file first.")
-    import adapter_merge  # torch, transformers and peft: only here
     base_rec = base_store.read_base(p.root, base)
+    if not full:  # the fresh adapter's shape names layers the model has: checked before any write
+        lora_mode.refuse_missing_targets(read_json(p.config, default={}) or {},
+                                         base_store.base_dir(p.root, base), p.config)
     p.staging.mkdir(parents=True, exist_ok=True)
     work = p.staging / f"{PREFIX}consolidate-{_stamp()}"
     work.mkdir()
     try:
-        report = adapter_merge.merge(base_store.base_dir(p.root, base), p.versions / before,
-                                     work / "merged", dtype=base_rec.get("dtype"))
-        new_base = base_store.create_base(p.root, work / "merged", source="consolidate",
-                                          merged=merged)
-        if new_base == base:
-            raise GuardrailError(f"the merged model equals base {base} (the adapter changes "
-                                 "nothing); nothing was changed", cur,
-                                 "Train on a file first, then consolidate.")
-        state = read_json(cur / "trainer_state.json", default={}) or {}
-        state = {**state, "warmup_from_step": state.get("global_step")}  # the engine warms up
-        stage = work / "publish"
-        new_dir = base_store.base_dir(p.root, new_base)
-        if full:  # lora -> full: current_model is the merged model itself (its files linked)
-            stage.mkdir()
-            rels = [r for r in walk(new_dir, skip=(MANIFEST, base_store.BASE_FILE,
-                                                   "trainer_state.json"))]
-            _link_tree(new_dir, stage, rels)
-            atomic_write_json(stage / "trainer_state.json", state)
-            write_manifest(stage, extra={"kind": "full"})
-        else:
-            try:
-                cfg = read_json(p.config, default={}) or {}
-            except GuardrailError:
-                cfg = {}
-            adapter_merge.fresh_adapter(new_dir, cur, stage, seed=int(cfg.get("seed") or 0),
-                                        state=state, config=cfg if isinstance(cfg, dict) else None)
-            write_manifest(stage, extra={"kind": "adapter", "base": new_base})
+        try:
+            new_base, stage, report = _merge_and_stage(p, before, base, base_rec, merged, work, full)
+        except (GuardrailError, OSError):
+            raise
+        except Exception as exc:  # peft's or transformers' own: said, never a traceback
+            raise GuardrailError(f"consolidate failed ({exc.__class__.__name__}: {exc}); "
+                                 "current_model and the versions are unchanged", cur,
+                                 "Check config.json's LoRA settings (lora_r, lora_alpha, "
+                                 "lora_target_modules) against the model, then run "
+                                 f"`{CMD} consolidate` again.") from None
         published = _publish_locked(p, stage, "consolidate", "if-unversioned")
         vid, _ = _create_version_locked(p, "consolidate", note=note, force=True, extra={
             "consolidate": {"from": before, "base_before": base, "base": new_base,
@@ -1620,7 +1708,16 @@ def _print_restore(args, result: dict, verb: str) -> None:
     result["undo"] = cli_guard.command(result["undo"], cli_guard.explicit_root(args))
     if args.json:
         print_json({"ok": True, **result})
-    elif not result["changed"]:
+        return
+    passed = result.get("passed_over") or []
+    if passed:
+        print(f"latest is {result['restored']}: {', '.join(passed)} "
+              f"{'was' if len(passed) == 1 else 'were'} rejected by the quality gate (restore "
+              "one by its id if you mean it).")
+    elif result.get("rejected"):
+        print(f"Note: {result['restored']} is the training of {result['rejected']}, which the "
+              "quality gate rejected.")
+    if not result["changed"]:
         print(f"current_model already equals {result['restored']}; nothing to do.")
     else:
         kept = f" (the previous state was kept as {result['kept_version']})" \
@@ -1647,7 +1744,7 @@ def cmd_rollback(args) -> int:
 
 def cmd_restore(args) -> int:
     """Make current_model equal to version V (vNNN, a tag or latest); undoable."""
-    _print_restore(args, restore_version(_root(args), args.version), "Restored")
+    _print_restore(args, restore_version(_root(args), args.version, by_person=True), "Restored")
     return 0
 
 

@@ -275,6 +275,37 @@ def test_consolidate_merges_within_tolerance_recorded_never_the_same_twice_undoa
     assert (again["base_before"], again["base"], again["merged"]) == ("b001", "b003", ["v002", "v003", "v005"])
 
 
+def test_a_consolidate_that_fails_changes_nothing_and_never_blocks_the_next(adapter_root,
+                                                                          monkeypatch):
+    """lora_target_modules naming no layer is refused before anything is written (it was a
+    peft traceback after the new base was made); a consolidate that fails after making its
+    base (killed, or peft's own error) leaves a base no version names, which the next
+    consolidate merges again: it was refused for good as "merged already", and the daemon
+    then refused to train until a consolidate, which blocked both."""
+    import adapter_merge
+    import training_config
+    cfg = training_config.load_config(adapter_root)
+    training_config.write_config(adapter_root, dict(cfg, lora_target_modules=["qproj"]))
+    proc = run_script("model_versioner.py", "consolidate", root=adapter_root, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert 'lora_target_modules ["qproj"] names no layer of the model' in proc.stderr
+    assert sorted(os.listdir(adapter_root / "base")) == [".last_id", "b001"]
+    training_config.write_config(adapter_root, cfg)
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("the process died here")
+    monkeypatch.setattr(adapter_merge, "fresh_adapter", killed)
+    with pytest.raises(GuardrailError, match="consolidate failed .RuntimeError: the process died "
+                                             "here.; current_model and the versions are unchanged"):
+        mv.consolidate(adapter_root)
+    assert mv.current_version(adapter_root) == "v003" and mv.latest_version(adapter_root) == "v003"
+    assert base_store.read_base(adapter_root, "b002")["merged"] == ["v002", "v003"]  # left behind
+    monkeypatch.undo()
+    out = mv.consolidate(adapter_root)
+    assert (out["base"], out["merged"], out["version"]) == ("b002", ["v002", "v003"], "v004")
+    assert sorted(os.listdir(adapter_root / "base")) == [".last_id", "b001", "b002"]
+
+
 def test_consolidate_full_gives_a_full_model_loadable_in_a_fresh_process(adapter_root):
     want = logits(adapter_root / "current_model")
     result = mv.consolidate(adapter_root, full=True)

@@ -291,6 +291,40 @@ def test_reject_after_a_restore_during_the_hold_keeps_it_and_says_what_current_m
     assert model_versioner.current_version(root) == "v001"
 
 
+def test_while_a_file_is_held_rollback_and_restore_wait_for_the_decision(tmp_path, tiny_model_dir):
+    """During a hold current_model is the version before the held file: a rollback would undo
+    the file before it (and accept would undo the rollback), a restore of the held training
+    would skip the decision: both refused, naming reject and accept; `restore latest` passes
+    over the held version, and restoring the version before it (current_model deleted) works.
+    After a reject, `restore latest` still passes over the rejected version, and restoring it
+    by its id says what it is."""
+    import shutil
+    import model_versioner
+    root = gate_root(tmp_path / "root", tiny_model_dir)
+    rec = hold_bad_file(root)
+    held, before = rec["hold"]["version"], rec["version_before"]
+    cur = weights(root / "current_model")
+    for args in (["rollback"], ["restore", held], ["consolidate"]):
+        proc = run_script("model_versioner.py", *args, root=root)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "held by the quality gate" in proc.stderr and eval_gate.REJECT_CMD in proc.stderr
+        assert eval_gate.ACCEPT_CMD in proc.stderr and "Traceback" not in proc.stderr
+    assert_same_weights(weights(root / "current_model"), cur)
+    proc = run_script("model_versioner.py", "restore", "latest", root=root)
+    assert proc.returncode == 0 and f"{held} was rejected by the quality gate" in proc.stdout, proc.stdout
+    assert model_versioner.current_version(root) == before
+    shutil.rmtree(root / "current_model")
+    proc = run_script("model_versioner.py", "restore", before, root=root)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_weights(weights(root / "current_model"), cur)
+    assert controller(root, "reject")["outcome"] == "done"
+    out = json.loads(run_script("model_versioner.py", "restore", "latest", "--json", root=root).stdout)
+    assert out["restored"] == before and out["passed_over"] == [held] and not out["changed"]
+    proc = run_script("model_versioner.py", "restore", held, root=root)
+    assert proc.returncode == 0 and "bad.jsonl, which the quality gate rejected" in proc.stdout
+    assert model_versioner.current_version(root) == held
+
+
 def test_accept_with_a_running_daemon_publishes_the_held_version(tmp_path, tiny_model_dir, daemons):
     root = gate_root(tmp_path / "root", tiny_model_dir)
     rec = hold_bad_file(root)
