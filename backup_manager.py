@@ -659,8 +659,12 @@ def repair_version(root, vid: str) -> dict:
                 fsync_dir(d)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        base = model_versioner.version_base(rec)  # an adapter's base is repaired by restore-base
+        base_bad = bool(base and base_store.verify_base(p.root, base))
     return {"ok": True, "version": vid, "repaired": bad, "time_stamps": touched,
-            "from_backup": holder["id"] if holder else None, "current_model_too": sorted(shared)}
+            "from_backup": holder["id"] if holder else None, "current_model_too": sorted(shared),
+            "base_damaged": base if base_bad else None,
+            "base_fix": model_versioner.base_fix(p.root, base) if base_bad else None}
 
 
 def _version_holds(root, vid: str, files: dict) -> bool:
@@ -1015,7 +1019,9 @@ def cmd_repair(args) -> int:
     if args.json:
         print_json(result)
     elif not result["repaired"] and not result["time_stamps"]:
-        print(f"version {result['version']} holds what it recorded: nothing to repair")
+        print(f"version {result['version']} holds what it recorded: nothing to repair"
+              + (f"; its base {result['base_damaged']} is damaged. {result['base_fix']}."
+                 if result["base_damaged"] else ""))
     else:
         if result["repaired"]:
             print(f"repaired {result['version']}: {', '.join(result['repaired'])} from backup "
@@ -1024,6 +1030,8 @@ def cmd_repair(args) -> int:
         if result["time_stamps"]:
             print(f"{result['version']}: {', '.join(result['time_stamps'])} hold what was "
                   "recorded (only the time stamp moved): recorded again")
+        if result["base_damaged"]:
+            print(f"Its base {result['base_damaged']} is damaged too. {result['base_fix']}.")
     return 0
 
 

@@ -163,11 +163,12 @@ def verify_base_copy(bdir, ref: dict) -> list[str]:
 def install_base(root, bdir, ref: dict) -> str | None:
     """Bring base `ref["id"]` back into ROOT/base/ from its verified copy when it is missing
     or damaged (a damaged one is moved to ROOT/.attic/, never deleted). Returns what was
-    done, or None when the root's base is already good."""
+    done, or None when the root's base is already good: every file's sha256 recomputed, as
+    `verify` does (rot that kept sizes and time stamps passes the cheap check)."""
     base_id = ref.get("id")
     target = base_store.base_dir(root, base_store.validate_base_id(base_id))
     with _base_lock(root):
-        if target.is_dir() and not base_store.check_base(root, base_id):
+        if target.is_dir() and not base_store.verify_base(root, base_id):
             if sha256_file(target / MANIFEST) != ref.get("manifest_sha256"):
                 raise GuardrailError(
                     f"ROOT/base/{base_id} is another base than the one this backup's adapter "

@@ -1780,7 +1780,13 @@ def cmd_verify(args) -> int:
 
 def _verify_fix(root, vid: str, results: dict) -> str:
     """What to do about version `vid` that failed verify: restore a verified backup of it,
-    or else a sound version (the newest that verified, or passes the cheap check)."""
+    or else a sound version (the newest that verified, or passes the cheap check); its
+    base's command where only its base (adapter mode) is damaged."""
+    damaged = {m.group(1) for line in results.get(vid, [])
+               if (m := re.match(rf"{vid}: base (b\d+): ", line))}
+    if damaged and all(re.match(rf"{vid}: base b\d+: ", line) for line in results[vid]):
+        base = sorted(damaged)[0]
+        return f"Its own files are sound; its base {base} is damaged. {base_fix(root, base)}."
     try:
         backup = next((b for b in reversed(backup_records.summaries(root))
                        if b.get("status") == "verified" and b.get("version") == vid), None)

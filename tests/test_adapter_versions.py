@@ -211,6 +211,36 @@ def test_restore_base_command(adapter_root):
     assert proc.returncode == 1 and proc.stderr.startswith("Error: no backup holds base b009")
 
 
+def test_a_base_rotten_in_place_is_named_by_verify_and_brought_back_by_restore_base(adapter_root):
+    """Bit rot in a base that keeps its size and time stamp passes the cheap check: verify
+    found it and named `repair`, which said "nothing to repair", and restore-base said the
+    base was already good. verify names restore-base, repair points there, and restore-base
+    hashes the base, moving the rotten one to .attic/."""
+    import backup_manager as bm
+    bm.create_backup(adapter_root, "v003")
+    weights = adapter_root / "base" / "b001" / "model.safetensors"
+    st = weights.stat()
+    os.chmod(weights, 0o644)
+    with open(weights, "r+b") as f:
+        f.seek(st.st_size // 2)
+        byte = f.read(1)
+        f.seek(st.st_size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert base_store.check_base(adapter_root, "b001") == []  # the cheap check cannot see it
+    proc = run_script("model_versioner.py", "verify", "v003", root=adapter_root)
+    assert proc.returncode == 1 and "v003: base b001: model.safetensors" in proc.stderr
+    assert "its base b001 is damaged" in proc.stderr and "restore-base b001" in proc.stderr
+    proc = run_script("backup_manager.py", "repair", "v003", root=adapter_root)
+    assert proc.returncode == 0 and "its base b001 is damaged" in proc.stdout, proc.stdout
+    assert "restore-base b001" in proc.stdout
+    proc = run_script("backup_manager.py", "restore-base", "b001", root=adapter_root)
+    assert proc.returncode == 0 and proc.stdout.startswith("restored base b001"), proc.stdout
+    assert base_store.verify_base(adapter_root, "b001") == []
+    assert list((adapter_root / ".attic").glob("base-b001-*/model.safetensors"))
+    assert run_script("model_versioner.py", "verify", "v003", root=adapter_root).returncode == 0
+
+
 def test_state_tracker_shows_kind_and_base(adapter_root):
     import jsonschema
     schema = json.loads((REPO / "docs" / "system_state.schema.json").read_text())
