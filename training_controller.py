@@ -847,6 +847,12 @@ def cmd_resume(args) -> int:
 
 def cmd_skip(args) -> int:
     """Abandon the current file after this step -> skipped/ (keeps the training; --discard undoes it)."""
+    import eval_gate
+    held = eval_gate.held_file(require_root(resolve_root(args.root)).root)
+    if held is not None:  # the daemon would refuse it after this said "requested"
+        raise GuardrailError(f"{held.name} is held by the quality gate: skip does not decide it "
+                             "(nothing was changed)", held, "Run `{}` (it goes to skipped/, its "
+                             "training undone) or `{}`.".format(*reversed(eval_gate.decision_cmds(args.root))))
     return _request_cmd(args, "skip", {"discard": bool(args.discard)})
 
 

@@ -294,7 +294,8 @@ def test_reject_after_a_restore_during_the_hold_keeps_it_and_says_what_current_m
 def test_while_a_file_is_held_rollback_and_restore_wait_for_the_decision(tmp_path, tiny_model_dir):
     """During a hold current_model is the version before the held file: a rollback would undo
     the file before it (and accept would undo the rollback), a restore of the held training
-    would skip the decision: both refused, naming reject and accept; `restore latest` passes
+    would skip the decision, and skip cannot decide it: all refused, naming reject and accept;
+    `restore latest` passes
     over the held version, and restoring the version before it (current_model deleted) works.
     After a reject, `restore latest` still passes over the rejected version, and restoring it
     by its id says what it is."""
@@ -309,6 +310,9 @@ def test_while_a_file_is_held_rollback_and_restore_wait_for_the_decision(tmp_pat
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert "held by the quality gate" in proc.stderr and eval_gate.REJECT_CMD in proc.stderr
         assert eval_gate.ACCEPT_CMD in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("training_controller.py", "skip", root=root)  # it said "requested"
+    assert proc.returncode == 1 and "held by the quality gate: skip does not decide" in proc.stderr
+    assert eval_gate.REJECT_CMD in proc.stderr
     assert_same_weights(weights(root / "current_model"), cur)
     proc = run_script("model_versioner.py", "restore", "latest", root=root)
     assert proc.returncode == 0 and f"{held} was rejected by the quality gate" in proc.stdout, proc.stdout
