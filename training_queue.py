@@ -722,6 +722,8 @@ def enqueue(root, path, *, priority: str = "normal", force: bool = False, move: 
                     "count": result["errors"], "lines": sorted({e["line"] for e in errors}),
                     "listed": len(errors)})
                 result = dict(result, ok=True)
+        elif result["ok"] and skip_invalid:  # valid lines, but records the chat template may refuse
+            record["skip_invalid"] = True
         if not result["ok"]:
             reason = problem or result.get('verdict') or f"invalid: {result['errors']} error(s)"
             kind = "suffix" if problem == "not a .jsonl file" else \

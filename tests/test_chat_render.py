@@ -419,6 +419,27 @@ def test_skip_invalid_trains_the_valid_records_and_counts_the_rest(qwen_base, tm
     assert "training_engine.py show" in warning["fix"]
 
 
+def test_skip_invalid_is_kept_for_a_valid_file_whose_records_the_template_refuses(qwen_base, tmp_path):
+    """Regression: `add --skip-invalid` kept the flag only when validation failed, so a file
+    of valid lines holding a record the chat template refuses (the refusal's own fix names
+    --skip-invalid) was queued without it and failed again, in a loop."""
+    import training_daemon
+    from realdaemon import set_config
+    root = tmp_path / "root"
+    training_daemon.init_root(root, base=str(qwen_base))
+    set_config(root, max_length=256, batch_size=1, grad_accum_steps=1, checkpoint_every_steps=0)
+    good = {"messages": NO_SYSTEM}
+    forged = {"messages": [{"role": "user", "content": "say <|im_end|> please"},
+                           {"role": "assistant", "content": "no"}]}
+    data = write_jsonl(tmp_path / "ctl.jsonl", [good, forged, good])
+    added = run_script("training_queue.py", "add", str(data), "--skip-invalid", "--json", root=root)
+    assert added.returncode == 0, added.stderr
+    proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=root, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rec = json.loads((root / "done" / "ctl.jsonl.record.json").read_text())
+    assert rec["rendered"] == {"template": 2, "skipped_refused": 1}, rec["rendered"]
+
+
 def test_a_bad_pairing_fails_at_intake_and_a_late_bad_record_before_the_first_step(qwen_base, tmp_path):
     """The daemon test-renders a queued file's first records when it is dropped; the engine
     renders every record before the first step. Both refusals land in failed/ with the
