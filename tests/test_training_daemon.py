@@ -1430,11 +1430,13 @@ def test_a_failed_automatic_backup_pause_holds_across_restarts_until_resume(init
 
 def test_skip_with_no_daemon_on_a_file_the_gate_holds_names_accept_and_reject(initialized_root):
     """Regression: `skip` said the held file was stopped part-way and named the pause,
-    start, skip, resume recipe, whose skip the daemon then refuses for a gate-held file."""
+    start, skip, resume recipe, whose skip the daemon then refuses for a gate-held file.
+    Refused (exit 1, nothing changed), with or without a daemon, naming reject and accept."""
     root = initialized_root
     _held(root, "worse", "gate", "quality gate: eval loss up 8.1%")
     proc = run_script("training_controller.py", "skip", root=root)
-    assert proc.returncode == 0, proc.stderr
-    assert "worse.jsonl waits in processing/, held by the quality gate (quality gate: eval loss " \
-           "up 8.1%): `python3 training_controller.py reject" in proc.stdout, proc.stdout
-    assert "training_controller.py accept" in proc.stdout and "stopped part-way" not in proc.stdout
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "worse.jsonl is held by the quality gate: skip does not decide it (nothing was " \
+           "changed)" in proc.stderr and "`python3 training_controller.py reject`" in proc.stderr
+    assert "training_controller.py accept" in proc.stderr and "stopped part-way" not in proc.stderr
+    assert (root / "processing" / "worse.jsonl").exists()
