@@ -1070,10 +1070,8 @@ def _merge_and_stage(p: Paths, before: str, base: str, base_rec: dict, merged: l
 
 def _consolidated_into(p: Paths, base_id: str) -> bool:
     """Whether a consolidate version (kept or pruned) made `base_id`."""
-    pruned = p.versions / ".pruned"
-    vids = _version_dirs(p) + sorted(f.stem for f in pruned.glob("v*.json")) if pruned.is_dir() \
-        else _version_dirs(p)
-    for vid in vids:
+    pruned = sorted(f.stem for f in (p.versions / ".pruned").glob("v*.json"))  # (none: [])
+    for vid in _version_dirs(p) + pruned:
         rec = _load_record(p, vid) or _pruned_record(p, vid)
         made = rec.get("consolidate") if isinstance(rec, dict) else None
         if isinstance(made, dict) and made.get("base") == base_id:
