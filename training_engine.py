@@ -312,6 +312,15 @@ class Encoder:
             self._special_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
             self._special_re = re.compile("(" + "|".join(re.escape(t) for t in specials) + ")")
 
+    def render_key(self, config: dict) -> dict:
+        """What decides the tokens a record becomes: the chat template (its text's sha256;
+        None: the plain rendering), loss_on_prompt and the field names. A checkpoint keeps
+        it: the rest of a file resumed under another would train differently from its start."""
+        template = self.renderer.template if self.has_template else None
+        return {"chat_template_sha256": hashlib.sha256(template.encode("utf-8", "surrogatepass"))
+                .hexdigest() if template else None, "loss_on_prompt": bool(self.loss_on_prompt),
+                "fields": config.get("fields") or {}}
+
     @property
     def rendering(self) -> str:
         """Which rendering chat records get: "template" or "plain"."""
@@ -2533,6 +2542,9 @@ class FileRun:
                           chat_template=config.get("chat_template"), root=p.root,
                           date=self.chat_date, max_length=int(config["max_length"]))
         encoder.where = self.data_path
+        self.render_key = encoder.render_key(config)
+        if position is not None and meta.get("render") not in (None, self.render_key):
+            raise _render_changed(self.data_path, meta, self.render_key)
         reading = file_reading(self.data_path, config)
         self.result = {"file_id": self.file_id, "steps": 0, "optimizer": optimizer_source,
                        "model_source": "memory" if warm else "disk",
@@ -2757,7 +2769,7 @@ class FileRun:
                               "next_lr": lr_at(state["global_step"], config)},
                 "world_size": self.world_size, "config": config,
                 "chat_date": self.chat_date.isoformat(), "warmup_from_step": self.warmup_from,
-                **lora_mode.checkpoint_meta(self.base_id)}
+                "render": self.render_key, **lora_mode.checkpoint_meta(self.base_id)}
 
     def no_room(self, what: str) -> str | None:
         """Why `what` ("checkpoint" or "current_model") would not fit the free space of the
@@ -2920,6 +2932,26 @@ class FileRun:
         if disk:  # not a person's pause: the daemon should say so (disk, readonly, permission)
             result["pause_reason"] = self.write_kind
         return result
+
+
+def _render_changed(data_path: Path, meta: dict, now: dict) -> GuardrailError:
+    """A file part-way trained, resumed with other settings for how its records render."""
+    was, then = meta.get("render") or {}, meta.get("config") or {}
+    changed = [key for key, name in (("chat_template_sha256", "chat_template"),
+                                     ("loss_on_prompt", "loss_on_prompt"), ("fields", "fields"))
+               if was.get(key) != now.get(key)]
+    names = ["chat_template" if k == "chat_template_sha256" else k for k in changed]
+    old = ", ".join(f"{n} {json.dumps(then.get(n))}" for n in names if n in then)
+    also = " (or the .jinja file it names)" if "chat_template" in names else ""
+    return GuardrailError(
+        f"config.json's {' and '.join(names)}{also} changed since {data_path.name} started "
+        f"(checkpoint at step {meta.get('global_step')}): the rest of the file would render "
+        "into other tokens than its first part", data_path,
+        f"Put {'them' if len(names) > 1 else 'it'} back as it was" + (f" ({old})" if old else "")
+        + " and start the daemon again; or, to train the whole file the new way, undo its "
+        "part with `python3 training_controller.py skip --discard` while the daemon runs, "
+        "then queue it again from skipped/ (`python3 training_queue.py add skipped/"
+        f"{data_path.name}`).")
 
 
 def _train_file(root, data_path, *, file_id, config, records_total, control, progress, rank,

@@ -440,6 +440,38 @@ def test_skip_invalid_is_kept_for_a_valid_file_whose_records_the_template_refuse
     assert rec["rendered"] == {"template": 2, "skipped_refused": 1}, rec["rendered"]
 
 
+def test_a_file_resumed_with_another_rendering_is_refused_not_trained_half_each_way(qwen_base, tmp_path):
+    """Regression: chat_template changed while a file waited half-trained (stop, edit, start)
+    resumed it in the other rendering (its done record: plain 416, template 1584), or failed
+    saying the tokenizer changed. The checkpoint keeps what decides the tokens (the template's
+    sha256, loss_on_prompt, fields): a resume under others is refused naming the setting and
+    its old value; with the setting put back the file resumes and completes."""
+    import training_daemon
+    import training_engine as te
+    from realdaemon import set_config
+    from trainroot import GuardrailError
+    root = tmp_path / "root"
+    training_daemon.init_root(root, base=str(qwen_base))
+    cfg = set_config(root, max_length=64, batch_size=1, grad_accum_steps=1, checkpoint_every_steps=2,
+                     chat_template="plain")
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": NO_SYSTEM}] * 8)
+    calls = []
+    r = te.train_file(root, data, file_id="chat", config=cfg,
+                      control=lambda: "stop" if len(calls.append(1) or calls) == 5 else None)
+    assert r["status"] == "stopped" and r["steps"] >= 2, r
+    for change in ({"chat_template": None}, {"loss_on_prompt": True}):
+        with pytest.raises(GuardrailError) as err:
+            te.train_file(root, data, file_id="chat", config=dict(cfg, **change))
+        name = next(iter(change))
+        assert f"config.json's {name}" in err.value.what and "changed since chat.jsonl started" in err.value.what
+        assert "skip --discard" in err.value.fix
+    with pytest.raises(GuardrailError) as err:
+        te.train_file(root, data, file_id="chat", config=dict(cfg, chat_template=None))
+    assert '(chat_template "plain")' in err.value.fix, err.value.fix
+    r = te.train_file(root, data, file_id="chat", config=cfg)
+    assert r["status"] == "completed" and r["rendered"]["plain"] == 8 and "template" not in r["rendered"], r
+
+
 def test_a_bad_pairing_fails_at_intake_and_a_late_bad_record_before_the_first_step(qwen_base, tmp_path):
     """The daemon test-renders a queued file's first records when it is dropped; the engine
     renders every record before the first step. Both refusals land in failed/ with the
