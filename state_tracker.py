@@ -723,6 +723,16 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
                   "clears the hold, then it resumes from its checkpoint when the daemon starts"
                   if hold_reason else "it resumes from its checkpoint when the daemon starts"),
               start, "Start it when the user wants training to go on: it was stopped on purpose.")
+    elif not alive and not gate_held and processing and reported == "stopped" \
+            and state.get("ended_by") == "error" and training["last_error"]:
+        # ended on an error with a file part-way (the engine refused to resume it: a setting
+        # changed under it, a LoRA shape): starting it again fails the same way until the
+        # error's own fix is done
+        _warn(w, "DAEMON_DEAD", "critical",
+              f"the daemon stopped on an error (last pid {state.get('pid')}) while processing/"
+              f"{processing[0]} waits part-way: {training['last_error']}", start,
+              "Do what the error names first; this then starts it again (the same error "
+              f"otherwise). `tail -n 50 {shlex.quote(str(p.logs / 'daemon.log'))}` shows the whole story.")
     elif not alive and not gate_held and (processing or reported in ("training", "stopping", "paused")):
         waits = (f" while processing/{processing[0]} waits half-trained" if processing else
                  "; no file waits half-trained (processing/ is empty): it died between files")
@@ -749,7 +759,8 @@ def _daemon_and_training(root: Path, w: list) -> tuple[dict, dict]:
               "Do what the error names first; this then starts it again (the same error "
               f"otherwise). `tail -n 50 {shlex.quote(str(p.logs / 'daemon.log'))}` shows the whole story.")
     error = training["file_error"] or (training["last_error"] if processing else None)
-    if error and current != "paused" and not gate_held:  # a pause says its own reason
+    said = any(x["code"] == "DAEMON_DEAD" and error and error in x["message"] for x in w)
+    if error and current != "paused" and not gate_held and not said:  # a pause says its own reason
         # (TRAINING_PAUSED), a hold its decision (QUALITY_HOLD): neither is retried
         tries = (f" ({training['file_attempts']} failed tr{'y' if training['file_attempts'] == 1 else 'ies'})"
                  if training["file_attempts"] else "")

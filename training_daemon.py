@@ -1778,10 +1778,14 @@ class Daemon:
             finish=lambda d: {"fix": training_queue.fix_for(self.p, "skipped", d)})
         self.log.warning("%s: skipped - %s", dst.name, reason)
         self.current = self.progress = None
-        if self.state == "paused" and self.pause_kind == "spike":
+        if self.state == "paused" and self.pause_kind in ("spike", "engine"):
             # that pause was this file's (held for a person to look; a restart would not
-            # pause again either): skipped, the queue goes on. A pause by request stays.
-            self.log.info("the file the loss spike paused on was skipped: going on")
+            # pause again either; the engine refused to go on with it): skipped, the queue
+            # goes on (an engine refusal that was not the file's pauses again on the next
+            # one, saying so). A pause by request stays.
+            self.log.info("the file the %s paused on was skipped: going on",
+                          "loss spike" if self.pause_kind == "spike" else "engine's refusal")
+            self.last_error = None if self.pause_kind == "engine" else self.last_error
             self.set_state("idle")
         return restored
 

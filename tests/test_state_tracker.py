@@ -410,6 +410,16 @@ def test_a_daemon_that_ended_on_an_error_between_files_is_dead_and_says_why(root
     write_daemon_state(root, pid=dead_pid(), state="stopped", ended_by="once")  # queue emptied
     found = codes(root)
     assert "DAEMON_DEAD" not in found and found["DAEMON_NOT_RUNNING"]["severity"] == "info"
+    # with a file part-way (the engine refused to resume it): the error and "do it first",
+    # not "died ... resumes the file" (the start fails the same way), and said once
+    (root / "inbox" / "notes.jsonl").rename(root / "processing" / "notes.jsonl")
+    error = ("config.json's chat_template changed since notes.jsonl started (checkpoint at step "
+             "4): the rest of the file would render into other tokens than its first part")
+    write_daemon_state(root, pid=dead_pid(), state="stopped", ended_by="error", last_error=error)
+    found = codes(root)
+    w = found["DAEMON_DEAD"]
+    assert w["message"].endswith(f"while processing/notes.jsonl waits part-way: {error}"), w
+    assert w["note"].startswith("Do what the error names first") and "TRAINING_ERROR" not in found
 
 
 def test_a_daemon_killed_while_idle_is_dead_and_a_kept_pause_is_said(root):

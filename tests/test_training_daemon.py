@@ -1256,7 +1256,8 @@ def test_a_held_file_with_no_daemon_running_is_released_by_resume(initialized_ro
 
 def test_skipping_the_file_a_loss_spike_paused_on_lets_the_queue_go_on(initialized_root):
     """The spike's pause is that file's (a restart would not pause again once it is gone):
-    skipped, the daemon goes back to idle; a person's pause would have stayed."""
+    skipped, the daemon goes back to idle; a person's pause would have stayed. So is the
+    pause of an engine that refused to go on with the file."""
     import training_config
     import training_controller as tc
     root = initialized_root
@@ -1279,6 +1280,20 @@ def test_skipping_the_file_a_loss_spike_paused_on_lets_the_queue_go_on(initializ
         assert tc.read_ack(root, rid)["outcome"] == "done", action
     assert (daemon.state, daemon.pause_kind) == ("paused", "request")
     assert data_files(root) == {"skipped": ["spiky.jsonl", "spiky2.jsonl"]}
+    # the engine refused to go on with the file (resumed under another chat_template): the
+    # pause is that file's too, and its error message's fix is `skip --discard`
+    daemon.set_state("idle")
+    data = write_data(root / "processing" / "halfway.jsonl", 3, "halfway")
+    import training_queue
+    training_queue.update_record(data, name="halfway.jsonl", sha256=sha(data), records=3,
+                                 priority="normal")
+    daemon.last_error = "config.json's chat_template changed since halfway.jsonl started"
+    daemon.set_state("paused", daemon.last_error, "engine")
+    rid = tc.request(root, "skip")["request"]["id"]
+    daemon.control_idle()
+    assert tc.read_ack(root, rid)["outcome"] == "done"
+    assert daemon.state == "idle" and daemon.last_error is None
+    assert data_files(root)["skipped"] == ["halfway.jsonl", "spiky.jsonl", "spiky2.jsonl"]
 
 
 def test_a_part_trained_file_whose_record_is_damaged_resumes_from_its_checkpoint(
