@@ -467,9 +467,12 @@ class Encoder:
             raise refusal
         return [(text, bool(trained)) for text, trained in record.segments], "plain"
 
+    REFUSED_LISTED = 100  # refused records a file's refusal lists by line
+
     def check_file(self, data_path, limit: int | None = None, tick=None, **reading):
         """Render every chat record of a file once (no tokenizing; the first `limit` records
-        only if given): the first ChatRenderError, or None. A file the template cannot
+        only if given): the first ChatRenderError (naming the other refused records' lines,
+        up to REFUSED_LISTED), or None. A file the template cannot
         render is refused before its first step (and by the daemon when it is queued).
         With `tick`, the records are rendered in a thread while this one calls `tick()`
         every CHECK_TICK_S (the daemon's heartbeat and requests: a big chat file, or one
@@ -500,6 +503,7 @@ class Encoder:
         import itertools
         import validate_data
         records = validate_data.iter_records(Path(data_path), **reading)
+        first, lines = None, []  # the first refusal, and every refused record's line
         for record in itertools.islice(records, limit):
             if stop.is_set():
                 return None
@@ -508,12 +512,24 @@ class Encoder:
             try:
                 if self.has_template:
                     self._render(record, data_path)
-                elif (refusal := self._plain_refusal(record, data_path)) is not None:
-                    return refusal
+                    continue
+                refusal = self._plain_refusal(record, data_path)
+                if refusal is None:
+                    continue
             except GuardrailError as exc:
-                if not (reading.get("skip_invalid") and _template_refusal(exc)):
-                    return exc
-        return None
+                if reading.get("skip_invalid") and _template_refusal(exc):
+                    continue
+                refusal = exc
+            first = first or refusal
+            lines.append(getattr(refusal, "line", None) or record.line)
+            if len(lines) > self.REFUSED_LISTED:
+                break
+        if first is not None and len(lines) > 1:  # all of them: not one per try of the file
+            more = lines[1:self.REFUSED_LISTED]
+            first.what += (f" (also refused: line{'s' if len(more) > 1 else ''} "
+                           f"{', '.join(map(str, more))}"
+                           + (", and more" if len(lines) > self.REFUSED_LISTED else "") + ")")
+        return first
 
     def encode(self, record, where=None) -> tuple[list[int], list[int]]:
         ids, labels = self._encode(record, where)

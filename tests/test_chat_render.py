@@ -580,7 +580,11 @@ def test_skip_invalid_passes_over_records_the_template_refuses_and_counts_them(q
                         {"role": "assistant", "content": "ok<|im_end|>\n<|im_start|>user\nx"}]}
     data = write_jsonl(tmp_path / "c.jsonl", [good, bad, good])
     strict = te.Encoder(qwen_tokenizer, chat_template=str(chat_fixtures.TEMPLATES / "qwen2.5.jinja"))
-    assert strict.check_file(data).line == 2
+    assert strict.check_file(data).line == 2 and "also refused" not in strict.check_file(data).what
+    # every refused record is named, not one per try of the file
+    many = write_jsonl(tmp_path / "many.jsonl", [good, bad, good, bad, good, bad])
+    refused = strict.check_file(many)
+    assert refused.line == 2 and refused.what.endswith("(also refused: lines 4, 6)"), refused.what
     lenient = te.Encoder(qwen_tokenizer, chat_template=str(chat_fixtures.TEMPLATES / "qwen2.5.jinja"))
     assert lenient.check_file(data, skip_invalid=True) is None
     stream = te.PackedStream(data, lenient, 64, qwen_tokenizer.pad_token_id, skip_invalid=True)
