@@ -333,6 +333,19 @@ class _Unrestorable(GuardrailError):
     damaged by hand meanwhile): refused, nothing moved."""
 
 
+def _template_syntax_error(text: str) -> str | None:
+    """'line N: what' for a chat template jinja cannot parse, else None. Parsed as
+    transformers compiles them (loop controls; its own `generation` block is let be)."""
+    import jinja2
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols", "jinja2.ext.do"]).parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        if "generation" in str(exc.message):
+            return None
+        return f"line {exc.lineno}: {exc.message}"
+    return None
+
+
 class _Paused(Exception):
     """Pause (or, with --once, exit 1) with this message: pre-flight failed ("preflight",
     retried every rescan) or the engine refused the file ("engine", retried when config.json
@@ -694,13 +707,19 @@ class Daemon:
         if isinstance(template, str) and template.endswith(".jinja"):  # every file's encoder reads it
             path = self.p.root / os.path.expanduser(template)  # (an absolute path stays itself)
             try:
-                path.read_text(encoding="utf-8")
+                text = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise _Paused(GuardrailError(
                     f"pre-flight: chat_template {template!r} cannot be read "
                     f"({getattr(exc, 'strerror', None) or exc.__class__.__name__})", path,
                     "Fix the path in config.json's `chat_template`, or set it to null for the "
                     f"model's own template, then {self._go_on()}."))
+            broken = _template_syntax_error(text)
+            if broken:  # else every chat file would fail in turn, blamed on its first record
+                raise _Paused(GuardrailError(
+                    f"pre-flight: chat_template {template!r} is not a valid template ({broken})",
+                    path, f"Fix that line of {path.name}, or set config.json's `chat_template` to "
+                    f"null for the model's own template, then {self._go_on()}."))
         import base_store
         base = base_store.adapter_base(self.p.current_model)
         if base is not None or base_store.is_adapter_folder(self.p.current_model):

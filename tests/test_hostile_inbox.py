@@ -526,3 +526,13 @@ def test_once_with_an_unreadable_chat_template_stops_before_taking_a_file(initia
     assert "set it to null" in proc.stderr and "run --once" in proc.stderr
     assert (root / "queue" / "normal" / "t.jsonl").exists() and not os.listdir(root / "processing")
     assert "stopped (on an error: pre-flight: chat_template" in (root / "logs" / "daemon.log").read_text()
+    # one jinja cannot parse: named with its line, not blamed on each chat file in turn
+    (root / "broken.jinja").write_text("{% for m in messages %}\n{{ m.content }{% endfor %}")
+    cfg["chat_template"] = "broken.jinja"
+    training_config.write_config(root, cfg)
+    proc = run_once(root)
+    assert proc.returncode == 1, proc.stderr
+    no_traceback(proc)
+    assert "pre-flight: chat_template 'broken.jinja' is not a valid template (line 2: unexpected " \
+           "'}')" in proc.stderr, proc.stderr
+    assert (root / "queue" / "normal" / "t.jsonl").exists() and not os.listdir(root / "failed")
