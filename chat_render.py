@@ -116,7 +116,8 @@ def resolve_template(tokenizer, setting, root=None) -> str | None:
     raise GuardrailError(f"chat_template {setting!r} is not a template of this model "
                          f"(named templates: {', '.join(names) or 'none'})", "config.json",
                          "Set `chat_template` in config.json to null (the model's own template), "
-                         "\"plain\", one of the names above, or a path to a .jinja file.")
+                         "\"plain\" (lower case)" + (", one of the names above" if names else "")
+                         + " or a path to a .jinja file.")
 
 
 def _lcp(a: str, b: str, start: int = 0) -> int:

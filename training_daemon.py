@@ -333,6 +333,24 @@ class _Unrestorable(GuardrailError):
     damaged by hand meanwhile): refused, nothing moved."""
 
 
+def _named_templates(folder: Path) -> set[str]:
+    """The names of a model folder's named chat templates (transformers saves them in
+    additional_chat_templates/NAME.jinja; older tokenizer_config.json files hold a list or
+    a dict), "default" among them where the model has named ones and a default."""
+    names = {f.stem for f in (folder / "additional_chat_templates").glob("*.jinja")}
+    try:
+        own = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        own = None
+    if isinstance(own, dict):
+        names |= {k for k in own if isinstance(k, str)}
+    elif isinstance(own, list):
+        names |= {t["name"] for t in own if isinstance(t, dict) and isinstance(t.get("name"), str)}
+    if names and ((folder / "chat_template.jinja").is_file() or isinstance(own, str)):
+        names.add("default")  # (a lone template is no named one: the tokenizer's is a str)
+    return names
+
+
 def _template_syntax_error(text: str) -> str | None:
     """'line N: what' for a chat template jinja cannot parse, else None. Parsed as
     transformers compiles them (loop controls; its own `generation` block is let be)."""
@@ -720,6 +738,15 @@ class Daemon:
                     f"pre-flight: chat_template {template!r} is not a valid template ({broken})",
                     path, f"Fix that line of {path.name}, or set config.json's `chat_template` to "
                     f"null for the model's own template, then {self._go_on()}."))
+        elif isinstance(template, str) and template != "plain":  # a named template of the model's
+            names = _named_templates(self.p.current_model)
+            if template not in names:  # the engine would refuse it once the file is taken
+                raise _Paused(GuardrailError(
+                    f"pre-flight: chat_template {template!r} is not a named template of the "
+                    f"model ({'its named templates: ' + ', '.join(sorted(names)) if names else 'it has none'})",
+                    self.p.config, "Set `chat_template` in config.json to null (the model's own "
+                    "template), \"plain\" (lower case)" + (", one of those names" if names else "")
+                    + f" or a path to a .jinja file, then {self._go_on()}."))
         import base_store
         base = base_store.adapter_base(self.p.current_model)
         if base is not None or base_store.is_adapter_folder(self.p.current_model):

@@ -202,6 +202,16 @@ def test_named_templates_without_a_default_refuse_chat_records_naming_them(qwen_
     assert enc.check_file(text) is None and enc.encode(records_of(text)[0])[0]
     chosen = te.Encoder(tok, chat_template="tool_use")
     assert chosen.check_file(data) is None and chosen.rendering == "template"
+    # the daemon's pre-flight reads the names from the saved folder (no transformers)
+    import training_daemon
+    tok.save_pretrained(tmp_path / "named")
+    assert training_daemon._named_templates(tmp_path / "named") == {"tool_use"}
+    tok.chat_template = {"default": chat_fixtures.template("qwen3"), "tool_use": chat_fixtures.template("qwen2.5")}
+    tok.save_pretrained(tmp_path / "both")
+    assert training_daemon._named_templates(tmp_path / "both") == {"default", "tool_use"}
+    tok.chat_template = chat_fixtures.template("qwen3")
+    tok.save_pretrained(tmp_path / "one")
+    assert training_daemon._named_templates(tmp_path / "one") == set()
 
 
 def test_plain_rendering_only_when_there_is_no_template_or_config_says_so(qwen_tokenizer, tmp_path):

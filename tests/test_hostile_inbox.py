@@ -536,3 +536,11 @@ def test_once_with_an_unreadable_chat_template_stops_before_taking_a_file(initia
     assert "pre-flight: chat_template 'broken.jinja' is not a valid template (line 2: unexpected " \
            "'}')" in proc.stderr, proc.stderr
     assert (root / "queue" / "normal" / "t.jsonl").exists() and not os.listdir(root / "failed")
+    # a name the model has no template of ("PLAIN"): before the file is taken, not after
+    cfg["chat_template"] = "PLAIN"
+    training_config.write_config(root, cfg)
+    proc = run_once(root)
+    assert proc.returncode == 1, proc.stderr
+    assert "pre-flight: chat_template 'PLAIN' is not a named template of the model (it has none)" \
+        in proc.stderr and '"plain" (lower case)' in proc.stderr, proc.stderr
+    assert (root / "queue" / "normal" / "t.jsonl").exists() and not os.listdir(root / "processing")
