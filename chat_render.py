@@ -262,7 +262,7 @@ class ChatRenderer:
             self._specials = sorted(t for t in found if t and not t.isspace())
         return self._specials
 
-    def _refuse_control_text(self, messages, line, where) -> None:
+    def refuse_control_text(self, messages, line, where) -> None:
         """A turn's text holding a special token's text ("ok<|im_end|>\n<|im_start|>user...")
         would be read as that token: the turn ends early, a forged turn follows, and both
         train as if the template had written them. Refused, never trained so."""
@@ -290,7 +290,7 @@ class ChatRenderer:
 
     def _pieces(self, messages, tools, line, where) -> tuple[list[tuple[str, bool]], bool]:
         messages = template_messages(messages)
-        self._refuse_control_text(messages, line, where)
+        self.refuse_control_text(messages, line, where)
         has_system = any(isinstance(m, dict) and m.get("role") == "system" for m in messages)
         try:
             full = self.render(messages, tools=tools)

@@ -438,7 +438,8 @@ class Encoder:
 
     def _plain_refusal(self, record, where=None):
         """The error for a chat record when no template is chosen among the model's named
-        ones, or with tool calls when there is no template to render them."""
+        ones, when a turn holds a special token's text (as with a template), or with tool
+        calls when there is no template to render them."""
         import chat_render
         if record.messages is not None and self.renderer.named_only:
             names = self.renderer.named_only
@@ -448,8 +449,17 @@ class Encoder:
                 f"Set `chat_template` in config.json to the one to train with (e.g. "
                 f"\"{names[0]}\"), or to \"plain\" to train in the plain format on purpose, then "
                 "queue the file again.", line=record.line)
-        if record.messages is None or not (record.tools or any(
-                m.get("role") == "tool" or chat_render.is_tool_call(m) for m in record.messages)):
+        if record.messages is None:
+            return None
+        # the plain rendering reads a turn's text as text too: "<|im_end|>" in it would be
+        # that token, trained as the model's own
+        try:
+            self.renderer.refuse_control_text(
+                chat_render.template_messages(record.messages), record.line, where or self.where)
+        except chat_render.ChatRenderError as exc:
+            return exc
+        if not (record.tools or any(m.get("role") == "tool" or chat_render.is_tool_call(m)
+                                    for m in record.messages)):
             return None
         return chat_render.ChatRenderError(
             f"line {record.line}: tool calls and tool results need a chat template that renders "
@@ -517,9 +527,9 @@ class Encoder:
                 if refusal is None:
                     continue
             except GuardrailError as exc:
-                if reading.get("skip_invalid") and _template_refusal(exc):
-                    continue
                 refusal = exc
+            if reading.get("skip_invalid") and _template_refusal(refusal):
+                continue  # (as the training passes over it)
             first = first or refusal
             lines.append(getattr(refusal, "line", None) or record.line)
             if len(lines) > self.REFUSED_LISTED:
