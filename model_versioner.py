@@ -1275,7 +1275,9 @@ def prune_plan(root, keep: int | None = None, *, rules: dict | None = None,
     The rules are config `retention.versions` (retention.py; restic's keep_last, keep_daily,
     ...), or `{"keep_last": keep}` with `--keep N`. Always kept besides: the latest, tags,
     current_model (or the version it was trained from), the version a file in processing/
-    started from, versions marked rejected/held, the best by eval loss once versions
+    started from, the version the quality gate holds (until accept or reject: a version
+    marked rejected is then kept only as the rules keep any other), the best by eval loss
+    once versions
     are scored (versions/.eval/), `protect` ({version: why}: the daemon's automatic
     backup copying one) and a version a backup is copying now (`pinned`). A finished backup
     pins nothing: it is an independent copy that restores without its source version."""
@@ -1320,9 +1322,8 @@ def prune_plan(root, keep: int | None = None, *, rules: dict | None = None,
     for _, vid in _pins(p.versions / PINS):
         if vid in reasons and "a backup is copying it" not in reasons[vid]:
             reasons[vid].append("a backup is copying it")
-    for rec in recs:
-        if rec["review"]:  # `rejected`/`held` in its version.json (versions_index.read_row)
-            reasons[rec["id"]].append(rec["review"])
+    # a version marked rejected is kept while the gate holds its file (above, with the
+    # processing/ records); once decided, only as the rules keep any other
     best = best_by_eval(p.root, ids)
     if best:
         reasons[best[0]].append(f"best eval loss {best[1]:.4g}")

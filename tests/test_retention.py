@@ -109,22 +109,34 @@ def test_prune_dry_run_shows_what_each_rule_keeps_and_held_versions_stay(root, c
         monkeypatch.setattr(mv, "utc_now", lambda d=day: _iso(T0 + timedelta(days=d)))
         train(root, day + 1)
         mv.create_version(root, f"post-train:f{day}.jsonl")   # v002..v006, one a day
-    # v003 is under review (a `rejected` marker in its record): kept whatever the rules say
+    # v003 is under review (a `rejected` marker in its record, its file held by the quality
+    # gate): kept whatever the rules say, until the decision
     rec = Paths(root).versions / "v003" / "version.json"
     doc = json.loads(rec.read_text())
     os.chmod(rec, 0o644)
     rec.write_text(json.dumps(dict(doc, rejected={"reason": "eval regressed"})))
+    import training_queue
+    held = Paths(root).processing / "bad.jsonl"
+    held.write_text('{"text": "x"}\n')
+    training_queue.update_record(held, name="bad.jsonl", hold={"kind": "gate", "version": "v003"})
     _set_config(root, retention={"versions": {"keep_last": 1, "keep_daily": 2}})
     assert mv.main(["prune"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "policy: keep_last 1, keep_daily 2 (config retention.versions)"
-    assert "keep    v003  (rejected (under review))" in out
+    assert "keep    v003  (the quality gate holds bad.jsonl's training as it)" in out
     assert "keep    v005  (daily 2026-01-05)" in out
     assert "keep    v006  (last 1, daily 2026-01-06, latest, current_model)" in out
     assert [ln for ln in out if ln.startswith("delete")] == ["delete  v001", "delete  v002",
                                                              "delete  v004"]
     assert mv.prune(root, yes=True)["deleted"] == ["v001", "v002", "v004"]
     assert mv.lineage(root, "v006")["chain"] == ["v001", "v002", "v003", "v004", "v005", "v006"]
+    # decided (rejected: the file went to skipped/): kept only as the rules keep any other
+    held.with_name("bad.jsonl.record.json").unlink()
+    held.unlink()
+    assert mv.main(["prune"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "delete  v003" in out and not [ln for ln in out if "quality gate" in ln]
+    assert mv.prune(root, yes=True)["deleted"] == ["v003"]
 
 
 def test_the_best_version_by_eval_loss_is_always_kept(root):

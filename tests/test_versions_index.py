@@ -150,20 +150,30 @@ def test_routine_commands_read_the_same_files_at_3_and_60_versions(two_roots, ca
     assert counts["prune"][1][0] <= 1  # current_model's own record at most: rows, not records
 
 
+def gate_holds(root: Path, vid: str) -> None:
+    """processing/held.jsonl, held by the quality gate with its training kept as `vid`."""
+    import training_queue
+    data = Paths(root).processing / "held.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text('{"text": "x"}\n')
+    training_queue.update_record(data, name="held.jsonl", hold={"kind": "gate", "version": vid})
+
+
 def test_prune_plan_reads_the_index_not_every_record(tmp_root):
     synthetic(tmp_root, 40, v007={"held": True}, v009={"rejected": {"by": "gate"}})
+    gate_holds(tmp_root, "v009")
     plan = mv.prune_plan(tmp_root, 3)
-    assert plan["keep"]["v007"] == ["held (under review)"]
-    assert plan["keep"]["v009"] == ["rejected (under review)"]
-    assert set(plan["keep"]) == {"v007", "v009", "v038", "v039", "v040"}
+    assert plan["keep"]["v009"] == ["the quality gate holds held.jsonl's training as it"]
+    assert set(plan["keep"]) == {"v009", "v038", "v039", "v040"}  # v007: decided, as any other
     assert version_json_reads(opened_by(mv.prune_plan, tmp_root, 3)) == []
     # a hand edit of one record is seen (its stat changed): read again, that one only
     rec = Paths(tmp_root).versions / "v020" / "version.json"
     doc = json.loads(rec.read_text())
     rec.write_text(json.dumps(dict(doc, held=True)) + "\n" * 7)
+    gate_holds(tmp_root, "v020")
     files = opened_by(mv.prune_plan, tmp_root, 3)
     assert version_json_reads(files) == [str(rec)]
-    assert mv.prune_plan(tmp_root, 3)["keep"]["v020"] == ["held (under review)"]
+    assert mv.prune_plan(tmp_root, 3)["keep"]["v020"] == ["the quality gate holds held.jsonl's training as it"]
 
 
 def test_an_index_removed_or_damaged_is_rebuilt_with_the_same_answers(tmp_root, caplog):
@@ -205,7 +215,8 @@ def test_the_index_follows_the_folders(tmp_root):
     (p.versions / "v003").mkdir()
     (p.versions / "v003" / "version.json").write_text(json.dumps(
         {"id": "v003", "created_at": "2026-01-01T00:00:00Z", "manifest": {}, "held": True}))
-    assert mv.prune_plan(tmp_root, 1)["keep"]["v003"] == ["held (under review)"]
+    gate_holds(tmp_root, "v003")
+    assert mv.prune_plan(tmp_root, 1)["keep"]["v003"] == ["the quality gate holds held.jsonl's training as it"]
 
 
 def test_a_change_in_the_same_clock_tick_is_not_missed(tmp_root, monkeypatch):
