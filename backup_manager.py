@@ -217,6 +217,11 @@ def clean_staging(root) -> list[str]:
             if entry.startswith(prefix) and ID_RE.fullmatch(entry[len(prefix):]):
                 _remove_entry(bdir / entry)
                 removed.append(entry)
+    store = bdir / base_backup.BASES_DIR  # a base copy prune was deleting
+    for entry in os.listdir(store) if store.is_dir() else ():
+        if entry.startswith(DELETING_PREFIX) and base_backup.NAME_RE.fullmatch(entry[len(DELETING_PREFIX):]):
+            _remove_entry(store / entry)
+            removed.append(f"{base_backup.BASES_DIR}/{entry}")
     return removed
 
 
@@ -836,16 +841,29 @@ def prune_backups(root, keep: int | None = None, yes: bool = False, *,
                                  backups_dir(p.root, cfg),
                                  f"Make one with `{BACKUP_CMD}`, then prune.")
         doomed = plan["doomed"]
+        bdir = backups_dir(p.root, cfg)
+        # base copies (adapter mode) no backup left names, of bases no version applies to
+        named = set()
+        for b in list_backups(p.root, cfg):
+            if b["id"] not in doomed and isinstance(b.get("base"), dict):
+                with contextlib.suppress(GuardrailError):
+                    named.add(base_backup.copy_path(bdir, b["base"]).name)
+        bases = base_backup.unused_copies(p.root, bdir, named)
         if yes:
-            bdir = backups_dir(p.root, cfg)
             for bid in doomed:  # rename first: a half-deleted backup is never listed
                 gone = bdir / (DELETING_PREFIX + bid)
                 os.rename(bdir / bid, gone)
                 fsync_dir(bdir)
                 _remove_entry(gone)  # a symlink: only the link goes, never its target
+            for name in bases:
+                gone = bdir / base_backup.BASES_DIR / (DELETING_PREFIX + name)
+                os.rename(bdir / base_backup.BASES_DIR / name, gone)
+                fsync_dir(gone.parent)
+                _remove_entry(gone)
     return {"ok": True, "dry_run": not yes, "keep": keep, "policy": plan["policy"],
             "kept": plan["kept"], "reasons": plan["reasons"],
-            "deleted" if yes else "would_delete": doomed}
+            "deleted" if yes else "would_delete": doomed,
+            "base_copies_deleted" if yes else "base_copies_would_delete": bases}
 
 
 def backup_due(root, cfg: dict, files_since_last: int, latest: dict | None | bool = False) -> bool:
@@ -1057,8 +1075,11 @@ def cmd_prune(args) -> int:
         print(f"policy: {retention.describe(result['policy'])} ({source})")
         for bid in result["kept"]:
             print(f"keep    {bid}  ({', '.join(result['reasons'].get(bid, []))})")
-        print(f"keeping {', '.join(result['kept'])}; {verb}: {', '.join(gone) or 'nothing'}")
-        if not args.yes and gone:
+        bases = result.get("base_copies_deleted", result.get("base_copies_would_delete", []))
+        print(f"keeping {', '.join(result['kept'])}; {verb}: {', '.join(gone) or 'nothing'}"
+              + (f"; and the base copies {', '.join(bases)} (no backup names them, no version "
+                 "applies to their base)" if bases else ""))
+        if not args.yes and (gone or bases):
             again = "python3 backup_manager.py prune" + (
                 f" --keep {args.keep}" if args.keep is not None else "") + " --yes"
             print(f"dry run: run `{cli_guard.command(again, cli_guard.explicit_root(args))}` to "

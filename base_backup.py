@@ -7,7 +7,8 @@ copy (verified_copy.py, never a link) of `ROOT/base/<base_id>/` plus `base_copy.
 backup_dir shared by two roots never mixes two bases that happen to have the same id, and a
 backup's record names its base copy by that hash (`"base": {id, manifest_sha256, path}`):
 `verify` of the backup re-reads the copy too, and a restore brings the base back into
-`ROOT/base/<id>` when it is missing or damaged. Base copies are never pruned (a later issue).
+`ROOT/base/<id>` when it is missing or damaged. `backup_manager.py prune` deletes a copy no
+backup names once no version of the root applies to its base (`unused_copies`).
 Standard library only; backup_manager.py calls it.
 
     ref = backup_base(root, bdir, "b001")        # copy once, reuse after
@@ -67,6 +68,37 @@ def kept_copies(bdir, base_id: str) -> list[dict]:
         if _copy_name(ref) == name and not verify_base_copy(bdir, ref):
             refs.append(ref)
     return refs
+
+
+def unused_copies(root, bdir, named: set) -> list[str]:
+    """Names of the copies in `bdir/bases/` no backup names (`named`: those that backups
+    still name) of a base of this root (ROOT/base/<id> holds the same manifest) that no
+    version and not current_model apply to: nothing could restore with them. A copy of a
+    base this root does not hold (another root's, in a shared backup_dir; or one deleted
+    here) is kept: whether it is needed cannot be told."""
+    import versions_index
+    store = Path(bdir) / BASES_DIR
+    try:
+        names = sorted(os.listdir(store))
+    except OSError:
+        return []
+    needed = {row.get("base") for row in versions_index.VersionsIndex(root).rows()
+              if row.get("kind") == "adapter"}
+    needed.add(base_store.adapter_base(Paths(root).current_model))
+    out = []
+    for name in names:
+        if not NAME_RE.fullmatch(name) or name in named:
+            continue
+        base_id, short = name.split("-", 1)
+        if base_id in needed:
+            continue
+        try:
+            mine = sha256_file(base_store.base_dir(root, base_id) / MANIFEST)
+        except OSError:
+            continue
+        if mine[:12] == short:
+            out.append(name)
+    return out
 
 
 def backup_base(root, bdir, base_id: str) -> dict:

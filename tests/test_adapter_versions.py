@@ -241,6 +241,31 @@ def test_a_base_rotten_in_place_is_named_by_verify_and_brought_back_by_restore_b
     assert run_script("model_versioner.py", "verify", "v003", root=adapter_root).returncode == 0
 
 
+def test_backup_prune_deletes_base_copies_nothing_can_restore_with_any_more(adapter_root):
+    """Every consolidate adds a base copy to backup_dir/bases/, and prune never deleted one:
+    the backup budget's own fix (`prune --keep 1`) freed nothing. A copy no backup names
+    goes once no version applies to its base; while one does (restore-base needs it), it
+    stays."""
+    import backup_manager as bm
+    bdir = adapter_root / "backups"
+    bm.create_backup(adapter_root, "v003")                     # copies base b001
+    mv.consolidate(adapter_root)                               # v004: a fresh adapter on b002
+    bm.create_backup(adapter_root, "v004")                     # copies base b002
+    copies = sorted(os.listdir(bdir / "bases"))
+    assert [c.split("-")[0] for c in copies] == ["b001", "b002"]
+    out = bm.prune_backups(adapter_root, keep=1, yes=True)
+    assert len(out["deleted"]) == 1 and out["base_copies_deleted"] == []  # v002, v003 need b001
+    assert mv.prune(adapter_root, keep=1, yes=True)["deleted"] == ["v001", "v002", "v003"]
+    proc = run_script("backup_manager.py", "prune", "--keep", "1", root=adapter_root)  # dry run
+    assert proc.returncode == 0 and f"the base copies {copies[0]}" in proc.stdout, proc.stdout
+    assert sorted(os.listdir(bdir / "bases")) == copies
+    out = bm.prune_backups(adapter_root, keep=1, yes=True)
+    assert out["deleted"] == [] and out["base_copies_deleted"] == [copies[0]]
+    assert sorted(os.listdir(bdir / "bases")) == [copies[1]]
+    [kept] = bm.list_backups(adapter_root)
+    assert bm.verify_backup(adapter_root, kept["id"]) == []  # its own base copy is still there
+
+
 def test_state_tracker_shows_kind_and_base(adapter_root):
     import jsonschema
     schema = json.loads((REPO / "docs" / "system_state.schema.json").read_text())
