@@ -54,7 +54,7 @@ MODEL_META = {".manifest.json", "version.json", "backup.json"}
 QUEUE_PRIORITIES = ("high", "normal", "low")
 WARNING_CODES = (
     "NOT_INITIALIZED", "MODEL_MISSING", "BASE_MISSING", "MODEL_INCOMPLETE", "NO_VERSION", "MODEL_NOT_VERSIONED",
-    "VERSION_DAMAGED", "VERSION_GONE", "TAGS_DAMAGED", "CONFIG_MISSING", "CONFIG_INVALID",
+    "VERSION_DAMAGED", "VERSION_GONE", "VERSION_BASE_MISSING", "TAGS_DAMAGED", "CONFIG_MISSING", "CONFIG_INVALID",
     "CONFIG_UNAPPROVED", "DAEMON_DEAD",
     "DAEMON_NOT_RUNNING", "DAEMON_STATE_UNREADABLE", "TRAINING_STALLED", "TRAINING_PAUSED",
     "FILE_WARNINGS", "PAUSED_LONG", "TRAINING_ERROR",
@@ -551,6 +551,37 @@ def _sound_version(root: Path, vid: str, versions: dict) -> bool:
         return False
     problems, _, _ = _model_check(folder, {"files": manifest})
     return not problems
+
+
+def _versions_without_base(root: Path, current_base, w: list, cfg: dict) -> None:
+    """VERSION_BASE_MISSING for adapter versions whose base folder is gone (current_model's
+    own base: BASE_MISSING): verify --all calls them BAD, and a restore of one fails."""
+    try:
+        bases = versions_index.VersionsIndex(root).bases()
+    except (OSError, GuardrailError):
+        return
+    for base, ids in sorted(bases.items()):
+        if base == current_base or (base_store.base_dir(root, base) / "config.json").is_file():
+            continue
+        held = any(isinstance(b.get("base"), dict) and b["base"].get("id") == base
+                   for b in _safe_backups(root, cfg))
+        listed = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        _warn(w, "VERSION_BASE_MISSING", "warning",
+              f"{'version' if len(ids) == 1 else 'versions'} {listed} "
+              f"{'is an adapter' if len(ids) == 1 else 'are adapters'} on base {base}, which "
+              "is missing: restoring or verifying them fails",
+              _cmd(root, f"backup_manager.py restore-base {base}") if held
+              else _cmd(root, "model_versioner.py prune"),
+              "Brings the base back from the newest backup that holds a copy of it." if held else
+              "No backup holds that base: those versions cannot come back. Nothing else needs "
+              "them; retention prunes them in time (the dry run shows when).")
+
+
+def _safe_backups(root: Path, cfg: dict) -> list:
+    try:
+        return backup_records.summaries(root, cfg)
+    except (OSError, GuardrailError):
+        return []
 
 
 def _current_model_section(root: Path, versions: dict, w: list) -> dict:
@@ -1274,6 +1305,8 @@ def build_state(root, *, disk_usage=disk_usage) -> dict:
     measured = _measured_usage(root, cfg)
     versions = _versions_section(root, w, measured)
     model = _current_model_section(root, versions, w)
+    if versions["count"]:
+        _versions_without_base(root, model.get("base"), w, cfg)
     gone_current = p.versions.is_dir() and _gone_versions(root, versions, model, w)
     if os.path.lexists(root) and not root.is_dir():
         _warn(w, "NOT_INITIALIZED", "critical",

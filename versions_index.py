@@ -323,6 +323,17 @@ class VersionsIndex:
         rows = self.newest(1, readable=True)
         return rows[0]["id"] if rows else None
 
+    def bases(self) -> dict[str, list[str]]:
+        """{base id: the ids of the adapter versions on it, oldest first} (adapter mode)."""
+        with self._db() as db:
+            rows = [(r[1], r[8], r[9]) for r in self._scanned_rows()] if db is None else list(
+                db.execute("SELECT id, kind, base FROM versions ORDER BY num, id"))
+        out: dict[str, list[str]] = {}
+        for vid, kind, base in rows:
+            if kind == "adapter" and isinstance(base, str):
+                out.setdefault(base, []).append(vid)
+        return out
+
     def with_manifest(self, ino: int) -> list[str]:
         """Ids whose `.manifest.json` had inode `ino` when indexed, newest first: the
         candidates for "which version is this folder" (the caller checks each)."""

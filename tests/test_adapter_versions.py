@@ -286,9 +286,16 @@ def test_state_tracker_shows_kind_and_base(adapter_root):
     assert doc["current_model"]["complete"] is False
     # not also MODEL_INCOMPLETE, whose `restore latest` fails on the same missing base
     assert "MODEL_INCOMPLETE" not in {w["code"] for w in doc["warnings"]}
+    assert "VERSION_BASE_MISSING" not in {w["code"] for w in doc["warnings"]}  # (said once)
     mv.restore_version(adapter_root, "v001")          # a full model: no base needed
     doc = json.loads(run_script("state_tracker.py", "--json", root=adapter_root).stdout)
+    jsonschema.validate(doc, schema)
     assert (doc["current_model"]["kind"], doc["current_model"]["base"]) == ("full", None)
+    # the adapter versions on the missing base were in no warning (verify --all: BAD)
+    [warn] = [w for w in doc["warnings"] if w["code"] == "VERSION_BASE_MISSING"]
+    assert warn["message"] == ("versions v002, v003 are adapters on base b001, which is missing: "
+                               "restoring or verifying them fails"), warn
+    assert warn["fix"].startswith("python3 model_versioner.py prune")  # no backup holds b001
 
 
 def test_consolidate_merges_within_tolerance_recorded_never_the_same_twice_undoable(adapter_root):
