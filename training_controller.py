@@ -766,7 +766,30 @@ def approve_config(root, *, confirm=None) -> dict:
     finally:
         lock.release()
     return dict(doc, approved=True, approved_at=record["approved_at"],
-                message=f"approved {len(changes)} changed locked parameter(s)")
+                message=f"approved {len(changes)} changed locked parameter(s)"
+                + _adapter_shape_note(p, cfg, doc["changes"]))
+
+
+def _adapter_shape_note(p: Paths, cfg: dict, changes: list) -> str:
+    """What an approved LoRA shape means for current_model's adapter of another shape: the
+    daemon refuses to train it (its parameters would not match) until a consolidate."""
+    if cfg.get("finetune") != "lora" or not any(c["name"] in ("lora_r", "lora_alpha", "lora_target_modules")
+                                                 for c in changes):
+        return ""
+    have = read_json(p.current_model / "adapter_config.json", default=None) \
+        if (p.current_model / "adapter_config.json").is_file() else None
+    if not isinstance(have, dict):
+        return ""
+    targets = cfg.get("lora_target_modules")
+    same = (have.get("r") == cfg.get("lora_r") and float(have.get("lora_alpha") or 0) == float(cfg.get("lora_alpha") or 0)
+            and (not isinstance(targets, list) or not isinstance(have.get("target_modules"), list)
+                 or sorted(map(str, targets)) == sorted(map(str, have["target_modules"]))))
+    if same:
+        return ""
+    return (f". current_model's adapter has another shape (r {have.get('r')}, alpha "
+            f"{have.get('lora_alpha')}): the new one takes effect with `python3 model_versioner.py "
+            "consolidate` (it merges this adapter into a new base and starts a fresh adapter of "
+            "the new shape); until then the daemon refuses to train on it")
 
 
 # --------------------------------------------------------------------------- CLI

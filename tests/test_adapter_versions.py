@@ -266,6 +266,24 @@ def test_backup_prune_deletes_base_copies_nothing_can_restore_with_any_more(adap
     assert bm.verify_backup(adapter_root, kept["id"]) == []  # its own base copy is still there
 
 
+def test_approving_another_lora_shape_says_it_takes_effect_with_consolidate(adapter_root):
+    """approve-config of a new lora_r said nothing; the daemon then refused to train (its
+    message names consolidate) while the approval looked done."""
+    import training_config
+    cfg = training_config.load_config(adapter_root)
+    have = json.loads((adapter_root / "current_model" / "adapter_config.json").read_text())
+    training_config.write_config(adapter_root, dict(cfg, finetune="lora", lora_r=have["r"],
+                                                    lora_alpha=have["lora_alpha"]))
+    proc = run_script("training_controller.py", "approve-config", "--yes", root=adapter_root)
+    assert proc.returncode == 0 and "another shape" not in proc.stdout, proc.stdout + proc.stderr
+    training_config.write_config(adapter_root, dict(training_config.load_config(adapter_root),
+                                                    lora_r=have["r"] * 2))
+    proc = run_script("training_controller.py", "approve-config", "--yes", root=adapter_root)
+    assert proc.returncode == 0, proc.stderr
+    assert f"current_model's adapter has another shape (r {have['r']}, alpha" in proc.stdout
+    assert "python3 model_versioner.py consolidate" in proc.stdout
+
+
 def test_state_tracker_shows_kind_and_base(adapter_root):
     import jsonschema
     schema = json.loads((REPO / "docs" / "system_state.schema.json").read_text())
