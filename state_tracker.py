@@ -243,9 +243,13 @@ def _config_section(root: Path, w: list) -> tuple[dict, dict]:
               f"locked config parameters changed without approval ({listed}); the daemon "
               "will not train until they are approved or reverted",
               _cmd(root, "training_controller.py approve-config --yes"),
-              "Only with the user's approval. To revert instead, put the old values back in "
-              "config.json" + (" (a newly locked one: take it out of `locked`)"
-                               if any(c.newly for c in changes) else "")
+              "Only with the user's approval. To revert instead, " + " and ".join(
+                  (["put the old values back in config.json" + (
+                      " (a newly locked one: take it out of `locked`)"
+                      if any(c.newly for c in changes) else "")]
+                   if any(c.name != "eval_set" for c in changes) else [])
+                  + (["put the eval/ files back as they were approved"]
+                     if any(c.name == "eval_set" for c in changes) else []))
               + "; either way the warning clears.")
     return sec, cfg
 

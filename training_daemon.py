@@ -766,6 +766,8 @@ class Daemon:
                                          self.p.config,
                                          f"Run `{training_config.APPROVE_COMMAND}` to approve it, "
                                          "or put the old values back" + (
+                                             " (the eval/ files as they were approved)"
+                                             if any(c.name == "eval_set" for c in changed) else "") + (
                                              " (a newly locked one: take it out of `locked`)"
                                              if any(c.newly for c in changed) else "") + "."))
         # The file's saves (a checkpoint, a new model) must fit max_disk_gb and the free

@@ -373,6 +373,9 @@ def test_the_eval_set_is_frozen_by_the_approval(initialized_root):
     assert training_config.changed_locked(root, cfg) == []
     write_jsonl(root / "eval" / "english.jsonl", english(5, 2))  # edited: a locked change again
     assert [c[0] for c in training_config.changed_locked(root, cfg)] == ["eval_set"]
+    import state_tracker  # the way back is the eval/ files, not config.json
+    [warn] = [x for x in state_tracker.build_state(root)["warnings"] if x["code"] == "CONFIG_UNAPPROVED"]
+    assert "To revert instead, put the eval/ files back as they were approved;" in warn["note"], warn
 
 
 def test_a_skip_that_keeps_steps_is_gated_and_a_failing_notifier_never_stops_training(
