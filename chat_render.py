@@ -60,10 +60,15 @@ from trainroot import GuardrailError
 TEMPLATE, PLAIN = "template", "plain"
 SENTINELS = "\ue000\ue001\ue002\ue003\ue004"  # private-use characters: no template touches them
 
-# Merge a leading system turn into the first user turn (templates without a system role).
-JQ_MERGE_SYSTEM = ('if .messages[0].role == "system" and .messages[1].role == "user" then '
-                   '.messages = [.messages[1] + {content: (.messages[0].content + "\\n\\n" + '
-                   '.messages[1].content)}] + .messages[2:] else . end')
+# Merge the leading system turns into the first user turn (templates without a system
+# role), in every list of turns of a record: `messages`, TRL's `prompt`, a name config.json's
+# `fields` maps (a list of objects with a `role`).
+JQ_MERGE_SYSTEM = (
+    'def merge_sys: ((map(.role == "system") | index(false)) // 0) as $n | if $n > 0 and '
+    '.[$n].role == "user" then [.[$n] + {content: ((.[:$n] | map(.content) | join("\\n\\n")) '
+    '+ "\\n\\n" + .[$n].content)}] + .[$n + 1:] else . end; with_entries(if (.value | type) == '
+    '"array" and (.value | length) > 0 and (.value[0] | type) == "object" and (.value[0] | '
+    'has("role")) then .value |= merge_sys else . end)')
 
 
 def merge_system_command(path, out_dir=None) -> str:

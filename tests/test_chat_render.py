@@ -154,6 +154,20 @@ def test_a_template_that_cannot_render_a_record_is_refused_with_a_working_fix(qw
     assert enc.check_file(merged) is None
     first_user = json.loads(merged.read_text().splitlines()[1])["messages"][0]
     assert first_user == {"role": "user", "content": SYSTEM + "\n\n" + NO_SYSTEM[0]["content"]}
+    # two leading system turns, TRL's prompt/completion form, a list under another name
+    # (config.json `fields`): the same command merges each (it did nothing to them)
+    shapes = write_jsonl(tmp_path / "shapes.jsonl", [
+        {"messages": [{"role": "system", "content": "s1"}, *CONVERSATION]},
+        {"prompt": CONVERSATION[:2], "completion": CONVERSATION[2:3]},
+        {"conversation": CONVERSATION}], ensure_ascii=False)
+    subprocess.run(chat_render.merge_system_command(shapes), shell=True, check=True, cwd=tmp_path)
+    done = [json.loads(line) for line in (tmp_path / "shapes-merged.jsonl").read_text().splitlines()]
+    user = NO_SYSTEM[0]["content"]
+    assert done[0]["messages"][0] == {"role": "user", "content": f"s1\n\n{SYSTEM}\n\n{user}"}
+    assert done[0]["messages"][1:] == NO_SYSTEM[1:]
+    assert done[1] == {"prompt": [{"role": "user", "content": f"{SYSTEM}\n\n{user}"}],
+                       "completion": CONVERSATION[2:3]}
+    assert done[2]["conversation"] == [{"role": "user", "content": f"{SYSTEM}\n\n{user}"}, *NO_SYSTEM[1:]]
 
 
 @pytest.mark.parametrize("elsewhere", ["answer", "user"])
