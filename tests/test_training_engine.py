@@ -1618,7 +1618,8 @@ def test_records_tokenized_ahead_in_one_batch_pack_as_one_at_a_time(tmp_path, mo
     rng = random.Random(5)
     words = ["Hello", "world", "über", "  spaced", "\n\n", "<|im_end|>", "tab\there", "🙂", "naïve"]
     recs = [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(1, 60)))} for _ in range(150)]
-    recs[40] = {"prompt": "Q: <|endoftext|> why?", "completion": " Because."}
+    recs[40] = {"prompt": "Q: <|endoftext |> why?", "completion": " Because."}  # (a special
+    # token's very text in a chat record's turn is refused: text records above hold it)
     recs[41] = dict(recs[7])  # the same text twice
     data = write_jsonl(tmp_path / "bpe.jsonl", recs)
     enc = te.Encoder(tok)
