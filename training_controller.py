@@ -18,6 +18,7 @@ that need them, so every command answers in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -773,17 +774,19 @@ def approve_config(root, *, confirm=None) -> dict:
 def _adapter_shape_note(p: Paths, cfg: dict, changes: list) -> str:
     """What an approved LoRA shape means for current_model's adapter of another shape: the
     daemon refuses to train it (its parameters would not match) until a consolidate."""
-    if cfg.get("finetune") != "lora" or not any(c["name"] in ("lora_r", "lora_alpha", "lora_target_modules")
-                                                 for c in changes):
+    shape = ("lora_r", "lora_alpha", "lora_target_modules")
+    if cfg.get("finetune") != "lora" or not any(c["name"] in shape for c in changes):
         return ""
-    have = read_json(p.current_model / "adapter_config.json", default=None) \
-        if (p.current_model / "adapter_config.json").is_file() else None
+    have = None
+    with contextlib.suppress(GuardrailError):  # (no adapter, or an unreadable one: its own error)
+        have = read_json(p.current_model / "adapter_config.json", default=None)
     if not isinstance(have, dict):
         return ""
-    targets = cfg.get("lora_target_modules")
-    same = (have.get("r") == cfg.get("lora_r") and float(have.get("lora_alpha") or 0) == float(cfg.get("lora_alpha") or 0)
-            and (not isinstance(targets, list) or not isinstance(have.get("target_modules"), list)
-                 or sorted(map(str, targets)) == sorted(map(str, have["target_modules"]))))
+    targets, theirs = cfg.get("lora_target_modules"), have.get("target_modules")
+    same = (have.get("r") == cfg.get("lora_r")
+            and float(have.get("lora_alpha") or 0) == float(cfg.get("lora_alpha") or 0)
+            and (not isinstance(targets, list) or not isinstance(theirs, list)
+                 or sorted(map(str, targets)) == sorted(map(str, theirs))))
     if same:
         return ""
     return (f". current_model's adapter has another shape (r {have.get('r')}, alpha "

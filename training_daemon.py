@@ -741,9 +741,10 @@ class Daemon:
         elif isinstance(template, str) and template != "plain":  # a named template of the model's
             names = _named_templates(self.p.current_model)
             if template not in names:  # the engine would refuse it once the file is taken
+                which = f"its named templates: {', '.join(sorted(names))}" if names else "it has none"
                 raise _Paused(GuardrailError(
                     f"pre-flight: chat_template {template!r} is not a named template of the "
-                    f"model ({'its named templates: ' + ', '.join(sorted(names)) if names else 'it has none'})",
+                    f"model ({which})",
                     self.p.config, "Set `chat_template` in config.json to null (the model's own "
                     "template), \"plain\" (lower case)" + (", one of those names" if names else "")
                     + f" or a path to a .jinja file, then {self._go_on()}."))

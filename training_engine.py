@@ -2963,10 +2963,9 @@ class FileRun:
 def _render_changed(data_path: Path, meta: dict, now: dict) -> GuardrailError:
     """A file part-way trained, resumed with other settings for how its records render."""
     was, then = meta.get("render") or {}, meta.get("config") or {}
-    changed = [key for key, name in (("chat_template_sha256", "chat_template"),
-                                     ("loss_on_prompt", "loss_on_prompt"), ("fields", "fields"))
-               if was.get(key) != now.get(key)]
-    names = ["chat_template" if k == "chat_template_sha256" else k for k in changed]
+    names = [name for key, name in (("chat_template_sha256", "chat_template"),
+                                    ("loss_on_prompt", "loss_on_prompt"), ("fields", "fields"))
+             if was.get(key) != now.get(key)]
     old = ", ".join(f"{n} {json.dumps(then.get(n))}" for n in names if n in then)
     also = " (or the .jinja file it names)" if "chat_template" in names else ""
     return GuardrailError(

@@ -220,7 +220,8 @@ def test_named_templates_without_a_default_refuse_chat_records_naming_them(qwen_
     import training_daemon
     tok.save_pretrained(tmp_path / "named")
     assert training_daemon._named_templates(tmp_path / "named") == {"tool_use"}
-    tok.chat_template = {"default": chat_fixtures.template("qwen3"), "tool_use": chat_fixtures.template("qwen2.5")}
+    tok.chat_template = {"default": chat_fixtures.template("qwen3"),
+                         "tool_use": chat_fixtures.template("qwen2.5")}
     tok.save_pretrained(tmp_path / "both")
     assert training_daemon._named_templates(tmp_path / "both") == {"default", "tool_use"}
     tok.chat_template = chat_fixtures.template("qwen3")
@@ -498,7 +499,8 @@ def test_a_file_resumed_with_another_rendering_is_refused_not_trained_half_each_
         with pytest.raises(GuardrailError) as err:
             te.train_file(root, data, file_id="chat", config=dict(cfg, **change))
         name = next(iter(change))
-        assert f"config.json's {name}" in err.value.what and "changed since chat.jsonl started" in err.value.what
+        assert f"config.json's {name}" in err.value.what
+        assert "changed since chat.jsonl started" in err.value.what
         assert "skip --discard" in err.value.fix
     with pytest.raises(GuardrailError) as err:
         te.train_file(root, data, file_id="chat", config=dict(cfg, chat_template=None))
