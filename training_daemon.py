@@ -721,33 +721,9 @@ class Daemon:
                 "Run `python3 model_versioner.py consolidate --full` (current_model becomes the "
                 "merged full model), or set \"finetune\": \"lora\" back in config.json and "
                 f"approve it (`python3 training_controller.py approve-config`); then {self._go_on()}."))
-        template = cfg.get("chat_template")
-        if isinstance(template, str) and template.endswith(".jinja"):  # every file's encoder reads it
-            path = self.p.root / os.path.expanduser(template)  # (an absolute path stays itself)
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise _Paused(GuardrailError(
-                    f"pre-flight: chat_template {template!r} cannot be read "
-                    f"({getattr(exc, 'strerror', None) or exc.__class__.__name__})", path,
-                    "Fix the path in config.json's `chat_template`, or set it to null for the "
-                    f"model's own template, then {self._go_on()}."))
-            broken = _template_syntax_error(text)
-            if broken:  # else every chat file would fail in turn, blamed on its first record
-                raise _Paused(GuardrailError(
-                    f"pre-flight: chat_template {template!r} is not a valid template ({broken})",
-                    path, f"Fix that line of {path.name}, or set config.json's `chat_template` to "
-                    f"null for the model's own template, then {self._go_on()}."))
-        elif isinstance(template, str) and template != "plain":  # a named template of the model's
-            names = _named_templates(self.p.current_model)
-            if template not in names:  # the engine would refuse it once the file is taken
-                which = f"its named templates: {', '.join(sorted(names))}" if names else "it has none"
-                raise _Paused(GuardrailError(
-                    f"pre-flight: chat_template {template!r} is not a named template of the "
-                    f"model ({which})",
-                    self.p.config, "Set `chat_template` in config.json to null (the model's own "
-                    "template), \"plain\" (lower case)" + (", one of those names" if names else "")
-                    + f" or a path to a .jinja file, then {self._go_on()}."))
+        problem = self._template_problem(cfg)
+        if problem is not None:  # every file's encoder would refuse it
+            raise _Paused(problem)
         import base_store
         base = base_store.adapter_base(self.p.current_model)
         if base is not None or base_store.is_adapter_folder(self.p.current_model):
@@ -1938,6 +1914,39 @@ class Daemon:
         if rec is not None:
             self.check_render(Path(rec["path"]))
 
+    def _template_problem(self, cfg: dict) -> GuardrailError | None:
+        """Why config.json's chat_template cannot render anything (a .jinja that cannot be
+        read or parsed, a name the model has no template of), or None: pre-flight stops on
+        it before a file is taken, and the intake's test render leaves files queued."""
+        template = cfg.get("chat_template")
+        if isinstance(template, str) and template.endswith(".jinja"):
+            path = self.p.root / os.path.expanduser(template)  # (an absolute path stays itself)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                return GuardrailError(
+                    f"pre-flight: chat_template {template!r} cannot be read "
+                    f"({getattr(exc, 'strerror', None) or exc.__class__.__name__})", path,
+                    "Fix the path in config.json's `chat_template`, or set it to null for the "
+                    f"model's own template, then {self._go_on()}.")
+            broken = _template_syntax_error(text)
+            if broken:  # else every chat file would fail in turn, blamed on its first record
+                return GuardrailError(
+                    f"pre-flight: chat_template {template!r} is not a valid template ({broken})",
+                    path, f"Fix that line of {path.name}, or set config.json's `chat_template` to "
+                    f"null for the model's own template, then {self._go_on()}.")
+        elif isinstance(template, str) and template != "plain":  # a named template of the model's
+            names = _named_templates(self.p.current_model)
+            if template not in names:  # the engine would refuse it once the file is taken
+                which = f"its named templates: {', '.join(sorted(names))}" if names else "it has none"
+                return GuardrailError(
+                    f"pre-flight: chat_template {template!r} is not a named template of the "
+                    f"model ({which})",
+                    self.p.config, "Set `chat_template` in config.json to null (the model's own "
+                    "template), \"plain\" (lower case)" + (", one of those names" if names else "")
+                    + f" or a path to a .jinja file, then {self._go_on()}.")
+        return None
+
     def check_render(self, path: Path) -> None:
         """Pre-flight at intake: the first records of a queued file rendered with the current
         model's chat template (no tokenizing, well under a second), so a file the template
@@ -1945,6 +1954,10 @@ class Daemon:
         later. The engine still checks every record before the file's first step. Skipped
         under torchrun (the daemon itself never imports torch then)."""
         if int(self.cfg.get("nproc_per_node") or 1) > 1:
+            return
+        problem = self._template_problem(self.cfg)
+        if problem is not None:  # the template's fault, not the file's: it stays queued
+            self.log.warning("%s: not test-rendered at intake: %s", path.name, problem.what)
             return
         try:
             engine = self.engine()

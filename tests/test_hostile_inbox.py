@@ -530,12 +530,25 @@ def test_once_with_an_unreadable_chat_template_stops_before_taking_a_file(initia
     (root / "broken.jinja").write_text("{% for m in messages %}\n{{ m.content }{% endfor %}")
     cfg["chat_template"] = "broken.jinja"
     training_config.write_config(root, cfg)
+    # a chat file dropped meanwhile stays queued: the intake's test render does not blame it
+    put(root / "inbox" / "c.jsonl", json.dumps({"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}).encode() + b"\n")
     proc = run_once(root)
     assert proc.returncode == 1, proc.stderr
     no_traceback(proc)
     assert "pre-flight: chat_template 'broken.jinja' is not a valid template (line 2: unexpected " \
            "'}')" in proc.stderr, proc.stderr
     assert (root / "queue" / "normal" / "t.jsonl").exists() and not os.listdir(root / "failed")
+    assert (root / "inbox" / "c.jsonl").exists()  # (pre-flight stopped the run before intake)
+    # the intake's test render of a chat file queued while the template is broken (a running
+    # daemon, paused on it): it stays queued, not failed for a record's fault
+    import training_daemon
+    import training_queue
+    daemon = training_daemon.Daemon(root, once=True, monitor=False)
+    daemon.cfg = training_config.load_config(root)
+    queued = training_queue.enqueue(root, root / "inbox" / "c.jsonl", move=True)
+    daemon.check_render(Path(queued["path"]))
+    assert Path(queued["path"]).exists() and not os.listdir(root / "failed")
     # a name the model has no template of ("PLAIN"): before the file is taken, not after
     cfg["chat_template"] = "PLAIN"
     training_config.write_config(root, cfg)
