@@ -67,6 +67,27 @@ def lora_config(config: dict):
                       bias="none", task_type="CAUSAL_LM")
 
 
+def shape_mismatch(folder: Path, config: dict) -> str | None:
+    """'r 8, alpha 16' when the adapter in `folder` has another LoRA shape than config.json's
+    (lora_r, lora_alpha, a lora_target_modules list), else None (the same, or no adapter):
+    training it would refuse (check_trainable); a consolidate starts one of the new shape."""
+    try:
+        have = json.loads((Path(folder) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(have, dict):
+        return None
+    targets, theirs = config.get("lora_target_modules", "all-linear"), have.get("target_modules")
+    try:
+        same = (have.get("r") == int(config.get("lora_r", 8))
+                and float(have.get("lora_alpha") or 0) == float(config.get("lora_alpha", 16))
+                and (not isinstance(targets, list) or not isinstance(theirs, list)
+                     or sorted(map(str, targets)) == sorted(map(str, theirs))))
+    except (TypeError, ValueError):
+        return None  # a value training_config refuses: its own error
+    return None if same else f"r {have.get('r')}, alpha {have.get('lora_alpha')}"
+
+
 def _no_layer(config: dict, where) -> GuardrailError:
     return GuardrailError(f"lora_target_modules {json.dumps(config.get('lora_target_modules'))} "
                           "names no layer of the model", where,

@@ -18,7 +18,6 @@ that need them, so every command answers in a fraction of a second.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import json
 import logging
@@ -774,25 +773,17 @@ def approve_config(root, *, confirm=None) -> dict:
 def _adapter_shape_note(p: Paths, cfg: dict, changes: list) -> str:
     """What an approved LoRA shape means for current_model's adapter of another shape: the
     daemon refuses to train it (its parameters would not match) until a consolidate."""
+    import lora_mode
     shape = ("lora_r", "lora_alpha", "lora_target_modules")
     if cfg.get("finetune") != "lora" or not any(c["name"] in shape for c in changes):
         return ""
-    have = None
-    with contextlib.suppress(GuardrailError):  # (no adapter, or an unreadable one: its own error)
-        have = read_json(p.current_model / "adapter_config.json", default=None)
-    if not isinstance(have, dict):
+    have = lora_mode.shape_mismatch(p.current_model, cfg)
+    if have is None:
         return ""
-    targets, theirs = cfg.get("lora_target_modules"), have.get("target_modules")
-    same = (have.get("r") == cfg.get("lora_r")
-            and float(have.get("lora_alpha") or 0) == float(cfg.get("lora_alpha") or 0)
-            and (not isinstance(targets, list) or not isinstance(theirs, list)
-                 or sorted(map(str, targets)) == sorted(map(str, theirs))))
-    if same:
-        return ""
-    return (f". current_model's adapter has another shape (r {have.get('r')}, alpha "
-            f"{have.get('lora_alpha')}): the new one takes effect with `python3 model_versioner.py "
-            "consolidate` (it merges this adapter into a new base and starts a fresh adapter of "
-            "the new shape); until then the daemon refuses to train on it")
+    return (f". current_model's adapter has another shape ({have}): the new one takes effect "
+            "with `python3 model_versioner.py consolidate` (it merges this adapter into a new "
+            "base and starts a fresh adapter of the new shape); until then the daemon refuses "
+            "to train on it")
 
 
 # --------------------------------------------------------------------------- CLI

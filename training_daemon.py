@@ -721,6 +721,17 @@ class Daemon:
                 "Run `python3 model_versioner.py consolidate --full` (current_model becomes the "
                 "merged full model), or set \"finetune\": \"lora\" back in config.json and "
                 f"approve it (`python3 training_controller.py approve-config`); then {self._go_on()}."))
+        shape = lora_mode.shape_mismatch(self.p.current_model, cfg) \
+            if cfg.get("finetune") == "lora" else None
+        if shape is not None:  # the engine would refuse its parameters once the file is taken
+            raise _Paused(GuardrailError(
+                f"pre-flight: current_model's adapter has another LoRA shape ({shape}) than "
+                f"config.json's (lora_r {cfg.get('lora_r')}, lora_alpha {cfg.get('lora_alpha')}, "
+                f"lora_target_modules {json.dumps(cfg.get('lora_target_modules'))})",
+                self.p.current_model / lora_mode.ADAPTER_CONFIG,
+                "Run `python3 model_versioner.py consolidate` (it merges this adapter into a new "
+                "base and starts a fresh adapter of the new shape), or put the old values back "
+                f"in config.json and approve them; then {self._go_on()}."))
         problem = self._template_problem(cfg)
         if problem is not None:  # every file's encoder would refuse it
             raise _Paused(problem)

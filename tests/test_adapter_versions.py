@@ -282,6 +282,20 @@ def test_approving_another_lora_shape_says_it_takes_effect_with_consolidate(adap
     assert proc.returncode == 0, proc.stderr
     assert f"current_model's adapter has another shape (r {have['r']}, alpha" in proc.stdout
     assert "python3 model_versioner.py consolidate" in proc.stdout
+    # the daemon stops at pre-flight, before a file is taken (it took it, refused it, and the
+    # report called the file part-way trained); after the consolidate it trains
+    (adapter_root / "inbox" / "a.jsonl").write_text('{"text": "one short record"}\n')
+    proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=adapter_root,
+                      timeout=300)
+    assert proc.returncode == 1 and "pre-flight: current_model's adapter has another LoRA shape" \
+        in proc.stderr and "model_versioner.py consolidate" in proc.stderr, proc.stderr
+    assert not os.listdir(adapter_root / "processing")
+    assert (adapter_root / "queue" / "normal" / "a.jsonl").exists()
+    mv.consolidate(adapter_root)
+    proc = run_script("training_daemon.py", "run", "--once", "--no-monitor", root=adapter_root,
+                      timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (adapter_root / "done" / "a.jsonl").exists()
 
 
 def test_state_tracker_shows_kind_and_base(adapter_root):
