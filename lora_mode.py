@@ -88,9 +88,14 @@ def shape_mismatch(folder: Path, config: dict) -> str | None:
     return None if same else f"r {have.get('r')}, alpha {have.get('lora_alpha')}"
 
 
-def _no_layer(config: dict, where) -> GuardrailError:
-    return GuardrailError(f"lora_target_modules {json.dumps(config.get('lora_target_modules'))} "
-                          "names no layer of the model", where,
+def _no_layer(config: dict, where, unknown=None) -> GuardrailError:
+    """lora_target_modules names no layer of the model (or, `unknown`, these names)."""
+    what = (f"lora_target_modules {json.dumps(config.get('lora_target_modules'))} names no "
+            "layer of the model") if not unknown else (
+        f"lora_target_modules names {', '.join(json.dumps(t) for t in unknown)}, which "
+        f"{'is no layer' if len(unknown) == 1 else 'are no layers'} of the model (peft would "
+        "leave it out without a word)")
+    return GuardrailError(what, where,
                           "Set lora_target_modules to \"all-linear\" or to layer names the "
                           "model has (e.g. [\"q_proj\", \"v_proj\"]) in config.json, then "
                           "`python3 training_controller.py approve-config --yes`.")
@@ -98,7 +103,8 @@ def _no_layer(config: dict, where) -> GuardrailError:
 
 def refuse_missing_targets(config: dict, model_dir: Path, where) -> None:
     """Raise when config.json's lora_target_modules names no layer of the model in
-    `model_dir`, read from its safetensors headers (no torch: before anything is written)."""
+    `model_dir`, or a name that is no layer (peft leaves such a name out without a word),
+    read from its safetensors headers (no torch: before anything is written)."""
     targets = config.get("lora_target_modules", "all-linear") if isinstance(config, dict) else None
     if not isinstance(targets, list) or not targets:
         return  # "all-linear", or a value training_config refuses
@@ -110,8 +116,14 @@ def refuse_missing_targets(config: dict, model_dir: Path, where) -> None:
         except (OSError, ValueError):
             return  # an unreadable model: its own check says so
         modules.update(name.rsplit(".", 1)[0] for name in head if name != "__metadata__")
-    if modules and not any(m == t or m.endswith("." + t) for m in modules for t in map(str, targets)):
-        raise _no_layer(config, where)
+    unknown = unmatched_targets(modules, targets) if modules else []
+    if unknown:
+        raise _no_layer(config, where, None if len(unknown) == len(targets) else unknown)
+
+
+def unmatched_targets(modules, targets: list) -> list[str]:
+    """The names of `targets` that no module name in `modules` is or ends with (peft's match)."""
+    return [str(t) for t in targets if not any(m == t or m.endswith("." + str(t)) for m in modules)]
 
 
 def expected_trainable(base, config: dict) -> int:
@@ -204,6 +216,11 @@ def load(root, folder: Path, config: dict, *, global_step: int) -> tuple[object,
     expected = expected_trainable(base, config)
     if expected == 0:
         raise _no_layer(config, folder)
+    targets = config.get("lora_target_modules", "all-linear")
+    if fresh and isinstance(targets, list):  # a new adapter's shape: every name a layer
+        unknown = unmatched_targets([name for name, _ in base.named_modules()], targets)
+        if unknown:
+            raise _no_layer(config, folder, unknown)
     if fresh:
         with torch.random.fork_rng(devices=[]):  # the run's own RNG stream is left as it was
             torch.manual_seed(int(config.get("seed", 0)) + int(global_step))

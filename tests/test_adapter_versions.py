@@ -384,6 +384,10 @@ def test_a_consolidate_that_fails_changes_nothing_and_never_blocks_the_next(adap
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert 'lora_target_modules ["qproj"] names no layer of the model' in proc.stderr
     assert sorted(os.listdir(adapter_root / "base")) == [".last_id", "b001"]
+    training_config.write_config(adapter_root, dict(cfg, lora_target_modules=["q_proj", "bogus"]))
+    with pytest.raises(GuardrailError, match='lora_target_modules names "bogus", which is no layer'):
+        mv.consolidate(adapter_root)  # (peft took q_proj and dropped bogus without a word)
+    assert sorted(os.listdir(adapter_root / "base")) == [".last_id", "b001"]
     training_config.write_config(adapter_root, cfg)
 
     def killed(*args, **kwargs):
