@@ -525,6 +525,10 @@ def restore_backup(root, bid: str, to: str | os.PathLike | None = None) -> dict:
 def _restore_locked(p: Paths, folder: Path, bid: str, to) -> dict:
     if to is None:
         training_controller.refuse_while_training(p.root)  # cheap, so before the long verify too
+        import model_versioner  # as a version's restore: the gate's decision would undo it
+        model_versioner.refuse_during_hold(p, f"restore backup {bid}",
+                                           allowed=(read_record(folder) or {}).get("version"),
+                                           again=f"python3 backup_manager.py restore {bid}")
     problems = verify_backup(p.root, bid)
     if problems:
         raise GuardrailError(

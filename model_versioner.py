@@ -826,8 +826,8 @@ def restore_version(root, vid, reason: str = "restore", *, by_person: bool = Fal
             else:
                 passed_over = []  # every one rejected: `latest` as it reads
         vid = resolve_version(p.root, vid)
-        if by_person:
-            _refuse_during_hold(p, f"restore {vid}", allowed=vid)
+        if by_person and not (os.path.lexists(p.current_model) and present_version(p.root) == vid):
+            refuse_during_hold(p, f"restore {vid}", allowed=vid)  # (one that changes nothing: let be)
         result = _restore_locked(p, vid, f"pre-{reason}")  # pre-restore, pre-backup-restore, ...
         rec = _load_record(p, vid) or {}
         rejected = ((rec.get("gate") or {}).get("file") or "its file") if rec.get("rejected") else None
@@ -847,7 +847,8 @@ def gate_hold(root) -> dict | None:
             "before": rec.get("version_before")}
 
 
-def _refuse_during_hold(p: Paths, what: str, allowed: str | None = None) -> None:
+def refuse_during_hold(p: Paths, what: str, allowed: str | None = None,
+                       again: str | None = None) -> None:
     """While the gate holds a file, current_model stays at the version before it and the
     decision (accept/reject) publishes or drops the held training: a rollback or restore
     meanwhile would be undone by it, or undo the file before the held one. Restoring the
@@ -863,7 +864,7 @@ def _refuse_during_hold(p: Paths, what: str, allowed: str | None = None) -> None
         f"{hold['before']}), and the decision on it would undo this", p.processing / hold["file"],
         f"Decide first: `{reject}` (the file goes to skipped/, current_model stays "
         f"{hold['before']}) or `{accept}` (current_model becomes its training); then "
-        f"`{CMD} {what.split()[0]}` again if you still want it.")
+        f"`{again or CMD + ' ' + what.split()[0]}` again if you still want it.")
 
 
 def _restore_locked(p: Paths, vid: str, keep_reason: str) -> dict:
@@ -941,7 +942,8 @@ def _require_base(p: Paths, rec: dict) -> None:
                else "damaged (" + "; ".join(problems[:3]) + ")")
             + "; restoring it would leave an adapter without its base, so nothing was changed",
             base_store.base_dir(p.root, base),
-            base_fix(p.root, base) + f", then run `{CMD} restore {rec['id']}` again.")
+            (fix := base_fix(p.root, base)) + (f", then run `{CMD} restore {rec['id']}` again."
+                                               if fix.startswith("Bring it back") else "."))
 
 
 def _content(files) -> dict:
@@ -987,7 +989,7 @@ def rollback(root) -> dict:
     p = Paths(root)
     refuse_while_training(p.root)
     with model_lock(p.root, "rollback"), _versions_lock(p, "rollback"):
-        _refuse_during_hold(p, "rollback")
+        refuse_during_hold(p, "rollback")
         target = rollback_target(p.root)
         result = _restore_locked(p, target, "pre-rollback")
     # what it undoes: the data files of the versions from the one it left back to the target
@@ -1086,7 +1088,7 @@ def consolidate(root, *, note=None, full: bool = False) -> dict:
     (reason `consolidate`). Undo: `restore` of the version it names."""
     p = Paths(root)
     refuse_while_training(p.root)
-    _refuse_during_hold(p, "consolidate")
+    refuse_during_hold(p, "consolidate")
     midway = file_midway(p.root)
     if midway:  # its checkpoint holds an adapter of this base: it could not resume on the new one
         raise GuardrailError(

@@ -2970,10 +2970,11 @@ def _render_changed(data_path: Path, meta: dict, now: dict) -> GuardrailError:
     also = " (or the .jinja file it names)" if "chat_template" in names else ""
     return GuardrailError(
         f"config.json's {' and '.join(names)}{also} changed since {data_path.name} started "
-        f"(checkpoint at step {meta.get('global_step')}): the rest of the file would render "
-        "into other tokens than its first part", data_path,
+        f"(checkpoint at step {meta.get('global_step')}): the rest of the file would train "
+        "on other tokens or labels than its first part", data_path,
         f"Put {'them' if len(names) > 1 else 'it'} back as it was" + (f" ({old})" if old else "")
-        + " and start the daemon again; or, to train the whole file the new way, undo its "
+        + " (a daemon paused on this goes on by itself; a stopped one at its next start); "
+        "or, to train the whole file the new way, undo its "
         "part with `python3 training_controller.py skip --discard` while the daemon runs, "
         "then queue it again from skipped/ (`python3 training_queue.py add skipped/"
         f"{data_path.name}`).")

@@ -111,6 +111,7 @@ def test_restore_refused_without_its_base(adapter_root, damage):
     assert f"version v003 is an adapter on base b001, {what}" in str(err.value)
     assert "nothing was changed" in str(err.value)
     assert "No backup holds base b001" in err.value.fix
+    assert "again" not in err.value.fix  # (no retry of the same restore: it cannot work)
     assert sorted(os.listdir(adapter_root / "current_model")) == before
     assert mv.current_version(adapter_root) == "v001"
     proc = run_script("model_versioner.py", "restore", "v002", root=adapter_root)

@@ -296,9 +296,9 @@ def test_while_a_file_is_held_rollback_and_restore_wait_for_the_decision(tmp_pat
     the file before it (and accept would undo the rollback), a restore of the held training
     would skip the decision, and skip cannot decide it: all refused, naming reject and accept;
     `restore latest` passes
-    over the held version, and restoring the version before it (current_model deleted) works.
-    After a reject, `restore latest` still passes over the rejected version, and restoring it
-    by its id says what it is."""
+    over the held version, and restoring the version before it (current_model deleted) works,
+    as does one that changes nothing (a twin of current_model). After a reject, restoring the
+    rejected version by its id says what it is."""
     import shutil
     import model_versioner
     root = gate_root(tmp_path / "root", tiny_model_dir)
@@ -310,6 +310,11 @@ def test_while_a_file_is_held_rollback_and_restore_wait_for_the_decision(tmp_pat
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert "held by the quality gate" in proc.stderr and eval_gate.REJECT_CMD in proc.stderr
         assert eval_gate.ACCEPT_CMD in proc.stderr and "Traceback" not in proc.stderr
+    import backup_manager  # a backup restore of another version is refused the same way
+    bid = backup_manager.create_backup(root, held)["id"]
+    proc = run_script("backup_manager.py", "restore", bid, root=root)
+    assert proc.returncode == 1 and "cannot restore backup" in proc.stderr, proc.stderr
+    assert f"`python3 backup_manager.py restore {bid}` again" in proc.stderr
     proc = run_script("training_controller.py", "skip", root=root)  # it said "requested"
     assert proc.returncode == 1 and "held by the quality gate: skip does not decide" in proc.stderr
     assert eval_gate.REJECT_CMD in proc.stderr
@@ -317,13 +322,16 @@ def test_while_a_file_is_held_rollback_and_restore_wait_for_the_decision(tmp_pat
     proc = run_script("model_versioner.py", "restore", "latest", root=root)
     assert proc.returncode == 0 and f"{held} was rejected by the quality gate" in proc.stdout, proc.stdout
     assert model_versioner.current_version(root) == before
+    snap = model_versioner.create_version(root, "manual", force=True)[0]  # current_model's twin
+    proc = run_script("model_versioner.py", "restore", snap, root=root)  # changes nothing: let be
+    assert proc.returncode == 0, proc.stderr
     shutil.rmtree(root / "current_model")
     proc = run_script("model_versioner.py", "restore", before, root=root)
     assert proc.returncode == 0, proc.stderr
     assert_same_weights(weights(root / "current_model"), cur)
     assert controller(root, "reject")["outcome"] == "done"
     out = json.loads(run_script("model_versioner.py", "restore", "latest", "--json", root=root).stdout)
-    assert out["restored"] == before and out["passed_over"] == [held] and not out["changed"]
+    assert out["restored"] == snap and out["passed_over"] == [] and not out["changed"]
     proc = run_script("model_versioner.py", "restore", held, root=root)
     assert proc.returncode == 0 and "bad.jsonl, which the quality gate rejected" in proc.stdout
     assert model_versioner.current_version(root) == held
