@@ -880,8 +880,9 @@ def _file_warnings(root: Path, files, w: list) -> None:
           f"{len(files)} recent file(s) trained with warnings: " + "; ".join(said[-5:]), fix,
           "fallback: chat records rendered in the plain format, not the model's template (the "
           "model has none, or config.json chat_template is \"plain\"); split examples: longer "
-          "than max_length, continued in the next row; skipped records: invalid lines passed "
-          "over (`add --skip-invalid`), listed in the record.")
+          "than max_length, continued in the next row; skipped records: invalid lines and "
+          "records the chat template refuses, passed over (`add --skip-invalid`), listed in "
+          "the done/ record (`skipped_records`, `refused_records`).")
 
 
 def _done_count(root: Path) -> int:

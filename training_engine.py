@@ -610,6 +610,9 @@ class Row(NamedTuple):
 READ_AHEAD, READ_AHEAD_BYTES = 64, 1 << 20  # records PackedStream tokenizes in one batch
 
 
+REFUSED_KEPT = 100  # lines of records passed over under skip_invalid that a file's result lists
+
+
 class PackedStream:
     """Streams a data file into full `max_length` rows, EOS between examples, never dropping.
 
@@ -637,6 +640,8 @@ class PackedStream:
         self.rec_line = int(pos.get("record_line", 1))
         self.next_offset = int(pos.get("next_offset", 0))
         self.next_line = int(pos.get("next_line", 1))
+        # the lines of records passed over under skip_invalid (the template refused them)
+        self.refused_lines = [int(n) for n in pos.get("refused_lines") or []]
         self.rec_len, self.buf_ids, self.buf_labels = 0, [], []
         self._starts: list[int] = []  # buffer indexes where a record begins
         skip = int(pos.get("skip_tokens", 0))
@@ -703,6 +708,8 @@ class PackedStream:
             if not (self.skip_refused and _template_refusal(exc)):
                 raise
             self.encoder.stats["skipped_refused"] += 1  # passed over, as an invalid line is
+            if len(self.refused_lines) < REFUSED_KEPT:
+                self.refused_lines.append(record.line)
             self.next_offset, self.next_line = record.next_offset, record.line + 1
             return True
         self._drop_emitted()  # before growing the buffer
@@ -746,6 +753,8 @@ class PackedStream:
                "next_line": self.next_line, "record_offset": self.rec_offset,
                "record_line": self.rec_line, "skip_tokens": 0, "leftover_tokens": leftover,
                "exhausted": self.exhausted and leftover == 0}
+        if self.refused_lines:
+            pos["refused_lines"] = list(self.refused_lines)
         if leftover:
             if leftover > self.rec_len:  # cannot happen: rows are cut only after a record is read
                 raise RuntimeError("packing buffer spans more than one record")
@@ -2954,6 +2963,7 @@ class FileRun:
                       step_in_file=self.step_in_file, message="; ".join(self.notes + [message]),
                       chat_date=self.chat_date.isoformat(),
                       rendered=dict(pos.get("encoder_stats") or {}),
+                      refused_lines=list(pos.get("refused_lines") or []),
                       seconds={k: round(v, 4) for k, v in self.seconds.items()})
         if disk:  # not a person's pause: the daemon should say so (disk, readonly, permission)
             result["pause_reason"] = self.write_kind

@@ -474,6 +474,7 @@ def test_skip_invalid_is_kept_for_a_valid_file_whose_records_the_template_refuse
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rec = json.loads((root / "done" / "ctl.jsonl.record.json").read_text())
     assert rec["rendered"] == {"template": 2, "skipped_refused": 1}, rec["rendered"]
+    assert rec["refused_records"] == {"count": 1, "lines": [2]}  # which one, not only how many
 
 
 def test_a_file_resumed_with_another_rendering_is_refused_not_trained_half_each_way(qwen_base, tmp_path):
