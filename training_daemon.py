@@ -1610,8 +1610,8 @@ class Daemon:
                    chat_date=result.get("chat_date"), warnings=file_warnings(rec, result),
                    pack_isolation=result.get("pack_isolation"))
         if result.get("refused_lines"):  # passed over (--skip-invalid): which records
-            rec["refused_records"] = {"count": int((result.get("rendered") or {}).get("skipped_refused", 0)),
-                                      "lines": result["refused_lines"]}
+            refused = int((result.get("rendered") or {}).get("skipped_refused", 0))
+            rec["refused_records"] = {"count": refused, "lines": result["refused_lines"]}
         dst = training_queue.move_with_record(data, self.p.done, rec, "trained")
         self.done.add(dst.name, rec)
         self.log.info("%s: done (%s -> %s, %s steps, loss %s)", dst.name, rec.get("version_before"),
