@@ -859,18 +859,25 @@ def cmd_pause(args) -> int:
 
 def cmd_resume(args) -> int:
     """Continue exactly where pause left off (with no daemon: clear a kept pause)."""
+    _refuse_gate_hold(args.root, "resume")
     return _request_cmd(args, "resume")
 
 
 def cmd_skip(args) -> int:
     """Abandon the current file after this step -> skipped/ (keeps the training; --discard undoes it)."""
-    import eval_gate
-    held = eval_gate.held_file(require_root(resolve_root(args.root)).root)
-    if held is not None:  # the daemon would refuse it after this said "requested"
-        raise GuardrailError(f"{held.name} is held by the quality gate: skip does not decide it "
-                             "(nothing was changed)", held, "Run `{}` (it goes to skipped/, its "
-                             "training undone) or `{}`.".format(*reversed(eval_gate.decision_cmds(args.root))))
+    _refuse_gate_hold(args.root, "skip")
     return _request_cmd(args, "skip", {"discard": bool(args.discard)})
+
+
+def _refuse_gate_hold(root, action: str) -> None:
+    """skip and resume do not decide a file the quality gate holds: refused at once (the
+    daemon would refuse it, or do nothing, after this said "requested")."""
+    import eval_gate
+    held = eval_gate.held_file(require_root(resolve_root(root)).root)
+    if held is not None:
+        raise GuardrailError(f"{held.name} is held by the quality gate: {action} does not decide "
+                             "it (nothing was changed)", held, "Run `{}` (it goes to skipped/, its "
+                             "training undone) or `{}`.".format(*reversed(eval_gate.decision_cmds(root))))
 
 
 def cmd_status(args) -> int:

@@ -315,9 +315,11 @@ def test_while_a_file_is_held_rollback_and_restore_wait_for_the_decision(tmp_pat
     proc = run_script("backup_manager.py", "restore", bid, root=root)
     assert proc.returncode == 1 and "cannot restore backup" in proc.stderr, proc.stderr
     assert f"`python3 backup_manager.py restore {bid}` again" in proc.stderr
-    proc = run_script("training_controller.py", "skip", root=root)  # it said "requested"
-    assert proc.returncode == 1 and "held by the quality gate: skip does not decide" in proc.stderr
-    assert eval_gate.REJECT_CMD in proc.stderr
+    for action in ("skip", "resume"):  # each said "requested", and did nothing
+        proc = run_script("training_controller.py", action, root=root)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert f"held by the quality gate: {action} does not decide" in proc.stderr
+        assert eval_gate.REJECT_CMD in proc.stderr
     assert_same_weights(weights(root / "current_model"), cur)
     proc = run_script("model_versioner.py", "restore", "latest", root=root)
     assert proc.returncode == 0 and f"{held} was rejected by the quality gate" in proc.stdout, proc.stdout
@@ -344,7 +346,8 @@ def test_accept_with_a_running_daemon_publishes_the_held_version(tmp_path, tiny_
     d = daemons(root)
     st = d.until("paused on the gate", lambda: (s := controller(root, "status"))["state"] == "paused" and s)
     assert eval_gate.ACCEPT_CMD in st["paused_reason"]
-    assert controller(root, "resume", "--wait", "60")["outcome"] == "noop"  # resume does not decide a hold
+    resumed = run_script("training_controller.py", "resume", "--wait", "60", root=root)
+    assert resumed.returncode == 1 and "resume does not decide it" in resumed.stderr  # (refused)
     out = controller(root, "accept", "--wait", "120")
     assert out["outcome"] == "done", out
     done = record(root / "done" / "bad.jsonl")
