@@ -404,11 +404,8 @@ def _damaged_versions(root: Path, versions: dict, model: dict, w: list) -> None:
                     f"version it was trained from; then train the files since again: "
                     f"`{_cmd(root, f'model_versioner.py lineage {vid}')}`)" if sound else
                     f"a backup of another version (`{_cmd(root, 'backup_manager.py list')}`)")
-            try:
-                held = next((b["id"] for b in reversed(backup_records.summaries(root))
-                             if b.get("status") == "verified" and b.get("version") == vid), None)
-            except (GuardrailError, OSError):
-                held = None
+            held = next((b["id"] for b in reversed(_safe_backups(root))
+                         if b.get("status") == "verified" and b.get("version") == vid), None)
             # the same files only where they are the same inodes: a copy restored from a
             # backup matches the version's manifest and holds its own, sound bytes
             shared = model.get("matches_version") == vid and any(
@@ -455,10 +452,7 @@ def _gone_versions(root: Path, versions: dict, model: dict, w: list) -> bool:
             if not (vp / v).is_dir() and not (vp / ".pruned" / f"{v}.json").exists()}
     if not gone:
         return False
-    try:
-        backups = [b for b in backup_records.summaries(root) if b.get("status") == "verified"]
-    except (GuardrailError, OSError):
-        backups = []
+    backups = [b for b in _safe_backups(root) if b.get("status") == "verified"]
     newest = max(gone, key=versions_index.version_number)
     current = newest if n and versions_index.version_number(newest) == n and model["complete"] \
         and model["matches_version"] is None else None
@@ -582,7 +576,9 @@ def _versions_without_base(root: Path, current_base, w: list, cfg: dict) -> None
               "them; retention prunes them in time (the dry run shows when).")
 
 
-def _safe_backups(root: Path, cfg: dict) -> list:
+def _safe_backups(root: Path, cfg: dict | None = None) -> list:
+    """backup_records.summaries, or [] where backup_dir cannot be read (the backups
+    section says why)."""
     try:
         return backup_records.summaries(root, cfg)
     except (OSError, GuardrailError):
